@@ -1,0 +1,1 @@
+//! `BusDevice` and `Suspendable`: things that sit on a VMM bus.

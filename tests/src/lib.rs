@@ -1,0 +1,2 @@
+//! Cross-crate integration tests for Outboard (see `tests/tests/`).
+#![deny(missing_docs)]

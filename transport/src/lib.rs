@@ -1,0 +1,2 @@
+//! vhost-user front-end and back-end over Unix sockets with fd passing.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! rust-vmm glue, virtio-mmio, and the vhost-user device daemon.
+#![deny(missing_docs)]
