@@ -320,7 +320,7 @@ impl Validate for VhostUserConfig {
         if self.size == 0 {
             return Err(ProtocolError::Zero("config size"));
         }
-        let end = self.offset.checked_add(self.size).unwrap_or(u32::MAX);
+        let end = self.offset.saturating_add(self.size);
         if end > MAX_CONFIG_SIZE {
             return Err(ProtocolError::OutOfBounds {
                 what: "config offset + size",

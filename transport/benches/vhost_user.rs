@@ -1,0 +1,2 @@
+//! vhost-user benchmarks (filled in below).
+fn main() {}
