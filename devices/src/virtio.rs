@@ -1,0 +1,387 @@
+//! The VMM-facing traits every Outboard device is written against.
+//!
+//! A VMM (or the vhost-user daemon) implements three small traits and drives one:
+//!
+//! - [`VirtQueue`]: pops descriptor chains as [`DescChain`]s whose device-readable and
+//!   device-writable halves are lists of host memory regions ([`IoRegion`]), and returns
+//!   them through the used ring. The queue owns notification suppression (EVENT_IDX).
+//! - [`Interrupt`]: signals the driver that a queue's used ring moved, or that the
+//!   config space changed.
+//! - [`GuestMemoryAccess`]: translates guest-physical ranges to host regions, for devices
+//!   that are handed guest addresses outside descriptor chains.
+//! - [`VirtioDevice`]: what a device offers to a transport (virtio-mmio, vhost-user):
+//!   type, queues, features, config space, activate/reset, and an event-loop interface
+//!   (one pollable fd plus `handle_*` calls) that a worker thread integrates.
+//!
+//! # Guest memory is shared with a hostile guest
+//!
+//! An [`IoRegion`] is a raw pointer and a length, never a Rust reference: the guest may
+//! change the bytes at any time, so a `&[u8]` into guest memory would be a lie to the
+//! compiler. Regions are read and written with raw copies ([`IoRegion::read_at`],
+//! [`IoRegion::write_at`]) or handed to the kernel as `iovec`s ([`IoRegion::as_iovec`]),
+//! which is how the data path moves bytes between a socket and guest buffers with no
+//! intermediate copy.
+//!
+//! # Lifetime of regions
+//!
+//! A [`VirtQueue`] implementation guarantees that the regions of a chain it popped stay
+//! mapped at least until the device calls [`VirtQueue::enable_notification`] on that
+//! queue (devices call it at the end of every processing pass, before they return from a
+//! `handle_*` call). Devices never keep a [`DescChain`] across `handle_*` calls.
+
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use remain::sorted;
+use thiserror::Error;
+
+/// A span of host memory that maps guest memory (or, in tests, any buffer).
+///
+/// It is plain data: a pointer and a length. Creating one is safe; the code that builds
+/// it (a [`VirtQueue`] implementation) promises that it points into a live mapping of
+/// `len` bytes (see the module docs for how long).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoRegion {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: an IoRegion is an address and a length with no thread affinity; the mapping it
+// points into is process-wide, and every access through it is a raw copy or a syscall
+// that tolerates concurrent modification by the guest.
+unsafe impl Send for IoRegion {}
+// SAFETY: as above; `&IoRegion` only exposes the address and length.
+unsafe impl Sync for IoRegion {}
+
+impl IoRegion {
+    /// Creates a region.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must point to `len` bytes of memory that stay mapped, readable and writable
+    /// (device-writable halves) or readable (device-readable halves) for as long as the
+    /// region is used (see the module docs). The memory may be modified concurrently by
+    /// others (a guest); no reference to it may exist.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        IoRegion { ptr, len }
+    }
+
+    /// The host address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The sub-region `[offset, offset + len)`, clamped to this region.
+    pub fn sub(&self, offset: usize, len: usize) -> IoRegion {
+        let offset = offset.min(self.len);
+        let len = len.min(self.len - offset);
+        IoRegion {
+            // `offset <= self.len`, so the pointer stays inside (or one past) the mapping.
+            ptr: self.ptr.wrapping_add(offset),
+            len,
+        }
+    }
+
+    /// The region as an `iovec` for `readv`/`writev`/`sendmsg`/`recvmsg`.
+    pub fn as_iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.cast(),
+            iov_len: self.len,
+        }
+    }
+
+    /// Copies `dst.len()` bytes from `offset` into `dst`; returns how many were copied
+    /// (fewer when the region ends first).
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        if offset >= self.len {
+            return 0;
+        }
+        let n = dst.len().min(self.len - offset);
+        // SAFETY: `offset + n <= self.len`, and `IoRegion::new`'s contract makes the
+        // region readable. `dst` is a distinct local buffer. This is a raw copy, no
+        // reference into guest memory is created; concurrent guest writes can only make
+        // the copied bytes stale, which callers treat as untrusted input anyway.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), dst.as_mut_ptr(), n) };
+        n
+    }
+
+    /// Copies `src` to `offset`; returns how many bytes were copied (fewer when the
+    /// region ends first).
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> usize {
+        if offset >= self.len {
+            return 0;
+        }
+        let n = src.len().min(self.len - offset);
+        // SAFETY: `offset + n <= self.len`; the device-writable halves a VirtQueue hands
+        // out are writable (IoRegion::new's contract). Raw copy, no reference created.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), n) };
+        n
+    }
+}
+
+/// Copies from a list of regions, starting `offset` bytes into their concatenation.
+/// Returns the number of bytes copied.
+pub fn read_regions(regions: &[IoRegion], mut offset: usize, dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    for r in regions {
+        if done == dst.len() {
+            break;
+        }
+        if offset >= r.len() {
+            offset -= r.len();
+            continue;
+        }
+        done += r.read_at(offset, &mut dst[done..]);
+        offset = 0;
+    }
+    done
+}
+
+/// Copies into a list of regions, starting `offset` bytes into their concatenation.
+/// Returns the number of bytes copied.
+pub fn write_regions(regions: &[IoRegion], mut offset: usize, src: &[u8]) -> usize {
+    let mut done = 0;
+    for r in regions {
+        if done == src.len() {
+            break;
+        }
+        if offset >= r.len() {
+            offset -= r.len();
+            continue;
+        }
+        done += r.write_at(offset, &src[done..]);
+        offset = 0;
+    }
+    done
+}
+
+/// Appends to `out` the sub-regions covering `[offset, offset + len)` of the
+/// concatenation of `regions`; returns the number of bytes covered (less than `len` when
+/// the regions end first).
+pub fn slice_regions(
+    regions: &[IoRegion],
+    mut offset: usize,
+    len: usize,
+    out: &mut Vec<IoRegion>,
+) -> usize {
+    let mut left = len;
+    for r in regions {
+        if left == 0 {
+            break;
+        }
+        if offset >= r.len() {
+            offset -= r.len();
+            continue;
+        }
+        let s = r.sub(offset, left);
+        offset = 0;
+        if !s.is_empty() {
+            left -= s.len();
+            out.push(s);
+        }
+    }
+    len - left
+}
+
+/// One descriptor chain popped from a [`VirtQueue`].
+///
+/// The device-readable half comes first in a chain (the driver's request), the
+/// device-writable half follows (room for the device's answer). Implementations refuse
+/// chains that put a readable descriptor after a writable one. The vectors are reused
+/// between pops to avoid allocation on the data path.
+#[derive(Debug, Default, Clone)]
+pub struct DescChain {
+    /// Index of the chain's head descriptor, handed back to [`VirtQueue::add_used`].
+    pub head: u16,
+    /// The device-readable regions, in chain order.
+    pub readable: Vec<IoRegion>,
+    /// The device-writable regions, in chain order.
+    pub writable: Vec<IoRegion>,
+}
+
+impl DescChain {
+    /// Empties both halves (keeps the allocations).
+    pub fn clear(&mut self) {
+        self.head = 0;
+        self.readable.clear();
+        self.writable.clear();
+    }
+
+    /// Total length of the readable half (saturating).
+    pub fn readable_len(&self) -> usize {
+        self.readable
+            .iter()
+            .fold(0usize, |a, r| a.saturating_add(r.len()))
+    }
+
+    /// Total length of the writable half (saturating).
+    pub fn writable_len(&self) -> usize {
+        self.writable
+            .iter()
+            .fold(0usize, |a, r| a.saturating_add(r.len()))
+    }
+}
+
+/// Errors of a [`VirtQueue`] implementation.
+#[sorted]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum QueueError {
+    /// A chain was malformed (a descriptor outside guest memory, a readable descriptor
+    /// after a writable one, a loop, ...). The device returns the chain with
+    /// `add_used(head, 0)` and carries on.
+    #[error("descriptor chain with head {head} is malformed: {reason}")]
+    BadChain {
+        /// The chain's head index.
+        head: u16,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// The queue's rings could not be accessed (bad addresses, a broken avail index).
+    #[error("queue rings are not accessible: {0}")]
+    Rings(String),
+    /// The used ring could not be written (bad used ring address or head index).
+    #[error("cannot add head {head} to the used ring: {reason}")]
+    Used {
+        /// The head index.
+        head: u16,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A virtqueue as the device sees it. Implemented by the VMM glue (for example over
+/// rust-vmm `virtio-queue`) and by test drivers.
+pub trait VirtQueue: Send {
+    /// Pops the next available chain into `chain` (overwriting it). Returns `Ok(false)`
+    /// when the driver has made nothing available. A malformed chain is consumed and
+    /// reported as [`QueueError::BadChain`]; the device must return it with
+    /// `add_used(head, 0)`.
+    fn pop(&mut self, chain: &mut DescChain) -> Result<bool, QueueError>;
+
+    /// Un-pops the most recently popped chain, which has not been added to the used ring;
+    /// the next `pop` returns it again. Devices use it when they popped a buffer they
+    /// could not fill. Calls may repeat to un-pop several chains, newest first.
+    fn undo_pop(&mut self);
+
+    /// Puts a chain on the used ring with `len` bytes written into its writable half.
+    fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError>;
+
+    /// Whether the driver must be notified now about used buffers added since the last
+    /// notification (always true without EVENT_IDX, unless the driver suppressed it).
+    fn needs_notification(&mut self) -> Result<bool, QueueError>;
+
+    /// Asks the driver to notify (kick) on new available buffers. Returns true when new
+    /// buffers became available meanwhile (the device must process them again).
+    fn enable_notification(&mut self) -> Result<bool, QueueError>;
+
+    /// Asks the driver not to kick (the device is polling the queue).
+    fn disable_notification(&mut self) -> Result<(), QueueError>;
+}
+
+/// Signals the driver.
+pub trait Interrupt: Send + Sync {
+    /// The used ring of `queue` has new entries.
+    fn signal_used_queue(&self, queue: usize);
+    /// The device's configuration space changed.
+    fn signal_config_change(&self);
+}
+
+/// Errors of [`GuestMemoryAccess`].
+#[sorted]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MemoryError {
+    /// The range is not (entirely) backed by guest memory.
+    #[error("guest range {addr:#x}+{len:#x} is not mapped")]
+    Unmapped {
+        /// Guest-physical start.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// Translation of guest-physical ranges to host memory.
+pub trait GuestMemoryAccess: Send + Sync {
+    /// Appends to `out` the host regions that back `[addr, addr + len)` (several when the
+    /// range crosses memory regions). Fails without appending when any part is unmapped.
+    fn host_regions(&self, addr: u64, len: u64, out: &mut Vec<IoRegion>)
+        -> Result<(), MemoryError>;
+}
+
+/// Errors of [`VirtioDevice::activate`].
+#[sorted]
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// The device is already active.
+    #[error("device is already active")]
+    AlreadyActive,
+    /// The device could not set up its host resources.
+    #[error("device setup failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The transport handed over a wrong number of queues.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues handed over.
+        got: usize,
+    },
+}
+
+/// A virtio device model, as a transport (virtio-mmio, vhost-user daemon) drives it.
+///
+/// # Event loop
+///
+/// A worker thread waits on the queues' kick eventfds and on
+/// [`VirtioDevice::event_fd`] (level-triggered, readable means work). On a kick of queue
+/// `i` it calls [`VirtioDevice::handle_queue`]`(i)`; when `event_fd` is readable it calls
+/// [`VirtioDevice::handle_event`]. Both calls never block.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (19 for vsock).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers (including transport bits like VERSION_1).
+    fn features(&self) -> u64;
+
+    /// Records the features the driver accepted (a subset of [`VirtioDevice::features`];
+    /// unknown bits are ignored).
+    fn ack_features(&mut self, features: u64);
+
+    /// Reads config space at `offset` into `data` (out of range bytes read as zero).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes config space (devices ignore writes to read-only fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the device with its queues (in queue index order) and interrupt.
+    fn activate(
+        &mut self,
+        queues: Vec<Box<dyn VirtQueue>>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError>;
+
+    /// Stops the device and drops its queues and host state; it can be activated again.
+    fn reset(&mut self);
+
+    /// An fd the worker must poll for readability (the device's own epoll set), if any.
+    fn event_fd(&self) -> Option<BorrowedFd<'_>>;
+
+    /// The driver kicked queue `queue`.
+    fn handle_queue(&mut self, queue: usize);
+
+    /// [`VirtioDevice::event_fd`] is readable.
+    fn handle_event(&mut self);
+}
