@@ -15,6 +15,28 @@
 //! reserved bits are checked there, and each failure is a [`ProtocolError`] variant that
 //! names the offending value.
 //!
+//! # Example
+//!
+//! A back-end receiving `SET_VRING_NUM` from a front-end:
+//!
+//! ```
+//! use outboard_protocol::vhost_user::{FrontendReq, Header, VhostUserVringState};
+//! use outboard_protocol::{parse, read_prefix, Validate};
+//! use zerocopy::IntoBytes;
+//!
+//! // The bytes as they came off the socket: header, then an 8-byte body.
+//! let mut wire = Header::request(FrontendReq::SET_VRING_NUM.code(), 8, false).as_bytes().to_vec();
+//! wire.extend_from_slice(VhostUserVringState::new(0, 256).as_bytes());
+//!
+//! let (header, body) = read_prefix::<Header>(&wire, "header")?;
+//! header.validate()?;
+//! let request = FrontendReq::from_code(header.request)?;
+//! request.rules().body.check(request.name(), body.len())?;
+//! let state: VhostUserVringState = parse(body, "vring state")?;
+//! assert_eq!((state.index, state.num), (0, 256));
+//! # Ok::<(), outboard_protocol::ProtocolError>(())
+//! ```
+//!
 //! # Byte order
 //!
 //! Virtio structures are little-endian on the wire, and vhost-user messages are in the

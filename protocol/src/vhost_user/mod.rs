@@ -175,3 +175,27 @@ pub fn vring_fd_u64(index: u8, has_fd: bool) -> u64 {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_flags() {
+        let h = Header::request(3, 0, true);
+        assert_eq!(h.flags, 0x9);
+        assert!(h.need_reply() && !h.is_reply());
+        let r = Header::reply(3, 8);
+        assert_eq!(r.flags, 0x5);
+        assert!(r.is_reply());
+        assert!(h.validate().is_ok() && r.validate().is_ok());
+        let bad = Header { flags: 0x21, ..h };
+        assert_eq!(
+            bad.validate(),
+            Err(ProtocolError::Reserved {
+                what: "header flags",
+                value: 0x20
+            })
+        );
+    }
+}

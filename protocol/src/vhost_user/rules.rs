@@ -420,3 +420,59 @@ pub fn parse_config(body: &[u8]) -> Result<(VhostUserConfig, &[u8])> {
     }
     Ok((head, payload))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_size_rules() {
+        assert!(BodySize::Exact(8).check("u64", 8).is_ok());
+        assert_eq!(
+            BodySize::Exact(8).check("u64", 7),
+            Err(ProtocolError::Size {
+                what: "u64",
+                got: 7,
+                want: 8
+            })
+        );
+        assert!(BodySize::MemTable.check("t", 8).is_err());
+        assert!(BodySize::MemTable.check("t", 8 + 32).is_ok());
+        assert!(BodySize::MemTable.check("t", 8 + 33).is_err());
+        assert!(BodySize::MemTable.check("t", 8 + 8 * 32).is_ok());
+        assert!(BodySize::MemTable.check("t", 8 + 9 * 32).is_err());
+        assert!(BodySize::Config.check("c", 12).is_err());
+        assert!(BodySize::Config.check("c", 13).is_ok());
+        assert!(BodySize::Config.check("c", 12 + 257).is_err());
+        assert!(BodySize::Variable.check("v", MAX_MSG_SIZE + 1).is_err());
+    }
+
+    #[test]
+    fn fd_count_rules() {
+        assert!(FdCount::None.check(0, 0));
+        assert!(!FdCount::None.check(1, 0));
+        assert!(FdCount::One.check(1, 0));
+        assert!(!FdCount::One.check(0, 0));
+        assert!(!FdCount::One.check(2, 0));
+        assert!(FdCount::Optional.check(0, 0) && FdCount::Optional.check(1, 0));
+        assert!(!FdCount::Optional.check(2, 0));
+        assert!(FdCount::PerRegion.check(3, 3));
+        assert!(!FdCount::PerRegion.check(2, 3));
+    }
+
+    #[test]
+    fn gating() {
+        assert_eq!(
+            FrontendReq::GET_SHMEM_CONFIG.rules().feature,
+            Some(VhostUserProtocolFeatures::SHMEM)
+        );
+        assert_eq!(FrontendReq::SET_OWNER.rules().feature, None);
+        assert!(
+            FrontendReq::SET_VRING_ENABLE
+                .rules()
+                .needs_protocol_features
+        );
+        assert_eq!(BackendReq::SHMEM_MAP.rules().fds, FdCount::One);
+        assert_eq!(CrosvmBackendReq::GPU_MAP.rules().fds, FdCount::One);
+    }
+}
