@@ -152,6 +152,27 @@ impl Error {
         matches!(self, Error::Disconnect | Error::SocketBroken(_))
     }
 
+    /// Whether the connection must be closed after this error: the peer left, the
+    /// socket failed, or the stream lost its message boundaries (an oversized, partial
+    /// or truncated message, an unexpected reply). Other errors refuse one message and
+    /// leave the connection usable.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Error::Disconnect
+                | Error::OversizedMessage { .. }
+                | Error::PartialMessage { .. }
+                | Error::RecvBufferTooSmall { .. }
+                | Error::SocketBroken(_)
+                | Error::SocketConnect(_)
+                | Error::SocketError(_)
+                | Error::SocketRetry(_)
+                | Error::Timeout
+                | Error::TruncatedControl { .. }
+                | Error::UnexpectedReply { .. }
+        )
+    }
+
     /// The errno to report to a peer in a status reply for this error (the reply
     /// carries its negation).
     pub fn status_errno(&self) -> i32 {

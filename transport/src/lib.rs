@@ -24,9 +24,15 @@
 
 #![deny(missing_docs)]
 
+pub mod backend;
+pub mod backend_req;
+pub mod connection;
 pub mod error;
 pub mod sock;
 pub mod tube;
 
+pub use backend::{BackendReqHandler, Listener, MemoryRegion, VhostUserBackendReqHandler};
+pub use backend_req::Backend;
+pub use connection::{Connection, Message};
 pub use error::{Error, HandlerResult, Result};
 pub use tube::Tube;
