@@ -24,4 +24,5 @@
 
 pub mod bus;
 pub mod virtio;
+pub mod vsock;
 

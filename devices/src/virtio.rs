@@ -35,6 +35,15 @@ use std::sync::Arc;
 use remain::sorted;
 use thiserror::Error;
 
+/// `VIRTIO_RING_F_INDIRECT_DESC` (bit 28): indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX` (bit 29): used/avail event notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_F_VERSION_1` (bit 32): virtio 1.x device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_IN_ORDER` (bit 35): buffers are used in the order they were made available.
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+
 /// A span of host memory that maps guest memory (or, in tests, any buffer).
 ///
 /// It is plain data: a pointer and a length. Creating one is safe; the code that builds

@@ -1,0 +1,409 @@
+//! The virtio-vsock device.
+
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use outboard_protocol::vsock::{
+    VsockConfig, VsockEvent, EVENT_QUEUE, MIN_GUEST_CID, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
+    VIRTIO_ID_VSOCK, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM, VMADDR_CID_ANY,
+};
+use zerocopy::IntoBytes;
+
+use super::muxer::Muxer;
+use super::packet::{parse_tx, PacketError};
+use super::{VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE, QUEUE_SIZE};
+use crate::virtio::{
+    write_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError, VirtQueue,
+    VirtioDevice, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// How to build a [`Vsock`] (the flags of `outboard vsock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockDeviceConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket path of the muxer (`<uds_path>`, `<uds_path>_<port>`).
+    pub uds_path: PathBuf,
+    /// Per-connection TX buffer size, also the credit announced to the guest.
+    pub tx_buf_size: u32,
+}
+
+impl VsockDeviceConfig {
+    /// A config with the default TX buffer size.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        VsockDeviceConfig {
+            guest_cid,
+            uds_path: uds_path.into(),
+            tx_buf_size: DEFAULT_TX_BUF_SIZE,
+        }
+    }
+}
+
+/// The virtio-vsock device with its AF_UNIX muxer.
+///
+/// Construct it with [`Vsock::new`] (this binds the listening sockets), hand it to a
+/// transport as a [`VirtioDevice`], and run its event loop: poll
+/// [`VirtioDevice::event_fd`] and the queues' kick fds, and call
+/// [`VirtioDevice::handle_event`] / [`VirtioDevice::handle_queue`]. The typed
+/// `handle_*_kick` methods are the same calls by name.
+pub struct Vsock {
+    guest_cid: u64,
+    avail_features: u64,
+    acked_features: u64,
+    queue_sizes: [u16; NUM_QUEUES],
+    muxer: Muxer,
+    queues: Vec<Box<dyn VirtQueue>>,
+    interrupt: Option<Arc<dyn Interrupt>>,
+    transport_reset_pending: bool,
+    metrics: Arc<VsockMetrics>,
+    chain: DescChain,
+    payload: Vec<IoRegion>,
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("acked_features", &self.acked_features)
+            .field("active", &!self.queues.is_empty())
+            .field("connections", &self.muxer.connection_count())
+            .finish()
+    }
+}
+
+impl Vsock {
+    /// Features the device offers.
+    pub const FEATURES: u64 = VIRTIO_F_VERSION_1
+        | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_RING_F_INDIRECT_DESC
+        | VIRTIO_F_IN_ORDER
+        | VIRTIO_VSOCK_F_STREAM
+        | VIRTIO_VSOCK_F_SEQPACKET;
+
+    /// Creates the device and binds `<uds_path>` (stream) and `<uds_path>_seqpacket`.
+    pub fn new(config: VsockDeviceConfig) -> Result<Self, VsockError> {
+        let cid = config.guest_cid;
+        if !(MIN_GUEST_CID..VMADDR_CID_ANY).contains(&cid) {
+            return Err(VsockError::InvalidCid(cid));
+        }
+        if config.tx_buf_size == 0 || config.tx_buf_size > MAX_TX_BUF_SIZE {
+            return Err(VsockError::TxBufSize(config.tx_buf_size));
+        }
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = Muxer::new(cid, config.uds_path, config.tx_buf_size, metrics.clone())?;
+        Ok(Vsock {
+            guest_cid: cid,
+            avail_features: Self::FEATURES,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
+            muxer,
+            queues: Vec::new(),
+            interrupt: None,
+            transport_reset_pending: false,
+            metrics,
+            chain: DescChain::default(),
+            payload: Vec::new(),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The device's counters (shared; read them from any thread).
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Live connections (including ones waiting for their final RST to be delivered).
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Whether the device is active.
+    pub fn is_active(&self) -> bool {
+        self.queues.len() == NUM_QUEUES
+    }
+
+    /// Drops every connection (closing the host sockets) and sends the guest
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue, now or as soon as the
+    /// guest posts an event buffer. A VMM calls this after restoring a snapshot, so the
+    /// guest forgets connections whose host side no longer exists instead of hanging.
+    pub fn transport_reset(&mut self) {
+        self.muxer.reset();
+        self.transport_reset_pending = true;
+        self.handle_event_kick();
+    }
+
+    /// Whether a TRANSPORT_RESET event waits for an event buffer.
+    pub fn transport_reset_pending(&self) -> bool {
+        self.transport_reset_pending
+    }
+
+    fn signal(&mut self, queue: usize) {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        match q.needs_notification() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                if let Some(irq) = &self.interrupt {
+                    irq.signal_used_queue(queue);
+                }
+            }
+        }
+    }
+
+    /// The driver kicked the TX queue: forwards every packet, then fills RX with what
+    /// that produced.
+    pub fn handle_tx_kick(&mut self) {
+        if !self.is_active() {
+            return;
+        }
+        let mut used = false;
+        loop {
+            loop {
+                let q = &mut self.queues[TX_QUEUE];
+                let head = match q.pop(&mut self.chain) {
+                    Ok(false) => break,
+                    Ok(true) => {
+                        VsockMetrics::inc(&self.metrics.tx_packets);
+                        match parse_tx(&self.chain, self.guest_cid, &mut self.payload) {
+                            Ok(pkt) => self.muxer.handle_tx(&pkt, &self.payload),
+                            Err(refused) => {
+                                let m = &self.metrics;
+                                VsockMetrics::inc(match refused.err {
+                                    PacketError::DstCid(_) | PacketError::SrcCid { .. } => {
+                                        &m.err_tx_bad_cid
+                                    }
+                                    PacketError::Invalid(_) => &m.err_tx_invalid,
+                                    PacketError::LenBeyondChain { .. } => &m.err_tx_bad_len,
+                                    PacketError::ShortHeader(_) => &m.err_tx_short_header,
+                                    PacketError::WriteOnlyHeader => &m.err_tx_write_only_header,
+                                });
+                                log::debug!("vsock: dropped tx packet: {}", refused.err);
+                                self.muxer.refuse(&refused);
+                            }
+                        }
+                        self.chain.head
+                    }
+                    Err(QueueError::BadChain { head, .. }) => {
+                        VsockMetrics::inc(&self.metrics.err_queue);
+                        head
+                    }
+                    Err(_) => {
+                        VsockMetrics::inc(&self.metrics.err_queue);
+                        break;
+                    }
+                };
+                if self.queues[TX_QUEUE].add_used(head, 0).is_err() {
+                    VsockMetrics::inc(&self.metrics.err_queue);
+                }
+                used = true;
+            }
+            match self.queues[TX_QUEUE].enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => {
+                    VsockMetrics::inc(&self.metrics.err_queue);
+                    break;
+                }
+            }
+        }
+        if used {
+            self.signal(TX_QUEUE);
+        }
+        self.fill_rx();
+        self.muxer.rearm_timer();
+    }
+
+    /// The driver kicked the RX queue (new receive buffers).
+    pub fn handle_rx_kick(&mut self) {
+        self.fill_rx();
+        self.muxer.rearm_timer();
+    }
+
+    /// The muxer's epoll set is readable: host sockets, listeners, timers.
+    pub fn handle_backend_event(&mut self) {
+        self.muxer.process_events();
+        self.fill_rx();
+        self.muxer.rearm_timer();
+    }
+
+    /// The driver kicked the event queue (new event buffers).
+    pub fn handle_event_kick(&mut self) {
+        if !self.is_active() {
+            return;
+        }
+        let mut used = false;
+        while self.transport_reset_pending {
+            if !self.deliver_event(&mut used) {
+                // No buffer: wait for a kick, unless one arrived meanwhile.
+                match self.queues[EVENT_QUEUE].enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(_) => {
+                        VsockMetrics::inc(&self.metrics.err_queue);
+                        break;
+                    }
+                }
+            }
+        }
+        if used {
+            self.signal(EVENT_QUEUE);
+        }
+    }
+
+    /// Puts TRANSPORT_RESET into the next usable event buffer; false when there is none.
+    fn deliver_event(&mut self, used: &mut bool) -> bool {
+        let q = &mut self.queues[EVENT_QUEUE];
+        loop {
+            let head = match q.pop(&mut self.chain) {
+                Ok(false) => return false,
+                Ok(true) => {
+                    let event = VsockEvent::TRANSPORT_RESET;
+                    let bytes = event.as_bytes();
+                    if write_regions(&self.chain.writable, 0, bytes) == bytes.len() {
+                        if q.add_used(self.chain.head, bytes.len() as u32).is_err() {
+                            VsockMetrics::inc(&self.metrics.err_queue);
+                        }
+                        self.transport_reset_pending = false;
+                        *used = true;
+                        return true;
+                    }
+                    VsockMetrics::inc(&self.metrics.err_event_queue);
+                    self.chain.head
+                }
+                Err(QueueError::BadChain { head, .. }) => {
+                    VsockMetrics::inc(&self.metrics.err_queue);
+                    head
+                }
+                Err(_) => {
+                    VsockMetrics::inc(&self.metrics.err_queue);
+                    return false;
+                }
+            };
+            if q.add_used(head, 0).is_err() {
+                VsockMetrics::inc(&self.metrics.err_queue);
+            }
+            *used = true;
+        }
+    }
+
+    fn fill_rx(&mut self) {
+        if !self.is_active() || !self.muxer.has_rx() {
+            return;
+        }
+        let mut used = 0;
+        loop {
+            let (n, starved) = self.muxer.fill_rx(self.queues[RX_QUEUE].as_mut());
+            used += n;
+            if !starved {
+                break;
+            }
+            match self.queues[RX_QUEUE].enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => {
+                    VsockMetrics::inc(&self.metrics.err_queue);
+                    break;
+                }
+            }
+        }
+        if used > 0 {
+            self.signal(RX_QUEUE);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+        self.muxer
+            .set_seqpacket(self.acked_features & VIRTIO_VSOCK_F_SEQPACKET != 0);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = VsockConfig {
+            guest_cid: self.guest_cid,
+        };
+        let bytes = config.as_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|at| bytes.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "vsock: ignored write of {} bytes to read-only config at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        queues: Vec<Box<dyn VirtQueue>>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        self.queues = queues;
+        self.interrupt = Some(interrupt);
+        self.handle_tx_kick();
+        self.handle_event_kick();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues.clear();
+        self.interrupt = None;
+        self.muxer.reset();
+        self.acked_features = 0;
+        self.muxer.set_seqpacket(false);
+        self.transport_reset_pending = false;
+    }
+
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.muxer.epoll_fd())
+    }
+
+    fn handle_queue(&mut self, queue: usize) {
+        match queue {
+            RX_QUEUE => self.handle_rx_kick(),
+            TX_QUEUE => self.handle_tx_kick(),
+            EVENT_QUEUE => self.handle_event_kick(),
+            _ => log::debug!("vsock: kick on nonexistent queue {queue}"),
+        }
+    }
+
+    fn handle_event(&mut self) {
+        self.handle_backend_event();
+    }
+}

@@ -1,0 +1,196 @@
+//! virtio-vsock with an AF_UNIX muxer in Firecracker's convention.
+//!
+//! # Structure
+//!
+//! - [`Vsock`] (`device.rs`): the virtio device: rx, tx and event queues, config space
+//!   with the guest CID, features, activate/reset, TRANSPORT_RESET, and the event-loop
+//!   interface ([`crate::virtio::VirtioDevice`]).
+//! - `packet.rs`: parsing of driver packets from descriptor chains whose header and
+//!   payload may be split across descriptors in any way.
+//! - `conn.rs`: one connection: state machine (LocalInit, PeerInit, Established,
+//!   LocalClosed, PeerClosed, Killed), credit flow control both ways, the per-connection
+//!   TX buffer.
+//! - `muxer.rs`: the AF_UNIX muxer: listeners, host-initiated `CONNECT <port>\n`
+//!   handshakes, guest-initiated connects, the epoll set, timers, port allocation.
+//!
+//! # The AF_UNIX convention (Firecracker's)
+//!
+//! - Guest -> host: a guest connecting to host port `P` makes the device connect to the
+//!   Unix socket `<uds_path>_P`. No listener there: the guest gets RST.
+//! - Host -> guest: a host process connects to `<uds_path>` and writes `CONNECT <port>\n`
+//!   (at most 32 bytes, the word matched case-insensitively). Anything else closes the
+//!   socket. The device sends REQUEST to guest port `<port>`; when the guest answers
+//!   RESPONSE the device writes `OK <host_port>\n`, where `<host_port>` is the local
+//!   port the device assigned to the connection (from 2^30 upwards), exactly as
+//!   Firecracker does. (vhost-device-vsock answers with the guest port instead.) A guest
+//!   RST or a timeout closes the host socket.
+//! - SEQPACKET (an extension; Firecracker has none): guest seqpacket sockets connect to
+//!   `SOCK_SEQPACKET` listeners at `<uds_path>_P`; host processes reach guest seqpacket
+//!   listeners through the `SOCK_SEQPACKET` listener at `<uds_path>_seqpacket` with the
+//!   same `CONNECT`/`OK` messages (one message each). Message boundaries are kept both
+//!   ways: each host message becomes one or more RW packets, the last marked EOM; the
+//!   packets of one guest message (up to EOM) become one host message. The guest's EOR
+//!   flag cannot be expressed on AF_UNIX and is dropped; host messages are delivered
+//!   with EOM only. A zero-length host message read after the peer hung up cannot be
+//!   told from end-of-file and ends the connection.
+//!
+//! # Data path
+//!
+//! Guest TX payload goes from guest memory straight into the host socket with
+//! `sendmsg` over the chain's regions; only what the socket does not take at once is
+//! copied into the per-connection TX buffer, whose size is the credit (`buf_alloc`) the
+//! device announces, so a guest that respects credit never finds it full and one that
+//! does not is reset. Host data is read with `recvmsg` straight into the payload areas
+//! of up to 64 guest RX buffers at once, never beyond the guest's credit. Host sockets
+//! are edge-triggered in the muxer's own epoll set, so no epoll_ctl is needed on the
+//! data path.
+
+mod conn;
+mod device;
+mod muxer;
+mod packet;
+mod sys;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use remain::sorted;
+use thiserror::Error;
+
+pub use device::{Vsock, VsockDeviceConfig};
+pub use packet::PacketError;
+
+/// Default per-connection TX buffer, also the credit (`buf_alloc`) given to the guest.
+pub const DEFAULT_TX_BUF_SIZE: u32 = 256 * 1024;
+/// Largest accepted TX buffer size.
+pub const MAX_TX_BUF_SIZE: u32 = 64 * 1024 * 1024;
+/// Most connections at once (Firecracker's limit); more are answered with RST.
+pub const MAX_CONNECTIONS: usize = 1023;
+/// Most host clients that connected but have not sent their `CONNECT` line yet.
+pub const MAX_PENDING_HOST_CONNECTIONS: usize = 128;
+/// Longest accepted `CONNECT <port>\n` line.
+pub const MAX_CONNECT_LINE: usize = 32;
+/// Time the guest has to answer a REQUEST, and to finish a shutdown, before RST.
+pub const CONN_TIMEOUT: Duration = Duration::from_millis(2000);
+/// First local port given to host-initiated connections (Firecracker's choice).
+pub const HOST_PORT_BASE: u32 = 1 << 30;
+/// Largest message a SEQPACKET connection accepts from the guest (also its credit):
+/// AF_UNIX seqpacket sockets refuse messages above their send buffer (~208 KiB).
+pub const MAX_SEQPACKET_MSG: u32 = 128 * 1024;
+/// Queue size the device offers for each of its three queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Errors of [`Vsock::new`].
+#[sorted]
+#[derive(Debug, Error)]
+pub enum VsockError {
+    /// The muxer's epoll set could not be created.
+    #[error("cannot create the muxer epoll set: {0}")]
+    Epoll(std::io::Error),
+    /// The guest CID is reserved or out of range.
+    #[error("guest CID {0} is invalid (must be 3..0xffffffff)")]
+    InvalidCid(u64),
+    /// A listening socket could not be bound.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The timer could not be created.
+    #[error("cannot create the muxer timer: {0}")]
+    Timer(std::io::Error),
+    /// The TX buffer size is zero or too large.
+    #[error("tx buffer size {0} is out of range (1..={MAX_TX_BUF_SIZE})")]
+    TxBufSize(u32),
+}
+
+macro_rules! metrics {
+    ($($(#[$m:meta])* $name:ident,)*) => {
+        /// Live counters of one vsock device (shared, updated with relaxed atomics).
+        #[derive(Debug, Default)]
+        pub struct VsockMetrics {
+            $($(#[$m])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of [`VsockMetrics`].
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct VsockMetricsSnapshot {
+            $($(#[$m])* pub $name: u64,)*
+        }
+
+        impl VsockMetrics {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> VsockMetricsSnapshot {
+                VsockMetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Packets the device put on the RX queue (device -> guest).
+    rx_packets,
+    /// Payload bytes the device put on the RX queue.
+    rx_bytes,
+    /// Packets the device took from the TX queue (guest -> device), valid or not.
+    tx_packets,
+    /// Payload bytes of valid TX packets forwarded to connections.
+    tx_bytes,
+    /// Connections created (either side initiated).
+    conns_added,
+    /// Connections killed by the device (RST sent because of an error or timeout).
+    conns_killed,
+    /// Connections removed (closed and forgotten).
+    conns_removed,
+    /// TX chains whose readable half is shorter than the header.
+    err_tx_short_header,
+    /// TX chains whose header sits in write-only descriptors.
+    err_tx_write_only_header,
+    /// TX packets with `len` above 64 KiB or beyond the chain.
+    err_tx_bad_len,
+    /// TX packets with a wrong source or destination CID (dropped).
+    err_tx_bad_cid,
+    /// TX packets with an unknown op, type or flags (answered with RST).
+    err_tx_invalid,
+    /// RX chains too small or read-only (returned unused).
+    err_rx_bad_buffer,
+    /// Malformed chains and ring access errors reported by the queues.
+    err_queue,
+    /// Data or control packets for a connection that does not exist (answered with RST).
+    err_no_connection,
+    /// Guest packets sent beyond the credit the device gave (connection reset).
+    err_credit_overrun,
+    /// Guest connects that found no host listener (answered with RST).
+    err_connect_failed,
+    /// Connections refused because of the connection cap.
+    err_conn_limit,
+    /// Host clients that sent a bad `CONNECT` line, or none in time.
+    err_bad_connect_line,
+    /// Host socket I/O errors (connection reset).
+    err_host_io,
+    /// Connections reset because a request or shutdown timed out.
+    err_timeout,
+    /// RST replies to unknown connections dropped because their queue was full.
+    err_rst_dropped,
+    /// Packets for a socket type the driver did not negotiate, or host messages that
+    /// can never fit the guest's buffer.
+    err_unsupported,
+    /// Event queue buffers that could not hold an event.
+    err_event_queue,
+    /// Muxer epoll, accept or timer failures.
+    err_muxer,
+}
+
+impl VsockMetrics {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
