@@ -2,9 +2,26 @@
 //!
 //! - `cargo xtask ci`: the whole gate (format, clippy, tests, docs, no_std build, and the
 //!   suites later layers add). Prints a summary table and exits non-zero on any failure.
+//! - `cargo xtask e2e [--backend outboard|vhost-device-vsock]`: boots a real Linux guest
+//!   under QEMU with a vhost-user vsock back-end and checks the data path.
+//! - `cargo xtask demo`: boots the guest and bridges a shell in it to the terminal over
+//!   vsock.
+//! - `cargo xtask bench-e2e`: the e2e harness once per back-end, with a comparison table.
 
+mod bench;
+mod demo;
+mod e2e;
+mod host;
+mod qmp;
+mod setup;
+mod util;
+mod vm;
+
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use vm::Backend;
 
 /// One step of the CI gate.
 struct Step {
@@ -35,22 +52,38 @@ fn ci_steps() -> Vec<Step> {
         Step::cargo("fmt", &["fmt", "--all", "--", "--check"]),
         Step::cargo(
             "clippy",
-            &["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ],
         ),
         Step::cargo(
             "protocol no_std build",
             &["build", "-p", "outboard-protocol", "--no-default-features"],
         ),
         Step::cargo("test", &["test", "--workspace", "--all-features"]),
-        Step::cargo("doc", &["doc", "--workspace", "--no-deps", "--all-features"])
-            .env("RUSTDOCFLAGS", "-D warnings"),
+        Step::cargo(
+            "doc",
+            &["doc", "--workspace", "--no-deps", "--all-features"],
+        )
+        .env("RUSTDOCFLAGS", "-D warnings"),
     ]
 }
 
 fn run_steps(steps: Vec<Step>) -> ExitCode {
     let mut results = Vec::new();
     for step in steps {
-        println!("\n==> {} ({} {})", step.name, step.program, step.args.join(" "));
+        println!(
+            "\n==> {} ({} {})",
+            step.name,
+            step.program,
+            step.args.join(" ")
+        );
         let start = Instant::now();
         let status = Command::new(step.program)
             .args(&step.args)
@@ -81,12 +114,96 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
     }
 }
 
+/// Builds the `outboard` binary and returns its path.
+fn build_outboard(release: bool) -> util::Result<PathBuf> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-p", "outboard-glue", "--bin", "outboard"]);
+    if release {
+        cmd.arg("--release");
+    }
+    util::run(&mut cmd, Duration::from_secs(1800))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::workspace_root().join("target"));
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join("outboard");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!("cargo build left no {}", bin.display()))
+    }
+}
+
+fn backend_named(name: &str, release: bool) -> util::Result<Backend> {
+    match name {
+        "outboard" => Ok(Backend::Outboard(build_outboard(release)?)),
+        "vhost-device-vsock" => Ok(Backend::VhostDeviceVsock(setup::ensure_vhost_device_vsock(
+            &setup::cache_dir(),
+        )?)),
+        other => Err(format!(
+            "unknown back-end {other:?}: use outboard or vhost-device-vsock"
+        )),
+    }
+}
+
+/// `--backend NAME` from the arguments, or `OUTBOARD_E2E_BACKEND`, or outboard.
+fn backend_arg(args: &[String]) -> String {
+    args.windows(2)
+        .find(|w| w[0] == "--backend")
+        .map(|w| w[1].clone())
+        .or_else(|| std::env::var("OUTBOARD_E2E_BACKEND").ok())
+        .unwrap_or_else(|| "outboard".into())
+}
+
+fn finish(r: util::Result<bool>) -> ExitCode {
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ci                     run the whole test gate (includes e2e)
+  e2e [--backend B]      boot a Linux guest under QEMU and test vsock end to end
+                         (B: outboard (default) or vhost-device-vsock)
+  demo [--backend B]     boot the guest and talk to a shell in it over vsock
+  bench-e2e              compare outboard with vhost-device-vsock 0.3.0";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let release = args.iter().any(|a| a == "--release");
     match args.first().map(String::as_str) {
         Some("ci") => run_steps(ci_steps()),
+        Some("e2e") => finish(
+            backend_named(&backend_arg(&args), release)
+                .and_then(|b| e2e::run(b, &e2e::Sizes::from_env())),
+        ),
+        Some("demo") => finish(
+            backend_named(&backend_arg(&args), release)
+                .and_then(demo::run)
+                .map(|()| true),
+        ),
+        Some("bench-e2e") => {
+            let mib = std::env::var("OUTBOARD_BENCH_MIB")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(256);
+            finish(
+                backend_named("outboard", true)
+                    .and_then(|ours| Ok(vec![ours, backend_named("vhost-device-vsock", true)?]))
+                    .and_then(|b| bench::run(b, mib << 20))
+                    .map(|()| true),
+            )
+        }
         _ => {
-            eprintln!("usage: cargo xtask <command>\n\ncommands:\n  ci    run the whole test gate");
+            eprintln!("{USAGE}");
             ExitCode::from(2)
         }
     }

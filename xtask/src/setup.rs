@@ -1,0 +1,453 @@
+//! Installs and builds what the end-to-end tests need, idempotently, into a cache
+//! directory: Debian packages (QEMU from backports on bookworm, busybox-static), a guest
+//! kernel with its vsock modules, the guest agent, and a busybox initramfs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{self, output, run, Result};
+
+/// The modules the guest loads (with their dependencies) for a vsock device on PCI.
+const ROOT_MODULES: &[&str] = &["virtio_pci", "vmw_vsock_virtio_transport"];
+
+/// The guest's /init.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do
+    insmod /modules/$m || echo "outboard-e2e: insmod $m failed"
+done
+echo "outboard-e2e: guest up, $(uname -r), vsock agent starting"
+while true; do
+    /bin/vsock-agent
+    echo "outboard-e2e: vsock agent exited with $?"
+    sleep 1
+done
+"#;
+
+/// What a test run boots.
+pub struct Assets {
+    /// qemu-system-x86_64.
+    pub qemu: PathBuf,
+    /// The guest kernel image.
+    pub kernel: PathBuf,
+    /// The gzip'd cpio initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// The cache directory: `$OUTBOARD_E2E_CACHE` or `target/e2e-cache`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("OUTBOARD_E2E_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::workspace_root().join("target").join("e2e-cache"))
+}
+
+/// Makes sure everything is installed and built; returns what to boot.
+pub fn prepare(cache: &Path) -> Result<Assets> {
+    fs::create_dir_all(cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
+    ensure_packages()?;
+    let (kernel, modules) = ensure_kernel(cache)?;
+    let agent = ensure_agent(cache)?;
+    let initramfs = build_initramfs(cache, &modules, &agent)?;
+    Ok(Assets {
+        qemu: PathBuf::from("qemu-system-x86_64"),
+        kernel,
+        initramfs,
+    })
+}
+
+fn have_qemu_with_vhost_user_vsock() -> bool {
+    let out = Command::new("qemu-system-x86_64")
+        .args(["-device", "help"])
+        .stderr(Stdio::null())
+        .output();
+    matches!(out, Ok(o) if o.status.success()
+        && String::from_utf8_lossy(&o.stdout).contains("vhost-user-vsock-pci"))
+}
+
+fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn busybox_is_static(path: &Path) -> bool {
+    // A static ELF has no PT_INTERP; look for the interpreter's name instead of parsing.
+    match fs::read(path) {
+        Ok(bytes) => !bytes.windows(14).any(|w| w == b"/lib64/ld-linu"),
+        Err(_) => false,
+    }
+}
+
+fn os_codename() -> String {
+    let text = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+fn apt_sources_mention(what: &str) -> bool {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(dir.flatten().map(|e| e.path()));
+    }
+    files
+        .iter()
+        .any(|f| fs::read_to_string(f).is_ok_and(|t| t.contains(what)))
+}
+
+fn ensure_packages() -> Result<()> {
+    let qemu_ok = have_qemu_with_vhost_user_vsock();
+    let busybox_ok = busybox().is_some_and(|b| busybox_is_static(&b));
+    let gcc_ok = Command::new("gcc")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if qemu_ok && busybox_ok && gcc_ok {
+        return Ok(());
+    }
+    println!("e2e: installing Debian packages (qemu {qemu_ok}, busybox-static {busybox_ok}, gcc {gcc_ok})");
+    let codename = os_codename();
+    let backports = format!("{codename}-backports");
+    let apt_timeout = Duration::from_secs(900);
+    if codename == "bookworm" && !qemu_ok && !apt_sources_mention(&backports) {
+        let list = "/etc/apt/sources.list.d/outboard-e2e-backports.list";
+        fs::write(
+            list,
+            format!("deb http://deb.debian.org/debian {backports} main\n"),
+        )
+        .map_err(|e| format!("write {list} (are you root?): {e}"))?;
+    }
+    run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
+    let install = |args: &[&str]| {
+        run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            apt_timeout,
+        )
+    };
+    if !qemu_ok {
+        if codename == "bookworm" {
+            install(&["-t", &backports, "qemu-system-x86"])?;
+        } else {
+            install(&["qemu-system-x86"])?;
+        }
+    }
+    if !busybox_ok {
+        install(&["busybox-static"])?;
+    }
+    if !gcc_ok {
+        install(&["gcc", "libc6-dev"])?;
+    }
+    if !have_qemu_with_vhost_user_vsock() {
+        return Err("qemu-system-x86_64 has no vhost-user-vsock-pci device after install".into());
+    }
+    Ok(())
+}
+
+/// Downloads and unpacks the kernel package; returns the vmlinuz and the modules to
+/// load, in load order, as (name, path).
+fn ensure_kernel(cache: &Path) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
+    let pin = cache.join("kernel-package");
+    let package = match fs::read_to_string(&pin) {
+        Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
+        _ => {
+            let deps = output(
+                Command::new("apt-cache").args(["depends", "linux-image-amd64"]),
+                Duration::from_secs(60),
+            )?;
+            let name = deps
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends:"))
+                .map(str::trim)
+                .find(|d| d.starts_with("linux-image-") && d.ends_with("-amd64"))
+                .ok_or_else(|| {
+                    format!("apt-cache depends linux-image-amd64 names no kernel:\n{deps}")
+                })?
+                .to_string();
+            fs::write(&pin, &name).map_err(|e| format!("write {}: {e}", pin.display()))?;
+            name
+        }
+    };
+    let root = cache.join("kernel").join(&package);
+    let done = root.join(".unpacked");
+    if !done.exists() {
+        let dl = cache.join("download");
+        fs::create_dir_all(&dl).map_err(|e| format!("create {}: {e}", dl.display()))?;
+        // apt drops privileges to _apt for downloads when it can; let it write here.
+        let _ = fs::set_permissions(&dl, fs::Permissions::from_mode(0o777));
+        println!("e2e: downloading {package}");
+        run(
+            Command::new("apt-get")
+                .args(["download", "-q", &package])
+                .current_dir(&dl),
+            Duration::from_secs(600),
+        )?;
+        let deb = fs::read_dir(&dl)
+            .map_err(|e| format!("read {}: {e}", dl.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
+            .ok_or_else(|| {
+                format!(
+                    "apt-get download left no {package}_*.deb in {}",
+                    dl.display()
+                )
+            })?;
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+        run(
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+            Duration::from_secs(300),
+        )?;
+        let _ = fs::remove_file(&deb);
+        fs::write(&done, "").map_err(|e| format!("write {}: {e}", done.display()))?;
+    }
+    let boot = root.join("boot");
+    let kernel = fs::read_dir(&boot)
+        .map_err(|e| format!("read {}: {e}", boot.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
+    let modules = kernel_modules(&root)?;
+    Ok((kernel, modules))
+}
+
+/// Finds the vsock modules and everything they depend on, dependencies first.
+fn kernel_modules(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let base = root.join("lib").join("modules");
+    let mut files = BTreeMap::new();
+    let mut stack = vec![base.clone()];
+    while let Some(dir) = stack.pop() {
+        let entries = fs::read_dir(&dir).map_err(|e| format!("read {}: {e}", dir.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                if let Some(stem) = name.strip_suffix(".ko") {
+                    files.insert(stem.replace('-', "_"), path.clone());
+                }
+            }
+        }
+    }
+    let builtin: BTreeSet<String> = fs::read_dir(&base)
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| fs::read_to_string(e.path().join("modules.builtin")).ok())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter_map(|n| n.strip_suffix(".ko"))
+        .map(|n| n.replace('-', "_"))
+        .collect();
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    for m in ROOT_MODULES {
+        visit(m, &files, &builtin, &mut seen, &mut order, 0)?;
+    }
+    Ok(order)
+}
+
+fn visit(
+    name: &str,
+    files: &BTreeMap<String, PathBuf>,
+    builtin: &BTreeSet<String>,
+    seen: &mut BTreeSet<String>,
+    order: &mut Vec<(String, PathBuf)>,
+    depth: usize,
+) -> Result<()> {
+    let name = name.replace('-', "_");
+    if depth > 32 || !seen.insert(name.clone()) {
+        return Ok(());
+    }
+    let Some(path) = files.get(&name) else {
+        if builtin.contains(&name) {
+            return Ok(());
+        }
+        return Err(format!(
+            "kernel module {name} is neither a file nor built in"
+        ));
+    };
+    let bytes = fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let key = b"depends=";
+    if let Some(at) = bytes.windows(key.len()).position(|w| w == key) {
+        let rest = &bytes[at + key.len()..];
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let deps = String::from_utf8_lossy(&rest[..end]).into_owned();
+        for dep in deps.split(',').filter(|d| !d.is_empty()) {
+            visit(dep, files, builtin, seen, order, depth + 1)?;
+        }
+    }
+    order.push((name, path.clone()));
+    Ok(())
+}
+
+/// Compiles the guest agent statically if its source changed.
+fn ensure_agent(cache: &Path) -> Result<PathBuf> {
+    let src = util::workspace_root()
+        .join("xtask")
+        .join("guest")
+        .join("vsock-agent.c");
+    let bin = cache.join("vsock-agent");
+    if util::mtime(&bin).is_some() && util::mtime(&bin) >= util::mtime(&src) {
+        return Ok(bin);
+    }
+    println!("e2e: compiling the guest agent");
+    run(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-Wall", "-Werror", "-pthread", "-o"])
+            .arg(&bin)
+            .arg(&src),
+        Duration::from_secs(300),
+    )?;
+    Ok(bin)
+}
+
+/// A cpio "newc" archive being written.
+struct Cpio {
+    data: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, body: &[u8]) {
+        self.ino += 1;
+        let name_len = name.len() + 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            body.len(),
+            0,
+            0,
+            0,
+            0,
+            name_len,
+            0
+        );
+        self.data.extend_from_slice(header.as_bytes());
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(body);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.data.len() % 4 != 0 {
+            self.data.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[]);
+    }
+
+    fn file(&mut self, name: &str, body: &[u8]) {
+        self.entry(name, 0o100755, body);
+    }
+}
+
+/// Writes the initramfs: busybox, /init, the agent and the modules.
+fn build_initramfs(cache: &Path, modules: &[(String, PathBuf)], agent: &Path) -> Result<PathBuf> {
+    let busybox = busybox().ok_or("busybox-static is not installed")?;
+    let read = |p: &Path| fs::read(p).map_err(|e| format!("read {}: {e}", p.display()));
+    let mut cpio = Cpio {
+        data: Vec::new(),
+        ino: 0,
+    };
+    for d in ["bin", "dev", "proc", "sys", "tmp", "modules"] {
+        cpio.dir(d);
+    }
+    cpio.file("bin/busybox", &read(&busybox)?);
+    cpio.file("bin/vsock-agent", &read(agent)?);
+    cpio.file("init", INIT.as_bytes());
+    let mut order = String::new();
+    for (name, path) in modules {
+        let file = format!("{name}.ko");
+        cpio.file(&format!("modules/{file}"), &read(path)?);
+        order.push_str(&file);
+        order.push('\n');
+    }
+    cpio.file("modules/order", order.as_bytes());
+    cpio.entry("TRAILER!!!", 0, &[]);
+
+    let out = cache.join("initramfs.cpio.gz");
+    let tmp = cache.join("initramfs.cpio.gz.tmp");
+    let file = fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let mut gzip = Command::new("gzip")
+        .args(["-1", "-n", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(file)
+        .spawn()
+        .map_err(|e| format!("could not start gzip: {e}"))?;
+    let mut stdin = gzip.stdin.take().ok_or("gzip: no stdin")?;
+    let data = std::mem::take(&mut cpio.data);
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    match util::wait_timeout(&mut gzip, Duration::from_secs(120)) {
+        Ok(Some(s)) if s.success() => {}
+        other => {
+            util::kill_and_reap(&mut gzip);
+            return Err(format!("gzip of the initramfs failed: {other:?}"));
+        }
+    }
+    writer
+        .join()
+        .map_err(|_| "initramfs writer panicked".to_string())?
+        .map_err(|e| format!("write to gzip: {e}"))?;
+    fs::rename(&tmp, &out).map_err(|e| format!("rename to {}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// Installs vhost-device-vsock 0.3.0 (the comparison back-end) with `cargo install`.
+pub fn ensure_vhost_device_vsock(cache: &Path) -> Result<PathBuf> {
+    let root = cache.join("vhost-device-vsock");
+    let bin = root.join("bin").join("vhost-device-vsock");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    println!("e2e: cargo install vhost-device-vsock 0.3.0");
+    run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "vhost-device-vsock",
+                "--version",
+                "0.3.0",
+                "--root",
+            ])
+            .arg(&root)
+            .env("CARGO_TARGET_DIR", cache.join("cargo-install-target")),
+        Duration::from_secs(1800),
+    )?;
+    Ok(bin)
+}

@@ -1,0 +1,215 @@
+//! Small helpers: commands with timeouts, child processes killed on drop, paths.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A failure of an xtask step, with a message for the user.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// The workspace root (the parent of xtask/).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(Path::to_path_buf).unwrap_or(here)
+}
+
+/// Runs `cmd` to completion within `timeout`; its output goes to ours. Kills it on
+/// timeout.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("could not start {what}: {e}"))?;
+    match wait_timeout(&mut child, timeout) {
+        Ok(Some(status)) if status.success() => Ok(()),
+        Ok(Some(status)) => Err(format!("{what} failed: {status}")),
+        Ok(None) => {
+            kill_and_reap(&mut child);
+            Err(format!("{what} did not finish within {timeout:?}"))
+        }
+        Err(e) => {
+            kill_and_reap(&mut child);
+            Err(format!("waiting for {what}: {e}"))
+        }
+    }
+}
+
+/// Runs `cmd` within `timeout` and returns its standard output.
+pub fn output(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not start {what}: {e}"))?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| format!("{what}: no stdout"))?;
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = match wait_timeout(&mut child, timeout) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            kill_and_reap(&mut child);
+            return Err(format!("{what} did not finish within {timeout:?}"));
+        }
+        Err(e) => {
+            kill_and_reap(&mut child);
+            return Err(format!("waiting for {what}: {e}"));
+        }
+    };
+    let out = reader
+        .join()
+        .map_err(|_| format!("{what}: output reader panicked"))?;
+    if status.success() {
+        Ok(out)
+    } else {
+        Err(format!("{what} failed: {status}"))
+    }
+}
+
+/// Waits for `child` at most `timeout`. `Ok(None)` means it is still running.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILLs `child` by its pid and reaps it.
+pub fn kill_and_reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A process this xtask started: killed by its pid and reaped when dropped.
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    /// The process.
+    pub child: Child,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("open {}: {e}", log.display()))?;
+        let err = file
+            .try_clone()
+            .map_err(|e| format!("dup {}: {e}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("could not start {name} ({cmd:?}): {e}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let pid = libc::pid_t::try_from(self.pid()).map_err(|e| format!("pid: {e}"))?;
+        // SAFETY: kill(2) with a pid of a child we have not reaped yet (so the pid cannot
+        // have been reused) and a valid signal number; it touches no memory.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        if rc != 0 {
+            return Err(format!(
+                "SIGTERM to {} (pid {pid}): {}",
+                self.name,
+                io::Error::last_os_error()
+            ));
+        }
+        match wait_timeout(&mut self.child, timeout) {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err(format!(
+                "{} (pid {pid}) did not exit within {timeout:?} of SIGTERM",
+                self.name
+            )),
+            Err(e) => Err(format!("waiting for {}: {e}", self.name)),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// CPU seconds (user + system) used by process `pid`, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("read /proc/{pid}/stat: {e}"))?;
+    // The command name may contain spaces; fields after its closing parenthesis.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| format!("/proc/{pid}/stat has no ')': {stat}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+    let tick = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("/proc/{pid}/stat field {} unreadable", i + 3))
+    };
+    let ticks = tick(11)? + tick(12)?;
+    // SAFETY: sysconf reads a configuration value and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok(ticks as f64 / hz)
+}
+
+/// Reads a text file for a failure report; missing files say so.
+pub fn read_log(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// Waits until `path` exists, up to `timeout`.
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The newest modification time of a file, if it exists.
+pub fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
