@@ -17,7 +17,8 @@
 //! The current vhost-user specification's words are used throughout: the *front-end* is
 //! the VMM side and the *back-end* is the device side. Older code (QEMU before 2023,
 //! rust-vmm `vhost` before 0.8, crosvm before 2023) calls them *master* and *slave*;
-//! when porting, read `Master` as [`Frontend`](crate), `Slave` as `Backend`,
+//! when porting, read `Master` as [`Frontend`], `Slave` as [`Backend`] (or the back-end side as a
+//! whole),
 //! `SlaveReqHandler` as `BackendReqHandler`, `MasterReqHandler` as
 //! `FrontendReqHandler`, `SET_SLAVE_REQ_FD` as `SET_BACKEND_REQ_FD` and the protocol
 //! features `SLAVE_REQ`/`SLAVE_SEND_FD` as `BACKEND_REQ`/`BACKEND_SEND_FD`.
@@ -28,6 +29,8 @@ pub mod backend;
 pub mod backend_req;
 pub mod connection;
 pub mod error;
+pub mod frontend;
+pub mod frontend_req_handler;
 pub mod sock;
 pub mod tube;
 
@@ -35,4 +38,9 @@ pub use backend::{BackendReqHandler, Listener, MemoryRegion, VhostUserBackendReq
 pub use backend_req::Backend;
 pub use connection::{Connection, Message};
 pub use error::{Error, HandlerResult, Result};
+pub use frontend::{Frontend, MemoryRegionRef};
+pub use frontend_req_handler::{FrontendReqHandler, VhostUserFrontendReqHandler};
 pub use tube::Tube;
+
+#[cfg(test)]
+mod session_tests;
