@@ -1,0 +1,3 @@
+//! Proxied MMIO read benchmark (see the crate docs).
+
+fn main() {}

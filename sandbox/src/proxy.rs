@@ -1,0 +1,1164 @@
+//! [`ProxyDevice`]: a [`BusDevice`] that runs in a jailed child process.
+//!
+//! Every command of crosvm's proxy is here: Activate, Read, Write, ReadConfig,
+//! WriteConfig, InitPciConfigMapping, ReadVirtualConfig, WriteVirtualConfig,
+//! DestroyDevice, Shutdown, GetRanges, Snapshot, Restore, Sleep and Wake.
+//!
+//! # Two paths
+//!
+//! - **Hot** (read, write, config and virtual-config accesses, destroy): a fixed 64-byte
+//!   entry in the shared-memory [`ring`](crate::ring), no encoding, no system call while
+//!   both sides are busy. Writes (MMIO, virtual config) and destroy are *posted*: they
+//!   return once the entry is published, and every later access is queued behind them,
+//!   so the device sees them in program order. A config write waits, since it returns a
+//!   [`ConfigWriteResult`]; a non-empty result (rare: BAR moves, hot-unplug) follows on
+//!   the Tube.
+//! - **Cold** (activate, PCI config mapping, shutdown, ranges, snapshot, restore, sleep,
+//!   wake): serde over an `outboard_transport::Tube`. The parent queues a `COLD` entry in
+//!   the ring, then sends the command, so cold commands stay ordered with hot ones; the
+//!   child answers on the Tube before it completes the entry.
+//!
+//! # Failure
+//!
+//! Every wait is bounded ([`ProxyDevice::set_timeouts`]) and checks the child's pidfd
+//! between futex sleeps of a few milliseconds. A child that crashed, was killed by
+//! seccomp or stopped answering makes the proxy *broken*: the child is killed and reaped
+//! at once, the failing call returns an error (through the `try_*` methods, or the
+//! trait's `Err`), and every later call fails fast. Reads then return all-ones bytes
+//! ([`FAILED_READ`]), like a bus with nothing on it, and log an error.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use outboard_devices::bus::{
+    BusAccessInfo, BusDevice, BusRange, BusType, ConfigWriteResult, DeviceId, SuspendError,
+    Suspendable,
+};
+use outboard_transport::Tube;
+use remain::sorted;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::fork::{fork_process, Child, ForkError};
+use crate::jail::Jail;
+use crate::ring::{Consumer, Entry, Next, Producer, RingError, SharedRing};
+
+/// The byte a failed read returns in every position.
+pub const FAILED_READ: u8 = 0xff;
+
+/// Default bound on a hot-path call (read, config access).
+pub const DEFAULT_HOT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default bound on a cold-path call (snapshot, restore, ...).
+pub const DEFAULT_COLD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `Drop` waits for the child to shut down before killing it.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Ring entry operation codes.
+mod op {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const READ_CONFIG: u32 = 3;
+    pub const WRITE_CONFIG: u32 = 4;
+    pub const READ_VIRTUAL_CONFIG: u32 = 5;
+    pub const WRITE_VIRTUAL_CONFIG: u32 = 6;
+    pub const DESTROY: u32 = 7;
+    pub const COLD: u32 = 8;
+}
+
+/// Ring entry completion status.
+mod status {
+    pub const OK: u32 = 0;
+    /// The answer continues on the Tube.
+    pub const FOLLOWS: u32 = 1;
+    /// The child refused the entry.
+    pub const REFUSED: u32 = 2;
+}
+
+/// Errors of the proxy.
+#[sorted]
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    /// The child refused activation (it was activated already).
+    #[error("{label}: activation refused: {reason}")]
+    ActivationRefused {
+        /// The device label.
+        label: String,
+        /// What the child said.
+        reason: String,
+    },
+    /// An earlier failure made the proxy unusable; the child was killed.
+    #[error("{label}: device process unusable since an earlier failure: {reason}")]
+    Broken {
+        /// The device label.
+        label: String,
+        /// The first failure.
+        reason: String,
+    },
+    /// The access length is not 1 to 8 bytes.
+    #[error("access of {len} bytes, must be 1 to {max}")]
+    DataLength {
+        /// The length asked for.
+        len: usize,
+        /// The largest length allowed.
+        max: usize,
+    },
+    /// Forking the jailed child failed.
+    #[error("starting the device process failed: {0}")]
+    Fork(#[from] ForkError),
+    /// The child refused a command.
+    #[error("{label}: the device process refused {command}: {reason}")]
+    Refused {
+        /// The device label.
+        label: String,
+        /// The command.
+        command: &'static str,
+        /// What the child said.
+        reason: String,
+    },
+    /// The shared-memory channel failed (child gone, timeout, protocol violation).
+    #[error("{label}: {command}: {source}")]
+    Ring {
+        /// The device label.
+        label: String,
+        /// The command.
+        command: &'static str,
+        /// The channel error.
+        source: RingError,
+    },
+    /// Setting up the shared memory failed.
+    #[error("setting up the shared-memory ring failed: {0}")]
+    RingSetup(RingError),
+    /// The Tube failed.
+    #[error("{label}: {command}: tube: {source}")]
+    Tube {
+        /// The device label.
+        label: String,
+        /// The command.
+        command: &'static str,
+        /// The transport error.
+        source: outboard_transport::Error,
+    },
+    /// Creating or passing the Tube failed.
+    #[error("tube setup: {0}")]
+    TubeSetup(outboard_transport::Error),
+    /// The child answered with a result of the wrong kind.
+    #[error("{label}: {command}: unexpected answer {got}")]
+    UnexpectedResult {
+        /// The device label.
+        label: String,
+        /// The command.
+        command: &'static str,
+        /// What arrived.
+        got: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ColdCommand {
+    Activate,
+    InitPciConfigMapping { base: usize, len: usize },
+    Shutdown,
+    GetRanges,
+    Snapshot,
+    Restore { data: serde_json::Value },
+    Sleep,
+    Wake,
+}
+
+impl ColdCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            ColdCommand::Activate => "activate",
+            ColdCommand::InitPciConfigMapping { .. } => "init_pci_config_mapping",
+            ColdCommand::Shutdown => "shutdown",
+            ColdCommand::GetRanges => "get_ranges",
+            ColdCommand::Snapshot => "snapshot",
+            ColdCommand::Restore { .. } => "restore",
+            ColdCommand::Sleep => "sleep",
+            ColdCommand::Wake => "wake",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ColdResult {
+    Ok,
+    Refused(String),
+    InitPciConfigMapping(bool),
+    Ranges(Vec<(BusRange, BusType)>),
+    Snapshot(Result<serde_json::Value, SuspendError>),
+    Done(Result<(), SuspendError>),
+}
+
+/// The interface to a device child process before it is activated.
+///
+/// It can be handed to another process ([`ChildProcIntf::send`] / [`ChildProcIntf::recv`],
+/// fds passed with `SCM_RIGHTS`) and turns into exactly one [`ProxyDevice`]: the child
+/// refuses a second activation.
+#[derive(Debug)]
+pub struct ChildProcIntf {
+    tube: Tube,
+    ring: SharedRing,
+    child: Child,
+    debug_label: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IntfHeader {
+    pid: i32,
+    debug_label: String,
+}
+
+impl ChildProcIntf {
+    /// Forks `device` into a child confined by `jail`. Only `keep_fds` (which must cover
+    /// every fd the device uses) and the proxy's own channel stay open in the child.
+    pub fn new<D: BusDevice>(
+        device: D,
+        jail: &Jail,
+        keep_fds: &[BorrowedFd<'_>],
+    ) -> Result<ChildProcIntf, ProxyError> {
+        let debug_label = device.debug_label();
+        let (tube, child_tube) = Tube::pair().map_err(ProxyError::TubeSetup)?;
+        let ring = SharedRing::new().map_err(ProxyError::RingSetup)?;
+        let child_ring_fd = ring.fd().try_clone_to_owned().map_err(|e| {
+            ProxyError::RingSetup(RingError::Unsuitable {
+                reason: e.to_string(),
+            })
+        })?;
+        let child_ring = SharedRing::from_fd(child_ring_fd).map_err(ProxyError::RingSetup)?;
+        let mut keep: Vec<BorrowedFd<'_>> = keep_fds.to_vec();
+        keep.push(child_tube.as_fd());
+        keep.push(child_ring.fd());
+        // The keep-list borrows the child's ends; take raw copies so they can move into
+        // the closure (the fds stay open: the closure owns them).
+        let keep: Vec<BorrowedFd<'_>> = keep
+            .iter()
+            // SAFETY: every fd is owned by `keep_fds`' owners, `child_tube` or
+            // `child_ring`, all of which outlive the `fork_process` call below.
+            .map(|fd| unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(fd)) })
+            .collect();
+        let child = fork_process(jail, &keep, Some(&debug_label), move || {
+            child_proc(child_tube, child_ring, device);
+        })?;
+        Ok(ChildProcIntf {
+            tube,
+            ring,
+            child,
+            debug_label,
+        })
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
+    /// Duplicates the interface (its fds). Only one of the copies can be activated.
+    pub fn try_clone(&self) -> Result<ChildProcIntf, ProxyError> {
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned().map_err(|e| {
+                ProxyError::TubeSetup(outboard_transport::Error::InvalidParam(e.to_string()))
+            })
+        };
+        Ok(ChildProcIntf {
+            tube: Tube::from_fd(dup(self.tube.as_fd())?).map_err(ProxyError::TubeSetup)?,
+            ring: SharedRing::from_fd(dup(self.ring.fd())?).map_err(ProxyError::RingSetup)?,
+            child: Child::from_pidfd(self.child.pid(), dup(self.child.pidfd())?),
+            debug_label: self.debug_label.clone(),
+        })
+    }
+
+    /// Sends the interface over `tube` (its socket, ring memfd and pidfd travel as
+    /// `SCM_RIGHTS`). Returns this process's [`Child`] handle: if this process forked
+    /// the device, keep the handle for as long as the device should live (dropping it
+    /// kills the device) so that this process can reap it.
+    pub fn send(self, tube: &Tube) -> Result<Child, ProxyError> {
+        let header = IntfHeader {
+            pid: self.child.pid(),
+            debug_label: self.debug_label.clone(),
+        };
+        tube.send_with_fds(
+            &header,
+            &[self.tube.as_fd(), self.ring.fd(), self.child.pidfd()],
+        )
+        .map_err(ProxyError::TubeSetup)?;
+        Ok(self.child)
+    }
+
+    /// Receives an interface sent with [`ChildProcIntf::send`].
+    pub fn recv(tube: &Tube) -> Result<ChildProcIntf, ProxyError> {
+        let (header, fds): (IntfHeader, Vec<OwnedFd>) =
+            tube.recv_with_fds().map_err(ProxyError::TubeSetup)?;
+        let got = fds.len();
+        let Ok([sock, ring, pidfd]) = <[OwnedFd; 3]>::try_from(fds) else {
+            return Err(ProxyError::TubeSetup(
+                outboard_transport::Error::IncorrectFds {
+                    request: "ChildProcIntf",
+                    got,
+                    want: "3",
+                },
+            ));
+        };
+        Ok(ChildProcIntf {
+            tube: Tube::from_fd(sock).map_err(ProxyError::TubeSetup)?,
+            ring: SharedRing::from_fd(ring).map_err(ProxyError::RingSetup)?,
+            child: Child::from_pidfd(header.pid, pidfd),
+            debug_label: header.debug_label,
+        })
+    }
+}
+
+struct Inner {
+    tube: Tube,
+    producer: Producer,
+    child: Child,
+    broken: Option<String>,
+}
+
+/// Runs a [`BusDevice`] in a jailed child process and forwards every access to it.
+///
+/// The child is shut down (then killed, if it does not exit within
+/// [`SHUTDOWN_TIMEOUT`]) and reaped when the proxy is dropped.
+pub struct ProxyDevice {
+    inner: Mutex<Inner>,
+    debug_label: String,
+    pid: i32,
+    hot_timeout: Duration,
+    cold_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProxyDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyDevice")
+            .field("debug_label", &self.debug_label)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl TryFrom<ChildProcIntf> for ProxyDevice {
+    type Error = ProxyError;
+
+    fn try_from(intf: ChildProcIntf) -> Result<ProxyDevice, ProxyError> {
+        let ChildProcIntf {
+            tube,
+            ring,
+            child,
+            debug_label,
+        } = intf;
+        let label = debug_label.clone();
+        let producer = Producer::new(ring).map_err(|source| ProxyError::Ring {
+            label: label.clone(),
+            command: "activate",
+            source,
+        })?;
+        let proxy = ProxyDevice {
+            pid: child.pid(),
+            inner: Mutex::new(Inner {
+                tube,
+                producer,
+                child,
+                broken: None,
+            }),
+            debug_label,
+            hot_timeout: DEFAULT_HOT_TIMEOUT,
+            cold_timeout: DEFAULT_COLD_TIMEOUT,
+        };
+        // Activation goes over the Tube only: a duplicate interface never touches the ring.
+        let mut g = proxy.lock();
+        let cmd = ColdCommand::Activate;
+        let res = g
+            .tube
+            .send(&cmd)
+            .map_err(|source| ProxyError::Tube {
+                label: label.clone(),
+                command: "activate",
+                source,
+            })
+            .and_then(|()| g.recv_cold(&label, "activate", proxy.cold_timeout));
+        match res {
+            Ok(ColdResult::Ok) => {
+                drop(g);
+                Ok(proxy)
+            }
+            Ok(ColdResult::Refused(reason)) => {
+                // Not ours to kill: the child serves the first activation.
+                g.broken = Some("activation refused".to_owned());
+                g.child.disarm();
+                drop(g);
+                Err(ProxyError::ActivationRefused { label, reason })
+            }
+            Ok(other) => Err(g.fail(ProxyError::UnexpectedResult {
+                label,
+                command: "activate",
+                got: format!("{other:?}"),
+            })),
+            Err(e) => Err(g.fail(e)),
+        }
+    }
+}
+
+impl Inner {
+    /// Marks the proxy broken, kills and reaps the child, logs, and passes `err` on.
+    fn fail(&mut self, err: ProxyError) -> ProxyError {
+        if self.broken.is_none() {
+            log::error!("{err}; killing device process {}", self.child.pid());
+            self.broken = Some(err.to_string());
+            match self.child.kill_and_wait(Duration::from_secs(1)) {
+                Ok(Some(status)) => log::error!("device process {} {status}", self.child.pid()),
+                Ok(None) => {
+                    log::error!("device process {} did not die within 1 s", self.child.pid())
+                }
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        err
+    }
+
+    fn check(&self, label: &str) -> Result<(), ProxyError> {
+        match &self.broken {
+            Some(reason) => Err(ProxyError::Broken {
+                label: label.to_owned(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn push(
+        &mut self,
+        label: &str,
+        command: &'static str,
+        timeout: Duration,
+        fill: impl FnOnce(&Entry),
+    ) -> Result<u32, ProxyError> {
+        self.check(label)?;
+        let Inner {
+            producer, child, ..
+        } = self;
+        let res = producer.push(fill, timeout, &mut || !child.has_exited());
+        res.map_err(|source| {
+            self.fail(ProxyError::Ring {
+                label: label.to_owned(),
+                command,
+                source,
+            })
+        })
+    }
+
+    /// Waits for entry `seq`; returns its status and data.
+    fn wait(
+        &mut self,
+        label: &str,
+        command: &'static str,
+        seq: u32,
+        timeout: Duration,
+    ) -> Result<(u32, u64), ProxyError> {
+        let Inner {
+            producer, child, ..
+        } = self;
+        let res = producer.wait_for(seq, timeout, &mut || !child.has_exited());
+        if let Err(source) = res {
+            return Err(self.fail(ProxyError::Ring {
+                label: label.to_owned(),
+                command,
+                source,
+            }));
+        }
+        let e = self.producer.entry(seq);
+        Ok((
+            e.status.load(Ordering::Relaxed),
+            e.data.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Receives a Tube message the child has sent (or is about to send), bounded by
+    /// `timeout` and the child's liveness.
+    fn recv_tube<T: serde::de::DeserializeOwned>(
+        &mut self,
+        label: &str,
+        command: &'static str,
+        timeout: Duration,
+    ) -> Result<T, ProxyError> {
+        let start = Instant::now();
+        let tube_err = |source| ProxyError::Tube {
+            label: label.to_owned(),
+            command,
+            source,
+        };
+        loop {
+            match self.tube.wait_readable(Some(Duration::from_millis(10))) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(source) => return Err(self.fail(tube_err(source))),
+            }
+            if self.child.has_exited()
+                && !matches!(self.tube.wait_readable(Some(Duration::ZERO)), Ok(true))
+            {
+                return Err(self.fail(ProxyError::Ring {
+                    label: label.to_owned(),
+                    command,
+                    source: RingError::PeerGone { pending: 1 },
+                }));
+            }
+            if start.elapsed() >= timeout {
+                return Err(self.fail(ProxyError::Ring {
+                    label: label.to_owned(),
+                    command,
+                    source: RingError::Timeout { timeout },
+                }));
+            }
+        }
+        self.tube
+            .recv::<T>()
+            .map_err(|source| self.fail(tube_err(source)))
+    }
+
+    fn recv_cold(
+        &mut self,
+        label: &str,
+        command: &'static str,
+        timeout: Duration,
+    ) -> Result<ColdResult, ProxyError> {
+        self.recv_tube(label, command, timeout)
+    }
+
+    /// A cold command: queue a COLD entry, send the command, wait, receive the answer.
+    fn cold(
+        &mut self,
+        label: &str,
+        cmd: &ColdCommand,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<ColdResult, ProxyError> {
+        let command = cmd.name();
+        let seq = self.push(label, command, timeout, |e| {
+            e.op.store(op::COLD, Ordering::Relaxed)
+        })?;
+        if let Err(source) = self.tube.send_with_fds(cmd, fds) {
+            return Err(self.fail(ProxyError::Tube {
+                label: label.to_owned(),
+                command,
+                source,
+            }));
+        }
+        self.wait(label, command, seq, timeout)?;
+        match self.recv_cold(label, command, timeout)? {
+            ColdResult::Refused(reason) => Err(ProxyError::Refused {
+                label: label.to_owned(),
+                command,
+                reason,
+            }),
+            other => Ok(other),
+        }
+    }
+}
+
+fn pack(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..data.len()].copy_from_slice(data);
+    u64::from_le_bytes(b)
+}
+
+fn check_len(len: usize, max: usize) -> Result<(), ProxyError> {
+    if len == 0 || len > max {
+        return Err(ProxyError::DataLength { len, max });
+    }
+    Ok(())
+}
+
+impl ProxyDevice {
+    /// Forks `device` into a child confined by `jail` and activates it. Fork devices
+    /// early, before the process starts threads, where possible (see [`crate::jail`]).
+    pub fn new<D: BusDevice>(
+        device: D,
+        jail: &Jail,
+        keep_fds: &[BorrowedFd<'_>],
+    ) -> Result<ProxyDevice, ProxyError> {
+        ChildProcIntf::new(device, jail, keep_fds)?.try_into()
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sets the bounds on hot-path calls (reads, config accesses, a full ring) and on
+    /// cold-path calls (snapshot, restore, ...).
+    pub fn set_timeouts(&mut self, hot: Duration, cold: Duration) {
+        self.hot_timeout = hot;
+        self.cold_timeout = cold;
+    }
+
+    /// How the child ended, once it has (reaping it); `None` while it runs.
+    pub fn exit_status(&self) -> Option<crate::fork::ExitStatus> {
+        self.lock().child.try_wait().ok().flatten()
+    }
+
+    /// True once a failure made the proxy unusable.
+    pub fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads `data.len()` (1 to 8) bytes at `info`.
+    pub fn try_read(&self, info: BusAccessInfo, data: &mut [u8]) -> Result<(), ProxyError> {
+        check_len(data.len(), 8)?;
+        let mut g = self.lock();
+        let seq = g.push(&self.debug_label, "read", self.hot_timeout, |e| {
+            e.op.store(op::READ, Ordering::Relaxed);
+            e.len.store(data.len() as u32, Ordering::Relaxed);
+            e.offset.store(info.offset, Ordering::Relaxed);
+            e.address.store(info.address, Ordering::Relaxed);
+            e.id.store(info.id as u64, Ordering::Relaxed);
+        })?;
+        let (st, value) = g.wait(&self.debug_label, "read", seq, self.hot_timeout)?;
+        self.expect_ok(st, "read")?;
+        let n = data.len();
+        data.copy_from_slice(&value.to_le_bytes()[..n]);
+        Ok(())
+    }
+
+    /// Posts a write of `data` (1 to 8 bytes) at `info`; it reaches the device before
+    /// any later access.
+    pub fn try_write(&self, info: BusAccessInfo, data: &[u8]) -> Result<(), ProxyError> {
+        check_len(data.len(), 8)?;
+        let mut g = self.lock();
+        g.push(&self.debug_label, "write", self.hot_timeout, |e| {
+            e.op.store(op::WRITE, Ordering::Relaxed);
+            e.len.store(data.len() as u32, Ordering::Relaxed);
+            e.offset.store(info.offset, Ordering::Relaxed);
+            e.address.store(info.address, Ordering::Relaxed);
+            e.id.store(info.id as u64, Ordering::Relaxed);
+            e.data.store(pack(data), Ordering::Relaxed);
+        })?;
+        Ok(())
+    }
+
+    fn expect_ok(&self, st: u32, command: &'static str) -> Result<(), ProxyError> {
+        if st == status::OK {
+            Ok(())
+        } else {
+            Err(ProxyError::Refused {
+                label: self.debug_label.clone(),
+                command,
+                reason: format!("status {st}"),
+            })
+        }
+    }
+
+    fn read_register(
+        &self,
+        opcode: u32,
+        command: &'static str,
+        reg_idx: usize,
+    ) -> Result<u32, ProxyError> {
+        let mut g = self.lock();
+        let seq = g.push(&self.debug_label, command, self.hot_timeout, |e| {
+            e.op.store(opcode, Ordering::Relaxed);
+            e.reg.store(reg_idx as u32, Ordering::Relaxed);
+        })?;
+        let (st, value) = g.wait(&self.debug_label, command, seq, self.hot_timeout)?;
+        self.expect_ok(st, command)?;
+        Ok(value as u32)
+    }
+
+    /// Reads PCI configuration register `reg_idx`.
+    pub fn try_config_register_read(&self, reg_idx: usize) -> Result<u32, ProxyError> {
+        self.read_register(op::READ_CONFIG, "config_register_read", reg_idx)
+    }
+
+    /// Reads virtual configuration register `reg_idx`.
+    pub fn try_virtual_config_register_read(&self, reg_idx: usize) -> Result<u32, ProxyError> {
+        self.read_register(
+            op::READ_VIRTUAL_CONFIG,
+            "virtual_config_register_read",
+            reg_idx,
+        )
+    }
+
+    /// Writes `data` (1 to 4 bytes) at byte `offset` of configuration register `reg_idx`.
+    pub fn try_config_register_write(
+        &self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<ConfigWriteResult, ProxyError> {
+        check_len(data.len(), 4)?;
+        let command = "config_register_write";
+        let mut g = self.lock();
+        let seq = g.push(&self.debug_label, command, self.hot_timeout, |e| {
+            e.op.store(op::WRITE_CONFIG, Ordering::Relaxed);
+            e.reg.store(reg_idx as u32, Ordering::Relaxed);
+            e.offset.store(offset, Ordering::Relaxed);
+            e.len.store(data.len() as u32, Ordering::Relaxed);
+            e.data.store(pack(data), Ordering::Relaxed);
+        })?;
+        let (st, _) = g.wait(&self.debug_label, command, seq, self.hot_timeout)?;
+        match st {
+            status::OK => Ok(ConfigWriteResult::default()),
+            status::FOLLOWS => g.recv_tube(&self.debug_label, command, self.hot_timeout),
+            _ => Err(ProxyError::Refused {
+                label: self.debug_label.clone(),
+                command,
+                reason: format!("status {st}"),
+            }),
+        }
+    }
+
+    /// Posts a write of virtual configuration register `reg_idx`.
+    pub fn try_virtual_config_register_write(
+        &self,
+        reg_idx: usize,
+        value: u32,
+    ) -> Result<(), ProxyError> {
+        let mut g = self.lock();
+        g.push(
+            &self.debug_label,
+            "virtual_config_register_write",
+            self.hot_timeout,
+            |e| {
+                e.op.store(op::WRITE_VIRTUAL_CONFIG, Ordering::Relaxed);
+                e.reg.store(reg_idx as u32, Ordering::Relaxed);
+                e.data.store(value as u64, Ordering::Relaxed);
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Posts `destroy_device`.
+    pub fn try_destroy_device(&self) -> Result<(), ProxyError> {
+        let mut g = self.lock();
+        g.push(&self.debug_label, "destroy_device", self.hot_timeout, |e| {
+            e.op.store(op::DESTROY, Ordering::Relaxed);
+        })?;
+        Ok(())
+    }
+
+    fn cold(&self, cmd: &ColdCommand, fds: &[BorrowedFd<'_>]) -> Result<ColdResult, ProxyError> {
+        self.lock()
+            .cold(&self.debug_label, cmd, fds, self.cold_timeout)
+    }
+
+    fn unexpected(&self, command: &'static str, got: ColdResult) -> ProxyError {
+        let err = ProxyError::UnexpectedResult {
+            label: self.debug_label.clone(),
+            command,
+            got: format!("{got:?}"),
+        };
+        self.lock().fail(err)
+    }
+
+    /// Hands the device a memfd to mirror its PCI configuration space into.
+    pub fn try_init_pci_config_mapping(
+        &self,
+        shmem: BorrowedFd<'_>,
+        base: usize,
+        len: usize,
+    ) -> Result<bool, ProxyError> {
+        match self.cold(&ColdCommand::InitPciConfigMapping { base, len }, &[shmem])? {
+            ColdResult::InitPciConfigMapping(ok) => Ok(ok),
+            other => Err(self.unexpected("init_pci_config_mapping", other)),
+        }
+    }
+
+    /// The device's bus ranges.
+    pub fn try_get_ranges(&self) -> Result<Vec<(BusRange, BusType)>, ProxyError> {
+        match self.cold(&ColdCommand::GetRanges, &[])? {
+            ColdResult::Ranges(r) => Ok(r),
+            other => Err(self.unexpected("get_ranges", other)),
+        }
+    }
+
+    fn suspend_op(&self, cmd: ColdCommand) -> Result<ColdResult, SuspendError> {
+        let operation = cmd.name().to_owned();
+        self.cold(&cmd, &[]).map_err(|e| SuspendError::Failed {
+            device: self.debug_label.clone(),
+            operation,
+            reason: e.to_string(),
+        })
+    }
+
+    fn done(&self, res: ColdResult, operation: &'static str) -> Result<(), SuspendError> {
+        match res {
+            ColdResult::Done(r) => r,
+            other => Err(SuspendError::Failed {
+                device: self.debug_label.clone(),
+                operation: operation.to_owned(),
+                reason: self.unexpected(operation, other).to_string(),
+            }),
+        }
+    }
+
+    /// Shuts the child down (it drops the device and exits) and reaps it, waiting at
+    /// most `timeout` before killing it.
+    pub fn shutdown(&self, timeout: Duration) -> Result<(), ProxyError> {
+        let mut g = self.lock();
+        if g.broken.is_some() {
+            return g.check(&self.debug_label);
+        }
+        let res = g.cold(&self.debug_label, &ColdCommand::Shutdown, &[], timeout);
+        g.broken = Some("shut down".to_owned());
+        let reaped = g.child.wait_timeout(timeout);
+        if !matches!(reaped, Ok(Some(_))) {
+            let _ = g.child.kill_and_wait(Duration::from_secs(1));
+        }
+        match res? {
+            ColdResult::Ok => Ok(()),
+            other => Err(ProxyError::UnexpectedResult {
+                label: self.debug_label.clone(),
+                command: "shutdown",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+impl BusDevice for ProxyDevice {
+    fn debug_label(&self) -> String {
+        self.debug_label.clone()
+    }
+
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Proxy
+    }
+
+    fn read(&mut self, info: BusAccessInfo, data: &mut [u8]) {
+        if let Err(e) = self.try_read(info, data) {
+            log::error!("{e}");
+            data.fill(FAILED_READ);
+        }
+    }
+
+    fn write(&mut self, info: BusAccessInfo, data: &[u8]) {
+        if let Err(e) = self.try_write(info, data) {
+            log::error!("{e}");
+        }
+    }
+
+    fn config_register_write(
+        &mut self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> ConfigWriteResult {
+        self.try_config_register_write(reg_idx, offset, data)
+            .unwrap_or_else(|e| {
+                log::error!("{e}");
+                ConfigWriteResult::default()
+            })
+    }
+
+    fn config_register_read(&self, reg_idx: usize) -> u32 {
+        self.try_config_register_read(reg_idx).unwrap_or_else(|e| {
+            log::error!("{e}");
+            u32::MAX
+        })
+    }
+
+    fn init_pci_config_mapping(&mut self, shmem: BorrowedFd<'_>, base: usize, len: usize) -> bool {
+        self.try_init_pci_config_mapping(shmem, base, len)
+            .unwrap_or_else(|e| {
+                log::error!("{e}");
+                false
+            })
+    }
+
+    fn virtual_config_register_write(&mut self, reg_idx: usize, value: u32) {
+        if let Err(e) = self.try_virtual_config_register_write(reg_idx, value) {
+            log::error!("{e}");
+        }
+    }
+
+    fn virtual_config_register_read(&self, reg_idx: usize) -> u32 {
+        self.try_virtual_config_register_read(reg_idx)
+            .unwrap_or_else(|e| {
+                log::error!("{e}");
+                u32::MAX
+            })
+    }
+
+    fn get_ranges(&self) -> Vec<(BusRange, BusType)> {
+        self.try_get_ranges().unwrap_or_else(|e| {
+            log::error!("{e}");
+            Vec::new()
+        })
+    }
+
+    fn destroy_device(&mut self) {
+        if let Err(e) = self.try_destroy_device() {
+            log::error!("{e}");
+        }
+    }
+}
+
+impl Suspendable for ProxyDevice {
+    fn snapshot(&mut self) -> Result<serde_json::Value, SuspendError> {
+        match self.suspend_op(ColdCommand::Snapshot)? {
+            ColdResult::Snapshot(r) => r,
+            other => Err(SuspendError::Failed {
+                device: self.debug_label.clone(),
+                operation: "snapshot".to_owned(),
+                reason: self.unexpected("snapshot", other).to_string(),
+            }),
+        }
+    }
+
+    fn restore(&mut self, data: serde_json::Value) -> Result<(), SuspendError> {
+        let res = self.suspend_op(ColdCommand::Restore { data })?;
+        self.done(res, "restore")
+    }
+
+    fn sleep(&mut self) -> Result<(), SuspendError> {
+        let res = self.suspend_op(ColdCommand::Sleep)?;
+        self.done(res, "sleep")
+    }
+
+    fn wake(&mut self) -> Result<(), SuspendError> {
+        let res = self.suspend_op(ColdCommand::Wake)?;
+        self.done(res, "wake")
+    }
+}
+
+impl Drop for ProxyDevice {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown(SHUTDOWN_TIMEOUT) {
+            if !matches!(e, ProxyError::Broken { .. }) {
+                log::error!("{e}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The child side.
+
+/// True unless the parent's end of the Tube is closed.
+fn parent_alive(tube: &Tube) -> bool {
+    let mut fds = [PollFd::new(tube, PollFlags::IN)];
+    match poll(
+        &mut fds,
+        Some(&Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        }),
+    ) {
+        Ok(n) if n > 0 => !fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
+fn child_send(tube: &Tube, label: &str, res: &ColdResult) {
+    if let Err(e) = tube.send(res) {
+        log::error!("{label}: sending a result to the VMM failed: {e}");
+    }
+}
+
+/// The device process: wait for activation, then serve the ring until shutdown or until
+/// the VMM goes away.
+fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
+    let mut device = Some(device);
+    let label = device.as_ref().map(|d| d.debug_label()).unwrap_or_default();
+    if let Some(d) = device.as_mut() {
+        d.on_sandboxed();
+    }
+    // Activation, over the Tube only.
+    loop {
+        match tube.wait_readable(Some(Duration::from_millis(100))) {
+            Ok(true) => break,
+            Ok(false) if parent_alive(&tube) => continue,
+            _ => return,
+        }
+    }
+    match tube.recv::<ColdCommand>() {
+        Ok(ColdCommand::Activate) => child_send(&tube, &label, &ColdResult::Ok),
+        Ok(other) => {
+            child_send(
+                &tube,
+                &label,
+                &ColdResult::Refused(format!("{} before activation", other.name())),
+            );
+            return;
+        }
+        Err(e) => {
+            log::error!("{label}: failed before activation: {e}");
+            return;
+        }
+    }
+    let mut consumer = Consumer::new(ring);
+    let mut spin = true;
+    loop {
+        let head = match consumer.wait(spin) {
+            Next::Ready(head) => head,
+            Next::Idle => {
+                spin = false;
+                if !parent_alive(&tube) {
+                    return;
+                }
+                // A COLD entry is always queued before its message is sent, so a message
+                // waiting while the ring is (still) empty is unsolicited: a duplicate
+                // interface trying to activate. Refuse it.
+                if matches!(tube.wait_readable(Some(Duration::ZERO)), Ok(true))
+                    && consumer.poll() == Next::Idle
+                {
+                    let answer = match tube.recv::<ColdCommand>() {
+                        Ok(ColdCommand::Activate) => {
+                            ColdResult::Refused("already activated".to_owned())
+                        }
+                        Ok(other) => {
+                            ColdResult::Refused(format!("{} without a queued entry", other.name()))
+                        }
+                        Err(e) => ColdResult::Refused(format!("bad message: {e}")),
+                    };
+                    child_send(&tube, &label, &answer);
+                }
+                continue;
+            }
+            Next::Corrupt => {
+                log::error!("{label}: the VMM corrupted the request ring");
+                return;
+            }
+        };
+        spin = true;
+        while consumer.tail() != head {
+            let seq = consumer.tail();
+            let shutdown = serve_entry(consumer.entry(seq), &tube, &mut device, &label);
+            consumer.complete();
+            if shutdown {
+                return;
+            }
+        }
+    }
+}
+
+/// Executes one entry; returns true on shutdown.
+fn serve_entry<D: BusDevice>(e: &Entry, tube: &Tube, device: &mut Option<D>, label: &str) -> bool {
+    let opcode = e.op.load(Ordering::Relaxed);
+    let Some(dev) = device.as_mut() else {
+        e.status.store(status::REFUSED, Ordering::Relaxed);
+        return false;
+    };
+    let len = e.len.load(Ordering::Relaxed) as usize;
+    let mut st = status::OK;
+    match opcode {
+        op::READ if (1..=8).contains(&len) => {
+            let mut buf = [0u8; 8];
+            let info = access_info(e);
+            dev.read(info, &mut buf[..len]);
+            e.data.store(u64::from_le_bytes(buf), Ordering::Relaxed);
+        }
+        op::WRITE if (1..=8).contains(&len) => {
+            let buf = e.data.load(Ordering::Relaxed).to_le_bytes();
+            dev.write(access_info(e), &buf[..len]);
+        }
+        op::READ_CONFIG => {
+            let v = dev.config_register_read(e.reg.load(Ordering::Relaxed) as usize);
+            e.data.store(v as u64, Ordering::Relaxed);
+        }
+        op::WRITE_CONFIG if (1..=4).contains(&len) => {
+            let buf = e.data.load(Ordering::Relaxed).to_le_bytes();
+            let res = dev.config_register_write(
+                e.reg.load(Ordering::Relaxed) as usize,
+                e.offset.load(Ordering::Relaxed),
+                &buf[..len],
+            );
+            if !res.is_empty() {
+                match tube.send(&res) {
+                    Ok(()) => st = status::FOLLOWS,
+                    Err(err) => {
+                        log::error!("{label}: sending a config write result failed: {err}");
+                        st = status::REFUSED;
+                    }
+                }
+            }
+        }
+        op::READ_VIRTUAL_CONFIG => {
+            let v = dev.virtual_config_register_read(e.reg.load(Ordering::Relaxed) as usize);
+            e.data.store(v as u64, Ordering::Relaxed);
+        }
+        op::WRITE_VIRTUAL_CONFIG => {
+            dev.virtual_config_register_write(
+                e.reg.load(Ordering::Relaxed) as usize,
+                e.data.load(Ordering::Relaxed) as u32,
+            );
+        }
+        op::DESTROY => dev.destroy_device(),
+        op::COLD => return serve_cold(tube, device, label),
+        _ => st = status::REFUSED,
+    }
+    e.status.store(st, Ordering::Relaxed);
+    false
+}
+
+fn access_info(e: &Entry) -> BusAccessInfo {
+    BusAccessInfo {
+        offset: e.offset.load(Ordering::Relaxed),
+        address: e.address.load(Ordering::Relaxed),
+        id: e.id.load(Ordering::Relaxed) as usize,
+    }
+}
+
+fn serve_cold<D: BusDevice>(tube: &Tube, device: &mut Option<D>, label: &str) -> bool {
+    // The parent sends the command right after queueing the entry.
+    match tube.wait_readable(Some(DEFAULT_COLD_TIMEOUT)) {
+        Ok(true) => {}
+        _ => {
+            child_send(
+                tube,
+                label,
+                &ColdResult::Refused("no command arrived".to_owned()),
+            );
+            return false;
+        }
+    }
+    let (cmd, mut fds) = match tube.recv_with_fds::<ColdCommand>() {
+        Ok(m) => m,
+        Err(e) => {
+            child_send(
+                tube,
+                label,
+                &ColdResult::Refused(format!("bad command: {e}")),
+            );
+            return false;
+        }
+    };
+    let Some(dev) = device.as_mut() else {
+        child_send(
+            tube,
+            label,
+            &ColdResult::Refused("device is gone".to_owned()),
+        );
+        return false;
+    };
+    let res = match cmd {
+        ColdCommand::Activate => ColdResult::Refused("already activated".to_owned()),
+        ColdCommand::InitPciConfigMapping { base, len } => match fds.pop() {
+            Some(fd) if fds.is_empty() => {
+                ColdResult::InitPciConfigMapping(dev.init_pci_config_mapping(fd.as_fd(), base, len))
+            }
+            _ => ColdResult::Refused("expected exactly one shared memory fd".to_owned()),
+        },
+        ColdCommand::Shutdown => {
+            // Drop the device first so its Drop runs before the VMM hears back.
+            drop(device.take());
+            child_send(tube, label, &ColdResult::Ok);
+            return true;
+        }
+        ColdCommand::GetRanges => ColdResult::Ranges(dev.get_ranges()),
+        ColdCommand::Snapshot => ColdResult::Snapshot(dev.snapshot()),
+        ColdCommand::Restore { data } => ColdResult::Done(dev.restore(data)),
+        ColdCommand::Sleep => ColdResult::Done(dev.sleep()),
+        ColdCommand::Wake => ColdResult::Done(dev.wake()),
+    };
+    child_send(tube, label, &res);
+    false
+}

@@ -1,0 +1,3 @@
+//! Jail feature tests.
+
+fn main() {}

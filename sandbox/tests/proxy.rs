@@ -1,0 +1,655 @@
+//! ProxyDevice end to end: the seed's EchoDevice tests, every command, posted-write
+//! ordering, snapshot/restore/sleep/wake, fd passing of a `ChildProcIntf`, and failures
+//! (a child killed mid-call, a hung child, a seccomp kill, shutdown on drop).
+//!
+//! Runs with `harness = false`: every case runs in sequence on the main thread, so
+//! forking is safe.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use common::{as_nobody, e, gone, Case};
+use outboard_devices::bus::{
+    BusAccessInfo, BusDevice, BusRange, BusType, ConfigWriteResult, DeviceId, PciAddress,
+    SuspendError, Suspendable,
+};
+use outboard_sandbox::{ChildProcIntf, ExitStatus, Jail, ProxyDevice, ProxyError, SeccompPolicy};
+use outboard_transport::Tube;
+use seccompiler::SeccompAction;
+use serde_json::json;
+
+/// The seed's echo device: outputs the byte last written to it.
+struct EchoDevice {
+    data: u8,
+    config: u8,
+}
+
+impl EchoDevice {
+    fn new() -> EchoDevice {
+        EchoDevice { data: 0, config: 0 }
+    }
+}
+
+impl BusDevice for EchoDevice {
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Pci {
+            vendor: 0,
+            device: 0,
+        }
+    }
+
+    fn debug_label(&self) -> String {
+        "EchoDevice".to_owned()
+    }
+
+    fn write(&mut self, _info: BusAccessInfo, data: &[u8]) {
+        assert!(data.len() == 1);
+        self.data = data[0];
+    }
+
+    fn read(&mut self, _info: BusAccessInfo, data: &mut [u8]) {
+        assert!(data.len() == 1);
+        data[0] = self.data;
+    }
+
+    fn config_register_write(
+        &mut self,
+        _reg_idx: usize,
+        _offset: u64,
+        data: &[u8],
+    ) -> ConfigWriteResult {
+        assert!(data.len() == 1);
+        self.config = data[0];
+        ConfigWriteResult::default()
+    }
+
+    fn config_register_read(&self, _reg_idx: usize) -> u32 {
+        self.config as u32
+    }
+}
+
+impl Suspendable for EchoDevice {}
+
+fn new_proxied_echo_device() -> Result<ProxyDevice, String> {
+    ProxyDevice::new(EchoDevice::new(), &Jail::new(), &[]).map_err(e("ProxyDevice::new"))
+}
+
+const ADDRESS: BusAccessInfo = BusAccessInfo {
+    offset: 0,
+    address: 0,
+    id: 0,
+};
+
+fn test_debug_label() -> Result<(), String> {
+    let proxy_device = new_proxied_echo_device()?;
+    ensure!(
+        proxy_device.debug_label() == "EchoDevice",
+        "{}",
+        proxy_device.debug_label()
+    );
+    ensure!(proxy_device.device_id() == DeviceId::Proxy, "device id");
+    Ok(())
+}
+
+fn test_proxied_read_write() -> Result<(), String> {
+    let mut proxy_device = new_proxied_echo_device()?;
+    proxy_device.write(ADDRESS, &[42]);
+    let mut read_buffer = [0];
+    proxy_device.read(ADDRESS, &mut read_buffer);
+    ensure!(read_buffer == [42], "read {read_buffer:?}");
+    Ok(())
+}
+
+fn test_proxied_config() -> Result<(), String> {
+    let mut proxy_device = new_proxied_echo_device()?;
+    proxy_device.config_register_write(0, 0, &[42]);
+    ensure!(proxy_device.config_register_read(0) == 42, "config read");
+    Ok(())
+}
+
+/// A device that exercises every command and keeps state worth snapshotting.
+struct FullDevice {
+    regs: [u64; 16],
+    virt: [u32; 4],
+    sum: u64,
+    asleep: bool,
+    destroyed: bool,
+    pci_map: Option<(OwnedFd, usize, usize)>,
+    /// Written to when the device is dropped in the child (not in the parent, where the
+    /// closure's copy is dropped after the fork).
+    drop_signal: Option<OwnedFd>,
+    owner: u32,
+}
+
+impl FullDevice {
+    fn new(drop_signal: Option<OwnedFd>) -> FullDevice {
+        FullDevice {
+            regs: [0; 16],
+            virt: [0; 4],
+            sum: 0,
+            asleep: false,
+            destroyed: false,
+            pci_map: None,
+            drop_signal,
+            owner: std::process::id(),
+        }
+    }
+}
+
+impl Drop for FullDevice {
+    fn drop(&mut self) {
+        if let Some(fd) = self
+            .drop_signal
+            .as_ref()
+            .filter(|_| std::process::id() != self.owner)
+        {
+            // SAFETY: writes one byte from a static buffer to our pipe.
+            unsafe { libc::write(fd.as_raw_fd(), b"D".as_ptr().cast(), 1) };
+        }
+    }
+}
+
+impl BusDevice for FullDevice {
+    fn debug_label(&self) -> String {
+        "full".to_owned()
+    }
+
+    fn read(&mut self, info: BusAccessInfo, data: &mut [u8]) {
+        let v = match info.offset {
+            0x100 => self.sum,
+            0x108 => self.destroyed as u64,
+            0x110 => info.address ^ info.id as u64,
+            // Misbehaviours on demand.
+            0x200 => {
+                // SAFETY: kills this (child) process on purpose.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                0
+            }
+            0x208 => {
+                std::thread::sleep(Duration::from_secs(30));
+                0
+            }
+            0x210 => {
+                // SAFETY: a harmless syscall the test's seccomp policy forbids.
+                unsafe { libc::getppid() as u64 }
+            }
+            o => self.regs[(o / 8 % 16) as usize],
+        };
+        let n = data.len();
+        data.copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    fn write(&mut self, info: BusAccessInfo, data: &[u8]) {
+        let mut b = [0u8; 8];
+        b[..data.len()].copy_from_slice(data);
+        let v = u64::from_le_bytes(b);
+        if info.offset == 0x100 {
+            self.sum = self.sum.wrapping_add(v);
+        } else {
+            self.regs[(info.offset / 8 % 16) as usize] = v;
+        }
+    }
+
+    fn config_register_write(
+        &mut self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> ConfigWriteResult {
+        let mut b = [0u8; 4];
+        b[..data.len()].copy_from_slice(data);
+        self.virt[reg_idx % 4] = u32::from_le_bytes(b) << (offset * 8);
+        if reg_idx == 4 {
+            // Pretend a BAR moved.
+            return ConfigWriteResult {
+                mmio_remove: vec![BusRange {
+                    base: 0x1000,
+                    len: 0x100,
+                }],
+                mmio_add: vec![BusRange {
+                    base: u32::from_le_bytes(b) as u64,
+                    len: 0x100,
+                }],
+                removed_pci_devices: vec![PciAddress {
+                    bus: 0,
+                    dev: 2,
+                    func: 0,
+                }],
+                ..Default::default()
+            };
+        }
+        ConfigWriteResult::default()
+    }
+
+    fn config_register_read(&self, reg_idx: usize) -> u32 {
+        self.virt[reg_idx % 4]
+    }
+
+    fn virtual_config_register_write(&mut self, reg_idx: usize, value: u32) {
+        self.virt[reg_idx % 4] = value.rotate_left(8);
+    }
+
+    fn virtual_config_register_read(&self, reg_idx: usize) -> u32 {
+        self.virt[reg_idx % 4]
+    }
+
+    fn init_pci_config_mapping(&mut self, shmem: BorrowedFd<'_>, base: usize, len: usize) -> bool {
+        let Ok(fd) = shmem.try_clone_to_owned() else {
+            return false;
+        };
+        // Mirror "config space" into the memfd: write a marker at `base`.
+        let marker = 0xC0F1_6000u32 | len as u32;
+        // SAFETY: pwrite from a local buffer to the memfd we were given.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                marker.to_le_bytes().as_ptr().cast(),
+                4,
+                base as libc::off_t,
+            )
+        };
+        self.pci_map = Some((fd, base, len));
+        n == 4
+    }
+
+    fn get_ranges(&self) -> Vec<(BusRange, BusType)> {
+        vec![
+            (
+                BusRange {
+                    base: 0xd000_0000,
+                    len: 0x1000,
+                },
+                BusType::Mmio,
+            ),
+            (
+                BusRange {
+                    base: 0x3f8,
+                    len: 8,
+                },
+                BusType::Io,
+            ),
+        ]
+    }
+
+    fn destroy_device(&mut self) {
+        self.destroyed = true;
+    }
+}
+
+impl Suspendable for FullDevice {
+    fn snapshot(&mut self) -> Result<serde_json::Value, SuspendError> {
+        if !self.asleep {
+            return Err(SuspendError::Failed {
+                device: "full".into(),
+                operation: "snapshot".into(),
+                reason: "not asleep".into(),
+            });
+        }
+        Ok(json!({ "regs": self.regs.to_vec(), "sum": self.sum }))
+    }
+
+    fn restore(&mut self, data: serde_json::Value) -> Result<(), SuspendError> {
+        let fail = |reason: &str| SuspendError::Failed {
+            device: "full".into(),
+            operation: "restore".into(),
+            reason: reason.into(),
+        };
+        let regs: Vec<u64> =
+            serde_json::from_value(data["regs"].clone()).map_err(|e| fail(&e.to_string()))?;
+        if regs.len() != 16 {
+            return Err(fail("need 16 registers"));
+        }
+        self.regs.copy_from_slice(&regs);
+        self.sum = data["sum"].as_u64().ok_or_else(|| fail("no sum"))?;
+        Ok(())
+    }
+
+    fn sleep(&mut self) -> Result<(), SuspendError> {
+        self.asleep = true;
+        Ok(())
+    }
+
+    fn wake(&mut self) -> Result<(), SuspendError> {
+        self.asleep = false;
+        Ok(())
+    }
+}
+
+fn at(offset: u64) -> BusAccessInfo {
+    BusAccessInfo {
+        offset,
+        address: 0xd000_0000 + offset,
+        id: 3,
+    }
+}
+
+fn read_u64(p: &ProxyDevice, offset: u64) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    p.try_read(at(offset), &mut b).map_err(e("read"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn test_every_command() -> Result<(), String> {
+    let mut p = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
+    // Access info travels intact.
+    ensure!(read_u64(&p, 0x110)? == (0xd000_0110 ^ 3), "access info");
+    // Sizes 1, 2, 4, 8.
+    p.write(at(8), &0x1122_3344_5566_7788u64.to_le_bytes());
+    let mut b1 = [0u8; 1];
+    let mut b2 = [0u8; 2];
+    let mut b4 = [0u8; 4];
+    p.read(at(8), &mut b1);
+    p.read(at(8), &mut b2);
+    p.read(at(8), &mut b4);
+    ensure!(
+        b1 == [0x88] && b2 == [0x88, 0x77] && b4 == [0x88, 0x77, 0x66, 0x55],
+        "{b1:?} {b2:?} {b4:?}"
+    );
+    ensure!(
+        matches!(
+            p.try_read(at(0), &mut [0u8; 9]),
+            Err(ProxyError::DataLength { len: 9, max: 8 })
+        ),
+        "9-byte read accepted"
+    );
+    // Config registers, including a write whose result is not empty.
+    let r = p.config_register_write(1, 1, &[0xab]);
+    ensure!(r == ConfigWriteResult::default(), "{r:?}");
+    ensure!(p.config_register_read(1) == 0xab00, "config read");
+    let r = p.config_register_write(4, 0, &0x8000u32.to_le_bytes());
+    ensure!(
+        r.mmio_add
+            == vec![BusRange {
+                base: 0x8000,
+                len: 0x100
+            }],
+        "{r:?}"
+    );
+    ensure!(
+        r.removed_pci_devices
+            == vec![PciAddress {
+                bus: 0,
+                dev: 2,
+                func: 0
+            }],
+        "{r:?}"
+    );
+    // Virtual config.
+    p.virtual_config_register_write(2, 0x11);
+    ensure!(
+        p.virtual_config_register_read(2) == 0x1100,
+        "virtual config"
+    );
+    // Ranges.
+    let ranges = p.get_ranges();
+    ensure!(
+        ranges.len() == 2
+            && ranges[1]
+                == (
+                    BusRange {
+                        base: 0x3f8,
+                        len: 8
+                    },
+                    BusType::Io
+                ),
+        "{ranges:?}"
+    );
+    // PCI config mapping through a memfd.
+    let memfd = rustix::fs::memfd_create(c"pci-cfg", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(e("memfd"))?;
+    rustix::fs::ftruncate(&memfd, 4096).map_err(e("ftruncate"))?;
+    ensure!(
+        p.init_pci_config_mapping(memfd.as_fd(), 64, 256),
+        "pci config mapping refused"
+    );
+    let mut marker = [0u8; 4];
+    rustix::io::pread(&memfd, &mut marker, 64).map_err(e("pread"))?;
+    ensure!(
+        u32::from_le_bytes(marker) == 0xC0F1_6100,
+        "marker {marker:x?}"
+    );
+    // Destroy (posted, ordered before the read).
+    p.destroy_device();
+    ensure!(read_u64(&p, 0x108)? == 1, "destroy not seen");
+    ensure!(!p.is_broken(), "broken");
+    Ok(())
+}
+
+fn test_posted_writes_stay_ordered() -> Result<(), String> {
+    let p = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
+    let mut expect = 0u64;
+    for i in 0..10_000u64 {
+        p.try_write(at(0x100), &i.to_le_bytes())
+            .map_err(e("write"))?;
+        expect += i;
+        if i % 997 == 0 {
+            ensure!(read_u64(&p, 0x100)? == expect, "sum at {i}");
+        }
+    }
+    ensure!(read_u64(&p, 0x100)? == expect, "final sum");
+    Ok(())
+}
+
+fn test_snapshot_restore_sleep_wake() -> Result<(), String> {
+    let mut p = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
+    for i in 0..16u64 {
+        p.write(at(i * 8), &(i * 3).to_le_bytes());
+    }
+    p.write(at(0x100), &77u64.to_le_bytes());
+    // The device refuses to snapshot while awake: the error comes back intact.
+    match p.snapshot() {
+        Err(SuspendError::Failed { reason, .. }) => ensure!(reason == "not asleep", "{reason}"),
+        other => return Err(format!("snapshot while awake: {other:?}")),
+    }
+    p.sleep().map_err(e("sleep"))?;
+    let snap = p.snapshot().map_err(e("snapshot"))?;
+    ensure!(snap["sum"] == 77, "{snap}");
+    p.wake().map_err(e("wake"))?;
+    // Restore into a fresh device.
+    let mut q = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
+    q.restore(snap.clone()).map_err(e("restore"))?;
+    for i in 0..16u64 {
+        ensure!(read_u64(&q, i * 8)? == i * 3, "register {i}");
+    }
+    ensure!(read_u64(&q, 0x100)? == 77, "sum");
+    let bad = q.restore(json!({"regs": [1, 2]}));
+    ensure!(matches!(bad, Err(SuspendError::Failed { .. })), "{bad:?}");
+    // A device without Suspendable support says so.
+    let mut echo = new_proxied_echo_device()?;
+    ensure!(
+        matches!(echo.sleep(), Err(SuspendError::Unsupported { .. })),
+        "echo sleep"
+    );
+    Ok(())
+}
+
+fn test_child_killed_mid_call() -> Result<(), String> {
+    let p = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
+    let pid = p.pid();
+    let start = Instant::now();
+    let res = read_u64(&p, 0x200);
+    let took = start.elapsed();
+    ensure!(res.is_err(), "read from a dead child succeeded");
+    ensure!(took < Duration::from_secs(1), "took {took:?}");
+    ensure!(
+        p.exit_status() == Some(ExitStatus::Signaled(libc::SIGKILL)),
+        "{:?}",
+        p.exit_status()
+    );
+    ensure!(gone(pid), "zombie {pid}");
+    // Every later call fails fast with a defined value.
+    let mut b = [0u8; 4];
+    let mut p = p;
+    p.read(at(0), &mut b);
+    ensure!(b == [0xff; 4], "{b:?}");
+    ensure!(
+        matches!(p.try_read(at(0), &mut b), Err(ProxyError::Broken { .. })),
+        "not broken"
+    );
+    ensure!(
+        p.snapshot().is_err() && p.sleep().is_err() && p.wake().is_err(),
+        "suspend ops"
+    );
+    Ok(())
+}
+
+fn test_hung_child_times_out() -> Result<(), String> {
+    let mut p = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
+    p.set_timeouts(Duration::from_millis(200), Duration::from_millis(500));
+    let pid = p.pid();
+    let start = Instant::now();
+    let res = read_u64(&p, 0x208);
+    let took = start.elapsed();
+    ensure!(
+        res.as_ref().is_err_and(|m| m.contains("no answer")),
+        "{res:?}"
+    );
+    ensure!(took < Duration::from_secs(1), "took {took:?}");
+    ensure!(gone(pid), "zombie {pid}");
+    Ok(())
+}
+
+fn seccomp_kill(jail: Jail) -> Result<(), String> {
+    let policy = SeccompPolicy::deny_list(&[libc::SYS_getppid], SeccompAction::KillProcess)
+        .map_err(e("policy"))?;
+    let p =
+        ProxyDevice::new(FullDevice::new(None), &jail.seccomp(policy), &[]).map_err(e("new"))?;
+    ensure!(read_u64(&p, 0)? == 0, "allowed read");
+    let pid = p.pid();
+    let start = Instant::now();
+    ensure!(
+        read_u64(&p, 0x210).is_err(),
+        "forbidden syscall went through"
+    );
+    ensure!(start.elapsed() < Duration::from_secs(1), "slow");
+    ensure!(
+        p.exit_status() == Some(ExitStatus::Signaled(libc::SIGSYS)),
+        "{:?}",
+        p.exit_status()
+    );
+    ensure!(gone(pid), "zombie");
+    Ok(())
+}
+
+fn test_seccomp_kill_is_reported() -> Result<(), String> {
+    seccomp_kill(Jail::new())
+}
+
+fn test_seccomp_kill_in_pid_namespace_is_relayed() -> Result<(), String> {
+    seccomp_kill(Jail::sandboxed())
+}
+
+fn test_drop_shuts_down_and_reaps() -> Result<(), String> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(e("pipe"))?;
+    let raw = w.as_raw_fd();
+    let device = FullDevice::new(Some(w));
+    // SAFETY: `device` owns the fd and lives until `ProxyDevice::new` returns.
+    let keep = [unsafe { BorrowedFd::borrow_raw(raw) }];
+    let p = ProxyDevice::new(device, &Jail::sandboxed(), &keep).map_err(e("new"))?;
+    let pid = p.pid();
+    let start = Instant::now();
+    drop(p);
+    ensure!(
+        start.elapsed() < Duration::from_secs(1),
+        "drop took {:?}",
+        start.elapsed()
+    );
+    ensure!(gone(pid), "zombie after drop");
+    let mut buf = Vec::new();
+    std::fs::File::from(r)
+        .read_to_end(&mut buf)
+        .map_err(e("read"))?;
+    ensure!(
+        buf == b"D",
+        "device Drop did not run before shutdown: {buf:?}"
+    );
+    Ok(())
+}
+
+fn test_intf_crosses_a_tube_and_activates_once() -> Result<(), String> {
+    let intf = ChildProcIntf::new(EchoDevice::new(), &Jail::new(), &[]).map_err(e("intf"))?;
+    let spare = intf.try_clone().map_err(e("clone"))?;
+    let (a, b) = Tube::pair().map_err(e("tube"))?;
+    let owner = intf.send(&a).map_err(e("send"))?;
+    let received = ChildProcIntf::recv(&b).map_err(e("recv"))?;
+    ensure!(received.pid() == owner.pid(), "pid");
+    let mut p = ProxyDevice::try_from(received).map_err(e("activate"))?;
+    p.write(ADDRESS, &[7]);
+    let second = ProxyDevice::try_from(spare);
+    ensure!(
+        matches!(&second, Err(ProxyError::ActivationRefused { reason, .. }) if reason == "already activated"),
+        "{second:?}"
+    );
+    // The first proxy is unaffected.
+    let mut r = [0u8];
+    p.read(ADDRESS, &mut r);
+    ensure!(r == [7] && !p.is_broken(), "{r:?}");
+    // Wrong fd count is refused.
+    a.send(&serde_json::json!({"pid": 1, "debug_label": "x"}))
+        .map_err(e("send"))?;
+    ensure!(
+        ChildProcIntf::recv(&b).is_err(),
+        "intf without fds accepted"
+    );
+    drop(p);
+    drop(owner);
+    Ok(())
+}
+
+fn test_jailed_proxy_works() -> Result<(), String> {
+    let mut p = ProxyDevice::new(EchoDevice::new(), &Jail::sandboxed(), &[]).map_err(e("new"))?;
+    for v in [1u8, 200, 42] {
+        p.write(ADDRESS, &[v]);
+        let mut r = [0u8];
+        p.read(ADDRESS, &mut r);
+        ensure!(r == [v], "{r:?}");
+    }
+    Ok(())
+}
+
+fn test_jailed_proxy_works_unprivileged() -> Result<(), String> {
+    as_nobody(test_jailed_proxy_works)
+}
+
+fn test_unprivileged_seccomp_kill() -> Result<(), String> {
+    as_nobody(test_seccomp_kill_in_pid_namespace_is_relayed)
+}
+
+fn main() {
+    let cases: &[Case] = &[
+        ("test_debug_label", test_debug_label),
+        ("test_proxied_read_write", test_proxied_read_write),
+        ("test_proxied_config", test_proxied_config),
+        ("every_command", test_every_command),
+        (
+            "posted_writes_stay_ordered",
+            test_posted_writes_stay_ordered,
+        ),
+        (
+            "snapshot_restore_sleep_wake",
+            test_snapshot_restore_sleep_wake,
+        ),
+        ("child_killed_mid_call", test_child_killed_mid_call),
+        ("hung_child_times_out", test_hung_child_times_out),
+        ("seccomp_kill_is_reported", test_seccomp_kill_is_reported),
+        (
+            "seccomp_kill_in_pid_namespace_is_relayed",
+            test_seccomp_kill_in_pid_namespace_is_relayed,
+        ),
+        ("drop_shuts_down_and_reaps", test_drop_shuts_down_and_reaps),
+        (
+            "intf_crosses_a_tube_and_activates_once",
+            test_intf_crosses_a_tube_and_activates_once,
+        ),
+        ("jailed_proxy_works", test_jailed_proxy_works),
+        (
+            "jailed_proxy_works_unprivileged",
+            test_jailed_proxy_works_unprivileged,
+        ),
+        ("unprivileged_seccomp_kill", test_unprivileged_seccomp_kill),
+    ];
+    common::run(cases);
+}
