@@ -681,10 +681,8 @@ impl Prepared {
     pub(crate) fn unshare_user(&self) -> StepResult {
         if self.caller_is_root {
             // SAFETY: setgroups with an empty list reads no memory.
-            check(
-                Step::DropGroups,
-                unsafe { libc::setgroups(0, std::ptr::null()) } as libc::c_long,
-            )?;
+            let r = unsafe { libc::setgroups(0, std::ptr::null()) };
+            check(Step::DropGroups, r as libc::c_long)?;
         }
         // SAFETY: PR_SET_DUMPABLE with a constant; needed so that an unprivileged parent
         // (whose setuid cleared the flag) can open our /proc id map files.
@@ -847,10 +845,8 @@ impl Prepared {
             )
         } as libc::c_long)?;
         // SAFETY: chdir to a NUL-terminated path.
-        check(
-            Step::MountTmpfs,
-            unsafe { libc::chdir(self.tmpfs_target.as_ptr()) } as libc::c_long,
-        )?;
+        let r = unsafe { libc::chdir(self.tmpfs_target.as_ptr()) };
+        check(Step::MountTmpfs, r as libc::c_long)?;
         for (i, b) in self.binds.iter().enumerate() {
             for d in &b.dirs {
                 // SAFETY: mkdir of a NUL-terminated relative path.
@@ -898,10 +894,8 @@ impl Prepared {
             libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr())
         })?;
         // SAFETY: see above.
-        check(
-            Step::PivotRoot,
-            unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) } as libc::c_long,
-        )?;
+        let r = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+        check(Step::PivotRoot, r as libc::c_long)?;
         // SAFETY: chdir to a static path.
         check(Step::PivotRoot, unsafe { libc::chdir(c"/".as_ptr()) }
             as libc::c_long)?;
