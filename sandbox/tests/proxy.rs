@@ -651,5 +651,5 @@ fn main() {
         ),
         ("unprivileged_seccomp_kill", test_unprivileged_seccomp_kill),
     ];
-    common::run(cases);
+    common::run(common::plain(cases));
 }

@@ -12,9 +12,38 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// A test case: its name and body.
 pub type Case = (&'static str, fn() -> Result<(), String>);
 
+/// A named, boxed test case.
+pub type Named = (String, Box<dyn Fn() -> Result<(), String>>);
+
+/// Each case twice: as is (root in CI), and in a process that dropped to uid 65534 first.
+pub fn with_unprivileged(cases: &[Case]) -> Vec<Named> {
+    let mut out: Vec<Named> = Vec::new();
+    for &(name, f) in cases {
+        out.push((name.to_owned(), Box::new(f)));
+        out.push((
+            format!("{name}_unprivileged"),
+            Box::new(move || as_nobody(f)),
+        ));
+    }
+    out
+}
+
+/// Wraps plain cases for [`run`].
+pub fn plain(cases: &[Case]) -> Vec<Named> {
+    cases
+        .iter()
+        .map(|&(name, f)| {
+            (
+                name.to_owned(),
+                Box::new(f) as Box<dyn Fn() -> Result<(), String>>,
+            )
+        })
+        .collect()
+}
+
 /// Runs the cases whose name contains the first non-flag argument (all if none), prints
 /// a libtest-like report and exits non-zero on any failure.
-pub fn run(cases: &[Case]) {
+pub fn run(cases: Vec<Named>) {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     if std::env::args().any(|a| a == "--list") {
         for (name, _) in cases {
@@ -22,7 +51,7 @@ pub fn run(cases: &[Case]) {
         }
         return;
     }
-    let selected: Vec<&Case> = cases
+    let selected: Vec<_> = cases
         .iter()
         .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
         .collect();
@@ -35,7 +64,7 @@ pub fn run(cases: &[Case]) {
             Ok(()) => println!("test {name} ... ok ({:?})", t.elapsed()),
             Err(msg) => {
                 println!("test {name} ... FAILED: {msg}");
-                failed.push(*name);
+                failed.push(name.clone());
             }
         }
     }
