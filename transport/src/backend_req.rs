@@ -15,8 +15,8 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use outboard_protocol::vhost_user::{
-    vring_fd_u64, BackendReq, BodySize, FdCount, Header, Reply, RequestRules, VhostUserIotlb,
-    VhostUserMMap, VhostUserProtocolFeatures, VhostUserShared, VhostUserU64, VhostUserVringArea,
+    vring_fd_u64, BackendReq, FdCount, Header, Reply, RequestRules, VhostUserIotlb, VhostUserMMap,
+    VhostUserProtocolFeatures, VhostUserShared, VhostUserU64, VhostUserVringArea,
     VhostUserVringState,
 };
 #[cfg(feature = "crosvm")]
@@ -24,7 +24,7 @@ use outboard_protocol::vhost_user::{
     CrosvmBackendReq, VhostUserExternalMapMsg, VhostUserGpuMapMsg,
 };
 use outboard_protocol::Validate;
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
@@ -256,21 +256,8 @@ pub(crate) fn recv_u64_reply(
     name: &'static str,
     fds_rule: FdCount,
 ) -> Result<(u64, Vec<OwnedFd>)> {
-    let (header, fds) = conn.recv_header()?;
-    let mut buf = [0u8; 8];
-    let size = header.size as usize;
-    if size != buf.len() {
-        // Drain what the peer announced to stay in step, then refuse.
-        let mut sink = vec![0u8; size];
-        conn.recv_body_into(&header, &mut sink)?;
-        return Err(outboard_protocol::ProtocolError::Size {
-            what: "u64 reply",
-            got: size,
-            want: 8,
-        }
-        .into());
-    }
-    conn.recv_body_into(&header, &mut buf)?;
+    let reply = conn.recv_reply(8)?;
+    let (header, body, fds) = (reply.header, reply.body, reply.fds);
     check_reply_header(&header, code)?;
     if !fds_rule.check(fds.len(), 0) {
         return Err(Error::IncorrectFds {
@@ -279,10 +266,7 @@ pub(crate) fn recv_u64_reply(
             want: "what the reply allows",
         });
     }
-    BodySize::Exact(8).check("u64 reply", buf.len())?;
-    let value = VhostUserU64::read_from_bytes(&buf)
-        .map(|v| v.value)
-        .unwrap_or(u64::MAX);
+    let value = outboard_protocol::parse::<VhostUserU64>(&body, "u64 reply")?.value;
     Ok((value, fds))
 }
 

@@ -170,6 +170,72 @@ impl Connection {
         Ok(body)
     }
 
+    /// Receives a reply whose body should be at most `expect` bytes, with one read in
+    /// the common case (header and body together).
+    ///
+    /// Only for the side that sends requests and waits for their replies: the read may
+    /// take up to `expect` bytes past the header, which is safe because a peer sends
+    /// nothing on this socket but the one awaited reply. Bytes beyond the announced size
+    /// (a peer that sent more than one message) are [`Error::PartialMessage`], fatal.
+    pub fn recv_reply(&self, expect: usize) -> Result<Message> {
+        let mut buf = vec![0u8; Header::SIZE + expect.min(MAX_MSG_SIZE)];
+        let first = sock::recv_with_fds(
+            &self.sock,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            sock::MAX_FDS_PER_MSG,
+        )?;
+        let mut got = first.bytes;
+        if got < Header::SIZE {
+            match sock::recv_exact(&self.sock, &mut buf[got..Header::SIZE]) {
+                Err(Error::Disconnect) => {
+                    return Err(Error::PartialMessage {
+                        done: got,
+                        want: Header::SIZE,
+                    })
+                }
+                other => other?,
+            }
+            got = Header::SIZE;
+        }
+        let header =
+            Header::read_from_bytes(&buf[..Header::SIZE]).map_err(|_| Error::PartialMessage {
+                done: got,
+                want: Header::SIZE,
+            })?;
+        let size = header.size as usize;
+        if size > MAX_MSG_SIZE {
+            return Err(Error::OversizedMessage {
+                size,
+                max: MAX_MSG_SIZE,
+            });
+        }
+        let have = got - Header::SIZE;
+        if have > size {
+            return Err(Error::PartialMessage {
+                done: have,
+                want: size,
+            });
+        }
+        buf.resize(Header::SIZE + size, 0);
+        if have < size {
+            match sock::recv_exact(&self.sock, &mut buf[got..]) {
+                Err(Error::Disconnect) => {
+                    return Err(Error::PartialMessage {
+                        done: have,
+                        want: size,
+                    })
+                }
+                other => other?,
+            }
+        }
+        buf.drain(..Header::SIZE);
+        Ok(Message {
+            header,
+            body: buf,
+            fds: first.fds,
+        })
+    }
+
     /// Receives a whole message (header, fds, body).
     pub fn recv(&self) -> Result<Message> {
         let (header, fds) = self.recv_header()?;
@@ -254,6 +320,56 @@ mod tests {
             matches!(err, Error::PartialMessage { done: 3, want: 8 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn replies_in_one_or_several_reads() {
+        let (a, b) = Connection::pair().unwrap();
+        let fd = probe_fd("conn-reply");
+        // Exactly as expected, with an fd.
+        let hdr = Header::reply(1, 8);
+        a.send(&hdr, &7u64.to_ne_bytes(), &[], &[fd.as_fd()])
+            .unwrap();
+        let m = b.recv_reply(8).unwrap();
+        assert_eq!(
+            (m.header, m.body.as_slice(), m.fds.len()),
+            (hdr, &7u64.to_ne_bytes()[..], 1)
+        );
+        // Longer than expected: the rest is read after the header.
+        let hdr = Header::reply(24, 20);
+        a.send(&hdr, &[3; 20], &[], &[]).unwrap();
+        let m = b.recv_reply(8).unwrap();
+        assert_eq!(m.body, [3; 20]);
+        // Shorter than expected, and split across writes.
+        a.socket()
+            .write_all(&Header::reply(1, 4).as_bytes()[..5])
+            .unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            a.socket()
+                .write_all(&Header::reply(1, 4).as_bytes()[5..])
+                .unwrap();
+            a.socket().write_all(&[9; 4]).unwrap();
+            a
+        });
+        let m = b.recv_reply(8).unwrap();
+        assert_eq!(m.body, [9; 4]);
+        let a = writer.join().unwrap();
+        // Two replies where one was awaited: fatal.
+        a.send(&Header::reply(1, 0), &[], &[], &[]).unwrap();
+        a.send(&Header::reply(1, 0), &[], &[], &[]).unwrap();
+        let err = b.recv_reply(8).unwrap_err();
+        assert!(err.is_fatal(), "{err}");
+        // Peer gone mid-reply.
+        let (a, b) = Connection::pair().unwrap();
+        a.socket()
+            .write_all(&Header::reply(1, 8).as_bytes()[..3])
+            .unwrap();
+        drop(a);
+        assert!(matches!(
+            b.recv_reply(8),
+            Err(Error::PartialMessage { done: 3, want: 12 })
+        ));
     }
 
     #[test]

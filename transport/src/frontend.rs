@@ -38,7 +38,7 @@ use outboard_protocol::vhost_user::{
     VhostUserLog, VhostUserMemory, VhostUserMemoryRegion, VhostUserProtocolFeatures,
     VhostUserShared, VhostUserShmemConfig, VhostUserSingleMemoryRegion,
     VhostUserTransferDeviceState, VhostUserU64, VhostUserVirtioFeatures, VhostUserVringAddr,
-    VhostUserVringState, MAX_MEM_TABLE_REGIONS, MAX_MSG_SIZE,
+    VhostUserVringState, MAX_MEM_TABLE_REGIONS,
 };
 use outboard_protocol::{parse, Validate};
 use zerocopy::IntoBytes;
@@ -630,9 +630,8 @@ impl Frontend {
             ),
             Reply::Always { body, fds } => (body, fds),
         };
-        let (reply_header, fds) = self.conn.recv_header()?;
-        let mut buf = vec![0u8; (reply_header.size as usize).min(MAX_MSG_SIZE)];
-        self.conn.recv_body_into(&reply_header, &mut buf)?;
+        let reply = self.conn.recv_reply(reply_body.nominal())?;
+        let (reply_header, buf, fds) = (reply.header, reply.body, reply.fds);
         check_reply_header(&reply_header, req.code())?;
         // GET_CONFIG's failure reply is the bare head (size 0); get_config reports it.
         let failed_config =
