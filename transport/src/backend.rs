@@ -28,9 +28,11 @@
 //! A refused message is answered with an error status when the front-end asked for one
 //! (NEED_REPLY with `REPLY_ACK` negotiated, or a request whose reply carries a status)
 //! and [`BackendReqHandler::handle_request`] returns the error; the body has been
-//! consumed, so the connection stays usable. Errors for which [`Error::is_fatal`] is
-//! true (a disconnect, an oversized or truncated message, a socket error) mean the
-//! connection must be closed.
+//! consumed, so the connection stays usable. Close the connection when
+//! [`Error::is_fatal`] is true (a disconnect, an oversized or truncated message, a
+//! socket error) or when [`BackendReqHandler::peer_waiting`] is (a request whose reply
+//! cannot carry an error failed, so the front-end would wait forever);
+//! [`BackendReqHandler::run`] does both.
 //!
 //! # SET_OWNER
 //!
@@ -364,6 +366,7 @@ pub struct BackendReqHandler<B: VhostUserBackendReqHandler> {
     offered_protocol: Option<VhostUserProtocolFeatures>,
     acked_protocol: VhostUserProtocolFeatures,
     backend_channel: Option<Backend>,
+    peer_waiting: bool,
 }
 
 impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
@@ -378,6 +381,7 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
             offered_protocol: None,
             acked_protocol: VhostUserProtocolFeatures::empty(),
             backend_channel: None,
+            peer_waiting: false,
         }
     }
 
@@ -416,14 +420,24 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
         self.acked_protocol
     }
 
+    /// Whether the last request failed in a way the protocol cannot report: it needed
+    /// a reply that carries no status (`GET_FEATURES`, `GET_VRING_BASE`, ...), so none
+    /// was sent and the front-end is still waiting. Close the connection then, so that
+    /// the front-end sees an end of file instead of waiting forever.
+    pub fn peer_waiting(&self) -> bool {
+        self.peer_waiting
+    }
+
     /// Serves requests until the front-end disconnects (`Ok(())`) or a fatal error.
-    /// Refused requests are logged and the loop goes on.
+    /// Refused requests are logged and the loop goes on, unless the front-end is left
+    /// waiting for a reply (see [`peer_waiting`](Self::peer_waiting)): then the error
+    /// ends the session.
     pub fn run(&mut self) -> Result<()> {
         loop {
             match self.handle_request() {
                 Ok(()) => {}
                 Err(Error::Disconnect) => return Ok(()),
-                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) if e.is_fatal() || self.peer_waiting => return Err(e),
                 Err(e) => log::warn!("vhost-user back-end: refused a request: {e}"),
             }
         }
@@ -438,6 +452,7 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
         let body = self.conn.recv_body_into(&header, &mut buf)?;
         // The whole message has been consumed: from here on a refusal keeps the stream
         // in step.
+        self.peer_waiting = false;
         let result = self.dispatch(&header, body, fds);
         match result {
             Ok(Response::Ack) => {
@@ -450,8 +465,14 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
                 self.send_reply(&header, &bytes, fd.as_ref().map(|f| f.as_fd()))
             }
             Err(e) => {
-                if let Err(send_err) = self.send_error_reply(&header, body, &e) {
-                    log::warn!("vhost-user back-end: could not send an error reply: {send_err}");
+                match self.send_error_reply(&header, body, &e) {
+                    Ok(answered) => self.peer_waiting = !answered,
+                    Err(send_err) => {
+                        log::warn!(
+                            "vhost-user back-end: could not send an error reply: {send_err}"
+                        );
+                        self.peer_waiting = true;
+                    }
                 }
                 Err(e)
             }
@@ -470,44 +491,38 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
     }
 
     /// Answers a refused or failed request where the protocol lets the front-end learn
-    /// about it, so that it does not wait forever.
-    fn send_error_reply(&self, header: &Header, body: &[u8], e: &Error) -> Result<()> {
+    /// about it, so that it does not wait forever. Returns `false` when the front-end
+    /// expects a reply that cannot carry an error (none was sent).
+    fn send_error_reply(&self, header: &Header, body: &[u8], e: &Error) -> Result<bool> {
         if header.validate().is_err() || header.is_reply() {
-            return Ok(());
+            // Nothing can be trusted about what the peer expects.
+            return Ok(true);
         }
         let errno = e.status_errno();
+        let nack = VhostUserU64::new(negative_errno(errno));
         let Ok(req) = FrontendReq::from_code(header.request) else {
             if header.need_reply() && self.reply_ack() {
-                return self.send_reply(
-                    header,
-                    VhostUserU64::new(negative_errno(errno)).as_bytes(),
-                    None,
-                );
+                self.send_reply(header, nack.as_bytes(), None)?;
             }
-            return Ok(());
+            return Ok(true);
         };
         use FrontendReq::*;
         match req.rules().reply {
             Reply::AckOnly => {
                 if header.need_reply() && self.reply_ack() {
-                    self.send_reply(
-                        header,
-                        VhostUserU64::new(negative_errno(errno)).as_bytes(),
-                        None,
-                    )?;
+                    self.send_reply(header, nack.as_bytes(), None)?;
                 }
-                Ok(())
+                Ok(true)
             }
             Reply::Always { .. } => match req {
-                SET_LOG_BASE | CHECK_DEVICE_STATE | POSTCOPY_END | GET_SHARED_OBJECT => self
-                    .send_reply(
-                        header,
-                        VhostUserU64::new(negative_errno(errno)).as_bytes(),
-                        None,
-                    ),
+                SET_LOG_BASE | CHECK_DEVICE_STATE | POSTCOPY_END | GET_SHARED_OBJECT => {
+                    self.send_reply(header, nack.as_bytes(), None)?;
+                    Ok(true)
+                }
                 SET_DEVICE_STATE_FD => {
                     let value = (errno as u64 & 0xff).max(1) | DEVICE_STATE_NO_FD;
-                    self.send_reply(header, VhostUserU64::new(value).as_bytes(), None)
+                    self.send_reply(header, VhostUserU64::new(value).as_bytes(), None)?;
+                    Ok(true)
                 }
                 GET_CONFIG => {
                     // The spec's failure reply: the head with a zero size and no payload.
@@ -516,11 +531,11 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
                             .map(|(h, _)| h)
                             .unwrap_or_default();
                     head.size = 0;
-                    self.send_reply(header, head.as_bytes(), None)
+                    self.send_reply(header, head.as_bytes(), None)?;
+                    Ok(true)
                 }
-                // These replies have no way to say "failed"; the front-end learns it when
-                // the connection is closed.
-                _ => Ok(()),
+                // These replies have no way to say "failed".
+                _ => Ok(false),
             },
         }
     }

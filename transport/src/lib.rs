@@ -9,8 +9,32 @@
 //!
 //! - [`sock`]: send and receive with `SCM_RIGHTS` (`OwnedFd`/`BorrowedFd` only,
 //!   `MSG_CMSG_CLOEXEC`, a bound on fds per message, truncation is an error).
+//! - [`connection`]: [`Connection`], vhost-user messages (header, body, payload, fds)
+//!   over a Unix stream socket, size bounds checked before allocating.
+//! - [`backend`]: the back-end server. [`BackendReqHandler`] validates every front-end
+//!   request and calls your [`VhostUserBackendReqHandler`]; [`Listener`]
+//!   accepts front-ends.
+//! - [`frontend`]: [`Frontend`], the client with a method for every front-end request.
+//! - [`backend_req`] and [`frontend_req_handler`]: the back-end -> front-end channel,
+//!   [`Backend`] (the back-end's sender) and [`FrontendReqHandler`] (the front-end's
+//!   server, calling your [`VhostUserFrontendReqHandler`]).
 //! - [`tube`]: [`Tube`], a typed request/response channel over `SOCK_SEQPACKET`.
 //! - [`error`]: [`Error`], which classifies socket errors (retry, broken, connect, ...).
+//!
+//! # Cargo features
+//!
+//! - `crosvm` (off by default): crosvm's non-standard back-end -> front-end requests
+//!   `GPU_MAP` (1006) and `EXTERNAL_MAP` (1007), on both sides of the channel
+//!   (`Backend::gpu_map`, `Backend::external_map` and the matching
+//!   [`VhostUserFrontendReqHandler`] methods).
+//!
+//! # Interoperability notes
+//!
+//! Tested against rust-vmm's `vhost` 0.18 in both directions (see `tests/interop.rs`).
+//! Where peers diverge from the spec, this crate sends what the spec says and accepts
+//! what common peers send when that is unambiguous: a `SET_LOG_BASE` reply may be the
+//! spec's `u64` status or rust-vmm's echo of the log body. `SET_OWNER` is required
+//! before any request except the negotiation QEMU performs first (see [`backend`]).
 //!
 //! # Vocabulary
 //!

@@ -105,6 +105,9 @@ impl VhostUserBackendReqHandler for Recorder {
     }
     fn get_vring_base(&mut self, index: u32) -> HandlerResult<u32> {
         self.log.push(format!("get_vring_base {index}"));
+        if index == 1 {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
         Ok(42)
     }
     fn set_vring_kick(&mut self, index: u32, fd: Option<OwnedFd>) -> HandlerResult<()> {
@@ -849,7 +852,25 @@ fn refused_requests_are_nacked_when_the_front_end_asked() {
     assert!(matches!(err, Error::ReqHandlerError(_)), "{err}");
     let m = h.raw.recv().unwrap();
     assert_eq!(m.body.len(), 12);
+    assert!(!h.handler.peer_waiting());
     h.assert_in_step();
+    // A failing GET_VRING_BASE has no way to report the failure: the handler says so,
+    // and run() ends the session instead of leaving the front-end waiting.
+    let err = h
+        .request(
+            FrontendReq::GET_VRING_BASE,
+            VhostUserVringState::new(1, 0).as_bytes(),
+            &[],
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::ReqHandlerError(_)), "{err}");
+    assert!(h.handler.peer_waiting());
+    h.send(
+        Header::request(FrontendReq::GET_VRING_BASE.code(), 8, false),
+        VhostUserVringState::new(1, 0).as_bytes(),
+        &[],
+    );
+    assert!(matches!(h.handler.run(), Err(Error::ReqHandlerError(_))));
 }
 
 #[test]
@@ -1010,5 +1031,38 @@ fn backend_sender_checks_features_locally() {
     assert!(matches!(
         backend.shmem_map(&map, fd.as_fd()),
         Err(Error::FeatureMismatch { feature, .. }) if feature == VhostUserProtocolFeatures::BACKEND_SEND_FD
+    ));
+}
+
+#[test]
+fn listener_accepts_front_ends_and_cleans_up() {
+    let path = std::env::temp_dir().join(format!("outboard-transport-{}.sock", std::process::id()));
+    // A stale file at the path is replaced.
+    std::fs::write(&path, b"stale").unwrap();
+    let listener = backend::Listener::bind(&path, true).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().unwrap().is_none());
+    let client = thread::spawn({
+        let path = path.clone();
+        move || {
+            let mut fe = Frontend::connect(&path).unwrap();
+            fe.get_features().unwrap()
+        }
+    });
+    let conn = loop {
+        if let Some(c) = listener.accept().unwrap() {
+            break c;
+        }
+        thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let mut h = BackendReqHandler::new(conn, Recorder::new());
+    h.run().unwrap();
+    assert_eq!(client.join().unwrap(), FEATURES);
+    assert_eq!(listener.path(), path.as_path());
+    drop(listener);
+    assert!(!path.exists());
+    assert!(matches!(
+        Frontend::connect(&path),
+        Err(Error::SocketConnect(_))
     ));
 }
