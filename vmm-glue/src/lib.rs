@@ -1,4 +1,18 @@
 //! rust-vmm glue, virtio-mmio, and the vhost-user device daemon.
+//!
+//! - [`rust_vmm`]: outboard-devices' VMM-facing traits over `vm-memory` and
+//!   `virtio-queue`, so a rust-vmm based VMM hands its memory and queues to any Outboard
+//!   device.
+//! - [`vhost_user`]: a vhost-user back-end for any Outboard virtio device: memory table,
+//!   rings, worker loop with reconnection.
+//! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
+//!   `--config`), validated with errors that name the offending value.
+//! - [`metrics`]: the JSON metrics file of the daemon.
+//!
+//! The `outboard` binary (`src/bin/outboard.rs`) puts these together.
 #![deny(missing_docs)]
 
+pub mod metrics;
 pub mod rust_vmm;
+pub mod vhost_user;
+pub mod vsock_cli;

@@ -1,0 +1,397 @@
+//! `outboard`: Outboard's device daemons.
+//!
+//! `outboard vsock` serves virtio-vsock devices over vhost-user, one worker thread per
+//! VM, with the AF_UNIX muxer in Firecracker's convention. It never daemonizes; SIGTERM
+//! and SIGINT stop it cleanly (exit status 0). Bad flags or config: a message naming the
+//! value and exit status 2.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use outboard_devices::vsock::{Vsock, VsockDeviceConfig, VsockMetrics};
+use outboard_glue::metrics::{self, VmMetrics};
+use outboard_glue::vhost_user::daemon::{self, WorkerError};
+use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outboard",
+    version,
+    about = "Outboard's vhost-user device daemons"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve virtio-vsock over vhost-user (a drop-in for vhost-device-vsock; host side in
+    /// Firecracker's AF_UNIX convention: CONNECT <port> is answered "OK <host port>").
+    Vsock(VsockArgs),
+}
+
+#[derive(Args, Debug)]
+struct VsockArgs {
+    /// A VM: guest-cid=N,socket=PATH,uds-path=PATH[,tx-buffer-size=N][,queue-size=N][,groups=a+b].
+    /// Repeat for several VMs (one worker thread each).
+    #[arg(long = "vm", value_name = "SPEC")]
+    vm: Vec<String>,
+    /// The guest's CID (single-VM form).
+    #[arg(long, value_name = "CID")]
+    guest_cid: Option<String>,
+    /// The vhost-user socket to listen on (single-VM form).
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
+    socket: Option<String>,
+    /// The host-side AF_UNIX socket of the muxer (single-VM form).
+    #[arg(long, value_name = "PATH")]
+    uds_path: Option<String>,
+    /// Per-connection TX buffer in bytes, also the guest's credit (single-VM form).
+    #[arg(long, value_name = "BYTES")]
+    tx_buffer_size: Option<String>,
+    /// Largest ring size accepted from the front-end (single-VM form).
+    #[arg(long, value_name = "N")]
+    queue_size: Option<String>,
+    /// Sibling groups joined with '+' (single-VM form).
+    #[arg(long, value_name = "GROUPS")]
+    groups: Option<String>,
+    /// A config file with the same keys (vhost-device-vsock's YAML form).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve on this inherited listening socket instead of binding --socket.
+    #[arg(long, value_name = "FD")]
+    fd: Option<RawFd>,
+    /// Write the devices' counters as JSON to this file, periodically and at exit.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+    /// Seconds between metrics writes.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    metrics_interval: u64,
+    /// Print the back-end's capabilities as JSON (vhost-user convention) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+}
+
+/// Exit status for bad flags or config.
+const EXIT_USAGE: u8 = 2;
+
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("outboard vsock: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match cli.command {
+        Command::Vsock(args) => vsock(args),
+    }
+}
+
+/// A listening socket for one VM, and whether we created its path.
+struct Listening {
+    listener: UnixListener,
+    created: Option<PathBuf>,
+}
+
+fn listen(vm: &VmConfig, fd: Option<RawFd>) -> Result<Listening, String> {
+    if let Some(fd) = fd {
+        return inherited_listener(fd).map(|listener| Listening {
+            listener,
+            created: None,
+        });
+    }
+    let path = &vm.socket;
+    // A stale socket from an earlier run: vhost-user sockets are not shared, so
+    // replacing it is what users expect (vhost-device-vsock does the same).
+    remove_stale_socket(path)?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    Ok(Listening {
+        listener,
+        created: Some(path.clone()),
+    })
+}
+
+fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a live c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            std::ptr::addr_of_mut!(accepting).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || accepting == 0 {
+        return Err(format!("--fd {fd} is not a listening socket"));
+    }
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, for SO_DOMAIN.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            std::ptr::addr_of_mut!(domain).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || domain != libc::AF_UNIX {
+        return Err(format!("--fd {fd} is not an AF_UNIX socket"));
+    }
+    // SAFETY: the fd was inherited for us to own (the --fd contract), is open (the
+    // getsockopt calls succeeded) and is a listening AF_UNIX socket.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    // SAFETY: fcntl(F_SETFD) on the fd we now own; no memory is passed.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(listener)
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for the calls; the signals are valid numbers.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    set
+}
+
+/// Waits up to `timeout` for SIGTERM or SIGINT (blocked in every thread).
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `set` and `ts` are valid for the call; no siginfo is requested.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
+struct Worker {
+    vm: VmConfig,
+    stop: EventFd,
+    metrics: Arc<VsockMetrics>,
+    thread: Option<JoinHandle<Result<(), WorkerError>>>,
+    /// Socket files this daemon created, removed at exit.
+    created: Vec<PathBuf>,
+}
+
+fn snapshot(workers: &[Worker]) -> Vec<VmMetrics> {
+    workers
+        .iter()
+        .map(|w| VmMetrics {
+            guest_cid: w.vm.guest_cid,
+            socket: w.vm.socket.clone(),
+            counters: metrics::counters_of(&w.metrics.snapshot()),
+        })
+        .collect()
+}
+
+fn write_metrics(path: Option<&Path>, workers: &[Worker]) {
+    if let Some(p) = path {
+        if let Err(e) = metrics::write(p, &snapshot(workers)) {
+            log::warn!("cannot write metrics to {}: {e}", p.display());
+        }
+    }
+}
+
+fn vsock(args: VsockArgs) -> ExitCode {
+    if args.print_capabilities {
+        println!("{{\n  \"type\": \"vsock\"\n}}");
+        return ExitCode::SUCCESS;
+    }
+    let config_text = match &args.config {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                return usage_error(ConfigError::ConfigFile {
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        },
+        None => None,
+    };
+    let flat = FlatFlags {
+        guest_cid: args.guest_cid.clone(),
+        socket: args.socket.clone(),
+        uds_path: args.uds_path.clone(),
+        tx_buffer_size: args.tx_buffer_size.clone(),
+        queue_size: args.queue_size.clone(),
+        groups: args.groups.clone(),
+    };
+    let vms = match resolve(&args.vm, &flat, config_text.as_deref()) {
+        Ok(v) => v,
+        Err(e) => return usage_error(e),
+    };
+    if args.fd.is_some() && vms.len() != 1 {
+        return usage_error(format!(
+            "--fd serves one VM, but {} are configured",
+            vms.len()
+        ));
+    }
+    if args.metrics_interval == 0 {
+        return usage_error("--metrics-interval 0: the interval must be at least 1 second");
+    }
+    let mut group_members = std::collections::BTreeMap::<&str, usize>::new();
+    for g in vms.iter().flat_map(|v| v.groups.iter()) {
+        *group_members.entry(g.as_str()).or_default() += 1;
+    }
+    if group_members.values().any(|&n| n > 1) {
+        log::warn!("sibling VM communication is not implemented: guests in one group cannot reach each other yet");
+    }
+
+    // Block the stop signals before any thread starts, so only sigtimedwait sees them.
+    let set = signal_set();
+    // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        eprintln!("outboard vsock: cannot block SIGTERM/SIGINT: error {rc}");
+        return ExitCode::FAILURE;
+    }
+
+    let mut workers = Vec::new();
+    let mut failed = false;
+    for vm in &vms {
+        match start_worker(vm, args.fd) {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                log::error!("VM with guest CID {}: {e}", vm.guest_cid);
+                failed = true;
+                break;
+            }
+        }
+    }
+
+    let interval = Duration::from_secs(args.metrics_interval);
+    let mut last_metrics = Instant::now();
+    write_metrics(args.metrics.as_deref(), &workers);
+    while !failed {
+        if let Some(sig) = wait_signal(&set, Duration::from_millis(500)) {
+            log::info!("signal {sig}: stopping");
+            break;
+        }
+        if workers
+            .iter()
+            .any(|w| w.thread.as_ref().is_some_and(|t| t.is_finished()))
+        {
+            log::error!("a worker stopped on its own; stopping every worker");
+            failed = true;
+        }
+        if last_metrics.elapsed() >= interval {
+            write_metrics(args.metrics.as_deref(), &workers);
+            last_metrics = Instant::now();
+        }
+    }
+
+    for w in &workers {
+        if let Err(e) = w.stop.write(1) {
+            log::error!("cannot stop the worker of CID {}: {e}", w.vm.guest_cid);
+        }
+    }
+    for w in &mut workers {
+        let Some(t) = w.thread.take() else { continue };
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::error!("worker of CID {}: {e}", w.vm.guest_cid);
+                failed = true;
+            }
+            Err(_) => {
+                log::error!("worker of CID {} panicked", w.vm.guest_cid);
+                failed = true;
+            }
+        }
+        for p in &w.created {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    write_metrics(args.metrics.as_deref(), &workers);
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        log::info!("stopped cleanly");
+        ExitCode::SUCCESS
+    }
+}
+
+/// The muxer's own listening sockets: `<uds_path>` and `<uds_path>_seqpacket`.
+fn muxer_sockets(vm: &VmConfig) -> Vec<PathBuf> {
+    let mut seq = vm.uds_path.as_os_str().to_owned();
+    seq.push("_seqpacket");
+    vec![vm.uds_path.clone(), PathBuf::from(seq)]
+}
+
+/// Removes a socket file left by an earlier run (never anything that is not a socket).
+fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display())),
+        Ok(_) => Err(format!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+fn start_worker(vm: &VmConfig, fd: Option<RawFd>) -> Result<Worker, String> {
+    let mut sockets = muxer_sockets(vm);
+    for p in &sockets {
+        remove_stale_socket(p)?;
+    }
+    let mut config = VsockDeviceConfig::new(vm.guest_cid, vm.uds_path.clone());
+    config.tx_buf_size = vm.tx_buffer_size;
+    let device = Vsock::new(config).map_err(|e| e.to_string())?;
+    let metrics = device.metrics();
+    let Listening { listener, created } = listen(vm, fd)?;
+    sockets.extend(created);
+    let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| format!("eventfd: {e}"))?;
+    let worker_stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    let name = format!("vsock cid {}", vm.guest_cid);
+    let queue_size = vm.queue_size;
+    let thread = std::thread::Builder::new()
+        .name(format!("vsock-{}", vm.guest_cid))
+        .spawn(move || daemon::serve(device, listener, queue_size, &worker_stop, &name).map(drop))
+        .map_err(|e| format!("cannot start the worker thread: {e}"))?;
+    log::info!(
+        "guest CID {}: vhost-user socket {}, host sockets {}",
+        vm.guest_cid,
+        vm.socket.display(),
+        vm.uds_path.display()
+    );
+    Ok(Worker {
+        vm: vm.clone(),
+        stop,
+        metrics,
+        thread: Some(thread),
+        created: sockets,
+    })
+}

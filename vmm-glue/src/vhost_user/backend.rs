@@ -1,0 +1,514 @@
+//! [`DeviceBackend`]: any Outboard [`VirtioDevice`] as a vhost-user back-end.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use outboard_devices::virtio::{VirtQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use outboard_protocol::vhost_user::{
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddr,
+};
+use outboard_transport::{Backend, HandlerResult, MemoryRegion, VhostUserBackendReqHandler};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::memory::{MemoryTable, MAX_MEM_SLOTS};
+use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
+use crate::rust_vmm::RustVmmQueue;
+
+/// Largest config space read or written through `GET_CONFIG`/`SET_CONFIG`.
+pub const MAX_CONFIG_SIZE: u32 = 256;
+
+/// The protocol features the daemon offers.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+fn einval(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// One ring as the front-end configured it.
+#[derive(Debug, Default)]
+struct Ring {
+    num: u16,
+    addr: Option<VhostUserVringAddr>,
+    base: u16,
+    kick: Option<File>,
+    started: bool,
+    enabled: bool,
+    /// The index and addresses the ring had when it was last stopped, to tell a
+    /// pause/resume (same values) from a driver reset (anything else).
+    stopped_at: Option<(u16, [u64; 3])>,
+}
+
+impl Ring {
+    fn addresses(&self) -> [u64; 3] {
+        self.addr
+            .map(|a| [a.descriptor, a.available, a.used])
+            .unwrap_or_default()
+    }
+}
+
+/// A virtio device served over vhost-user (see the [module docs](super)).
+///
+/// The worker thread owns it (through `outboard_transport::BackendReqHandler` while a
+/// front-end is connected) and calls [`DeviceBackend::handle_kick`] and
+/// [`DeviceBackend::handle_device_event`] when the epoll set says so.
+pub struct DeviceBackend<D: VirtioDevice> {
+    device: D,
+    mem: Mem,
+    table: MemoryTable,
+    rings: Vec<Ring>,
+    slots: Vec<Slot>,
+    irq: Arc<RingInterrupt>,
+    epoll: Arc<Epoll>,
+    acked_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    active: bool,
+    max_queue_size: u16,
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBackend")
+            .field("device_type", &self.device.device_type())
+            .field("regions", &self.table.len())
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+/// Epoll data of ring `i`'s kick fd is `i`; the worker uses values above
+/// [`KICK_TOKEN_LIMIT`] for its own fds.
+pub const KICK_TOKEN_LIMIT: u64 = 1 << 16;
+
+impl<D: VirtioDevice> DeviceBackend<D> {
+    /// Serves `device`, accepting rings of up to `max_queue_size` entries; kick fds are
+    /// added to `epoll` with their ring index as data.
+    pub fn new(device: D, max_queue_size: u16, epoll: Arc<Epoll>) -> Self {
+        let n = device.queue_max_sizes().len();
+        DeviceBackend {
+            device,
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            table: MemoryTable::new(),
+            rings: (0..n).map(|_| Ring::default()).collect(),
+            slots: (0..n).map(|_| Slot::default()).collect(),
+            irq: Arc::new(RingInterrupt::new(n)),
+            epoll,
+            acked_features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            active: false,
+            max_queue_size,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Resets everything and returns the device.
+    pub fn into_device(mut self) -> D {
+        self.disconnect();
+        self.device
+    }
+
+    /// Whether the device has been activated (a ring started since the last reset).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Ring `index`'s kick fd is readable: drain it and let the device work.
+    pub fn handle_kick(&mut self, index: usize) {
+        let Some(ring) = self.rings.get_mut(index) else {
+            return;
+        };
+        if let Some(k) = ring.kick.as_mut() {
+            let mut buf = [0u8; 8];
+            // Non-blocking eventfd: EAGAIN when another read drained it; either way the
+            // ring is processed below.
+            let _ = k.read(&mut buf);
+        }
+        if self.active && self.ring_live(index) {
+            self.device.handle_queue(index);
+        }
+    }
+
+    /// The device's own event fd is readable.
+    pub fn handle_device_event(&mut self) {
+        self.device.handle_event();
+    }
+
+    /// The front-end went away: reset the device and forget everything it set up.
+    pub fn disconnect(&mut self) {
+        self.reset_all();
+        self.table.clear();
+        self.publish_memory();
+        self.acked_features = 0;
+        self.protocol = VhostUserProtocolFeatures::empty();
+        self.irq.clear();
+    }
+
+    fn ring_live(&self, index: usize) -> bool {
+        self.slots.get(index).is_some_and(|s| {
+            s.lock()
+                .map(|g| g.is_some())
+                .unwrap_or_else(|p| p.into_inner().is_some())
+        })
+    }
+
+    fn take_queue(&self, index: usize) -> Option<RustVmmQueue<Mem>> {
+        let slot = self.slots.get(index)?;
+        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+        guard.take()
+    }
+
+    fn set_kick(&mut self, index: usize, fd: Option<File>) -> io::Result<()> {
+        let Some(ring) = self.rings.get_mut(index) else {
+            return Err(einval(format!("ring {index} does not exist")));
+        };
+        if let Some(old) = ring.kick.take() {
+            // Removing an fd that was never added (or is gone) is harmless.
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                old.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        if let Some(f) = fd {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                f.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, index as u64),
+            )?;
+            ring.kick = Some(f);
+        }
+        Ok(())
+    }
+
+    /// Stops every ring, resets the device, forgets the rings' configuration.
+    fn reset_all(&mut self) {
+        for i in 0..self.rings.len() {
+            drop(self.take_queue(i));
+            let _ = self.set_kick(i, None);
+            self.irq.set_call(i, None);
+            self.rings[i] = Ring::default();
+        }
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+    }
+
+    fn publish_memory(&self) {
+        let new = self.table.guest_memory();
+        match self.mem.lock() {
+            Ok(guard) => guard.replace(new),
+            Err(p) => p.into_inner().replace(new),
+        }
+    }
+
+    fn gpa(&self, vva: u64, len: u64, what: &str, index: usize) -> io::Result<u64> {
+        self.table.vva_to_gpa(vva, len).ok_or_else(|| {
+            einval(format!(
+                "ring {index}: {what} at front-end address {vva:#x} (+{len:#x}) is not in guest memory"
+            ))
+        })
+    }
+
+    /// Starts ring `index` if it has a kick fd and is enabled; activates the device on
+    /// the first ring.
+    fn try_start(&mut self, index: usize) -> io::Result<()> {
+        let ring = &self.rings[index];
+        if !(ring.started && ring.enabled) || self.ring_live(index) {
+            return Ok(());
+        }
+        let num = ring.num;
+        if num == 0 {
+            return Err(einval(format!(
+                "ring {index} started without SET_VRING_NUM"
+            )));
+        }
+        let addr = ring
+            .addr
+            .ok_or_else(|| einval(format!("ring {index} started without SET_VRING_ADDR")))?;
+        let n = u64::from(num);
+        let desc = self.gpa(addr.descriptor, 16 * n, "descriptor table", index)?;
+        let avail = self.gpa(addr.available, 6 + 2 * n, "available ring", index)?;
+        let used = self.gpa(addr.used, 6 + 8 * n, "used ring", index)?;
+
+        // A ring that comes back with another index or other addresses than it had
+        // when it stopped belongs to a reset driver: the device must forget its state.
+        let reset = self.active
+            && (0..self.rings.len()).all(|i| !self.ring_live(i))
+            && self
+                .rings
+                .iter()
+                .any(|r| r.started && r.stopped_at.is_some_and(|s| s != (r.base, r.addresses())));
+        if reset {
+            log::info!("rings restarted with new state: resetting the device");
+            self.device.reset();
+            self.active = false;
+        }
+
+        let bad = |e: virtio_queue::Error| einval(format!("ring {index}: {e}"));
+        let mut q = Queue::new(self.max_queue_size).map_err(bad)?;
+        q.try_set_size(num).map_err(bad)?;
+        q.try_set_desc_table_address(GuestAddress(desc))
+            .map_err(bad)?;
+        q.try_set_avail_ring_address(GuestAddress(avail))
+            .map_err(bad)?;
+        q.try_set_used_ring_address(GuestAddress(used))
+            .map_err(bad)?;
+        let base = self.rings[index].base;
+        q.set_next_avail(base);
+        q.set_next_used(base);
+        q.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        q.set_ready(true);
+        if !q.is_valid(&*self.mem.memory()) {
+            return Err(einval(format!(
+                "ring {index}: size {num} at {desc:#x}/{avail:#x}/{used:#x} is not valid in guest memory"
+            )));
+        }
+        if let Some(slot) = self.slots.get(index) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(RustVmmQueue::new(q, self.mem.clone()));
+        }
+        self.rings[index].stopped_at = None;
+        if !self.active {
+            let queues: Vec<Box<dyn VirtQueue>> = self
+                .slots
+                .iter()
+                .map(|s| Box::new(SharedQueue::new(s.clone())) as Box<dyn VirtQueue>)
+                .collect();
+            self.device
+                .activate(queues, self.irq.clone())
+                .map_err(|e| io::Error::other(format!("cannot activate the device: {e}")))?;
+            self.active = true;
+            log::info!("device activated");
+        }
+        self.device.handle_queue(index);
+        Ok(())
+    }
+
+    /// Stops ring `index`; returns its next available index.
+    fn stop(&mut self, index: usize) -> u16 {
+        let ring_base = match self.take_queue(index) {
+            Some(q) => q.queue().next_avail(),
+            None => self.rings[index].base,
+        };
+        let _ = self.set_kick(index, None);
+        let ring = &mut self.rings[index];
+        ring.base = ring_base;
+        if ring.started {
+            ring.stopped_at = Some((ring_base, ring.addresses()));
+        }
+        ring.started = false;
+        ring_base
+    }
+
+    fn index(&self, index: u32) -> io::Result<usize> {
+        let i = index as usize;
+        if i < self.rings.len() {
+            Ok(i)
+        } else {
+            Err(einval(format!("ring {index} does not exist")))
+        }
+    }
+}
+
+impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
+    fn max_queues(&self) -> u32 {
+        self.rings.len() as u32
+    }
+
+    fn get_features(&mut self) -> HandlerResult<u64> {
+        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    }
+
+    fn set_features(&mut self, features: u64) -> HandlerResult<()> {
+        self.acked_features = features;
+        self.device
+            .ack_features(features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for slot in &self.slots {
+            if let Some(q) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                q.queue_mut().set_event_idx(event_idx);
+            }
+        }
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> HandlerResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: VhostUserProtocolFeatures) -> HandlerResult<()> {
+        self.protocol = features;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> HandlerResult<()> {
+        self.reset_all();
+        Ok(())
+    }
+
+    fn set_mem_table(&mut self, regions: Vec<MemoryRegion>) -> HandlerResult<()> {
+        self.table
+            .replace(regions)
+            .map_err(|e| einval(e.to_string()))?;
+        self.publish_memory();
+        log::debug!("memory table: {} regions", self.table.len());
+        Ok(())
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> HandlerResult<()> {
+        let i = self.index(index)?;
+        if num > u32::from(self.max_queue_size) {
+            return Err(einval(format!(
+                "ring {index}: size {num} exceeds the queue size limit {}",
+                self.max_queue_size
+            )));
+        }
+        // The server checked 1..=32768; the limit above keeps it in u16.
+        self.rings[i].num = u16::try_from(num).map_err(|_| einval(format!("ring size {num}")))?;
+        Ok(())
+    }
+
+    fn set_vring_addr(&mut self, addr: &VhostUserVringAddr) -> HandlerResult<()> {
+        let i = self.index(addr.index)?;
+        self.rings[i].addr = Some(*addr);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> HandlerResult<()> {
+        let i = self.index(index)?;
+        // Split rings: the index is 16 bits; packed rings (not offered) would use more.
+        self.rings[i].base = u16::try_from(base)
+            .map_err(|_| einval(format!("ring {index}: base {base} exceeds 16 bits")))?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> HandlerResult<u32> {
+        let i = self.index(index)?;
+        Ok(u32::from(self.stop(i)))
+    }
+
+    fn set_vring_kick(&mut self, index: u32, fd: Option<OwnedFd>) -> HandlerResult<()> {
+        let i = self.index(index)?;
+        let Some(fd) = fd else {
+            return Err(einval(format!(
+                "ring {index}: polling rings without a kick fd is not supported"
+            )));
+        };
+        let file = File::from(fd);
+        // SAFETY: fcntl(F_GETFL/F_SETFL) on an fd we own; no memory is passed.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        self.set_kick(i, Some(file))?;
+        let ring = &mut self.rings[i];
+        ring.started = true;
+        if !self.acked_features_have_protocol() {
+            self.rings[i].enabled = true;
+        }
+        self.try_start(i)
+    }
+
+    fn set_vring_call(&mut self, index: u32, fd: Option<OwnedFd>) -> HandlerResult<()> {
+        let i = self.index(index)?;
+        self.irq.set_call(i, fd.map(File::from));
+        Ok(())
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> HandlerResult<()> {
+        let i = self.index(index)?;
+        self.rings[i].enabled = enable;
+        if enable {
+            self.try_start(i)
+        } else {
+            if let Some(q) = self.take_queue(i) {
+                self.rings[i].base = q.queue().next_avail();
+            }
+            Ok(())
+        }
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: u32) -> HandlerResult<Vec<u8>> {
+        let end = offset.checked_add(size).filter(|e| *e <= MAX_CONFIG_SIZE);
+        if end.is_none() {
+            return Err(einval(format!(
+                "config read of {size} bytes at {offset} exceeds {MAX_CONFIG_SIZE}"
+            )));
+        }
+        let mut data = vec![0u8; size as usize];
+        self.device.read_config(u64::from(offset), &mut data);
+        Ok(data)
+    }
+
+    fn set_config(&mut self, offset: u32, data: &[u8], _flags: u32) -> HandlerResult<()> {
+        let fits = u32::try_from(data.len())
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .is_some_and(|e| e <= MAX_CONFIG_SIZE);
+        if !fits {
+            return Err(einval(format!(
+                "config write of {} bytes at {offset} exceeds {MAX_CONFIG_SIZE}",
+                data.len()
+            )));
+        }
+        self.device.write_config(u64::from(offset), data);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+        self.irq.set_channel(Some(backend));
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> HandlerResult<u64> {
+        Ok(MAX_MEM_SLOTS as u64)
+    }
+
+    fn add_mem_region(&mut self, region: MemoryRegion) -> HandlerResult<()> {
+        self.table.add(region).map_err(|e| einval(e.to_string()))?;
+        self.publish_memory();
+        Ok(())
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserMemoryRegion) -> HandlerResult<()> {
+        self.table
+            .remove(region)
+            .map_err(|e| einval(e.to_string()))?;
+        self.publish_memory();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> HandlerResult<()> {
+        self.reset_all();
+        self.acked_features = 0;
+        Ok(())
+    }
+}
+
+impl<D: VirtioDevice> DeviceBackend<D> {
+    fn acked_features_have_protocol(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+}

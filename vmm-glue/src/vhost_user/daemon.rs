@@ -1,0 +1,171 @@
+//! The worker loop: one thread per served device, on its own epoll set.
+//!
+//! The set holds the listening socket (while no front-end is connected), the
+//! front-end's connection (while one is), the rings' kick eventfds, the device's own
+//! event fd and a stop eventfd. Everything the worker does is non-blocking except
+//! reading one vhost-user message once the connection is readable.
+//!
+//! When the front-end goes away the device is reset, the memory table unmapped, and
+//! the worker listens again, so a front-end with `reconnect-ms` can come back. One
+//! front-end at a time: others wait in the listen backlog.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use outboard_devices::virtio::VirtioDevice;
+use outboard_transport::{BackendReqHandler, Connection, Error as TransportError};
+use remain::sorted;
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{DeviceBackend, KICK_TOKEN_LIMIT};
+
+const TOKEN_LISTENER: u64 = KICK_TOKEN_LIMIT + 1;
+const TOKEN_CONN: u64 = KICK_TOKEN_LIMIT + 2;
+const TOKEN_DEVICE: u64 = KICK_TOKEN_LIMIT + 3;
+const TOKEN_STOP: u64 = KICK_TOKEN_LIMIT + 4;
+
+/// Errors that end a worker.
+#[sorted]
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// Accepting a front-end failed.
+    #[error("accept on the vhost-user socket failed: {0}")]
+    Accept(std::io::Error),
+    /// The epoll set could not be created or changed.
+    #[error("epoll failed: {0}")]
+    Epoll(std::io::Error),
+    /// The device was lost between states (a bug).
+    #[error("the device was lost by the worker loop")]
+    Lost,
+}
+
+fn add(epoll: &Epoll, fd: BorrowedFd<'_>, token: u64) -> Result<(), WorkerError> {
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )
+        .map_err(WorkerError::Epoll)
+}
+
+fn delete(epoll: &Epoll, fd: BorrowedFd<'_>) {
+    let _ = epoll.ctl(
+        ControlOperation::Delete,
+        fd.as_raw_fd(),
+        EpollEvent::default(),
+    );
+}
+
+/// Serves `device` to one front-end at a time on `listener` until `stop` is signalled.
+/// Returns the device (reset) so the caller can read its final state.
+pub fn serve<D: VirtioDevice>(
+    device: D,
+    listener: UnixListener,
+    max_queue_size: u16,
+    stop: &EventFd,
+    name: &str,
+) -> Result<D, WorkerError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(WorkerError::Accept)?;
+    let epoll = Arc::new(Epoll::new().map_err(WorkerError::Epoll)?);
+    // SAFETY: the stop eventfd outlives this function (borrowed for its duration).
+    let stop_fd = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
+    add(&epoll, stop_fd, TOKEN_STOP)?;
+    if let Some(fd) = device.event_fd() {
+        add(&epoll, fd, TOKEN_DEVICE)?;
+    }
+    add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
+    // Exactly one of these is Some: the device waits idle, or a front-end drives it.
+    let mut idle = Some(DeviceBackend::new(device, max_queue_size, epoll.clone()));
+    let mut conn: Option<BackendReqHandler<DeviceBackend<D>>> = None;
+    let mut events = vec![EpollEvent::default(); 64];
+    log::info!("{name}: waiting for a front-end");
+    'outer: loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(WorkerError::Epoll(e)),
+        };
+        for ev in &events[..n] {
+            let backend = match conn.as_mut() {
+                Some(h) => Some(h.backend_mut()),
+                None => idle.as_mut(),
+            };
+            match ev.data() {
+                TOKEN_STOP => break 'outer,
+                TOKEN_DEVICE => {
+                    if let Some(b) = backend {
+                        b.handle_device_event();
+                    }
+                }
+                TOKEN_LISTENER => {
+                    if idle.is_none() {
+                        continue;
+                    }
+                    let stream = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(WorkerError::Accept(e)),
+                    };
+                    if let Err(e) = stream.set_nonblocking(false) {
+                        log::warn!("{name}: dropped a front-end: {e}");
+                        continue;
+                    }
+                    let Some(backend) = idle.take() else { continue };
+                    let handler = BackendReqHandler::new(Connection::new(stream), backend);
+                    add(&epoll, handler.as_fd(), TOKEN_CONN)?;
+                    delete(&epoll, listener.as_fd());
+                    log::info!("{name}: front-end connected");
+                    conn = Some(handler);
+                }
+                TOKEN_CONN => {
+                    let Some(handler) = conn.as_mut() else {
+                        continue;
+                    };
+                    match handler.handle_request() {
+                        Ok(()) => {}
+                        Err(e) if e.is_fatal() || matches!(e, TransportError::Disconnect) => {
+                            if matches!(e, TransportError::Disconnect) {
+                                log::info!("{name}: front-end disconnected");
+                            } else {
+                                log::warn!("{name}: closing the front-end connection: {e}");
+                            }
+                            if let Some(handler) = conn.take() {
+                                delete(&epoll, handler.as_fd());
+                                let mut backend = handler.into_backend();
+                                backend.disconnect();
+                                idle = Some(backend);
+                            }
+                            add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
+                            log::info!("{name}: device reset; waiting for a front-end");
+                            // Later events of this batch may name fds that are gone.
+                            continue 'outer;
+                        }
+                        Err(e) => log::warn!("{name}: refused a request: {e}"),
+                    }
+                }
+                kick if kick < KICK_TOKEN_LIMIT => {
+                    if let Some(b) = backend {
+                        b.handle_kick(kick as usize);
+                    }
+                }
+                other => log::debug!("{name}: event for unknown token {other}"),
+            }
+        }
+    }
+    let backend = match conn {
+        Some(h) => Some(h.into_backend()),
+        None => idle,
+    };
+    log::info!("{name}: stopped");
+    // One of the two always holds the backend (see above).
+    backend
+        .map(DeviceBackend::into_device)
+        .ok_or(WorkerError::Lost)
+}

@@ -1,0 +1,409 @@
+//! The front-end's memory table, mapped into the daemon.
+//!
+//! Each region arrives with an fd (a memfd, a file on hugetlbfs or /dev/shm) and the
+//! offset of the region in it. A region is mapped shared, read-write, exactly
+//! `memory_size` bytes at `mmap_offset`, after checking that the file is that long (a
+//! shorter file would make guest accesses past its end fault with SIGBUS). Mappings are
+//! reference counted: replacing or removing a region unmaps it as soon as no queue
+//! still holds the previous memory snapshot.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use outboard_protocol::vhost_user::VhostUserMemoryRegion;
+use outboard_transport::MemoryRegion;
+use remain::sorted;
+use thiserror::Error;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion as _, GuestRegionMmap, MmapRegion,
+};
+
+/// Most regions the daemon accepts (advertised with `GET_MAX_MEM_SLOTS`).
+pub const MAX_MEM_SLOTS: usize = 64;
+
+/// Largest single region accepted (1 TiB).
+pub const MAX_REGION_SIZE: u64 = 1 << 40;
+
+/// Errors of the memory table.
+#[sorted]
+#[derive(Debug, Error)]
+pub enum MemoryTableError {
+    /// The file behind the fd is shorter than the region claims.
+    #[error("region at guest address {gpa:#x} needs {need} bytes of its file, which has {have}")]
+    FileTooShort {
+        /// The region's guest-physical address.
+        gpa: u64,
+        /// `mmap_offset + memory_size`.
+        need: u64,
+        /// The file's size.
+        have: u64,
+    },
+    /// The fd could not be examined.
+    #[error("cannot stat the fd of region at guest address {gpa:#x}: {source}")]
+    Fstat {
+        /// The region's guest-physical address.
+        gpa: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `mmap` failed.
+    #[error("cannot map region at guest address {gpa:#x} ({size:#x} bytes at offset {offset:#x}): {reason}")]
+    Mmap {
+        /// The region's guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// The offset in the fd.
+        offset: u64,
+        /// What vm-memory reported.
+        reason: String,
+    },
+    /// No region matches the one to remove.
+    #[error("no region at guest address {gpa:#x} of {size:#x} bytes to remove")]
+    NoSuchRegion {
+        /// Guest-physical address asked for.
+        gpa: u64,
+        /// Size asked for.
+        size: u64,
+    },
+    /// Two regions overlap in guest-physical or front-end virtual address space.
+    #[error("region at guest address {gpa:#x} overlaps the region at {other:#x}")]
+    Overlap {
+        /// The new region.
+        gpa: u64,
+        /// The region it overlaps.
+        other: u64,
+    },
+    /// The region is empty, too large, or its addresses overflow.
+    #[error(
+        "region at guest address {gpa:#x} has an invalid size {size:#x} or offset {offset:#x}"
+    )]
+    Range {
+        /// The region's guest-physical address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// The offset in the fd.
+        offset: u64,
+    },
+    /// More regions than [`MAX_MEM_SLOTS`].
+    #[error("{count} memory regions exceed the limit of {MAX_MEM_SLOTS}")]
+    TooManyRegions {
+        /// How many there would be.
+        count: usize,
+    },
+}
+
+/// One mapped region.
+#[derive(Debug, Clone)]
+struct Mapped {
+    desc: VhostUserMemoryRegion,
+    region: Arc<GuestRegionMmap>,
+}
+
+/// The guest memory table: what the front-end sent, mapped.
+#[derive(Debug, Default)]
+pub struct MemoryTable {
+    regions: Vec<Mapped>,
+}
+
+fn end(start: u64, size: u64) -> Option<u64> {
+    start.checked_add(size)
+}
+
+fn overlaps(a: u64, a_size: u64, b: u64, b_size: u64) -> bool {
+    // Sizes are non-zero and the ends do not overflow (checked on entry).
+    a < b.saturating_add(b_size) && b < a.saturating_add(a_size)
+}
+
+/// Whether the file is a memfd that can no longer shrink.
+fn shrink_sealed(fd: &OwnedFd) -> bool {
+    // SAFETY: fcntl(F_GET_SEALS) on an fd we own; it reads no memory of ours. On fds
+    // that are not memfds it fails with EINVAL, which we treat as "not sealed".
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
+fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
+    let desc = region.region;
+    let gpa = desc.guest_phys_addr;
+    let (size, offset) = (desc.memory_size, desc.mmap_offset);
+    let range_err = || MemoryTableError::Range { gpa, size, offset };
+    if size == 0
+        || size > MAX_REGION_SIZE
+        || end(gpa, size).is_none()
+        || end(desc.user_addr, size).is_none()
+    {
+        return Err(range_err());
+    }
+    let need = end(offset, size).ok_or_else(range_err)?;
+    let len = usize::try_from(size).map_err(|_| range_err())?;
+    let file = File::from(region.fd);
+    let meta = file
+        .metadata()
+        .map_err(|source| MemoryTableError::Fstat { gpa, source })?;
+    if meta.file_type().is_file() && meta.len() < need {
+        return Err(MemoryTableError::FileTooShort {
+            gpa,
+            need,
+            have: meta.len(),
+        });
+    }
+    let fd = OwnedFd::from(file);
+    if !shrink_sealed(&fd) {
+        log::debug!(
+            "memory region at {gpa:#x}: the file is not sealed against shrinking; \
+             a front-end that truncates it would crash this daemon with SIGBUS"
+        );
+    }
+    let mapping =
+        MmapRegion::from_file(FileOffset::new(File::from(fd), offset), len).map_err(|e| {
+            MemoryTableError::Mmap {
+                gpa,
+                size,
+                offset,
+                reason: e.to_string(),
+            }
+        })?;
+    let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(range_err)?;
+    Ok(Mapped {
+        desc,
+        region: Arc::new(region),
+    })
+}
+
+impl MemoryTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        MemoryTable::default()
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    fn check_new(&self, m: &Mapped, others: &[Mapped]) -> Result<(), MemoryTableError> {
+        let _ = self;
+        for o in others {
+            if overlaps(
+                m.desc.guest_phys_addr,
+                m.desc.memory_size,
+                o.desc.guest_phys_addr,
+                o.desc.memory_size,
+            ) || overlaps(
+                m.desc.user_addr,
+                m.desc.memory_size,
+                o.desc.user_addr,
+                o.desc.memory_size,
+            ) {
+                return Err(MemoryTableError::Overlap {
+                    gpa: m.desc.guest_phys_addr,
+                    other: o.desc.guest_phys_addr,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `SET_MEM_TABLE`: maps every region and replaces the table (the old mappings go
+    /// away once unused). On error the table is unchanged.
+    pub fn replace(&mut self, regions: Vec<MemoryRegion>) -> Result<(), MemoryTableError> {
+        if regions.len() > MAX_MEM_SLOTS {
+            return Err(MemoryTableError::TooManyRegions {
+                count: regions.len(),
+            });
+        }
+        let mut new: Vec<Mapped> = Vec::with_capacity(regions.len());
+        for r in regions {
+            let m = map(r)?;
+            self.check_new(&m, &new)?;
+            new.push(m);
+        }
+        self.regions = new;
+        Ok(())
+    }
+
+    /// `ADD_MEM_REG`: maps and adds one region.
+    pub fn add(&mut self, region: MemoryRegion) -> Result<(), MemoryTableError> {
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return Err(MemoryTableError::TooManyRegions {
+                count: self.regions.len() + 1,
+            });
+        }
+        let m = map(region)?;
+        self.check_new(&m, &self.regions)?;
+        self.regions.push(m);
+        Ok(())
+    }
+
+    /// `REM_MEM_REG`: removes the region with this guest address and size (the mmap
+    /// offset and fd are not compared, as the spec allows).
+    pub fn remove(&mut self, desc: &VhostUserMemoryRegion) -> Result<(), MemoryTableError> {
+        let at = self
+            .regions
+            .iter()
+            .position(|m| {
+                m.desc.guest_phys_addr == desc.guest_phys_addr
+                    && m.desc.memory_size == desc.memory_size
+            })
+            .ok_or(MemoryTableError::NoSuchRegion {
+                gpa: desc.guest_phys_addr,
+                size: desc.memory_size,
+            })?;
+        self.regions.remove(at);
+        Ok(())
+    }
+
+    /// Drops every region.
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// The table as vm-memory guest memory.
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        let mut regions: Vec<Arc<GuestRegionMmap>> =
+            self.regions.iter().map(|m| m.region.clone()).collect();
+        regions.sort_by_key(|r| r.start_addr());
+        // Overlaps were refused on insertion, so this only fails for an empty table.
+        GuestMemoryMmap::from_arc_regions(regions).unwrap_or_default()
+    }
+
+    /// Translates a front-end virtual address range (as in `SET_VRING_ADDR`) to a
+    /// guest-physical address; the whole range must lie in one region.
+    pub fn vva_to_gpa(&self, vva: u64, len: u64) -> Option<u64> {
+        self.regions.iter().find_map(|m| {
+            let off = vva.checked_sub(m.desc.user_addr)?;
+            let last = off.checked_add(len)?;
+            (last <= m.desc.memory_size).then(|| m.desc.guest_phys_addr + off)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    fn memfd(len: u64) -> OwnedFd {
+        let name = c"outboard-test";
+        // SAFETY: memfd_create with a valid C string; returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a new descriptor nobody else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let f = File::from(fd);
+        f.set_len(len).unwrap();
+        OwnedFd::from(f)
+    }
+
+    fn region(gpa: u64, size: u64, uva: u64, offset: u64, fd: OwnedFd) -> MemoryRegion {
+        MemoryRegion {
+            region: VhostUserMemoryRegion::new(gpa, size, uva, offset),
+            fd,
+        }
+    }
+
+    #[test]
+    fn maps_regions_at_offsets_and_translates() {
+        let fd = memfd(0x3000);
+        let mut f = File::from(fd.try_clone().unwrap());
+        f.write_all(&[0u8; 0x1000]).unwrap();
+        f.write_all(b"hello").unwrap();
+        let mut t = MemoryTable::new();
+        t.replace(vec![region(0x10000, 0x2000, 0x7f00_0000, 0x1000, fd)])
+            .unwrap();
+        let mem = t.guest_memory();
+        let mut buf = [0u8; 5];
+        mem.read_slice(&mut buf, GuestAddress(0x10000)).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(t.vva_to_gpa(0x7f00_0010, 16), Some(0x10010));
+        assert_eq!(t.vva_to_gpa(0x7f00_1ff0, 32), None);
+        assert_eq!(t.vva_to_gpa(0x6f00_0000, 1), None);
+        assert!(mem.address_in_range(GuestAddress(0x11fff)));
+        assert!(!mem.address_in_range(GuestAddress(0x12000)));
+    }
+
+    #[test]
+    fn refuses_short_files_overflow_and_overlap() {
+        let mut t = MemoryTable::new();
+        let e = t
+            .replace(vec![region(0, 0x2000, 0, 0x1000, memfd(0x2000))])
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            MemoryTableError::FileTooShort {
+                need: 0x3000,
+                have: 0x2000,
+                ..
+            }
+        ));
+        let e = t
+            .replace(vec![region(u64::MAX - 10, 0x1000, 0, 0, memfd(0x1000))])
+            .unwrap_err();
+        assert!(matches!(e, MemoryTableError::Range { .. }));
+        let e = t
+            .replace(vec![
+                region(0, 0x2000, 0x100000, 0, memfd(0x2000)),
+                region(0x1000, 0x2000, 0x200000, 0, memfd(0x2000)),
+            ])
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            MemoryTableError::Overlap {
+                gpa: 0x1000,
+                other: 0
+            }
+        ));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn add_and_remove_regions() {
+        let mut t = MemoryTable::new();
+        t.add(region(0, 0x1000, 0x100000, 0, memfd(0x1000)))
+            .unwrap();
+        t.add(region(0x1000, 0x1000, 0x200000, 0, memfd(0x1000)))
+            .unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.guest_memory().num_regions(), 2);
+        let e = t
+            .add(region(0x1800, 0x1000, 0x300000, 0, memfd(0x1000)))
+            .unwrap_err();
+        assert!(matches!(e, MemoryTableError::Overlap { .. }));
+        t.remove(&VhostUserMemoryRegion::new(0, 0x1000, 0, 0))
+            .unwrap();
+        assert_eq!(t.len(), 1);
+        let e = t
+            .remove(&VhostUserMemoryRegion::new(0, 0x1000, 0, 0))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            MemoryTableError::NoSuchRegion {
+                gpa: 0,
+                size: 0x1000
+            }
+        ));
+        for i in 0..(MAX_MEM_SLOTS as u64 - 1) {
+            t.add(region(
+                0x100000 * (i + 1),
+                0x1000,
+                0x10000000 * (i + 1),
+                0,
+                memfd(0x1000),
+            ))
+            .unwrap();
+        }
+        let e = t
+            .add(region(0x100, 0x100, 0x100, 0, memfd(0x1000)))
+            .unwrap_err();
+        assert!(matches!(e, MemoryTableError::TooManyRegions { .. }));
+    }
+}

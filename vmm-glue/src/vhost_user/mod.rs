@@ -1,0 +1,30 @@
+//! A vhost-user back-end daemon for any Outboard virtio device.
+//!
+//! - [`memory`]: the front-end's memory table (`SET_MEM_TABLE`, `ADD_MEM_REG`,
+//!   `REM_MEM_REG`), mapped with bounds checks and unmapped on replacement.
+//! - [`ring`]: rings the front-end starts and stops independently, presented to the
+//!   device as queues that may be empty; call eventfds and the back-end channel as the
+//!   device's interrupt.
+//! - [`backend`]: [`DeviceBackend`], which implements
+//!   `outboard_transport::VhostUserBackendReqHandler` over a
+//!   [`VirtioDevice`](outboard_devices::virtio::VirtioDevice): features, rings with the
+//!   current spec's states, EVENT_IDX, config space, `RESET_DEVICE`.
+//! - [`daemon`]: the worker loop (one thread and one epoll set per device) that accepts
+//!   a front-end, serves it, and after it leaves resets the device and listens again.
+//!
+//! # Ring states
+//!
+//! A ring starts when it receives `SET_VRING_KICK` and is enabled (at once when
+//! `VHOST_USER_F_PROTOCOL_FEATURES` was not negotiated, else by `SET_VRING_ENABLE`). The
+//! device is activated when the first ring starts; rings the front-end never starts
+//! (QEMU keeps vsock's event queue for itself) stay empty. `GET_VRING_BASE` stops the
+//! ring and returns its next available index; the device keeps its state, so a paused
+//! VM resumes with its connections. A ring that comes back with another index or other
+//! addresses means the driver was reset, and the device is reset too.
+
+pub mod backend;
+pub mod daemon;
+pub mod memory;
+pub mod ring;
+
+pub use backend::DeviceBackend;

@@ -1,0 +1,209 @@
+//! Rings as the device sees them while the front-end starts and stops them.
+//!
+//! An Outboard device is activated once with all its queues, but vhost-user starts and
+//! stops each ring on its own (a ring starts on `SET_VRING_KICK` and stops on
+//! `GET_VRING_BASE`; some rings, such as vsock's event queue under QEMU, are never
+//! handed over). So the device gets a [`SharedQueue`] per ring: a slot that holds the
+//! live rust-vmm queue while the ring runs and is empty while it does not (an empty
+//! ring has nothing available and takes nothing used). Likewise [`RingInterrupt`] holds
+//! the call eventfds that `SET_VRING_CALL` may replace at any time.
+//!
+//! The daemon runs the device and the vhost-user connection on one worker thread, so the
+//! locks here are never contended; they exist to make the sharing sound.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use outboard_devices::virtio::{DescChain, Interrupt, QueueError, VirtQueue};
+use outboard_transport::Backend;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::rust_vmm::RustVmmQueue;
+
+/// The guest memory a daemon's queues live in.
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The queue of a running ring, or nothing.
+pub type Slot = Arc<Mutex<Option<RustVmmQueue<Mem>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data has no invariant a panic could break half-way: keep using it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The device's view of one ring (see the module docs).
+#[derive(Debug)]
+pub struct SharedQueue {
+    slot: Slot,
+}
+
+impl SharedQueue {
+    /// A queue backed by `slot`.
+    pub fn new(slot: Slot) -> Self {
+        SharedQueue { slot }
+    }
+}
+
+const STOPPED: &str = "the ring is stopped";
+
+impl VirtQueue for SharedQueue {
+    fn pop(&mut self, chain: &mut DescChain) -> Result<bool, QueueError> {
+        match lock(&self.slot).as_mut() {
+            Some(q) => q.pop(chain),
+            None => {
+                chain.clear();
+                Ok(false)
+            }
+        }
+    }
+
+    fn undo_pop(&mut self) {
+        if let Some(q) = lock(&self.slot).as_mut() {
+            q.undo_pop();
+        }
+    }
+
+    fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        match lock(&self.slot).as_mut() {
+            Some(q) => q.add_used(head, len),
+            None => Err(QueueError::Used {
+                head,
+                reason: STOPPED.into(),
+            }),
+        }
+    }
+
+    fn needs_notification(&mut self) -> Result<bool, QueueError> {
+        match lock(&self.slot).as_mut() {
+            Some(q) => q.needs_notification(),
+            None => Ok(false),
+        }
+    }
+
+    fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        match lock(&self.slot).as_mut() {
+            Some(q) => q.enable_notification(),
+            None => Ok(false),
+        }
+    }
+
+    fn disable_notification(&mut self) -> Result<(), QueueError> {
+        match lock(&self.slot).as_mut() {
+            Some(q) => q.disable_notification(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Call eventfds per ring and the back-end channel, replaceable at any time.
+#[derive(Debug)]
+pub struct RingInterrupt {
+    calls: Vec<Mutex<Option<File>>>,
+    channel: Mutex<Option<Backend>>,
+}
+
+impl RingInterrupt {
+    /// An interrupt for `rings` rings, none of them wired yet.
+    pub fn new(rings: usize) -> Self {
+        RingInterrupt {
+            calls: (0..rings).map(|_| Mutex::new(None)).collect(),
+            channel: Mutex::new(None),
+        }
+    }
+
+    /// Sets (or clears) the call eventfd of `ring`; out-of-range rings are ignored (the
+    /// server checks indexes before).
+    pub fn set_call(&self, ring: usize, fd: Option<File>) {
+        if let Some(slot) = self.calls.get(ring) {
+            *lock(slot) = fd;
+        }
+    }
+
+    /// Sets (or clears) the back-end channel used for config-change notifications.
+    pub fn set_channel(&self, channel: Option<Backend>) {
+        *lock(&self.channel) = channel;
+    }
+
+    /// Forgets every fd and the channel.
+    pub fn clear(&self) {
+        for c in &self.calls {
+            *lock(c) = None;
+        }
+        self.set_channel(None);
+    }
+}
+
+impl Interrupt for RingInterrupt {
+    fn signal_used_queue(&self, queue: usize) {
+        let Some(slot) = self.calls.get(queue) else {
+            return;
+        };
+        if let Some(f) = lock(slot).as_mut() {
+            // An eventfd write of 1; it only fails if the counter would overflow, which
+            // means the front-end is not reading it and one more signal changes nothing.
+            if let Err(e) = f.write(&1u64.to_ne_bytes()) {
+                log::debug!("cannot signal ring {queue}: {e}");
+            }
+        }
+    }
+
+    fn signal_config_change(&self) {
+        if let Some(ch) = lock(&self.channel).as_ref() {
+            if let Err(e) = ch.config_change() {
+                log::warn!("cannot send CONFIG_CHANGE_MSG: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    fn eventfd() -> File {
+        // SAFETY: eventfd(2) with constant flags returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0);
+        // SAFETY: fd is new and owned by nobody else.
+        File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    #[test]
+    fn empty_slot_has_nothing_and_takes_nothing() {
+        let mut q = SharedQueue::new(Slot::default());
+        let mut chain = DescChain {
+            head: 7,
+            ..DescChain::default()
+        };
+        assert_eq!(q.pop(&mut chain), Ok(false));
+        assert_eq!(chain.head, 0);
+        assert!(matches!(
+            q.add_used(3, 0),
+            Err(QueueError::Used { head: 3, .. })
+        ));
+        assert_eq!(q.needs_notification(), Ok(false));
+        assert_eq!(q.enable_notification(), Ok(false));
+        assert_eq!(q.disable_notification(), Ok(()));
+        q.undo_pop();
+    }
+
+    #[test]
+    fn interrupt_signals_the_current_call_fd() {
+        let irq = RingInterrupt::new(2);
+        let fd = eventfd();
+        irq.set_call(1, Some(fd.try_clone().unwrap()));
+        irq.signal_used_queue(1);
+        irq.signal_used_queue(1);
+        irq.signal_used_queue(0); // not wired: nothing happens
+        irq.signal_used_queue(9); // out of range: ignored
+        let mut buf = [0u8; 8];
+        (&fd).read_exact(&mut buf).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 2);
+        irq.clear();
+        irq.signal_used_queue(1);
+        assert!((&fd).read(&mut buf).is_err()); // EAGAIN: nothing was written
+    }
+}

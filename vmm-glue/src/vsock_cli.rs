@@ -1,0 +1,534 @@
+//! The configuration of `outboard vsock`: one [`VmConfig`] per served VM, from
+//! `--vm` specs, the flat flags, or a `--config` file, validated before anything starts.
+//!
+//! The keys are vhost-device-vsock's, so its users can switch by changing the program
+//! name: `guest-cid`, `socket`, `uds-path`, `tx-buffer-size`, `queue-size`, `groups`
+//! (`_` may replace `-`). A config file is the YAML subset vhost-device-vsock reads:
+//!
+//! ```yaml
+//! vms:
+//!     - guest_cid: 4
+//!       socket: /tmp/vhost4.socket
+//!       uds_path: /tmp/vm4.vsock
+//!       tx_buffer_size: 262144
+//!       queue_size: 1024
+//!       groups: group1+group2
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use outboard_devices::vsock::{DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE};
+use remain::sorted;
+use thiserror::Error;
+
+/// Default largest ring size accepted from the front-end.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+/// One VM served by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The guest's context id.
+    pub guest_cid: u64,
+    /// The vhost-user socket the front-end connects to.
+    pub socket: PathBuf,
+    /// The muxer's AF_UNIX socket (`<uds_path>`, `<uds_path>_<port>`).
+    pub uds_path: PathBuf,
+    /// Per-connection TX buffer, also the credit given to the guest.
+    pub tx_buffer_size: u32,
+    /// Largest ring size accepted from the front-end.
+    pub queue_size: u16,
+    /// Sibling groups.
+    pub groups: Vec<String>,
+}
+
+/// Errors in the flags or the config file. Every variant names the offending value.
+#[sorted]
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A value could not be parsed.
+    #[error("{key}: {value:?} is not a valid {what}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What was expected.
+        what: &'static str,
+    },
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Two VMs use the same CID.
+    #[error("guest CID {0} is used by more than one VM")]
+    DuplicateCid(u64),
+    /// A key appears twice in one VM.
+    #[error("{0} is given twice for one VM")]
+    DuplicateKey(String),
+    /// Two VMs use the same socket path.
+    #[error("socket path {0} is used more than once")]
+    DuplicateSocket(String),
+    /// A reserved or out-of-range CID.
+    #[error("guest CID {0} is invalid: it must be between 3 and 4294967294")]
+    InvalidCid(u64),
+    /// An invalid group name.
+    #[error("group name {0:?} is invalid: use letters, digits, '_' and '-', joined with '+'")]
+    InvalidGroup(String),
+    /// A queue size that is not a power of two in range.
+    #[error("queue size {0} is invalid: it must be a power of two from 1 to 32768")]
+    InvalidQueueSize(u64),
+    /// A TX buffer size out of range.
+    #[error("tx buffer size {0} is invalid: it must be between 1 and {max}", max = MAX_TX_BUF_SIZE)]
+    InvalidTxBufferSize(u64),
+    /// A required key is missing.
+    #[error("{key} is missing{context}")]
+    Missing {
+        /// The key.
+        key: &'static str,
+        /// Where (e.g. " in --vm guest-cid=3").
+        context: String,
+    },
+    /// Several ways of describing VMs were mixed.
+    #[error(
+        "use only one of --vm, --config, and the flat flags (--guest-cid --socket --uds-path)"
+    )]
+    MixedForms,
+    /// No VM described at all.
+    #[error("no VM given: use --vm, --config, or --guest-cid/--socket/--uds-path")]
+    NoVm,
+    /// A config file line could not be understood.
+    #[error("config file line {line}: {reason}")]
+    Syntax {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An unknown key.
+    #[error("unknown key {0:?} (known: guest-cid, socket, uds-path, tx-buffer-size, queue-size, groups)")]
+    UnknownKey(String),
+}
+
+/// A VM being assembled from key/value pairs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VmBuilder {
+    guest_cid: Option<u64>,
+    socket: Option<PathBuf>,
+    uds_path: Option<PathBuf>,
+    tx_buffer_size: Option<u32>,
+    queue_size: Option<u16>,
+    groups: Option<Vec<String>>,
+}
+
+fn parse_num(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let v = value.trim();
+    let parsed = if let Some(hex) = v.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16)
+    } else {
+        v.parse()
+    };
+    parsed.map_err(|_| ConfigError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        what: "number",
+    })
+}
+
+fn parse_groups(value: &str) -> Result<Vec<String>, ConfigError> {
+    let groups: Vec<String> = value.split('+').map(str::to_string).collect();
+    for g in &groups {
+        let ok = !g.is_empty()
+            && g.len() <= 64
+            && g.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ok {
+            return Err(ConfigError::InvalidGroup(value.to_string()));
+        }
+    }
+    Ok(groups)
+}
+
+fn set<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<(), ConfigError> {
+    if slot.is_some() {
+        return Err(ConfigError::DuplicateKey(key.to_string()));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+impl VmBuilder {
+    /// Sets one key.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let norm = key.trim().replace('_', "-");
+        match norm.as_str() {
+            "guest-cid" => {
+                let cid = parse_num(&norm, value)?;
+                set(&mut self.guest_cid, &norm, cid)
+            }
+            "socket" | "socket-path" => set(&mut self.socket, "socket", PathBuf::from(value)),
+            "uds-path" => set(&mut self.uds_path, &norm, PathBuf::from(value)),
+            "tx-buffer-size" => {
+                let n = parse_num(&norm, value)?;
+                let n = u32::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=MAX_TX_BUF_SIZE).contains(n))
+                    .ok_or(ConfigError::InvalidTxBufferSize(n))?;
+                set(&mut self.tx_buffer_size, &norm, n)
+            }
+            "queue-size" => {
+                let n = parse_num(&norm, value)?;
+                let q = u16::try_from(n)
+                    .ok()
+                    .filter(|q| q.is_power_of_two() && *q <= 32768)
+                    .ok_or(ConfigError::InvalidQueueSize(n))?;
+                set(&mut self.queue_size, &norm, q)
+            }
+            "groups" => set(&mut self.groups, &norm, parse_groups(value)?),
+            _ => Err(ConfigError::UnknownKey(key.trim().to_string())),
+        }
+    }
+
+    /// Checks and completes the VM; `context` names where it came from.
+    pub fn build(self, context: &str) -> Result<VmConfig, ConfigError> {
+        let missing = |key| ConfigError::Missing {
+            key,
+            context: context.to_string(),
+        };
+        let guest_cid = self.guest_cid.ok_or_else(|| missing("guest-cid"))?;
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(ConfigError::InvalidCid(guest_cid));
+        }
+        Ok(VmConfig {
+            guest_cid,
+            socket: self.socket.ok_or_else(|| missing("socket"))?,
+            uds_path: self.uds_path.ok_or_else(|| missing("uds-path"))?,
+            tx_buffer_size: self.tx_buffer_size.unwrap_or(DEFAULT_TX_BUF_SIZE),
+            queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            groups: self.groups.unwrap_or_else(|| vec!["default".to_string()]),
+        })
+    }
+}
+
+/// Parses one `--vm` value: `key=value` pairs separated by commas.
+pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
+    let mut b = VmBuilder::default();
+    for pair in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| ConfigError::BadValue {
+            key: "--vm".into(),
+            value: pair.to_string(),
+            what: "key=value pair",
+        })?;
+        b.set(k, v)?;
+    }
+    b.build(&format!(" in --vm {spec}"))
+}
+
+fn unquote(v: &str) -> &str {
+    let v = v.trim();
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|s| s.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    v
+}
+
+fn strip_comment(line: &str) -> &str {
+    // A '#' at the start or after whitespace starts a comment (YAML's rule).
+    let bytes = line.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()) {
+            return &line[..i];
+        }
+    }
+    line
+}
+
+/// Parses a config file's text (see the module docs).
+pub fn parse_config(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
+    let mut vms = Vec::new();
+    let mut current: Option<(VmBuilder, usize)> = None;
+    let mut seen_vms = false;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = strip_comment(raw);
+        if line.trim().is_empty() || line.trim() == "---" {
+            continue;
+        }
+        let syntax = |reason: &str| ConfigError::Syntax {
+            line: line_no,
+            reason: reason.to_string(),
+        };
+        let trimmed = line.trim();
+        if !line.starts_with([' ', '\t', '-']) {
+            if trimmed != "vms:" {
+                return Err(syntax(&format!("expected \"vms:\", found {trimmed:?}")));
+            }
+            if seen_vms {
+                return Err(syntax("\"vms:\" appears twice"));
+            }
+            seen_vms = true;
+            continue;
+        }
+        if !seen_vms {
+            return Err(syntax("entries must follow \"vms:\""));
+        }
+        let entry = if let Some(rest) = trimmed.strip_prefix('-') {
+            if let Some((b, at)) = current.take() {
+                vms.push(b.build(&format!(" in the VM at line {at}"))?);
+            }
+            current = Some((VmBuilder::default(), line_no));
+            rest.trim()
+        } else {
+            trimmed
+        };
+        if entry.is_empty() {
+            continue;
+        }
+        let (k, v) = entry
+            .split_once(':')
+            .ok_or_else(|| syntax(&format!("expected \"key: value\", found {entry:?}")))?;
+        let Some((b, _)) = current.as_mut() else {
+            return Err(syntax("a key outside a \"- \" list entry"));
+        };
+        b.set(k, unquote(v)).map_err(|e| ConfigError::Syntax {
+            line: line_no,
+            reason: e.to_string(),
+        })?;
+    }
+    if let Some((b, at)) = current.take() {
+        vms.push(b.build(&format!(" in the VM at line {at}"))?);
+    }
+    if vms.is_empty() {
+        return Err(ConfigError::NoVm);
+    }
+    Ok(vms)
+}
+
+/// The flat flags, as given.
+#[derive(Debug, Default, Clone)]
+pub struct FlatFlags {
+    /// `--guest-cid`.
+    pub guest_cid: Option<String>,
+    /// `--socket`.
+    pub socket: Option<String>,
+    /// `--uds-path`.
+    pub uds_path: Option<String>,
+    /// `--tx-buffer-size`.
+    pub tx_buffer_size: Option<String>,
+    /// `--queue-size`.
+    pub queue_size: Option<String>,
+    /// `--groups`.
+    pub groups: Option<String>,
+}
+
+impl FlatFlags {
+    fn any(&self) -> bool {
+        self.guest_cid.is_some()
+            || self.socket.is_some()
+            || self.uds_path.is_some()
+            || self.tx_buffer_size.is_some()
+            || self.queue_size.is_some()
+            || self.groups.is_some()
+    }
+
+    fn build(&self) -> Result<VmConfig, ConfigError> {
+        let mut b = VmBuilder::default();
+        let pairs = [
+            ("guest-cid", &self.guest_cid),
+            ("socket", &self.socket),
+            ("uds-path", &self.uds_path),
+            ("tx-buffer-size", &self.tx_buffer_size),
+            ("queue-size", &self.queue_size),
+            ("groups", &self.groups),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                b.set(k, v)?;
+            }
+        }
+        b.build(" (flags)")
+    }
+}
+
+/// Resolves the VMs from exactly one of the three forms and checks them together.
+pub fn resolve(
+    specs: &[String],
+    flat: &FlatFlags,
+    config_text: Option<&str>,
+) -> Result<Vec<VmConfig>, ConfigError> {
+    let forms = usize::from(!specs.is_empty())
+        + usize::from(flat.any())
+        + usize::from(config_text.is_some());
+    if forms > 1 {
+        return Err(ConfigError::MixedForms);
+    }
+    let vms = if !specs.is_empty() {
+        specs
+            .iter()
+            .map(|s| parse_vm_spec(s))
+            .collect::<Result<Vec<_>, _>>()?
+    } else if let Some(text) = config_text {
+        parse_config(text)?
+    } else if flat.any() {
+        vec![flat.build()?]
+    } else {
+        return Err(ConfigError::NoVm);
+    };
+    check_unique(&vms)?;
+    Ok(vms)
+}
+
+fn check_unique(vms: &[VmConfig]) -> Result<(), ConfigError> {
+    let mut cids = BTreeSet::new();
+    let mut paths = BTreeSet::new();
+    for vm in vms {
+        if !cids.insert(vm.guest_cid) {
+            return Err(ConfigError::DuplicateCid(vm.guest_cid));
+        }
+        for p in [&vm.socket, &vm.uds_path] {
+            if !paths.insert(p.clone()) {
+                return Err(ConfigError::DuplicateSocket(p.display().to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_spec_with_every_key() {
+        let vm = parse_vm_spec(
+            "guest-cid=4,socket=/tmp/a.sock,uds-path=/tmp/a.vsock,tx-buffer-size=65536,queue-size=512,groups=a+b_2",
+        )
+        .unwrap();
+        assert_eq!(
+            vm,
+            VmConfig {
+                guest_cid: 4,
+                socket: "/tmp/a.sock".into(),
+                uds_path: "/tmp/a.vsock".into(),
+                tx_buffer_size: 65536,
+                queue_size: 512,
+                groups: vec!["a".into(), "b_2".into()],
+            }
+        );
+        let d = parse_vm_spec("guest_cid=3,socket=/s,uds_path=/u").unwrap();
+        assert_eq!(d.tx_buffer_size, DEFAULT_TX_BUF_SIZE);
+        assert_eq!(d.queue_size, DEFAULT_QUEUE_SIZE);
+        assert_eq!(d.groups, vec!["default".to_string()]);
+    }
+
+    #[test]
+    fn vm_spec_errors_name_the_value() {
+        let e = |s: &str| parse_vm_spec(s).unwrap_err();
+        assert_eq!(
+            e("guest-cid=2,socket=/s,uds-path=/u"),
+            ConfigError::InvalidCid(2)
+        );
+        assert_eq!(
+            e("guest-cid=4294967295,socket=/s,uds-path=/u"),
+            ConfigError::InvalidCid(4294967295)
+        );
+        assert_eq!(
+            e("guest-cid=3,socket=/s,uds-path=/u,queue-size=1000"),
+            ConfigError::InvalidQueueSize(1000)
+        );
+        assert_eq!(
+            e("guest-cid=3,socket=/s,uds-path=/u,tx-buffer-size=0"),
+            ConfigError::InvalidTxBufferSize(0)
+        );
+        assert_eq!(
+            e("guest-cid=3,socket=/s,uds-path=/u,groups=a++b"),
+            ConfigError::InvalidGroup("a++b".into())
+        );
+        assert_eq!(
+            e("guest-cid=3,socket=/s,uds-path=/u,color=red"),
+            ConfigError::UnknownKey("color".into())
+        );
+        assert_eq!(
+            e("guest-cid=3,guest-cid=4,socket=/s,uds-path=/u"),
+            ConfigError::DuplicateKey("guest-cid".into())
+        );
+        assert!(matches!(e("guest-cid=x3"), ConfigError::BadValue { value, .. } if value == "x3"));
+        assert!(matches!(
+            e("guest-cid=3,socket=/s"),
+            ConfigError::Missing {
+                key: "uds-path",
+                ..
+            }
+        ));
+        assert!(e("guest-cid=2,socket=/s,uds-path=/u")
+            .to_string()
+            .contains("guest CID 2"));
+    }
+
+    #[test]
+    fn config_file_in_vhost_device_vsock_form() {
+        let text = "# two VMs\nvms:\n    - guest_cid: 4\n      socket: /tmp/vhost4.socket\n      uds_path: \"/tmp/vm4.vsock\"\n      tx_buffer_size: 65536\n      queue_size: 1024\n      groups: group1+group2\n    - guest_cid: 5 # the other\n      socket: /tmp/vhost5.socket\n      uds_path: /tmp/vm5.vsock\n";
+        let vms = parse_config(text).unwrap();
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].uds_path, PathBuf::from("/tmp/vm4.vsock"));
+        assert_eq!(
+            vms[0].groups,
+            vec!["group1".to_string(), "group2".to_string()]
+        );
+        assert_eq!(vms[1].guest_cid, 5);
+        assert_eq!(vms[1].tx_buffer_size, DEFAULT_TX_BUF_SIZE);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_line() {
+        let e = parse_config("vms:\n  - guest_cid: 3\n    sockt: /s\n").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Syntax { line: 3, ref reason } if reason.contains("sockt"))
+        );
+        let e = parse_config("machines:\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 1, .. }));
+        let e = parse_config("vms:\n  - guest_cid: 3\n    socket: /s\n").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Missing { key: "uds-path", ref context } if context.contains("line 2"))
+        );
+        assert_eq!(parse_config("vms:\n"), Err(ConfigError::NoVm));
+    }
+
+    #[test]
+    fn resolve_rejects_duplicates_and_mixed_forms() {
+        let specs = vec![
+            "guest-cid=3,socket=/a,uds-path=/ua".to_string(),
+            "guest-cid=3,socket=/b,uds-path=/ub".to_string(),
+        ];
+        assert_eq!(
+            resolve(&specs, &FlatFlags::default(), None),
+            Err(ConfigError::DuplicateCid(3))
+        );
+        let specs = vec![
+            "guest-cid=3,socket=/a,uds-path=/ua".to_string(),
+            "guest-cid=4,socket=/a,uds-path=/ub".to_string(),
+        ];
+        assert_eq!(
+            resolve(&specs, &FlatFlags::default(), None),
+            Err(ConfigError::DuplicateSocket("/a".into()))
+        );
+        let flat = FlatFlags {
+            guest_cid: Some("3".into()),
+            socket: Some("/s".into()),
+            uds_path: Some("/u".into()),
+            ..FlatFlags::default()
+        };
+        assert_eq!(resolve(&specs, &flat, None), Err(ConfigError::MixedForms));
+        assert_eq!(resolve(&[], &flat, None).unwrap()[0].guest_cid, 3);
+        assert_eq!(
+            resolve(&[], &FlatFlags::default(), None),
+            Err(ConfigError::NoVm)
+        );
+    }
+}
