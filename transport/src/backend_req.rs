@@ -8,8 +8,14 @@
 //! their own copy.
 //!
 //! Every request is checked locally before it is sent: its protocol feature must have
-//! been negotiated and fds need `BACKEND_SEND_FD`. When `REPLY_ACK` was negotiated,
-//! requests without a reply set NEED_REPLY and the front-end's status is checked.
+//! been negotiated, and an optional fd (`VRING_HOST_NOTIFIER_MSG`) needs
+//! `BACKEND_SEND_FD`. When `REPLY_ACK` was negotiated, requests without a reply set
+//! NEED_REPLY and the front-end's status is checked.
+//!
+//! Do not send from inside a [`VhostUserBackendReqHandler`](crate::VhostUserBackendReqHandler)
+//! call that the front-end is waiting on: a front-end such as QEMU does not serve this
+//! channel while it waits for a reply on the main socket, and with `REPLY_ACK` both
+//! sides would wait for each other. Send from a device worker thread.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -218,7 +224,10 @@ impl Backend {
         if let Some(f) = req.rules.feature {
             needed |= f;
         }
-        if !req.fds.is_empty() {
+        if !req.fds.is_empty() && req.rules.fds != FdCount::One {
+            // Requests that always carry an fd (SHMEM_MAP, crosvm's GPU_MAP) are gated by
+            // their own feature: QEMU, crosvm and rust-vmm accept their fd without
+            // BACKEND_SEND_FD (crosvm's front-end never negotiates it).
             needed |= VhostUserProtocolFeatures::BACKEND_SEND_FD;
         }
         if !inner.features.contains(needed) {

@@ -282,7 +282,9 @@ impl<S: VhostUserFrontendReqHandler> FrontendReqHandler<S> {
         if let Some(f) = rules.feature {
             needed |= f;
         }
-        if !fds.is_empty() {
+        if !fds.is_empty() && rules.fds != FdCount::One {
+            // An fd on a request that always carries one (SHMEM_MAP, GPU_MAP) is gated by
+            // the request's own feature, as QEMU, crosvm and rust-vmm do.
             needed |= VhostUserProtocolFeatures::BACKEND_SEND_FD;
         }
         if !self.features.contains(needed) {

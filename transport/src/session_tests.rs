@@ -1016,7 +1016,7 @@ fn back_end_channel_refuses_hostile_requests() {
 
 #[test]
 fn backend_sender_checks_features_locally() {
-    let (ours, _theirs) = Connection::pair().unwrap();
+    let (ours, theirs) = Connection::pair().unwrap();
     let backend = Backend::new(ours, VhostUserProtocolFeatures::BACKEND_REQ);
     assert!(matches!(
         backend.config_change(),
@@ -1024,14 +1024,34 @@ fn backend_sender_checks_features_locally() {
     ));
     let fd = probe_fd("sender-gate");
     let map = VhostUserMMap::new(0, 0, 0, 0x1000, VhostUserMMapFlags::empty());
-    backend.set_protocol_features(
-        VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::SHMEM,
-    );
-    // Fds need BACKEND_SEND_FD.
     assert!(matches!(
         backend.shmem_map(&map, fd.as_fd()),
+        Err(Error::FeatureMismatch { feature, .. }) if feature == VhostUserProtocolFeatures::SHMEM
+    ));
+    backend.set_protocol_features(
+        VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::SHMEM
+            | VhostUserProtocolFeatures::HOST_NOTIFIER,
+    );
+    // SHMEM_MAP always carries its fd: SHMEM is enough (no REPLY_ACK: no reply awaited).
+    backend.shmem_map(&map, fd.as_fd()).unwrap();
+    // An optional fd needs BACKEND_SEND_FD.
+    assert!(matches!(
+        backend.vring_host_notifier(0, 0x1000, 0, Some(fd.as_fd())),
         Err(Error::FeatureMismatch { feature, .. }) if feature == VhostUserProtocolFeatures::BACKEND_SEND_FD
     ));
+    backend.vring_host_notifier(0, 0, 0, None).unwrap();
+    // What went out: the map with its fd, then the notifier without.
+    let m = theirs.recv().unwrap();
+    assert_eq!(
+        (m.header.request, m.fds.len()),
+        (BackendReq::SHMEM_MAP.code(), 1)
+    );
+    let m = theirs.recv().unwrap();
+    assert_eq!(
+        (m.header.request, m.fds.len()),
+        (BackendReq::VRING_HOST_NOTIFIER_MSG.code(), 0)
+    );
 }
 
 #[test]
