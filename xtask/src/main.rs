@@ -26,7 +26,7 @@ use vm::Backend;
 /// One step of the CI gate.
 struct Step {
     name: &'static str,
-    program: &'static str,
+    program: String,
     args: Vec<&'static str>,
     env: Vec<(&'static str, &'static str)>,
 }
@@ -35,7 +35,20 @@ impl Step {
     fn cargo(name: &'static str, args: &[&'static str]) -> Step {
         Step {
             name,
-            program: "cargo",
+            program: "cargo".into(),
+            args: args.to_vec(),
+            env: Vec::new(),
+        }
+    }
+
+    /// A subcommand of this xtask binary, run as its own process.
+    fn xtask(name: &'static str, args: &[&'static str]) -> Step {
+        let program = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "cargo-xtask-missing".into());
+        Step {
+            name,
+            program,
             args: args.to_vec(),
             env: Vec::new(),
         }
@@ -72,6 +85,8 @@ fn ci_steps() -> Vec<Step> {
             &["doc", "--workspace", "--no-deps", "--all-features"],
         )
         .env("RUSTDOCFLAGS", "-D warnings"),
+        // A real Linux guest under QEMU talking vsock through `outboard vsock`.
+        Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
     ]
 }
 
@@ -85,7 +100,7 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
             step.args.join(" ")
         );
         let start = Instant::now();
-        let status = Command::new(step.program)
+        let status = Command::new(&step.program)
             .args(&step.args)
             .envs(step.env.iter().copied())
             .status();
@@ -98,7 +113,7 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
     println!("\n==> summary");
     for (name, ok, took) in &results {
         println!(
-            "  {:<28} {:<4} {:>7.1}s",
+            "  {:<36} {:<4} {:>7.1}s",
             name,
             if *ok { "ok" } else { "FAIL" },
             took.as_secs_f64()

@@ -22,6 +22,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+hostname outboard-guest
 for m in $(cat /modules/order); do
     insmod /modules/$m || echo "outboard-e2e: insmod $m failed"
 done
