@@ -284,8 +284,10 @@ fn exit_now(code: i32) -> ! {
 
 /// Forks a child confined by `jail` that runs `f`, and returns once the jail is set up.
 ///
-/// Only the fds in `keep_fds` (plus stdio unless [`Jail::close_stdio`]) stay open in the
-/// child. The child never returns into the caller's code: after `f` it calls `_exit(0)`
+/// Only the fds numbered in `keep_fds` (plus stdio unless [`Jail::close_stdio`]) stay
+/// open in the child; typically they belong to the state `f` captures, and they must stay
+/// open in the caller until `fork_process` returns. Numbers rather than `BorrowedFd`s, so
+/// that their owners can move into `f`. The child never returns into the caller's code: after `f` it calls `_exit(0)`
 /// (`_exit(101)` if `f` panicked), so no destructor of the parent's state runs twice.
 /// `name` (at most 15 bytes are used) becomes the child's `comm`.
 ///
@@ -293,12 +295,11 @@ fn exit_now(code: i32) -> ! {
 /// forking a multi-threaded process means for `f`.
 pub fn fork_process<F: FnOnce()>(
     jail: &Jail,
-    keep_fds: &[BorrowedFd<'_>],
+    keep_fds: &[RawFd],
     name: Option<&str>,
     f: F,
 ) -> Result<Child, ForkError> {
-    let raw_keep: Vec<RawFd> = keep_fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let mut prepared = jail.prepare(&raw_keep)?;
+    let mut prepared = jail.prepare(keep_fds)?;
     let name = name.and_then(|n| {
         let bytes: Vec<u8> = n.bytes().filter(|&b| b != 0).take(15).collect();
         CString::new(bytes).ok()

@@ -1,7 +1,7 @@
 //! [`Jail`]: what a forked device process is confined with.
 //!
 //! A `Jail` is a plain description built in the parent. [`crate::fork_process`] turns it
-//! into a [`Prepared`] jail *before* forking — every path becomes a `CString`, the
+//! into a prepared jail *before* forking — every path becomes a `CString`, the
 //! seccomp policy is compiled to BPF, the Landlock ruleset is created and filled (it is an
 //! fd), rlimits and the keep-list are sorted — so the child only issues system calls.
 //!

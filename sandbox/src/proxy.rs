@@ -27,7 +27,7 @@
 //! trait's `Err`), and every later call fails fast. Reads then return all-ones bytes
 //! ([`FAILED_READ`]), like a bus with nothing on it, and log an error.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -213,12 +213,13 @@ struct IntfHeader {
 }
 
 impl ChildProcIntf {
-    /// Forks `device` into a child confined by `jail`. Only `keep_fds` (which must cover
-    /// every fd the device uses) and the proxy's own channel stay open in the child.
+    /// Forks `device` into a child confined by `jail`. Only the fds numbered in
+    /// `keep_fds` (which must cover every fd the device uses) and the proxy's own channel
+    /// stay open in the child.
     pub fn new<D: BusDevice>(
         device: D,
         jail: &Jail,
-        keep_fds: &[BorrowedFd<'_>],
+        keep_fds: &[RawFd],
     ) -> Result<ChildProcIntf, ProxyError> {
         let debug_label = device.debug_label();
         let (tube, child_tube) = Tube::pair().map_err(ProxyError::TubeSetup)?;
@@ -229,17 +230,9 @@ impl ChildProcIntf {
             })
         })?;
         let child_ring = SharedRing::from_fd(child_ring_fd).map_err(ProxyError::RingSetup)?;
-        let mut keep: Vec<BorrowedFd<'_>> = keep_fds.to_vec();
-        keep.push(child_tube.as_fd());
-        keep.push(child_ring.fd());
-        // The keep-list borrows the child's ends; take raw copies so they can move into
-        // the closure (the fds stay open: the closure owns them).
-        let keep: Vec<BorrowedFd<'_>> = keep
-            .iter()
-            // SAFETY: every fd is owned by `keep_fds`' owners, `child_tube` or
-            // `child_ring`, all of which outlive the `fork_process` call below.
-            .map(|fd| unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(fd)) })
-            .collect();
+        let mut keep = keep_fds.to_vec();
+        keep.push(child_tube.as_fd().as_raw_fd());
+        keep.push(child_ring.fd().as_raw_fd());
         let child = fork_process(jail, &keep, Some(&debug_label), move || {
             child_proc(child_tube, child_ring, device);
         })?;
@@ -576,7 +569,7 @@ impl ProxyDevice {
     pub fn new<D: BusDevice>(
         device: D,
         jail: &Jail,
-        keep_fds: &[BorrowedFd<'_>],
+        keep_fds: &[RawFd],
     ) -> Result<ProxyDevice, ProxyError> {
         ChildProcIntf::new(device, jail, keep_fds)?.try_into()
     }

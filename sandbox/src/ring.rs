@@ -116,6 +116,10 @@ struct Layout {
     magic: Padded,
     head: Padded,
     child_sleeping: Padded,
+    /// The CPU each side last ran on (`u32::MAX`: unknown), to skip spinning when both
+    /// share one CPU: spinning then only delays the peer.
+    parent_cpu: Padded,
+    child_cpu: Padded,
     done: Padded,
     parent_sleeping: Padded,
     entries: [Entry; RING_ENTRIES as usize],
@@ -303,6 +307,18 @@ fn futex_wake(word: &AtomicU32) {
     }
 }
 
+/// Records the CPU we run on in `mine` and tells whether the peer last ran there too.
+fn shares_cpu(mine: &AtomicU32, peer: &AtomicU32) -> bool {
+    // SAFETY: sched_getcpu takes no arguments; it reads the CPU number from rseq or the
+    // vDSO (no system call on current glibc and kernels).
+    let cpu = unsafe { libc::sched_getcpu() };
+    let cpu = if cpu < 0 { u32::MAX } else { cpu as u32 };
+    if mine.load(Ordering::Relaxed) != cpu {
+        mine.store(cpu, Ordering::Relaxed);
+    }
+    cpu != u32::MAX && peer.load(Ordering::Relaxed) == cpu
+}
+
 /// How long a side spins and yields before sleeping.
 #[derive(Clone, Copy, Debug)]
 pub struct WaitPolicy {
@@ -426,7 +442,13 @@ impl Producer {
         alive: &mut dyn FnMut() -> bool,
     ) -> Result<(), RingError> {
         let p = PRODUCER_WAIT;
-        for _ in 0..p.spins {
+        let l = self.ring.layout();
+        let spins = if shares_cpu(&l.parent_cpu.0, &l.child_cpu.0) {
+            0
+        } else {
+            p.spins
+        };
+        for _ in 0..spins {
             if self.done_reached(target)? {
                 return Ok(());
             }
@@ -439,7 +461,6 @@ impl Producer {
             std::thread::yield_now();
         }
         let start = Instant::now();
-        let l = self.ring.layout();
         loop {
             l.parent_sleeping.0.store(1, Ordering::SeqCst);
             let done = l.done.0.load(Ordering::SeqCst);
@@ -519,7 +540,12 @@ impl Consumer {
         let l = self.ring.layout();
         let c = CONSUMER_WAIT;
         if spin {
-            for _ in 0..c.spins {
+            let spins = if shares_cpu(&l.child_cpu.0, &l.parent_cpu.0) {
+                0
+            } else {
+                c.spins
+            };
+            for _ in 0..spins {
                 let n = self.check(l.head.0.load(Ordering::Acquire));
                 if n != Next::Idle {
                     return n;

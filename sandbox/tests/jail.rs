@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,13 +24,13 @@ use seccompiler::SeccompAction;
 /// Returns the report and how the child ended.
 fn observe(
     jail: &Jail,
-    extra_keep: &[BorrowedFd<'_>],
+    extra_keep: &[RawFd],
     probe: fn() -> String,
 ) -> Result<(String, ExitStatus), String> {
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(e("pipe"))?;
     let raw = w.as_raw_fd();
     let mut keep = extra_keep.to_vec();
-    keep.push(w.as_fd());
+    keep.push(raw);
     let mut child = fork_process(jail, &keep, Some("probe"), move || {
         let report = probe();
         write_all(raw, report.as_bytes());
@@ -400,7 +400,7 @@ fn keep_list_only() -> Result<(), String> {
     let raw = w.as_raw_fd();
     let mut child = fork_process(
         &Jail::new().close_stdio(),
-        &[kept.as_fd(), w.as_fd()],
+        &[kept.as_raw_fd(), raw],
         None,
         move || write_all(raw, probe_fds().as_bytes()),
     )

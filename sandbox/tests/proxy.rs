@@ -544,11 +544,9 @@ fn test_seccomp_kill_in_pid_namespace_is_relayed() -> Result<(), String> {
 
 fn test_drop_shuts_down_and_reaps() -> Result<(), String> {
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(e("pipe"))?;
-    let raw = w.as_raw_fd();
-    let device = FullDevice::new(Some(w));
-    // SAFETY: `device` owns the fd and lives until `ProxyDevice::new` returns.
-    let keep = [unsafe { BorrowedFd::borrow_raw(raw) }];
-    let p = ProxyDevice::new(device, &Jail::sandboxed(), &keep).map_err(e("new"))?;
+    let keep = [w.as_raw_fd()];
+    let p =
+        ProxyDevice::new(FullDevice::new(Some(w)), &Jail::sandboxed(), &keep).map_err(e("new"))?;
     let pid = p.pid();
     let start = Instant::now();
     drop(p);
