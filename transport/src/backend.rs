@@ -453,10 +453,13 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
         // The whole message has been consumed: from here on a refusal keeps the stream
         // in step.
         self.peer_waiting = false;
+        // REPLY_ACK before or after this request (SET_PROTOCOL_FEATURES changes it):
+        // rust-vmm's front-end judges by the state after, ours by the state before.
+        let ack_before = self.reply_ack();
         let result = self.dispatch(&header, body, fds);
         match result {
             Ok(Response::Ack) => {
-                if header.need_reply() && self.reply_ack() {
+                if header.need_reply() && (ack_before || self.reply_ack()) {
                     self.send_reply(&header, VhostUserU64::new(0).as_bytes(), None)?;
                 }
                 Ok(())

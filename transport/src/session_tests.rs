@@ -1086,3 +1086,31 @@ fn listener_accepts_front_ends_and_cleans_up() {
         Err(Error::SocketConnect(_))
     ));
 }
+
+#[test]
+fn renegotiating_protocol_features_keeps_acks_in_step() {
+    let (fe_conn, be_conn) = Connection::pair().unwrap();
+    // A missing ack would block forever; make it a timeout error instead.
+    fe_conn
+        .socket()
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let server = thread::spawn(move || {
+        let mut h = BackendReqHandler::new(be_conn, Recorder::new());
+        h.run().unwrap();
+        h.protocol_features()
+    });
+    let mut fe = Frontend::new(fe_conn);
+    fe.get_features().unwrap();
+    fe.set_owner().unwrap();
+    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ)
+        .unwrap();
+    // Sent with NEED_REPLY (REPLY_ACK is negotiated), and it turns REPLY_ACK off: the
+    // back-end still acks, by the state before the request.
+    fe.set_protocol_features(VhostUserProtocolFeatures::MQ)
+        .unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    fe.set_vring_num(0, 64).unwrap();
+    drop(fe);
+    assert_eq!(server.join().unwrap(), VhostUserProtocolFeatures::MQ);
+}

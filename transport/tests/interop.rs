@@ -256,9 +256,10 @@ fn their_frontend_drives_our_backend() {
     assert_eq!(fe.get_features().unwrap(), FEATURES);
     let pf = fe.get_protocol_features().unwrap();
     assert_eq!(pf.bits(), ob::VhostUserProtocolFeatures::all().bits());
-    fe.set_protocol_features(pf).unwrap();
-    // From here on every request asks for a REPLY_ACK status.
+    // Every request from here on asks for a REPLY_ACK status, SET_PROTOCOL_FEATURES
+    // included: rust-vmm waits for that ack by the newly negotiated state.
     fe.set_hdr_flags(rvm::VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_protocol_features(pf).unwrap();
     fe.set_features(FEATURES & !1).unwrap();
     assert_eq!(fe.get_queue_num().unwrap(), 2);
     assert_eq!(fe.get_max_mem_slots().unwrap(), 16);
