@@ -56,6 +56,31 @@ pub const DEFAULT_COLD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `Drop` waits for the child to shut down before killing it.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The system calls the proxy's own child loop makes (ring waits, Tube messages, memory
+/// allocation, exit). A seccomp allow-list for a proxied device is this list plus what
+/// the device itself needs; see `SeccompPolicy::allow_list`.
+pub const CHILD_SYSCALLS: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Debug builds check with F_GETFD that a dropped OwnedFd was still open.
+    libc::SYS_fcntl,
+    libc::SYS_futex,
+    libc::SYS_getcpu,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_recvmsg,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sched_yield,
+    libc::SYS_sendmsg,
+    libc::SYS_write,
+];
+
 /// Ring entry operation codes.
 mod op {
     pub const READ: u32 = 1;

@@ -597,6 +597,84 @@ fn test_intf_crosses_a_tube_and_activates_once() -> Result<(), String> {
     Ok(())
 }
 
+/// The documented child syscall list is enough for a proxied device under a
+/// kill-by-default allow-list.
+fn test_tight_seccomp_allow_list() -> Result<(), String> {
+    let policy = SeccompPolicy::allow_list(
+        outboard_sandbox::proxy::CHILD_SYSCALLS,
+        SeccompAction::KillProcess,
+    )
+    .map_err(e("policy"))?;
+    let mut p = ProxyDevice::new(
+        FullDevice::new(None),
+        &Jail::sandboxed().seccomp(policy),
+        &[],
+    )
+    .map_err(e("new"))?;
+    for i in 0..100u64 {
+        p.write(at(8), &i.to_le_bytes());
+        ensure!(read_u64(&p, 8)? == i, "register");
+    }
+    ensure!(
+        p.config_register_write(4, 0, &[1, 0, 0, 0]).mmio_add.len() == 1,
+        "config write result"
+    );
+    p.sleep().map_err(e("sleep"))?;
+    let snap = p.snapshot().map_err(e("snapshot"))?;
+    p.restore(snap).map_err(e("restore"))?;
+    p.wake().map_err(e("wake"))?;
+    ensure!(p.get_ranges().len() == 2, "ranges");
+    let pid = p.pid();
+    p.shutdown(Duration::from_secs(1)).map_err(e("shutdown"))?;
+    ensure!(
+        p.exit_status() == Some(ExitStatus::Exited(0)),
+        "{:?}",
+        p.exit_status()
+    );
+    ensure!(gone(pid), "zombie");
+    Ok(())
+}
+
+/// The child notices that the VMM died (its Tube end closed, no Shutdown) and exits.
+fn test_child_exits_when_vmm_dies() -> Result<(), String> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(e("pipe"))?;
+    let wraw = w.as_raw_fd();
+    common::in_fork(move || {
+        let p = ProxyDevice::new(EchoDevice::new(), &Jail::new(), &[]).map_err(e("new"))?;
+        let pid = p.pid().to_le_bytes();
+        // SAFETY: writes a local buffer to the pipe.
+        unsafe { libc::write(wraw, pid.as_ptr().cast(), pid.len()) };
+        // The "VMM" dies without dropping anything: no Shutdown, no kill.
+        std::mem::forget(p);
+        Ok(())
+    })?;
+    drop(w);
+    let mut pid = [0u8; 4];
+    std::fs::File::from(r)
+        .read_exact(&mut pid)
+        .map_err(e("read pid"))?;
+    let pid = rustix::process::Pid::from_raw(i32::from_le_bytes(pid)).ok_or("pid 0")?;
+    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return Ok(()),
+        Err(err) => return Err(format!("pidfd_open: {err}")),
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let ts = rustix::event::Timespec {
+        tv_sec: 2,
+        tv_nsec: 0,
+    };
+    let exited = matches!(rustix::event::poll(&mut fds, Some(&ts)), Ok(n) if n > 0);
+    if !exited {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+    }
+    ensure!(exited, "orphaned device process still runs");
+    Ok(())
+}
+
 fn test_jailed_proxy_works() -> Result<(), String> {
     let mut p = ProxyDevice::new(EchoDevice::new(), &Jail::sandboxed(), &[]).map_err(e("new"))?;
     for v in [1u8, 200, 42] {
@@ -642,6 +720,8 @@ fn main() {
             "intf_crosses_a_tube_and_activates_once",
             test_intf_crosses_a_tube_and_activates_once,
         ),
+        ("tight_seccomp_allow_list", test_tight_seccomp_allow_list),
+        ("child_exits_when_vmm_dies", test_child_exits_when_vmm_dies),
         ("jailed_proxy_works", test_jailed_proxy_works),
         (
             "jailed_proxy_works_unprivileged",
