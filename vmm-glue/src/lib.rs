@@ -3,6 +3,8 @@
 //! - [`rust_vmm`]: outboard-devices' VMM-facing traits over `vm-memory` and
 //!   `virtio-queue`, so a rust-vmm based VMM hands its memory and queues to any Outboard
 //!   device.
+//! - [`mmio`]: a virtio-mmio transport (virtio 1.x, version 2 registers) that makes any
+//!   Outboard virtio device a `BusDevice`.
 //! - [`vhost_user`]: a vhost-user back-end for any Outboard virtio device: memory table,
 //!   rings, worker loop with reconnection.
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
@@ -13,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod metrics;
+pub mod mmio;
 pub mod rust_vmm;
 pub mod vhost_user;
 pub mod vsock_cli;

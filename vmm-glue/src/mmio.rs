@@ -1,0 +1,776 @@
+//! A virtio-mmio transport (virtio 1.x, register layout version 2) that makes any
+//! Outboard [`VirtioDevice`] a [`BusDevice`].
+//!
+//! The guest driver programs the device through 32-bit registers: it reads the magic
+//! value, version and device id, negotiates features 32 bits at a time through the
+//! selector registers, sets up each queue (select, size, ready, ring addresses), and
+//! sets `DRIVER_OK`, at which point the device is activated with its queues (rust-vmm
+//! split queues over the VMM's guest memory, see [`crate::rust_vmm`]). Queue notifies
+//! call the device directly; used-buffer and config-change interrupts set the
+//! interrupt status register and signal an eventfd the VMM wires to the guest's
+//! interrupt line (an irqfd). Writing 0 to the status register resets the device.
+//!
+//! The device's own event fd ([`VirtioDevice::event_fd`]) must be polled by the VMM,
+//! which then calls [`MmioTransport::handle_device_event`].
+//!
+//! Everything the guest writes is untrusted: accesses of the wrong width or outside the
+//! register file are ignored (reads return zeros), queue sizes and selectors are bounds
+//! checked, features the device did not offer keep `FEATURES_OK` from being set, and
+//! queue addresses are validated against guest memory before activation.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use outboard_devices::bus::{BusAccessInfo, BusDevice, BusRange, BusType, DeviceId, Suspendable};
+use outboard_devices::virtio::{Interrupt, VirtQueue, VirtioDevice};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::rust_vmm::RustVmmQueue;
+
+/// `MagicValue`: "virt" in little-endian.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The register layout version this transport implements (virtio 1.x).
+pub const MMIO_VERSION: u32 = 2;
+/// The vendor id reported to the guest ("OBRD").
+pub const MMIO_VENDOR_ID: u32 = 0x4452_424f;
+/// Size of the register window, config space included.
+pub const MMIO_WINDOW: u64 = 0x200;
+
+/// `InterruptStatus` bit: a used ring was updated.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device needs a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up.
+    pub const FAILED: u32 = 128;
+}
+
+/// Register offsets.
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// The interrupt the device signals: sets `InterruptStatus` bits and kicks the irqfd.
+#[derive(Debug)]
+pub struct MmioInterrupt {
+    status: Arc<AtomicU32>,
+    config_generation: Arc<AtomicU32>,
+    irq: EventFd,
+}
+
+impl MmioInterrupt {
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("virtio-mmio: cannot signal the interrupt: {e}");
+        }
+    }
+}
+
+impl Interrupt for MmioInterrupt {
+    fn signal_used_queue(&self, _queue: usize) {
+        self.raise(INT_VRING);
+    }
+
+    fn signal_config_change(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.raise(INT_CONFIG);
+    }
+}
+
+/// A virtio device behind virtio-mmio registers.
+pub struct MmioTransport<D: VirtioDevice, M: GuestAddressSpace> {
+    device: D,
+    mem: M,
+    range: BusRange,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    active: bool,
+    interrupt_status: Arc<AtomicU32>,
+    config_generation: Arc<AtomicU32>,
+    irq: EventFd,
+}
+
+impl<D: VirtioDevice, M: GuestAddressSpace> std::fmt::Debug for MmioTransport<D, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("range", &self.range)
+            .field("status", &self.status)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+/// A queue with the same configuration (the registers keep the original).
+fn copy_queue(q: &Queue) -> Option<Queue> {
+    let mut c = Queue::new(q.max_size()).ok()?;
+    if q.ready() {
+        c.try_set_size(q.size()).ok()?;
+        c.try_set_desc_table_address(vm_memory::GuestAddress(q.desc_table()))
+            .ok()?;
+        c.try_set_avail_ring_address(vm_memory::GuestAddress(q.avail_ring()))
+            .ok()?;
+        c.try_set_used_ring_address(vm_memory::GuestAddress(q.used_ring()))
+            .ok()?;
+    }
+    c.set_event_idx(q.event_idx_enabled());
+    c.set_ready(q.ready());
+    Some(c)
+}
+
+fn new_queues(sizes: &[u16]) -> Vec<Queue> {
+    sizes
+        .iter()
+        .filter_map(|&max| Queue::new(max.max(1)).ok())
+        .collect()
+}
+
+impl<D, M> MmioTransport<D, M>
+where
+    D: VirtioDevice,
+    M: GuestAddressSpace + Send + 'static,
+    M::T: Send,
+{
+    /// Puts `device` at `base` (a [`MMIO_WINDOW`]-byte window) in guest memory `mem`;
+    /// interrupts are signalled on `irq`.
+    pub fn new(device: D, mem: M, base: u64, irq: EventFd) -> Self {
+        let queues = new_queues(device.queue_max_sizes());
+        MmioTransport {
+            device,
+            mem,
+            range: BusRange {
+                base,
+                len: MMIO_WINDOW,
+            },
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            active: false,
+            interrupt_status: Arc::new(AtomicU32::new(0)),
+            config_generation: Arc::new(AtomicU32::new(0)),
+            irq,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Whether the driver set `DRIVER_OK` and the device was activated.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The device's event fd is readable: let it work.
+    pub fn handle_device_event(&mut self) {
+        if self.active {
+            self.device.handle_event();
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.status & status::DRIVER_OK != 0 {
+            // Queue registers are read-only for the driver once the device is live.
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.queues = new_queues(self.device.queue_max_sizes());
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+
+    fn activate(&mut self) -> bool {
+        let mem = self.mem.memory();
+        let event_idx =
+            self.driver_features & outboard_devices::virtio::VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues: Vec<Box<dyn VirtQueue>> = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if q.ready() && !q.is_valid(&*mem) {
+                log::warn!("virtio-mmio: queue {i} is not valid in guest memory");
+                return false;
+            }
+            q.set_event_idx(event_idx);
+            let Some(copy) = copy_queue(q) else {
+                log::warn!("virtio-mmio: queue {i} cannot be copied");
+                return false;
+            };
+            queues.push(Box::new(RustVmmQueue::new(copy, self.mem.clone())));
+        }
+        let irq = match self.irq.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("virtio-mmio: cannot clone the irq eventfd: {e}");
+                return false;
+            }
+        };
+        let interrupt = Arc::new(MmioInterrupt {
+            status: self.interrupt_status.clone(),
+            config_generation: self.config_generation.clone(),
+            irq,
+        });
+        match self.device.activate(queues, interrupt) {
+            Ok(()) => {
+                self.active = true;
+                true
+            }
+            Err(e) => {
+                log::warn!("virtio-mmio: activation failed: {e}");
+                false
+            }
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        let newly = value & !self.status;
+        if newly & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0 {
+                log::warn!(
+                    "virtio-mmio: driver accepted features {:#x} that were not offered",
+                    self.driver_features & !offered
+                );
+                value &= !status::FEATURES_OK;
+            } else {
+                self.device.ack_features(self.driver_features);
+            }
+        }
+        if newly & status::DRIVER_OK != 0 && !self.active {
+            let features_ok = value & status::FEATURES_OK != 0;
+            if !features_ok || !self.activate() {
+                value = (value & !status::DRIVER_OK) | status::DEVICE_NEEDS_RESET;
+            }
+        }
+        self.status = value;
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC => MMIO_MAGIC,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => MMIO_VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => q.map(|q| u32::from(q.max_size())).unwrap_or(0),
+            reg::QUEUE_READY => q.map(|q| u32::from(q.ready())).unwrap_or(0),
+            reg::INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
+            reg::STATUS => self.status,
+            // No shared memory regions: length all ones means "does not exist".
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
+            reg::CONFIG_GENERATION => self.config_generation.load(Ordering::SeqCst),
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        fn set_low(old: u64, v: u32) -> u64 {
+            (old & !0xffff_ffff) | u64::from(v)
+        }
+        fn set_high(old: u64, v: u32) -> u64 {
+            (old & 0xffff_ffff) | (u64::from(v) << 32)
+        }
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => {
+                if self.status & status::FEATURES_OK != 0 {
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = set_low(self.driver_features, v),
+                    1 => self.driver_features = set_high(self.driver_features, v),
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    if let Ok(n) = u16::try_from(v) {
+                        // Refused sizes (zero, above the maximum, not a power of two)
+                        // leave the queue invalid, which activation reports.
+                        let _ = q.try_set_size(n);
+                    }
+                }
+            }
+            reg::QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address(Some(v), None);
+                }
+            }
+            reg::QUEUE_DESC_HIGH => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address(None, Some(v));
+                }
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address(Some(v), None);
+                }
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address(None, Some(v));
+                }
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address(Some(v), None);
+                }
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address(None, Some(v));
+                }
+            }
+            reg::QUEUE_NOTIFY => {
+                let index = (v & 0xffff) as usize;
+                if self.active && index < self.queues.len() {
+                    self.device.handle_queue(index);
+                }
+            }
+            reg::INTERRUPT_ACK => {
+                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+            }
+            reg::STATUS => self.set_status(v),
+            reg::SHM_SEL => {}
+            _ => log::debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl<D, M> Suspendable for MmioTransport<D, M>
+where
+    D: VirtioDevice,
+    M: GuestAddressSpace,
+{
+}
+
+impl<D, M> BusDevice for MmioTransport<D, M>
+where
+    D: VirtioDevice,
+    M: GuestAddressSpace + Send + 'static,
+    M::T: Send,
+{
+    fn debug_label(&self) -> String {
+        format!("virtio-mmio (device type {})", self.device.device_type())
+    }
+
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Platform(self.device.device_type())
+    }
+
+    fn read(&mut self, info: BusAccessInfo, data: &mut [u8]) {
+        let offset = info.offset;
+        if offset >= reg::CONFIG {
+            if offset < MMIO_WINDOW && matches!(data.len(), 1 | 2 | 4 | 8) {
+                self.device.read_config(offset - reg::CONFIG, data);
+            } else {
+                data.fill(0);
+            }
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        let v = self.read_reg(offset);
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write(&mut self, info: BusAccessInfo, data: &[u8]) {
+        let offset = info.offset;
+        if offset >= reg::CONFIG {
+            if offset < MMIO_WINDOW && matches!(data.len(), 1 | 2 | 4 | 8) {
+                self.device.write_config(offset - reg::CONFIG, data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            log::debug!(
+                "virtio-mmio: ignored {}-byte write to register {offset:#x}",
+                data.len()
+            );
+            return;
+        };
+        if offset % 4 == 0 {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        }
+    }
+
+    fn get_ranges(&self) -> Vec<(BusRange, BusType)> {
+        vec![(self.range, BusType::Mmio)]
+    }
+
+    fn destroy_device(&mut self) {
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::BorrowedFd;
+    use std::sync::Mutex;
+
+    use outboard_devices::virtio::{ActivateError, DescChain, VIRTIO_F_VERSION_1};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// A device with two queues that returns every chain of queue 0 with its readable
+    /// length as the used length, and counts what happens to it.
+    struct Echo {
+        sizes: [u16; 2],
+        queues: Vec<Box<dyn VirtQueue>>,
+        irq: Option<Arc<dyn Interrupt>>,
+        log: Arc<Mutex<Vec<String>>>,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for Echo {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1
+        }
+        fn ack_features(&mut self, features: u64) {
+            self.log.lock().unwrap().push(format!("ack {features:#x}"));
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            for (i, b) in data.iter().enumerate() {
+                if let Some(c) = self.config.get_mut(offset as usize + i) {
+                    *c = *b;
+                }
+            }
+        }
+        fn activate(
+            &mut self,
+            queues: Vec<Box<dyn VirtQueue>>,
+            interrupt: Arc<dyn Interrupt>,
+        ) -> Result<(), ActivateError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("activate {}", queues.len()));
+            self.queues = queues;
+            self.irq = Some(interrupt);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.log.lock().unwrap().push("reset".into());
+            self.queues.clear();
+            self.irq = None;
+        }
+        fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+        fn handle_queue(&mut self, queue: usize) {
+            let mut chain = DescChain::default();
+            let Some(q) = self.queues.get_mut(queue) else {
+                return;
+            };
+            while let Ok(true) = q.pop(&mut chain) {
+                let len = chain.readable_len() as u32;
+                q.add_used(chain.head, len).unwrap();
+            }
+            if let Some(irq) = &self.irq {
+                irq.signal_used_queue(queue);
+            }
+        }
+        fn handle_event(&mut self) {}
+    }
+
+    type Mem = Arc<GuestMemoryMmap>;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn setup() -> (MmioTransport<Echo, Mem>, Mem, Log, EventFd) {
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let dev = Echo {
+            sizes: [16, 16],
+            queues: Vec::new(),
+            irq: None,
+            log: log.clone(),
+            config: *b"outboard",
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(dev, mem.clone(), 0xd000_0000, irq.try_clone().unwrap());
+        (t, mem, log, irq)
+    }
+
+    fn rd(t: &mut MmioTransport<Echo, Mem>, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(
+            BusAccessInfo {
+                offset,
+                address: 0xd000_0000 + offset,
+                id: 0,
+            },
+            &mut b,
+        );
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport<Echo, Mem>, offset: u64, v: u32) {
+        t.write(
+            BusAccessInfo {
+                offset,
+                address: 0xd000_0000 + offset,
+                id: 0,
+            },
+            &v.to_le_bytes(),
+        );
+    }
+
+    /// The driver's side of feature negotiation and queue 0 setup, as Linux does it.
+    fn bring_up(t: &mut MmioTransport<Echo, Mem>) {
+        wr(t, reg::STATUS, 0);
+        wr(t, reg::STATUS, status::ACKNOWLEDGE);
+        wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, reg::DEVICE_FEATURES_SEL, 1);
+        let high = rd(t, reg::DEVICE_FEATURES);
+        wr(t, reg::DEVICE_FEATURES_SEL, 0);
+        let low = rd(t, reg::DEVICE_FEATURES);
+        wr(t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(t, reg::DRIVER_FEATURES, high);
+        wr(t, reg::DRIVER_FEATURES_SEL, 0);
+        wr(t, reg::DRIVER_FEATURES, low);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        wr(t, reg::STATUS, s);
+        assert_eq!(
+            rd(t, reg::STATUS) & status::FEATURES_OK,
+            status::FEATURES_OK
+        );
+        wr(t, reg::QUEUE_SEL, 0);
+        assert_eq!(rd(t, reg::QUEUE_NUM_MAX), 16);
+        wr(t, reg::QUEUE_NUM, 8);
+        wr(t, reg::QUEUE_DESC_LOW, 0x1000);
+        wr(t, reg::QUEUE_DESC_HIGH, 0);
+        wr(t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        wr(t, reg::QUEUE_DRIVER_HIGH, 0);
+        wr(t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        wr(t, reg::QUEUE_DEVICE_HIGH, 0);
+        wr(t, reg::QUEUE_READY, 1);
+        assert_eq!(rd(t, reg::QUEUE_READY), 1);
+        wr(t, reg::STATUS, s | status::DRIVER_OK);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, ..) = setup();
+        assert_eq!(rd(&mut t, reg::MAGIC), MMIO_MAGIC);
+        assert_eq!(rd(&mut t, reg::VERSION), 2);
+        assert_eq!(rd(&mut t, reg::DEVICE_ID), 42);
+        assert_eq!(rd(&mut t, reg::VENDOR_ID), MMIO_VENDOR_ID);
+        wr(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, reg::DEVICE_FEATURES), 1); // VERSION_1 is bit 32
+        wr(&mut t, reg::DEVICE_FEATURES_SEL, 5);
+        assert_eq!(rd(&mut t, reg::DEVICE_FEATURES), 0);
+        assert_eq!(rd(&mut t, reg::SHM_LEN_LOW), u32::MAX);
+        assert_eq!(
+            t.get_ranges(),
+            vec![(
+                BusRange {
+                    base: 0xd000_0000,
+                    len: MMIO_WINDOW
+                },
+                BusType::Mmio
+            )]
+        );
+    }
+
+    #[test]
+    fn a_driver_brings_the_device_up_and_it_serves_a_chain() {
+        let (mut t, mem, log, irq) = setup();
+        bring_up(&mut t);
+        assert!(t.is_active());
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec!["ack 0x100000001".to_string(), "activate 2".to_string()]
+        );
+        // One 100-byte readable descriptor at 0x8000, made available.
+        mem.write_obj(0x8000u64, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(100u32, GuestAddress(0x1008)).unwrap();
+        mem.write_obj(0u16, GuestAddress(0x100c)).unwrap();
+        mem.write_obj(0u16, GuestAddress(0x2004)).unwrap(); // ring[0] = head 0
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap(); // avail idx
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        let used_idx: u16 = mem.read_obj(GuestAddress(0x3002)).unwrap();
+        let used_len: u32 = mem.read_obj(GuestAddress(0x3008)).unwrap();
+        assert_eq!((used_idx, used_len), (1, 100));
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
+        assert_eq!(irq.read().unwrap(), 1);
+        wr(&mut t, reg::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        // Queue registers are frozen while the device runs.
+        wr(&mut t, reg::QUEUE_NUM, 4);
+        wr(&mut t, reg::QUEUE_READY, 0);
+        assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
+        // Reset.
+        wr(&mut t, reg::STATUS, 0);
+        assert!(!t.is_active());
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
+        assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
+    }
+
+    #[test]
+    fn features_not_offered_keep_features_ok_clear() {
+        let (mut t, ..) = setup();
+        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, reg::DRIVER_FEATURES, 0b110);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(rd(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        // DRIVER_OK without FEATURES_OK does not activate.
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert!(!t.is_active());
+        assert_ne!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn invalid_queue_refuses_activation() {
+        let (mut t, ..) = setup();
+        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, reg::DRIVER_FEATURES, 1);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        wr(&mut t, reg::STATUS, s);
+        wr(&mut t, reg::QUEUE_SEL, 0);
+        wr(&mut t, reg::QUEUE_NUM, 8);
+        wr(&mut t, reg::QUEUE_DESC_LOW, 0xfff0_0000); // outside guest memory
+        wr(&mut t, reg::QUEUE_READY, 1);
+        wr(&mut t, reg::STATUS, s | status::DRIVER_OK);
+        assert!(!t.is_active());
+        assert_eq!(rd(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
+        // Out-of-range queue selectors read as absent.
+        wr(&mut t, reg::QUEUE_SEL, 9);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored_and_config_is_byte_addressable() {
+        let (mut t, ..) = setup();
+        let info = |offset| BusAccessInfo {
+            offset,
+            address: 0,
+            id: 0,
+        };
+        let mut two = [9u8; 2];
+        t.read(info(reg::MAGIC), &mut two);
+        assert_eq!(two, [0, 0]);
+        t.write(info(reg::STATUS), &[1, 0]);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        let mut b = [0u8; 1];
+        t.read(info(reg::CONFIG + 3), &mut b);
+        assert_eq!(&b, b"b");
+        t.write(info(reg::CONFIG), b"O");
+        let mut all = [0u8; 8];
+        t.read(info(reg::CONFIG), &mut all);
+        assert_eq!(&all, b"Outboard");
+        let mut far = [7u8; 4];
+        t.read(info(MMIO_WINDOW + 4), &mut far);
+        assert_eq!(far, [0; 4]);
+        assert_eq!(rd(&mut t, 0x0f8), 0); // unknown register
+    }
+}
