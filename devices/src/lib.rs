@@ -20,9 +20,12 @@
 //!
 //! - [`vsock`]: virtio-vsock with an AF_UNIX muxer in Firecracker's convention, stream
 //!   and seqpacket sockets.
+//! - [`media`]: virtio-media: the runner, V4L2 ioctl dispatch, memfd MMAP buffers and a
+//!   software capture camera.
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod media;
 pub mod virtio;
 pub mod vsock;
 

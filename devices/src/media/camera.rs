@@ -1,0 +1,1214 @@
+//! A software capture camera: a deterministic moving test pattern in YUYV, NV12 and
+//! RGB24, several frame sizes and intervals, brightness/contrast/hflip controls, MMAP
+//! (memfd) and USERPTR (guest SG lists) memory, single-planar capture only.
+//!
+//! # The pattern
+//!
+//! Frame `N` (its `v4l2_buffer.sequence`) has a top band of [`BAND_HEIGHT`] rows that
+//! encodes `N` in 32 black/white cells, most significant bit first, and below it eight
+//! colour bars scrolled right by `4 * N` pixels. [`render_frame`] draws a frame,
+//! [`decode_frame_number`] reads `N` back, so a client can check any frame it receives.
+//!
+//! # Timing
+//!
+//! Every session has a timerfd (its poll fd) armed at the frame interval while
+//! streaming. Each expiry produces one frame: the oldest queued buffer is filled, stamped
+//! (`CLOCK_MONOTONIC`, start of exposure) and returned with a DQBUF event; when no buffer
+//! is queued the frame is dropped and the sequence number still advances, as V4L2
+//! requires.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::time::{
+    clock_gettime, timerfd_create, timerfd_settime, ClockId, Itimerspec, TimerfdClockId,
+    TimerfdFlags, TimerfdTimerFlags, Timespec as RxTimespec,
+};
+use zerocopy::IntoBytes;
+
+use super::ioctl::{
+    dispatch_ioctl, BufferDesc, ExtControls, GuestBuffer, IoctlHandler, IoctlResult,
+};
+use super::memfd::MemfdBuffer;
+use super::v4l2::*;
+use super::{
+    page_align, ChainReader, ChainWriter, Errno, EventQueue, GuestMemoryMapper, GuestMemoryRange,
+    HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaSession,
+};
+use outboard_protocol::media::MMAP_FLAG_RW;
+use outboard_protocol::v4l2::V4l2Ioctl;
+
+/// The card name.
+pub const CARD_NAME: &str = "Outboard software camera";
+/// The `device_caps` the camera advertises (config space).
+pub const DEVICE_CAPS: u32 = CAP_VIDEO_CAPTURE | CAP_STREAMING | CAP_EXT_PIX_FORMAT;
+/// Supported pixel formats and their descriptions.
+pub const FORMATS: [(u32, &str); 3] = [
+    (PIX_FMT_YUYV, "YUYV 4:2:2"),
+    (PIX_FMT_NV12, "Y/UV 4:2:0"),
+    (PIX_FMT_RGB24, "24-bit RGB 8-8-8"),
+];
+/// Supported frame sizes.
+pub const SIZES: [(u32, u32); 3] = [(320, 240), (640, 480), (1280, 720)];
+/// Supported frame intervals (seconds per frame), fastest first.
+pub const INTERVALS: [(u32, u32); 3] = [(1, 60), (1, 30), (1, 15)];
+/// Most buffers a session may allocate (`VIDEO_MAX_FRAME`).
+pub const MAX_BUFFERS: u32 = 32;
+/// Height of the frame-number band at the top of every frame.
+pub const BAND_HEIGHT: u32 = 16;
+
+/// `V4L2_EVENT_CTRL_CH_VALUE`.
+const EVENT_CTRL_CH_VALUE: u32 = 1;
+/// `V4L2_EVENT_CTRL_CH_FLAGS`.
+const EVENT_CTRL_CH_FLAGS: u32 = 2;
+/// `V4L2_EVENT_SUB_FL_SEND_INITIAL`.
+const EVENT_SUB_FL_SEND_INITIAL: u32 = 1;
+/// `V4L2_EVENT_SUB_FL_ALLOW_FEEDBACK`.
+const EVENT_SUB_FL_ALLOW_FEEDBACK: u32 = 2;
+
+/// A camera control: id, name, type, min, max, step, default.
+struct Ctrl {
+    id: u32,
+    name: &'static str,
+    type_: u32,
+    min: i32,
+    max: i32,
+    step: i32,
+    default: i32,
+}
+
+const CTRLS: [Ctrl; 3] = [
+    Ctrl {
+        id: CID_BRIGHTNESS,
+        name: "Brightness",
+        type_: CTRL_TYPE_INTEGER,
+        min: 0,
+        max: 255,
+        step: 1,
+        default: 128,
+    },
+    Ctrl {
+        id: CID_CONTRAST,
+        name: "Contrast",
+        type_: CTRL_TYPE_INTEGER,
+        min: 0,
+        max: 255,
+        step: 1,
+        default: 128,
+    },
+    Ctrl {
+        id: CID_HFLIP,
+        name: "Horizontal Flip",
+        type_: CTRL_TYPE_BOOLEAN,
+        min: 0,
+        max: 1,
+        step: 1,
+        default: 0,
+    },
+];
+
+fn ctrl_index(id: u32) -> Option<usize> {
+    CTRLS.iter().position(|c| c.id == id)
+}
+
+/// Bytes per line and image size of a frame, or `None` for an unsupported format or
+/// odd dimensions.
+pub fn frame_layout(fourcc: u32, width: u32, height: u32) -> Option<(u32, u32)> {
+    if width == 0 || height == 0 || (width | height) & 1 != 0 {
+        return None;
+    }
+    let (bpl, size) = match fourcc {
+        PIX_FMT_YUYV => (
+            width.checked_mul(2)?,
+            width.checked_mul(2)?.checked_mul(height)?,
+        ),
+        PIX_FMT_NV12 => (width, width.checked_mul(height)?.checked_mul(3)? / 2),
+        PIX_FMT_RGB24 => (
+            width.checked_mul(3)?,
+            width.checked_mul(3)?.checked_mul(height)?,
+        ),
+        _ => return None,
+    };
+    Some((bpl, size))
+}
+
+/// Picture adjustments applied to the pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adjust {
+    /// Brightness, 0..=255 (128 = neutral).
+    pub brightness: i32,
+    /// Contrast, 0..=255 (128 = neutral).
+    pub contrast: i32,
+    /// Mirror the bars horizontally.
+    pub hflip: bool,
+}
+
+impl Default for Adjust {
+    fn default() -> Self {
+        Adjust {
+            brightness: 128,
+            contrast: 128,
+            hflip: false,
+        }
+    }
+}
+
+const BARS: [[u8; 3]; 8] = [
+    [255, 255, 255],
+    [255, 255, 0],
+    [0, 255, 255],
+    [0, 255, 0],
+    [255, 0, 255],
+    [255, 0, 0],
+    [0, 0, 255],
+    [0, 0, 0],
+];
+
+fn adjust(v: u8, a: &Adjust) -> u8 {
+    let v = (i32::from(v) - 128) * a.contrast / 128 + 128 + (a.brightness - 128);
+    v.clamp(0, 255) as u8
+}
+
+/// The RGB of pixel `x` of the band row and of a bar row of frame `frame`.
+fn pattern_rows(width: u32, frame: u32, a: &Adjust) -> (Vec<[u8; 3]>, Vec<[u8; 3]>) {
+    let cell = (width / 32).max(1);
+    let shift = (u64::from(frame) * 4 % u64::from(width)) as u32;
+    let mut band = Vec::with_capacity(width as usize);
+    let mut bars = Vec::with_capacity(width as usize);
+    for x in 0..width {
+        let bit = (x / cell).min(31);
+        let on = frame >> (31 - bit) & 1 == 1;
+        let v = if on { 255 } else { 0 };
+        band.push([v; 3]);
+        let xs = if a.hflip { width - 1 - x } else { x };
+        let pos = (xs + width - shift) % width;
+        let bar = BARS[(pos * 8 / width) as usize % 8];
+        bars.push(bar.map(|c| adjust(c, a)));
+    }
+    (band, bars)
+}
+
+fn yuv(p: [u8; 3]) -> (u8, u8, u8) {
+    let (r, g, b) = (i32::from(p[0]), i32::from(p[1]), i32::from(p[2]));
+    let y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16;
+    let u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128;
+    let v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128;
+    (y as u8, u as u8, v as u8)
+}
+
+/// Draws frame `frame` into `dst` (at least [`frame_layout`]'s size bytes). Returns the
+/// number of bytes written, or `None` for an unsupported layout or a short `dst`.
+pub fn render_frame(
+    fourcc: u32,
+    width: u32,
+    height: u32,
+    frame: u32,
+    a: &Adjust,
+    dst: &mut [u8],
+) -> Option<usize> {
+    let (bpl, size) = frame_layout(fourcc, width, height)?;
+    let (bpl, size) = (bpl as usize, size as usize);
+    let dst = dst.get_mut(..size)?;
+    let (band, bars) = pattern_rows(width, frame, a);
+    let band_rows = BAND_HEIGHT.min(height) as usize;
+    match fourcc {
+        PIX_FMT_RGB24 | PIX_FMT_YUYV => {
+            let encode = |src: &[[u8; 3]], row: &mut [u8]| {
+                if fourcc == PIX_FMT_RGB24 {
+                    for (d, p) in row.chunks_exact_mut(3).zip(src) {
+                        d.copy_from_slice(p);
+                    }
+                } else {
+                    for (d, p) in row.chunks_exact_mut(4).zip(src.chunks_exact(2)) {
+                        let (y0, u, v) = yuv(p[0]);
+                        let (y1, _, _) = yuv(p[1]);
+                        d.copy_from_slice(&[y0, u, y1, v]);
+                    }
+                }
+            };
+            let (top, rest) = dst.split_at_mut(band_rows * bpl);
+            for (src, area) in [(&band, top), (&bars, rest)] {
+                if area.is_empty() {
+                    continue;
+                }
+                let (first, others) = area.split_at_mut(bpl);
+                encode(src, first);
+                for row in others.chunks_exact_mut(bpl) {
+                    row.copy_from_slice(first);
+                }
+            }
+        }
+        PIX_FMT_NV12 => {
+            let (luma, chroma) = dst.split_at_mut(bpl * height as usize);
+            for (y, row) in luma.chunks_exact_mut(bpl).enumerate() {
+                let src = if y < band_rows { &band } else { &bars };
+                for (d, p) in row.iter_mut().zip(src) {
+                    *d = yuv(*p).0;
+                }
+            }
+            for (cy, row) in chroma.chunks_exact_mut(bpl).enumerate() {
+                let src = if cy * 2 < band_rows { &band } else { &bars };
+                for (d, p) in row.chunks_exact_mut(2).zip(src.chunks_exact(2)) {
+                    let (_, u, v) = yuv(p[0]);
+                    d.copy_from_slice(&[u, v]);
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(size)
+}
+
+/// Reads the frame number back from a frame drawn by [`render_frame`] (with neutral
+/// brightness and contrast).
+pub fn decode_frame_number(fourcc: u32, width: u32, height: u32, data: &[u8]) -> Option<u32> {
+    let (bpl, size) = frame_layout(fourcc, width, height)?;
+    let data = data.get(..size as usize)?;
+    let row = (BAND_HEIGHT.min(height) / 2) as usize * bpl as usize;
+    let cell = (width / 32).max(1);
+    let mut n = 0u32;
+    for bit in 0..32 {
+        let x = (bit * cell + cell / 2) as usize;
+        let luma = match fourcc {
+            PIX_FMT_YUYV => *data.get(row + x * 2)?,
+            PIX_FMT_NV12 => *data.get(row + x)?,
+            _ => *data.get(row + x * 3)?,
+        };
+        n = n << 1 | u32::from(luma > 128);
+    }
+    Some(n)
+}
+
+fn timespec_now() -> Timeval {
+    let t = clock_gettime(ClockId::Monotonic);
+    Timeval {
+        tv_sec: t.tv_sec,
+        tv_usec: t.tv_nsec / 1000,
+    }
+}
+
+/// Where a buffer's memory lives.
+enum Backing<M> {
+    /// A memfd (MMAP memory).
+    Mmap(MemfdBuffer),
+    /// Guest memory (USERPTR), mapped while queued.
+    UserPtr {
+        mapping: Option<M>,
+        userptr: u64,
+        length: u32,
+    },
+}
+
+struct CamBuffer<M> {
+    backing: Backing<M>,
+    queued: bool,
+    bytesused: u32,
+    sequence: u32,
+    timestamp: Timeval,
+    flags: u32,
+}
+
+/// Per-session camera state.
+pub struct CameraSession<M> {
+    id: u32,
+    pix: V4l2PixFormat,
+    interval: (u32, u32),
+    memory: u32,
+    buffers: Vec<CamBuffer<M>>,
+    queue: VecDeque<u32>,
+    streaming: bool,
+    sequence: u32,
+    timer: OwnedFd,
+    ctrls: [i32; 3],
+    subscriptions: Vec<V4l2EventSubscription>,
+    event_sequence: u32,
+    scratch: Vec<u8>,
+}
+
+impl<M> std::fmt::Debug for CameraSession<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CameraSession")
+            .field("id", &self.id)
+            .field("streaming", &self.streaming)
+            .field("buffers", &self.buffers.len())
+            .finish()
+    }
+}
+
+impl<M> MediaSession for CameraSession<M> {
+    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.timer.as_fd())
+    }
+}
+
+impl<M> CameraSession<M> {
+    fn adjust(&self) -> Adjust {
+        Adjust {
+            brightness: self.ctrls[0],
+            contrast: self.ctrls[1],
+            hflip: self.ctrls[2] != 0,
+        }
+    }
+
+    fn buffer_size(&self) -> u64 {
+        page_align(self.pix.sizeimage.into()).unwrap_or(u64::MAX)
+    }
+
+    fn arm_timer(&self, on: bool) -> Result<(), Errno> {
+        let (num, den) = self.interval;
+        let period_ns = u64::from(num) * 1_000_000_000 / u64::from(den.max(1));
+        let ts = RxTimespec {
+            tv_sec: (period_ns / 1_000_000_000) as i64,
+            tv_nsec: (period_ns % 1_000_000_000) as i64,
+        };
+        let zero = RxTimespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let spec = Itimerspec {
+            it_interval: if on { ts } else { zero },
+            it_value: if on { ts } else { zero },
+        };
+        timerfd_settime(&self.timer, TimerfdTimerFlags::empty(), &spec)
+            .map(|_| ())
+            .map_err(|e| e.raw_os_error())
+    }
+
+    fn describe(&self, index: u32) -> Option<BufferDesc> {
+        let b = self.buffers.get(index as usize)?;
+        let mut buffer = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            bytesused: b.bytesused,
+            flags: b.flags | BUF_FLAG_TIMESTAMP_MONOTONIC | BUF_FLAG_TSTAMP_SRC_SOE,
+            field: FIELD_NONE,
+            timestamp: b.timestamp,
+            sequence: b.sequence,
+            memory: self.memory,
+            ..Default::default()
+        };
+        if b.queued {
+            buffer.flags |= BUF_FLAG_QUEUED;
+        }
+        match &b.backing {
+            Backing::Mmap(m) => {
+                buffer.m = u64::from(index) * m.size();
+                buffer.length = m.size() as u32;
+            }
+            Backing::UserPtr {
+                userptr, length, ..
+            } => {
+                buffer.m = *userptr;
+                buffer.length = *length;
+            }
+        }
+        Some(BufferDesc {
+            buffer,
+            planes: Vec::new(),
+        })
+    }
+}
+
+/// The software camera device.
+pub struct SoftwareCamera<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> {
+    events: E,
+    host: H,
+    guest: G,
+    /// Shared memory offset -> (session, buffer index).
+    mappings: BTreeMap<u64, (u32, u32)>,
+}
+
+impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
+    for SoftwareCamera<E, H, G>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftwareCamera")
+            .field("mappings", &self.mappings)
+            .finish()
+    }
+}
+
+impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E, H, G> {
+    /// A camera sending events to `events`, mapping MMAP buffers with `host` and USERPTR
+    /// buffers with `guest`.
+    pub fn new(events: E, host: H, guest: G) -> Self {
+        SoftwareCamera {
+            events,
+            host,
+            guest,
+            mappings: BTreeMap::new(),
+        }
+    }
+
+    /// The host memory mapper.
+    pub fn host_mapper(&self) -> &H {
+        &self.host
+    }
+
+    /// Produces one frame now, as a timer expiry would (frame-accurate tests, benchmarks):
+    /// fills the oldest queued buffer and sends its DQBUF event. Does nothing when the
+    /// session is not streaming.
+    pub fn capture_now(&mut self, session: &mut CameraSession<G::Mapping>) {
+        if session.streaming {
+            self.produce_frame(session);
+        }
+    }
+
+    fn session_mapped(&self, id: u32) -> bool {
+        self.mappings.values().any(|(s, _)| *s == id)
+    }
+
+    fn try_format(&self, f: &V4l2Format) -> IoctlResult<V4l2PixFormat> {
+        if f.type_ != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        let req = f.pix();
+        let fourcc = if FORMATS.iter().any(|(c, _)| *c == req.pixelformat) {
+            req.pixelformat
+        } else {
+            PIX_FMT_YUYV
+        };
+        let (width, height) = SIZES
+            .iter()
+            .copied()
+            .min_by_key(|(w, h)| w.abs_diff(req.width) + h.abs_diff(req.height))
+            .unwrap_or((640, 480));
+        Ok(pix_format(fourcc, width, height))
+    }
+
+    fn send_ctrl_event(&mut self, s: &mut CameraSession<G::Mapping>, idx: usize, changes: u32) {
+        let Some(c) = CTRLS.get(idx) else { return };
+        if !s
+            .subscriptions
+            .iter()
+            .any(|sub| sub.type_ == EVENT_CTRL && sub.id == c.id)
+        {
+            return;
+        }
+        let mut ev = V4l2Event {
+            type_: EVENT_CTRL,
+            id: c.id,
+            sequence: s.event_sequence,
+            ..Default::default()
+        };
+        s.event_sequence = s.event_sequence.wrapping_add(1);
+        let t = clock_gettime(ClockId::Monotonic);
+        ev.timestamp = Timespec {
+            tv_sec: t.tv_sec,
+            tv_nsec: t.tv_nsec,
+        };
+        // struct v4l2_event_ctrl: changes, type, value (8), flags, min, max, step, default.
+        let words: [i32; 10] = [
+            changes as i32,
+            c.type_ as i32,
+            s.ctrls[idx],
+            0,
+            0,
+            c.min,
+            c.max,
+            c.step,
+            c.default,
+            0,
+        ];
+        ev.u[..40].copy_from_slice(words.as_bytes());
+        self.events.send_event(MediaEvent::v4l2(s.id, &ev));
+    }
+
+    fn set_ctrl(&mut self, s: &mut CameraSession<G::Mapping>, idx: usize, value: i32) {
+        let Some(c) = CTRLS.get(idx) else { return };
+        let v = value.clamp(c.min, c.max);
+        if s.ctrls[idx] != v {
+            s.ctrls[idx] = v;
+            self.send_ctrl_event(s, idx, EVENT_CTRL_CH_VALUE);
+        }
+    }
+
+    fn ext_ctrls(
+        &mut self,
+        s: &mut CameraSession<G::Mapping>,
+        ctrls: &mut ExtControls,
+        op: ExtOp,
+    ) -> IoctlResult<()> {
+        let which = ctrls.header.which;
+        let by_class = which & 0xffff != 0 || which == CTRL_CLASS_USER;
+        let valid_which = which == CTRL_WHICH_CUR_VAL
+            || (which == CTRL_WHICH_DEF_VAL && op == ExtOp::Get)
+            || (by_class && which & 0xffff == 0 && which < CTRL_WHICH_DEF_VAL);
+        if !valid_which {
+            ctrls.header.error_idx = ctrls.header.count;
+            return Err(libc::EINVAL);
+        }
+        let mut idxs = Vec::with_capacity(ctrls.controls.len());
+        for (i, c) in ctrls.controls.iter().enumerate() {
+            match ctrl_index(c.id) {
+                Some(idx) if c.size == 0 => idxs.push(idx),
+                _ => {
+                    ctrls.header.error_idx = if op == ExtOp::Get {
+                        i as u32
+                    } else {
+                        ctrls.header.count
+                    };
+                    return Err(libc::EINVAL);
+                }
+            }
+        }
+        for (c, idx) in ctrls.controls.iter_mut().zip(idxs) {
+            let def = &CTRLS[idx];
+            match op {
+                ExtOp::Get if which == CTRL_WHICH_DEF_VAL => c.set_value(def.default),
+                ExtOp::Get => c.set_value(s.ctrls[idx]),
+                ExtOp::Try => c.set_value(c.value().clamp(def.min, def.max)),
+                ExtOp::Set => {
+                    let v = c.value().clamp(def.min, def.max);
+                    c.set_value(v);
+                    self.set_ctrl(s, idx, v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn produce_frame(&mut self, s: &mut CameraSession<G::Mapping>) {
+        let sequence = s.sequence;
+        s.sequence = s.sequence.wrapping_add(1);
+        let Some(index) = s.queue.pop_front() else {
+            return;
+        };
+        let adjust = s.adjust();
+        let pix = s.pix;
+        let mut scratch = std::mem::take(&mut s.scratch);
+        scratch.resize(pix.sizeimage as usize, 0);
+        let rendered = render_frame(
+            pix.pixelformat,
+            pix.width,
+            pix.height,
+            sequence,
+            &adjust,
+            &mut scratch,
+        );
+        let timestamp = timespec_now();
+        let Some(b) = s.buffers.get_mut(index as usize) else {
+            s.scratch = scratch;
+            return;
+        };
+        let ok = match (&b.backing, rendered) {
+            (Backing::Mmap(m), Some(n)) => m.write_at(0, &scratch[..n]).is_ok(),
+            (
+                Backing::UserPtr {
+                    mapping: Some(m), ..
+                },
+                Some(n),
+            ) => m.write_at(0, &scratch[..n]) == n,
+            _ => false,
+        };
+        s.scratch = scratch;
+        b.queued = false;
+        b.sequence = sequence;
+        b.timestamp = timestamp;
+        b.flags = if ok {
+            BUF_FLAG_DONE
+        } else {
+            BUF_FLAG_DONE | BUF_FLAG_ERROR
+        };
+        b.bytesused = if ok { pix.sizeimage } else { 0 };
+        if let Backing::UserPtr { mapping, .. } = &mut b.backing {
+            *mapping = None;
+        }
+        if self.mappings.values().any(|m| *m == (s.id, index)) {
+            b.flags |= BUF_FLAG_MAPPED;
+        }
+        if let Some(desc) = s.describe(index) {
+            self.events
+                .send_event(MediaEvent::dqbuf(s.id, &desc.buffer, &desc.planes));
+        }
+    }
+
+    fn free_buffers(&mut self, s: &mut CameraSession<G::Mapping>) {
+        s.buffers.clear();
+        s.queue.clear();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExtOp {
+    Get,
+    Set,
+    Try,
+}
+
+/// The single-planar format for `fourcc` at `width` x `height` (a supported layout).
+pub fn pix_format(fourcc: u32, width: u32, height: u32) -> V4l2PixFormat {
+    let (bytesperline, sizeimage) = frame_layout(fourcc, width, height).unwrap_or((0, 0));
+    V4l2PixFormat {
+        width,
+        height,
+        pixelformat: fourcc,
+        field: FIELD_NONE,
+        bytesperline,
+        sizeimage,
+        colorspace: if fourcc == PIX_FMT_RGB24 {
+            COLORSPACE_SRGB
+        } else {
+            COLORSPACE_SMPTE170M
+        },
+        ..Default::default()
+    }
+}
+
+impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
+    for SoftwareCamera<E, H, G>
+{
+    type Session = CameraSession<G::Mapping>;
+
+    fn enum_fmt(&mut self, _: &mut Self::Session, d: V4l2Fmtdesc) -> IoctlResult<V4l2Fmtdesc> {
+        if d.type_ != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        let (fourcc, desc) = FORMATS.get(d.index as usize).ok_or(libc::EINVAL)?;
+        let mut out = V4l2Fmtdesc {
+            index: d.index,
+            type_: d.type_,
+            pixelformat: *fourcc,
+            ..Default::default()
+        };
+        set_name(&mut out.description, desc);
+        Ok(out)
+    }
+
+    fn g_fmt(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
+        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        Ok(V4l2Format::from_pix(buf_type, &s.pix))
+    }
+
+    fn try_fmt(&mut self, _: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
+        let pix = self.try_format(&f)?;
+        Ok(V4l2Format::from_pix(f.type_, &pix))
+    }
+
+    fn s_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
+        let pix = self.try_format(&f)?;
+        if !s.buffers.is_empty() || s.streaming {
+            return Err(libc::EBUSY);
+        }
+        s.pix = pix;
+        Ok(V4l2Format::from_pix(f.type_, &pix))
+    }
+
+    fn reqbufs(
+        &mut self,
+        s: &mut Self::Session,
+        req: V4l2Requestbuffers,
+    ) -> IoctlResult<V4l2Requestbuffers> {
+        if req.type_ != BUF_TYPE_VIDEO_CAPTURE
+            || !matches!(req.memory, MEMORY_MMAP | MEMORY_USERPTR)
+        {
+            return Err(libc::EINVAL);
+        }
+        if s.streaming || self.session_mapped(s.id) {
+            return Err(libc::EBUSY);
+        }
+        self.free_buffers(s);
+        let count = req.count.min(MAX_BUFFERS);
+        let size = s.buffer_size();
+        if u64::from(count).saturating_mul(size) > u64::from(u32::MAX) {
+            return Err(libc::ENOMEM);
+        }
+        for _ in 0..count {
+            let backing = if req.memory == MEMORY_MMAP {
+                Backing::Mmap(
+                    MemfdBuffer::new("outboard-camera", size)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
+                )
+            } else {
+                Backing::UserPtr {
+                    mapping: None,
+                    userptr: 0,
+                    length: 0,
+                }
+            };
+            s.buffers.push(CamBuffer {
+                backing,
+                queued: false,
+                bytesused: 0,
+                sequence: 0,
+                timestamp: Timeval::default(),
+                flags: 0,
+            });
+        }
+        s.memory = if count > 0 { req.memory } else { 0 };
+        Ok(V4l2Requestbuffers {
+            count,
+            type_: req.type_,
+            memory: req.memory,
+            capabilities: BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR,
+            ..Default::default()
+        })
+    }
+
+    fn querybuf(
+        &mut self,
+        s: &mut Self::Session,
+        buf_type: u32,
+        index: u32,
+    ) -> IoctlResult<BufferDesc> {
+        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        let mut desc = s.describe(index).ok_or(libc::EINVAL)?;
+        if self.mappings.values().any(|m| *m == (s.id, index)) {
+            desc.buffer.flags |= BUF_FLAG_MAPPED;
+        }
+        Ok(desc)
+    }
+
+    fn qbuf(&mut self, s: &mut Self::Session, gb: GuestBuffer) -> IoctlResult<BufferDesc> {
+        let b = gb.desc.buffer;
+        if b.type_ != BUF_TYPE_VIDEO_CAPTURE || b.memory != s.memory || s.memory == 0 {
+            return Err(libc::EINVAL);
+        }
+        let sizeimage = s.pix.sizeimage;
+        let buf = s.buffers.get_mut(b.index as usize).ok_or(libc::EINVAL)?;
+        if buf.queued {
+            return Err(libc::EINVAL);
+        }
+        if let Backing::UserPtr {
+            mapping,
+            userptr,
+            length,
+        } = &mut buf.backing
+        {
+            if b.length < sizeimage {
+                return Err(libc::EINVAL);
+            }
+            let [sgs] = gb.userptr.as_slice() else {
+                return Err(libc::EINVAL);
+            };
+            let m = self.guest.new_mapping(sgs)?;
+            if m.len() < sizeimage as usize {
+                return Err(libc::EINVAL);
+            }
+            *mapping = Some(m);
+            *userptr = b.m;
+            *length = b.length;
+        }
+        buf.queued = true;
+        buf.flags = 0;
+        s.queue.push_back(b.index);
+        let mut desc = s.describe(b.index).ok_or(libc::EINVAL)?;
+        if self.mappings.values().any(|m| *m == (s.id, b.index)) {
+            desc.buffer.flags |= BUF_FLAG_MAPPED;
+        }
+        Ok(desc)
+    }
+
+    fn streamon(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<()> {
+        if buf_type != BUF_TYPE_VIDEO_CAPTURE || s.buffers.is_empty() {
+            return Err(libc::EINVAL);
+        }
+        if !s.streaming {
+            s.sequence = 0;
+            s.arm_timer(true)?;
+            s.streaming = true;
+        }
+        Ok(())
+    }
+
+    fn streamoff(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<()> {
+        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        s.arm_timer(false)?;
+        s.streaming = false;
+        // Every queued buffer returns to the driver without being filled.
+        for index in std::mem::take(&mut s.queue) {
+            if let Some(b) = s.buffers.get_mut(index as usize) {
+                b.queued = false;
+                if let Backing::UserPtr { mapping, .. } = &mut b.backing {
+                    *mapping = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn g_parm(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Streamparm> {
+        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        let mut p = V4l2Streamparm {
+            type_: buf_type,
+            ..Default::default()
+        };
+        p.set_capture(&V4l2Captureparm {
+            capability: CAP_TIMEPERFRAME,
+            timeperframe: V4l2Fract {
+                numerator: s.interval.0,
+                denominator: s.interval.1,
+            },
+            ..Default::default()
+        });
+        Ok(p)
+    }
+
+    fn s_parm(&mut self, s: &mut Self::Session, p: V4l2Streamparm) -> IoctlResult<V4l2Streamparm> {
+        if p.type_ != BUF_TYPE_VIDEO_CAPTURE {
+            return Err(libc::EINVAL);
+        }
+        let t = p.capture().timeperframe;
+        if t.numerator != 0 && t.denominator != 0 {
+            // Nearest supported interval, compared in microseconds.
+            let want = u64::from(t.numerator) * 1_000_000 / u64::from(t.denominator);
+            if let Some(best) = INTERVALS
+                .iter()
+                .copied()
+                .min_by_key(|(n, d)| (u64::from(*n) * 1_000_000 / u64::from(*d)).abs_diff(want))
+            {
+                s.interval = best;
+            }
+            if s.streaming {
+                s.arm_timer(true)?;
+            }
+        }
+        self.g_parm(s, p.type_)
+    }
+
+    fn enuminput(&mut self, _: &mut Self::Session, index: u32) -> IoctlResult<V4l2Input> {
+        if index != 0 {
+            return Err(libc::EINVAL);
+        }
+        let mut i = V4l2Input {
+            index,
+            type_: INPUT_TYPE_CAMERA,
+            ..Default::default()
+        };
+        set_name(&mut i.name, "Camera");
+        Ok(i)
+    }
+
+    fn g_input(&mut self, _: &mut Self::Session) -> IoctlResult<i32> {
+        Ok(0)
+    }
+
+    fn s_input(&mut self, _: &mut Self::Session, input: i32) -> IoctlResult<i32> {
+        if input == 0 {
+            Ok(0)
+        } else {
+            Err(libc::EINVAL)
+        }
+    }
+
+    fn g_ctrl(&mut self, s: &mut Self::Session, id: u32) -> IoctlResult<V4l2Control> {
+        let idx = ctrl_index(id).ok_or(libc::EINVAL)?;
+        Ok(V4l2Control {
+            id,
+            value: s.ctrls[idx],
+        })
+    }
+
+    fn s_ctrl(&mut self, s: &mut Self::Session, c: V4l2Control) -> IoctlResult<V4l2Control> {
+        let idx = ctrl_index(c.id).ok_or(libc::EINVAL)?;
+        self.set_ctrl(s, idx, c.value);
+        Ok(V4l2Control {
+            id: c.id,
+            value: s.ctrls[idx],
+        })
+    }
+
+    fn queryctrl(&mut self, _: &mut Self::Session, q: V4l2Queryctrl) -> IoctlResult<V4l2Queryctrl> {
+        let next = q.id & (CTRL_FLAG_NEXT_CTRL | CTRL_FLAG_NEXT_COMPOUND) != 0;
+        let id = q.id & !(CTRL_FLAG_NEXT_CTRL | CTRL_FLAG_NEXT_COMPOUND);
+        let c = if next {
+            if q.id & CTRL_FLAG_NEXT_CTRL == 0 {
+                // Only compound controls requested; the camera has none.
+                return Err(libc::EINVAL);
+            }
+            CTRLS.iter().filter(|c| c.id > id).min_by_key(|c| c.id)
+        } else {
+            CTRLS.iter().find(|c| c.id == id)
+        }
+        .ok_or(libc::EINVAL)?;
+        let mut out = V4l2Queryctrl {
+            id: c.id,
+            type_: c.type_,
+            minimum: c.min,
+            maximum: c.max,
+            step: c.step,
+            default_value: c.default,
+            ..Default::default()
+        };
+        set_name(&mut out.name, c.name);
+        Ok(out)
+    }
+
+    fn query_ext_ctrl(
+        &mut self,
+        s: &mut Self::Session,
+        q: V4l2QueryExtCtrl,
+    ) -> IoctlResult<V4l2QueryExtCtrl> {
+        let base = self.queryctrl(
+            s,
+            V4l2Queryctrl {
+                id: q.id,
+                ..Default::default()
+            },
+        )?;
+        Ok(V4l2QueryExtCtrl {
+            id: base.id,
+            type_: base.type_,
+            name: base.name,
+            minimum: base.minimum.into(),
+            maximum: base.maximum.into(),
+            step: base.step as u64,
+            default_value: base.default_value.into(),
+            elem_size: 4,
+            elems: 1,
+            ..Default::default()
+        })
+    }
+
+    fn g_ext_ctrls(&mut self, s: &mut Self::Session, c: &mut ExtControls) -> IoctlResult<()> {
+        self.ext_ctrls(s, c, ExtOp::Get)
+    }
+
+    fn s_ext_ctrls(&mut self, s: &mut Self::Session, c: &mut ExtControls) -> IoctlResult<()> {
+        self.ext_ctrls(s, c, ExtOp::Set)
+    }
+
+    fn try_ext_ctrls(&mut self, s: &mut Self::Session, c: &mut ExtControls) -> IoctlResult<()> {
+        self.ext_ctrls(s, c, ExtOp::Try)
+    }
+
+    fn enum_framesizes(
+        &mut self,
+        _: &mut Self::Session,
+        q: V4l2Frmsizeenum,
+    ) -> IoctlResult<V4l2Frmsizeenum> {
+        if !FORMATS.iter().any(|(c, _)| *c == q.pixel_format) {
+            return Err(libc::EINVAL);
+        }
+        let (w, h) = SIZES.get(q.index as usize).ok_or(libc::EINVAL)?;
+        Ok(V4l2Frmsizeenum {
+            index: q.index,
+            pixel_format: q.pixel_format,
+            type_: FRMSIZE_TYPE_DISCRETE,
+            size: [*w, *h, 0, 0, 0, 0],
+            ..Default::default()
+        })
+    }
+
+    fn enum_frameintervals(
+        &mut self,
+        _: &mut Self::Session,
+        q: V4l2Frmivalenum,
+    ) -> IoctlResult<V4l2Frmivalenum> {
+        if !FORMATS.iter().any(|(c, _)| *c == q.pixel_format)
+            || !SIZES.contains(&(q.width, q.height))
+        {
+            return Err(libc::EINVAL);
+        }
+        let (n, d) = INTERVALS.get(q.index as usize).ok_or(libc::EINVAL)?;
+        Ok(V4l2Frmivalenum {
+            index: q.index,
+            pixel_format: q.pixel_format,
+            width: q.width,
+            height: q.height,
+            type_: FRMIVAL_TYPE_DISCRETE,
+            interval: [*n, *d, 0, 0, 0, 0],
+            ..Default::default()
+        })
+    }
+
+    fn subscribe_event(
+        &mut self,
+        s: &mut Self::Session,
+        sub: V4l2EventSubscription,
+    ) -> IoctlResult<()> {
+        if sub.type_ != EVENT_CTRL {
+            return Err(libc::EINVAL);
+        }
+        let idx = ctrl_index(sub.id).ok_or(libc::EINVAL)?;
+        if sub.flags & !(EVENT_SUB_FL_SEND_INITIAL | EVENT_SUB_FL_ALLOW_FEEDBACK) != 0 {
+            return Err(libc::EINVAL);
+        }
+        if !s
+            .subscriptions
+            .iter()
+            .any(|x| x.type_ == sub.type_ && x.id == sub.id)
+        {
+            s.subscriptions.push(sub);
+        }
+        if sub.flags & EVENT_SUB_FL_SEND_INITIAL != 0 {
+            self.send_ctrl_event(s, idx, EVENT_CTRL_CH_VALUE | EVENT_CTRL_CH_FLAGS);
+        }
+        Ok(())
+    }
+
+    fn unsubscribe_event(
+        &mut self,
+        s: &mut Self::Session,
+        sub: V4l2EventSubscription,
+    ) -> IoctlResult<()> {
+        if sub.type_ == EVENT_ALL {
+            s.subscriptions.clear();
+        } else {
+            s.subscriptions
+                .retain(|x| !(x.type_ == sub.type_ && x.id == sub.id));
+        }
+        Ok(())
+    }
+}
+
+impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice
+    for SoftwareCamera<E, H, G>
+where
+    G::Mapping: Send,
+{
+    type Session = CameraSession<G::Mapping>;
+
+    fn new_session(&mut self, session_id: u32) -> Result<Self::Session, Errno> {
+        let timer = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )
+        .map_err(|e| e.raw_os_error())?;
+        Ok(CameraSession {
+            id: session_id,
+            pix: pix_format(PIX_FMT_YUYV, 640, 480),
+            interval: (1, 30),
+            memory: 0,
+            buffers: Vec::new(),
+            queue: VecDeque::new(),
+            streaming: false,
+            sequence: 0,
+            timer,
+            ctrls: [CTRLS[0].default, CTRLS[1].default, CTRLS[2].default],
+            subscriptions: Vec::new(),
+            event_sequence: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn close_session(&mut self, mut session: Self::Session) {
+        let addrs: Vec<u64> = self
+            .mappings
+            .iter()
+            .filter(|(_, (s, _))| *s == session.id)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in addrs {
+            self.mappings.remove(&a);
+            if let Err(e) = self.host.remove_mapping(a) {
+                log::warn!("camera: unmapping {a:#x} on close: errno {e}");
+            }
+        }
+        self.free_buffers(&mut session);
+    }
+
+    fn do_ioctl(
+        &mut self,
+        session: &mut Self::Session,
+        ioctl: V4l2Ioctl,
+        reader: &mut ChainReader<'_>,
+        writer: &mut ChainWriter<'_>,
+    ) -> Result<(), MediaError> {
+        dispatch_ioctl(self, session, ioctl, reader, writer)
+    }
+
+    fn do_mmap(
+        &mut self,
+        s: &mut Self::Session,
+        flags: u32,
+        offset: u32,
+    ) -> Result<(u64, u64), Errno> {
+        let size = s.buffer_size();
+        if size == 0 || u64::from(offset) % size != 0 {
+            return Err(libc::EINVAL);
+        }
+        let index = (u64::from(offset) / size) as u32;
+        let Some(CamBuffer {
+            backing: Backing::Mmap(m),
+            ..
+        }) = s.buffers.get(index as usize)
+        else {
+            return Err(libc::EINVAL);
+        };
+        let addr = self
+            .host
+            .add_mapping(m.as_fd(), m.size(), 0, flags & MMAP_FLAG_RW != 0)?;
+        self.mappings.insert(addr, (s.id, index));
+        Ok((addr, m.size()))
+    }
+
+    fn do_munmap(&mut self, driver_addr: u64) -> Result<(), Errno> {
+        if !self.mappings.contains_key(&driver_addr) {
+            return Err(libc::EINVAL);
+        }
+        self.host.remove_mapping(driver_addr)?;
+        self.mappings.remove(&driver_addr);
+        Ok(())
+    }
+
+    fn process_events(&mut self, s: &mut Self::Session) -> Result<(), Errno> {
+        let mut buf = [0u8; 8];
+        let expirations = match rustix::io::read(&s.timer, &mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            Ok(_) => 0,
+            Err(rustix::io::Errno::AGAIN) => 0,
+            Err(e) => return Err(e.raw_os_error()),
+        };
+        if !s.streaming {
+            return Ok(());
+        }
+        // A late wake-up drops the missed frames (their sequence numbers are skipped).
+        for _ in 0..expirations.min(u64::from(MAX_BUFFERS)) {
+            self.produce_frame(s);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_recognisable_in_every_format() {
+        for (fourcc, _) in FORMATS {
+            for (w, h) in SIZES {
+                let (_, size) = frame_layout(fourcc, w, h).unwrap();
+                let mut buf = vec![0u8; size as usize];
+                for n in [0u32, 1, 77, 0xdead_beef] {
+                    assert_eq!(
+                        render_frame(fourcc, w, h, n, &Adjust::default(), &mut buf),
+                        Some(size as usize)
+                    );
+                    assert_eq!(decode_frame_number(fourcc, w, h, &buf), Some(n));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_pattern_moves() {
+        let (_, size) = frame_layout(PIX_FMT_RGB24, 320, 240).unwrap();
+        let mut a = vec![0u8; size as usize];
+        let mut b = vec![0u8; size as usize];
+        render_frame(PIX_FMT_RGB24, 320, 240, 1, &Adjust::default(), &mut a).unwrap();
+        render_frame(PIX_FMT_RGB24, 320, 240, 2, &Adjust::default(), &mut b).unwrap();
+        let row = 100 * 320 * 3;
+        assert_ne!(a[row..row + 960], b[row..row + 960]);
+        // Bars shift right by 4 pixels per frame.
+        assert_eq!(
+            a[row + 40 * 3..row + 100 * 3],
+            b[row + 44 * 3..row + 104 * 3]
+        );
+        assert_eq!(
+            render_frame(PIX_FMT_RGB24, 320, 240, 1, &Adjust::default(), &mut a[..10]),
+            None
+        );
+        assert_eq!(frame_layout(PIX_FMT_NV12, 321, 240), None);
+        assert_eq!(frame_layout(0, 320, 240), None);
+    }
+}

@@ -1,0 +1,881 @@
+//! Typed V4L2 structures (64-bit Linux layouts, `linux/videodev2.h`) and constants.
+//!
+//! virtio-media carries V4L2 ioctl arguments in the layout a 64-bit Linux kernel uses,
+//! little-endian. Every structure here is `repr(C)` with explicit padding fields so that
+//! zerocopy can read it from and write it to guest memory; the sizes are pinned by tests
+//! against [`V4l2Ioctl::arg_size`](outboard_protocol::v4l2::V4l2Ioctl::arg_size).
+//! Pointers (`v4l2_buffer.m.planes`, `v4l2_ext_controls.controls`, ...) are opaque
+//! 64-bit values: the guest's pointers mean nothing to the device, virtio-media sends the
+//! pointed-to data after the structure instead, and the device zeroes them in answers.
+//!
+//! The ioctls a capture device never needs (tuners, audio, modulators, DV timings,
+//! encoder/decoder commands, the encoder index) are carried as fixed-size byte arrays
+//! ([`RawArg`]) of their exact kernel size, so that a device can still implement them.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Builds a FourCC pixel format code.
+pub const fn fourcc(code: &[u8; 4]) -> u32 {
+    (code[0] as u32) | ((code[1] as u32) << 8) | ((code[2] as u32) << 16) | ((code[3] as u32) << 24)
+}
+
+/// `V4L2_PIX_FMT_YUYV`: packed 4:2:2 YUV, 16 bits per pixel.
+pub const PIX_FMT_YUYV: u32 = fourcc(b"YUYV");
+/// `V4L2_PIX_FMT_NV12`: Y plane followed by interleaved CbCr at half resolution.
+pub const PIX_FMT_NV12: u32 = fourcc(b"NV12");
+/// `V4L2_PIX_FMT_RGB24`: packed RGB, 24 bits per pixel.
+pub const PIX_FMT_RGB24: u32 = fourcc(b"RGB3");
+
+/// `V4L2_BUF_TYPE_VIDEO_CAPTURE`.
+pub const BUF_TYPE_VIDEO_CAPTURE: u32 = 1;
+/// `V4L2_BUF_TYPE_VIDEO_OUTPUT`.
+pub const BUF_TYPE_VIDEO_OUTPUT: u32 = 2;
+/// `V4L2_BUF_TYPE_VIDEO_CAPTURE_MPLANE`.
+pub const BUF_TYPE_VIDEO_CAPTURE_MPLANE: u32 = 9;
+/// `V4L2_BUF_TYPE_VIDEO_OUTPUT_MPLANE`.
+pub const BUF_TYPE_VIDEO_OUTPUT_MPLANE: u32 = 10;
+/// The largest valid `V4L2_BUF_TYPE_*` value (`V4L2_BUF_TYPE_META_OUTPUT`).
+pub const BUF_TYPE_MAX: u32 = 14;
+
+/// Whether `buf_type` is a multi-planar buffer type.
+pub const fn is_multiplanar(buf_type: u32) -> bool {
+    matches!(
+        buf_type,
+        BUF_TYPE_VIDEO_CAPTURE_MPLANE | BUF_TYPE_VIDEO_OUTPUT_MPLANE
+    )
+}
+
+/// Whether `buf_type` is a known `V4L2_BUF_TYPE_*` value (0 is not).
+pub const fn is_valid_buf_type(buf_type: u32) -> bool {
+    buf_type >= 1 && buf_type <= BUF_TYPE_MAX && buf_type != 7
+}
+
+/// `V4L2_MEMORY_MMAP`.
+pub const MEMORY_MMAP: u32 = 1;
+/// `V4L2_MEMORY_USERPTR`.
+pub const MEMORY_USERPTR: u32 = 2;
+/// `V4L2_MEMORY_OVERLAY`.
+pub const MEMORY_OVERLAY: u32 = 3;
+/// `V4L2_MEMORY_DMABUF`.
+pub const MEMORY_DMABUF: u32 = 4;
+
+/// `V4L2_FIELD_NONE`: progressive.
+pub const FIELD_NONE: u32 = 1;
+/// `V4L2_COLORSPACE_SRGB`.
+pub const COLORSPACE_SRGB: u32 = 8;
+/// `V4L2_COLORSPACE_SMPTE170M` (BT.601).
+pub const COLORSPACE_SMPTE170M: u32 = 1;
+
+/// `V4L2_BUF_FLAG_MAPPED`.
+pub const BUF_FLAG_MAPPED: u32 = 0x1;
+/// `V4L2_BUF_FLAG_QUEUED`.
+pub const BUF_FLAG_QUEUED: u32 = 0x2;
+/// `V4L2_BUF_FLAG_DONE`.
+pub const BUF_FLAG_DONE: u32 = 0x4;
+/// `V4L2_BUF_FLAG_ERROR`.
+pub const BUF_FLAG_ERROR: u32 = 0x40;
+/// `V4L2_BUF_FLAG_TIMESTAMP_MONOTONIC`.
+pub const BUF_FLAG_TIMESTAMP_MONOTONIC: u32 = 0x2000;
+/// `V4L2_BUF_FLAG_TSTAMP_SRC_SOE`: the timestamp is taken at the start of exposure.
+pub const BUF_FLAG_TSTAMP_SRC_SOE: u32 = 0x10000;
+
+/// `V4L2_BUF_CAP_SUPPORTS_MMAP`.
+pub const BUF_CAP_SUPPORTS_MMAP: u32 = 1 << 0;
+/// `V4L2_BUF_CAP_SUPPORTS_USERPTR`.
+pub const BUF_CAP_SUPPORTS_USERPTR: u32 = 1 << 1;
+/// `V4L2_BUF_CAP_SUPPORTS_ORPHANED_BUFS`.
+pub const BUF_CAP_SUPPORTS_ORPHANED_BUFS: u32 = 1 << 4;
+
+/// `V4L2_CAP_VIDEO_CAPTURE`.
+pub const CAP_VIDEO_CAPTURE: u32 = 0x1;
+/// `V4L2_CAP_VIDEO_CAPTURE_MPLANE`.
+pub const CAP_VIDEO_CAPTURE_MPLANE: u32 = 0x1000;
+/// `V4L2_CAP_STREAMING`.
+pub const CAP_STREAMING: u32 = 0x0400_0000;
+/// `V4L2_CAP_EXT_PIX_FORMAT`.
+pub const CAP_EXT_PIX_FORMAT: u32 = 0x0020_0000;
+
+/// `V4L2_FRMSIZE_TYPE_DISCRETE`.
+pub const FRMSIZE_TYPE_DISCRETE: u32 = 1;
+/// `V4L2_FRMIVAL_TYPE_DISCRETE`.
+pub const FRMIVAL_TYPE_DISCRETE: u32 = 1;
+/// `V4L2_CAP_TIMEPERFRAME` (in `v4l2_captureparm.capability`).
+pub const CAP_TIMEPERFRAME: u32 = 0x1000;
+
+/// `V4L2_INPUT_TYPE_CAMERA`.
+pub const INPUT_TYPE_CAMERA: u32 = 2;
+
+/// `V4L2_CTRL_TYPE_INTEGER`.
+pub const CTRL_TYPE_INTEGER: u32 = 1;
+/// `V4L2_CTRL_TYPE_BOOLEAN`.
+pub const CTRL_TYPE_BOOLEAN: u32 = 2;
+/// `V4L2_CTRL_TYPE_MENU`.
+pub const CTRL_TYPE_MENU: u32 = 3;
+/// `V4L2_CTRL_FLAG_NEXT_CTRL`: or-ed into a control id to enumerate controls.
+pub const CTRL_FLAG_NEXT_CTRL: u32 = 0x8000_0000;
+/// `V4L2_CTRL_FLAG_NEXT_COMPOUND`: or-ed into a control id to enumerate compound controls.
+pub const CTRL_FLAG_NEXT_COMPOUND: u32 = 0x4000_0000;
+/// `V4L2_CTRL_CLASS_USER`.
+pub const CTRL_CLASS_USER: u32 = 0x0098_0000;
+/// `V4L2_CTRL_CLASS_CAMERA`.
+pub const CTRL_CLASS_CAMERA: u32 = 0x009a_0000;
+/// `V4L2_CID_BRIGHTNESS`.
+pub const CID_BRIGHTNESS: u32 = CTRL_CLASS_USER | 0x900;
+/// `V4L2_CID_CONTRAST`.
+pub const CID_CONTRAST: u32 = CTRL_CLASS_USER | 0x901;
+/// `V4L2_CID_HFLIP`.
+pub const CID_HFLIP: u32 = CTRL_CLASS_USER | 0x914;
+/// `V4L2_CID_TEST_PATTERN` (image-processing class).
+pub const CID_TEST_PATTERN: u32 = 0x009f_0903;
+/// `V4L2_CTRL_WHICH_CUR_VAL`.
+pub const CTRL_WHICH_CUR_VAL: u32 = 0;
+/// `V4L2_CTRL_WHICH_DEF_VAL`.
+pub const CTRL_WHICH_DEF_VAL: u32 = 0x0f00_0000;
+/// `V4L2_CTRL_WHICH_REQUEST_VAL`.
+pub const CTRL_WHICH_REQUEST_VAL: u32 = 0x0f01_0000;
+
+/// `V4L2_EVENT_ALL`.
+pub const EVENT_ALL: u32 = 0;
+/// `V4L2_EVENT_EOS`.
+pub const EVENT_EOS: u32 = 2;
+/// `V4L2_EVENT_CTRL`.
+pub const EVENT_CTRL: u32 = 3;
+/// `V4L2_EVENT_SOURCE_CHANGE`.
+pub const EVENT_SOURCE_CHANGE: u32 = 5;
+
+/// `V4L2_SEL_TGT_CROP`.
+pub const SEL_TGT_CROP: u32 = 0;
+/// `V4L2_SEL_TGT_CROP_DEFAULT`.
+pub const SEL_TGT_CROP_DEFAULT: u32 = 1;
+/// `V4L2_SEL_TGT_CROP_BOUNDS`.
+pub const SEL_TGT_CROP_BOUNDS: u32 = 2;
+
+/// `VIDEO_MAX_PLANES`.
+pub const VIDEO_MAX_PLANES: usize = 8;
+
+macro_rules! wire {
+    ($(#[$m:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+        pub struct $name { $($body)* }
+
+        impl Default for $name {
+            fn default() -> Self {
+                <Self as zerocopy::FromZeros>::new_zeroed()
+            }
+        }
+    };
+}
+
+wire! {
+    /// `struct v4l2_fract`.
+    pub struct V4l2Fract {
+        /// Numerator.
+        pub numerator: u32,
+        /// Denominator.
+        pub denominator: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_rect`.
+    pub struct V4l2Rect {
+        /// Left edge.
+        pub left: i32,
+        /// Top edge.
+        pub top: i32,
+        /// Width.
+        pub width: u32,
+        /// Height.
+        pub height: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_pix_format` (48 bytes), the single-planar member of
+    /// [`V4l2Format`]'s union.
+    pub struct V4l2PixFormat {
+        /// Width in pixels.
+        pub width: u32,
+        /// Height in pixels.
+        pub height: u32,
+        /// FourCC.
+        pub pixelformat: u32,
+        /// `V4L2_FIELD_*`.
+        pub field: u32,
+        /// Bytes per line of the first plane.
+        pub bytesperline: u32,
+        /// Size of the image in bytes.
+        pub sizeimage: u32,
+        /// `V4L2_COLORSPACE_*`.
+        pub colorspace: u32,
+        /// Private field (`V4L2_PIX_FMT_PRIV_MAGIC` with extended fields).
+        pub priv_: u32,
+        /// `V4L2_PIX_FMT_FLAG_*`.
+        pub flags: u32,
+        /// `V4L2_YCBCR_ENC_*` (or HSV encoding).
+        pub ycbcr_enc: u32,
+        /// `V4L2_QUANTIZATION_*`.
+        pub quantization: u32,
+        /// `V4L2_XFER_FUNC_*`.
+        pub xfer_func: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_format` (208 bytes): a buffer type and a 200-byte union.
+    pub struct V4l2Format {
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// Padding before the 8-byte aligned union.
+        pub _pad: u32,
+        /// The format union (`pix`, `pix_mp`, `win`, `vbi`, `sdr`, `meta`, `raw_data`).
+        pub fmt: [u8; 200],
+    }
+}
+
+impl V4l2Format {
+    /// A single-planar format of `buf_type`.
+    pub fn from_pix(buf_type: u32, pix: &V4l2PixFormat) -> Self {
+        let mut f = V4l2Format {
+            type_: buf_type,
+            ..Default::default()
+        };
+        f.set_pix(pix);
+        f
+    }
+
+    /// The union read as `v4l2_pix_format`.
+    pub fn pix(&self) -> V4l2PixFormat {
+        V4l2PixFormat::read_from_prefix(&self.fmt)
+            .map(|(p, _)| p)
+            .unwrap_or_default()
+    }
+
+    /// Stores `pix` in the union (the rest of the union is zeroed).
+    pub fn set_pix(&mut self, pix: &V4l2PixFormat) {
+        self.fmt = [0; 200];
+        let bytes = pix.as_bytes();
+        self.fmt[..bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+wire! {
+    /// `struct v4l2_fmtdesc` (64 bytes).
+    pub struct V4l2Fmtdesc {
+        /// Index of the format to enumerate.
+        pub index: u32,
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// `V4L2_FMT_FLAG_*`.
+        pub flags: u32,
+        /// Human-readable description, NUL-terminated.
+        pub description: [u8; 32],
+        /// FourCC.
+        pub pixelformat: u32,
+        /// Media bus code filter.
+        pub mbus_code: u32,
+        /// Reserved.
+        pub reserved: [u32; 3],
+    }
+}
+
+wire! {
+    /// `struct v4l2_requestbuffers` (20 bytes).
+    pub struct V4l2Requestbuffers {
+        /// Number of buffers requested / allocated.
+        pub count: u32,
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// `V4L2_MEMORY_*`.
+        pub memory: u32,
+        /// `V4L2_BUF_CAP_*` (set by the device).
+        pub capabilities: u32,
+        /// `V4L2_MEMORY_FLAG_*`.
+        pub flags: u8,
+        /// Reserved.
+        pub reserved: [u8; 3],
+    }
+}
+
+wire! {
+    /// `struct timeval` on 64-bit Linux.
+    pub struct Timeval {
+        /// Seconds.
+        pub tv_sec: i64,
+        /// Microseconds.
+        pub tv_usec: i64,
+    }
+}
+
+wire! {
+    /// `struct timespec` on 64-bit Linux.
+    pub struct Timespec {
+        /// Seconds.
+        pub tv_sec: i64,
+        /// Nanoseconds.
+        pub tv_nsec: i64,
+    }
+}
+
+wire! {
+    /// `struct v4l2_timecode` (16 bytes).
+    pub struct V4l2Timecode {
+        /// `V4L2_TC_TYPE_*`.
+        pub type_: u32,
+        /// `V4L2_TC_FLAG_*`.
+        pub flags: u32,
+        /// Frames.
+        pub frames: u8,
+        /// Seconds.
+        pub seconds: u8,
+        /// Minutes.
+        pub minutes: u8,
+        /// Hours.
+        pub hours: u8,
+        /// User bits.
+        pub userbits: [u8; 4],
+    }
+}
+
+wire! {
+    /// `struct v4l2_buffer` (88 bytes).
+    ///
+    /// `m` is the 8-byte union `offset` (MMAP, low 32 bits) / `userptr` / `planes` /
+    /// `fd` (DMABUF, low 32 bits), little-endian.
+    pub struct V4l2Buffer {
+        /// Buffer index.
+        pub index: u32,
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// Bytes of data in the buffer (single-planar).
+        pub bytesused: u32,
+        /// `V4L2_BUF_FLAG_*`.
+        pub flags: u32,
+        /// `V4L2_FIELD_*`.
+        pub field: u32,
+        /// Padding before the timestamp.
+        pub _pad0: u32,
+        /// Timestamp.
+        pub timestamp: Timeval,
+        /// Timecode.
+        pub timecode: V4l2Timecode,
+        /// Frame sequence number.
+        pub sequence: u32,
+        /// `V4L2_MEMORY_*`.
+        pub memory: u32,
+        /// The `m` union.
+        pub m: u64,
+        /// Buffer length (single-planar) or number of planes (multi-planar).
+        pub length: u32,
+        /// Reserved.
+        pub reserved2: u32,
+        /// `request_fd`.
+        pub request_fd: i32,
+        /// Trailing padding.
+        pub _pad1: u32,
+    }
+}
+
+impl V4l2Buffer {
+    /// `m.offset` (MMAP memory).
+    pub fn mem_offset(&self) -> u32 {
+        self.m as u32
+    }
+}
+
+wire! {
+    /// `struct v4l2_plane` (64 bytes).
+    pub struct V4l2Plane {
+        /// Bytes of data in the plane.
+        pub bytesused: u32,
+        /// Plane length.
+        pub length: u32,
+        /// The `m` union (`mem_offset` / `userptr` / `fd`).
+        pub m: u64,
+        /// Offset of the data in the plane.
+        pub data_offset: u32,
+        /// Reserved.
+        pub reserved: [u32; 11],
+    }
+}
+
+wire! {
+    /// `struct v4l2_frmsizeenum` (44 bytes). `size` is the union of
+    /// `discrete {width, height}` (first two words) and `stepwise` (six words).
+    pub struct V4l2Frmsizeenum {
+        /// Index.
+        pub index: u32,
+        /// FourCC.
+        pub pixel_format: u32,
+        /// `V4L2_FRMSIZE_TYPE_*`.
+        pub type_: u32,
+        /// The size union.
+        pub size: [u32; 6],
+        /// Reserved.
+        pub reserved: [u32; 2],
+    }
+}
+
+wire! {
+    /// `struct v4l2_frmivalenum` (52 bytes). `interval` is the union of `discrete` (a
+    /// fraction, first two words) and `stepwise` (three fractions).
+    pub struct V4l2Frmivalenum {
+        /// Index.
+        pub index: u32,
+        /// FourCC.
+        pub pixel_format: u32,
+        /// Width.
+        pub width: u32,
+        /// Height.
+        pub height: u32,
+        /// `V4L2_FRMIVAL_TYPE_*`.
+        pub type_: u32,
+        /// The interval union.
+        pub interval: [u32; 6],
+        /// Reserved.
+        pub reserved: [u32; 2],
+    }
+}
+
+wire! {
+    /// `struct v4l2_captureparm` (40 bytes).
+    pub struct V4l2Captureparm {
+        /// `V4L2_CAP_TIMEPERFRAME`.
+        pub capability: u32,
+        /// `V4L2_MODE_HIGHQUALITY`.
+        pub capturemode: u32,
+        /// Frame interval.
+        pub timeperframe: V4l2Fract,
+        /// Driver specific.
+        pub extendedmode: u32,
+        /// Number of buffers for read().
+        pub readbuffers: u32,
+        /// Reserved.
+        pub reserved: [u32; 4],
+    }
+}
+
+wire! {
+    /// `struct v4l2_streamparm` (204 bytes): a buffer type and a 200-byte union whose
+    /// capture member is [`V4l2Captureparm`].
+    pub struct V4l2Streamparm {
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// The parameter union.
+        pub parm: [u8; 200],
+    }
+}
+
+impl V4l2Streamparm {
+    /// The union read as capture parameters.
+    pub fn capture(&self) -> V4l2Captureparm {
+        V4l2Captureparm::read_from_prefix(&self.parm)
+            .map(|(p, _)| p)
+            .unwrap_or_default()
+    }
+
+    /// Stores capture parameters in the union (the rest is zeroed).
+    pub fn set_capture(&mut self, c: &V4l2Captureparm) {
+        self.parm = [0; 200];
+        let bytes = c.as_bytes();
+        self.parm[..bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+wire! {
+    /// `struct v4l2_control` (8 bytes).
+    pub struct V4l2Control {
+        /// Control id.
+        pub id: u32,
+        /// Value.
+        pub value: i32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_queryctrl` (68 bytes).
+    pub struct V4l2Queryctrl {
+        /// Control id (with `V4L2_CTRL_FLAG_NEXT_*` flags in queries).
+        pub id: u32,
+        /// `V4L2_CTRL_TYPE_*`.
+        pub type_: u32,
+        /// Name, NUL-terminated.
+        pub name: [u8; 32],
+        /// Minimum.
+        pub minimum: i32,
+        /// Maximum.
+        pub maximum: i32,
+        /// Step.
+        pub step: i32,
+        /// Default.
+        pub default_value: i32,
+        /// `V4L2_CTRL_FLAG_*`.
+        pub flags: u32,
+        /// Reserved.
+        pub reserved: [u32; 2],
+    }
+}
+
+wire! {
+    /// `struct v4l2_query_ext_ctrl` (232 bytes).
+    pub struct V4l2QueryExtCtrl {
+        /// Control id.
+        pub id: u32,
+        /// `V4L2_CTRL_TYPE_*`.
+        pub type_: u32,
+        /// Name, NUL-terminated.
+        pub name: [u8; 32],
+        /// Minimum.
+        pub minimum: i64,
+        /// Maximum.
+        pub maximum: i64,
+        /// Step.
+        pub step: u64,
+        /// Default.
+        pub default_value: i64,
+        /// `V4L2_CTRL_FLAG_*`.
+        pub flags: u32,
+        /// Size of one element.
+        pub elem_size: u32,
+        /// Number of elements.
+        pub elems: u32,
+        /// Number of dimensions.
+        pub nr_of_dims: u32,
+        /// Dimensions.
+        pub dims: [u32; 4],
+        /// Reserved.
+        pub reserved: [u32; 32],
+    }
+}
+
+wire! {
+    /// `struct v4l2_querymenu` (44 bytes, packed in the kernel). `name` is the union of
+    /// the item's name and its 64-bit value (integer menus).
+    pub struct V4l2Querymenu {
+        /// Control id.
+        pub id: u32,
+        /// Menu item index.
+        pub index: u32,
+        /// Name (or value, little-endian, for integer menus).
+        pub name: [u8; 32],
+        /// Reserved.
+        pub reserved: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_ext_control` (20 bytes, packed in the kernel). `value` is the union
+    /// `value` (i32) / `value64` (i64) / pointer, little-endian.
+    pub struct V4l2ExtControl {
+        /// Control id.
+        pub id: u32,
+        /// Payload size for pointer controls (0 for plain values).
+        pub size: u32,
+        /// Reserved.
+        pub reserved2: u32,
+        /// The value union.
+        pub value: [u8; 8],
+    }
+}
+
+impl V4l2ExtControl {
+    /// The union as a 32-bit value.
+    pub fn value(&self) -> i32 {
+        i32::from_le_bytes([self.value[0], self.value[1], self.value[2], self.value[3]])
+    }
+
+    /// The union as a 64-bit value.
+    pub fn value64(&self) -> i64 {
+        i64::from_le_bytes(self.value)
+    }
+
+    /// Stores a 32-bit value (the upper bytes are zeroed).
+    pub fn set_value(&mut self, v: i32) {
+        self.value = i64::from(v).to_le_bytes();
+        self.value[4..].fill(0);
+    }
+}
+
+wire! {
+    /// `struct v4l2_ext_controls` (32 bytes).
+    pub struct V4l2ExtControls {
+        /// `ctrl_class` / `which` (`V4L2_CTRL_WHICH_*`).
+        pub which: u32,
+        /// Number of controls.
+        pub count: u32,
+        /// Index of the failing control.
+        pub error_idx: u32,
+        /// Request fd.
+        pub request_fd: i32,
+        /// Reserved.
+        pub reserved: u32,
+        /// Padding before the pointer.
+        pub _pad: u32,
+        /// The guest's `controls` pointer (meaningless to the device).
+        pub controls: u64,
+    }
+}
+
+wire! {
+    /// `struct v4l2_event_subscription` (32 bytes).
+    pub struct V4l2EventSubscription {
+        /// `V4L2_EVENT_*`.
+        pub type_: u32,
+        /// Object id (control id for `V4L2_EVENT_CTRL`).
+        pub id: u32,
+        /// `V4L2_EVENT_SUB_FL_*`.
+        pub flags: u32,
+        /// Reserved.
+        pub reserved: [u32; 5],
+    }
+}
+
+wire! {
+    /// `struct v4l2_event` (136 bytes).
+    pub struct V4l2Event {
+        /// `V4L2_EVENT_*`.
+        pub type_: u32,
+        /// Padding before the union.
+        pub _pad0: u32,
+        /// Event data union.
+        pub u: [u8; 64],
+        /// Number of pending events.
+        pub pending: u32,
+        /// Event sequence number.
+        pub sequence: u32,
+        /// Timestamp.
+        pub timestamp: Timespec,
+        /// Object id.
+        pub id: u32,
+        /// Reserved.
+        pub reserved: [u32; 8],
+        /// Trailing padding.
+        pub _pad1: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_input` (80 bytes).
+    pub struct V4l2Input {
+        /// Index.
+        pub index: u32,
+        /// Name, NUL-terminated.
+        pub name: [u8; 32],
+        /// `V4L2_INPUT_TYPE_*`.
+        pub type_: u32,
+        /// Associated audio inputs (bitmask).
+        pub audioset: u32,
+        /// Tuner index.
+        pub tuner: u32,
+        /// Supported video standards.
+        pub std: u64,
+        /// `V4L2_IN_ST_*`.
+        pub status: u32,
+        /// `V4L2_IN_CAP_*`.
+        pub capabilities: u32,
+        /// Reserved.
+        pub reserved: [u32; 3],
+        /// Trailing padding.
+        pub _pad: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_output` (72 bytes).
+    pub struct V4l2Output {
+        /// Index.
+        pub index: u32,
+        /// Name, NUL-terminated.
+        pub name: [u8; 32],
+        /// `V4L2_OUTPUT_TYPE_*`.
+        pub type_: u32,
+        /// Associated audio outputs (bitmask).
+        pub audioset: u32,
+        /// Modulator index.
+        pub modulator: u32,
+        /// Supported video standards.
+        pub std: u64,
+        /// `V4L2_OUT_CAP_*`.
+        pub capabilities: u32,
+        /// Reserved.
+        pub reserved: [u32; 3],
+    }
+}
+
+wire! {
+    /// `struct v4l2_standard` (72 bytes).
+    pub struct V4l2Standard {
+        /// Index.
+        pub index: u32,
+        /// Padding.
+        pub _pad0: u32,
+        /// `V4L2_STD_*` bits.
+        pub id: u64,
+        /// Name, NUL-terminated.
+        pub name: [u8; 24],
+        /// Frame period.
+        pub frameperiod: V4l2Fract,
+        /// Lines per frame.
+        pub framelines: u32,
+        /// Reserved.
+        pub reserved: [u32; 4],
+        /// Trailing padding.
+        pub _pad1: u32,
+    }
+}
+
+wire! {
+    /// `struct v4l2_selection` (64 bytes).
+    pub struct V4l2Selection {
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// `V4L2_SEL_TGT_*`.
+        pub target: u32,
+        /// `V4L2_SEL_FLAG_*`.
+        pub flags: u32,
+        /// The rectangle.
+        pub r: V4l2Rect,
+        /// Reserved.
+        pub reserved: [u32; 9],
+    }
+}
+
+wire! {
+    /// `struct v4l2_create_buffers` (256 bytes).
+    pub struct V4l2CreateBuffers {
+        /// First index of the created buffers (set by the device).
+        pub index: u32,
+        /// Number of buffers requested / created.
+        pub count: u32,
+        /// `V4L2_MEMORY_*`.
+        pub memory: u32,
+        /// Padding before the format.
+        pub _pad: u32,
+        /// The format the buffers must fit.
+        pub format: V4l2Format,
+        /// `V4L2_BUF_CAP_*` (set by the device).
+        pub capabilities: u32,
+        /// `V4L2_MEMORY_FLAG_*`.
+        pub flags: u32,
+        /// `max_num_buffers` (Linux >= 6.8) and reserved words.
+        pub reserved: [u32; 6],
+    }
+}
+
+wire! {
+    /// `struct v4l2_remove_buffers` (64 bytes, Linux >= 6.10).
+    pub struct V4l2RemoveBuffers {
+        /// First index to remove.
+        pub index: u32,
+        /// Number of buffers.
+        pub count: u32,
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// Reserved.
+        pub reserved: [u32; 13],
+    }
+}
+
+/// An ioctl argument carried as raw bytes of its exact 64-bit kernel size, for the
+/// ioctls whose structures this crate does not type (tuners, audio, modulators,
+/// frequencies, DV timings, encoder/decoder commands, the encoder index).
+pub type RawArg<const N: usize> = [u8; N];
+
+/// Copies `s` into a NUL-terminated fixed-size name field (truncating).
+pub fn set_name<const N: usize>(dst: &mut [u8; N], s: &str) {
+    *dst = [0; N];
+    for (d, b) in dst.iter_mut().take(N.saturating_sub(1)).zip(s.bytes()) {
+        *d = b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outboard_protocol::v4l2::{V4l2Ioctl, V4L2_BUFFER_SIZE, V4L2_EVENT_SIZE, V4L2_PLANE_SIZE};
+    use std::mem::size_of;
+
+    #[test]
+    fn sizes_match_the_ioctl_table() {
+        use V4l2Ioctl::*;
+        let cases: &[(V4l2Ioctl, usize)] = &[
+            (VIDIOC_ENUM_FMT, size_of::<V4l2Fmtdesc>()),
+            (VIDIOC_G_FMT, size_of::<V4l2Format>()),
+            (VIDIOC_S_FMT, size_of::<V4l2Format>()),
+            (VIDIOC_TRY_FMT, size_of::<V4l2Format>()),
+            (VIDIOC_REQBUFS, size_of::<V4l2Requestbuffers>()),
+            (VIDIOC_QUERYBUF, size_of::<V4l2Buffer>()),
+            (VIDIOC_QBUF, size_of::<V4l2Buffer>()),
+            (VIDIOC_PREPARE_BUF, size_of::<V4l2Buffer>()),
+            (VIDIOC_G_PARM, size_of::<V4l2Streamparm>()),
+            (VIDIOC_S_PARM, size_of::<V4l2Streamparm>()),
+            (VIDIOC_ENUMSTD, size_of::<V4l2Standard>()),
+            (VIDIOC_ENUMINPUT, size_of::<V4l2Input>()),
+            (VIDIOC_ENUMOUTPUT, size_of::<V4l2Output>()),
+            (VIDIOC_G_CTRL, size_of::<V4l2Control>()),
+            (VIDIOC_QUERYCTRL, size_of::<V4l2Queryctrl>()),
+            (VIDIOC_QUERYMENU, size_of::<V4l2Querymenu>()),
+            (VIDIOC_QUERY_EXT_CTRL, size_of::<V4l2QueryExtCtrl>()),
+            (VIDIOC_G_EXT_CTRLS, size_of::<V4l2ExtControls>()),
+            (VIDIOC_ENUM_FRAMESIZES, size_of::<V4l2Frmsizeenum>()),
+            (VIDIOC_ENUM_FRAMEINTERVALS, size_of::<V4l2Frmivalenum>()),
+            (VIDIOC_SUBSCRIBE_EVENT, size_of::<V4l2EventSubscription>()),
+            (VIDIOC_DQEVENT, size_of::<V4l2Event>()),
+            (VIDIOC_G_SELECTION, size_of::<V4l2Selection>()),
+            (VIDIOC_CREATE_BUFS, size_of::<V4l2CreateBuffers>()),
+            (VIDIOC_REMOVE_BUFS, size_of::<V4l2RemoveBuffers>()),
+        ];
+        for (ioctl, size) in cases {
+            assert_eq!(ioctl.arg_size(), *size, "{ioctl}");
+        }
+        assert_eq!(size_of::<V4l2Buffer>(), V4L2_BUFFER_SIZE);
+        assert_eq!(size_of::<V4l2Plane>(), V4L2_PLANE_SIZE);
+        assert_eq!(size_of::<V4l2Event>(), V4L2_EVENT_SIZE);
+        assert_eq!(size_of::<V4l2ExtControl>(), 20);
+        assert_eq!(size_of::<V4l2PixFormat>(), 48);
+        assert_eq!(size_of::<V4l2Captureparm>(), 40);
+    }
+
+    #[test]
+    fn field_offsets_follow_the_kernel() {
+        let b = V4l2Buffer {
+            sequence: 0x1122_3344,
+            m: 0x55,
+            length: 0x66,
+            ..Default::default()
+        };
+        let bytes = b.as_bytes();
+        assert_eq!(&bytes[56..60], &0x1122_3344u32.to_le_bytes());
+        assert_eq!(bytes[64], 0x55);
+        assert_eq!(bytes[72], 0x66);
+        let q = V4l2QueryExtCtrl {
+            minimum: -1,
+            ..Default::default()
+        };
+        assert_eq!(&q.as_bytes()[40..48], &[0xff; 8]);
+        let e = V4l2Event {
+            id: 7,
+            ..Default::default()
+        };
+        assert_eq!(e.as_bytes()[96], 7);
+        let c = V4l2CreateBuffers {
+            capabilities: 9,
+            ..Default::default()
+        };
+        assert_eq!(c.as_bytes()[224], 9);
+    }
+
+    #[test]
+    fn fourcc_and_names() {
+        assert_eq!(PIX_FMT_YUYV, 0x5659_5559);
+        let mut n = [0xffu8; 4];
+        set_name(&mut n, "abcdef");
+        assert_eq!(&n, b"abc\0");
+        let mut c = V4l2ExtControl::default();
+        c.set_value(-2);
+        assert_eq!(c.value(), -2);
+        assert_eq!(c.value64(), 0xffff_fffe);
+    }
+}
