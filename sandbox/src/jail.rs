@@ -444,6 +444,7 @@ impl Jail {
             pdeath_signal: self.pdeath_signal,
             keep,
             last_cap,
+            saved_dumpable: -1,
         })
     }
 }
@@ -562,6 +563,7 @@ pub(crate) struct Prepared {
     pdeath_signal: Option<i32>,
     pub(crate) keep: Vec<RawFd>,
     last_cap: u32,
+    saved_dumpable: libc::c_int,
 }
 
 /// The step of the child's setup that failed (reported to the parent with the errno).
@@ -678,15 +680,19 @@ impl Prepared {
     }
 
     /// Step 2a: enter the user namespace (the parent then writes the maps).
-    pub(crate) fn unshare_user(&self) -> StepResult {
+    pub(crate) fn unshare_user(&mut self) -> StepResult {
         if self.caller_is_root {
             // SAFETY: setgroups with an empty list reads no memory.
             let r = unsafe { libc::setgroups(0, std::ptr::null()) };
             check(Step::DropGroups, r as libc::c_long)?;
         }
-        // SAFETY: PR_SET_DUMPABLE with a constant; needed so that an unprivileged parent
-        // (whose setuid cleared the flag) can open our /proc id map files.
-        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1 as libc::c_ulong, 0, 0, 0) };
+        // SAFETY: PR_GET/SET_DUMPABLE with constants. Dumpable for the handshake, so that
+        // an unprivileged parent (whose setuid cleared the flag) can open our /proc id map
+        // files; `set_ids` restores the previous value.
+        unsafe {
+            self.saved_dumpable = libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0);
+            libc::prctl(libc::PR_SET_DUMPABLE, 1 as libc::c_ulong, 0, 0, 0);
+        }
         // SAFETY: unshare with a flag constant.
         check(
             Step::UnshareUser,
@@ -702,7 +708,20 @@ impl Prepared {
             as libc::c_long)?;
         // SAFETY: as above.
         check(Step::SetIds, unsafe { libc::setresuid(u, u, u) }
-            as libc::c_long)
+            as libc::c_long)?;
+        if self.saved_dumpable >= 0 {
+            // SAFETY: PR_SET_DUMPABLE with the value read before the handshake.
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_DUMPABLE,
+                    self.saved_dumpable as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
+        }
+        Ok(())
     }
 
     /// Step 3: the other namespaces.
