@@ -1,0 +1,114 @@
+//! The `outboard` binary as users run it: bad input exits 2 naming the value, the
+//! capabilities are printed, and SIGTERM ends a serving daemon cleanly.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn outboard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_outboard"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("outboard-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn usage_error(args: &[&str]) -> String {
+    let out = outboard().args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "args {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_exits_2_and_names_the_value() {
+    let e = usage_error(&[
+        "vsock",
+        "--guest-cid",
+        "2",
+        "--socket",
+        "/tmp/x",
+        "--uds-path",
+        "/tmp/y",
+    ]);
+    assert!(e.contains("guest CID 2"), "{e}");
+    let e = usage_error(&[
+        "vsock",
+        "--vm",
+        "guest-cid=3,socket=/a,uds-path=/b,queue-size=3",
+    ]);
+    assert!(e.contains("queue size 3"), "{e}");
+    let e = usage_error(&[
+        "vsock",
+        "--vm",
+        "guest-cid=3,socket=/a,uds-path=/b",
+        "--vm",
+        "guest-cid=3,socket=/c,uds-path=/d",
+    ]);
+    assert!(e.contains("guest CID 3 is used by more than one VM"), "{e}");
+    let e = usage_error(&["vsock", "--config", "/nonexistent/outboard.yaml"]);
+    assert!(e.contains("/nonexistent/outboard.yaml"), "{e}");
+    let e = usage_error(&["vsock", "--bogus"]);
+    assert!(e.contains("--bogus"), "{e}");
+    let e = usage_error(&["vsock"]);
+    assert!(e.contains("no VM given"), "{e}");
+}
+
+#[test]
+fn prints_capabilities() {
+    let out = outboard()
+        .args(["vsock", "--print-capabilities"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "vsock");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_sockets() {
+    let dir = scratch("sigterm");
+    let socket = dir.join("vhost.sock");
+    let uds = dir.join("vsock.sock");
+    let metrics = dir.join("metrics.json");
+    let mut child = outboard()
+        .args(["vsock", "--guest-cid", "3", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(&uds)
+        .arg("--metrics")
+        .arg(&metrics)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A front-end that connects and goes away does not end the daemon.
+    drop(UnixStream::connect(&socket).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(child.try_wait().unwrap().is_none());
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "outboard ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+    assert!(!uds.exists());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(m["vms"][0]["guest_cid"], 3);
+    assert!(m["vms"][0]["counters"]["rx_packets"].is_u64());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
