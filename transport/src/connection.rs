@@ -124,7 +124,8 @@ impl Connection {
         all.extend_from_slice(header.as_bytes());
         all.extend_from_slice(body);
         all.extend_from_slice(payload);
-        sock::send_all_with_fds(&self.sock, &[&all[n..]], &[])
+        let rest = all.get(n..).unwrap_or_default();
+        sock::send_all_with_fds(&self.sock, &[rest], &[])
     }
 
     /// Receives a header and the fds attached to it. Only the size bound is checked
