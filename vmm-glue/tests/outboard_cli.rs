@@ -1,6 +1,7 @@
 //! The `outboard` binary as users run it: bad input exits 2 naming the value, the
 //! capabilities are printed, and SIGTERM ends a serving daemon cleanly.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
