@@ -1,2 +1,921 @@
 //! Cross-crate integration tests for Outboard (see `tests/tests/`).
+//!
+//! This library is the simulated guest driver the vsock tests and benchmark use: guest
+//! memory from `vm-memory` (two memfd-backed regions mapped at file offsets, the way a
+//! vhost-user back-end receives them), split virtqueues laid out in it the way a driver
+//! lays them out (descriptor table, available ring with `used_event`, used ring with
+//! `avail_event`), kicks that honour EVENT_IDX, and a small model of the Linux
+//! virtio-vsock driver (connections, credit, RST/SHUTDOWN handling) on top. The device
+//! under test sees the queues through `outboard-glue`'s rust-vmm adapters.
 #![deny(missing_docs)]
+// A test harness: a panic is how it reports a broken device or a broken test setup.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use outboard_devices::virtio::{Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
+use outboard_glue::rust_vmm::boxed_queues;
+use outboard_protocol::vsock::{
+    SeqpacketFlags, ShutdownFlags, VsockHeader, VsockOp, VsockType, VIRTIO_VSOCK_F_SEQPACKET,
+    VMADDR_CID_HOST,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Guest memory as the device sees it.
+pub type Mem = Arc<GuestMemoryMmap>;
+
+/// Size of each of the two guest memory regions.
+const REGION_SIZE: usize = 48 << 20;
+/// Queue size the driver uses.
+pub const QSIZE: u16 = 256;
+const RX_BASE: u64 = 0x1000;
+const TX_BASE: u64 = 0x2_0000;
+const EV_BASE: u64 = 0x4_0000;
+const RAW_AREA: u64 = 0x10_0000;
+const RAW_AREA_SIZE: u64 = 0x10_0000;
+const EV_BUFS: u64 = 0x20_0000;
+const TX_SLOTS: u64 = 0x30_0000;
+/// Each TX slot: header plus 64 KiB.
+const TX_SLOT_SIZE: u64 = 44 + 64 * 1024;
+const TX_SLOT_COUNT: u64 = 200;
+/// RX buffers start here; they straddle the boundary between the two memory regions.
+const RX_BUFS: u64 = REGION_SIZE as u64 - 8 * 1024 * 1024;
+
+/// The guest's CID in every test.
+pub const GUEST_CID: u64 = 3;
+
+/// Creates the two memfd-backed guest memory regions, mapped at non-zero file offsets.
+pub fn guest_memory() -> Mem {
+    // SAFETY: memfd_create with a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"outboard-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(2 * REGION_SIZE as u64 + 2 * 4096).unwrap();
+    let file = Arc::new(file);
+    let ranges = [
+        (
+            GuestAddress(0),
+            REGION_SIZE,
+            Some(FileOffset::from_arc(file.clone(), 4096)),
+        ),
+        (
+            GuestAddress(REGION_SIZE as u64),
+            REGION_SIZE,
+            Some(FileOffset::from_arc(file, REGION_SIZE as u64 + 8192)),
+        ),
+    ];
+    Arc::new(GuestMemoryMmap::from_ranges_with_files(ranges.iter()).unwrap())
+}
+
+/// A split virtqueue from the driver's side.
+#[derive(Debug)]
+pub struct DriverQueue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    free: Vec<u16>,
+    avail_idx: Wrapping<u16>,
+    kicked_at: Wrapping<u16>,
+    last_used: Wrapping<u16>,
+    event_idx: std::cell::Cell<bool>,
+}
+
+impl DriverQueue {
+    /// Lays out a queue of `size` entries at `base`.
+    pub fn new(base: u64, size: u16) -> Self {
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        DriverQueue {
+            size,
+            desc,
+            avail,
+            used,
+            free: (0..size).rev().collect(),
+            avail_idx: Wrapping(0),
+            kicked_at: Wrapping(0),
+            last_used: Wrapping(0),
+            event_idx: std::cell::Cell::new(true),
+        }
+    }
+
+    /// The device-side `Queue` for this layout, with EVENT_IDX as negotiated (the
+    /// driver side follows the same choice).
+    pub fn device_queue(&self, mem: &GuestMemoryMmap, event_idx: bool) -> Queue {
+        self.event_idx.set(event_idx);
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+
+    /// Free descriptors.
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Makes a chain of `(addr, len, device_writable)` buffers available; `None` when
+    /// descriptors run out.
+    pub fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> Option<u16> {
+        if bufs.is_empty() || bufs.len() > self.free.len() {
+            return None;
+        }
+        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        for (i, (&(addr, len, write), &id)) in bufs.iter().zip(&ids).enumerate() {
+            let mut flags = 0u16;
+            let mut next = 0u16;
+            if i + 1 < ids.len() {
+                flags |= 1;
+                next = ids[i + 1];
+            }
+            if write {
+                flags |= 2;
+            }
+            let at = GuestAddress(self.desc + 16 * u64::from(id));
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        }
+        let slot = u64::from(self.avail_idx.0 % self.size);
+        mem.write_obj(ids[0], GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx += 1;
+        mem.store(self.avail_idx.0, GuestAddress(self.avail + 2), Ordering::Release)
+            .unwrap();
+        Some(ids[0])
+    }
+
+    /// Whether the device asked to be kicked for the buffers added since the last kick
+    /// (`vring_need_event` on `avail_event` with EVENT_IDX, else the used ring's
+    /// NO_NOTIFY flag); records the kick.
+    pub fn needs_kick(&mut self, mem: &GuestMemoryMmap) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.event_idx.get() {
+            let flags: u16 = mem.load(GuestAddress(self.used), Ordering::Acquire).unwrap();
+            self.kicked_at = self.avail_idx;
+            return flags & 1 == 0;
+        }
+        let event: u16 = mem
+            .load(
+                GuestAddress(self.used + 4 + 8 * u64::from(self.size)),
+                Ordering::Acquire,
+            )
+            .unwrap();
+        let new = self.avail_idx;
+        let old = self.kicked_at;
+        self.kicked_at = new;
+        (new - Wrapping(event) - Wrapping(1)) < (new - old)
+    }
+
+    /// Takes the next used entry `(head, len)` and frees its descriptors.
+    pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
+        let idx: u16 = mem
+            .load(GuestAddress(self.used + 2), Ordering::Acquire)
+            .unwrap();
+        if idx == self.last_used.0 {
+            return None;
+        }
+        let slot = u64::from(self.last_used.0 % self.size);
+        let at = GuestAddress(self.used + 4 + 8 * slot);
+        let id: u32 = mem.read_obj(at).unwrap();
+        let len: u32 = mem.read_obj(at.unchecked_add(4)).unwrap();
+        self.last_used += 1;
+        // used_event: interrupt me on the next used entry.
+        mem.store(
+            self.last_used.0,
+            GuestAddress(self.avail + 4 + 2 * u64::from(self.size)),
+            Ordering::Release,
+        )
+        .unwrap();
+        let head = u16::try_from(id).expect("device returned a head beyond u16");
+        assert!(head < self.size, "device returned head {head}");
+        let mut d = head;
+        for _ in 0..self.size {
+            self.free.push(d);
+            let at = GuestAddress(self.desc + 16 * u64::from(d));
+            let flags: u16 = mem.read_obj(at.unchecked_add(12)).unwrap();
+            if flags & 1 == 0 {
+                break;
+            }
+            d = mem.read_obj(at.unchecked_add(14)).unwrap();
+        }
+        Some((head, len))
+    }
+}
+
+/// Counts interrupts per queue.
+#[derive(Debug, Default)]
+pub struct CountingInterrupt {
+    /// Interrupts of queues 0, 1, 2.
+    pub queues: [AtomicU64; 3],
+}
+
+impl Interrupt for CountingInterrupt {
+    fn signal_used_queue(&self, queue: usize) {
+        if let Some(c) = self.queues.get(queue) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn signal_config_change(&self) {}
+}
+
+/// A deterministic byte stream: byte `pos` of stream `seed`. Any lost, duplicated or
+/// reordered run of bytes (other than whole multiples of the ~1 MiB period) shows up as
+/// a mismatch.
+pub struct Pattern {
+    table: Vec<u8>,
+}
+
+const PATTERN_PERIOD: usize = 1_048_573;
+const PATTERN_CHUNK: usize = 128 * 1024;
+
+impl Pattern {
+    /// The shared pattern table.
+    pub fn get() -> &'static Pattern {
+        static P: OnceLock<Pattern> = OnceLock::new();
+        P.get_or_init(|| {
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut table = Vec::with_capacity(PATTERN_PERIOD + PATTERN_CHUNK);
+            while table.len() < PATTERN_PERIOD + PATTERN_CHUNK {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                table.extend_from_slice(&x.to_le_bytes());
+            }
+            table.truncate(PATTERN_PERIOD + PATTERN_CHUNK);
+            let (head, tail) = table.split_at_mut(PATTERN_PERIOD);
+            tail.copy_from_slice(&head[..PATTERN_CHUNK]);
+            Pattern { table }
+        })
+    }
+
+    /// Up to 128 KiB of stream `seed` from `pos`.
+    pub fn chunk(&self, seed: u64, pos: u64, len: usize) -> &[u8] {
+        let start = ((pos + seed * 7919) % PATTERN_PERIOD as u64) as usize;
+        &self.table[start..start + len.min(PATTERN_CHUNK)]
+    }
+
+    /// Fills `out` with stream `seed` from `pos`.
+    pub fn fill(&self, seed: u64, pos: u64, out: &mut [u8]) {
+        let mut done = 0;
+        while done < out.len() {
+            let c = self.chunk(seed, pos + done as u64, out.len() - done);
+            out[done..done + c.len()].copy_from_slice(c);
+            done += c.len();
+        }
+    }
+
+    /// Whether `data` equals stream `seed` from `pos`.
+    pub fn check(&self, seed: u64, pos: u64, data: &[u8]) -> bool {
+        let mut done = 0;
+        while done < data.len() {
+            let c = self.chunk(seed, pos + done as u64, data.len() - done);
+            if data[done..done + c.len()] != *c {
+                return false;
+            }
+            done += c.len();
+        }
+        true
+    }
+}
+
+/// What the guest does with received data.
+#[derive(Debug)]
+pub enum Sink {
+    /// Keep it (for assertions); seqpacket messages are split at EOM.
+    Keep,
+    /// Check it against [`Pattern`] stream `seed` and count it.
+    Verify {
+        /// Stream id.
+        seed: u64,
+    },
+}
+
+/// Guest-side connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestState {
+    /// REQUEST sent.
+    Connecting,
+    /// RESPONSE received or sent.
+    Established,
+    /// RST received.
+    Reset,
+    /// The guest sent RST (closed).
+    Closed,
+}
+
+/// A guest socket.
+#[derive(Debug)]
+pub struct GuestConn {
+    /// Socket type.
+    pub ty: VsockType,
+    /// State.
+    pub state: GuestState,
+    /// The device's credit fields.
+    pub peer_buf_alloc: u32,
+    /// The device's `fwd_cnt`.
+    pub peer_fwd_cnt: Wrapping<u32>,
+    /// Bytes sent.
+    pub tx_cnt: Wrapping<u32>,
+    /// Bytes received.
+    pub rx_cnt: Wrapping<u32>,
+    /// Bytes consumed by the application.
+    pub fwd_cnt: Wrapping<u32>,
+    /// `fwd_cnt` last announced.
+    pub last_fwd_sent: Wrapping<u32>,
+    /// This socket's receive buffer.
+    pub buf_alloc: u32,
+    /// Consume data as it arrives (else [`Guest::consume`]).
+    pub auto_consume: bool,
+    /// Received bytes (Keep sink).
+    pub data: Vec<u8>,
+    /// Completed seqpacket messages with their last packet's flags (Keep sink).
+    pub messages: Vec<(Vec<u8>, u32)>,
+    /// Where data goes.
+    pub sink: Sink,
+    /// Payload bytes received in total.
+    pub received: u64,
+    /// SHUTDOWN flags received.
+    pub peer_shutdown: u32,
+    /// Times the device sent beyond this socket's credit.
+    pub overruns: u64,
+    /// Pattern mismatches (Verify sink).
+    pub corrupt: u64,
+}
+
+impl GuestConn {
+    fn new(ty: VsockType, state: GuestState, buf_alloc: u32) -> Self {
+        GuestConn {
+            ty,
+            state,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: Wrapping(0),
+            tx_cnt: Wrapping(0),
+            rx_cnt: Wrapping(0),
+            fwd_cnt: Wrapping(0),
+            last_fwd_sent: Wrapping(0),
+            buf_alloc,
+            auto_consume: true,
+            data: Vec::new(),
+            messages: Vec::new(),
+            sink: Sink::Keep,
+            received: 0,
+            peer_shutdown: 0,
+            overruns: 0,
+            corrupt: 0,
+        }
+    }
+
+    /// Bytes the guest may still send.
+    pub fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub((self.tx_cnt - self.peer_fwd_cnt).0)
+    }
+}
+
+/// Guest driver options.
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    /// Payload room of each RX buffer.
+    pub rx_buf_payload: u32,
+    /// Negotiate EVENT_IDX.
+    pub event_idx: bool,
+    /// Negotiate SEQPACKET.
+    pub seqpacket: bool,
+    /// Receive buffer (`buf_alloc`) of guest sockets.
+    pub buf_alloc: u32,
+    /// TX buffer size of the device.
+    pub tx_buf_size: u32,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        GuestOptions {
+            rx_buf_payload: 4096,
+            event_idx: true,
+            seqpacket: true,
+            buf_alloc: 256 * 1024,
+            tx_buf_size: 256 * 1024,
+        }
+    }
+}
+
+/// `(guest_port, host_port)`.
+pub type Key = (u32, u32);
+
+/// The simulated guest with its vsock driver, and the device under test.
+pub struct Guest {
+    /// Guest memory.
+    pub mem: Mem,
+    /// The device.
+    pub dev: Vsock,
+    /// Interrupt counters.
+    pub irq: Arc<CountingInterrupt>,
+    rx: DriverQueue,
+    tx: DriverQueue,
+    ev: DriverQueue,
+    rx_bufs: HashMap<u16, u64>,
+    free_rx_bufs: Vec<u64>,
+    rx_payload: u32,
+    tx_free_slots: Vec<u64>,
+    tx_inflight: HashMap<u16, Option<u64>>,
+    /// Guest sockets.
+    pub conns: HashMap<Key, GuestConn>,
+    listening: HashSet<u32>,
+    next_port: u32,
+    /// Transport events received.
+    pub events: Vec<u32>,
+    /// RSTs received for unknown connections, with their ports `(guest, host)`.
+    pub stray_rsts: Vec<Key>,
+    /// Packets with a wrong CID or a malformed header.
+    pub bad_packets: u64,
+    opts: GuestOptions,
+    tx_kicks_needed: bool,
+    /// Kicks the driver made (rx, tx, event).
+    pub kicks: [u64; 3],
+    /// The muxer's socket path.
+    pub uds_path: PathBuf,
+}
+
+impl Guest {
+    /// Creates guest memory, the device (muxer at `uds_path`), negotiates features,
+    /// lays out the queues, posts RX and event buffers and activates the device.
+    pub fn new(uds_path: &Path, opts: GuestOptions) -> Guest {
+        let mem = guest_memory();
+        let mut cfg = VsockDeviceConfig::new(GUEST_CID, uds_path);
+        cfg.tx_buf_size = opts.tx_buf_size;
+        let mut dev = Vsock::new(cfg).unwrap();
+        let mut features = dev.features();
+        if !opts.event_idx {
+            features &= !VIRTIO_RING_F_EVENT_IDX;
+        }
+        if !opts.seqpacket {
+            features &= !VIRTIO_VSOCK_F_SEQPACKET;
+        }
+        dev.ack_features(features);
+        let rx = DriverQueue::new(RX_BASE, QSIZE);
+        let tx = DriverQueue::new(TX_BASE, QSIZE);
+        let ev = DriverQueue::new(EV_BASE, 8);
+        let queues = vec![
+            rx.device_queue(&mem, opts.event_idx),
+            tx.device_queue(&mem, opts.event_idx),
+            ev.device_queue(&mem, opts.event_idx),
+        ];
+        let irq = Arc::new(CountingInterrupt::default());
+        let rx_stride = u64::from(44 + opts.rx_buf_payload);
+        let free_rx_bufs = (0..u64::from(QSIZE)).map(|i| RX_BUFS + i * rx_stride).collect();
+        let mut g = Guest {
+            mem: mem.clone(),
+            dev,
+            irq: irq.clone(),
+            rx,
+            tx,
+            ev,
+            rx_bufs: HashMap::new(),
+            free_rx_bufs,
+            rx_payload: opts.rx_buf_payload,
+            tx_free_slots: (0..TX_SLOT_COUNT).map(|i| TX_SLOTS + i * TX_SLOT_SIZE).collect(),
+            tx_inflight: HashMap::new(),
+            conns: HashMap::new(),
+            listening: HashSet::new(),
+            next_port: 10_000,
+            events: Vec::new(),
+            stray_rsts: Vec::new(),
+            bad_packets: 0,
+            opts,
+            tx_kicks_needed: false,
+            kicks: [0; 3],
+            uds_path: uds_path.to_path_buf(),
+        };
+        g.post_rx_buffers();
+        for i in 0..8u64 {
+            g.ev.add(&g.mem, &[(EV_BUFS + 16 * i, 4, true)]).unwrap();
+        }
+        g.dev
+            .activate(boxed_queues(queues, &mem), irq as Arc<dyn Interrupt>)
+            .unwrap();
+        g
+    }
+
+    /// Options in use.
+    pub fn options(&self) -> &GuestOptions {
+        &self.opts
+    }
+
+    fn post_rx_buffers(&mut self) {
+        let mut added = false;
+        while let Some(addr) = self.free_rx_bufs.pop() {
+            match self.rx.add(&self.mem, &[(addr, 44 + self.rx_payload, true)]) {
+                Some(head) => {
+                    self.rx_bufs.insert(head, addr);
+                    added = true;
+                }
+                None => {
+                    self.free_rx_bufs.push(addr);
+                    break;
+                }
+            }
+        }
+        if added && self.rx.needs_kick(&self.mem) {
+            self.kicks[0] += 1;
+            self.dev.handle_rx_kick();
+        }
+    }
+
+    /// Kicks the TX queue if buffers were added and the device wants a kick.
+    pub fn kick_tx(&mut self) {
+        if self.tx_kicks_needed && self.tx.needs_kick(&self.mem) {
+            self.kicks[1] += 1;
+            self.dev.handle_tx_kick();
+        }
+        self.tx_kicks_needed = false;
+        self.reclaim_tx();
+    }
+
+    fn reclaim_tx(&mut self) {
+        while let Some((head, _)) = self.tx.pop_used(&self.mem) {
+            if let Some(Some(slot)) = self.tx_inflight.remove(&head) {
+                self.tx_free_slots.push(slot);
+            }
+        }
+    }
+
+    /// Free TX slots (packets that can be queued now).
+    pub fn tx_slots_free(&self) -> usize {
+        self.tx_free_slots.len().min(self.tx.free_count() / 2)
+    }
+
+    fn header(&self, key: Key, ty: VsockType, op: VsockOp, len: u32, flags: u32) -> VsockHeader {
+        let (buf_alloc, fwd_cnt) = self
+            .conns
+            .get(&key)
+            .map_or((self.opts.buf_alloc, 0), |c| (c.buf_alloc, c.fwd_cnt.0));
+        VsockHeader {
+            src_cid: GUEST_CID,
+            dst_cid: VMADDR_CID_HOST,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            type_: ty as u16,
+            op: op as u16,
+            flags,
+            buf_alloc,
+            fwd_cnt,
+        }
+    }
+
+    /// Queues one packet (header and payload in one descriptor, like Linux) without
+    /// kicking. Returns false when no TX slot is free.
+    pub fn queue_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) -> bool {
+        assert!(payload.len() <= 64 * 1024);
+        let Some(slot) = self.tx_free_slots.pop() else {
+            return false;
+        };
+        self.mem.write_slice(hdr.as_bytes(), GuestAddress(slot)).unwrap();
+        self.mem
+            .write_slice(payload, GuestAddress(slot + 44))
+            .unwrap();
+        let len = 44 + payload.len() as u32;
+        let Some(head) = self.tx.add(&self.mem, &[(slot, len, false)]) else {
+            self.tx_free_slots.push(slot);
+            return false;
+        };
+        self.tx_inflight.insert(head, Some(slot));
+        self.tx_kicks_needed = true;
+        if let Some(c) = self.conns.get_mut(&(hdr.src_port, hdr.dst_port)) {
+            c.last_fwd_sent = Wrapping(hdr.fwd_cnt);
+            if hdr.op == VsockOp::Rw as u16 {
+                c.tx_cnt += Wrapping(hdr.len);
+            }
+        }
+        true
+    }
+
+    /// Sends a control packet for `key` now.
+    pub fn send_ctrl(&mut self, key: Key, ty: VsockType, op: VsockOp, flags: u32) {
+        let hdr = self.header(key, ty, op, 0, flags);
+        while !self.queue_packet(&hdr, &[]) {
+            self.kick_tx();
+        }
+        self.kick_tx();
+    }
+
+    /// Sends a hand-made chain: each element is `(bytes, device_writable)` and becomes
+    /// one descriptor. Returns the used length the device reported.
+    pub fn send_raw(&mut self, descs: &[(Vec<u8>, bool)]) -> u32 {
+        let mut at = RAW_AREA;
+        let mut bufs = Vec::new();
+        for (bytes, write) in descs {
+            assert!(at + bytes.len() as u64 <= RAW_AREA + RAW_AREA_SIZE);
+            self.mem.write_slice(bytes, GuestAddress(at)).unwrap();
+            bufs.push((at, bytes.len() as u32, *write));
+            at += bytes.len() as u64 + 1;
+        }
+        self.send_raw_descs(&bufs)
+    }
+
+    /// Sends a chain of raw descriptors `(guest_addr, len, device_writable)`.
+    pub fn send_raw_descs(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
+        self.reclaim_tx();
+        let head = self.tx.add(&self.mem, bufs).expect("no free descriptors");
+        self.tx_inflight.insert(head, None);
+        self.kicks[1] += 1;
+        self.dev.handle_tx_kick();
+        let mut len = None;
+        while let Some((h, l)) = self.tx.pop_used(&self.mem) {
+            if let Some(Some(slot)) = self.tx_inflight.remove(&h) {
+                self.tx_free_slots.push(slot);
+            }
+            if h == head {
+                len = Some(l);
+            }
+        }
+        len.expect("device did not return the raw chain")
+    }
+
+    /// Marks guest port `port` as listening (host-initiated connections to it are
+    /// accepted).
+    pub fn listen(&mut self, port: u32) {
+        self.listening.insert(port);
+    }
+
+    /// Starts a connection to host port `port`; returns its key.
+    pub fn connect(&mut self, port: u32, ty: VsockType) -> Key {
+        self.next_port += 1;
+        let key = (self.next_port, port);
+        self.conns
+            .insert(key, GuestConn::new(ty, GuestState::Connecting, self.opts.buf_alloc));
+        self.send_ctrl(key, ty, VsockOp::Request, 0);
+        key
+    }
+
+    /// Pumps until `cond` holds or `timeout` passes; returns whether it holds.
+    pub fn pump_until(&mut self, timeout: Duration, mut cond: impl FnMut(&Guest) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if cond(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            self.pump((end - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    /// One driver iteration: wait up to `timeout` for the device's event fd, let the
+    /// device handle it, then process used RX buffers and repost them.
+    pub fn pump(&mut self, timeout: Duration) {
+        let fd = self.dev.event_fd().map(|f| f.as_raw_fd());
+        if let Some(fd) = fd {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: `pfd` is one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n > 0 {
+                self.dev.handle_event();
+            }
+        }
+        self.process_used();
+    }
+
+    /// Processes used RX and event buffers, answers what needs answering.
+    pub fn process_used(&mut self) {
+        loop {
+            let mut any = false;
+            while let Some((head, len)) = self.rx.pop_used(&self.mem) {
+                any = true;
+                let addr = self.rx_bufs.remove(&head).expect("unknown rx head");
+                self.on_rx(addr, len);
+                self.free_rx_bufs.push(addr);
+            }
+            while let Some((head, len)) = self.ev.pop_used(&self.mem) {
+                any = true;
+                assert_eq!(len, 4);
+                let addr = EV_BUFS + 16 * u64::from(head);
+                let id: u32 = self.mem.read_obj(GuestAddress(addr)).unwrap();
+                self.events.push(id);
+                self.ev.add(&self.mem, &[(addr, 4, true)]).unwrap();
+                if self.ev.needs_kick(&self.mem) {
+                    self.kicks[2] += 1;
+                    self.dev.handle_event_kick();
+                }
+            }
+            self.post_rx_buffers();
+            self.kick_tx();
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn on_rx(&mut self, addr: u64, len: u32) {
+        let mut raw = [0u8; 44];
+        if len < 44 {
+            self.bad_packets += 1;
+            return;
+        }
+        self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+        let hdr = VsockHeader::read_from_bytes(&raw).unwrap();
+        let plen = hdr.len;
+        if hdr.src_cid != VMADDR_CID_HOST
+            || hdr.dst_cid != GUEST_CID
+            || len != 44 + plen
+            || plen > self.rx_payload
+        {
+            self.bad_packets += 1;
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        let Ok(op) = hdr.op() else {
+            self.bad_packets += 1;
+            return;
+        };
+        let Ok(ty) = hdr.socket_type() else {
+            self.bad_packets += 1;
+            return;
+        };
+        if !self.conns.contains_key(&key) {
+            match op {
+                VsockOp::Request if self.listening.contains(&{ hdr.dst_port }) => {
+                    let mut c = GuestConn::new(ty, GuestState::Established, self.opts.buf_alloc);
+                    c.peer_buf_alloc = hdr.buf_alloc;
+                    c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+                    self.conns.insert(key, c);
+                    self.send_ctrl(key, ty, VsockOp::Response, 0);
+                }
+                VsockOp::Rst => self.stray_rsts.push(key),
+                _ => self.send_ctrl(key, ty, VsockOp::Rst, 0),
+            }
+            return;
+        }
+        let mut reply = None;
+        {
+            let c = self.conns.get_mut(&key).unwrap();
+            c.peer_buf_alloc = hdr.buf_alloc;
+            c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+            match op {
+                VsockOp::Response if c.state == GuestState::Connecting => {
+                    c.state = GuestState::Established
+                }
+                VsockOp::Rst => c.state = GuestState::Reset,
+                VsockOp::Shutdown => c.peer_shutdown |= hdr.flags,
+                VsockOp::CreditRequest => reply = Some(VsockOp::CreditUpdate),
+                VsockOp::CreditUpdate => {}
+                VsockOp::Rw => {
+                    if (c.rx_cnt - c.fwd_cnt).0 + plen > c.buf_alloc {
+                        c.overruns += 1;
+                    }
+                    c.rx_cnt += Wrapping(plen);
+                    c.received += u64::from(plen);
+                    let mut buf = vec![0u8; plen as usize];
+                    self.mem
+                        .read_slice(&mut buf, GuestAddress(addr + 44))
+                        .unwrap();
+                    match c.sink {
+                        Sink::Keep => {
+                            c.data.extend_from_slice(&buf);
+                            if c.ty == VsockType::Seqpacket
+                                && hdr.flags & SeqpacketFlags::EOM.bits() != 0
+                            {
+                                let msg = std::mem::take(&mut c.data);
+                                c.messages.push((msg, hdr.flags));
+                            }
+                        }
+                        Sink::Verify { seed } => {
+                            let pos = c.received - u64::from(plen);
+                            if !Pattern::get().check(seed, pos, &buf) {
+                                c.corrupt += 1;
+                            }
+                        }
+                    }
+                    if c.auto_consume {
+                        c.fwd_cnt += Wrapping(plen);
+                        if (c.fwd_cnt - c.last_fwd_sent).0 >= c.buf_alloc / 4 {
+                            reply = Some(VsockOp::CreditUpdate);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(op) = reply {
+            let ty = self.conns[&key].ty;
+            self.send_ctrl(key, ty, op, 0);
+        }
+    }
+
+    /// The application reads `n` bytes of a Keep-sink stream socket: they count as
+    /// consumed, and the guest announces credit as Linux does.
+    pub fn consume(&mut self, key: Key, n: usize) -> Vec<u8> {
+        let c = self.conns.get_mut(&key).unwrap();
+        let n = n.min(c.data.len());
+        let out: Vec<u8> = c.data.drain(..n).collect();
+        c.fwd_cnt += Wrapping(n as u32);
+        let ty = c.ty;
+        self.send_ctrl(key, ty, VsockOp::CreditUpdate, 0);
+        out
+    }
+
+    /// Queues as much of `data` as credit and TX slots allow, in packets of at most
+    /// `pkt` bytes; returns how many bytes were queued (kick with [`Guest::kick_tx`]).
+    pub fn queue_stream(&mut self, key: Key, data_len: u64, pkt: u32, mut fill: impl FnMut(u64, &mut [u8]), sent: &mut u64) {
+        let mut buf = vec![0u8; pkt as usize];
+        loop {
+            let Some(c) = self.conns.get(&key) else {
+                return;
+            };
+            if c.state != GuestState::Established {
+                return;
+            }
+            let left = data_len - *sent;
+            let n = u64::from(c.credit()).min(left).min(u64::from(pkt)) as usize;
+            if n == 0 || self.tx_free_slots.is_empty() || self.tx.free_count() == 0 {
+                return;
+            }
+            fill(*sent, &mut buf[..n]);
+            let hdr = self.header(key, c.ty, VsockOp::Rw, n as u32, 0);
+            if !self.queue_packet(&hdr, &buf[..n]) {
+                return;
+            }
+            *sent += n as u64;
+        }
+    }
+
+    /// Sends a whole seqpacket message in packets of at most `pkt` bytes (the last
+    /// marked EOM), pumping for credit as needed.
+    pub fn send_message(&mut self, key: Key, msg: &[u8], pkt: usize) {
+        let mut off = 0;
+        loop {
+            let c = &self.conns[&key];
+            let credit = c.credit() as usize;
+            if credit == 0 && off < msg.len() {
+                self.pump(Duration::from_millis(5));
+                continue;
+            }
+            let n = (msg.len() - off).min(pkt).min(credit);
+            let last = off + n == msg.len();
+            let flags = if last { SeqpacketFlags::EOM.bits() } else { 0 };
+            let hdr = self.header(key, VsockType::Seqpacket, VsockOp::Rw, n as u32, flags);
+            if !self.queue_packet(&hdr, &msg[off..off + n]) {
+                self.kick_tx();
+                continue;
+            }
+            off += n;
+            self.kick_tx();
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Closes a socket the way Linux does: SHUTDOWN (both), then waits for the
+    /// device's RST.
+    pub fn close(&mut self, key: Key) -> bool {
+        let ty = self.conns[&key].ty;
+        let flags = (ShutdownFlags::RCV | ShutdownFlags::SEND).bits();
+        self.send_ctrl(key, ty, VsockOp::Shutdown, flags);
+        self.pump_until(Duration::from_secs(5), |g| {
+            g.conns[&key].state == GuestState::Reset
+        })
+    }
+}
+
+/// A fresh directory for the muxer's sockets.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "outboard-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -156,11 +156,6 @@ impl Conn {
         }
     }
 
-    /// Guest bytes received and not yet written to the host.
-    pub fn buffered(&self) -> u32 {
-        (self.recv_cnt - self.fwd_cnt).0
-    }
-
     /// Whether bytes wait in the TX buffer.
     pub fn tx_pending(&self) -> bool {
         self.tx_start < self.tx_buf.len() || !self.seq_msgs.is_empty()
@@ -201,7 +196,10 @@ impl Conn {
         eom: bool,
         iov: &mut sys::IovScratch,
     ) -> Result<(), SendError> {
-        if u64::from(self.buffered()) + u64::from(len) > u64::from(self.buf_alloc) {
+        // The guest may send what the device announced: buf_alloc beyond the fwd_cnt it
+        // was last told. This also bounds the TX buffer (fwd_cnt only grows).
+        let announced_used = (self.recv_cnt - self.last_fwd_cnt_sent).0;
+        if u64::from(announced_used) + u64::from(len) > u64::from(self.buf_alloc) {
             return Err(SendError::CreditOverrun);
         }
         self.recv_cnt += Wrapping(len);

@@ -180,7 +180,8 @@ impl Vsock {
                                         &m.err_tx_bad_cid
                                     }
                                     PacketError::Invalid(_) => &m.err_tx_invalid,
-                                    PacketError::LenBeyondChain { .. } => &m.err_tx_bad_len,
+                                    PacketError::LenBeyondChain { .. }
+                                    | PacketError::LenTooBig(_) => &m.err_tx_bad_len,
                                     PacketError::ShortHeader(_) => &m.err_tx_short_header,
                                     PacketError::WriteOnlyHeader => &m.err_tx_write_only_header,
                                 });

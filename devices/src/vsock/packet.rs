@@ -1,6 +1,8 @@
 //! Driver packets: parsing TX chains and writing RX headers.
 
-use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType, VMADDR_CID_HOST};
+use outboard_protocol::vsock::{
+    VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE, VMADDR_CID_HOST,
+};
 use outboard_protocol::{ProtocolError, Validate};
 use remain::sorted;
 use thiserror::Error;
@@ -26,6 +28,9 @@ pub enum PacketError {
         /// Readable bytes after the header.
         available: usize,
     },
+    /// `len` is above the 64 KiB packet limit.
+    #[error("packet len {0} exceeds {MAX_PKT_BUF_SIZE}")]
+    LenTooBig(u32),
     /// The readable half is shorter than the 44-byte header.
     #[error("descriptor chain holds {0} readable bytes, less than a header")]
     ShortHeader(usize),
@@ -89,6 +94,13 @@ pub(crate) fn parse_tx(
         return Err(refuse(PacketError::DstCid(dst_cid)));
     }
     let reply = Some((hdr.src_port, hdr.dst_port, hdr.type_));
+    let len = hdr.len;
+    if len > MAX_PKT_BUF_SIZE {
+        return Err(Refused {
+            err: PacketError::LenTooBig(len),
+            reply,
+        });
+    }
     if let Err(e) = hdr.validate() {
         return Err(Refused {
             err: PacketError::Invalid(e),
@@ -105,7 +117,6 @@ pub(crate) fn parse_tx(
             reply,
         });
     };
-    let len = hdr.len;
     let available = chain.readable_len().saturating_sub(VsockHeader::SIZE);
     if len as usize > available {
         return Err(Refused {

@@ -1,0 +1,2 @@
+//! vsock throughput benchmark (being written).
+fn main() {}
