@@ -14,8 +14,9 @@
 //! went away as [`Error::Disconnect`]. Timeouts ([`Tube::set_recv_timeout`],
 //! [`Tube::set_send_timeout`]) turn a hung peer into [`Error::Timeout`].
 //!
-//! A `Tube` may be moved between threads; receives must not run concurrently from two
-//! threads (each receive first peeks at the datagram's size).
+//! A `Tube` may be moved between threads, and [`Tube::try_clone`] gives a second handle
+//! (send on one thread, receive on another). Receives must not run concurrently from
+//! two threads (each receive first peeks at the datagram's size).
 //!
 //! ```
 //! use outboard_transport::Tube;
@@ -81,6 +82,16 @@ impl Tube {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_fds: MAX_FDS_PER_MSG,
         }
+    }
+
+    /// A second handle on the same channel (a duplicated fd, close-on-exec), for
+    /// instance to send from one thread while another receives.
+    pub fn try_clone(&self) -> Result<Tube> {
+        Ok(Tube {
+            sock: rustix::io::fcntl_dupfd_cloexec(&self.sock, 0)?,
+            max_message_size: self.max_message_size,
+            max_fds: self.max_fds,
+        })
     }
 
     /// Returns the socket.
@@ -438,6 +449,16 @@ mod tests {
         let b = Tube::from_fd(t).unwrap();
         a.send(&"hi").unwrap();
         assert_eq!(b.recv::<String>().unwrap(), "hi");
-        assert!(a.send_bytes(&[], &[]).is_err());
+        // A clone talks on the same channel and outlives the original.
+        let a2 = a.try_clone().unwrap();
+        drop(a);
+        a2.send(&"again").unwrap();
+        assert_eq!(b.recv::<String>().unwrap(), "again");
+        drop(a2);
+        assert!(matches!(b.recv::<String>(), Err(Error::Disconnect)));
+        assert!(matches!(
+            b.send_bytes(&[], &[]),
+            Err(Error::InvalidParam(_))
+        ));
     }
 }
