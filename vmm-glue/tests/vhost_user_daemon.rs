@@ -1,0 +1,292 @@
+//! The vhost-user daemon driven by outboard-transport's `Frontend`, as QEMU drives it:
+//! memory through ADD_MEM_REG, a ring started by SET_VRING_KICK and stopped by
+//! GET_VRING_BASE, a chain processed with the used ring and call eventfd updated, config
+//! space, and a front-end that disconnects and comes back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outboard_devices::virtio::{
+    ActivateError, DescChain, Interrupt, VirtQueue, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use outboard_glue::vhost_user::daemon;
+use outboard_protocol::vhost_user::{
+    VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures, VhostUserVringAddr,
+};
+use outboard_transport::{Frontend, MemoryRegionRef};
+use vmm_sys_util::eventfd::EventFd;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// Returns each chain of a queue with its readable length as the used length.
+struct Echo {
+    sizes: [u16; 2],
+    queues: Vec<Box<dyn VirtQueue>>,
+    irq: Option<Arc<dyn Interrupt>>,
+    log: Log,
+}
+
+impl VirtioDevice for Echo {
+    fn device_type(&self) -> u32 {
+        42
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.log.lock().unwrap().push(format!("ack {features:#x}"));
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = b"echo-cfg";
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(
+        &mut self,
+        queues: Vec<Box<dyn VirtQueue>>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("activate {}", queues.len()));
+        self.queues = queues;
+        self.irq = Some(interrupt);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.log.lock().unwrap().push("reset".into());
+        self.queues.clear();
+        self.irq = None;
+    }
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn handle_queue(&mut self, queue: usize) {
+        let mut chain = DescChain::default();
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        let mut used = false;
+        while let Ok(true) = q.pop(&mut chain) {
+            q.add_used(chain.head, chain.readable_len() as u32).unwrap();
+            used = true;
+        }
+        if used {
+            if let Some(irq) = &self.irq {
+                irq.signal_used_queue(queue);
+            }
+        }
+    }
+    fn handle_event(&mut self) {}
+}
+
+const MEM: usize = 0x10000;
+const UVA: u64 = 0x7f00_0000_0000;
+
+struct GuestMem {
+    fd: OwnedFd,
+    ptr: *mut u8,
+}
+
+impl GuestMem {
+    fn new() -> Self {
+        // SAFETY: memfd_create with a valid C string.
+        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a new fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        File::from(fd.try_clone().unwrap())
+            .set_len(MEM as u64)
+            .unwrap();
+        // SAFETY: maps the whole memfd we just sized; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        GuestMem {
+            fd,
+            ptr: ptr.cast(),
+        }
+    }
+
+    fn write<T: Copy>(&self, gpa: usize, v: T) {
+        assert!(gpa + std::mem::size_of::<T>() <= MEM);
+        // SAFETY: in bounds of our mapping (checked above); unaligned write.
+        unsafe { std::ptr::write_unaligned(self.ptr.add(gpa).cast::<T>(), v) };
+    }
+
+    fn read<T: Copy>(&self, gpa: usize) -> T {
+        assert!(gpa + std::mem::size_of::<T>() <= MEM);
+        // SAFETY: in bounds of our mapping (checked above); volatile because the
+        // daemon writes it concurrently.
+        unsafe { std::ptr::read_volatile(self.ptr.add(gpa).cast::<T>()) }
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), MEM) };
+    }
+}
+
+/// EventFd has no `AsFd`: borrow its fd for as long as the EventFd lives.
+fn bfd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the fd stays open while `e` is borrowed.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
+
+fn wait_readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+/// Negotiates as QEMU does and sets up ring 0 (desc 0x1000, avail 0x2000, used 0x3000).
+fn bring_up(fe: &mut Frontend, mem: &GuestMem, kick: &EventFd, call: &EventFd) {
+    let offered = fe.get_features().unwrap();
+    assert_ne!(
+        offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
+    let proto = fe.get_protocol_features().unwrap();
+    let want = VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::MQ;
+    assert!(proto.contains(want));
+    fe.set_protocol_features(want).unwrap();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    assert_eq!(fe.get_max_mem_slots().unwrap(), 64);
+    fe.set_owner().unwrap();
+    fe.set_features(offered).unwrap();
+    fe.add_mem_region(&MemoryRegionRef {
+        region: VhostUserMemoryRegion::new(0, MEM as u64, UVA, 0),
+        fd: mem.fd.as_fd(),
+    })
+    .unwrap();
+    fe.set_vring_num(0, 8).unwrap();
+    fe.set_vring_addr(&VhostUserVringAddr {
+        index: 0,
+        flags: 0,
+        descriptor: UVA + 0x1000,
+        used: UVA + 0x3000,
+        available: UVA + 0x2000,
+        log: 0,
+    })
+    .unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_call(0, Some(bfd(call))).unwrap();
+    fe.set_vring_kick(0, Some(bfd(kick))).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+}
+
+/// Makes descriptor `head` (100 readable bytes) available as avail entry `slot`.
+fn offer_chain(mem: &GuestMem, head: u16, slot: u16) {
+    let d = 0x1000 + 16 * usize::from(head);
+    mem.write(d, 0x8000u64);
+    mem.write(d + 8, 100u32);
+    mem.write(d + 12, 0u16);
+    mem.write(0x2004 + 2 * usize::from(slot % 8), head);
+    mem.write(0x2002, slot.wrapping_add(1));
+}
+
+#[test]
+fn frontend_drives_a_device_through_the_daemon() {
+    let dir = std::env::temp_dir().join(format!("outboard-vu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vu.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let log: Log = Arc::default();
+    let device = Echo {
+        sizes: [16, 16],
+        queues: Vec::new(),
+        irq: None,
+        log: log.clone(),
+    };
+    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let worker_stop = stop.try_clone().unwrap();
+    let worker = std::thread::spawn(move || {
+        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
+    });
+
+    let mem = GuestMem::new();
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut fe = Frontend::connect(&path).unwrap();
+    bring_up(&mut fe, &mem, &kick, &call);
+    assert_eq!(
+        fe.get_config(0, 8, VhostUserConfigFlags::Frontend).unwrap(),
+        b"echo-cfg"
+    );
+    // A ring size above the limit given to the daemon is refused.
+    assert!(fe.set_vring_num(1, 512).is_err());
+
+    offer_chain(&mem, 0, 0);
+    kick.write(1).unwrap();
+    assert!(wait_readable(bfd(&call), 5000), "no used-buffer call");
+    assert_eq!(mem.read::<u16>(0x3002), 1);
+    assert_eq!(mem.read::<u32>(0x3008), 100);
+    assert_eq!(fe.get_vring_base(0).unwrap(), 1);
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            format!("ack {:#x}", VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX),
+            "activate 2".to_string()
+        ]
+    );
+
+    // The front-end goes away: the device is reset and the daemon listens again.
+    drop(fe);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !log.lock().unwrap().iter().any(|l| l == "reset") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reset after disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fe = Frontend::connect(&path).unwrap();
+    let call2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    // Fresh guest memory state: the rings start from zero again.
+    mem.write(0x3002, 0u16);
+    mem.write(0x2002, 0u16);
+    bring_up(&mut fe, &mem, &kick, &call2);
+    offer_chain(&mem, 3, 0);
+    kick.write(1).unwrap();
+    assert!(
+        wait_readable(bfd(&call2), 5000),
+        "no call after reconnecting"
+    );
+    assert_eq!(mem.read::<u16>(0x3004), 3); // used ring entry 0: head 3
+    assert_eq!(fe.get_vring_base(0).unwrap(), 1);
+
+    stop.write(1).unwrap();
+    worker.join().unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
