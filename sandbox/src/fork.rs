@@ -538,6 +538,7 @@ fn enter_pid_namespace(p: &Prepared) -> Result<(), (Step, i32)> {
         let _ = p;
         return Ok(());
     }
+    p.harden_relay();
     relay(pid, alive[1])
 }
 

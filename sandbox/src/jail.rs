@@ -724,6 +724,17 @@ impl Prepared {
         Ok(())
     }
 
+    /// Confines the pid-namespace relay, which only waits: `no_new_privs` and, if the
+    /// jail drops capabilities, no capabilities. Failures are ignored (the relay holds
+    /// no fds and runs no foreign code).
+    pub(crate) fn harden_relay(&self) {
+        // SAFETY: prctl with constants.
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+        if self.drop_caps {
+            let _ = drop_all_caps(self.last_cap);
+        }
+    }
+
     /// Step 3: the other namespaces.
     pub(crate) fn unshare_rest(&self) -> StepResult {
         if self.unshare_flags == 0 {

@@ -130,6 +130,9 @@ pub enum ProxyError {
         /// The largest length allowed.
         max: usize,
     },
+    /// Duplicating an fd failed.
+    #[error("duplicating an fd failed: {0}")]
+    DupFd(std::io::Error),
     /// Forking the jailed child failed.
     #[error("starting the device process failed: {0}")]
     Fork(#[from] ForkError),
@@ -249,11 +252,7 @@ impl ChildProcIntf {
         let debug_label = device.debug_label();
         let (tube, child_tube) = Tube::pair().map_err(ProxyError::TubeSetup)?;
         let ring = SharedRing::new().map_err(ProxyError::RingSetup)?;
-        let child_ring_fd = ring.fd().try_clone_to_owned().map_err(|e| {
-            ProxyError::RingSetup(RingError::Unsuitable {
-                reason: e.to_string(),
-            })
-        })?;
+        let child_ring_fd = ring.fd().try_clone_to_owned().map_err(ProxyError::DupFd)?;
         let child_ring = SharedRing::from_fd(child_ring_fd).map_err(ProxyError::RingSetup)?;
         let mut keep = keep_fds.to_vec();
         keep.push(child_tube.as_fd().as_raw_fd());
@@ -274,17 +273,16 @@ impl ChildProcIntf {
         self.child.pid()
     }
 
-    /// Duplicates the interface (its fds). Only one of the copies can be activated.
+    /// Duplicates the interface (its fds), as serde would. Only one of the copies can be
+    /// activated. The copy does not own the process: dropping it leaves the child alone.
     pub fn try_clone(&self) -> Result<ChildProcIntf, ProxyError> {
-        let dup = |fd: BorrowedFd<'_>| {
-            fd.try_clone_to_owned().map_err(|e| {
-                ProxyError::TubeSetup(outboard_transport::Error::InvalidParam(e.to_string()))
-            })
-        };
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(ProxyError::DupFd);
+        let mut child = Child::from_pidfd(self.child.pid(), dup(self.child.pidfd())?);
+        child.disarm();
         Ok(ChildProcIntf {
             tube: Tube::from_fd(dup(self.tube.as_fd())?).map_err(ProxyError::TubeSetup)?,
             ring: SharedRing::from_fd(dup(self.ring.fd())?).map_err(ProxyError::RingSetup)?,
-            child: Child::from_pidfd(self.child.pid(), dup(self.child.pidfd())?),
+            child,
             debug_label: self.debug_label.clone(),
         })
     }

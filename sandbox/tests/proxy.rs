@@ -567,33 +567,46 @@ fn test_drop_shuts_down_and_reaps() -> Result<(), String> {
     Ok(())
 }
 
-fn test_intf_crosses_a_tube_and_activates_once() -> Result<(), String> {
+/// A `ChildProcIntf` made here is sent to another process, which activates it and uses
+/// it; a duplicate is refused; this process, the device's parent, reaps it.
+fn test_intf_crosses_processes_and_activates_once() -> Result<(), String> {
     let intf = ChildProcIntf::new(EchoDevice::new(), &Jail::new(), &[]).map_err(e("intf"))?;
     let spare = intf.try_clone().map_err(e("clone"))?;
     let (a, b) = Tube::pair().map_err(e("tube"))?;
-    let owner = intf.send(&a).map_err(e("send"))?;
-    let received = ChildProcIntf::recv(&b).map_err(e("recv"))?;
-    ensure!(received.pid() == owner.pid(), "pid");
-    let mut p = ProxyDevice::try_from(received).map_err(e("activate"))?;
-    p.write(ADDRESS, &[7]);
-    let second = ProxyDevice::try_from(spare);
-    ensure!(
-        matches!(&second, Err(ProxyError::ActivationRefused { reason, .. }) if reason == "already activated"),
-        "{second:?}"
-    );
-    // The first proxy is unaffected.
-    let mut r = [0u8];
-    p.read(ADDRESS, &mut r);
-    ensure!(r == [7] && !p.is_broken(), "{r:?}");
-    // Wrong fd count is refused.
+    let mut owner = intf.send(&a).map_err(e("send"))?;
+    let device_pid = owner.pid();
+    // The "VMM" process: receives, activates, uses, refuses a duplicate, drops.
+    common::in_fork(move || {
+        let received = ChildProcIntf::recv(&b).map_err(e("recv"))?;
+        ensure!(received.pid() == device_pid, "pid {}", received.pid());
+        let mut p = ProxyDevice::try_from(received).map_err(e("activate"))?;
+        p.write(ADDRESS, &[7]);
+        let second = ProxyDevice::try_from(spare);
+        ensure!(
+            matches!(&second, Err(ProxyError::ActivationRefused { reason, .. }) if reason == "already activated"),
+            "{second:?}"
+        );
+        // The first proxy is unaffected.
+        let mut r = [0u8];
+        p.read(ADDRESS, &mut r);
+        ensure!(r == [7] && !p.is_broken(), "{r:?}");
+        // Dropping it shuts the device down, although this process cannot reap it.
+        drop(p);
+        Ok(())
+    })?;
+    let status = owner
+        .wait_timeout(Duration::from_secs(2))
+        .map_err(e("wait"))?;
+    ensure!(status == Some(ExitStatus::Exited(0)), "{status:?}");
+    ensure!(gone(device_pid), "zombie");
+    // An interface message without its fds is refused.
+    let (a, b) = Tube::pair().map_err(e("tube"))?;
     a.send(&serde_json::json!({"pid": 1, "debug_label": "x"}))
         .map_err(e("send"))?;
     ensure!(
         ChildProcIntf::recv(&b).is_err(),
         "intf without fds accepted"
     );
-    drop(p);
-    drop(owner);
     Ok(())
 }
 
@@ -717,8 +730,8 @@ fn main() {
         ),
         ("drop_shuts_down_and_reaps", test_drop_shuts_down_and_reaps),
         (
-            "intf_crosses_a_tube_and_activates_once",
-            test_intf_crosses_a_tube_and_activates_once,
+            "intf_crosses_processes_and_activates_once",
+            test_intf_crosses_processes_and_activates_once,
         ),
         ("tight_seccomp_allow_list", test_tight_seccomp_allow_list),
         ("child_exits_when_vmm_dies", test_child_exits_when_vmm_dies),
