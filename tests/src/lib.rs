@@ -11,7 +11,9 @@
 // A test harness: a panic is how it reports a broken device or a broken test setup.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::fs::File;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -442,7 +444,7 @@ pub struct Guest {
     tx_inflight: HashMap<u16, Option<u64>>,
     /// Guest sockets.
     pub conns: HashMap<Key, GuestConn>,
-    listening: HashSet<u32>,
+    listening: HashMap<u32, Option<u64>>,
     next_port: u32,
     /// Transport events received.
     pub events: Vec<u32>,
@@ -498,7 +500,7 @@ impl Guest {
             tx_free_slots: (0..TX_SLOT_COUNT).map(|i| TX_SLOTS + i * TX_SLOT_SIZE).collect(),
             tx_inflight: HashMap::new(),
             conns: HashMap::new(),
-            listening: HashSet::new(),
+            listening: HashMap::new(),
             next_port: 10_000,
             events: Vec::new(),
             stray_rsts: Vec::new(),
@@ -657,7 +659,13 @@ impl Guest {
     /// Marks guest port `port` as listening (host-initiated connections to it are
     /// accepted).
     pub fn listen(&mut self, port: u32) {
-        self.listening.insert(port);
+        self.listening.insert(port, None);
+    }
+
+    /// Like [`Guest::listen`], with accepted connections verifying [`Pattern`] stream
+    /// `seed` from their first byte.
+    pub fn listen_verify(&mut self, port: u32, seed: u64) {
+        self.listening.insert(port, Some(seed));
     }
 
     /// Starts a connection to host port `port`; returns its key.
@@ -763,8 +771,11 @@ impl Guest {
         };
         if !self.conns.contains_key(&key) {
             match op {
-                VsockOp::Request if self.listening.contains(&{ hdr.dst_port }) => {
+                VsockOp::Request if self.listening.contains_key(&{ hdr.dst_port }) => {
                     let mut c = GuestConn::new(ty, GuestState::Established, self.opts.buf_alloc);
+                    if let Some(Some(seed)) = self.listening.get(&{ hdr.dst_port }) {
+                        c.sink = Sink::Verify { seed: *seed };
+                    }
                     c.peer_buf_alloc = hdr.buf_alloc;
                     c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
                     self.conns.insert(key, c);
@@ -918,4 +929,153 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Which way data moves in [`run_streams`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Guest -> host only.
+    GuestToHost,
+    /// Host -> guest only.
+    HostToGuest,
+    /// Both ways at once on every connection.
+    Both,
+}
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+fn host_side(mut stream: UnixStream, bytes: u64, dir: Direction, g2h: u64, h2g: u64) {
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let writer = (dir != Direction::GuestToHost).then(|| {
+        let mut w = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 128 * 1024];
+            let mut pos = 0u64;
+            while pos < bytes {
+                let n = (bytes - pos).min(buf.len() as u64) as usize;
+                Pattern::get().fill(h2g, pos, &mut buf[..n]);
+                w.write_all(&buf[..n]).unwrap();
+                pos += n as u64;
+            }
+        })
+    });
+    if dir != Direction::HostToGuest {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut pos = 0u64;
+        while pos < bytes {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "host side: end of stream after {pos} of {bytes} bytes");
+            assert!(
+                Pattern::get().check(g2h, pos, &buf[..n]),
+                "host side: stream {g2h} corrupt at {pos}"
+            );
+            pos += n as u64;
+        }
+    }
+    if let Some(w) = writer {
+        w.join().unwrap();
+    }
+}
+
+/// Runs `n` concurrent connections moving `bytes` each in `dir`, in packets of at most
+/// `pkt` bytes (guest TX), half of them opened by the guest (to `<uds>_<port>`), half
+/// by the host (`CONNECT`). Every byte is checked against [`Pattern`] on arrival; the
+/// guest closes every connection at the end. Returns the time the data took.
+pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction) -> Duration {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let base = 20_000 + (run as u32 % 1000) * 64;
+    let uds = g.uds_path.clone();
+    let seed = |i: usize, h2g: bool| run * 1000 + 2 * i as u64 + u64::from(h2g);
+    let mut hosts = Vec::new();
+    let mut keys: Vec<Option<Key>> = vec![None; n];
+    let mut listeners = Vec::new();
+    for (i, key) in keys.iter_mut().enumerate() {
+        let port = base + i as u32;
+        let (g2h, h2g) = (seed(i, false), seed(i, true));
+        if i % 2 == 0 {
+            let path = PathBuf::from(format!("{}_{port}", uds.display()));
+            let _ = std::fs::remove_file(&path);
+            let l = UnixListener::bind(&path).unwrap();
+            let l2 = l.try_clone().unwrap();
+            listeners.push(path);
+            hosts.push(std::thread::spawn(move || {
+                let (s, _) = l2.accept().unwrap();
+                host_side(s, bytes, dir, g2h, h2g);
+            }));
+            drop(l);
+            let k = g.connect(port, VsockType::Stream);
+            g.conns.get_mut(&k).unwrap().sink = Sink::Verify { seed: h2g };
+            *key = Some(k);
+        } else {
+            g.listen_verify(port, h2g);
+            let uds = uds.clone();
+            hosts.push(std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&uds).unwrap();
+                s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+                let mut line = Vec::new();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                r.read_until(b'\n', &mut line).unwrap();
+                assert!(line.starts_with(b"OK "), "no OK: {line:?}");
+                assert!(r.buffer().is_empty());
+                host_side(s, bytes, dir, g2h, h2g);
+            }));
+        }
+    }
+    let found = g.pump_until(Duration::from_secs(10), |g| {
+        (0..n).all(|i| {
+            let port = base + i as u32;
+            g.conns.iter().any(|(k, c)| {
+                (k.0 == port || k.1 == port) && c.state == GuestState::Established
+            })
+        })
+    });
+    assert!(found, "connections not established");
+    for (i, key) in keys.iter_mut().enumerate() {
+        if key.is_none() {
+            let port = base + i as u32;
+            *key = g.conns.keys().find(|k| k.0 == port).copied();
+        }
+    }
+    let keys: Vec<Key> = keys.into_iter().map(Option::unwrap).collect();
+    let start = Instant::now();
+    let mut sent = vec![0u64; n];
+    let tx_total = if dir == Direction::HostToGuest { 0 } else { bytes };
+    let rx_total = if dir == Direction::GuestToHost { 0 } else { bytes };
+    loop {
+        let mut done = true;
+        for (i, key) in keys.iter().enumerate() {
+            let s = seed(i, false);
+            g.queue_stream(*key, tx_total, pkt, |p, b| Pattern::get().fill(s, p, b), &mut sent[i]);
+            let c = &g.conns[key];
+            assert_eq!(c.corrupt, 0, "guest side: stream {} corrupt", seed(i, true));
+            assert_eq!(c.overruns, 0, "device overran the guest's buffer");
+            assert_eq!(c.state, GuestState::Established, "connection {key:?} lost");
+            done &= sent[i] == tx_total && c.received >= rx_total;
+        }
+        g.kick_tx();
+        if done {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "streams stalled: sent {sent:?}");
+        g.pump(Duration::from_millis(1));
+    }
+    for (i, h) in hosts.into_iter().enumerate() {
+        // The host side finishes reading once the device flushed everything.
+        while !h.is_finished() {
+            g.pump(Duration::from_millis(1));
+        }
+        if let Err(e) = h.join() {
+            std::panic::resume_unwind(e);
+        }
+        assert_eq!(g.conns[&keys[i]].received, rx_total);
+    }
+    let elapsed = start.elapsed();
+    for key in &keys {
+        assert!(g.close(*key), "no RST for {key:?}");
+        g.conns.remove(key);
+    }
+    for p in listeners {
+        let _ = std::fs::remove_file(p);
+    }
+    elapsed
 }
