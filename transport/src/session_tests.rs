@@ -1114,3 +1114,196 @@ fn renegotiating_protocol_features_keeps_acks_in_step() {
     drop(fe);
     assert_eq!(server.join().unwrap(), VhostUserProtocolFeatures::MQ);
 }
+
+/// A small deterministic generator (xorshift64*), so that a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Drains whatever the handler replied, so that its sends never block.
+fn drain(raw: &Connection) {
+    let mut buf = [0u8; 8192];
+    while let Ok(r) = crate::sock::recv_with_fds_flags(
+        raw.socket().as_fd(),
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        8,
+        rustix::net::RecvFlags::DONTWAIT,
+    ) {
+        drop(r.fds);
+    }
+}
+
+#[test]
+fn random_messages_never_panic_or_leak() {
+    let tag = "fuzz";
+    let fds: Vec<OwnedFd> = (0..4).map(|_| probe_fd(tag)).collect();
+    let mut rng = Rng(0x5eed_0bad_cafe_f00d);
+    let all = VhostUserProtocolFeatures::all().bits().to_ne_bytes();
+    let fresh = || {
+        let (raw, be) = Connection::pair().unwrap();
+        let mut h = BackendReqHandler::new(be, Recorder::new());
+        // Half the sessions are negotiated, so that gated requests get parsed too.
+        for (req, body) in [
+            (FrontendReq::SET_OWNER, &[][..]),
+            (FrontendReq::GET_FEATURES, &[][..]),
+            (FrontendReq::SET_PROTOCOL_FEATURES, &all[..]),
+        ] {
+            raw.send(
+                &Header::request(req.code(), body.len() as u32, false),
+                body,
+                &[],
+                &[],
+            )
+            .unwrap();
+            h.handle_request().unwrap();
+        }
+        drain(&raw);
+        (raw, h)
+    };
+    let (mut raw, mut h) = fresh();
+    let (mut ok, mut refused, mut fatal) = (0, 0, 0);
+    for _ in 0..3000 {
+        // Mostly known codes, sometimes garbage; sizes around the real ones.
+        let code = match rng.below(10) {
+            0 => rng.next() as u32,
+            1 => 45 + rng.below(5) as u32,
+            _ => 1 + rng.below(44) as u32,
+        };
+        let rules = FrontendReq::from_code(code).map(|r| r.rules());
+        let size = match rng.below(8) {
+            0 => rng.below(5000) as usize,
+            1 => [0, 8, 12, 16, 24, 40, 72, 264, 268][rng.below(9) as usize],
+            2..=4 => match rules {
+                Ok(r) => match r.body {
+                    BodySize::MemTable => 8 + 32 * (1 + rng.below(8) as usize),
+                    BodySize::Config => 12 + 1 + rng.below(16) as usize,
+                    other => other.nominal().min(64),
+                },
+                Err(_) => 0,
+            },
+            _ => rng.below(300) as usize,
+        };
+        let flags = match rng.below(6) {
+            0 => rng.next() as u32,
+            1 => 0x1 | 0x8,
+            _ => 0x1,
+        };
+        let mut body = vec![0u8; size.min(MAX_MSG_SIZE + 16)];
+        for b in body.iter_mut() {
+            // Small values make plausible indexes, sizes and flags.
+            *b = if rng.below(4) == 0 {
+                rng.next() as u8
+            } else {
+                rng.below(3) as u8
+            };
+        }
+        let nfds = match (rng.below(2), rules.map(|r| r.fds)) {
+            (0, Ok(FdCount::None)) => 0,
+            (0, Ok(FdCount::One)) => 1,
+            _ => rng.below(4) as usize,
+        };
+        let borrowed: Vec<_> = fds[..nfds].iter().map(|f| f.as_fd()).collect();
+        let header = Header {
+            request: code,
+            flags,
+            size: size as u32,
+        };
+        let iov = [
+            std::io::IoSlice::new(header.as_bytes()),
+            std::io::IoSlice::new(&body),
+        ];
+        let sent = crate::sock::send_with_fds(raw.socket(), &iov, &borrowed);
+        match sent.and_then(|_| h.handle_request()) {
+            Ok(()) => ok += 1,
+            Err(e) if e.is_fatal() || h.peer_waiting() => {
+                fatal += 1;
+                (raw, h) = fresh();
+            }
+            Err(_) => refused += 1,
+        }
+        drain(&raw);
+    }
+    drop((raw, h));
+    // Every outcome was exercised: handled, refused in step, and fatal.
+    assert!(
+        ok > 100 && refused > 500 && fatal > 10,
+        "{ok} {refused} {fatal}"
+    );
+    assert_eq!(probe_count(tag), 4, "the handler leaked or kept an fd");
+}
+
+#[test]
+fn random_back_end_requests_never_panic_or_leak() {
+    let tag = "fuzz-chan";
+    let fds: Vec<OwnedFd> = (0..3).map(|_| probe_fd(tag)).collect();
+    let mut rng = Rng(0xfeed_face_dead_beef);
+    let fresh = || {
+        let (raw, fe) = Connection::pair().unwrap();
+        let h = FrontendReqHandler::from_connection(
+            fe,
+            VmmSide::default(),
+            VhostUserProtocolFeatures::all(),
+        );
+        (raw, h)
+    };
+    let (mut raw, mut h) = fresh();
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..2000 {
+        let code = match rng.below(8) {
+            0 => rng.next() as u32,
+            1 => 1006 + rng.below(2) as u32,
+            _ => 1 + rng.below(10) as u32,
+        };
+        let size = match rng.below(3) {
+            0 => rng.below(100) as usize,
+            _ => [0, 8, 16, 24, 32, 40, 64][rng.below(7) as usize],
+        };
+        let flags = if rng.below(5) == 0 {
+            rng.next() as u32
+        } else {
+            0x1 | 0x8
+        };
+        let mut body = vec![0u8; size];
+        for b in body.iter_mut() {
+            *b = if rng.below(4) == 0 {
+                rng.next() as u8
+            } else {
+                rng.below(2) as u8
+            };
+        }
+        let nfds = rng.below(3) as usize;
+        let borrowed: Vec<_> = fds[..nfds].iter().map(|f| f.as_fd()).collect();
+        let header = Header {
+            request: code,
+            flags,
+            size: size as u32,
+        };
+        let iov = [
+            std::io::IoSlice::new(header.as_bytes()),
+            std::io::IoSlice::new(&body),
+        ];
+        crate::sock::send_with_fds(raw.socket(), &iov, &borrowed).unwrap();
+        match h.handle_request() {
+            Ok(()) => ok += 1,
+            Err(e) if e.is_fatal() => (raw, h) = fresh(),
+            Err(_) => refused += 1,
+        }
+        drain(&raw);
+    }
+    drop((raw, h));
+    // Both outcomes were exercised (most random bodies fail validation).
+    assert!(ok > 5 && refused > 500, "{ok} {refused}");
+    // The dma-bufs the lookups returned went to the peer and were drained.
+    assert_eq!(probe_count(tag), 3, "the handler leaked or kept an fd");
+    assert_eq!(probe_count("session-dmabuf"), 0);
+}
