@@ -688,6 +688,47 @@ fn test_child_exits_when_vmm_dies() -> Result<(), String> {
     Ok(())
 }
 
+/// Forking from a multi-threaded process, while another thread allocates and holds the
+/// allocator's locks, still gives working, jailed device processes (the child only makes
+/// system calls until the jail is up; glibc's fork resets the allocator for the device).
+/// Runs in its own forked process so the busy thread does not outlive the case.
+fn test_fork_from_multithreaded_process() -> Result<(), String> {
+    common::in_fork(|| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut keep: Vec<Vec<u8>> = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    keep.push(vec![1u8; 4096]);
+                    if keep.len() > 64 {
+                        keep.clear();
+                    }
+                }
+            })
+        };
+        let mut result = Ok(());
+        for i in 0..20u8 {
+            let run = || -> Result<(), String> {
+                let mut p = ProxyDevice::new(EchoDevice::new(), &Jail::sandboxed(), &[])
+                    .map_err(e("new"))?;
+                p.write(ADDRESS, &[i]);
+                let mut r = [0u8];
+                p.read(ADDRESS, &mut r);
+                ensure!(r == [i], "round {i}: {r:?}");
+                Ok(())
+            };
+            if let Err(err) = run() {
+                result = Err(err);
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = busy.join();
+        result
+    })
+}
+
 fn test_jailed_proxy_works() -> Result<(), String> {
     let mut p = ProxyDevice::new(EchoDevice::new(), &Jail::sandboxed(), &[]).map_err(e("new"))?;
     for v in [1u8, 200, 42] {
@@ -735,6 +776,10 @@ fn main() {
         ),
         ("tight_seccomp_allow_list", test_tight_seccomp_allow_list),
         ("child_exits_when_vmm_dies", test_child_exits_when_vmm_dies),
+        (
+            "fork_from_multithreaded_process",
+            test_fork_from_multithreaded_process,
+        ),
         ("jailed_proxy_works", test_jailed_proxy_works),
         (
             "jailed_proxy_works_unprivileged",
