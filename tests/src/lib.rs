@@ -452,6 +452,8 @@ pub struct Guest {
     pub stray_rsts: Vec<Key>,
     /// Packets with a wrong CID or a malformed header.
     pub bad_packets: u64,
+    /// Simulates a stuck guest: REQUESTs and SHUTDOWNs get no answer.
+    pub silent: bool,
     opts: GuestOptions,
     tx_kicks_needed: bool,
     /// Kicks the driver made (rx, tx, event).
@@ -505,6 +507,7 @@ impl Guest {
             events: Vec::new(),
             stray_rsts: Vec::new(),
             bad_packets: 0,
+            silent: false,
             opts,
             tx_kicks_needed: false,
             kicks: [0; 3],
@@ -771,6 +774,7 @@ impl Guest {
         };
         if !self.conns.contains_key(&key) {
             match op {
+                VsockOp::Request if self.silent => {}
                 VsockOp::Request if self.listening.contains_key(&{ hdr.dst_port }) => {
                     let mut c = GuestConn::new(ty, GuestState::Established, self.opts.buf_alloc);
                     if let Some(Some(seed)) = self.listening.get(&{ hdr.dst_port }) {
