@@ -35,14 +35,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve virtio-vsock over vhost-user (a drop-in for vhost-device-vsock; host side in
-    /// Firecracker's AF_UNIX convention: CONNECT <port> is answered "OK <host port>").
+    /// Firecracker's AF_UNIX convention: `CONNECT port` is answered `OK host-port`).
     Vsock(VsockArgs),
 }
 
 #[derive(Args, Debug)]
 struct VsockArgs {
-    /// A VM: guest-cid=N,socket=PATH,uds-path=PATH[,tx-buffer-size=N][,queue-size=N][,groups=a+b].
-    /// Repeat for several VMs (one worker thread each).
+    /// A VM: `guest-cid=N,socket=PATH,uds-path=PATH`, optionally followed by
+    /// `,tx-buffer-size=N`, `,queue-size=N`, `,groups=a+b`. Repeat for several VMs (one
+    /// worker thread each).
     #[arg(long = "vm", value_name = "SPEC")]
     vm: Vec<String>,
     /// The guest's CID (single-VM form).
