@@ -5,8 +5,9 @@
 //! - `SET_MEM_TABLE` with 8 memfd-backed regions (8 fds per message), acked with
 //!   `REPLY_ACK` so that each iteration is a full round trip.
 //!
-//! After the criterion groups, a plain timing loop prints both figures and the ratio
-//! (rust-vmm time / Outboard time: above 1 means Outboard is faster).
+//! After the criterion groups, a summary prints both figures and the ratio (rust-vmm
+//! time / Outboard time: above 1 means Outboard is faster), measured in alternating
+//! rounds so that a busy machine does not favour whichever runs first.
 
 // Benchmark code: a failed setup step should panic with its error.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -342,41 +343,59 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// Mean time per call over `n` calls after a warm-up.
-fn time(n: u32, mut f: impl FnMut()) -> Duration {
-    for _ in 0..n / 10 {
-        f();
-    }
-    let start = Instant::now();
+/// Median over `rounds` rounds of the mean time per call, the two implementations
+/// alternating round by round so that a change in machine load hits both alike.
+fn compare(rounds: u32, n: u32, mut a: impl FnMut(), mut b: impl FnMut()) -> (Duration, Duration) {
     for _ in 0..n {
-        f();
+        a();
+        b();
     }
-    start.elapsed() / n
+    let mut ta = Vec::new();
+    let mut tb = Vec::new();
+    for _ in 0..rounds {
+        let start = Instant::now();
+        for _ in 0..n {
+            a();
+        }
+        ta.push(start.elapsed() / n);
+        let start = Instant::now();
+        for _ in 0..n {
+            b();
+        }
+        tb.push(start.elapsed() / n);
+    }
+    ta.sort();
+    tb.sort();
+    (ta[ta.len() / 2], tb[tb.len() / 2])
 }
 
 fn summary(quick: bool) {
-    let (n_feat, n_mem) = if quick { (200, 50) } else { (20_000, 5_000) };
+    let (rounds, n_feat, n_mem) = if quick { (3, 50, 20) } else { (21, 2_000, 500) };
     let mut ours = Ours::new();
     let mut theirs = Theirs::new();
+    let (feat_o, feat_t) = compare(
+        rounds,
+        n_feat,
+        || {
+            black_box(ours.get_features());
+        },
+        || {
+            black_box(theirs.get_features());
+        },
+    );
+    let (mem_o, mem_t) = compare(
+        rounds,
+        n_mem,
+        || ours.set_mem_table(),
+        || theirs.set_mem_table(),
+    );
     let rows = [
-        (
-            "GET_FEATURES round trip",
-            time(n_feat, || {
-                black_box(ours.get_features());
-            }),
-            time(n_feat, || {
-                black_box(theirs.get_features());
-            }),
-        ),
-        (
-            "SET_MEM_TABLE, 8 memfd regions, acked",
-            time(n_mem, || ours.set_mem_table()),
-            time(n_mem, || theirs.set_mem_table()),
-        ),
+        ("GET_FEATURES round trip", feat_o, feat_t),
+        ("SET_MEM_TABLE, 8 memfd regions, acked", mem_o, mem_t),
     ];
     println!();
     println!(
-        "{:<40} {:>12} {:>12} {:>8}",
+        "{:<40} {:>12} {:>12} {:>8}   (median of {rounds} alternating rounds)",
         "", "outboard", "rust-vmm", "ratio"
     );
     for (name, o, t) in rows {
