@@ -18,10 +18,13 @@
 //!    first child stays behind as a relay: it closes every fd, waits for pid 1 and exits
 //!    the same way (same exit code, or re-raises the same signal), so the parent's pid
 //!    and pidfd describe the device. Pid 1 gets `SIGKILL` as its parent-death signal and
-//!    checks, through a pipe only the relay holds, that the relay is still alive.
+//!    checks, through a pipe only the relay holds, that the relay is still alive. The
+//!    relay sets `no_new_privs` and drops its capabilities too.
 //! 5. Mounts: make `/` recursively private, clone every bind source with
 //!    `open_tree(OPEN_TREE_CLONE)` and set it read-only/nosuid/nodev with
-//!    `mount_setattr`, mount an empty tmpfs, `move_mount` each clone into it,
+//!    `mount_setattr`, mount an empty tmpfs (over `/tmp` of the now private mount
+//!    namespace; the host's `/tmp` is not touched, and cloning the binds first means a
+//!    bind source under `/tmp` is not hidden), `move_mount` each clone into it,
 //!    `pivot_root(".", ".")`, detach the old root and remount the new root read-only.
 //! 6. rlimits.
 //! 7. `no_new_privs` (forced when seccomp or Landlock is used), then Landlock
