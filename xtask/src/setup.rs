@@ -166,10 +166,23 @@ fn ensure_kernel(cache: &Path) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
     let package = match fs::read_to_string(&pin) {
         Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
         _ => {
-            let deps = output(
-                Command::new("apt-cache").args(["depends", "linux-image-amd64"]),
-                Duration::from_secs(60),
-            )?;
+            let depends = || {
+                output(
+                    Command::new("apt-cache").args(["depends", "linux-image-amd64"]),
+                    Duration::from_secs(60),
+                )
+            };
+            // Package lists may be missing or stale on a machine that had QEMU already.
+            let deps = match depends() {
+                Ok(d) if d.contains("Depends:") => d,
+                _ => {
+                    run(
+                        Command::new("apt-get").args(["update", "-q"]),
+                        Duration::from_secs(900),
+                    )?;
+                    depends()?
+                }
+            };
             let name = deps
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("Depends:"))
@@ -191,12 +204,21 @@ fn ensure_kernel(cache: &Path) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
         // apt drops privileges to _apt for downloads when it can; let it write here.
         let _ = fs::set_permissions(&dl, fs::Permissions::from_mode(0o777));
         println!("e2e: downloading {package}");
-        run(
-            Command::new("apt-get")
-                .args(["download", "-q", &package])
-                .current_dir(&dl),
-            Duration::from_secs(600),
-        )?;
+        let download = || {
+            run(
+                Command::new("apt-get")
+                    .args(["download", "-q", &package])
+                    .current_dir(&dl),
+                Duration::from_secs(600),
+            )
+        };
+        if download().is_err() {
+            run(
+                Command::new("apt-get").args(["update", "-q"]),
+                Duration::from_secs(900),
+            )?;
+            download()?;
+        }
         let deb = fs::read_dir(&dl)
             .map_err(|e| format!("read {}: {e}", dl.display()))?
             .flatten()
