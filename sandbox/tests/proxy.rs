@@ -567,6 +567,42 @@ fn test_drop_shuts_down_and_reaps() -> Result<(), String> {
     Ok(())
 }
 
+/// A device whose Drop hangs in the child: dropping the proxy still returns in bounded
+/// time (Shutdown, a bounded wait, then SIGKILL) and reaps the child.
+struct StuckOnDrop {
+    owner: u32,
+}
+
+impl Drop for StuckOnDrop {
+    fn drop(&mut self) {
+        if std::process::id() != self.owner {
+            std::thread::sleep(Duration::from_secs(30));
+        }
+    }
+}
+
+impl BusDevice for StuckOnDrop {
+    fn debug_label(&self) -> String {
+        "stuck".to_owned()
+    }
+}
+
+impl Suspendable for StuckOnDrop {}
+
+fn test_drop_kills_a_child_stuck_in_shutdown() -> Result<(), String> {
+    let device = StuckOnDrop {
+        owner: std::process::id(),
+    };
+    let p = ProxyDevice::new(device, &Jail::new(), &[]).map_err(e("new"))?;
+    let pid = p.pid();
+    let start = Instant::now();
+    drop(p);
+    let took = start.elapsed();
+    ensure!(took < Duration::from_millis(2500), "drop took {took:?}");
+    ensure!(gone(pid), "zombie after drop");
+    Ok(())
+}
+
 /// A `ChildProcIntf` made here is sent to another process, which activates it and uses
 /// it; a duplicate is refused; this process, the device's parent, reaps it.
 fn test_intf_crosses_processes_and_activates_once() -> Result<(), String> {
@@ -770,6 +806,10 @@ fn main() {
             test_seccomp_kill_in_pid_namespace_is_relayed,
         ),
         ("drop_shuts_down_and_reaps", test_drop_shuts_down_and_reaps),
+        (
+            "drop_kills_a_child_stuck_in_shutdown",
+            test_drop_kills_a_child_stuck_in_shutdown,
+        ),
         (
             "intf_crosses_processes_and_activates_once",
             test_intf_crosses_processes_and_activates_once,
