@@ -41,18 +41,20 @@
 //!
 //! `cargo bench -p outboard-sandbox --bench proxy` measures a proxied 4-byte MMIO read
 //! round trip. On the 2-CPU development VM (nested virtualization, kernel 6.18), with the
-//! VMM pinned to CPU 0 and the device process to CPU 1:
+//! VMM pinned to CPU 0 and the device process to CPU 1, two runs (medians, while other
+//! builds kept both CPUs busy, load average ~6):
 //!
-//! | path                                   | no jail  | `Jail::sandboxed()` |
-//! |----------------------------------------|----------|---------------------|
-//! | (a) `ProxyDevice` (shared-memory ring) | ~1.1 µs  | ~2.6 µs             |
-//! | (b) serde_json over `SOCK_SEQPACKET`    | ~107 µs  | ~80 µs              |
-//! | (c) raw 16-byte `SOCK_SEQPACKET`        | ~124 µs  | ~81 µs              |
+//! | path                                   | no jail       | `Jail::sandboxed()` |
+//! |----------------------------------------|---------------|---------------------|
+//! | (a) `ProxyDevice` (shared-memory ring) | 1.1 – 2.2 µs  | 0.6 – 2.6 µs        |
+//! | (b) serde_json over `SOCK_SEQPACKET`   | 107 – 123 µs  | 80 – 98 µs          |
+//! | (c) raw 16-byte `SOCK_SEQPACKET`       | 94 – 124 µs   | 81 – 95 µs          |
 //!
 //! Cross-CPU socket wake-ups are slow on that VM (an IPI per message), which the ring
 //! avoids entirely while both sides are busy. With both processes on one CPU, (a) is
-//! ~2.4 µs against ~8 µs for (b) and ~7 µs for (c): each side notes its CPU in the ring
-//! and yields at once instead of spinning when it shares the CPU with its peer.
+//! 2.4 – 3.8 µs against 8 – 11 µs for (b) and 7 – 11 µs for (c): each side notes its CPU
+//! in the ring and yields at once instead of spinning when it shares the CPU with its
+//! peer.
 #![deny(missing_docs)]
 
 pub mod fork;
