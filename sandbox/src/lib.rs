@@ -13,6 +13,8 @@
 //! - [`ring`]: the hot-path channel, a request ring in a sealed memfd with futex
 //!   doorbells.
 //! - [`proxy`]: `ProxyDevice` and `ChildProcIntf`, with every command of crosvm's proxy.
+//! - [`cold`]: the cold path's framing over the Tube (inline JSON, or a sealed memfd for
+//!   large payloads such as snapshots).
 //!
 //! ```
 //! use outboard_devices::bus::{BusAccessInfo, BusDevice, Suspendable};
@@ -57,6 +59,7 @@
 //! peer.
 #![deny(missing_docs)]
 
+pub mod cold;
 pub mod fork;
 pub mod jail;
 pub mod proxy;

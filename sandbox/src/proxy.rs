@@ -42,6 +42,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cold::{self, ColdError};
 use crate::fork::{fork_process, Child, ForkError};
 use crate::jail::Jail;
 use crate::ring::{Consumer, Entry, Next, Producer, RingError, SharedRing};
@@ -68,16 +69,21 @@ pub const CHILD_SYSCALLS: &[i64] = &[
     libc::SYS_fcntl,
     libc::SYS_futex,
     libc::SYS_getcpu,
+    libc::SYS_fstat,
     libc::SYS_madvise,
+    libc::SYS_memfd_create,
     libc::SYS_mmap,
     libc::SYS_mremap,
     libc::SYS_munmap,
+    libc::SYS_newfstatat,
     libc::SYS_poll,
     libc::SYS_ppoll,
+    libc::SYS_pread64,
     libc::SYS_recvmsg,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sched_yield,
     libc::SYS_sendmsg,
+    libc::SYS_statx,
     libc::SYS_write,
 ];
 
@@ -121,6 +127,16 @@ pub enum ProxyError {
         label: String,
         /// The first failure.
         reason: String,
+    },
+    /// A cold-path message could not be sent or received.
+    #[error("{label}: {command}: {source}")]
+    Cold {
+        /// The device label.
+        label: String,
+        /// The command.
+        command: &'static str,
+        /// The framing error.
+        source: ColdError,
     },
     /// The access length is not 1 to 8 bytes.
     #[error("access of {len} bytes, must be 1 to {max}")]
@@ -386,10 +402,8 @@ impl TryFrom<ChildProcIntf> for ProxyDevice {
         // Activation goes over the Tube only: a duplicate interface never touches the ring.
         let mut g = proxy.lock();
         let cmd = ColdCommand::Activate;
-        let res = g
-            .tube
-            .send(&cmd)
-            .map_err(|source| ProxyError::Tube {
+        let res = cold::send(&g.tube, &cmd, &[])
+            .map_err(|source| ProxyError::Cold {
                 label: label.clone(),
                 command: "activate",
                 source,
@@ -528,9 +542,19 @@ impl Inner {
                 }));
             }
         }
-        self.tube
-            .recv::<T>()
-            .map_err(|source| self.fail(tube_err(source)))
+        match cold::recv::<T>(&self.tube) {
+            Ok((msg, fds)) if fds.is_empty() => Ok(msg),
+            Ok((_, fds)) => Err(self.fail(ProxyError::Cold {
+                label: label.to_owned(),
+                command,
+                source: ColdError::Malformed(format!("{} unexpected fds", fds.len())),
+            })),
+            Err(source) => Err(self.fail(ProxyError::Cold {
+                label: label.to_owned(),
+                command,
+                source,
+            })),
+        }
     }
 
     fn recv_cold(
@@ -554,8 +578,8 @@ impl Inner {
         let seq = self.push(label, command, timeout, |e| {
             e.op.store(op::COLD, Ordering::Relaxed)
         })?;
-        if let Err(source) = self.tube.send_with_fds(cmd, fds) {
-            return Err(self.fail(ProxyError::Tube {
+        if let Err(source) = cold::send(&self.tube, cmd, fds) {
+            return Err(self.fail(ProxyError::Cold {
                 label: label.to_owned(),
                 command,
                 source,
@@ -974,8 +998,13 @@ fn parent_alive(tube: &Tube) -> bool {
 }
 
 fn child_send(tube: &Tube, label: &str, res: &ColdResult) {
-    if let Err(e) = tube.send(res) {
+    if let Err(e) = cold::send(tube, res, &[]) {
         log::error!("{label}: sending a result to the VMM failed: {e}");
+        // Tell the VMM rather than leave it waiting for its timeout.
+        let refusal = ColdResult::Refused(format!("sending the result failed: {e}"));
+        if let Err(e) = cold::send(tube, &refusal, &[]) {
+            log::error!("{label}: sending a refusal failed too: {e}");
+        }
     }
 }
 
@@ -995,7 +1024,7 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
             _ => return,
         }
     }
-    match tube.recv::<ColdCommand>() {
+    match cold::recv::<ColdCommand>(&tube).map(|(cmd, _fds)| cmd) {
         Ok(ColdCommand::Activate) => child_send(&tube, &label, &ColdResult::Ok),
         Ok(other) => {
             child_send(
@@ -1026,7 +1055,7 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
                 if matches!(tube.wait_readable(Some(Duration::ZERO)), Ok(true))
                     && consumer.poll() == Next::Idle
                 {
-                    let answer = match tube.recv::<ColdCommand>() {
+                    let answer = match cold::recv::<ColdCommand>(&tube).map(|(cmd, _fds)| cmd) {
                         Ok(ColdCommand::Activate) => {
                             ColdResult::Refused("already activated".to_owned())
                         }
@@ -1088,7 +1117,7 @@ fn serve_entry<D: BusDevice>(e: &Entry, tube: &Tube, device: &mut Option<D>, lab
                 &buf[..len],
             );
             if !res.is_empty() {
-                match tube.send(&res) {
+                match cold::send(tube, &res, &[]) {
                     Ok(()) => st = status::FOLLOWS,
                     Err(err) => {
                         log::error!("{label}: sending a config write result failed: {err}");
@@ -1136,7 +1165,7 @@ fn serve_cold<D: BusDevice>(tube: &Tube, device: &mut Option<D>, label: &str) ->
             return false;
         }
     }
-    let (cmd, mut fds) = match tube.recv_with_fds::<ColdCommand>() {
+    let (cmd, mut fds) = match cold::recv::<ColdCommand>(tube) {
         Ok(m) => m,
         Err(e) => {
             child_send(

@@ -288,7 +288,9 @@ impl Suspendable for FullDevice {
                 reason: "not asleep".into(),
             });
         }
-        Ok(json!({ "regs": self.regs.to_vec(), "sum": self.sum }))
+        // Register 15 sets the size of a filler, to exercise large snapshots.
+        let blob = "b".repeat(self.regs[15].min(8 << 20) as usize);
+        Ok(json!({ "regs": self.regs.to_vec(), "sum": self.sum, "blob": blob }))
     }
 
     fn restore(&mut self, data: serde_json::Value) -> Result<(), SuspendError> {
@@ -438,6 +440,8 @@ fn test_snapshot_restore_sleep_wake() -> Result<(), String> {
     for i in 0..16u64 {
         p.write(at(i * 8), &(i * 3).to_le_bytes());
     }
+    // A 300 kB snapshot: too large for one datagram, it travels in a memfd.
+    p.write(at(15 * 8), &300_000u64.to_le_bytes());
     p.write(at(0x100), &77u64.to_le_bytes());
     // The device refuses to snapshot while awake: the error comes back intact.
     match p.snapshot() {
@@ -446,14 +450,16 @@ fn test_snapshot_restore_sleep_wake() -> Result<(), String> {
     }
     p.sleep().map_err(e("sleep"))?;
     let snap = p.snapshot().map_err(e("snapshot"))?;
-    ensure!(snap["sum"] == 77, "{snap}");
+    ensure!(snap["sum"] == 77, "sum {}", snap["sum"]);
+    ensure!(snap["blob"].as_str().map(str::len) == Some(300_000), "blob");
     p.wake().map_err(e("wake"))?;
     // Restore into a fresh device.
     let mut q = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
     q.restore(snap.clone()).map_err(e("restore"))?;
-    for i in 0..16u64 {
+    for i in 0..15u64 {
         ensure!(read_u64(&q, i * 8)? == i * 3, "register {i}");
     }
+    ensure!(read_u64(&q, 15 * 8)? == 300_000, "register 15");
     ensure!(read_u64(&q, 0x100)? == 77, "sum");
     let bad = q.restore(json!({"regs": [1, 2]}));
     ensure!(matches!(bad, Err(SuspendError::Failed { .. })), "{bad:?}");
@@ -668,6 +674,7 @@ fn test_tight_seccomp_allow_list() -> Result<(), String> {
         p.config_register_write(4, 0, &[1, 0, 0, 0]).mmio_add.len() == 1,
         "config write result"
     );
+    p.write(at(15 * 8), &100_000u64.to_le_bytes());
     p.sleep().map_err(e("sleep"))?;
     let snap = p.snapshot().map_err(e("snapshot"))?;
     p.restore(snap).map_err(e("restore"))?;
