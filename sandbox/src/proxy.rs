@@ -14,9 +14,11 @@
 //!   [`ConfigWriteResult`]; a non-empty result (rare: BAR moves, hot-unplug) follows on
 //!   the Tube.
 //! - **Cold** (activate, PCI config mapping, shutdown, ranges, snapshot, restore, sleep,
-//!   wake): serde over an `outboard_transport::Tube`. The parent queues a `COLD` entry in
-//!   the ring, then sends the command, so cold commands stay ordered with hot ones; the
-//!   child answers on the Tube before it completes the entry.
+//!   wake): serde over an `outboard_transport::Tube`, framed by [`crate::cold`] (inline
+//!   JSON, or a sealed memfd for payloads too large for one datagram, such as big
+//!   snapshots). The parent queues a `COLD` entry in the ring, then sends the command, so
+//!   cold commands stay ordered with hot ones; the child answers on the Tube before it
+//!   completes the entry.
 //!
 //! # Failure
 //!
