@@ -65,7 +65,8 @@ pub enum ForkError {
     #[error("creating a setup pipe failed: {0}")]
     Pipe(Errno),
     /// The child's jail setup failed at `step`.
-    #[error("jail setup failed in the child at {step:?}: {}", std::io::Error::from_raw_os_error(*errno))]
+    #[error("jail setup failed in the child at {step:?}: {}",
+        std::io::Error::from_raw_os_error(*errno))]
     Setup {
         /// The step.
         step: Step,
@@ -287,7 +288,9 @@ fn exit_now(code: i32) -> ! {
 /// Only the fds numbered in `keep_fds` (plus stdio unless [`Jail::close_stdio`]) stay
 /// open in the child; typically they belong to the state `f` captures, and they must stay
 /// open in the caller until `fork_process` returns. Numbers rather than `BorrowedFd`s, so
-/// that their owners can move into `f`. The child never returns into the caller's code: after `f` it calls `_exit(0)`
+/// that their owners can move into `f`.
+///
+/// The child never returns into the caller's code: after `f` it calls `_exit(0)`
 /// (`_exit(101)` if `f` panicked), so no destructor of the parent's state runs twice.
 /// `name` (at most 15 bytes are used) becomes the child's `comm`.
 ///

@@ -854,8 +854,9 @@ impl Prepared {
             if !b.writable {
                 attr_set |= 0x1; // MOUNT_ATTR_RDONLY
             }
-            let attr: [u64; 4] = [attr_set, 0, 0, 0]; // struct mount_attr
-                                                      // SAFETY: `attr` is a valid struct mount_attr of the size passed.
+            // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+            let attr: [u64; 4] = [attr_set, 0, 0, 0];
+            // SAFETY: `attr` is a valid struct mount_attr of the size passed.
             check(Step::BindClone, unsafe {
                 libc::syscall(
                     libc::SYS_mount_setattr,
@@ -1055,7 +1056,8 @@ mod tests {
             SeccompPolicy::allow_list(&[libc::SYS_read, libc::SYS_write], SeccompAction::Errno(1))
                 .unwrap();
         assert!(!p.is_empty());
-        let json = r#"{"dev": {"mismatch_action": "allow", "match_action": "log", "filter": [{"syscall": "getppid"}]}}"#;
+        let json = r#"{"dev": {"mismatch_action": "allow", "match_action": "log",
+                               "filter": [{"syscall": "getppid"}]}}"#;
         let p = SeccompPolicy::from_json(json.as_bytes(), "dev").unwrap();
         assert!(p.len() > 2);
         let err = SeccompPolicy::from_json(json.as_bytes(), "other").unwrap_err();

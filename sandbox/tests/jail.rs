@@ -246,7 +246,10 @@ fn probe_fs() -> String {
         })
         .unwrap_or_default();
     root.sort();
-    format!("host={host_file:?} ro={ro} ro_write={ro_write:?} rw_write={rw_write:?} root_write={root_write:?} root={root:?}")
+    format!(
+        "host={host_file:?} ro={ro} ro_write={ro_write:?} rw_write={rw_write:?} \
+         root_write={root_write:?} root={root:?}"
+    )
 }
 
 struct TempDirs {
@@ -288,7 +291,8 @@ fn pivot_root_with_binds() -> Result<(), String> {
         .bind(&dirs.ro, "/data", false)
         .bind(&dirs.rw, "/rw", true);
     let want = format!(
-        "host=Err(Some({})) ro=hi ro_write=Err(Some({})) rw_write=Ok(()) root_write=Err(Some({})) root=[\"data\", \"rw\"]",
+        "host=Err(Some({})) ro=hi ro_write=Err(Some({})) rw_write=Ok(()) \
+         root_write=Err(Some({})) root=[\"data\", \"rw\"]",
         libc::ENOENT,
         libc::EROFS,
         libc::EROFS

@@ -625,7 +625,8 @@ fn test_intf_crosses_processes_and_activates_once() -> Result<(), String> {
         p.write(ADDRESS, &[7]);
         let second = ProxyDevice::try_from(spare);
         ensure!(
-            matches!(&second, Err(ProxyError::ActivationRefused { reason, .. }) if reason == "already activated"),
+            matches!(&second, Err(ProxyError::ActivationRefused { reason, .. })
+                if reason == "already activated"),
             "{second:?}"
         );
         // The first proxy is unaffected.
