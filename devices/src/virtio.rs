@@ -202,6 +202,11 @@ pub fn slice_regions(
     len - left
 }
 
+/// Most host regions a [`VirtQueue`] implementation puts in one [`DescChain`]; longer
+/// chains (possible with indirect tables of up to 65535 descriptors) are refused as
+/// [`QueueError::BadChain`], so a guest cannot make a device's scratch space grow.
+pub const MAX_CHAIN_REGIONS: usize = 1024;
+
 /// One descriptor chain popped from a [`VirtQueue`].
 ///
 /// The device-readable half comes first in a chain (the driver's request), the
@@ -272,9 +277,9 @@ pub enum QueueError {
 /// rust-vmm `virtio-queue`) and by test drivers.
 pub trait VirtQueue: Send {
     /// Pops the next available chain into `chain` (overwriting it). Returns `Ok(false)`
-    /// when the driver has made nothing available. A malformed chain is consumed and
-    /// reported as [`QueueError::BadChain`]; the device must return it with
-    /// `add_used(head, 0)`.
+    /// when the driver has made nothing available. A malformed chain (including one of
+    /// more than [`MAX_CHAIN_REGIONS`] regions) is consumed and reported as
+    /// [`QueueError::BadChain`]; the device must return it with `add_used(head, 0)`.
     fn pop(&mut self, chain: &mut DescChain) -> Result<bool, QueueError>;
 
     /// Un-pops the most recently popped chain, which has not been added to the used ring;
@@ -349,6 +354,13 @@ pub enum ActivateError {
 
 /// A virtio device model, as a transport (virtio-mmio, vhost-user daemon) drives it.
 ///
+/// # Activation
+///
+/// The transport negotiates features ([`VirtioDevice::features`],
+/// [`VirtioDevice::ack_features`]), builds one [`VirtQueue`] per queue with the
+/// driver's ring addresses and size, enables EVENT_IDX on them when
+/// [`VIRTIO_RING_F_EVENT_IDX`] was negotiated, and calls [`VirtioDevice::activate`].
+///
 /// # Event loop
 ///
 /// A worker thread waits on the queues' kick eventfds and on
@@ -393,4 +405,158 @@ pub trait VirtioDevice: Send {
 
     /// [`VirtioDevice::event_fd`] is readable.
     fn handle_event(&mut self);
+}
+
+/// A self-contained event loop for one activated device, for VMMs and daemons that do
+/// not have their own: polls the queues' kick eventfds (`kicks[i]` is queue `i`), the
+/// device's [`VirtioDevice::event_fd`] and `stop`, and dispatches until `stop` becomes
+/// readable (or polling fails, which is returned).
+pub fn run_device(
+    device: &mut dyn VirtioDevice,
+    kicks: &[BorrowedFd<'_>],
+    stop: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut fds: Vec<libc::pollfd> = kicks
+            .iter()
+            .map(|k| libc::pollfd {
+                fd: k.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        fds.push(libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        if let Some(ev) = device.event_fd() {
+            fds.push(libc::pollfd {
+                fd: ev.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the whole call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[kicks.len()].revents != 0 {
+            return Ok(());
+        }
+        for (queue, fd) in fds[..kicks.len()].iter().enumerate() {
+            if fd.revents != 0 {
+                let mut count = [0u8; 8];
+                // SAFETY: reading 8 bytes into a local buffer clears an eventfd; a
+                // failure (EAGAIN) only means there was nothing to clear.
+                let _ = unsafe { libc::read(fd.fd, count.as_mut_ptr().cast(), count.len()) };
+                device.handle_queue(queue);
+            }
+        }
+        if fds.len() > kicks.len() + 1 && fds[kicks.len() + 1].revents != 0 {
+            device.handle_event();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    use super::*;
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: plain call; the result is checked and owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is new and owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn signal(fd: &OwnedFd) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local buffer to an eventfd.
+        let n = unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(fd), one.as_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+    }
+
+    struct Fake {
+        stop: OwnedFd,
+        handled: Vec<usize>,
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8, 8]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: Vec<Box<dyn VirtQueue>>,
+            _: Arc<dyn Interrupt>,
+        ) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+        fn handle_queue(&mut self, queue: usize) {
+            self.handled.push(queue);
+            signal(&self.stop);
+        }
+        fn handle_event(&mut self) {}
+    }
+
+    #[test]
+    fn run_device_dispatches_kicks_until_stopped() {
+        let kicks = [eventfd(), eventfd()];
+        let stop = eventfd();
+        let mut dev = Fake {
+            stop: stop.try_clone().unwrap(),
+            handled: Vec::new(),
+        };
+        signal(&kicks[1]);
+        let borrowed: Vec<BorrowedFd<'_>> = kicks.iter().map(|k| k.as_fd()).collect();
+        run_device(&mut dev, &borrowed, stop.as_fd()).unwrap();
+        assert_eq!(dev.handled, vec![1]);
+    }
+
+    #[test]
+    fn region_helpers_cross_boundaries() {
+        let mut a = [1u8, 2, 3];
+        let mut b = [4u8, 5];
+        // SAFETY: the arrays outlive the regions.
+        let regions = unsafe {
+            [
+                IoRegion::new(a.as_mut_ptr(), 3),
+                IoRegion::new(b.as_mut_ptr(), 2),
+            ]
+        };
+        let mut out = [0u8; 4];
+        assert_eq!(read_regions(&regions, 1, &mut out), 4);
+        assert_eq!(out, [2, 3, 4, 5]);
+        assert_eq!(write_regions(&regions, 2, &[9, 9, 9, 9]), 3);
+        let mut sub = Vec::new();
+        assert_eq!(slice_regions(&regions, 2, 10, &mut sub), 3);
+        assert_eq!(sub.len(), 2);
+        assert_eq!(sub[0].len() + sub[1].len(), 3);
+        assert_eq!(regions[0].sub(5, 1).len(), 0);
+        assert_eq!(a, [1, 2, 9]);
+        assert_eq!(b, [9, 9]);
+    }
 }

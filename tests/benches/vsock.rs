@@ -35,7 +35,9 @@ fn vsock(c: &mut Criterion) {
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
                         (0..iters)
-                            .map(|_| run_streams(&mut g, streams, PER_ITER / streams as u64, pkt, dir))
+                            .map(|_| {
+                                run_streams(&mut g, streams, PER_ITER / streams as u64, pkt, dir)
+                            })
                             .sum()
                     })
                 });

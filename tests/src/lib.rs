@@ -12,11 +12,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -30,9 +30,7 @@ use outboard_protocol::vsock::{
     VMADDR_CID_HOST,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap,
-};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// Guest memory as the device sees it.
@@ -162,8 +160,12 @@ impl DriverQueue {
         mem.write_obj(ids[0], GuestAddress(self.avail + 4 + 2 * slot))
             .unwrap();
         self.avail_idx += 1;
-        mem.store(self.avail_idx.0, GuestAddress(self.avail + 2), Ordering::Release)
-            .unwrap();
+        mem.store(
+            self.avail_idx.0,
+            GuestAddress(self.avail + 2),
+            Ordering::Release,
+        )
+        .unwrap();
         Some(ids[0])
     }
 
@@ -173,7 +175,9 @@ impl DriverQueue {
     pub fn needs_kick(&mut self, mem: &GuestMemoryMmap) -> bool {
         std::sync::atomic::fence(Ordering::SeqCst);
         if !self.event_idx.get() {
-            let flags: u16 = mem.load(GuestAddress(self.used), Ordering::Acquire).unwrap();
+            let flags: u16 = mem
+                .load(GuestAddress(self.used), Ordering::Acquire)
+                .unwrap();
             self.kicked_at = self.avail_idx;
             return flags & 1 == 0;
         }
@@ -488,7 +492,9 @@ impl Guest {
         ];
         let irq = Arc::new(CountingInterrupt::default());
         let rx_stride = u64::from(44 + opts.rx_buf_payload);
-        let free_rx_bufs = (0..u64::from(QSIZE)).map(|i| RX_BUFS + i * rx_stride).collect();
+        let free_rx_bufs = (0..u64::from(QSIZE))
+            .map(|i| RX_BUFS + i * rx_stride)
+            .collect();
         let mut g = Guest {
             mem: mem.clone(),
             dev,
@@ -499,7 +505,9 @@ impl Guest {
             rx_bufs: HashMap::new(),
             free_rx_bufs,
             rx_payload: opts.rx_buf_payload,
-            tx_free_slots: (0..TX_SLOT_COUNT).map(|i| TX_SLOTS + i * TX_SLOT_SIZE).collect(),
+            tx_free_slots: (0..TX_SLOT_COUNT)
+                .map(|i| TX_SLOTS + i * TX_SLOT_SIZE)
+                .collect(),
             tx_inflight: HashMap::new(),
             conns: HashMap::new(),
             listening: HashMap::new(),
@@ -531,7 +539,10 @@ impl Guest {
     fn post_rx_buffers(&mut self) {
         let mut added = false;
         while let Some(addr) = self.free_rx_bufs.pop() {
-            match self.rx.add(&self.mem, &[(addr, 44 + self.rx_payload, true)]) {
+            match self
+                .rx
+                .add(&self.mem, &[(addr, 44 + self.rx_payload, true)])
+            {
                 Some(head) => {
                     self.rx_bufs.insert(head, addr);
                     added = true;
@@ -597,7 +608,9 @@ impl Guest {
         let Some(slot) = self.tx_free_slots.pop() else {
             return false;
         };
-        self.mem.write_slice(hdr.as_bytes(), GuestAddress(slot)).unwrap();
+        self.mem
+            .write_slice(hdr.as_bytes(), GuestAddress(slot))
+            .unwrap();
         self.mem
             .write_slice(payload, GuestAddress(slot + 44))
             .unwrap();
@@ -675,8 +688,10 @@ impl Guest {
     pub fn connect(&mut self, port: u32, ty: VsockType) -> Key {
         self.next_port += 1;
         let key = (self.next_port, port);
-        self.conns
-            .insert(key, GuestConn::new(ty, GuestState::Connecting, self.opts.buf_alloc));
+        self.conns.insert(
+            key,
+            GuestConn::new(ty, GuestState::Connecting, self.opts.buf_alloc),
+        );
         self.send_ctrl(key, ty, VsockOp::Request, 0);
         key
     }
@@ -860,7 +875,14 @@ impl Guest {
 
     /// Queues as much of `data` as credit and TX slots allow, in packets of at most
     /// `pkt` bytes; returns how many bytes were queued (kick with [`Guest::kick_tx`]).
-    pub fn queue_stream(&mut self, key: Key, data_len: u64, pkt: u32, mut fill: impl FnMut(u64, &mut [u8]), sent: &mut u64) {
+    pub fn queue_stream(
+        &mut self,
+        key: Key,
+        data_len: u64,
+        pkt: u32,
+        mut fill: impl FnMut(u64, &mut [u8]),
+        sent: &mut u64,
+    ) {
         let mut buf = vec![0u8; pkt as usize];
         loop {
             let Some(c) = self.conns.get(&key) else {
@@ -948,8 +970,19 @@ pub enum Direction {
 
 static RUN: AtomicU64 = AtomicU64::new(0);
 
-fn host_side(mut stream: UnixStream, bytes: u64, dir: Direction, g2h: u64, h2g: u64) {
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+fn host_side(
+    mut stream: UnixStream,
+    bytes: u64,
+    dir: Direction,
+    (g2h, h2g): (u64, u64),
+    go: &std::sync::Barrier,
+) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // Data starts moving when every connection is up, so that the time measured is
+    // the time data took.
+    go.wait();
     let writer = (dir != Direction::GuestToHost).then(|| {
         let mut w = stream.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -968,7 +1001,10 @@ fn host_side(mut stream: UnixStream, bytes: u64, dir: Direction, g2h: u64, h2g: 
         let mut pos = 0u64;
         while pos < bytes {
             let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0, "host side: end of stream after {pos} of {bytes} bytes");
+            assert!(
+                n > 0,
+                "host side: end of stream after {pos} of {bytes} bytes"
+            );
             assert!(
                 Pattern::get().check(g2h, pos, &buf[..n]),
                 "host side: stream {g2h} corrupt at {pos}"
@@ -993,7 +1029,9 @@ pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction
     let mut hosts = Vec::new();
     let mut keys: Vec<Option<Key>> = vec![None; n];
     let mut listeners = Vec::new();
+    let go = Arc::new(std::sync::Barrier::new(n + 1));
     for (i, key) in keys.iter_mut().enumerate() {
+        let go = go.clone();
         let port = base + i as u32;
         let (g2h, h2g) = (seed(i, false), seed(i, true));
         if i % 2 == 0 {
@@ -1004,7 +1042,7 @@ pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction
             listeners.push(path);
             hosts.push(std::thread::spawn(move || {
                 let (s, _) = l2.accept().unwrap();
-                host_side(s, bytes, dir, g2h, h2g);
+                host_side(s, bytes, dir, (g2h, h2g), &go);
             }));
             drop(l);
             let k = g.connect(port, VsockType::Stream);
@@ -1021,16 +1059,16 @@ pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction
                 r.read_until(b'\n', &mut line).unwrap();
                 assert!(line.starts_with(b"OK "), "no OK: {line:?}");
                 assert!(r.buffer().is_empty());
-                host_side(s, bytes, dir, g2h, h2g);
+                host_side(s, bytes, dir, (g2h, h2g), &go);
             }));
         }
     }
     let found = g.pump_until(Duration::from_secs(10), |g| {
         (0..n).all(|i| {
             let port = base + i as u32;
-            g.conns.iter().any(|(k, c)| {
-                (k.0 == port || k.1 == port) && c.state == GuestState::Established
-            })
+            g.conns
+                .iter()
+                .any(|(k, c)| (k.0 == port || k.1 == port) && c.state == GuestState::Established)
         })
     });
     assert!(found, "connections not established");
@@ -1041,15 +1079,30 @@ pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction
         }
     }
     let keys: Vec<Key> = keys.into_iter().map(Option::unwrap).collect();
+    go.wait();
     let start = Instant::now();
     let mut sent = vec![0u64; n];
-    let tx_total = if dir == Direction::HostToGuest { 0 } else { bytes };
-    let rx_total = if dir == Direction::GuestToHost { 0 } else { bytes };
+    let tx_total = if dir == Direction::HostToGuest {
+        0
+    } else {
+        bytes
+    };
+    let rx_total = if dir == Direction::GuestToHost {
+        0
+    } else {
+        bytes
+    };
     loop {
         let mut done = true;
         for (i, key) in keys.iter().enumerate() {
             let s = seed(i, false);
-            g.queue_stream(*key, tx_total, pkt, |p, b| Pattern::get().fill(s, p, b), &mut sent[i]);
+            g.queue_stream(
+                *key,
+                tx_total,
+                pkt,
+                |p, b| Pattern::get().fill(s, p, b),
+                &mut sent[i],
+            );
             let c = &g.conns[key];
             assert_eq!(c.corrupt, 0, "guest side: stream {} corrupt", seed(i, true));
             assert_eq!(c.overruns, 0, "device overran the guest's buffer");
@@ -1060,7 +1113,10 @@ pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction
         if done {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "streams stalled: sent {sent:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "streams stalled: sent {sent:?}"
+        );
         g.pump(Duration::from_millis(1));
     }
     for (i, h) in hosts.into_iter().enumerate() {

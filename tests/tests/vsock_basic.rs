@@ -145,7 +145,10 @@ fn host_connect_refused_by_guest_and_bad_lines() {
         out
     });
     assert!(g.pump_until(T, |g| g.dev.metrics().snapshot().conns_removed == 1));
-    assert!(reader.join().unwrap().is_empty(), "no OK for a refused connect");
+    assert!(
+        reader.join().unwrap().is_empty(),
+        "no OK for a refused connect"
+    );
 
     for bad in [
         &b"HELLO 5000\n"[..],
@@ -161,7 +164,10 @@ fn host_connect_refused_by_guest_and_bad_lines() {
             let mut out = Vec::new();
             host.read_to_end(&mut out).map(|_| out)
         });
-        assert!(g.pump_until(T, |_| done.is_finished()), "{bad:?} not refused");
+        assert!(
+            g.pump_until(T, |_| done.is_finished()),
+            "{bad:?} not refused"
+        );
         // Closed: end-of-file, or a reset when the device dropped unread bytes.
         match done.join().unwrap() {
             Ok(out) => assert!(out.is_empty()),
@@ -244,8 +250,9 @@ fn sockaddr(path: &str) -> (libc::sockaddr_un, libc::socklen_t) {
 fn seq_listen(path: &str) -> i32 {
     let fd = seq_socket();
     let (a, l) = sockaddr(path);
-    // SAFETY: valid address and length.
-    assert_eq!(unsafe { libc::bind(fd, (&a as *const libc::sockaddr_un).cast(), l) }, 0);
+    // SAFETY: `a` is a valid sockaddr_un of `l` bytes.
+    let r = unsafe { libc::bind(fd, (&a as *const libc::sockaddr_un).cast(), l) };
+    assert_eq!(r, 0);
     // SAFETY: plain call.
     assert_eq!(unsafe { libc::listen(fd, 8) }, 0);
     fd
@@ -254,8 +261,9 @@ fn seq_listen(path: &str) -> i32 {
 fn seq_connect(path: &str) -> i32 {
     let fd = seq_socket();
     let (a, l) = sockaddr(path);
-    // SAFETY: valid address and length.
-    assert_eq!(unsafe { libc::connect(fd, (&a as *const libc::sockaddr_un).cast(), l) }, 0);
+    // SAFETY: `a` is a valid sockaddr_un of `l` bytes.
+    let r = unsafe { libc::connect(fd, (&a as *const libc::sockaddr_un).cast(), l) };
+    assert_eq!(r, 0);
     fd
 }
 
@@ -311,7 +319,11 @@ fn seqpacket_keeps_message_boundaries() {
     assert!(
         g.pump_until(T, |g| g.conns[&key].messages.len() == host_sizes.len()),
         "got {:?} messages, {:?}, {:?}",
-        g.conns[&key].messages.iter().map(|m| m.0.len()).collect::<Vec<_>>(),
+        g.conns[&key]
+            .messages
+            .iter()
+            .map(|m| m.0.len())
+            .collect::<Vec<_>>(),
         g.conns[&key],
         g.dev.metrics().snapshot()
     );
@@ -442,7 +454,13 @@ fn stream_without_event_idx() {
             g.dev.metrics().snapshot(),
             g.kicks
         );
-        g.queue_stream(key, TOTAL, 65536, |p, b| Pattern::get().fill(10, p, b), &mut sent);
+        g.queue_stream(
+            key,
+            TOTAL,
+            65536,
+            |p, b| Pattern::get().fill(10, p, b),
+            &mut sent,
+        );
         g.kick_tx();
         g.pump(Duration::from_millis(1));
     }

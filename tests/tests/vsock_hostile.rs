@@ -76,9 +76,7 @@ impl Setup {
         assert_eq!(buf, msg);
         self.host.write_all(&msg).unwrap();
         let key = self.key;
-        assert!(self
-            .g
-            .pump_until(T, |g| g.conns[&key].data.ends_with(&msg)));
+        assert!(self.g.pump_until(T, |g| g.conns[&key].data.ends_with(&msg)));
         assert_eq!(self.g.bad_packets, 0);
     }
 
@@ -100,7 +98,8 @@ fn malformed_packets_are_refused_and_the_device_keeps_serving() {
     s.healthy();
 
     // len above 64 KiB.
-    let used = s.g.send_raw(&[(packet(&hdr(9001, 1, 5, 70_000), &[1; 10]), false)]);
+    let used =
+        s.g.send_raw(&[(packet(&hdr(9001, 1, 5, 70_000), &[1; 10]), false)]);
     assert_eq!(used, 0);
     assert_eq!(s.metrics().err_tx_bad_len, 1);
     s.expect_stray_rst((9001, 1));
@@ -144,9 +143,16 @@ fn malformed_packets_are_refused_and_the_device_keeps_serving() {
     s.healthy();
 
     // RW, SHUTDOWN, RESPONSE for connections that do not exist: RST.
-    for (port, op) in [(9009, VsockOp::Rw), (9010, VsockOp::Shutdown), (9011, VsockOp::Response)] {
+    for (port, op) in [
+        (9009, VsockOp::Rw),
+        (9010, VsockOp::Shutdown),
+        (9011, VsockOp::Response),
+    ] {
         let len = if op == VsockOp::Rw { 5 } else { 0 };
-        s.g.send_raw(&[(packet(&hdr(port, 1, op as u16, len), &[0; 5][..len as usize]), false)]);
+        s.g.send_raw(&[(
+            packet(&hdr(port, 1, op as u16, len), &[0; 5][..len as usize]),
+            false,
+        )]);
         s.expect_stray_rst((port, 1));
     }
     assert_eq!(s.metrics().err_no_connection, 3);
@@ -159,7 +165,10 @@ fn malformed_packets_are_refused_and_the_device_keeps_serving() {
     s.healthy();
 
     // A descriptor chain with a readable descriptor after a writable one.
-    s.g.send_raw(&[(vec![0; 44], true), (packet(&hdr(9012, 1, 1, 0), &[]), false)]);
+    s.g.send_raw(&[
+        (vec![0; 44], true),
+        (packet(&hdr(9012, 1, 1, 0), &[]), false),
+    ]);
     assert_eq!(s.metrics().err_queue, 2);
     s.healthy();
 
@@ -192,7 +201,9 @@ fn credit_overrun_resets_only_that_connection() {
     let uds = s.g.uds_path.clone();
     let l2 = UnixListener::bind(format!("{}_2", uds.display())).unwrap();
     let k2 = s.g.connect(2, VsockType::Stream);
-    assert!(s.g.pump_until(T, |g| g.conns[&k2].state == GuestState::Established));
+    assert!(s
+        .g
+        .pump_until(T, |g| g.conns[&k2].state == GuestState::Established));
     let (mut host2, _) = l2.accept().unwrap();
     // The guest ignores credit and sends 4 MiB while the host does not read.
     let chunk = vec![7u8; 64 * 1024];
@@ -203,7 +214,9 @@ fn credit_overrun_resets_only_that_connection() {
         }
         s.g.kick_tx();
     }
-    assert!(s.g.pump_until(T, |g| g.conns[&k2].state == GuestState::Reset));
+    assert!(s
+        .g
+        .pump_until(T, |g| g.conns[&k2].state == GuestState::Reset));
     assert_eq!(s.metrics().err_credit_overrun, 1);
     assert_eq!(s.metrics().conns_killed, 1);
     // The host socket of the reset connection is closed; what it got was at most the
@@ -222,10 +235,14 @@ fn duplicate_request_resets_the_connection() {
     let uds = s.g.uds_path.clone();
     let l3 = UnixListener::bind(format!("{}_3", uds.display())).unwrap();
     let k3 = s.g.connect(3, VsockType::Stream);
-    assert!(s.g.pump_until(T, |g| g.conns[&k3].state == GuestState::Established));
+    assert!(s
+        .g
+        .pump_until(T, |g| g.conns[&k3].state == GuestState::Established));
     let (_host3, _) = l3.accept().unwrap();
     s.g.send_ctrl(k3, VsockType::Stream, VsockOp::Request, 0);
-    assert!(s.g.pump_until(T, |g| g.conns[&k3].state == GuestState::Reset));
+    assert!(s
+        .g
+        .pump_until(T, |g| g.conns[&k3].state == GuestState::Reset));
     s.healthy();
 }
 
@@ -281,10 +298,15 @@ fn shutdown_timeout_ends_in_rst() {
     // the timeout the device sends RST and forgets the connection.
     let mut s = Setup::new();
     let key = s.key;
-    drop(std::mem::replace(&mut s.host, UnixStream::pair().unwrap().0));
+    drop(std::mem::replace(
+        &mut s.host,
+        UnixStream::pair().unwrap().0,
+    ));
     assert!(s.g.pump_until(T, |g| g.conns[&key].peer_shutdown == 3));
     assert_eq!(s.g.dev.connection_count(), 1);
-    assert!(s.g.pump_until(T, |g| g.conns[&key].state == GuestState::Reset));
+    assert!(s
+        .g
+        .pump_until(T, |g| g.conns[&key].state == GuestState::Reset));
     assert_eq!(s.metrics().err_timeout, 1);
     assert_eq!(s.g.dev.connection_count(), 0);
     drop(s.listener);

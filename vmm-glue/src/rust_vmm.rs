@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use outboard_devices::virtio::{
     DescChain, GuestMemoryAccess, Interrupt, IoRegion, MemoryError, QueueError, VirtQueue,
+    MAX_CHAIN_REGIONS,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
@@ -147,6 +148,12 @@ where
                 return Err(QueueError::BadChain {
                     head,
                     reason: "descriptor outside guest memory",
+                });
+            }
+            if chain.readable.len() + chain.writable.len() > MAX_CHAIN_REGIONS {
+                return Err(QueueError::BadChain {
+                    head,
+                    reason: "more descriptors than MAX_CHAIN_REGIONS",
                 });
             }
         }

@@ -24,6 +24,11 @@
 //!   port the device assigned to the connection (from 2^30 upwards), exactly as
 //!   Firecracker does. (vhost-device-vsock answers with the guest port instead.) A guest
 //!   RST or a timeout closes the host socket.
+//! - End of file from a host socket (the host shut down its sending side) becomes
+//!   SHUTDOWN with the SEND flag, so the guest can still send; a host socket that hung
+//!   up completely becomes SHUTDOWN with both flags, after which the guest answers RST
+//!   (or the device sends it after a 2 s timeout). (Firecracker sends both flags on end
+//!   of file, which breaks host clients that half-close and wait for an answer.)
 //! - SEQPACKET (an extension; Firecracker has none): guest seqpacket sockets connect to
 //!   `SOCK_SEQPACKET` listeners at `<uds_path>_P`; host processes reach guest seqpacket
 //!   listeners through the `SOCK_SEQPACKET` listener at `<uds_path>_seqpacket` with the

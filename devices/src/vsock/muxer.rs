@@ -21,8 +21,8 @@ use super::conn::{
 use super::packet::{write_rx_header, Refused, TxPacket};
 use super::sys::{self, IOV_MAX};
 use super::{
-    VsockError, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECTIONS,
-    MAX_CONNECT_LINE, MAX_PENDING_HOST_CONNECTIONS, MAX_SEQPACKET_MSG,
+    VsockError, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECTIONS, MAX_CONNECT_LINE,
+    MAX_PENDING_HOST_CONNECTIONS, MAX_SEQPACKET_MSG,
 };
 use crate::virtio::{slice_regions, DescChain, IoRegion, QueueError, VirtQueue};
 
@@ -44,8 +44,7 @@ const MAX_SEQ_RX_MSG: usize = 1 << 20;
 /// Epoll events taken per wait.
 const EVENTS_PER_WAIT: usize = 64;
 
-const CONN_EVENTS: u32 =
-    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 const PENDING_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// A host client that connected to a listener and has not sent `CONNECT <port>` yet.
@@ -190,13 +189,7 @@ impl Muxer {
     pub fn reset(&mut self) {
         let removed = self.conns.len() as u64;
         for (_, conn) in self.conns.drain() {
-            let _ = sys::epoll_ctl(
-                &self.epoll,
-                libc::EPOLL_CTL_DEL,
-                conn.fd.as_raw_fd(),
-                0,
-                0,
-            );
+            let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, conn.fd.as_raw_fd(), 0, 0);
         }
         VsockMetrics::add(&self.metrics.conns_removed, removed);
         for (fd, _) in self.pending.drain() {
@@ -299,13 +292,7 @@ impl Muxer {
             conn.pending = PENDING_RST;
             conn.deadline = None;
             let _ = sys::shutdown(conn.fd.as_fd(), libc::SHUT_RDWR);
-            let _ = sys::epoll_ctl(
-                &self.epoll,
-                libc::EPOLL_CTL_DEL,
-                conn.fd.as_raw_fd(),
-                0,
-                0,
-            );
+            let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, conn.fd.as_raw_fd(), 0, 0);
             self.fd_keys.remove(&conn.fd.as_raw_fd());
             self.schedule(key);
         }
@@ -434,7 +421,10 @@ impl Muxer {
             }
             (_, VsockOp::CreditUpdate) => {}
             (_, VsockOp::CreditRequest) => conn.pending |= PENDING_CREDIT_UPDATE,
-            (ConnState::Established | ConnState::LocalClosed | ConnState::PeerClosed, VsockOp::Shutdown) => {
+            (
+                ConnState::Established | ConnState::LocalClosed | ConnState::PeerClosed,
+                VsockOp::Shutdown,
+            ) => {
                 let flags = ShutdownFlags::from_bits_truncate(h.flags);
                 conn.peer_shut_rcv |= flags.contains(ShutdownFlags::RCV);
                 conn.peer_shut_send |= flags.contains(ShutdownFlags::SEND);
@@ -588,8 +578,7 @@ impl Muxer {
             }
             let raw = fd.as_raw_fd();
             let token = TOKEN_PENDING | raw as u32 as u64;
-            if sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, raw, PENDING_EVENTS, token)
-                .is_err()
+            if sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, raw, PENDING_EVENTS, token).is_err()
             {
                 VsockMetrics::inc(&self.metrics.err_muxer);
                 continue;
@@ -758,7 +747,10 @@ impl Muxer {
     fn put_used(&mut self, q: &mut dyn VirtQueue, slot: usize, hdr: &VsockHeader) -> bool {
         let chain = &self.chains[slot];
         let len = hdr.len;
-        if !write_rx_header(chain, hdr) || q.add_used(chain.head, VsockHeader::SIZE as u32 + len).is_err() {
+        if !write_rx_header(chain, hdr)
+            || q.add_used(chain.head, VsockHeader::SIZE as u32 + len)
+                .is_err()
+        {
             VsockMetrics::inc(&self.metrics.err_queue);
             return false;
         }
@@ -930,7 +922,8 @@ impl Muxer {
                 .min(MAX_PKT_BUF_SIZE as usize)
                 .min(budget - total);
             let before = self.regions.len();
-            let mut got = slice_regions(&chain.writable, VsockHeader::SIZE, room, &mut self.regions);
+            let mut got =
+                slice_regions(&chain.writable, VsockHeader::SIZE, room, &mut self.regions);
             if self.regions.len() > IOV_MAX {
                 self.regions.truncate(IOV_MAX);
                 got = self.regions[before..].iter().map(IoRegion::len).sum();
@@ -1065,7 +1058,11 @@ impl Muxer {
             Self::undo(q, popped);
             return Turn::Idle;
         };
-        let regions = if msg_len == 0 { &[][..] } else { &self.regions[..] };
+        let regions = if msg_len == 0 {
+            &[][..]
+        } else {
+            &self.regions[..]
+        };
         match sys::recv_regions(conn.fd.as_fd(), regions, &mut self.iov) {
             Ok((n, flags)) if n == msg_len && flags & libc::MSG_TRUNC == 0 => {
                 let mut last = SeqpacketFlags::EOM;

@@ -80,8 +80,8 @@ pub(crate) fn parse_tx(
         return Err(refuse(PacketError::ShortHeader(got)));
     }
     // `raw` has exactly the header's size, so this cannot fail; refuse rather than panic.
-    let hdr = VsockHeader::read_from_bytes(&raw)
-        .map_err(|_| refuse(PacketError::ShortHeader(got)))?;
+    let hdr =
+        VsockHeader::read_from_bytes(&raw).map_err(|_| refuse(PacketError::ShortHeader(got)))?;
     let src_cid = hdr.src_cid;
     let dst_cid = hdr.dst_cid;
     if src_cid != guest_cid {

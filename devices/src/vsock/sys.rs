@@ -58,7 +58,10 @@ pub(crate) fn epoll_ctl(
 }
 
 /// `epoll_wait` without blocking; returns the number of events stored in `events`.
-pub(crate) fn epoll_wait_now(epoll: &OwnedFd, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+pub(crate) fn epoll_wait_now(
+    epoll: &OwnedFd,
+    events: &mut [libc::epoll_event],
+) -> io::Result<usize> {
     let max = events.len().min(i32::MAX as usize) as libc::c_int;
     // SAFETY: `events` is a writable buffer of at least `max` epoll_events.
     let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), max, 0) };
@@ -149,7 +152,13 @@ pub(crate) fn unix_listen(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
     let fd = unix_socket(ty)?;
     let (addr, len) = sockaddr_un(path)?;
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) })?;
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
     // SAFETY: plain call on an owned fd.
     cvt(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
     Ok(fd)
@@ -160,7 +169,13 @@ pub(crate) fn unix_connect(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> 
     let fd = unix_socket(ty)?;
     let (addr, len) = sockaddr_un(path)?;
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) })?;
+    cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
     Ok(fd)
 }
 
@@ -235,7 +250,8 @@ unsafe impl Send for IovScratch {}
 
 fn iovecs<'a>(regions: &[IoRegion], out: &'a mut IovScratch) -> &'a mut Vec<libc::iovec> {
     out.0.clear();
-    out.0.extend(regions.iter().take(IOV_MAX).map(IoRegion::as_iovec));
+    out.0
+        .extend(regions.iter().take(IOV_MAX).map(IoRegion::as_iovec));
     &mut out.0
 }
 
