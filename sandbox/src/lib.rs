@@ -42,21 +42,20 @@
 //! # Speed
 //!
 //! `cargo bench -p outboard-sandbox --bench proxy` measures a proxied 4-byte MMIO read
-//! round trip. On the 2-CPU development VM (nested virtualization, kernel 6.18), with the
-//! VMM pinned to CPU 0 and the device process to CPU 1, two runs (medians, while other
-//! builds kept both CPUs busy, load average ~6):
+//! round trip (criterion medians) on the 2-CPU development VM (nested virtualization,
+//! kernel 6.18). Cross CPU: the VMM pinned to CPU 0, the device process to CPU 1.
 //!
-//! | path                                   | no jail       | `Jail::sandboxed()` |
-//! |----------------------------------------|---------------|---------------------|
-//! | (a) `ProxyDevice` (shared-memory ring) | 1.1 – 2.2 µs  | 0.6 – 2.6 µs        |
-//! | (b) serde_json over `SOCK_SEQPACKET`   | 107 – 123 µs  | 80 – 98 µs          |
-//! | (c) raw 16-byte `SOCK_SEQPACKET`       | 94 – 124 µs   | 81 – 95 µs          |
+//! | path                                   | cross CPU | + jail  | same CPU | + jail  |
+//! |----------------------------------------|-----------|---------|----------|---------|
+//! | (a) `ProxyDevice` (shared-memory ring) | 0.18 µs   | 0.33 µs | 2.43 µs  | 2.45 µs |
+//! | (b) serde_json over `SOCK_SEQPACKET`   | 65.8 µs   | 64.1 µs | 7.68 µs  | 7.65 µs |
+//! | (c) raw 16-byte `SOCK_SEQPACKET`       | 61.7 µs   | 61.8 µs | 7.25 µs  | 6.70 µs |
 //!
-//! Cross-CPU socket wake-ups are slow on that VM (an IPI per message), which the ring
-//! avoids entirely while both sides are busy. With both processes on one CPU, (a) is
-//! 2.4 – 3.8 µs against 8 – 11 µs for (b) and 7 – 11 µs for (c): each side notes its CPU
-//! in the ring and yields at once instead of spinning when it shares the CPU with its
-//! peer.
+//! The jail is [`Jail::sandboxed`]. Cross-CPU socket wake-ups are slow on that VM (an IPI
+//! per message), which the ring avoids entirely while both sides are busy. On one CPU
+//! each side notes its CPU in the ring and yields at once instead of spinning. With other
+//! builds keeping both CPUs busy (load ~6) the cross-CPU figures were 0.6 – 2.6 µs for
+//! (a) against 80 – 123 µs for (b) and (c).
 #![deny(missing_docs)]
 
 pub mod cold;
