@@ -422,6 +422,8 @@ impl Jail {
         if !self.close_stdio {
             keep.extend([0, 1, 2]);
         }
+        // A negative number is not an fd; keeping it would mean nothing.
+        keep.retain(|&fd| fd >= 0);
         keep.sort_unstable();
         keep.dedup();
         let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
