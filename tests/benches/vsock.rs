@@ -32,15 +32,25 @@ fn vsock(c: &mut Criterion) {
             let mut g = Guest::new(&tmp.join("v.sock"), opts);
             for streams in [1usize, 16] {
                 let id = BenchmarkId::new(format!("{}KiB", pkt / 1024), format!("{streams}x"));
+                let (mut cpu, mut moved) = (Duration::ZERO, 0u64);
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
-                        (0..iters)
+                        let before = g.device_cpu;
+                        let took = (0..iters)
                             .map(|_| {
                                 run_streams(&mut g, streams, PER_ITER / streams as u64, pkt, dir)
                             })
-                            .sum()
+                            .sum();
+                        cpu += g.device_cpu - before;
+                        moved += iters * PER_ITER;
+                        took
                     })
                 });
+                eprintln!(
+                    "vsock_{name}/{}KiB/{streams}x: device CPU {:.1} ms per GiB moved",
+                    pkt / 1024,
+                    cpu.as_secs_f64() * 1000.0 * (1u64 << 30) as f64 / moved.max(1) as f64
+                );
             }
         }
         group.finish();

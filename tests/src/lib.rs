@@ -413,6 +413,10 @@ pub struct GuestOptions {
     pub buf_alloc: u32,
     /// TX buffer size of the device.
     pub tx_buf_size: u32,
+    /// The device's connection cap.
+    pub max_connections: usize,
+    /// Post two unusable RX buffers (10 writable bytes; read-only) before the others.
+    pub bad_rx_buffers: bool,
 }
 
 impl Default for GuestOptions {
@@ -423,6 +427,8 @@ impl Default for GuestOptions {
             seqpacket: true,
             buf_alloc: 256 * 1024,
             tx_buf_size: 256 * 1024,
+            max_connections: outboard_devices::vsock::MAX_CONNECTIONS,
+            bad_rx_buffers: false,
         }
     }
 }
@@ -464,6 +470,20 @@ pub struct Guest {
     pub kicks: [u64; 3],
     /// The muxer's socket path.
     pub uds_path: PathBuf,
+    /// CPU time the device's `handle_*` calls took (thread CPU time).
+    pub device_cpu: Duration,
+    /// Used lengths of the unusable RX buffers the device returned.
+    pub bad_rx_returned: Vec<u32>,
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl Guest {
@@ -473,6 +493,7 @@ impl Guest {
         let mem = guest_memory();
         let mut cfg = VsockDeviceConfig::new(GUEST_CID, uds_path);
         cfg.tx_buf_size = opts.tx_buf_size;
+        cfg.max_connections = opts.max_connections;
         let mut dev = Vsock::new(cfg).unwrap();
         let mut features = dev.features();
         if !opts.event_idx {
@@ -520,7 +541,16 @@ impl Guest {
             tx_kicks_needed: false,
             kicks: [0; 3],
             uds_path: uds_path.to_path_buf(),
+            device_cpu: Duration::ZERO,
+            bad_rx_returned: Vec::new(),
         };
+        if g.opts.bad_rx_buffers {
+            let at = RAW_AREA + RAW_AREA_SIZE - 4096;
+            for bufs in [[(at, 10, true)], [(at + 1024, 100, false)]] {
+                let head = g.rx.add(&g.mem, &bufs).unwrap();
+                g.rx_bufs.insert(head, u64::MAX);
+            }
+        }
         g.post_rx_buffers();
         for i in 0..8u64 {
             g.ev.add(&g.mem, &[(EV_BUFS + 16 * i, 4, true)]).unwrap();
@@ -529,6 +559,14 @@ impl Guest {
             .activate(boxed_queues(queues, &mem), irq as Arc<dyn Interrupt>)
             .unwrap();
         g
+    }
+
+    /// Calls into the device, accounting its CPU time in [`Guest::device_cpu`].
+    pub fn device<R>(&mut self, f: impl FnOnce(&mut Vsock) -> R) -> R {
+        let t = thread_cpu();
+        let r = f(&mut self.dev);
+        self.device_cpu += thread_cpu().saturating_sub(t);
+        r
     }
 
     /// Options in use.
@@ -555,7 +593,7 @@ impl Guest {
         }
         if added && self.rx.needs_kick(&self.mem) {
             self.kicks[0] += 1;
-            self.dev.handle_rx_kick();
+            self.device(Vsock::handle_rx_kick);
         }
     }
 
@@ -563,7 +601,7 @@ impl Guest {
     pub fn kick_tx(&mut self) {
         if self.tx_kicks_needed && self.tx.needs_kick(&self.mem) {
             self.kicks[1] += 1;
-            self.dev.handle_tx_kick();
+            self.device(Vsock::handle_tx_kick);
         }
         self.tx_kicks_needed = false;
         self.reclaim_tx();
@@ -659,7 +697,7 @@ impl Guest {
         let head = self.tx.add(&self.mem, bufs).expect("no free descriptors");
         self.tx_inflight.insert(head, None);
         self.kicks[1] += 1;
-        self.dev.handle_tx_kick();
+        self.device(Vsock::handle_tx_kick);
         let mut len = None;
         while let Some((h, l)) = self.tx.pop_used(&self.mem) {
             if let Some(Some(slot)) = self.tx_inflight.remove(&h) {
@@ -725,7 +763,7 @@ impl Guest {
             // SAFETY: `pfd` is one valid pollfd.
             let n = unsafe { libc::poll(&mut pfd, 1, ms) };
             if n > 0 {
-                self.dev.handle_event();
+                self.device(Vsock::handle_backend_event);
             }
         }
         self.process_used();
@@ -738,6 +776,10 @@ impl Guest {
             while let Some((head, len)) = self.rx.pop_used(&self.mem) {
                 any = true;
                 let addr = self.rx_bufs.remove(&head).expect("unknown rx head");
+                if addr == u64::MAX {
+                    self.bad_rx_returned.push(len);
+                    continue;
+                }
                 self.on_rx(addr, len);
                 self.free_rx_bufs.push(addr);
             }
@@ -750,7 +792,7 @@ impl Guest {
                 self.ev.add(&self.mem, &[(addr, 4, true)]).unwrap();
                 if self.ev.needs_kick(&self.mem) {
                     self.kicks[2] += 1;
-                    self.dev.handle_event_kick();
+                    self.device(Vsock::handle_event_kick);
                 }
             }
             self.post_rx_buffers();

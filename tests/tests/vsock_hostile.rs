@@ -311,3 +311,62 @@ fn shutdown_timeout_ends_in_rst() {
     assert_eq!(s.g.dev.connection_count(), 0);
     drop(s.listener);
 }
+
+#[test]
+fn unusable_rx_buffers_are_returned_empty() {
+    let dir = temp_dir("badrx");
+    let uds = dir.join("v.sock");
+    let opts = GuestOptions {
+        bad_rx_buffers: true,
+        ..GuestOptions::default()
+    };
+    let mut g = Guest::new(&uds, opts);
+    let listener = UnixListener::bind(format!("{}_1", uds.display())).unwrap();
+    let key = g.connect(1, VsockType::Stream);
+    assert!(g.pump_until(T, |g| g.conns[&key].state == GuestState::Established));
+    let (mut host, _) = listener.accept().unwrap();
+    host.write_all(b"fine").unwrap();
+    assert!(g.pump_until(T, |g| g.conns[&key].data == b"fine"));
+    assert_eq!(g.bad_rx_returned, vec![0, 0]);
+    assert_eq!(g.dev.metrics().snapshot().err_rx_bad_buffer, 2);
+    assert_eq!(g.bad_packets, 0);
+}
+
+#[test]
+fn connection_cap_is_enforced_with_rst() {
+    let dir = temp_dir("cap");
+    let uds = dir.join("v.sock");
+    let opts = GuestOptions {
+        max_connections: 2,
+        ..GuestOptions::default()
+    };
+    let mut g = Guest::new(&uds, opts);
+    let listener = UnixListener::bind(format!("{}_1", uds.display())).unwrap();
+    let a = g.connect(1, VsockType::Stream);
+    let b = g.connect(1, VsockType::Stream);
+    assert!(
+        g.pump_until(T, |g| g.conns[&a].state == GuestState::Established
+            && g.conns[&b].state == GuestState::Established)
+    );
+    let c = g.connect(1, VsockType::Stream);
+    assert!(g.pump_until(T, |g| g.conns[&c].state == GuestState::Reset));
+    // A host client beyond the cap is closed without a connection.
+    g.listen(7);
+    let mut host = UnixStream::connect(&uds).unwrap();
+    let _ = host.write_all(b"CONNECT 7\n");
+    host.set_read_timeout(Some(T)).unwrap();
+    let done = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = host.read_to_end(&mut v);
+        v
+    });
+    assert!(g.pump_until(T, |_| done.is_finished()));
+    assert!(done.join().unwrap().is_empty());
+    assert_eq!(g.dev.metrics().snapshot().err_conn_limit, 2);
+    assert_eq!(g.dev.connection_count(), 2);
+    // Closing one makes room again.
+    assert!(g.close(a));
+    let d = g.connect(1, VsockType::Stream);
+    assert!(g.pump_until(T, |g| g.conns[&d].state == GuestState::Established));
+    drop(listener);
+}

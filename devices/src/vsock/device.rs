@@ -12,7 +12,9 @@ use zerocopy::IntoBytes;
 
 use super::muxer::Muxer;
 use super::packet::{parse_tx, PacketError};
-use super::{VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE, QUEUE_SIZE};
+use super::{
+    VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_CONNECTIONS, MAX_TX_BUF_SIZE, QUEUE_SIZE,
+};
 use crate::virtio::{
     write_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError, VirtQueue,
     VirtioDevice, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -28,6 +30,8 @@ pub struct VsockDeviceConfig {
     pub uds_path: PathBuf,
     /// Per-connection TX buffer size, also the credit announced to the guest.
     pub tx_buf_size: u32,
+    /// Most connections at once (1..=[`MAX_CONNECTIONS`]); more are refused with RST.
+    pub max_connections: usize,
 }
 
 impl VsockDeviceConfig {
@@ -37,6 +41,7 @@ impl VsockDeviceConfig {
             guest_cid,
             uds_path: uds_path.into(),
             tx_buf_size: DEFAULT_TX_BUF_SIZE,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -91,8 +96,17 @@ impl Vsock {
         if config.tx_buf_size == 0 || config.tx_buf_size > MAX_TX_BUF_SIZE {
             return Err(VsockError::TxBufSize(config.tx_buf_size));
         }
+        if config.max_connections == 0 || config.max_connections > MAX_CONNECTIONS {
+            return Err(VsockError::MaxConnections(config.max_connections));
+        }
         let metrics = Arc::new(VsockMetrics::default());
-        let muxer = Muxer::new(cid, config.uds_path, config.tx_buf_size, metrics.clone())?;
+        let muxer = Muxer::new(
+            cid,
+            config.uds_path,
+            config.tx_buf_size,
+            config.max_connections,
+            metrics.clone(),
+        )?;
         Ok(Vsock {
             guest_cid: cid,
             avail_features: Self::FEATURES,

@@ -103,6 +103,9 @@ pub enum VsockError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The connection cap is zero or above [`MAX_CONNECTIONS`].
+    #[error("max connections {0} is out of range (1..={MAX_CONNECTIONS})")]
+    MaxConnections(usize),
     /// The timer could not be created.
     #[error("cannot create the muxer timer: {0}")]
     Timer(std::io::Error),

@@ -21,7 +21,7 @@ use super::conn::{
 use super::packet::{write_rx_header, Refused, TxPacket};
 use super::sys::{self, IOV_MAX};
 use super::{
-    VsockError, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECTIONS, MAX_CONNECT_LINE,
+    VsockError, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECT_LINE,
     MAX_PENDING_HOST_CONNECTIONS, MAX_SEQPACKET_MSG,
 };
 use crate::virtio::{slice_regions, DescChain, IoRegion, QueueError, VirtQueue};
@@ -88,6 +88,7 @@ pub(crate) fn parse_connect_line(line: &[u8]) -> Option<u32> {
 pub(crate) struct Muxer {
     guest_cid: u64,
     tx_buf_size: u32,
+    max_connections: usize,
     uds_path: PathBuf,
     epoll: OwnedFd,
     timer: OwnedFd,
@@ -117,6 +118,7 @@ impl Muxer {
         guest_cid: u64,
         uds_path: PathBuf,
         tx_buf_size: u32,
+        max_connections: usize,
         metrics: Arc<VsockMetrics>,
     ) -> Result<Self, VsockError> {
         let epoll = sys::epoll_create().map_err(VsockError::Epoll)?;
@@ -141,6 +143,7 @@ impl Muxer {
         Ok(Muxer {
             guest_cid,
             tx_buf_size,
+            max_connections,
             uds_path,
             epoll,
             timer,
@@ -213,7 +216,7 @@ impl Muxer {
     }
 
     fn push_deadline(&mut self, at: Instant, key: TimerKey) {
-        let live = MAX_CONNECTIONS + MAX_PENDING_HOST_CONNECTIONS;
+        let live = self.max_connections + MAX_PENDING_HOST_CONNECTIONS;
         if self.deadlines.len() >= 4 * live {
             let conns = &self.conns;
             let pending = &self.pending;
@@ -334,7 +337,8 @@ impl Muxer {
     }
 
     fn alloc_local_port(&mut self) -> Option<u32> {
-        for _ in 0..=(MAX_CONNECTIONS + MAX_PENDING_HOST_CONNECTIONS) {
+        // At most `max_connections` local ports are in use, so this finds a free one.
+        for _ in 0..=(self.max_connections + MAX_PENDING_HOST_CONNECTIONS) {
             let port = self.next_local_port;
             self.next_local_port = if port >= VMADDR_PORT_ANY - 1 {
                 HOST_PORT_BASE
@@ -472,7 +476,7 @@ impl Muxer {
 
     fn peer_connect(&mut self, pkt: &TxPacket) {
         let h = pkt.hdr;
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             VsockMetrics::inc(&self.metrics.err_conn_limit);
             self.orphan_rst(h.src_port, h.dst_port, h.type_);
             return;
@@ -570,7 +574,7 @@ impl Muxer {
         }
         for fd in accepted {
             if self.pending.len() >= MAX_PENDING_HOST_CONNECTIONS
-                || self.conns.len() >= MAX_CONNECTIONS
+                || self.conns.len() >= self.max_connections
             {
                 // Dropping the socket closes it: the client sees end-of-file.
                 VsockMetrics::inc(&self.metrics.err_conn_limit);
@@ -629,7 +633,7 @@ impl Muxer {
             self.drop_pending(fd);
             return;
         };
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             VsockMetrics::inc(&self.metrics.err_conn_limit);
             self.drop_pending(fd);
             return;
