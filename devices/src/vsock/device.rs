@@ -17,8 +17,8 @@ use super::{
 };
 use crate::virtio::{
     write_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError, VirtQueue,
-    VirtioDevice, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// How to build a [`Vsock`] (the flags of `outboard vsock`).
@@ -65,6 +65,44 @@ pub struct Vsock {
     metrics: Arc<VsockMetrics>,
     chain: DescChain,
     payload: Vec<IoRegion>,
+    batch: TxBatch,
+}
+
+/// Payload of consecutive guest RW packets for one stream connection, sent together.
+#[derive(Debug, Default)]
+struct TxBatch {
+    key: Option<(u32, u32)>,
+    regions: Vec<IoRegion>,
+    len: u32,
+    heads: Vec<u16>,
+}
+
+impl TxBatch {
+    /// Most bytes and packets in one batch.
+    const MAX_LEN: u32 = 256 * 1024;
+    const MAX_PACKETS: usize = 64;
+
+    fn fits(&self, key: (u32, u32), payload: &[IoRegion], len: u32) -> bool {
+        self.key.is_none()
+            || (self.key == Some(key)
+                && self.heads.len() < Self::MAX_PACKETS
+                && self.regions.len() + payload.len() <= MAX_CHAIN_REGIONS
+                && self.len + len <= Self::MAX_LEN)
+    }
+
+    fn push(&mut self, key: (u32, u32), payload: &[IoRegion], len: u32, head: u16) {
+        self.key = Some(key);
+        self.regions.extend_from_slice(payload);
+        self.len += len;
+        self.heads.push(head);
+    }
+
+    fn clear(&mut self) {
+        self.key = None;
+        self.regions.clear();
+        self.len = 0;
+        self.heads.clear();
+    }
 }
 
 impl std::fmt::Debug for Vsock {
@@ -119,6 +157,7 @@ impl Vsock {
             metrics,
             chain: DescChain::default(),
             payload: Vec::new(),
+            batch: TxBatch::default(),
         })
     }
 
@@ -185,9 +224,24 @@ impl Vsock {
                     Ok(false) => break,
                     Ok(true) => {
                         VsockMetrics::inc(&self.metrics.tx_packets);
+                        let head = self.chain.head;
                         match parse_tx(&self.chain, self.guest_cid, &mut self.payload) {
-                            Ok(pkt) => self.muxer.handle_tx(&pkt, &self.payload),
+                            Ok(pkt) => {
+                                if let Some(key) = self.muxer.take_rw(&pkt) {
+                                    // Consecutive data for one stream goes out in one
+                                    // sendmsg; the chains are returned after it.
+                                    let len = pkt.hdr.len;
+                                    if !self.batch.fits(key, &self.payload, len) {
+                                        self.flush_batch();
+                                    }
+                                    self.batch.push(key, &self.payload, len, head);
+                                    continue;
+                                }
+                                self.flush_batch();
+                                self.muxer.handle_tx(&pkt, &self.payload)
+                            }
                             Err(refused) => {
+                                self.flush_batch();
                                 let m = &self.metrics;
                                 VsockMetrics::inc(match refused.err {
                                     PacketError::DstCid(_) | PacketError::SrcCid { .. } => {
@@ -203,9 +257,11 @@ impl Vsock {
                                 self.muxer.refuse(&refused);
                             }
                         }
-                        self.chain.head
+                        head
                     }
                     Err(QueueError::BadChain { head, .. }) => {
+                        // Chains are used in order (VIRTIO_F_IN_ORDER).
+                        self.flush_batch();
                         VsockMetrics::inc(&self.metrics.err_queue);
                         head
                     }
@@ -219,6 +275,7 @@ impl Vsock {
                 }
                 used = true;
             }
+            used |= self.flush_batch();
             match self.queues[TX_QUEUE].enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -233,6 +290,22 @@ impl Vsock {
         }
         self.fill_rx();
         self.muxer.rearm_timer();
+    }
+
+    /// Sends the batched stream data and returns its chains; true when there were any.
+    fn flush_batch(&mut self) -> bool {
+        let Some(key) = self.batch.key.take() else {
+            return false;
+        };
+        self.muxer
+            .handle_rw_batch(key, &self.batch.regions, self.batch.len);
+        for &head in &self.batch.heads {
+            if self.queues[TX_QUEUE].add_used(head, 0).is_err() {
+                VsockMetrics::inc(&self.metrics.err_queue);
+            }
+        }
+        self.batch.clear();
+        true
     }
 
     /// The driver kicked the RX queue (new receive buffers).

@@ -352,6 +352,51 @@ impl Muxer {
         None
     }
 
+    /// If `pkt` is stream data for a connection that can take it, records its credit
+    /// fields and returns the connection for [`Muxer::handle_rw_batch`].
+    pub fn take_rw(&mut self, pkt: &TxPacket) -> Option<ConnKey> {
+        if pkt.op != VsockOp::Rw || pkt.ty != VsockType::Stream {
+            return None;
+        }
+        let h = pkt.hdr;
+        let key = (h.dst_port, h.src_port);
+        let conn = self.conns.get_mut(&key)?;
+        let open = matches!(
+            conn.state,
+            ConnState::Established | ConnState::LocalClosed | ConnState::PeerClosed
+        );
+        if !open || conn.ty != VsockType::Stream || conn.peer_shut_send {
+            return None;
+        }
+        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        Some(key)
+    }
+
+    /// Forwards the payload of consecutive RW packets that [`Muxer::take_rw`] accepted.
+    pub fn handle_rw_batch(&mut self, key: ConnKey, payload: &[IoRegion], len: u32) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.state == ConnState::Killed {
+            return;
+        }
+        match conn.send_guest_data(payload, len, false, &mut self.iov) {
+            Ok(()) => VsockMetrics::add(&self.metrics.tx_bytes, u64::from(len)),
+            Err(SendError::CreditOverrun) => {
+                VsockMetrics::inc(&self.metrics.err_credit_overrun);
+                self.kill(key);
+                return;
+            }
+            Err(SendError::Io(e)) => {
+                log::debug!("vsock: host write on {key:?} failed: {e}");
+                VsockMetrics::inc(&self.metrics.err_host_io);
+                self.kill(key);
+                return;
+            }
+        }
+        self.after_host_write(key);
+    }
+
     /// Handles one valid guest packet.
     pub fn handle_tx(&mut self, pkt: &TxPacket, payload: &[IoRegion]) {
         let h = pkt.hdr;
