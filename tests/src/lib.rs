@@ -38,6 +38,9 @@ pub type Mem = Arc<GuestMemoryMmap>;
 
 /// Size of each of the two guest memory regions.
 const REGION_SIZE: usize = 48 << 20;
+/// Guest address where the second memory region starts (the regions are contiguous in
+/// the guest, but not in the host's address space).
+pub const REGION_BOUNDARY: u64 = REGION_SIZE as u64;
 /// Queue size the driver uses.
 pub const QSIZE: u16 = 256;
 const RX_BASE: u64 = 0x1000;
