@@ -420,6 +420,9 @@ pub struct GuestOptions {
     pub max_connections: usize,
     /// Post two unusable RX buffers (10 writable bytes; read-only) before the others.
     pub bad_rx_buffers: bool,
+    /// Split each RX buffer into two descriptors, the first only 20 bytes (the header
+    /// then straddles them).
+    pub rx_split: bool,
 }
 
 impl Default for GuestOptions {
@@ -432,6 +435,7 @@ impl Default for GuestOptions {
             tx_buf_size: 256 * 1024,
             max_connections: outboard_devices::vsock::MAX_CONNECTIONS,
             bad_rx_buffers: false,
+            rx_split: false,
         }
     }
 }

@@ -469,3 +469,76 @@ fn stream_without_event_idx() {
     assert_eq!(g.conns[&key].corrupt, 0);
     assert_eq!(g.conns[&key].overruns, 0);
 }
+
+/// Guest -> host with a host that does not read: the guest runs out of credit (the
+/// device's TX buffer stays bounded), then everything arrives once the host reads.
+#[test]
+fn backpressure_from_a_slow_host() {
+    let dir = temp_dir("backpressure");
+    let uds = dir.join("v.sock");
+    let opts = GuestOptions {
+        tx_buf_size: 64 * 1024,
+        ..GuestOptions::default()
+    };
+    let mut g = Guest::new(&uds, opts);
+    let listener = UnixListener::bind(format!("{}_3", uds.display())).unwrap();
+    let key = g.connect(3, VsockType::Stream);
+    established(&mut g, key);
+    let (host, _) = listener.accept().unwrap();
+    assert_eq!(g.conns[&key].peer_buf_alloc, 64 * 1024);
+    const TOTAL: u64 = 8 << 20;
+    let mut sent = 0;
+    for _ in 0..50 {
+        g.queue_stream(
+            key,
+            TOTAL,
+            4096,
+            |p, b| Pattern::get().fill(3, p, b),
+            &mut sent,
+        );
+        g.kick_tx();
+        g.pump(Duration::from_millis(2));
+    }
+    assert!(sent < TOTAL, "the guest was never stopped by credit");
+    let stalled_at = sent;
+    g.pump(Duration::from_millis(20));
+    g.queue_stream(
+        key,
+        TOTAL,
+        4096,
+        |p, b| Pattern::get().fill(3, p, b),
+        &mut sent,
+    );
+    assert_eq!(sent, stalled_at, "credit grew while the host did not read");
+    let mut host = host;
+    let reader = std::thread::spawn(move || {
+        host.set_read_timeout(Some(T)).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut pos = 0;
+        while pos < TOTAL {
+            let n = host.read(&mut buf).unwrap();
+            assert!(n > 0);
+            assert!(Pattern::get().check(3, pos, &buf[..n]));
+            pos += n as u64;
+        }
+    });
+    while sent < TOTAL {
+        g.queue_stream(
+            key,
+            TOTAL,
+            4096,
+            |p, b| Pattern::get().fill(3, p, b),
+            &mut sent,
+        );
+        g.kick_tx();
+        g.pump(Duration::from_millis(1));
+    }
+    while !reader.is_finished() {
+        g.pump(Duration::from_millis(1));
+    }
+    reader.join().unwrap();
+    let m = g.dev.metrics().snapshot();
+    assert_eq!(m.err_credit_overrun, 0);
+    assert_eq!(m.tx_bytes, TOTAL);
+    assert_eq!(g.conns[&key].state, GuestState::Established);
+}

@@ -26,12 +26,17 @@ fn sixteen_connections_64_mib_each_both_directions() {
     assert_eq!(g.bad_packets, 0);
 }
 
-/// The same with Linux's 4 KiB receive buffers and smaller packets, less data.
+/// The same with Linux's 4 KiB receive buffers and smaller packets, less data, and
+/// receive buffers of two descriptors that split the header.
 #[test]
 fn small_buffers_many_connections() {
     let dir = temp_dir("stress4k");
     let uds = dir.join("v.sock");
-    let mut g = Guest::new(&uds, GuestOptions::default());
+    let opts = GuestOptions {
+        rx_split: true,
+        ..GuestOptions::default()
+    };
+    let mut g = Guest::new(&uds, opts);
     run_streams(&mut g, 16, 4 << 20, 4096, Direction::Both);
     assert_eq!(g.dev.connection_count(), 0);
     assert_eq!(g.bad_packets, 0);
