@@ -52,8 +52,9 @@ fn translate<M: GuestMemory + ?Sized>(
         };
         let guard = slice.ptr_guard_mut();
         // SAFETY: the slice describes `slice.len()` bytes of a live guest memory mapping
-        // of `mem`. The caller keeps a reference to that memory snapshot (the queue's
-        // pinned guards) for as long as the device may use the region, which is the
+        // of `mem`. Both callers (RustVmmQueue::pop, RustVmmMemory::host_regions) pin
+        // that memory snapshot afterwards and keep it until several newer snapshots
+        // were seen, i.e. beyond the handle_* call that uses the region, which is the
         // lifetime IoRegion::new requires. IoRegion never creates references into it.
         out.push(unsafe { IoRegion::new(guard.as_ptr(), slice.len()) });
         covered = covered.saturating_add(slice.len());
@@ -230,24 +231,42 @@ impl Interrupt for EventFdInterrupt {
     }
 }
 
-/// A [`GuestMemoryAccess`] over a rust-vmm [`GuestAddressSpace`]. The returned regions
-/// stay valid as long as the memory map they came from (callers keep `self` alive and
-/// do not use regions across memory-map updates).
-#[derive(Debug, Clone)]
+/// A [`GuestMemoryAccess`] over a rust-vmm [`GuestAddressSpace`].
+///
+/// Like [`RustVmmQueue`], it keeps the last few memory snapshots it translated against
+/// alive, so returned regions stay mapped while the device uses them even if the VMM
+/// replaces the memory map meanwhile.
 pub struct RustVmmMemory<M: GuestAddressSpace> {
     mem: M,
+    pinned: std::sync::Mutex<Vec<M::T>>,
+}
+
+impl<M: GuestAddressSpace> Clone for RustVmmMemory<M> {
+    fn clone(&self) -> Self {
+        RustVmmMemory::new(self.mem.clone())
+    }
+}
+
+impl<M: GuestAddressSpace> std::fmt::Debug for RustVmmMemory<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RustVmmMemory").finish_non_exhaustive()
+    }
 }
 
 impl<M: GuestAddressSpace> RustVmmMemory<M> {
     /// Wraps an address space.
     pub fn new(mem: M) -> Self {
-        RustVmmMemory { mem }
+        RustVmmMemory {
+            mem,
+            pinned: std::sync::Mutex::new(Vec::new()),
+        }
     }
 }
 
 impl<M> GuestMemoryAccess for RustVmmMemory<M>
 where
     M: GuestAddressSpace + Send + Sync,
+    M::T: Send,
 {
     fn host_regions(
         &self,
@@ -262,6 +281,18 @@ where
         if !ok {
             out.truncate(before);
             return Err(MemoryError::Unmapped { addr, len });
+        }
+        // A poisoned lock only means another thread panicked while pinning; the vector
+        // is still a valid list of snapshots.
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if !pinned
+            .last()
+            .is_some_and(|p| std::ptr::eq(p.deref(), mem.deref()))
+        {
+            if pinned.len() >= PINNED_SNAPSHOTS {
+                pinned.remove(0);
+            }
+            pinned.push(mem);
         }
         Ok(())
     }
