@@ -993,7 +993,23 @@ impl Guest {
     }
 }
 
-/// A fresh directory for the muxer's sockets.
+impl Drop for Guest {
+    /// Removes the socket directory when it is one [`temp_dir`] made.
+    fn drop(&mut self) {
+        if let Some(dir) = self.uds_path.parent() {
+            let ours = dir.parent() == Some(std::env::temp_dir().as_path())
+                && dir
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("outboard-"));
+            if ours {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+/// A fresh directory for the muxer's sockets (removed when the [`Guest`] using it is
+/// dropped).
 pub fn temp_dir(name: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
