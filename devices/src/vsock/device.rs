@@ -495,3 +495,73 @@ impl VirtioDevice for Vsock {
         self.handle_backend_event();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoIrq;
+    impl Interrupt for NoIrq {
+        fn signal_used_queue(&self, _: usize) {}
+        fn signal_config_change(&self) {}
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("outboard-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn config_features_and_validation() {
+        let d = dir("cfg");
+        let mut dev = Vsock::new(VsockDeviceConfig::new(0x1234_5678, d.join("v"))).unwrap();
+        assert_eq!(dev.device_type(), 19);
+        assert_eq!(dev.queue_max_sizes().len(), 3);
+        let f = dev.features();
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(f & VIRTIO_RING_F_EVENT_IDX, 0);
+        assert_ne!(f & VIRTIO_VSOCK_F_SEQPACKET, 0);
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), 0x1234_5678);
+        let mut tail = [0xffu8; 4];
+        dev.read_config(6, &mut tail);
+        assert_eq!(tail, [0, 0, 0, 0]);
+        dev.read_config(u64::MAX, &mut tail);
+        assert_eq!(tail, [0; 4]);
+        dev.write_config(0, &[9; 8]);
+        dev.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), 0x1234_5678, "config is read-only");
+        assert!(matches!(
+            dev.activate(Vec::new(), Arc::new(NoIrq)),
+            Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 0
+            })
+        ));
+        assert!(dev.event_fd().is_some());
+        // The socket path is taken now.
+        assert!(matches!(
+            Vsock::new(VsockDeviceConfig::new(3, d.join("v"))),
+            Err(VsockError::Listen { .. })
+        ));
+        for cid in [0, 1, 2, 0xffff_ffff] {
+            assert!(matches!(
+                Vsock::new(VsockDeviceConfig::new(cid, d.join("x"))),
+                Err(VsockError::InvalidCid(c)) if c == cid
+            ));
+        }
+        let mut c = VsockDeviceConfig::new(3, d.join("y"));
+        c.tx_buf_size = 0;
+        assert!(matches!(
+            Vsock::new(c.clone()),
+            Err(VsockError::TxBufSize(0))
+        ));
+        c.tx_buf_size = DEFAULT_TX_BUF_SIZE;
+        c.max_connections = MAX_CONNECTIONS + 1;
+        assert!(matches!(Vsock::new(c), Err(VsockError::MaxConnections(_))));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
