@@ -10,10 +10,13 @@
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
 //! - [`metrics`]: the JSON metrics file of the daemon.
+//! - [`media`]: virtio-media (the software camera) over vhost-user, with its shared
+//!   memory region mapped through `SHMEM_MAP`.
 //!
 //! The `outboard` binary (`src/bin/outboard.rs`) puts these together.
 #![deny(missing_docs)]
 
+pub mod media;
 pub mod metrics;
 pub mod mmio;
 pub mod rust_vmm;

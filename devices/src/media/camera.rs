@@ -239,19 +239,29 @@ pub fn render_frame(
             }
         }
         PIX_FMT_NV12 => {
+            // Rows repeat within the band and within the bars: convert one luma and one
+            // chroma row of each, then copy.
+            let luma_row = |src: &[[u8; 3]]| src.iter().map(|p| yuv(*p).0).collect::<Vec<u8>>();
+            let chroma_row = |src: &[[u8; 3]]| {
+                src.chunks_exact(2)
+                    .flat_map(|p| {
+                        let (_, u, v) = yuv(p[0]);
+                        [u, v]
+                    })
+                    .collect::<Vec<u8>>()
+            };
+            let (band_y, bars_y) = (luma_row(&band), luma_row(&bars));
+            let (band_uv, bars_uv) = (chroma_row(&band), chroma_row(&bars));
             let (luma, chroma) = dst.split_at_mut(bpl * height as usize);
             for (y, row) in luma.chunks_exact_mut(bpl).enumerate() {
-                let src = if y < band_rows { &band } else { &bars };
-                for (d, p) in row.iter_mut().zip(src) {
-                    *d = yuv(*p).0;
-                }
+                row.copy_from_slice(if y < band_rows { &band_y } else { &bars_y });
             }
             for (cy, row) in chroma.chunks_exact_mut(bpl).enumerate() {
-                let src = if cy * 2 < band_rows { &band } else { &bars };
-                for (d, p) in row.chunks_exact_mut(2).zip(src.chunks_exact(2)) {
-                    let (_, u, v) = yuv(p[0]);
-                    d.copy_from_slice(&[u, v]);
-                }
+                row.copy_from_slice(if cy * 2 < band_rows {
+                    &band_uv
+                } else {
+                    &bars_uv
+                });
             }
         }
         _ => return None,

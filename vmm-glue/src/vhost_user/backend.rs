@@ -126,6 +126,12 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         self.device
     }
 
+    /// The guest memory as the front-end's memory table maps it (clones share updates),
+    /// for devices that are handed guest addresses outside their queues.
+    pub fn memory(&self) -> &Mem {
+        &self.mem
+    }
+
     /// Whether the device has been activated (a ring started since the last reset).
     pub fn is_active(&self) -> bool {
         self.active

@@ -1,0 +1,296 @@
+//! virtio-media ioctl dispatch: G_FMT, S_FMT and a QBUF -> frame -> DQBUF-event cycle
+//! through Outboard's runner and software camera, and (built with
+//! `RUSTFLAGS="--cfg outboard_virtio_media"`, which needs `xtask/media-deps.sh`) the
+//! same calls through the `virtio-media` 0.0.8 crate's runner and simple capture device,
+//! in the same process, followed by the time ratios.
+//!
+//! Both sides get the same request bytes from host buffers and write their responses
+//! into host buffers; the QBUF cycle of both devices renders a 640x480 4:2:0 frame
+//! (460800 bytes) into a memfd and emits a DQBUF event. Run with
+//! `cargo bench -p outboard-tests --bench media`.
+#![allow(unexpected_cfgs)]
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use outboard_devices::media::camera::SoftwareCamera;
+use outboard_devices::media::runner::MediaRunner;
+use outboard_devices::media::v4l2::*;
+use outboard_devices::media::{
+    ChainReader, ChainWriter, EventBuffer, GuestMemoryMapper, RegionMapping,
+};
+use outboard_devices::virtio::IoRegion;
+use outboard_protocol::media::{CmdHeader, IoctlCmd, MediaCmd, OpenResp, SgEntry};
+use outboard_protocol::v4l2::V4l2Ioctl;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// USERPTR is not benchmarked: a guest mapper that refuses everything.
+struct NoGuest;
+
+impl GuestMemoryMapper for NoGuest {
+    type Mapping = RegionMapping;
+    fn new_mapping(&self, _: &[SgEntry]) -> Result<RegionMapping, i32> {
+        Err(libc::EFAULT)
+    }
+}
+
+fn ioctl_req(session: u32, ioctl: V4l2Ioctl, payload: &[u8]) -> Vec<u8> {
+    let mut v = CmdHeader::new(MediaCmd::Ioctl).as_bytes().to_vec();
+    v.extend_from_slice(
+        IoctlCmd {
+            session_id: session,
+            code: ioctl.nr().into(),
+        }
+        .as_bytes(),
+    );
+    v.extend_from_slice(payload);
+    v
+}
+
+fn format(buf_type: u32, fourcc: u32, w: u32, h: u32) -> V4l2Format {
+    V4l2Format::from_pix(
+        buf_type,
+        &V4l2PixFormat {
+            width: w,
+            height: h,
+            pixelformat: fourcc,
+            ..Default::default()
+        },
+    )
+}
+
+fn region(buf: &mut [u8]) -> [IoRegion; 1] {
+    // SAFETY: every region built here points into a Vec owned by the benchmark that
+    // outlives the command it is used for, and no reference into it is used meanwhile.
+    [unsafe { IoRegion::new(buf.as_mut_ptr(), buf.len()) }]
+}
+
+type Ours = MediaRunner<SoftwareCamera<EventBuffer, (), NoGuest>, ()>;
+
+/// Runs one command through our runner; returns the response status.
+fn ours_cmd(runner: &mut Ours, req: &mut [u8], resp: &mut [u8]) -> u32 {
+    let rr = region(req);
+    let wr = region(resp);
+    let n = runner.handle_command(&mut ChainReader::new(&rr), &mut ChainWriter::new(&wr));
+    assert!(n >= 8);
+    u32::from_le_bytes([resp[0], resp[1], resp[2], resp[3]])
+}
+
+fn ours_setup(events: &EventBuffer) -> (Ours, u32, u32) {
+    let camera = SoftwareCamera::new(events.clone(), (), NoGuest);
+    let mut runner = MediaRunner::new(camera, ());
+    let mut resp = vec![0u8; 4096];
+    let mut open = CmdHeader::new(MediaCmd::Open).as_bytes().to_vec();
+    assert_eq!(ours_cmd(&mut runner, &mut open, &mut resp), 0);
+    let fmt_session = OpenResp::read_from_prefix(&resp).unwrap().0.session_id;
+    assert_eq!(ours_cmd(&mut runner, &mut open, &mut resp), 0);
+    let s = OpenResp::read_from_prefix(&resp).unwrap().0.session_id;
+    let fmt = format(BUF_TYPE_VIDEO_CAPTURE, PIX_FMT_NV12, 640, 480);
+    let mut req = ioctl_req(s, V4l2Ioctl::VIDIOC_S_FMT, fmt.as_bytes());
+    assert_eq!(ours_cmd(&mut runner, &mut req, &mut resp), 0);
+    let rb = V4l2Requestbuffers {
+        count: 2,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let mut req = ioctl_req(s, V4l2Ioctl::VIDIOC_REQBUFS, rb.as_bytes());
+    assert_eq!(ours_cmd(&mut runner, &mut req, &mut resp), 0);
+    let mut req = ioctl_req(
+        s,
+        V4l2Ioctl::VIDIOC_STREAMON,
+        BUF_TYPE_VIDEO_CAPTURE.as_bytes(),
+    );
+    assert_eq!(ours_cmd(&mut runner, &mut req, &mut resp), 0);
+    (runner, fmt_session, s)
+}
+
+fn bench_ours(c: &mut Criterion) -> [Duration; 3] {
+    let events = EventBuffer::new();
+    let (mut runner, fs, s) = ours_setup(&events);
+    let mut resp = vec![0u8; 4096];
+    let mut g_fmt = ioctl_req(fs, V4l2Ioctl::VIDIOC_G_FMT, format(1, 0, 0, 0).as_bytes());
+    let mut s_fmt = ioctl_req(
+        fs,
+        V4l2Ioctl::VIDIOC_S_FMT,
+        format(1, PIX_FMT_NV12, 640, 480).as_bytes(),
+    );
+    let qbuf = V4l2Buffer {
+        index: 0,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let mut qbuf = ioctl_req(s, V4l2Ioctl::VIDIOC_QBUF, qbuf.as_bytes());
+    let mut g = c.benchmark_group("media/outboard");
+    g.bench_function("G_FMT", |b| {
+        b.iter(|| assert_eq!(ours_cmd(&mut runner, &mut g_fmt, &mut resp), 0))
+    });
+    g.bench_function("S_FMT", |b| {
+        b.iter(|| assert_eq!(ours_cmd(&mut runner, &mut s_fmt, &mut resp), 0))
+    });
+    let mut cycle = |runner: &mut Ours, resp: &mut [u8]| {
+        assert_eq!(ours_cmd(runner, &mut qbuf, resp), 0);
+        let (dev, session) = runner.session_and_device(s).unwrap();
+        dev.capture_now(session);
+        assert!(events.pop().is_some());
+    };
+    g.bench_function("QBUF+DQBUF 640x480 NV12", |b| {
+        b.iter(|| cycle(&mut runner, &mut resp))
+    });
+    g.finish();
+    [
+        measure(|| assert_eq!(ours_cmd(&mut runner, &mut g_fmt, &mut resp), 0)),
+        measure(|| assert_eq!(ours_cmd(&mut runner, &mut s_fmt, &mut resp), 0)),
+        measure(|| cycle(&mut runner, &mut resp)),
+    ]
+}
+
+/// Mean time of `f` over a fixed wall-clock budget (for the ratio printout; criterion's
+/// own estimates are in its report).
+fn measure(mut f: impl FnMut()) -> Duration {
+    for _ in 0..10 {
+        f();
+    }
+    let start = std::time::Instant::now();
+    let mut n = 0u32;
+    while start.elapsed() < Duration::from_millis(300) || n < 20 {
+        f();
+        n += 1;
+    }
+    start.elapsed() / n
+}
+
+#[cfg(outboard_virtio_media)]
+mod baseline {
+    use super::*;
+    use virtio_media::devices::SimpleCaptureDevice;
+    use virtio_media::protocol::V4l2Event as VmEvent;
+    use virtio_media::{VirtioMediaDeviceRunner, VirtioMediaEventQueue};
+
+    /// Counts events (the bench only needs them drained).
+    pub struct Events(pub u64);
+
+    impl VirtioMediaEventQueue for Events {
+        fn send_event(&mut self, _event: VmEvent) {
+            self.0 += 1;
+        }
+    }
+
+    type Io = std::io::Cursor<Vec<u8>>;
+    type Theirs = VirtioMediaDeviceRunner<Io, Io, SimpleCaptureDevice<Events, ()>, ()>;
+
+    /// Runs one command; the cursors are rewound and reused, so nothing is allocated.
+    fn theirs_cmd(runner: &mut Theirs, req: &mut Io, resp: &mut Io) -> u32 {
+        req.set_position(0);
+        resp.set_position(0);
+        runner.handle_command(req, resp);
+        let r = resp.get_ref();
+        u32::from_le_bytes([r[0], r[1], r[2], r[3]])
+    }
+
+    pub fn bench(c: &mut Criterion) -> [Duration; 3] {
+        let device = SimpleCaptureDevice::new(Events(0), ());
+        let mut runner: Theirs = VirtioMediaDeviceRunner::new(device, ());
+        let mut resp = Io::new(vec![0u8; 4096]);
+        let session_of = |resp: &Io| {
+            OpenResp::read_from_prefix(resp.get_ref())
+                .unwrap()
+                .0
+                .session_id
+        };
+        let mut open = Io::new(CmdHeader::new(MediaCmd::Open).as_bytes().to_vec());
+        assert_eq!(theirs_cmd(&mut runner, &mut open, &mut resp), 0);
+        let fs = session_of(&resp);
+        assert_eq!(theirs_cmd(&mut runner, &mut open, &mut resp), 0);
+        let s = session_of(&resp);
+        let mplane = BUF_TYPE_VIDEO_CAPTURE_MPLANE;
+        let rb = V4l2Requestbuffers {
+            count: 2,
+            type_: mplane,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        let mut req = Io::new(ioctl_req(s, V4l2Ioctl::VIDIOC_REQBUFS, rb.as_bytes()));
+        assert_eq!(theirs_cmd(&mut runner, &mut req, &mut resp), 0);
+        let mut req = Io::new(ioctl_req(s, V4l2Ioctl::VIDIOC_STREAMON, mplane.as_bytes()));
+        assert_eq!(theirs_cmd(&mut runner, &mut req, &mut resp), 0);
+
+        let mut g_fmt = Io::new(ioctl_req(
+            fs,
+            V4l2Ioctl::VIDIOC_G_FMT,
+            format(mplane, 0, 0, 0).as_bytes(),
+        ));
+        let mut s_fmt = Io::new(ioctl_req(
+            fs,
+            V4l2Ioctl::VIDIOC_S_FMT,
+            format(mplane, fourcc(b"YU12"), 640, 480).as_bytes(),
+        ));
+        let mut qbuf = ioctl_req(
+            s,
+            V4l2Ioctl::VIDIOC_QBUF,
+            V4l2Buffer {
+                index: 0,
+                type_: mplane,
+                memory: MEMORY_MMAP,
+                length: 1,
+                ..Default::default()
+            }
+            .as_bytes(),
+        );
+        qbuf.extend_from_slice(V4l2Plane::default().as_bytes());
+        let mut qbuf = Io::new(qbuf);
+
+        let mut g = c.benchmark_group("media/virtio-media-0.0.8");
+        g.bench_function("G_FMT", |b| {
+            b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut g_fmt, &mut resp), 0))
+        });
+        g.bench_function("S_FMT", |b| {
+            b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut s_fmt, &mut resp), 0))
+        });
+        g.bench_function("QBUF+DQBUF 640x480 YU12", |b| {
+            b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0))
+        });
+        g.finish();
+        [
+            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut g_fmt, &mut resp), 0)),
+            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut s_fmt, &mut resp), 0)),
+            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0)),
+        ]
+    }
+}
+
+fn media(c: &mut Criterion) {
+    let ours = bench_ours(c);
+    #[cfg(outboard_virtio_media)]
+    {
+        let theirs = baseline::bench(c);
+        for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
+            println!(
+                "media ratio {name}: outboard {:?} / virtio-media {:?} = {:.2}",
+                ours[i],
+                theirs[i],
+                ours[i].as_secs_f64() / theirs[i].as_secs_f64()
+            );
+        }
+    }
+    #[cfg(not(outboard_virtio_media))]
+    for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
+        println!(
+            "media {name}: outboard {:?} (build with --cfg outboard_virtio_media for the ratio)",
+            ours[i]
+        );
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20);
+    targets = media
+}
+criterion_main!(benches);

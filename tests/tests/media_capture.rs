@@ -1,0 +1,1046 @@
+//! virtio-media driven by a simulated guest driver: the software camera's full capture
+//! flow with MMAP buffers (through a host-memory mapper playing the shared memory
+//! region) and with USERPTR buffers given as guest SG lists, controls and V4L2 events,
+//! and malformed commands, which all get error responses while the runner keeps
+//! serving.
+//!
+//! The queues live in guest memory (`vm-memory`, two memfd-backed regions) and the
+//! device sees them through `outboard-glue`'s rust-vmm adapters, as it would in a VMM.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outboard_devices::media::camera::{
+    decode_frame_number, frame_layout, render_frame, Adjust, SoftwareCamera, DEVICE_CAPS,
+};
+use outboard_devices::media::device::VirtioMedia;
+use outboard_devices::media::v4l2::*;
+use outboard_devices::media::{EventBuffer, GuestMemoryRegions, HostMemoryMapper};
+use outboard_devices::virtio::VirtioDevice;
+use outboard_glue::rust_vmm::{boxed_queues, RustVmmMemory};
+use outboard_protocol::media::{
+    CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MediaConfig, MmapCmd, MmapResp, MunmapCmd, OpenResp,
+    RespHeader, SgEntry, EVENT_DQBUF, EVENT_EVENT, MMAP_FLAG_RW,
+};
+use outboard_protocol::v4l2::V4l2Ioctl;
+use outboard_tests::{guest_memory, CountingInterrupt, DriverQueue, Mem};
+use vm_memory::{Bytes, GuestAddress};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+const T: Duration = Duration::from_secs(5);
+const CMD_Q: u64 = 0x1000;
+const EVT_Q: u64 = 0x2_0000;
+const REQ: u64 = 0x10_0000;
+const RESP: u64 = 0x18_0000;
+const EVT_BUFS: u64 = 0x20_0000;
+const EVT_BUF_SIZE: u32 = 1024;
+const EVT_BUF_COUNT: u64 = 16;
+/// Region 0 ends at 48 MiB: USERPTR pages are placed on both sides of it.
+const REGION_END: u64 = 48 << 20;
+const SHM_BASE: u64 = 0x1_0000_0000;
+
+/// The shared memory region: remembers which fd is mapped where, so the test reads
+/// what the guest would see at that offset.
+#[derive(Clone, Default)]
+struct TestShm(Arc<Mutex<TestShmInner>>);
+
+#[derive(Default)]
+struct TestShmInner {
+    next: u64,
+    maps: BTreeMap<u64, (File, u64)>,
+}
+
+impl HostMemoryMapper for TestShm {
+    fn add_mapping(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        len: u64,
+        offset: u64,
+        _rw: bool,
+    ) -> Result<u64, i32> {
+        assert_eq!(len % 4096, 0, "unaligned mapping length {len:#x}");
+        assert_eq!(offset % 4096, 0);
+        let file = File::from(fd.try_clone_to_owned().map_err(|_| libc::EIO)?);
+        assert!(
+            file.metadata().unwrap().len() >= len,
+            "backing fd smaller than the mapping"
+        );
+        let mut s = self.0.lock().unwrap();
+        let addr = s.next;
+        s.next += len;
+        s.maps.insert(addr, (file, len));
+        Ok(addr)
+    }
+
+    fn remove_mapping(&mut self, shm_offset: u64) -> Result<(), i32> {
+        self.0
+            .lock()
+            .unwrap()
+            .maps
+            .remove(&shm_offset)
+            .map(|_| ())
+            .ok_or(libc::EINVAL)
+    }
+}
+
+impl TestShm {
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let s = self.0.lock().unwrap();
+        let (file, size) = &s.maps[&addr];
+        assert!(len as u64 <= *size);
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().maps.len()
+    }
+}
+
+type Camera = SoftwareCamera<EventBuffer, TestShm, GuestMemoryRegions>;
+
+/// A dequeued buffer as the guest saw it in a DQBUF event.
+struct Dequeued {
+    session: u32,
+    buffer: V4l2Buffer,
+}
+
+/// The simulated guest driver.
+struct MediaGuest {
+    mem: Mem,
+    dev: VirtioMedia<Camera>,
+    cmdq: DriverQueue,
+    evq: DriverQueue,
+    shm: TestShm,
+    dqbufs: VecDeque<Dequeued>,
+    v4l2_events: VecDeque<(u32, V4l2Event)>,
+    error_events: Vec<(u32, u32)>,
+}
+
+fn bytes_of<T: IntoBytes + Immutable>(v: &T) -> Vec<u8> {
+    v.as_bytes().to_vec()
+}
+
+impl MediaGuest {
+    fn new() -> MediaGuest {
+        let mem = guest_memory();
+        let shm = TestShm(Arc::new(Mutex::new(TestShmInner {
+            next: SHM_BASE,
+            maps: BTreeMap::new(),
+        })));
+        let events = EventBuffer::new();
+        let guest = GuestMemoryRegions(Arc::new(RustVmmMemory::new(mem.clone())));
+        let camera = SoftwareCamera::new(events.clone(), shm.clone(), guest);
+        let config = MediaConfig::new(DEVICE_CAPS, 0, "camera");
+        let mut dev = VirtioMedia::new(camera, events, config).unwrap();
+        let cmdq = DriverQueue::new(CMD_Q, 64);
+        let mut evq = DriverQueue::new(EVT_Q, 64);
+        let queues = vec![
+            cmdq.device_queue(&mem, false),
+            evq.device_queue(&mem, false),
+        ];
+        dev.activate(
+            boxed_queues(queues, &mem),
+            Arc::new(CountingInterrupt::default()),
+        )
+        .unwrap();
+        for i in 0..EVT_BUF_COUNT {
+            evq.add(
+                &mem,
+                &[(EVT_BUFS + i * u64::from(EVT_BUF_SIZE), EVT_BUF_SIZE, true)],
+            )
+            .unwrap();
+        }
+        dev.handle_queue(1);
+        let mut cfg = [0u8; 40];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..4], &DEVICE_CAPS.to_le_bytes());
+        MediaGuest {
+            mem,
+            dev,
+            cmdq,
+            evq,
+            shm,
+            dqbufs: VecDeque::new(),
+            v4l2_events: VecDeque::new(),
+            error_events: Vec::new(),
+        }
+    }
+
+    /// Sends a raw command: the request split in two readable descriptors (header, rest)
+    /// and a writable response buffer of `resp_len`. Returns the written bytes.
+    fn raw(&mut self, req: &[u8], resp_len: u32) -> Vec<u8> {
+        self.mem.write_slice(req, GuestAddress(REQ)).unwrap();
+        let mut bufs = Vec::new();
+        let split = req.len().min(8);
+        bufs.push((REQ, split as u32, false));
+        if req.len() > split {
+            bufs.push((REQ + 0x100, (req.len() - split) as u32, false));
+            self.mem
+                .write_slice(&req[split..], GuestAddress(REQ + 0x100))
+                .unwrap();
+        }
+        if resp_len > 0 {
+            bufs.push((RESP, resp_len, true));
+        }
+        let head = self.cmdq.add(&self.mem, &bufs).unwrap();
+        self.dev.handle_queue(0);
+        let (used, len) = self.cmdq.pop_used(&self.mem).expect("no response");
+        assert_eq!(used, head);
+        assert!(len <= resp_len);
+        let mut out = vec![0u8; len as usize];
+        self.mem.read_slice(&mut out, GuestAddress(RESP)).unwrap();
+        out
+    }
+
+    fn open(&mut self) -> u32 {
+        let r = self.raw(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
+        let resp = OpenResp::read_from_bytes(&r).unwrap();
+        assert_eq!(resp.hdr.status, 0);
+        resp.session_id
+    }
+
+    fn close(&mut self, session: u32) {
+        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Close));
+        req.extend_from_slice(
+            CloseCmd {
+                session_id: session,
+                reserved: 0,
+            }
+            .as_bytes(),
+        );
+        // CLOSE has no response: the device returns the chain with nothing written.
+        assert!(self.raw(&req, 16).is_empty());
+    }
+
+    /// Runs an ioctl; returns the status and the payload after the response header.
+    fn ioctl_raw(
+        &mut self,
+        session: u32,
+        code: u32,
+        payload: &[u8],
+        resp_len: u32,
+    ) -> (u32, Vec<u8>) {
+        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Ioctl));
+        req.extend_from_slice(
+            IoctlCmd {
+                session_id: session,
+                code,
+            }
+            .as_bytes(),
+        );
+        req.extend_from_slice(payload);
+        let r = self.raw(&req, resp_len);
+        let hdr = RespHeader::read_from_prefix(&r).unwrap().0;
+        (hdr.status, r[8..].to_vec())
+    }
+
+    /// Runs an ioctl whose answer is a `T`.
+    fn ioctl<I: IntoBytes + Immutable, O: FromBytes>(
+        &mut self,
+        session: u32,
+        ioctl: V4l2Ioctl,
+        arg: &I,
+    ) -> Result<O, u32> {
+        let (status, out) = self.ioctl_raw(session, ioctl.nr().into(), arg.as_bytes(), 4096);
+        if status != 0 {
+            assert!(out.is_empty());
+            return Err(status);
+        }
+        Ok(O::read_from_prefix(&out).unwrap().0)
+    }
+
+    fn ioctl_void<I: IntoBytes + Immutable>(
+        &mut self,
+        session: u32,
+        ioctl: V4l2Ioctl,
+        arg: &I,
+    ) -> Result<(), u32> {
+        let (status, _) = self.ioctl_raw(session, ioctl.nr().into(), arg.as_bytes(), 4096);
+        if status != 0 {
+            return Err(status);
+        }
+        Ok(())
+    }
+
+    fn mmap(&mut self, session: u32, offset: u32) -> Result<(u64, u64), u32> {
+        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Mmap));
+        req.extend_from_slice(
+            MmapCmd {
+                session_id: session,
+                flags: MMAP_FLAG_RW,
+                offset,
+            }
+            .as_bytes(),
+        );
+        let r = self.raw(&req, 64);
+        let hdr = RespHeader::read_from_prefix(&r).unwrap().0;
+        if hdr.status != 0 {
+            return Err(hdr.status);
+        }
+        let m = MmapResp::read_from_bytes(&r).unwrap();
+        Ok((m.driver_addr, m.len))
+    }
+
+    fn munmap(&mut self, addr: u64) -> u32 {
+        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Munmap));
+        req.extend_from_slice(MunmapCmd { driver_addr: addr }.as_bytes());
+        let r = self.raw(&req, 64);
+        RespHeader::read_from_bytes(&r).unwrap().status
+    }
+
+    /// Lets the device run its session timers and collects events until `cond` holds.
+    fn pump_until(&mut self, mut cond: impl FnMut(&MediaGuest) -> bool) -> bool {
+        let start = Instant::now();
+        loop {
+            self.dev.handle_event();
+            while let Some((head, len)) = self.evq.pop_used(&self.mem) {
+                self.take_event(head, len);
+            }
+            if cond(self) {
+                return true;
+            }
+            if start.elapsed() > T {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn take_event(&mut self, head: u16, len: u32) {
+        // Each event buffer is a single descriptor: its address is in the table.
+        let desc_at = GuestAddress(EVT_Q + 16 * u64::from(head));
+        let addr: u64 = self.mem.read_obj(desc_at).unwrap();
+        let mut buf = vec![0u8; len as usize];
+        self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        let kind = u32::from_le_bytes(buf[0..4].try_into().unwrap());
+        let session = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+        match kind {
+            EVENT_DQBUF => {
+                assert_eq!(len, 608);
+                let buffer = V4l2Buffer::read_from_prefix(&buf[8..]).unwrap().0;
+                self.dqbufs.push_back(Dequeued { session, buffer });
+            }
+            EVENT_EVENT => {
+                assert_eq!(len, 144);
+                let ev = V4l2Event::read_from_prefix(&buf[8..]).unwrap().0;
+                self.v4l2_events.push_back((session, ev));
+            }
+            _ => {
+                let errno = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+                self.error_events.push((session, errno));
+            }
+        }
+        // Give the buffer back.
+        self.evq
+            .add(&self.mem, &[(addr, EVT_BUF_SIZE, true)])
+            .unwrap();
+        self.dev.handle_queue(1);
+    }
+}
+
+fn fmt_req(fourcc: u32, w: u32, h: u32) -> V4l2Format {
+    V4l2Format::from_pix(
+        BUF_TYPE_VIDEO_CAPTURE,
+        &V4l2PixFormat {
+            width: w,
+            height: h,
+            pixelformat: fourcc,
+            ..Default::default()
+        },
+    )
+}
+
+fn expected_frame(pix: &V4l2PixFormat, n: u32) -> Vec<u8> {
+    let mut v = vec![0u8; pix.sizeimage as usize];
+    render_frame(
+        pix.pixelformat,
+        pix.width,
+        pix.height,
+        n,
+        &Adjust::default(),
+        &mut v,
+    )
+    .unwrap();
+    v
+}
+
+/// Checks a run of dequeued frames: increasing sequence numbers, monotonic timestamps,
+/// and each frame's content is exactly pattern frame `sequence`.
+fn check_frames(frames: &[(V4l2Buffer, Vec<u8>)], pix: &V4l2PixFormat) {
+    let mut last: Option<&V4l2Buffer> = None;
+    for (b, data) in frames {
+        assert_eq!(b.flags & BUF_FLAG_DONE, BUF_FLAG_DONE);
+        assert_eq!(b.flags & BUF_FLAG_ERROR, 0);
+        assert_ne!(b.flags & BUF_FLAG_TIMESTAMP_MONOTONIC, 0);
+        assert_eq!(b.bytesused, pix.sizeimage);
+        assert_eq!(b.field, FIELD_NONE);
+        assert!(b.timestamp.tv_sec > 0 || b.timestamp.tv_usec > 0);
+        if let Some(p) = last {
+            assert!(
+                b.sequence > p.sequence,
+                "sequence went {} -> {}",
+                p.sequence,
+                b.sequence
+            );
+            let t = |x: &V4l2Buffer| x.timestamp.tv_sec * 1_000_000 + x.timestamp.tv_usec;
+            assert!(t(b) > t(p), "timestamps not increasing");
+        }
+        assert_eq!(
+            decode_frame_number(pix.pixelformat, pix.width, pix.height, data),
+            Some(b.sequence)
+        );
+        assert!(
+            *data == expected_frame(pix, b.sequence),
+            "frame {} content",
+            b.sequence
+        );
+        last = Some(b);
+    }
+}
+
+fn enumerate_and_configure(
+    g: &mut MediaGuest,
+    s: u32,
+    fourcc: u32,
+    w: u32,
+    h: u32,
+) -> V4l2PixFormat {
+    use V4l2Ioctl::*;
+    let mut formats = Vec::new();
+    for index in 0.. {
+        let q = V4l2Fmtdesc {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            ..Default::default()
+        };
+        match g.ioctl::<_, V4l2Fmtdesc>(s, VIDIOC_ENUM_FMT, &q) {
+            Ok(d) => formats.push(d.pixelformat),
+            Err(e) => {
+                assert_eq!(e, libc::EINVAL as u32);
+                break;
+            }
+        }
+    }
+    assert_eq!(formats, [PIX_FMT_YUYV, PIX_FMT_NV12, PIX_FMT_RGB24]);
+    // Multi-planar types are not served (and not advertised).
+    let q = V4l2Fmtdesc {
+        index: 0,
+        type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2Fmtdesc>(s, VIDIOC_ENUM_FMT, &q),
+        Err(libc::EINVAL as u32)
+    );
+
+    let q = V4l2Frmsizeenum {
+        index: 1,
+        pixel_format: fourcc,
+        ..Default::default()
+    };
+    let sz: V4l2Frmsizeenum = g.ioctl(s, VIDIOC_ENUM_FRAMESIZES, &q).unwrap();
+    assert_eq!(
+        (sz.type_, sz.size[0], sz.size[1]),
+        (FRMSIZE_TYPE_DISCRETE, 640, 480)
+    );
+    let q = V4l2Frmivalenum {
+        index: 0,
+        pixel_format: fourcc,
+        width: 640,
+        height: 480,
+        ..Default::default()
+    };
+    let iv: V4l2Frmivalenum = g.ioctl(s, VIDIOC_ENUM_FRAMEINTERVALS, &q).unwrap();
+    assert_eq!(&iv.interval[..2], &[1, 60]);
+
+    // TRY_FMT snaps to a supported size and fills the layout without changing state.
+    let tried: V4l2Format = g
+        .ioctl(s, VIDIOC_TRY_FMT, &fmt_req(PIX_FMT_RGB24, 1000, 700))
+        .unwrap();
+    let p = tried.pix();
+    assert_eq!(
+        (p.width, p.height, p.pixelformat),
+        (1280, 720, PIX_FMT_RGB24)
+    );
+    assert_eq!((p.bytesperline, p.sizeimage), (3840, 3840 * 720));
+    let cur: V4l2Format = g.ioctl(s, VIDIOC_G_FMT, &fmt_req(0, 0, 0)).unwrap();
+    assert_eq!(cur.pix().pixelformat, PIX_FMT_YUYV);
+
+    let set: V4l2Format = g.ioctl(s, VIDIOC_S_FMT, &fmt_req(fourcc, w, h)).unwrap();
+    let got: V4l2Format = g.ioctl(s, VIDIOC_G_FMT, &fmt_req(0, 0, 0)).unwrap();
+    assert_eq!(set, got);
+    let pix = got.pix();
+    assert_eq!((pix.width, pix.height, pix.pixelformat), (w, h, fourcc));
+    assert_eq!(pix.sizeimage, frame_layout(fourcc, w, h).unwrap().1);
+
+    // 60 frames per second keeps the test short.
+    let mut parm = V4l2Streamparm {
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        ..Default::default()
+    };
+    parm.set_capture(&V4l2Captureparm {
+        timeperframe: V4l2Fract {
+            numerator: 1,
+            denominator: 50,
+        },
+        ..Default::default()
+    });
+    let parm: V4l2Streamparm = g.ioctl(s, VIDIOC_S_PARM, &parm).unwrap();
+    assert_eq!(parm.capture().capability, CAP_TIMEPERFRAME);
+    assert_eq!(
+        parm.capture().timeperframe,
+        V4l2Fract {
+            numerator: 1,
+            denominator: 60
+        }
+    );
+    pix
+}
+
+#[test]
+fn mmap_capture_flow() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new();
+    let s = g.open();
+    assert_eq!(s, 0);
+    let pix = enumerate_and_configure(&mut g, s, PIX_FMT_NV12, 320, 240);
+
+    let req = V4l2Requestbuffers {
+        count: 4,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let got: V4l2Requestbuffers = g.ioctl(s, VIDIOC_REQBUFS, &req).unwrap();
+    assert_eq!(got.count, 4);
+    assert_ne!(got.capabilities & BUF_CAP_SUPPORTS_MMAP, 0);
+    // The format is locked while buffers exist.
+    assert_eq!(
+        g.ioctl::<_, V4l2Format>(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
+        Err(libc::EBUSY as u32)
+    );
+
+    let mut maps = Vec::new();
+    for index in 0..4 {
+        let q = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            ..Default::default()
+        };
+        let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
+        assert_eq!(b.memory, MEMORY_MMAP);
+        assert_eq!(b.length % 4096, 0);
+        assert!(b.length >= pix.sizeimage);
+        assert_eq!(b.mem_offset() % 4096, 0);
+        let (addr, len) = g.mmap(s, b.mem_offset()).unwrap();
+        assert_eq!(len, u64::from(b.length));
+        assert_eq!(addr % 4096, 0);
+        let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
+        assert_ne!(b.flags & BUF_FLAG_MAPPED, 0);
+        maps.push(addr);
+    }
+    assert_eq!(g.mmap(s, 12345), Err(libc::EINVAL as u32));
+    // Buffers are mapped: reallocation is refused.
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req),
+        Err(libc::EBUSY as u32)
+    );
+
+    for index in 0..4 {
+        let q = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        let b: V4l2Buffer = g.ioctl(s, VIDIOC_QBUF, &q).unwrap();
+        assert_ne!(b.flags & BUF_FLAG_QUEUED, 0);
+    }
+    // Queuing a queued buffer again is an error.
+    let q0 = V4l2Buffer {
+        index: 0,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2Buffer>(s, VIDIOC_QBUF, &q0),
+        Err(libc::EINVAL as u32)
+    );
+    // DQBUF travels as events; the ioctl itself is refused.
+    assert_eq!(
+        g.ioctl::<_, V4l2Buffer>(s, VIDIOC_DQBUF, &q0),
+        Err(libc::ENOTTY as u32)
+    );
+
+    g.ioctl_void(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE)
+        .unwrap();
+    let mut frames = Vec::new();
+    while frames.len() < 8 {
+        assert!(
+            g.pump_until(|g| !g.dqbufs.is_empty()),
+            "no frame after {} frames",
+            frames.len()
+        );
+        let d = g.dqbufs.pop_front().unwrap();
+        assert_eq!(d.session, s);
+        let data = g
+            .shm
+            .read(maps[d.buffer.index as usize], pix.sizeimage as usize);
+        frames.push((d.buffer, data));
+        // Requeue.
+        let q = V4l2Buffer {
+            index: d.buffer.index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        g.ioctl::<_, V4l2Buffer>(s, VIDIOC_QBUF, &q).unwrap();
+    }
+    check_frames(&frames, &pix);
+    assert!(g.error_events.is_empty());
+
+    g.ioctl_void(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE)
+        .unwrap();
+    // After STREAMOFF nothing arrives any more (drain what was sent before).
+    g.pump_until(|_| true);
+    g.dqbufs.clear();
+    std::thread::sleep(Duration::from_millis(40));
+    g.pump_until(|_| true);
+    assert!(g.dqbufs.is_empty());
+    for addr in maps {
+        assert_eq!(g.munmap(addr), 0);
+        assert_eq!(g.munmap(addr), libc::EINVAL as u32);
+    }
+    assert_eq!(g.shm.count(), 0);
+    let free = V4l2Requestbuffers {
+        count: 0,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &free)
+            .unwrap()
+            .count,
+        0
+    );
+    g.close(s);
+    assert_eq!(g.dev.runner().session_count(), 0);
+    // Session ids are recycled.
+    assert_eq!(g.open(), 0);
+    assert_eq!(g.open(), 1);
+    g.close(0);
+    assert_eq!(g.open(), 0);
+}
+
+/// Page-granular SG entries for a buffer of `len` bytes, pages in reverse order and
+/// straddling the end of the first guest memory region.
+fn scattered_sg(base_page: u64, len: u32) -> Vec<SgEntry> {
+    let pages = u64::from(len).div_ceil(4096);
+    (0..pages)
+        .rev()
+        .map(|i| {
+            let remaining = u64::from(len) - (pages - 1 - i) * 4096;
+            SgEntry {
+                start: base_page + i * 2 * 4096,
+                len: remaining.min(4096) as u32,
+                reserved: 0,
+            }
+        })
+        .collect()
+}
+
+fn read_sg(g: &MediaGuest, sgs: &[SgEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for sg in sgs {
+        let mut buf = vec![0u8; sg.len as usize];
+        g.mem.read_slice(&mut buf, GuestAddress(sg.start)).unwrap();
+        out.extend_from_slice(&buf);
+    }
+    out
+}
+
+fn qbuf_userptr(
+    g: &mut MediaGuest,
+    s: u32,
+    index: u32,
+    len: u32,
+    sgs: &[SgEntry],
+) -> (u32, Vec<u8>) {
+    let b = V4l2Buffer {
+        index,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_USERPTR,
+        m: 0xdead_0000 + u64::from(index),
+        length: len,
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&b);
+    for sg in sgs {
+        payload.extend_from_slice(sg.as_bytes());
+    }
+    g.ioctl_raw(s, V4l2Ioctl::VIDIOC_QBUF.nr().into(), &payload, 4096)
+}
+
+#[test]
+fn userptr_capture_flow() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new();
+    let s = g.open();
+    let pix = enumerate_and_configure(&mut g, s, PIX_FMT_YUYV, 320, 240);
+    let req = V4l2Requestbuffers {
+        count: 3,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_USERPTR,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req)
+            .unwrap()
+            .count,
+        3
+    );
+
+    let len = pix.sizeimage;
+    let span = u64::from(len).div_ceil(4096) * 2 * 4096;
+    let lists: Vec<Vec<SgEntry>> = (0..3u64)
+        .map(|i| scattered_sg(REGION_END - span / 2 + i * span, len))
+        .collect();
+    // Buffer 0 straddles the two memory regions.
+    assert!(
+        lists[0].iter().any(|e| e.start < REGION_END)
+            && lists[0].iter().any(|e| e.start >= REGION_END)
+    );
+    for (i, sgs) in lists.iter().enumerate() {
+        let (status, out) = qbuf_userptr(&mut g, s, i as u32, len, sgs);
+        assert_eq!(status, 0);
+        let b = V4l2Buffer::read_from_prefix(&out).unwrap().0;
+        assert_eq!(b.m, 0xdead_0000 + i as u64);
+    }
+    g.ioctl_void(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE)
+        .unwrap();
+    let mut frames = Vec::new();
+    while frames.len() < 6 {
+        assert!(g.pump_until(|g| !g.dqbufs.is_empty()));
+        let d = g.dqbufs.pop_front().unwrap();
+        let i = d.buffer.index as usize;
+        assert_eq!(d.buffer.memory, MEMORY_USERPTR);
+        assert_eq!(d.buffer.m, 0xdead_0000 + i as u64);
+        let data = read_sg(&g, &lists[i]);
+        frames.push((d.buffer, data));
+        let (status, _) = qbuf_userptr(&mut g, s, i as u32, len, &lists[i]);
+        assert_eq!(status, 0);
+    }
+    check_frames(&frames, &pix);
+    g.ioctl_void(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE)
+        .unwrap();
+    g.close(s);
+}
+
+#[test]
+fn controls_and_events() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new();
+    let s = g.open();
+    // Enumerate controls with NEXT_CTRL.
+    let mut ids = Vec::new();
+    let mut id = CTRL_FLAG_NEXT_CTRL;
+    while let Ok(q) = g.ioctl::<_, V4l2Queryctrl>(
+        s,
+        VIDIOC_QUERYCTRL,
+        &V4l2Queryctrl {
+            id,
+            ..Default::default()
+        },
+    ) {
+        ids.push(q.id);
+        id = q.id | CTRL_FLAG_NEXT_CTRL;
+    }
+    assert_eq!(ids, [CID_BRIGHTNESS, CID_CONTRAST, CID_HFLIP]);
+    let q: V4l2QueryExtCtrl = g
+        .ioctl(
+            s,
+            VIDIOC_QUERY_EXT_CTRL,
+            &V4l2QueryExtCtrl {
+                id: CID_BRIGHTNESS,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((q.minimum, q.maximum, q.default_value), (0, 255, 128));
+
+    let sub = V4l2EventSubscription {
+        type_: EVENT_CTRL,
+        id: CID_BRIGHTNESS,
+        flags: 1,
+        ..Default::default()
+    };
+    g.ioctl_void(s, VIDIOC_SUBSCRIBE_EVENT, &sub).unwrap();
+    assert!(g.pump_until(|g| !g.v4l2_events.is_empty()));
+    let (es, ev) = g.v4l2_events.pop_front().unwrap();
+    assert_eq!((es, ev.type_, ev.id), (s, EVENT_CTRL, CID_BRIGHTNESS));
+
+    // S_CTRL clamps, and the change is an event.
+    let c: V4l2Control = g
+        .ioctl(
+            s,
+            VIDIOC_S_CTRL,
+            &V4l2Control {
+                id: CID_BRIGHTNESS,
+                value: 999,
+            },
+        )
+        .unwrap();
+    assert_eq!(c.value, 255);
+    assert!(g.pump_until(|g| !g.v4l2_events.is_empty()));
+    let (_, ev) = g.v4l2_events.pop_front().unwrap();
+    assert_eq!(i32::from_le_bytes(ev.u[8..12].try_into().unwrap()), 255);
+    assert_eq!(
+        g.ioctl::<_, V4l2Control>(s, VIDIOC_G_CTRL, &V4l2Control { id: 1, value: 0 }),
+        Err(libc::EINVAL as u32)
+    );
+
+    // Extended controls: header, controls array, answered in place.
+    let hdr = V4l2ExtControls {
+        which: CTRL_WHICH_CUR_VAL,
+        count: 2,
+        controls: 0xffff_0000,
+        ..Default::default()
+    };
+    let mut c0 = V4l2ExtControl {
+        id: CID_CONTRAST,
+        ..Default::default()
+    };
+    c0.set_value(7);
+    let c1 = V4l2ExtControl {
+        id: CID_HFLIP,
+        value: [1, 0, 0, 0, 0, 0, 0, 0],
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&hdr);
+    payload.extend_from_slice(c0.as_bytes());
+    payload.extend_from_slice(c1.as_bytes());
+    let (status, _) = g.ioctl_raw(s, VIDIOC_S_EXT_CTRLS.nr().into(), &payload, 4096);
+    assert_eq!(status, 0);
+    let (status, out) = g.ioctl_raw(s, VIDIOC_G_EXT_CTRLS.nr().into(), &payload, 4096);
+    assert_eq!(status, 0);
+    let back = V4l2ExtControls::read_from_prefix(&out).unwrap().0;
+    assert_eq!(back.controls, 0, "a guest pointer leaked back");
+    let v0 = V4l2ExtControl::read_from_prefix(&out[32..]).unwrap().0;
+    let v1 = V4l2ExtControl::read_from_prefix(&out[52..]).unwrap().0;
+    assert_eq!((v0.value(), v1.value()), (7, 1));
+    // An unknown control: EINVAL with error_idx, and the payload is still answered.
+    let bad = V4l2ExtControl {
+        id: 0x1234,
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&V4l2ExtControls {
+        count: 2,
+        ..Default::default()
+    });
+    payload.extend_from_slice(c0.as_bytes());
+    payload.extend_from_slice(bad.as_bytes());
+    let (status, out) = g.ioctl_raw(s, VIDIOC_G_EXT_CTRLS.nr().into(), &payload, 4096);
+    assert_eq!(status, libc::EINVAL as u32);
+    assert_eq!(
+        V4l2ExtControls::read_from_prefix(&out).unwrap().0.error_idx,
+        1
+    );
+    // A count beyond the payload is a truncated command.
+    let (status, _) = g.ioctl_raw(
+        s,
+        VIDIOC_G_EXT_CTRLS.nr().into(),
+        bytes_of(&V4l2ExtControls {
+            count: 5,
+            ..Default::default()
+        })
+        .as_slice(),
+        4096,
+    );
+    assert_eq!(status, libc::EINVAL as u32);
+
+    let input: V4l2Input = g.ioctl(s, VIDIOC_ENUMINPUT, &V4l2Input::default()).unwrap();
+    assert_eq!(input.type_, INPUT_TYPE_CAMERA);
+    assert_eq!(g.ioctl::<_, i32>(s, VIDIOC_G_INPUT, &()), Ok(0));
+    // An ioctl the camera does not implement.
+    assert_eq!(
+        g.ioctl::<_, u64>(s, VIDIOC_G_STD, &()),
+        Err(libc::ENOTTY as u32)
+    );
+    g.close(s);
+}
+
+#[test]
+fn malformed_input_gets_error_responses() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new();
+    let s = g.open();
+    let einval = libc::EINVAL as u32;
+    let enotty = libc::ENOTTY as u32;
+    let status = |r: &[u8]| RespHeader::read_from_prefix(r).unwrap().0.status;
+
+    // Short header.
+    let r = g.raw(&[1, 0, 0], 64);
+    assert_eq!(status(&r), einval);
+    // Unknown command.
+    let r = g.raw(
+        CmdHeader {
+            cmd: 99,
+            reserved: 0,
+        }
+        .as_bytes(),
+        64,
+    );
+    assert_eq!(status(&r), enotty);
+    // Truncated command bodies.
+    for cmd in [MediaCmd::Ioctl, MediaCmd::Mmap, MediaCmd::Munmap] {
+        let mut req = bytes_of(&CmdHeader::new(cmd));
+        req.extend_from_slice(&[0, 0]);
+        assert_eq!(status(&g.raw(&req, 64)), einval, "{cmd:?}");
+    }
+    // Unknown session.
+    let (st, _) = g.ioctl_raw(
+        77,
+        VIDIOC_G_FMT.nr().into(),
+        fmt_req(0, 0, 0).as_bytes(),
+        4096,
+    );
+    assert_eq!(st, einval);
+    assert_eq!(g.mmap(77, 0), Err(einval));
+    g.close(77);
+    // Bad ioctl codes: unknown number, out of range, a wrong full request code.
+    for code in [3u32, 0x1ff, 0xc0d0_5605 ^ 0x0100_0000] {
+        assert_eq!(g.ioctl_raw(s, code, &[], 4096).0, enotty, "{code:#x}");
+    }
+    // Ioctls the driver answers itself.
+    for ioctl in [
+        VIDIOC_QUERYCAP,
+        VIDIOC_DQEVENT,
+        VIDIOC_G_PRIORITY,
+        VIDIOC_EXPBUF,
+    ] {
+        assert_eq!(
+            g.ioctl_raw(s, ioctl.nr().into(), &[0; 256], 4096).0,
+            enotty,
+            "{ioctl}"
+        );
+    }
+    // Truncated payload.
+    assert_eq!(
+        g.ioctl_raw(s, VIDIOC_G_FMT.nr().into(), &[1, 0, 0, 0, 0], 4096)
+            .0,
+        einval
+    );
+    // Invalid buffer type.
+    assert_eq!(
+        g.ioctl::<_, V4l2Format>(s, VIDIOC_G_FMT, &fmt_req(0, 0, 0).tap(|f| f.type_ = 0)),
+        Err(einval)
+    );
+    // A response buffer too small for the answer: the device answers ENOSPC.
+    let (st, out) = g.ioctl_raw(s, VIDIOC_G_FMT.nr().into(), fmt_req(0, 0, 0).as_bytes(), 64);
+    assert_eq!((st, out.len()), (libc::ENOSPC as u32, 0));
+    // No writable part at all: the chain comes back empty.
+    let mut req = bytes_of(&CmdHeader::new(MediaCmd::Open));
+    req.truncate(8);
+    assert!(g.raw(&req, 0).is_empty());
+    // ... and no session was opened that the driver cannot know about.
+    assert_eq!(g.raw(&req, 12).len(), 8);
+    assert_eq!(g.dev.runner().session_count(), 1);
+
+    // USERPTR: SG lists outside guest memory, overflowing, with zero lengths, too long,
+    // or missing.
+    let req = V4l2Requestbuffers {
+        count: 2,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_USERPTR,
+        ..Default::default()
+    };
+    g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req)
+        .unwrap();
+    let len = 640 * 480 * 2;
+    let outside = [SgEntry {
+        start: 0x7_0000_0000,
+        len,
+        reserved: 0,
+    }];
+    assert_eq!(
+        qbuf_userptr(&mut g, s, 0, len, &outside).0,
+        libc::EFAULT as u32
+    );
+    let overflow = [SgEntry {
+        start: u64::MAX - 10,
+        len,
+        reserved: 0,
+    }];
+    assert_eq!(qbuf_userptr(&mut g, s, 0, len, &overflow).0, einval);
+    let zero = [SgEntry {
+        start: 0x100_0000,
+        len: 0,
+        reserved: 0,
+    }];
+    assert_eq!(qbuf_userptr(&mut g, s, 0, len, &zero).0, einval);
+    let tiny: Vec<SgEntry> = (0..2000)
+        .map(|i| SgEntry {
+            start: 0x100_0000 + i * 8,
+            len: 8,
+            reserved: 0,
+        })
+        .collect();
+    assert_eq!(qbuf_userptr(&mut g, s, 0, len, &tiny).0, einval);
+    assert_eq!(qbuf_userptr(&mut g, s, 0, len, &[]).0, einval);
+    assert_eq!(
+        qbuf_userptr(&mut g, s, 0, 16, &scattered_sg(0x100_0000, 16)).0,
+        einval
+    );
+    assert_eq!(
+        qbuf_userptr(&mut g, s, 9, len, &scattered_sg(0x100_0000, len)).0,
+        einval
+    );
+    // Multi-planar buffers with too many planes.
+    let b = V4l2Buffer {
+        type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+        length: 9,
+        ..Default::default()
+    };
+    assert_eq!(g.ioctl::<_, V4l2Buffer>(s, VIDIOC_QBUF, &b), Err(einval));
+    // MUNMAP of an address never mapped; REQBUFS with a bogus memory type.
+    assert_eq!(g.munmap(0x1234_5000), einval);
+    let bogus = V4l2Requestbuffers {
+        count: 2,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: 77,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &bogus),
+        Err(einval)
+    );
+    assert_eq!(
+        g.ioctl_void(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_OUTPUT),
+        Err(einval)
+    );
+
+    // The runner still serves: a well-formed ioctl works, a new session opens.
+    let f: V4l2Format = g.ioctl(s, VIDIOC_G_FMT, &fmt_req(0, 0, 0)).unwrap();
+    assert_eq!(f.pix().pixelformat, PIX_FMT_YUYV);
+    assert_eq!(g.open(), 1);
+    assert!(g.error_events.is_empty());
+}
+
+trait Tap: Sized {
+    fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
+        f(&mut self);
+        self
+    }
+}
+impl<T> Tap for T {}
