@@ -4,6 +4,9 @@
 //! VM, with the AF_UNIX muxer in Firecracker's convention. It never daemonizes; SIGTERM
 //! and SIGINT stop it cleanly (exit status 0). Bad flags or config: a message naming the
 //! value and exit status 2.
+//!
+//! `outboard media --socket-path PATH --camera` serves the software camera as a
+//! virtio-media device over vhost-user.
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig, VsockMetrics};
+use outboard_glue::media::serve_camera;
 use outboard_glue::metrics::{self, VmMetrics};
 use outboard_glue::vhost_user::daemon::{self, WorkerError};
 use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
@@ -37,6 +41,22 @@ enum Command {
     /// Serve virtio-vsock over vhost-user (a drop-in for vhost-device-vsock; host side in
     /// Firecracker's AF_UNIX convention: `CONNECT port` is answered `OK host-port`).
     Vsock(VsockArgs),
+    /// Serve virtio-media over vhost-user: `--camera` is the software camera (a moving
+    /// test pattern in YUYV, NV12 and RGB24).
+    Media(MediaArgs),
+}
+
+#[derive(Args, Debug)]
+struct MediaArgs {
+    /// The vhost-user socket to listen on.
+    #[arg(long, visible_alias = "socket", value_name = "PATH")]
+    socket_path: PathBuf,
+    /// Serve the software camera.
+    #[arg(long)]
+    camera: bool,
+    /// Size of the shared memory region for MMAP buffers, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    shm_size_mib: u64,
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +124,66 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match cli.command {
         Command::Vsock(args) => vsock(args),
+        Command::Media(args) => media(args),
+    }
+}
+
+fn media(args: MediaArgs) -> ExitCode {
+    if !args.camera {
+        eprintln!("outboard media: --camera is required (the only device built in)");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let shm_size = match args.shm_size_mib.checked_mul(1 << 20).filter(|s| *s > 0) {
+        Some(s) => s,
+        None => {
+            eprintln!(
+                "outboard media: --shm-size-mib {}: out of range",
+                args.shm_size_mib
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let set = signal_set();
+    // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        eprintln!("outboard media: cannot block SIGTERM/SIGINT");
+        return ExitCode::FAILURE;
+    }
+    let run = || -> Result<(), String> {
+        remove_stale_socket(&args.socket_path)?;
+        let listener = UnixListener::bind(&args.socket_path)
+            .map_err(|e| format!("bind {}: {e}", args.socket_path.display()))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| format!("eventfd: {e}"))?;
+        let worker_stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let thread = std::thread::Builder::new()
+            .name("media".into())
+            .spawn(move || serve_camera(listener, shm_size, &worker_stop, "media camera"))
+            .map_err(|e| format!("cannot start the worker thread: {e}"))?;
+        log::info!(
+            "software camera on vhost-user socket {}",
+            args.socket_path.display()
+        );
+        while !thread.is_finished() {
+            if let Some(sig) = wait_signal(&set, Duration::from_millis(500)) {
+                log::info!("signal {sig}: stopping");
+                break;
+            }
+        }
+        let _ = stop.write(1);
+        let res = match thread.join() {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the worker thread panicked".into()),
+        };
+        let _ = std::fs::remove_file(&args.socket_path);
+        res
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outboard media: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
