@@ -18,6 +18,7 @@
 //! requires.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::time::{
@@ -35,7 +36,7 @@ use super::{
     page_align, ChainReader, ChainWriter, Errno, EventQueue, GuestMemoryMapper, GuestMemoryRange,
     HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaSession,
 };
-use outboard_protocol::media::MMAP_FLAG_RW;
+use outboard_protocol::media::{SgEntry, MMAP_FLAG_RW};
 use outboard_protocol::v4l2::V4l2Ioctl;
 
 /// The card name.
@@ -298,19 +299,21 @@ fn timespec_now() -> Timeval {
 }
 
 /// Where a buffer's memory lives.
-enum Backing<M> {
+enum Backing {
     /// A memfd (MMAP memory).
     Mmap(MemfdBuffer),
-    /// Guest memory (USERPTR), mapped while queued.
+    /// Guest memory (USERPTR): the SG list the guest queued the buffer with. It is
+    /// mapped when a frame is written (within one device call, as guest memory
+    /// translations must be), not held across calls.
     UserPtr {
-        mapping: Option<M>,
+        sgs: Vec<SgEntry>,
         userptr: u64,
         length: u32,
     },
 }
 
-struct CamBuffer<M> {
-    backing: Backing<M>,
+struct CamBuffer {
+    backing: Backing,
     queued: bool,
     bytesused: u32,
     sequence: u32,
@@ -324,7 +327,7 @@ pub struct CameraSession<M> {
     pix: V4l2PixFormat,
     interval: (u32, u32),
     memory: u32,
-    buffers: Vec<CamBuffer<M>>,
+    buffers: Vec<CamBuffer>,
     queue: VecDeque<u32>,
     streaming: bool,
     sequence: u32,
@@ -333,6 +336,7 @@ pub struct CameraSession<M> {
     subscriptions: Vec<V4l2EventSubscription>,
     event_sequence: u32,
     scratch: Vec<u8>,
+    _mapping: PhantomData<fn() -> M>,
 }
 
 impl<M> std::fmt::Debug for CameraSession<M> {
@@ -603,12 +607,10 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         };
         let ok = match (&b.backing, rendered) {
             (Backing::Mmap(m), Some(n)) => m.write_at(0, &scratch[..n]).is_ok(),
-            (
-                Backing::UserPtr {
-                    mapping: Some(m), ..
-                },
-                Some(n),
-            ) => m.write_at(0, &scratch[..n]) == n,
+            (Backing::UserPtr { sgs, .. }, Some(n)) => self
+                .guest
+                .new_mapping(sgs)
+                .is_ok_and(|m| m.write_at(0, &scratch[..n]) == n),
             _ => false,
         };
         s.scratch = scratch;
@@ -621,9 +623,6 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
             BUF_FLAG_DONE | BUF_FLAG_ERROR
         };
         b.bytesused = if ok { pix.sizeimage } else { 0 };
-        if let Backing::UserPtr { mapping, .. } = &mut b.backing {
-            *mapping = None;
-        }
         if self.mappings.values().any(|m| *m == (s.id, index)) {
             b.flags |= BUF_FLAG_MAPPED;
         }
@@ -733,7 +732,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
                 )
             } else {
                 Backing::UserPtr {
-                    mapping: None,
+                    sgs: Vec::new(),
                     userptr: 0,
                     length: 0,
                 }
@@ -784,7 +783,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             return Err(libc::EINVAL);
         }
         if let Backing::UserPtr {
-            mapping,
+            sgs: queued_sgs,
             userptr,
             length,
         } = &mut buf.backing
@@ -795,11 +794,13 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             let [sgs] = gb.userptr.as_slice() else {
                 return Err(libc::EINVAL);
             };
+            // Check the list now (EFAULT for memory outside the guest's), map it again
+            // when the frame is written.
             let m = self.guest.new_mapping(sgs)?;
             if m.len() < sizeimage as usize {
                 return Err(libc::EINVAL);
             }
-            *mapping = Some(m);
+            *queued_sgs = sgs.clone();
             *userptr = b.m;
             *length = b.length;
         }
@@ -835,9 +836,6 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         for index in std::mem::take(&mut s.queue) {
             if let Some(b) = s.buffers.get_mut(index as usize) {
                 b.queued = false;
-                if let Backing::UserPtr { mapping, .. } = &mut b.backing {
-                    *mapping = None;
-                }
             }
         }
         Ok(())
@@ -1097,6 +1095,7 @@ where
             subscriptions: Vec::new(),
             event_sequence: 0,
             scratch: Vec::new(),
+            _mapping: PhantomData,
         })
     }
 
