@@ -480,6 +480,7 @@ fn enumerate_and_configure(
     assert_eq!(set, got);
     let pix = got.pix();
     assert_eq!((pix.width, pix.height, pix.pixelformat), (w, h, fourcc));
+    assert_eq!(pix.priv_, 0xfeed_cafe, "EXT_PIX_FORMAT is advertised");
     assert_eq!(pix.sizeimage, frame_layout(fourcc, w, h).unwrap().1);
 
     // 60 frames per second keeps the test short.
@@ -523,6 +524,27 @@ fn mmap_capture_flow() {
     let got: V4l2Requestbuffers = g.ioctl(s, VIDIOC_REQBUFS, &req).unwrap();
     assert_eq!(got.count, 4);
     assert_ne!(got.capabilities & BUF_CAP_SUPPORTS_MMAP, 0);
+    // CREATE_BUFS appends buffers of the current format's size.
+    let create = V4l2CreateBuffers {
+        count: 2,
+        memory: MEMORY_MMAP,
+        format: fmt_req(PIX_FMT_NV12, 320, 240),
+        ..Default::default()
+    };
+    let created: V4l2CreateBuffers = g.ioctl(s, VIDIOC_CREATE_BUFS, &create).unwrap();
+    assert_eq!((created.index, created.count), (4, 2));
+    let too_big = V4l2CreateBuffers {
+        format: fmt_req(PIX_FMT_RGB24, 1280, 720).tap(|f| {
+            let mut p = f.pix();
+            p.sizeimage = 1280 * 720 * 3;
+            f.set_pix(&p);
+        }),
+        ..create
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &too_big),
+        Err(libc::EINVAL as u32)
+    );
     // The format is locked while buffers exist.
     assert_eq!(
         g.ioctl::<_, V4l2Format>(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
@@ -766,7 +788,22 @@ fn controls_and_events() {
         ids.push(q.id);
         id = q.id | CTRL_FLAG_NEXT_CTRL;
     }
-    assert_eq!(ids, [CID_BRIGHTNESS, CID_CONTRAST, CID_HFLIP]);
+    // The user class control comes first; it can be neither read nor written.
+    assert_eq!(
+        ids,
+        [CTRL_CLASS_USER | 1, CID_BRIGHTNESS, CID_CONTRAST, CID_HFLIP]
+    );
+    assert_eq!(
+        g.ioctl::<_, V4l2Control>(
+            s,
+            VIDIOC_G_CTRL,
+            &V4l2Control {
+                id: CTRL_CLASS_USER | 1,
+                value: 0
+            }
+        ),
+        Err(libc::EACCES as u32)
+    );
     let q: V4l2QueryExtCtrl = g
         .ioctl(
             s,

@@ -76,7 +76,34 @@ struct Ctrl {
     max: i32,
     step: i32,
     default: i32,
+    flags: u32,
 }
+
+/// `V4L2_CID_USER_CLASS`: the class control every control class needs.
+const CID_USER_CLASS: u32 = CTRL_CLASS_USER | 1;
+/// `V4L2_CTRL_TYPE_CTRL_CLASS`.
+const CTRL_TYPE_CTRL_CLASS: u32 = 6;
+/// `V4L2_CTRL_FLAG_READ_ONLY`.
+const CTRL_FLAG_READ_ONLY: u32 = 0x4;
+/// `V4L2_CTRL_FLAG_SLIDER`.
+const CTRL_FLAG_SLIDER: u32 = 0x20;
+/// `V4L2_CTRL_FLAG_WRITE_ONLY`.
+const CTRL_FLAG_WRITE_ONLY: u32 = 0x40;
+/// `V4L2_PIX_FMT_PRIV_MAGIC`: the extended `v4l2_pix_format` fields are valid.
+const PIX_FMT_PRIV_MAGIC: u32 = 0xfeed_cafe;
+
+/// The user class control, listed by the control queries but neither readable nor
+/// writable.
+const USER_CLASS: Ctrl = Ctrl {
+    id: CID_USER_CLASS,
+    name: "User Controls",
+    type_: CTRL_TYPE_CTRL_CLASS,
+    min: 0,
+    max: 0,
+    step: 0,
+    default: 0,
+    flags: CTRL_FLAG_READ_ONLY | CTRL_FLAG_WRITE_ONLY,
+};
 
 const CTRLS: [Ctrl; 3] = [
     Ctrl {
@@ -87,6 +114,7 @@ const CTRLS: [Ctrl; 3] = [
         max: 255,
         step: 1,
         default: 128,
+        flags: CTRL_FLAG_SLIDER,
     },
     Ctrl {
         id: CID_CONTRAST,
@@ -96,6 +124,7 @@ const CTRLS: [Ctrl; 3] = [
         max: 255,
         step: 1,
         default: 128,
+        flags: CTRL_FLAG_SLIDER,
     },
     Ctrl {
         id: CID_HFLIP,
@@ -105,6 +134,7 @@ const CTRLS: [Ctrl; 3] = [
         max: 1,
         step: 1,
         default: 0,
+        flags: 0,
     },
 ];
 
@@ -554,6 +584,10 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         }
         let mut idxs = Vec::with_capacity(ctrls.controls.len());
         for (i, c) in ctrls.controls.iter().enumerate() {
+            if c.id == CID_USER_CLASS {
+                ctrls.header.error_idx = i as u32;
+                return Err(libc::EACCES);
+            }
             match ctrl_index(c.id) {
                 Some(idx) if c.size == 0 => idxs.push(idx),
                 _ => {
@@ -638,6 +672,40 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
     }
 }
 
+/// Appends up to `count` buffers (at most [`MAX_BUFFERS`] in all) of the session's
+/// buffer size; returns how many were added.
+fn add_buffers<M>(s: &mut CameraSession<M>, memory: u32, count: u32) -> IoctlResult<u32> {
+    let have = s.buffers.len() as u32;
+    let count = count.min(MAX_BUFFERS.saturating_sub(have));
+    let size = s.buffer_size();
+    if u64::from(have + count).saturating_mul(size) > u64::from(u32::MAX) {
+        return Err(libc::ENOMEM);
+    }
+    for _ in 0..count {
+        let backing = if memory == MEMORY_MMAP {
+            Backing::Mmap(
+                MemfdBuffer::new("outboard-camera", size)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
+            )
+        } else {
+            Backing::UserPtr {
+                sgs: Vec::new(),
+                userptr: 0,
+                length: 0,
+            }
+        };
+        s.buffers.push(CamBuffer {
+            backing,
+            queued: false,
+            bytesused: 0,
+            sequence: 0,
+            timestamp: Timeval::default(),
+            flags: 0,
+        });
+    }
+    Ok(count)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ExtOp {
     Get,
@@ -660,6 +728,7 @@ pub fn pix_format(fourcc: u32, width: u32, height: u32) -> V4l2PixFormat {
         } else {
             COLORSPACE_SMPTE170M
         },
+        priv_: PIX_FMT_PRIV_MAGIC,
         ..Default::default()
     }
 }
@@ -719,33 +788,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             return Err(libc::EBUSY);
         }
         self.free_buffers(s);
-        let count = req.count.min(MAX_BUFFERS);
-        let size = s.buffer_size();
-        if u64::from(count).saturating_mul(size) > u64::from(u32::MAX) {
-            return Err(libc::ENOMEM);
-        }
-        for _ in 0..count {
-            let backing = if req.memory == MEMORY_MMAP {
-                Backing::Mmap(
-                    MemfdBuffer::new("outboard-camera", size)
-                        .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
-                )
-            } else {
-                Backing::UserPtr {
-                    sgs: Vec::new(),
-                    userptr: 0,
-                    length: 0,
-                }
-            };
-            s.buffers.push(CamBuffer {
-                backing,
-                queued: false,
-                bytesused: 0,
-                sequence: 0,
-                timestamp: Timeval::default(),
-                flags: 0,
-            });
-        }
+        let count = add_buffers(s, req.memory, req.count)?;
         s.memory = if count > 0 { req.memory } else { 0 };
         Ok(V4l2Requestbuffers {
             count,
@@ -753,6 +796,35 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             memory: req.memory,
             capabilities: BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR,
             ..Default::default()
+        })
+    }
+
+    fn create_bufs(
+        &mut self,
+        s: &mut Self::Session,
+        c: V4l2CreateBuffers,
+    ) -> IoctlResult<V4l2CreateBuffers> {
+        if c.format.type_ != BUF_TYPE_VIDEO_CAPTURE
+            || !matches!(c.memory, MEMORY_MMAP | MEMORY_USERPTR)
+            || (!s.buffers.is_empty() && c.memory != s.memory)
+        {
+            return Err(libc::EINVAL);
+        }
+        // Every buffer of a session has the current format's size (MMAP offsets are
+        // index * size), so a larger format cannot be served.
+        if c.format.pix().sizeimage > s.pix.sizeimage {
+            return Err(libc::EINVAL);
+        }
+        let index = s.buffers.len() as u32;
+        let count = add_buffers(s, c.memory, c.count)?;
+        if !s.buffers.is_empty() {
+            s.memory = c.memory;
+        }
+        Ok(V4l2CreateBuffers {
+            index,
+            count,
+            capabilities: BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR,
+            ..c
         })
     }
 
@@ -908,6 +980,9 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     }
 
     fn g_ctrl(&mut self, s: &mut Self::Session, id: u32) -> IoctlResult<V4l2Control> {
+        if id == CID_USER_CLASS {
+            return Err(libc::EACCES);
+        }
         let idx = ctrl_index(id).ok_or(libc::EINVAL)?;
         Ok(V4l2Control {
             id,
@@ -916,6 +991,9 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     }
 
     fn s_ctrl(&mut self, s: &mut Self::Session, c: V4l2Control) -> IoctlResult<V4l2Control> {
+        if c.id == CID_USER_CLASS {
+            return Err(libc::EACCES);
+        }
         let idx = ctrl_index(c.id).ok_or(libc::EINVAL)?;
         self.set_ctrl(s, idx, c.value);
         Ok(V4l2Control {
@@ -932,9 +1010,14 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
                 // Only compound controls requested; the camera has none.
                 return Err(libc::EINVAL);
             }
-            CTRLS.iter().filter(|c| c.id > id).min_by_key(|c| c.id)
+            std::iter::once(&USER_CLASS)
+                .chain(CTRLS.iter())
+                .filter(|c| c.id > id)
+                .min_by_key(|c| c.id)
         } else {
-            CTRLS.iter().find(|c| c.id == id)
+            std::iter::once(&USER_CLASS)
+                .chain(CTRLS.iter())
+                .find(|c| c.id == id)
         }
         .ok_or(libc::EINVAL)?;
         let mut out = V4l2Queryctrl {
@@ -944,6 +1027,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             maximum: c.max,
             step: c.step,
             default_value: c.default,
+            flags: c.flags,
             ..Default::default()
         };
         set_name(&mut out.name, c.name);
@@ -970,7 +1054,12 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             maximum: base.maximum.into(),
             step: base.step as u64,
             default_value: base.default_value.into(),
-            elem_size: 4,
+            flags: base.flags,
+            elem_size: if base.type_ == CTRL_TYPE_CTRL_CLASS {
+                0
+            } else {
+                4
+            },
             elems: 1,
             ..Default::default()
         })
