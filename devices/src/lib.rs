@@ -28,4 +28,3 @@ pub mod bus;
 pub mod media;
 pub mod virtio;
 pub mod vsock;
-
