@@ -515,7 +515,9 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         let (width, height) = SIZES
             .iter()
             .copied()
-            .min_by_key(|(w, h)| w.abs_diff(req.width) + h.abs_diff(req.height))
+            .min_by_key(|(w, h)| {
+                u64::from(w.abs_diff(req.width)) + u64::from(h.abs_diff(req.height))
+            })
             .unwrap_or((640, 480));
         Ok(pix_format(fourcc, width, height))
     }
