@@ -19,7 +19,7 @@ use outboard_devices::media::v4l2::*;
 use outboard_glue::media::serve_camera;
 use outboard_protocol::media::{
     CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MmapCmd, MmapResp, MunmapCmd, OpenResp, RespHeader,
-    EVENT_DQBUF, MMAP_FLAG_RW,
+    SgEntry, EVENT_DQBUF, MMAP_FLAG_RW,
 };
 use outboard_protocol::v4l2::V4l2Ioctl;
 use outboard_protocol::vhost_user::{
@@ -41,6 +41,7 @@ const EVT_Q: u64 = 0x2_0000;
 const REQ: u64 = 0x10_0000;
 const RESP: u64 = 0x18_0000;
 const EVT_BUFS: u64 = 0x20_0000;
+const USERPTR_AREA: u64 = 0x40_0000;
 
 /// What the back-end mapped into shared memory region 0: offset -> (fd, fd offset, len).
 type ShmMaps = Arc<Mutex<BTreeMap<u64, (File, u64, u64)>>>;
@@ -391,6 +392,68 @@ fn camera_capture_over_vhost_user() {
     }
     assert_eq!(unmaps.lock().unwrap().len(), 2);
     assert!(maps.lock().unwrap().is_empty());
+
+    // USERPTR through the front-end's memory table: pages in reverse order, the frame is
+    // written into guest memory.
+    let rb = V4l2Requestbuffers {
+        count: 1,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_USERPTR,
+        ..Default::default()
+    };
+    let rb: V4l2Requestbuffers = driver.ioctl(s, V4l2Ioctl::VIDIOC_REQBUFS, &rb);
+    assert_eq!(rb.count, 1);
+    let len = pix.sizeimage;
+    let pages = u64::from(len).div_ceil(4096);
+    let sgs: Vec<SgEntry> = (0..pages)
+        .map(|k| SgEntry {
+            start: USERPTR_AREA + (pages - 1 - k) * 4096,
+            len: (u64::from(len) - k * 4096).min(4096) as u32,
+            reserved: 0,
+        })
+        .collect();
+    let b = V4l2Buffer {
+        index: 0,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_USERPTR,
+        length: len,
+        ..Default::default()
+    };
+    let mut arg = b.as_bytes().to_vec();
+    for sg in &sgs {
+        arg.extend_from_slice(sg.as_bytes());
+    }
+    let mut req = CmdHeader::new(MediaCmd::Ioctl).as_bytes().to_vec();
+    req.extend_from_slice(
+        IoctlCmd {
+            session_id: s,
+            code: V4l2Ioctl::VIDIOC_QBUF.nr().into(),
+        }
+        .as_bytes(),
+    );
+    req.extend_from_slice(&arg);
+    let r = driver.command(&req, 4096);
+    assert_eq!(RespHeader::read_from_prefix(&r).unwrap().0.status, 0);
+    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
+    let b = loop {
+        let ev = driver.next_event();
+        if u32::from_le_bytes(ev[0..4].try_into().unwrap()) == EVENT_DQBUF {
+            break V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
+        }
+    };
+    assert_eq!((b.memory, b.flags & BUF_FLAG_ERROR), (MEMORY_USERPTR, 0));
+    let mut data = Vec::new();
+    for sg in &sgs {
+        let mut chunk = vec![0u8; sg.len as usize];
+        mem.read_slice(&mut chunk, GuestAddress(sg.start)).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        decode_frame_number(PIX_FMT_RGB24, 320, 240, &data),
+        Some(b.sequence)
+    );
+    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE);
+
     let mut req = CmdHeader::new(MediaCmd::Close).as_bytes().to_vec();
     req.extend_from_slice(
         CloseCmd {
