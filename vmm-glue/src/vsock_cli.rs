@@ -18,9 +18,15 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use outboard_devices::vsock::{DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE};
+use outboard_devices::vsock::MAX_TX_BUF_SIZE;
 use remain::sorted;
 use thiserror::Error;
+
+/// Default per-connection TX buffer (and guest credit): 64 KiB, vhost-device-vsock's
+/// default. Linux guests since the 2025 "cap TX credit to local buffer size" fix never
+/// use more credit than their own socket buffer (256 KiB by default), so a larger buffer
+/// buys nothing, and a smaller one makes the device return credit sooner.
+pub const DEFAULT_TX_BUFFER_SIZE: u32 = 64 * 1024;
 
 /// Default largest ring size accepted from the front-end.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
@@ -207,7 +213,7 @@ impl VmBuilder {
             guest_cid,
             socket: self.socket.ok_or_else(|| missing("socket"))?,
             uds_path: self.uds_path.ok_or_else(|| missing("uds-path"))?,
-            tx_buffer_size: self.tx_buffer_size.unwrap_or(DEFAULT_TX_BUF_SIZE),
+            tx_buffer_size: self.tx_buffer_size.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
             groups: self.groups.unwrap_or_else(|| vec!["default".to_string()]),
         })
@@ -422,7 +428,7 @@ mod tests {
             }
         );
         let d = parse_vm_spec("guest_cid=3,socket=/s,uds_path=/u").unwrap();
-        assert_eq!(d.tx_buffer_size, DEFAULT_TX_BUF_SIZE);
+        assert_eq!(d.tx_buffer_size, DEFAULT_TX_BUFFER_SIZE);
         assert_eq!(d.queue_size, DEFAULT_QUEUE_SIZE);
         assert_eq!(d.groups, vec!["default".to_string()]);
     }
@@ -482,7 +488,7 @@ mod tests {
             vec!["group1".to_string(), "group2".to_string()]
         );
         assert_eq!(vms[1].guest_cid, 5);
-        assert_eq!(vms[1].tx_buffer_size, DEFAULT_TX_BUF_SIZE);
+        assert_eq!(vms[1].tx_buffer_size, DEFAULT_TX_BUFFER_SIZE);
     }
 
     #[test]

@@ -38,6 +38,20 @@ fn measure(vm: &mut Vm, bytes: u64) -> Result<Figures> {
     let (_, _, g2h) = guest_to_host(&mut ctl, &uds, 5101, 1, bytes)?;
     let (_, _, h2g) = host_to_guest(&mut ctl, &uds, 5102, 1, bytes)?;
     let cpu = cpu_seconds(pid)? - cpu0;
+    if let Backend::Outboard(_) = vm.kind {
+        // The daemon rewrites its metrics every second: show the packet counts.
+        thread::sleep(Duration::from_millis(1500));
+        let m = crate::util::read_log(&vm.dir.join("metrics.json"));
+        let counters: Vec<&str> = m
+            .lines()
+            .map(str::trim)
+            .filter(|l| ["\"rx_", "\"tx_"].iter().any(|p| l.starts_with(p)))
+            .collect();
+        println!(
+            "bench-e2e: outboard counters after the bulk transfers: {}",
+            counters.join(" ")
+        );
+    }
     let g2h_rtt_us = ping_from_guest(&mut ctl, &uds)?;
     let h2g_rtt_us = ping_from_host(&mut ctl, &uds)?;
     let mib = bytes as f64 / MIB as f64;

@@ -31,6 +31,7 @@ impl Backend {
     }
 
     fn command(&self, socket: &Path, uds: &Path) -> Command {
+        let metrics = socket.with_file_name("metrics.json");
         let (bin, pre): (&PathBuf, &[&str]) = match self {
             Backend::Outboard(b) => (b, &["vsock"]),
             Backend::VhostDeviceVsock(b) => (b, &[]),
@@ -43,6 +44,15 @@ impl Backend {
             .arg(socket)
             .arg("--uds-path")
             .arg(uds);
+        if let Backend::Outboard(_) = self {
+            cmd.arg("--metrics")
+                .arg(metrics)
+                .args(["--metrics-interval", "1"]);
+        }
+        // Extra flags for experiments, e.g. OUTBOARD_E2E_BACKEND_ARGS="--tx-buffer-size 65536".
+        if let Ok(extra) = std::env::var("OUTBOARD_E2E_BACKEND_ARGS") {
+            cmd.args(extra.split_whitespace());
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
