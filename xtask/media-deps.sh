@@ -38,7 +38,14 @@ fi
 
 if ! header_ok; then
     if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+        # Use the machine's own Debian mirror (the first URI of its main sources).
+        mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+        if [ -z "$mirror" ]; then
+            echo "media-deps: no Debian mirror found in /etc/apt to add bookworm-backports" >&2
+            exit 1
+        fi
+        echo "deb $mirror bookworm-backports main" |
             $sudo tee /etc/apt/sources.list.d/outboard-backports.list >/dev/null
         updated=0
     fi
