@@ -14,11 +14,20 @@
 //!   memory region mapped through `SHMEM_MAP`.
 //!
 //! The `outboard` binary (`src/bin/outboard.rs`) puts these together.
+//!
+//! # Features
+//!
+//! `vhost-user` (the daemon library, pulls in outboard-transport), `mmio`, and `cli`
+//! (the `outboard` binary, pulls in clap and env_logger) are on by default; a VMM that
+//! vendors only the rust-vmm adapters turns them off.
 #![deny(missing_docs)]
 
+#[cfg(feature = "vhost-user")]
 pub mod media;
 pub mod metrics;
+#[cfg(feature = "mmio")]
 pub mod mmio;
 pub mod rust_vmm;
+#[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod vsock_cli;
