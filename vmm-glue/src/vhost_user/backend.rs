@@ -31,6 +31,18 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// Makes reads and writes on `file` non-blocking, so that an fd from the front-end that
+/// is not the eventfd it should be (a pipe nobody drains) cannot stall the worker.
+fn set_nonblocking(file: &File) {
+    // SAFETY: fcntl(F_GETFL/F_SETFL) on an fd we own; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
 fn einval(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -421,13 +433,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
             )));
         };
         let file = File::from(fd);
-        // SAFETY: fcntl(F_GETFL/F_SETFL) on an fd we own; no memory is passed.
-        unsafe {
-            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-            }
-        }
+        set_nonblocking(&file);
         self.set_kick(i, Some(file))?;
         let ring = &mut self.rings[i];
         ring.started = true;
@@ -439,7 +445,12 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
 
     fn set_vring_call(&mut self, index: u32, fd: Option<OwnedFd>) -> HandlerResult<()> {
         let i = self.index(index)?;
-        self.irq.set_call(i, fd.map(File::from));
+        let file = fd.map(File::from);
+        if let Some(f) = &file {
+            // A front-end could pass a pipe that nobody drains: never block on it.
+            set_nonblocking(f);
+        }
+        self.irq.set_call(i, file);
         Ok(())
     }
 
