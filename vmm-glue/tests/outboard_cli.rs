@@ -113,3 +113,57 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
     assert!(m["vms"][0]["counters"]["rx_packets"].is_u64());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn serves_an_inherited_listening_fd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+    use std::os::unix::process::CommandExt;
+
+    let dir = scratch("fd");
+    let socket = dir.join("vhost.sock");
+    let uds = dir.join("vsock.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = outboard();
+    cmd.args([
+        "vsock",
+        "--guest-cid",
+        "3",
+        "--fd",
+        &fd.to_string(),
+        "--uds-path",
+    ])
+    .arg(&uds)
+    .stderr(Stdio::null());
+    // SAFETY: runs between fork and exec and only calls fcntl(2), which is
+    // async-signal-safe: the listener must survive exec in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    // The daemon accepts on the inherited socket: a front-end connects and is served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fe = loop {
+        if let Ok(fe) = outboard_transport::Frontend::connect(&socket) {
+            break fe;
+        }
+        assert!(Instant::now() < deadline, "no front-end connection");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << 32), 0, "VERSION_1 offered: {features:#x}");
+    drop(fe);
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -319,9 +319,14 @@ fn vsock(args: VsockArgs) -> ExitCode {
         },
         None => None,
     };
+    // With an inherited listening socket there is no path to bind: name the fd instead.
+    let socket = match (&args.socket, args.fd) {
+        (None, Some(fd)) if args.vm.is_empty() && args.config.is_none() => Some(format!("fd:{fd}")),
+        (s, _) => s.clone(),
+    };
     let flat = FlatFlags {
         guest_cid: args.guest_cid.clone(),
-        socket: args.socket.clone(),
+        socket,
         uds_path: args.uds_path.clone(),
         tx_buffer_size: args.tx_buffer_size.clone(),
         queue_size: args.queue_size.clone(),
