@@ -21,7 +21,7 @@
  *                                   connection and echo it until EOF, answer "DONE"
  *   PING <port> <count> <size>      connect to the host, send <size> bytes and wait for
  *                                   them to come back, <count> times, answer
- *                                   "DONE <count> <average round trip nsec>"
+ *                                   "DONE <count> <average nsec> <median nsec>"
  *   SHELL <port>                    listen on <port>, answer "READY", accept one
  *                                   connection and run /bin/sh on it
  *
@@ -479,6 +479,11 @@ static void cmd_echo(int ctl, unsigned port) {
     say(ctl, "DONE");
 }
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static void cmd_ping(int ctl, unsigned port, unsigned count, unsigned size) {
     static uint8_t out[4096], in[4096];
     if (size == 0 || size > sizeof(out) || count == 0) {
@@ -490,18 +495,30 @@ static void cmd_ping(int ctl, unsigned port, unsigned count, unsigned size) {
         say(ctl, "ERR connect to port %u: %s", port, strerror(errno));
         return;
     }
+    uint64_t *rtt = calloc(count, sizeof(*rtt));
+    if (rtt == NULL) {
+        say(ctl, "ERR out of memory");
+        close(fd);
+        return;
+    }
     memset(out, 0x5a, size);
     uint64_t start = now_us();
     for (unsigned i = 0; i < count; i++) {
+        uint64_t t0 = now_us();
         if (write_all(fd, out, size) < 0 || read_all(fd, in, size) < 0) {
             say(ctl, "ERR ping %u: %s", i, strerror(errno));
             close(fd);
+            free(rtt);
             return;
         }
+        rtt[i] = now_us() - t0;
     }
     uint64_t took = now_us() - start;
     close(fd);
-    say(ctl, "DONE %u %llu", count, (unsigned long long)(took * 1000 / count));
+    qsort(rtt, count, sizeof(*rtt), cmp_u64);
+    say(ctl, "DONE %u %llu %llu", count, (unsigned long long)(took * 1000 / count),
+        (unsigned long long)(rtt[count / 2] * 1000));
+    free(rtt);
 }
 
 static void cmd_shell(int ctl, unsigned port) {
