@@ -234,7 +234,8 @@ pub fn run(backend: Backend, sizes: &Sizes) -> Result<bool> {
     let assets = crate::setup::prepare(&crate::setup::cache_dir())?;
     let dir = run_dir("e2e");
     println!(
-        "e2e: booting the guest (TCG) with {} as the vhost-user back-end; logs in {}",
+        "e2e: booting the guest ({}) with {} as the vhost-user back-end; logs in {}",
+        assets.accel,
         backend.name(),
         dir.display()
     );

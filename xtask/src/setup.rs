@@ -42,6 +42,8 @@ pub struct Assets {
     pub kernel: PathBuf,
     /// The gzip'd cpio initramfs.
     pub initramfs: PathBuf,
+    /// QEMU's accelerator: `kvm` where a probe boot succeeded, else `tcg`.
+    pub accel: String,
 }
 
 /// The cache directory: `$OUTBOARD_E2E_CACHE` or `target/e2e-cache`.
@@ -58,11 +60,88 @@ pub fn prepare(cache: &Path) -> Result<Assets> {
     let (kernel, modules) = ensure_kernel(cache)?;
     let agent = ensure_agent(cache)?;
     let initramfs = build_initramfs(cache, &modules, &agent)?;
+    let accel = match std::env::var("OUTBOARD_E2E_ACCEL") {
+        Ok(a) => a,
+        Err(_) => probe_accel(cache, &kernel, &initramfs),
+    };
     Ok(Assets {
         qemu: PathBuf::from("qemu-system-x86_64"),
         kernel,
         initramfs,
+        accel,
     })
+}
+
+/// `kvm` if /dev/kvm is usable and the guest reaches its init under it within 20 s,
+/// else `tcg`. Nested KVM on some hosts cannot run a stock Debian kernel (emulation
+/// failures in the decompressor), hence the probe. The answer is cached per kernel.
+fn probe_accel(cache: &Path, kernel: &Path, initramfs: &Path) -> String {
+    let name = kernel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let memo = cache.join(format!("accel-{name}"));
+    if let Ok(a) = fs::read_to_string(&memo) {
+        if matches!(a.trim(), "kvm" | "tcg") {
+            return a.trim().to_string();
+        }
+    }
+    let usable = fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let accel = if usable && kvm_boots(cache, kernel, initramfs) {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    println!(
+        "e2e: accelerator: {accel} (probed once, cached in {})",
+        memo.display()
+    );
+    let _ = fs::write(&memo, accel);
+    accel.to_string()
+}
+
+fn kvm_boots(cache: &Path, kernel: &Path, initramfs: &Path) -> bool {
+    let log = cache.join("kvm-probe.log");
+    let _ = fs::remove_file(&log);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "kvm", "-cpu", "max", "-smp", "1", "-m", "256M"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let Ok(mut qemu) = cmd.spawn() else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut booted = false;
+    while std::time::Instant::now() < deadline {
+        if fs::read_to_string(&log).is_ok_and(|l| l.contains("outboard-e2e: guest up")) {
+            booted = true;
+            break;
+        }
+        if matches!(qemu.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    util::kill_and_reap(&mut qemu);
+    booted
 }
 
 fn have_qemu_with_vhost_user_vsock() -> bool {

@@ -99,9 +99,9 @@ impl Vm {
         let qmp_path = dir.join("qmp.sock");
         let backend = start_backend(&kind, &socket, &uds, &backend_log)?;
         let mut qemu_cmd = Command::new(&assets.qemu);
-        let accel = std::env::var("OUTBOARD_E2E_ACCEL").unwrap_or_else(|_| "tcg".into());
+        let accel = &assets.accel;
         qemu_cmd
-            .args(["-accel", &accel, "-cpu", "max", "-smp", "2", "-m", "512M"])
+            .args(["-accel", accel, "-cpu", "max", "-smp", "2", "-m", "512M"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-machine", "q35,memory-backend=mem"])
             .args([
