@@ -29,7 +29,10 @@ pub fn run(backend: Backend) -> Result<()> {
         "demo: starting {} as the vhost-user vsock back-end",
         backend.name()
     );
-    println!("demo: booting a Debian kernel + busybox guest under QEMU (TCG, a few seconds)");
+    println!(
+        "demo: booting a Debian kernel + busybox guest under QEMU ({}, a few seconds)",
+        assets.accel
+    );
     let mut vm = Vm::boot(&assets, backend, &dir)?;
     let r = session(&mut vm);
     if r.is_err() {
