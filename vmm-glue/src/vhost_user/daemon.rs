@@ -111,7 +111,21 @@ pub fn serve<D: VirtioDevice>(
                         Ok((s, _)) => s,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(WorkerError::Accept(e)),
+                        // A broken listening socket ends the worker; running out of fds
+                        // or memory, or a client that left, is waited out.
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
+                            ) =>
+                        {
+                            return Err(WorkerError::Accept(e))
+                        }
+                        Err(e) => {
+                            log::warn!("{name}: accept failed: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            continue;
+                        }
                     };
                     if let Err(e) = stream.set_nonblocking(false) {
                         log::warn!("{name}: dropped a front-end: {e}");
