@@ -290,3 +290,63 @@ fn frontend_drives_a_device_through_the_daemon() {
     worker.join().unwrap().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A ring stopped and restarted where it stopped (a paused VM) keeps the device's state;
+/// one restarted from elsewhere (a reset driver) resets the device.
+#[test]
+fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
+    let dir = std::env::temp_dir().join(format!("outboard-vu-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vu.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let log: Log = Arc::default();
+    let device = Echo {
+        sizes: [16, 16],
+        queues: Vec::new(),
+        irq: None,
+        log: log.clone(),
+    };
+    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let worker_stop = stop.try_clone().unwrap();
+    let worker = std::thread::spawn(move || {
+        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
+    });
+    let mem = GuestMem::new();
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut fe = Frontend::connect(&path).unwrap();
+    bring_up(&mut fe, &mem, &kick, &call);
+    offer_chain(&mem, 0, 0);
+    kick.write(1).unwrap();
+    assert!(wait_readable(bfd(&call), 5000));
+    let base = fe.get_vring_base(0).unwrap();
+    assert_eq!(base, 1);
+
+    // Resume: same base, same addresses. The next chain is served, no reset.
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_kick(0, Some(bfd(&kick))).unwrap();
+    call.read().unwrap();
+    offer_chain(&mem, 1, 1);
+    kick.write(1).unwrap();
+    assert!(wait_readable(bfd(&call), 5000), "no call after resume");
+    assert_eq!(mem.read::<u16>(0x3002), 2);
+    assert!(!log.lock().unwrap().iter().any(|l| l == "reset"));
+
+    // A reset driver starts over at index 0: the device is reset and activated again.
+    assert_eq!(fe.get_vring_base(0).unwrap(), 2);
+    mem.write(0x2002, 0u16);
+    mem.write(0x3002, 0u16);
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_kick(0, Some(bfd(&kick))).unwrap();
+    let entries = log.lock().unwrap().clone();
+    assert_eq!(
+        entries[entries.len() - 2..],
+        ["reset".to_string(), "activate 2".to_string()]
+    );
+
+    drop(fe);
+    stop.write(1).unwrap();
+    worker.join().unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
