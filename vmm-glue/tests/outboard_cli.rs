@@ -167,3 +167,77 @@ fn serves_an_inherited_listening_fd() {
     assert!(status.success(), "{status}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Waits for `path` to accept a vhost-user front-end and checks that it answers.
+fn answers(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fe = loop {
+        if let Ok(fe) = outboard_transport::Frontend::connect(path) {
+            break fe;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never accepted",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << 32), 0, "VERSION_1 offered: {features:#x}");
+}
+
+fn stop(mut child: std::process::Child) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn serves_several_vms_from_flags_and_from_a_config_file() {
+    let dir = scratch("multi");
+    let p = |n: &str| dir.join(n).display().to_string();
+    let child = outboard()
+        .args(["vsock", "--vm"])
+        .arg(format!(
+            "guest-cid=3,socket={},uds-path={}",
+            p("a.sock"),
+            p("a.vsock")
+        ))
+        .arg("--vm")
+        .arg(format!(
+            "guest-cid=4,socket={},uds-path={},tx-buffer-size=131072,groups=g1+g2",
+            p("b.sock"),
+            p("b.vsock")
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    answers(&dir.join("a.sock"));
+    answers(&dir.join("b.sock"));
+    stop(child);
+
+    let config = dir.join("vms.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "vms:\n  - guest_cid: 5\n    socket: {}\n    uds_path: {}\n  - guest_cid: 6\n    socket: {}\n    uds_path: {}\n    queue_size: 256\n",
+            p("c.sock"),
+            p("c.vsock"),
+            p("d.sock"),
+            p("d.vsock")
+        ),
+    )
+    .unwrap();
+    let child = outboard()
+        .args(["vsock", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    answers(&dir.join("c.sock"));
+    answers(&dir.join("d.sock"));
+    stop(child);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
