@@ -352,6 +352,17 @@ fn vsock(args: VsockArgs) -> ExitCode {
     if group_members.values().any(|&n| n > 1) {
         log::warn!("sibling VM communication is not implemented: guests in one group cannot reach each other yet");
     }
+    for vm in vms.iter().filter(|v| v.tx_buffer_size > 256 * 1024) {
+        // The device returns credit once half its buffer looks used, but Linux guests
+        // (since the 2025 "cap TX credit to local buffer size" fix) never use more than
+        // their own 256 KiB socket buffer: with a buffer of 512 KiB or more a guest
+        // sending to the host can wait for credit that never comes.
+        log::warn!(
+            "guest CID {}: tx-buffer-size {} is above 256 KiB; Linux guests may stall sending to the host",
+            vm.guest_cid,
+            vm.tx_buffer_size
+        );
+    }
 
     // Block the stop signals before any thread starts, so only sigtimedwait sees them.
     let set = signal_set();
