@@ -165,6 +165,11 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         }
     }
 
+    /// The interrupt handed to the device (call eventfds, back-end channel).
+    pub fn interrupt(&self) -> Arc<RingInterrupt> {
+        self.irq.clone()
+    }
+
     /// The device's own event fd is readable.
     pub fn handle_device_event(&mut self) {
         self.device.handle_event();

@@ -83,6 +83,8 @@ pub fn serve<D: VirtioDevice>(
     // Exactly one of these is Some: the device waits idle, or a front-end drives it.
     let mut idle = Some(DeviceBackend::new(device, max_queue_size, epoll.clone()));
     let mut conn: Option<BackendReqHandler<DeviceBackend<D>>> = None;
+    // The backend keeps one interrupt for its whole life.
+    let batch_irq = idle.as_ref().map(DeviceBackend::interrupt);
     let mut events = vec![EpollEvent::default(); 64];
     log::info!("{name}: waiting for a front-end");
     'outer: loop {
@@ -91,6 +93,10 @@ pub fn serve<D: VirtioDevice>(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(WorkerError::Epoll(e)),
         };
+        // Signals to the front-end go out once per batch (see RingInterrupt).
+        if let Some(irq) = &batch_irq {
+            irq.defer();
+        }
         for ev in &events[..n] {
             let backend = match conn.as_mut() {
                 Some(h) => Some(h.backend_mut()),
@@ -158,6 +164,9 @@ pub fn serve<D: VirtioDevice>(
                             }
                             add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
                             log::info!("{name}: device reset; waiting for a front-end");
+                            if let Some(irq) = &batch_irq {
+                                irq.flush();
+                            }
                             // Later events of this batch may name fds that are gone.
                             continue 'outer;
                         }
@@ -171,6 +180,9 @@ pub fn serve<D: VirtioDevice>(
                 }
                 other => log::debug!("{name}: event for unknown token {other}"),
             }
+        }
+        if let Some(irq) = &batch_irq {
+            irq.flush();
         }
     }
     let backend = match conn {

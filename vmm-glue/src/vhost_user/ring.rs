@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use outboard_devices::virtio::{DescChain, Interrupt, QueueError, VirtQueue};
@@ -97,10 +98,17 @@ impl VirtQueue for SharedQueue {
 }
 
 /// Call eventfds per ring and the back-end channel, replaceable at any time.
+///
+/// While [`RingInterrupt::defer`] is on, used-ring signals are only recorded and
+/// [`RingInterrupt::flush`] sends each at most once: the worker defers while it handles
+/// one batch of epoll events, so several passes over a ring cost the front-end one
+/// wake-up.
 #[derive(Debug)]
 pub struct RingInterrupt {
     calls: Vec<Mutex<Option<File>>>,
     channel: Mutex<Option<Backend>>,
+    deferring: AtomicBool,
+    pending: AtomicU64,
 }
 
 impl RingInterrupt {
@@ -109,6 +117,37 @@ impl RingInterrupt {
         RingInterrupt {
             calls: (0..rings).map(|_| Mutex::new(None)).collect(),
             channel: Mutex::new(None),
+            deferring: AtomicBool::new(false),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts recording used-ring signals instead of sending them.
+    pub fn defer(&self) {
+        self.deferring.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends the recorded signals (once per ring) and stops deferring.
+    pub fn flush(&self) {
+        self.deferring.store(false, Ordering::Relaxed);
+        let mut bits = self.pending.swap(0, Ordering::Relaxed);
+        while bits != 0 {
+            let ring = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            self.send(ring);
+        }
+    }
+
+    fn send(&self, queue: usize) {
+        let Some(slot) = self.calls.get(queue) else {
+            return;
+        };
+        if let Some(f) = lock(slot).as_mut() {
+            // An eventfd write of 1; it only fails if the counter would overflow, which
+            // means the front-end is not reading it and one more signal changes nothing.
+            if let Err(e) = f.write(&1u64.to_ne_bytes()) {
+                log::debug!("cannot signal ring {queue}: {e}");
+            }
         }
     }
 
@@ -136,15 +175,10 @@ impl RingInterrupt {
 
 impl Interrupt for RingInterrupt {
     fn signal_used_queue(&self, queue: usize) {
-        let Some(slot) = self.calls.get(queue) else {
-            return;
-        };
-        if let Some(f) = lock(slot).as_mut() {
-            // An eventfd write of 1; it only fails if the counter would overflow, which
-            // means the front-end is not reading it and one more signal changes nothing.
-            if let Err(e) = f.write(&1u64.to_ne_bytes()) {
-                log::debug!("cannot signal ring {queue}: {e}");
-            }
+        if queue < 64 && self.deferring.load(Ordering::Relaxed) {
+            self.pending.fetch_or(1 << queue, Ordering::Relaxed);
+        } else {
+            self.send(queue);
         }
     }
 
@@ -205,5 +239,27 @@ mod tests {
         irq.clear();
         irq.signal_used_queue(1);
         assert!((&fd).read(&mut buf).is_err()); // EAGAIN: nothing was written
+    }
+
+    #[test]
+    fn deferred_signals_are_sent_once_on_flush() {
+        let irq = RingInterrupt::new(2);
+        let fd = eventfd();
+        irq.set_call(0, Some(fd.try_clone().unwrap()));
+        irq.defer();
+        irq.signal_used_queue(0);
+        irq.signal_used_queue(0);
+        irq.signal_used_queue(0);
+        let mut buf = [0u8; 8];
+        assert!(
+            (&fd).read(&mut buf).is_err(),
+            "nothing sent while deferring"
+        );
+        irq.flush();
+        (&fd).read_exact(&mut buf).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 1);
+        irq.signal_used_queue(0); // not deferring any more: sent at once
+        (&fd).read_exact(&mut buf).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 1);
     }
 }
