@@ -122,6 +122,9 @@ pub fn run(backends: Vec<Backend>, bytes: u64) -> Result<()> {
             Ok(f) => {
                 println!("bench-e2e: {name}: {f:?}");
                 rows.push((name, f));
+                let dir = vm.dir.clone();
+                drop(vm);
+                let _ = std::fs::remove_dir_all(dir);
             }
             Err(e) => {
                 vm.dump_logs();

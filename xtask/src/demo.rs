@@ -39,6 +39,10 @@ pub fn run(backend: Backend) -> Result<()> {
         vm.dump_logs();
     }
     println!("demo: stopping QEMU and the back-end");
+    drop(vm);
+    if r.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     r
 }
 
