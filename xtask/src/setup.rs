@@ -186,6 +186,29 @@ fn apt_sources_mention(what: &str) -> bool {
         .any(|f| fs::read_to_string(f).is_ok_and(|t| t.contains(what)))
 }
 
+/// The machine's own Debian mirror: the first URI of its main Debian sources
+/// (deb822 `URIs:` in `debian.sources`, or a one-line `deb URI suite` entry), so that
+/// backports come from wherever this machine already gets its packages.
+fn debian_mirror() -> Option<String> {
+    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let from_deb822 = deb822
+        .lines()
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .and_then(|uris| uris.split_whitespace().next());
+    if let Some(uri) = from_deb822 {
+        return Some(uri.to_string());
+    }
+    let list = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    list.lines()
+        .map(str::split_whitespace)
+        .find_map(|mut words| {
+            (words.next() == Some("deb"))
+                .then(|| words.next())
+                .flatten()
+        })
+        .map(str::to_string)
+}
+
 fn ensure_packages() -> Result<()> {
     let qemu_ok = have_qemu_with_vhost_user_vsock();
     let busybox_ok = busybox().is_some_and(|b| busybox_is_static(&b));
@@ -203,11 +226,10 @@ fn ensure_packages() -> Result<()> {
     let apt_timeout = Duration::from_secs(900);
     if codename == "bookworm" && !qemu_ok && !apt_sources_mention(&backports) {
         let list = "/etc/apt/sources.list.d/outboard-e2e-backports.list";
-        fs::write(
-            list,
-            format!("deb http://deb.debian.org/debian {backports} main\n"),
-        )
-        .map_err(|e| format!("write {list} (are you root?): {e}"))?;
+        let mirror =
+            debian_mirror().ok_or("no Debian mirror in /etc/apt to add bookworm-backports from")?;
+        fs::write(list, format!("deb {mirror} {backports} main\n"))
+            .map_err(|e| format!("write {list} (are you root?): {e}"))?;
     }
     run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
     let install = |args: &[&str]| {
