@@ -355,6 +355,11 @@ pub struct GuestConn {
     pub last_fwd_sent: Wrapping<u32>,
     /// This socket's receive buffer.
     pub buf_alloc: u32,
+    /// Most bytes this socket keeps sent but not yet forwarded by the device, whatever
+    /// credit the device gives (Linux caps it at its own socket buffer).
+    pub tx_window: u32,
+    /// CREDIT_UPDATE packets received.
+    pub credit_updates: u64,
     /// Consume data as it arrives (else [`Guest::consume`]).
     pub auto_consume: bool,
     /// Received bytes (Keep sink).
@@ -385,6 +390,8 @@ impl GuestConn {
             fwd_cnt: Wrapping(0),
             last_fwd_sent: Wrapping(0),
             buf_alloc,
+            tx_window: u32::MAX,
+            credit_updates: 0,
             auto_consume: true,
             data: Vec::new(),
             messages: Vec::new(),
@@ -396,9 +403,10 @@ impl GuestConn {
         }
     }
 
-    /// Bytes the guest may still send.
+    /// Bytes the guest may still send: the device's credit, within [`Self::tx_window`].
     pub fn credit(&self) -> u32 {
         self.peer_buf_alloc
+            .min(self.tx_window)
             .saturating_sub((self.tx_cnt - self.peer_fwd_cnt).0)
     }
 }
@@ -414,6 +422,9 @@ pub struct GuestOptions {
     pub seqpacket: bool,
     /// Receive buffer (`buf_alloc`) of guest sockets.
     pub buf_alloc: u32,
+    /// [`GuestConn::tx_window`] of guest sockets (`u32::MAX`: the device's credit only,
+    /// like Linux before 2025; `buf_alloc`: like Linux since it caps TX credit).
+    pub tx_window: u32,
     /// TX buffer size of the device.
     pub tx_buf_size: u32,
     /// The device's connection cap.
@@ -432,6 +443,7 @@ impl Default for GuestOptions {
             event_idx: true,
             seqpacket: true,
             buf_alloc: 256 * 1024,
+            tx_window: u32::MAX,
             tx_buf_size: 256 * 1024,
             max_connections: outboard_devices::vsock::MAX_CONNECTIONS,
             bad_rx_buffers: false,
@@ -733,10 +745,9 @@ impl Guest {
     pub fn connect(&mut self, port: u32, ty: VsockType) -> Key {
         self.next_port += 1;
         let key = (self.next_port, port);
-        self.conns.insert(
-            key,
-            GuestConn::new(ty, GuestState::Connecting, self.opts.buf_alloc),
-        );
+        let mut c = GuestConn::new(ty, GuestState::Connecting, self.opts.buf_alloc);
+        c.tx_window = self.opts.tx_window;
+        self.conns.insert(key, c);
         self.send_ctrl(key, ty, VsockOp::Request, 0);
         key
     }
@@ -841,6 +852,7 @@ impl Guest {
                 VsockOp::Request if self.silent => {}
                 VsockOp::Request if self.listening.contains_key(&{ hdr.dst_port }) => {
                     let mut c = GuestConn::new(ty, GuestState::Established, self.opts.buf_alloc);
+                    c.tx_window = self.opts.tx_window;
                     if let Some(Some(seed)) = self.listening.get(&{ hdr.dst_port }) {
                         c.sink = Sink::Verify { seed: *seed };
                     }
@@ -866,7 +878,7 @@ impl Guest {
                 VsockOp::Rst => c.state = GuestState::Reset,
                 VsockOp::Shutdown => c.peer_shutdown |= hdr.flags,
                 VsockOp::CreditRequest => reply = Some(VsockOp::CreditUpdate),
-                VsockOp::CreditUpdate => {}
+                VsockOp::CreditUpdate => c.credit_updates += 1,
                 VsockOp::Rw => {
                     if (c.rx_cnt - c.fwd_cnt).0 + plen > c.buf_alloc {
                         c.overruns += 1;

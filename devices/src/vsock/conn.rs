@@ -6,7 +6,9 @@ use std::num::Wrapping;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType, VMADDR_CID_HOST};
+use outboard_protocol::vsock::{
+    VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE, VMADDR_CID_HOST,
+};
 
 use super::sys;
 use crate::virtio::{read_regions, IoRegion};
@@ -161,12 +163,32 @@ impl Conn {
         self.tx_start < self.tx_buf.len() || !self.seq_msgs.is_empty()
     }
 
-    /// Whether the guest's idea of the free TX buffer has dropped below half while the
-    /// device has actually freed space since it last said so.
+    /// Forwarded bytes the guest has not been told about yet that make a CREDIT_UPDATE
+    /// due: `min(64 KiB, buf_alloc / 4, guest buf_alloc / 4)`, at least 1.
+    ///
+    /// A guest stops sending when its unannounced bytes (`recv_cnt - last_fwd_cnt_sent`)
+    /// reach its send window `W`, which is at most our `buf_alloc` and, for Linux guests
+    /// since the "cap TX credit to local buffer size" fix, also at most the guest's own
+    /// `buf_alloc` (its socket buffer, 256 KiB by default). Once the host socket took
+    /// those bytes, all `W` of them are unannounced, and `W` is at least four times
+    /// this threshold (or above 64 KiB), so an update goes out: no credit-respecting
+    /// guest with such a window can wait forever, whatever `buf_alloc` is. (A threshold
+    /// tied to our `buf_alloc` alone, like the former "half the buffer looks used"
+    /// rule, never fires when `W` is below it.) Each update announces at least the
+    /// threshold, so there is at most one per `threshold` bytes forwarded, plus the
+    /// answers to the guest's CREDIT_REQUESTs; the guest still sees its window
+    /// refilled a quarter at a time, so it need not pause.
+    pub fn credit_update_threshold(&self) -> u32 {
+        MAX_PKT_BUF_SIZE
+            .min(self.buf_alloc / 4)
+            .min(self.peer_buf_alloc / 4)
+            .max(1)
+    }
+
+    /// Whether the device freed enough TX buffer since it last told the guest
+    /// ([`Conn::credit_update_threshold`]) that a CREDIT_UPDATE is due.
     pub fn needs_credit_update(&self) -> bool {
-        let guest_view_used = (self.recv_cnt - self.last_fwd_cnt_sent).0;
-        let guest_view_free = self.buf_alloc.saturating_sub(guest_view_used);
-        self.fwd_cnt != self.last_fwd_cnt_sent && guest_view_free < self.buf_alloc / 2
+        (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= self.credit_update_threshold()
     }
 
     /// A header from this connection to the guest; records the announced `fwd_cnt`.
@@ -336,12 +358,26 @@ mod tests {
     #[test]
     fn credit_update_threshold() {
         let mut c = conn();
+        c.update_peer_credit(256 * 1024, 0);
+        assert_eq!(c.credit_update_threshold(), 250, "a quarter of our 1000");
         c.recv_cnt = Wrapping(600);
         assert!(!c.needs_credit_update(), "nothing forwarded yet");
-        c.fwd_cnt = Wrapping(600);
-        assert!(c.needs_credit_update(), "guest sees 400 free of 1000");
+        c.fwd_cnt = Wrapping(249);
+        assert!(!c.needs_credit_update());
+        c.fwd_cnt = Wrapping(250);
+        assert!(c.needs_credit_update());
         let _ = c.rx_header(3, VsockOp::CreditUpdate, 0, 0);
         assert!(!c.needs_credit_update());
+
+        // A large buffer: 64 KiB, however little of it the guest's window uses.
+        c.buf_alloc = 4 << 20;
+        assert_eq!(c.credit_update_threshold(), 64 * 1024);
+        // A guest with a small socket buffer (its window): a quarter of that.
+        c.update_peer_credit(16 * 1024, 0);
+        assert_eq!(c.credit_update_threshold(), 4 * 1024);
+        // A guest announcing nothing still gets updates (never a zero threshold).
+        c.update_peer_credit(0, 0);
+        assert_eq!(c.credit_update_threshold(), 1);
     }
 
     #[test]

@@ -45,10 +45,14 @@
 //! `sendmsg` over the chain's regions; only what the socket does not take at once is
 //! copied into the per-connection TX buffer, whose size is the credit (`buf_alloc`) the
 //! device announces, so a guest that respects credit never finds it full and one that
-//! does not is reset. Host data is read with `recvmsg` straight into the payload areas
-//! of up to 64 guest RX buffers at once, never beyond the guest's credit. Host sockets
-//! are edge-triggered in the muxer's own epoll set, so no epoll_ctl is needed on the
-//! data path.
+//! does not is reset. The device announces freed TX buffer with a CREDIT_UPDATE once
+//! `min(64 KiB, buf_alloc / 4, the guest's buf_alloc / 4)` bytes were forwarded since it
+//! last told the guest (every packet to the guest carries `fwd_cnt` too): Linux guests
+//! keep at most their own socket buffer in flight, however large `buf_alloc` is, so a
+//! threshold tied to `buf_alloc` alone would leave them waiting. Host data is read with
+//! `recvmsg` straight into the payload areas of up to 64 guest RX buffers at once, never
+//! beyond the guest's credit. Host sockets are edge-triggered in the muxer's own epoll
+//! set, so no epoll_ctl is needed on the data path.
 
 mod conn;
 mod device;
