@@ -10,6 +10,8 @@
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
 //! - [`metrics`]: the JSON metrics file of the daemon.
+//! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
+//!   the daemon keeping the listening socket and restarting a worker that dies.
 //! - [`media`]: virtio-media (the software camera) over vhost-user, with its shared
 //!   memory region mapped through `SHMEM_MAP`.
 //!
@@ -17,11 +19,14 @@
 //!
 //! # Features
 //!
-//! `vhost-user` (the daemon library, pulls in outboard-transport), `mmio`, and `cli`
-//! (the `outboard` binary, pulls in clap and env_logger) are on by default; a VMM that
-//! vendors only the rust-vmm adapters turns them off.
+//! `vhost-user` (the daemon library, pulls in outboard-transport), `mmio`, `cli` (the
+//! `outboard` binary, pulls in clap and env_logger) and `jail` (jailed workers, pulls in
+//! outboard-sandbox and seccompiler) are on by default; a VMM that vendors only the
+//! rust-vmm adapters turns them off.
 #![deny(missing_docs)]
 
+#[cfg(feature = "jail")]
+pub mod jail;
 #[cfg(feature = "vhost-user")]
 pub mod media;
 pub mod metrics;

@@ -7,6 +7,11 @@
 //!
 //! `outboard media --socket-path PATH --camera` serves the software camera as a
 //! virtio-media device over vhost-user.
+//!
+//! With `--jail` (both commands) each worker runs in a jailed child process instead of a
+//! thread: the daemon keeps the vhost-user listening socket, forks one child per VM
+//! (see `outboard_glue::jail`), reports how a child ended and starts a new one on the
+//! same socket. `--jail-seccomp log` develops the seccomp allow-list.
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -57,6 +62,20 @@ struct MediaArgs {
     /// Size of the shared memory region for MMAP buffers, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     shm_size_mib: u64,
+    #[command(flatten)]
+    jail: JailArgs,
+}
+
+#[derive(Args, Debug)]
+struct JailArgs {
+    /// Run each worker in a jailed child process (namespaces, empty root, no
+    /// capabilities, seccomp) that the daemon restarts when it dies.
+    #[arg(long)]
+    jail: bool,
+    /// What seccomp does with a system call outside the worker's allow-list: `kill`,
+    /// `errno` (EPERM) or `log` (allowed and logged by the kernel).
+    #[arg(long, value_name = "MODE", default_value = "kill", requires = "jail")]
+    jail_seccomp: String,
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +118,8 @@ struct VsockArgs {
     /// Print the back-end's capabilities as JSON (vhost-user convention) and exit.
     #[arg(long)]
     print_capabilities: bool,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 /// Exit status for bad flags or config.
@@ -148,6 +169,9 @@ fn media(args: MediaArgs) -> ExitCode {
     if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
         eprintln!("outboard media: cannot block SIGTERM/SIGINT");
         return ExitCode::FAILURE;
+    }
+    if args.jail.jail {
+        return jailed::media(&args, shm_size, &set);
     }
     let run = || -> Result<(), String> {
         remove_stale_socket(&args.socket_path)?;
@@ -342,6 +366,11 @@ fn vsock(args: VsockArgs) -> ExitCode {
             vms.len()
         ));
     }
+    if args.jail.jail && args.metrics.is_some() {
+        return usage_error(
+            "--metrics cannot be used with --jail: the counters live in the jailed workers",
+        );
+    }
     if args.metrics_interval == 0 {
         return usage_error("--metrics-interval 0: the interval must be at least 1 second");
     }
@@ -371,6 +400,9 @@ fn vsock(args: VsockArgs) -> ExitCode {
     if rc != 0 {
         eprintln!("outboard vsock: cannot block SIGTERM/SIGINT: error {rc}");
         return ExitCode::FAILURE;
+    }
+    if args.jail.jail {
+        return jailed::vsock(&vms, args.fd, &args.jail, &set);
     }
 
     let mut workers = Vec::new();
@@ -491,4 +523,285 @@ fn start_worker(vm: &VmConfig, fd: Option<RawFd>) -> Result<Worker, String> {
         thread: Some(thread),
         created: sockets,
     })
+}
+
+/// `--jail`: workers in jailed children, supervised from the main thread.
+#[cfg(feature = "jail")]
+mod jailed {
+    use super::*;
+    use outboard_glue::jail::{describe_exit, worker_jail, JailedWorker, SeccompMode};
+    use outboard_sandbox::Jail;
+
+    /// How long a stopping worker gets before it is killed.
+    const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+    /// A worker that dies sooner than this after its start is restarted only after
+    /// [`RESTART_DELAY`], so a worker that cannot start does not spin.
+    const MIN_RUN: Duration = Duration::from_secs(1);
+    const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+    type ServeFn = Box<dyn Fn(UnixListener, &EventFd) -> Result<(), String>>;
+
+    /// One worker the daemon keeps running.
+    struct Supervised {
+        name: String,
+        jail: Jail,
+        listener: UnixListener,
+        /// Sockets a dead worker leaves behind, removed before each start.
+        stale: Vec<PathBuf>,
+        /// Socket files this daemon created, removed at exit.
+        created: Vec<PathBuf>,
+        serve: ServeFn,
+        worker: Option<JailedWorker>,
+        started: Instant,
+        restart_at: Option<Instant>,
+    }
+
+    impl Supervised {
+        fn start(&mut self) -> Result<(), String> {
+            for p in &self.stale {
+                remove_stale_socket(p)?;
+            }
+            let serve = &self.serve;
+            let w = JailedWorker::spawn(&self.jail, &self.listener, &self.name, |l, s| serve(l, s))
+                .map_err(|e| e.to_string())?;
+            log::info!("{}: worker runs jailed, pid {}", self.name, w.pid());
+            self.worker = Some(w);
+            self.started = Instant::now();
+            self.restart_at = None;
+            Ok(())
+        }
+
+        /// Reaps a worker that ended and starts a new one when it is due.
+        fn check(&mut self) {
+            if let Some(w) = self.worker.as_mut() {
+                match w.try_wait() {
+                    Ok(None) => return,
+                    Ok(Some(status)) => {
+                        log::error!(
+                            "{}: worker pid {} {}; starting a new one",
+                            self.name,
+                            w.pid(),
+                            describe_exit(status)
+                        );
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.name);
+                        return;
+                    }
+                }
+                self.worker = None;
+                let delay = if self.started.elapsed() < MIN_RUN {
+                    RESTART_DELAY
+                } else {
+                    Duration::ZERO
+                };
+                self.restart_at = Some(Instant::now() + delay);
+            }
+            if self.restart_at.is_some_and(|t| Instant::now() >= t) {
+                if let Err(e) = self.start() {
+                    log::error!("{}: cannot start a worker: {e}", self.name);
+                    self.restart_at = Some(Instant::now() + RESTART_DELAY);
+                }
+            }
+        }
+
+        fn stop(&mut self) -> bool {
+            let mut ok = true;
+            if let Some(w) = self.worker.take() {
+                let pid = w.pid();
+                match w.stop(STOP_TIMEOUT) {
+                    Ok(outboard_sandbox::ExitStatus::Exited(0)) => {}
+                    Ok(status) => {
+                        log::error!("{}: worker pid {pid} {}", self.name, describe_exit(status));
+                        ok = false;
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.name);
+                        ok = false;
+                    }
+                }
+            }
+            for p in &self.created {
+                let _ = std::fs::remove_file(p);
+            }
+            ok
+        }
+    }
+
+    /// Starts every worker, keeps them running until SIGTERM/SIGINT, then stops them.
+    fn supervise(mut sups: Vec<Supervised>, set: &libc::sigset_t) -> ExitCode {
+        let mut ok = true;
+        for s in &mut sups {
+            if let Err(e) = s.start() {
+                log::error!("{}: {e}", s.name);
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            loop {
+                if let Some(sig) = wait_signal(set, Duration::from_millis(100)) {
+                    log::info!("signal {sig}: stopping");
+                    break;
+                }
+                for s in &mut sups {
+                    s.check();
+                }
+            }
+        }
+        for s in &mut sups {
+            ok &= s.stop();
+        }
+        if ok {
+            log::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+
+    fn seccomp_mode(args: &JailArgs) -> Result<SeccompMode, ExitCode> {
+        args.jail_seccomp.parse().map_err(usage_error)
+    }
+
+    /// `outboard vsock --jail`.
+    pub(super) fn vsock(
+        vms: &[VmConfig],
+        fd: Option<RawFd>,
+        args: &JailArgs,
+        set: &libc::sigset_t,
+    ) -> ExitCode {
+        let mode = match seccomp_mode(args) {
+            Ok(m) => m,
+            Err(code) => return code,
+        };
+        let mut sups = Vec::new();
+        for vm in vms {
+            match supervised_vsock(vm, fd, mode) {
+                Ok(s) => sups.push(s),
+                Err(e) => {
+                    log::error!("VM with guest CID {}: {e}", vm.guest_cid);
+                    for s in &mut sups {
+                        s.stop();
+                    }
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        supervise(sups, set)
+    }
+
+    fn supervised_vsock(
+        vm: &VmConfig,
+        fd: Option<RawFd>,
+        mode: SeccompMode,
+    ) -> Result<Supervised, String> {
+        // The worker sees the uds-path directory at its own absolute path.
+        let (dir, file) = match (vm.uds_path.parent(), vm.uds_path.file_name()) {
+            (Some(d), Some(f)) => (
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                },
+                f,
+            ),
+            _ => return Err(format!("uds-path {}: no file name", vm.uds_path.display())),
+        };
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| format!("uds-path directory {}: {e}", dir.display()))?;
+        let mut vm = vm.clone();
+        vm.uds_path = dir.join(file);
+        let jail = worker_jail(std::slice::from_ref(&dir), mode).map_err(|e| e.to_string())?;
+        let stale = muxer_sockets(&vm);
+        let Listening { listener, created } = listen(&vm, fd)?;
+        let mut all = stale.clone();
+        all.extend(created);
+        let name = format!("vsock cid {}", vm.guest_cid);
+        log::info!(
+            "guest CID {}: vhost-user socket {}, host sockets {} (jailed)",
+            vm.guest_cid,
+            vm.socket.display(),
+            vm.uds_path.display()
+        );
+        let worker_name = name.clone();
+        let serve: ServeFn = Box::new(move |listener, stop| {
+            let mut config = VsockDeviceConfig::new(vm.guest_cid, vm.uds_path.clone());
+            config.tx_buf_size = vm.tx_buffer_size;
+            let device = Vsock::new(config).map_err(|e| e.to_string())?;
+            daemon::serve(device, listener, vm.queue_size, stop, &worker_name)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
+        Ok(Supervised {
+            name,
+            jail,
+            listener,
+            stale,
+            created: all,
+            serve,
+            worker: None,
+            started: Instant::now(),
+            restart_at: None,
+        })
+    }
+
+    /// `outboard media --camera --jail`.
+    pub(super) fn media(args: &MediaArgs, shm_size: u64, set: &libc::sigset_t) -> ExitCode {
+        let mode = match seccomp_mode(&args.jail) {
+            Ok(m) => m,
+            Err(code) => return code,
+        };
+        let setup = || -> Result<Supervised, String> {
+            let jail = worker_jail(&[], mode).map_err(|e| e.to_string())?;
+            remove_stale_socket(&args.socket_path)?;
+            let listener = UnixListener::bind(&args.socket_path)
+                .map_err(|e| format!("bind {}: {e}", args.socket_path.display()))?;
+            let serve: ServeFn = Box::new(move |listener, stop| {
+                serve_camera(listener, shm_size, stop, "media camera").map_err(|e| e.to_string())
+            });
+            Ok(Supervised {
+                name: "media camera".into(),
+                jail,
+                listener,
+                stale: Vec::new(),
+                created: vec![args.socket_path.clone()],
+                serve,
+                worker: None,
+                started: Instant::now(),
+                restart_at: None,
+            })
+        };
+        match setup() {
+            Ok(s) => supervise(vec![s], set),
+            Err(e) => {
+                eprintln!("outboard media: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Built without the `jail` feature: `--jail` is refused.
+#[cfg(not(feature = "jail"))]
+mod jailed {
+    use super::*;
+
+    const UNAVAILABLE: &str = "--jail: this outboard was built without the `jail` feature";
+
+    /// `outboard vsock --jail` without the feature.
+    pub(super) fn vsock(
+        _vms: &[VmConfig],
+        _fd: Option<RawFd>,
+        _args: &JailArgs,
+        _set: &libc::sigset_t,
+    ) -> ExitCode {
+        usage_error(UNAVAILABLE)
+    }
+
+    /// `outboard media --jail` without the feature.
+    pub(super) fn media(_args: &MediaArgs, _shm_size: u64, _set: &libc::sigset_t) -> ExitCode {
+        usage_error(UNAVAILABLE)
+    }
 }

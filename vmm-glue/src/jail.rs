@@ -1,0 +1,355 @@
+//! Jailed device workers: a vhost-user worker (connection handling and device) forked
+//! into a child confined by an `outboard_sandbox::Jail`.
+//!
+//! # Who owns what
+//!
+//! The parent (the daemon) binds the vhost-user listening socket and keeps it for its
+//! whole life. For each worker it forks a child with [`JailedWorker::spawn`]; the child
+//! gets that listening socket and a stop eventfd (nothing else: every other fd is
+//! closed), builds its device *inside* the jail (so the device's own sockets and
+//! eventfds never exist in the parent), then runs the ordinary worker loop
+//! ([`crate::vhost_user::daemon::serve`]): it accepts the front-end, maps the memory
+//! table and serves the rings. When the child dies the parent reaps it, reports how it
+//! ended (a seccomp kill shows as signal 31, `SIGSYS`) and forks a new one on the same
+//! listening socket, so a front-end that reconnects (`reconnect-ms`) meets a fresh
+//! device and connections queued meanwhile wait in the backlog. The parent stops a
+//! child by writing its stop eventfd (the worker loop ends, the child exits 0), and
+//! kills it if it does not exit in time.
+//!
+//! # The jail ([`worker_jail`])
+//!
+//! New user namespace (root inside; outside it is the daemon's uid, or 65534 `nobody`
+//! when the daemon runs as root, so an escape lands unprivileged), pid, mount, net, IPC,
+//! UTS and cgroup namespaces. The root is an empty read-only tmpfs in which only the
+//! directories the device needs are bind-mounted read-write at their own paths (for
+//! vsock, the directory of `uds-path`: the host listener `<uds_path>` is created there
+//! and guest connections go to `<uds_path>_<port>`; path-based AF_UNIX sockets work
+//! across network namespaces). `no_new_privs`, every capability dropped, rlimits (open
+//! files, no core dumps), parent-death `SIGKILL`, and last a seccomp allow-list
+//! ([`WORKER_SYSCALLS`]) whose default action is chosen with [`SeccompMode`] (kill the
+//! process, fail with `EPERM`, or log — the mode to develop the list with: the kernel
+//! logs each syscall outside it as an audit record and lets it run).
+//!
+//! Because the worker's uid outside is `nobody` when the daemon runs as root, that uid
+//! must be able to create sockets in the `uds-path` directory and to connect to the
+//! host services' `<uds_path>_<port>` sockets (write permission on them).
+//!
+//! # Forking
+//!
+//! Fork workers from a thread that lives as long as they do (the parent-death signal
+//! belongs to the forking thread) and, ideally, from a single-threaded process: the
+//! `outboard` binary forks from its main thread and runs no other threads in jail mode.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use outboard_sandbox::proxy::CHILD_SYSCALLS;
+use outboard_sandbox::SeccompPolicy;
+use outboard_sandbox::{fork_process, Child, ExitStatus, ForkError, Jail, JailError};
+use remain::sorted;
+use seccompiler::SeccompAction;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Exit code of a worker whose serve function returned an error.
+pub const EXIT_WORKER_ERROR: i32 = 1;
+
+/// Open files a jailed worker may have (front-end fds, memory regions, host sockets).
+pub const WORKER_NOFILE: u64 = 4096;
+
+/// The system calls a jailed vhost-user worker makes beyond the sandbox's own
+/// [`CHILD_SYSCALLS`]: epoll, eventfds, AF_UNIX sockets (the vhost-user connection
+/// with fd passing, the muxer's listeners and connects), mapping the front-end's memory,
+/// and what the Rust runtime uses (signal frames, sleeping, time).
+pub const WORKER_SYSCALLS: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_connect,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_eventfd2,
+    libc::SYS_fallocate,
+    libc::SYS_fstatfs,
+    libc::SYS_ftruncate,
+    libc::SYS_getpeername,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_gettid,
+    libc::SYS_ioctl,
+    libc::SYS_listen,
+    libc::SYS_lseek,
+    libc::SYS_mprotect,
+    libc::SYS_nanosleep,
+    libc::SYS_pipe2,
+    libc::SYS_pwrite64,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_restart_syscall,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_sigaltstack,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_writev,
+];
+
+/// What the seccomp filter does with a system call outside the allow-list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// Kill the worker process (`SIGSYS`); the daemon reports it and starts a new one.
+    #[default]
+    Kill,
+    /// Fail the call with `EPERM`.
+    Errno,
+    /// Let it run and have the kernel log it (audit record `type=1326`): for developing
+    /// the allow-list.
+    Log,
+}
+
+/// Errors of the jailed worker.
+#[sorted]
+#[derive(Debug, Error)]
+pub enum JailedError {
+    /// The stop eventfd could not be created or written.
+    #[error("stop eventfd of {name}: {source}")]
+    Eventfd {
+        /// The worker.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Forking or reaping the worker failed.
+    #[error("worker {name}: {source}")]
+    Fork {
+        /// The worker.
+        name: String,
+        /// The cause.
+        source: ForkError,
+    },
+    /// The jail could not be built.
+    #[error(transparent)]
+    Jail(#[from] JailError),
+    /// `--jail-seccomp` names no mode.
+    #[error("seccomp mode {0:?}: expected kill, errno or log")]
+    SeccompMode(String),
+}
+
+impl FromStr for SeccompMode {
+    type Err = JailedError;
+
+    fn from_str(s: &str) -> Result<SeccompMode, JailedError> {
+        match s {
+            "kill" => Ok(SeccompMode::Kill),
+            "errno" => Ok(SeccompMode::Errno),
+            "log" => Ok(SeccompMode::Log),
+            other => Err(JailedError::SeccompMode(other.to_owned())),
+        }
+    }
+}
+
+/// The jail of a vhost-user worker (see the module docs): every namespace, an empty
+/// root with `writable_dirs` bind-mounted read-write at their own paths, no
+/// capabilities, rlimits, and the seccomp allow-list [`CHILD_SYSCALLS`] +
+/// [`WORKER_SYSCALLS`] with `mode` as its default action.
+pub fn worker_jail(writable_dirs: &[PathBuf], mode: SeccompMode) -> Result<Jail, JailError> {
+    let mut syscalls: Vec<i64> = CHILD_SYSCALLS
+        .iter()
+        .chain(WORKER_SYSCALLS)
+        .copied()
+        .collect();
+    syscalls.sort_unstable();
+    syscalls.dedup();
+    let action = match mode {
+        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Errno => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let mut jail = Jail::sandboxed()
+        .mount_namespace()
+        .rlimit(libc::RLIMIT_NOFILE, WORKER_NOFILE, WORKER_NOFILE)
+        .rlimit(libc::RLIMIT_CORE, 0, 0)
+        .seccomp(SeccompPolicy::allow_list(&syscalls, action)?);
+    for dir in writable_dirs {
+        jail = jail.bind(dir.clone(), dir.clone(), true);
+    }
+    Ok(jail)
+}
+
+/// How a worker ended, for the log: signals are named, `SIGSYS` as a seccomp kill.
+pub fn describe_exit(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Signaled(libc::SIGSYS) => {
+            "killed by signal 31 (SIGSYS: a system call outside the seccomp policy)".into()
+        }
+        ExitStatus::Signaled(libc::SIGKILL) => "killed by signal 9 (SIGKILL)".into(),
+        ExitStatus::Signaled(libc::SIGSEGV) => "killed by signal 11 (SIGSEGV)".into(),
+        ExitStatus::Signaled(libc::SIGABRT) => "killed by signal 6 (SIGABRT)".into(),
+        ExitStatus::Exited(EXIT_WORKER_ERROR) => {
+            format!("exited with code {EXIT_WORKER_ERROR} (the worker failed; see its log)")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A worker running in a jailed child.
+#[derive(Debug)]
+pub struct JailedWorker {
+    name: String,
+    child: Child,
+    stop: EventFd,
+}
+
+impl JailedWorker {
+    /// Forks a child confined by `jail` that runs `serve(listener, stop)`; `serve`
+    /// builds the device and runs the worker loop until the stop eventfd is written. An
+    /// `Err` from it is logged in the child, which then exits with
+    /// [`EXIT_WORKER_ERROR`]. The caller keeps `listener` and may spawn a new worker on
+    /// it once this one is gone.
+    pub fn spawn<F>(
+        jail: &Jail,
+        listener: &UnixListener,
+        name: &str,
+        serve: F,
+    ) -> Result<JailedWorker, JailedError>
+    where
+        F: FnOnce(UnixListener, &EventFd) -> Result<(), String>,
+    {
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+            JailedError::Eventfd {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        let listen_fd = listener.as_raw_fd();
+        let stop_fd = stop.as_raw_fd();
+        let comm: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let child = fork_process(jail, &[listen_fd, stop_fd], Some(&comm), || {
+            // SAFETY: this runs in the forked child, which has its own fd table with
+            // `listen_fd` open (it is in the keep-list). The parent's `UnixListener`
+            // that also names it is never dropped here (the child ends with `_exit`),
+            // so the new value is the only owner in this process.
+            let listener = unsafe { UnixListener::from_raw_fd(listen_fd) };
+            if let Err(e) = serve(listener, &stop) {
+                log::error!("{name}: {e}");
+                // SAFETY: ends the child at once without running the parent's
+                // destructors, as fork_process does after the closure.
+                unsafe { libc::_exit(EXIT_WORKER_ERROR) };
+            }
+        })
+        .map_err(|source| JailedError::Fork {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(JailedWorker {
+            name: name.to_owned(),
+            child,
+            stop,
+        })
+    }
+
+    /// The child's pid in the daemon's pid namespace (with a pid namespace this is the
+    /// relay process; the worker is its only child).
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
+    /// The worker's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How the child ended, if it has (it is reaped), `None` while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, JailedError> {
+        self.child.try_wait().map_err(|source| JailedError::Fork {
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    /// Asks the worker to stop (its loop ends, the child exits 0), waits up to
+    /// `timeout`, then kills it; returns how it ended once reaped.
+    pub fn stop(mut self, timeout: Duration) -> Result<ExitStatus, JailedError> {
+        let fork_err = |name: &str, source| JailedError::Fork {
+            name: name.to_owned(),
+            source,
+        };
+        if let Some(s) = self.try_wait()? {
+            return Ok(s);
+        }
+        self.stop.write(1).map_err(|source| JailedError::Eventfd {
+            name: self.name.clone(),
+            source,
+        })?;
+        if let Some(s) = self
+            .child
+            .wait_timeout(timeout)
+            .map_err(|e| fork_err(&self.name, e))?
+        {
+            return Ok(s);
+        }
+        log::warn!("{}: did not stop within {timeout:?}; killing it", self.name);
+        let status = self
+            .child
+            .kill_and_wait(Duration::from_secs(2))
+            .map_err(|e| fork_err(&self.name, e))?;
+        Ok(status.unwrap_or(ExitStatus::Unknown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seccomp_modes_parse_and_name_the_bad_value() {
+        assert_eq!("kill".parse::<SeccompMode>().ok(), Some(SeccompMode::Kill));
+        assert_eq!(
+            "errno".parse::<SeccompMode>().ok(),
+            Some(SeccompMode::Errno)
+        );
+        assert_eq!("log".parse::<SeccompMode>().ok(), Some(SeccompMode::Log));
+        let e = "trap".parse::<SeccompMode>().err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("seccomp mode \"trap\": expected kill, errno or log")
+        );
+    }
+
+    #[test]
+    fn the_worker_jail_compiles_its_policy() {
+        for mode in [SeccompMode::Kill, SeccompMode::Errno, SeccompMode::Log] {
+            assert!(worker_jail(&[PathBuf::from("/tmp")], mode).is_ok());
+        }
+    }
+
+    #[test]
+    fn exits_are_described_with_their_signal() {
+        assert!(describe_exit(ExitStatus::Signaled(libc::SIGSYS)).contains("signal 31"));
+        assert!(describe_exit(ExitStatus::Signaled(libc::SIGSYS)).contains("seccomp"));
+        assert_eq!(describe_exit(ExitStatus::Exited(0)), "exited with code 0");
+    }
+}

@@ -1,0 +1,541 @@
+//! `outboard vsock --jail` as users run it: a front-end (our transport's `Frontend`
+//! playing QEMU, with a small virtio-vsock driver on the rings) runs a full session
+//! through the jailed worker — a host connection to a guest port, data both ways — then
+//! the test checks in /proc that the worker really is confined, kills the worker and
+//! sees the daemon report it and serve a new front-end, and stops the daemon with
+//! SIGTERM.
+//!
+//! The daemon is a separate process (the binary), so this test process never forks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outboard_protocol::vhost_user::{
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
+};
+use outboard_transport::{Frontend, MemoryRegionRef};
+use vmm_sys_util::eventfd::EventFd;
+
+const T: Duration = Duration::from_secs(5);
+const MEM: usize = 0x40000;
+const UVA: u64 = 0x7f00_0000_0000;
+const QSIZE: u16 = 8;
+const HDR: usize = 44;
+const GUEST_CID: u64 = 3;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RW: u16 = 5;
+const TYPE_STREAM: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const EVENT_IDX: u64 = 1 << 29;
+
+struct GuestMem {
+    fd: OwnedFd,
+    ptr: *mut u8,
+}
+
+impl GuestMem {
+    fn new() -> Self {
+        // SAFETY: memfd_create with a valid C string.
+        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a new fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        File::from(fd.try_clone().unwrap())
+            .set_len(MEM as u64)
+            .unwrap();
+        // SAFETY: maps the whole memfd we just sized; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        GuestMem {
+            fd,
+            ptr: ptr.cast(),
+        }
+    }
+
+    fn write_bytes(&self, gpa: usize, data: &[u8]) {
+        assert!(gpa + data.len() <= MEM);
+        // SAFETY: in bounds of our mapping (checked above); the daemon does not touch
+        // buffers that are not available to it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa), data.len()) };
+    }
+
+    fn read_bytes(&self, gpa: usize, len: usize) -> Vec<u8> {
+        assert!(gpa + len <= MEM);
+        let mut out = vec![0u8; len];
+        // SAFETY: in bounds of our mapping (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa), out.as_mut_ptr(), len) };
+        out
+    }
+
+    fn write<T: Copy>(&self, gpa: usize, v: T) {
+        assert!(gpa + std::mem::size_of::<T>() <= MEM);
+        // SAFETY: in bounds of our mapping (checked above); unaligned write.
+        unsafe { std::ptr::write_unaligned(self.ptr.add(gpa).cast::<T>(), v) };
+    }
+
+    fn read<T: Copy>(&self, gpa: usize) -> T {
+        assert!(gpa + std::mem::size_of::<T>() <= MEM);
+        // SAFETY: in bounds of our mapping (checked above); volatile because the
+        // daemon writes it concurrently.
+        unsafe { std::ptr::read_volatile(self.ptr.add(gpa).cast::<T>()) }
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), MEM) };
+    }
+}
+
+fn bfd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the fd stays open while `e` is borrowed.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
+
+/// One split ring: descriptor table, available and used rings, and one 4 KiB buffer
+/// per descriptor (descriptor i always points at buffer i).
+struct Ring {
+    desc: usize,
+    avail: usize,
+    used: usize,
+    bufs: usize,
+    next_avail: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl Ring {
+    fn new(base: usize) -> Ring {
+        Ring {
+            desc: base,
+            avail: base + 0x800,
+            used: base + 0x1000,
+            bufs: base + 0x2000,
+            next_avail: 0,
+            last_used: 0,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    fn buf(&self, id: u16) -> usize {
+        self.bufs + 0x1000 * usize::from(id % QSIZE)
+    }
+
+    /// Makes descriptor `id` (its buffer, `len` bytes) available.
+    fn offer(&mut self, mem: &GuestMem, id: u16, len: u32, device_writes: bool) {
+        let d = self.desc + 16 * usize::from(id % QSIZE);
+        mem.write(d, UVA_GPA_BASE + self.buf(id) as u64);
+        mem.write(d + 8, len);
+        mem.write(d + 12, if device_writes { VRING_DESC_F_WRITE } else { 0 });
+        mem.write(d + 14, 0u16);
+        mem.write(
+            self.avail + 4 + 2 * usize::from(self.next_avail % QSIZE),
+            id % QSIZE,
+        );
+        self.next_avail = self.next_avail.wrapping_add(1);
+        mem.write(self.avail + 2, self.next_avail);
+        self.kick.write(1).unwrap();
+    }
+
+    /// The next used element (id, len), waiting up to `T`.
+    fn next_used(&mut self, mem: &GuestMem) -> (u16, u32) {
+        let deadline = Instant::now() + T;
+        while mem.read::<u16>(self.used + 2) == self.last_used {
+            assert!(Instant::now() < deadline, "no used buffer");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let e = self.used + 4 + 8 * usize::from(self.last_used % QSIZE);
+        self.last_used = self.last_used.wrapping_add(1);
+        (mem.read::<u32>(e) as u16, mem.read::<u32>(e + 4))
+    }
+
+    fn setup(&self, fe: &mut Frontend, index: u8) {
+        let i = u32::from(index);
+        fe.set_vring_num(i, u32::from(QSIZE)).unwrap();
+        fe.set_vring_addr(&VhostUserVringAddr {
+            index: i,
+            flags: 0,
+            descriptor: UVA + self.desc as u64,
+            used: UVA + self.used as u64,
+            available: UVA + self.avail as u64,
+            log: 0,
+        })
+        .unwrap();
+        fe.set_vring_base(i, 0).unwrap();
+        fe.set_vring_call(index, Some(bfd(&self.call))).unwrap();
+        fe.set_vring_kick(index, Some(bfd(&self.kick))).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+    }
+}
+
+/// Guest physical addresses start at 0.
+const UVA_GPA_BASE: u64 = 0;
+
+fn header(src_port: u32, dst_port: u32, len: u32, op: u16) -> [u8; HDR] {
+    let mut h = [0u8; HDR];
+    h[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+    h[8..16].copy_from_slice(&2u64.to_le_bytes());
+    h[16..20].copy_from_slice(&src_port.to_le_bytes());
+    h[20..24].copy_from_slice(&dst_port.to_le_bytes());
+    h[24..28].copy_from_slice(&len.to_le_bytes());
+    h[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+    h[30..32].copy_from_slice(&op.to_le_bytes());
+    h[36..40].copy_from_slice(&65536u32.to_le_bytes());
+    h
+}
+
+struct Packet {
+    src_port: u32,
+    dst_port: u32,
+    op: u16,
+    payload: Vec<u8>,
+}
+
+/// Reads the next packet the device put on the rx ring and offers the buffer again.
+fn recv(mem: &GuestMem, rx: &mut Ring) -> Packet {
+    let (id, len) = rx.next_used(mem);
+    assert!(len as usize >= HDR, "short rx packet: {len}");
+    let b = mem.read_bytes(rx.buf(id), len as usize);
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let p = Packet {
+        src_port: u32_at(16),
+        dst_port: u32_at(20),
+        op: u16::from_le_bytes([b[30], b[31]]),
+        payload: b[HDR..].to_vec(),
+    };
+    assert_eq!(u32_at(24) as usize, p.payload.len());
+    rx.offer(mem, id, 0x1000, true);
+    p
+}
+
+/// Puts one packet on the tx ring and waits until the device consumed it.
+fn send(mem: &GuestMem, tx: &mut Ring, hdr: [u8; HDR], payload: &[u8]) {
+    let id = tx.next_avail % QSIZE;
+    mem.write_bytes(tx.buf(id), &hdr);
+    mem.write_bytes(tx.buf(id) + HDR, payload);
+    tx.offer(mem, id, (HDR + payload.len()) as u32, false);
+    assert_eq!(tx.next_used(mem).0, id);
+}
+
+fn connect_frontend(path: &Path) -> Frontend {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(fe) = Frontend::connect(path) {
+            return fe;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never accepted",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn bring_up(fe: &mut Frontend, mem: &GuestMem, rx: &Ring, tx: &Ring) {
+    let offered = fe.get_features().unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    let want =
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(proto.contains(want));
+    fe.set_protocol_features(want).unwrap();
+    fe.set_owner().unwrap();
+    // Without EVENT_IDX every used buffer is signalled; this driver polls anyway.
+    fe.set_features(offered & !EVENT_IDX).unwrap();
+    fe.add_mem_region(&MemoryRegionRef {
+        region: VhostUserMemoryRegion::new(0, MEM as u64, UVA, 0),
+        fd: mem.fd.as_fd(),
+    })
+    .unwrap();
+    rx.setup(fe, 0);
+    tx.setup(fe, 1);
+}
+
+/// The pids of the children of `pid` (all its threads).
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let p = task.unwrap().path().join("children");
+        let s = std::fs::read_to_string(p).unwrap_or_default();
+        out.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
+    out
+}
+
+/// The jailed worker: the daemon's child is the pid-namespace relay, the worker is the
+/// relay's only child.
+fn worker_pid(daemon: i32) -> i32 {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(&relay) = children(daemon).first() {
+            if let Some(&w) = children(relay).first() {
+                return w;
+            }
+        }
+        assert!(Instant::now() < deadline, "no jailed worker under {daemon}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_field(pid: i32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+fn ns(pid: impl std::fmt::Display, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+fn wait_for_log(log: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = std::fs::read_to_string(log).unwrap_or_default();
+        if s.contains(needle) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} not in the log:\n{s}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A host connection to guest port 1234 over the jailed worker: handshake, data both
+/// ways.
+fn session(socket: &Path, uds: &Path) {
+    let mem = GuestMem::new();
+    let mut rx = Ring::new(0x1000);
+    let mut tx = Ring::new(0x20000);
+    let mut fe = connect_frontend(socket);
+    bring_up(&mut fe, &mem, &rx, &tx);
+    for id in 0..QSIZE {
+        rx.offer(&mem, id, 0x1000, true);
+    }
+
+    let mut host = UnixStream::connect(uds).unwrap();
+    host.set_read_timeout(Some(T)).unwrap();
+    host.write_all(b"CONNECT 1234\n").unwrap();
+    let req = recv(&mem, &mut rx);
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1234));
+    let host_port = req.src_port;
+    send(&mem, &mut tx, header(1234, host_port, 0, OP_RESPONSE), &[]);
+    let mut reader = BufReader::new(host.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {host_port}\n"));
+
+    let to_guest: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    host.write_all(&to_guest).unwrap();
+    let mut got = Vec::new();
+    while got.len() < to_guest.len() {
+        let p = recv(&mem, &mut rx);
+        assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, host_port, 1234));
+        got.extend(p.payload);
+    }
+    assert_eq!(got, to_guest);
+
+    let to_host: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 241) as u8).collect();
+    send(
+        &mem,
+        &mut tx,
+        header(1234, host_port, to_host.len() as u32, OP_RW),
+        &to_host,
+    );
+    let mut back = vec![0u8; to_host.len()];
+    reader.read_exact(&mut back).unwrap();
+    assert_eq!(back, to_host);
+}
+
+#[test]
+fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
+    let dir = std::env::temp_dir().join(format!("outboard-jail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // As root the worker is uid 65534 outside its namespace: let it create the host
+    // socket here.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.join("vhost.sock");
+    let uds = dir.join("vsock.sock");
+    let log = dir.join("daemon.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(&uds)
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(daemon.id()).unwrap();
+
+    session(&socket, &uds);
+
+    // The jail, seen from outside.
+    let worker = worker_pid(pid);
+    assert_eq!(status_field(worker, "Seccomp:"), "2", "seccomp filter mode");
+    assert_eq!(status_field(worker, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(worker, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(worker, "CapPrm:"), "0000000000000000");
+    assert_eq!(status_field(worker, "CapBnd:"), "0000000000000000");
+    assert_eq!(
+        status_field(worker, "NSpid:").split_whitespace().last(),
+        Some("1")
+    );
+    // SAFETY: getuid cannot fail.
+    let outside_uid = if unsafe { libc::getuid() } == 0 {
+        65534
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::getuid() }
+    };
+    let uid = status_field(worker, "Uid:");
+    assert_eq!(
+        uid.split_whitespace().next(),
+        Some(outside_uid.to_string().as_str())
+    );
+    for kind in ["user", "mnt", "net", "pid", "ipc", "uts", "cgroup"] {
+        assert_ne!(
+            ns(worker, kind),
+            ns("self", kind),
+            "{kind} namespace shared"
+        );
+    }
+    // Only the uds directory is visible in its root.
+    let root: Vec<String> = std::fs::read_dir(format!("/proc/{worker}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let top = dir
+        .components()
+        .nth(1)
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(root, vec![top]);
+
+    // A worker that dies is reported with its signal and replaced on the same socket.
+    // SAFETY: kill(2) on the worker, a descendant of our child.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    wait_for_log(&log, "killed by signal 9 (SIGKILL); starting a new one");
+    session(&socket, &uds);
+    let replacement = worker_pid(pid);
+    assert_ne!(replacement, worker);
+
+    // SIGTERM stops the worker and the daemon cleanly.
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "outboard ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}\n{text}");
+    assert!(text.contains("stopped cleanly"), "{text}");
+    assert!(!Path::new(&format!("/proc/{replacement}")).exists());
+    assert!(!socket.exists() && !uds.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn jail_flags_are_checked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args([
+            "vsock",
+            "--jail",
+            "--jail-seccomp",
+            "trap",
+            "--guest-cid",
+            "3",
+            "--socket",
+            "/nonexistent/a",
+            "--uds-path",
+            "/nonexistent/b",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("\"trap\""), "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args([
+            "vsock",
+            "--jail",
+            "--guest-cid",
+            "3",
+            "--socket",
+            "/tmp/a",
+            "--uds-path",
+            "/tmp/b",
+            "--metrics",
+            "/tmp/m",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
+}
+
+#[test]
+fn jailed_media_worker_answers_and_stops() {
+    let dir = std::env::temp_dir().join(format!("outboard-jail-media-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("media.sock");
+    let log = dir.join("daemon.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args([
+            "media",
+            "--camera",
+            "--jail",
+            "--shm-size-mib",
+            "16",
+            "--socket-path",
+        ])
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(daemon.id()).unwrap();
+    let mut fe = connect_frontend(&socket);
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << 32), 0, "VERSION_1 offered: {features:#x}");
+    let worker = worker_pid(pid);
+    assert_eq!(status_field(worker, "Seccomp:"), "2");
+    assert_ne!(ns(worker, "mnt"), ns("self", "mnt"));
+    drop(fe);
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = daemon.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}\n{text}");
+    assert!(!socket.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
