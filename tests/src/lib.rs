@@ -355,6 +355,8 @@ pub struct GuestConn {
     pub last_fwd_sent: Wrapping<u32>,
     /// This socket's receive buffer.
     pub buf_alloc: u32,
+    /// The CID at the other end (the host, or a sibling VM).
+    pub peer_cid: u64,
     /// Most bytes this socket keeps sent but not yet forwarded by the device, whatever
     /// credit the device gives (Linux caps it at its own socket buffer).
     pub tx_window: u32,
@@ -390,6 +392,7 @@ impl GuestConn {
             fwd_cnt: Wrapping(0),
             last_fwd_sent: Wrapping(0),
             buf_alloc,
+            peer_cid: VMADDR_CID_HOST,
             tx_window: u32::MAX,
             credit_updates: 0,
             auto_consume: true,
@@ -414,6 +417,8 @@ impl GuestConn {
 /// Guest driver options.
 #[derive(Debug, Clone)]
 pub struct GuestOptions {
+    /// The guest's CID.
+    pub guest_cid: u64,
     /// Payload room of each RX buffer.
     pub rx_buf_payload: u32,
     /// Negotiate EVENT_IDX.
@@ -439,6 +444,7 @@ pub struct GuestOptions {
 impl Default for GuestOptions {
     fn default() -> Self {
         GuestOptions {
+            guest_cid: GUEST_CID,
             rx_buf_payload: 4096,
             event_idx: true,
             seqpacket: true,
@@ -479,6 +485,8 @@ pub struct Guest {
     pub events: Vec<u32>,
     /// RSTs received for unknown connections, with their ports `(guest, host)`.
     pub stray_rsts: Vec<Key>,
+    /// The source CIDs of [`Guest::stray_rsts`], in the same order.
+    pub stray_rst_cids: Vec<u64>,
     /// Packets with a wrong CID or a malformed header.
     pub bad_packets: u64,
     /// Simulates a stuck guest: REQUESTs and SHUTDOWNs get no answer.
@@ -510,7 +518,7 @@ impl Guest {
     /// lays out the queues, posts RX and event buffers and activates the device.
     pub fn new(uds_path: &Path, opts: GuestOptions) -> Guest {
         let mem = guest_memory();
-        let mut cfg = VsockDeviceConfig::new(GUEST_CID, uds_path);
+        let mut cfg = VsockDeviceConfig::new(opts.guest_cid, uds_path);
         cfg.tx_buf_size = opts.tx_buf_size;
         cfg.max_connections = opts.max_connections;
         let mut dev = Vsock::new(cfg).unwrap();
@@ -554,6 +562,7 @@ impl Guest {
             next_port: 10_000,
             events: Vec::new(),
             stray_rsts: Vec::new(),
+            stray_rst_cids: Vec::new(),
             bad_packets: 0,
             silent: false,
             opts,
@@ -640,13 +649,26 @@ impl Guest {
     }
 
     fn header(&self, key: Key, ty: VsockType, op: VsockOp, len: u32, flags: u32) -> VsockHeader {
+        let cid = self.conns.get(&key).map_or(VMADDR_CID_HOST, |c| c.peer_cid);
+        self.header_to(cid, key, ty, op, len, flags)
+    }
+
+    fn header_to(
+        &self,
+        cid: u64,
+        key: Key,
+        ty: VsockType,
+        op: VsockOp,
+        len: u32,
+        flags: u32,
+    ) -> VsockHeader {
         let (buf_alloc, fwd_cnt) = self
             .conns
             .get(&key)
             .map_or((self.opts.buf_alloc, 0), |c| (c.buf_alloc, c.fwd_cnt.0));
         VsockHeader {
-            src_cid: GUEST_CID,
-            dst_cid: VMADDR_CID_HOST,
+            src_cid: self.opts.guest_cid,
+            dst_cid: cid,
             src_port: key.0,
             dst_port: key.1,
             len,
@@ -743,10 +765,17 @@ impl Guest {
 
     /// Starts a connection to host port `port`; returns its key.
     pub fn connect(&mut self, port: u32, ty: VsockType) -> Key {
+        self.connect_cid(VMADDR_CID_HOST, port, ty)
+    }
+
+    /// Starts a connection to port `port` of CID `cid` (a sibling VM, or the host);
+    /// returns its key.
+    pub fn connect_cid(&mut self, cid: u64, port: u32, ty: VsockType) -> Key {
         self.next_port += 1;
         let key = (self.next_port, port);
         let mut c = GuestConn::new(ty, GuestState::Connecting, self.opts.buf_alloc);
         c.tx_window = self.opts.tx_window;
+        c.peer_cid = cid;
         self.conns.insert(key, c);
         self.send_ctrl(key, ty, VsockOp::Request, 0);
         key
@@ -830,8 +859,8 @@ impl Guest {
         self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
         let hdr = VsockHeader::read_from_bytes(&raw).unwrap();
         let plen = hdr.len;
-        if hdr.src_cid != VMADDR_CID_HOST
-            || hdr.dst_cid != GUEST_CID
+        if hdr.src_cid == self.opts.guest_cid
+            || hdr.dst_cid != self.opts.guest_cid
             || len != 44 + plen
             || plen > self.rx_payload
         {
@@ -853,6 +882,7 @@ impl Guest {
                 VsockOp::Request if self.listening.contains_key(&{ hdr.dst_port }) => {
                     let mut c = GuestConn::new(ty, GuestState::Established, self.opts.buf_alloc);
                     c.tx_window = self.opts.tx_window;
+                    c.peer_cid = hdr.src_cid;
                     if let Some(Some(seed)) = self.listening.get(&{ hdr.dst_port }) {
                         c.sink = Sink::Verify { seed: *seed };
                     }
@@ -861,8 +891,17 @@ impl Guest {
                     self.conns.insert(key, c);
                     self.send_ctrl(key, ty, VsockOp::Response, 0);
                 }
-                VsockOp::Rst => self.stray_rsts.push(key),
-                _ => self.send_ctrl(key, ty, VsockOp::Rst, 0),
+                VsockOp::Rst => {
+                    self.stray_rsts.push(key);
+                    self.stray_rst_cids.push(hdr.src_cid);
+                }
+                _ => {
+                    let rst = self.header_to(hdr.src_cid, key, ty, VsockOp::Rst, 0, 0);
+                    while !self.queue_packet(&rst, &[]) {
+                        self.kick_tx();
+                    }
+                    self.kick_tx();
+                }
             }
             return;
         }

@@ -121,16 +121,26 @@ fn malformed_packets_are_refused_and_the_device_keeps_serving() {
     assert_eq!(s.metrics().err_tx_short_header, 1);
     s.healthy();
 
-    // Wrong source and destination CIDs: dropped without an answer.
+    // A wrong source CID: dropped without an answer. A destination CID that is neither
+    // the host nor a sibling: RST from that CID (an RST to it gets no answer).
     let mut h = hdr(9005, 1, 1, 0);
     h.src_cid = 99;
     s.g.send_raw(&[(packet(&h, &[]), false)]);
     let mut h = hdr(9006, 1, 1, 0);
     h.dst_cid = 7;
     s.g.send_raw(&[(packet(&h, &[]), false)]);
-    assert_eq!(s.metrics().err_tx_bad_cid, 2);
+    let mut h = hdr(9099, 1, VsockOp::Rst as u16, 0);
+    h.dst_cid = 7;
+    s.g.send_raw(&[(packet(&h, &[]), false)]);
+    assert_eq!(s.metrics().err_tx_bad_cid, 3);
+    s.expect_stray_rst((9006, 1));
     s.healthy();
-    assert!(!s.g.stray_rsts.iter().any(|k| k.0 == 9005 || k.0 == 9006));
+    assert!(!s.g.stray_rsts.iter().any(|k| k.0 == 9005 || k.0 == 9099));
+    let i = s.g.stray_rsts.iter().position(|k| k.0 == 9006).unwrap();
+    assert_eq!(
+        s.g.stray_rst_cids[i], 7,
+        "the RST comes from the CID addressed"
+    );
 
     // Unknown op, unknown type, op INVALID: RST.
     s.g.send_raw(&[(packet(&hdr(9007, 1, 42, 0), &[]), false)]);

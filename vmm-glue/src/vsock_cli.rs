@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use outboard_devices::vsock::MAX_TX_BUF_SIZE;
+use outboard_devices::vsock::{VsockError, VsockSibling, MAX_TX_BUF_SIZE};
 use remain::sorted;
 use thiserror::Error;
 
@@ -390,6 +390,32 @@ pub fn resolve(
     Ok(vms)
 }
 
+/// Wires the vsock devices of VMs that share a group, as vhost-device-vsock does: a
+/// guest reaches a sibling guest by its CID, and only inside a group.
+///
+/// Devices run on their own worker threads; [`VsockSibling`] handles link them through
+/// each other's bounded inboxes, so devices can join one by one as they are created.
+#[derive(Debug, Default)]
+pub struct SiblingGroups {
+    members: Vec<(Vec<String>, VsockSibling)>,
+}
+
+impl SiblingGroups {
+    /// Adds the device of a VM in `groups` and links it with every device added before
+    /// that shares one of them; returns how many it was linked with.
+    pub fn join(&mut self, groups: &[String], sibling: VsockSibling) -> Result<usize, VsockError> {
+        let mut linked = 0;
+        for (theirs, other) in &self.members {
+            if theirs.iter().any(|g| groups.contains(g)) {
+                sibling.link(other)?;
+                linked += 1;
+            }
+        }
+        self.members.push((groups.to_vec(), sibling));
+        Ok(linked)
+    }
+}
+
 fn check_unique(vms: &[VmConfig]) -> Result<(), ConfigError> {
     let mut cids = BTreeSet::new();
     let mut paths = BTreeSet::new();
@@ -536,5 +562,35 @@ mod tests {
             resolve(&[], &FlatFlags::default(), None),
             Err(ConfigError::NoVm)
         );
+    }
+
+    #[test]
+    fn sibling_groups_link_only_vms_that_share_a_group() {
+        use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
+        let dir = std::env::temp_dir().join(format!("outboard-groups-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = |cid: u64| {
+            Vsock::new(VsockDeviceConfig::new(
+                cid,
+                dir.join(format!("{cid}.vsock")),
+            ))
+        };
+        let (d3, d4, d5, d6) = (
+            dev(3).unwrap(),
+            dev(4).unwrap(),
+            dev(5).unwrap(),
+            dev(6).unwrap(),
+        );
+        let g = |s: &str| parse_groups(s).unwrap();
+        let mut groups = SiblingGroups::default();
+        assert_eq!(groups.join(&g("a+b"), d3.sibling()).unwrap(), 0);
+        assert_eq!(groups.join(&g("b"), d4.sibling()).unwrap(), 1);
+        assert_eq!(groups.join(&g("c"), d5.sibling()).unwrap(), 0);
+        assert_eq!(groups.join(&g("c+a"), d6.sibling()).unwrap(), 2);
+        assert!(matches!(
+            groups.join(&g("a"), d3.sibling()),
+            Err(VsockError::SiblingCid(3))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -5,19 +5,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use outboard_protocol::vsock::{
-    VsockConfig, VsockEvent, EVENT_QUEUE, MIN_GUEST_CID, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
+    VsockConfig, VsockEvent, VsockOp, EVENT_QUEUE, MIN_GUEST_CID, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
     VIRTIO_ID_VSOCK, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM, VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
 };
 use zerocopy::IntoBytes;
 
 use super::muxer::Muxer;
-use super::packet::{parse_tx, PacketError};
+use super::packet::{parse_tx, PacketError, TxPacket};
+use super::sibling::{Outgoing, SiblingPacket, Siblings, Undeliverable, VsockSibling};
 use super::{
     VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_CONNECTIONS, MAX_TX_BUF_SIZE, QUEUE_SIZE,
 };
 use crate::virtio::{
-    write_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError, VirtQueue,
-    VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
+    read_regions, write_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError,
+    VirtQueue, VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -59,6 +61,7 @@ pub struct Vsock {
     acked_features: u64,
     queue_sizes: [u16; NUM_QUEUES],
     muxer: Muxer,
+    siblings: Siblings,
     queues: Vec<Box<dyn VirtQueue>>,
     interrupt: Option<Arc<dyn Interrupt>>,
     transport_reset_pending: bool,
@@ -138,19 +141,22 @@ impl Vsock {
             return Err(VsockError::MaxConnections(config.max_connections));
         }
         let metrics = Arc::new(VsockMetrics::default());
-        let muxer = Muxer::new(
+        let mut muxer = Muxer::new(
             cid,
             config.uds_path,
             config.tx_buf_size,
             config.max_connections,
             metrics.clone(),
         )?;
+        let siblings = Siblings::new(cid)?;
+        muxer.watch_inbox(siblings.handle.event_fd())?;
         Ok(Vsock {
             guest_cid: cid,
             avail_features: Self::FEATURES,
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
             muxer,
+            siblings,
             queues: Vec::new(),
             interrupt: None,
             transport_reset_pending: false,
@@ -164,6 +170,15 @@ impl Vsock {
     /// The guest's CID.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// This device's end of its sibling links. Link it with another device's
+    /// ([`VsockSibling::link`]) and the two guests reach each other by CID, each device
+    /// on its own thread: packets go, header and payload, through the other device's
+    /// bounded inbox, so credit flow stays between the two guests. A guest packet to a
+    /// CID that is neither the host nor a linked sibling is answered with RST.
+    pub fn sibling(&self) -> VsockSibling {
+        self.siblings.handle.clone()
     }
 
     /// The device's counters (shared; read them from any thread).
@@ -187,6 +202,7 @@ impl Vsock {
     /// guest forgets connections whose host side no longer exists instead of hanging.
     pub fn transport_reset(&mut self) {
         self.muxer.reset();
+        self.siblings.reset();
         self.transport_reset_pending = true;
         self.handle_event_kick();
     }
@@ -225,7 +241,13 @@ impl Vsock {
                     Ok(true) => {
                         VsockMetrics::inc(&self.metrics.tx_packets);
                         let head = self.chain.head;
-                        match parse_tx(&self.chain, self.guest_cid, &mut self.payload) {
+                        let siblings = &self.siblings.handle;
+                        let is_sibling = |cid| siblings.is_sibling(cid);
+                        match parse_tx(&self.chain, self.guest_cid, is_sibling, &mut self.payload) {
+                            Ok(pkt) if pkt.hdr.dst_cid != VMADDR_CID_HOST => {
+                                self.flush_batch();
+                                self.sibling_tx(&pkt);
+                            }
                             Ok(pkt) => {
                                 if let Some(key) = self.muxer.take_rw(&pkt) {
                                     // Consecutive data for one stream goes out in one
@@ -254,7 +276,14 @@ impl Vsock {
                                     PacketError::WriteOnlyHeader => &m.err_tx_write_only_header,
                                 });
                                 log::debug!("vsock: dropped tx packet: {}", refused.err);
-                                self.muxer.refuse(&refused);
+                                if refused.dst_cid == VMADDR_CID_HOST {
+                                    self.muxer.refuse(&refused);
+                                } else if let Some((src, dst, ty)) = refused.reply {
+                                    // A sibling's or an unknown CID's connection: RST
+                                    // from that CID; the host's are not touched.
+                                    self.siblings.forget_ports(src, refused.dst_cid, dst);
+                                    self.muxer.orphan_rst_from(refused.dst_cid, src, dst, ty);
+                                }
                             }
                         }
                         head
@@ -292,6 +321,58 @@ impl Vsock {
         self.muxer.rearm_timer();
     }
 
+    /// Forwards a guest packet to a sibling's inbox, or resets the connection when the
+    /// guest oversteps the other guest's credit or that inbox is full.
+    fn sibling_tx(&mut self, pkt: &TxPacket) {
+        let h = pkt.hdr;
+        let m = &self.metrics;
+        let reset = match self.siblings.outgoing(&h, pkt.op) {
+            Outgoing::Forward => {
+                let mut payload = vec![0u8; h.len as usize];
+                read_regions(&self.payload, 0, &mut payload);
+                match self
+                    .siblings
+                    .handle
+                    .send(h.dst_cid, SiblingPacket { hdr: h, payload })
+                {
+                    Ok(()) => {
+                        VsockMetrics::inc(&m.sibling_packets);
+                        VsockMetrics::add(&m.tx_bytes, u64::from(h.len));
+                        return;
+                    }
+                    Err(Undeliverable::Full) => {
+                        VsockMetrics::inc(&m.err_sibling_overrun);
+                        true
+                    }
+                    Err(Undeliverable::NotSibling) => {
+                        VsockMetrics::inc(&m.err_tx_bad_cid);
+                        false
+                    }
+                }
+            }
+            Outgoing::Reset { tell_peer } => {
+                VsockMetrics::inc(if tell_peer {
+                    &m.err_sibling_overrun
+                } else {
+                    &m.err_no_connection
+                });
+                tell_peer
+            }
+        };
+        self.siblings
+            .forget_ports(h.src_port, h.dst_cid, h.dst_port);
+        if pkt.op != VsockOp::Rst {
+            self.muxer
+                .orphan_rst_from(h.dst_cid, h.src_port, h.dst_port, h.type_);
+        }
+        if reset {
+            let rst = self.siblings.rst_to_peer(&h);
+            // The inbox keeps room for packets without payload; if even that is full,
+            // the other guest learns of the reset from its next packet.
+            let _ = self.siblings.handle.send(h.dst_cid, rst);
+        }
+    }
+
     /// Sends the batched stream data and returns its chains; true when there were any.
     fn flush_batch(&mut self) -> bool {
         let Some(key) = self.batch.key.take() else {
@@ -317,6 +398,9 @@ impl Vsock {
     /// The muxer's epoll set is readable: host sockets, listeners, timers.
     pub fn handle_backend_event(&mut self) {
         self.muxer.process_events();
+        if self.muxer.take_inbox_event() {
+            self.siblings.handle.clear_event();
+        }
         self.fill_rx();
         self.muxer.rearm_timer();
     }
@@ -382,13 +466,19 @@ impl Vsock {
     }
 
     fn fill_rx(&mut self) {
-        if !self.is_active() || !self.muxer.has_rx() {
+        if !self.is_active() || !(self.muxer.has_rx() || self.siblings.has_rx()) {
             return;
         }
         let mut used = 0;
         loop {
-            let (n, starved) = self.muxer.fill_rx(self.queues[RX_QUEUE].as_mut());
+            let q = self.queues[RX_QUEUE].as_mut();
+            let (n, mut starved) = self.siblings.fill_rx(q, &mut self.chain, &self.metrics);
             used += n;
+            if self.muxer.has_rx() {
+                let (n, s) = self.muxer.fill_rx(q);
+                used += n;
+                starved |= s;
+            }
             if !starved {
                 break;
             }
@@ -473,6 +563,7 @@ impl VirtioDevice for Vsock {
         self.queues.clear();
         self.interrupt = None;
         self.muxer.reset();
+        self.siblings.reset();
         self.acked_features = 0;
         self.muxer.set_seqpacket(false);
         self.transport_reset_pending = false;

@@ -58,6 +58,7 @@ mod conn;
 mod device;
 mod muxer;
 mod packet;
+mod sibling;
 mod sys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +69,7 @@ use thiserror::Error;
 
 pub use device::{Vsock, VsockDeviceConfig};
 pub use packet::PacketError;
+pub use sibling::{VsockSibling, MAX_INBOX_BYTES, MAX_INBOX_PACKETS, MAX_SIBLING_CONNECTIONS};
 
 /// Default per-connection TX buffer, also the credit (`buf_alloc`) given to the guest.
 pub const DEFAULT_TX_BUF_SIZE: u32 = 256 * 1024;
@@ -110,6 +112,9 @@ pub enum VsockError {
     /// The connection cap is zero or above [`MAX_CONNECTIONS`].
     #[error("max connections {0} is out of range (1..={MAX_CONNECTIONS})")]
     MaxConnections(usize),
+    /// Two devices with the same guest CID cannot be siblings.
+    #[error("guest CID {0} cannot be its own sibling")]
+    SiblingCid(u64),
     /// The timer could not be created.
     #[error("cannot create the muxer timer: {0}")]
     Timer(std::io::Error),
@@ -152,6 +157,8 @@ metrics! {
     tx_packets,
     /// Payload bytes of valid TX packets forwarded to connections.
     tx_bytes,
+    /// Guest packets forwarded to a sibling VM's device.
+    sibling_packets,
     /// Connections created (either side initiated).
     conns_added,
     /// Connections killed by the device (RST sent because of an error or timeout).
@@ -164,7 +171,8 @@ metrics! {
     err_tx_write_only_header,
     /// TX packets with `len` above 64 KiB or beyond the chain.
     err_tx_bad_len,
-    /// TX packets with a wrong source or destination CID (dropped).
+    /// TX packets with a wrong source CID (dropped) or for a CID that is neither the
+    /// host nor a sibling (answered with RST from that CID).
     err_tx_bad_cid,
     /// TX packets with an unknown op, type or flags (answered with RST).
     err_tx_invalid,
@@ -176,6 +184,9 @@ metrics! {
     err_no_connection,
     /// Guest packets sent beyond the credit the device gave (connection reset).
     err_credit_overrun,
+    /// Guest packets to a sibling beyond the other guest's credit, or finding its inbox
+    /// full (connection reset both ways).
+    err_sibling_overrun,
     /// Guest connects that found no host listener (answered with RST).
     err_connect_failed,
     /// Connections refused because of the connection cap.

@@ -29,6 +29,7 @@ use crate::virtio::{slice_regions, DescChain, IoRegion, QueueError, VirtQueue};
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_SEQ_LISTENER: u64 = 1;
 const TOKEN_TIMER: u64 = 2;
+const TOKEN_INBOX: u64 = 3;
 const TOKEN_PENDING: u64 = 1 << 32;
 const TOKEN_CONN: u64 = 2 << 32;
 const TOKEN_KIND: u64 = 0xffff_ffff << 32;
@@ -44,7 +45,12 @@ const MAX_SEQ_RX_MSG: usize = 1 << 20;
 /// Epoll events taken per wait.
 const EVENTS_PER_WAIT: usize = 64;
 
-const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+/// A connection's socket events while its TX buffer is empty. EPOLLOUT is asked for
+/// only while bytes wait (`CONN_EVENTS_OUT`): edge-triggered EPOLLOUT fires every time
+/// the host reader drains the socket, which would wake the device once per host read.
+const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+/// A connection's socket events while bytes wait in its TX buffer.
+const CONN_EVENTS_OUT: u32 = CONN_EVENTS | libc::EPOLLOUT as u32;
 const PENDING_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// A host client that connected to a listener and has not sent `CONNECT <port>` yet.
@@ -104,6 +110,8 @@ pub(crate) struct Muxer {
     orphan_rsts: VecDeque<VsockHeader>,
     deadlines: VecDeque<(Instant, TimerKey)>,
     seqpacket: bool,
+    /// The sibling inbox's eventfd reported.
+    inbox_signalled: bool,
     metrics: Arc<VsockMetrics>,
     events: Vec<libc::epoll_event>,
     iov: sys::IovScratch,
@@ -159,6 +167,7 @@ impl Muxer {
             orphan_rsts: VecDeque::new(),
             deadlines: VecDeque::new(),
             seqpacket: false,
+            inbox_signalled: false,
             metrics,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
             iov: sys::IovScratch::default(),
@@ -171,6 +180,23 @@ impl Muxer {
     /// The epoll set the owner polls.
     pub fn epoll_fd(&self) -> BorrowedFd<'_> {
         self.epoll.as_fd()
+    }
+
+    /// Adds the sibling inbox's eventfd to the epoll set.
+    pub fn watch_inbox(&mut self, fd: RawFd) -> Result<(), VsockError> {
+        sys::epoll_ctl(
+            &self.epoll,
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            TOKEN_INBOX,
+        )
+        .map_err(VsockError::Epoll)
+    }
+
+    /// Whether the sibling inbox's eventfd reported since the last call.
+    pub fn take_inbox_event(&mut self) -> bool {
+        std::mem::take(&mut self.inbox_signalled)
     }
 
     /// Whether the driver negotiated SEQPACKET.
@@ -250,12 +276,18 @@ impl Muxer {
     }
 
     fn orphan_rst(&mut self, src_port: u32, dst_port: u32, type_: u16) {
+        self.orphan_rst_from(VMADDR_CID_HOST, src_port, dst_port, type_);
+    }
+
+    /// Queues an RST to the guest from `(cid, dst_port)` to its port `src_port`: the
+    /// answer to a guest packet `src_port -> (cid, dst_port)` that has no connection.
+    pub fn orphan_rst_from(&mut self, cid: u64, src_port: u32, dst_port: u32, type_: u16) {
         if self.orphan_rsts.len() >= MAX_ORPHAN_RSTS {
             VsockMetrics::inc(&self.metrics.err_rst_dropped);
             return;
         }
         self.orphan_rsts.push_back(VsockHeader {
-            src_cid: VMADDR_CID_HOST,
+            src_cid: cid,
             dst_cid: self.guest_cid,
             src_port: dst_port,
             dst_port: src_port,
@@ -516,7 +548,33 @@ impl Muxer {
         if conn.needs_credit_update() {
             conn.pending |= PENDING_CREDIT_UPDATE;
         }
+        if conn.tx_pending() {
+            // Bytes wait: ask for EPOLLOUT (re-asking is harmless; with EPOLLET the
+            // modification reports a socket that became writable meanwhile).
+            self.set_out_interest(key, true);
+        }
         self.schedule(key);
+    }
+
+    /// Adds or removes EPOLLOUT from the events of `key`'s socket (nothing when the
+    /// connection is gone or out of the epoll set). Failing to add it would leave the
+    /// buffered bytes stuck, so that kills the connection.
+    fn set_out_interest(&mut self, key: ConnKey, out: bool) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        let fd = conn.fd.as_raw_fd();
+        if self.fd_keys.get(&fd) != Some(&key) {
+            return;
+        }
+        let events = if out { CONN_EVENTS_OUT } else { CONN_EVENTS };
+        let token = TOKEN_CONN | fd as u32 as u64;
+        if sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_MOD, fd, events, token).is_err() {
+            VsockMetrics::inc(&self.metrics.err_muxer);
+            if out {
+                self.kill(key);
+            }
+        }
     }
 
     fn peer_connect(&mut self, pkt: &TxPacket) {
@@ -591,6 +649,7 @@ impl Muxer {
             (0, TOKEN_LISTENER) => self.accept(VsockType::Stream),
             (0, TOKEN_SEQ_LISTENER) => self.accept(VsockType::Seqpacket),
             (0, TOKEN_TIMER) => self.on_timer(),
+            (0, TOKEN_INBOX) => self.inbox_signalled = true,
             (TOKEN_PENDING, t) => self.pending_readable(t as u32 as RawFd),
             (TOKEN_CONN, t) => self.conn_event(t as u32 as RawFd, bits),
             _ => VsockMetrics::inc(&self.metrics.err_muxer),
@@ -720,13 +779,20 @@ impl Muxer {
             conn.rdhup = true;
             conn.hup = true;
         }
-        if bits & libc::EPOLLOUT != 0 && conn.tx_pending() {
-            if conn.flush().is_err() {
-                VsockMetrics::inc(&self.metrics.err_host_io);
-                self.kill(key);
-                return;
+        if bits & libc::EPOLLOUT != 0 {
+            if conn.tx_pending() {
+                if conn.flush().is_err() {
+                    VsockMetrics::inc(&self.metrics.err_host_io);
+                    self.kill(key);
+                    return;
+                }
+                // Re-asks for EPOLLOUT when bytes still wait.
+                self.after_host_write(key);
             }
-            self.after_host_write(key);
+            // EPOLLOUT was asked for; once the buffer is empty it is not needed.
+            if self.conns.get(&key).is_some_and(|c| !c.tx_pending()) {
+                self.set_out_interest(key, false);
+            }
         }
         self.schedule(key);
     }

@@ -61,16 +61,25 @@ pub(crate) struct Refused {
     pub err: PacketError,
     /// `(src_port, dst_port, type)` of the header when an RST reply makes sense.
     pub reply: Option<(u32, u32, u16)>,
+    /// The destination CID (the host's when the header was not readable): where an RST
+    /// reply comes from.
+    pub dst_cid: u64,
 }
 
 /// Reads and validates the header of a TX chain and collects the payload regions.
+/// Packets go to the host or to a CID for which `is_sibling` holds.
 pub(crate) fn parse_tx(
     chain: &DescChain,
     guest_cid: u64,
+    is_sibling: impl Fn(u64) -> bool,
     payload: &mut Vec<IoRegion>,
 ) -> Result<TxPacket, Refused> {
     payload.clear();
-    let refuse = |err| Refused { err, reply: None };
+    let refuse = |err| Refused {
+        err,
+        reply: None,
+        dst_cid: VMADDR_CID_HOST,
+    };
     let mut raw = [0u8; VsockHeader::SIZE];
     let got = read_regions(&chain.readable, 0, &mut raw);
     if got < VsockHeader::SIZE {
@@ -90,21 +99,29 @@ pub(crate) fn parse_tx(
             want: guest_cid,
         }));
     }
-    if dst_cid != VMADDR_CID_HOST {
-        return Err(refuse(PacketError::DstCid(dst_cid)));
-    }
     let reply = Some((hdr.src_port, hdr.dst_port, hdr.type_));
+    if dst_cid != VMADDR_CID_HOST && !is_sibling(dst_cid) {
+        // Answered with RST from that CID (as vhost-device-vsock does), so a guest
+        // connecting to a CID nobody serves fails at once instead of timing out.
+        return Err(Refused {
+            err: PacketError::DstCid(dst_cid),
+            reply: reply.filter(|_| hdr.op != VsockOp::Rst as u16),
+            dst_cid,
+        });
+    }
     let len = hdr.len;
     if len > MAX_PKT_BUF_SIZE {
         return Err(Refused {
             err: PacketError::LenTooBig(len),
             reply,
+            dst_cid,
         });
     }
     if let Err(e) = hdr.validate() {
         return Err(Refused {
             err: PacketError::Invalid(e),
             reply,
+            dst_cid,
         });
     }
     let (Ok(op), Ok(ty)) = (hdr.op(), hdr.socket_type()) else {
@@ -115,6 +132,7 @@ pub(crate) fn parse_tx(
                 value: u64::from(hdr.op),
             }),
             reply,
+            dst_cid,
         });
     };
     let available = chain.readable_len().saturating_sub(VsockHeader::SIZE);
@@ -122,6 +140,7 @@ pub(crate) fn parse_tx(
         return Err(Refused {
             err: PacketError::LenBeyondChain { len, available },
             reply,
+            dst_cid,
         });
     }
     slice_regions(&chain.readable, VsockHeader::SIZE, len as usize, payload);
@@ -167,7 +186,7 @@ mod tests {
             writable: vec![],
         };
         let mut payload = Vec::new();
-        let pkt = parse_tx(&chain, 3, &mut payload).unwrap();
+        let pkt = parse_tx(&chain, 3, |_| false, &mut payload).unwrap();
         assert_eq!({ pkt.hdr.len }, 3);
         let mut out = [0u8; 3];
         assert_eq!(read_regions(&payload, 0, &mut out), 3);
@@ -184,7 +203,7 @@ mod tests {
             readable: vec![region(&mut buf)],
             writable: vec![],
         };
-        let e = parse_tx(&chain, 3, &mut payload).unwrap_err();
+        let e = parse_tx(&chain, 3, |_| false, &mut payload).unwrap_err();
         assert_eq!(
             e.err,
             PacketError::LenBeyondChain {
@@ -194,7 +213,9 @@ mod tests {
         );
         assert_eq!(e.reply, Some((1000, 52, 1)));
         assert!(matches!(
-            parse_tx(&chain, 4, &mut payload).unwrap_err().err,
+            parse_tx(&chain, 4, |_| false, &mut payload)
+                .unwrap_err()
+                .err,
             PacketError::SrcCid { got: 3, want: 4 }
         ));
         let mut w = header(0).as_bytes().to_vec();
@@ -204,7 +225,9 @@ mod tests {
             writable: vec![region(&mut w)],
         };
         assert_eq!(
-            parse_tx(&chain, 3, &mut payload).unwrap_err().err,
+            parse_tx(&chain, 3, |_| false, &mut payload)
+                .unwrap_err()
+                .err,
             PacketError::WriteOnlyHeader
         );
         let mut short = [0u8; 10];
@@ -214,7 +237,9 @@ mod tests {
             writable: vec![],
         };
         assert_eq!(
-            parse_tx(&chain, 3, &mut payload).unwrap_err().err,
+            parse_tx(&chain, 3, |_| false, &mut payload)
+                .unwrap_err()
+                .err,
             PacketError::ShortHeader(10)
         );
         let mut bad = header(0);
@@ -225,7 +250,7 @@ mod tests {
             readable: vec![region(&mut b)],
             writable: vec![],
         };
-        let e = parse_tx(&chain, 3, &mut payload).unwrap_err();
+        let e = parse_tx(&chain, 3, |_| false, &mut payload).unwrap_err();
         assert!(matches!(e.err, PacketError::Invalid(_)));
         assert!(e.reply.is_some());
     }

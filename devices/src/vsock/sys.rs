@@ -116,6 +116,21 @@ pub(crate) fn timerfd_clear(timer: &OwnedFd) {
     let _ = unsafe { libc::read(timer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
 }
 
+/// `eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)`.
+pub(crate) fn eventfd_create() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; the result is checked by `owned`.
+    owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+}
+
+/// Adds 1 to an eventfd's counter (never blocks: the counter cannot reach its limit
+/// with one increment per call between reads).
+pub(crate) fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `one` is 8 readable bytes, the size an eventfd write needs.
+    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    cvt_size(n).map(drop)
+}
+
 fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     // SAFETY: sockaddr_un is plain old data for which all-zeroes is valid.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };

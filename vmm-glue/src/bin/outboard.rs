@@ -27,7 +27,7 @@ use outboard_devices::vsock::{Vsock, VsockDeviceConfig, VsockMetrics};
 use outboard_glue::media::serve_camera;
 use outboard_glue::metrics::{self, VmMetrics};
 use outboard_glue::vhost_user::daemon::{self, WorkerError};
-use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
+use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, SiblingGroups, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Parser, Debug)]
@@ -378,19 +378,8 @@ fn vsock(args: VsockArgs) -> ExitCode {
     for g in vms.iter().flat_map(|v| v.groups.iter()) {
         *group_members.entry(g.as_str()).or_default() += 1;
     }
-    if group_members.values().any(|&n| n > 1) {
-        log::warn!("sibling VM communication is not implemented: guests in one group cannot reach each other yet");
-    }
-    for vm in vms.iter().filter(|v| v.tx_buffer_size > 256 * 1024) {
-        // The device returns credit once half its buffer looks used, but Linux guests
-        // (since the 2025 "cap TX credit to local buffer size" fix) never use more than
-        // their own 256 KiB socket buffer: with a buffer of 512 KiB or more a guest
-        // sending to the host can wait for credit that never comes.
-        log::warn!(
-            "guest CID {}: tx-buffer-size {} is above 256 KiB; Linux guests may stall sending to the host",
-            vm.guest_cid,
-            vm.tx_buffer_size
-        );
+    if args.jail.jail && group_members.values().any(|&n| n > 1) {
+        log::warn!("--jail: each VM's device runs in its own process, so guests in one group cannot reach each other");
     }
 
     // Block the stop signals before any thread starts, so only sigtimedwait sees them.
@@ -407,8 +396,9 @@ fn vsock(args: VsockArgs) -> ExitCode {
 
     let mut workers = Vec::new();
     let mut failed = false;
+    let mut siblings = SiblingGroups::default();
     for vm in &vms {
-        match start_worker(vm, args.fd) {
+        match start_worker(vm, args.fd, &mut siblings) {
             Ok(w) => workers.push(w),
             Err(e) => {
                 log::error!("VM with guest CID {}: {e}", vm.guest_cid);
@@ -490,7 +480,11 @@ fn remove_stale_socket(path: &Path) -> Result<(), String> {
     }
 }
 
-fn start_worker(vm: &VmConfig, fd: Option<RawFd>) -> Result<Worker, String> {
+fn start_worker(
+    vm: &VmConfig,
+    fd: Option<RawFd>,
+    siblings: &mut SiblingGroups,
+) -> Result<Worker, String> {
     let mut sockets = muxer_sockets(vm);
     for p in &sockets {
         remove_stale_socket(p)?;
@@ -498,6 +492,16 @@ fn start_worker(vm: &VmConfig, fd: Option<RawFd>) -> Result<Worker, String> {
     let mut config = VsockDeviceConfig::new(vm.guest_cid, vm.uds_path.clone());
     config.tx_buf_size = vm.tx_buffer_size;
     let device = Vsock::new(config).map_err(|e| e.to_string())?;
+    let linked = siblings
+        .join(&vm.groups, device.sibling())
+        .map_err(|e| e.to_string())?;
+    if linked > 0 {
+        log::info!(
+            "guest CID {}: reaches {linked} sibling VM(s) of groups {}",
+            vm.guest_cid,
+            vm.groups.join("+")
+        );
+    }
     let metrics = device.metrics();
     let Listening { listener, created } = listen(vm, fd)?;
     sockets.extend(created);
