@@ -482,6 +482,10 @@ fn child_setup(
             break;
         }
         p.set_ids()?;
+        // Changing the effective uid (root outside becomes 65534) makes the kernel clear
+        // the parent-death signal (commit_creds): set it again, and check again that
+        // the parent is still there.
+        p.set_parent_death_signal(relay_signal, parent)?;
     }
     // SAFETY: closing our copy of the handshake pipe.
     unsafe { libc::close(go_r) };

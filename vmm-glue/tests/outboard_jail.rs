@@ -503,7 +503,7 @@ fn jail_flags_are_checked() {
 }
 
 #[test]
-fn jailed_media_worker_answers_and_stops() {
+fn jailed_media_worker_answers_and_dies_with_the_daemon() {
     let dir = std::env::temp_dir().join(format!("outboard-jail-media-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -521,6 +521,7 @@ fn jailed_media_worker_answers_and_stops() {
         .arg(&socket)
         .env("RUST_LOG", "info")
         .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let pid = i32::try_from(daemon.id()).unwrap();
@@ -531,11 +532,27 @@ fn jailed_media_worker_answers_and_stops() {
     assert_eq!(status_field(worker, "Seccomp:"), "2");
     assert_ne!(ns(worker, "mnt"), ns("self", "mnt"));
     drop(fe);
+    let relay = children(pid)[0];
+    // A daemon killed outright takes its worker along (parent-death signals), even
+    // though the worker's uid changed inside its user namespace.
     // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = daemon.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "{status}\n{text}");
-    assert!(!socket.exists());
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    daemon.wait().unwrap();
+    let gone = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + T;
+    while !(gone(relay) && gone(worker)) {
+        assert!(
+            Instant::now() < deadline,
+            "jailed worker {worker} outlived its daemon"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

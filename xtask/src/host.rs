@@ -310,7 +310,20 @@ pub fn host_port_path(uds: &Path, port: u32) -> PathBuf {
 pub fn listen(uds: &Path, port: u32) -> Result<UnixListener> {
     let path = host_port_path(uds, port);
     let _ = std::fs::remove_file(&path);
-    UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))
+    let l = UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+    open_to_jailed_backend(&path)?;
+    Ok(l)
+}
+
+/// With `OUTBOARD_E2E_JAIL` the back-end's worker runs as uid 65534 outside its user
+/// namespace when the harness is root: it needs write permission to connect.
+pub fn open_to_jailed_backend(path: &Path) -> Result<()> {
+    if !crate::vm::jailed() {
+        return Ok(());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
 /// Accepts `n` connections on `l` within `timeout`, each handled by `f` on its own
@@ -395,6 +408,7 @@ impl SeqListener {
                 io::Error::last_os_error()
             ));
         }
+        open_to_jailed_backend(&path)?;
         // SAFETY: listen(2) on a socket we own; no memory is passed.
         if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
             return Err(format!("listen: {}", io::Error::last_os_error()));

@@ -12,6 +12,13 @@ use crate::util::{self, Proc, Result};
 /// The guest's context id.
 pub const GUEST_CID: u32 = 3;
 
+/// True when `OUTBOARD_E2E_JAIL` is set (to anything but `0`): `outboard vsock` runs
+/// with `--jail` (its worker in a jailed child), and the scratch directory and host
+/// sockets are opened to the worker's unprivileged uid.
+pub fn jailed() -> bool {
+    std::env::var_os("OUTBOARD_E2E_JAIL").is_some_and(|v| v != "0")
+}
+
 /// Which vhost-user vsock back-end serves the guest.
 #[derive(Clone, Debug)]
 pub enum Backend {
@@ -45,9 +52,14 @@ impl Backend {
             .arg("--uds-path")
             .arg(uds);
         if let Backend::Outboard(_) = self {
-            cmd.arg("--metrics")
-                .arg(metrics)
-                .args(["--metrics-interval", "1"]);
+            if jailed() {
+                // The counters live in the jailed worker: no --metrics with --jail.
+                cmd.arg("--jail");
+            } else {
+                cmd.arg("--metrics")
+                    .arg(metrics)
+                    .args(["--metrics-interval", "1"]);
+            }
         }
         // Extra flags for experiments, e.g. OUTBOARD_E2E_BACKEND_ARGS="--tx-buffer-size 65536".
         if let Ok(extra) = std::env::var("OUTBOARD_E2E_BACKEND_ARGS") {
@@ -92,6 +104,11 @@ impl Vm {
     pub fn boot(assets: &Assets, kind: Backend, dir: &Path) -> Result<Vm> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        if jailed() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+        }
         let socket = dir.join("vhost-user.sock");
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
