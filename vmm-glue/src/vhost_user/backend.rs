@@ -3,11 +3,12 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use outboard_devices::virtio::{VirtQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use outboard_protocol::vhost_user::{
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddr,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShmemConfig,
+    VhostUserVirtioFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{Backend, HandlerResult, MemoryRegion, VhostUserBackendReqHandler};
 use virtio_queue::{Queue, QueueT};
@@ -30,6 +31,11 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
+
+/// A slot for the back-end -> front-end channel, shared with a device that sends its
+/// own requests on it (for example `SHMEM_MAP`): [`DeviceBackend::with_channel`] fills
+/// it on `SET_BACKEND_REQ_FD` and empties it when the front-end goes away.
+pub type ChannelSlot = Arc<Mutex<Option<Backend>>>;
 
 /// Makes reads and writes on `file` non-blocking, so that an fd from the front-end that
 /// is not the eventfd it should be (a pipe nobody drains) cannot stall the worker.
@@ -86,6 +92,11 @@ pub struct DeviceBackend<D: VirtioDevice> {
     protocol: VhostUserProtocolFeatures,
     active: bool,
     max_queue_size: u16,
+    /// Offered on top of [`offered_protocol_features`].
+    extra_protocol: VhostUserProtocolFeatures,
+    /// `GET_SHMEM_CONFIG` answers (by shmid); empty: the request is not supported.
+    shmem_sizes: Vec<u64>,
+    channel: Option<ChannelSlot>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
@@ -119,7 +130,37 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             protocol: VhostUserProtocolFeatures::empty(),
             active: false,
             max_queue_size,
+            extra_protocol: VhostUserProtocolFeatures::empty(),
+            shmem_sizes: Vec::new(),
+            channel: None,
         }
+    }
+
+    /// Also offers `features` (for example `SHMEM` and `BACKEND_SEND_FD` for a device
+    /// with shared memory).
+    pub fn with_protocol_features(mut self, features: VhostUserProtocolFeatures) -> Self {
+        self.extra_protocol |= features;
+        self
+    }
+
+    /// Answers `GET_SHMEM_CONFIG` with these region sizes, indexed by shmid (sizes past
+    /// the protocol's 256 regions are dropped). Without it the request is refused.
+    pub fn with_shmem_regions(mut self, sizes: Vec<u64>) -> Self {
+        self.shmem_sizes = sizes;
+        self
+    }
+
+    /// Shares the back-end channel with the device through `slot` (see
+    /// [`ChannelSlot`]).
+    pub fn with_channel(mut self, slot: ChannelSlot) -> Self {
+        self.channel = Some(slot);
+        self
+    }
+
+    fn channel_slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Backend>>> {
+        self.channel
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The device.
@@ -183,6 +224,9 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         self.acked_features = 0;
         self.protocol = VhostUserProtocolFeatures::empty();
         self.irq.clear();
+        if let Some(mut slot) = self.channel_slot() {
+            *slot = None;
+        }
     }
 
     fn ring_live(&self, index: usize) -> bool {
@@ -376,11 +420,14 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     }
 
     fn get_protocol_features(&mut self) -> HandlerResult<VhostUserProtocolFeatures> {
-        Ok(offered_protocol_features())
+        Ok(offered_protocol_features() | self.extra_protocol)
     }
 
     fn set_protocol_features(&mut self, features: VhostUserProtocolFeatures) -> HandlerResult<()> {
         self.protocol = features;
+        if let Some(ch) = self.channel_slot().as_ref().and_then(|s| s.as_ref()) {
+            ch.set_protocol_features(features);
+        }
         Ok(())
     }
 
@@ -500,6 +547,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+        if let Some(mut slot) = self.channel_slot() {
+            *slot = Some(backend.clone());
+        }
         self.irq.set_channel(Some(backend));
         Ok(())
     }
@@ -526,6 +576,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
         self.reset_all();
         self.acked_features = 0;
         Ok(())
+    }
+
+    fn get_shmem_config(&mut self) -> HandlerResult<VhostUserShmemConfig> {
+        if self.shmem_sizes.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        Ok(VhostUserShmemConfig::new(&self.shmem_sizes))
     }
 }
 

@@ -69,6 +69,22 @@ pub fn serve<D: VirtioDevice>(
     stop: &EventFd,
     name: &str,
 ) -> Result<D, WorkerError> {
+    serve_with(device, listener, max_queue_size, stop, name, |b| b)
+}
+
+/// [`serve`], with `setup` given the [`DeviceBackend`] before the first front-end
+/// comes: the hook for devices that need more than the generic back-end offers
+/// (extra protocol features, `GET_SHMEM_CONFIG` answers, the back-end channel for
+/// their own requests; see [`DeviceBackend::with_protocol_features`],
+/// [`DeviceBackend::with_shmem_regions`], [`DeviceBackend::with_channel`]).
+pub fn serve_with<D: VirtioDevice>(
+    device: D,
+    listener: UnixListener,
+    max_queue_size: u16,
+    stop: &EventFd,
+    name: &str,
+    setup: impl FnOnce(DeviceBackend<D>) -> DeviceBackend<D>,
+) -> Result<D, WorkerError> {
     listener
         .set_nonblocking(true)
         .map_err(WorkerError::Accept)?;
@@ -81,7 +97,11 @@ pub fn serve<D: VirtioDevice>(
     }
     add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
     // Exactly one of these is Some: the device waits idle, or a front-end drives it.
-    let mut idle = Some(DeviceBackend::new(device, max_queue_size, epoll.clone()));
+    let mut idle = Some(setup(DeviceBackend::new(
+        device,
+        max_queue_size,
+        epoll.clone(),
+    )));
     let mut conn: Option<BackendReqHandler<DeviceBackend<D>>> = None;
     // The backend keeps one interrupt for its whole life.
     let batch_irq = idle.as_ref().map(DeviceBackend::interrupt);
