@@ -241,3 +241,39 @@ fn serves_several_vms_from_flags_and_from_a_config_file() {
     stop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `groups=`: the daemon links the devices of VMs that share a group and no others.
+#[test]
+fn links_the_vms_of_a_group() {
+    use std::io::Read;
+    let dir = scratch("groups");
+    let p = |n: &str| dir.join(n).display().to_string();
+    let vm = |cid: u32, groups: &str| {
+        format!(
+            "guest-cid={cid},socket={},uds-path={},groups={groups}",
+            p(&format!("{cid}.sock")),
+            p(&format!("{cid}.vsock"))
+        )
+    };
+    let mut child = outboard()
+        .args(["vsock", "--vm", &vm(3, "a+b"), "--vm", &vm(4, "b")])
+        .args(["--vm", &vm(5, "c")])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    for cid in [3, 4, 5] {
+        answers(&dir.join(format!("{cid}.sock")));
+    }
+    stop(child);
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).unwrap();
+    assert!(
+        log.contains("guest CID 4: reaches 1 sibling VM(s) of groups b"),
+        "{log}"
+    );
+    assert!(!log.contains("guest CID 3: reaches"), "{log}");
+    assert!(!log.contains("guest CID 5: reaches"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

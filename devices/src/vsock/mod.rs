@@ -12,6 +12,9 @@
 //!   TX buffer.
 //! - `muxer.rs`: the AF_UNIX muxer: listeners, host-initiated `CONNECT <port>\n`
 //!   handshakes, guest-initiated connects, the epoll set, timers, port allocation.
+//! - `sibling.rs`: guest-to-guest traffic between devices linked as siblings
+//!   ([`VsockSibling`], [`Vsock::sibling`]): each device's bounded inbox, the credit
+//!   check on sibling connections, delivery into the RX queue.
 //!
 //! # The AF_UNIX convention (Firecracker's)
 //!
@@ -38,6 +41,18 @@
 //!   flag cannot be expressed on AF_UNIX and is dropped; host messages are delivered
 //!   with EOM only. A zero-length host message read after the peer hung up cannot be
 //!   told from end-of-file and ends the connection.
+//!
+//! # Sibling VMs
+//!
+//! Devices whose [`VsockSibling`] handles are linked (the glue links the VMs of one
+//! group) let their guests connect to each other by CID, as vhost-device-vsock's groups
+//! do; a packet for a CID that is neither the host nor a sibling is answered with RST
+//! from that CID. Packets cross from one device's worker thread to the other's through
+//! the receiver's inbox (at most [`MAX_INBOX_PACKETS`] packets and [`MAX_INBOX_BYTES`]
+//! of payload, woken through an eventfd in its epoll set), unchanged, so credit flows
+//! between the two guests. A guest that sends beyond the other guest's announced credit,
+//! or finds its inbox full, has that connection reset on both sides; no device waits
+//! for another, so a stalled sibling stalls none of the other connections.
 //!
 //! # Data path
 //!
