@@ -310,6 +310,25 @@ pub trait Interrupt: Send + Sync {
     fn signal_config_change(&self);
 }
 
+/// Signals `interrupt` for queue number `index` unless the driver suppressed the
+/// notification (EVENT_IDX `used_event`, or `VRING_AVAIL_F_NO_INTERRUPT`).
+///
+/// A queue that cannot tell (its guest memory could not be read) is signalled anyway:
+/// a spurious interrupt is harmless, a lost one stalls the driver. Does nothing for an
+/// unknown queue or before activation (`interrupt` is `None`).
+pub fn signal_used(
+    queues: &mut [Box<dyn VirtQueue>],
+    index: usize,
+    interrupt: Option<&dyn Interrupt>,
+) {
+    let (Some(queue), Some(interrupt)) = (queues.get_mut(index), interrupt) else {
+        return;
+    };
+    if queue.needs_notification().unwrap_or(true) {
+        interrupt.signal_used_queue(index);
+    }
+}
+
 /// Errors of [`GuestMemoryAccess`].
 #[sorted]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -76,17 +76,7 @@ impl<D: MediaDevice> VirtioMedia<D> {
     }
 
     fn signal(&mut self, queue: usize) {
-        let Some(q) = self.queues.get_mut(queue) else {
-            return;
-        };
-        match q.needs_notification() {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Some(i) = &self.interrupt {
-                    i.signal_used_queue(queue);
-                }
-            }
-        }
+        crate::virtio::signal_used(&mut self.queues, queue, self.interrupt.as_deref());
     }
 
     fn process_commands(&mut self) {

@@ -213,17 +213,7 @@ impl Vsock {
     }
 
     fn signal(&mut self, queue: usize) {
-        let Some(q) = self.queues.get_mut(queue) else {
-            return;
-        };
-        match q.needs_notification() {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Some(irq) = &self.interrupt {
-                    irq.signal_used_queue(queue);
-                }
-            }
-        }
+        crate::virtio::signal_used(&mut self.queues, queue, self.interrupt.as_deref());
     }
 
     /// The driver kicked the TX queue: forwards every packet, then fills RX with what
