@@ -9,15 +9,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{bfd, GuestMem};
 use outboard_protocol::vhost_user::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
 };
@@ -36,80 +39,6 @@ const OP_RW: u16 = 5;
 const TYPE_STREAM: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const EVENT_IDX: u64 = 1 << 29;
-
-struct GuestMem {
-    fd: OwnedFd,
-    ptr: *mut u8,
-}
-
-impl GuestMem {
-    fn new() -> Self {
-        // SAFETY: memfd_create with a valid C string.
-        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: a new fd nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        File::from(fd.try_clone().unwrap())
-            .set_len(MEM as u64)
-            .unwrap();
-        // SAFETY: maps the whole memfd we just sized; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        GuestMem {
-            fd,
-            ptr: ptr.cast(),
-        }
-    }
-
-    fn write_bytes(&self, gpa: usize, data: &[u8]) {
-        assert!(gpa + data.len() <= MEM);
-        // SAFETY: in bounds of our mapping (checked above); the daemon does not touch
-        // buffers that are not available to it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(gpa), data.len()) };
-    }
-
-    fn read_bytes(&self, gpa: usize, len: usize) -> Vec<u8> {
-        assert!(gpa + len <= MEM);
-        let mut out = vec![0u8; len];
-        // SAFETY: in bounds of our mapping (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa), out.as_mut_ptr(), len) };
-        out
-    }
-
-    fn write<T: Copy>(&self, gpa: usize, v: T) {
-        assert!(gpa + std::mem::size_of::<T>() <= MEM);
-        // SAFETY: in bounds of our mapping (checked above); unaligned write.
-        unsafe { std::ptr::write_unaligned(self.ptr.add(gpa).cast::<T>(), v) };
-    }
-
-    fn read<T: Copy>(&self, gpa: usize) -> T {
-        assert!(gpa + std::mem::size_of::<T>() <= MEM);
-        // SAFETY: in bounds of our mapping (checked above); volatile because the
-        // daemon writes it concurrently.
-        unsafe { std::ptr::read_volatile(self.ptr.add(gpa).cast::<T>()) }
-    }
-}
-
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), MEM) };
-    }
-}
-
-fn bfd(e: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the fd stays open while `e` is borrowed.
-    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
-}
 
 /// One split ring: descriptor table, available and used rings, and one 4 KiB buffer
 /// per descriptor (descriptor i always points at buffer i).
@@ -324,7 +253,7 @@ fn wait_for_log(log: &Path, needle: &str) -> String {
 /// A host connection to guest port 1234 over the jailed worker: handshake, data both
 /// ways.
 fn session(socket: &Path, uds: &Path) {
-    let mem = GuestMem::new();
+    let mem = GuestMem::new(MEM);
     let mut rx = Ring::new(0x1000);
     let mut tx = Ring::new(0x20000);
     let mut fe = connect_frontend(socket);

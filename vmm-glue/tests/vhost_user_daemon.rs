@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{bfd, GuestMem};
 use outboard_devices::virtio::{
     ActivateError, DescChain, Interrupt, VirtQueue, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -96,66 +98,6 @@ impl VirtioDevice for Echo {
 const MEM: usize = 0x10000;
 const UVA: u64 = 0x7f00_0000_0000;
 
-struct GuestMem {
-    fd: OwnedFd,
-    ptr: *mut u8,
-}
-
-impl GuestMem {
-    fn new() -> Self {
-        // SAFETY: memfd_create with a valid C string.
-        let raw = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: a new fd nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        File::from(fd.try_clone().unwrap())
-            .set_len(MEM as u64)
-            .unwrap();
-        // SAFETY: maps the whole memfd we just sized; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        GuestMem {
-            fd,
-            ptr: ptr.cast(),
-        }
-    }
-
-    fn write<T: Copy>(&self, gpa: usize, v: T) {
-        assert!(gpa + std::mem::size_of::<T>() <= MEM);
-        // SAFETY: in bounds of our mapping (checked above); unaligned write.
-        unsafe { std::ptr::write_unaligned(self.ptr.add(gpa).cast::<T>(), v) };
-    }
-
-    fn read<T: Copy>(&self, gpa: usize) -> T {
-        assert!(gpa + std::mem::size_of::<T>() <= MEM);
-        // SAFETY: in bounds of our mapping (checked above); volatile because the
-        // daemon writes it concurrently.
-        unsafe { std::ptr::read_volatile(self.ptr.add(gpa).cast::<T>()) }
-    }
-}
-
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), MEM) };
-    }
-}
-
-/// EventFd has no `AsFd`: borrow its fd for as long as the EventFd lives.
-fn bfd(e: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the fd stays open while `e` is borrowed.
-    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
-}
-
 fn wait_readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
@@ -235,7 +177,7 @@ fn frontend_drives_a_device_through_the_daemon() {
         daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
     });
 
-    let mem = GuestMem::new();
+    let mem = GuestMem::new(MEM);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut fe = Frontend::connect(&path).unwrap();
@@ -312,7 +254,7 @@ fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
     let worker = std::thread::spawn(move || {
         daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
     });
-    let mem = GuestMem::new();
+    let mem = GuestMem::new(MEM);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut fe = Frontend::connect(&path).unwrap();
