@@ -385,6 +385,19 @@ impl Validate for SgEntry {
     }
 }
 
+/// A virtio object id (a 16-byte UUID): the backing of a DMABUF buffer plane, or a
+/// buffer exported with `VIDIOC_EXPBUF`.
+///
+/// It does not fit V4L2's 4-byte fd placeholders, so it travels after its embedding
+/// structure: after a `v4l2_buffer` and its planes (one id per plane in plane order, one
+/// for a single-planar buffer) in both halves of the chain, and after a
+/// `v4l2_exportbuffer`. The placeholder itself is left as the driver sent it.
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct VirtioObjectId(pub [u8; 16]);
+
 /// Every event starts with this (8 bytes).
 #[repr(C)]
 #[derive(

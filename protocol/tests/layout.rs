@@ -1,7 +1,7 @@
 //! Sizes and field offsets of every wire structure, against the specifications
 //! (vhost-user.rst, virtio 1.3 section 5.10, virtio 1.4 virtio-media).
 
-use core::mem::{offset_of, size_of};
+use core::mem::{align_of, offset_of, size_of};
 
 use outboard_protocol::media::*;
 use outboard_protocol::vhost_user::*;
@@ -160,6 +160,8 @@ fn media_layout() {
     assert_eq!(size_of::<MunmapCmd>(), 8);
     assert_eq!(size_of::<SgEntry>(), 16);
     assert_eq!(offset_of!(SgEntry, len), 8);
+    assert_eq!(size_of::<VirtioObjectId>(), 16);
+    assert_eq!(align_of::<VirtioObjectId>(), 1);
     assert_eq!(size_of::<EventHeader>(), 8);
     assert_eq!(offset_of!(EventHeader, session_id), 4);
     assert_eq!(size_of::<ErrorEvent>(), 16);

@@ -448,7 +448,7 @@ impl<M> CameraSession<M> {
         }
         Some(BufferDesc {
             buffer,
-            planes: Vec::new(),
+            ..Default::default()
         })
     }
 }

@@ -14,16 +14,22 @@
 //! - `v4l2_ext_controls`: `count` `v4l2_ext_control`s follow, then an SG list for every
 //!   control with a non-zero `size` (its payload). The response carries the structure and
 //!   the controls, also on error (so the guest sees `error_idx`).
+//! - DMABUF memory: a 16-byte [`VirtioObjectId`] per plane (one for single-planar
+//!   buffers) follows the buffer and its planes, in plane order, in the command and in
+//!   the response alike (unlike SG lists, which only the command carries). `QBUF` and
+//!   `PREPARE_BUF` answer with the guest's ids and fd placeholders (`m`) unchanged,
+//!   `QUERYBUF` with the ids the device reports. The dequeued-buffer event
+//!   carries no ids: it has a fixed size and, as for USERPTR memory, the driver keeps
+//!   what it queued.
 //!
 //! Pointers inside structures are zeroed in responses so that no host address leaks.
 //! A payload that cannot be parsed is answered with `EINVAL`; ioctls the driver handles
-//! itself ([`V4l2Ioctl::is_handled_by_driver`]), `VIDIOC_EXPBUF` (no fds cross
-//! virtio-media) and `VIDIOC_G_EDID`/`VIDIOC_S_EDID` (pointer payloads virtio-media does
-//! not describe) are answered with `ENOTTY`. DMABUF memory (virtio objects) is not
-//! supported by the dispatcher: such buffers are passed to the handler without backing
-//! and devices refuse them.
+//! itself ([`V4l2Ioctl::is_handled_by_driver`]) and `VIDIOC_G_EDID`/`VIDIOC_S_EDID`
+//! (pointer payloads virtio-media does not describe) are answered with `ENOTTY`.
+//! `VIDIOC_EXPBUF` exports a buffer as a virtio object: room for its id follows the
+//! `v4l2_exportbuffer` in the command, and the id follows it in the response.
 
-use outboard_protocol::media::{RespHeader, SgEntry};
+use outboard_protocol::media::{RespHeader, SgEntry, VirtioObjectId};
 use outboard_protocol::v4l2::V4l2Ioctl;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -36,23 +42,51 @@ pub type IoctlResult<T> = Result<T, Errno>;
 /// Most controls one `VIDIOC_*_EXT_CTRLS` call may carry (`V4L2_CID_MAX_CTRLS`).
 pub const MAX_EXT_CTRLS: u32 = 1024;
 
-/// A `v4l2_buffer` with its planes (multi-planar types only; empty otherwise).
+/// A `v4l2_buffer` with the parts that follow it on the wire in both halves of a chain:
+/// its planes and, for DMABUF memory, its virtio objects.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BufferDesc {
     /// The buffer.
     pub buffer: V4l2Buffer,
     /// Its planes (`buffer.length` of them for multi-planar types).
     pub planes: Vec<V4l2Plane>,
+    /// For DMABUF memory (`buffer.memory == MEMORY_DMABUF`): the virtio object backing
+    /// each plane in plane order (one for single-planar buffers). Empty otherwise. A
+    /// response for a DMABUF buffer must carry one per plane it answers with.
+    pub objects: Vec<VirtioObjectId>,
 }
 
 /// A buffer the guest queues or prepares, with its USERPTR backing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestBuffer {
-    /// The buffer and its planes as the guest sent them.
+    /// The buffer, its planes and its virtio objects as the guest sent them.
     pub desc: BufferDesc,
     /// For USERPTR memory: one guest SG list per plane with a non-zero length (one list
     /// for single-planar buffers). Empty for other memory types.
     pub userptr: Vec<Vec<SgEntry>>,
+}
+
+/// The backing of a [`GuestBuffer`], by memory type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferMemory<'a> {
+    /// MMAP: device-allocated buffers, identified by index.
+    Mmap,
+    /// USERPTR: guest SG lists, one per plane with a non-zero length.
+    UserPtr(&'a [Vec<SgEntry>]),
+    /// DMABUF: a virtio object per plane.
+    DmaBuf(&'a [VirtioObjectId]),
+}
+
+impl GuestBuffer {
+    /// The buffer's backing; [`read_guest_buffer`] accepts no other memory type than
+    /// these three.
+    pub fn memory(&self) -> BufferMemory<'_> {
+        match self.desc.buffer.memory {
+            MEMORY_USERPTR => BufferMemory::UserPtr(&self.userptr),
+            MEMORY_DMABUF => BufferMemory::DmaBuf(&self.desc.objects),
+            _ => BufferMemory::Mmap,
+        }
+    }
 }
 
 /// Extended controls as the guest sent them.
@@ -107,6 +141,9 @@ handler_methods! {
     fn prepare_buf(&mut self, session: &mut Self::Session, buffer: GuestBuffer) -> IoctlResult<BufferDesc>;
     /// `VIDIOC_CREATE_BUFS`.
     fn create_bufs(&mut self, session: &mut Self::Session, create: V4l2CreateBuffers) -> IoctlResult<V4l2CreateBuffers>;
+    /// `VIDIOC_EXPBUF`: export a buffer as a virtio object and return its id (the
+    /// structure's `fd` placeholder is given back as the guest sent it).
+    fn expbuf(&mut self, session: &mut Self::Session, export: V4l2Exportbuffer) -> IoctlResult<VirtioObjectId>;
     /// `VIDIOC_REMOVE_BUFS`.
     fn remove_bufs(&mut self, session: &mut Self::Session, remove: V4l2RemoveBuffers) -> IoctlResult<V4l2RemoveBuffers>;
     /// `VIDIOC_STREAMON`.
@@ -263,10 +300,14 @@ fn max_sg_entries(len: u64) -> usize {
         .saturating_add(2)
 }
 
-/// Reads a `v4l2_buffer`, its planes (multi-planar) and USERPTR SG lists.
+/// Reads a `v4l2_buffer`, its planes (multi-planar), and its USERPTR SG lists or DMABUF
+/// virtio objects. Memory types other than MMAP, USERPTR and DMABUF get `EINVAL`.
 pub fn read_guest_buffer(r: &mut ChainReader<'_>) -> IoctlResult<GuestBuffer> {
     let buffer: V4l2Buffer = r.read_obj("v4l2_buffer").map_err(|e| e.errno())?;
     check_buf_type(buffer.type_)?;
+    if !matches!(buffer.memory, MEMORY_MMAP | MEMORY_USERPTR | MEMORY_DMABUF) {
+        return Err(libc::EINVAL);
+    }
     let mut planes = Vec::new();
     if is_multiplanar(buffer.type_) {
         if buffer.length == 0 || buffer.length as usize > VIDEO_MAX_PLANES {
@@ -275,6 +316,16 @@ pub fn read_guest_buffer(r: &mut ChainReader<'_>) -> IoctlResult<GuestBuffer> {
         for _ in 0..buffer.length {
             planes.push(
                 r.read_obj::<V4l2Plane>("v4l2_plane")
+                    .map_err(|e| e.errno())?,
+            );
+        }
+    }
+    let mut objects = Vec::new();
+    if buffer.memory == MEMORY_DMABUF {
+        // Planes are bounded above (at most VIDEO_MAX_PLANES), so is this.
+        for _ in 0..planes.len().max(1) {
+            objects.push(
+                r.read_obj::<VirtioObjectId>("virtio object id")
                     .map_err(|e| e.errno())?,
             );
         }
@@ -291,32 +342,66 @@ pub fn read_guest_buffer(r: &mut ChainReader<'_>) -> IoctlResult<GuestBuffer> {
         }
     }
     Ok(GuestBuffer {
-        desc: BufferDesc { buffer, planes },
+        desc: BufferDesc {
+            buffer,
+            planes,
+            objects,
+        },
         userptr,
     })
 }
 
-/// Writes a buffer answer: the buffer (plane pointer zeroed for multi-planar types) and
-/// at most `max_planes` planes.
+/// Writes a buffer answer: the buffer (plane pointer zeroed for multi-planar types), at
+/// most `max_planes` planes and, for DMABUF memory, one virtio object per plane written
+/// (one for single-planar types). A DMABUF answer without enough objects is a device
+/// bug; the guest gets `EIO` rather than ids that were never given.
 fn write_buffer(
     w: &mut ChainWriter<'_>,
     res: IoctlResult<BufferDesc>,
     max_planes: usize,
 ) -> Result<(), MediaError> {
-    match res {
-        Ok(mut desc) => {
-            if is_multiplanar(desc.buffer.type_) {
-                desc.buffer.m = 0;
-            }
-            w.write_obj(&RespHeader::ok())?;
-            w.write_obj(&desc.buffer)?;
-            for p in desc.planes.iter().take(max_planes) {
-                w.write_obj(p)?;
-            }
-            Ok(())
+    let mut desc = match res {
+        Ok(desc) => desc,
+        Err(e) => return w.write_err(e),
+    };
+    let planes = if is_multiplanar(desc.buffer.type_) {
+        desc.buffer.m = 0;
+        &desc.planes[..desc.planes.len().min(max_planes)]
+    } else {
+        &[]
+    };
+    let objects = if desc.buffer.memory == MEMORY_DMABUF {
+        let n = planes.len().max(1);
+        match desc.objects.get(..n) {
+            Some(o) => o,
+            None => return w.write_err(libc::EIO),
         }
-        Err(e) => w.write_err(e),
+    } else {
+        &[]
+    };
+    w.write_obj(&RespHeader::ok())?;
+    w.write_obj(&desc.buffer)?;
+    for p in planes {
+        w.write_obj(p)?;
     }
+    for o in objects {
+        w.write_obj(o)?;
+    }
+    Ok(())
+}
+
+/// For a queued or prepared DMABUF buffer, gives back the guest's fd placeholders and
+/// virtio objects unchanged, whatever the handler answered (virtio-media requires it).
+fn keep_guest_objects(res: IoctlResult<BufferDesc>, guest: &BufferDesc) -> IoctlResult<BufferDesc> {
+    let mut desc = res?;
+    if desc.buffer.memory == MEMORY_DMABUF && guest.buffer.memory == MEMORY_DMABUF {
+        desc.buffer.m = guest.buffer.m;
+        for (p, g) in desc.planes.iter_mut().zip(&guest.planes) {
+            p.m = g.m;
+        }
+        desc.objects.clone_from(&guest.objects);
+    }
+    Ok(desc)
 }
 
 /// Reads `v4l2_ext_controls`, its controls and their payload SG lists.
@@ -420,10 +505,15 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
         VIDIOC_QBUF | VIDIOC_PREPARE_BUF => match read_guest_buffer(r) {
             Ok(b) => {
                 let max_planes = b.desc.planes.len();
+                let guest = (b.desc.buffer.memory == MEMORY_DMABUF).then(|| b.desc.clone());
                 let res = if ioctl == VIDIOC_QBUF {
                     handler.qbuf(s, b)
                 } else {
                     handler.prepare_buf(s, b)
+                };
+                let res = match &guest {
+                    Some(g) => keep_guest_objects(res, g),
+                    None => res,
                 };
                 write_buffer(w, res, max_planes)
             }
@@ -433,6 +523,24 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
             check_buf_type(c.format.type_)?;
             handler.create_bufs(s, c)
         }),
+        VIDIOC_EXPBUF => {
+            let export: V4l2Exportbuffer = match r.read_obj(ioctl.name()) {
+                Ok(e) => e,
+                Err(e) => return w.write_err(e.errno()),
+            };
+            // The command reserves room for the id, as it would for any `WR` payload.
+            if let Err(e) = r.read_obj::<VirtioObjectId>("virtio object id") {
+                return w.write_err(e.errno());
+            }
+            match check_buf_type(export.type_).and_then(|_| handler.expbuf(s, export)) {
+                Ok(id) => {
+                    w.write_obj(&RespHeader::ok())?;
+                    w.write_obj(&export)?;
+                    w.write_obj(&id)
+                }
+                Err(e) => w.write_err(e),
+            }
+        }
         VIDIOC_REMOVE_BUFS => wr(ioctl, r, w, |c: V4l2RemoveBuffers| {
             check_buf_type(c.type_)?;
             handler.remove_bufs(s, c)
@@ -518,12 +626,11 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
         VIDIOC_DECODER_CMD => wr(ioctl, r, w, |a| handler.decoder_cmd(s, a)),
         VIDIOC_TRY_DECODER_CMD => wr(ioctl, r, w, |a| handler.try_decoder_cmd(s, a)),
         // Handled by the driver (filtered above), carried as events, or not expressible
-        // over virtio-media (fd export, EDID pointers).
+        // over virtio-media (EDID pointers).
         VIDIOC_QUERYCAP
         | VIDIOC_G_FBUF
         | VIDIOC_S_FBUF
         | VIDIOC_OVERLAY
-        | VIDIOC_EXPBUF
         | VIDIOC_DQBUF
         | VIDIOC_G_PRIORITY
         | VIDIOC_S_PRIORITY
@@ -574,15 +681,25 @@ mod tests {
         ioctl: V4l2Ioctl,
         payload: &[u8],
     ) -> (u32, Vec<u8>) {
+        run_into(h, ioctl, payload, 8192).unwrap()
+    }
+
+    /// Dispatches with a device-writable half of `resp_len` bytes.
+    fn run_into<H: IoctlHandler<Session = ()>>(
+        h: &mut H,
+        ioctl: V4l2Ioctl,
+        payload: &[u8],
+        resp_len: usize,
+    ) -> Result<(u32, Vec<u8>), MediaError> {
         let mut req = payload.to_vec();
-        let mut resp = vec![0u8; 8192];
+        let mut resp = vec![0u8; resp_len];
         let rr = region(&mut req);
         let wr = region(&mut resp);
         let mut w = ChainWriter::new(&wr);
-        dispatch_ioctl(h, &mut (), ioctl, &mut ChainReader::new(&rr), &mut w).unwrap();
+        dispatch_ioctl(h, &mut (), ioctl, &mut ChainReader::new(&rr), &mut w)?;
         let n = w.written();
         let status = u32::from_le_bytes([resp[0], resp[1], resp[2], resp[3]]);
-        (status, resp[8..n].to_vec())
+        Ok((status, resp[8..n].to_vec()))
     }
 
     #[test]
@@ -666,5 +783,300 @@ mod tests {
             run(&mut Echo, V4l2Ioctl::VIDIOC_QBUF, &short).0,
             libc::EINVAL as u32
         );
+    }
+
+    /// Records what reaches it. Answers QBUF/PREPARE_BUF with the buffer's planes but a
+    /// scribbled placeholder and no objects (the dispatcher must still give the guest's
+    /// back), QUERYBUF with `querybuf`, EXPBUF with `export_id`.
+    #[derive(Default)]
+    struct Recorder {
+        queued: Vec<(&'static str, GuestBuffer)>,
+        querybuf: BufferDesc,
+        export_id: VirtioObjectId,
+        exported: Vec<V4l2Exportbuffer>,
+    }
+
+    impl Recorder {
+        fn answer(&mut self, what: &'static str, b: GuestBuffer) -> IoctlResult<BufferDesc> {
+            let mut desc = b.desc.clone();
+            desc.buffer.m = 0x5c21_b61e;
+            for p in &mut desc.planes {
+                p.m = 0x5c21_b61e;
+                p.bytesused = p.length;
+            }
+            desc.objects.clear();
+            self.queued.push((what, b));
+            Ok(desc)
+        }
+    }
+
+    impl IoctlHandler for Recorder {
+        type Session = ();
+        fn qbuf(&mut self, _: &mut (), b: GuestBuffer) -> IoctlResult<BufferDesc> {
+            self.answer("qbuf", b)
+        }
+        fn prepare_buf(&mut self, _: &mut (), b: GuestBuffer) -> IoctlResult<BufferDesc> {
+            self.answer("prepare_buf", b)
+        }
+        fn querybuf(&mut self, _: &mut (), buf_type: u32, index: u32) -> IoctlResult<BufferDesc> {
+            let mut d = self.querybuf.clone();
+            d.buffer.type_ = buf_type;
+            d.buffer.index = index;
+            Ok(d)
+        }
+        fn expbuf(&mut self, _: &mut (), e: V4l2Exportbuffer) -> IoctlResult<VirtioObjectId> {
+            self.exported.push(e);
+            Ok(self.export_id)
+        }
+    }
+
+    fn uuid(n: u8) -> VirtioObjectId {
+        VirtioObjectId(core::array::from_fn(|i| n.wrapping_mul(17) ^ i as u8))
+    }
+
+    /// A DMABUF buffer of `planes` planes (0: single-planar) with fd placeholders
+    /// `100 + plane`, followed by object `i + 1` for plane `i`.
+    fn dmabuf_payload(planes: u32) -> (Vec<u8>, Vec<VirtioObjectId>) {
+        let b = V4l2Buffer {
+            index: 3,
+            type_: if planes == 0 {
+                BUF_TYPE_VIDEO_CAPTURE
+            } else {
+                BUF_TYPE_VIDEO_CAPTURE_MPLANE
+            },
+            memory: MEMORY_DMABUF,
+            m: if planes == 0 { 100 } else { 0x7fff_0000_1000 },
+            length: if planes == 0 { 8192 } else { planes },
+            ..Default::default()
+        };
+        let mut payload = b.as_bytes().to_vec();
+        for i in 0..planes {
+            let p = V4l2Plane {
+                length: 4096 * (i + 1),
+                m: u64::from(100 + i),
+                ..Default::default()
+            };
+            payload.extend_from_slice(p.as_bytes());
+        }
+        let ids: Vec<_> = (0..planes.max(1)).map(|i| uuid(i as u8 + 1)).collect();
+        for id in &ids {
+            payload.extend_from_slice(id.as_bytes());
+        }
+        (payload, ids)
+    }
+
+    #[test]
+    fn dmabuf_objects_reach_the_handler_and_come_back() {
+        for planes in [0u32, 1, 3, VIDEO_MAX_PLANES as u32] {
+            for ioctl in [V4l2Ioctl::VIDIOC_QBUF, V4l2Ioctl::VIDIOC_PREPARE_BUF] {
+                let (payload, ids) = dmabuf_payload(planes);
+                let mut h = Recorder::default();
+                // Trailing bytes after the last id are not part of the buffer.
+                let mut long = payload.clone();
+                long.extend_from_slice(&[0xee; 40]);
+                let (status, out) = run(&mut h, ioctl, &long);
+                assert_eq!(status, 0, "{ioctl} planes={planes}");
+                let (what, got) = h.queued.pop().unwrap();
+                assert_eq!(
+                    what,
+                    if ioctl == V4l2Ioctl::VIDIOC_QBUF {
+                        "qbuf"
+                    } else {
+                        "prepare_buf"
+                    }
+                );
+                assert_eq!(got.memory(), BufferMemory::DmaBuf(&ids), "planes={planes}");
+                assert!(got.userptr.is_empty());
+                assert_eq!(got.desc.planes.len(), planes as usize);
+
+                // Response: buffer, planes, then one id per plane, in plane order.
+                let n = planes as usize;
+                assert_eq!(out.len(), 88 + 64 * n + 16 * n.max(1), "planes={planes}");
+                let back = V4l2Buffer::read_from_prefix(&out).unwrap().0;
+                assert_eq!(back.memory, MEMORY_DMABUF);
+                if planes == 0 {
+                    assert_eq!(back.m, 100, "the fd placeholder is the guest's");
+                } else {
+                    assert_eq!(back.m, 0, "the plane pointer is not echoed");
+                }
+                for i in 0..n {
+                    let p = V4l2Plane::read_from_prefix(&out[88 + 64 * i..]).unwrap().0;
+                    assert_eq!(p.m, 100 + i as u64, "plane {i} placeholder");
+                    assert_eq!(p.bytesused, p.length, "plane {i} is the handler's");
+                }
+                let tail = &out[88 + 64 * n..];
+                let back_ids: Vec<VirtioObjectId> = tail
+                    .chunks_exact(16)
+                    .map(|c| VirtioObjectId::read_from_bytes(c).unwrap())
+                    .collect();
+                assert_eq!(back_ids, ids);
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_invalid_dmabuf_buffers_get_einval() {
+        for planes in [0u32, 2] {
+            let (payload, _) = dmabuf_payload(planes);
+            let header = 88 + 64 * planes as usize;
+            // Every cut inside the ids (one id short included) is refused, and the
+            // handler never sees the buffer.
+            for cut in header..payload.len() {
+                let mut h = Recorder::default();
+                let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_QBUF, &payload[..cut]);
+                assert_eq!(status, libc::EINVAL as u32, "planes={planes} cut={cut}");
+                assert!(out.is_empty());
+                assert!(h.queued.is_empty());
+            }
+        }
+        // More planes than V4L2 allows: no ids are read at all.
+        let (mut payload, _) = dmabuf_payload(VIDEO_MAX_PLANES as u32);
+        payload[72..76].copy_from_slice(&(VIDEO_MAX_PLANES as u32 + 1).to_le_bytes());
+        payload.extend_from_slice(&[0; 64 + 16]);
+        let mut h = Recorder::default();
+        assert_eq!(
+            run(&mut h, V4l2Ioctl::VIDIOC_QBUF, &payload).0,
+            libc::EINVAL as u32
+        );
+        // Memory types virtio-media does not carry (none, OVERLAY, unknown).
+        for memory in [0u32, MEMORY_OVERLAY, 5, u32::MAX] {
+            let (mut payload, _) = dmabuf_payload(1);
+            payload[60..64].copy_from_slice(&memory.to_le_bytes());
+            assert_eq!(
+                run(&mut h, V4l2Ioctl::VIDIOC_PREPARE_BUF, &payload).0,
+                libc::EINVAL as u32,
+                "memory {memory}"
+            );
+        }
+        assert!(h.queued.is_empty());
+    }
+
+    #[test]
+    fn dmabuf_response_that_does_not_fit_is_an_error() {
+        let (payload, _) = dmabuf_payload(3);
+        // Header + buffer + planes fit, the ids do not.
+        let err = run_into(
+            &mut Recorder::default(),
+            V4l2Ioctl::VIDIOC_QBUF,
+            &payload,
+            8 + 88 + 3 * 64 + 47,
+        )
+        .unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC);
+        let (status, out) = run_into(
+            &mut Recorder::default(),
+            V4l2Ioctl::VIDIOC_QBUF,
+            &payload,
+            8 + 88 + 3 * 64 + 48,
+        )
+        .unwrap();
+        assert_eq!((status, out.len()), (0, 88 + 3 * 64 + 48));
+    }
+
+    #[test]
+    fn querybuf_answers_dmabuf_objects_after_the_planes() {
+        let mut h = Recorder {
+            querybuf: BufferDesc {
+                buffer: V4l2Buffer {
+                    memory: MEMORY_DMABUF,
+                    length: 2,
+                    ..Default::default()
+                },
+                planes: vec![V4l2Plane::default(); 2],
+                objects: vec![uuid(7), uuid(8)],
+            },
+            ..Default::default()
+        };
+        let query = |length: u32| {
+            V4l2Buffer {
+                index: 1,
+                type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+                memory: MEMORY_DMABUF,
+                length,
+                ..Default::default()
+            }
+            .as_bytes()
+            .to_vec()
+        };
+        let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_QUERYBUF, &query(2));
+        assert_eq!(status, 0);
+        assert_eq!(out.len(), 88 + 2 * 64 + 2 * 16);
+        assert_eq!(&out[88 + 128..88 + 144], uuid(7).as_bytes());
+        assert_eq!(&out[88 + 144..], uuid(8).as_bytes());
+        // The guest has room for one plane only: one plane, one id.
+        let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_QUERYBUF, &query(1));
+        assert_eq!(status, 0);
+        assert_eq!(out.len(), 88 + 64 + 16);
+        assert_eq!(&out[88 + 64..], uuid(7).as_bytes());
+        // A device that answers DMABUF without its objects: EIO, not made-up ids.
+        h.querybuf.objects.truncate(1);
+        let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_QUERYBUF, &query(2));
+        assert_eq!((status, out.len()), (libc::EIO as u32, 0));
+        // Single-planar: one id after the buffer.
+        h.querybuf = BufferDesc {
+            buffer: V4l2Buffer {
+                memory: MEMORY_DMABUF,
+                m: 42,
+                ..Default::default()
+            },
+            planes: Vec::new(),
+            objects: vec![uuid(9)],
+        };
+        let mut q = query(0);
+        q[4..8].copy_from_slice(&BUF_TYPE_VIDEO_CAPTURE.to_le_bytes());
+        let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_QUERYBUF, &q);
+        assert_eq!(status, 0);
+        assert_eq!(out.len(), 88 + 16);
+        assert_eq!(V4l2Buffer::read_from_prefix(&out).unwrap().0.m, 42);
+        assert_eq!(&out[88..], uuid(9).as_bytes());
+    }
+
+    #[test]
+    fn expbuf_answers_the_object_id_after_the_structure() {
+        let export = V4l2Exportbuffer {
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            index: 2,
+            fd: -1,
+            ..Default::default()
+        };
+        let mut payload = export.as_bytes().to_vec();
+        payload.extend_from_slice(&[0; 16]);
+        let mut h = Recorder {
+            export_id: uuid(5),
+            ..Default::default()
+        };
+        let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_EXPBUF, &payload);
+        assert_eq!(status, 0);
+        assert_eq!(h.exported, [export]);
+        assert_eq!(out.len(), 64 + 16);
+        assert_eq!(V4l2Exportbuffer::read_from_prefix(&out).unwrap().0, export);
+        assert_eq!(&out[64..], uuid(5).as_bytes());
+        // No room reserved for the id: EINVAL before the handler.
+        let (status, _) = run(&mut h, V4l2Ioctl::VIDIOC_EXPBUF, &payload[..64 + 15]);
+        assert_eq!(status, libc::EINVAL as u32);
+        assert_eq!(h.exported.len(), 1);
+        // A device that cannot export.
+        assert_eq!(
+            run(&mut Nothing, V4l2Ioctl::VIDIOC_EXPBUF, &payload).0,
+            libc::ENOTTY as u32
+        );
+    }
+
+    #[test]
+    fn dqbuf_event_of_a_dmabuf_buffer_has_the_fixed_layout() {
+        // The event is a fixed-size structure: the buffer and up to VIDEO_MAX_PLANES
+        // planes, no virtio objects (the driver keeps the ones it queued).
+        let (payload, _) = dmabuf_payload(2);
+        let b = V4l2Buffer::read_from_prefix(&payload).unwrap().0;
+        let planes = [
+            V4l2Plane::read_from_prefix(&payload[88..]).unwrap().0,
+            V4l2Plane::read_from_prefix(&payload[88 + 64..]).unwrap().0,
+        ];
+        let ev = crate::media::MediaEvent::dqbuf(4, &b, &planes);
+        let bytes = ev.as_bytes();
+        assert_eq!(bytes.len(), 8 + 88 + 8 * 64);
+        assert_eq!(&bytes[8..8 + 88], b.as_bytes());
+        assert_eq!(&bytes[96..96 + 128], &payload[88..88 + 128]);
+        assert!(bytes[96 + 128..].iter().all(|&x| x == 0));
     }
 }

@@ -218,6 +218,9 @@ pub enum MediaEvent {
 
 impl MediaEvent {
     /// A dequeue-buffer event for `buffer` and, for multi-planar buffers, its planes.
+    ///
+    /// The event has a fixed size and carries no USERPTR SG lists or DMABUF virtio
+    /// objects: the driver keeps the backing it queued the buffer with.
     pub fn dqbuf(session_id: u32, buffer: &v4l2::V4l2Buffer, planes: &[v4l2::V4l2Plane]) -> Self {
         let mut ev = DqbufEvent::new_zeroed();
         ev.hdr.event = EVENT_DQBUF;

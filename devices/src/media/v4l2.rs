@@ -778,6 +778,25 @@ wire! {
     }
 }
 
+wire! {
+    /// `struct v4l2_exportbuffer` (64 bytes). virtio-media exports a buffer as a virtio
+    /// object whose id follows the structure; `fd` is a placeholder left unchanged.
+    pub struct V4l2Exportbuffer {
+        /// `V4L2_BUF_TYPE_*`.
+        pub type_: u32,
+        /// Buffer index.
+        pub index: u32,
+        /// Plane index (multi-planar types).
+        pub plane: u32,
+        /// `O_CLOEXEC` / access mode flags.
+        pub flags: u32,
+        /// The fd placeholder.
+        pub fd: i32,
+        /// Reserved.
+        pub reserved: [u32; 11],
+    }
+}
+
 /// An ioctl argument carried as raw bytes of its exact 64-bit kernel size, for the
 /// ioctls whose structures this crate does not type (tuners, audio, modulators,
 /// frequencies, DV timings, encoder/decoder commands, the encoder index).
@@ -826,6 +845,7 @@ mod tests {
             (VIDIOC_G_SELECTION, size_of::<V4l2Selection>()),
             (VIDIOC_CREATE_BUFS, size_of::<V4l2CreateBuffers>()),
             (VIDIOC_REMOVE_BUFS, size_of::<V4l2RemoveBuffers>()),
+            (VIDIOC_EXPBUF, size_of::<V4l2Exportbuffer>()),
         ];
         for (ioctl, size) in cases {
             assert_eq!(ioctl.arg_size(), *size, "{ioctl}");
