@@ -27,7 +27,7 @@ use outboard_devices::virtio::VirtioDevice;
 use outboard_glue::rust_vmm::{boxed_queues, RustVmmMemory};
 use outboard_protocol::media::{
     CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MediaConfig, MmapCmd, MmapResp, MunmapCmd, OpenResp,
-    RespHeader, SgEntry, EVENT_DQBUF, EVENT_EVENT, MMAP_FLAG_RW,
+    RespHeader, SgEntry, VirtioObjectId, EVENT_DQBUF, EVENT_EVENT, MMAP_FLAG_RW,
 };
 use outboard_protocol::v4l2::V4l2Ioctl;
 use outboard_tests::{guest_memory, CountingInterrupt, DriverQueue, Mem};
@@ -915,6 +915,145 @@ fn controls_and_events() {
         Err(libc::ENOTTY as u32)
     );
     g.close(s);
+}
+
+/// A DMABUF `v4l2_buffer` of `planes` planes (0: single-planar) followed by `ids`
+/// virtio object ids.
+fn dmabuf_buffer(index: u32, planes: u32, ids: u32) -> Vec<u8> {
+    let b = V4l2Buffer {
+        index,
+        type_: if planes == 0 {
+            BUF_TYPE_VIDEO_CAPTURE
+        } else {
+            BUF_TYPE_VIDEO_CAPTURE_MPLANE
+        },
+        memory: MEMORY_DMABUF,
+        m: 7,
+        length: if planes == 0 { 1 << 20 } else { planes },
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&b);
+    for _ in 0..planes {
+        payload.extend_from_slice(
+            V4l2Plane {
+                length: 1 << 20,
+                m: 7,
+                ..Default::default()
+            }
+            .as_bytes(),
+        );
+    }
+    for i in 0..ids {
+        payload.extend_from_slice(VirtioObjectId([i as u8 + 1; 16]).as_bytes());
+    }
+    payload
+}
+
+#[test]
+fn dmabuf_memory_is_refused_and_the_session_keeps_working() {
+    use V4l2Ioctl::*;
+    let einval = libc::EINVAL as u32;
+    let mut g = MediaGuest::new();
+    let s = g.open();
+    let pix: V4l2Format = g
+        .ioctl(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 320, 240))
+        .unwrap();
+    let pix = pix.pix();
+
+    // The camera cannot import virtio objects: REQBUFS and CREATE_BUFS refuse DMABUF
+    // as V4L2 refuses an unsupported memory type (also when only asking, count 0).
+    for count in [0, 2] {
+        let req = V4l2Requestbuffers {
+            count,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_DMABUF,
+            ..Default::default()
+        };
+        assert_eq!(
+            g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req),
+            Err(einval)
+        );
+        let create = V4l2CreateBuffers {
+            count,
+            memory: MEMORY_DMABUF,
+            format: fmt_req(PIX_FMT_YUYV, 320, 240),
+            ..Default::default()
+        };
+        assert_eq!(
+            g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &create),
+            Err(einval)
+        );
+    }
+    let create = V4l2CreateBuffers {
+        count: 2,
+        memory: MEMORY_DMABUF,
+        format: fmt_req(PIX_FMT_YUYV, 320, 240),
+        ..Default::default()
+    };
+    // Without buffers, a DMABUF buffer with its object id is refused.
+    let (status, _) = g.ioctl_raw(s, VIDIOC_QBUF.nr().into(), &dmabuf_buffer(0, 0, 1), 4096);
+    assert_eq!(status, einval);
+
+    // MMAP buffers: the capabilities advertise what the camera serves, not DMABUF.
+    let req = V4l2Requestbuffers {
+        count: 2,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let got: V4l2Requestbuffers = g.ioctl(s, VIDIOC_REQBUFS, &req).unwrap();
+    assert_eq!(got.count, 2);
+    assert_eq!(got.capabilities & BUF_CAP_SUPPORTS_DMABUF, 0);
+    assert_eq!(
+        got.capabilities & (BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR),
+        BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR
+    );
+    // Adding DMABUF buffers to the MMAP queue is refused too.
+    assert_eq!(
+        g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &create),
+        Err(einval)
+    );
+
+    // DMABUF buffers on the MMAP queue: well-formed (single- and multi-planar) or with
+    // missing object ids, every one gets EINVAL and an error header only.
+    for (planes, ids) in [(0, 1), (0, 0), (2, 2), (2, 1), (3, 0)] {
+        for ioctl in [VIDIOC_QBUF, VIDIOC_PREPARE_BUF] {
+            let (status, out) =
+                g.ioctl_raw(s, ioctl.nr().into(), &dmabuf_buffer(1, planes, ids), 4096);
+            assert!(
+                status == libc::EINVAL as u32
+                    || (ioctl == VIDIOC_PREPARE_BUF
+                        && ids == planes.max(1)
+                        && status == libc::ENOTTY as u32),
+                "{ioctl} planes={planes} ids={ids}: status {status}"
+            );
+            assert!(out.is_empty());
+        }
+    }
+    assert!(g.error_events.is_empty());
+
+    // The session still captures with MMAP buffers.
+    for index in 0..2 {
+        let q = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        let b: V4l2Buffer = g.ioctl(s, VIDIOC_QBUF, &q).unwrap();
+        assert_ne!(b.flags & BUF_FLAG_QUEUED, 0);
+    }
+    g.ioctl_void(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE)
+        .unwrap();
+    assert!(g.pump_until(|g| !g.dqbufs.is_empty()));
+    let d = g.dqbufs.pop_front().unwrap();
+    assert_eq!((d.session, d.buffer.memory), (s, MEMORY_MMAP));
+    assert_eq!(d.buffer.bytesused, pix.sizeimage);
+    g.ioctl_void(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE)
+        .unwrap();
+    assert!(g.error_events.is_empty());
+    g.close(s);
+    assert_eq!(g.dev.runner().session_count(), 0);
 }
 
 #[test]

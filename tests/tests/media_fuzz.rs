@@ -7,13 +7,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use outboard_devices::media::camera::SoftwareCamera;
+use outboard_devices::media::ioctl::{
+    dispatch_ioctl, BufferDesc, BufferMemory, GuestBuffer, IoctlHandler, IoctlResult,
+};
 use outboard_devices::media::runner::MediaRunner;
 use outboard_devices::media::v4l2::*;
 use outboard_devices::media::{
     ChainReader, ChainWriter, EventBuffer, GuestMemoryMapper, RegionMapping,
 };
 use outboard_devices::virtio::IoRegion;
-use outboard_protocol::media::{CmdHeader, IoctlCmd, MediaCmd, OpenResp, RespHeader, SgEntry};
+use outboard_protocol::media::{
+    CmdHeader, IoctlCmd, MediaCmd, OpenResp, RespHeader, SgEntry, VirtioObjectId,
+};
 use outboard_protocol::v4l2::V4l2Ioctl;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -82,10 +87,29 @@ fn plausible_arg(rng: &mut Rng, ioctl: V4l2Ioctl) -> Vec<u8> {
     if size >= 4 && rng.below(2) == 0 {
         arg[..4].copy_from_slice(&BUF_TYPE_VIDEO_CAPTURE.to_le_bytes());
     }
-    if ioctl == V4l2Ioctl::VIDIOC_QBUF && size >= 64 && rng.below(2) == 0 {
-        // Small index, a real memory type.
+    let buffer_ioctl = matches!(
+        ioctl,
+        V4l2Ioctl::VIDIOC_QBUF | V4l2Ioctl::VIDIOC_PREPARE_BUF | V4l2Ioctl::VIDIOC_QUERYBUF
+    );
+    if buffer_ioctl && rng.below(2) == 0 {
+        // Small index, a real memory type (DMABUF: virtio object ids follow).
         arg[0..4].copy_from_slice(&(rng.below(4) as u32).to_le_bytes());
-        arg[60..64].copy_from_slice(&(1 + rng.below(2) as u32).to_le_bytes());
+        let memory = [MEMORY_MMAP, MEMORY_USERPTR, MEMORY_DMABUF][rng.below(3) as usize];
+        arg[60..64].copy_from_slice(&memory.to_le_bytes());
+        if memory == MEMORY_DMABUF {
+            let planes = if rng.below(2) == 0 {
+                arg[4..8].copy_from_slice(&BUF_TYPE_VIDEO_CAPTURE_MPLANE.to_le_bytes());
+                let n = rng.below(VIDEO_MAX_PLANES as u64 + 2) as u32;
+                arg[72..76].copy_from_slice(&n.to_le_bytes());
+                n
+            } else {
+                0
+            };
+            // Planes, then about as many ids as they need (one short, exact, or more).
+            let ids = (u64::from(planes.max(1)) + rng.below(3)).saturating_sub(1);
+            arg.truncate(size);
+            arg.extend((0..64 * planes as usize + 16 * ids as usize).map(|_| rng.next() as u8));
+        }
     }
     if rng.below(8) == 0 {
         arg.truncate(rng.below(size as u64 + 1) as usize);
@@ -193,4 +217,130 @@ fn fuzz(seed: u64, rounds: u32) {
     // The generator reaches the handlers, not only the parsers.
     assert!(ok > rounds / 50, "seed {seed:#x}: only {ok} successes");
     assert!(errors > rounds / 4, "seed {seed:#x}: only {errors} errors");
+}
+
+/// Echoes queued DMABUF buffers and checks what the parser hands over: one virtio
+/// object per plane (one for single-planar buffers), never more planes than V4L2 has.
+#[derive(Default)]
+struct DmabufEcho {
+    buffers: u32,
+    last_ids: Vec<VirtioObjectId>,
+}
+
+impl DmabufEcho {
+    fn take(&mut self, b: GuestBuffer) -> IoctlResult<BufferDesc> {
+        assert!(b.desc.planes.len() <= VIDEO_MAX_PLANES);
+        if let BufferMemory::DmaBuf(ids) = b.memory() {
+            assert_eq!(ids.len(), b.desc.planes.len().max(1));
+            assert!(b.userptr.is_empty());
+            self.buffers += 1;
+            self.last_ids = ids.to_vec();
+        }
+        Ok(b.desc)
+    }
+}
+
+impl IoctlHandler for DmabufEcho {
+    type Session = ();
+    fn qbuf(&mut self, _: &mut (), b: GuestBuffer) -> IoctlResult<BufferDesc> {
+        self.take(b)
+    }
+    fn prepare_buf(&mut self, _: &mut (), b: GuestBuffer) -> IoctlResult<BufferDesc> {
+        self.take(b)
+    }
+}
+
+/// Random DMABUF buffers (random plane counts, ids one short to two too many, random
+/// bytes, random truncation, random response room) straight into the dispatcher: it
+/// never panics, a buffer reaches the handler only whole, and a successful answer is the
+/// buffer, its planes and exactly the ids the guest sent.
+#[test]
+fn dmabuf_buffers_through_the_dispatcher() {
+    let mut rng = Rng(0x0dab_0f5e_ed00_0001);
+    let mut h = DmabufEcho::default();
+    let (mut ok, mut refused) = (0u32, 0u32);
+    for round in 0..20_000 {
+        let mplane = rng.below(2) == 0;
+        let length = if mplane {
+            rng.below(VIDEO_MAX_PLANES as u64 + 3) as u32
+        } else {
+            rng.below(1 << 20) as u32
+        };
+        let planes = if mplane { length } else { 0 };
+        let b = V4l2Buffer {
+            index: rng.below(8) as u32,
+            type_: if mplane {
+                BUF_TYPE_VIDEO_CAPTURE_MPLANE
+            } else {
+                BUF_TYPE_VIDEO_CAPTURE
+            },
+            memory: if rng.below(16) == 0 {
+                rng.next() as u32
+            } else {
+                MEMORY_DMABUF
+            },
+            m: rng.next(),
+            length,
+            ..Default::default()
+        };
+        let mut payload = b.as_bytes().to_vec();
+        let ids = u64::from(planes.max(1)) + rng.below(4);
+        let extra = 64 * u64::from(planes) + 16 * ids.saturating_sub(1);
+        payload.extend((0..extra).map(|_| rng.next() as u8));
+        if rng.below(8) == 0 {
+            let at = rng.below(payload.len() as u64) as usize;
+            payload[at] = rng.next() as u8;
+        }
+        if rng.below(8) == 0 {
+            payload.truncate(rng.below(payload.len() as u64 + 1) as usize);
+        }
+        let ioctl = if rng.below(2) == 0 {
+            V4l2Ioctl::VIDIOC_QBUF
+        } else {
+            V4l2Ioctl::VIDIOC_PREPARE_BUF
+        };
+        // No room, a header only, the ids one byte short, exactly enough, plenty.
+        let exact = 8 + 88 + 64 * planes as usize + 16 * planes.max(1) as usize;
+        let resp_len = [0usize, 8, exact - 1, exact, 4096][rng.below(5) as usize];
+        let mut resp = vec![0u8; resp_len];
+        // SAFETY: `payload` and `resp` outlive the dispatch; no reference to them is
+        // used while the regions are.
+        let (rr, wr) = unsafe {
+            (
+                [IoRegion::new(payload.as_mut_ptr(), payload.len())],
+                [IoRegion::new(resp.as_mut_ptr(), resp.len())],
+            )
+        };
+        let before = h.buffers;
+        let mut w = ChainWriter::new(&wr);
+        let res = dispatch_ioctl(&mut h, &mut (), ioctl, &mut ChainReader::new(&rr), &mut w);
+        let n = w.written();
+        let status = if res.is_ok() && n >= 8 {
+            RespHeader::read_from_prefix(&resp).unwrap().0.status
+        } else {
+            u32::MAX
+        };
+        if status == 0 {
+            ok += 1;
+            if h.buffers > before {
+                // buffer, planes, ids: the ids are the ones the guest sent, unchanged.
+                let got = &resp[8 + 88 + 64 * planes as usize..n];
+                assert_eq!(got, h.last_ids.as_bytes(), "round {round}");
+                assert_eq!(got, &payload[88 + 64 * planes as usize..][..got.len()]);
+            }
+        } else {
+            refused += 1;
+        }
+    }
+    // Both whole and broken buffers were generated, and whole ones got through.
+    eprintln!(
+        "{} DMABUF buffers parsed, {ok} answered, {refused} refused",
+        h.buffers
+    );
+    assert!(
+        h.buffers > 5_000,
+        "only {} DMABUF buffers parsed",
+        h.buffers
+    );
+    assert!(ok > 3_000 && refused > 3_000, "ok {ok} refused {refused}");
 }

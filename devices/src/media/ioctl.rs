@@ -142,7 +142,8 @@ handler_methods! {
     /// `VIDIOC_CREATE_BUFS`.
     fn create_bufs(&mut self, session: &mut Self::Session, create: V4l2CreateBuffers) -> IoctlResult<V4l2CreateBuffers>;
     /// `VIDIOC_EXPBUF`: export a buffer as a virtio object and return its id (the
-    /// structure's `fd` placeholder is given back as the guest sent it).
+    /// structure's `fd` placeholder is given back as the guest sent it). The buffer type
+    /// is not validated before the call.
     fn expbuf(&mut self, session: &mut Self::Session, export: V4l2Exportbuffer) -> IoctlResult<VirtioObjectId>;
     /// `VIDIOC_REMOVE_BUFS`.
     fn remove_bufs(&mut self, session: &mut Self::Session, remove: V4l2RemoveBuffers) -> IoctlResult<V4l2RemoveBuffers>;
@@ -532,7 +533,9 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
             if let Err(e) = r.read_obj::<VirtioObjectId>("virtio object id") {
                 return w.write_err(e.errno());
             }
-            match check_buf_type(export.type_).and_then(|_| handler.expbuf(s, export)) {
+            // No buffer type check here: a device that cannot export answers ENOTTY
+            // whatever the payload, as V4L2 does when a driver has no EXPBUF.
+            match handler.expbuf(s, export) {
                 Ok(id) => {
                     w.write_obj(&RespHeader::ok())?;
                     w.write_obj(&export)?;
