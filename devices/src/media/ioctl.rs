@@ -522,6 +522,9 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
         },
         VIDIOC_CREATE_BUFS => wr(ioctl, r, w, |c: V4l2CreateBuffers| {
             check_buf_type(c.format.type_)?;
+            if !matches!(c.memory, MEMORY_MMAP | MEMORY_USERPTR | MEMORY_DMABUF) {
+                return Err(libc::EINVAL);
+            }
             handler.create_bufs(s, c)
         }),
         VIDIOC_EXPBUF => {
@@ -1081,5 +1084,50 @@ mod tests {
         assert_eq!(&bytes[8..8 + 88], b.as_bytes());
         assert_eq!(&bytes[96..96 + 128], &payload[88..88 + 128]);
         assert!(bytes[96 + 128..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn buffer_allocation_takes_the_three_memory_types_only() {
+        for memory in [
+            0u32,
+            MEMORY_MMAP,
+            MEMORY_USERPTR,
+            MEMORY_OVERLAY,
+            MEMORY_DMABUF,
+            99,
+        ] {
+            let expected = if matches!(memory, MEMORY_MMAP | MEMORY_USERPTR | MEMORY_DMABUF) {
+                libc::ENOTTY // reached the handler
+            } else {
+                libc::EINVAL
+            } as u32;
+            let req = V4l2Requestbuffers {
+                count: 2,
+                type_: BUF_TYPE_VIDEO_CAPTURE,
+                memory,
+                ..Default::default()
+            };
+            assert_eq!(
+                run(&mut Nothing, V4l2Ioctl::VIDIOC_REQBUFS, req.as_bytes()).0,
+                expected,
+                "REQBUFS memory {memory}"
+            );
+            let mut create = V4l2CreateBuffers {
+                count: 2,
+                memory,
+                ..Default::default()
+            };
+            create.format.type_ = BUF_TYPE_VIDEO_CAPTURE;
+            assert_eq!(
+                run(
+                    &mut Nothing,
+                    V4l2Ioctl::VIDIOC_CREATE_BUFS,
+                    create.as_bytes()
+                )
+                .0,
+                expected,
+                "CREATE_BUFS memory {memory}"
+            );
+        }
     }
 }
