@@ -524,16 +524,30 @@ fn mmap_capture_flow() {
     let got: V4l2Requestbuffers = g.ioctl(s, VIDIOC_REQBUFS, &req).unwrap();
     assert_eq!(got.count, 4);
     assert_ne!(got.capabilities & BUF_CAP_SUPPORTS_MMAP, 0);
-    // CREATE_BUFS appends buffers of the current format's size.
+    // CREATE_BUFS appends buffers of the size its format asks for, at least the
+    // current format's.
     let create = V4l2CreateBuffers {
         count: 2,
         memory: MEMORY_MMAP,
-        format: fmt_req(PIX_FMT_NV12, 320, 240),
+        format: V4l2Format::from_pix(BUF_TYPE_VIDEO_CAPTURE, &pix),
         ..Default::default()
     };
     let created: V4l2CreateBuffers = g.ioctl(s, VIDIOC_CREATE_BUFS, &create).unwrap();
     assert_eq!((created.index, created.count), (4, 2));
-    let too_big = V4l2CreateBuffers {
+    let too_small = V4l2CreateBuffers {
+        format: fmt_req(PIX_FMT_NV12, 320, 120).tap(|f| {
+            let mut p = f.pix();
+            p.sizeimage = pix.sizeimage / 2;
+            f.set_pix(&p);
+        }),
+        ..create
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &too_small),
+        Err(libc::EINVAL as u32)
+    );
+    let big = V4l2CreateBuffers {
+        count: 1,
         format: fmt_req(PIX_FMT_RGB24, 1280, 720).tap(|f| {
             let mut p = f.pix();
             p.sizeimage = 1280 * 720 * 3;
@@ -541,10 +555,20 @@ fn mmap_capture_flow() {
         }),
         ..create
     };
-    assert_eq!(
-        g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &too_big),
-        Err(libc::EINVAL as u32)
+    let created: V4l2CreateBuffers = g.ioctl(s, VIDIOC_CREATE_BUFS, &big).unwrap();
+    assert_eq!((created.index, created.count), (6, 1));
+    let q = V4l2Buffer {
+        index: 6,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        ..Default::default()
+    };
+    let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
+    assert!(
+        b.length >= 1280 * 720 * 3,
+        "buffer 6 has {} bytes",
+        b.length
     );
+    assert_eq!(b.mem_offset() % 4096, 0);
     // The format is locked while buffers exist.
     assert_eq!(
         g.ioctl::<_, V4l2Format>(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
@@ -715,6 +739,62 @@ fn qbuf_userptr(
 }
 
 #[test]
+fn format_is_global_and_the_queue_has_one_owner() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new();
+    let a = g.open();
+    let b = g.open();
+    let set: V4l2Format = g
+        .ioctl(a, VIDIOC_S_FMT, &fmt_req(PIX_FMT_RGB24, 320, 240))
+        .unwrap();
+    // Another open file sees the same format (V4L2: a capture node has one format).
+    let seen: V4l2Format = g.ioctl(b, VIDIOC_G_FMT, &fmt_req(0, 0, 0)).unwrap();
+    assert_eq!(seen.pix(), set.pix());
+    let req = |count| V4l2Requestbuffers {
+        count,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let got: V4l2Requestbuffers = g.ioctl(a, VIDIOC_REQBUFS, &req(2)).unwrap();
+    assert_eq!(got.count, 2);
+    // The queue belongs to `a` while it holds buffers.
+    let busy = libc::EBUSY as u32;
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(b, VIDIOC_REQBUFS, &req(1)),
+        Err(busy)
+    );
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(b, VIDIOC_REQBUFS, &req(0)),
+        Err(busy)
+    );
+    let create = V4l2CreateBuffers {
+        count: 1,
+        memory: MEMORY_MMAP,
+        format: set,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2CreateBuffers>(b, VIDIOC_CREATE_BUFS, &create),
+        Err(busy)
+    );
+    assert_eq!(
+        g.ioctl::<_, V4l2Format>(b, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
+        Err(busy)
+    );
+    // Freed: `b` may take it.
+    g.ioctl::<_, V4l2Requestbuffers>(a, VIDIOC_REQBUFS, &req(0))
+        .unwrap();
+    let got: V4l2Requestbuffers = g.ioctl(b, VIDIOC_REQBUFS, &req(1)).unwrap();
+    assert_eq!(got.count, 1);
+    // Closing the owner frees the queue too.
+    g.close(b);
+    let got: V4l2Requestbuffers = g.ioctl(a, VIDIOC_REQBUFS, &req(3)).unwrap();
+    assert_eq!(got.count, 3);
+    g.close(a);
+}
+
+#[test]
 fn userptr_capture_flow() {
     use V4l2Ioctl::*;
     let mut g = MediaGuest::new();
@@ -876,7 +956,8 @@ fn controls_and_events() {
     let v0 = V4l2ExtControl::read_from_prefix(&out[32..]).unwrap().0;
     let v1 = V4l2ExtControl::read_from_prefix(&out[52..]).unwrap().0;
     assert_eq!((v0.value(), v1.value()), (7, 1));
-    // An unknown control: EINVAL with error_idx, and the payload is still answered.
+    // An unknown control: EINVAL with error_idx (== count for G, as the V4L2 core
+    // reports a control that fails validation), and the payload is still answered.
     let bad = V4l2ExtControl {
         id: 0x1234,
         ..Default::default()
@@ -888,6 +969,13 @@ fn controls_and_events() {
     payload.extend_from_slice(c0.as_bytes());
     payload.extend_from_slice(bad.as_bytes());
     let (status, out) = g.ioctl_raw(s, VIDIOC_G_EXT_CTRLS.nr().into(), &payload, 4096);
+    assert_eq!(status, libc::EINVAL as u32);
+    assert_eq!(
+        V4l2ExtControls::read_from_prefix(&out).unwrap().0.error_idx,
+        2
+    );
+    // TRY names the bad control.
+    let (status, out) = g.ioctl_raw(s, VIDIOC_TRY_EXT_CTRLS.nr().into(), &payload, 4096);
     assert_eq!(status, libc::EINVAL as u32);
     assert_eq!(
         V4l2ExtControls::read_from_prefix(&out).unwrap().0.error_idx,

@@ -17,7 +17,7 @@
 //! is queued the frame is dropped and the sequence number still advances, as V4L2
 //! requires.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -46,7 +46,7 @@ pub const DEVICE_CAPS: u32 = CAP_VIDEO_CAPTURE | CAP_STREAMING | CAP_EXT_PIX_FOR
 /// Supported pixel formats and their descriptions.
 pub const FORMATS: [(u32, &str); 3] = [
     (PIX_FMT_YUYV, "YUYV 4:2:2"),
-    (PIX_FMT_NV12, "Y/UV 4:2:0"),
+    (PIX_FMT_NV12, "Y/CbCr 4:2:0"),
     (PIX_FMT_RGB24, "24-bit RGB 8-8-8"),
 ];
 /// Supported frame sizes.
@@ -344,6 +344,8 @@ enum Backing {
 
 struct CamBuffer {
     backing: Backing,
+    /// `mem_offset` of MMAP buffers (buffers may differ in size: CREATE_BUFS).
+    offset: u64,
     queued: bool,
     bytesused: u32,
     sequence: u32,
@@ -394,10 +396,6 @@ impl<M> CameraSession<M> {
         }
     }
 
-    fn buffer_size(&self) -> u64 {
-        page_align(self.pix.sizeimage.into()).unwrap_or(u64::MAX)
-    }
-
     fn arm_timer(&self, on: bool) -> Result<(), Errno> {
         let (num, den) = self.interval;
         let period_ns = u64::from(num) * 1_000_000_000 / u64::from(den.max(1));
@@ -436,7 +434,7 @@ impl<M> CameraSession<M> {
         }
         match &b.backing {
             Backing::Mmap(m) => {
-                buffer.m = u64::from(index) * m.size();
+                buffer.m = b.offset;
                 buffer.length = m.size() as u32;
             }
             Backing::UserPtr {
@@ -460,6 +458,12 @@ pub struct SoftwareCamera<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapp
     guest: G,
     /// Shared memory offset -> (session, buffer index).
     mappings: BTreeMap<u64, (u32, u32)>,
+    /// The format, shared by every session as V4L2 requires of a capture node.
+    pix: V4l2PixFormat,
+    /// The frame interval, shared likewise.
+    interval: (u32, u32),
+    /// Sessions that hold buffers (the format cannot change meanwhile).
+    busy: BTreeSet<u32>,
 }
 
 impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
@@ -481,6 +485,9 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
             host,
             guest,
             mappings: BTreeMap::new(),
+            pix: pix_format(PIX_FMT_YUYV, 640, 480),
+            interval: (1, 30),
+            busy: BTreeSet::new(),
         }
     }
 
@@ -496,6 +503,12 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         if session.streaming {
             self.produce_frame(session);
         }
+    }
+
+    /// Whether another session holds buffers: the one capture queue belongs to the
+    /// session that allocated them until it frees them (V4L2's queue owner).
+    fn busy_elsewhere(&self, id: u32) -> bool {
+        self.busy.iter().any(|b| *b != id)
     }
 
     fn session_mapped(&self, id: u32) -> bool {
@@ -587,13 +600,19 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         let mut idxs = Vec::with_capacity(ctrls.controls.len());
         for (i, c) in ctrls.controls.iter().enumerate() {
             if c.id == CID_USER_CLASS {
-                ctrls.header.error_idx = i as u32;
+                // Write-only for G, read-only for S/TRY: the V4L2 core reports this
+                // with error_idx == count, except TRY, which names the control.
+                ctrls.header.error_idx = if op == ExtOp::Try {
+                    i as u32
+                } else {
+                    ctrls.header.count
+                };
                 return Err(libc::EACCES);
             }
             match ctrl_index(c.id) {
                 Some(idx) if c.size == 0 => idxs.push(idx),
                 _ => {
-                    ctrls.header.error_idx = if op == ExtOp::Get {
+                    ctrls.header.error_idx = if op == ExtOp::Try {
                         i as u32
                     } else {
                         ctrls.header.count
@@ -669,21 +688,38 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
     }
 
     fn free_buffers(&mut self, s: &mut CameraSession<G::Mapping>) {
+        self.busy.remove(&s.id);
         s.buffers.clear();
         s.queue.clear();
     }
 }
 
-/// Appends up to `count` buffers (at most [`MAX_BUFFERS`] in all) of the session's
-/// buffer size; returns how many were added.
-fn add_buffers<M>(s: &mut CameraSession<M>, memory: u32, count: u32) -> IoctlResult<u32> {
+/// Appends up to `count` buffers (at most [`MAX_BUFFERS`] in all) of `sizeimage`
+/// bytes; returns how many were added. MMAP buffers get consecutive page-aligned
+/// offsets, which must fit the 32-bit `mem_offset`.
+fn add_buffers<M>(
+    s: &mut CameraSession<M>,
+    memory: u32,
+    count: u32,
+    sizeimage: u32,
+) -> IoctlResult<u32> {
     let have = s.buffers.len() as u32;
     let count = count.min(MAX_BUFFERS.saturating_sub(have));
-    let size = s.buffer_size();
-    if u64::from(have + count).saturating_mul(size) > u64::from(u32::MAX) {
+    let size = page_align(sizeimage.into()).ok_or(libc::EINVAL)?;
+    let mut offset = s
+        .buffers
+        .iter()
+        .map(|b| match &b.backing {
+            Backing::Mmap(m) => b.offset + m.size(),
+            Backing::UserPtr { .. } => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    if offset.saturating_add(u64::from(count).saturating_mul(size)) > u64::from(u32::MAX) {
         return Err(libc::ENOMEM);
     }
     for _ in 0..count {
+        let buf_offset = offset;
         let backing = if memory == MEMORY_MMAP {
             Backing::Mmap(
                 MemfdBuffer::new("outboard-camera", size)
@@ -693,11 +729,15 @@ fn add_buffers<M>(s: &mut CameraSession<M>, memory: u32, count: u32) -> IoctlRes
             Backing::UserPtr {
                 sgs: Vec::new(),
                 userptr: 0,
-                length: 0,
+                length: sizeimage,
             }
         };
+        if memory == MEMORY_MMAP {
+            offset += size;
+        }
         s.buffers.push(CamBuffer {
             backing,
+            offset: buf_offset,
             queued: false,
             bytesused: 0,
             sequence: 0,
@@ -755,11 +795,11 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         Ok(out)
     }
 
-    fn g_fmt(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
+    fn g_fmt(&mut self, _: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
         if buf_type != BUF_TYPE_VIDEO_CAPTURE {
             return Err(libc::EINVAL);
         }
-        Ok(V4l2Format::from_pix(buf_type, &s.pix))
+        Ok(V4l2Format::from_pix(buf_type, &self.pix))
     }
 
     fn try_fmt(&mut self, _: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
@@ -769,10 +809,10 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
 
     fn s_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
         let pix = self.try_format(&f)?;
-        if !s.buffers.is_empty() || s.streaming {
+        if !self.busy.is_empty() || s.streaming {
             return Err(libc::EBUSY);
         }
-        s.pix = pix;
+        self.pix = pix;
         Ok(V4l2Format::from_pix(f.type_, &pix))
     }
 
@@ -786,12 +826,16 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         {
             return Err(libc::EINVAL);
         }
-        if s.streaming || self.session_mapped(s.id) {
+        if s.streaming || self.session_mapped(s.id) || self.busy_elsewhere(s.id) {
             return Err(libc::EBUSY);
         }
         self.free_buffers(s);
-        let count = add_buffers(s, req.memory, req.count)?;
+        s.pix = self.pix;
+        let count = add_buffers(s, req.memory, req.count, s.pix.sizeimage)?;
         s.memory = if count > 0 { req.memory } else { 0 };
+        if count > 0 {
+            self.busy.insert(s.id);
+        }
         Ok(V4l2Requestbuffers {
             count,
             type_: req.type_,
@@ -812,20 +856,31 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         {
             return Err(libc::EINVAL);
         }
-        // Every buffer of a session has the current format's size (MMAP offsets are
-        // index * size), so a larger format cannot be served.
-        if c.format.pix().sizeimage > s.pix.sizeimage {
+        if self.busy_elsewhere(s.id) {
+            return Err(libc::EBUSY);
+        }
+        // Buffers may be larger than the current format needs, never smaller.
+        let want = c.format.pix().sizeimage;
+        if want < self.pix.sizeimage {
             return Err(libc::EINVAL);
         }
+        if s.buffers.is_empty() {
+            s.pix = self.pix;
+        }
         let index = s.buffers.len() as u32;
-        let count = add_buffers(s, c.memory, c.count)?;
+        let count = add_buffers(s, c.memory, c.count, want)?;
         if !s.buffers.is_empty() {
             s.memory = c.memory;
+            self.busy.insert(s.id);
         }
         Ok(V4l2CreateBuffers {
             index,
             count,
             capabilities: BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR,
+            // No cache hints (so no V4L2_MEMORY_FLAG_NON_COHERENT); reserved words are
+            // zero.
+            flags: 0,
+            reserved: [0; 6],
             ..c
         })
     }
@@ -894,6 +949,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         }
         if !s.streaming {
             s.sequence = 0;
+            s.interval = self.interval;
             s.arm_timer(true)?;
             s.streaming = true;
         }
@@ -915,7 +971,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         Ok(())
     }
 
-    fn g_parm(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Streamparm> {
+    fn g_parm(&mut self, _: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Streamparm> {
         if buf_type != BUF_TYPE_VIDEO_CAPTURE {
             return Err(libc::EINVAL);
         }
@@ -926,8 +982,8 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         p.set_capture(&V4l2Captureparm {
             capability: CAP_TIMEPERFRAME,
             timeperframe: V4l2Fract {
-                numerator: s.interval.0,
-                denominator: s.interval.1,
+                numerator: self.interval.0,
+                denominator: self.interval.1,
             },
             ..Default::default()
         });
@@ -947,6 +1003,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
                 .copied()
                 .min_by_key(|(n, d)| (u64::from(*n) * 1_000_000 / u64::from(*d)).abs_diff(want))
             {
+                self.interval = best;
                 s.interval = best;
             }
             if s.streaming {
@@ -1127,7 +1184,11 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         if sub.type_ != EVENT_CTRL {
             return Err(libc::EINVAL);
         }
-        let idx = ctrl_index(sub.id).ok_or(libc::EINVAL)?;
+        // The class control can be subscribed to; it never changes, so it has no events.
+        let idx = ctrl_index(sub.id);
+        if idx.is_none() && sub.id != CID_USER_CLASS {
+            return Err(libc::EINVAL);
+        }
         if sub.flags & !(EVENT_SUB_FL_SEND_INITIAL | EVENT_SUB_FL_ALLOW_FEEDBACK) != 0 {
             return Err(libc::EINVAL);
         }
@@ -1138,7 +1199,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         {
             s.subscriptions.push(sub);
         }
-        if sub.flags & EVENT_SUB_FL_SEND_INITIAL != 0 {
+        if let (Some(idx), true) = (idx, sub.flags & EVENT_SUB_FL_SEND_INITIAL != 0) {
             self.send_ctrl_event(s, idx, EVENT_CTRL_CH_VALUE | EVENT_CTRL_CH_FLAGS);
         }
         Ok(())
@@ -1222,16 +1283,15 @@ where
         flags: u32,
         offset: u32,
     ) -> Result<(u64, u64), Errno> {
-        let size = s.buffer_size();
-        if size == 0 || u64::from(offset) % size != 0 {
-            return Err(libc::EINVAL);
-        }
-        let index = (u64::from(offset) / size) as u32;
-        let Some(CamBuffer {
-            backing: Backing::Mmap(m),
-            ..
-        }) = s.buffers.get(index as usize)
-        else {
+        let found = s
+            .buffers
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| match &b.backing {
+                Backing::Mmap(m) if b.offset == u64::from(offset) => Some((i as u32, m)),
+                _ => None,
+            });
+        let Some((index, m)) = found else {
             return Err(libc::EINVAL);
         };
         let addr = self
