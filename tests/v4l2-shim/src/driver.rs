@@ -692,8 +692,10 @@ impl Driver {
         let bus = b"platform:virtio-media";
         cap[48..48 + bus.len()].copy_from_slice(bus);
         cap[80..84].copy_from_slice(&kernel_version().to_le_bytes());
-        cap[84..88].copy_from_slice(&(self.device_caps | CAP_DEVICE_CAPS).to_le_bytes());
-        cap[88..92].copy_from_slice(&self.device_caps.to_le_bytes());
+        // The V4L2 core adds EXT_PIX_FORMAT to what the driver reports.
+        let caps = self.device_caps | CAP_EXT_PIX_FORMAT;
+        cap[84..88].copy_from_slice(&(caps | CAP_DEVICE_CAPS).to_le_bytes());
+        cap[88..92].copy_from_slice(&caps.to_le_bytes());
         user_write(arg, &cap)
     }
 
@@ -792,9 +794,11 @@ impl Driver {
         if mplane {
             b.m = user_m;
             let mut out = Vec::new();
-            for (i, p) in planes.iter().enumerate() {
+            // The device answers with its own plane count (at most the client's).
+            let n = (b.length as usize).min(planes.len());
+            for (i, p) in planes.iter().take(n).enumerate() {
                 let off = size + i * std::mem::size_of::<V4l2Plane>();
-                let mut np: V4l2Plane = body.get(off..).map(read_obj).unwrap_or(Ok(*p))?;
+                let mut np: V4l2Plane = read_obj(body.get(off..).unwrap_or_default())?;
                 if b.memory == MEMORY_USERPTR {
                     np.m = p.m;
                 }

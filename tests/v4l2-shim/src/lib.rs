@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use outboard_devices::media::camera::{SoftwareCamera, DEVICE_CAPS};
+use outboard_devices::media::camera::SoftwareCamera;
 use outboard_devices::media::{Errno, EventBuffer};
 use outboard_protocol::v4l2::V4l2Ioctl;
 
@@ -101,11 +101,14 @@ fn lock() -> Locked {
 fn new_driver() -> Result<Driver, Errno> {
     let events = EventBuffer::new();
     let mplane = std::env::var("OUTBOARD_V4L2_SHIM_MPLANE").is_ok_and(|v| v == "1");
-    if mplane {
-        return Err(libc::ENODEV);
-    }
-    let camera = SoftwareCamera::new(events.clone(), ProcessShm::default(), ProcessMemory);
-    Driver::new(camera, events, DEVICE_CAPS).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    let camera = if mplane {
+        SoftwareCamera::new_mplane(events.clone(), ProcessShm::default(), ProcessMemory)
+    } else {
+        SoftwareCamera::new(events.clone(), ProcessShm::default(), ProcessMemory)
+    };
+    // The config space's device_caps, as `outboard media` fills it.
+    let caps = camera.device_caps();
+    Driver::new(camera, events, caps).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 fn fail<T>(e: Errno, v: T) -> T {
