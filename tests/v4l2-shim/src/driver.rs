@@ -914,3 +914,109 @@ impl Driver {
         Ok(Dequeue::Done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use outboard_devices::media::camera::pix_format;
+
+    use super::*;
+
+    fn driver(mplane: bool) -> Driver {
+        let events = EventBuffer::new();
+        let cam = if mplane {
+            SoftwareCamera::new_mplane(events.clone(), ProcessShm::default(), ProcessMemory)
+        } else {
+            SoftwareCamera::new(events.clone(), ProcessShm::default(), ProcessMemory)
+        };
+        let caps = cam.device_caps();
+        Driver::new(cam, events, caps).unwrap()
+    }
+
+    fn ptr<T>(v: &mut T) -> u64 {
+        v as *mut T as u64
+    }
+
+    #[test]
+    fn driver_side_ioctls_follow_the_v4l2_core() {
+        use V4l2Ioctl::*;
+        let mut d = driver(true);
+        let a = d.open(0).unwrap();
+        let b = d.open(libc::O_NONBLOCK).unwrap();
+        let mut cap = [0u8; CAPABILITY_SIZE];
+        d.ioctl(a, VIDIOC_QUERYCAP.request_code(), ptr(&mut cap))
+            .unwrap();
+        assert!(cap.starts_with(b"virtio-media\0"));
+        let device_caps = u32::from_le_bytes(cap[88..92].try_into().unwrap());
+        assert_eq!(
+            device_caps,
+            CAP_VIDEO_CAPTURE_MPLANE | CAP_STREAMING | CAP_EXT_PIX_FORMAT
+        );
+        // Only full request codes are ioctls.
+        assert_eq!(
+            d.ioctl(a, VIDIOC_QUERYCAP.nr().into(), ptr(&mut cap)),
+            Err(libc::ENOTTY)
+        );
+        assert_eq!(d.ioctl(a, 0x1234_5678, 0), Err(libc::ENOTTY));
+        // A bad argument pointer is EFAULT.
+        assert_eq!(
+            d.ioctl(a, VIDIOC_QUERYCAP.request_code(), 8),
+            Err(libc::EFAULT)
+        );
+
+        // Priorities: `a` records, so `b` may neither change settings nor its priority.
+        let mut p: u32 = PRIORITY_RECORD;
+        d.ioctl(a, VIDIOC_S_PRIORITY.request_code(), ptr(&mut p))
+            .unwrap();
+        let mut fmt = V4l2Format::from_pix(
+            BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+            &pix_format(PIX_FMT_NV12, 320, 240),
+        );
+        assert_eq!(
+            d.ioctl(b, VIDIOC_S_FMT.request_code(), ptr(&mut fmt)),
+            Err(libc::EBUSY)
+        );
+        let mut p2: u32 = PRIORITY_DEFAULT;
+        assert_eq!(
+            d.ioctl(b, VIDIOC_S_PRIORITY.request_code(), ptr(&mut p2)),
+            Err(libc::EBUSY)
+        );
+        let mut got: u32 = 0;
+        d.ioctl(b, VIDIOC_G_PRIORITY.request_code(), ptr(&mut got))
+            .unwrap();
+        assert_eq!(got, PRIORITY_RECORD);
+        let mut bad: u32 = 0;
+        assert_eq!(
+            d.ioctl(a, VIDIOC_S_PRIORITY.request_code(), ptr(&mut bad)),
+            Err(libc::EINVAL)
+        );
+        // Closing `a` gives the device back.
+        d.close(a);
+        d.ioctl(b, VIDIOC_G_PRIORITY.request_code(), ptr(&mut got))
+            .unwrap();
+        assert_eq!(got, PRIORITY_DEFAULT);
+
+        // Not streaming: POLLERR for readers, nothing to dequeue (non-blocking: EAGAIN).
+        assert_eq!(d.poll_mask(b, libc::POLLIN), libc::POLLERR);
+        assert_eq!(d.poll_mask(b, libc::POLLPRI), 0);
+        let mut buf = V4l2Buffer {
+            type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+            ..Default::default()
+        };
+        assert!(matches!(
+            d.dequeue(b, VIDIOC_DQBUF, ptr(&mut buf), true),
+            Err(libc::EAGAIN)
+        ));
+        let mut ev = V4l2Event::default();
+        assert!(matches!(
+            d.dequeue(b, VIDIOC_DQEVENT, ptr(&mut ev), true),
+            Err(libc::ENOENT)
+        ));
+        d.close(b);
+        assert_eq!(d.poll_mask(b, libc::POLLIN), libc::POLLNVAL);
+        assert_eq!(d.runner.session_count(), 0);
+        for fd in [a, b] {
+            // SAFETY: the client fds the driver created above, closed once.
+            unsafe { crate::real::close()(fd) };
+        }
+    }
+}

@@ -250,3 +250,37 @@ impl HostMemoryMapper for ProcessShm {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_memory_is_checked_not_trusted() {
+        let mut data = vec![7u8; 3 * PAGE as usize];
+        let addr = data.as_mut_ptr() as u64;
+        assert_eq!(user_read(addr + 5, 10), Ok(vec![7u8; 10]));
+        // Page zero is never mapped: EFAULT, no crash.
+        assert_eq!(user_read(8, 4), Err(libc::EFAULT));
+        assert_eq!(user_write(8, &[1, 2]), Err(libc::EFAULT));
+        assert_eq!(user_sgs(0, 16), Err(libc::EFAULT));
+        assert_eq!(user_sgs(u64::MAX - 4, 16), Err(libc::EFAULT));
+        // SG entries never cross a page boundary and cover the range exactly.
+        let start = addr + 100;
+        let len = 2 * PAGE as u32;
+        let sgs = user_sgs(start, len).unwrap();
+        assert_eq!(sgs.iter().map(|s| s.len).sum::<u32>(), len);
+        assert_eq!(sgs[0].start, start);
+        for s in &sgs {
+            assert_eq!(s.start / PAGE, (s.start + u64::from(s.len) - 1) / PAGE);
+        }
+        // A range built from them reads and writes through, bounded by its length.
+        let range = ProcessMemory.new_mapping(&sgs).unwrap();
+        assert_eq!(range.write_at(PAGE as usize - 50, &[9u8; 100]), 100);
+        let mut back = [0u8; 100];
+        assert_eq!(range.read_at(PAGE as usize - 50, &mut back), 100);
+        assert_eq!(back, [9u8; 100]);
+        assert_eq!(range.write_at(len as usize - 1, &[1, 2, 3]), 1);
+        assert_eq!(data[100 + PAGE as usize - 50], 9);
+    }
+}
