@@ -584,6 +584,7 @@ impl Driver {
             | VIDIOC_DBG_S_REGISTER
             | VIDIOC_DBG_G_CHIP_INFO => Err(libc::ENOTTY),
             VIDIOC_CROPCAP | VIDIOC_G_CROP | VIDIOC_S_CROP => self.crop(s, ioctl, arg),
+            // Served by `dequeue`, which may wait without the lock.
             VIDIOC_DQBUF | VIDIOC_DQEVENT => Err(libc::EINVAL),
             VIDIOC_QBUF | VIDIOC_PREPARE_BUF | VIDIOC_QUERYBUF => self.buffer_ioctl(s, ioctl, arg),
             VIDIOC_G_EXT_CTRLS | VIDIOC_S_EXT_CTRLS | VIDIOC_TRY_EXT_CTRLS => {

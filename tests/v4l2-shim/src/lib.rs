@@ -396,6 +396,9 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: usize) -> i
     unsafe { real::write()(fd, buf, count) }
 }
 
+/// The fd's `O_NONBLOCK` now (the V4L2 rule for DQBUF/DQEVENT; the Linux virtio-media
+/// driver samples the flag at open time only, which would make a later
+/// `fcntl(F_SETFL, O_NONBLOCK)` block).
 fn nonblocking(fd: c_int) -> bool {
     // SAFETY: F_GETFL has no memory arguments.
     let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
