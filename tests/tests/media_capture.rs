@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outboard_devices::media::camera::{
-    decode_frame_number, frame_layout, render_frame, Adjust, SoftwareCamera, DEVICE_CAPS,
+    decode_frame_number, frame_layout, plane_layout, render_frame, render_planes, Adjust,
+    SoftwareCamera, DEVICE_CAPS, DEVICE_CAPS_MPLANE,
 };
 use outboard_devices::media::device::VirtioMedia;
 use outboard_devices::media::v4l2::*;
@@ -111,6 +112,8 @@ type Camera = SoftwareCamera<EventBuffer, TestShm, GuestMemoryRegions>;
 struct Dequeued {
     session: u32,
     buffer: V4l2Buffer,
+    /// The planes of a multi-planar buffer.
+    planes: Vec<V4l2Plane>,
 }
 
 /// The simulated guest driver.
@@ -131,6 +134,15 @@ fn bytes_of<T: IntoBytes + Immutable>(v: &T) -> Vec<u8> {
 
 impl MediaGuest {
     fn new() -> MediaGuest {
+        Self::with_camera(false)
+    }
+
+    /// A guest of the multi-planar camera.
+    fn new_mplane() -> MediaGuest {
+        Self::with_camera(true)
+    }
+
+    fn with_camera(mplane: bool) -> MediaGuest {
         let mem = guest_memory();
         let shm = TestShm(Arc::new(Mutex::new(TestShmInner {
             next: SHM_BASE,
@@ -138,8 +150,21 @@ impl MediaGuest {
         })));
         let events = EventBuffer::new();
         let guest = GuestMemoryRegions(Arc::new(RustVmmMemory::new(mem.clone())));
-        let camera = SoftwareCamera::new(events.clone(), shm.clone(), guest);
-        let config = MediaConfig::new(DEVICE_CAPS, 0, "camera");
+        let camera = if mplane {
+            SoftwareCamera::new_mplane(events.clone(), shm.clone(), guest)
+        } else {
+            SoftwareCamera::new(events.clone(), shm.clone(), guest)
+        };
+        let caps = camera.device_caps();
+        assert_eq!(
+            caps,
+            if mplane {
+                DEVICE_CAPS_MPLANE
+            } else {
+                DEVICE_CAPS
+            }
+        );
+        let config = MediaConfig::new(caps, 0, "camera");
         let mut dev = VirtioMedia::new(camera, events, config).unwrap();
         let cmdq = DriverQueue::new(CMD_Q, 64);
         let mut evq = DriverQueue::new(EVT_Q, 64);
@@ -162,7 +187,7 @@ impl MediaGuest {
         dev.handle_queue(1);
         let mut cfg = [0u8; 40];
         dev.read_config(0, &mut cfg);
-        assert_eq!(&cfg[..4], &DEVICE_CAPS.to_le_bytes());
+        assert_eq!(&cfg[..4], &caps.to_le_bytes());
         MediaGuest {
             mem,
             dev,
@@ -327,7 +352,18 @@ impl MediaGuest {
             EVENT_DQBUF => {
                 assert_eq!(len, 608);
                 let buffer = V4l2Buffer::read_from_prefix(&buf[8..]).unwrap().0;
-                self.dqbufs.push_back(Dequeued { session, buffer });
+                let mut planes = Vec::new();
+                if is_multiplanar(buffer.type_) {
+                    for i in 0..buffer.length as usize {
+                        let at = 8 + 88 + i * 64;
+                        planes.push(V4l2Plane::read_from_prefix(&buf[at..]).unwrap().0);
+                    }
+                }
+                self.dqbufs.push_back(Dequeued {
+                    session,
+                    buffer,
+                    planes,
+                });
             }
             EVENT_EVENT => {
                 assert_eq!(len, 144);
@@ -524,16 +560,30 @@ fn mmap_capture_flow() {
     let got: V4l2Requestbuffers = g.ioctl(s, VIDIOC_REQBUFS, &req).unwrap();
     assert_eq!(got.count, 4);
     assert_ne!(got.capabilities & BUF_CAP_SUPPORTS_MMAP, 0);
-    // CREATE_BUFS appends buffers of the current format's size.
+    // CREATE_BUFS appends buffers of the size its format asks for, at least the
+    // current format's.
     let create = V4l2CreateBuffers {
         count: 2,
         memory: MEMORY_MMAP,
-        format: fmt_req(PIX_FMT_NV12, 320, 240),
+        format: V4l2Format::from_pix(BUF_TYPE_VIDEO_CAPTURE, &pix),
         ..Default::default()
     };
     let created: V4l2CreateBuffers = g.ioctl(s, VIDIOC_CREATE_BUFS, &create).unwrap();
     assert_eq!((created.index, created.count), (4, 2));
-    let too_big = V4l2CreateBuffers {
+    let too_small = V4l2CreateBuffers {
+        format: fmt_req(PIX_FMT_NV12, 320, 120).tap(|f| {
+            let mut p = f.pix();
+            p.sizeimage = pix.sizeimage / 2;
+            f.set_pix(&p);
+        }),
+        ..create
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &too_small),
+        Err(libc::EINVAL as u32)
+    );
+    let big = V4l2CreateBuffers {
+        count: 1,
         format: fmt_req(PIX_FMT_RGB24, 1280, 720).tap(|f| {
             let mut p = f.pix();
             p.sizeimage = 1280 * 720 * 3;
@@ -541,10 +591,20 @@ fn mmap_capture_flow() {
         }),
         ..create
     };
-    assert_eq!(
-        g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &too_big),
-        Err(libc::EINVAL as u32)
+    let created: V4l2CreateBuffers = g.ioctl(s, VIDIOC_CREATE_BUFS, &big).unwrap();
+    assert_eq!((created.index, created.count), (6, 1));
+    let q = V4l2Buffer {
+        index: 6,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        ..Default::default()
+    };
+    let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
+    assert!(
+        b.length >= 1280 * 720 * 3,
+        "buffer 6 has {} bytes",
+        b.length
     );
+    assert_eq!(b.mem_offset() % 4096, 0);
     // The format is locked while buffers exist.
     assert_eq!(
         g.ioctl::<_, V4l2Format>(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
@@ -715,6 +775,62 @@ fn qbuf_userptr(
 }
 
 #[test]
+fn format_is_global_and_the_queue_has_one_owner() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new();
+    let a = g.open();
+    let b = g.open();
+    let set: V4l2Format = g
+        .ioctl(a, VIDIOC_S_FMT, &fmt_req(PIX_FMT_RGB24, 320, 240))
+        .unwrap();
+    // Another open file sees the same format (V4L2: a capture node has one format).
+    let seen: V4l2Format = g.ioctl(b, VIDIOC_G_FMT, &fmt_req(0, 0, 0)).unwrap();
+    assert_eq!(seen.pix(), set.pix());
+    let req = |count| V4l2Requestbuffers {
+        count,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let got: V4l2Requestbuffers = g.ioctl(a, VIDIOC_REQBUFS, &req(2)).unwrap();
+    assert_eq!(got.count, 2);
+    // The queue belongs to `a` while it holds buffers.
+    let busy = libc::EBUSY as u32;
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(b, VIDIOC_REQBUFS, &req(1)),
+        Err(busy)
+    );
+    assert_eq!(
+        g.ioctl::<_, V4l2Requestbuffers>(b, VIDIOC_REQBUFS, &req(0)),
+        Err(busy)
+    );
+    let create = V4l2CreateBuffers {
+        count: 1,
+        memory: MEMORY_MMAP,
+        format: set,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2CreateBuffers>(b, VIDIOC_CREATE_BUFS, &create),
+        Err(busy)
+    );
+    assert_eq!(
+        g.ioctl::<_, V4l2Format>(b, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
+        Err(busy)
+    );
+    // Freed: `b` may take it.
+    g.ioctl::<_, V4l2Requestbuffers>(a, VIDIOC_REQBUFS, &req(0))
+        .unwrap();
+    let got: V4l2Requestbuffers = g.ioctl(b, VIDIOC_REQBUFS, &req(1)).unwrap();
+    assert_eq!(got.count, 1);
+    // Closing the owner frees the queue too.
+    g.close(b);
+    let got: V4l2Requestbuffers = g.ioctl(a, VIDIOC_REQBUFS, &req(3)).unwrap();
+    assert_eq!(got.count, 3);
+    g.close(a);
+}
+
+#[test]
 fn userptr_capture_flow() {
     use V4l2Ioctl::*;
     let mut g = MediaGuest::new();
@@ -767,6 +883,261 @@ fn userptr_capture_flow() {
     g.ioctl_void(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE)
         .unwrap();
     g.close(s);
+}
+
+/// A multi-planar buffer with `planes` planes for QBUF/QUERYBUF payloads.
+fn mplane_buffer(index: u32, memory: u32, planes: &[V4l2Plane]) -> Vec<u8> {
+    let b = V4l2Buffer {
+        index,
+        type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+        memory,
+        length: planes.len() as u32,
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&b);
+    for p in planes {
+        payload.extend_from_slice(p.as_bytes());
+    }
+    payload
+}
+
+/// Answer of a multi-planar buffer ioctl: the buffer and its planes.
+fn parse_mplane(out: &[u8]) -> (V4l2Buffer, Vec<V4l2Plane>) {
+    let b = V4l2Buffer::read_from_prefix(out).unwrap().0;
+    let planes = (0..b.length as usize)
+        .map(|i| V4l2Plane::read_from_prefix(&out[88 + i * 64..]).unwrap().0)
+        .collect();
+    (b, planes)
+}
+
+/// Checks that dequeued planes hold exactly pattern frame `sequence`, plane by plane.
+fn check_planes(fourcc: u32, d: &Dequeued, data: &[Vec<u8>], last_seq: &mut Option<u32>) {
+    let (w, h) = (320, 240);
+    let want = render_planes(fourcc, w, h, d.buffer.sequence, &Adjust::default()).unwrap();
+    assert_eq!(
+        d.buffer.flags & (BUF_FLAG_DONE | BUF_FLAG_ERROR),
+        BUF_FLAG_DONE
+    );
+    assert_eq!(d.planes.len(), want.len());
+    for ((p, got), want) in d.planes.iter().zip(data).zip(&want) {
+        assert_eq!(p.bytesused as usize, want.len());
+        assert!(
+            got[..want.len()] == want[..],
+            "plane content of frame {}",
+            d.buffer.sequence
+        );
+    }
+    assert_eq!(
+        decode_frame_number(fourcc, w, h, &data[0]),
+        Some(d.buffer.sequence)
+    );
+    if let Some(l) = last_seq.replace(d.buffer.sequence) {
+        assert!(d.buffer.sequence > l);
+    }
+}
+
+#[test]
+fn mplane_capture_flow() {
+    use V4l2Ioctl::*;
+    let mut g = MediaGuest::new_mplane();
+    let s = g.open();
+    // Only the multi-planar type is served.
+    let single = V4l2Fmtdesc {
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        ..Default::default()
+    };
+    assert_eq!(
+        g.ioctl::<_, V4l2Fmtdesc>(s, VIDIOC_ENUM_FMT, &single),
+        Err(libc::EINVAL as u32)
+    );
+    assert_eq!(
+        g.ioctl::<_, V4l2Format>(s, VIDIOC_G_FMT, &fmt_req(0, 0, 0)),
+        Err(libc::EINVAL as u32)
+    );
+    let mut formats = Vec::new();
+    for index in 0.. {
+        let q = V4l2Fmtdesc {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+            ..Default::default()
+        };
+        match g.ioctl::<_, V4l2Fmtdesc>(s, VIDIOC_ENUM_FMT, &q) {
+            Ok(d) => formats.push(d.pixelformat),
+            Err(e) => {
+                assert_eq!(e, libc::EINVAL as u32);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        formats,
+        [
+            PIX_FMT_YUYV,
+            PIX_FMT_NV12,
+            PIX_FMT_RGB24,
+            PIX_FMT_NV12M,
+            PIX_FMT_YUV420M
+        ]
+    );
+
+    for (fourcc, nplanes) in [(PIX_FMT_YUV420M, 3), (PIX_FMT_NV12M, 2), (PIX_FMT_RGB24, 1)] {
+        let mp = V4l2PixFormatMplane {
+            width: 320,
+            height: 240,
+            pixelformat: fourcc,
+            ..Default::default()
+        };
+        let set = V4l2Format::from_pix_mp(BUF_TYPE_VIDEO_CAPTURE_MPLANE, &mp);
+        let got: V4l2Format = g.ioctl(s, VIDIOC_S_FMT, &set).unwrap();
+        let got = got.pix_mp();
+        let layout = plane_layout(fourcc, 320, 240).unwrap();
+        assert_eq!(
+            (got.pixelformat, usize::from(got.num_planes)),
+            (fourcc, nplanes)
+        );
+        for (pf, (bpl, size)) in got.plane_fmt.iter().zip(&layout) {
+            assert_eq!((pf.bytesperline, pf.sizeimage), (*bpl, *size));
+        }
+
+        // MMAP: every plane has its own offset and mapping.
+        let req = V4l2Requestbuffers {
+            count: 2,
+            type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        let got: V4l2Requestbuffers = g.ioctl(s, VIDIOC_REQBUFS, &req).unwrap();
+        assert_eq!(got.count, 2);
+        let mut maps: Vec<Vec<u64>> = Vec::new();
+        let mut offsets = Vec::new();
+        for index in 0..2 {
+            let payload = mplane_buffer(index, MEMORY_MMAP, &[V4l2Plane::default(); 8]);
+            let (status, out) = g.ioctl_raw(s, VIDIOC_QUERYBUF.nr().into(), &payload[..88], 4096);
+            assert_eq!(status, 0);
+            let (b, planes) = parse_mplane(&out);
+            assert_eq!(b.length as usize, nplanes);
+            let mut addrs = Vec::new();
+            for (p, (_, size)) in planes.iter().zip(&layout) {
+                assert!(p.length >= *size);
+                let offset = p.m as u32;
+                assert_eq!(offset % 4096, 0);
+                offsets.push(offset);
+                addrs.push(g.mmap(s, offset).unwrap().0);
+            }
+            maps.push(addrs);
+            let (status, out) = g.ioctl_raw(
+                s,
+                VIDIOC_QBUF.nr().into(),
+                &mplane_buffer(index, MEMORY_MMAP, &planes),
+                4096,
+            );
+            assert_eq!(status, 0);
+            assert_ne!(parse_mplane(&out).0.flags & BUF_FLAG_QUEUED, 0);
+        }
+        offsets.sort_unstable();
+        offsets.dedup();
+        assert_eq!(offsets.len(), 2 * nplanes, "plane offsets are distinct");
+        // A buffer must be queued with all its planes.
+        let short = mplane_buffer(0, MEMORY_MMAP, &[V4l2Plane::default()]);
+        if nplanes > 1 {
+            let (status, _) = g.ioctl_raw(s, VIDIOC_QBUF.nr().into(), &short, 4096);
+            assert_eq!(status, libc::EINVAL as u32);
+        }
+        g.ioctl_void(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE_MPLANE)
+            .unwrap();
+        let mut last = None;
+        for _ in 0..4 {
+            assert!(g.pump_until(|g| !g.dqbufs.is_empty()));
+            let d = g.dqbufs.pop_front().unwrap();
+            assert_eq!(d.session, s);
+            let i = d.buffer.index as usize;
+            let data: Vec<Vec<u8>> = maps[i]
+                .iter()
+                .zip(&layout)
+                .map(|(a, (_, size))| g.shm.read(*a, *size as usize))
+                .collect();
+            check_planes(fourcc, &d, &data, &mut last);
+            let (status, _) = g.ioctl_raw(
+                s,
+                VIDIOC_QBUF.nr().into(),
+                &mplane_buffer(i as u32, MEMORY_MMAP, &d.planes),
+                4096,
+            );
+            assert_eq!(status, 0);
+        }
+        g.ioctl_void(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE_MPLANE)
+            .unwrap();
+        g.dqbufs.clear();
+        for a in maps.iter().flatten() {
+            assert_eq!(g.munmap(*a), 0);
+        }
+        let free = V4l2Requestbuffers { count: 0, ..req };
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &free)
+            .unwrap();
+
+        // USERPTR: one SG list per plane, in guest memory.
+        let req = V4l2Requestbuffers {
+            count: 1,
+            memory: MEMORY_USERPTR,
+            ..req
+        };
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req)
+            .unwrap();
+        let lists: Vec<Vec<SgEntry>> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, (_, size))| scattered_sg(0x100_0000 + i as u64 * 0x40_0000, *size))
+            .collect();
+        let planes: Vec<V4l2Plane> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, (_, size))| V4l2Plane {
+                length: *size,
+                m: 0xbeef_0000 + i as u64,
+                ..Default::default()
+            })
+            .collect();
+        let qbuf = |g: &mut MediaGuest, planes: &[V4l2Plane], lists: &[Vec<SgEntry>]| {
+            let mut payload = mplane_buffer(0, MEMORY_USERPTR, planes);
+            for sg in lists.iter().flatten() {
+                payload.extend_from_slice(sg.as_bytes());
+            }
+            g.ioctl_raw(s, VIDIOC_QBUF.nr().into(), &payload, 4096).0
+        };
+        // A plane shorter than the format needs is refused.
+        let mut small = planes.clone();
+        small[0].length /= 2;
+        let mut small_lists = lists.clone();
+        small_lists[0] = scattered_sg(0x100_0000, small[0].length);
+        assert_eq!(qbuf(&mut g, &small, &small_lists), libc::EINVAL as u32);
+        assert_eq!(qbuf(&mut g, &planes, &lists), 0);
+        g.ioctl_void(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE_MPLANE)
+            .unwrap();
+        let mut last = None;
+        for _ in 0..2 {
+            assert!(g.pump_until(|g| !g.dqbufs.is_empty()));
+            let d = g.dqbufs.pop_front().unwrap();
+            assert_eq!(d.buffer.memory, MEMORY_USERPTR);
+            for (i, p) in d.planes.iter().enumerate() {
+                assert_eq!(
+                    p.m,
+                    0xbeef_0000 + i as u64,
+                    "the guest's pointer comes back"
+                );
+            }
+            let data: Vec<Vec<u8>> = lists.iter().map(|l| read_sg(&g, l)).collect();
+            check_planes(fourcc, &d, &data, &mut last);
+            assert_eq!(qbuf(&mut g, &planes, &lists), 0);
+        }
+        g.ioctl_void(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE_MPLANE)
+            .unwrap();
+        g.dqbufs.clear();
+        let free = V4l2Requestbuffers { count: 0, ..req };
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &free)
+            .unwrap();
+    }
+    g.close(s);
+    assert_eq!(g.shm.count(), 0);
 }
 
 #[test]
@@ -876,7 +1247,8 @@ fn controls_and_events() {
     let v0 = V4l2ExtControl::read_from_prefix(&out[32..]).unwrap().0;
     let v1 = V4l2ExtControl::read_from_prefix(&out[52..]).unwrap().0;
     assert_eq!((v0.value(), v1.value()), (7, 1));
-    // An unknown control: EINVAL with error_idx, and the payload is still answered.
+    // An unknown control: EINVAL with error_idx (== count for G, as the V4L2 core
+    // reports a control that fails validation), and the payload is still answered.
     let bad = V4l2ExtControl {
         id: 0x1234,
         ..Default::default()
@@ -888,6 +1260,13 @@ fn controls_and_events() {
     payload.extend_from_slice(c0.as_bytes());
     payload.extend_from_slice(bad.as_bytes());
     let (status, out) = g.ioctl_raw(s, VIDIOC_G_EXT_CTRLS.nr().into(), &payload, 4096);
+    assert_eq!(status, libc::EINVAL as u32);
+    assert_eq!(
+        V4l2ExtControls::read_from_prefix(&out).unwrap().0.error_idx,
+        2
+    );
+    // TRY names the bad control.
+    let (status, out) = g.ioctl_raw(s, VIDIOC_TRY_EXT_CTRLS.nr().into(), &payload, 4096);
     assert_eq!(status, libc::EINVAL as u32);
     assert_eq!(
         V4l2ExtControls::read_from_prefix(&out).unwrap().0.error_idx,

@@ -17,7 +17,7 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME, DEVICE_CAPS};
+use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME};
 use outboard_devices::media::device::VirtioMedia;
 use outboard_devices::media::{
     page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper,
@@ -157,30 +157,49 @@ impl GuestMemoryAccess for SharedGuestMemory {
 /// The camera device served over vhost-user.
 pub type CameraDevice = VirtioMedia<SoftwareCamera<EventBuffer, ShmemMapper, GuestMemoryRegions>>;
 
-/// Builds the software camera with a shared memory region of `shm_size` bytes; returns
-/// the device, its back-end channel slot and its guest memory handle.
-pub fn camera_device(shm_size: u64) -> std::io::Result<(CameraDevice, Channel, SharedGuestMemory)> {
+/// Builds the software camera (multi-planar if `mplane`) with a shared memory region of
+/// `shm_size` bytes; returns the device, its back-end channel slot and its guest memory
+/// handle.
+pub fn camera_device(
+    shm_size: u64,
+    mplane: bool,
+) -> std::io::Result<(CameraDevice, Channel, SharedGuestMemory)> {
     let channel: Channel = Arc::new(Mutex::new(None));
     let guest = SharedGuestMemory::default();
     let events = EventBuffer::new();
-    let camera = SoftwareCamera::new(
-        events.clone(),
-        ShmemMapper::new(channel.clone(), shm_size),
-        GuestMemoryRegions(Arc::new(guest.clone())),
-    );
-    let config = MediaConfig::new(DEVICE_CAPS, 0, CARD_NAME);
+    let host = ShmemMapper::new(channel.clone(), shm_size);
+    let memory = GuestMemoryRegions(Arc::new(guest.clone()));
+    let camera = if mplane {
+        SoftwareCamera::new_mplane(events.clone(), host, memory)
+    } else {
+        SoftwareCamera::new(events.clone(), host, memory)
+    };
+    // The config space advertises only the buffer type the camera serves.
+    let config = MediaConfig::new(camera.device_caps(), 0, CARD_NAME);
     Ok((VirtioMedia::new(camera, events, config)?, channel, guest))
 }
 
-/// Serves the software camera to one front-end at a time on `listener` until `stop` is
-/// signalled, with a shared memory region of `shm_size` bytes (rounded up to pages).
+/// Serves the single-planar software camera to one front-end at a time on `listener`
+/// until `stop` is signalled, with a shared memory region of `shm_size` bytes (rounded
+/// up to pages).
 pub fn serve_camera(
     listener: UnixListener,
     shm_size: u64,
     stop: &EventFd,
     name: &str,
 ) -> Result<(), WorkerError> {
-    let (device, channel, guest) = camera_device(shm_size).map_err(WorkerError::Epoll)?;
+    serve_camera_with(listener, shm_size, false, stop, name)
+}
+
+/// [`serve_camera`], multi-planar if `mplane`.
+pub fn serve_camera_with(
+    listener: UnixListener,
+    shm_size: u64,
+    mplane: bool,
+    stop: &EventFd,
+    name: &str,
+) -> Result<(), WorkerError> {
+    let (device, channel, guest) = camera_device(shm_size, mplane).map_err(WorkerError::Epoll)?;
     let mut sizes = vec![0u64; usize::from(SHMID_MMAP) + 1];
     sizes[usize::from(SHMID_MMAP)] = page_align(shm_size).unwrap_or(shm_size & !4095);
     daemon::serve_with(
@@ -226,5 +245,17 @@ mod tests {
         assert_eq!(m.add_mapping(bfd, 4096, 1, true), Err(libc::EINVAL));
         assert_eq!(m.remove_mapping(12288), Err(libc::ENOTCONN));
         assert_eq!(m.remove_mapping(12288), Err(libc::EINVAL));
+    }
+
+    #[test]
+    fn config_space_advertises_the_served_buffer_type() {
+        use outboard_devices::media::camera::{DEVICE_CAPS, DEVICE_CAPS_MPLANE};
+        use outboard_devices::virtio::VirtioDevice;
+        for (mplane, caps) in [(false, DEVICE_CAPS), (true, DEVICE_CAPS_MPLANE)] {
+            let (dev, _, _) = camera_device(1 << 20, mplane).unwrap();
+            let mut cfg = [0u8; 4];
+            dev.read_config(0, &mut cfg);
+            assert_eq!(u32::from_le_bytes(cfg), caps, "mplane {mplane}");
+        }
     }
 }

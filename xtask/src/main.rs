@@ -7,8 +7,11 @@
 //! - `cargo xtask demo`: boots the guest and bridges a shell in it to the terminal over
 //!   vsock.
 //! - `cargo xtask bench-e2e`: the e2e harness once per back-end, with a comparison table.
+//! - `cargo xtask media-compliance`: v4l2-compliance against the software camera (both
+//!   modes) through the `outboard-v4l2-shim` guest-driver stand-in.
 
 mod bench;
+mod compliance;
 mod demo;
 mod e2e;
 mod host;
@@ -80,6 +83,8 @@ fn ci_steps() -> Vec<Step> {
             &["build", "-p", "outboard-protocol", "--no-default-features"],
         ),
         Step::cargo("test", &["test", "--workspace", "--all-features"]),
+        // v4l2-compliance against the software camera through the guest-driver shim.
+        Step::xtask("media-compliance (v4l2-compliance)", &["media-compliance"]),
         Step::cargo(
             "doc",
             &["doc", "--workspace", "--no-deps", "--all-features"],
@@ -189,7 +194,9 @@ commands:
   e2e [--backend B]      boot a Linux guest under QEMU and test vsock end to end
                          (B: outboard (default) or vhost-device-vsock)
   demo [--backend B]     boot the guest and talk to a shell in it over vsock
-  bench-e2e              compare outboard with vhost-device-vsock 0.3.0";
+  bench-e2e              compare outboard with vhost-device-vsock 0.3.0
+  media-compliance       v4l2-compliance against the software camera (single- and
+                         multi-planar) through the guest-driver shim";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -205,6 +212,7 @@ fn main() -> ExitCode {
                 .and_then(demo::run)
                 .map(|()| true),
         ),
+        Some("media-compliance") => finish(compliance::run()),
         Some("bench-e2e") => {
             let mib = std::env::var("OUTBOARD_BENCH_MIB")
                 .ok()

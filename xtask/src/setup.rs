@@ -575,3 +575,38 @@ pub fn ensure_vhost_device_vsock(cache: &Path) -> Result<PathBuf> {
     )?;
     Ok(bin)
 }
+
+/// Installs Debian's v4l-utils (for `v4l2-compliance`) unless it is on the `PATH`.
+pub fn ensure_v4l2_compliance() -> Result<()> {
+    let have = || {
+        Command::new("v4l2-compliance")
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if have() {
+        return Ok(());
+    }
+    println!("media-compliance: installing v4l-utils");
+    let apt_timeout = Duration::from_secs(900);
+    run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
+    run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "v4l-utils",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        apt_timeout,
+    )?;
+    if have() {
+        Ok(())
+    } else {
+        Err("v4l-utils is installed but v4l2-compliance does not run".into())
+    }
+}

@@ -1,6 +1,12 @@
 //! A software capture camera: a deterministic moving test pattern in YUYV, NV12 and
 //! RGB24, several frame sizes and intervals, brightness/contrast/hflip controls, MMAP
-//! (memfd) and USERPTR (guest SG lists) memory, single-planar capture only.
+//! (memfd) and USERPTR (guest SG lists) memory.
+//!
+//! A camera serves one buffer type, which its `device_caps` advertise alone:
+//! [`SoftwareCamera::new`] single-planar capture ([`DEVICE_CAPS`], [`FORMATS`]),
+//! [`SoftwareCamera::new_mplane`] multi-planar capture ([`DEVICE_CAPS_MPLANE`],
+//! [`FORMATS_MPLANE`]: the same formats as one plane each, plus NV12M in two planes and
+//! YUV420M in three).
 //!
 //! # The pattern
 //!
@@ -17,7 +23,7 @@
 //! is queued the frame is dropped and the sequence number still advances, as V4L2
 //! requires.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -43,11 +49,21 @@ use outboard_protocol::v4l2::V4l2Ioctl;
 pub const CARD_NAME: &str = "Outboard software camera";
 /// The `device_caps` the camera advertises (config space).
 pub const DEVICE_CAPS: u32 = CAP_VIDEO_CAPTURE | CAP_STREAMING | CAP_EXT_PIX_FORMAT;
-/// Supported pixel formats and their descriptions.
+/// The `device_caps` of the multi-planar camera.
+pub const DEVICE_CAPS_MPLANE: u32 = CAP_VIDEO_CAPTURE_MPLANE | CAP_STREAMING;
+/// Pixel formats of the single-planar camera and their descriptions.
 pub const FORMATS: [(u32, &str); 3] = [
     (PIX_FMT_YUYV, "YUYV 4:2:2"),
-    (PIX_FMT_NV12, "Y/UV 4:2:0"),
+    (PIX_FMT_NV12, "Y/CbCr 4:2:0"),
     (PIX_FMT_RGB24, "24-bit RGB 8-8-8"),
+];
+/// Pixel formats of the multi-planar camera and their descriptions.
+pub const FORMATS_MPLANE: [(u32, &str); 5] = [
+    (PIX_FMT_YUYV, "YUYV 4:2:2"),
+    (PIX_FMT_NV12, "Y/CbCr 4:2:0"),
+    (PIX_FMT_RGB24, "24-bit RGB 8-8-8"),
+    (PIX_FMT_NV12M, "Y/CbCr 4:2:0 (N-C)"),
+    (PIX_FMT_YUV420M, "Planar YUV 4:2:0 (N-C)"),
 ];
 /// Supported frame sizes.
 pub const SIZES: [(u32, u32); 3] = [(320, 240), (640, 480), (1280, 720)];
@@ -161,6 +177,54 @@ pub fn frame_layout(fourcc: u32, width: u32, height: u32) -> Option<(u32, u32)> 
         _ => return None,
     };
     Some((bpl, size))
+}
+
+/// Bytes per line and size of each memory plane of a frame, or `None` for an
+/// unsupported format or odd dimensions. NV12M and YUV420M have 2 and 3 planes, every
+/// other format 1 (as [`frame_layout`]).
+pub fn plane_layout(fourcc: u32, width: u32, height: u32) -> Option<Vec<(u32, u32)>> {
+    let (luma_bpl, size) = frame_layout(PIX_FMT_NV12, width, height)?;
+    let luma = width.checked_mul(height)?;
+    match fourcc {
+        PIX_FMT_NV12M => Some(vec![(luma_bpl, luma), (luma_bpl, size - luma)]),
+        PIX_FMT_YUV420M => Some(vec![
+            (luma_bpl, luma),
+            (width / 2, luma / 4),
+            (width / 2, luma / 4),
+        ]),
+        _ => frame_layout(fourcc, width, height).map(|l| vec![l]),
+    }
+}
+
+/// Draws frame `frame` as its memory planes (see [`plane_layout`]).
+pub fn render_planes(
+    fourcc: u32,
+    width: u32,
+    height: u32,
+    frame: u32,
+    a: &Adjust,
+) -> Option<Vec<Vec<u8>>> {
+    let contiguous = match fourcc {
+        PIX_FMT_NV12M | PIX_FMT_YUV420M => PIX_FMT_NV12,
+        other => other,
+    };
+    let (_, size) = frame_layout(contiguous, width, height)?;
+    let mut buf = vec![0u8; size as usize];
+    render_frame(contiguous, width, height, frame, a, &mut buf)?;
+    let luma = (width * height) as usize;
+    Some(match fourcc {
+        PIX_FMT_NV12M => {
+            let chroma = buf.split_off(luma);
+            vec![buf, chroma]
+        }
+        PIX_FMT_YUV420M => {
+            let chroma = buf.split_off(luma);
+            let u = chroma.iter().step_by(2).copied().collect();
+            let v = chroma.iter().skip(1).step_by(2).copied().collect();
+            vec![buf, u, v]
+        }
+        _ => vec![buf],
+    })
 }
 
 /// Picture adjustments applied to the pattern.
@@ -302,8 +366,16 @@ pub fn render_frame(
 
 /// Reads the frame number back from a frame drawn by [`render_frame`] (with neutral
 /// brightness and contrast).
+///
+/// For NV12M and YUV420M, `data` is the first (luma) plane.
 pub fn decode_frame_number(fourcc: u32, width: u32, height: u32, data: &[u8]) -> Option<u32> {
-    let (bpl, size) = frame_layout(fourcc, width, height)?;
+    let (fourcc, (bpl, size)) = match fourcc {
+        PIX_FMT_NV12M | PIX_FMT_YUV420M => (
+            PIX_FMT_NV12,
+            plane_layout(fourcc, width, height)?.first().copied()?,
+        ),
+        _ => (fourcc, frame_layout(fourcc, width, height)?),
+    };
     let data = data.get(..size as usize)?;
     let row = (BAND_HEIGHT.min(height) / 2) as usize * bpl as usize;
     let cell = (width / 32).max(1);
@@ -342,10 +414,33 @@ enum Backing {
     },
 }
 
-struct CamBuffer {
+/// One memory plane of a buffer.
+struct PlaneBuf {
     backing: Backing,
-    queued: bool,
+    /// `mem_offset` of MMAP planes (buffers may differ in size: CREATE_BUFS).
+    offset: u64,
     bytesused: u32,
+}
+
+impl PlaneBuf {
+    fn length(&self) -> u32 {
+        match &self.backing {
+            Backing::Mmap(m) => m.size() as u32,
+            Backing::UserPtr { length, .. } => *length,
+        }
+    }
+
+    fn m(&self) -> u64 {
+        match &self.backing {
+            Backing::Mmap(_) => self.offset,
+            Backing::UserPtr { userptr, .. } => *userptr,
+        }
+    }
+}
+
+struct CamBuffer {
+    planes: Vec<PlaneBuf>,
+    queued: bool,
     sequence: u32,
     timestamp: Timeval,
     flags: u32,
@@ -354,6 +449,7 @@ struct CamBuffer {
 /// Per-session camera state.
 pub struct CameraSession<M> {
     id: u32,
+    buf_type: u32,
     pix: V4l2PixFormat,
     interval: (u32, u32),
     memory: u32,
@@ -394,10 +490,6 @@ impl<M> CameraSession<M> {
         }
     }
 
-    fn buffer_size(&self) -> u64 {
-        page_align(self.pix.sizeimage.into()).unwrap_or(u64::MAX)
-    }
-
     fn arm_timer(&self, on: bool) -> Result<(), Errno> {
         let (num, den) = self.interval;
         let period_ns = u64::from(num) * 1_000_000_000 / u64::from(den.max(1));
@@ -422,8 +514,7 @@ impl<M> CameraSession<M> {
         let b = self.buffers.get(index as usize)?;
         let mut buffer = V4l2Buffer {
             index,
-            type_: BUF_TYPE_VIDEO_CAPTURE,
-            bytesused: b.bytesused,
+            type_: self.buf_type,
             flags: b.flags | BUF_FLAG_TIMESTAMP_MONOTONIC | BUF_FLAG_TSTAMP_SRC_SOE,
             field: FIELD_NONE,
             timestamp: b.timestamp,
@@ -434,20 +525,28 @@ impl<M> CameraSession<M> {
         if b.queued {
             buffer.flags |= BUF_FLAG_QUEUED;
         }
-        match &b.backing {
-            Backing::Mmap(m) => {
-                buffer.m = u64::from(index) * m.size();
-                buffer.length = m.size() as u32;
-            }
-            Backing::UserPtr {
-                userptr, length, ..
-            } => {
-                buffer.m = *userptr;
-                buffer.length = *length;
-            }
+        let mut planes = Vec::new();
+        if is_multiplanar(self.buf_type) {
+            buffer.length = b.planes.len() as u32;
+            planes = b
+                .planes
+                .iter()
+                .map(|p| V4l2Plane {
+                    bytesused: p.bytesused,
+                    length: p.length(),
+                    m: p.m(),
+                    ..Default::default()
+                })
+                .collect();
+        } else {
+            let p = b.planes.first()?;
+            buffer.bytesused = p.bytesused;
+            buffer.length = p.length();
+            buffer.m = p.m();
         }
         Some(BufferDesc {
             buffer,
+            planes,
             ..Default::default()
         })
     }
@@ -460,6 +559,14 @@ pub struct SoftwareCamera<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapp
     guest: G,
     /// Shared memory offset -> (session, buffer index).
     mappings: BTreeMap<u64, (u32, u32)>,
+    /// The format, shared by every session as V4L2 requires of a capture node.
+    pix: V4l2PixFormat,
+    /// The frame interval, shared likewise.
+    interval: (u32, u32),
+    /// Sessions that hold buffers (the format cannot change meanwhile).
+    busy: BTreeSet<u32>,
+    /// Serves `VIDEO_CAPTURE_MPLANE` instead of `VIDEO_CAPTURE`.
+    mplane: bool,
 }
 
 impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
@@ -473,15 +580,78 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
 }
 
 impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E, H, G> {
-    /// A camera sending events to `events`, mapping MMAP buffers with `host` and USERPTR
-    /// buffers with `guest`.
+    /// A single-planar camera sending events to `events`, mapping MMAP buffers with
+    /// `host` and USERPTR buffers with `guest`.
     pub fn new(events: E, host: H, guest: G) -> Self {
         SoftwareCamera {
             events,
             host,
             guest,
             mappings: BTreeMap::new(),
+            pix: pix_format(PIX_FMT_YUYV, 640, 480),
+            interval: (1, 30),
+            busy: BTreeSet::new(),
+            mplane: false,
         }
+    }
+
+    /// A multi-planar camera (see the module docs).
+    pub fn new_mplane(events: E, host: H, guest: G) -> Self {
+        SoftwareCamera {
+            mplane: true,
+            ..Self::new(events, host, guest)
+        }
+    }
+
+    /// The `device_caps` to advertise: [`DEVICE_CAPS`] or [`DEVICE_CAPS_MPLANE`].
+    pub fn device_caps(&self) -> u32 {
+        if self.mplane {
+            DEVICE_CAPS_MPLANE
+        } else {
+            DEVICE_CAPS
+        }
+    }
+
+    /// The one buffer type served.
+    fn buf_type(&self) -> u32 {
+        if self.mplane {
+            BUF_TYPE_VIDEO_CAPTURE_MPLANE
+        } else {
+            BUF_TYPE_VIDEO_CAPTURE
+        }
+    }
+
+    fn formats(&self) -> &'static [(u32, &'static str)] {
+        if self.mplane {
+            &FORMATS_MPLANE
+        } else {
+            &FORMATS
+        }
+    }
+
+    /// The format as the served buffer type shows it.
+    fn format_of(&self, pix: &V4l2PixFormat) -> V4l2Format {
+        if !self.mplane {
+            return V4l2Format::from_pix(BUF_TYPE_VIDEO_CAPTURE, pix);
+        }
+        let mut mp = V4l2PixFormatMplane {
+            width: pix.width,
+            height: pix.height,
+            pixelformat: pix.pixelformat,
+            field: pix.field,
+            colorspace: pix.colorspace,
+            ycbcr_enc: pix.ycbcr_enc as u8,
+            quantization: pix.quantization as u8,
+            xfer_func: pix.xfer_func as u8,
+            ..Default::default()
+        };
+        let layout = plane_layout(pix.pixelformat, pix.width, pix.height).unwrap_or_default();
+        mp.num_planes = layout.len() as u8;
+        for (dst, (bpl, size)) in mp.plane_fmt.iter_mut().zip(layout) {
+            dst.bytesperline = bpl;
+            dst.sizeimage = size;
+        }
+        V4l2Format::from_pix_mp(BUF_TYPE_VIDEO_CAPTURE_MPLANE, &mp)
     }
 
     /// The host memory mapper.
@@ -498,16 +668,32 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         }
     }
 
+    /// Whether another session holds buffers: the one capture queue belongs to the
+    /// session that allocated them until it frees them (V4L2's queue owner).
+    fn busy_elsewhere(&self, id: u32) -> bool {
+        self.busy.iter().any(|b| *b != id)
+    }
+
     fn session_mapped(&self, id: u32) -> bool {
         self.mappings.values().any(|(s, _)| *s == id)
     }
 
     fn try_format(&self, f: &V4l2Format) -> IoctlResult<V4l2PixFormat> {
-        if f.type_ != BUF_TYPE_VIDEO_CAPTURE {
+        if f.type_ != self.buf_type() {
             return Err(libc::EINVAL);
         }
-        let req = f.pix();
-        let fourcc = if FORMATS.iter().any(|(c, _)| *c == req.pixelformat) {
+        let req = if self.mplane {
+            let mp = f.pix_mp();
+            V4l2PixFormat {
+                width: mp.width,
+                height: mp.height,
+                pixelformat: mp.pixelformat,
+                ..Default::default()
+            }
+        } else {
+            f.pix()
+        };
+        let fourcc = if self.formats().iter().any(|(c, _)| *c == req.pixelformat) {
             req.pixelformat
         } else {
             PIX_FMT_YUYV
@@ -587,13 +773,19 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         let mut idxs = Vec::with_capacity(ctrls.controls.len());
         for (i, c) in ctrls.controls.iter().enumerate() {
             if c.id == CID_USER_CLASS {
-                ctrls.header.error_idx = i as u32;
+                // Write-only for G, read-only for S/TRY: the V4L2 core reports this
+                // with error_idx == count, except TRY, which names the control.
+                ctrls.header.error_idx = if op == ExtOp::Try {
+                    i as u32
+                } else {
+                    ctrls.header.count
+                };
                 return Err(libc::EACCES);
             }
             match ctrl_index(c.id) {
                 Some(idx) if c.size == 0 => idxs.push(idx),
                 _ => {
-                    ctrls.header.error_idx = if op == ExtOp::Get {
+                    ctrls.header.error_idx = if op == ExtOp::Try {
                         i as u32
                     } else {
                         ctrls.header.count
@@ -626,29 +818,44 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         };
         let adjust = s.adjust();
         let pix = s.pix;
+        let (w, h, fourcc) = (pix.width, pix.height, pix.pixelformat);
+        let planar = plane_layout(fourcc, w, h).is_some_and(|l| l.len() > 1);
+        // One plane is drawn into the session's scratch buffer (no allocation per
+        // frame); several are drawn and split by render_planes.
         let mut scratch = std::mem::take(&mut s.scratch);
-        scratch.resize(pix.sizeimage as usize, 0);
-        let rendered = render_frame(
-            pix.pixelformat,
-            pix.width,
-            pix.height,
-            sequence,
-            &adjust,
-            &mut scratch,
-        );
+        let mut split = Vec::new();
+        let rendered = if planar {
+            render_planes(fourcc, w, h, sequence, &adjust).map(|p| split = p)
+        } else {
+            scratch.resize(pix.sizeimage as usize, 0);
+            render_frame(fourcc, w, h, sequence, &adjust, &mut scratch).map(|n| scratch.truncate(n))
+        };
         let timestamp = timespec_now();
         let Some(b) = s.buffers.get_mut(index as usize) else {
             s.scratch = scratch;
             return;
         };
-        let ok = match (&b.backing, rendered) {
-            (Backing::Mmap(m), Some(n)) => m.write_at(0, &scratch[..n]).is_ok(),
-            (Backing::UserPtr { sgs, .. }, Some(n)) => self
-                .guest
-                .new_mapping(sgs)
-                .is_ok_and(|m| m.write_at(0, &scratch[..n]) == n),
-            _ => false,
+        let data: Vec<&[u8]> = if planar {
+            split.iter().map(Vec::as_slice).collect()
+        } else {
+            vec![scratch.as_slice()]
         };
+        let mut ok = rendered.is_some() && data.len() == b.planes.len();
+        for (p, d) in b.planes.iter_mut().zip(&data) {
+            let written = ok
+                && match &p.backing {
+                    Backing::Mmap(m) => m.write_at(0, d).is_ok(),
+                    Backing::UserPtr { sgs, .. } => self
+                        .guest
+                        .new_mapping(sgs)
+                        .is_ok_and(|m| m.write_at(0, d) == d.len()),
+                };
+            ok &= written;
+            p.bytesused = if written { d.len() as u32 } else { 0 };
+        }
+        if !ok {
+            b.planes.iter_mut().for_each(|p| p.bytesused = 0);
+        }
         s.scratch = scratch;
         b.queued = false;
         b.sequence = sequence;
@@ -658,7 +865,6 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         } else {
             BUF_FLAG_DONE | BUF_FLAG_ERROR
         };
-        b.bytesused = if ok { pix.sizeimage } else { 0 };
         if self.mappings.values().any(|m| *m == (s.id, index)) {
             b.flags |= BUF_FLAG_MAPPED;
         }
@@ -669,43 +875,81 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
     }
 
     fn free_buffers(&mut self, s: &mut CameraSession<G::Mapping>) {
+        self.busy.remove(&s.id);
         s.buffers.clear();
         s.queue.clear();
     }
 }
 
-/// Appends up to `count` buffers (at most [`MAX_BUFFERS`] in all) of the session's
-/// buffer size; returns how many were added.
-fn add_buffers<M>(s: &mut CameraSession<M>, memory: u32, count: u32) -> IoctlResult<u32> {
+/// Appends up to `count` buffers (at most [`MAX_BUFFERS`] in all) with planes of
+/// `sizes` bytes; returns how many were added. MMAP planes get consecutive page-aligned
+/// offsets, which must fit the 32-bit `mem_offset`.
+fn add_buffers<M>(
+    s: &mut CameraSession<M>,
+    memory: u32,
+    count: u32,
+    sizes: &[u32],
+) -> IoctlResult<u32> {
     let have = s.buffers.len() as u32;
     let count = count.min(MAX_BUFFERS.saturating_sub(have));
-    let size = s.buffer_size();
-    if u64::from(have + count).saturating_mul(size) > u64::from(u32::MAX) {
+    let mut per_buffer = 0u64;
+    for size in sizes {
+        per_buffer += page_align(u64::from(*size)).ok_or(libc::EINVAL)?;
+    }
+    let mut offset = s
+        .buffers
+        .iter()
+        .flat_map(|b| &b.planes)
+        .map(|p| match &p.backing {
+            Backing::Mmap(m) => p.offset + m.size(),
+            Backing::UserPtr { .. } => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    if offset.saturating_add(u64::from(count).saturating_mul(per_buffer)) > u64::from(u32::MAX) {
         return Err(libc::ENOMEM);
     }
     for _ in 0..count {
-        let backing = if memory == MEMORY_MMAP {
-            Backing::Mmap(
-                MemfdBuffer::new("outboard-camera", size)
-                    .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
-            )
-        } else {
-            Backing::UserPtr {
-                sgs: Vec::new(),
-                userptr: 0,
-                length: 0,
+        let mut planes = Vec::with_capacity(sizes.len());
+        for &size in sizes {
+            let backing = if memory == MEMORY_MMAP {
+                Backing::Mmap(
+                    MemfdBuffer::new("outboard-camera", size.into())
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
+                )
+            } else {
+                Backing::UserPtr {
+                    sgs: Vec::new(),
+                    userptr: 0,
+                    length: size,
+                }
+            };
+            let plane_offset = offset;
+            if let Backing::Mmap(m) = &backing {
+                offset += m.size();
             }
-        };
+            planes.push(PlaneBuf {
+                backing,
+                offset: plane_offset,
+                bytesused: 0,
+            });
+        }
         s.buffers.push(CamBuffer {
-            backing,
+            planes,
             queued: false,
-            bytesused: 0,
             sequence: 0,
             timestamp: Timeval::default(),
             flags: 0,
         });
     }
     Ok(count)
+}
+
+/// The memory plane sizes of `pix` (one for single-plane formats).
+fn plane_sizes(pix: &V4l2PixFormat) -> Vec<u32> {
+    plane_layout(pix.pixelformat, pix.width, pix.height)
+        .map(|l| l.into_iter().map(|(_, size)| size).collect())
+        .unwrap_or_else(|| vec![pix.sizeimage])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -741,10 +985,10 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     type Session = CameraSession<G::Mapping>;
 
     fn enum_fmt(&mut self, _: &mut Self::Session, d: V4l2Fmtdesc) -> IoctlResult<V4l2Fmtdesc> {
-        if d.type_ != BUF_TYPE_VIDEO_CAPTURE {
+        if d.type_ != self.buf_type() {
             return Err(libc::EINVAL);
         }
-        let (fourcc, desc) = FORMATS.get(d.index as usize).ok_or(libc::EINVAL)?;
+        let (fourcc, desc) = self.formats().get(d.index as usize).ok_or(libc::EINVAL)?;
         let mut out = V4l2Fmtdesc {
             index: d.index,
             type_: d.type_,
@@ -755,25 +999,25 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         Ok(out)
     }
 
-    fn g_fmt(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
-        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+    fn g_fmt(&mut self, _: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
+        if buf_type != self.buf_type() {
             return Err(libc::EINVAL);
         }
-        Ok(V4l2Format::from_pix(buf_type, &s.pix))
+        Ok(self.format_of(&self.pix))
     }
 
     fn try_fmt(&mut self, _: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
         let pix = self.try_format(&f)?;
-        Ok(V4l2Format::from_pix(f.type_, &pix))
+        Ok(self.format_of(&pix))
     }
 
     fn s_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
         let pix = self.try_format(&f)?;
-        if !s.buffers.is_empty() || s.streaming {
+        if !self.busy.is_empty() || s.streaming {
             return Err(libc::EBUSY);
         }
-        s.pix = pix;
-        Ok(V4l2Format::from_pix(f.type_, &pix))
+        self.pix = pix;
+        Ok(self.format_of(&pix))
     }
 
     fn reqbufs(
@@ -781,17 +1025,19 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         s: &mut Self::Session,
         req: V4l2Requestbuffers,
     ) -> IoctlResult<V4l2Requestbuffers> {
-        if req.type_ != BUF_TYPE_VIDEO_CAPTURE
-            || !matches!(req.memory, MEMORY_MMAP | MEMORY_USERPTR)
-        {
+        if req.type_ != self.buf_type() || !matches!(req.memory, MEMORY_MMAP | MEMORY_USERPTR) {
             return Err(libc::EINVAL);
         }
-        if s.streaming || self.session_mapped(s.id) {
+        if s.streaming || self.session_mapped(s.id) || self.busy_elsewhere(s.id) {
             return Err(libc::EBUSY);
         }
         self.free_buffers(s);
-        let count = add_buffers(s, req.memory, req.count)?;
+        s.pix = self.pix;
+        let count = add_buffers(s, req.memory, req.count, &plane_sizes(&s.pix))?;
         s.memory = if count > 0 { req.memory } else { 0 };
+        if count > 0 {
+            self.busy.insert(s.id);
+        }
         Ok(V4l2Requestbuffers {
             count,
             type_: req.type_,
@@ -806,26 +1052,50 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         s: &mut Self::Session,
         c: V4l2CreateBuffers,
     ) -> IoctlResult<V4l2CreateBuffers> {
-        if c.format.type_ != BUF_TYPE_VIDEO_CAPTURE
+        if c.format.type_ != self.buf_type()
             || !matches!(c.memory, MEMORY_MMAP | MEMORY_USERPTR)
             || (!s.buffers.is_empty() && c.memory != s.memory)
         {
             return Err(libc::EINVAL);
         }
-        // Every buffer of a session has the current format's size (MMAP offsets are
-        // index * size), so a larger format cannot be served.
-        if c.format.pix().sizeimage > s.pix.sizeimage {
+        if self.busy_elsewhere(s.id) {
+            return Err(libc::EBUSY);
+        }
+        // Buffers may be larger than the current format needs, never smaller.
+        let need = plane_sizes(&self.pix);
+        let want: Vec<u32> = if self.mplane {
+            let mp = c.format.pix_mp();
+            if usize::from(mp.num_planes) != need.len() {
+                return Err(libc::EINVAL);
+            }
+            mp.plane_fmt
+                .iter()
+                .take(need.len())
+                .map(|p| p.sizeimage)
+                .collect()
+        } else {
+            vec![c.format.pix().sizeimage]
+        };
+        if want.iter().zip(&need).any(|(w, n)| w < n) {
             return Err(libc::EINVAL);
         }
+        if s.buffers.is_empty() {
+            s.pix = self.pix;
+        }
         let index = s.buffers.len() as u32;
-        let count = add_buffers(s, c.memory, c.count)?;
+        let count = add_buffers(s, c.memory, c.count, &want)?;
         if !s.buffers.is_empty() {
             s.memory = c.memory;
+            self.busy.insert(s.id);
         }
         Ok(V4l2CreateBuffers {
             index,
             count,
             capabilities: BUF_CAP_SUPPORTS_MMAP | BUF_CAP_SUPPORTS_USERPTR,
+            // No cache hints (so no V4L2_MEMORY_FLAG_NON_COHERENT); reserved words are
+            // zero.
+            flags: 0,
+            reserved: [0; 6],
             ..c
         })
     }
@@ -836,7 +1106,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         buf_type: u32,
         index: u32,
     ) -> IoctlResult<BufferDesc> {
-        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+        if buf_type != self.buf_type() {
             return Err(libc::EINVAL);
         }
         let mut desc = s.describe(index).ok_or(libc::EINVAL)?;
@@ -848,35 +1118,49 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
 
     fn qbuf(&mut self, s: &mut Self::Session, gb: GuestBuffer) -> IoctlResult<BufferDesc> {
         let b = gb.desc.buffer;
-        if b.type_ != BUF_TYPE_VIDEO_CAPTURE || b.memory != s.memory || s.memory == 0 {
+        if b.type_ != self.buf_type() || b.memory != s.memory || s.memory == 0 {
             return Err(libc::EINVAL);
         }
-        let sizeimage = s.pix.sizeimage;
+        let need = plane_sizes(&s.pix);
         let buf = s.buffers.get_mut(b.index as usize).ok_or(libc::EINVAL)?;
         if buf.queued {
             return Err(libc::EINVAL);
         }
-        if let Backing::UserPtr {
-            sgs: queued_sgs,
-            userptr,
-            length,
-        } = &mut buf.backing
-        {
-            if b.length < sizeimage {
+        // What the guest gives for each plane: its user pointer and length.
+        let given: Vec<(u64, u32)> = if self.mplane {
+            gb.desc.planes.iter().map(|p| (p.m, p.length)).collect()
+        } else {
+            vec![(b.m, b.length)]
+        };
+        if given.len() != buf.planes.len() {
+            return Err(libc::EINVAL);
+        }
+        if b.memory == MEMORY_USERPTR {
+            if given.iter().zip(&need).any(|((_, len), n)| len < n)
+                || gb.userptr.len() != given.len()
+            {
                 return Err(libc::EINVAL);
             }
-            let [sgs] = gb.userptr.as_slice() else {
-                return Err(libc::EINVAL);
-            };
-            // Check the list now (EFAULT for memory outside the guest's), map it again
-            // when the frame is written.
-            let m = self.guest.new_mapping(sgs)?;
-            if m.len() < sizeimage as usize {
-                return Err(libc::EINVAL);
+            // Check the lists now (EFAULT for memory outside the guest's), map them
+            // again when the frame is written.
+            for ((sgs, n), (_, len)) in gb.userptr.iter().zip(&need).zip(&given) {
+                let m = self.guest.new_mapping(sgs)?;
+                if m.len() < *n as usize || m.len() < *len as usize {
+                    return Err(libc::EINVAL);
+                }
             }
-            *queued_sgs = sgs.clone();
-            *userptr = b.m;
-            *length = b.length;
+            for ((p, sgs), (ptr, len)) in buf.planes.iter_mut().zip(&gb.userptr).zip(&given) {
+                if let Backing::UserPtr {
+                    sgs: queued_sgs,
+                    userptr,
+                    length,
+                } = &mut p.backing
+                {
+                    *queued_sgs = sgs.clone();
+                    *userptr = *ptr;
+                    *length = *len;
+                }
+            }
         }
         buf.queued = true;
         buf.flags = 0;
@@ -889,11 +1173,12 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     }
 
     fn streamon(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<()> {
-        if buf_type != BUF_TYPE_VIDEO_CAPTURE || s.buffers.is_empty() {
+        if buf_type != self.buf_type() || s.buffers.is_empty() {
             return Err(libc::EINVAL);
         }
         if !s.streaming {
             s.sequence = 0;
+            s.interval = self.interval;
             s.arm_timer(true)?;
             s.streaming = true;
         }
@@ -901,7 +1186,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     }
 
     fn streamoff(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<()> {
-        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+        if buf_type != self.buf_type() {
             return Err(libc::EINVAL);
         }
         s.arm_timer(false)?;
@@ -915,8 +1200,8 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         Ok(())
     }
 
-    fn g_parm(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Streamparm> {
-        if buf_type != BUF_TYPE_VIDEO_CAPTURE {
+    fn g_parm(&mut self, _: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Streamparm> {
+        if buf_type != self.buf_type() {
             return Err(libc::EINVAL);
         }
         let mut p = V4l2Streamparm {
@@ -926,8 +1211,8 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         p.set_capture(&V4l2Captureparm {
             capability: CAP_TIMEPERFRAME,
             timeperframe: V4l2Fract {
-                numerator: s.interval.0,
-                denominator: s.interval.1,
+                numerator: self.interval.0,
+                denominator: self.interval.1,
             },
             ..Default::default()
         });
@@ -935,7 +1220,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     }
 
     fn s_parm(&mut self, s: &mut Self::Session, p: V4l2Streamparm) -> IoctlResult<V4l2Streamparm> {
-        if p.type_ != BUF_TYPE_VIDEO_CAPTURE {
+        if p.type_ != self.buf_type() {
             return Err(libc::EINVAL);
         }
         let t = p.capture().timeperframe;
@@ -947,6 +1232,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
                 .copied()
                 .min_by_key(|(n, d)| (u64::from(*n) * 1_000_000 / u64::from(*d)).abs_diff(want))
             {
+                self.interval = best;
                 s.interval = best;
             }
             if s.streaming {
@@ -1084,7 +1370,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         _: &mut Self::Session,
         q: V4l2Frmsizeenum,
     ) -> IoctlResult<V4l2Frmsizeenum> {
-        if !FORMATS.iter().any(|(c, _)| *c == q.pixel_format) {
+        if !self.formats().iter().any(|(c, _)| *c == q.pixel_format) {
             return Err(libc::EINVAL);
         }
         let (w, h) = SIZES.get(q.index as usize).ok_or(libc::EINVAL)?;
@@ -1102,7 +1388,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         _: &mut Self::Session,
         q: V4l2Frmivalenum,
     ) -> IoctlResult<V4l2Frmivalenum> {
-        if !FORMATS.iter().any(|(c, _)| *c == q.pixel_format)
+        if !self.formats().iter().any(|(c, _)| *c == q.pixel_format)
             || !SIZES.contains(&(q.width, q.height))
         {
             return Err(libc::EINVAL);
@@ -1127,7 +1413,11 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         if sub.type_ != EVENT_CTRL {
             return Err(libc::EINVAL);
         }
-        let idx = ctrl_index(sub.id).ok_or(libc::EINVAL)?;
+        // The class control can be subscribed to; it never changes, so it has no events.
+        let idx = ctrl_index(sub.id);
+        if idx.is_none() && sub.id != CID_USER_CLASS {
+            return Err(libc::EINVAL);
+        }
         if sub.flags & !(EVENT_SUB_FL_SEND_INITIAL | EVENT_SUB_FL_ALLOW_FEEDBACK) != 0 {
             return Err(libc::EINVAL);
         }
@@ -1138,7 +1428,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         {
             s.subscriptions.push(sub);
         }
-        if sub.flags & EVENT_SUB_FL_SEND_INITIAL != 0 {
+        if let (Some(idx), true) = (idx, sub.flags & EVENT_SUB_FL_SEND_INITIAL != 0) {
             self.send_ctrl_event(s, idx, EVENT_CTRL_CH_VALUE | EVENT_CTRL_CH_FLAGS);
         }
         Ok(())
@@ -1174,7 +1464,8 @@ where
         .map_err(|e| e.raw_os_error())?;
         Ok(CameraSession {
             id: session_id,
-            pix: pix_format(PIX_FMT_YUYV, 640, 480),
+            buf_type: self.buf_type(),
+            pix: self.pix,
             interval: (1, 30),
             memory: 0,
             buffers: Vec::new(),
@@ -1222,16 +1513,13 @@ where
         flags: u32,
         offset: u32,
     ) -> Result<(u64, u64), Errno> {
-        let size = s.buffer_size();
-        if size == 0 || u64::from(offset) % size != 0 {
-            return Err(libc::EINVAL);
-        }
-        let index = (u64::from(offset) / size) as u32;
-        let Some(CamBuffer {
-            backing: Backing::Mmap(m),
-            ..
-        }) = s.buffers.get(index as usize)
-        else {
+        let found = s.buffers.iter().enumerate().find_map(|(i, b)| {
+            b.planes.iter().find_map(|p| match &p.backing {
+                Backing::Mmap(m) if p.offset == u64::from(offset) => Some((i as u32, m)),
+                _ => None,
+            })
+        });
+        let Some((index, m)) = found else {
             return Err(libc::EINVAL);
         };
         let addr = self

@@ -25,6 +25,10 @@ pub const PIX_FMT_YUYV: u32 = fourcc(b"YUYV");
 pub const PIX_FMT_NV12: u32 = fourcc(b"NV12");
 /// `V4L2_PIX_FMT_RGB24`: packed RGB, 24 bits per pixel.
 pub const PIX_FMT_RGB24: u32 = fourcc(b"RGB3");
+/// `V4L2_PIX_FMT_NV12M`: NV12 with the Y and CbCr planes in separate buffers.
+pub const PIX_FMT_NV12M: u32 = fourcc(b"NM12");
+/// `V4L2_PIX_FMT_YUV420M`: 4:2:0 with Y, Cb and Cr in three separate buffers.
+pub const PIX_FMT_YUV420M: u32 = fourcc(b"YM12");
 
 /// `V4L2_BUF_TYPE_VIDEO_CAPTURE`.
 pub const BUF_TYPE_VIDEO_CAPTURE: u32 = 1;
@@ -260,6 +264,69 @@ impl V4l2Format {
         self.fmt = [0; 200];
         let bytes = pix.as_bytes();
         self.fmt[..bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+wire! {
+    /// `struct v4l2_plane_pix_format` (20 bytes).
+    pub struct V4l2PlanePixFormat {
+        /// Bytes of the plane.
+        pub sizeimage: u32,
+        /// Bytes per line of the plane.
+        pub bytesperline: u32,
+        /// Reserved.
+        pub reserved: [u16; 6],
+    }
+}
+
+wire! {
+    /// `struct v4l2_pix_format_mplane` (192 bytes), the multi-planar member of
+    /// [`V4l2Format`]'s union.
+    pub struct V4l2PixFormatMplane {
+        /// Width in pixels.
+        pub width: u32,
+        /// Height in pixels.
+        pub height: u32,
+        /// FourCC.
+        pub pixelformat: u32,
+        /// `V4L2_FIELD_*`.
+        pub field: u32,
+        /// `V4L2_COLORSPACE_*`.
+        pub colorspace: u32,
+        /// The planes (`num_planes` of them are meaningful).
+        pub plane_fmt: [V4l2PlanePixFormat; VIDEO_MAX_PLANES],
+        /// Number of planes.
+        pub num_planes: u8,
+        /// `V4L2_PIX_FMT_FLAG_*`.
+        pub flags: u8,
+        /// `V4L2_YCBCR_ENC_*`.
+        pub ycbcr_enc: u8,
+        /// `V4L2_QUANTIZATION_*`.
+        pub quantization: u8,
+        /// `V4L2_XFER_FUNC_*`.
+        pub xfer_func: u8,
+        /// Reserved.
+        pub reserved: [u8; 7],
+    }
+}
+
+impl V4l2Format {
+    /// A multi-planar format of `buf_type`.
+    pub fn from_pix_mp(buf_type: u32, pix: &V4l2PixFormatMplane) -> Self {
+        let mut f = V4l2Format {
+            type_: buf_type,
+            ..Default::default()
+        };
+        let bytes = pix.as_bytes();
+        f.fmt[..bytes.len()].copy_from_slice(bytes);
+        f
+    }
+
+    /// The union read as `v4l2_pix_format_mplane`.
+    pub fn pix_mp(&self) -> V4l2PixFormatMplane {
+        V4l2PixFormatMplane::read_from_prefix(&self.fmt)
+            .map(|(p, _)| p)
+            .unwrap_or_default()
     }
 }
 
@@ -854,6 +921,8 @@ mod tests {
         }
         assert_eq!(size_of::<V4l2Buffer>(), V4L2_BUFFER_SIZE);
         assert_eq!(size_of::<V4l2Plane>(), V4L2_PLANE_SIZE);
+        assert_eq!(size_of::<V4l2PlanePixFormat>(), 20);
+        assert_eq!(size_of::<V4l2PixFormatMplane>(), 192);
         assert_eq!(size_of::<V4l2Event>(), V4L2_EVENT_SIZE);
         assert_eq!(size_of::<V4l2ExtControl>(), 20);
         assert_eq!(size_of::<V4l2PixFormat>(), 48);

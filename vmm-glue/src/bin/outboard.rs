@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig, VsockMetrics};
-use outboard_glue::media::serve_camera;
+use outboard_glue::media::serve_camera_with;
 use outboard_glue::metrics::{self, VmMetrics};
 use outboard_glue::vhost_user::daemon::{self, WorkerError};
 use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, SiblingGroups, VmConfig};
@@ -59,6 +59,9 @@ struct MediaArgs {
     /// Serve the software camera.
     #[arg(long)]
     camera: bool,
+    /// Make the camera multi-planar (VIDEO_CAPTURE_MPLANE only: NV12M, YUV420M, ...).
+    #[arg(long, requires = "camera")]
+    mplane: bool,
     /// Size of the shared memory region for MMAP buffers, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     shm_size_mib: u64,
@@ -164,6 +167,7 @@ fn media(args: MediaArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let mplane = args.mplane;
     let set = signal_set();
     // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
     if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
@@ -182,7 +186,9 @@ fn media(args: MediaArgs) -> ExitCode {
         let worker_stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
         let thread = std::thread::Builder::new()
             .name("media".into())
-            .spawn(move || serve_camera(listener, shm_size, &worker_stop, "media camera"))
+            .spawn(move || {
+                serve_camera_with(listener, shm_size, mplane, &worker_stop, "media camera")
+            })
             .map_err(|e| format!("cannot start the worker thread: {e}"))?;
         log::info!(
             "software camera on vhost-user socket {}",
@@ -762,8 +768,10 @@ mod jailed {
             remove_stale_socket(&args.socket_path)?;
             let listener = UnixListener::bind(&args.socket_path)
                 .map_err(|e| format!("bind {}: {e}", args.socket_path.display()))?;
+            let mplane = args.mplane;
             let serve: ServeFn = Box::new(move |listener, stop| {
-                serve_camera(listener, shm_size, stop, "media camera").map_err(|e| e.to_string())
+                serve_camera_with(listener, shm_size, mplane, stop, "media camera")
+                    .map_err(|e| e.to_string())
             });
             Ok(Supervised {
                 name: "media camera".into(),
