@@ -89,24 +89,7 @@ impl TestShm {
         let s = self.0.lock().unwrap();
         let (file, size) = &s.maps[&addr];
         assert!(len as u64 <= *size);
-        // SAFETY: a new shared read-only mapping of `size` bytes of `file`, checked
-        // below; nothing else is at the address the kernel picks.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                *size as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap of the shared memory mapping");
-        // SAFETY: `p` maps `size >= len` readable bytes until the munmap below.
-        let out = unsafe { std::slice::from_raw_parts(p as *const u8, len) }.to_vec();
-        // SAFETY: `p` is the mapping made above and nothing refers to it any more.
-        unsafe { libc::munmap(p, *size as usize) };
-        out
+        read_mapped(file, 0, len)
     }
 
     /// Number of live mappings.
@@ -425,4 +408,343 @@ pub fn scattered_sg(base_page: u64, len: u32) -> Vec<SgEntry> {
             }
         })
         .collect()
+}
+
+/// Reads `len` bytes at `offset` of `file` through a shared read-only mapping (what a
+/// front-end does with the fds of `SHMEM_MAP`; works for memfds and dma-bufs alike).
+pub fn read_mapped(file: &File, offset: u64, len: usize) -> Vec<u8> {
+    let map_len = (offset as usize + len).next_multiple_of(4096);
+    // SAFETY: a new shared read-only mapping of `map_len` bytes of `file`, checked
+    // below; nothing else is at the address the kernel picks.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap of a shared memory mapping");
+    // SAFETY: `p` maps `map_len >= offset + len` readable bytes until the munmap below.
+    let out =
+        unsafe { std::slice::from_raw_parts((p as *const u8).add(offset as usize), len) }.to_vec();
+    // SAFETY: `p` is the mapping made above and nothing refers to it any more.
+    unsafe { libc::munmap(p, map_len) };
+    out
+}
+
+/// A virtio-media driver talking to a vhost-user back-end through our transport's
+/// `Frontend`, which plays QEMU: memory table from memfds, rings, kick and call eventfds,
+/// and the back-end channel answering `SHMEM_MAP`/`SHMEM_UNMAP` by keeping the fds.
+pub mod vhost {
+    use std::collections::BTreeMap;
+    use std::fs::File;
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use outboard_protocol::media::{CmdHeader, IoctlCmd, MediaCmd, RespHeader};
+    use outboard_protocol::v4l2::V4l2Ioctl;
+    use outboard_protocol::vhost_user::{
+        VhostUserConfigFlags, VhostUserMMap, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+        VhostUserVirtioFeatures, VhostUserVringAddr,
+    };
+    use outboard_transport::{
+        Frontend, FrontendReqHandler, HandlerResult, MemoryRegionRef, VhostUserFrontendReqHandler,
+    };
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    use vmm_sys_util::eventfd::EventFd;
+    use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+    use crate::{guest_memory, DriverQueue, Mem};
+
+    /// How long a command or an event may take.
+    pub const TIMEOUT: Duration = Duration::from_secs(10);
+    const QSIZE: u16 = 64;
+    const CMD_Q: u64 = 0x1000;
+    const EVT_Q: u64 = 0x2_0000;
+    const REQ: u64 = 0x10_0000;
+    const RESP: u64 = 0x18_0000;
+    const EVT_BUFS: u64 = 0x20_0000;
+
+    /// What the back-end mapped into shared memory region 0: offset -> (fd, fd offset,
+    /// length).
+    pub type ShmMaps = Arc<Mutex<BTreeMap<u64, (File, u64, u64)>>>;
+
+    struct Vmm {
+        maps: ShmMaps,
+        unmaps: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl VhostUserFrontendReqHandler for Vmm {
+        fn shmem_map(&mut self, map: &VhostUserMMap, fd: OwnedFd) -> HandlerResult<()> {
+            assert_eq!(map.shmid, 0);
+            assert_eq!(map.len % 4096, 0);
+            assert_eq!(map.shm_offset % 4096, 0);
+            let file = File::from(fd);
+            // QEMU refuses a backing fd smaller than the mapping.
+            assert!(file.metadata().unwrap().len() >= map.fd_offset + map.len);
+            self.maps
+                .lock()
+                .unwrap()
+                .insert(map.shm_offset, (file, map.fd_offset, map.len));
+            Ok(())
+        }
+
+        fn shmem_unmap(&mut self, map: &VhostUserMMap) -> HandlerResult<()> {
+            self.maps.lock().unwrap().remove(&map.shm_offset);
+            self.unmaps.lock().unwrap().push(map.shm_offset);
+            Ok(())
+        }
+    }
+
+    fn borrow(e: &EventFd) -> BorrowedFd<'_> {
+        // SAFETY: the fd belongs to `e`, which outlives the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+    }
+
+    fn ring_addrs(mem: &Mem, base: u64, index: u32) -> VhostUserVringAddr {
+        let avail = base + 16 * u64::from(QSIZE);
+        let used = (avail + 6 + 2 * u64::from(QSIZE) + 3) & !3;
+        let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        VhostUserVringAddr {
+            index,
+            flags: 0,
+            descriptor: host(base),
+            used: host(used),
+            available: host(avail),
+            log: 0,
+        }
+    }
+
+    /// The driver and the front-end it runs on.
+    pub struct VhostMediaDriver {
+        /// Guest memory.
+        pub mem: Mem,
+        cmdq: DriverQueue,
+        evq: DriverQueue,
+        kicks: [EventFd; 2],
+        _calls: [EventFd; 2],
+        fe: Option<Frontend>,
+        /// Live shared memory mappings.
+        pub maps: ShmMaps,
+        /// Offsets the back-end unmapped.
+        pub unmaps: Arc<Mutex<Vec<u64>>>,
+        /// Size of shared memory region 0.
+        pub shm_size: u64,
+        /// The first 40 bytes of the config space.
+        pub config: Vec<u8>,
+        channel_thread: Option<JoinHandle<()>>,
+    }
+
+    impl VhostMediaDriver {
+        /// Connects to the back-end at `sock` and sets the device up: features, back-end
+        /// channel, shared memory, memory table, both rings, event buffers.
+        pub fn connect(sock: &Path) -> VhostMediaDriver {
+            let mut fe = Frontend::connect(sock).unwrap();
+            fe.set_owner().unwrap();
+            let features = fe.get_features().unwrap();
+            assert_ne!(
+                features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+                0
+            );
+            fe.set_features(features).unwrap();
+            let offered = fe.get_protocol_features().unwrap();
+            let wanted = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::BACKEND_REQ
+                | VhostUserProtocolFeatures::BACKEND_SEND_FD
+                | VhostUserProtocolFeatures::SHMEM;
+            assert!(offered.contains(wanted), "offered {offered:?}");
+            fe.set_protocol_features(wanted).unwrap();
+
+            let maps: ShmMaps = Arc::default();
+            let unmaps = Arc::new(Mutex::new(Vec::new()));
+            let vmm = Vmm {
+                maps: maps.clone(),
+                unmaps: unmaps.clone(),
+            };
+            let mut channel = FrontendReqHandler::new(vmm, wanted).unwrap();
+            let backend_fd = channel.take_backend_fd().unwrap();
+            fe.set_backend_req_fd(backend_fd.as_fd()).unwrap();
+            // The back-end holds its end now; ours would keep the channel open.
+            drop(backend_fd);
+            let channel_thread =
+                std::thread::spawn(move || while channel.handle_request().is_ok() {});
+
+            let shm = fe.get_shmem_config().unwrap();
+            assert_eq!(shm.num_regions, 1);
+            let config = fe
+                .get_config(0, 40, VhostUserConfigFlags::Frontend)
+                .unwrap();
+
+            // The memory table: both memfd-backed regions, at their file offsets.
+            let mem = guest_memory();
+            let regions: Vec<(VhostUserMemoryRegion, Arc<File>)> = mem
+                .iter()
+                .map(|r| {
+                    let fo = r.file_offset().unwrap();
+                    let host = mem.get_host_address(r.start_addr()).unwrap() as u64;
+                    (
+                        VhostUserMemoryRegion {
+                            guest_phys_addr: r.start_addr().0,
+                            memory_size: r.len(),
+                            user_addr: host,
+                            mmap_offset: fo.start(),
+                        },
+                        fo.arc().clone(),
+                    )
+                })
+                .collect();
+            let refs: Vec<MemoryRegionRef<'_>> = regions
+                .iter()
+                .map(|(region, file)| MemoryRegionRef {
+                    region: *region,
+                    fd: file.as_fd(),
+                })
+                .collect();
+            fe.set_mem_table(&refs).unwrap();
+
+            let mut driver = VhostMediaDriver {
+                mem: mem.clone(),
+                cmdq: DriverQueue::new(CMD_Q, QSIZE),
+                evq: DriverQueue::new(EVT_Q, QSIZE),
+                kicks: [
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                ],
+                _calls: [
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                ],
+                fe: None,
+                maps,
+                unmaps,
+                shm_size: shm.mem_size[0],
+                config,
+                channel_thread: Some(channel_thread),
+            };
+            for i in 0..8 {
+                driver
+                    .evq
+                    .add(&mem, &[(EVT_BUFS + i * 1024, 1024, true)])
+                    .unwrap();
+            }
+            for (i, base) in [(0u32, CMD_Q), (1, EVT_Q)] {
+                fe.set_vring_num(i, QSIZE.into()).unwrap();
+                fe.set_vring_addr(&ring_addrs(&mem, base, i)).unwrap();
+                fe.set_vring_base(i, 0).unwrap();
+                let idx = i as u8;
+                fe.set_vring_call(idx, Some(borrow(&driver._calls[i as usize])))
+                    .unwrap();
+                // The back-end gets its own copy of the kick eventfd.
+                let kick = driver.kicks[i as usize].try_clone().unwrap();
+                fe.set_vring_kick(idx, Some(borrow(&kick))).unwrap();
+                fe.set_vring_enable(i, true).unwrap();
+            }
+            driver.kicks[1].write(1).unwrap();
+            driver.fe = Some(fe);
+            driver
+        }
+
+        /// Sends a command; returns the response.
+        pub fn command(&mut self, req: &[u8], resp_len: u32) -> Vec<u8> {
+            self.mem.write_slice(req, GuestAddress(REQ)).unwrap();
+            let head = self
+                .cmdq
+                .add(
+                    &self.mem,
+                    &[(REQ, req.len() as u32, false), (RESP, resp_len, true)],
+                )
+                .unwrap();
+            self.kicks[0].write(1).unwrap();
+            let start = Instant::now();
+            loop {
+                if let Some((h, len)) = self.cmdq.pop_used(&self.mem) {
+                    assert_eq!(h, head);
+                    let mut out = vec![0u8; len as usize];
+                    self.mem.read_slice(&mut out, GuestAddress(RESP)).unwrap();
+                    return out;
+                }
+                assert!(start.elapsed() < TIMEOUT, "no response from the daemon");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// Runs an ioctl with a raw payload; returns the status and the answer.
+        pub fn ioctl_raw(&mut self, session: u32, ioctl: V4l2Ioctl, arg: &[u8]) -> (u32, Vec<u8>) {
+            let mut req = CmdHeader::new(MediaCmd::Ioctl).as_bytes().to_vec();
+            req.extend_from_slice(
+                IoctlCmd {
+                    session_id: session,
+                    code: ioctl.nr().into(),
+                }
+                .as_bytes(),
+            );
+            req.extend_from_slice(arg);
+            let r = self.command(&req, 4096);
+            let status = RespHeader::read_from_prefix(&r).unwrap().0.status;
+            (status, r[8..].to_vec())
+        }
+
+        /// Runs an ioctl that must succeed; returns its answer.
+        pub fn ioctl<I: IntoBytes + Immutable, O: FromBytes>(
+            &mut self,
+            session: u32,
+            ioctl: V4l2Ioctl,
+            arg: &I,
+        ) -> O {
+            let (status, out) = self.ioctl_raw(session, ioctl, arg.as_bytes());
+            assert_eq!(status, 0, "{ioctl}");
+            O::read_from_prefix(&out).unwrap().0
+        }
+
+        /// Waits for the next event; returns its bytes.
+        pub fn next_event(&mut self) -> Vec<u8> {
+            let start = Instant::now();
+            loop {
+                if let Some((head, len)) = self.evq.pop_used(&self.mem) {
+                    let addr: u64 = self
+                        .mem
+                        .read_obj(GuestAddress(EVT_Q + 16 * u64::from(head)))
+                        .unwrap();
+                    let mut buf = vec![0u8; len as usize];
+                    self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+                    self.evq.add(&self.mem, &[(addr, 1024, true)]).unwrap();
+                    self.kicks[1].write(1).unwrap();
+                    return buf;
+                }
+                assert!(start.elapsed() < TIMEOUT, "no event from the daemon");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// Reads `len` bytes of the shared memory mapping at `addr`, through its fd.
+        pub fn read_shm(&self, addr: u64, len: usize) -> Vec<u8> {
+            let maps = self.maps.lock().unwrap();
+            let (file, off, _) = &maps[&addr];
+            super::read_mapped(file, *off, len)
+        }
+
+        /// Disconnects the front-end (the back-end resets the device).
+        pub fn disconnect(&mut self) {
+            self.fe = None;
+        }
+    }
+
+    impl Drop for VhostMediaDriver {
+        /// Waits for the back-end channel to close (the back-end must be gone or
+        /// disconnected by then).
+        fn drop(&mut self) {
+            self.fe = None;
+            if let Some(t) = self.channel_thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
 }
