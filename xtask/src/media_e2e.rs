@@ -3,8 +3,10 @@
 //! loads vivid with a single-planar and a multi-planar capture instance and runs the
 //! statically linked `media-proxy-check` (outboard-tests, feature `v4l2-proxy`), which
 //! drives the virtio-media runner and the proxy over both nodes with the simulated guest
-//! driver. The guest prints one line per check on its serial console; this side reads
-//! them back and turns them into pass/fail with counts.
+//! driver, then runs `outboard media --v4l2-device /dev/video0 --jail` (static, feature
+//! `v4l2-proxy`) and drives it through our vhost-user `Frontend`. The guest prints one
+//! line per check on its serial console; this side reads them back and turns them into
+//! pass/fail with counts.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +18,16 @@ use crate::util::{self, Proc, Result};
 /// The guest's /init: vivid with two capture-only instances, single- then
 /// multi-planar, then the check, then power off.
 const INIT: &str = r#"#!/bin/busybox sh
+if [ ! -e /.switched ]; then
+    # The jailed worker pivot_roots, which the initramfs (rootfs) cannot be: move
+    # everything to a tmpfs and make that the root.
+    /bin/busybox mkdir -p /newroot
+    /bin/busybox mount -t tmpfs -o size=256m tmpfs /newroot
+    /bin/busybox cp -a /bin /modules /init /newroot/
+    /bin/busybox mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp
+    /bin/busybox touch /newroot/.switched
+    exec /bin/busybox switch_root /newroot /init
+fi
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -28,7 +40,9 @@ for m in $(cat /modules/order); do
     esac || echo "media-e2e: insmod $m failed"
 done
 echo "outboard-e2e: guest up, $(uname -r)"
-/bin/media-proxy-check
+# The jailed worker runs as nobody outside its user namespace.
+chmod 666 /dev/video*
+/bin/media-proxy-check --outboard /bin/outboard
 echo "media-e2e: check exited with $?"
 poweroff -f
 "#;
@@ -36,26 +50,44 @@ poweroff -f
 /// How long the guest may take from boot to its result.
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// Builds `media-proxy-check` statically (its own target dir: the flags differ).
-fn build_check(include: &Path) -> Result<PathBuf> {
+/// Builds `media-proxy-check` and `outboard` (with the V4L2 proxy) statically, in their
+/// own target dir (the flags differ); returns their paths.
+fn build_check(include: &Path) -> Result<(PathBuf, PathBuf)> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| util::workspace_root().join("target"))
         .join("media-e2e");
     let triple = "x86_64-unknown-linux-gnu";
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "outboard-tests", "--features", "v4l2-proxy"])
-        .args(["--bin", "media-proxy-check", "--target", triple])
-        .env("CARGO_TARGET_DIR", &target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("V4L2R_VIDEODEV2_H_PATH", include);
+    cmd.args([
+        "build",
+        "-p",
+        "outboard-tests",
+        "-p",
+        "outboard-glue",
+        "--features",
+    ])
+    .arg("outboard-tests/v4l2-proxy,outboard-glue/v4l2-proxy")
+    .args([
+        "--bin",
+        "media-proxy-check",
+        "--bin",
+        "outboard",
+        "--target",
+        triple,
+    ])
+    .env("CARGO_TARGET_DIR", &target)
+    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+    .env("V4L2R_VIDEODEV2_H_PATH", include);
     util::run(&mut cmd, Duration::from_secs(1800))?;
-    let bin = target.join(triple).join("debug").join("media-proxy-check");
-    if bin.exists() {
-        Ok(bin)
-    } else {
-        Err(format!("cargo build left no {}", bin.display()))
+    let dir = target.join(triple).join("debug");
+    let (check, outboard) = (dir.join("media-proxy-check"), dir.join("outboard"));
+    for bin in [&check, &outboard] {
+        if !bin.exists() {
+            return Err(format!("cargo build left no {}", bin.display()));
+        }
     }
+    Ok((check, outboard))
 }
 
 /// Boots the guest, returns whether every check passed.
@@ -67,12 +99,15 @@ pub fn run() -> Result<bool> {
     let include = setup::ensure_media_deps(&cache.join("media-deps"))?;
     let (kernel, root) = setup::ensure_kernel_package(&cache)?;
     let modules = setup::kernel_modules(&root, &["vivid"])?;
-    let check = build_check(&include)?;
+    let (check, outboard) = build_check(&include)?;
     let initramfs = setup::build_initramfs(
         &cache,
         "media-initramfs.cpio.gz",
         INIT,
-        &[("media-proxy-check", check.as_path())],
+        &[
+            ("media-proxy-check", check.as_path()),
+            ("outboard", outboard.as_path()),
+        ],
         &modules,
     )?;
     let accel = match std::env::var("OUTBOARD_E2E_ACCEL") {

@@ -1,7 +1,11 @@
-//! `media-proxy-check [/dev/videoN ...]`: drives Outboard's virtio-media runner and V4L2
-//! proxy over real V4L2 capture nodes with the simulated guest driver, and prints one
-//! `media-e2e: ok|FAIL <check>` line per check and a final
+//! `media-proxy-check [--outboard BIN] [/dev/videoN ...]`: drives Outboard's
+//! virtio-media runner and V4L2 proxy over real V4L2 capture nodes with the simulated
+//! guest driver, and prints one `media-e2e: ok|FAIL <check>` line per check and a final
 //! `media-e2e: RESULT passed=N failed=M frames=F` line.
+//!
+//! With `--outboard BIN` it also runs `BIN media --v4l2-device <first node> --jail` and
+//! drives it over vhost-user with our transport's `Frontend`: the config space, an MMAP
+//! capture whose frames are read through the fds of `SHMEM_MAP`, and a clean SIGTERM.
 //!
 //! Built statically and run inside a QEMU guest with vivid loaded by
 //! `cargo xtask media-e2e` (no host here has a V4L2 node). Without arguments it checks
@@ -105,8 +109,7 @@ fn layout(f: &V4l2Format) -> Layout {
     }
 }
 
-fn node_paths() -> Vec<PathBuf> {
-    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+fn node_paths(args: Vec<PathBuf>) -> Vec<PathBuf> {
     if !args.is_empty() {
         return args;
     }
@@ -142,7 +145,16 @@ fn main() -> std::process::ExitCode {
     let _ = log::set_logger(&StderrLog);
     log::set_max_level(log::LevelFilter::Info);
     let mut report = Report::default();
-    let nodes = node_paths();
+    let mut args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let outboard = match args.iter().position(|a| a.as_os_str() == "--outboard") {
+        Some(i) if i + 1 < args.len() => {
+            let bin = args.remove(i + 1);
+            args.remove(i);
+            Some(bin)
+        }
+        _ => None,
+    };
+    let nodes = node_paths(args);
     report.check(
         "vivid capture nodes found",
         !nodes.is_empty(),
@@ -157,6 +169,19 @@ fn main() -> std::process::ExitCode {
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
             report.check(&format!("{}: no panic", node.display()), false, why);
+        }
+    }
+    if let (Some(bin), Some(node)) = (&outboard, nodes.first()) {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            check_outboard_jailed(bin, node, &mut report)
+        }));
+        if let Err(p) = r {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            report.check("outboard --jail: no panic", false, why);
         }
     }
     println!(
@@ -784,5 +809,168 @@ fn malformed(g: &mut Guest, s: u32, buf_type: u32, tag: &str, report: &mut Repor
         &format!("{tag}: the runner still serves after malformed commands"),
         still.is_ok(),
         format!("{still:?}"),
+    );
+}
+
+/// Kills the daemon if a check panics half-way.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `outboard media --v4l2-device NODE --jail`, driven over vhost-user.
+fn check_outboard_jailed(bin: &Path, path: &Path, report: &mut Report) {
+    use outboard_protocol::media::{
+        MmapCmd, MmapResp, MunmapCmd, OpenResp, EVENT_DQBUF, MMAP_FLAG_RW,
+    };
+    use outboard_tests::media::vhost::VhostMediaDriver;
+    use V4l2Ioctl::*;
+    let tag = format!("outboard --jail {}", path.display());
+    let node = HostNode::probe(path).unwrap();
+    let sock = std::env::temp_dir().join("outboard-media.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = std::process::Command::new(bin)
+        .arg("media")
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--v4l2-device")
+        .arg(path)
+        .arg("--jail")
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut d = VhostMediaDriver::connect(&sock);
+    let card_end = d.config[8..40].iter().position(|b| *b == 0).unwrap_or(32);
+    report.check(
+        &format!("{tag}: config space has the node's device_caps and card"),
+        d.config[..4] == node.device_caps.to_le_bytes()
+            && d.config[8..8 + card_end] == *node.card.as_bytes(),
+        format!("{:?}", &d.config[..16]),
+    );
+    let r = d.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
+    let open = OpenResp::read_from_bytes(&r).unwrap();
+    report.check(
+        &format!("{tag}: OPEN in the jailed worker"),
+        open.hdr.status == 0,
+        format!("status {}", open.hdr.status),
+    );
+    let s = open.session_id;
+    let f: V4l2Format = d.ioctl(
+        s,
+        VIDIOC_S_FMT,
+        &fmt_req(BUF_TYPE_VIDEO_CAPTURE, PIX_FMT_YUYV, 320, 180),
+    );
+    let size = f.pix().sizeimage;
+    let rb: V4l2Requestbuffers = d.ioctl(
+        s,
+        VIDIOC_REQBUFS,
+        &V4l2Requestbuffers {
+            count: 2,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        },
+    );
+    let mut addrs = Vec::new();
+    for index in 0..rb.count {
+        let q = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            ..Default::default()
+        };
+        let b: V4l2Buffer = d.ioctl(s, VIDIOC_QUERYBUF, &q);
+        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Mmap));
+        req.extend_from_slice(
+            MmapCmd {
+                session_id: s,
+                flags: MMAP_FLAG_RW,
+                offset: b.mem_offset(),
+            }
+            .as_bytes(),
+        );
+        let m = MmapResp::read_from_bytes(&d.command(&req, 64)).unwrap();
+        assert_eq!(
+            m.hdr.status, 0,
+            "MMAP {index} (EXPBUF + SHMEM_MAP in the jail)"
+        );
+        addrs.push(m.driver_addr);
+        let q = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        let _: V4l2Buffer = d.ioctl(s, VIDIOC_QBUF, &q);
+    }
+    report.check(
+        &format!(
+            "{tag}: {} buffers exported and mapped through SHMEM_MAP",
+            addrs.len()
+        ),
+        addrs.len() >= 2 && d.maps.lock().unwrap().len() == addrs.len(),
+        format!("{} maps", d.maps.lock().unwrap().len()),
+    );
+    let _: () = d.ioctl(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
+    let mut frames: Vec<(u32, Vec<u8>)> = Vec::new();
+    while frames.len() < 3 {
+        let ev = d.next_event();
+        if u32::from_le_bytes(ev[0..4].try_into().unwrap()) != EVENT_DQBUF {
+            continue;
+        }
+        let b = V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
+        assert_eq!(b.bytesused, size);
+        let data = d.read_shm(addrs[b.index as usize], size as usize);
+        frames.push((b.sequence, data));
+        let q = V4l2Buffer {
+            index: b.index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        let _: V4l2Buffer = d.ioctl(s, VIDIOC_QBUF, &q);
+    }
+    report.frames += frames.len();
+    report.check(
+        &format!("{tag}: frames read through the SHMEM_MAP fds"),
+        frames
+            .windows(2)
+            .all(|w| w[1].0 > w[0].0 && w[1].1 != w[0].1)
+            && frames.iter().all(|f| f.1.iter().any(|b| *b != 0)),
+        format!(
+            "sequences {:?}",
+            frames.iter().map(|f| f.0).collect::<Vec<_>>()
+        ),
+    );
+    let _: () = d.ioctl(s, VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE);
+    for a in &addrs {
+        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Munmap));
+        req.extend_from_slice(MunmapCmd { driver_addr: *a }.as_bytes());
+        let r = d.command(&req, 64);
+        assert_eq!(RespHeader::read_from_bytes(&r).unwrap().status, 0);
+    }
+    report.check(
+        &format!("{tag}: MUNMAP sends SHMEM_UNMAP"),
+        d.maps.lock().unwrap().is_empty() && d.unmaps.lock().unwrap().len() == addrs.len(),
+        "maps left",
+    );
+    d.disconnect();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    let status = daemon.0.wait().unwrap();
+    drop(d);
+    report.check(
+        &format!("{tag}: SIGTERM stops the daemon and its jailed worker cleanly"),
+        status.success(),
+        status,
     );
 }
