@@ -97,9 +97,11 @@ const CAP_VIDEO_M2M: u32 = 0x0000_8000;
 const CAP_READWRITE: u32 = 0x0100_0000;
 /// `V4L2_CAP_DEVICE_CAPS`.
 const CAP_DEVICE_CAPS: u32 = 0x8000_0000;
-/// Largest USERPTR plane or control payload a guest may ask for (256 MiB): the shadow
-/// copy is host memory.
+/// Largest USERPTR plane, and largest total of the control payloads of one call, a
+/// guest may ask for (256 MiB): the shadow copy is host memory.
 pub const MAX_SHADOW_LEN: usize = 256 << 20;
+/// Most USERPTR shadow memory one session may hold (1 GiB).
+pub const MAX_SESSION_SHADOW: usize = 1 << 30;
 
 /// Errors opening the host node.
 #[sorted]
@@ -325,6 +327,8 @@ struct Queued<M> {
 /// One host queue (buffer type) of a session.
 struct QueueState<M> {
     memory: u32,
+    /// Buffers the host allocated (REQBUFS, CREATE_BUFS): valid indices are below.
+    buffers: u32,
     streaming: bool,
     queued: BTreeMap<u32, Queued<M>>,
     /// USERPTR shadow buffers by (index, plane).
@@ -335,6 +339,7 @@ impl<M> Default for QueueState<M> {
     fn default() -> Self {
         QueueState {
             memory: 0,
+            buffers: 0,
             streaming: false,
             queued: BTreeMap::new(),
             shadows: BTreeMap::new(),
@@ -382,6 +387,15 @@ impl<M> MediaSession for ProxySession<M> {
 impl<M> ProxySession<M> {
     fn fd(&self) -> BorrowedFd<'_> {
         self.device.as_fd()
+    }
+
+    /// Bytes of USERPTR shadow memory the session holds.
+    fn shadow_bytes(&self) -> usize {
+        self.queues
+            .values()
+            .flat_map(|q| q.shadows.values())
+            .map(|s| s.len)
+            .sum()
     }
 
     /// Watches done buffers only while some queue streams with buffers queued.
@@ -540,7 +554,12 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                 vec![(0, buffer.length, buffer.bytesused)]
             };
             let mut sgs = userptr.iter();
+            let mut shadow_bytes = s.shadow_bytes();
             let q = s.queues.entry(buffer.type_).or_default();
+            // Shadows are host memory: only for buffers the host has, within a budget.
+            if buffer.index >= q.buffers {
+                return Err(libc::EINVAL);
+            }
             for (plane, len, used) in lens {
                 if len == 0 {
                     mappings.push(None);
@@ -549,7 +568,12 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                 let sg = sgs.next().ok_or(libc::EINVAL)?;
                 let m = self.map_guest(sg, len as usize)?;
                 let key = (buffer.index, plane);
-                if q.shadows.get(&key).map(|sh| sh.len) != Some(len as usize) {
+                let old = q.shadows.get(&key).map_or(0, |sh| sh.len);
+                if old != len as usize {
+                    shadow_bytes = shadow_bytes - old + len as usize;
+                    if shadow_bytes > MAX_SESSION_SHADOW {
+                        return Err(libc::ENOMEM);
+                    }
                     q.shadows.insert(key, Shadow::new(len as usize)?);
                 }
                 let shadow = q.shadows.get_mut(&key).ok_or(libc::EINVAL)?;
@@ -577,14 +601,14 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
         // (the shadows until the host frees its buffers).
         let res = unsafe { raw_ioctl(s.fd(), ioctl, &mut buffer) };
         res?;
-        buffer.m = guest_m;
-        for (p, m) in planes.iter_mut().zip(&guest_planes_m) {
-            if buffer.memory == MEMORY_USERPTR {
+        // No host pointer goes back: the guest's own values (MMAP offsets stay).
+        if mplane || buffer.memory == MEMORY_USERPTR {
+            buffer.m = guest_m;
+        }
+        if buffer.memory == MEMORY_USERPTR {
+            for (p, m) in planes.iter_mut().zip(&guest_planes_m) {
                 p.m = *m;
             }
-        }
-        if buffer.memory == MEMORY_USERPTR && !mplane {
-            buffer.m = guest_m;
         }
         if ioctl == V4l2Ioctl::VIDIOC_QBUF {
             let q = s.queue(buffer.type_);
@@ -682,15 +706,19 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
         let mut payloads = ctrls.payloads.iter();
         let mut host: Vec<Option<(G::Mapping, Vec<u8>)>> = Vec::new();
         let saved: Vec<[u8; 8]> = ctrls.controls.iter().map(|c| c.value).collect();
+        let total = ctrls
+            .controls
+            .iter()
+            .fold(0usize, |a, c| a.saturating_add(c.size as usize));
+        if total > MAX_SHADOW_LEN {
+            return Err(libc::ENOMEM);
+        }
         for c in ctrls.controls.iter_mut() {
             if c.size == 0 {
                 host.push(None);
                 continue;
             }
             let size = c.size as usize;
-            if size > MAX_SHADOW_LEN {
-                return Err(libc::EINVAL);
-            }
             let sg = payloads.next().ok_or(libc::EINVAL)?;
             let m = self.map_guest(sg, size)?;
             let mut buf = vec![0u8; size];
@@ -762,6 +790,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         s.forget_buffers(req.type_, true);
         let q = s.queue(req.type_);
         q.memory = req.memory;
+        q.buffers = out.count;
         if req.count == 0 {
             q.streaming = false;
         }
@@ -834,7 +863,9 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         }
         let out = fwd(s, V4l2Ioctl::VIDIOC_CREATE_BUFS, c)?;
         if c.count > 0 {
-            s.queue(c.format.type_).memory = c.memory;
+            let q = s.queue(c.format.type_);
+            q.memory = c.memory;
+            q.buffers = q.buffers.max(out.index.saturating_add(out.count));
         }
         Ok(out)
     }

@@ -578,6 +578,36 @@ fn stream(
         }
         st
     };
+    // An index beyond the allocated buffers never reaches the host (nor allocates a
+    // USERPTR shadow).
+    let beyond = {
+        let b = V4l2Buffer {
+            index: count,
+            type_: buf_type,
+            memory,
+            length: if mplane { 1 } else { 4096 },
+            ..Default::default()
+        };
+        let mut payload = bytes_of(&b);
+        if mplane {
+            payload.extend_from_slice(
+                V4l2Plane {
+                    length: 4096,
+                    ..Default::default()
+                }
+                .as_bytes(),
+            );
+        }
+        if memory == MEMORY_USERPTR {
+            payload.extend_from_slice(scattered_sg(userptr_base(0, 0), 4096)[0].as_bytes());
+        }
+        g.ioctl_raw(s, VIDIOC_QBUF.nr().into(), &payload, 4096).0
+    };
+    report.check(
+        &format!("{tag}: QBUF of index {count} (not allocated) gets EINVAL"),
+        beyond == libc::EINVAL as u32,
+        beyond,
+    );
     let queued: Vec<u32> = (0..count).map(|i| qbuf(g, i)).collect();
     report.check(
         &format!("{tag}: QBUF {count} buffers"),
@@ -772,6 +802,34 @@ fn malformed(g: &mut Guest, s: u32, buf_type: u32, tag: &str, report: &mut Repor
         "USERPTR SG list outside guest memory",
         Some(st),
         Some(einval),
+    ));
+    // A control payload larger than the proxy copies (512 MiB): refused before any
+    // host memory is allocated.
+    let hdr = V4l2ExtControls {
+        which: CTRL_WHICH_CUR_VAL,
+        count: 1,
+        ..Default::default()
+    };
+    let c = V4l2ExtControl {
+        id: CID_BRIGHTNESS,
+        size: 512 << 20,
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&hdr);
+    payload.extend_from_slice(c.as_bytes());
+    payload.extend_from_slice(
+        SgEntry {
+            start: 0,
+            len: 512 << 20,
+            reserved: 0,
+        }
+        .as_bytes(),
+    );
+    let (st, _) = g.ioctl_raw(s, VIDIOC_G_EXT_CTRLS.nr().into(), &payload, 4096);
+    results.push((
+        "a 512 MiB control payload",
+        Some(st),
+        Some(libc::ENOMEM as u32),
     ));
     // An unknown command and an unknown ioctl.
     let r = g.raw(&[0x77, 0, 0, 0, 0, 0, 0, 0], 64);
