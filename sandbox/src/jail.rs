@@ -183,6 +183,8 @@ struct Bind {
     src: PathBuf,
     dst: PathBuf,
     writable: bool,
+    /// A device node that must stay openable (no `nodev`).
+    device: bool,
 }
 
 /// An rlimit to set in the child.
@@ -323,6 +325,22 @@ impl Jail {
             src: src.into(),
             dst: dst.into(),
             writable,
+            device: false,
+        });
+        self.pivot_root_tmpfs()
+    }
+
+    /// Bind-mounts the device node `path` read-write at the same path in the new root,
+    /// nosuid but *not* nodev, so that the jailed process can open it (a V4L2 node for
+    /// the media proxy). Opening still needs the node's permissions for the jail's uid
+    /// outside the user namespace. Implies [`Jail::pivot_root_tmpfs`].
+    pub fn bind_device(mut self, path: impl Into<PathBuf>) -> Jail {
+        let path = path.into();
+        self.binds.push(Bind {
+            src: path.clone(),
+            dst: path,
+            writable: true,
+            device: true,
         });
         self.pivot_root_tmpfs()
     }
@@ -499,6 +517,7 @@ pub(crate) struct PreparedBind {
     target: CString,
     is_file: bool,
     writable: bool,
+    device: bool,
 }
 
 fn cstring(p: &Path) -> Result<CString, JailError> {
@@ -544,6 +563,7 @@ fn prepare_bind(b: &Bind) -> Result<PreparedBind, JailError> {
         target: cstring(&rel)?,
         is_file: !meta.is_dir(),
         writable: b.writable,
+        device: b.device,
     })
 }
 
@@ -852,7 +872,10 @@ impl Prepared {
             };
             check(Step::BindClone, fd)?;
             clones[i] = fd as RawFd;
-            let mut attr_set: u64 = 0x2 | 0x4; // MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+            let mut attr_set: u64 = 0x2; // MOUNT_ATTR_NOSUID
+            if !b.device {
+                attr_set |= 0x4; // MOUNT_ATTR_NODEV
+            }
             if !b.writable {
                 attr_set |= 0x1; // MOUNT_ATTR_RDONLY
             }
@@ -1029,6 +1052,7 @@ mod tests {
             src: "/etc".into(),
             dst: "/a/b/etc".into(),
             writable: false,
+            device: false,
         })
         .unwrap();
         assert_eq!(b.dirs, vec![c"a".to_owned(), c"a/b".to_owned()]);
@@ -1039,6 +1063,7 @@ mod tests {
                 src: "/etc".into(),
                 dst: bad.into(),
                 writable: false,
+                device: false,
             })
             .unwrap_err();
             assert!(matches!(err, JailError::BindTarget { .. }), "{bad}: {err}");
@@ -1047,6 +1072,7 @@ mod tests {
             src: "/does/not/exist".into(),
             dst: "/x".into(),
             writable: false,
+            device: false,
         })
         .unwrap_err();
         assert!(matches!(err, JailError::BindSource { .. }));

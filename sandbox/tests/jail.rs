@@ -303,6 +303,32 @@ fn pivot_root_with_binds() -> Result<(), String> {
     Ok(())
 }
 
+// ---- device nodes
+
+fn probe_dev_null() -> String {
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .map(drop)
+        .map_err(|e| e.raw_os_error());
+    format!("open={r:?}")
+}
+
+/// `bind_device` keeps a device node openable; an ordinary bind of the same node is
+/// `nodev` (EACCES on open).
+fn bind_device_node() -> Result<(), String> {
+    let dev = Jail::new().user_namespace().bind_device("/dev/null");
+    expect_report(&dev, probe_dev_null, "open=Ok(())")?;
+    let plain = Jail::new()
+        .user_namespace()
+        .bind("/dev/null", "/dev/null", true);
+    expect_report(
+        &plain,
+        probe_dev_null,
+        &format!("open=Err(Some({}))", libc::EACCES),
+    )
+}
+
 // ---- no_new_privs
 
 fn probe_nnp() -> String {
@@ -637,6 +663,7 @@ fn main() {
         ("net_namespace", net_namespace),
         ("uts_ipc_cgroup_namespaces", uts_ipc_cgroup_namespaces),
         ("pivot_root_with_binds", pivot_root_with_binds),
+        ("bind_device_node", bind_device_node),
         ("no_new_privs", no_new_privs),
         ("seccomp_kill", seccomp_kill),
         ("seccomp_errno_and_log", seccomp_errno_and_log),

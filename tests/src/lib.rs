@@ -33,6 +33,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use zerocopy::{FromBytes, IntoBytes};
 
+pub mod media;
+
 /// Guest memory as the device sees it.
 pub type Mem = Arc<GuestMemoryMmap>;
 

@@ -10,377 +10,41 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
-use std::os::fd::BorrowedFd;
-use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use outboard_devices::media::camera::{
     decode_frame_number, frame_layout, plane_layout, render_frame, render_planes, Adjust,
     SoftwareCamera, DEVICE_CAPS, DEVICE_CAPS_MPLANE,
 };
-use outboard_devices::media::device::VirtioMedia;
 use outboard_devices::media::v4l2::*;
-use outboard_devices::media::{EventBuffer, GuestMemoryRegions, HostMemoryMapper};
-use outboard_devices::virtio::VirtioDevice;
-use outboard_glue::rust_vmm::{boxed_queues, RustVmmMemory};
+use outboard_devices::media::{EventBuffer, GuestMemoryRegions};
+use std::time::Duration;
+
 use outboard_protocol::media::{
-    CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MediaConfig, MmapCmd, MmapResp, MunmapCmd, OpenResp,
-    RespHeader, SgEntry, VirtioObjectId, EVENT_DQBUF, EVENT_EVENT, MMAP_FLAG_RW,
+    CmdHeader, MediaCmd, MediaConfig, RespHeader, SgEntry, VirtioObjectId,
 };
 use outboard_protocol::v4l2::V4l2Ioctl;
-use outboard_tests::{guest_memory, CountingInterrupt, DriverQueue, Mem};
-use vm_memory::{Bytes, GuestAddress};
-use zerocopy::{FromBytes, Immutable, IntoBytes};
-
-const T: Duration = Duration::from_secs(5);
-const CMD_Q: u64 = 0x1000;
-const EVT_Q: u64 = 0x2_0000;
-const REQ: u64 = 0x10_0000;
-const RESP: u64 = 0x18_0000;
-const EVT_BUFS: u64 = 0x20_0000;
-const EVT_BUF_SIZE: u32 = 1024;
-const EVT_BUF_COUNT: u64 = 16;
-/// Region 0 ends at 48 MiB: USERPTR pages are placed on both sides of it.
-const REGION_END: u64 = 48 << 20;
-const SHM_BASE: u64 = 0x1_0000_0000;
-
-/// The shared memory region: remembers which fd is mapped where, so the test reads
-/// what the guest would see at that offset.
-#[derive(Clone, Default)]
-struct TestShm(Arc<Mutex<TestShmInner>>);
-
-#[derive(Default)]
-struct TestShmInner {
-    next: u64,
-    maps: BTreeMap<u64, (File, u64)>,
-}
-
-impl HostMemoryMapper for TestShm {
-    fn add_mapping(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        len: u64,
-        offset: u64,
-        _rw: bool,
-    ) -> Result<u64, i32> {
-        assert_eq!(len % 4096, 0, "unaligned mapping length {len:#x}");
-        assert_eq!(offset % 4096, 0);
-        let file = File::from(fd.try_clone_to_owned().map_err(|_| libc::EIO)?);
-        assert!(
-            file.metadata().unwrap().len() >= len,
-            "backing fd smaller than the mapping"
-        );
-        let mut s = self.0.lock().unwrap();
-        let addr = s.next;
-        s.next += len;
-        s.maps.insert(addr, (file, len));
-        Ok(addr)
-    }
-
-    fn remove_mapping(&mut self, shm_offset: u64) -> Result<(), i32> {
-        self.0
-            .lock()
-            .unwrap()
-            .maps
-            .remove(&shm_offset)
-            .map(|_| ())
-            .ok_or(libc::EINVAL)
-    }
-}
-
-impl TestShm {
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let s = self.0.lock().unwrap();
-        let (file, size) = &s.maps[&addr];
-        assert!(len as u64 <= *size);
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, 0).unwrap();
-        buf
-    }
-
-    fn count(&self) -> usize {
-        self.0.lock().unwrap().maps.len()
-    }
-}
+use outboard_tests::media::{bytes_of, scattered_sg, Dequeued, TestShm, REGION_END};
+use zerocopy::{FromBytes, IntoBytes};
 
 type Camera = SoftwareCamera<EventBuffer, TestShm, GuestMemoryRegions>;
+type MediaGuest = outboard_tests::media::MediaGuest<Camera>;
 
-/// A dequeued buffer as the guest saw it in a DQBUF event.
-struct Dequeued {
-    session: u32,
-    buffer: V4l2Buffer,
-    /// The planes of a multi-planar buffer.
-    planes: Vec<V4l2Plane>,
+fn camera_guest() -> MediaGuest {
+    MediaGuest::new(
+        MediaConfig::new(DEVICE_CAPS, 0, "camera"),
+        SoftwareCamera::new,
+    )
 }
 
-/// The simulated guest driver.
-struct MediaGuest {
-    mem: Mem,
-    dev: VirtioMedia<Camera>,
-    cmdq: DriverQueue,
-    evq: DriverQueue,
-    shm: TestShm,
-    dqbufs: VecDeque<Dequeued>,
-    v4l2_events: VecDeque<(u32, V4l2Event)>,
-    error_events: Vec<(u32, u32)>,
+/// A guest of the multi-planar camera.
+fn mplane_camera_guest() -> MediaGuest {
+    MediaGuest::new(
+        MediaConfig::new(DEVICE_CAPS_MPLANE, 0, "camera"),
+        SoftwareCamera::new_mplane,
+    )
 }
 
-fn bytes_of<T: IntoBytes + Immutable>(v: &T) -> Vec<u8> {
-    v.as_bytes().to_vec()
-}
-
-impl MediaGuest {
-    fn new() -> MediaGuest {
-        Self::with_camera(false)
-    }
-
-    /// A guest of the multi-planar camera.
-    fn new_mplane() -> MediaGuest {
-        Self::with_camera(true)
-    }
-
-    fn with_camera(mplane: bool) -> MediaGuest {
-        let mem = guest_memory();
-        let shm = TestShm(Arc::new(Mutex::new(TestShmInner {
-            next: SHM_BASE,
-            maps: BTreeMap::new(),
-        })));
-        let events = EventBuffer::new();
-        let guest = GuestMemoryRegions(Arc::new(RustVmmMemory::new(mem.clone())));
-        let camera = if mplane {
-            SoftwareCamera::new_mplane(events.clone(), shm.clone(), guest)
-        } else {
-            SoftwareCamera::new(events.clone(), shm.clone(), guest)
-        };
-        let caps = camera.device_caps();
-        assert_eq!(
-            caps,
-            if mplane {
-                DEVICE_CAPS_MPLANE
-            } else {
-                DEVICE_CAPS
-            }
-        );
-        let config = MediaConfig::new(caps, 0, "camera");
-        let mut dev = VirtioMedia::new(camera, events, config).unwrap();
-        let cmdq = DriverQueue::new(CMD_Q, 64);
-        let mut evq = DriverQueue::new(EVT_Q, 64);
-        let queues = vec![
-            cmdq.device_queue(&mem, false),
-            evq.device_queue(&mem, false),
-        ];
-        dev.activate(
-            boxed_queues(queues, &mem),
-            Arc::new(CountingInterrupt::default()),
-        )
-        .unwrap();
-        for i in 0..EVT_BUF_COUNT {
-            evq.add(
-                &mem,
-                &[(EVT_BUFS + i * u64::from(EVT_BUF_SIZE), EVT_BUF_SIZE, true)],
-            )
-            .unwrap();
-        }
-        dev.handle_queue(1);
-        let mut cfg = [0u8; 40];
-        dev.read_config(0, &mut cfg);
-        assert_eq!(&cfg[..4], &caps.to_le_bytes());
-        MediaGuest {
-            mem,
-            dev,
-            cmdq,
-            evq,
-            shm,
-            dqbufs: VecDeque::new(),
-            v4l2_events: VecDeque::new(),
-            error_events: Vec::new(),
-        }
-    }
-
-    /// Sends a raw command: the request split in two readable descriptors (header, rest)
-    /// and a writable response buffer of `resp_len`. Returns the written bytes.
-    fn raw(&mut self, req: &[u8], resp_len: u32) -> Vec<u8> {
-        self.mem.write_slice(req, GuestAddress(REQ)).unwrap();
-        let mut bufs = Vec::new();
-        let split = req.len().min(8);
-        bufs.push((REQ, split as u32, false));
-        if req.len() > split {
-            bufs.push((REQ + 0x100, (req.len() - split) as u32, false));
-            self.mem
-                .write_slice(&req[split..], GuestAddress(REQ + 0x100))
-                .unwrap();
-        }
-        if resp_len > 0 {
-            bufs.push((RESP, resp_len, true));
-        }
-        let head = self.cmdq.add(&self.mem, &bufs).unwrap();
-        self.dev.handle_queue(0);
-        let (used, len) = self.cmdq.pop_used(&self.mem).expect("no response");
-        assert_eq!(used, head);
-        assert!(len <= resp_len);
-        let mut out = vec![0u8; len as usize];
-        self.mem.read_slice(&mut out, GuestAddress(RESP)).unwrap();
-        out
-    }
-
-    fn open(&mut self) -> u32 {
-        let r = self.raw(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
-        let resp = OpenResp::read_from_bytes(&r).unwrap();
-        assert_eq!(resp.hdr.status, 0);
-        resp.session_id
-    }
-
-    fn close(&mut self, session: u32) {
-        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Close));
-        req.extend_from_slice(
-            CloseCmd {
-                session_id: session,
-                reserved: 0,
-            }
-            .as_bytes(),
-        );
-        // CLOSE has no response: the device returns the chain with nothing written.
-        assert!(self.raw(&req, 16).is_empty());
-    }
-
-    /// Runs an ioctl; returns the status and the payload after the response header.
-    fn ioctl_raw(
-        &mut self,
-        session: u32,
-        code: u32,
-        payload: &[u8],
-        resp_len: u32,
-    ) -> (u32, Vec<u8>) {
-        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Ioctl));
-        req.extend_from_slice(
-            IoctlCmd {
-                session_id: session,
-                code,
-            }
-            .as_bytes(),
-        );
-        req.extend_from_slice(payload);
-        let r = self.raw(&req, resp_len);
-        let hdr = RespHeader::read_from_prefix(&r).unwrap().0;
-        (hdr.status, r[8..].to_vec())
-    }
-
-    /// Runs an ioctl whose answer is a `T`.
-    fn ioctl<I: IntoBytes + Immutable, O: FromBytes>(
-        &mut self,
-        session: u32,
-        ioctl: V4l2Ioctl,
-        arg: &I,
-    ) -> Result<O, u32> {
-        let (status, out) = self.ioctl_raw(session, ioctl.nr().into(), arg.as_bytes(), 4096);
-        if status != 0 {
-            assert!(out.is_empty());
-            return Err(status);
-        }
-        Ok(O::read_from_prefix(&out).unwrap().0)
-    }
-
-    fn ioctl_void<I: IntoBytes + Immutable>(
-        &mut self,
-        session: u32,
-        ioctl: V4l2Ioctl,
-        arg: &I,
-    ) -> Result<(), u32> {
-        let (status, _) = self.ioctl_raw(session, ioctl.nr().into(), arg.as_bytes(), 4096);
-        if status != 0 {
-            return Err(status);
-        }
-        Ok(())
-    }
-
-    fn mmap(&mut self, session: u32, offset: u32) -> Result<(u64, u64), u32> {
-        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Mmap));
-        req.extend_from_slice(
-            MmapCmd {
-                session_id: session,
-                flags: MMAP_FLAG_RW,
-                offset,
-            }
-            .as_bytes(),
-        );
-        let r = self.raw(&req, 64);
-        let hdr = RespHeader::read_from_prefix(&r).unwrap().0;
-        if hdr.status != 0 {
-            return Err(hdr.status);
-        }
-        let m = MmapResp::read_from_bytes(&r).unwrap();
-        Ok((m.driver_addr, m.len))
-    }
-
-    fn munmap(&mut self, addr: u64) -> u32 {
-        let mut req = bytes_of(&CmdHeader::new(MediaCmd::Munmap));
-        req.extend_from_slice(MunmapCmd { driver_addr: addr }.as_bytes());
-        let r = self.raw(&req, 64);
-        RespHeader::read_from_bytes(&r).unwrap().status
-    }
-
-    /// Lets the device run its session timers and collects events until `cond` holds.
-    fn pump_until(&mut self, mut cond: impl FnMut(&MediaGuest) -> bool) -> bool {
-        let start = Instant::now();
-        loop {
-            self.dev.handle_event();
-            while let Some((head, len)) = self.evq.pop_used(&self.mem) {
-                self.take_event(head, len);
-            }
-            if cond(self) {
-                return true;
-            }
-            if start.elapsed() > T {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn take_event(&mut self, head: u16, len: u32) {
-        // Each event buffer is a single descriptor: its address is in the table.
-        let desc_at = GuestAddress(EVT_Q + 16 * u64::from(head));
-        let addr: u64 = self.mem.read_obj(desc_at).unwrap();
-        let mut buf = vec![0u8; len as usize];
-        self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-        let kind = u32::from_le_bytes(buf[0..4].try_into().unwrap());
-        let session = u32::from_le_bytes(buf[4..8].try_into().unwrap());
-        match kind {
-            EVENT_DQBUF => {
-                assert_eq!(len, 608);
-                let buffer = V4l2Buffer::read_from_prefix(&buf[8..]).unwrap().0;
-                let mut planes = Vec::new();
-                if is_multiplanar(buffer.type_) {
-                    for i in 0..buffer.length as usize {
-                        let at = 8 + 88 + i * 64;
-                        planes.push(V4l2Plane::read_from_prefix(&buf[at..]).unwrap().0);
-                    }
-                }
-                self.dqbufs.push_back(Dequeued {
-                    session,
-                    buffer,
-                    planes,
-                });
-            }
-            EVENT_EVENT => {
-                assert_eq!(len, 144);
-                let ev = V4l2Event::read_from_prefix(&buf[8..]).unwrap().0;
-                self.v4l2_events.push_back((session, ev));
-            }
-            _ => {
-                let errno = u32::from_le_bytes(buf[8..12].try_into().unwrap());
-                self.error_events.push((session, errno));
-            }
-        }
-        // Give the buffer back.
-        self.evq
-            .add(&self.mem, &[(addr, EVT_BUF_SIZE, true)])
-            .unwrap();
-        self.dev.handle_queue(1);
-    }
+fn read_sg(g: &MediaGuest, sgs: &[SgEntry]) -> Vec<u8> {
+    g.read_sg(sgs)
 }
 
 fn fmt_req(fourcc: u32, w: u32, h: u32) -> V4l2Format {
@@ -546,7 +210,7 @@ fn enumerate_and_configure(
 #[test]
 fn mmap_capture_flow() {
     use V4l2Ioctl::*;
-    let mut g = MediaGuest::new();
+    let mut g = camera_guest();
     let s = g.open();
     assert_eq!(s, 0);
     let pix = enumerate_and_configure(&mut g, s, PIX_FMT_NV12, 320, 240);
@@ -725,33 +389,6 @@ fn mmap_capture_flow() {
     assert_eq!(g.open(), 0);
 }
 
-/// Page-granular SG entries for a buffer of `len` bytes, pages in reverse order and
-/// straddling the end of the first guest memory region.
-fn scattered_sg(base_page: u64, len: u32) -> Vec<SgEntry> {
-    let pages = u64::from(len).div_ceil(4096);
-    (0..pages)
-        .rev()
-        .map(|i| {
-            let remaining = u64::from(len) - (pages - 1 - i) * 4096;
-            SgEntry {
-                start: base_page + i * 2 * 4096,
-                len: remaining.min(4096) as u32,
-                reserved: 0,
-            }
-        })
-        .collect()
-}
-
-fn read_sg(g: &MediaGuest, sgs: &[SgEntry]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for sg in sgs {
-        let mut buf = vec![0u8; sg.len as usize];
-        g.mem.read_slice(&mut buf, GuestAddress(sg.start)).unwrap();
-        out.extend_from_slice(&buf);
-    }
-    out
-}
-
 fn qbuf_userptr(
     g: &mut MediaGuest,
     s: u32,
@@ -777,7 +414,7 @@ fn qbuf_userptr(
 #[test]
 fn format_is_global_and_the_queue_has_one_owner() {
     use V4l2Ioctl::*;
-    let mut g = MediaGuest::new();
+    let mut g = camera_guest();
     let a = g.open();
     let b = g.open();
     let set: V4l2Format = g
@@ -833,7 +470,7 @@ fn format_is_global_and_the_queue_has_one_owner() {
 #[test]
 fn userptr_capture_flow() {
     use V4l2Ioctl::*;
-    let mut g = MediaGuest::new();
+    let mut g = camera_guest();
     let s = g.open();
     let pix = enumerate_and_configure(&mut g, s, PIX_FMT_YUYV, 320, 240);
     let req = V4l2Requestbuffers {
@@ -939,7 +576,7 @@ fn check_planes(fourcc: u32, d: &Dequeued, data: &[Vec<u8>], last_seq: &mut Opti
 #[test]
 fn mplane_capture_flow() {
     use V4l2Ioctl::*;
-    let mut g = MediaGuest::new_mplane();
+    let mut g = mplane_camera_guest();
     let s = g.open();
     // Only the multi-planar type is served.
     let single = V4l2Fmtdesc {
@@ -1143,7 +780,7 @@ fn mplane_capture_flow() {
 #[test]
 fn controls_and_events() {
     use V4l2Ioctl::*;
-    let mut g = MediaGuest::new();
+    let mut g = camera_guest();
     let s = g.open();
     // Enumerate controls with NEXT_CTRL.
     let mut ids = Vec::new();
@@ -1332,7 +969,7 @@ fn dmabuf_buffer(index: u32, planes: u32, ids: u32) -> Vec<u8> {
 fn dmabuf_memory_is_refused_and_the_session_keeps_working() {
     use V4l2Ioctl::*;
     let einval = libc::EINVAL as u32;
-    let mut g = MediaGuest::new();
+    let mut g = camera_guest();
     let s = g.open();
     let pix: V4l2Format = g
         .ioctl(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 320, 240))
@@ -1438,7 +1075,7 @@ fn dmabuf_memory_is_refused_and_the_session_keeps_working() {
 #[test]
 fn malformed_input_gets_error_responses() {
     use V4l2Ioctl::*;
-    let mut g = MediaGuest::new();
+    let mut g = camera_guest();
     let s = g.open();
     let einval = libc::EINVAL as u32;
     let enotty = libc::ENOTTY as u32;

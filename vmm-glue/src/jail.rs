@@ -43,7 +43,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -173,9 +173,32 @@ impl FromStr for SeccompMode {
 /// capabilities, rlimits, and the seccomp allow-list [`CHILD_SYSCALLS`] +
 /// [`WORKER_SYSCALLS`] with `mode` as its default action.
 pub fn worker_jail(writable_dirs: &[PathBuf], mode: SeccompMode) -> Result<Jail, JailError> {
+    jail_with(writable_dirs, &[], mode)
+}
+
+/// What a V4L2 proxy worker does beyond [`WORKER_SYSCALLS`]: it opens the host node
+/// once per session. Its ioctls (formats, buffers, `VIDIOC_EXPBUF`, events), epoll and
+/// memory calls are in the worker list already.
+pub const V4L2_PROXY_SYSCALLS: &[i64] = &[libc::SYS_openat];
+
+/// The jail of a V4L2 proxy worker: [`worker_jail`] without writable directories, with
+/// the host node `device` (and nothing else of `/dev`) bound openable
+/// ([`Jail::bind_device`]) and [`V4L2_PROXY_SYSCALLS`] allowed. The node must be
+/// readable and writable by the worker's uid outside the jail (65534 when the daemon
+/// runs as root).
+pub fn v4l2_proxy_jail(device: &Path, mode: SeccompMode) -> Result<Jail, JailError> {
+    Ok(jail_with(&[], V4L2_PROXY_SYSCALLS, mode)?.bind_device(device))
+}
+
+fn jail_with(
+    writable_dirs: &[PathBuf],
+    extra_syscalls: &[i64],
+    mode: SeccompMode,
+) -> Result<Jail, JailError> {
     let mut syscalls: Vec<i64> = CHILD_SYSCALLS
         .iter()
         .chain(WORKER_SYSCALLS)
+        .chain(extra_syscalls)
         .copied()
         .collect();
     syscalls.sort_unstable();
@@ -343,7 +366,11 @@ mod tests {
     fn the_worker_jail_compiles_its_policy() {
         for mode in [SeccompMode::Kill, SeccompMode::Errno, SeccompMode::Log] {
             assert!(worker_jail(&[PathBuf::from("/tmp")], mode).is_ok());
+            assert!(v4l2_proxy_jail(Path::new("/dev/null"), mode).is_ok());
         }
+        // The plain worker cannot open files; the proxy worker can.
+        assert!(!WORKER_SYSCALLS.contains(&libc::SYS_openat));
+        assert!(V4L2_PROXY_SYSCALLS.contains(&libc::SYS_openat));
     }
 
     #[test]

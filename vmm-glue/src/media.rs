@@ -1,4 +1,5 @@
-//! virtio-media over vhost-user: the software camera served to a vhost-user front-end.
+//! virtio-media over vhost-user: the software camera or a host V4L2 node served to a
+//! vhost-user front-end.
 //!
 //! The generic daemon serves it ([`daemon::serve_with`]) with the generic
 //! [`DeviceBackend`] configured for what virtio-media needs on top: `GET_SHMEM_CONFIG`
@@ -9,8 +10,9 @@
 //! back-end's ([`media_protocol_features`]). USERPTR buffers are read from the
 //! front-end's memory table ([`SharedGuestMemory`]).
 //!
-//! [`serve_camera`] runs the generic worker loop: one front-end at a time, the device
-//! reset when it leaves.
+//! [`serve_media`] runs the generic worker loop for any [`MediaDevice`]: one front-end
+//! at a time, the device reset when it leaves. [`serve_camera`] serves the software
+//! camera, `serve_v4l2_proxy` (feature `v4l2-proxy`) a host V4L2 node.
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
@@ -20,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME};
 use outboard_devices::media::device::VirtioMedia;
 use outboard_devices::media::{
-    page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper,
+    page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper, MediaDevice,
 };
 use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError};
 use outboard_protocol::media::{MediaConfig, SHMID_MMAP};
@@ -157,6 +159,45 @@ impl GuestMemoryAccess for SharedGuestMemory {
 /// The camera device served over vhost-user.
 pub type CameraDevice = VirtioMedia<SoftwareCamera<EventBuffer, ShmemMapper, GuestMemoryRegions>>;
 
+/// Builds a media device with a shared memory region of `shm_size` bytes: `make` gets
+/// the event buffer, the shared memory mapper and the guest memory handle and returns
+/// the device and its config space. Returns the device, its back-end channel slot and
+/// its guest memory handle.
+pub fn media_device<D: MediaDevice>(
+    shm_size: u64,
+    make: impl FnOnce(EventBuffer, ShmemMapper, GuestMemoryRegions) -> (D, MediaConfig),
+) -> std::io::Result<(VirtioMedia<D>, Channel, SharedGuestMemory)> {
+    let channel: Channel = Arc::new(Mutex::new(None));
+    let guest = SharedGuestMemory::default();
+    let events = EventBuffer::new();
+    let (device, config) = make(
+        events.clone(),
+        ShmemMapper::new(channel.clone(), shm_size),
+        GuestMemoryRegions(Arc::new(guest.clone())),
+    );
+    Ok((VirtioMedia::new(device, events, config)?, channel, guest))
+}
+
+/// The software camera (multi-planar if `mplane`) and its config space, which
+/// advertises only the buffer type the camera serves.
+fn camera(
+    mplane: bool,
+    events: EventBuffer,
+    host: ShmemMapper,
+    guest: GuestMemoryRegions,
+) -> (
+    SoftwareCamera<EventBuffer, ShmemMapper, GuestMemoryRegions>,
+    MediaConfig,
+) {
+    let camera = if mplane {
+        SoftwareCamera::new_mplane(events, host, guest)
+    } else {
+        SoftwareCamera::new(events, host, guest)
+    };
+    let config = MediaConfig::new(camera.device_caps(), 0, CARD_NAME);
+    (camera, config)
+}
+
 /// Builds the software camera (multi-planar if `mplane`) with a shared memory region of
 /// `shm_size` bytes; returns the device, its back-end channel slot and its guest memory
 /// handle.
@@ -164,19 +205,39 @@ pub fn camera_device(
     shm_size: u64,
     mplane: bool,
 ) -> std::io::Result<(CameraDevice, Channel, SharedGuestMemory)> {
-    let channel: Channel = Arc::new(Mutex::new(None));
-    let guest = SharedGuestMemory::default();
-    let events = EventBuffer::new();
-    let host = ShmemMapper::new(channel.clone(), shm_size);
-    let memory = GuestMemoryRegions(Arc::new(guest.clone()));
-    let camera = if mplane {
-        SoftwareCamera::new_mplane(events.clone(), host, memory)
-    } else {
-        SoftwareCamera::new(events.clone(), host, memory)
-    };
-    // The config space advertises only the buffer type the camera serves.
-    let config = MediaConfig::new(camera.device_caps(), 0, CARD_NAME);
-    Ok((VirtioMedia::new(camera, events, config)?, channel, guest))
+    media_device(shm_size, |events, host, guest| {
+        camera(mplane, events, host, guest)
+    })
+}
+
+/// Serves a media device built by [`media_device`] to one front-end at a time on
+/// `listener` until `stop` is signalled, with a shared memory region of `shm_size`
+/// bytes (rounded up to pages).
+pub fn serve_media<D: MediaDevice>(
+    listener: UnixListener,
+    shm_size: u64,
+    stop: &EventFd,
+    name: &str,
+    make: impl FnOnce(EventBuffer, ShmemMapper, GuestMemoryRegions) -> (D, MediaConfig),
+) -> Result<(), WorkerError> {
+    let (device, channel, guest) = media_device(shm_size, make).map_err(WorkerError::Epoll)?;
+    let mut sizes = vec![0u64; usize::from(SHMID_MMAP) + 1];
+    sizes[usize::from(SHMID_MMAP)] = page_align(shm_size).unwrap_or(shm_size & !4095);
+    daemon::serve_with(
+        device,
+        listener,
+        256,
+        stop,
+        name,
+        |backend: DeviceBackend<_>| {
+            guest.set(backend.memory().clone());
+            backend
+                .with_protocol_features(media_protocol_features())
+                .with_shmem_regions(sizes)
+                .with_channel(channel)
+        },
+    )
+    .map(drop)
 }
 
 /// Serves the single-planar software camera to one front-end at a time on `listener`
@@ -199,24 +260,26 @@ pub fn serve_camera_with(
     stop: &EventFd,
     name: &str,
 ) -> Result<(), WorkerError> {
-    let (device, channel, guest) = camera_device(shm_size, mplane).map_err(WorkerError::Epoll)?;
-    let mut sizes = vec![0u64; usize::from(SHMID_MMAP) + 1];
-    sizes[usize::from(SHMID_MMAP)] = page_align(shm_size).unwrap_or(shm_size & !4095);
-    daemon::serve_with(
-        device,
-        listener,
-        256,
-        stop,
-        name,
-        |backend: DeviceBackend<_>| {
-            guest.set(backend.memory().clone());
-            backend
-                .with_protocol_features(media_protocol_features())
-                .with_shmem_regions(sizes)
-                .with_channel(channel)
-        },
-    )
-    .map(drop)
+    serve_media(listener, shm_size, stop, name, |events, host, guest| {
+        camera(mplane, events, host, guest)
+    })
+}
+
+/// Serves the host V4L2 node `node` through the V4L2 proxy (feature `v4l2-proxy`): the
+/// guest sees the node's card name and device capabilities.
+#[cfg(feature = "v4l2-proxy")]
+pub fn serve_v4l2_proxy(
+    listener: UnixListener,
+    node: outboard_devices::media::proxy::HostNode,
+    shm_size: u64,
+    stop: &EventFd,
+    name: &str,
+) -> Result<(), WorkerError> {
+    use outboard_devices::media::proxy::V4l2Proxy;
+    serve_media(listener, shm_size, stop, name, |events, host, guest| {
+        let config = MediaConfig::new(node.device_caps, 0, &node.card);
+        (V4l2Proxy::new(node, events, host, guest), config)
+    })
 }
 
 #[cfg(test)]

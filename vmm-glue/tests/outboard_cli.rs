@@ -59,6 +59,49 @@ fn bad_input_exits_2_and_names_the_value() {
 }
 
 #[test]
+fn media_source_errors_exit_2_and_name_the_value() {
+    let e = usage_error(&["media", "--socket-path", "/tmp/x"]);
+    assert!(
+        e.contains("exactly one of --camera and --v4l2-device"),
+        "{e}"
+    );
+    let e = usage_error(&[
+        "media",
+        "--socket-path",
+        "/tmp/x",
+        "--camera",
+        "--v4l2-device",
+        "/dev/video0",
+    ]);
+    assert!(
+        e.contains("exactly one of --camera and --v4l2-device"),
+        "{e}"
+    );
+    let e = usage_error(&[
+        "media",
+        "--socket-path",
+        "/tmp/x",
+        "--v4l2-device",
+        "/nonexistent/video9",
+    ]);
+    assert!(e.contains("/nonexistent/video9"), "{e}");
+    if cfg!(feature = "v4l2-proxy") {
+        assert!(e.contains("cannot open"), "{e}");
+        // A file that is not a V4L2 node.
+        let e = usage_error(&[
+            "media",
+            "--socket-path",
+            "/tmp/x",
+            "--v4l2-device",
+            "/dev/null",
+        ]);
+        assert!(e.contains("/dev/null: not a V4L2 device"), "{e}");
+    } else {
+        assert!(e.contains("built without the `v4l2-proxy` feature"), "{e}");
+    }
+}
+
+#[test]
 fn prints_capabilities() {
     let out = outboard()
         .args(["vsock", "--print-capabilities"])

@@ -9,12 +9,19 @@
 //! - `cargo xtask bench-e2e`: the e2e harness once per back-end, with a comparison table.
 //! - `cargo xtask media-compliance`: v4l2-compliance against the software camera (both
 //!   modes) through the `outboard-v4l2-shim` guest-driver stand-in.
+//! - `cargo xtask media-e2e`: the V4L2 proxy against vivid in a QEMU guest.
+//! - `cargo xtask media-deps`: installs what building v4l2r (feature `v4l2-proxy`) needs
+//!   and prints the directory to export as `V4L2R_VIDEODEV2_H_PATH`.
+//!
+//! `ci` runs the media-deps step first and passes `V4L2R_VIDEODEV2_H_PATH` to every step:
+//! the `--all-features` builds include the V4L2 proxy.
 
 mod bench;
 mod compliance;
 mod demo;
 mod e2e;
 mod host;
+mod media_e2e;
 mod qmp;
 mod setup;
 mod util;
@@ -92,6 +99,8 @@ fn ci_steps() -> Vec<Step> {
         .env("RUSTDOCFLAGS", "-D warnings"),
         // A real Linux guest under QEMU talking vsock through `outboard vsock`.
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
+        // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
+        Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]),
     ]
 }
 
@@ -196,13 +205,47 @@ commands:
   demo [--backend B]     boot the guest and talk to a shell in it over vsock
   bench-e2e              compare outboard with vhost-device-vsock 0.3.0
   media-compliance       v4l2-compliance against the software camera (single- and
-                         multi-planar) through the guest-driver shim";
+                         multi-planar) through the guest-driver shim
+  media-e2e              boot a guest with vivid and check the V4L2 proxy over it
+  media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
+                         prints the directory for V4L2R_VIDEODEV2_H_PATH";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let release = args.iter().any(|a| a == "--release");
     match args.first().map(String::as_str) {
-        Some("ci") => run_steps(ci_steps()),
+        Some("ci") => match setup::ensure_media_deps(&setup::cache_dir().join("media-deps")) {
+            Ok(include) => {
+                println!(
+                    "==> media deps: V4L2R_VIDEODEV2_H_PATH={}",
+                    include.display()
+                );
+                // Every step (a child process) inherits it.
+                std::env::set_var("V4L2R_VIDEODEV2_H_PATH", &include);
+                run_steps(ci_steps())
+            }
+            Err(e) => {
+                eprintln!("xtask: media deps (libclang, videodev2.h for v4l2r): {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some("media-e2e") => finish(media_e2e::run()),
+        Some("media-deps") => {
+            let cache = args
+                .get(1)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| setup::cache_dir().join("media-deps"));
+            match setup::ensure_media_deps(&cache) {
+                Ok(include) => {
+                    println!("{}", include.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("xtask: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some("e2e") => finish(
             backend_named(&backend_arg(&args), release)
                 .and_then(|b| e2e::run(b, &e2e::Sizes::from_env())),

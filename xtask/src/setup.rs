@@ -59,7 +59,13 @@ pub fn prepare(cache: &Path) -> Result<Assets> {
     ensure_packages()?;
     let (kernel, modules) = ensure_kernel(cache)?;
     let agent = ensure_agent(cache)?;
-    let initramfs = build_initramfs(cache, &modules, &agent)?;
+    let initramfs = build_initramfs(
+        cache,
+        "initramfs.cpio.gz",
+        INIT,
+        &[("vsock-agent", agent.as_path())],
+        &modules,
+    )?;
     let accel = match std::env::var("OUTBOARD_E2E_ACCEL") {
         Ok(a) => a,
         Err(_) => probe_accel(cache, &kernel, &initramfs),
@@ -75,7 +81,7 @@ pub fn prepare(cache: &Path) -> Result<Assets> {
 /// `kvm` if /dev/kvm is usable and the guest reaches its init under it within 20 s,
 /// else `tcg`. Nested KVM on some hosts cannot run a stock Debian kernel (emulation
 /// failures in the decompressor), hence the probe. The answer is cached per kernel.
-fn probe_accel(cache: &Path, kernel: &Path, initramfs: &Path) -> String {
+pub fn probe_accel(cache: &Path, kernel: &Path, initramfs: &Path) -> String {
     let name = kernel
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -209,7 +215,8 @@ fn debian_mirror() -> Option<String> {
         .map(str::to_string)
 }
 
-fn ensure_packages() -> Result<()> {
+/// Installs QEMU (with vhost-user-vsock), busybox-static and gcc when missing.
+pub fn ensure_packages() -> Result<()> {
     let qemu_ok = have_qemu_with_vhost_user_vsock();
     let busybox_ok = busybox().is_some_and(|b| busybox_is_static(&b));
     let gcc_ok = Command::new("gcc")
@@ -261,8 +268,16 @@ fn ensure_packages() -> Result<()> {
 }
 
 /// Downloads and unpacks the kernel package; returns the vmlinuz and the modules to
-/// load, in load order, as (name, path).
+/// load for vsock, in load order, as (name, path).
 fn ensure_kernel(cache: &Path) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
+    let (kernel, root) = ensure_kernel_package(cache)?;
+    let modules = kernel_modules(&root, ROOT_MODULES)?;
+    Ok((kernel, modules))
+}
+
+/// Downloads and unpacks the kernel package; returns the vmlinuz and the directory the
+/// package is unpacked in (for [`kernel_modules`]).
+pub fn ensure_kernel_package(cache: &Path) -> Result<(PathBuf, PathBuf)> {
     let pin = cache.join("kernel-package");
     let package = match fs::read_to_string(&pin) {
         Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
@@ -355,12 +370,12 @@ fn ensure_kernel(cache: &Path) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
         .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
-    let modules = kernel_modules(&root)?;
-    Ok((kernel, modules))
+    Ok((kernel, root))
 }
 
-/// Finds the vsock modules and everything they depend on, dependencies first.
-fn kernel_modules(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Finds the modules `wanted` of the kernel unpacked in `root` and everything they
+/// depend on, dependencies first.
+pub fn kernel_modules(root: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let base = root.join("lib").join("modules");
     let mut files = BTreeMap::new();
     let mut stack = vec![base.clone()];
@@ -390,7 +405,7 @@ fn kernel_modules(root: &Path) -> Result<Vec<(String, PathBuf)>> {
         .collect();
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
-    for m in ROOT_MODULES {
+    for m in wanted {
         visit(m, &files, &builtin, &mut seen, &mut order, 0)?;
     }
     Ok(order)
@@ -500,8 +515,15 @@ impl Cpio {
     }
 }
 
-/// Writes the initramfs: busybox, /init, the agent and the modules.
-fn build_initramfs(cache: &Path, modules: &[(String, PathBuf)], agent: &Path) -> Result<PathBuf> {
+/// Writes the initramfs `cache/name`: busybox, `init` as /init, the programs `bins`
+/// (name in /bin, host path) and the modules (listed in load order in /modules/order).
+pub fn build_initramfs(
+    cache: &Path,
+    name: &str,
+    init: &str,
+    bins: &[(&str, &Path)],
+    modules: &[(String, PathBuf)],
+) -> Result<PathBuf> {
     let busybox = busybox().ok_or("busybox-static is not installed")?;
     let read = |p: &Path| fs::read(p).map_err(|e| format!("read {}: {e}", p.display()));
     let mut cpio = Cpio {
@@ -512,8 +534,10 @@ fn build_initramfs(cache: &Path, modules: &[(String, PathBuf)], agent: &Path) ->
         cpio.dir(d);
     }
     cpio.file("bin/busybox", &read(&busybox)?);
-    cpio.file("bin/vsock-agent", &read(agent)?);
-    cpio.file("init", INIT.as_bytes());
+    for (bin, path) in bins {
+        cpio.file(&format!("bin/{bin}"), &read(path)?);
+    }
+    cpio.file("init", init.as_bytes());
     let mut order = String::new();
     for (name, path) in modules {
         let file = format!("{name}.ko");
@@ -524,8 +548,8 @@ fn build_initramfs(cache: &Path, modules: &[(String, PathBuf)], agent: &Path) ->
     cpio.file("modules/order", order.as_bytes());
     cpio.entry("TRAILER!!!", 0, &[]);
 
-    let out = cache.join("initramfs.cpio.gz");
-    let tmp = cache.join("initramfs.cpio.gz.tmp");
+    let out = cache.join(name);
+    let tmp = cache.join(format!("{name}.tmp"));
     let file = fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
     let mut gzip = Command::new("gzip")
         .args(["-1", "-n", "-c"])
@@ -609,4 +633,137 @@ pub fn ensure_v4l2_compliance() -> Result<()> {
     } else {
         Err("v4l-utils is installed but v4l2-compliance does not run".into())
     }
+}
+
+/// Whether `include/linux/videodev2.h` is from Linux >= 6.5 (what v4l2r's bindgen run
+/// needs: it names `v4l2_ctrl_av1_film_grain`).
+fn videodev2_ok(include: &Path) -> bool {
+    fs::read_to_string(include.join("linux").join("videodev2.h"))
+        .is_ok_and(|h| h.contains("v4l2_ctrl_av1_film_grain"))
+}
+
+fn have_libclang() -> bool {
+    let dirs = ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"];
+    let mut candidates: Vec<PathBuf> = dirs.iter().map(PathBuf::from).collect();
+    if let Ok(d) = fs::read_dir("/usr/lib") {
+        candidates.extend(
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("llvm-"))
+                })
+                .map(|p| p.join("lib")),
+        );
+    }
+    candidates.iter().any(|dir| {
+        fs::read_dir(dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("libclang.so") || (n.starts_with("libclang-") && n.contains(".so"))
+            })
+        })
+    })
+}
+
+/// What building v4l2r (feature `v4l2-proxy`) needs, the Rust port of
+/// `xtask/media-deps.sh`: libclang for its bindgen run, and a videodev2.h from Linux >=
+/// 6.5. Returns the include directory to pass as `V4L2R_VIDEODEV2_H_PATH`: that
+/// variable's value if it is good already, else the system's headers if they are new
+/// enough, else bookworm-backports' linux-libc-dev unpacked (not installed) into
+/// `cache/root`.
+pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
+    let apt_timeout = Duration::from_secs(900);
+    if !have_libclang() {
+        println!("media-deps: installing libclang-dev");
+        let install = || {
+            run(
+                Command::new("apt-get")
+                    .args([
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        "libclang-dev",
+                    ])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+                apt_timeout,
+            )
+        };
+        if install().is_err() {
+            run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
+            install()?;
+        }
+    }
+    if let Some(dir) = std::env::var_os("V4L2R_VIDEODEV2_H_PATH").map(PathBuf::from) {
+        if videodev2_ok(&dir) {
+            return Ok(dir);
+        }
+    }
+    if videodev2_ok(Path::new("/usr/include")) {
+        return Ok(PathBuf::from("/usr/include"));
+    }
+    let include = cache.join("root").join("usr").join("include");
+    if videodev2_ok(&include) {
+        return Ok(include);
+    }
+    let codename = os_codename();
+    if codename != "bookworm" {
+        return Err(format!(
+            "media-deps: /usr/include/linux/videodev2.h is older than Linux 6.5 on {codename:?}; \
+             install a newer linux-libc-dev or set V4L2R_VIDEODEV2_H_PATH"
+        ));
+    }
+    if !apt_sources_mention("bookworm-backports") {
+        let list = "/etc/apt/sources.list.d/outboard-e2e-backports.list";
+        let mirror =
+            debian_mirror().ok_or("no Debian mirror in /etc/apt to add bookworm-backports from")?;
+        fs::write(list, format!("deb {mirror} bookworm-backports main\n"))
+            .map_err(|e| format!("write {list} (are you root?): {e}"))?;
+        run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
+    }
+    let debs = cache.join("debs");
+    fs::create_dir_all(&debs).map_err(|e| format!("create {}: {e}", debs.display()))?;
+    let _ = fs::set_permissions(&debs, fs::Permissions::from_mode(0o777));
+    let download = || {
+        run(
+            Command::new("apt-get")
+                .args(["download", "-q", "linux-libc-dev/bookworm-backports"])
+                .current_dir(&debs),
+            Duration::from_secs(600),
+        )
+    };
+    if download().is_err() {
+        run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
+        download()?;
+    }
+    let deb = fs::read_dir(&debs)
+        .map_err(|e| format!("read {}: {e}", debs.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("linux-libc-dev_") && n.ends_with(".deb"))
+        })
+        .max()
+        .ok_or_else(|| {
+            format!(
+                "apt-get download left no linux-libc-dev_*.deb in {}",
+                debs.display()
+            )
+        })?;
+    let root = cache.join("root");
+    let _ = fs::remove_dir_all(&root);
+    run(
+        Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+        Duration::from_secs(300),
+    )?;
+    if !videodev2_ok(&include) {
+        return Err(format!(
+            "media-deps: {}/linux/videodev2.h is older than Linux 6.5",
+            include.display()
+        ));
+    }
+    Ok(include)
 }

@@ -17,6 +17,7 @@
 //! - [`v4l2`]: the V4L2 structures in their 64-bit layouts.
 //! - [`memfd`]: page-aligned memfd buffers for MMAP memory.
 //! - [`camera`]: a software capture device producing a deterministic test pattern.
+//! - `proxy` (feature `v4l2-proxy`): forwards every session to a host V4L2 node.
 //! - [`device`]: [`device::VirtioMedia`], a [`crate::virtio::VirtioDevice`] that runs a
 //!   [`MediaDevice`] on the command and event queues.
 //!
@@ -30,6 +31,8 @@ pub mod camera;
 pub mod device;
 pub mod ioctl;
 pub mod memfd;
+#[cfg(feature = "v4l2-proxy")]
+pub mod proxy;
 pub mod runner;
 pub mod v4l2;
 

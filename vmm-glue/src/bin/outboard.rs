@@ -6,7 +6,9 @@
 //! value and exit status 2.
 //!
 //! `outboard media --socket-path PATH --camera` serves the software camera as a
-//! virtio-media device over vhost-user.
+//! virtio-media device over vhost-user; `--v4l2-device /dev/videoN` (feature
+//! `v4l2-proxy`) serves a host V4L2 capture or mem-to-mem node through the V4L2 proxy
+//! instead (with `--jail`, the node is the only device bound into the jail).
 //!
 //! With `--jail` (both commands) each worker runs in a jailed child process instead of a
 //! thread: the daemon keeps the vhost-user listening socket, forks one child per VM
@@ -47,7 +49,7 @@ enum Command {
     /// Firecracker's AF_UNIX convention: `CONNECT port` is answered `OK host-port`).
     Vsock(VsockArgs),
     /// Serve virtio-media over vhost-user: `--camera` is the software camera (a moving
-    /// test pattern in YUYV, NV12 and RGB24).
+    /// test pattern in YUYV, NV12 and RGB24), `--v4l2-device` a host V4L2 node.
     Media(MediaArgs),
 }
 
@@ -62,6 +64,10 @@ struct MediaArgs {
     /// Make the camera multi-planar (VIDEO_CAPTURE_MPLANE only: NV12M, YUV420M, ...).
     #[arg(long, requires = "camera")]
     mplane: bool,
+    /// Serve this host V4L2 capture or mem-to-mem node (`/dev/videoN`) through the V4L2
+    /// proxy (needs an outboard built with the `v4l2-proxy` feature).
+    #[arg(long, value_name = "PATH")]
+    v4l2_device: Option<PathBuf>,
     /// Size of the shared memory region for MMAP buffers, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     shm_size_mib: u64,
@@ -152,11 +158,88 @@ fn main() -> ExitCode {
     }
 }
 
-fn media(args: MediaArgs) -> ExitCode {
-    if !args.camera {
-        eprintln!("outboard media: --camera is required (the only device built in)");
-        return ExitCode::from(EXIT_USAGE);
+/// What `outboard media` serves.
+enum MediaSource {
+    /// The software camera, multi-planar if `mplane`.
+    Camera {
+        /// Serve VIDEO_CAPTURE_MPLANE instead of VIDEO_CAPTURE.
+        mplane: bool,
+    },
+    /// A host V4L2 node.
+    #[cfg(feature = "v4l2-proxy")]
+    V4l2(outboard_devices::media::proxy::HostNode),
+}
+
+impl MediaSource {
+    /// The worker's name in logs.
+    fn name(&self) -> String {
+        match self {
+            MediaSource::Camera { .. } => "media camera".into(),
+            #[cfg(feature = "v4l2-proxy")]
+            MediaSource::V4l2(node) => format!("media v4l2 {}", node.path.display()),
+        }
     }
+
+    /// Serves it on `listener` until `stop`.
+    fn serve(
+        &self,
+        listener: UnixListener,
+        shm_size: u64,
+        stop: &EventFd,
+        name: &str,
+    ) -> Result<(), WorkerError> {
+        match self {
+            MediaSource::Camera { mplane } => {
+                serve_camera_with(listener, shm_size, *mplane, stop, name)
+            }
+            #[cfg(feature = "v4l2-proxy")]
+            MediaSource::V4l2(node) => {
+                outboard_glue::media::serve_v4l2_proxy(listener, node.clone(), shm_size, stop, name)
+            }
+        }
+    }
+}
+
+/// Checks the host node: it must open and be a V4L2 streaming capture or m2m node.
+#[cfg(feature = "v4l2-proxy")]
+fn v4l2_source(path: &Path) -> Result<MediaSource, String> {
+    let node = outboard_devices::media::proxy::HostNode::probe(path)
+        .map_err(|e| format!("--v4l2-device: {e}"))?;
+    log::info!(
+        "{}: driver {}, card {:?}, device_caps {:#x}",
+        path.display(),
+        node.driver,
+        node.card,
+        node.device_caps
+    );
+    Ok(MediaSource::V4l2(node))
+}
+
+#[cfg(not(feature = "v4l2-proxy"))]
+fn v4l2_source(path: &Path) -> Result<MediaSource, String> {
+    Err(format!(
+        "--v4l2-device {}: this outboard was built without the `v4l2-proxy` feature",
+        path.display()
+    ))
+}
+
+fn media(args: MediaArgs) -> ExitCode {
+    let source = match (args.camera, &args.v4l2_device) {
+        (true, None) => MediaSource::Camera {
+            mplane: args.mplane,
+        },
+        (false, Some(path)) => match v4l2_source(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("outboard media: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        _ => {
+            eprintln!("outboard media: exactly one of --camera and --v4l2-device PATH is required");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let shm_size = match args.shm_size_mib.checked_mul(1 << 20).filter(|s| *s > 0) {
         Some(s) => s,
         None => {
@@ -167,7 +250,6 @@ fn media(args: MediaArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let mplane = args.mplane;
     let set = signal_set();
     // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
     if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
@@ -175,7 +257,7 @@ fn media(args: MediaArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if args.jail.jail {
-        return jailed::media(&args, shm_size, &set);
+        return jailed::media(&args, source, shm_size, &set);
     }
     let run = || -> Result<(), String> {
         remove_stale_socket(&args.socket_path)?;
@@ -184,16 +266,12 @@ fn media(args: MediaArgs) -> ExitCode {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| format!("eventfd: {e}"))?;
         let worker_stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let name = source.name();
+        log::info!("{name} on vhost-user socket {}", args.socket_path.display());
         let thread = std::thread::Builder::new()
             .name("media".into())
-            .spawn(move || {
-                serve_camera_with(listener, shm_size, mplane, &worker_stop, "media camera")
-            })
+            .spawn(move || source.serve(listener, shm_size, &worker_stop, &name))
             .map_err(|e| format!("cannot start the worker thread: {e}"))?;
-        log::info!(
-            "software camera on vhost-user socket {}",
-            args.socket_path.display()
-        );
         while !thread.is_finished() {
             if let Some(sig) = wait_signal(&set, Duration::from_millis(500)) {
                 log::info!("signal {sig}: stopping");
@@ -757,24 +835,36 @@ mod jailed {
         })
     }
 
-    /// `outboard media --camera --jail`.
-    pub(super) fn media(args: &MediaArgs, shm_size: u64, set: &libc::sigset_t) -> ExitCode {
+    /// `outboard media --camera|--v4l2-device PATH --jail`.
+    pub(super) fn media(
+        args: &MediaArgs,
+        source: MediaSource,
+        shm_size: u64,
+        set: &libc::sigset_t,
+    ) -> ExitCode {
         let mode = match seccomp_mode(&args.jail) {
             Ok(m) => m,
             Err(code) => return code,
         };
         let setup = || -> Result<Supervised, String> {
-            let jail = worker_jail(&[], mode).map_err(|e| e.to_string())?;
+            let jail = match &source {
+                MediaSource::Camera { .. } => worker_jail(&[], mode),
+                #[cfg(feature = "v4l2-proxy")]
+                MediaSource::V4l2(node) => outboard_glue::jail::v4l2_proxy_jail(&node.path, mode),
+            }
+            .map_err(|e| e.to_string())?;
             remove_stale_socket(&args.socket_path)?;
             let listener = UnixListener::bind(&args.socket_path)
                 .map_err(|e| format!("bind {}: {e}", args.socket_path.display()))?;
-            let mplane = args.mplane;
+            let name = source.name();
+            let worker_name = name.clone();
             let serve: ServeFn = Box::new(move |listener, stop| {
-                serve_camera_with(listener, shm_size, mplane, stop, "media camera")
+                source
+                    .serve(listener, shm_size, stop, &worker_name)
                     .map_err(|e| e.to_string())
             });
             Ok(Supervised {
-                name: "media camera".into(),
+                name,
                 jail,
                 listener,
                 stale: Vec::new(),
@@ -813,7 +903,12 @@ mod jailed {
     }
 
     /// `outboard media --jail` without the feature.
-    pub(super) fn media(_args: &MediaArgs, _shm_size: u64, _set: &libc::sigset_t) -> ExitCode {
+    pub(super) fn media(
+        _args: &MediaArgs,
+        _source: MediaSource,
+        _shm_size: u64,
+        _set: &libc::sigset_t,
+    ) -> ExitCode {
         usage_error(UNAVAILABLE)
     }
 }

@@ -1,0 +1,1352 @@
+//! A host V4L2 proxy: every virtio-media session opens the host node (`/dev/videoN`) and
+//! every ioctl the guest sends is forwarded to it (feature `v4l2-proxy`).
+//!
+//! # Forwarding
+//!
+//! The typed structures of [`super::v4l2`] are the kernel's 64-bit layouts (checked at
+//! compile time against v4l2r's bindgen output of the kernel headers), so an argument
+//! the dispatcher parsed is passed to the host `ioctl(2)` as it is. Only the pointers
+//! inside arguments are rewritten:
+//!
+//! - multi-planar `v4l2_buffer`s point at a host copy of their planes;
+//! - USERPTR planes point at a host shadow buffer (page-aligned, one per buffer plane,
+//!   kept until the buffers are freed so the host driver's pinning stays valid). The
+//!   guest's SG list is mapped with the [`GuestMemoryMapper`] when the buffer is queued
+//!   and kept while it is queued: output data is copied from the guest at `QBUF`,
+//!   capture data to the guest at `DQBUF`. A shadow copy is used because a
+//!   [`GuestMemoryRange`] need not be one linear host range;
+//! - extended control payloads point at host copies of the guest's payload.
+//!
+//! Pointers are never returned to the guest: responses carry the guest's own values.
+//!
+//! # MMAP buffers
+//!
+//! `QUERYBUF` answers record each plane's `mem_offset`; a virtio-media `MMAP` of that
+//! offset exports the plane with `VIDIOC_EXPBUF` (a dma-buf) and maps it into the shared
+//! memory region with the [`HostMemoryMapper`].
+//!
+//! # Events
+//!
+//! A session's poll fd is its own epoll instance watching the host fd: `EPOLLPRI`
+//! (V4L2 events) always, `EPOLLIN | EPOLLOUT` (done buffers) only while a queue streams
+//! with buffers queued, because vb2 reports `EPOLLERR` for a queue that cannot produce
+//! buffers and a level-triggered poller would spin on it.
+//! [`MediaDevice::process_events`] dequeues events (`VIDIOC_DQEVENT`) and buffers
+//! (`VIDIOC_DQBUF`) without blocking and sends them as virtio-media events.
+//!
+//! # Host errors
+//!
+//! Every host errno goes back to the guest unchanged. DMABUF memory is refused with
+//! `EINVAL` (virtio objects are not carried).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use outboard_protocol::media::{SgEntry, MMAP_FLAG_RW};
+use outboard_protocol::v4l2::V4l2Ioctl;
+use remain::sorted;
+use rustix::event::epoll;
+use thiserror::Error;
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::ioctl::{
+    dispatch_ioctl, BufferDesc, ExtControls, GuestBuffer, IoctlHandler, IoctlResult,
+};
+use super::v4l2::*;
+use super::{
+    page_align, ChainReader, ChainWriter, Errno, EventQueue, GuestMemoryMapper, GuestMemoryRange,
+    HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaSession,
+};
+
+// The typed structures are passed to the host kernel as they are: they must have the
+// kernel's layout, which v4l2r's bindings are generated from.
+const _: () = {
+    use v4l2r::bindings as b;
+    assert!(size_of::<V4l2Format>() == size_of::<b::v4l2_format>());
+    assert!(size_of::<V4l2Fmtdesc>() == size_of::<b::v4l2_fmtdesc>());
+    assert!(size_of::<V4l2Requestbuffers>() == size_of::<b::v4l2_requestbuffers>());
+    assert!(size_of::<V4l2Buffer>() == size_of::<b::v4l2_buffer>());
+    assert!(size_of::<V4l2Plane>() == size_of::<b::v4l2_plane>());
+    assert!(size_of::<V4l2CreateBuffers>() == size_of::<b::v4l2_create_buffers>());
+    assert!(size_of::<V4l2Streamparm>() == size_of::<b::v4l2_streamparm>());
+    assert!(size_of::<V4l2ExtControls>() == size_of::<b::v4l2_ext_controls>());
+    assert!(size_of::<V4l2ExtControl>() == size_of::<b::v4l2_ext_control>());
+    assert!(size_of::<V4l2QueryExtCtrl>() == size_of::<b::v4l2_query_ext_ctrl>());
+    assert!(size_of::<V4l2Event>() == size_of::<b::v4l2_event>());
+    assert!(size_of::<V4l2EventSubscription>() == size_of::<b::v4l2_event_subscription>());
+    assert!(size_of::<V4l2Selection>() == size_of::<b::v4l2_selection>());
+    assert!(size_of::<V4l2Input>() == size_of::<b::v4l2_input>());
+    assert!(size_of::<V4l2Frmsizeenum>() == size_of::<b::v4l2_frmsizeenum>());
+    assert!(size_of::<V4l2Frmivalenum>() == size_of::<b::v4l2_frmivalenum>());
+    assert!(std::mem::offset_of!(V4l2Buffer, m) == std::mem::offset_of!(b::v4l2_buffer, m));
+    assert!(
+        std::mem::offset_of!(V4l2ExtControls, controls)
+            == std::mem::offset_of!(b::v4l2_ext_controls, controls)
+    );
+};
+
+/// `V4L2_CAP_VIDEO_M2M_MPLANE`.
+const CAP_VIDEO_M2M_MPLANE: u32 = 0x0000_4000;
+/// `V4L2_CAP_VIDEO_M2M`.
+const CAP_VIDEO_M2M: u32 = 0x0000_8000;
+/// `V4L2_CAP_READWRITE`: `read()`/`write()` are not carried by virtio-media.
+const CAP_READWRITE: u32 = 0x0100_0000;
+/// `V4L2_CAP_DEVICE_CAPS`.
+const CAP_DEVICE_CAPS: u32 = 0x8000_0000;
+/// Largest USERPTR plane, and largest total of the control payloads of one call, a
+/// guest may ask for (256 MiB): the shadow copy is host memory.
+pub const MAX_SHADOW_LEN: usize = 256 << 20;
+/// Most USERPTR shadow memory one session may hold (1 GiB).
+pub const MAX_SESSION_SHADOW: usize = 1 << 30;
+
+/// Errors opening the host node.
+#[sorted]
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    /// The node is not a V4L2 video capture or mem-to-mem node with streaming I/O.
+    #[error("{path}: not a V4L2 streaming capture or mem-to-mem node (device_caps {caps:#x})")]
+    NotCaptureOrM2m {
+        /// The node.
+        path: PathBuf,
+        /// Its device capabilities.
+        caps: u32,
+    },
+    /// `VIDIOC_QUERYCAP` failed: not a V4L2 node.
+    #[error("{path}: not a V4L2 device (VIDIOC_QUERYCAP: {source})")]
+    NotV4l2 {
+        /// The node.
+        path: PathBuf,
+        /// The ioctl's error.
+        source: std::io::Error,
+    },
+    /// The node could not be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The node.
+        path: PathBuf,
+        /// The open error.
+        source: std::io::Error,
+    },
+}
+
+/// What `VIDIOC_QUERYCAP` says about the host node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostNode {
+    /// The node's path.
+    pub path: PathBuf,
+    /// The driver name.
+    pub driver: String,
+    /// The card name (the guest sees it in the config space).
+    pub card: String,
+    /// The node's device capabilities, without `V4L2_CAP_READWRITE` (read/write I/O is not
+    /// carried by virtio-media).
+    pub device_caps: u32,
+}
+
+fn open_node(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+impl HostNode {
+    /// Opens `path` once and checks it is a V4L2 capture or mem-to-mem node with
+    /// streaming I/O.
+    pub fn probe(path: &Path) -> Result<HostNode, ProxyError> {
+        let file = open_node(path).map_err(|source| ProxyError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cap: v4l2r::bindings::v4l2_capability =
+            v4l2r::ioctl::querycap(&file).map_err(|e| ProxyError::NotV4l2 {
+                path: path.to_owned(),
+                source: std::io::Error::from_raw_os_error(v4l2r::nix::errno::Errno::from(e) as i32),
+            })?;
+        let caps = if cap.capabilities & CAP_DEVICE_CAPS != 0 {
+            cap.device_caps
+        } else {
+            cap.capabilities
+        };
+        let video =
+            CAP_VIDEO_CAPTURE | CAP_VIDEO_CAPTURE_MPLANE | CAP_VIDEO_M2M | CAP_VIDEO_M2M_MPLANE;
+        if caps & video == 0 || caps & CAP_STREAMING == 0 {
+            return Err(ProxyError::NotCaptureOrM2m {
+                path: path.to_owned(),
+                caps,
+            });
+        }
+        let name = |b: &[u8]| {
+            let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+            String::from_utf8_lossy(&b[..end]).into_owned()
+        };
+        Ok(HostNode {
+            path: path.to_owned(),
+            driver: name(&cap.driver),
+            card: name(&cap.card),
+            device_caps: caps & !CAP_READWRITE,
+        })
+    }
+}
+
+/// Ioctls whose argument holds pointers the kernel follows.
+fn has_pointers(ioctl: V4l2Ioctl) -> bool {
+    use V4l2Ioctl::*;
+    matches!(
+        ioctl,
+        VIDIOC_QUERYBUF
+            | VIDIOC_QBUF
+            | VIDIOC_DQBUF
+            | VIDIOC_PREPARE_BUF
+            | VIDIOC_G_EXT_CTRLS
+            | VIDIOC_S_EXT_CTRLS
+            | VIDIOC_TRY_EXT_CTRLS
+            | VIDIOC_G_EDID
+            | VIDIOC_S_EDID
+            | VIDIOC_G_FBUF
+            | VIDIOC_S_FBUF
+    )
+}
+
+fn last_errno() -> Errno {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Runs `ioctl` on the host fd with `arg`.
+///
+/// The generic forwarding is written here rather than with v4l2r's typed wrappers:
+/// those convert to and from v4l2r's own types per call, and v4l2r 0.0.7 has no wrapper
+/// for many ioctls virtio-media carries (tuner, audio, DV timings, encoder index, ...).
+///
+/// # Safety
+///
+/// Every pointer inside `arg` that the kernel follows for `ioctl` must point to memory
+/// that is valid (and writable where the kernel writes) for the length given next to it,
+/// for the duration of the call.
+unsafe fn raw_ioctl<T: IntoBytes + FromBytes>(
+    fd: BorrowedFd<'_>,
+    ioctl: V4l2Ioctl,
+    arg: &mut T,
+) -> IoctlResult<()> {
+    if size_of::<T>() != ioctl.arg_size() {
+        log::error!(
+            "v4l2 proxy: {ioctl} with a {}-byte argument",
+            size_of::<T>()
+        );
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: the request code encodes `size_of::<T>()` (checked above), so the kernel
+    // reads and writes at most the bytes `arg` exclusively borrows; any bytes it writes
+    // form a valid `T` (`FromBytes`); embedded pointers are the caller's contract.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            ioctl.request_code() as libc::c_ulong,
+            arg as *mut T,
+        )
+    };
+    if r < 0 {
+        Err(last_errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs an ioctl whose argument has no pointers.
+fn plain_ioctl<T: IntoBytes + FromBytes>(
+    fd: BorrowedFd<'_>,
+    ioctl: V4l2Ioctl,
+    arg: &mut T,
+) -> IoctlResult<()> {
+    if has_pointers(ioctl) {
+        log::error!("v4l2 proxy: {ioctl} forwarded without its pointers");
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: `ioctl`'s argument holds no pointer the kernel follows (checked above).
+    unsafe { raw_ioctl(fd, ioctl, arg) }
+}
+
+/// Whether `buf_type` moves data from the application to the device.
+fn is_output(buf_type: u32) -> bool {
+    // V4L2_TYPE_IS_OUTPUT: VIDEO_OUTPUT, VIDEO_OVERLAY, VBI_OUTPUT, SLICED_VBI_OUTPUT,
+    // VIDEO_OUTPUT_OVERLAY, VIDEO_OUTPUT_MPLANE, SDR_OUTPUT, META_OUTPUT.
+    matches!(buf_type, 2 | 3 | 5 | 7 | 8 | 10 | 12 | 14)
+}
+
+/// A page-aligned host buffer standing in for a guest USERPTR plane.
+#[derive(Debug)]
+struct Shadow {
+    storage: Vec<u8>,
+    offset: usize,
+    len: usize,
+}
+
+impl Shadow {
+    fn new(len: usize) -> IoctlResult<Shadow> {
+        if len == 0 || len > MAX_SHADOW_LEN {
+            return Err(libc::EINVAL);
+        }
+        let storage = vec![0u8; len + 4095];
+        let offset = storage.as_ptr().align_offset(4096);
+        Ok(Shadow {
+            storage,
+            offset,
+            len,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.storage[self.offset..self.offset + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + self.len]
+    }
+
+    fn addr(&mut self) -> u64 {
+        self.bytes_mut().as_mut_ptr() as u64
+    }
+}
+
+/// A buffer queued on the host.
+struct Queued<M> {
+    /// The guest's `m` (single-planar) and plane `m`s, returned instead of host values.
+    guest_m: u64,
+    guest_planes_m: Vec<u64>,
+    /// USERPTR: the guest mapping of each plane (index = plane).
+    userptr: Vec<Option<M>>,
+}
+
+/// One host queue (buffer type) of a session.
+struct QueueState<M> {
+    memory: u32,
+    /// Buffers the host allocated (REQBUFS, CREATE_BUFS): valid indices are below.
+    buffers: u32,
+    streaming: bool,
+    queued: BTreeMap<u32, Queued<M>>,
+    /// USERPTR shadow buffers by (index, plane).
+    shadows: BTreeMap<(u32, u32), Shadow>,
+}
+
+impl<M> Default for QueueState<M> {
+    fn default() -> Self {
+        QueueState {
+            memory: 0,
+            buffers: 0,
+            streaming: false,
+            queued: BTreeMap::new(),
+            shadows: BTreeMap::new(),
+        }
+    }
+}
+
+/// An MMAP plane the guest may map: where it is and how long.
+#[derive(Debug, Clone, Copy)]
+struct MmapPlane {
+    buf_type: u32,
+    index: u32,
+    plane: u32,
+    length: u32,
+}
+
+/// A session: one open host fd.
+pub struct ProxySession<M> {
+    id: u32,
+    // Declared before the queues: the host fd is closed (releasing the host's pins on
+    // the USERPTR shadows) before the shadows are freed.
+    device: File,
+    poller: OwnedFd,
+    polling_buffers: bool,
+    queues: BTreeMap<u32, QueueState<M>>,
+    mmap_planes: BTreeMap<u32, MmapPlane>,
+}
+
+impl<M> std::fmt::Debug for ProxySession<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxySession")
+            .field("id", &self.id)
+            .field("device", &self.device)
+            .field("polling_buffers", &self.polling_buffers)
+            .finish()
+    }
+}
+
+impl<M> MediaSession for ProxySession<M> {
+    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.poller.as_fd())
+    }
+}
+
+impl<M> ProxySession<M> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.device.as_fd()
+    }
+
+    /// Bytes of USERPTR shadow memory the session holds.
+    fn shadow_bytes(&self) -> usize {
+        self.queues
+            .values()
+            .flat_map(|q| q.shadows.values())
+            .map(|s| s.len)
+            .sum()
+    }
+
+    /// Watches done buffers only while some queue streams with buffers queued.
+    fn update_polling(&mut self) {
+        let want = self
+            .queues
+            .values()
+            .any(|q| q.streaming && !q.queued.is_empty());
+        if want == self.polling_buffers {
+            return;
+        }
+        let mut flags = epoll::EventFlags::PRI;
+        if want {
+            flags |= epoll::EventFlags::IN | epoll::EventFlags::OUT;
+        }
+        match epoll::modify(
+            &self.poller,
+            &self.device,
+            epoll::EventData::new_u64(0),
+            flags,
+        ) {
+            Ok(()) => self.polling_buffers = want,
+            Err(e) => log::warn!("v4l2 proxy: session {}: epoll_ctl: {e}", self.id),
+        }
+    }
+
+    fn queue(&mut self, buf_type: u32) -> &mut QueueState<M> {
+        self.queues.entry(buf_type).or_default()
+    }
+
+    /// Drops what the host freed: buffers of `buf_type` after REQBUFS or STREAMOFF.
+    fn forget_buffers(&mut self, buf_type: u32, free: bool) {
+        let q = self.queue(buf_type);
+        q.queued.clear();
+        if free {
+            q.shadows.clear();
+            self.mmap_planes.retain(|_, p| p.buf_type != buf_type);
+        }
+        self.update_polling();
+    }
+
+    fn remember_mmap(&mut self, desc: &BufferDesc) {
+        let b = &desc.buffer;
+        if b.memory != MEMORY_MMAP {
+            return;
+        }
+        if is_multiplanar(b.type_) {
+            for (i, p) in desc.planes.iter().enumerate() {
+                self.mmap_planes.insert(
+                    p.m as u32,
+                    MmapPlane {
+                        buf_type: b.type_,
+                        index: b.index,
+                        plane: i as u32,
+                        length: p.length,
+                    },
+                );
+            }
+        } else {
+            self.mmap_planes.insert(
+                b.mem_offset(),
+                MmapPlane {
+                    buf_type: b.type_,
+                    index: b.index,
+                    plane: 0,
+                    length: b.length,
+                },
+            );
+        }
+    }
+}
+
+/// The V4L2 proxy device.
+pub struct V4l2Proxy<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> {
+    node: HostNode,
+    events: Q,
+    host: H,
+    guest: G,
+    /// Shared memory mappings: offset -> session.
+    mappings: BTreeMap<u64, u32>,
+}
+
+impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
+    for V4l2Proxy<Q, H, G>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("V4l2Proxy")
+            .field("node", &self.node)
+            .field("mappings", &self.mappings.len())
+            .finish()
+    }
+}
+
+impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G> {
+    /// A proxy for `node` ([`HostNode::probe`]) sending events to `events`, mapping MMAP
+    /// buffers with `host` and USERPTR buffers with `guest`.
+    pub fn new(node: HostNode, events: Q, host: H, guest: G) -> Self {
+        V4l2Proxy {
+            node,
+            events,
+            host,
+            guest,
+            mappings: BTreeMap::new(),
+        }
+    }
+
+    /// The host node.
+    pub fn node(&self) -> &HostNode {
+        &self.node
+    }
+
+    /// Number of live shared memory mappings.
+    pub fn mapping_count(&self) -> usize {
+        self.mappings.len()
+    }
+
+    /// Maps a guest SG list of at least `len` bytes.
+    fn map_guest(&self, sgs: &[SgEntry], len: usize) -> IoctlResult<G::Mapping> {
+        let m = self.guest.new_mapping(sgs)?;
+        if m.len() < len {
+            return Err(libc::EFAULT);
+        }
+        Ok(m)
+    }
+
+    /// QBUF or PREPARE_BUF.
+    fn queue_buffer(
+        &mut self,
+        s: &mut ProxySession<G::Mapping>,
+        ioctl: V4l2Ioctl,
+        guest: GuestBuffer,
+    ) -> IoctlResult<BufferDesc> {
+        let GuestBuffer { desc, userptr } = guest;
+        let BufferDesc {
+            mut buffer,
+            mut planes,
+            ..
+        } = desc;
+        let mplane = is_multiplanar(buffer.type_);
+        match buffer.memory {
+            MEMORY_MMAP | MEMORY_USERPTR => {}
+            _ => return Err(libc::EINVAL),
+        }
+        let guest_m = buffer.m;
+        let guest_planes_m: Vec<u64> = planes.iter().map(|p| p.m).collect();
+        let mut mappings: Vec<Option<G::Mapping>> = Vec::new();
+        if buffer.memory == MEMORY_USERPTR {
+            // (plane, length, bytesused) of every plane; the dispatcher gave one SG list
+            // per plane with a non-zero length, in order.
+            let lens: Vec<(u32, u32, u32)> = if mplane {
+                planes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (i as u32, p.length, p.bytesused))
+                    .collect()
+            } else {
+                vec![(0, buffer.length, buffer.bytesused)]
+            };
+            let mut sgs = userptr.iter();
+            let mut shadow_bytes = s.shadow_bytes();
+            let q = s.queues.entry(buffer.type_).or_default();
+            // Shadows are host memory: only for buffers the host has, within a budget.
+            if buffer.index >= q.buffers {
+                return Err(libc::EINVAL);
+            }
+            for (plane, len, used) in lens {
+                if len == 0 {
+                    mappings.push(None);
+                    continue;
+                }
+                let sg = sgs.next().ok_or(libc::EINVAL)?;
+                let m = self.map_guest(sg, len as usize)?;
+                let key = (buffer.index, plane);
+                let old = q.shadows.get(&key).map_or(0, |sh| sh.len);
+                if old != len as usize {
+                    shadow_bytes = shadow_bytes - old + len as usize;
+                    if shadow_bytes > MAX_SESSION_SHADOW {
+                        return Err(libc::ENOMEM);
+                    }
+                    q.shadows.insert(key, Shadow::new(len as usize)?);
+                }
+                let shadow = q.shadows.get_mut(&key).ok_or(libc::EINVAL)?;
+                if is_output(buffer.type_) {
+                    let n = if used == 0 { len } else { used.min(len) } as usize;
+                    m.read_at(0, &mut shadow.bytes_mut()[..n]);
+                }
+                let addr = shadow.addr();
+                if mplane {
+                    if let Some(p) = planes.get_mut(plane as usize) {
+                        p.m = addr;
+                    }
+                } else {
+                    buffer.m = addr;
+                }
+                mappings.push(Some(m));
+            }
+        }
+        if mplane {
+            buffer.m = planes.as_mut_ptr() as u64;
+            buffer.length = planes.len() as u32;
+        }
+        // SAFETY: the plane pointer points at `planes` (`buffer.length` entries) and
+        // USERPTR planes at shadow buffers of their `length`, all alive across the call
+        // (the shadows until the host frees its buffers).
+        let res = unsafe { raw_ioctl(s.fd(), ioctl, &mut buffer) };
+        res?;
+        // No host pointer goes back: the guest's own values (MMAP offsets stay).
+        if mplane || buffer.memory == MEMORY_USERPTR {
+            buffer.m = guest_m;
+        }
+        if buffer.memory == MEMORY_USERPTR {
+            for (p, m) in planes.iter_mut().zip(&guest_planes_m) {
+                p.m = *m;
+            }
+        }
+        if ioctl == V4l2Ioctl::VIDIOC_QBUF {
+            let q = s.queue(buffer.type_);
+            q.memory = buffer.memory;
+            q.queued.insert(
+                buffer.index,
+                Queued {
+                    guest_m,
+                    guest_planes_m,
+                    userptr: mappings,
+                },
+            );
+            s.update_polling();
+        }
+        Ok(BufferDesc {
+            buffer,
+            planes,
+            ..Default::default()
+        })
+    }
+
+    /// Dequeues every done buffer of `buf_type`; returns whether the queue is empty.
+    fn dequeue_buffers(
+        &mut self,
+        s: &mut ProxySession<G::Mapping>,
+        buf_type: u32,
+    ) -> IoctlResult<()> {
+        let Some(memory) = s.queues.get(&buf_type).map(|q| q.memory) else {
+            return Ok(());
+        };
+        loop {
+            let mut planes = [V4l2Plane::default(); VIDEO_MAX_PLANES];
+            let mut buffer = V4l2Buffer {
+                type_: buf_type,
+                memory,
+                ..Default::default()
+            };
+            if is_multiplanar(buf_type) {
+                buffer.m = planes.as_mut_ptr() as u64;
+                buffer.length = VIDEO_MAX_PLANES as u32;
+            }
+            // SAFETY: the plane pointer (multi-planar types) points at `planes`, whose
+            // `VIDEO_MAX_PLANES` entries live across the call.
+            match unsafe { raw_ioctl(s.fd(), V4l2Ioctl::VIDIOC_DQBUF, &mut buffer) } {
+                Ok(()) => {}
+                Err(libc::EAGAIN) | Err(libc::EPIPE) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            let nplanes = if is_multiplanar(buf_type) {
+                (buffer.length as usize).min(VIDEO_MAX_PLANES)
+            } else {
+                0
+            };
+            let mut planes = planes[..nplanes].to_vec();
+            let q = s.queue(buf_type);
+            let queued = q.queued.remove(&buffer.index);
+            if let Some(qd) = &queued {
+                if buffer.memory == MEMORY_USERPTR {
+                    let capture = !is_output(buf_type);
+                    for (i, m) in qd.userptr.iter().enumerate() {
+                        let (Some(m), Some(sh)) = (m, q.shadows.get(&(buffer.index, i as u32)))
+                        else {
+                            continue;
+                        };
+                        if capture {
+                            let used = if is_multiplanar(buf_type) {
+                                planes.get(i).map_or(0, |p| p.bytesused)
+                            } else {
+                                buffer.bytesused
+                            };
+                            let n = (used as usize).min(sh.len);
+                            m.write_at(0, &sh.bytes()[..n]);
+                        }
+                    }
+                    buffer.m = qd.guest_m;
+                    for (p, gm) in planes.iter_mut().zip(&qd.guest_planes_m) {
+                        p.m = *gm;
+                    }
+                }
+            } else if buffer.memory == MEMORY_USERPTR {
+                buffer.m = 0;
+                planes.iter_mut().for_each(|p| p.m = 0);
+            }
+            if is_multiplanar(buf_type) {
+                buffer.m = 0;
+            }
+            self.events
+                .send_event(MediaEvent::dqbuf(s.id, &buffer, &planes));
+        }
+    }
+
+    /// Forwards extended controls with their payloads copied to and from the guest.
+    fn ext_ctrls(
+        &mut self,
+        s: &mut ProxySession<G::Mapping>,
+        ioctl: V4l2Ioctl,
+        ctrls: &mut ExtControls,
+    ) -> IoctlResult<()> {
+        let mut payloads = ctrls.payloads.iter();
+        let mut host: Vec<Option<(G::Mapping, Vec<u8>)>> = Vec::new();
+        let saved: Vec<[u8; 8]> = ctrls.controls.iter().map(|c| c.value).collect();
+        let total = ctrls
+            .controls
+            .iter()
+            .fold(0usize, |a, c| a.saturating_add(c.size as usize));
+        if total > MAX_SHADOW_LEN {
+            return Err(libc::ENOMEM);
+        }
+        for c in ctrls.controls.iter_mut() {
+            if c.size == 0 {
+                host.push(None);
+                continue;
+            }
+            let size = c.size as usize;
+            let sg = payloads.next().ok_or(libc::EINVAL)?;
+            let m = self.map_guest(sg, size)?;
+            let mut buf = vec![0u8; size];
+            m.read_at(0, &mut buf);
+            c.value = (buf.as_mut_ptr() as u64).to_ne_bytes();
+            host.push(Some((m, buf)));
+        }
+        let mut header = ctrls.header;
+        header.count = ctrls.controls.len() as u32;
+        header.controls = ctrls.controls.as_mut_ptr() as u64;
+        // SAFETY: `controls` points at `header.count` controls, and every control with a
+        // size points at a host buffer of that size; all live across the call.
+        let res = unsafe { raw_ioctl(s.fd(), ioctl, &mut header) };
+        header.controls = 0;
+        ctrls.header = header;
+        for ((c, h), v) in ctrls.controls.iter_mut().zip(&host).zip(saved) {
+            if let Some((m, buf)) = h {
+                if ioctl == V4l2Ioctl::VIDIOC_G_EXT_CTRLS || res.is_ok() {
+                    m.write_at(0, &buf[..(c.size as usize).min(buf.len())]);
+                }
+                c.value = v;
+            }
+        }
+        res
+    }
+}
+
+fn fwd<T: IntoBytes + FromBytes>(
+    s: &ProxySession<impl Sized>,
+    ioctl: V4l2Ioctl,
+    mut arg: T,
+) -> IoctlResult<T> {
+    plain_ioctl(s.fd(), ioctl, &mut arg)?;
+    Ok(arg)
+}
+
+impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for V4l2Proxy<Q, H, G> {
+    type Session = ProxySession<G::Mapping>;
+
+    fn enum_fmt(&mut self, s: &mut Self::Session, d: V4l2Fmtdesc) -> IoctlResult<V4l2Fmtdesc> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUM_FMT, d)
+    }
+
+    fn g_fmt(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
+        let f = V4l2Format {
+            type_: buf_type,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_G_FMT, f)
+    }
+
+    fn s_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_FMT, f)
+    }
+
+    fn try_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
+        fwd(s, V4l2Ioctl::VIDIOC_TRY_FMT, f)
+    }
+
+    fn reqbufs(
+        &mut self,
+        s: &mut Self::Session,
+        req: V4l2Requestbuffers,
+    ) -> IoctlResult<V4l2Requestbuffers> {
+        if req.memory == MEMORY_DMABUF {
+            return Err(libc::EINVAL);
+        }
+        let out = fwd(s, V4l2Ioctl::VIDIOC_REQBUFS, req)?;
+        s.forget_buffers(req.type_, true);
+        let q = s.queue(req.type_);
+        q.memory = req.memory;
+        q.buffers = out.count;
+        if req.count == 0 {
+            q.streaming = false;
+        }
+        s.update_polling();
+        Ok(out)
+    }
+
+    fn querybuf(
+        &mut self,
+        s: &mut Self::Session,
+        buf_type: u32,
+        index: u32,
+    ) -> IoctlResult<BufferDesc> {
+        let mut planes = [V4l2Plane::default(); VIDEO_MAX_PLANES];
+        let mut buffer = V4l2Buffer {
+            type_: buf_type,
+            index,
+            ..Default::default()
+        };
+        if is_multiplanar(buf_type) {
+            buffer.m = planes.as_mut_ptr() as u64;
+            buffer.length = VIDEO_MAX_PLANES as u32;
+        }
+        // SAFETY: the plane pointer (multi-planar types) points at `planes`, whose
+        // `VIDEO_MAX_PLANES` entries live across the call.
+        unsafe { raw_ioctl(s.fd(), V4l2Ioctl::VIDIOC_QUERYBUF, &mut buffer) }?;
+        let n = if is_multiplanar(buf_type) {
+            (buffer.length as usize).min(VIDEO_MAX_PLANES)
+        } else {
+            0
+        };
+        let mut desc = BufferDesc {
+            buffer,
+            planes: planes[..n].to_vec(),
+            ..Default::default()
+        };
+        if is_multiplanar(buf_type) {
+            desc.buffer.m = 0;
+        }
+        s.remember_mmap(&desc);
+        if desc.buffer.memory == MEMORY_USERPTR {
+            let queued = s.queues.get(&buf_type).and_then(|q| q.queued.get(&index));
+            desc.buffer.m = queued.map_or(0, |q| q.guest_m);
+            for (i, p) in desc.planes.iter_mut().enumerate() {
+                p.m = queued
+                    .and_then(|q| q.guest_planes_m.get(i).copied())
+                    .unwrap_or(0);
+            }
+            if is_multiplanar(buf_type) {
+                desc.buffer.m = 0;
+            }
+        }
+        Ok(desc)
+    }
+
+    fn qbuf(&mut self, s: &mut Self::Session, b: GuestBuffer) -> IoctlResult<BufferDesc> {
+        self.queue_buffer(s, V4l2Ioctl::VIDIOC_QBUF, b)
+    }
+
+    fn prepare_buf(&mut self, s: &mut Self::Session, b: GuestBuffer) -> IoctlResult<BufferDesc> {
+        self.queue_buffer(s, V4l2Ioctl::VIDIOC_PREPARE_BUF, b)
+    }
+
+    fn create_bufs(
+        &mut self,
+        s: &mut Self::Session,
+        c: V4l2CreateBuffers,
+    ) -> IoctlResult<V4l2CreateBuffers> {
+        if c.memory == MEMORY_DMABUF {
+            return Err(libc::EINVAL);
+        }
+        let out = fwd(s, V4l2Ioctl::VIDIOC_CREATE_BUFS, c)?;
+        if c.count > 0 {
+            let q = s.queue(c.format.type_);
+            q.memory = c.memory;
+            q.buffers = q.buffers.max(out.index.saturating_add(out.count));
+        }
+        Ok(out)
+    }
+
+    fn remove_bufs(
+        &mut self,
+        s: &mut Self::Session,
+        r: V4l2RemoveBuffers,
+    ) -> IoctlResult<V4l2RemoveBuffers> {
+        let out = fwd(s, V4l2Ioctl::VIDIOC_REMOVE_BUFS, r)?;
+        let q = s.queue(r.type_);
+        let end = r.index.saturating_add(r.count);
+        q.shadows.retain(|(i, _), _| *i < r.index || *i >= end);
+        s.mmap_planes
+            .retain(|_, p| p.buf_type != r.type_ || p.index < r.index || p.index >= end);
+        Ok(out)
+    }
+
+    fn streamon(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_STREAMON, buf_type)?;
+        s.queue(buf_type).streaming = true;
+        s.update_polling();
+        Ok(())
+    }
+
+    fn streamoff(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_STREAMOFF, buf_type)?;
+        s.queue(buf_type).streaming = false;
+        // STREAMOFF returns every queued buffer to the application, undone.
+        s.forget_buffers(buf_type, false);
+        Ok(())
+    }
+
+    fn g_parm(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Streamparm> {
+        let p = V4l2Streamparm {
+            type_: buf_type,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_G_PARM, p)
+    }
+
+    fn s_parm(&mut self, s: &mut Self::Session, p: V4l2Streamparm) -> IoctlResult<V4l2Streamparm> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_PARM, p)
+    }
+
+    fn g_std(&mut self, s: &mut Self::Session) -> IoctlResult<u64> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_STD, 0u64)
+    }
+
+    fn s_std(&mut self, s: &mut Self::Session, std: u64) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_STD, std).map(drop)
+    }
+
+    fn querystd(&mut self, s: &mut Self::Session) -> IoctlResult<u64> {
+        fwd(s, V4l2Ioctl::VIDIOC_QUERYSTD, 0u64)
+    }
+
+    fn enumstd(&mut self, s: &mut Self::Session, index: u32) -> IoctlResult<V4l2Standard> {
+        let e = V4l2Standard {
+            index,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_ENUMSTD, e)
+    }
+
+    fn enuminput(&mut self, s: &mut Self::Session, index: u32) -> IoctlResult<V4l2Input> {
+        let i = V4l2Input {
+            index,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_ENUMINPUT, i)
+    }
+
+    fn g_input(&mut self, s: &mut Self::Session) -> IoctlResult<i32> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_INPUT, 0i32)
+    }
+
+    fn s_input(&mut self, s: &mut Self::Session, input: i32) -> IoctlResult<i32> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_INPUT, input)
+    }
+
+    fn enumoutput(&mut self, s: &mut Self::Session, index: u32) -> IoctlResult<V4l2Output> {
+        let o = V4l2Output {
+            index,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_ENUMOUTPUT, o)
+    }
+
+    fn g_output(&mut self, s: &mut Self::Session) -> IoctlResult<i32> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_OUTPUT, 0i32)
+    }
+
+    fn s_output(&mut self, s: &mut Self::Session, output: i32) -> IoctlResult<i32> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_OUTPUT, output)
+    }
+
+    fn g_ctrl(&mut self, s: &mut Self::Session, id: u32) -> IoctlResult<V4l2Control> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_CTRL, V4l2Control { id, value: 0 })
+    }
+
+    fn s_ctrl(&mut self, s: &mut Self::Session, c: V4l2Control) -> IoctlResult<V4l2Control> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_CTRL, c)
+    }
+
+    fn queryctrl(&mut self, s: &mut Self::Session, q: V4l2Queryctrl) -> IoctlResult<V4l2Queryctrl> {
+        fwd(s, V4l2Ioctl::VIDIOC_QUERYCTRL, q)
+    }
+
+    fn query_ext_ctrl(
+        &mut self,
+        s: &mut Self::Session,
+        q: V4l2QueryExtCtrl,
+    ) -> IoctlResult<V4l2QueryExtCtrl> {
+        fwd(s, V4l2Ioctl::VIDIOC_QUERY_EXT_CTRL, q)
+    }
+
+    fn querymenu(
+        &mut self,
+        s: &mut Self::Session,
+        id: u32,
+        index: u32,
+    ) -> IoctlResult<V4l2Querymenu> {
+        let q = V4l2Querymenu {
+            id,
+            index,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_QUERYMENU, q)
+    }
+
+    fn g_ext_ctrls(&mut self, s: &mut Self::Session, c: &mut ExtControls) -> IoctlResult<()> {
+        self.ext_ctrls(s, V4l2Ioctl::VIDIOC_G_EXT_CTRLS, c)
+    }
+
+    fn s_ext_ctrls(&mut self, s: &mut Self::Session, c: &mut ExtControls) -> IoctlResult<()> {
+        self.ext_ctrls(s, V4l2Ioctl::VIDIOC_S_EXT_CTRLS, c)
+    }
+
+    fn try_ext_ctrls(&mut self, s: &mut Self::Session, c: &mut ExtControls) -> IoctlResult<()> {
+        self.ext_ctrls(s, V4l2Ioctl::VIDIOC_TRY_EXT_CTRLS, c)
+    }
+
+    fn enum_framesizes(
+        &mut self,
+        s: &mut Self::Session,
+        q: V4l2Frmsizeenum,
+    ) -> IoctlResult<V4l2Frmsizeenum> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUM_FRAMESIZES, q)
+    }
+
+    fn enum_frameintervals(
+        &mut self,
+        s: &mut Self::Session,
+        q: V4l2Frmivalenum,
+    ) -> IoctlResult<V4l2Frmivalenum> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUM_FRAMEINTERVALS, q)
+    }
+
+    fn subscribe_event(
+        &mut self,
+        s: &mut Self::Session,
+        sub: V4l2EventSubscription,
+    ) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_SUBSCRIBE_EVENT, sub).map(drop)
+    }
+
+    fn unsubscribe_event(
+        &mut self,
+        s: &mut Self::Session,
+        sub: V4l2EventSubscription,
+    ) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_UNSUBSCRIBE_EVENT, sub).map(drop)
+    }
+
+    fn g_selection(
+        &mut self,
+        s: &mut Self::Session,
+        q: V4l2Selection,
+    ) -> IoctlResult<V4l2Selection> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_SELECTION, q)
+    }
+
+    fn s_selection(
+        &mut self,
+        s: &mut Self::Session,
+        q: V4l2Selection,
+    ) -> IoctlResult<V4l2Selection> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_SELECTION, q)
+    }
+
+    fn g_tuner(&mut self, s: &mut Self::Session, a: RawArg<84>) -> IoctlResult<RawArg<84>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_TUNER, a)
+    }
+
+    fn s_tuner(&mut self, s: &mut Self::Session, a: RawArg<84>) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_TUNER, a).map(drop)
+    }
+
+    fn g_audio(&mut self, s: &mut Self::Session) -> IoctlResult<RawArg<52>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_AUDIO, [0u8; 52])
+    }
+
+    fn s_audio(&mut self, s: &mut Self::Session, a: RawArg<52>) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_AUDIO, a).map(drop)
+    }
+
+    fn enumaudio(&mut self, s: &mut Self::Session, a: RawArg<52>) -> IoctlResult<RawArg<52>> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUMAUDIO, a)
+    }
+
+    fn g_audout(&mut self, s: &mut Self::Session) -> IoctlResult<RawArg<52>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_AUDOUT, [0u8; 52])
+    }
+
+    fn s_audout(&mut self, s: &mut Self::Session, a: RawArg<52>) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_AUDOUT, a).map(drop)
+    }
+
+    fn enumaudout(&mut self, s: &mut Self::Session, a: RawArg<52>) -> IoctlResult<RawArg<52>> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUMAUDOUT, a)
+    }
+
+    fn g_modulator(&mut self, s: &mut Self::Session, a: RawArg<68>) -> IoctlResult<RawArg<68>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_MODULATOR, a)
+    }
+
+    fn s_modulator(&mut self, s: &mut Self::Session, a: RawArg<68>) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_MODULATOR, a).map(drop)
+    }
+
+    fn g_frequency(&mut self, s: &mut Self::Session, a: RawArg<44>) -> IoctlResult<RawArg<44>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_FREQUENCY, a)
+    }
+
+    fn s_frequency(&mut self, s: &mut Self::Session, a: RawArg<44>) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_FREQUENCY, a).map(drop)
+    }
+
+    fn enum_freq_bands(&mut self, s: &mut Self::Session, a: RawArg<64>) -> IoctlResult<RawArg<64>> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUM_FREQ_BANDS, a)
+    }
+
+    fn s_hw_freq_seek(&mut self, s: &mut Self::Session, a: RawArg<48>) -> IoctlResult<()> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_HW_FREQ_SEEK, a).map(drop)
+    }
+
+    fn g_sliced_vbi_cap(
+        &mut self,
+        s: &mut Self::Session,
+        a: RawArg<116>,
+    ) -> IoctlResult<RawArg<116>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_SLICED_VBI_CAP, a)
+    }
+
+    fn s_dv_timings(&mut self, s: &mut Self::Session, a: RawArg<132>) -> IoctlResult<RawArg<132>> {
+        fwd(s, V4l2Ioctl::VIDIOC_S_DV_TIMINGS, a)
+    }
+
+    fn g_dv_timings(&mut self, s: &mut Self::Session, a: RawArg<132>) -> IoctlResult<RawArg<132>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_DV_TIMINGS, a)
+    }
+
+    fn query_dv_timings(&mut self, s: &mut Self::Session) -> IoctlResult<RawArg<132>> {
+        fwd(s, V4l2Ioctl::VIDIOC_QUERY_DV_TIMINGS, [0u8; 132])
+    }
+
+    fn enum_dv_timings(
+        &mut self,
+        s: &mut Self::Session,
+        a: RawArg<148>,
+    ) -> IoctlResult<RawArg<148>> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENUM_DV_TIMINGS, a)
+    }
+
+    fn dv_timings_cap(
+        &mut self,
+        s: &mut Self::Session,
+        a: RawArg<144>,
+    ) -> IoctlResult<RawArg<144>> {
+        fwd(s, V4l2Ioctl::VIDIOC_DV_TIMINGS_CAP, a)
+    }
+
+    fn g_enc_index(&mut self, s: &mut Self::Session) -> IoctlResult<RawArg<2072>> {
+        fwd(s, V4l2Ioctl::VIDIOC_G_ENC_INDEX, [0u8; 2072])
+    }
+
+    fn encoder_cmd(&mut self, s: &mut Self::Session, a: RawArg<40>) -> IoctlResult<RawArg<40>> {
+        fwd(s, V4l2Ioctl::VIDIOC_ENCODER_CMD, a)
+    }
+
+    fn try_encoder_cmd(&mut self, s: &mut Self::Session, a: RawArg<40>) -> IoctlResult<RawArg<40>> {
+        fwd(s, V4l2Ioctl::VIDIOC_TRY_ENCODER_CMD, a)
+    }
+
+    fn decoder_cmd(&mut self, s: &mut Self::Session, a: RawArg<72>) -> IoctlResult<RawArg<72>> {
+        fwd(s, V4l2Ioctl::VIDIOC_DECODER_CMD, a)
+    }
+
+    fn try_decoder_cmd(&mut self, s: &mut Self::Session, a: RawArg<72>) -> IoctlResult<RawArg<72>> {
+        fwd(s, V4l2Ioctl::VIDIOC_TRY_DECODER_CMD, a)
+    }
+}
+
+impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V4l2Proxy<Q, H, G>
+where
+    G::Mapping: Send,
+{
+    type Session = ProxySession<G::Mapping>;
+
+    fn new_session(&mut self, session_id: u32) -> Result<Self::Session, Errno> {
+        let device = open_node(&self.node.path).map_err(|e| {
+            log::warn!("v4l2 proxy: opening {}: {e}", self.node.path.display());
+            e.raw_os_error().unwrap_or(libc::EIO)
+        })?;
+        let poller = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| e.raw_os_error())?;
+        epoll::add(
+            &poller,
+            &device,
+            epoll::EventData::new_u64(0),
+            epoll::EventFlags::PRI,
+        )
+        .map_err(|e| e.raw_os_error())?;
+        Ok(ProxySession {
+            id: session_id,
+            device,
+            poller,
+            polling_buffers: false,
+            queues: BTreeMap::new(),
+            mmap_planes: BTreeMap::new(),
+        })
+    }
+
+    fn close_session(&mut self, session: Self::Session) {
+        let addrs: Vec<u64> = self
+            .mappings
+            .iter()
+            .filter(|(_, s)| **s == session.id)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in addrs {
+            self.mappings.remove(&a);
+            if let Err(e) = self.host.remove_mapping(a) {
+                log::warn!("v4l2 proxy: unmapping {a:#x} on close: errno {e}");
+            }
+        }
+        // Dropping the session closes the host fd before the shadows are freed.
+        drop(session);
+    }
+
+    fn do_ioctl(
+        &mut self,
+        session: &mut Self::Session,
+        ioctl: V4l2Ioctl,
+        reader: &mut ChainReader<'_>,
+        writer: &mut ChainWriter<'_>,
+    ) -> Result<(), MediaError> {
+        dispatch_ioctl(self, session, ioctl, reader, writer)
+    }
+
+    fn do_mmap(
+        &mut self,
+        s: &mut Self::Session,
+        flags: u32,
+        offset: u32,
+    ) -> Result<(u64, u64), Errno> {
+        let plane = *s.mmap_planes.get(&offset).ok_or(libc::EINVAL)?;
+        let rw = flags & MMAP_FLAG_RW != 0;
+        let queue = v4l2r::QueueType::n(plane.buf_type).ok_or(libc::EINVAL)?;
+        let mut eflags = v4l2r::ioctl::ExpbufFlags::CLOEXEC;
+        eflags |= if rw {
+            v4l2r::ioctl::ExpbufFlags::RDWR
+        } else {
+            v4l2r::ioctl::ExpbufFlags::RDONLY
+        };
+        let fd: OwnedFd = v4l2r::ioctl::expbuf(
+            &s.device,
+            queue,
+            plane.index as usize,
+            plane.plane as usize,
+            eflags,
+        )
+        .map_err(|e| v4l2r::nix::errno::Errno::from(e) as i32)?;
+        let len = page_align(plane.length.into())
+            .filter(|l| *l > 0)
+            .ok_or(libc::EINVAL)?;
+        let addr = self.host.add_mapping(fd.as_fd(), len, 0, rw)?;
+        self.mappings.insert(addr, s.id);
+        Ok((addr, len))
+    }
+
+    fn do_munmap(&mut self, driver_addr: u64) -> Result<(), Errno> {
+        if !self.mappings.contains_key(&driver_addr) {
+            return Err(libc::EINVAL);
+        }
+        self.host.remove_mapping(driver_addr)?;
+        self.mappings.remove(&driver_addr);
+        Ok(())
+    }
+
+    fn process_events(&mut self, s: &mut Self::Session) -> Result<(), Errno> {
+        // V4L2 events first: a source change precedes the buffers it affects.
+        loop {
+            let mut ev = V4l2Event::default();
+            match plain_ioctl(s.fd(), V4l2Ioctl::VIDIOC_DQEVENT, &mut ev) {
+                Ok(()) => self.events.send_event(MediaEvent::v4l2(s.id, &ev)),
+                Err(libc::ENOENT) => break,
+                Err(e) => {
+                    log::warn!("v4l2 proxy: session {}: DQEVENT: errno {e}", s.id);
+                    break;
+                }
+            }
+        }
+        let types: Vec<u32> = s
+            .queues
+            .iter()
+            .filter(|(_, q)| q.streaming && !q.queued.is_empty())
+            .map(|(t, _)| *t)
+            .collect();
+        let mut result = Ok(());
+        for t in types {
+            if let Err(e) = self.dequeue_buffers(s, t) {
+                log::warn!("v4l2 proxy: session {}: DQBUF type {t}: errno {e}", s.id);
+                // Stop watching a queue that fails: a level-triggered poller would spin.
+                s.queue(t).streaming = false;
+                result = Err(e);
+            }
+        }
+        s.update_polling();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_non_v4l2_nodes_are_refused_by_name() {
+        let e = HostNode::probe(Path::new("/nonexistent/video7")).unwrap_err();
+        assert!(matches!(e, ProxyError::Open { .. }), "{e}");
+        assert!(e.to_string().contains("/nonexistent/video7"), "{e}");
+        let e = HostNode::probe(Path::new("/dev/null")).unwrap_err();
+        assert!(matches!(e, ProxyError::NotV4l2 { .. }), "{e}");
+        assert!(e.to_string().contains("/dev/null"), "{e}");
+    }
+
+    #[test]
+    fn shadows_are_page_aligned_and_bounded() {
+        let mut s = Shadow::new(5000).unwrap();
+        assert_eq!(s.addr() % 4096, 0);
+        assert_eq!(s.bytes().len(), 5000);
+        assert_eq!(Shadow::new(0).unwrap_err(), libc::EINVAL);
+        assert_eq!(Shadow::new(MAX_SHADOW_LEN + 1).unwrap_err(), libc::EINVAL);
+    }
+
+    #[test]
+    fn pointer_ioctls_never_go_through_the_plain_path() {
+        let f = File::open("/dev/null").unwrap();
+        let mut b = V4l2Buffer::default();
+        assert_eq!(
+            plain_ioctl(f.as_fd(), V4l2Ioctl::VIDIOC_QBUF, &mut b),
+            Err(libc::EINVAL)
+        );
+        // A plain ioctl reaches the host, which answers with its own errno.
+        let mut d = V4l2Fmtdesc::default();
+        assert_eq!(
+            plain_ioctl(f.as_fd(), V4l2Ioctl::VIDIOC_ENUM_FMT, &mut d),
+            Err(libc::ENOTTY)
+        );
+        // A mismatched argument size is refused before the kernel sees it.
+        let mut small = 0u32;
+        assert_eq!(
+            plain_ioctl(f.as_fd(), V4l2Ioctl::VIDIOC_ENUM_FMT, &mut small),
+            Err(libc::EINVAL)
+        );
+    }
+}
