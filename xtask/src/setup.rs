@@ -316,40 +316,8 @@ pub fn ensure_kernel_package(cache: &Path) -> Result<(PathBuf, PathBuf)> {
     let done = root.join(".unpacked");
     if !done.exists() {
         let dl = cache.join("download");
-        fs::create_dir_all(&dl).map_err(|e| format!("create {}: {e}", dl.display()))?;
-        // apt drops privileges to _apt for downloads when it can; let it write here.
-        let _ = fs::set_permissions(&dl, fs::Permissions::from_mode(0o777));
         println!("e2e: downloading {package}");
-        let download = || {
-            run(
-                Command::new("apt-get")
-                    .args(["download", "-q", &package])
-                    .current_dir(&dl),
-                Duration::from_secs(600),
-            )
-        };
-        if download().is_err() {
-            run(
-                Command::new("apt-get").args(["update", "-q"]),
-                Duration::from_secs(900),
-            )?;
-            download()?;
-        }
-        let deb = fs::read_dir(&dl)
-            .map_err(|e| format!("read {}: {e}", dl.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-            .ok_or_else(|| {
-                format!(
-                    "apt-get download left no {package}_*.deb in {}",
-                    dl.display()
-                )
-            })?;
+        let deb = download_deb(&dl, &package, &package)?;
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
         run(
@@ -371,6 +339,47 @@ pub fn ensure_kernel_package(cache: &Path) -> Result<(PathBuf, PathBuf)> {
         })
         .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
     Ok((kernel, root))
+}
+
+/// `apt-get download spec` into `dir` (made writable for apt's `_apt` user), retried once
+/// after `apt-get update`; returns the downloaded `{package}_*.deb` (the newest if
+/// several are there).
+fn download_deb(dir: &Path, spec: &str, package: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // apt drops privileges to _apt for downloads when it can; let it write here.
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o777));
+    let download = || {
+        run(
+            Command::new("apt-get")
+                .args(["download", "-q", spec])
+                .current_dir(dir),
+            Duration::from_secs(600),
+        )
+    };
+    if download().is_err() {
+        run(
+            Command::new("apt-get").args(["update", "-q"]),
+            Duration::from_secs(900),
+        )?;
+        download()?;
+    }
+    let prefix = format!("{package}_");
+    fs::read_dir(dir)
+        .map_err(|e| format!("read {}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+        })
+        .max()
+        .ok_or_else(|| {
+            format!(
+                "apt-get download left no {prefix}*.deb in {}",
+                dir.display()
+            )
+        })
 }
 
 /// Finds the modules `wanted` of the kernel unpacked in `root` and everything they
@@ -723,36 +732,7 @@ pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
         run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
     }
     let debs = cache.join("debs");
-    fs::create_dir_all(&debs).map_err(|e| format!("create {}: {e}", debs.display()))?;
-    let _ = fs::set_permissions(&debs, fs::Permissions::from_mode(0o777));
-    let download = || {
-        run(
-            Command::new("apt-get")
-                .args(["download", "-q", "linux-libc-dev/bookworm-backports"])
-                .current_dir(&debs),
-            Duration::from_secs(600),
-        )
-    };
-    if download().is_err() {
-        run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
-        download()?;
-    }
-    let deb = fs::read_dir(&debs)
-        .map_err(|e| format!("read {}: {e}", debs.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("linux-libc-dev_") && n.ends_with(".deb"))
-        })
-        .max()
-        .ok_or_else(|| {
-            format!(
-                "apt-get download left no linux-libc-dev_*.deb in {}",
-                debs.display()
-            )
-        })?;
+    let deb = download_deb(&debs, "linux-libc-dev/bookworm-backports", "linux-libc-dev")?;
     let root = cache.join("root");
     let _ = fs::remove_dir_all(&root);
     run(
