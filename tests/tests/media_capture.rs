@@ -107,6 +107,38 @@ fn check_frames(frames: &[(V4l2Buffer, Vec<u8>)], pix: &V4l2PixFormat) {
     }
 }
 
+/// REQBUFS(`count`) of `memory` on `type_`: the count the device granted, or the errno.
+fn reqbufs(g: &mut MediaGuest, s: u32, type_: u32, memory: u32, count: u32) -> Result<u32, u32> {
+    let req = V4l2Requestbuffers {
+        count,
+        type_,
+        memory,
+        ..Default::default()
+    };
+    g.ioctl::<_, V4l2Requestbuffers>(s, V4l2Ioctl::VIDIOC_REQBUFS, &req)
+        .map(|r| r.count)
+}
+
+/// The pixel formats ENUM_FMT lists for `type_`, up to its terminating `EINVAL`.
+fn enum_formats(g: &mut MediaGuest, s: u32, type_: u32) -> Vec<u32> {
+    let mut formats = Vec::new();
+    for index in 0.. {
+        let q = V4l2Fmtdesc {
+            index,
+            type_,
+            ..Default::default()
+        };
+        match g.ioctl::<_, V4l2Fmtdesc>(s, V4l2Ioctl::VIDIOC_ENUM_FMT, &q) {
+            Ok(d) => formats.push(d.pixelformat),
+            Err(e) => {
+                assert_eq!(e, libc::EINVAL as u32);
+                break;
+            }
+        }
+    }
+    formats
+}
+
 fn enumerate_and_configure(
     g: &mut MediaGuest,
     s: u32,
@@ -115,21 +147,7 @@ fn enumerate_and_configure(
     h: u32,
 ) -> V4l2PixFormat {
     use V4l2Ioctl::*;
-    let mut formats = Vec::new();
-    for index in 0.. {
-        let q = V4l2Fmtdesc {
-            index,
-            type_: BUF_TYPE_VIDEO_CAPTURE,
-            ..Default::default()
-        };
-        match g.ioctl::<_, V4l2Fmtdesc>(s, VIDIOC_ENUM_FMT, &q) {
-            Ok(d) => formats.push(d.pixelformat),
-            Err(e) => {
-                assert_eq!(e, libc::EINVAL as u32);
-                break;
-            }
-        }
-    }
+    let formats = enum_formats(g, s, BUF_TYPE_VIDEO_CAPTURE);
     assert_eq!(formats, [PIX_FMT_YUYV, PIX_FMT_NV12, PIX_FMT_RGB24]);
     // Multi-planar types are not served (and not advertised).
     let q = V4l2Fmtdesc {
@@ -368,17 +386,9 @@ fn mmap_capture_flow() {
         assert_eq!(g.munmap(addr), libc::EINVAL as u32);
     }
     assert_eq!(g.shm.count(), 0);
-    let free = V4l2Requestbuffers {
-        count: 0,
-        type_: BUF_TYPE_VIDEO_CAPTURE,
-        memory: MEMORY_MMAP,
-        ..Default::default()
-    };
     assert_eq!(
-        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &free)
-            .unwrap()
-            .count,
-        0
+        reqbufs(&mut g, s, BUF_TYPE_VIDEO_CAPTURE, MEMORY_MMAP, 0),
+        Ok(0)
     );
     g.close(s);
     assert_eq!(g.dev.runner().session_count(), 0);
@@ -473,17 +483,9 @@ fn userptr_capture_flow() {
     let mut g = camera_guest();
     let s = g.open();
     let pix = enumerate_and_configure(&mut g, s, PIX_FMT_YUYV, 320, 240);
-    let req = V4l2Requestbuffers {
-        count: 3,
-        type_: BUF_TYPE_VIDEO_CAPTURE,
-        memory: MEMORY_USERPTR,
-        ..Default::default()
-    };
     assert_eq!(
-        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req)
-            .unwrap()
-            .count,
-        3
+        reqbufs(&mut g, s, BUF_TYPE_VIDEO_CAPTURE, MEMORY_USERPTR, 3),
+        Ok(3)
     );
 
     let len = pix.sizeimage;
@@ -591,21 +593,7 @@ fn mplane_capture_flow() {
         g.ioctl::<_, V4l2Format>(s, VIDIOC_G_FMT, &fmt_req(0, 0, 0)),
         Err(libc::EINVAL as u32)
     );
-    let mut formats = Vec::new();
-    for index in 0.. {
-        let q = V4l2Fmtdesc {
-            index,
-            type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
-            ..Default::default()
-        };
-        match g.ioctl::<_, V4l2Fmtdesc>(s, VIDIOC_ENUM_FMT, &q) {
-            Ok(d) => formats.push(d.pixelformat),
-            Err(e) => {
-                assert_eq!(e, libc::EINVAL as u32);
-                break;
-            }
-        }
-    }
+    let formats = enum_formats(&mut g, s, BUF_TYPE_VIDEO_CAPTURE_MPLANE);
     assert_eq!(
         formats,
         [
