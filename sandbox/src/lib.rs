@@ -10,8 +10,8 @@
 //!   an unprivileged user. Built on `seccompiler`, `landlock` and raw system calls; no
 //!   `minijail`.
 //! - [`fork`]: `fork_process` and the [`Child`] handle (pid + pidfd) that reaps.
-//! - [`ring`]: the hot-path channel, a request ring in a sealed memfd with futex
-//!   doorbells.
+//! - [`ring`]: the hot-path channel, a request slot per calling thread in a sealed
+//!   memfd, executed in one global ticket order, with futex doorbells.
 //! - [`proxy`]: `ProxyDevice` and `ChildProcIntf`, with every command of crosvm's proxy.
 //! - [`cold`]: the cold path's framing over the Tube (inline JSON, or a sealed memfd for
 //!   large payloads such as snapshots).

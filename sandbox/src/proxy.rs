@@ -7,23 +7,29 @@
 //! # Two paths
 //!
 //! - **Hot** (read, write, config and virtual-config accesses, destroy): a fixed 64-byte
-//!   entry in the shared-memory [`ring`](crate::ring), no encoding, no system call while
-//!   both sides are busy. Writes (MMIO, virtual config) and destroy are *posted*: they
-//!   return once the entry is published, and every later access is queued behind them,
-//!   so the device sees them in program order. A config write waits, since it returns a
-//!   [`ConfigWriteResult`]; a non-empty result (rare: BAR moves, hot-unplug) follows on
-//!   the Tube.
+//!   entry in the calling thread's own request slot in shared memory
+//!   ([`ring`](crate::ring)), no encoding, no lock shared with other callers, no system
+//!   call while both sides are busy. Writes (MMIO, virtual config) and destroy are
+//!   *posted*: they return once the entry is published, and every later access is
+//!   executed after them (the child runs entries in the order their tickets were taken),
+//!   so the device sees each thread's accesses in program order, and accesses ordered
+//!   across threads (by a lock, a channel) in that order too. A config write waits,
+//!   since it returns a [`ConfigWriteResult`]; a non-empty result (rare: BAR moves,
+//!   hot-unplug) follows on the Tube.
 //! - **Cold** (activate, PCI config mapping, shutdown, ranges, snapshot, restore, sleep,
 //!   wake): serde over an `outboard_transport::Tube`, framed by [`crate::cold`] (inline
 //!   JSON, or a sealed memfd for payloads too large for one datagram, such as big
-//!   snapshots). The parent queues a `COLD` entry in the ring, then sends the command, so
-//!   cold commands stay ordered with hot ones; the child answers on the Tube before it
-//!   completes the entry.
+//!   snapshots). The parent queues a `COLD` entry in the caller's slot, then sends the
+//!   command, so cold commands stay ordered with hot ones; the child answers on the Tube
+//!   before it completes the entry. One lock serializes cold commands and config writes
+//!   (whose results may use the Tube) so messages pair up with their entries.
 //!
 //! # Failure
 //!
 //! Every wait is bounded ([`ProxyDevice::set_timeouts`]) and checks the child's pidfd
-//! between futex sleeps of a few milliseconds. A child that crashed, was killed by
+//! between futex sleeps of a few milliseconds; each waiting caller does, so when several
+//! threads wait on a dead child all of them return within one sleep slice of the first
+//! noticing it. A child that crashed, was killed by
 //! seccomp or stopped answering makes the proxy *broken*: the child is killed and reaped
 //! at once, the failing call returns an error (through the `try_*` methods, or the
 //! trait's `Err`), and every later call fails fast. Reads then return all-ones bytes
@@ -1140,7 +1146,7 @@ fn child_send(tube: &Tube, label: &str, res: &ColdResult) {
     }
 }
 
-/// The device process: wait for activation, then serve the ring until shutdown or until
+/// The device process: wait for activation, then serve the slots until shutdown or until
 /// the VMM goes away.
 fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
     let mut device = Some(device);
