@@ -1154,6 +1154,9 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
     if let Some(d) = device.as_mut() {
         d.on_sandboxed();
     }
+    // Take the consumer role before activation: the VMM publishes nothing before it
+    // hears that activation succeeded, so the first ticket is read before any is taken.
+    let mut consumer = Consumer::new(ring);
     // Activation, over the Tube only.
     loop {
         match tube.wait_readable(Some(Duration::from_millis(100))) {
@@ -1177,7 +1180,6 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
             return;
         }
     }
-    let mut consumer = Consumer::new(ring);
     let mut spin = true;
     loop {
         let slot = match consumer.wait(spin) {

@@ -633,32 +633,16 @@ pub enum Next {
 }
 
 impl Consumer {
-    /// Takes the consumer role.
+    /// Takes the consumer role. Call it before the producer publishes anything.
     pub fn new(ring: SharedRing) -> Consumer {
         let l = ring.layout();
         let mut tails = [0u32; SLOTS];
         for (t, s) in tails.iter_mut().zip(&l.slots) {
             *t = s.done.0.load(Ordering::Acquire);
         }
-        // The consumer is created before the producer publishes anything (the child
-        // builds it right after activation), so the counter is the next ticket. A ring
-        // reused after a consumer exited resumes at the oldest published entry.
-        let counter = l.ticket.0.load(Ordering::Acquire);
-        let mut ticket = counter;
-        let mut oldest = 0u32;
-        for (s, &tail) in l.slots.iter().zip(&tails) {
-            let pending = s.parent.head.load(Ordering::Acquire).wrapping_sub(tail);
-            if pending > 0 && pending <= SLOT_ENTRIES {
-                let t = s.entries[(tail % SLOT_ENTRIES) as usize]
-                    .ticket
-                    .load(Ordering::Relaxed);
-                let age = counter.wrapping_sub(t);
-                if age > oldest {
-                    oldest = age;
-                    ticket = t;
-                }
-            }
-        }
+        // The child builds its consumer before activation, so before anything is
+        // published: the counter is the next ticket.
+        let ticket = l.ticket.0.load(Ordering::Acquire);
         Consumer {
             ring,
             tails,
