@@ -10,10 +10,18 @@
 //! thread and the device process run on different CPUs. The `same_cpu` group pins both
 //! to CPU 0, to show the ring does not lose when they must share one.
 //!
-//! Run with `cargo bench -p outboard-sandbox --bench proxy`.
+//! The `contended_*` groups measure throughput when 1, 2 or 4 caller threads read
+//! from one `ProxyDevice` at the same time (one "element" is one read): with the callers
+//! on CPU 0 and the device child on CPU 1, and with nothing pinned. They use only the
+//! public API, so the same file measures an older `ProxyDevice` too (the single ring
+//! under a mutex, before per-caller slots) when built against it.
+//!
+//! Run with `cargo bench -p outboard-sandbox --bench proxy` (a criterion filter such as
+//! `contended` selects groups).
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use outboard_devices::bus::{BusAccessInfo, BusDevice, Suspendable};
@@ -29,13 +37,27 @@ const INFO: BusAccessInfo = BusAccessInfo {
     id: 0,
 };
 
-fn pin_to(cpu: usize) {
+fn set_affinity(cpus: &[usize]) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity
-    // only touch that local set.
+    // only touch that local set (CPU_SET ignores numbers beyond the set's size).
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn pin_to(cpu: usize) {
+    set_affinity(&[cpu]);
+}
+
+/// Pins the calling thread to `cpu`, or lets it run on every CPU.
+fn place(cpu: Option<usize>) {
+    match cpu {
+        Some(cpu) => pin_to(cpu),
+        None => set_affinity(&(0..cpus()).collect::<Vec<_>>()),
     }
 }
 
@@ -47,7 +69,8 @@ fn cpus() -> usize {
 
 /// The device behind every variant: a register that reads back a constant.
 struct Reg {
-    cpu: usize,
+    /// Where the device child runs (`None`: anywhere).
+    cpu: Option<usize>,
 }
 
 impl BusDevice for Reg {
@@ -62,7 +85,7 @@ impl BusDevice for Reg {
     }
 
     fn on_sandboxed(&mut self) {
-        pin_to(self.cpu);
+        place(self.cpu);
     }
 }
 
@@ -98,7 +121,7 @@ fn spawn_json_child(jail: &Jail, cpu: usize) -> (OwnedFd, Child) {
     let keep = [theirs.as_raw_fd()];
     let child = fork_process(jail, &keep, Some("bench-json"), move || {
         pin_to(cpu);
-        let mut dev = Reg { cpu };
+        let mut dev = Reg { cpu: Some(cpu) };
         let mut buf = [0u8; 4096];
         loop {
             let n = match recv(&theirs, &mut buf, RecvFlags::empty()) {
@@ -186,7 +209,13 @@ fn bench_group(c: &mut Criterion, group_name: &str, child_cpu: usize) {
     group.throughput(Throughput::Elements(1));
     for (jail_name, jail) in jails() {
         // (a) ProxyDevice.
-        let proxy = match ProxyDevice::new(Reg { cpu: child_cpu }, &jail, &[]) {
+        let proxy = match ProxyDevice::new(
+            Reg {
+                cpu: Some(child_cpu),
+            },
+            &jail,
+            &[],
+        ) {
             Ok(p) => p,
             Err(e) => panic!("ProxyDevice::new: {e}"),
         };
@@ -225,6 +254,49 @@ fn bench_group(c: &mut Criterion, group_name: &str, child_cpu: usize) {
     group.finish();
 }
 
+/// Throughput of 1, 2 and 4 threads reading from one proxy at once; the callers run on
+/// `caller_cpu` and the device child on `child_cpu` (`None`: unpinned).
+fn bench_contended(
+    c: &mut Criterion,
+    group_name: &str,
+    caller_cpu: Option<usize>,
+    child_cpu: Option<usize>,
+) {
+    let mut group = c.benchmark_group(group_name);
+    let proxy = match ProxyDevice::new(Reg { cpu: child_cpu }, &Jail::new(), &[]) {
+        Ok(p) => p,
+        Err(e) => panic!("ProxyDevice::new: {e}"),
+    };
+    for threads in [1usize, 2, 4] {
+        group.throughput(Throughput::Elements(threads as u64));
+        group.bench_function(format!("{threads}_callers"), |b| {
+            b.iter_custom(|iters| {
+                let barrier = Barrier::new(threads + 1);
+                let start = std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        s.spawn(|| {
+                            place(caller_cpu);
+                            let mut data = [0u8; 4];
+                            barrier.wait();
+                            for _ in 0..iters {
+                                if let Err(e) = proxy.try_read(INFO, &mut data) {
+                                    panic!("read: {e}");
+                                }
+                                std::hint::black_box(data);
+                            }
+                        });
+                    }
+                    barrier.wait();
+                    Instant::now()
+                });
+                start.elapsed()
+            })
+        });
+    }
+    drop(proxy);
+    group.finish();
+}
+
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -239,5 +311,16 @@ fn main() {
     }
     println!("pinning: benchmark process and device children on CPU 0");
     bench_group(&mut c, "mmio_read_same_cpu", 0);
+    if cpus > 1 {
+        println!("pinning: caller threads on CPU 0, device child on CPU 1");
+        bench_contended(
+            &mut c,
+            "contended_callers_cpu0_child_cpu1",
+            Some(0),
+            Some(1),
+        );
+    }
+    println!("pinning: none (callers and device child anywhere)");
+    bench_contended(&mut c, "contended_unpinned", None, None);
     c.final_summary();
 }

@@ -10,8 +10,8 @@
 //!   an unprivileged user. Built on `seccompiler`, `landlock` and raw system calls; no
 //!   `minijail`.
 //! - [`fork`]: `fork_process` and the [`Child`] handle (pid + pidfd) that reaps.
-//! - [`ring`]: the hot-path channel, a request ring in a sealed memfd with futex
-//!   doorbells.
+//! - [`ring`]: the hot-path channel, a request slot per calling thread in a sealed
+//!   memfd, executed in one global ticket order, with futex doorbells.
 //! - [`proxy`]: `ProxyDevice` and `ChildProcIntf`, with every command of crosvm's proxy.
 //! - [`cold`]: the cold path's framing over the Tube (inline JSON, or a sealed memfd for
 //!   large payloads such as snapshots).
@@ -43,19 +43,34 @@
 //!
 //! `cargo bench -p outboard-sandbox --bench proxy` measures a proxied 4-byte MMIO read
 //! round trip (criterion medians) on the 2-CPU development VM (nested virtualization,
-//! kernel 6.18). Cross CPU: the VMM pinned to CPU 0, the device process to CPU 1.
+//! kernel 6.18). Cross CPU: the VMM pinned to CPU 0, the device process to CPU 1; same
+//! CPU: both on CPU 0. Figures are medians of 5 runs while another job kept the machine
+//! at load 3 – 4.6 (three runs of the whole bench under `taskset -c 0` gave same-CPU
+//! medians of 2.40 / 2.47 µs for (a), 7.44 / 7.53 µs for (b), 6.66 / 6.63 µs for (c)):
 //!
-//! | path                                   | cross CPU | + jail  | same CPU | + jail  |
-//! |----------------------------------------|-----------|---------|----------|---------|
-//! | (a) `ProxyDevice` (shared-memory ring) | 0.18 µs   | 0.33 µs | 2.43 µs  | 2.45 µs |
-//! | (b) serde_json over `SOCK_SEQPACKET`   | 65.8 µs   | 64.1 µs | 7.68 µs  | 7.65 µs |
-//! | (c) raw 16-byte `SOCK_SEQPACKET`       | 61.7 µs   | 61.8 µs | 7.25 µs  | 6.70 µs |
+//! | path                                    | cross CPU | + jail  | same CPU | + jail  |
+//! |-----------------------------------------|-----------|---------|----------|---------|
+//! | (a) `ProxyDevice` (per-caller slots)    | 0.85 µs   | 0.52 µs | 2.91 µs  | 2.46 µs |
+//! | (b) serde_json over `SOCK_SEQPACKET`    | 54.4 µs   | 64.1 µs | 7.63 µs  | 7.86 µs |
+//! | (c) raw 16-byte `SOCK_SEQPACKET`        | 63.3 µs   | 66.2 µs | 7.45 µs  | 7.22 µs |
 //!
-//! The jail is [`Jail::sandboxed`]. Cross-CPU socket wake-ups are slow on that VM (an IPI
-//! per message), which the ring avoids entirely while both sides are busy. On one CPU
-//! each side notes its CPU in the ring and yields at once instead of spinning. With other
-//! builds keeping both CPUs busy (load ~6) the cross-CPU figures were 0.6 – 2.6 µs for
-//! (a) against 80 – 123 µs for (b) and (c).
+//! On a less busy moment the cross-CPU (a) figure is 0.14 – 0.16 µs. The jail is
+//! [`Jail::sandboxed`]. Cross-CPU socket wake-ups are slow on that VM (an IPI per
+//! message), which the slots avoid entirely while both sides are busy. On one CPU each
+//! side notes its CPU in shared memory and yields at once instead of spinning.
+//!
+//! Several threads reading one device at once (`contended_*` groups, reads per second,
+//! medians of 5 runs; "single ring" is the previous design, one ring behind a mutex held
+//! for the whole round trip, measured with the same bench file in alternating runs):
+//!
+//! | callers | unpinned, slots | unpinned, single ring | CPU 0 → 1, slots | CPU 0 → 1, single ring |
+//! |---------|-----------------|-----------------------|------------------|------------------------|
+//! | 1       | 0.30 M/s        | 0.37 M/s              | 2.16 M/s         | 0.84 M/s               |
+//! | 2       | 0.48 M/s        | 0.13 M/s              | 2.10 M/s         | 0.95 M/s               |
+//! | 4       | 0.52 M/s        | 0.13 M/s              | 1.60 M/s         | 1.11 M/s               |
+//!
+//! The pinned columns vary 3 – 5x from run to run on the shared machine; the unpinned
+//! ones within 1.5x.
 #![deny(missing_docs)]
 
 pub mod cold;

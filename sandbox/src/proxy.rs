@@ -7,31 +7,38 @@
 //! # Two paths
 //!
 //! - **Hot** (read, write, config and virtual-config accesses, destroy): a fixed 64-byte
-//!   entry in the shared-memory [`ring`](crate::ring), no encoding, no system call while
-//!   both sides are busy. Writes (MMIO, virtual config) and destroy are *posted*: they
-//!   return once the entry is published, and every later access is queued behind them,
-//!   so the device sees them in program order. A config write waits, since it returns a
-//!   [`ConfigWriteResult`]; a non-empty result (rare: BAR moves, hot-unplug) follows on
-//!   the Tube.
+//!   entry in the calling thread's own request slot in shared memory
+//!   ([`ring`](crate::ring)), no encoding, no lock shared with other callers, no system
+//!   call while both sides are busy. Writes (MMIO, virtual config) and destroy are
+//!   *posted*: they return once the entry is published, and every later access is
+//!   executed after them (the child runs entries in the order their tickets were taken),
+//!   so the device sees each thread's accesses in program order, and accesses ordered
+//!   across threads (by a lock, a channel) in that order too. A config write waits,
+//!   since it returns a [`ConfigWriteResult`]; a non-empty result (rare: BAR moves,
+//!   hot-unplug) follows on the Tube.
 //! - **Cold** (activate, PCI config mapping, shutdown, ranges, snapshot, restore, sleep,
 //!   wake): serde over an `outboard_transport::Tube`, framed by [`crate::cold`] (inline
 //!   JSON, or a sealed memfd for payloads too large for one datagram, such as big
-//!   snapshots). The parent queues a `COLD` entry in the ring, then sends the command, so
-//!   cold commands stay ordered with hot ones; the child answers on the Tube before it
-//!   completes the entry.
+//!   snapshots). The parent queues a `COLD` entry in the caller's slot, then sends the
+//!   command, so cold commands stay ordered with hot ones; the child answers on the Tube
+//!   before it completes the entry. One lock serializes cold commands and config writes
+//!   (whose results may use the Tube) so messages pair up with their entries.
 //!
 //! # Failure
 //!
 //! Every wait is bounded ([`ProxyDevice::set_timeouts`]) and checks the child's pidfd
-//! between futex sleeps of a few milliseconds. A child that crashed, was killed by
+//! between futex sleeps of a few milliseconds; each waiting caller does, so when several
+//! threads wait on a dead child all of them return within one sleep slice of the first
+//! noticing it. A child that crashed, was killed by
 //! seccomp or stopped answering makes the proxy *broken*: the child is killed and reaped
 //! at once, the failing call returns an error (through the `try_*` methods, or the
 //! trait's `Err`), and every later call fails fast. Reads then return all-ones bytes
 //! ([`FAILED_READ`]), like a bus with nothing on it, and log an error.
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use outboard_devices::bus::{
@@ -47,7 +54,9 @@ use thiserror::Error;
 use crate::cold::{self, ColdError};
 use crate::fork::{fork_process, Child, ForkError};
 use crate::jail::Jail;
-use crate::ring::{Consumer, Entry, Next, Producer, RingError, SharedRing};
+use crate::ring::{
+    Consumer, Entry, Next, Producer, RingError, SharedRing, SlotProducer, SHARED_SLOT,
+};
 
 /// The byte a failed read returns in every position.
 pub const FAILED_READ: u8 = 0xff;
@@ -345,19 +354,120 @@ impl ChildProcIntf {
     }
 }
 
-struct Inner {
-    tube: Tube,
-    producer: Producer,
-    child: Child,
-    broken: Option<String>,
+/// Which per-caller slots are claimed: bit `i` for slot `i` (never [`SHARED_SLOT`]).
+#[derive(Debug, Default)]
+struct Claims {
+    taken: AtomicU32,
+}
+
+/// The slots a thread may own: every one but the shared fallback.
+const OWNED_MASK: u32 = (1 << SHARED_SLOT) - 1;
+
+impl Claims {
+    /// Claims a free slot, lock-free; `None` if all are taken.
+    fn claim(&self) -> Option<usize> {
+        let mut taken = self.taken.load(Ordering::Relaxed);
+        loop {
+            let free = !taken & OWNED_MASK;
+            if free == 0 {
+                return None;
+            }
+            let bit = free.trailing_zeros();
+            match self.taken.compare_exchange_weak(
+                taken,
+                taken | (1 << bit),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(bit as usize),
+                Err(now) => taken = now,
+            }
+        }
+    }
+
+    fn release(&self, slot: usize) {
+        if slot < SHARED_SLOT {
+            self.taken.fetch_and(!(1 << slot), Ordering::AcqRel);
+        }
+    }
+}
+
+/// The slots this thread owns, one per proxy it has called; released when the thread
+/// exits. A `Weak` keeps the `Claims` allocation (not the proxy) alive, so its address
+/// identifies the proxy for as long as the entry exists.
+struct ClaimList(Vec<(Weak<Claims>, usize)>);
+
+impl Drop for ClaimList {
+    fn drop(&mut self) {
+        for (claims, slot) in self.0.drain(..) {
+            if let Some(claims) = claims.upgrade() {
+                claims.release(slot);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static CLAIMED: RefCell<ClaimList> = const { RefCell::new(ClaimList(Vec::new())) };
+}
+
+/// The slot the calling thread uses on the proxy owning `claims`: its own (claimed on
+/// first use, kept until the thread exits), or [`SHARED_SLOT`] when all are taken (a
+/// later call tries again) or while the thread is being torn down.
+fn caller_slot(claims: &Arc<Claims>) -> usize {
+    CLAIMED
+        .try_with(|list| {
+            let Ok(mut list) = list.try_borrow_mut() else {
+                return SHARED_SLOT;
+            };
+            let me = Arc::as_ptr(claims);
+            if let Some(&(_, slot)) = list.0.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), me)) {
+                return slot;
+            }
+            match claims.claim() {
+                Some(slot) => {
+                    // Forget proxies that are gone before remembering a new one.
+                    list.0.retain(|(w, _)| w.strong_count() > 0);
+                    list.0.push((Arc::downgrade(claims), slot));
+                    slot
+                }
+                None => SHARED_SLOT,
+            }
+        })
+        .unwrap_or(SHARED_SLOT)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent state behind (each
+    // guarded value is updated by single assignments), so poisoning is ignored.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Runs a [`BusDevice`] in a jailed child process and forwards every access to it.
 ///
+/// Each calling thread gets a request slot of its own in the shared memory (up to
+/// [`SLOTS`](crate::ring::SLOTS)` - 1` threads; more share the last slot), so vCPU
+/// threads do not serialize on a lock to reach the device. The device still executes
+/// one access at a time, in the order described in [`crate::ring`]: each thread's
+/// accesses in program order, and accesses ordered by happens-before across threads in
+/// that order.
+///
 /// The child is shut down (then killed, if it does not exit within
 /// [`SHUTDOWN_TIMEOUT`]) and reaped when the proxy is dropped.
 pub struct ProxyDevice {
-    inner: Mutex<Inner>,
+    producer: Producer,
+    /// Each slot's private state; an owned slot's lock is only ever taken by its owner
+    /// (and by cold commands), so it is uncontended.
+    slots: Vec<Mutex<SlotProducer>>,
+    claims: Arc<Claims>,
+    /// The cold path; held across a whole cold command or config write so that Tube
+    /// messages and their ring entries pair up.
+    tube: Mutex<Tube>,
+    child: Mutex<Child>,
+    /// A disarmed second handle on the child's pidfd, for lock-free liveness checks.
+    watch: Child,
+    broken: AtomicBool,
+    reason: Mutex<Option<String>>,
     debug_label: String,
     pid: i32,
     hot_timeout: Duration,
@@ -384,217 +494,59 @@ impl TryFrom<ChildProcIntf> for ProxyDevice {
             debug_label,
         } = intf;
         let label = debug_label.clone();
-        let producer = Producer::new(ring).map_err(|source| ProxyError::Ring {
+        let (producer, slots) = Producer::new(ring).map_err(|source| ProxyError::Ring {
             label: label.clone(),
             command: "activate",
             source,
         })?;
+        let mut watch = Child::from_pidfd(
+            child.pid(),
+            child
+                .pidfd()
+                .try_clone_to_owned()
+                .map_err(ProxyError::DupFd)?,
+        );
+        watch.disarm();
         let proxy = ProxyDevice {
             pid: child.pid(),
-            inner: Mutex::new(Inner {
-                tube,
-                producer,
-                child,
-                broken: None,
-            }),
+            producer,
+            slots: slots.into_iter().map(Mutex::new).collect(),
+            claims: Arc::new(Claims::default()),
+            tube: Mutex::new(tube),
+            child: Mutex::new(child),
+            watch,
+            broken: AtomicBool::new(false),
+            reason: Mutex::new(None),
             debug_label,
             hot_timeout: DEFAULT_HOT_TIMEOUT,
             cold_timeout: DEFAULT_COLD_TIMEOUT,
         };
         // Activation goes over the Tube only: a duplicate interface never touches the ring.
-        let mut g = proxy.lock();
+        let tube = lock(&proxy.tube);
         let cmd = ColdCommand::Activate;
-        let res = cold::send(&g.tube, &cmd, &[])
+        let res = cold::send(&tube, &cmd, &[])
             .map_err(|source| ProxyError::Cold {
                 label: label.clone(),
                 command: "activate",
                 source,
             })
-            .and_then(|()| g.recv_cold(&label, "activate", proxy.cold_timeout));
+            .and_then(|()| proxy.recv_tube::<ColdResult>(&tube, "activate", proxy.cold_timeout));
+        drop(tube);
         match res {
-            Ok(ColdResult::Ok) => {
-                drop(g);
-                Ok(proxy)
-            }
+            Ok(ColdResult::Ok) => Ok(proxy),
             Ok(ColdResult::Refused(reason)) => {
                 // Not ours to kill: the child serves the first activation.
-                g.broken = Some("activation refused".to_owned());
-                g.child.disarm();
-                drop(g);
+                *lock(&proxy.reason) = Some("activation refused".to_owned());
+                proxy.broken.store(true, Ordering::Release);
+                lock(&proxy.child).disarm();
                 Err(ProxyError::ActivationRefused { label, reason })
             }
-            Ok(other) => Err(g.fail(ProxyError::UnexpectedResult {
+            Ok(other) => Err(proxy.fail(ProxyError::UnexpectedResult {
                 label,
                 command: "activate",
                 got: format!("{other:?}"),
             })),
-            Err(e) => Err(g.fail(e)),
-        }
-    }
-}
-
-impl Inner {
-    /// Marks the proxy broken, kills and reaps the child, logs, and passes `err` on.
-    fn fail(&mut self, err: ProxyError) -> ProxyError {
-        if self.broken.is_none() {
-            log::error!("{err}; killing device process {}", self.child.pid());
-            self.broken = Some(err.to_string());
-            match self.child.kill_and_wait(Duration::from_secs(1)) {
-                Ok(Some(status)) => log::error!("device process {} {status}", self.child.pid()),
-                Ok(None) => {
-                    log::error!("device process {} did not die within 1 s", self.child.pid())
-                }
-                Err(e) => log::error!("{e}"),
-            }
-        }
-        err
-    }
-
-    fn check(&self, label: &str) -> Result<(), ProxyError> {
-        match &self.broken {
-            Some(reason) => Err(ProxyError::Broken {
-                label: label.to_owned(),
-                reason: reason.clone(),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    fn push(
-        &mut self,
-        label: &str,
-        command: &'static str,
-        timeout: Duration,
-        fill: impl FnOnce(&Entry),
-    ) -> Result<u32, ProxyError> {
-        self.check(label)?;
-        let Inner {
-            producer, child, ..
-        } = self;
-        let res = producer.push(fill, timeout, &mut || !child.has_exited());
-        res.map_err(|source| {
-            self.fail(ProxyError::Ring {
-                label: label.to_owned(),
-                command,
-                source,
-            })
-        })
-    }
-
-    /// Waits for entry `seq`; returns its status and data.
-    fn wait(
-        &mut self,
-        label: &str,
-        command: &'static str,
-        seq: u32,
-        timeout: Duration,
-    ) -> Result<(u32, u64), ProxyError> {
-        let Inner {
-            producer, child, ..
-        } = self;
-        let res = producer.wait_for(seq, timeout, &mut || !child.has_exited());
-        if let Err(source) = res {
-            return Err(self.fail(ProxyError::Ring {
-                label: label.to_owned(),
-                command,
-                source,
-            }));
-        }
-        let e = self.producer.entry(seq);
-        Ok((
-            e.status.load(Ordering::Relaxed),
-            e.data.load(Ordering::Relaxed),
-        ))
-    }
-
-    /// Receives a Tube message the child has sent (or is about to send), bounded by
-    /// `timeout` and the child's liveness.
-    fn recv_tube<T: serde::de::DeserializeOwned>(
-        &mut self,
-        label: &str,
-        command: &'static str,
-        timeout: Duration,
-    ) -> Result<T, ProxyError> {
-        let start = Instant::now();
-        let tube_err = |source| ProxyError::Tube {
-            label: label.to_owned(),
-            command,
-            source,
-        };
-        loop {
-            match self.tube.wait_readable(Some(Duration::from_millis(10))) {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(source) => return Err(self.fail(tube_err(source))),
-            }
-            if self.child.has_exited()
-                && !matches!(self.tube.wait_readable(Some(Duration::ZERO)), Ok(true))
-            {
-                return Err(self.fail(ProxyError::Ring {
-                    label: label.to_owned(),
-                    command,
-                    source: RingError::PeerGone { pending: 1 },
-                }));
-            }
-            if start.elapsed() >= timeout {
-                return Err(self.fail(ProxyError::Ring {
-                    label: label.to_owned(),
-                    command,
-                    source: RingError::Timeout { timeout },
-                }));
-            }
-        }
-        match cold::recv::<T>(&self.tube) {
-            Ok((msg, fds)) if fds.is_empty() => Ok(msg),
-            Ok((_, fds)) => Err(self.fail(ProxyError::Cold {
-                label: label.to_owned(),
-                command,
-                source: ColdError::Malformed(format!("{} unexpected fds", fds.len())),
-            })),
-            Err(source) => Err(self.fail(ProxyError::Cold {
-                label: label.to_owned(),
-                command,
-                source,
-            })),
-        }
-    }
-
-    fn recv_cold(
-        &mut self,
-        label: &str,
-        command: &'static str,
-        timeout: Duration,
-    ) -> Result<ColdResult, ProxyError> {
-        self.recv_tube(label, command, timeout)
-    }
-
-    /// A cold command: queue a COLD entry, send the command, wait, receive the answer.
-    fn cold(
-        &mut self,
-        label: &str,
-        cmd: &ColdCommand,
-        fds: &[BorrowedFd<'_>],
-        timeout: Duration,
-    ) -> Result<ColdResult, ProxyError> {
-        let command = cmd.name();
-        let seq = self.push(label, command, timeout, |e| {
-            e.op.store(op::COLD, Ordering::Relaxed)
-        })?;
-        if let Err(source) = cold::send(&self.tube, cmd, fds) {
-            return Err(self.fail(ProxyError::Cold {
-                label: label.to_owned(),
-                command,
-                source,
-            }));
-        }
-        self.wait(label, command, seq, timeout)?;
-        match self.recv_cold(label, command, timeout)? {
-            ColdResult::Refused(reason) => Err(ProxyError::Refused {
-                label: label.to_owned(),
-                command,
-                reason,
-            }),
-            other => Ok(other),
+            Err(e) => Err(proxy.fail(e)),
         }
     }
 }
@@ -612,77 +564,190 @@ fn check_len(len: usize, max: usize) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// The private plumbing shared by every command.
 impl ProxyDevice {
-    /// Forks `device` into a child confined by `jail` and activates it. Fork devices
-    /// early, before the process starts threads, where possible (see [`crate::jail`]).
-    pub fn new<D: BusDevice>(
-        device: D,
-        jail: &Jail,
-        keep_fds: &[RawFd],
-    ) -> Result<ProxyDevice, ProxyError> {
-        ChildProcIntf::new(device, jail, keep_fds)?.try_into()
+    /// Marks the proxy broken, kills and reaps the child, logs, and passes `err` on.
+    fn fail(&self, err: ProxyError) -> ProxyError {
+        let mut reason = lock(&self.reason);
+        if reason.is_none() {
+            log::error!("{err}; killing device process {}", self.pid);
+            *reason = Some(err.to_string());
+            self.broken.store(true, Ordering::Release);
+            match lock(&self.child).kill_and_wait(Duration::from_secs(1)) {
+                Ok(Some(status)) => log::error!("device process {} {status}", self.pid),
+                Ok(None) => log::error!("device process {} did not die within 1 s", self.pid),
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        err
     }
 
-    /// The child's pid.
-    pub fn pid(&self) -> i32 {
-        self.pid
+    fn check(&self) -> Result<(), ProxyError> {
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(ProxyError::Broken {
+            label: self.debug_label.clone(),
+            reason: lock(&self.reason).clone().unwrap_or_default(),
+        })
     }
 
-    /// Sets the bounds on hot-path calls (reads, config accesses, a full ring) and on
-    /// cold-path calls (snapshot, restore, ...).
-    pub fn set_timeouts(&mut self, hot: Duration, cold: Duration) {
-        self.hot_timeout = hot;
-        self.cold_timeout = cold;
+    /// Asked between futex sleeps: false once the child exited or another caller found
+    /// the proxy broken (so every waiter gives up within one sleep slice).
+    fn alive(&self) -> bool {
+        !self.broken.load(Ordering::Acquire) && !self.watch.has_exited()
     }
 
-    /// How the child ended, once it has (reaping it); `None` while it runs.
-    pub fn exit_status(&self) -> Option<crate::fork::ExitStatus> {
-        self.lock().child.try_wait().ok().flatten()
+    /// Turns a channel error into the proxy's error, breaking the proxy unless another
+    /// caller already did (then the error says so).
+    fn ring_failed(&self, command: &'static str, source: RingError) -> ProxyError {
+        if let Err(broken) = self.check() {
+            return broken;
+        }
+        self.fail(ProxyError::Ring {
+            label: self.debug_label.clone(),
+            command,
+            source,
+        })
     }
 
-    /// True once a failure made the proxy unusable.
-    pub fn is_broken(&self) -> bool {
-        self.lock().broken.is_some()
+    /// The calling thread's slot, locked.
+    fn slot(&self) -> MutexGuard<'_, SlotProducer> {
+        let slot = caller_slot(&self.claims);
+        // `slots` has SLOTS entries and `caller_slot` returns less than SLOTS.
+        lock(&self.slots[slot % self.slots.len()])
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn push(
+        &self,
+        sp: &mut SlotProducer,
+        command: &'static str,
+        timeout: Duration,
+        fill: impl FnOnce(&Entry),
+    ) -> Result<u32, ProxyError> {
+        self.check()?;
+        self.producer
+            .push(sp, fill, timeout, &mut || self.alive())
+            .map_err(|source| self.ring_failed(command, source))
     }
 
-    /// Reads `data.len()` (1 to 8) bytes at `info`.
-    pub fn try_read(&self, info: BusAccessInfo, data: &mut [u8]) -> Result<(), ProxyError> {
-        check_len(data.len(), 8)?;
-        let mut g = self.lock();
-        let seq = g.push(&self.debug_label, "read", self.hot_timeout, |e| {
-            e.op.store(op::READ, Ordering::Relaxed);
-            e.len.store(data.len() as u32, Ordering::Relaxed);
-            e.offset.store(info.offset, Ordering::Relaxed);
-            e.address.store(info.address, Ordering::Relaxed);
-            e.id.store(info.id as u64, Ordering::Relaxed);
+    /// Waits for entry `seq` of `sp`'s slot; returns its status and data.
+    fn wait(
+        &self,
+        sp: &SlotProducer,
+        command: &'static str,
+        seq: u32,
+        timeout: Duration,
+    ) -> Result<(u32, u64), ProxyError> {
+        self.producer
+            .wait_for(sp, seq, timeout, &mut || self.alive())
+            .map_err(|source| self.ring_failed(command, source))?;
+        let e = self.producer.entry(sp, seq);
+        Ok((
+            e.status.load(Ordering::Relaxed),
+            e.data.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Receives a Tube message the child has sent (or is about to send), bounded by
+    /// `timeout` and the child's liveness.
+    fn recv_tube<T: serde::de::DeserializeOwned>(
+        &self,
+        tube: &Tube,
+        command: &'static str,
+        timeout: Duration,
+    ) -> Result<T, ProxyError> {
+        let label = &self.debug_label;
+        let start = Instant::now();
+        loop {
+            match tube.wait_readable(Some(Duration::from_millis(10))) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(source) => {
+                    return Err(self.fail(ProxyError::Tube {
+                        label: label.clone(),
+                        command,
+                        source,
+                    }))
+                }
+            }
+            if self.watch.has_exited()
+                && !matches!(tube.wait_readable(Some(Duration::ZERO)), Ok(true))
+            {
+                return Err(self.fail(ProxyError::Ring {
+                    label: label.clone(),
+                    command,
+                    source: RingError::PeerGone { pending: 1 },
+                }));
+            }
+            if start.elapsed() >= timeout {
+                return Err(self.fail(ProxyError::Ring {
+                    label: label.clone(),
+                    command,
+                    source: RingError::Timeout { timeout },
+                }));
+            }
+        }
+        match cold::recv::<T>(tube) {
+            Ok((msg, fds)) if fds.is_empty() => Ok(msg),
+            Ok((_, fds)) => Err(self.fail(ProxyError::Cold {
+                label: label.clone(),
+                command,
+                source: ColdError::Malformed(format!("{} unexpected fds", fds.len())),
+            })),
+            Err(source) => Err(self.fail(ProxyError::Cold {
+                label: label.clone(),
+                command,
+                source,
+            })),
+        }
+    }
+
+    /// A cold command: queue a COLD entry in the caller's slot, send the command, wait,
+    /// receive the answer. The Tube lock is held throughout, so cold commands (and
+    /// config writes, whose results may follow on the Tube) never interleave.
+    fn cold_locked(
+        &self,
+        tube: &Tube,
+        cmd: &ColdCommand,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<ColdResult, ProxyError> {
+        let command = cmd.name();
+        let mut sp = self.slot();
+        let seq = self.push(&mut sp, command, timeout, |e| {
+            e.op.store(op::COLD, Ordering::Relaxed)
         })?;
-        let (st, value) = g.wait(&self.debug_label, "read", seq, self.hot_timeout)?;
-        self.expect_ok(st, "read")?;
-        let n = data.len();
-        data.copy_from_slice(&value.to_le_bytes()[..n]);
-        Ok(())
+        if let Err(source) = cold::send(tube, cmd, fds) {
+            return Err(self.fail(ProxyError::Cold {
+                label: self.debug_label.clone(),
+                command,
+                source,
+            }));
+        }
+        self.wait(&sp, command, seq, timeout)?;
+        drop(sp);
+        match self.recv_tube(tube, command, timeout)? {
+            ColdResult::Refused(reason) => Err(ProxyError::Refused {
+                label: self.debug_label.clone(),
+                command,
+                reason,
+            }),
+            other => Ok(other),
+        }
     }
 
-    /// Posts a write of `data` (1 to 8 bytes) at `info`; it reaches the device before
-    /// any later access.
-    pub fn try_write(&self, info: BusAccessInfo, data: &[u8]) -> Result<(), ProxyError> {
-        check_len(data.len(), 8)?;
-        let mut g = self.lock();
-        g.push(&self.debug_label, "write", self.hot_timeout, |e| {
-            e.op.store(op::WRITE, Ordering::Relaxed);
-            e.len.store(data.len() as u32, Ordering::Relaxed);
-            e.offset.store(info.offset, Ordering::Relaxed);
-            e.address.store(info.address, Ordering::Relaxed);
-            e.id.store(info.id as u64, Ordering::Relaxed);
-            e.data.store(pack(data), Ordering::Relaxed);
-        })?;
-        Ok(())
+    fn cold(&self, cmd: &ColdCommand, fds: &[BorrowedFd<'_>]) -> Result<ColdResult, ProxyError> {
+        let tube = lock(&self.tube);
+        self.cold_locked(&tube, cmd, fds, self.cold_timeout)
+    }
+
+    fn unexpected(&self, command: &'static str, got: ColdResult) -> ProxyError {
+        self.fail(ProxyError::UnexpectedResult {
+            label: self.debug_label.clone(),
+            command,
+            got: format!("{got:?}"),
+        })
     }
 
     fn expect_ok(&self, st: u32, command: &'static str) -> Result<(), ProxyError> {
@@ -703,14 +768,91 @@ impl ProxyDevice {
         command: &'static str,
         reg_idx: usize,
     ) -> Result<u32, ProxyError> {
-        let mut g = self.lock();
-        let seq = g.push(&self.debug_label, command, self.hot_timeout, |e| {
+        let mut sp = self.slot();
+        let seq = self.push(&mut sp, command, self.hot_timeout, |e| {
             e.op.store(opcode, Ordering::Relaxed);
             e.reg.store(reg_idx as u32, Ordering::Relaxed);
         })?;
-        let (st, value) = g.wait(&self.debug_label, command, seq, self.hot_timeout)?;
+        let (st, value) = self.wait(&sp, command, seq, self.hot_timeout)?;
         self.expect_ok(st, command)?;
         Ok(value as u32)
+    }
+}
+
+impl ProxyDevice {
+    /// Forks `device` into a child confined by `jail` and activates it. Fork devices
+    /// early, before the process starts threads, where possible (see [`crate::jail`]).
+    pub fn new<D: BusDevice>(
+        device: D,
+        jail: &Jail,
+        keep_fds: &[RawFd],
+    ) -> Result<ProxyDevice, ProxyError> {
+        ChildProcIntf::new(device, jail, keep_fds)?.try_into()
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sets the bounds on hot-path calls (reads, config accesses, a full slot) and on
+    /// cold-path calls (snapshot, restore, ...).
+    pub fn set_timeouts(&mut self, hot: Duration, cold: Duration) {
+        self.hot_timeout = hot;
+        self.cold_timeout = cold;
+    }
+
+    /// How the child ended, once it has (reaping it); `None` while it runs.
+    pub fn exit_status(&self) -> Option<crate::fork::ExitStatus> {
+        lock(&self.child).try_wait().ok().flatten()
+    }
+
+    /// True once a failure made the proxy unusable.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// How many threads currently own a request slot of their own (diagnostics: a
+    /// thread releases its slot when it exits; threads beyond
+    /// [`SLOTS`](crate::ring::SLOTS)` - 1` share the last one).
+    pub fn slots_in_use(&self) -> usize {
+        (self.claims.taken.load(Ordering::Relaxed) & OWNED_MASK).count_ones() as usize
+    }
+
+    /// Reads `data.len()` (1 to 8) bytes at `info`.
+    pub fn try_read(&self, info: BusAccessInfo, data: &mut [u8]) -> Result<(), ProxyError> {
+        check_len(data.len(), 8)?;
+        let mut sp = self.slot();
+        let seq = self.push(&mut sp, "read", self.hot_timeout, |e| {
+            e.op.store(op::READ, Ordering::Relaxed);
+            e.len.store(data.len() as u32, Ordering::Relaxed);
+            e.offset.store(info.offset, Ordering::Relaxed);
+            e.address.store(info.address, Ordering::Relaxed);
+            e.id.store(info.id as u64, Ordering::Relaxed);
+        })?;
+        let (st, value) = self.wait(&sp, "read", seq, self.hot_timeout)?;
+        drop(sp);
+        self.expect_ok(st, "read")?;
+        let n = data.len();
+        data.copy_from_slice(&value.to_le_bytes()[..n]);
+        Ok(())
+    }
+
+    /// Posts a write of `data` (1 to 8 bytes) at `info`; it reaches the device before
+    /// any later access by this thread (and before any access ordered after this call
+    /// by other means, such as a lock).
+    pub fn try_write(&self, info: BusAccessInfo, data: &[u8]) -> Result<(), ProxyError> {
+        check_len(data.len(), 8)?;
+        let mut sp = self.slot();
+        self.push(&mut sp, "write", self.hot_timeout, |e| {
+            e.op.store(op::WRITE, Ordering::Relaxed);
+            e.len.store(data.len() as u32, Ordering::Relaxed);
+            e.offset.store(info.offset, Ordering::Relaxed);
+            e.address.store(info.address, Ordering::Relaxed);
+            e.id.store(info.id as u64, Ordering::Relaxed);
+            e.data.store(pack(data), Ordering::Relaxed);
+        })?;
+        Ok(())
     }
 
     /// Reads PCI configuration register `reg_idx`.
@@ -736,18 +878,21 @@ impl ProxyDevice {
     ) -> Result<ConfigWriteResult, ProxyError> {
         check_len(data.len(), 4)?;
         let command = "config_register_write";
-        let mut g = self.lock();
-        let seq = g.push(&self.debug_label, command, self.hot_timeout, |e| {
+        // A non-empty result follows on the Tube: hold it so no cold command interleaves.
+        let tube = lock(&self.tube);
+        let mut sp = self.slot();
+        let seq = self.push(&mut sp, command, self.hot_timeout, |e| {
             e.op.store(op::WRITE_CONFIG, Ordering::Relaxed);
             e.reg.store(reg_idx as u32, Ordering::Relaxed);
             e.offset.store(offset, Ordering::Relaxed);
             e.len.store(data.len() as u32, Ordering::Relaxed);
             e.data.store(pack(data), Ordering::Relaxed);
         })?;
-        let (st, _) = g.wait(&self.debug_label, command, seq, self.hot_timeout)?;
+        let (st, _) = self.wait(&sp, command, seq, self.hot_timeout)?;
+        drop(sp);
         match st {
             status::OK => Ok(ConfigWriteResult::default()),
-            status::FOLLOWS => g.recv_tube(&self.debug_label, command, self.hot_timeout),
+            status::FOLLOWS => self.recv_tube(&tube, command, self.hot_timeout),
             _ => Err(ProxyError::Refused {
                 label: self.debug_label.clone(),
                 command,
@@ -762,9 +907,9 @@ impl ProxyDevice {
         reg_idx: usize,
         value: u32,
     ) -> Result<(), ProxyError> {
-        let mut g = self.lock();
-        g.push(
-            &self.debug_label,
+        let mut sp = self.slot();
+        self.push(
+            &mut sp,
             "virtual_config_register_write",
             self.hot_timeout,
             |e| {
@@ -778,25 +923,11 @@ impl ProxyDevice {
 
     /// Posts `destroy_device`.
     pub fn try_destroy_device(&self) -> Result<(), ProxyError> {
-        let mut g = self.lock();
-        g.push(&self.debug_label, "destroy_device", self.hot_timeout, |e| {
+        let mut sp = self.slot();
+        self.push(&mut sp, "destroy_device", self.hot_timeout, |e| {
             e.op.store(op::DESTROY, Ordering::Relaxed);
         })?;
         Ok(())
-    }
-
-    fn cold(&self, cmd: &ColdCommand, fds: &[BorrowedFd<'_>]) -> Result<ColdResult, ProxyError> {
-        self.lock()
-            .cold(&self.debug_label, cmd, fds, self.cold_timeout)
-    }
-
-    fn unexpected(&self, command: &'static str, got: ColdResult) -> ProxyError {
-        let err = ProxyError::UnexpectedResult {
-            label: self.debug_label.clone(),
-            command,
-            got: format!("{got:?}"),
-        };
-        self.lock().fail(err)
     }
 
     /// Hands the device a memfd to mirror its PCI configuration space into.
@@ -843,15 +974,20 @@ impl ProxyDevice {
     /// Shuts the child down (it drops the device and exits) and reaps it, waiting at
     /// most `timeout` before killing it.
     pub fn shutdown(&self, timeout: Duration) -> Result<(), ProxyError> {
-        let mut g = self.lock();
-        if g.broken.is_some() {
-            return g.check(&self.debug_label);
+        let tube = lock(&self.tube);
+        self.check()?;
+        let res = self.cold_locked(&tube, &ColdCommand::Shutdown, &[], timeout);
+        {
+            let mut reason = lock(&self.reason);
+            if reason.is_none() {
+                *reason = Some("shut down".to_owned());
+            }
+            self.broken.store(true, Ordering::Release);
         }
-        let res = g.cold(&self.debug_label, &ColdCommand::Shutdown, &[], timeout);
-        g.broken = Some("shut down".to_owned());
-        let reaped = g.child.wait_timeout(timeout);
+        let mut child = lock(&self.child);
+        let reaped = child.wait_timeout(timeout);
         if !matches!(reaped, Ok(Some(_))) {
-            let _ = g.child.kill_and_wait(Duration::from_secs(1));
+            let _ = child.kill_and_wait(Duration::from_secs(1));
         }
         match res? {
             ColdResult::Ok => Ok(()),
@@ -1010,7 +1146,7 @@ fn child_send(tube: &Tube, label: &str, res: &ColdResult) {
     }
 }
 
-/// The device process: wait for activation, then serve the ring until shutdown or until
+/// The device process: wait for activation, then serve the slots until shutdown or until
 /// the VMM goes away.
 fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
     let mut device = Some(device);
@@ -1018,6 +1154,9 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
     if let Some(d) = device.as_mut() {
         d.on_sandboxed();
     }
+    // Take the consumer role before activation: the VMM publishes nothing before it
+    // hears that activation succeeded, so the first ticket is read before any is taken.
+    let mut consumer = Consumer::new(ring);
     // Activation, over the Tube only.
     loop {
         match tube.wait_readable(Some(Duration::from_millis(100))) {
@@ -1041,21 +1180,20 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
             return;
         }
     }
-    let mut consumer = Consumer::new(ring);
     let mut spin = true;
     loop {
-        let head = match consumer.wait(spin) {
-            Next::Ready(head) => head,
+        let slot = match consumer.wait(spin) {
+            Next::Ready(slot) => slot,
             Next::Idle => {
                 spin = false;
                 if !parent_alive(&tube) {
                     return;
                 }
                 // A COLD entry is always queued before its message is sent, so a message
-                // waiting while the ring is (still) empty is unsolicited: a duplicate
+                // waiting while no slot holds an entry is unsolicited: a duplicate
                 // interface trying to activate. Refuse it.
                 if matches!(tube.wait_readable(Some(Duration::ZERO)), Ok(true))
-                    && consumer.poll() == Next::Idle
+                    && !consumer.pending()
                 {
                     let answer = match cold::recv::<ColdCommand>(&tube).map(|(cmd, _fds)| cmd) {
                         Ok(ColdCommand::Activate) => {
@@ -1070,19 +1208,25 @@ fn child_proc<D: BusDevice>(tube: Tube, ring: SharedRing, device: D) {
                 }
                 continue;
             }
-            Next::Corrupt => {
-                log::error!("{label}: the VMM corrupted the request ring");
+            Next::Corrupt(slot) => {
+                log::error!("{label}: the VMM corrupted request slot {slot}");
                 return;
             }
         };
         spin = true;
-        while consumer.tail() != head {
-            let seq = consumer.tail();
-            let shutdown = serve_entry(consumer.entry(seq), &tube, &mut device, &label);
-            consumer.complete();
-            if shutdown {
+        let shutdown = match consumer.entry(slot) {
+            Ok(entry) => serve_entry(entry, &tube, &mut device, &label),
+            Err(e) => {
+                log::error!("{label}: {e}");
                 return;
             }
+        };
+        if let Err(e) = consumer.complete(slot) {
+            log::error!("{label}: {e}");
+            return;
+        }
+        if shutdown {
+            return;
         }
     }
 }

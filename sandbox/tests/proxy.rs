@@ -1,6 +1,8 @@
 //! ProxyDevice end to end: the seed's EchoDevice tests, every command, posted-write
 //! ordering, snapshot/restore/sleep/wake, fd passing of a `ChildProcIntf`, and failures
-//! (a child killed mid-call, a hung child, a seccomp kill, shutdown on drop).
+//! (a child killed mid-call, a hung child, a seccomp kill, shutdown on drop), and
+//! several caller threads on one proxy (per-caller order, cross-caller hand-over, slot
+//! reuse, all slots taken, the child killed under waiting callers).
 //!
 //! Runs with `harness = false`: every case runs in sequence on the main thread, so
 //! forking is safe.
@@ -792,6 +794,244 @@ fn test_unprivileged_seccomp_kill() -> Result<(), String> {
     as_nobody(test_seccomp_kill_in_pid_namespace_is_relayed)
 }
 
+// ---------------------------------------------------------------------------------------
+// Several caller threads on one proxy (a request slot per caller).
+
+/// Registers that check each caller's program order: caller `c` writes 1, 2, 3, ... to
+/// `c * 8`; a write that is not the last value plus one (lost or reordered) is counted.
+/// Reading `c * 8` gives the last value; reading `ORDER_ERRORS` the count; reading
+/// `ORDER_HANG` never answers (for the kill test).
+struct OrderDevice {
+    last: [u64; 64],
+    errors: u64,
+    writes: u64,
+}
+
+const ORDER_ERRORS: u64 = 0x1000;
+const ORDER_WRITES: u64 = 0x1008;
+const ORDER_HANG: u64 = 0x2000;
+/// A plain register, no order check (for the cross-caller test).
+const ORDER_PLAIN: u64 = 0x3000;
+
+impl BusDevice for OrderDevice {
+    fn debug_label(&self) -> String {
+        "order".to_owned()
+    }
+
+    fn read(&mut self, info: BusAccessInfo, data: &mut [u8]) {
+        let v = match info.offset {
+            ORDER_ERRORS => self.errors,
+            ORDER_WRITES => self.writes,
+            ORDER_HANG => {
+                std::thread::sleep(Duration::from_secs(30));
+                0
+            }
+            ORDER_PLAIN => self.last[63],
+            o => self.last[(o / 8 % 63) as usize],
+        };
+        let n = data.len();
+        data.copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    fn write(&mut self, info: BusAccessInfo, data: &[u8]) {
+        let mut b = [0u8; 8];
+        b[..data.len()].copy_from_slice(data);
+        let v = u64::from_le_bytes(b);
+        self.writes += 1;
+        if info.offset == ORDER_PLAIN {
+            self.last[63] = v;
+            return;
+        }
+        let reg = &mut self.last[(info.offset / 8 % 63) as usize];
+        if v != *reg + 1 {
+            self.errors += 1;
+        }
+        *reg = v;
+    }
+}
+
+impl Suspendable for OrderDevice {}
+
+fn order_device() -> Result<ProxyDevice, String> {
+    let dev = OrderDevice {
+        last: [0; 64],
+        errors: 0,
+        writes: 0,
+    };
+    ProxyDevice::new(dev, &Jail::new(), &[]).map_err(e("new"))
+}
+
+/// `threads` callers each post `writes` sequential writes to their own register and
+/// read it back every 16 writes (the read must see the latest posted write). While all
+/// run, each owns a slot if there are enough (7), the rest share the last one; after
+/// they exit every slot is released. The device saw every write, none out of order.
+fn hammer(threads: u64, writes: u64) -> Result<(), String> {
+    let p = order_device()?;
+    let barrier = std::sync::Barrier::new(threads as usize + 1);
+    let in_use = std::thread::scope(|s| -> Result<usize, String> {
+        let handles: Vec<_> = (0..threads)
+            .map(|c| {
+                let (p, barrier) = (&p, &barrier);
+                s.spawn(move || -> Result<(), String> {
+                    // One access first so the slot is claimed before the count is read.
+                    ensure!(read_u64(p, c * 8)? == 0, "caller {c}: fresh register");
+                    barrier.wait();
+                    barrier.wait();
+                    for v in 1..=writes {
+                        p.try_write(at(c * 8), &v.to_le_bytes())
+                            .map_err(e("write"))?;
+                        if v % 16 == 0 {
+                            let got = read_u64(p, c * 8)?;
+                            ensure!(got == v, "caller {c}: read {got} after writing {v}");
+                        }
+                    }
+                    ensure!(read_u64(p, c * 8)? == writes, "caller {c}: last value");
+                    Ok(())
+                })
+            })
+            .collect();
+        barrier.wait();
+        let in_use = p.slots_in_use();
+        barrier.wait();
+        for h in handles {
+            h.join().map_err(|_| "caller panicked".to_owned())??;
+        }
+        Ok(in_use)
+    })?;
+    let owned = (threads as usize).min(outboard_sandbox::ring::SLOTS - 1);
+    ensure!(
+        in_use == owned,
+        "{in_use} slots in use by {threads} callers"
+    );
+    ensure!(
+        p.slots_in_use() == 0,
+        "{} slots still claimed",
+        p.slots_in_use()
+    );
+    ensure!(read_u64(&p, ORDER_ERRORS)? == 0, "lost or reordered writes");
+    let seen = read_u64(&p, ORDER_WRITES)?;
+    ensure!(seen == threads * writes, "device saw {seen} writes");
+    ensure!(!p.is_broken(), "broken");
+    Ok(())
+}
+
+fn test_callers_keep_program_order() -> Result<(), String> {
+    hammer(4, 20_000)
+}
+
+fn test_all_slots_taken_still_ordered() -> Result<(), String> {
+    hammer(12, 5_000)
+}
+
+/// A write posted by one thread and handed over (through a channel, i.e. a
+/// happens-before edge, like a guest lock) is seen by another thread's read.
+fn test_cross_caller_handoff_is_ordered() -> Result<(), String> {
+    let p = order_device()?;
+    let (to_b, from_a) = std::sync::mpsc::sync_channel::<u64>(0);
+    let (to_a, from_b) = std::sync::mpsc::sync_channel::<u64>(0);
+    let p = &p;
+    std::thread::scope(|s| -> Result<(), String> {
+        let a = s.spawn(move || -> Result<(), String> {
+            for v in 1..=5_000u64 {
+                p.try_write(at(ORDER_PLAIN), &v.to_le_bytes())
+                    .map_err(e("write"))?;
+                to_b.send(v).map_err(e("send"))?;
+                let seen = from_b.recv().map_err(e("recv"))?;
+                ensure!(seen == v, "B saw {seen} after A wrote {v}");
+            }
+            Ok(())
+        });
+        let b = s.spawn(move || -> Result<(), String> {
+            while let Ok(v) = from_a.recv() {
+                let seen = read_u64(p, ORDER_PLAIN)?;
+                let _ = to_a.send(seen);
+                ensure!(seen == v, "B read {seen}, A had posted {v}");
+            }
+            Ok(())
+        });
+        let ra = a.join().map_err(|_| "A panicked".to_owned())?;
+        let rb = b.join().map_err(|_| "B panicked".to_owned())?;
+        ra.and(rb)
+    })?;
+    ensure!(p.slots_in_use() == 0, "slots still claimed");
+    Ok(())
+}
+
+/// Callers that exit hand their slot back: 40 threads one after another each own one
+/// while they run, and none is left claimed.
+fn test_exited_callers_slots_are_reused() -> Result<(), String> {
+    let p = order_device()?;
+    for c in 0..40u64 {
+        let reg = c % 8;
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), String> {
+                let start = read_u64(&p, reg * 8)?;
+                p.try_write(at(reg * 8), &(start + 1).to_le_bytes())
+                    .map_err(e("write"))?;
+                ensure!(read_u64(&p, reg * 8)? == start + 1, "thread {c}");
+                ensure!(p.slots_in_use() == 1, "thread {c}: {}", p.slots_in_use());
+                Ok(())
+            })
+            .join()
+            .map_err(|_| "caller panicked".to_owned())?
+        })?;
+        ensure!(
+            p.slots_in_use() == 0,
+            "after thread {c}: {}",
+            p.slots_in_use()
+        );
+    }
+    ensure!(read_u64(&p, ORDER_ERRORS)? == 0, "order errors");
+    Ok(())
+}
+
+/// The child is killed while 5 callers wait on it (one inside the device, four queued
+/// behind it in their slots): all get errors within a second of the kill, well inside
+/// their 10 s bound, and the child is reaped.
+fn test_child_killed_while_callers_wait() -> Result<(), String> {
+    let mut p = order_device()?;
+    p.set_timeouts(Duration::from_secs(10), Duration::from_secs(10));
+    let pid = p.pid();
+    let p = &p;
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5u64)
+            .map(|c| {
+                s.spawn(move || {
+                    let offset = if c == 0 { ORDER_HANG } else { c * 8 };
+                    if c > 0 {
+                        // Queue behind the hanging read.
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let mut b = [0u8; 8];
+                    let res = p.try_read(at(offset), &mut b);
+                    (res, Instant::now())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let killed = Instant::now();
+        // SAFETY: kills the device child this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        (killed, results)
+    });
+    let (killed, results) = results;
+    for (c, r) in results.into_iter().enumerate() {
+        let (res, at) = r.map_err(|_| format!("caller {c} panicked"))?;
+        ensure!(res.is_err(), "caller {c} got an answer from a dead child");
+        let after = at.saturating_duration_since(killed);
+        ensure!(after < Duration::from_secs(1), "caller {c} took {after:?}");
+    }
+    ensure!(p.is_broken(), "not broken");
+    ensure!(gone(pid), "zombie {pid}");
+    let mut b = [0u8; 4];
+    ensure!(
+        matches!(p.try_read(at(0), &mut b), Err(ProxyError::Broken { .. })),
+        "later call not refused"
+    );
+    Ok(())
+}
+
 fn main() {
     let cases: &[Case] = &[
         ("test_debug_label", test_debug_label),
@@ -834,6 +1074,26 @@ fn main() {
             test_jailed_proxy_works_unprivileged,
         ),
         ("unprivileged_seccomp_kill", test_unprivileged_seccomp_kill),
+        (
+            "callers_keep_program_order",
+            test_callers_keep_program_order,
+        ),
+        (
+            "all_slots_taken_still_ordered",
+            test_all_slots_taken_still_ordered,
+        ),
+        (
+            "cross_caller_handoff_is_ordered",
+            test_cross_caller_handoff_is_ordered,
+        ),
+        (
+            "exited_callers_slots_are_reused",
+            test_exited_callers_slots_are_reused,
+        ),
+        (
+            "child_killed_while_callers_wait",
+            test_child_killed_while_callers_wait,
+        ),
     ];
     common::run(common::plain(cases));
 }
