@@ -236,8 +236,9 @@ const SHIM_LIMITS: [(&str, &str); 1] = [(
      the emulated driver shares its epoll instances with the parent's, whose driver sees \
      the disconnect first and closes the session (unwatching it for both), and an \
      emulated client fd (an eventfd) cannot report EPOLLPRI. A kernel driver has one \
-     state for both processes. The proxy's part, ENODEV as one session error, is checked \
-     by media-proxy-check",
+     state for both processes (though the Linux virtio-media driver only logs a session \
+     error and would not report the disconnect either). The proxy's part, ENODEV as one \
+     session error, is checked by media-proxy-check",
 )];
 
 /// Whether a test failing only through the proxy is a known shim limitation.

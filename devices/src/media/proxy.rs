@@ -1039,6 +1039,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         if c.memory == MEMORY_DMABUF {
             return Err(libc::EINVAL);
         }
+        // The format's window would hold pointers (vb2 has no overlay queue anyway).
+        no_overlay(c.format.type_)?;
         let mut out = fwd(s, V4l2Ioctl::VIDIOC_CREATE_BUFS, c)?;
         out.capabilities = carried_buf_caps(out.capabilities);
         if c.count > 0 {
