@@ -695,6 +695,12 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             if buffer.index >= q.buffers {
                 return Err(libc::EINVAL);
             }
+            // The host has the shadows of a queued or prepared buffer pinned (its device
+            // may be writing them): they must not be replaced, and vb2 refuses to queue
+            // or prepare such a buffer again anyway.
+            if q.queued.contains_key(&buffer.index) || q.prepared.contains_key(&buffer.index) {
+                return Err(libc::EINVAL);
+            }
             for (plane, len, used) in lens {
                 if len == 0 {
                     mappings.push(None);

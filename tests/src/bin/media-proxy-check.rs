@@ -760,6 +760,13 @@ fn stream(
         queued.iter().all(|st| *st == 0),
         format!("{queued:?}"),
     );
+    // USERPTR: the host has the buffer's shadow pinned, which must not be replaced.
+    let again = qbuf(g, 0);
+    report.check(
+        &format!("{tag}: QBUF of a queued buffer gets EINVAL"),
+        again == libc::EINVAL as u32,
+        again,
+    );
     let on = g.ioctl_void(s, VIDIOC_STREAMON, &buf_type);
     report.check(&format!("{tag}: STREAMON"), on.is_ok(), format!("{on:?}"));
 
