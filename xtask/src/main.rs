@@ -9,7 +9,8 @@
 //! - `cargo xtask bench-e2e`: the e2e harness once per back-end, with a comparison table.
 //! - `cargo xtask media-compliance`: v4l2-compliance against the software camera (both
 //!   modes) through the `outboard-v4l2-shim` guest-driver stand-in.
-//! - `cargo xtask media-e2e`: the V4L2 proxy against vivid in a QEMU guest.
+//! - `cargo xtask media-e2e`: the V4L2 proxy against vivid in a QEMU guest, including
+//!   v4l2-compliance through the proxy compared with v4l2-compliance on vivid itself.
 //! - `cargo xtask media-deps`: installs what building v4l2r (feature `v4l2-proxy`) needs
 //!   and prints the directory to export as `V4L2R_VIDEODEV2_H_PATH`.
 //!
@@ -207,6 +208,7 @@ commands:
   media-compliance       v4l2-compliance against the software camera (single- and
                          multi-planar) through the guest-driver shim
   media-e2e              boot a guest with vivid and check the V4L2 proxy over it
+                         (with v4l2-compliance, directly and through the proxy)
   media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
                          prints the directory for V4L2R_VIDEODEV2_H_PATH";
 

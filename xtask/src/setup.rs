@@ -524,8 +524,10 @@ impl Cpio {
     }
 }
 
-/// Writes the initramfs `cache/name`: busybox, `init` as /init, the programs `bins`
-/// (name in /bin, host path) and the modules (listed in load order in /modules/order).
+/// Writes the initramfs `cache/name`: busybox, `init` as /init, the files `bins` (name,
+/// host path; a plain name goes to /bin, a name starting with `/` is the file's path in
+/// the initramfs, its directories made as needed: shared libraries and the dynamic
+/// loader) and the modules (listed in load order in /modules/order).
 pub fn build_initramfs(
     cache: &Path,
     name: &str,
@@ -539,12 +541,25 @@ pub fn build_initramfs(
         data: Vec::new(),
         ino: 0,
     };
+    let mut dirs = BTreeSet::new();
     for d in ["bin", "dev", "proc", "sys", "tmp", "modules"] {
         cpio.dir(d);
+        dirs.insert(d.to_string());
     }
     cpio.file("bin/busybox", &read(&busybox)?);
     for (bin, path) in bins {
-        cpio.file(&format!("bin/{bin}"), &read(path)?);
+        let name = match bin.strip_prefix('/') {
+            Some(abs) => {
+                for (i, _) in abs.match_indices('/') {
+                    if dirs.insert(abs[..i].to_string()) {
+                        cpio.dir(&abs[..i]);
+                    }
+                }
+                abs.to_string()
+            }
+            None => format!("bin/{bin}"),
+        };
+        cpio.file(&name, &read(path)?);
     }
     cpio.file("init", init.as_bytes());
     let mut order = String::new();

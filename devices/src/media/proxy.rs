@@ -36,8 +36,27 @@
 //!
 //! # Host errors
 //!
-//! Every host errno goes back to the guest unchanged. DMABUF memory is refused with
-//! `EINVAL` (virtio objects are not carried).
+//! Every host errno goes back to the guest unchanged. A host node that goes away
+//! (`ENODEV`, as a USB camera unplugged) fails the session: the runner reports it to the
+//! driver as an error event.
+//!
+//! # What is not carried
+//!
+//! What virtio-media cannot carry is refused and not advertised, so that a guest sees a
+//! consistent device (and no guest value is ever taken by the host kernel as a host
+//! pointer or fd):
+//!
+//! - DMABUF memory (`EINVAL`; virtio objects are not carried): `V4L2_BUF_CAP_SUPPORTS_DMABUF`
+//!   is cleared from `REQBUFS`/`CREATE_BUFS` answers;
+//! - requests (there is no media device, and a request fd would be looked up in the
+//!   host's fd table): `V4L2_BUF_FLAG_REQUEST_FD` buffers and `V4L2_CTRL_WHICH_REQUEST_VAL`
+//!   controls are refused as the V4L2 core refuses them without request support, and
+//!   `V4L2_BUF_CAP_SUPPORTS_REQUESTS` is cleared;
+//! - overlays (`v4l2_window` holds clip and bitmap pointers the host kernel would
+//!   follow, and the framebuffer ioctls are not carried): the overlay buffer types get
+//!   `EINVAL` and the overlay capabilities are cleared;
+//! - read/write I/O: `V4L2_CAP_READWRITE` is cleared, and so are `readbuffers` and
+//!   `writebuffers` in `G_PARM`/`S_PARM` answers.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -95,6 +114,21 @@ const CAP_VIDEO_M2M_MPLANE: u32 = 0x0000_4000;
 const CAP_VIDEO_M2M: u32 = 0x0000_8000;
 /// `V4L2_CAP_READWRITE`: `read()`/`write()` are not carried by virtio-media.
 const CAP_READWRITE: u32 = 0x0100_0000;
+/// `V4L2_CAP_VIDEO_OVERLAY`.
+const CAP_VIDEO_OVERLAY: u32 = 0x0000_0004;
+/// `V4L2_CAP_VIDEO_OUTPUT_OVERLAY`.
+const CAP_VIDEO_OUTPUT_OVERLAY: u32 = 0x0000_0200;
+/// `V4L2_BUF_TYPE_VIDEO_OVERLAY`, `V4L2_BUF_TYPE_VIDEO_OUTPUT_OVERLAY`.
+const OVERLAY_TYPES: [u32; 2] = [3, 8];
+/// `V4L2_BUF_CAP_SUPPORTS_REQUESTS`.
+const BUF_CAP_SUPPORTS_REQUESTS: u32 = 1 << 3;
+/// `V4L2_BUF_FLAG_REQUEST_FD`.
+const BUF_FLAG_REQUEST_FD: u32 = 0x0080_0000;
+/// `EBADR`: what vb2 answers for a request buffer on a queue without request support.
+const EBADR: Errno = libc::EBADR;
+/// Offset of `readbuffers` in `v4l2_captureparm` and of `writebuffers` in
+/// `v4l2_outputparm` (after capability, mode, timeperframe, extendedmode).
+const PARM_BUFFERS_OFFSET: usize = 20;
 /// `V4L2_CAP_DEVICE_CAPS`.
 const CAP_DEVICE_CAPS: u32 = 0x8000_0000;
 /// Largest USERPTR plane, and largest total of the control payloads of one call, a
@@ -142,8 +176,8 @@ pub struct HostNode {
     pub driver: String,
     /// The card name (the guest sees it in the config space).
     pub card: String,
-    /// The node's device capabilities, without `V4L2_CAP_READWRITE` (read/write I/O is not
-    /// carried by virtio-media).
+    /// The node's device capabilities, without `V4L2_CAP_READWRITE` and the overlay
+    /// capabilities (not carried by virtio-media, see the module documentation).
     pub device_caps: u32,
 }
 
@@ -189,7 +223,7 @@ impl HostNode {
             path: path.to_owned(),
             driver: name(&cap.driver),
             card: name(&cap.card),
-            device_caps: caps & !CAP_READWRITE,
+            device_caps: caps & !(CAP_READWRITE | CAP_VIDEO_OVERLAY | CAP_VIDEO_OUTPUT_OVERLAY),
         })
     }
 }
@@ -273,6 +307,33 @@ fn plain_ioctl<T: IntoBytes + FromBytes>(
     unsafe { raw_ioctl(fd, ioctl, arg) }
 }
 
+/// Refuses the overlay buffer types (not carried: see the module documentation).
+fn no_overlay(buf_type: u32) -> IoctlResult<()> {
+    if OVERLAY_TYPES.contains(&buf_type) {
+        return Err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+/// The `V4L2_BUF_CAP_*` the guest may see: without what is not carried.
+fn carried_buf_caps(caps: u32) -> u32 {
+    caps & !(BUF_CAP_SUPPORTS_DMABUF | BUF_CAP_SUPPORTS_REQUESTS)
+}
+
+/// Clears `readbuffers`/`writebuffers` of a capture or output `v4l2_streamparm` (read
+/// and write I/O are not carried).
+fn clear_rw_buffers(p: &mut V4l2Streamparm) {
+    if matches!(
+        p.type_,
+        BUF_TYPE_VIDEO_CAPTURE
+            | BUF_TYPE_VIDEO_OUTPUT
+            | BUF_TYPE_VIDEO_CAPTURE_MPLANE
+            | BUF_TYPE_VIDEO_OUTPUT_MPLANE
+    ) {
+        p.parm[PARM_BUFFERS_OFFSET..PARM_BUFFERS_OFFSET + 4].fill(0);
+    }
+}
+
 /// Whether `buf_type` moves data from the application to the device.
 fn is_output(buf_type: u32) -> bool {
     // V4L2_TYPE_IS_OUTPUT: VIDEO_OUTPUT, VIDEO_OVERLAY, VBI_OUTPUT, SLICED_VBI_OUTPUT,
@@ -333,6 +394,14 @@ struct QueueState<M> {
     queued: BTreeMap<u32, Queued<M>>,
     /// USERPTR shadow buffers by (index, plane).
     shadows: BTreeMap<(u32, u32), Shadow>,
+    /// USERPTR: the guest's `m` and plane `m`s of the last successful QBUF or
+    /// PREPARE_BUF of each index (vb2 keeps a buffer's user pointer until it is queued
+    /// with another or freed, and QUERYBUF reports it).
+    guest_ptrs: BTreeMap<u32, (u64, Vec<u64>)>,
+    /// USERPTR buffers prepared (PREPARE_BUF) and not queued yet, with their guest
+    /// mappings: a QBUF of a prepared buffer uses them (vb2 ignores the pointers QBUF
+    /// passes for a prepared buffer).
+    prepared: BTreeMap<u32, Queued<M>>,
 }
 
 impl<M> Default for QueueState<M> {
@@ -343,6 +412,8 @@ impl<M> Default for QueueState<M> {
             streaming: false,
             queued: BTreeMap::new(),
             shadows: BTreeMap::new(),
+            guest_ptrs: BTreeMap::new(),
+            prepared: BTreeMap::new(),
         }
     }
 }
@@ -398,6 +469,17 @@ impl<M> ProxySession<M> {
             .sum()
     }
 
+    /// The host node went away (it answers `ENODEV` from now on, and polls ready
+    /// forever): stops watching it, so the session's poll fd goes quiet once the error
+    /// is reported. Returns `ENODEV`.
+    fn gone(&mut self) -> Errno {
+        log::warn!("v4l2 proxy: session {}: the host node is gone", self.id);
+        if let Err(e) = epoll::delete(&self.poller, &self.device) {
+            log::warn!("v4l2 proxy: session {}: epoll_ctl: {e}", self.id);
+        }
+        libc::ENODEV
+    }
+
     /// Watches done buffers only while some queue streams with buffers queued.
     fn update_polling(&mut self) {
         let want = self
@@ -430,8 +512,11 @@ impl<M> ProxySession<M> {
     fn forget_buffers(&mut self, buf_type: u32, free: bool) {
         let q = self.queue(buf_type);
         q.queued.clear();
+        // STREAMOFF and REQBUFS unprepare every buffer.
+        q.prepared.clear();
         if free {
             q.shadows.clear();
+            q.guest_ptrs.clear();
             self.mmap_planes.retain(|_, p| p.buf_type != buf_type);
         }
         self.update_polling();
@@ -539,10 +624,59 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             MEMORY_MMAP | MEMORY_USERPTR => {}
             _ => return Err(libc::EINVAL),
         }
-        let guest_m = buffer.m;
-        let guest_planes_m: Vec<u64> = planes.iter().map(|p| p.m).collect();
+        // No requests (the host would take the request fd from its own fd table): vb2's
+        // answers on a queue without request support.
+        if buffer.flags & BUF_FLAG_REQUEST_FD != 0 {
+            return Err(if ioctl == V4l2Ioctl::VIDIOC_QBUF {
+                EBADR
+            } else {
+                libc::EINVAL
+            });
+        }
+        let mut guest_m = buffer.m;
+        let mut guest_planes_m: Vec<u64> = planes.iter().map(|p| p.m).collect();
         let mut mappings: Vec<Option<G::Mapping>> = Vec::new();
-        if buffer.memory == MEMORY_USERPTR {
+        let prepared = match (buffer.memory, ioctl) {
+            (MEMORY_USERPTR, V4l2Ioctl::VIDIOC_QBUF) => s
+                .queues
+                .get_mut(&buffer.type_)
+                .and_then(|q| q.prepared.remove(&buffer.index)),
+            _ => None,
+        };
+        let from_prepared = prepared.is_some();
+        if let Some(prep) = prepared {
+            // QBUF of a prepared buffer: the host keeps what PREPARE_BUF gave it and
+            // ignores the pointers passed now. The shadows are passed anyway, with
+            // their lengths, so that only a shadow can ever reach the host.
+            let q = s.queue(buffer.type_);
+            let nplanes = if mplane { planes.len() } else { 1 };
+            for plane in 0..nplanes {
+                let (addr, len) = q
+                    .shadows
+                    .get_mut(&(buffer.index, plane as u32))
+                    .map_or((0, 0), |sh| (sh.addr(), sh.len as u32));
+                if let (Some(Some(m)), Some(sh)) = (
+                    prep.userptr.get(plane),
+                    q.shadows.get_mut(&(buffer.index, plane as u32)),
+                ) {
+                    if is_output(buffer.type_) {
+                        m.read_at(0, sh.bytes_mut());
+                    }
+                }
+                if mplane {
+                    if let Some(p) = planes.get_mut(plane) {
+                        p.m = addr;
+                        p.length = len;
+                    }
+                } else {
+                    buffer.m = addr;
+                    buffer.length = len;
+                }
+            }
+            guest_m = prep.guest_m;
+            guest_planes_m = prep.guest_planes_m;
+            mappings = prep.userptr;
+        } else if buffer.memory == MEMORY_USERPTR {
             // (plane, length, bytesused) of every plane; the dispatcher gave one SG list
             // per plane with a non-zero length, in order.
             let lens: Vec<(u32, u32, u32)> = if mplane {
@@ -559,6 +693,12 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             let q = s.queues.entry(buffer.type_).or_default();
             // Shadows are host memory: only for buffers the host has, within a budget.
             if buffer.index >= q.buffers {
+                return Err(libc::EINVAL);
+            }
+            // The host has the shadows of a queued or prepared buffer pinned (its device
+            // may be writing them): they must not be replaced, and vb2 refuses to queue
+            // or prepare such a buffer again anyway.
+            if q.queued.contains_key(&buffer.index) || q.prepared.contains_key(&buffer.index) {
                 return Err(libc::EINVAL);
             }
             for (plane, len, used) in lens {
@@ -601,7 +741,20 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
         // USERPTR planes at shadow buffers of their `length`, all alive across the call
         // (the shadows until the host frees its buffers).
         let res = unsafe { raw_ioctl(s.fd(), ioctl, &mut buffer) };
-        res?;
+        if let Err(e) = res {
+            if from_prepared {
+                // Still prepared on the host.
+                s.queue(buffer.type_).prepared.insert(
+                    buffer.index,
+                    Queued {
+                        guest_m,
+                        guest_planes_m,
+                        userptr: mappings,
+                    },
+                );
+            }
+            return Err(e);
+        }
         // No host pointer goes back: the guest's own values (MMAP offsets stay).
         if mplane || buffer.memory == MEMORY_USERPTR {
             buffer.m = guest_m;
@@ -610,6 +763,9 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             for (p, m) in planes.iter_mut().zip(&guest_planes_m) {
                 p.m = *m;
             }
+            s.queue(buffer.type_)
+                .guest_ptrs
+                .insert(buffer.index, (guest_m, guest_planes_m.clone()));
         }
         if ioctl == V4l2Ioctl::VIDIOC_QBUF {
             let q = s.queue(buffer.type_);
@@ -623,6 +779,17 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                 },
             );
             s.update_polling();
+        } else if buffer.memory == MEMORY_USERPTR {
+            // Prepared: the host pinned the shadows; the guest mappings are kept for the
+            // QBUF that queues the buffer.
+            s.queue(buffer.type_).prepared.insert(
+                buffer.index,
+                Queued {
+                    guest_m,
+                    guest_planes_m,
+                    userptr: mappings,
+                },
+            );
         }
         Ok(BufferDesc {
             buffer,
@@ -708,6 +875,11 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
         ioctl: V4l2Ioctl,
         ctrls: &mut ExtControls,
     ) -> IoctlResult<()> {
+        // Without request support the V4L2 core answers EINVAL; the host would look the
+        // guest's request fd up in its own fd table.
+        if ctrls.header.which == CTRL_WHICH_REQUEST_VAL {
+            return Err(libc::EINVAL);
+        }
         let mut payloads = ctrls.payloads.iter();
         let mut host: Vec<Option<(G::Mapping, Vec<u8>)>> = Vec::new();
         let saved: Vec<[u8; 8]> = ctrls.controls.iter().map(|c| c.value).collect();
@@ -764,10 +936,12 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
     type Session = ProxySession<G::Mapping>;
 
     fn enum_fmt(&mut self, s: &mut Self::Session, d: V4l2Fmtdesc) -> IoctlResult<V4l2Fmtdesc> {
+        no_overlay(d.type_)?;
         fwd(s, V4l2Ioctl::VIDIOC_ENUM_FMT, d)
     }
 
     fn g_fmt(&mut self, s: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
+        no_overlay(buf_type)?;
         let f = V4l2Format {
             type_: buf_type,
             ..Default::default()
@@ -776,10 +950,12 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
     }
 
     fn s_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
+        no_overlay(f.type_)?;
         fwd(s, V4l2Ioctl::VIDIOC_S_FMT, f)
     }
 
     fn try_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
+        no_overlay(f.type_)?;
         fwd(s, V4l2Ioctl::VIDIOC_TRY_FMT, f)
     }
 
@@ -791,7 +967,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         if req.memory == MEMORY_DMABUF {
             return Err(libc::EINVAL);
         }
-        let out = fwd(s, V4l2Ioctl::VIDIOC_REQBUFS, req)?;
+        let mut out = fwd(s, V4l2Ioctl::VIDIOC_REQBUFS, req)?;
+        out.capabilities = carried_buf_caps(out.capabilities);
         s.forget_buffers(req.type_, true);
         let q = s.queue(req.type_);
         q.memory = req.memory;
@@ -837,12 +1014,13 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         }
         s.remember_mmap(&desc);
         if desc.buffer.memory == MEMORY_USERPTR {
-            let queued = s.queues.get(&buf_type).and_then(|q| q.queued.get(&index));
-            desc.buffer.m = queued.map_or(0, |q| q.guest_m);
+            let ptrs = s
+                .queues
+                .get(&buf_type)
+                .and_then(|q| q.guest_ptrs.get(&index));
+            desc.buffer.m = ptrs.map_or(0, |p| p.0);
             for (i, p) in desc.planes.iter_mut().enumerate() {
-                p.m = queued
-                    .and_then(|q| q.guest_planes_m.get(i).copied())
-                    .unwrap_or(0);
+                p.m = ptrs.and_then(|g| g.1.get(i).copied()).unwrap_or(0);
             }
             if is_multiplanar(buf_type) {
                 desc.buffer.m = 0;
@@ -867,7 +1045,10 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         if c.memory == MEMORY_DMABUF {
             return Err(libc::EINVAL);
         }
-        let out = fwd(s, V4l2Ioctl::VIDIOC_CREATE_BUFS, c)?;
+        // The format's window would hold pointers (vb2 has no overlay queue anyway).
+        no_overlay(c.format.type_)?;
+        let mut out = fwd(s, V4l2Ioctl::VIDIOC_CREATE_BUFS, c)?;
+        out.capabilities = carried_buf_caps(out.capabilities);
         if c.count > 0 {
             let q = s.queue(c.format.type_);
             q.memory = c.memory;
@@ -885,6 +1066,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         let q = s.queue(r.type_);
         let end = r.index.saturating_add(r.count);
         q.shadows.retain(|(i, _), _| *i < r.index || *i >= end);
+        q.guest_ptrs.retain(|i, _| *i < r.index || *i >= end);
+        q.prepared.retain(|i, _| *i < r.index || *i >= end);
         s.mmap_planes
             .retain(|_, p| p.buf_type != r.type_ || p.index < r.index || p.index >= end);
         Ok(out)
@@ -910,11 +1093,15 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
             type_: buf_type,
             ..Default::default()
         };
-        fwd(s, V4l2Ioctl::VIDIOC_G_PARM, p)
+        let mut out = fwd(s, V4l2Ioctl::VIDIOC_G_PARM, p)?;
+        clear_rw_buffers(&mut out);
+        Ok(out)
     }
 
     fn s_parm(&mut self, s: &mut Self::Session, p: V4l2Streamparm) -> IoctlResult<V4l2Streamparm> {
-        fwd(s, V4l2Ioctl::VIDIOC_S_PARM, p)
+        let mut out = fwd(s, V4l2Ioctl::VIDIOC_S_PARM, p)?;
+        clear_rw_buffers(&mut out);
+        Ok(out)
     }
 
     fn g_std(&mut self, s: &mut Self::Session) -> IoctlResult<u64> {
@@ -1279,6 +1466,7 @@ where
             match plain_ioctl(s.fd(), V4l2Ioctl::VIDIOC_DQEVENT, &mut ev) {
                 Ok(()) => self.events.send_event(MediaEvent::v4l2(s.id, &ev)),
                 Err(libc::ENOENT) => break,
+                Err(libc::ENODEV) => return Err(s.gone()),
                 Err(e) => {
                     log::warn!("v4l2 proxy: session {}: DQEVENT: errno {e}", s.id);
                     break;

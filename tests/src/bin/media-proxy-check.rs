@@ -15,7 +15,10 @@
 //! control event, MMAP streaming (QUERYBUF, MMAP through the shared memory region, QBUF,
 //! STREAMON, DQBUF events, frame checks, STREAMOFF, MUNMAP), the same with USERPTR
 //! buffers given as scattered guest SG lists, and malformed commands, after which the
-//! runner must still serve. Multi-planar nodes stream a two-plane format.
+//! runner must still serve. Multi-planar nodes stream a two-plane format. Then what
+//! virtio-media does not carry (DMABUF, requests, overlays, read/write I/O) must be
+//! neither advertised nor reach the host, and a host node that goes away (vivid's
+//! "Disconnect" control) must fail the session with one `ENODEV` error event.
 
 // A check tool: a panic is a failed check (caught and reported per node).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,6 +45,17 @@ const PIX_FMT_NV12M: u32 = fourcc(b"NM12");
 const SUB_FL_SEND_INITIAL: u32 = 1;
 /// `V4L2_EVENT_SUB_FL_ALLOW_FEEDBACK`: changes this file handle makes are reported too.
 const SUB_FL_ALLOW_FEEDBACK: u32 = 2;
+/// vivid's "Disconnect" button (`VIVID_CID_VIVID_BASE + 65`): unregisters the node
+/// until its last user closes it.
+const VIVID_CID_DISCONNECT: u32 = 0x00f0_f000 + 65;
+/// `V4L2_BUF_TYPE_VIDEO_OVERLAY`.
+const BUF_TYPE_VIDEO_OVERLAY: u32 = 3;
+/// `V4L2_CAP_VIDEO_OVERLAY`, `V4L2_CAP_VIDEO_OUTPUT_OVERLAY`, `V4L2_CAP_READWRITE`.
+const CAPS_NOT_CARRIED: u32 = 0x4 | 0x200 | 0x0100_0000;
+/// `V4L2_BUF_CAP_SUPPORTS_REQUESTS`.
+const BUF_CAP_SUPPORTS_REQUESTS: u32 = 1 << 3;
+/// `V4L2_BUF_FLAG_REQUEST_FD`.
+const BUF_FLAG_REQUEST_FD: u32 = 0x0080_0000;
 
 #[derive(Default)]
 struct Report {
@@ -219,6 +233,7 @@ fn check_node(path: &Path, report: &mut Report) {
     stream(&mut g, s, buf_type, &l, MEMORY_MMAP, &tag, report);
     stream(&mut g, s, buf_type, &l, MEMORY_USERPTR, &tag, report);
     malformed(&mut g, s, buf_type, &tag, report);
+    not_carried(&mut g, s, buf_type, &node, &tag, report);
     g.close(s);
     report.check(
         &format!("{tag}: CLOSE releases the session and its mappings"),
@@ -228,6 +243,137 @@ fn check_node(path: &Path, report: &mut Report) {
             g.dev.runner().session_count(),
             g.shm.count()
         ),
+    );
+    disconnect(&mut g, path, &tag, report);
+}
+
+/// What virtio-media does not carry is neither advertised nor forwarded.
+fn not_carried(
+    g: &mut Guest,
+    s: u32,
+    buf_type: u32,
+    node: &HostNode,
+    tag: &str,
+    report: &mut Report,
+) {
+    use V4l2Ioctl::*;
+    report.check(
+        &format!("{tag}: no overlay or read/write capability in the config space"),
+        node.device_caps & CAPS_NOT_CARRIED == 0,
+        format!("{:#x}", node.device_caps),
+    );
+    // vivid's first instance has an overlay: its window holds host-followed pointers.
+    let overlay = g.ioctl::<_, V4l2Format>(
+        s,
+        VIDIOC_G_FMT,
+        &V4l2Format {
+            type_: BUF_TYPE_VIDEO_OVERLAY,
+            ..Default::default()
+        },
+    );
+    report.check(
+        &format!("{tag}: overlay formats are refused"),
+        overlay.err() == Some(libc::EINVAL as u32),
+        format!("{overlay:?}"),
+    );
+    let parm = g
+        .ioctl::<_, V4l2Streamparm>(
+            s,
+            VIDIOC_G_PARM,
+            &V4l2Streamparm {
+                type_: buf_type,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    report.check(
+        &format!("{tag}: G_PARM has no read buffers"),
+        parm.capture().readbuffers == 0,
+        format!("{:?}", parm.capture()),
+    );
+    let req = V4l2Requestbuffers {
+        count: 1,
+        type_: buf_type,
+        memory: MEMORY_MMAP,
+        ..Default::default()
+    };
+    let got = g
+        .ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req)
+        .unwrap();
+    report.check(
+        &format!("{tag}: REQBUFS advertises neither DMABUF nor requests"),
+        got.capabilities & BUF_CAP_SUPPORTS_MMAP != 0
+            && got.capabilities & (BUF_CAP_SUPPORTS_DMABUF | BUF_CAP_SUPPORTS_REQUESTS) == 0,
+        format!("{:#x}", got.capabilities),
+    );
+    let mplane = is_multiplanar(buf_type);
+    let b = V4l2Buffer {
+        index: 0,
+        type_: buf_type,
+        memory: MEMORY_MMAP,
+        flags: BUF_FLAG_REQUEST_FD,
+        // An fd number of this process: the host must never look it up.
+        request_fd: 0,
+        length: if mplane { 2 } else { 0 },
+        ..Default::default()
+    };
+    let mut payload = bytes_of(&b);
+    if mplane {
+        for p in [V4l2Plane::default(); 2] {
+            payload.extend_from_slice(p.as_bytes());
+        }
+    }
+    let (status, _) = g.ioctl_raw(s, VIDIOC_QBUF.nr().into(), &payload, 4096);
+    report.check(
+        &format!("{tag}: QBUF with a request fd gets EBADR"),
+        status == libc::EBADR as u32,
+        status,
+    );
+    let hdr = V4l2ExtControls {
+        which: CTRL_WHICH_REQUEST_VAL,
+        ..Default::default()
+    };
+    let (status, _) = g.ioctl_raw(s, VIDIOC_G_EXT_CTRLS.nr().into(), &bytes_of(&hdr), 4096);
+    report.check(
+        &format!("{tag}: request control values get EINVAL"),
+        status == libc::EINVAL as u32,
+        status,
+    );
+    let free = V4l2Requestbuffers { count: 0, ..req };
+    g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &free)
+        .unwrap();
+}
+
+/// vivid's "Disconnect": the session fails with one ENODEV error event, and the node
+/// comes back once the session is closed.
+fn disconnect(g: &mut Guest, path: &Path, tag: &str, report: &mut Report) {
+    let s = g.open();
+    let before = g.error_events.len();
+    let set = g.ioctl_void(
+        s,
+        V4l2Ioctl::VIDIOC_S_CTRL,
+        &V4l2Control {
+            id: VIVID_CID_DISCONNECT,
+            value: 0,
+        },
+    );
+    let failed = g.pump_until(|g| g.error_events.len() > before);
+    // The gone node polls ready forever: the session must not report it again.
+    let again = g.pump_until(|g| g.error_events.len() > before + 1);
+    report.check(
+        &format!("{tag}: a host node that goes away fails the session once with ENODEV"),
+        set.is_ok() && failed && !again && g.error_events[before..] == [(s, libc::ENODEV as u32)],
+        format!(
+            "S_CTRL {set:?}, error events {:?}",
+            &g.error_events[before..]
+        ),
+    );
+    g.close(s);
+    let back = HostNode::probe(path);
+    report.check(
+        &format!("{tag}: the node is back once its last user closed it"),
+        back.is_ok(),
+        format!("{back:?}"),
     );
 }
 
@@ -613,6 +759,13 @@ fn stream(
         &format!("{tag}: QBUF {count} buffers"),
         queued.iter().all(|st| *st == 0),
         format!("{queued:?}"),
+    );
+    // USERPTR: the host has the buffer's shadow pinned, which must not be replaced.
+    let again = qbuf(g, 0);
+    report.check(
+        &format!("{tag}: QBUF of a queued buffer gets EINVAL"),
+        again == libc::EINVAL as u32,
+        again,
     );
     let on = g.ioctl_void(s, VIDIOC_STREAMON, &buf_type);
     report.check(&format!("{tag}: STREAMON"), on.is_ok(), format!("{on:?}"));

@@ -1,16 +1,16 @@
 //! The guest driver's part: open files and their sessions, the ioctls the Linux
 //! virtio-media driver (and the V4L2 core above it) answers itself, the state it keeps
 //! per queue, and the translation of everything else into virtio-media commands run
-//! through Outboard's [`MediaRunner`] and [`SoftwareCamera`].
+//! through Outboard's [`MediaRunner`] and its device (the software camera, or the V4L2
+//! proxy over a real node).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME};
 use outboard_devices::media::runner::{EpollSessionPoller, MediaRunner};
 use outboard_devices::media::v4l2::*;
 use outboard_devices::media::{
-    ChainReader, ChainWriter, Errno, EventBuffer, EventQueue, MediaEvent,
+    ChainReader, ChainWriter, Errno, EventBuffer, EventQueue, MediaDevice, MediaEvent,
 };
 use outboard_devices::virtio::IoRegion;
 use outboard_protocol::media::{
@@ -19,9 +19,7 @@ use outboard_protocol::media::{
 use outboard_protocol::v4l2::V4l2Ioctl;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::memory::{user_read, user_sgs, user_write, ProcessMemory, ProcessShm, PAGE};
-
-type Camera = SoftwareCamera<EventBuffer, ProcessShm, ProcessMemory>;
+use crate::memory::{user_read, user_sgs, user_write, PAGE};
 
 /// Room for any response (the largest is an extended-controls answer).
 const RESP_LEN: usize = 64 * 1024;
@@ -96,8 +94,11 @@ struct OpenFile {
     subscriptions: Vec<(u32, u32)>,
     events: VecDeque<V4l2Event>,
     event_sequence: u32,
-    /// The device reported an unrecoverable error: the session is closed.
-    failed: bool,
+    /// The device reported an unrecoverable error (this errno): the session is closed.
+    /// `ENODEV` means the device itself is gone: the client then sees what the V4L2
+    /// core shows for an unregistered node (ioctls fail with `ENODEV`, poll reports
+    /// `POLLERR | POLLHUP | POLLPRI`), where the Linux driver only logs the error.
+    failed: Option<Errno>,
 }
 
 impl OpenFile {
@@ -114,11 +115,49 @@ pub enum Dequeue {
     Wait,
 }
 
+/// What the driver needs of the runner, whatever device it runs (the device is picked
+/// at run time, the driver lives in a `static`).
+trait Runner: Send {
+    fn handle_command(&mut self, r: &mut ChainReader<'_>, w: &mut ChainWriter<'_>) -> usize;
+    fn close(&mut self, session: u32);
+    fn process_ready_sessions(&mut self) -> Vec<(u32, Errno)>;
+    fn poll_fd(&self) -> RawFd;
+    #[cfg(test)]
+    fn session_count(&self) -> usize;
+}
+
+impl<D: MediaDevice> Runner for MediaRunner<D, EpollSessionPoller> {
+    fn handle_command(&mut self, r: &mut ChainReader<'_>, w: &mut ChainWriter<'_>) -> usize {
+        MediaRunner::handle_command(self, r, w)
+    }
+
+    fn close(&mut self, session: u32) {
+        MediaRunner::close(self, session);
+    }
+
+    fn process_ready_sessions(&mut self) -> Vec<(u32, Errno)> {
+        MediaRunner::process_ready_sessions(self)
+    }
+
+    fn poll_fd(&self) -> RawFd {
+        self.poller().as_fd().as_raw_fd()
+    }
+
+    #[cfg(test)]
+    fn session_count(&self) -> usize {
+        MediaRunner::session_count(self)
+    }
+}
+
 /// The emulated guest driver with its device.
 pub struct Driver {
-    runner: MediaRunner<Camera, EpollSessionPoller>,
+    runner: Box<dyn Runner>,
     events: EventBuffer,
     device_caps: u32,
+    /// The card name of the config space (what QUERYCAP reports).
+    card: String,
+    /// The driver name QUERYCAP reports.
+    driver_name: String,
     fds: HashMap<RawFd, u32>,
     files: BTreeMap<u32, OpenFile>,
     prios: [u32; 4],
@@ -176,12 +215,20 @@ fn kernel_version() -> u32 {
 }
 
 impl Driver {
-    /// The driver and its camera, serving `device_caps`.
-    pub fn new(camera: Camera, events: EventBuffer, device_caps: u32) -> std::io::Result<Self> {
+    /// The driver and its device, which sends its events to `events`; the config space
+    /// holds `device_caps` and `card`, as `outboard media` fills it for that device.
+    pub fn new<D: MediaDevice + 'static>(
+        device: D,
+        events: EventBuffer,
+        device_caps: u32,
+        card: &str,
+    ) -> std::io::Result<Self> {
         Ok(Driver {
-            runner: MediaRunner::new(camera, EpollSessionPoller::new()?),
+            runner: Box::new(MediaRunner::new(device, EpollSessionPoller::new()?)),
             events,
             device_caps,
+            card: card.to_owned(),
+            driver_name: "virtio-media".into(),
             fds: HashMap::new(),
             files: BTreeMap::new(),
             prios: [0; 4],
@@ -189,9 +236,22 @@ impl Driver {
         })
     }
 
+    /// Reports `name` (at most 15 bytes are kept) as the driver name in QUERYCAP instead
+    /// of the Linux driver's "virtio-media". `v4l2-compliance` has rules for some
+    /// drivers by name (for vivid it skips vivid's test controls, one of which,
+    /// "Disconnect", unregisters the node): to compare a proxied node with the node
+    /// itself, the proxied node must be tested under the same rules.
+    pub fn set_driver_name(&mut self, name: &str) {
+        let mut end = name.len().min(15);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.driver_name = name[..end].to_owned();
+    }
+
     /// The fd that is readable when a session has device work pending (frame timers).
     pub fn device_fd(&self) -> RawFd {
-        self.runner.poller().as_fd().as_raw_fd()
+        self.runner.poll_fd()
     }
 
     /// Whether `fd` is a client fd of the device.
@@ -291,7 +351,7 @@ impl Driver {
                 subscriptions: Vec::new(),
                 events: VecDeque::new(),
                 event_sequence: 0,
-                failed: false,
+                failed: None,
             },
         );
         self.fds.insert(fd, session);
@@ -322,7 +382,7 @@ impl Driver {
         }
         if let Some(f) = self.files.remove(&s) {
             self.prios[f.prio as usize] = self.prios[f.prio as usize].saturating_sub(1);
-            if !f.failed {
+            if f.failed.is_none() {
                 self.runner.close(s);
             }
         }
@@ -331,7 +391,11 @@ impl Driver {
     fn session(&self, fd: RawFd) -> Result<u32, Errno> {
         let s = *self.fds.get(&fd).ok_or(libc::EBADF)?;
         match self.files.get(&s) {
-            Some(f) if f.failed => Err(libc::EIO),
+            Some(OpenFile {
+                failed: Some(libc::ENODEV),
+                ..
+            }) => Err(libc::ENODEV),
+            Some(f) if f.failed.is_some() => Err(libc::EIO),
             Some(_) => Ok(s),
             None => Err(libc::EBADF),
         }
@@ -359,9 +423,9 @@ impl Driver {
                 continue;
             };
             match ev {
-                MediaEvent::Error(_) => {
+                MediaEvent::Error(e) => {
                     // The driver closes a session the device gave up on.
-                    f.failed = true;
+                    f.failed = Some(e.errno as Errno);
                     self.runner.close(s);
                 }
                 MediaEvent::Dqbuf(e) => {
@@ -442,8 +506,10 @@ impl Driver {
         let Some(f) = self.fds.get(&fd).and_then(|s| self.files.get(s)) else {
             return libc::POLLNVAL;
         };
-        if f.failed {
-            return libc::POLLERR;
+        match f.failed {
+            Some(libc::ENODEV) => return libc::POLLERR | libc::POLLHUP | libc::POLLPRI,
+            Some(_) => return libc::POLLERR,
+            None => {}
         }
         let mut rc = 0;
         let (cap, out) = if self.capture_type() == BUF_TYPE_VIDEO_CAPTURE_MPLANE {
@@ -685,9 +751,9 @@ impl Driver {
 
     fn querycap(&mut self, arg: u64) -> Result<(), Errno> {
         let mut cap = [0u8; CAPABILITY_SIZE];
-        let driver = b"virtio-media";
+        let driver = self.driver_name.as_bytes();
         cap[..driver.len()].copy_from_slice(driver);
-        let card = CARD_NAME.as_bytes();
+        let card = self.card.as_bytes();
         let n = card.len().min(31);
         cap[16..16 + n].copy_from_slice(&card[..n]);
         let bus = b"platform:virtio-media";
@@ -750,8 +816,9 @@ impl Driver {
     }
 
     /// QBUF, PREPARE_BUF, QUERYBUF: the buffer, its planes (multi-planar) and the
-    /// USERPTR SG lists go to the device; the answer comes back with the client's own
-    /// pointers kept.
+    /// USERPTR SG lists go to the device; the device's answer is the client's, user
+    /// pointers included (as the Linux driver copies it), but for the client's own
+    /// planes pointer.
     fn buffer_ioctl(&mut self, s: u32, ioctl: V4l2Ioctl, arg: u64) -> Result<(), Errno> {
         let mut b: V4l2Buffer = user_obj(arg)?;
         if !is_valid_buf_type(b.type_) {
@@ -797,17 +864,12 @@ impl Driver {
             let mut out = Vec::new();
             // The device answers with its own plane count (at most the client's).
             let n = (b.length as usize).min(planes.len());
-            for (i, p) in planes.iter().take(n).enumerate() {
+            for i in 0..n {
                 let off = size + i * std::mem::size_of::<V4l2Plane>();
-                let mut np: V4l2Plane = read_obj(body.get(off..).unwrap_or_default())?;
-                if b.memory == MEMORY_USERPTR {
-                    np.m = p.m;
-                }
+                let np: V4l2Plane = read_obj(body.get(off..).unwrap_or_default())?;
                 out.extend_from_slice(np.as_bytes());
             }
             user_write(user_m, &out)?;
-        } else if b.memory == MEMORY_USERPTR && ioctl != V4l2Ioctl::VIDIOC_QUERYBUF {
-            b.m = user_m;
         }
         user_write(arg, b.as_bytes())?;
         if ioctl == V4l2Ioctl::VIDIOC_QBUF {
@@ -918,9 +980,10 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use outboard_devices::media::camera::pix_format;
+    use outboard_devices::media::camera::{pix_format, SoftwareCamera, CARD_NAME};
 
     use super::*;
+    use crate::memory::{ProcessMemory, ProcessShm};
 
     fn driver(mplane: bool) -> Driver {
         let events = EventBuffer::new();
@@ -930,7 +993,7 @@ mod tests {
             SoftwareCamera::new(events.clone(), ProcessShm::default(), ProcessMemory)
         };
         let caps = cam.device_caps();
-        Driver::new(cam, events, caps).unwrap()
+        Driver::new(cam, events, caps, CARD_NAME).unwrap()
     }
 
     fn ptr<T>(v: &mut T) -> u64 {
@@ -947,6 +1010,11 @@ mod tests {
         d.ioctl(a, VIDIOC_QUERYCAP.request_code(), ptr(&mut cap))
             .unwrap();
         assert!(cap.starts_with(b"virtio-media\0"));
+        assert!(cap[16..].starts_with(CARD_NAME.as_bytes()));
+        d.set_driver_name("a-rather-long-driver-name");
+        d.ioctl(a, VIDIOC_QUERYCAP.request_code(), ptr(&mut cap))
+            .unwrap();
+        assert!(cap.starts_with(b"a-rather-long-d\0"));
         let device_caps = u32::from_le_bytes(cap[88..92].try_into().unwrap());
         assert_eq!(
             device_caps,

@@ -1,18 +1,29 @@
 //! `outboard-v4l2-shim`: an `LD_PRELOAD` library that stands in for the Linux
 //! virtio-media guest driver, so that an unmodified V4L2 client (`v4l2-compliance`)
-//! runs against Outboard's software camera without a guest kernel.
+//! runs against Outboard's software camera, or Outboard's V4L2 proxy over a real V4L2
+//! node, without a guest kernel.
 //!
 //! No Debian guest kernel has `CONFIG_VIRTIO_MEDIA`, so the driver is emulated in the
 //! client process: `open()` of the device node (`OUTBOARD_V4L2_SHIM_DEVICE`, a path)
 //! opens a virtio-media session, every ioctl on the returned fd becomes a virtio-media
 //! `IOCTL` command (the argument, planes and USERPTR SG lists laid out as the driver
-//! lays them out) that runs through Outboard's `MediaRunner` and `SoftwareCamera` in this
+//! lays them out) that runs through Outboard's `MediaRunner` and its device in this
 //! process, `mmap()` becomes an `MMAP` command whose buffer is mapped at the address the
 //! command answers, `munmap()` an `MUNMAP` command, `DQBUF`/`DQEVENT` are served from
 //! the device's events and `poll()`/`select()`/`epoll_wait()` report the driver's poll
 //! mask. What the driver and the V4L2 core answer themselves (`QUERYCAP` from the
 //! config space, priorities, the crop API over the selection API, no-op ioctls) is
-//! answered here. `OUTBOARD_V4L2_SHIM_MPLANE=1` serves the multi-planar camera.
+//! answered here.
+//!
+//! The device is the single-planar `SoftwareCamera`, the multi-planar one with
+//! `OUTBOARD_V4L2_SHIM_MPLANE=1`, or, with `OUTBOARD_V4L2_SHIM_PROXY=/dev/videoN` (cargo
+//! feature `v4l2-proxy`), the `V4l2Proxy` over that node: each session opens the node,
+//! MMAP buffers are the node's buffers exported as dma-bufs and mapped into this
+//! process, USERPTR buffers are this process's memory, as for the camera. The config
+//! space then holds the node's card name and device caps, as `outboard media
+//! --v4l2-device` fills it. `OUTBOARD_V4L2_SHIM_DRIVER=<name>` makes QUERYCAP report
+//! that driver name instead of "virtio-media" (to test a proxied node under the
+//! driver-specific rules `v4l2-compliance` applies to the node itself).
 //!
 //! The client's fd is a duplicate of an eventfd that is readable while a capture buffer
 //! waits to be dequeued: `fcntl(O_NONBLOCK)` and `epoll_ctl` work on it natively.
@@ -34,7 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use outboard_devices::media::camera::SoftwareCamera;
+use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME};
 use outboard_devices::media::{Errno, EventBuffer};
 use outboard_protocol::v4l2::V4l2Ioctl;
 
@@ -99,8 +110,25 @@ fn lock() -> Locked {
 }
 
 fn new_driver() -> Result<Driver, Errno> {
-    let events = EventBuffer::new();
+    let proxy = std::env::var_os("OUTBOARD_V4L2_SHIM_PROXY");
     let mplane = std::env::var("OUTBOARD_V4L2_SHIM_MPLANE").is_ok_and(|v| v == "1");
+    let mut driver = driver_for(proxy.as_deref(), mplane)?;
+    if let Ok(name) = std::env::var("OUTBOARD_V4L2_SHIM_DRIVER") {
+        driver.set_driver_name(&name);
+    }
+    Ok(driver)
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The driver with the V4L2 proxy over `node` if given, else the camera.
+fn driver_for(node: Option<&std::ffi::OsStr>, mplane: bool) -> Result<Driver, Errno> {
+    let events = EventBuffer::new();
+    if let Some(node) = node {
+        return proxy_driver(std::path::Path::new(node), events);
+    }
     let camera = if mplane {
         SoftwareCamera::new_mplane(events.clone(), ProcessShm::default(), ProcessMemory)
     } else {
@@ -108,7 +136,37 @@ fn new_driver() -> Result<Driver, Errno> {
     };
     // The config space's device_caps, as `outboard media` fills it.
     let caps = camera.device_caps();
-    Driver::new(camera, events, caps).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    Driver::new(camera, events, caps, CARD_NAME).map_err(|e| io_errno(&e))
+}
+
+/// The driver with the V4L2 proxy over the host node `node`.
+#[cfg(feature = "v4l2-proxy")]
+fn proxy_driver(node: &std::path::Path, events: EventBuffer) -> Result<Driver, Errno> {
+    use outboard_devices::media::proxy::{HostNode, ProxyError, V4l2Proxy};
+    let host = HostNode::probe(node).map_err(|e| {
+        eprintln!("outboard-v4l2-shim: {e}");
+        match &e {
+            ProxyError::Open { source, .. } | ProxyError::NotV4l2 { source, .. } => {
+                io_errno(source)
+            }
+            ProxyError::NotCaptureOrM2m { .. } => libc::ENODEV,
+        }
+    })?;
+    // The config space as `outboard media --v4l2-device` fills it.
+    let (caps, card) = (host.device_caps, host.card.clone());
+    let proxy = V4l2Proxy::new(host, events.clone(), ProcessShm::default(), ProcessMemory);
+    Driver::new(proxy, events, caps, &card).map_err(|e| io_errno(&e))
+}
+
+/// Without the V4L2 proxy built in, proxy mode cannot be served: every open fails
+/// (serving the camera instead would pass off the camera's results as the proxy's).
+#[cfg(not(feature = "v4l2-proxy"))]
+fn proxy_driver(node: &std::path::Path, _events: EventBuffer) -> Result<Driver, Errno> {
+    eprintln!(
+        "outboard-v4l2-shim: OUTBOARD_V4L2_SHIM_PROXY={} needs the shim built with feature v4l2-proxy",
+        node.display()
+    );
+    Err(libc::ENXIO)
 }
 
 fn fail<T>(e: Errno, v: T) -> T {
@@ -766,6 +824,29 @@ pub unsafe extern "C" fn epoll_wait(
         }];
         if let Err(e) = wait_device(device_fd, &mut ep, deadline) {
             return fail(e, -1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    #[test]
+    fn proxy_mode_never_falls_back_to_the_camera() {
+        assert!(driver_for(None, false).is_ok());
+        assert!(driver_for(None, true).is_ok());
+        let missing = driver_for(Some(OsStr::new("/nonexistent/video9")), false).err();
+        let not_v4l2 = driver_for(Some(OsStr::new("/dev/null")), false).err();
+        if cfg!(feature = "v4l2-proxy") {
+            // The node is opened and asked for its capabilities: the errors are the host's.
+            assert_eq!(missing, Some(libc::ENOENT));
+            assert_eq!(not_v4l2, Some(libc::ENOTTY));
+        } else {
+            assert_eq!(missing, Some(libc::ENXIO));
+            assert_eq!(not_v4l2, Some(libc::ENXIO));
         }
     }
 }
