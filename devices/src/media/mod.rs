@@ -92,12 +92,18 @@ impl MediaError {
 #[derive(Debug)]
 pub struct ChainReader<'a> {
     regions: &'a [IoRegion],
+    /// Bytes read so far.
     offset: usize,
     len: usize,
+    /// The region `offset` falls in (or `regions.len()` at the end) and the chain
+    /// offset it starts at (`cur_start <= offset`), so reads do not walk the list.
+    cur: usize,
+    cur_start: usize,
 }
 
 impl<'a> ChainReader<'a> {
     /// A reader at the start of `regions`.
+    #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
         let len = regions
             .iter()
@@ -106,6 +112,8 @@ impl<'a> ChainReader<'a> {
             regions,
             offset: 0,
             len,
+            cur: 0,
+            cur_start: 0,
         }
     }
 
@@ -119,16 +127,29 @@ impl<'a> ChainReader<'a> {
         &mut self,
         what: &'static str,
     ) -> Result<T, MediaError> {
-        let mut obj = T::new_zeroed();
-        let buf = obj.as_mut_bytes();
-        if buf.len() > self.remaining() {
+        let size = std::mem::size_of::<T>();
+        if size > self.remaining() {
             return Err(MediaError::Truncated {
                 what,
-                needed: buf.len(),
+                needed: size,
                 left: self.remaining(),
             });
         }
-        let n = read_regions(self.regions, self.offset, buf);
+        // Fast path: the object lies inside the current region (a command in one
+        // descriptor, the usual case).
+        if let Some((region, at)) = current_region(
+            self.regions,
+            &mut self.cur,
+            &mut self.cur_start,
+            self.offset,
+        ) {
+            if let Some(obj) = region.read_obj_at::<T>(at) {
+                self.offset += size;
+                return Ok(obj);
+            }
+        }
+        let mut obj = T::new_zeroed();
+        let n = read_regions(self.regions, self.offset, obj.as_mut_bytes());
         self.offset += n;
         Ok(obj)
     }
@@ -152,6 +173,28 @@ impl<'a> ChainReader<'a> {
     }
 }
 
+/// The region of `regions` that chain offset `offset` falls in and the offset inside it,
+/// advancing the cursor `(cur, cur_start)` (region index, chain offset where it starts;
+/// `cur_start <= offset`) past the regions that end at or before `offset`. `None` at the
+/// end of the chain.
+fn current_region<'a>(
+    regions: &'a [IoRegion],
+    cur: &mut usize,
+    cur_start: &mut usize,
+    offset: usize,
+) -> Option<(&'a IoRegion, usize)> {
+    while let Some(r) = regions.get(*cur) {
+        let at = offset - *cur_start;
+        if at < r.len() {
+            return Some((r, at));
+        }
+        // `cur_start + r.len() <= offset`: no overflow, and the invariant holds.
+        *cur_start += r.len();
+        *cur += 1;
+    }
+    None
+}
+
 /// Writes objects one after the other into the device-writable half of a chain and
 /// counts the bytes written (the length for the used ring).
 #[derive(Debug)]
@@ -159,10 +202,14 @@ pub struct ChainWriter<'a> {
     regions: &'a [IoRegion],
     written: usize,
     len: usize,
+    /// The region `written` falls in and its chain offset (as in [`ChainReader`]).
+    cur: usize,
+    cur_start: usize,
 }
 
 impl<'a> ChainWriter<'a> {
     /// A writer at the start of `regions`.
+    #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
         let len = regions
             .iter()
@@ -171,6 +218,8 @@ impl<'a> ChainWriter<'a> {
             regions,
             written: 0,
             len,
+            cur: 0,
+            cur_start: 0,
         }
     }
 
@@ -198,12 +247,26 @@ impl<'a> ChainWriter<'a> {
 
     /// Writes a plain object (all or nothing).
     pub fn write_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
+        // Fast path: the object fits in the current region (see ChainReader::read_obj).
+        if let Some((region, at)) = current_region(
+            self.regions,
+            &mut self.cur,
+            &mut self.cur_start,
+            self.written,
+        ) {
+            if region.write_obj_at(at, obj) {
+                self.written += std::mem::size_of::<T>();
+                return Ok(());
+            }
+        }
         self.write_bytes(obj.as_bytes())
     }
 
     /// Writes an error response header, replacing anything written before.
     pub fn write_err(&mut self, errno: Errno) -> Result<(), MediaError> {
         self.written = 0;
+        self.cur = 0;
+        self.cur_start = 0;
         self.write_obj(&RespHeader::err(errno.unsigned_abs()))
     }
 }
@@ -527,6 +590,45 @@ mod tests {
         w.write_err(libc::EINVAL).unwrap();
         assert_eq!(w.written(), 8);
         assert_eq!(big[0], libc::EINVAL as u8);
+    }
+
+    #[test]
+    fn reads_and_writes_follow_the_chain_across_regions() {
+        // Regions of 4, 0, 6 and 12 bytes: u32s that fit a region (fast path), span two
+        // (copy path) and skip the empty one, in chain order.
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 0];
+        let mut c = [0u8; 6];
+        let mut d = [0u8; 12];
+        let regions = [
+            region(&mut a),
+            region(&mut b),
+            region(&mut c),
+            region(&mut d),
+        ];
+        let mut w = ChainWriter::new(&regions);
+        for v in [1u32, 2, 3] {
+            w.write_obj(&v).unwrap();
+        }
+        w.write_obj(&0x0605_0403_0201_0004u64).unwrap();
+        assert_eq!(w.remaining(), 2);
+        assert!(w.write_obj(&9u32).is_err());
+        let mut r = ChainReader::new(&regions);
+        assert_eq!(r.read_obj::<u32>("a"), Ok(1));
+        assert_eq!(r.read_obj::<u32>("b"), Ok(2));
+        assert_eq!(r.read_obj::<u32>("c"), Ok(3));
+        assert_eq!(r.read_obj::<u64>("d"), Ok(0x0605_0403_0201_0004));
+        assert_eq!(r.read_obj::<u16>("e"), Ok(0));
+        assert!(r.read_obj::<u8>("f").is_err());
+        // An error header restarts the response at the first region.
+        let mut w = ChainWriter::new(&regions);
+        w.write_obj(&[7u32; 3]).unwrap();
+        w.write_err(libc::EIO).unwrap();
+        assert_eq!(w.written(), 8);
+        let mut r = ChainReader::new(&regions);
+        assert_eq!(r.read_obj::<u32>("status"), Ok(libc::EIO as u32));
+        assert_eq!(r.read_obj::<u32>("reserved"), Ok(0));
+        assert_eq!(r.read_obj::<u32>("old"), Ok(7));
     }
 
     #[test]
