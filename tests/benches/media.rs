@@ -114,7 +114,8 @@ fn ours_stream_setup(events: &EventBuffer) -> (Ours, u32) {
     (runner, s)
 }
 
-fn bench_ours(c: &mut Criterion) -> [Duration; 3] {
+/// Runs our side; with `ratio`, also measures each call for the ratio printout.
+fn bench_ours(c: &mut Criterion, ratio: bool) -> Option<[Duration; 3]> {
     let events = EventBuffer::new();
     let (mut fmt_runner, fs) = ours_fmt_setup(&events);
     let (mut runner, s) = ours_stream_setup(&events);
@@ -149,11 +150,13 @@ fn bench_ours(c: &mut Criterion) -> [Duration; 3] {
         b.iter(|| cycle(&mut runner, &mut resp))
     });
     g.finish();
-    [
-        measure(|| assert_eq!(ours_cmd(&mut fmt_runner, &mut g_fmt, &mut resp), 0)),
-        measure(|| assert_eq!(ours_cmd(&mut fmt_runner, &mut s_fmt, &mut resp), 0)),
-        measure(|| cycle(&mut runner, &mut resp)),
-    ]
+    ratio.then(|| {
+        [
+            measure(|| assert_eq!(ours_cmd(&mut fmt_runner, &mut g_fmt, &mut resp), 0)),
+            measure(|| assert_eq!(ours_cmd(&mut fmt_runner, &mut s_fmt, &mut resp), 0)),
+            measure(|| cycle(&mut runner, &mut resp)),
+        ]
+    })
 }
 
 /// Mean time of `f` over a fixed wall-clock budget (for the ratio printout; criterion's
@@ -206,7 +209,8 @@ mod baseline {
         u32::from_le_bytes([r[0], r[1], r[2], r[3]])
     }
 
-    pub fn bench(c: &mut Criterion) -> [Duration; 3] {
+    /// Runs the virtio-media side; with `ratio`, also measures each call.
+    pub fn bench(c: &mut Criterion, ratio: bool) -> Option<[Duration; 3]> {
         // As on our side: one runner with one session for the format calls, another
         // with the streaming session.
         let mut resp = Io::new(vec![0u8; 4096]);
@@ -273,19 +277,23 @@ mod baseline {
             b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0))
         });
         g.finish();
-        [
-            measure(|| assert_eq!(theirs_cmd(&mut fmt_runner, &mut g_fmt, &mut resp), 0)),
-            measure(|| assert_eq!(theirs_cmd(&mut fmt_runner, &mut s_fmt, &mut resp), 0)),
-            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0)),
-        ]
+        ratio.then(|| {
+            [
+                measure(|| assert_eq!(theirs_cmd(&mut fmt_runner, &mut g_fmt, &mut resp), 0)),
+                measure(|| assert_eq!(theirs_cmd(&mut fmt_runner, &mut s_fmt, &mut resp), 0)),
+                measure(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0)),
+            ]
+        })
     }
 }
 
 fn media(c: &mut Criterion) {
-    let ours = bench_ours(c);
+    // `--profile-time N` (e.g. under callgrind) runs only the filtered benchmark: skip
+    // the ratio measurements, which would run every call of both sides.
+    let profiling = std::env::args().any(|a| a == "--profile-time");
+    let ours = bench_ours(c, !profiling);
     #[cfg(outboard_virtio_media)]
-    {
-        let theirs = baseline::bench(c);
+    if let (Some(ours), Some(theirs)) = (ours, baseline::bench(c, !profiling)) {
         for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
             println!(
                 "media ratio {name}: outboard {:?} / virtio-media {:?} = {:.2}",
@@ -296,11 +304,13 @@ fn media(c: &mut Criterion) {
         }
     }
     #[cfg(not(outboard_virtio_media))]
-    for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
-        println!(
-            "media {name}: outboard {:?} (build with --cfg outboard_virtio_media for the ratio)",
-            ours[i]
-        );
+    if let Some(ours) = ours {
+        for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
+            println!(
+                "media {name}: outboard {:?} (build with --cfg outboard_virtio_media for the ratio)",
+                ours[i]
+            );
+        }
     }
 }
 
