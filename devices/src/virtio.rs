@@ -76,22 +76,33 @@ impl IoRegion {
         IoRegion { ptr, len }
     }
 
+    /// A region of no bytes (nothing can be read or written through it).
+    pub const fn empty() -> Self {
+        IoRegion {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
+    }
+
     /// The host address.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the region is empty.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The sub-region `[offset, offset + len)`, clamped to this region.
+    #[inline]
     pub fn sub(&self, offset: usize, len: usize) -> IoRegion {
         let offset = offset.min(self.len);
         let len = len.min(self.len - offset);

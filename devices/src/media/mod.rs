@@ -88,41 +88,105 @@ impl MediaError {
     }
 }
 
+/// A position in the concatenation of a list of regions, with the rest of the region it
+/// falls in at hand so that an object inside that region is copied without walking the
+/// list.
+#[derive(Debug)]
+struct RegionCursor<'a> {
+    regions: &'a [IoRegion],
+    /// Total length of `regions`.
+    len: usize,
+    /// Bytes before the position.
+    done: usize,
+    /// The rest of the region the position falls in; empty only at the end.
+    head: IoRegion,
+    /// Index of the region after `head`'s.
+    next: usize,
+}
+
+impl<'a> RegionCursor<'a> {
+    #[inline]
+    fn new(regions: &'a [IoRegion]) -> Self {
+        let len = regions
+            .iter()
+            .fold(0usize, |a, r| a.saturating_add(r.len()));
+        let mut c = RegionCursor {
+            regions,
+            len,
+            done: 0,
+            head: IoRegion::empty(),
+            next: 0,
+        };
+        c.skip_empty();
+        c
+    }
+
+    #[inline]
+    fn remaining(&self) -> usize {
+        self.len - self.done
+    }
+
+    /// Moves `head` to the next non-empty region while it is empty.
+    #[inline]
+    fn skip_empty(&mut self) {
+        while self.head.is_empty() {
+            let Some(r) = self.regions.get(self.next) else {
+                return;
+            };
+            self.head = *r;
+            self.next += 1;
+        }
+    }
+
+    /// `n <= head.len()` bytes of `head` were consumed.
+    #[inline]
+    fn advance(&mut self, n: usize) {
+        self.head = self.head.sub(n, usize::MAX);
+        self.done += n;
+        self.skip_empty();
+    }
+
+    /// Moves to position `done` (after a copy across regions, or back to the start).
+    fn seek(&mut self, done: usize) {
+        self.done = done;
+        let mut start = 0usize;
+        for (i, r) in self.regions.iter().enumerate() {
+            let end = start.saturating_add(r.len());
+            if done < end {
+                self.head = r.sub(done - start, usize::MAX);
+                self.next = i + 1;
+                return;
+            }
+            start = end;
+        }
+        self.head = IoRegion::empty();
+        self.next = self.regions.len();
+    }
+}
+
 /// Reads objects one after the other from the device-readable half of a chain.
 #[derive(Debug)]
 pub struct ChainReader<'a> {
-    regions: &'a [IoRegion],
-    /// Bytes read so far.
-    offset: usize,
-    len: usize,
-    /// The region `offset` falls in (or `regions.len()` at the end) and the chain
-    /// offset it starts at (`cur_start <= offset`), so reads do not walk the list.
-    cur: usize,
-    cur_start: usize,
+    c: RegionCursor<'a>,
 }
 
 impl<'a> ChainReader<'a> {
     /// A reader at the start of `regions`.
     #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
-        let len = regions
-            .iter()
-            .fold(0usize, |a, r| a.saturating_add(r.len()));
         ChainReader {
-            regions,
-            offset: 0,
-            len,
-            cur: 0,
-            cur_start: 0,
+            c: RegionCursor::new(regions),
         }
     }
 
     /// Bytes not read yet.
+    #[inline]
     pub fn remaining(&self) -> usize {
-        self.len - self.offset
+        self.c.remaining()
     }
 
     /// Reads a plain object; `what` names it in the error.
+    #[inline]
     pub fn read_obj<T: FromBytes + IntoBytes>(
         &mut self,
         what: &'static str,
@@ -136,21 +200,14 @@ impl<'a> ChainReader<'a> {
             });
         }
         // Fast path: the object lies inside the current region (a command in one
-        // descriptor, the usual case).
-        if let Some((region, at)) = current_region(
-            self.regions,
-            &mut self.cur,
-            &mut self.cur_start,
-            self.offset,
-        ) {
-            if let Some(obj) = region.read_obj_at::<T>(at) {
-                self.offset += size;
-                return Ok(obj);
-            }
+        // descriptor, the usual case): constant-size inline moves.
+        if let Some(obj) = self.c.head.read_obj_at::<T>(0) {
+            self.c.advance(size);
+            return Ok(obj);
         }
         let mut obj = T::new_zeroed();
-        let n = read_regions(self.regions, self.offset, obj.as_mut_bytes());
-        self.offset += n;
+        let n = read_regions(self.c.regions, self.c.done, obj.as_mut_bytes());
+        self.c.seek(self.c.done + n);
         Ok(obj)
     }
 
@@ -173,64 +230,32 @@ impl<'a> ChainReader<'a> {
     }
 }
 
-/// The region of `regions` that chain offset `offset` falls in and the offset inside it,
-/// advancing the cursor `(cur, cur_start)` (region index, chain offset where it starts;
-/// `cur_start <= offset`) past the regions that end at or before `offset`. `None` at the
-/// end of the chain.
-fn current_region<'a>(
-    regions: &'a [IoRegion],
-    cur: &mut usize,
-    cur_start: &mut usize,
-    offset: usize,
-) -> Option<(&'a IoRegion, usize)> {
-    while let Some(r) = regions.get(*cur) {
-        let at = offset - *cur_start;
-        if at < r.len() {
-            return Some((r, at));
-        }
-        // `cur_start + r.len() <= offset`: no overflow, and the invariant holds.
-        *cur_start += r.len();
-        *cur += 1;
-    }
-    None
-}
-
 /// Writes objects one after the other into the device-writable half of a chain and
 /// counts the bytes written (the length for the used ring).
 #[derive(Debug)]
 pub struct ChainWriter<'a> {
-    regions: &'a [IoRegion],
-    written: usize,
-    len: usize,
-    /// The region `written` falls in and its chain offset (as in [`ChainReader`]).
-    cur: usize,
-    cur_start: usize,
+    c: RegionCursor<'a>,
 }
 
 impl<'a> ChainWriter<'a> {
     /// A writer at the start of `regions`.
     #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
-        let len = regions
-            .iter()
-            .fold(0usize, |a, r| a.saturating_add(r.len()));
         ChainWriter {
-            regions,
-            written: 0,
-            len,
-            cur: 0,
-            cur_start: 0,
+            c: RegionCursor::new(regions),
         }
     }
 
     /// Bytes written so far.
+    #[inline]
     pub fn written(&self) -> usize {
-        self.written
+        self.c.done
     }
 
     /// Room left.
+    #[inline]
     pub fn remaining(&self) -> usize {
-        self.len - self.written
+        self.c.remaining()
     }
 
     /// Writes raw bytes (all or nothing).
@@ -241,32 +266,25 @@ impl<'a> ChainWriter<'a> {
                 left: self.remaining(),
             });
         }
-        self.written += write_regions(self.regions, self.written, bytes);
+        let n = write_regions(self.c.regions, self.c.done, bytes);
+        self.c.seek(self.c.done + n);
         Ok(())
     }
 
     /// Writes a plain object (all or nothing).
+    #[inline]
     pub fn write_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
         // Fast path: the object fits in the current region (see ChainReader::read_obj).
-        if let Some((region, at)) = current_region(
-            self.regions,
-            &mut self.cur,
-            &mut self.cur_start,
-            self.written,
-        ) {
-            if region.write_obj_at(at, obj) {
-                self.written += std::mem::size_of::<T>();
-                return Ok(());
-            }
+        if self.c.head.write_obj_at(0, obj) {
+            self.c.advance(std::mem::size_of::<T>());
+            return Ok(());
         }
         self.write_bytes(obj.as_bytes())
     }
 
     /// Writes an error response header, replacing anything written before.
     pub fn write_err(&mut self, errno: Errno) -> Result<(), MediaError> {
-        self.written = 0;
-        self.cur = 0;
-        self.cur_start = 0;
+        self.c.seek(0);
         self.write_obj(&RespHeader::err(errno.unsigned_abs()))
     }
 }
