@@ -203,6 +203,7 @@ fn bench_side<S: Side>(c: &mut Criterion, side: &mut S) {
     g.finish();
 }
 
+#[cfg(outboard_virtio_media)]
 /// Median of `ROUNDS` interleaved measurements of each side per call, so that load
 /// from other processes that comes and goes weighs on both sides alike.
 fn ratios(ours: &mut impl Side, theirs: &mut impl Side) -> Vec<(Duration, Duration)> {

@@ -733,9 +733,14 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         }
         // `v4l2_pix_format` and `v4l2_pix_format_mplane` both begin with width, height
         // and pixelformat: read just those rather than either whole structure.
-        let ([width, height, fourcc], _) =
-            <[u32; 3] as zerocopy::FromBytes>::read_from_prefix(&f.fmt)
-                .map_err(|_| libc::EINVAL)?;
+        // One u32 at a time: a single 12-byte read compiled to a load straddling two
+        // stores of the copied payload (a store-forwarding stall on every S_FMT).
+        let word = |i: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&f.fmt[4 * i..4 * i + 4]);
+            u32::from_ne_bytes(b)
+        };
+        let (width, height, fourcc) = (word(0), word(1), word(2));
         // YUYV is the first entry of both format lists.
         let fi = self
             .formats()
