@@ -263,10 +263,7 @@ fn respond<O: IntoBytes + Immutable>(
     // By reference: moving a large answer (a 208-byte format) out of the result would
     // be one more copy.
     match &res {
-        Ok(out) => {
-            w.write_obj(&RespHeader::ok())?;
-            w.write_obj(out)
-        }
+        Ok(out) => w.write_ok_obj(out),
         Err(e) => w.write_err(*e),
     }
 }

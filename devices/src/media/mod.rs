@@ -282,6 +282,24 @@ impl<'a> ChainWriter<'a> {
         self.write_bytes(obj.as_bytes())
     }
 
+    /// Writes a success response header followed by `obj`. When both fit in the current
+    /// region they are written in one step, the payload first so that nothing is
+    /// stored between the handler's copy of the answer and this one.
+    #[inline]
+    pub fn write_ok_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
+        const HDR: usize = std::mem::size_of::<RespHeader>();
+        let size = HDR + std::mem::size_of::<T>();
+        if size <= self.c.head.len()
+            && self.c.head.write_obj_at(HDR, obj)
+            && self.c.head.write_obj_at(0, &RespHeader::ok())
+        {
+            self.c.advance(size);
+            return Ok(());
+        }
+        self.write_obj(&RespHeader::ok())?;
+        self.write_obj(obj)
+    }
+
     /// Writes an error response header, replacing anything written before.
     pub fn write_err(&mut self, errno: Errno) -> Result<(), MediaError> {
         self.c.seek(0);
@@ -647,6 +665,30 @@ mod tests {
         assert_eq!(r.read_obj::<u32>("status"), Ok(libc::EIO as u32));
         assert_eq!(r.read_obj::<u32>("reserved"), Ok(0));
         assert_eq!(r.read_obj::<u32>("old"), Ok(7));
+    }
+
+    #[test]
+    fn ok_responses_are_header_then_payload_in_one_region_or_across() {
+        let check = |w: &ChainWriter<'_>, regions: &[IoRegion]| {
+            assert_eq!(w.written(), 12);
+            let mut r = ChainReader::new(regions);
+            assert_eq!(r.read_obj::<u64>("header"), Ok(0));
+            assert_eq!(r.read_obj::<u32>("payload"), Ok(0xdead_beef));
+        };
+        let mut one = [0xffu8; 16];
+        let regions = [region(&mut one)];
+        let mut w = ChainWriter::new(&regions);
+        w.write_ok_obj(&0xdead_beefu32).unwrap();
+        check(&w, &regions);
+        let (mut a, mut b) = ([0xffu8; 6], [0xffu8; 6]);
+        let regions = [region(&mut a), region(&mut b)];
+        let mut w = ChainWriter::new(&regions);
+        w.write_ok_obj(&0xdead_beefu32).unwrap();
+        check(&w, &regions);
+        let mut small = [0u8; 10];
+        let regions = [region(&mut small)];
+        let mut w = ChainWriter::new(&regions);
+        assert!(w.write_ok_obj(&0xdead_beefu32).is_err());
     }
 
     #[test]
