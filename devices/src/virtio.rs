@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use remain::sorted;
 use thiserror::Error;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// `VIRTIO_RING_F_INDIRECT_DESC` (bit 28): indirect descriptor tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
@@ -75,22 +76,33 @@ impl IoRegion {
         IoRegion { ptr, len }
     }
 
+    /// A region of no bytes (nothing can be read or written through it).
+    pub const fn empty() -> Self {
+        IoRegion {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
+    }
+
     /// The host address.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the region is empty.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The sub-region `[offset, offset + len)`, clamped to this region.
+    #[inline]
     pub fn sub(&self, offset: usize, len: usize) -> IoRegion {
         let offset = offset.min(self.len);
         let len = len.min(self.len - offset);
@@ -135,6 +147,51 @@ impl IoRegion {
         // out are writable (IoRegion::new's contract). Raw copy, no reference created.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), n) };
         n
+    }
+}
+
+impl IoRegion {
+    /// Reads a `T` at `offset` when it lies wholly inside the region (`None` otherwise).
+    ///
+    /// Unlike [`IoRegion::read_at`] into a zeroed `T`, the size is a compile-time
+    /// constant: the copy is a few inline moves rather than a `memcpy` call after
+    /// zeroing (this is the path of every command header and ioctl payload).
+    pub fn read_obj_at<T: FromBytes>(&self, offset: usize) -> Option<T> {
+        let end = offset.checked_add(std::mem::size_of::<T>())?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `offset + size_of::<T>() <= self.len`, and `IoRegion::new`'s contract
+        // makes the region readable. `read_unaligned` copies the bytes without creating
+        // a reference into guest memory and needs no alignment; `T: FromBytes` makes
+        // every byte pattern a valid `T`, so concurrent guest writes can only make the
+        // value stale, which callers treat as untrusted input anyway.
+        Some(unsafe { std::ptr::read_unaligned(self.ptr.add(offset).cast::<T>()) })
+    }
+
+    /// Writes `obj` at `offset` when it fits wholly inside the region; returns whether
+    /// it was written (nothing is written otherwise).
+    ///
+    /// The constant-size counterpart of [`IoRegion::write_at`] (see
+    /// [`IoRegion::read_obj_at`]).
+    pub fn write_obj_at<T: IntoBytes + Immutable>(&self, offset: usize, obj: &T) -> bool {
+        let size = std::mem::size_of::<T>();
+        match offset.checked_add(size) {
+            Some(end) if end <= self.len => {}
+            _ => return false,
+        }
+        // SAFETY: `offset + size <= self.len`; the device-writable halves a VirtQueue
+        // hands out are writable (IoRegion::new's contract). `T: IntoBytes` has no
+        // padding, so all `size` source bytes are initialized; `obj` is a distinct
+        // local value. Raw copy, no reference into guest memory is created.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                std::ptr::from_ref(obj).cast::<u8>(),
+                self.ptr.add(offset),
+                size,
+            )
+        };
+        true
     }
 }
 

@@ -66,6 +66,7 @@ pub enum MediaCmd {
 
 impl MediaCmd {
     /// Decodes a raw command code.
+    #[inline]
     pub fn from_raw(raw: u32) -> Result<Self> {
         Ok(match raw {
             CMD_OPEN => MediaCmd::Open,
@@ -267,6 +268,7 @@ pub struct IoctlCmd {
 
 impl IoctlCmd {
     /// The decoded ioctl.
+    #[inline]
     pub fn ioctl(&self) -> Result<V4l2Ioctl> {
         if self.code > 0xff {
             return Err(ProtocolError::Unknown {

@@ -73,6 +73,7 @@ macro_rules! ioctls {
             pub const ALL: &'static [V4l2Ioctl] = &[$(V4l2Ioctl::$name,)*];
 
             /// Looks an ioctl up by its number.
+            #[inline]
             pub const fn from_nr(nr: u8) -> Option<Self> {
                 match nr {
                     $($nr => Some(V4l2Ioctl::$name),)*
@@ -81,6 +82,7 @@ macro_rules! ioctls {
             }
 
             /// The ioctl's name (`VIDIOC_...`).
+            #[inline]
             pub const fn name(self) -> &'static str {
                 match self {
                     $(V4l2Ioctl::$name => stringify!($name),)*
@@ -201,6 +203,7 @@ impl V4l2Ioctl {
     /// Looks up a raw code: either a bare ioctl number (what virtio-media's IOCTL
     /// command carries) or a full Linux request code, which must then match the table
     /// exactly (type `'V'`, direction and size).
+    #[inline]
     pub fn from_code(code: u32) -> Result<Self> {
         let unknown = ProtocolError::Unknown {
             what: "V4L2 ioctl code",
@@ -225,6 +228,7 @@ impl V4l2Ioctl {
     /// crop API emulated over the selection API, debug registers, log status) or
     /// because it is carried as an event (DQBUF, DQEVENT) or unsupported (overlay,
     /// JPEG compression parameters). A device answers these with `ENOTTY`.
+    #[inline]
     pub const fn is_handled_by_driver(self) -> bool {
         use V4l2Ioctl::*;
         matches!(

@@ -78,15 +78,22 @@ fn ours_cmd(runner: &mut Ours, req: &mut [u8], resp: &mut [u8]) -> u32 {
     u32::from_le_bytes([resp[0], resp[1], resp[2], resp[3]])
 }
 
-fn ours_setup(events: &EventBuffer) -> (Ours, u32, u32) {
+/// A runner with one open session and no buffers (format calls: S_FMT is EBUSY while
+/// any session holds buffers, as V4L2 requires).
+fn ours_fmt_setup(events: &EventBuffer) -> (Ours, u32) {
     let camera = SoftwareCamera::new(events.clone(), (), NoGuest);
     let mut runner = MediaRunner::new(camera, ());
     let mut resp = vec![0u8; 4096];
     let mut open = CmdHeader::new(MediaCmd::Open).as_bytes().to_vec();
     assert_eq!(ours_cmd(&mut runner, &mut open, &mut resp), 0);
-    let fmt_session = OpenResp::read_from_prefix(&resp).unwrap().0.session_id;
-    assert_eq!(ours_cmd(&mut runner, &mut open, &mut resp), 0);
-    let s = OpenResp::read_from_prefix(&resp).unwrap().0.session_id;
+    let session = OpenResp::read_from_prefix(&resp).unwrap().0.session_id;
+    (runner, session)
+}
+
+/// A runner with a streaming session holding two NV12 640x480 MMAP buffers.
+fn ours_stream_setup(events: &EventBuffer) -> (Ours, u32) {
+    let (mut runner, s) = ours_fmt_setup(events);
+    let mut resp = vec![0u8; 4096];
     let fmt = format(BUF_TYPE_VIDEO_CAPTURE, PIX_FMT_NV12, 640, 480);
     let mut req = ioctl_req(s, V4l2Ioctl::VIDIOC_S_FMT, fmt.as_bytes());
     assert_eq!(ours_cmd(&mut runner, &mut req, &mut resp), 0);
@@ -104,61 +111,137 @@ fn ours_setup(events: &EventBuffer) -> (Ours, u32, u32) {
         BUF_TYPE_VIDEO_CAPTURE.as_bytes(),
     );
     assert_eq!(ours_cmd(&mut runner, &mut req, &mut resp), 0);
-    (runner, fmt_session, s)
+    (runner, s)
 }
 
-fn bench_ours(c: &mut Criterion) -> [Duration; 3] {
-    let events = EventBuffer::new();
-    let (mut runner, fs, s) = ours_setup(&events);
-    let mut resp = vec![0u8; 4096];
-    let mut g_fmt = ioctl_req(fs, V4l2Ioctl::VIDIOC_G_FMT, format(1, 0, 0, 0).as_bytes());
-    let mut s_fmt = ioctl_req(
-        fs,
-        V4l2Ioctl::VIDIOC_S_FMT,
-        format(1, PIX_FMT_NV12, 640, 480).as_bytes(),
-    );
-    let qbuf = V4l2Buffer {
-        index: 0,
-        type_: BUF_TYPE_VIDEO_CAPTURE,
-        memory: MEMORY_MMAP,
-        ..Default::default()
-    };
-    let mut qbuf = ioctl_req(s, V4l2Ioctl::VIDIOC_QBUF, qbuf.as_bytes());
-    let mut g = c.benchmark_group("media/outboard");
-    g.bench_function("G_FMT", |b| {
-        b.iter(|| assert_eq!(ours_cmd(&mut runner, &mut g_fmt, &mut resp), 0))
-    });
-    g.bench_function("S_FMT", |b| {
-        b.iter(|| assert_eq!(ours_cmd(&mut runner, &mut s_fmt, &mut resp), 0))
-    });
-    let mut cycle = |runner: &mut Ours, resp: &mut [u8]| {
-        assert_eq!(ours_cmd(runner, &mut qbuf, resp), 0);
-        let (dev, session) = runner.session_and_device(s).unwrap();
-        dev.capture_now(session);
-        assert!(events.pop().is_some());
-    };
-    g.bench_function("QBUF+DQBUF 640x480 NV12", |b| {
-        b.iter(|| cycle(&mut runner, &mut resp))
-    });
+/// The three benchmarked calls, by index.
+const OPS: [&str; 3] = ["G_FMT", "S_FMT", "QBUF+DQBUF"];
+
+/// One side of the comparison: runs benchmarked call `op` (an index into [`OPS`]).
+trait Side {
+    /// The criterion group name.
+    const GROUP: &'static str;
+    /// The criterion name of the QBUF cycle (it says the frame format).
+    const CYCLE: &'static str;
+    fn run(&mut self, op: usize);
+}
+
+/// Our runner and software camera with the requests prepared.
+struct OursSide {
+    events: EventBuffer,
+    fmt_runner: Ours,
+    runner: Ours,
+    session: u32,
+    resp: Vec<u8>,
+    g_fmt: Vec<u8>,
+    s_fmt: Vec<u8>,
+    qbuf: Vec<u8>,
+}
+
+impl OursSide {
+    fn new() -> Self {
+        let events = EventBuffer::new();
+        let (fmt_runner, fs) = ours_fmt_setup(&events);
+        let (runner, session) = ours_stream_setup(&events);
+        let qbuf = V4l2Buffer {
+            index: 0,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        OursSide {
+            events,
+            fmt_runner,
+            runner,
+            session,
+            resp: vec![0u8; 4096],
+            g_fmt: ioctl_req(fs, V4l2Ioctl::VIDIOC_G_FMT, format(1, 0, 0, 0).as_bytes()),
+            s_fmt: ioctl_req(
+                fs,
+                V4l2Ioctl::VIDIOC_S_FMT,
+                format(1, PIX_FMT_NV12, 640, 480).as_bytes(),
+            ),
+            qbuf: ioctl_req(session, V4l2Ioctl::VIDIOC_QBUF, qbuf.as_bytes()),
+        }
+    }
+}
+
+impl Side for OursSide {
+    const GROUP: &'static str = "media/outboard";
+    const CYCLE: &'static str = "QBUF+DQBUF 640x480 NV12";
+
+    fn run(&mut self, op: usize) {
+        match op {
+            0 => assert_eq!(
+                ours_cmd(&mut self.fmt_runner, &mut self.g_fmt, &mut self.resp),
+                0
+            ),
+            1 => assert_eq!(
+                ours_cmd(&mut self.fmt_runner, &mut self.s_fmt, &mut self.resp),
+                0
+            ),
+            _ => {
+                assert_eq!(
+                    ours_cmd(&mut self.runner, &mut self.qbuf, &mut self.resp),
+                    0
+                );
+                let (dev, session) = self.runner.session_and_device(self.session).unwrap();
+                dev.capture_now(session);
+                assert!(self.events.pop().is_some());
+            }
+        }
+    }
+}
+
+/// Benchmarks every call of `side` with criterion.
+fn bench_side<S: Side>(c: &mut Criterion, side: &mut S) {
+    let mut g = c.benchmark_group(S::GROUP);
+    for (op, name) in OPS.iter().enumerate() {
+        let name = if op == 2 { S::CYCLE } else { name };
+        g.bench_function(name, |b| b.iter(|| side.run(op)));
+    }
     g.finish();
-    [
-        measure(|| assert_eq!(ours_cmd(&mut runner, &mut g_fmt, &mut resp), 0)),
-        measure(|| assert_eq!(ours_cmd(&mut runner, &mut s_fmt, &mut resp), 0)),
-        measure(|| cycle(&mut runner, &mut resp)),
-    ]
+}
+
+#[cfg(outboard_virtio_media)]
+/// Median of `ROUNDS` interleaved measurements of each side per call, so that load
+/// from other processes that comes and goes weighs on both sides alike.
+fn ratios(ours: &mut impl Side, theirs: &mut impl Side) -> Vec<(Duration, Duration)> {
+    const ROUNDS: usize = 5;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    (0..OPS.len())
+        .map(|op| {
+            let (mut o, mut t) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                o.push(measure(|| ours.run(op)));
+                t.push(measure(|| theirs.run(op)));
+            }
+            (median(o), median(t))
+        })
+        .collect()
 }
 
 /// Mean time of `f` over a fixed wall-clock budget (for the ratio printout; criterion's
-/// own estimates are in its report).
+/// own estimates are in its report). The clock is read once per batch of calls, so its
+/// own cost (tens of ns) does not pad the nanosecond-scale calls.
 fn measure(mut f: impl FnMut()) -> Duration {
     for _ in 0..10 {
         f();
     }
+    // A batch of calls takes at least about 1 ms.
+    let once = std::time::Instant::now();
+    f();
+    let batch = (1_000_000 / once.elapsed().as_nanos().max(1)).clamp(1, 100_000) as u32;
     let start = std::time::Instant::now();
     let mut n = 0u32;
-    while start.elapsed() < Duration::from_millis(300) || n < 20 {
-        f();
-        n += 1;
+    while start.elapsed() < Duration::from_millis(100) || n < 20 {
+        for _ in 0..batch {
+            f();
+        }
+        n += batch;
     }
     start.elapsed() / n
 }
@@ -191,97 +274,121 @@ mod baseline {
         u32::from_le_bytes([r[0], r[1], r[2], r[3]])
     }
 
-    pub fn bench(c: &mut Criterion) -> [Duration; 3] {
-        let device = SimpleCaptureDevice::new(Events(0), ());
-        let mut runner: Theirs = VirtioMediaDeviceRunner::new(device, ());
-        let mut resp = Io::new(vec![0u8; 4096]);
-        let session_of = |resp: &Io| {
-            OpenResp::read_from_prefix(resp.get_ref())
-                .unwrap()
-                .0
-                .session_id
-        };
-        let mut open = Io::new(CmdHeader::new(MediaCmd::Open).as_bytes().to_vec());
-        assert_eq!(theirs_cmd(&mut runner, &mut open, &mut resp), 0);
-        let fs = session_of(&resp);
-        assert_eq!(theirs_cmd(&mut runner, &mut open, &mut resp), 0);
-        let s = session_of(&resp);
-        let mplane = BUF_TYPE_VIDEO_CAPTURE_MPLANE;
-        let rb = V4l2Requestbuffers {
-            count: 2,
-            type_: mplane,
-            memory: MEMORY_MMAP,
-            ..Default::default()
-        };
-        let mut req = Io::new(ioctl_req(s, V4l2Ioctl::VIDIOC_REQBUFS, rb.as_bytes()));
-        assert_eq!(theirs_cmd(&mut runner, &mut req, &mut resp), 0);
-        let mut req = Io::new(ioctl_req(s, V4l2Ioctl::VIDIOC_STREAMON, mplane.as_bytes()));
-        assert_eq!(theirs_cmd(&mut runner, &mut req, &mut resp), 0);
+    /// The virtio-media runner and simple capture device with the requests prepared.
+    pub struct TheirsSide {
+        fmt_runner: Theirs,
+        runner: Theirs,
+        resp: Io,
+        g_fmt: Io,
+        s_fmt: Io,
+        qbuf: Io,
+    }
 
-        let mut g_fmt = Io::new(ioctl_req(
-            fs,
-            V4l2Ioctl::VIDIOC_G_FMT,
-            format(mplane, 0, 0, 0).as_bytes(),
-        ));
-        let mut s_fmt = Io::new(ioctl_req(
-            fs,
-            V4l2Ioctl::VIDIOC_S_FMT,
-            format(mplane, fourcc(b"YU12"), 640, 480).as_bytes(),
-        ));
-        let mut qbuf = ioctl_req(
-            s,
-            V4l2Ioctl::VIDIOC_QBUF,
-            V4l2Buffer {
-                index: 0,
+    impl TheirsSide {
+        pub fn new() -> Self {
+            // As on our side: one runner with one session for the format calls,
+            // another with the streaming session.
+            let mut resp = Io::new(vec![0u8; 4096]);
+            let mut open_session = |runner: &mut Theirs| {
+                let mut open = Io::new(CmdHeader::new(MediaCmd::Open).as_bytes().to_vec());
+                assert_eq!(theirs_cmd(runner, &mut open, &mut resp), 0);
+                OpenResp::read_from_prefix(resp.get_ref())
+                    .unwrap()
+                    .0
+                    .session_id
+            };
+            let mut fmt_runner: Theirs =
+                VirtioMediaDeviceRunner::new(SimpleCaptureDevice::new(Events(0), ()), ());
+            let fs = open_session(&mut fmt_runner);
+            let mut runner: Theirs =
+                VirtioMediaDeviceRunner::new(SimpleCaptureDevice::new(Events(0), ()), ());
+            let s = open_session(&mut runner);
+            let mut resp = Io::new(vec![0u8; 4096]);
+            let mplane = BUF_TYPE_VIDEO_CAPTURE_MPLANE;
+            let rb = V4l2Requestbuffers {
+                count: 2,
                 type_: mplane,
                 memory: MEMORY_MMAP,
-                length: 1,
                 ..Default::default()
+            };
+            let mut req = Io::new(ioctl_req(s, V4l2Ioctl::VIDIOC_REQBUFS, rb.as_bytes()));
+            assert_eq!(theirs_cmd(&mut runner, &mut req, &mut resp), 0);
+            let mut req = Io::new(ioctl_req(s, V4l2Ioctl::VIDIOC_STREAMON, mplane.as_bytes()));
+            assert_eq!(theirs_cmd(&mut runner, &mut req, &mut resp), 0);
+            let mut qbuf = ioctl_req(
+                s,
+                V4l2Ioctl::VIDIOC_QBUF,
+                V4l2Buffer {
+                    index: 0,
+                    type_: mplane,
+                    memory: MEMORY_MMAP,
+                    length: 1,
+                    ..Default::default()
+                }
+                .as_bytes(),
+            );
+            qbuf.extend_from_slice(V4l2Plane::default().as_bytes());
+            TheirsSide {
+                fmt_runner,
+                runner,
+                resp,
+                g_fmt: Io::new(ioctl_req(
+                    fs,
+                    V4l2Ioctl::VIDIOC_G_FMT,
+                    format(mplane, 0, 0, 0).as_bytes(),
+                )),
+                s_fmt: Io::new(ioctl_req(
+                    fs,
+                    V4l2Ioctl::VIDIOC_S_FMT,
+                    format(mplane, fourcc(b"YU12"), 640, 480).as_bytes(),
+                )),
+                qbuf: Io::new(qbuf),
             }
-            .as_bytes(),
-        );
-        qbuf.extend_from_slice(V4l2Plane::default().as_bytes());
-        let mut qbuf = Io::new(qbuf);
+        }
+    }
 
-        let mut g = c.benchmark_group("media/virtio-media-0.0.8");
-        g.bench_function("G_FMT", |b| {
-            b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut g_fmt, &mut resp), 0))
-        });
-        g.bench_function("S_FMT", |b| {
-            b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut s_fmt, &mut resp), 0))
-        });
-        g.bench_function("QBUF+DQBUF 640x480 YU12", |b| {
-            b.iter(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0))
-        });
-        g.finish();
-        [
-            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut g_fmt, &mut resp), 0)),
-            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut s_fmt, &mut resp), 0)),
-            measure(|| assert_eq!(theirs_cmd(&mut runner, &mut qbuf, &mut resp), 0)),
-        ]
+    impl Side for TheirsSide {
+        const GROUP: &'static str = "media/virtio-media-0.0.8";
+        const CYCLE: &'static str = "QBUF+DQBUF 640x480 YU12";
+
+        fn run(&mut self, op: usize) {
+            let (runner, req) = match op {
+                0 => (&mut self.fmt_runner, &mut self.g_fmt),
+                1 => (&mut self.fmt_runner, &mut self.s_fmt),
+                _ => (&mut self.runner, &mut self.qbuf),
+            };
+            assert_eq!(theirs_cmd(runner, req, &mut self.resp), 0);
+        }
     }
 }
 
 fn media(c: &mut Criterion) {
-    let ours = bench_ours(c);
+    // `--profile-time N` (e.g. under callgrind) runs only the filtered benchmark: skip
+    // the ratio measurements, which would run every call of both sides.
+    let profiling = std::env::args().any(|a| a == "--profile-time");
+    let mut ours = OursSide::new();
+    bench_side(c, &mut ours);
     #[cfg(outboard_virtio_media)]
     {
-        let theirs = baseline::bench(c);
-        for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
-            println!(
-                "media ratio {name}: outboard {:?} / virtio-media {:?} = {:.2}",
-                ours[i],
-                theirs[i],
-                ours[i].as_secs_f64() / theirs[i].as_secs_f64()
-            );
+        let mut theirs = baseline::TheirsSide::new();
+        bench_side(c, &mut theirs);
+        if !profiling {
+            for (name, (o, t)) in OPS.iter().zip(ratios(&mut ours, &mut theirs)) {
+                println!(
+                    "media ratio {name}: outboard {o:?} / virtio-media {t:?} = {:.2}",
+                    o.as_secs_f64() / t.as_secs_f64()
+                );
+            }
         }
     }
     #[cfg(not(outboard_virtio_media))]
-    for (i, name) in ["G_FMT", "S_FMT", "QBUF+DQBUF"].iter().enumerate() {
-        println!(
-            "media {name}: outboard {:?} (build with --cfg outboard_virtio_media for the ratio)",
-            ours[i]
-        );
+    if !profiling {
+        for (op, name) in OPS.iter().enumerate() {
+            println!(
+                "media {name}: outboard {:?} (build with --cfg outboard_virtio_media for the ratio)",
+                measure(|| ours.run(op))
+            );
+        }
     }
 }
 

@@ -552,6 +552,14 @@ impl<M> CameraSession<M> {
     }
 }
 
+/// A format the camera can be set to and its answer to the format ioctls.
+struct FormatEntry {
+    /// The single-planar form (the layout frames are rendered in).
+    pix: V4l2PixFormat,
+    /// As the served buffer type shows it.
+    format: V4l2Format,
+}
+
 /// The software camera device.
 pub struct SoftwareCamera<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> {
     events: E,
@@ -559,8 +567,13 @@ pub struct SoftwareCamera<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapp
     guest: G,
     /// Shared memory offset -> (session, buffer index).
     mappings: BTreeMap<u64, (u32, u32)>,
-    /// The format, shared by every session as V4L2 requires of a capture node.
-    pix: V4l2PixFormat,
+    /// Every format the camera can be set to: each of `formats()` at each of [`SIZES`],
+    /// fourcc-major, with its G_FMT/S_FMT/TRY_FMT answer built once here rather than
+    /// on every call.
+    table: Box<[FormatEntry]>,
+    /// The format (an index into `table`), shared by every session as V4L2 requires
+    /// of a capture node.
+    current: usize,
     /// The frame interval, shared likewise.
     interval: (u32, u32),
     /// Sessions that hold buffers (the format cannot change meanwhile).
@@ -583,24 +596,57 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
     /// A single-planar camera sending events to `events`, mapping MMAP buffers with
     /// `host` and USERPTR buffers with `guest`.
     pub fn new(events: E, host: H, guest: G) -> Self {
-        SoftwareCamera {
-            events,
-            host,
-            guest,
-            mappings: BTreeMap::new(),
-            pix: pix_format(PIX_FMT_YUYV, 640, 480),
-            interval: (1, 30),
-            busy: BTreeSet::new(),
-            mplane: false,
-        }
+        Self::with_mode(events, host, guest, false)
     }
 
     /// A multi-planar camera (see the module docs).
     pub fn new_mplane(events: E, host: H, guest: G) -> Self {
-        SoftwareCamera {
-            mplane: true,
-            ..Self::new(events, host, guest)
-        }
+        Self::with_mode(events, host, guest, true)
+    }
+
+    fn with_mode(events: E, host: H, guest: G, mplane: bool) -> Self {
+        let mut camera = SoftwareCamera {
+            events,
+            host,
+            guest,
+            mappings: BTreeMap::new(),
+            table: Box::default(),
+            current: 0,
+            interval: (1, 30),
+            busy: BTreeSet::new(),
+            mplane,
+        };
+        let table: Vec<FormatEntry> = camera
+            .formats()
+            .iter()
+            .flat_map(|(fourcc, _)| SIZES.iter().map(move |(w, h)| (*fourcc, *w, *h)))
+            .map(|(fourcc, w, h)| {
+                let pix = pix_format(fourcc, w, h);
+                FormatEntry {
+                    pix,
+                    format: camera.format_of(&pix),
+                }
+            })
+            .collect();
+        camera.table = table.into_boxed_slice();
+        camera.current = Self::format_index(0, 1);
+        camera
+    }
+
+    /// Index in `table` of format `fourcc_index` of `formats()` at `SIZES[size_index]`.
+    fn format_index(fourcc_index: usize, size_index: usize) -> usize {
+        fourcc_index * SIZES.len() + size_index
+    }
+
+    /// The current format.
+    fn current(&self) -> &FormatEntry {
+        // `current` is only ever set to an index `snap_format` found in `table`.
+        &self.table[self.current]
+    }
+
+    /// The current single-planar format (the layout frames are rendered in).
+    fn pix(&self) -> V4l2PixFormat {
+        self.current().pix
     }
 
     /// The `device_caps` to advertise: [`DEVICE_CAPS`] or [`DEVICE_CAPS_MPLANE`].
@@ -678,34 +724,41 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         self.mappings.values().any(|(s, _)| *s == id)
     }
 
-    fn try_format(&self, f: &V4l2Format) -> IoctlResult<V4l2PixFormat> {
+    /// The supported format nearest to `f` (unknown pixel formats become YUYV, sizes
+    /// snap to the nearest of [`SIZES`]), as an index into `table`.
+    #[inline]
+    fn snap_format(&self, f: &V4l2Format) -> IoctlResult<usize> {
         if f.type_ != self.buf_type() {
             return Err(libc::EINVAL);
         }
-        let req = if self.mplane {
-            let mp = f.pix_mp();
-            V4l2PixFormat {
-                width: mp.width,
-                height: mp.height,
-                pixelformat: mp.pixelformat,
-                ..Default::default()
-            }
-        } else {
-            f.pix()
+        // `v4l2_pix_format` and `v4l2_pix_format_mplane` both begin with width, height
+        // and pixelformat: read just those rather than either whole structure.
+        // One u32 at a time: a single 12-byte read compiled to a load straddling two
+        // stores of the copied payload (a store-forwarding stall on every S_FMT).
+        let word = |i: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&f.fmt[4 * i..4 * i + 4]);
+            u32::from_ne_bytes(b)
         };
-        let fourcc = if self.formats().iter().any(|(c, _)| *c == req.pixelformat) {
-            req.pixelformat
-        } else {
-            PIX_FMT_YUYV
-        };
-        let (width, height) = SIZES
+        let (width, height, fourcc) = (word(0), word(1), word(2));
+        // YUYV is the first entry of both format lists.
+        let fi = self
+            .formats()
             .iter()
-            .copied()
-            .min_by_key(|(w, h)| {
-                u64::from(w.abs_diff(req.width)) + u64::from(h.abs_diff(req.height))
-            })
-            .unwrap_or((640, 480));
-        Ok(pix_format(fourcc, width, height))
+            .position(|(c, _)| *c == fourcc)
+            .unwrap_or(0);
+        let si = match SIZES.iter().position(|s| *s == (width, height)) {
+            Some(i) => i,
+            None => SIZES
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (w, h))| {
+                    u64::from(w.abs_diff(width)) + u64::from(h.abs_diff(height))
+                })
+                .map_or(1, |(i, _)| i),
+        };
+        // Below `formats().len() * SIZES.len()`, the length of `table`.
+        Ok(Self::format_index(fi, si))
     }
 
     fn send_ctrl_event(&mut self, s: &mut CameraSession<G::Mapping>, idx: usize, changes: u32) {
@@ -999,25 +1052,29 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         Ok(out)
     }
 
+    #[inline]
     fn g_fmt(&mut self, _: &mut Self::Session, buf_type: u32) -> IoctlResult<V4l2Format> {
         if buf_type != self.buf_type() {
             return Err(libc::EINVAL);
         }
-        Ok(self.format_of(&self.pix))
+        Ok(self.current().format)
     }
 
+    #[inline]
     fn try_fmt(&mut self, _: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
-        let pix = self.try_format(&f)?;
-        Ok(self.format_of(&pix))
+        let i = self.snap_format(&f)?;
+        self.table.get(i).map(|e| e.format).ok_or(libc::EINVAL)
     }
 
+    #[inline]
     fn s_fmt(&mut self, s: &mut Self::Session, f: V4l2Format) -> IoctlResult<V4l2Format> {
-        let pix = self.try_format(&f)?;
+        let i = self.snap_format(&f)?;
         if !self.busy.is_empty() || s.streaming {
             return Err(libc::EBUSY);
         }
-        self.pix = pix;
-        Ok(self.format_of(&pix))
+        let format = self.table.get(i).ok_or(libc::EINVAL)?.format;
+        self.current = i;
+        Ok(format)
     }
 
     fn reqbufs(
@@ -1032,7 +1089,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             return Err(libc::EBUSY);
         }
         self.free_buffers(s);
-        s.pix = self.pix;
+        s.pix = self.pix();
         let count = add_buffers(s, req.memory, req.count, &plane_sizes(&s.pix))?;
         s.memory = if count > 0 { req.memory } else { 0 };
         if count > 0 {
@@ -1062,7 +1119,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             return Err(libc::EBUSY);
         }
         // Buffers may be larger than the current format needs, never smaller.
-        let need = plane_sizes(&self.pix);
+        let need = plane_sizes(&self.pix());
         let want: Vec<u32> = if self.mplane {
             let mp = c.format.pix_mp();
             if usize::from(mp.num_planes) != need.len() {
@@ -1080,7 +1137,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             return Err(libc::EINVAL);
         }
         if s.buffers.is_empty() {
-            s.pix = self.pix;
+            s.pix = self.pix();
         }
         let index = s.buffers.len() as u32;
         let count = add_buffers(s, c.memory, c.count, &want)?;
@@ -1465,7 +1522,7 @@ where
         Ok(CameraSession {
             id: session_id,
             buf_type: self.buf_type(),
-            pix: self.pix,
+            pix: self.pix(),
             interval: (1, 30),
             memory: 0,
             buffers: Vec::new(),

@@ -260,12 +260,11 @@ fn respond<O: IntoBytes + Immutable>(
     w: &mut ChainWriter<'_>,
     res: IoctlResult<O>,
 ) -> Result<(), MediaError> {
-    match res {
-        Ok(out) => {
-            w.write_obj(&RespHeader::ok())?;
-            w.write_obj(&out)
-        }
-        Err(e) => w.write_err(e),
+    // By reference: moving a large answer (a 208-byte format) out of the result would
+    // be one more copy.
+    match &res {
+        Ok(out) => w.write_ok_obj(out),
+        Err(e) => w.write_err(*e),
     }
 }
 
@@ -280,9 +279,13 @@ where
     I: FromBytes + IntoBytes,
     O: IntoBytes + Immutable,
 {
-    match r.read_obj::<I>(ioctl.name()) {
+    // The payload is named after the ioctl only in the error (no name lookup per call).
+    match r.read_obj::<I>("ioctl payload") {
         Ok(input) => respond(w, f(input)),
-        Err(e) => w.write_err(e.errno()),
+        Err(e) => {
+            log::debug!("virtio-media: {}: {e}", ioctl.name());
+            w.write_err(e.errno())
+        }
     }
 }
 

@@ -88,48 +88,126 @@ impl MediaError {
     }
 }
 
+/// A position in the concatenation of a list of regions, with the rest of the region it
+/// falls in at hand so that an object inside that region is copied without walking the
+/// list.
+#[derive(Debug)]
+struct RegionCursor<'a> {
+    regions: &'a [IoRegion],
+    /// Total length of `regions`.
+    len: usize,
+    /// Bytes before the position.
+    done: usize,
+    /// The rest of the region the position falls in; empty only at the end.
+    head: IoRegion,
+    /// Index of the region after `head`'s.
+    next: usize,
+}
+
+impl<'a> RegionCursor<'a> {
+    #[inline]
+    fn new(regions: &'a [IoRegion]) -> Self {
+        let len = regions
+            .iter()
+            .fold(0usize, |a, r| a.saturating_add(r.len()));
+        let mut c = RegionCursor {
+            regions,
+            len,
+            done: 0,
+            head: IoRegion::empty(),
+            next: 0,
+        };
+        c.skip_empty();
+        c
+    }
+
+    #[inline]
+    fn remaining(&self) -> usize {
+        self.len - self.done
+    }
+
+    /// Moves `head` to the next non-empty region while it is empty.
+    #[inline]
+    fn skip_empty(&mut self) {
+        while self.head.is_empty() {
+            let Some(r) = self.regions.get(self.next) else {
+                return;
+            };
+            self.head = *r;
+            self.next += 1;
+        }
+    }
+
+    /// `n <= head.len()` bytes of `head` were consumed.
+    #[inline]
+    fn advance(&mut self, n: usize) {
+        self.head = self.head.sub(n, usize::MAX);
+        self.done += n;
+        self.skip_empty();
+    }
+
+    /// Moves to position `done` (after a copy across regions, or back to the start).
+    fn seek(&mut self, done: usize) {
+        self.done = done;
+        let mut start = 0usize;
+        for (i, r) in self.regions.iter().enumerate() {
+            let end = start.saturating_add(r.len());
+            if done < end {
+                self.head = r.sub(done - start, usize::MAX);
+                self.next = i + 1;
+                return;
+            }
+            start = end;
+        }
+        self.head = IoRegion::empty();
+        self.next = self.regions.len();
+    }
+}
+
 /// Reads objects one after the other from the device-readable half of a chain.
 #[derive(Debug)]
 pub struct ChainReader<'a> {
-    regions: &'a [IoRegion],
-    offset: usize,
-    len: usize,
+    c: RegionCursor<'a>,
 }
 
 impl<'a> ChainReader<'a> {
     /// A reader at the start of `regions`.
+    #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
-        let len = regions
-            .iter()
-            .fold(0usize, |a, r| a.saturating_add(r.len()));
         ChainReader {
-            regions,
-            offset: 0,
-            len,
+            c: RegionCursor::new(regions),
         }
     }
 
     /// Bytes not read yet.
+    #[inline]
     pub fn remaining(&self) -> usize {
-        self.len - self.offset
+        self.c.remaining()
     }
 
     /// Reads a plain object; `what` names it in the error.
+    #[inline]
     pub fn read_obj<T: FromBytes + IntoBytes>(
         &mut self,
         what: &'static str,
     ) -> Result<T, MediaError> {
-        let mut obj = T::new_zeroed();
-        let buf = obj.as_mut_bytes();
-        if buf.len() > self.remaining() {
+        let size = std::mem::size_of::<T>();
+        if size > self.remaining() {
             return Err(MediaError::Truncated {
                 what,
-                needed: buf.len(),
+                needed: size,
                 left: self.remaining(),
             });
         }
-        let n = read_regions(self.regions, self.offset, buf);
-        self.offset += n;
+        // Fast path: the object lies inside the current region (a command in one
+        // descriptor, the usual case): constant-size inline moves.
+        if let Some(obj) = self.c.head.read_obj_at::<T>(0) {
+            self.c.advance(size);
+            return Ok(obj);
+        }
+        let mut obj = T::new_zeroed();
+        let n = read_regions(self.c.regions, self.c.done, obj.as_mut_bytes());
+        self.c.seek(self.c.done + n);
         Ok(obj)
     }
 
@@ -156,32 +234,28 @@ impl<'a> ChainReader<'a> {
 /// counts the bytes written (the length for the used ring).
 #[derive(Debug)]
 pub struct ChainWriter<'a> {
-    regions: &'a [IoRegion],
-    written: usize,
-    len: usize,
+    c: RegionCursor<'a>,
 }
 
 impl<'a> ChainWriter<'a> {
     /// A writer at the start of `regions`.
+    #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
-        let len = regions
-            .iter()
-            .fold(0usize, |a, r| a.saturating_add(r.len()));
         ChainWriter {
-            regions,
-            written: 0,
-            len,
+            c: RegionCursor::new(regions),
         }
     }
 
     /// Bytes written so far.
+    #[inline]
     pub fn written(&self) -> usize {
-        self.written
+        self.c.done
     }
 
     /// Room left.
+    #[inline]
     pub fn remaining(&self) -> usize {
-        self.len - self.written
+        self.c.remaining()
     }
 
     /// Writes raw bytes (all or nothing).
@@ -192,18 +266,43 @@ impl<'a> ChainWriter<'a> {
                 left: self.remaining(),
             });
         }
-        self.written += write_regions(self.regions, self.written, bytes);
+        let n = write_regions(self.c.regions, self.c.done, bytes);
+        self.c.seek(self.c.done + n);
         Ok(())
     }
 
     /// Writes a plain object (all or nothing).
+    #[inline]
     pub fn write_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
+        // Fast path: the object fits in the current region (see ChainReader::read_obj).
+        if self.c.head.write_obj_at(0, obj) {
+            self.c.advance(std::mem::size_of::<T>());
+            return Ok(());
+        }
         self.write_bytes(obj.as_bytes())
+    }
+
+    /// Writes a success response header followed by `obj`. When both fit in the current
+    /// region they are written in one step, the payload first so that nothing is
+    /// stored between the handler's copy of the answer and this one.
+    #[inline]
+    pub fn write_ok_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
+        const HDR: usize = std::mem::size_of::<RespHeader>();
+        let size = HDR + std::mem::size_of::<T>();
+        if size <= self.c.head.len()
+            && self.c.head.write_obj_at(HDR, obj)
+            && self.c.head.write_obj_at(0, &RespHeader::ok())
+        {
+            self.c.advance(size);
+            return Ok(());
+        }
+        self.write_obj(&RespHeader::ok())?;
+        self.write_obj(obj)
     }
 
     /// Writes an error response header, replacing anything written before.
     pub fn write_err(&mut self, errno: Errno) -> Result<(), MediaError> {
-        self.written = 0;
+        self.c.seek(0);
         self.write_obj(&RespHeader::err(errno.unsigned_abs()))
     }
 }
@@ -527,6 +626,69 @@ mod tests {
         w.write_err(libc::EINVAL).unwrap();
         assert_eq!(w.written(), 8);
         assert_eq!(big[0], libc::EINVAL as u8);
+    }
+
+    #[test]
+    fn reads_and_writes_follow_the_chain_across_regions() {
+        // Regions of 4, 0, 6 and 12 bytes: u32s that fit a region (fast path), span two
+        // (copy path) and skip the empty one, in chain order.
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 0];
+        let mut c = [0u8; 6];
+        let mut d = [0u8; 12];
+        let regions = [
+            region(&mut a),
+            region(&mut b),
+            region(&mut c),
+            region(&mut d),
+        ];
+        let mut w = ChainWriter::new(&regions);
+        for v in [1u32, 2, 3] {
+            w.write_obj(&v).unwrap();
+        }
+        w.write_obj(&0x0605_0403_0201_0004u64).unwrap();
+        assert_eq!(w.remaining(), 2);
+        assert!(w.write_obj(&9u32).is_err());
+        let mut r = ChainReader::new(&regions);
+        assert_eq!(r.read_obj::<u32>("a"), Ok(1));
+        assert_eq!(r.read_obj::<u32>("b"), Ok(2));
+        assert_eq!(r.read_obj::<u32>("c"), Ok(3));
+        assert_eq!(r.read_obj::<u64>("d"), Ok(0x0605_0403_0201_0004));
+        assert_eq!(r.read_obj::<u16>("e"), Ok(0));
+        assert!(r.read_obj::<u8>("f").is_err());
+        // An error header restarts the response at the first region.
+        let mut w = ChainWriter::new(&regions);
+        w.write_obj(&[7u32; 3]).unwrap();
+        w.write_err(libc::EIO).unwrap();
+        assert_eq!(w.written(), 8);
+        let mut r = ChainReader::new(&regions);
+        assert_eq!(r.read_obj::<u32>("status"), Ok(libc::EIO as u32));
+        assert_eq!(r.read_obj::<u32>("reserved"), Ok(0));
+        assert_eq!(r.read_obj::<u32>("old"), Ok(7));
+    }
+
+    #[test]
+    fn ok_responses_are_header_then_payload_in_one_region_or_across() {
+        let check = |w: &ChainWriter<'_>, regions: &[IoRegion]| {
+            assert_eq!(w.written(), 12);
+            let mut r = ChainReader::new(regions);
+            assert_eq!(r.read_obj::<u64>("header"), Ok(0));
+            assert_eq!(r.read_obj::<u32>("payload"), Ok(0xdead_beef));
+        };
+        let mut one = [0xffu8; 16];
+        let regions = [region(&mut one)];
+        let mut w = ChainWriter::new(&regions);
+        w.write_ok_obj(&0xdead_beefu32).unwrap();
+        check(&w, &regions);
+        let (mut a, mut b) = ([0xffu8; 6], [0xffu8; 6]);
+        let regions = [region(&mut a), region(&mut b)];
+        let mut w = ChainWriter::new(&regions);
+        w.write_ok_obj(&0xdead_beefu32).unwrap();
+        check(&w, &regions);
+        let mut small = [0u8; 10];
+        let regions = [region(&mut small)];
+        let mut w = ChainWriter::new(&regions);
+        assert!(w.write_ok_obj(&0xdead_beefu32).is_err());
     }
 
     #[test]

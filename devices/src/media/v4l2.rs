@@ -248,7 +248,7 @@ impl V4l2Format {
             type_: buf_type,
             ..Default::default()
         };
-        f.set_pix(pix);
+        f.fmt[..size_of::<V4l2PixFormat>()].copy_from_slice(pix.as_bytes());
         f
     }
 
@@ -261,9 +261,9 @@ impl V4l2Format {
 
     /// Stores `pix` in the union (the rest of the union is zeroed).
     pub fn set_pix(&mut self, pix: &V4l2PixFormat) {
-        self.fmt = [0; 200];
-        let bytes = pix.as_bytes();
-        self.fmt[..bytes.len()].copy_from_slice(bytes);
+        let (head, tail) = self.fmt.split_at_mut(size_of::<V4l2PixFormat>());
+        head.copy_from_slice(pix.as_bytes());
+        tail.fill(0);
     }
 }
 
