@@ -542,3 +542,55 @@ fn backpressure_from_a_slow_host() {
     assert_eq!(m.tx_bytes, TOTAL);
     assert_eq!(g.conns[&key].state, GuestState::Established);
 }
+
+/// Host data that trickles in pieces (each read comes up short of the guest's buffers,
+/// which ends the connection's turn without a read that would say EAGAIN) and a close
+/// right after the last piece: every byte and the SHUTDOWN still reach the guest, in
+/// order, whether the EOF comes with the last bytes or after them.
+#[test]
+fn trickling_host_data_then_close() {
+    let dir = temp_dir("trickle");
+    let uds = dir.join("v.sock");
+    let mut g = Guest::new(&uds, GuestOptions::default());
+    g.listen(5001);
+    for (round, pause) in [(0u64, true), (1, false)] {
+        let mut host = UnixStream::connect(&uds).unwrap();
+        host.write_all(b"CONNECT 5001\n").unwrap();
+        assert!(g.pump_until(T, |g| g.conns.keys().any(|k| k.0 == 5001)));
+        let key = *g.conns.keys().find(|k| k.0 == 5001).unwrap();
+        established(&mut g, key);
+        host.set_read_timeout(Some(T)).unwrap();
+        let mut line = String::new();
+        BufReader::new(host.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, format!("OK {}\n", key.1));
+        let mut expect = Vec::new();
+        for (i, len) in [1usize, 100, 4095, 4097, 70_000, 3].into_iter().enumerate() {
+            let mut piece = vec![0u8; len];
+            Pattern::get().fill(round, expect.len() as u64, &mut piece);
+            host.write_all(&piece).unwrap();
+            expect.extend_from_slice(&piece);
+            if pause {
+                // Each piece is read (short) before the next is written.
+                let want = expect.len();
+                assert!(
+                    g.pump_until(T, |g| g.conns[&key].data.len() == want),
+                    "piece {i}: the guest has {} of {want} bytes",
+                    g.conns[&key].data.len()
+                );
+            }
+        }
+        drop(host);
+        assert!(
+            g.pump_until(T, |g| g.conns[&key].peer_shutdown == 3),
+            "round {round}: no SHUTDOWN after {} of {} bytes",
+            g.conns[&key].data.len(),
+            expect.len()
+        );
+        assert!(g.conns[&key].data == expect, "round {round}: data differs");
+        g.send_ctrl(key, VsockType::Stream, VsockOp::Rst, 0);
+        assert!(g.pump_until(T, |g| g.dev.connection_count() == 0));
+        g.conns.remove(&key);
+    }
+}

@@ -1075,6 +1075,13 @@ impl Muxer {
                 Turn::Progress
             }
             Ok((n, _)) => {
+                // A stream recvmsg stops short only when the socket's queue is empty,
+                // and the socket is edge-triggered: bytes that arrive later report it
+                // again. So a short read ends the turn without the recvmsg that would
+                // only say EAGAIN. Not after RDHUP: the EOF still has to be read.
+                if n < self.caps.iter().sum::<usize>() && !conn.rdhup {
+                    conn.readable = false;
+                }
                 self.deliver(key, q, popped, n, 0, used);
                 Turn::Progress
             }
