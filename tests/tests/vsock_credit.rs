@@ -103,16 +103,17 @@ fn small_guest_window_never_stalls() {
     transfer(4 * MIB, 16 * KIB, 16 * KIB, 1 << 20);
 }
 
-/// At most one CREDIT_UPDATE per `min(64 KiB, buf_alloc / 4, guest buf_alloc / 4)`
+/// At most one CREDIT_UPDATE per `min(128 KiB, buf_alloc / 2, guest buf_alloc / 2)`
 /// forwarded, for windows both below and equal to the device's buffer.
 #[test]
 fn credit_updates_stay_bounded() {
     let total: u64 = 8 << 20;
     for (tx_buf_size, buf_alloc, window, threshold) in [
-        (MIB, 256 * KIB, 256 * KIB, 64 * KIB),
-        (256 * KIB, 256 * KIB, u32::MAX, 64 * KIB),
-        (128 * KIB, 256 * KIB, u32::MAX, 32 * KIB),
-        (4 * MIB, 64 * KIB, 64 * KIB, 16 * KIB),
+        (MIB, 256 * KIB, 256 * KIB, 128 * KIB),
+        (256 * KIB, 256 * KIB, u32::MAX, 128 * KIB),
+        (128 * KIB, 256 * KIB, u32::MAX, 64 * KIB),
+        (4 * MIB, 64 * KIB, 64 * KIB, 32 * KIB),
+        (4 * MIB, 4 * MIB, u32::MAX, 128 * KIB),
     ] {
         let t = transfer(tx_buf_size, buf_alloc, window, total);
         let bound = total / u64::from(threshold);

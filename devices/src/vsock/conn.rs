@@ -164,24 +164,28 @@ impl Conn {
     }
 
     /// Forwarded bytes the guest has not been told about yet that make a CREDIT_UPDATE
-    /// due: `min(64 KiB, buf_alloc / 4, guest buf_alloc / 4)`, at least 1.
+    /// due: `min(128 KiB, buf_alloc / 2, guest buf_alloc / 2)`, at least 1.
     ///
     /// A guest stops sending when its unannounced bytes (`recv_cnt - last_fwd_cnt_sent`)
     /// reach its send window `W`, which is at most our `buf_alloc` and, for Linux guests
-    /// since the "cap TX credit to local buffer size" fix, also at most the guest's own
-    /// `buf_alloc` (its socket buffer, 256 KiB by default). Once the host socket took
-    /// those bytes, all `W` of them are unannounced, and `W` is at least four times
-    /// this threshold (or above 64 KiB), so an update goes out: no credit-respecting
-    /// guest with such a window can wait forever, whatever `buf_alloc` is. (A threshold
-    /// tied to our `buf_alloc` alone, like the former "half the buffer looks used"
-    /// rule, never fires when `W` is below it.) Each update announces at least the
-    /// threshold, so there is at most one per `threshold` bytes forwarded, plus the
-    /// answers to the guest's CREDIT_REQUESTs; the guest still sees its window
-    /// refilled a quarter at a time, so it need not pause.
+    /// (its credit is `peer_buf_alloc - in flight`, and since the "cap TX credit to
+    /// local buffer size" fix also at most its own `buf_alloc`: its socket buffer,
+    /// 256 KiB by default), at least `min(buf_alloc, guest buf_alloc)`. Once the host
+    /// socket took those bytes, all `W` of them are unannounced, and `W` is at least
+    /// twice this threshold, so an update goes out: no guest with such a window can
+    /// wait forever, whatever `buf_alloc` is. (A threshold tied to our `buf_alloc`
+    /// alone, like the former "half the buffer looks used" rule, never fires when `W`
+    /// is below it.) Each update announces at least the threshold, so there is at most
+    /// one per `threshold` bytes forwarded, plus the answers to the guest's
+    /// CREDIT_REQUESTs: with the default 256 KiB buffers and 64 KiB packets, one per
+    /// two packets, each an RX packet and a call-eventfd write. The guest still sees
+    /// half its window refilled while the other half is in flight, so it need not
+    /// pause. A guest that keeps less than half of both buffers in flight (none known)
+    /// must ask with CREDIT_REQUEST.
     pub fn credit_update_threshold(&self) -> u32 {
-        MAX_PKT_BUF_SIZE
-            .min(self.buf_alloc / 4)
-            .min(self.peer_buf_alloc / 4)
+        (2 * MAX_PKT_BUF_SIZE)
+            .min(self.buf_alloc / 2)
+            .min(self.peer_buf_alloc / 2)
             .max(1)
     }
 
@@ -359,22 +363,23 @@ mod tests {
     fn credit_update_threshold() {
         let mut c = conn();
         c.update_peer_credit(256 * 1024, 0);
-        assert_eq!(c.credit_update_threshold(), 250, "a quarter of our 1000");
+        assert_eq!(c.credit_update_threshold(), 500, "half of our 1000");
         c.recv_cnt = Wrapping(600);
         assert!(!c.needs_credit_update(), "nothing forwarded yet");
-        c.fwd_cnt = Wrapping(249);
+        c.fwd_cnt = Wrapping(499);
         assert!(!c.needs_credit_update());
-        c.fwd_cnt = Wrapping(250);
+        c.fwd_cnt = Wrapping(500);
         assert!(c.needs_credit_update());
         let _ = c.rx_header(3, VsockOp::CreditUpdate, 0, 0);
         assert!(!c.needs_credit_update());
 
-        // A large buffer: 64 KiB, however little of it the guest's window uses.
+        // A large buffer: 128 KiB (two full packets), however little of it the
+        // guest's window uses.
         c.buf_alloc = 4 << 20;
-        assert_eq!(c.credit_update_threshold(), 64 * 1024);
-        // A guest with a small socket buffer (its window): a quarter of that.
+        assert_eq!(c.credit_update_threshold(), 128 * 1024);
+        // A guest with a small socket buffer (its window): half of that.
         c.update_peer_credit(16 * 1024, 0);
-        assert_eq!(c.credit_update_threshold(), 4 * 1024);
+        assert_eq!(c.credit_update_threshold(), 8 * 1024);
         // A guest announcing nothing still gets updates (never a zero threshold).
         c.update_peer_credit(0, 0);
         assert_eq!(c.credit_update_threshold(), 1);

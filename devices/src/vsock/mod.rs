@@ -61,7 +61,7 @@
 //! copied into the per-connection TX buffer, whose size is the credit (`buf_alloc`) the
 //! device announces, so a guest that respects credit never finds it full and one that
 //! does not is reset. The device announces freed TX buffer with a CREDIT_UPDATE once
-//! `min(64 KiB, buf_alloc / 4, the guest's buf_alloc / 4)` bytes were forwarded since it
+//! `min(128 KiB, buf_alloc / 2, the guest's buf_alloc / 2)` bytes were forwarded since it
 //! last told the guest (every packet to the guest carries `fwd_cnt` too): Linux guests
 //! keep at most their own socket buffer in flight, however large `buf_alloc` is, so a
 //! threshold tied to `buf_alloc` alone would leave them waiting. Host data is read with
