@@ -22,11 +22,13 @@ use outboard_devices::vsock::{VsockError, VsockSibling, MAX_TX_BUF_SIZE};
 use remain::sorted;
 use thiserror::Error;
 
-/// Default per-connection TX buffer (and guest credit): 64 KiB, vhost-device-vsock's
-/// default. Linux guests since the 2025 "cap TX credit to local buffer size" fix never
-/// use more credit than their own socket buffer (256 KiB by default), so a larger buffer
-/// buys nothing, and a smaller one makes the device return credit sooner.
-pub const DEFAULT_TX_BUFFER_SIZE: u32 = 64 * 1024;
+/// Default per-connection TX buffer (and guest credit): 256 KiB, the default socket
+/// buffer of a Linux guest, whose send window is at most that buffer. A window of one
+/// 64 KiB packet (vhost-device-vsock's 64 KiB default) makes a sending guest wait for a
+/// CREDIT_UPDATE after every packet, each an RX packet and a call-eventfd write; with
+/// 256 KiB the device announces credit once per 128 KiB forwarded (see
+/// `credit_update_threshold`) and the guest keeps sending meanwhile.
+pub const DEFAULT_TX_BUFFER_SIZE: u32 = 256 * 1024;
 
 /// Default largest ring size accepted from the front-end.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
