@@ -591,12 +591,26 @@ pub(crate) struct Prepared {
     saved_dumpable: libc::c_int,
 }
 
-/// The step of the child's setup that failed (reported to the parent with the errno).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Step {
+/// Defines [`Step`] and its decode table from one list of variants, numbered from 1.
+macro_rules! steps {
+    ($(#[$fdoc:meta])* $first:ident, $($(#[$doc:meta])* $name:ident,)*) => {
+        /// The step of the child's setup that failed (reported to the parent with the errno).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Step {
+            $(#[$fdoc])* $first = 1,
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Step {
+            const ALL: &'static [Step] = &[Step::$first, $(Step::$name,)*];
+        }
+    };
+}
+
+steps! {
     /// `PR_SET_PDEATHSIG` or the parent died before it was set.
-    ParentDeathSignal = 1,
+    ParentDeathSignal,
     /// Dropping supplementary groups before entering the user namespace.
     DropGroups,
     /// `unshare(CLONE_NEWUSER)`.
@@ -638,29 +652,7 @@ pub enum Step {
 impl Step {
     /// Decodes a step number from the child.
     pub fn from_u32(v: u32) -> Option<Step> {
-        use Step::*;
-        const ALL: [Step; 19] = [
-            ParentDeathSignal,
-            DropGroups,
-            UnshareUser,
-            IdMapHandshake,
-            SetIds,
-            UnshareNamespaces,
-            ForkPidNamespace,
-            MountPrivate,
-            BindClone,
-            MountTmpfs,
-            BindAttach,
-            PivotRoot,
-            RemountRoot,
-            Rlimit,
-            NoNewPrivs,
-            Landlock,
-            CloseFds,
-            DropCapabilities,
-            Seccomp,
-        ];
-        ALL.into_iter().find(|s| *s as u32 == v)
+        Step::ALL.iter().copied().find(|s| *s as u32 == v)
     }
 }
 
