@@ -1,6 +1,6 @@
 //! virtio-media ioctl dispatch: G_FMT, S_FMT and a QBUF -> frame -> DQBUF-event cycle
 //! through Outboard's runner and software camera, and (built with
-//! `RUSTFLAGS="--cfg outboard_virtio_media"`, which needs `xtask/media-deps.sh`) the
+//! `RUSTFLAGS="--cfg outboard_virtio_media"`, which needs `cargo xtask media-deps`) the
 //! same calls through the `virtio-media` 0.0.8 crate's runner and simple capture device,
 //! in the same process, followed by the time ratios.
 //!

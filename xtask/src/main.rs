@@ -14,7 +14,11 @@
 //! - `cargo xtask media-deps`: installs what building v4l2r (feature `v4l2-proxy`) needs
 //!   and prints the directory to export as `V4L2R_VIDEODEV2_H_PATH`.
 //!
-//! `ci` runs the media-deps step first and passes `V4L2R_VIDEODEV2_H_PATH` to every step:
+//! - `cargo xtask packages`: the Debian packages the project installs (one list, in
+//!   `packages.rs`), with their state on this machine.
+//!
+//! `ci` first installs every package of that list that `dpkg-query` does not show
+//! installed and prints the list, then runs the media-deps step and passes `V4L2R_VIDEODEV2_H_PATH` to every step:
 //! the `--all-features` builds include the V4L2 proxy.
 
 mod bench;
@@ -23,6 +27,7 @@ mod demo;
 mod e2e;
 mod host;
 mod media_e2e;
+mod packages;
 mod qmp;
 mod setup;
 mod util;
@@ -209,6 +214,7 @@ commands:
                          multi-planar) through the guest-driver shim
   media-e2e              boot a guest with vivid and check the V4L2 proxy over it
                          (with v4l2-compliance, directly and through the proxy)
+  packages               list the Debian packages the project installs, and their state
   media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
                          prints the directory for V4L2R_VIDEODEV2_H_PATH";
 
@@ -216,7 +222,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let release = args.iter().any(|a| a == "--release");
     match args.first().map(String::as_str) {
-        Some("ci") => match setup::ensure_media_deps(&setup::cache_dir().join("media-deps")) {
+        Some("ci") => match packages::ensure(&[])
+            .map(|()| packages::print_list())
+            .and_then(|()| setup::ensure_media_deps(&setup::cache_dir().join("media-deps")))
+        {
             Ok(include) => {
                 println!(
                     "==> media deps: V4L2R_VIDEODEV2_H_PATH={}",
@@ -227,11 +236,15 @@ fn main() -> ExitCode {
                 run_steps(ci_steps())
             }
             Err(e) => {
-                eprintln!("xtask: media deps (libclang, videodev2.h for v4l2r): {e}");
+                eprintln!("xtask: installing what CI needs: {e}");
                 ExitCode::FAILURE
             }
         },
         Some("media-e2e") => finish(media_e2e::run()),
+        Some("packages") => {
+            packages::print_list();
+            ExitCode::SUCCESS
+        }
         Some("media-deps") => {
             let cache = args
                 .get(1)

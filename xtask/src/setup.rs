@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::packages;
 use crate::util::{self, output, run, Result};
 
 /// The modules the guest loads (with their dependencies) for a vsock device on PCI.
@@ -166,101 +167,11 @@ fn busybox() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn busybox_is_static(path: &Path) -> bool {
-    // A static ELF has no PT_INTERP; look for the interpreter's name instead of parsing.
-    match fs::read(path) {
-        Ok(bytes) => !bytes.windows(14).any(|w| w == b"/lib64/ld-linu"),
-        Err(_) => false,
-    }
-}
-
-fn os_codename() -> String {
-    let text = fs::read_to_string("/etc/os-release").unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
-        .map(|v| v.trim_matches('"').to_string())
-        .unwrap_or_default()
-}
-
-fn apt_sources_mention(what: &str) -> bool {
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        files.extend(dir.flatten().map(|e| e.path()));
-    }
-    files
-        .iter()
-        .any(|f| fs::read_to_string(f).is_ok_and(|t| t.contains(what)))
-}
-
-/// The machine's own Debian mirror: the first URI of its main Debian sources
-/// (deb822 `URIs:` in `debian.sources`, or a one-line `deb URI suite` entry), so that
-/// backports come from wherever this machine already gets its packages.
-fn debian_mirror() -> Option<String> {
-    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
-    let from_deb822 = deb822
-        .lines()
-        .find_map(|l| l.strip_prefix("URIs:"))
-        .and_then(|uris| uris.split_whitespace().next());
-    if let Some(uri) = from_deb822 {
-        return Some(uri.to_string());
-    }
-    let list = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    list.lines()
-        .map(str::split_whitespace)
-        .find_map(|mut words| {
-            (words.next() == Some("deb"))
-                .then(|| words.next())
-                .flatten()
-        })
-        .map(str::to_string)
-}
-
-/// Installs QEMU (with vhost-user-vsock), busybox-static and gcc when missing.
+/// Installs what the guest tests need (QEMU >= 10 with vhost-user-vsock, busybox-static,
+/// gcc and libc6-dev for the static guest agents) by package name, then checks that this
+/// QEMU has the vhost-user-vsock device.
 pub fn ensure_packages() -> Result<()> {
-    let qemu_ok = have_qemu_with_vhost_user_vsock();
-    let busybox_ok = busybox().is_some_and(|b| busybox_is_static(&b));
-    let gcc_ok = Command::new("gcc")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if qemu_ok && busybox_ok && gcc_ok {
-        return Ok(());
-    }
-    println!("e2e: installing Debian packages (qemu {qemu_ok}, busybox-static {busybox_ok}, gcc {gcc_ok})");
-    let codename = os_codename();
-    let backports = format!("{codename}-backports");
-    let apt_timeout = Duration::from_secs(900);
-    if codename == "bookworm" && !qemu_ok && !apt_sources_mention(&backports) {
-        let list = "/etc/apt/sources.list.d/outboard-e2e-backports.list";
-        let mirror =
-            debian_mirror().ok_or("no Debian mirror in /etc/apt to add bookworm-backports from")?;
-        fs::write(list, format!("deb {mirror} {backports} main\n"))
-            .map_err(|e| format!("write {list} (are you root?): {e}"))?;
-    }
-    run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
-    let install = |args: &[&str]| {
-        run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            apt_timeout,
-        )
-    };
-    if !qemu_ok {
-        if codename == "bookworm" {
-            install(&["-t", &backports, "qemu-system-x86"])?;
-        } else {
-            install(&["qemu-system-x86"])?;
-        }
-    }
-    if !busybox_ok {
-        install(&["busybox-static"])?;
-    }
-    if !gcc_ok {
-        install(&["gcc", "libc6-dev"])?;
-    }
+    packages::ensure(&["gcc", "libc6-dev", "qemu-system-x86", "busybox-static"])?;
     if !have_qemu_with_vhost_user_vsock() {
         return Err("qemu-system-x86_64 has no vhost-user-vsock-pci device after install".into());
     }
@@ -624,39 +535,10 @@ pub fn ensure_vhost_device_vsock(cache: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Installs Debian's v4l-utils (for `v4l2-compliance`) unless it is on the `PATH`.
+/// Installs Debian's v4l-utils (for `v4l2-compliance`) unless the package database
+/// shows it installed.
 pub fn ensure_v4l2_compliance() -> Result<()> {
-    let have = || {
-        Command::new("v4l2-compliance")
-            .arg("--help")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    };
-    if have() {
-        return Ok(());
-    }
-    println!("media-compliance: installing v4l-utils");
-    let apt_timeout = Duration::from_secs(900);
-    run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
-    run(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "v4l-utils",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-        apt_timeout,
-    )?;
-    if have() {
-        Ok(())
-    } else {
-        Err("v4l-utils is installed but v4l2-compliance does not run".into())
-    }
+    packages::ensure(&["v4l-utils"])
 }
 
 /// Whether `include/linux/videodev2.h` is from Linux >= 6.5 (what v4l2r's bindgen run
@@ -666,59 +548,14 @@ fn videodev2_ok(include: &Path) -> bool {
         .is_ok_and(|h| h.contains("v4l2_ctrl_av1_film_grain"))
 }
 
-fn have_libclang() -> bool {
-    let dirs = ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"];
-    let mut candidates: Vec<PathBuf> = dirs.iter().map(PathBuf::from).collect();
-    if let Ok(d) = fs::read_dir("/usr/lib") {
-        candidates.extend(
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("llvm-"))
-                })
-                .map(|p| p.join("lib")),
-        );
-    }
-    candidates.iter().any(|dir| {
-        fs::read_dir(dir).is_ok_and(|d| {
-            d.flatten().any(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.starts_with("libclang.so") || (n.starts_with("libclang-") && n.contains(".so"))
-            })
-        })
-    })
-}
-
-/// What building v4l2r (feature `v4l2-proxy`) needs, the Rust port of
-/// `xtask/media-deps.sh`: libclang for its bindgen run, and a videodev2.h from Linux >=
+/// What building v4l2r (feature `v4l2-proxy`) needs: libclang-dev for its bindgen run, and a videodev2.h from Linux >=
 /// 6.5. Returns the include directory to pass as `V4L2R_VIDEODEV2_H_PATH`: that
 /// variable's value if it is good already, else the system's headers if they are new
 /// enough, else bookworm-backports' linux-libc-dev unpacked (not installed) into
 /// `cache/root`.
 pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
     let apt_timeout = Duration::from_secs(900);
-    if !have_libclang() {
-        println!("media-deps: installing libclang-dev");
-        let install = || {
-            run(
-                Command::new("apt-get")
-                    .args([
-                        "install",
-                        "-y",
-                        "-q",
-                        "--no-install-recommends",
-                        "libclang-dev",
-                    ])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-                apt_timeout,
-            )
-        };
-        if install().is_err() {
-            run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
-            install()?;
-        }
-    }
+    packages::ensure(&["libclang-dev"])?;
     if let Some(dir) = std::env::var_os("V4L2R_VIDEODEV2_H_PATH").map(PathBuf::from) {
         if videodev2_ok(&dir) {
             return Ok(dir);
@@ -731,19 +568,14 @@ pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
     if videodev2_ok(&include) {
         return Ok(include);
     }
-    let codename = os_codename();
+    let codename = packages::os_codename();
     if codename != "bookworm" {
         return Err(format!(
             "media-deps: /usr/include/linux/videodev2.h is older than Linux 6.5 on {codename:?}; \
              install a newer linux-libc-dev or set V4L2R_VIDEODEV2_H_PATH"
         ));
     }
-    if !apt_sources_mention("bookworm-backports") {
-        let list = "/etc/apt/sources.list.d/outboard-e2e-backports.list";
-        let mirror =
-            debian_mirror().ok_or("no Debian mirror in /etc/apt to add bookworm-backports from")?;
-        fs::write(list, format!("deb {mirror} bookworm-backports main\n"))
-            .map_err(|e| format!("write {list} (are you root?): {e}"))?;
+    if packages::add_backports("bookworm-backports")? {
         run(Command::new("apt-get").args(["update", "-q"]), apt_timeout)?;
     }
     let debs = cache.join("debs");
