@@ -14,6 +14,9 @@
 //! - `cargo xtask media-deps`: installs what building v4l2r (feature `v4l2-proxy`) needs
 //!   and prints the directory to export as `V4L2R_VIDEODEV2_H_PATH`.
 //!
+//! - `cargo xtask msrv`: the library crates and the binary checked with the declared
+//!   `rust-version` toolchain.
+//! - `cargo xtask publish-check`: `cargo publish --workspace --dry-run`.
 //! - `cargo xtask packages`: the Debian packages the project installs (one list, in
 //!   `packages.rs`), with their state on this machine.
 //!
@@ -29,6 +32,7 @@ mod host;
 mod media_e2e;
 mod packages;
 mod qmp;
+mod release;
 mod setup;
 mod util;
 mod vm;
@@ -103,6 +107,13 @@ fn ci_steps() -> Vec<Step> {
             &["doc", "--workspace", "--no-deps", "--all-features"],
         )
         .env("RUSTDOCFLAGS", "-D warnings"),
+        // The declared rust-version builds the library crates and the binary.
+        Step::xtask("msrv (declared rust-version)", &["msrv"]),
+        // Every publishable crate packages and builds from its tarball.
+        Step::xtask(
+            "publish-check (cargo publish --dry-run)",
+            &["publish-check"],
+        ),
         // A real Linux guest under QEMU talking vsock through `outboard vsock`.
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
@@ -214,6 +225,8 @@ commands:
                          multi-planar) through the guest-driver shim
   media-e2e              boot a guest with vivid and check the V4L2 proxy over it
                          (with v4l2-compliance, directly and through the proxy)
+  msrv                   check the library crates with the declared rust-version
+  publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
   packages               list the Debian packages the project installs, and their state
   media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
                          prints the directory for V4L2R_VIDEODEV2_H_PATH";
@@ -241,6 +254,8 @@ fn main() -> ExitCode {
             }
         },
         Some("media-e2e") => finish(media_e2e::run()),
+        Some("msrv") => finish(release::msrv()),
+        Some("publish-check") => finish(release::publish_check()),
         Some("packages") => {
             packages::print_list();
             ExitCode::SUCCESS
