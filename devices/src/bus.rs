@@ -9,11 +9,13 @@
 use std::os::fd::BorrowedFd;
 
 use remain::sorted;
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Where an MMIO or port-I/O access landed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct BusAccessInfo {
     /// Offset of the access from the start of the device's range.
     pub offset: u64,
@@ -24,7 +26,8 @@ pub struct BusAccessInfo {
 }
 
 /// A range of bus addresses: `len` bytes starting at `base`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct BusRange {
     /// First address of the range.
     pub base: u64,
@@ -48,7 +51,8 @@ impl BusRange {
 }
 
 /// Which bus a range belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub enum BusType {
     /// Port I/O (x86 `in`/`out`).
     Io,
@@ -57,9 +61,8 @@ pub enum BusType {
 }
 
 /// A PCI function address (bus, device, function).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct PciAddress {
     /// Bus number.
     pub bus: u8,
@@ -70,7 +73,8 @@ pub struct PciAddress {
 }
 
 /// Identifies a device to the VMM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub enum DeviceId {
     /// A PCI device, by vendor and device id.
     Pci {
@@ -87,7 +91,8 @@ pub enum DeviceId {
 
 /// What the VMM must change on its buses after a PCI configuration register write (for
 /// example a BAR was moved, or a bridge's secondary devices went away).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct ConfigWriteResult {
     /// MMIO ranges to remove from the bus.
     pub mmio_remove: Vec<BusRange>,
@@ -187,7 +192,8 @@ pub trait BusDevice: Send + Suspendable {
 
 /// Errors of [`Suspendable`] operations.
 #[sorted]
-#[derive(Clone, Debug, Error, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub enum SuspendError {
     /// The device tried and failed.
     #[error("{device}: {operation} failed: {reason}")]
@@ -219,13 +225,17 @@ fn unsupported<T: ?Sized>(operation: &str) -> SuspendError {
 /// Snapshot, restore, sleep and wake, for live migration and suspend.
 ///
 /// Every method fails with [`SuspendError::Unsupported`] unless the device implements it.
+/// `snapshot` and `restore` exist with the crate's `serde` feature (their state is a
+/// `serde_json::Value`); `sleep` and `wake` always.
 pub trait Suspendable {
     /// Returns the device's state as a serde value.
+    #[cfg(feature = "serde")]
     fn snapshot(&mut self) -> Result<serde_json::Value, SuspendError> {
         Err(unsupported::<Self>("snapshot"))
     }
 
     /// Restores state produced by [`Suspendable::snapshot`].
+    #[cfg(feature = "serde")]
     fn restore(&mut self, data: serde_json::Value) -> Result<(), SuspendError> {
         let _ = data;
         Err(unsupported::<Self>("restore"))
@@ -270,12 +280,19 @@ mod tests {
     #[test]
     fn suspend_defaults_are_unsupported() {
         let mut d = Nothing;
+        assert!(matches!(d.sleep(), Err(SuspendError::Unsupported { .. })));
+        let err = d.wake().unwrap_err();
+        assert!(err.to_string().contains("wake is not supported"), "{err}");
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn snapshot_defaults_are_unsupported() {
+        let mut d = Nothing;
         assert!(matches!(
             d.snapshot(),
             Err(SuspendError::Unsupported { .. })
         ));
-        assert!(matches!(d.sleep(), Err(SuspendError::Unsupported { .. })));
-        assert!(matches!(d.wake(), Err(SuspendError::Unsupported { .. })));
         let err = d.restore(serde_json::Value::Null).unwrap_err();
         assert!(
             err.to_string().contains("restore is not supported"),
@@ -309,6 +326,7 @@ mod tests {
         assert!(top.contains(u64::MAX));
     }
 
+    #[cfg(feature = "serde")]
     #[test]
     fn config_write_result_roundtrips_through_json() {
         let r = ConfigWriteResult {

@@ -22,9 +22,34 @@
 //!   and seqpacket sockets.
 //! - [`media`]: virtio-media: the runner, V4L2 ioctl dispatch, memfd MMAP buffers and a
 //!   software capture camera.
+//!
+//! # Cargo features
+//!
+//! [`bus`] and [`virtio`] are always there; each device is a feature, so a VMM takes
+//! only the devices it embeds (`default-features = false, features = ["vsock"]`).
+//!
+//! - `vsock` (default): the [`vsock`] module.
+//! - `media` (default): the [`media`] module.
+//! - `v4l2-proxy` (implies `media`): `media::proxy`, the host V4L2 proxy. Its v4l2r
+//!   dependency runs bindgen, which needs libclang and a Linux >= 6.5 `videodev2.h` in
+//!   `V4L2R_VIDEODEV2_H_PATH` (`cargo xtask media-deps`).
+//! - `serde` (off by default): `Serialize`/`Deserialize` for the [`bus`] types and
+//!   `Suspendable::snapshot`/`Suspendable::restore`, whose state is a
+//!   `serde_json::Value`. `outboard-sandbox` enables it for its proxy's cold path.
+//!
+//! `cargo run -p outboard-glue --example vsock_mmio` shows a VMM that embeds the vsock
+//! device behind virtio-mmio and passes a packet through it each way.
+//!
+// Without a device's feature its module is absent: its links point at the feature list.
+#![cfg_attr(feature = "vsock", doc = "[`vsock`]: crate::vsock")]
+#![cfg_attr(not(feature = "vsock"), doc = "[`vsock`]: #cargo-features")]
+#![cfg_attr(feature = "media", doc = "[`media`]: crate::media")]
+#![cfg_attr(not(feature = "media"), doc = "[`media`]: #cargo-features")]
 #![deny(missing_docs)]
 
 pub mod bus;
+#[cfg(feature = "media")]
 pub mod media;
 pub mod virtio;
+#[cfg(feature = "vsock")]
 pub mod vsock;

@@ -82,7 +82,8 @@ pub enum Error {
     /// The request handler (the trait implementation) failed.
     #[error("request handler failed: {0}")]
     ReqHandlerError(io::Error),
-    /// A message could not be encoded or decoded (serde).
+    /// A message could not be encoded or decoded (serde; feature `tube`).
+    #[cfg(feature = "tube")]
     #[error("serialization failed: {0}")]
     Serde(#[from] serde_json::Error),
     /// The socket is broken (ECONNRESET, EPIPE).

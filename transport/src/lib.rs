@@ -1,5 +1,5 @@
 //! vhost-user front-end and back-end over Unix sockets with fd passing, the back-end ->
-//! front-end channel, and a typed [`Tube`].
+//! front-end channel, and a typed [`Tube`] (feature `tube`).
 //!
 //! This is Outboard's second layer: it moves the wire structures of
 //! [`outboard_protocol`] over `AF_UNIX` sockets and enforces the protocol's rules on
@@ -18,11 +18,14 @@
 //! - [`backend_req`] and [`frontend_req_handler`]: the back-end -> front-end channel,
 //!   [`Backend`] (the back-end's sender) and [`FrontendReqHandler`] (the front-end's
 //!   server, calling your [`VhostUserFrontendReqHandler`]).
-//! - [`tube`]: [`Tube`], a typed request/response channel over `SOCK_SEQPACKET`.
+//! - [`tube`] (feature `tube`): [`Tube`], a typed request/response channel over
+//!   `SOCK_SEQPACKET`.
 //! - [`error`]: [`Error`], which classifies socket errors (retry, broken, connect, ...).
 //!
 //! # Cargo features
 //!
+//! - `tube` (off by default): the `tube` module and `Tube`, whose serde messages pull in
+//!   serde and serde_json; a vhost-user front-end or back-end does not need it.
 //! - `crosvm` (off by default): crosvm's non-standard back-end -> front-end requests
 //!   `GPU_MAP` (1006) and `EXTERNAL_MAP` (1007), on both sides of the channel
 //!   (`Backend::gpu_map`, `Backend::external_map` and the matching
@@ -47,6 +50,15 @@
 //! `FrontendReqHandler`, `SET_SLAVE_REQ_FD` as `SET_BACKEND_REQ_FD` and the protocol
 //! features `SLAVE_REQ`/`SLAVE_SEND_FD` as `BACKEND_REQ`/`BACKEND_SEND_FD`.
 
+// Without the `tube` feature these links point at the feature list.
+#![cfg_attr(
+    feature = "tube",
+    doc = "[`tube`]: crate::tube\n\n[`Tube`]: crate::Tube"
+)]
+#![cfg_attr(
+    not(feature = "tube"),
+    doc = "[`tube`]: #cargo-features\n\n[`Tube`]: #cargo-features"
+)]
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -56,6 +68,7 @@ pub mod error;
 pub mod frontend;
 pub mod frontend_req_handler;
 pub mod sock;
+#[cfg(feature = "tube")]
 pub mod tube;
 
 pub use backend::{BackendReqHandler, Listener, MemoryRegion, VhostUserBackendReqHandler};
@@ -64,6 +77,7 @@ pub use connection::{Connection, Message};
 pub use error::{Error, HandlerResult, Result};
 pub use frontend::{Frontend, MemoryRegionRef};
 pub use frontend_req_handler::{FrontendReqHandler, VhostUserFrontendReqHandler};
+#[cfg(feature = "tube")]
 pub use tube::Tube;
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ pub struct Received {
 /// buffers had room), [`Error::TruncatedControl`] when the peer attached more than
 /// `max_fds` fds (all received fds are closed), and [`Error::RecvBufferTooSmall`] when a
 /// datagram did not fit (`MSG_TRUNC`, `SOCK_SEQPACKET` only; `want` is then the part
-/// of the datagram the kernel reports, use a [`Tube`](crate::Tube) to learn the full size).
+/// of the datagram the kernel reports; the `Tube` of feature `tube` learns the full size).
 pub fn recv_with_fds(
     sock: impl AsFd,
     iov: &mut [IoSliceMut<'_>],
