@@ -28,6 +28,7 @@ mod bench;
 mod compliance;
 mod demo;
 mod e2e;
+mod examples;
 mod host;
 mod media_e2e;
 mod packages;
@@ -107,6 +108,8 @@ fn ci_steps() -> Vec<Step> {
             &["doc", "--workspace", "--no-deps", "--all-features"],
         )
         .env("RUSTDOCFLAGS", "-D warnings"),
+        // Every library crate's examples, run as a user would run them.
+        Step::xtask("examples", &["examples"]),
         // The declared rust-version builds the library crates and the binary.
         Step::xtask("msrv (declared rust-version)", &["msrv"]),
         // Every publishable crate packages and builds from its tarball.
@@ -227,6 +230,7 @@ commands:
                          (with v4l2-compliance, directly and through the proxy)
   msrv                   check the library crates with the declared rust-version
   publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
+  examples               run every library crate's examples (cargo run --example)
   packages               list the Debian packages the project installs, and their state
   media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
                          prints the directory for V4L2R_VIDEODEV2_H_PATH";
@@ -286,6 +290,7 @@ fn main() -> ExitCode {
                 .map(|()| true),
         ),
         Some("media-compliance") => finish(compliance::run()),
+        Some("examples") => finish(examples::run()),
         Some("bench-e2e") => {
             let mib = std::env::var("OUTBOARD_BENCH_MIB")
                 .ok()
