@@ -317,9 +317,14 @@ pub enum QueueError {
         /// What was wrong.
         reason: &'static str,
     },
-    /// The queue's rings could not be accessed (bad addresses, a broken avail index).
-    #[error("queue rings are not accessible: {0}")]
-    Rings(String),
+    /// The ring is broken: its indices or addresses are inconsistent (the available
+    /// index more than the queue size ahead of the device, a ring outside guest
+    /// memory, an index that went backwards). A broken queue stays broken until the
+    /// transport resets it: every later call returns this error again, so a device
+    /// stops processing the queue (it never retries it in a loop), and the transport
+    /// tells the driver (the vhost-user error eventfd, virtio's `DEVICE_NEEDS_RESET`).
+    #[error("ring is broken until reset: {0}")]
+    Broken(String),
     /// The used ring could not be written (bad used ring address or head index).
     #[error("cannot add head {head} to the used ring: {reason}")]
     Used {
@@ -332,6 +337,14 @@ pub enum QueueError {
 
 /// A virtqueue as the device sees it. Implemented by the VMM glue (for example over
 /// rust-vmm `virtio-queue`) and by test drivers.
+///
+/// # A broken ring ends the pass
+///
+/// Every method may return [`QueueError::Broken`]. Once it has, the queue returns it
+/// from every call until the transport resets it, and in particular
+/// [`enable_notification`](VirtQueue::enable_notification) never again reports work
+/// pending. A device's processing loop therefore ends on any error other than
+/// [`QueueError::BadChain`]; it must never loop on a queue that reports an error.
 pub trait VirtQueue: Send {
     /// Pops the next available chain into `chain` (overwriting it). Returns `Ok(false)`
     /// when the driver has made nothing available. A malformed chain (including one of

@@ -56,6 +56,8 @@
 //!   bits, config space and events (virtio 1.3 section 5.10).
 //! - [`media`]: virtio-media commands, responses, events, SG entries and config space
 //!   (virtio 1.4, device type 48).
+//! - [`ratelimit`] (feature `std`): the rate limit of every log line a peer can cause,
+//!   shared by the layers above.
 //! - [`v4l2`]: every V4L2 ioctl with its number and direction, with lookup from a raw code.
 
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -68,6 +70,8 @@ compile_error!(
 );
 
 pub mod media;
+#[cfg(feature = "std")]
+pub mod ratelimit;
 pub mod v4l2;
 pub mod vhost_user;
 pub mod vsock;

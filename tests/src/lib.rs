@@ -627,6 +627,22 @@ impl Guest {
         }
     }
 
+    /// A hostile driver: moves the available index of queue `queue` (0 rx, 1 tx,
+    /// 2 event) `by` entries ahead of what it made available, whatever the ring holds
+    /// there. Returns the queue's size.
+    pub fn skip_avail_idx(&mut self, queue: usize, by: u16) -> u16 {
+        let q = match queue {
+            0 => &self.rx,
+            1 => &self.tx,
+            _ => &self.ev,
+        };
+        let idx = q.avail_idx + Wrapping(by);
+        self.mem
+            .write_obj(idx.0, GuestAddress(q.avail + 2))
+            .expect("the avail ring is in guest memory");
+        q.size
+    }
+
     /// Kicks the TX queue if buffers were added and the device wants a kick.
     pub fn kick_tx(&mut self) {
         if self.tx_kicks_needed && self.tx.needs_kick(&self.mem) {
@@ -1256,4 +1272,39 @@ pub fn run_streams(g: &mut Guest, n: usize, bytes: u64, pkt: u32, dir: Direction
         let _ = std::fs::remove_file(p);
     }
     elapsed
+}
+
+/// Ends the test process if it is not dropped within `limit`: for calls that must
+/// return (a device pass on a hostile ring) and would otherwise hang the test run.
+#[derive(Debug)]
+pub struct Watchdog(Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    /// Arms the watchdog for `what`.
+    pub fn arm(what: &'static str, limit: Duration) -> Watchdog {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Not eprintln!: the test harness captures that, and exit() would lose it.
+            let _ = writeln!(
+                std::io::stderr(),
+                "watchdog: {what} still running after {limit:?} (a busy loop?)"
+            );
+            std::process::exit(101);
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

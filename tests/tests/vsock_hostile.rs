@@ -7,8 +7,11 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
+use outboard_devices::vsock::Vsock;
 use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType};
-use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Key, GUEST_CID, REGION_BOUNDARY};
+use outboard_tests::{
+    temp_dir, Guest, GuestOptions, GuestState, Key, Watchdog, GUEST_CID, REGION_BOUNDARY,
+};
 use zerocopy::IntoBytes;
 
 const T: Duration = Duration::from_secs(5);
@@ -465,4 +468,41 @@ fn random_garbage_never_breaks_the_device() {
         "{m:?}"
     );
     assert!(s.g.pump_until(T, |g| g.dev.connection_count() == 1));
+}
+
+/// A driver that moves a queue's available index more than the ring size ahead (257 on
+/// a 256-entry ring) breaks that queue: every device pass over it returns at once and
+/// counts the error, instead of spinning (virtio-queue's iterator fails on such an
+/// index, which a device loop used to take for "empty" while `enable_notification`
+/// kept reporting work). Each queue in turn: TX (a kick), RX (host data to deliver),
+/// event (a transport reset to deliver).
+#[test]
+fn avail_index_beyond_the_ring_stops_the_queue_without_spinning() {
+    for queue in [1usize, 0, 2] {
+        let mut s = Setup::new();
+        s.healthy();
+        let before = s.metrics().err_queue;
+        let size = s.g.skip_avail_idx(queue, 0);
+        s.g.skip_avail_idx(queue, size + 1);
+        let dog = Watchdog::arm("a device pass over a broken ring", Duration::from_secs(10));
+        for _ in 0..3 {
+            match queue {
+                1 => s.g.device(Vsock::handle_tx_kick),
+                0 => {
+                    s.host
+                        .write_all(b"to a guest whose RX ring is broken")
+                        .unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                    s.g.device(Vsock::handle_backend_event);
+                    s.g.device(Vsock::handle_rx_kick);
+                }
+                _ => s.g.device(Vsock::transport_reset),
+            }
+        }
+        drop(dog);
+        assert!(
+            s.metrics().err_queue > before,
+            "queue {queue}: the broken ring was not counted"
+        );
+    }
 }

@@ -438,7 +438,10 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
                 Ok(()) => {}
                 Err(Error::Disconnect) => return Ok(()),
                 Err(e) if e.is_fatal() || self.peer_waiting => return Err(e),
-                Err(e) => log::warn!("vhost-user back-end: refused a request: {e}"),
+                Err(e) => outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "vhost-user back-end: refused a request: {e}"
+                ),
             }
         }
     }
@@ -471,7 +474,8 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
                 match self.send_error_reply(&header, body, &e) {
                     Ok(answered) => self.peer_waiting = !answered,
                     Err(send_err) => {
-                        log::warn!(
+                        outboard_protocol::log_limited!(
+                            log::Level::Warn,
                             "vhost-user back-end: could not send an error reply: {send_err}"
                         );
                         self.peer_waiting = true;

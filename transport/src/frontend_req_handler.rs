@@ -245,7 +245,10 @@ impl<S: VhostUserFrontendReqHandler> FrontendReqHandler<S> {
                     if needs_reply(req, &header, reply_ack) {
                         let status = (-i64::from(e.status_errno())) as u64;
                         if let Err(send) = self.reply(&header, status, None) {
-                            log::warn!("back-end channel: could not send an error reply: {send}");
+                            outboard_protocol::log_limited!(
+                                log::Level::Warn,
+                                "back-end channel: could not send an error reply: {send}"
+                            );
                         }
                     }
                 }

@@ -110,7 +110,10 @@ impl HostMemoryMapper for ShmemMapper {
         let map = VhostUserMMap::new(SHMID_MMAP, offset, shm_offset, len, flags);
         let channel = lock(&self.channel).clone().ok_or(libc::ENOTCONN)?;
         channel.shmem_map(&map, buffer).map_err(|e| {
-            log::warn!("media: SHMEM_MAP of {len:#x} bytes at {shm_offset:#x} failed: {e}");
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "media: SHMEM_MAP of {len:#x} bytes at {shm_offset:#x} failed: {e}"
+            );
             libc::EIO
         })?;
         self.used.insert(shm_offset, len);
@@ -124,7 +127,10 @@ impl HostMemoryMapper for ShmemMapper {
         self.used.remove(&shm_offset);
         let channel = lock(&self.channel).clone().ok_or(libc::ENOTCONN)?;
         channel.shmem_unmap(&map).map_err(|e| {
-            log::warn!("media: SHMEM_UNMAP at {shm_offset:#x} failed: {e}");
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "media: SHMEM_UNMAP at {shm_offset:#x} failed: {e}"
+            );
             libc::EIO
         })
     }

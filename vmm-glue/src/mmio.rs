@@ -16,7 +16,10 @@
 //! Everything the guest writes is untrusted: accesses of the wrong width or outside the
 //! register file are ignored (reads return zeros), queue sizes and selectors are bounds
 //! checked, features the device did not offer keep `FEATURES_OK` from being set, and
-//! queue addresses are validated against guest memory before activation.
+//! queue addresses are validated against guest memory before activation. A ring that
+//! turns out inconsistent while the device runs (see [`crate::rust_vmm`]) sets
+//! `DEVICE_NEEDS_RESET` and raises a configuration-change interrupt (virtio 1.x,
+//! 2.1.2); the queue stays broken until the driver resets the device.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -27,7 +30,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::rust_vmm::RustVmmQueue;
+use crate::rust_vmm::{RingHealth, RustVmmQueue};
 
 /// `MagicValue`: "virt" in little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -104,7 +107,10 @@ impl MmioInterrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
-            log::warn!("virtio-mmio: cannot signal the interrupt: {e}");
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "virtio-mmio: cannot signal the interrupt: {e}"
+            );
         }
     }
 }
@@ -135,6 +141,7 @@ pub struct MmioTransport<D: VirtioDevice, M: GuestAddressSpace> {
     interrupt_status: Arc<AtomicU32>,
     config_generation: Arc<AtomicU32>,
     irq: EventFd,
+    health: Arc<RingHealth>,
 }
 
 impl<D: VirtioDevice, M: GuestAddressSpace> std::fmt::Debug for MmioTransport<D, M> {
@@ -199,6 +206,7 @@ where
             interrupt_status: Arc::new(AtomicU32::new(0)),
             config_generation: Arc::new(AtomicU32::new(0)),
             irq,
+            health: Arc::new(RingHealth::new()),
         }
     }
 
@@ -221,6 +229,31 @@ where
     pub fn handle_device_event(&mut self) {
         if self.active {
             self.device.handle_event();
+            self.check_health();
+        }
+    }
+
+    /// After the device ran: a broken ring makes the device need a reset.
+    fn check_health(&mut self) {
+        if !self.health.has_news() {
+            return;
+        }
+        for (index, reason) in self.health.take() {
+            outboard_protocol::log_limited!(
+                log::Level::Error,
+                "virtio-mmio: queue {index} is broken, the device needs a reset: {reason}"
+            );
+        }
+        if self.status & status::DEVICE_NEEDS_RESET == 0 {
+            self.status |= status::DEVICE_NEEDS_RESET;
+            self.config_generation.fetch_add(1, Ordering::SeqCst);
+            self.interrupt_status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+            if let Err(e) = self.irq.write(1) {
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "virtio-mmio: cannot signal the interrupt: {e}"
+                );
+            }
         }
     }
 
@@ -244,6 +277,8 @@ where
         self.driver_features = 0;
         self.status = 0;
         self.interrupt_status.store(0, Ordering::SeqCst);
+        // Reports of the queues just dropped.
+        self.health.take();
     }
 
     fn activate(&mut self) -> bool {
@@ -253,20 +288,31 @@ where
         let mut queues: Vec<Box<dyn VirtQueue>> = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter_mut().enumerate() {
             if q.ready() && !q.is_valid(&*mem) {
-                log::warn!("virtio-mmio: queue {i} is not valid in guest memory");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "virtio-mmio: queue {i} is not valid in guest memory"
+                );
                 return false;
             }
             q.set_event_idx(event_idx);
             let Some(copy) = copy_queue(q) else {
-                log::warn!("virtio-mmio: queue {i} cannot be copied");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "virtio-mmio: queue {i} cannot be copied"
+                );
                 return false;
             };
-            queues.push(Box::new(RustVmmQueue::new(copy, self.mem.clone())));
+            queues.push(Box::new(
+                RustVmmQueue::new(copy, self.mem.clone()).with_health(self.health.clone(), i),
+            ));
         }
         let irq = match self.irq.try_clone() {
             Ok(fd) => fd,
             Err(e) => {
-                log::warn!("virtio-mmio: cannot clone the irq eventfd: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "virtio-mmio: cannot clone the irq eventfd: {e}"
+                );
                 return false;
             }
         };
@@ -281,7 +327,10 @@ where
                 true
             }
             Err(e) => {
-                log::warn!("virtio-mmio: activation failed: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "virtio-mmio: activation failed: {e}"
+                );
                 false
             }
         }
@@ -297,7 +346,8 @@ where
         if newly & status::FEATURES_OK != 0 {
             let offered = self.device.features();
             if self.driver_features & !offered != 0 {
-                log::warn!(
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
                     "virtio-mmio: driver accepted features {:#x} that were not offered",
                     self.driver_features & !offered
                 );
@@ -312,7 +362,8 @@ where
                 value = (value & !status::DRIVER_OK) | status::DEVICE_NEEDS_RESET;
             }
         }
-        self.status = value;
+        // Only a reset (0) clears DEVICE_NEEDS_RESET.
+        self.status = value | (self.status & status::DEVICE_NEEDS_RESET);
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
@@ -409,6 +460,7 @@ where
                 let index = (v & 0xffff) as usize;
                 if self.active && index < self.queues.len() {
                     self.device.handle_queue(index);
+                    self.check_health();
                 }
             }
             reg::INTERRUPT_ACK => {
@@ -645,6 +697,40 @@ mod tests {
         wr(t, reg::QUEUE_READY, 1);
         assert_eq!(rd(t, reg::QUEUE_READY), 1);
         wr(t, reg::STATUS, s | status::DRIVER_OK);
+    }
+
+    /// A driver whose available index runs more than the ring size ahead: the device
+    /// sets DEVICE_NEEDS_RESET and raises a config interrupt, once; only a reset
+    /// clears it, and the reset device serves again.
+    #[test]
+    fn a_broken_ring_makes_the_device_need_a_reset() {
+        let (mut t, mem, _log, irq) = setup();
+        bring_up(&mut t);
+        mem.write_obj(9u16, GuestAddress(0x2002)).unwrap(); // 9 ahead on 8 entries
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        let s = rd(&mut t, reg::STATUS);
+        assert_ne!(s & status::DEVICE_NEEDS_RESET, 0, "status {s:#x}");
+        assert_ne!(rd(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, 0);
+        assert!(irq.read().is_ok());
+        // More notifies do not raise it again.
+        let generation = rd(&mut t, reg::CONFIG_GENERATION);
+        wr(&mut t, reg::INTERRUPT_ACK, INT_CONFIG);
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(rd(&mut t, reg::CONFIG_GENERATION), generation);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, 0);
+        // The driver writes its status back without the bit: it stays.
+        wr(&mut t, reg::STATUS, s & !status::DEVICE_NEEDS_RESET);
+        assert_ne!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        // A reset clears it; brought up again with a sane ring, the device serves.
+        mem.write_obj(0u16, GuestAddress(0x2002)).unwrap();
+        bring_up(&mut t);
+        assert_eq!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        mem.write_obj(0x8000u64, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(100u32, GuestAddress(0x1008)).unwrap();
+        mem.write_obj(0u16, GuestAddress(0x2004)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1);
     }
 
     #[test]

@@ -14,9 +14,23 @@
 //!
 //! Writes through the host regions bypass vm-memory's dirty bitmap: these adapters do
 //! not support dirty-page logging (vhost-user `LOG_ALL`).
+//!
+//! # Broken rings
+//!
+//! The available index is a free-running 16-bit counter, so any start value is legal;
+//! what is not is an index more than the queue size ahead of the device's own, a ring
+//! the device cannot read, or an index that goes backwards. `virtio_queue` answers
+//! these with an iterator error (and a log line) on every pop, which a device loop
+//! would take for "empty" while `enable_notification` keeps reporting work: a busy
+//! loop. [`RustVmmQueue`] checks the index where it reads the ring and, on the first
+//! inconsistency, becomes broken: every later call returns
+//! [`QueueError::Broken`] (so [`VirtQueue::enable_notification`] can no longer report
+//! work) and, if the queue was given a [`RingHealth`], the ring is reported there once
+//! for the transport to stop it and tell the driver.
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use outboard_devices::virtio::{
     DescChain, GuestMemoryAccess, Interrupt, IoRegion, MemoryError, QueueError, VirtQueue,
@@ -62,17 +76,64 @@ fn translate<M: GuestMemory + ?Sized>(
     covered == len
 }
 
+/// The rings of one device that broke and are not yet handled by the transport.
+///
+/// Shared by a device's [`RustVmmQueue`]s (each reports its own ring once, when it
+/// breaks) and the transport, which checks [`RingHealth::has_news`] (one atomic load)
+/// after it drove the device and then stops the rings [`RingHealth::take`] returns and
+/// tells the driver.
+#[derive(Debug, Default)]
+pub struct RingHealth {
+    news: AtomicBool,
+    broken: Mutex<Vec<(usize, String)>>,
+}
+
+impl RingHealth {
+    /// A health record with no broken ring.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `ring` broke, and why. A ring is recorded at most once until taken.
+    pub fn report(&self, ring: usize, reason: &str) {
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if !broken.iter().any(|(r, _)| *r == ring) {
+            broken.push((ring, reason.to_string()));
+        }
+        self.news.store(true, Ordering::Release);
+    }
+
+    /// Whether a ring broke since the last [`RingHealth::take`].
+    #[inline]
+    pub fn has_news(&self) -> bool {
+        self.news.load(Ordering::Acquire)
+    }
+
+    /// The rings that broke since the last call, with the reason, in the order they
+    /// broke.
+    pub fn take(&self) -> Vec<(usize, String)> {
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        self.news.store(false, Ordering::Release);
+        std::mem::take(&mut *broken)
+    }
+}
+
 /// A [`VirtQueue`] over a rust-vmm split queue.
 pub struct RustVmmQueue<M: GuestAddressSpace> {
     queue: Queue,
     mem: M,
     pinned: Vec<M::T>,
+    /// The last available index read and found consistent: entries up to it exist.
+    avail_seen: u16,
+    broken: Option<String>,
+    health: Option<(Arc<RingHealth>, usize)>,
 }
 
 impl<M: GuestAddressSpace> std::fmt::Debug for RustVmmQueue<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RustVmmQueue")
             .field("queue", &self.queue)
+            .field("broken", &self.broken)
             .finish()
     }
 }
@@ -81,10 +142,71 @@ impl<M: GuestAddressSpace> RustVmmQueue<M> {
     /// Wraps a configured, ready queue and the guest memory it lives in.
     pub fn new(queue: Queue, mem: M) -> Self {
         RustVmmQueue {
+            avail_seen: queue.next_avail(),
             queue,
             mem,
             pinned: Vec::new(),
+            broken: None,
+            health: None,
         }
+    }
+
+    /// Reports to `health`, as ring `ring`, when this queue breaks.
+    pub fn with_health(mut self, health: Arc<RingHealth>, ring: usize) -> Self {
+        self.health = Some((health, ring));
+        self
+    }
+
+    /// Why the queue is broken, if it is (see the [module docs](self)).
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Marks the queue broken (the first reason sticks) and returns the error to hand
+    /// the device.
+    fn break_ring(&mut self, reason: String) -> QueueError {
+        if self.broken.is_none() {
+            if let Some((health, ring)) = &self.health {
+                health.report(*ring, &reason);
+            }
+            self.broken = Some(reason);
+        }
+        QueueError::Broken(self.broken.clone().unwrap_or_default())
+    }
+
+    fn check_broken(&self) -> Result<(), QueueError> {
+        match &self.broken {
+            Some(r) => Err(QueueError::Broken(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the available index and checks it against the device's: Ok(false) when
+    /// the ring is empty.
+    fn refresh_avail(&mut self, mem: &M::M) -> Result<bool, QueueError> {
+        let next = self.queue.next_avail();
+        let size = self.queue.size();
+        let avail = match self
+            .queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(i) => i.0,
+            Err(e) => {
+                return Err(self.break_ring(format!(
+                    "available ring at {:#x} is unreadable: {e}",
+                    self.queue.avail_ring()
+                )))
+            }
+        };
+        let pending = avail.wrapping_sub(next);
+        if pending > size {
+            return Err(self.break_ring(format!(
+                "available index {avail} is {pending} entries ahead of the device's {next} \
+                 on a {size}-entry ring"
+            )));
+        }
+        self.avail_seen = avail;
+        Ok(pending != 0)
     }
 
     /// The wrapped queue.
@@ -123,10 +245,22 @@ where
 {
     fn pop(&mut self, chain: &mut DescChain) -> Result<bool, QueueError> {
         chain.clear();
+        self.check_broken()?;
         let mem = self.mem.memory();
         self.pin(&mem);
-        let Some(descs) = self.queue.pop_descriptor_chain(mem.clone()) else {
+        // Entries up to `avail_seen` were checked already; only read the index again
+        // once they are used up.
+        if self.queue.next_avail() == self.avail_seen && !self.refresh_avail(&mem)? {
             return Ok(false);
+        }
+        let next = self.queue.next_avail();
+        let Some(descs) = self.queue.pop_descriptor_chain(mem.clone()) else {
+            // Entries were there and now are not: the index went backwards, or the
+            // ring became unreadable.
+            return Err(self.break_ring(format!(
+                "available entry {next} vanished or is unreadable (ring at {:#x})",
+                self.queue.avail_ring()
+            )));
         };
         let head = descs.head_index();
         chain.head = head;
@@ -166,34 +300,51 @@ where
     }
 
     fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        self.check_broken()?;
         let mem = self.mem.memory();
-        self.queue
-            .add_used(&*mem, head, len)
-            .map_err(|e| QueueError::Used {
+        match self.queue.add_used(&*mem, head, len) {
+            Ok(()) => Ok(()),
+            // The head came from the guest's available ring: a bad chain, not a bad ring.
+            Err(e @ virtio_queue::Error::InvalidDescriptorIndex) => Err(QueueError::Used {
                 head,
                 reason: e.to_string(),
-            })
+            }),
+            Err(e) => Err(self.break_ring(format!(
+                "used ring at {:#x} is not writable: {e}",
+                self.queue.used_ring()
+            ))),
+        }
     }
 
     fn needs_notification(&mut self) -> Result<bool, QueueError> {
+        self.check_broken()?;
         let mem = self.mem.memory();
-        self.queue
-            .needs_notification(&*mem)
-            .map_err(|e| QueueError::Rings(e.to_string()))
+        match self.queue.needs_notification(&*mem) {
+            Ok(b) => Ok(b),
+            Err(e) => Err(self.break_ring(format!("used_event is unreadable: {e}"))),
+        }
     }
 
     fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        self.check_broken()?;
         let mem = self.mem.memory();
-        self.queue
-            .enable_notification(&*mem)
-            .map_err(|e| QueueError::Rings(e.to_string()))
+        if let Err(e) = self.queue.enable_notification(&*mem) {
+            return Err(self.break_ring(format!("cannot enable notifications: {e}")));
+        }
+        // virtio_queue reports work for any index other than ours, which would send a
+        // device round its loop again and again on an index too far ahead: check it.
+        if self.queue.next_avail() != self.avail_seen {
+            return Ok(true);
+        }
+        self.refresh_avail(&mem)
     }
 
     fn disable_notification(&mut self) -> Result<(), QueueError> {
+        self.check_broken()?;
         let mem = self.mem.memory();
         self.queue
             .disable_notification(&*mem)
-            .map_err(|e| QueueError::Rings(e.to_string()))
+            .map_err(|e| self.break_ring(format!("cannot disable notifications: {e}")))
     }
 }
 
@@ -217,7 +368,10 @@ impl Interrupt for EventFdInterrupt {
     fn signal_used_queue(&self, queue: usize) {
         if let Some(Some(fd)) = self.queues.get(queue) {
             if let Err(e) = fd.write(1) {
-                log::warn!("cannot signal queue {queue}: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "cannot signal queue {queue}: {e}"
+                );
             }
         }
     }
@@ -225,7 +379,10 @@ impl Interrupt for EventFdInterrupt {
     fn signal_config_change(&self) {
         if let Some(fd) = &self.config {
             if let Err(e) = fd.write(1) {
-                log::warn!("cannot signal a config change: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "cannot signal a config change: {e}"
+                );
             }
         }
     }
@@ -313,4 +470,138 @@ where
 /// Convenience: an [`EventFdInterrupt`] behind the `Arc` that `activate` takes.
 pub fn eventfd_interrupt(queues: Vec<Option<EventFd>>) -> Arc<dyn Interrupt> {
     Arc::new(EventFdInterrupt::new(queues, None))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const SIZE: u16 = 16;
+
+    fn setup(next_avail: u16) -> (Arc<GuestMemoryMmap>, RustVmmQueue<Arc<GuestMemoryMmap>>) {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let mut q = Queue::new(SIZE).unwrap();
+        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_next_avail(next_avail);
+        q.set_next_used(next_avail);
+        q.set_ready(true);
+        // Every descriptor: 16 readable bytes at 0x8000.
+        for i in 0..u64::from(SIZE) {
+            mem.write_obj(0x8000u64, GuestAddress(DESC + 16 * i))
+                .unwrap();
+            mem.write_obj(16u32, GuestAddress(DESC + 16 * i + 8))
+                .unwrap();
+        }
+        // The driver's index where the device's starts: nothing available yet.
+        mem.write_obj(next_avail, GuestAddress(AVAIL + 2)).unwrap();
+        (mem.clone(), RustVmmQueue::new(q, mem))
+    }
+
+    /// Makes `n` chains available starting at ring index `from`.
+    fn offer(mem: &GuestMemoryMmap, from: u16, n: u16) {
+        for k in 0..n {
+            let at = from.wrapping_add(k);
+            let slot = u64::from(at % SIZE);
+            mem.write_obj(at % SIZE, GuestAddress(AVAIL + 4 + 2 * slot))
+                .unwrap();
+        }
+        mem.write_obj(from.wrapping_add(n), GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    #[test]
+    fn any_base_is_legal_and_the_index_wraps() {
+        // SET_VRING_BASE 300 on a 16-entry ring: a free-running index, not an error.
+        for base in [0u16, 300, u16::MAX - 3] {
+            let (mem, mut q) = setup(base);
+            let mut chain = DescChain::default();
+            assert_eq!(q.pop(&mut chain), Ok(false));
+            offer(&mem, base, SIZE);
+            for _ in 0..SIZE {
+                assert_eq!(q.pop(&mut chain), Ok(true));
+                q.add_used(chain.head, 0).unwrap();
+            }
+            assert_eq!(q.pop(&mut chain), Ok(false));
+            assert_eq!(q.enable_notification(), Ok(false));
+            assert!(q.broken().is_none());
+        }
+    }
+
+    #[test]
+    fn an_index_too_far_ahead_breaks_the_ring_once_and_for_good() {
+        let health = Arc::new(RingHealth::new());
+        let (mem, q) = setup(0);
+        let mut q = q.with_health(health.clone(), 1);
+        let mut chain = DescChain::default();
+        // 17 entries on a 16-entry ring.
+        mem.write_obj(SIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
+        let err = q.pop(&mut chain).unwrap_err();
+        assert!(
+            matches!(&err, QueueError::Broken(r) if r.contains("17 entries ahead")),
+            "{err}"
+        );
+        assert!(health.has_news());
+        let taken = health.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].0, 1);
+        assert!(!health.has_news());
+        // Sticky: a device loop that asks again gets the error, never "work pending".
+        for _ in 0..3 {
+            assert!(matches!(q.pop(&mut chain), Err(QueueError::Broken(_))));
+            assert!(matches!(
+                q.enable_notification(),
+                Err(QueueError::Broken(_))
+            ));
+            assert!(matches!(q.add_used(0, 0), Err(QueueError::Broken(_))));
+        }
+        // Fixing the index does not revive it: only a reset (a new queue) does.
+        offer(&mem, 0, 1);
+        assert!(matches!(q.pop(&mut chain), Err(QueueError::Broken(_))));
+        // Reported once.
+        assert!(!health.has_news());
+    }
+
+    #[test]
+    fn enable_notification_checks_the_index_it_reports() {
+        // virtio_queue alone answers "work pending" for an index 300 ahead.
+        let (mem, mut q) = setup(0);
+        mem.write_obj(300u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(matches!(
+            q.enable_notification(),
+            Err(QueueError::Broken(_))
+        ));
+    }
+
+    #[test]
+    fn an_index_that_goes_backwards_breaks_the_ring() {
+        let (mem, mut q) = setup(0);
+        let mut chain = DescChain::default();
+        offer(&mem, 0, 4);
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        // The driver takes two entries back.
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(matches!(q.pop(&mut chain), Err(QueueError::Broken(_))));
+    }
+
+    #[test]
+    fn undo_pop_returns_the_same_chain() {
+        let (mem, mut q) = setup(5);
+        let mut chain = DescChain::default();
+        offer(&mem, 5, 2);
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        let head = chain.head;
+        q.undo_pop();
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        assert_eq!(chain.head, head);
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        assert_eq!(q.pop(&mut chain), Ok(false));
+    }
 }

@@ -292,3 +292,73 @@ fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
     worker.join().unwrap().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A ring whose available index is more than the ring size ahead of the device's (a
+/// hostile guest writing 9 on an 8-entry ring, or a front-end whose SET_VRING_BASE is
+/// 300 while the guest's index is 0) is stopped and reported on the ring's
+/// SET_VRING_ERR eventfd; it stays stopped until the front-end restarts it, and then
+/// serves again. The worker never spins on it.
+#[test]
+fn a_broken_ring_is_stopped_and_reported_on_the_error_eventfd() {
+    let dir = std::env::temp_dir().join(format!("outboard-vu-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vu.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let log: Log = Arc::default();
+    let device = Echo {
+        sizes: [16, 16],
+        queues: Vec::new(),
+        irq: None,
+        log: log.clone(),
+    };
+    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let worker_stop = stop.try_clone().unwrap();
+    let worker = std::thread::spawn(move || {
+        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
+    });
+    let mem = GuestMem::new(MEM);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let err = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut fe = Frontend::connect(&path).unwrap();
+    bring_up(&mut fe, &mem, &kick, &call);
+    fe.set_vring_err(0, Some(bfd(&err))).unwrap();
+
+    // The guest's index jumps 9 entries ahead on an 8-entry ring.
+    mem.write(0x2002, 9u16);
+    kick.write(1).unwrap();
+    assert!(wait_readable(bfd(&err), 5000), "no error eventfd signal");
+    assert_eq!(err.read().unwrap(), 1);
+    // Stopped where the device was: nothing was consumed.
+    assert_eq!(fe.get_vring_base(0).unwrap(), 0);
+    // Kicks on the stopped ring do nothing (and the worker still answers).
+    kick.write(1).unwrap();
+    assert!(!wait_readable(bfd(&call), 100));
+    assert_eq!(
+        fe.get_config(0, 8, VhostUserConfigFlags::Frontend).unwrap(),
+        b"echo-cfg"
+    );
+
+    // The front-end restarts the ring at a base 300 ahead of the guest's index 0.
+    mem.write(0x2002, 0u16);
+    fe.set_vring_base(0, 300).unwrap();
+    fe.set_vring_kick(0, Some(bfd(&kick))).unwrap();
+    assert!(wait_readable(bfd(&err), 5000), "no error for base 300");
+    assert_eq!(err.read().unwrap(), 1);
+    assert_eq!(fe.get_vring_base(0).unwrap(), 300);
+
+    // Restarted consistently, the ring serves again.
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_kick(0, Some(bfd(&kick))).unwrap();
+    offer_chain(&mem, 2, 0);
+    kick.write(1).unwrap();
+    assert!(wait_readable(bfd(&call), 5000), "no call after the restart");
+    assert_eq!(mem.read::<u16>(0x3004), 2);
+    assert!(!wait_readable(bfd(&err), 50));
+
+    drop(fe);
+    stop.write(1).unwrap();
+    worker.join().unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1548,7 +1548,10 @@ where
         for a in addrs {
             self.mappings.remove(&a);
             if let Err(e) = self.host.remove_mapping(a) {
-                log::warn!("camera: unmapping {a:#x} on close: errno {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "camera: unmapping {a:#x} on close: errno {e}"
+                );
             }
         }
         self.free_buffers(&mut session);

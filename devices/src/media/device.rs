@@ -91,7 +91,7 @@ impl<D: MediaDevice> VirtioMedia<D> {
                     let mut w = ChainWriter::new(&self.chain.writable);
                     let n = self.runner.handle_command(&mut r, &mut w);
                     if let Err(e) = q.add_used(self.chain.head, n as u32) {
-                        log::warn!("virtio-media: {e}");
+                        outboard_protocol::log_limited!(log::Level::Warn, "virtio-media: {e}");
                     }
                     used = true;
                 }
@@ -99,19 +99,28 @@ impl<D: MediaDevice> VirtioMedia<D> {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {
-                        log::warn!("virtio-media: command queue: {e}");
+                        outboard_protocol::log_limited!(
+                            log::Level::Warn,
+                            "virtio-media: command queue: {e}"
+                        );
                         break;
                     }
                 },
                 Err(QueueError::BadChain { head, reason }) => {
-                    log::warn!("virtio-media: bad command chain {head}: {reason}");
+                    outboard_protocol::log_limited!(
+                        log::Level::Warn,
+                        "virtio-media: bad command chain {head}: {reason}"
+                    );
                     if let Err(e) = q.add_used(head, 0) {
-                        log::warn!("virtio-media: {e}");
+                        outboard_protocol::log_limited!(log::Level::Warn, "virtio-media: {e}");
                     }
                     used = true;
                 }
                 Err(e) => {
-                    log::warn!("virtio-media: command queue: {e}");
+                    outboard_protocol::log_limited!(
+                        log::Level::Warn,
+                        "virtio-media: command queue: {e}"
+                    );
                     break;
                 }
             }
@@ -134,7 +143,8 @@ impl<D: MediaDevice> VirtioMedia<D> {
                     let n = if self.chain.writable_len() >= bytes.len() {
                         write_regions(&self.chain.writable, 0, bytes)
                     } else {
-                        log::warn!(
+                        outboard_protocol::log_limited!(
+                            log::Level::Warn,
                             "virtio-media: event buffer of {} bytes is too small for {}",
                             self.chain.writable_len(),
                             bytes.len()
@@ -142,7 +152,7 @@ impl<D: MediaDevice> VirtioMedia<D> {
                         0
                     };
                     if let Err(e) = q.add_used(self.chain.head, n as u32) {
-                        log::warn!("virtio-media: {e}");
+                        outboard_protocol::log_limited!(log::Level::Warn, "virtio-media: {e}");
                     }
                     used = true;
                 }
@@ -151,15 +161,21 @@ impl<D: MediaDevice> VirtioMedia<D> {
                     break;
                 }
                 Err(QueueError::BadChain { head, reason }) => {
-                    log::warn!("virtio-media: bad event chain {head}: {reason}");
+                    outboard_protocol::log_limited!(
+                        log::Level::Warn,
+                        "virtio-media: bad event chain {head}: {reason}"
+                    );
                     self.events.push_front(ev);
                     if let Err(e) = q.add_used(head, 0) {
-                        log::warn!("virtio-media: {e}");
+                        outboard_protocol::log_limited!(log::Level::Warn, "virtio-media: {e}");
                     }
                     used = true;
                 }
                 Err(e) => {
-                    log::warn!("virtio-media: event queue: {e}");
+                    outboard_protocol::log_limited!(
+                        log::Level::Warn,
+                        "virtio-media: event queue: {e}"
+                    );
                     self.events.push_front(ev);
                     break;
                 }
@@ -167,7 +183,7 @@ impl<D: MediaDevice> VirtioMedia<D> {
         }
         if let Some(q) = self.queues.get_mut(EVENT_QUEUE) {
             if let Err(e) = q.enable_notification() {
-                log::warn!("virtio-media: event queue: {e}");
+                outboard_protocol::log_limited!(log::Level::Warn, "virtio-media: event queue: {e}");
             }
         }
         if used {
@@ -249,7 +265,10 @@ impl<D: MediaDevice> VirtioDevice for VirtioMedia<D> {
 
     fn handle_event(&mut self) {
         for (session, errno) in self.runner.process_ready_sessions() {
-            log::warn!("virtio-media: session {session} failed with errno {errno}");
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "virtio-media: session {session} failed with errno {errno}"
+            );
             self.events.clone().send_error(session, errno);
         }
         self.flush_events();

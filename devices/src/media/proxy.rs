@@ -270,7 +270,8 @@ unsafe fn raw_ioctl<T: IntoBytes + FromBytes>(
     arg: &mut T,
 ) -> IoctlResult<()> {
     if size_of::<T>() != ioctl.arg_size() {
-        log::error!(
+        outboard_protocol::log_limited!(
+            log::Level::Error,
             "v4l2 proxy: {ioctl} with a {}-byte argument",
             size_of::<T>()
         );
@@ -300,7 +301,10 @@ fn plain_ioctl<T: IntoBytes + FromBytes>(
     arg: &mut T,
 ) -> IoctlResult<()> {
     if has_pointers(ioctl) {
-        log::error!("v4l2 proxy: {ioctl} forwarded without its pointers");
+        outboard_protocol::log_limited!(
+            log::Level::Error,
+            "v4l2 proxy: {ioctl} forwarded without its pointers"
+        );
         return Err(libc::EINVAL);
     }
     // SAFETY: `ioctl`'s argument holds no pointer the kernel follows (checked above).
@@ -473,9 +477,17 @@ impl<M> ProxySession<M> {
     /// forever): stops watching it, so the session's poll fd goes quiet once the error
     /// is reported. Returns `ENODEV`.
     fn gone(&mut self) -> Errno {
-        log::warn!("v4l2 proxy: session {}: the host node is gone", self.id);
+        outboard_protocol::log_limited!(
+            log::Level::Warn,
+            "v4l2 proxy: session {}: the host node is gone",
+            self.id
+        );
         if let Err(e) = epoll::delete(&self.poller, &self.device) {
-            log::warn!("v4l2 proxy: session {}: epoll_ctl: {e}", self.id);
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "v4l2 proxy: session {}: epoll_ctl: {e}",
+                self.id
+            );
         }
         libc::ENODEV
     }
@@ -500,7 +512,11 @@ impl<M> ProxySession<M> {
             flags,
         ) {
             Ok(()) => self.polling_buffers = want,
-            Err(e) => log::warn!("v4l2 proxy: session {}: epoll_ctl: {e}", self.id),
+            Err(e) => outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "v4l2 proxy: session {}: epoll_ctl: {e}",
+                self.id
+            ),
         }
     }
 
@@ -1371,7 +1387,11 @@ where
 
     fn new_session(&mut self, session_id: u32) -> Result<Self::Session, Errno> {
         let device = open_node(&self.node.path).map_err(|e| {
-            log::warn!("v4l2 proxy: opening {}: {e}", self.node.path.display());
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "v4l2 proxy: opening {}: {e}",
+                self.node.path.display()
+            );
             e.raw_os_error().unwrap_or(libc::EIO)
         })?;
         let poller = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| e.raw_os_error())?;
@@ -1402,7 +1422,10 @@ where
         for a in addrs {
             self.mappings.remove(&a);
             if let Err(e) = self.host.remove_mapping(a) {
-                log::warn!("v4l2 proxy: unmapping {a:#x} on close: errno {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "v4l2 proxy: unmapping {a:#x} on close: errno {e}"
+                );
             }
         }
         // Dropping the session closes the host fd before the shadows are freed.
@@ -1468,7 +1491,11 @@ where
                 Err(libc::ENOENT) => break,
                 Err(libc::ENODEV) => return Err(s.gone()),
                 Err(e) => {
-                    log::warn!("v4l2 proxy: session {}: DQEVENT: errno {e}", s.id);
+                    outboard_protocol::log_limited!(
+                        log::Level::Warn,
+                        "v4l2 proxy: session {}: DQEVENT: errno {e}",
+                        s.id
+                    );
                     break;
                 }
             }
@@ -1482,7 +1509,11 @@ where
         let mut result = Ok(());
         for t in types {
             if let Err(e) = self.dequeue_buffers(s, t) {
-                log::warn!("v4l2 proxy: session {}: DQBUF type {t}: errno {e}", s.id);
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "v4l2 proxy: session {}: DQBUF type {t}: errno {e}",
+                    s.id
+                );
                 // Stop watching a queue that fails: a level-triggered poller would spin.
                 s.queue(t).streaming = false;
                 result = Err(e);

@@ -79,7 +79,10 @@ impl SessionPoller for EpollSessionPoller {
 
     fn remove_session(&mut self, fd: BorrowedFd<'_>) {
         if let Err(e) = epoll::delete(&self.epoll, fd) {
-            log::warn!("virtio-media: removing a session fd from epoll: {e}");
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "virtio-media: removing a session fd from epoll: {e}"
+            );
         }
     }
 }
@@ -165,7 +168,10 @@ impl<D: MediaDevice, P: SessionPoller> MediaRunner<D, P> {
         if let Err(e) = self.command(r, w) {
             log::debug!("virtio-media: command failed: {e}");
             if w.write_err(e.errno()).is_err() {
-                log::warn!("virtio-media: no room for an error response");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "virtio-media: no room for an error response"
+                );
             }
         }
         w.written()
@@ -287,7 +293,7 @@ impl<D: MediaDevice> MediaRunner<D, EpollSessionPoller> {
     pub fn process_ready_sessions(&mut self) -> Vec<(u32, Errno)> {
         let mut ready = Vec::new();
         if let Err(e) = self.poller.ready_sessions(&mut ready) {
-            log::warn!("virtio-media: epoll_wait: {e}");
+            outboard_protocol::log_limited!(log::Level::Warn, "virtio-media: epoll_wait: {e}");
         }
         let mut failed = Vec::new();
         for id in ready {

@@ -1,7 +1,7 @@
 //! [`DeviceBackend`]: any Outboard [`VirtioDevice`] as a vhost-user back-end.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
-use crate::rust_vmm::RustVmmQueue;
+use crate::rust_vmm::{RingHealth, RustVmmQueue};
 
 /// Largest config space read or written through `GET_CONFIG`/`SET_CONFIG`.
 pub const MAX_CONFIG_SIZE: u32 = 256;
@@ -60,6 +60,8 @@ struct Ring {
     addr: Option<VhostUserVringAddr>,
     base: u16,
     kick: Option<File>,
+    /// `SET_VRING_ERR`: signalled when the ring breaks.
+    err: Option<File>,
     started: bool,
     enabled: bool,
     /// The index and addresses the ring had when it was last stopped, to tell a
@@ -97,6 +99,9 @@ pub struct DeviceBackend<D: VirtioDevice> {
     /// `GET_SHMEM_CONFIG` answers (by shmid); empty: the request is not supported.
     shmem_sizes: Vec<u64>,
     channel: Option<ChannelSlot>,
+    /// Rings whose queue found them inconsistent, for [`DeviceBackend::stop_broken_rings`].
+    health: Arc<RingHealth>,
+    broken_rings: u64,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
@@ -133,6 +138,8 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             extra_protocol: VhostUserProtocolFeatures::empty(),
             shmem_sizes: Vec::new(),
             channel: None,
+            health: Arc::new(RingHealth::new()),
+            broken_rings: 0,
         }
     }
 
@@ -202,6 +209,43 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         }
         if self.active && self.ring_live(index) {
             self.device.handle_queue(index);
+            self.stop_broken_rings();
+        }
+    }
+
+    /// How many times a ring was stopped because it was broken (see
+    /// [`stop_broken_rings`](Self::stop_broken_rings)).
+    pub fn broken_rings(&self) -> u64 {
+        self.broken_rings
+    }
+
+    /// Stops every ring whose queue found it broken (an available index more than the
+    /// ring size ahead, a ring outside guest memory: see [`crate::rust_vmm`]) and tells
+    /// the front-end through the ring's `SET_VRING_ERR` eventfd. The ring stays stopped
+    /// until the front-end starts it again (`SET_VRING_KICK`, as after a reset); the
+    /// device and its other rings keep running. One log line per broken ring start.
+    fn stop_broken_rings(&mut self) {
+        if !self.health.has_news() {
+            return;
+        }
+        for (index, reason) in self.health.take() {
+            if index >= self.rings.len() {
+                continue;
+            }
+            self.broken_rings += 1;
+            let base = self.stop(index);
+            let told = match self.rings[index].err.as_mut() {
+                Some(f) => match f.write(&1u64.to_ne_bytes()) {
+                    Ok(_) => "the front-end was told through its error eventfd",
+                    Err(_) => "its error eventfd could not be written",
+                },
+                None => "the front-end gave no error eventfd",
+            };
+            outboard_protocol::log_limited!(
+                log::Level::Error,
+                "ring {index} is broken and stopped at index {base} until the front-end \
+                 restarts it ({told}): {reason}"
+            );
         }
     }
 
@@ -213,6 +257,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
     /// The device's own event fd is readable.
     pub fn handle_device_event(&mut self) {
         self.device.handle_event();
+        self.stop_broken_rings();
     }
 
     /// The front-end went away: reset the device and forget everything it set up.
@@ -315,6 +360,12 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         let n = u64::from(num);
         let desc = self.gpa(addr.descriptor, 16 * n, "descriptor table", index)?;
         let avail = self.gpa(addr.available, 6 + 2 * n, "available ring", index)?;
+        if avail == 0 {
+            // virtio-queue takes an available ring at 0 for an unconfigured queue.
+            return Err(einval(format!(
+                "ring {index}: an available ring at guest address 0 is not supported"
+            )));
+        }
         let used = self.gpa(addr.used, 6 + 8 * n, "used ring", index)?;
 
         // A ring that comes back with another index or other addresses than it had
@@ -326,7 +377,10 @@ impl<D: VirtioDevice> DeviceBackend<D> {
                 .iter()
                 .any(|r| r.started && r.stopped_at.is_some_and(|s| s != (r.base, r.addresses())));
         if reset {
-            log::info!("rings restarted with new state: resetting the device");
+            outboard_protocol::log_limited!(
+                log::Level::Info,
+                "rings restarted with new state: resetting the device"
+            );
             self.device.reset();
             self.active = false;
         }
@@ -351,8 +405,9 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             )));
         }
         if let Some(slot) = self.slots.get(index) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(RustVmmQueue::new(q, self.mem.clone()));
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                RustVmmQueue::new(q, self.mem.clone()).with_health(self.health.clone(), index),
+            );
         }
         self.rings[index].stopped_at = None;
         if !self.active {
@@ -365,9 +420,10 @@ impl<D: VirtioDevice> DeviceBackend<D> {
                 .activate(queues, self.irq.clone())
                 .map_err(|e| io::Error::other(format!("cannot activate the device: {e}")))?;
             self.active = true;
-            log::info!("device activated");
+            outboard_protocol::log_limited!(log::Level::Info, "device activated");
         }
         self.device.handle_queue(index);
+        self.stop_broken_rings();
         Ok(())
     }
 
@@ -503,6 +559,17 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
             set_nonblocking(f);
         }
         self.irq.set_call(i, file);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u32, fd: Option<OwnedFd>) -> HandlerResult<()> {
+        let i = self.index(index)?;
+        let file = fd.map(File::from);
+        if let Some(f) = &file {
+            // Never block on an fd the front-end may not drain.
+            set_nonblocking(f);
+        }
+        self.rings[i].err = file;
         Ok(())
     }
 

@@ -148,20 +148,29 @@ pub fn serve_with<D: VirtioDevice>(
                             return Err(WorkerError::Accept(e))
                         }
                         Err(e) => {
-                            log::warn!("{name}: accept failed: {e}");
+                            outboard_protocol::log_limited!(
+                                log::Level::Warn,
+                                "{name}: accept failed: {e}"
+                            );
                             std::thread::sleep(std::time::Duration::from_millis(100));
                             continue;
                         }
                     };
                     if let Err(e) = stream.set_nonblocking(false) {
-                        log::warn!("{name}: dropped a front-end: {e}");
+                        outboard_protocol::log_limited!(
+                            log::Level::Warn,
+                            "{name}: dropped a front-end: {e}"
+                        );
                         continue;
                     }
                     let Some(backend) = idle.take() else { continue };
                     let handler = BackendReqHandler::new(Connection::new(stream), backend);
                     add(&epoll, handler.as_fd(), TOKEN_CONN)?;
                     delete(&epoll, listener.as_fd());
-                    log::info!("{name}: front-end connected");
+                    outboard_protocol::log_limited!(
+                        log::Level::Info,
+                        "{name}: front-end connected"
+                    );
                     conn = Some(handler);
                 }
                 TOKEN_CONN => {
@@ -172,9 +181,15 @@ pub fn serve_with<D: VirtioDevice>(
                         Ok(()) => {}
                         Err(e) if e.is_fatal() || matches!(e, TransportError::Disconnect) => {
                             if matches!(e, TransportError::Disconnect) {
-                                log::info!("{name}: front-end disconnected");
+                                outboard_protocol::log_limited!(
+                                    log::Level::Info,
+                                    "{name}: front-end disconnected"
+                                );
                             } else {
-                                log::warn!("{name}: closing the front-end connection: {e}");
+                                outboard_protocol::log_limited!(
+                                    log::Level::Warn,
+                                    "{name}: closing the front-end connection: {e}"
+                                );
                             }
                             if let Some(handler) = conn.take() {
                                 delete(&epoll, handler.as_fd());
@@ -183,14 +198,20 @@ pub fn serve_with<D: VirtioDevice>(
                                 idle = Some(backend);
                             }
                             add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
-                            log::info!("{name}: device reset; waiting for a front-end");
+                            outboard_protocol::log_limited!(
+                                log::Level::Info,
+                                "{name}: device reset; waiting for a front-end"
+                            );
                             if let Some(irq) = &batch_irq {
                                 irq.flush();
                             }
                             // Later events of this batch may name fds that are gone.
                             continue 'outer;
                         }
-                        Err(e) => log::warn!("{name}: refused a request: {e}"),
+                        Err(e) => outboard_protocol::log_limited!(
+                            log::Level::Warn,
+                            "{name}: refused a request: {e}"
+                        ),
                     }
                 }
                 kick if kick < KICK_TOKEN_LIMIT => {

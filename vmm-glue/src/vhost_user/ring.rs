@@ -185,7 +185,10 @@ impl Interrupt for RingInterrupt {
     fn signal_config_change(&self) {
         if let Some(ch) = lock(&self.channel).as_ref() {
             if let Err(e) = ch.config_change() {
-                log::warn!("cannot send CONFIG_CHANGE_MSG: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "cannot send CONFIG_CHANGE_MSG: {e}"
+                );
             }
         }
     }
