@@ -59,7 +59,7 @@ use outboard_protocol::{parse, ProtocolError, Validate};
 use zerocopy::IntoBytes;
 
 use crate::backend_req::Backend;
-use crate::connection::Connection;
+use crate::connection::{Connection, PartialMessage};
 use crate::error::{Error, HandlerResult, Result};
 
 /// A guest memory region with the fd that backs it (`SET_MEM_TABLE`, `ADD_MEM_REG`).
@@ -367,6 +367,8 @@ pub struct BackendReqHandler<B: VhostUserBackendReqHandler> {
     acked_protocol: VhostUserProtocolFeatures,
     backend_channel: Option<Backend>,
     peer_waiting: bool,
+    /// The request being received by [`BackendReqHandler::poll_request`].
+    partial: PartialMessage,
 }
 
 impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
@@ -382,6 +384,7 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
             acked_protocol: VhostUserProtocolFeatures::empty(),
             backend_channel: None,
             peer_waiting: false,
+            partial: PartialMessage::new(),
         }
     }
 
@@ -453,6 +456,50 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
         let (header, fds) = self.conn.recv_header()?;
         let mut buf = [0u8; MAX_MSG_SIZE];
         let body = self.conn.recv_body_into(&header, &mut buf)?;
+        self.process(header, body, fds)
+    }
+
+    /// Receives what the socket has of the next request without waiting (make the
+    /// socket non-blocking first: [`Connection::socket`]), and handles the request once
+    /// it is complete. Returns `Ok(true)` when a request was handled, `Ok(false)` when
+    /// the socket has no complete request yet: call again when it is readable, and
+    /// drop a front-end whose [`pending_since`](Self::pending_since) is older than
+    /// your bound (it sent part of a message and stalled). Errors are those of
+    /// [`handle_request`](Self::handle_request); a reply the socket cannot take at once
+    /// (a front-end that does not read its replies) is [`Error::SocketRetry`], which is
+    /// fatal.
+    pub fn poll_request(&mut self) -> Result<bool> {
+        // The body is copied out of the receive buffer: `process` borrows all of self.
+        let mut buf = [0u8; MAX_MSG_SIZE];
+        let (header, len, fds) = match self.conn.recv_some(&mut self.partial)? {
+            Some((header, body, fds)) => {
+                let Some(dst) = buf.get_mut(..body.len()) else {
+                    return Err(Error::OversizedMessage {
+                        size: body.len(),
+                        max: MAX_MSG_SIZE,
+                    });
+                };
+                dst.copy_from_slice(body);
+                (header, body.len(), fds)
+            }
+            None => return Ok(false),
+        };
+        self.process(header, &buf[..len], fds).map(|()| true)
+    }
+
+    /// When the first byte of a request that is not complete yet arrived (see
+    /// [`poll_request`](Self::poll_request)).
+    pub fn pending_since(&self) -> Option<std::time::Instant> {
+        self.partial.started()
+    }
+
+    /// Bytes received of the pending request, and its full size once its header is in.
+    pub fn pending_progress(&self) -> (usize, Option<usize>) {
+        (self.partial.received(), self.partial.expected())
+    }
+
+    /// Handles one received request and sends its reply.
+    fn process(&mut self, header: Header, body: &[u8], fds: Vec<OwnedFd>) -> Result<()> {
         // The whole message has been consumed: from here on a refusal keeps the stream
         // in step.
         self.peer_waiting = false;

@@ -72,6 +72,18 @@ impl Backend {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Bounds every send and every wait for a reply on the channel (`None`: wait
+    /// forever). A front-end that does not answer in time makes the request fail with
+    /// [`Error::SocketRetry`] instead of holding the caller. A back-end that runs its
+    /// data path on the thread that sends requests sets this.
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> Result<()> {
+        let inner = self.lock();
+        let sock = inner.conn.socket();
+        sock.set_read_timeout(timeout)?;
+        sock.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
     /// The negotiated protocol features.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.lock().features

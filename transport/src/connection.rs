@@ -16,11 +16,21 @@
 //!
 //! Header validation (version, flags, request code) is left to the caller so that it can
 //! first consume the body and keep the stream in step when it refuses a message.
+//!
+//! # Receiving without blocking
+//!
+//! A server that must never wait on its peer (the daemon's worker, whose data path
+//! shares the thread) makes the socket non-blocking and receives with
+//! [`Connection::recv_some`]: each call takes what the socket has, up to the end of the
+//! current message, into a [`PartialMessage`], and reports the message once it is
+//! complete. A peer that sends half a message and stalls costs no waiting; the caller
+//! drops it once [`PartialMessage::started`] is older than its bound.
 
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Instant;
 
 use outboard_protocol::vhost_user::{Header, MAX_ATTACHED_FDS, MAX_MSG_SIZE};
 use zerocopy::{FromBytes, IntoBytes};
@@ -37,6 +47,73 @@ pub struct Message {
     pub body: Vec<u8>,
     /// The fds that came with the message.
     pub fds: Vec<OwnedFd>,
+}
+
+/// A complete message from [`Connection::recv_some`]: the header (not yet validated),
+/// the body, borrowed from the [`PartialMessage`], and the fds that came with it.
+pub type Received<'p> = (Header, &'p [u8], Vec<OwnedFd>);
+
+/// A message being received piece by piece (see [`Connection::recv_some`]).
+#[derive(Debug)]
+pub struct PartialMessage {
+    buf: Box<[u8; Header::SIZE + MAX_MSG_SIZE]>,
+    got: usize,
+    fds: Vec<OwnedFd>,
+    started: Option<Instant>,
+}
+
+impl Default for PartialMessage {
+    fn default() -> Self {
+        PartialMessage {
+            buf: Box::new([0u8; Header::SIZE + MAX_MSG_SIZE]),
+            got: 0,
+            fds: Vec::new(),
+            started: None,
+        }
+    }
+}
+
+impl PartialMessage {
+    /// An empty receive buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// When the first byte of the message being received arrived; `None` between
+    /// messages.
+    pub fn started(&self) -> Option<Instant> {
+        self.started
+    }
+
+    /// Bytes of the current message received so far.
+    pub fn received(&self) -> usize {
+        self.got
+    }
+
+    /// The size of the whole current message, once its header is in.
+    pub fn expected(&self) -> Option<usize> {
+        self.header().map(|h| Header::SIZE + h.size as usize)
+    }
+
+    fn header(&self) -> Option<Header> {
+        let raw = self.buf.get(..Header::SIZE)?;
+        (self.got >= Header::SIZE)
+            .then(|| Header::read_from_bytes(raw).ok())
+            .flatten()
+    }
+
+    /// The complete message: header, body and fds; the buffer is then empty again.
+    fn take(&mut self) -> Option<Received<'_>> {
+        let header = self.header()?;
+        let end = Header::SIZE + header.size as usize;
+        if self.got != end {
+            return None;
+        }
+        self.got = 0;
+        self.started = None;
+        let fds = std::mem::take(&mut self.fds);
+        Some((header, self.buf.get(Header::SIZE..end)?, fds))
+    }
 }
 
 /// A vhost-user connection over a connected Unix stream socket.
@@ -169,6 +246,56 @@ impl Connection {
         };
         sock::recv_exact(&self.sock, body)?;
         Ok(body)
+    }
+
+    /// Receives what the socket has of the current message into `partial`, never more
+    /// than up to the message's end (the next message stays in the socket). Returns the
+    /// message (header not yet validated, body, fds) once it is complete, `Ok(None)`
+    /// while it is not. On a non-blocking socket `Ok(None)` means "come back when the
+    /// socket is readable"; on a blocking one the call waits for each piece.
+    ///
+    /// Fds are accepted with any piece, at most [`MAX_ATTACHED_FDS`] per message. The
+    /// errors are those of [`Connection::recv_header`]; an end of file inside a message
+    /// is [`Error::PartialMessage`].
+    pub fn recv_some<'p>(&self, partial: &'p mut PartialMessage) -> Result<Option<Received<'p>>> {
+        loop {
+            let want = match partial.header() {
+                None => Header::SIZE,
+                Some(h) => {
+                    let size = h.size as usize;
+                    if size > MAX_MSG_SIZE {
+                        return Err(Error::OversizedMessage {
+                            size,
+                            max: MAX_MSG_SIZE,
+                        });
+                    }
+                    Header::SIZE + size
+                }
+            };
+            if partial.got == want {
+                return Ok(partial.take());
+            }
+            let max_fds = MAX_ATTACHED_FDS.saturating_sub(partial.fds.len());
+            let got = partial.got;
+            let Some(room) = partial.buf.get_mut(got..want) else {
+                return Err(Error::PartialMessage { done: got, want });
+            };
+            let r = match sock::recv_with_fds(&self.sock, &mut [IoSliceMut::new(room)], max_fds) {
+                Ok(r) => r,
+                Err(Error::SocketRetry(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok(None)
+                }
+                Err(Error::Disconnect) if got > 0 => {
+                    return Err(Error::PartialMessage { done: got, want })
+                }
+                Err(e) => return Err(e),
+            };
+            if got == 0 {
+                partial.started = Some(Instant::now());
+            }
+            partial.got += r.bytes;
+            partial.fds.extend(r.fds);
+        }
     }
 
     /// Receives a reply whose body should be at most `expect` bytes, with one read in

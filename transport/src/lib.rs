@@ -73,7 +73,7 @@ pub mod tube;
 
 pub use backend::{BackendReqHandler, Listener, MemoryRegion, VhostUserBackendReqHandler};
 pub use backend_req::Backend;
-pub use connection::{Connection, Message};
+pub use connection::{Connection, Message, PartialMessage};
 pub use error::{Error, HandlerResult, Result};
 pub use frontend::{Frontend, MemoryRegionRef};
 pub use frontend_req_handler::{FrontendReqHandler, VhostUserFrontendReqHandler};

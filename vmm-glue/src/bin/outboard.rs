@@ -279,9 +279,12 @@ fn media(args: MediaArgs) -> ExitCode {
             }
         }
         let _ = stop.write(1);
-        let res = match thread.join() {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("the worker thread panicked".into()),
+        let res = match finished_by(thread, Instant::now() + SHUTDOWN_GRACE).map(|t| t.join()) {
+            Some(Ok(r)) => r.map_err(|e| e.to_string()),
+            Some(Err(_)) => Err("the worker thread panicked".into()),
+            None => Err(format!(
+                "the worker did not stop within {SHUTDOWN_GRACE:?}; exiting without it"
+            )),
         };
         let _ = std::fs::remove_file(&args.socket_path);
         res
@@ -357,6 +360,24 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
     // SAFETY: fcntl(F_SETFD) on the fd we now own; no memory is passed.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(listener)
+}
+
+/// How long the daemon waits for its workers after SIGTERM/SIGINT before it exits
+/// without them (a worker stuck on a peer must not keep the daemon alive).
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// `thread` once it has finished, or `None` if it is still running at `deadline`.
+fn finished_by<T>(
+    thread: std::thread::JoinHandle<T>,
+    deadline: Instant,
+) -> Option<std::thread::JoinHandle<T>> {
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Some(thread)
 }
 
 fn signal_set() -> libc::sigset_t {
@@ -518,8 +539,20 @@ fn vsock(args: VsockArgs) -> ExitCode {
             log::error!("cannot stop the worker of CID {}: {e}", w.vm.guest_cid);
         }
     }
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
     for w in &mut workers {
         let Some(t) = w.thread.take() else { continue };
+        let Some(t) = finished_by(t, deadline) else {
+            log::error!(
+                "the worker of CID {} did not stop within {SHUTDOWN_GRACE:?}; exiting without it",
+                w.vm.guest_cid
+            );
+            failed = true;
+            for p in &w.created {
+                let _ = std::fs::remove_file(p);
+            }
+            continue;
+        };
         match t.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -620,8 +653,9 @@ mod jailed {
     use outboard_glue::jail::{describe_exit, worker_jail, JailedWorker, SeccompMode};
     use outboard_sandbox::Jail;
 
-    /// How long a stopping worker gets before it is killed.
-    const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+    /// How long the stopping workers get, together, before they are killed: SIGTERM
+    /// ends the daemon within 2 s whatever a worker does.
+    const STOP_TIMEOUT: Duration = Duration::from_secs(1);
     /// A worker that dies sooner than this after its start is restarted only after
     /// [`RESTART_DELAY`], so a worker that cannot start does not spin.
     const MIN_RUN: Duration = Duration::from_secs(1);
@@ -693,11 +727,15 @@ mod jailed {
             }
         }
 
-        fn stop(&mut self) -> bool {
+        /// Stops the worker, killing it if it has not stopped by `deadline`.
+        fn stop(&mut self, deadline: Instant) -> bool {
             let mut ok = true;
             if let Some(w) = self.worker.take() {
                 let pid = w.pid();
-                match w.stop(STOP_TIMEOUT) {
+                let grace = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10));
+                match w.stop(grace) {
                     Ok(outboard_sandbox::ExitStatus::Exited(0)) => {}
                     Ok(status) => {
                         log::error!("{}: worker pid {pid} {}", self.name, describe_exit(status));
@@ -737,8 +775,9 @@ mod jailed {
                 }
             }
         }
+        let deadline = Instant::now() + STOP_TIMEOUT;
         for s in &mut sups {
-            ok &= s.stop();
+            ok &= s.stop(deadline);
         }
         if ok {
             log::info!("stopped cleanly");
@@ -769,8 +808,9 @@ mod jailed {
                 Ok(s) => sups.push(s),
                 Err(e) => {
                     log::error!("VM with guest CID {}: {e}", vm.guest_cid);
+                    let deadline = Instant::now() + STOP_TIMEOUT;
                     for s in &mut sups {
-                        s.stop();
+                        s.stop(deadline);
                     }
                     return ExitCode::FAILURE;
                 }

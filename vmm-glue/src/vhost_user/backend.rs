@@ -19,6 +19,9 @@ use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
 use crate::rust_vmm::{RingHealth, RustVmmQueue};
 
+/// The bound on each send and reply wait on the back-end -> front-end channel.
+pub const BACKEND_CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Largest config space read or written through `GET_CONFIG`/`SET_CONFIG`.
 pub const MAX_CONFIG_SIZE: u32 = 256;
 
@@ -614,6 +617,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+        // The worker sends on this channel (config changes, the media device's
+        // SHMEM_MAP): a front-end that stalls there may hold it this long, no more.
+        backend
+            .set_timeout(Some(BACKEND_CHANNEL_TIMEOUT))
+            .map_err(|e| io::Error::other(format!("back-end channel: {e}")))?;
         if let Some(mut slot) = self.channel_slot() {
             *slot = Some(backend.clone());
         }

@@ -2,8 +2,13 @@
 //!
 //! The set holds the listening socket (while no front-end is connected), the
 //! front-end's connection (while one is), the rings' kick eventfds, the device's own
-//! event fd and a stop eventfd. Everything the worker does is non-blocking except
-//! reading one vhost-user message once the connection is readable.
+//! event fd and a stop eventfd. Everything the worker does is non-blocking, the
+//! front-end's connection included: a message is assembled from whatever pieces the
+//! socket has ([`BackendReqHandler::poll_request`]), so a front-end that sends part of a
+//! message and stalls never holds up the data path, and one that stays stalled for
+//! [`STALL_LIMIT`] is dropped with a message saying so. Replies go out without waiting
+//! too: a front-end that does not read them until its socket buffer is full is
+//! dropped.
 //!
 //! When the front-end goes away the device is reset, the memory table unmapped, and
 //! the worker listens again, so a front-end with `reconnect-ms` can come back. One
@@ -26,6 +31,15 @@ const TOKEN_LISTENER: u64 = KICK_TOKEN_LIMIT + 1;
 const TOKEN_CONN: u64 = KICK_TOKEN_LIMIT + 2;
 const TOKEN_DEVICE: u64 = KICK_TOKEN_LIMIT + 3;
 const TOKEN_STOP: u64 = KICK_TOKEN_LIMIT + 4;
+
+/// How long a front-end may leave a message half sent before it is dropped. A vhost-user
+/// message is at most a few KiB and every front-end sends it with one `sendmsg`, so a
+/// healthy peer never comes near this.
+pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Requests handled per readiness report of the connection before the worker looks at
+/// its other fds again (level-triggered: the rest is reported again).
+const REQUESTS_PER_WAKE: usize = 32;
 
 /// Errors that end a worker.
 #[sorted]
@@ -58,6 +72,28 @@ fn delete(epoll: &Epoll, fd: BorrowedFd<'_>) {
         fd.as_raw_fd(),
         EpollEvent::default(),
     );
+}
+
+/// Ends the front-end's session: the device is reset and the worker listens again.
+fn close_connection<D: VirtioDevice>(
+    conn: &mut Option<BackendReqHandler<DeviceBackend<D>>>,
+    idle: &mut Option<DeviceBackend<D>>,
+    epoll: &Epoll,
+    listener: &UnixListener,
+    name: &str,
+) -> Result<(), WorkerError> {
+    if let Some(handler) = conn.take() {
+        delete(epoll, handler.as_fd());
+        let mut backend = handler.into_backend();
+        backend.disconnect();
+        *idle = Some(backend);
+    }
+    add(epoll, listener.as_fd(), TOKEN_LISTENER)?;
+    outboard_protocol::log_limited!(
+        log::Level::Info,
+        "{name}: device reset; waiting for a front-end"
+    );
+    Ok(())
 }
 
 /// Serves `device` to one front-end at a time on `listener` until `stop` is signalled.
@@ -108,11 +144,39 @@ pub fn serve_with<D: VirtioDevice>(
     let mut events = vec![EpollEvent::default(); 64];
     log::info!("{name}: waiting for a front-end");
     'outer: loop {
-        let n = match epoll.wait(-1, &mut events) {
+        // A half-received request bounds the wait: its sender gets STALL_LIMIT.
+        let stalled_since = conn.as_ref().and_then(|h| h.pending_since());
+        let timeout_ms = match stalled_since {
+            Some(t) => {
+                let left = STALL_LIMIT.saturating_sub(t.elapsed());
+                i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+            }
+            None => -1,
+        };
+        let n = match epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(WorkerError::Epoll(e)),
         };
+        if let Some(handler) = conn.as_ref() {
+            if handler
+                .pending_since()
+                .is_some_and(|t| t.elapsed() >= STALL_LIMIT)
+            {
+                let (got, want) = handler.pending_progress();
+                let want = want.map_or_else(|| "a header".to_string(), |w| format!("{w}"));
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "{name}: the front-end sent {got} of {want} bytes of a message and \
+                     stalled for {STALL_LIMIT:?}: closing the connection"
+                );
+                close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
+                if let Some(irq) = &batch_irq {
+                    irq.flush();
+                }
+                continue 'outer;
+            }
+        }
         // Signals to the front-end go out once per batch (see RingInterrupt).
         if let Some(irq) = &batch_irq {
             irq.defer();
@@ -156,7 +220,7 @@ pub fn serve_with<D: VirtioDevice>(
                             continue;
                         }
                     };
-                    if let Err(e) = stream.set_nonblocking(false) {
+                    if let Err(e) = stream.set_nonblocking(true) {
                         outboard_protocol::log_limited!(
                             log::Level::Warn,
                             "{name}: dropped a front-end: {e}"
@@ -177,42 +241,47 @@ pub fn serve_with<D: VirtioDevice>(
                     let Some(handler) = conn.as_mut() else {
                         continue;
                     };
-                    match handler.handle_request() {
-                        Ok(()) => {}
-                        Err(e) if e.is_fatal() || matches!(e, TransportError::Disconnect) => {
-                            if matches!(e, TransportError::Disconnect) {
-                                outboard_protocol::log_limited!(
-                                    log::Level::Info,
-                                    "{name}: front-end disconnected"
-                                );
-                            } else {
-                                outboard_protocol::log_limited!(
-                                    log::Level::Warn,
-                                    "{name}: closing the front-end connection: {e}"
-                                );
+                    let mut closing = None;
+                    for _ in 0..REQUESTS_PER_WAKE {
+                        match handler.poll_request() {
+                            Ok(true) => {}
+                            Ok(false) => break,
+                            Err(e) if e.is_fatal() => {
+                                closing = Some(e);
+                                break;
                             }
-                            if let Some(handler) = conn.take() {
-                                delete(&epoll, handler.as_fd());
-                                let mut backend = handler.into_backend();
-                                backend.disconnect();
-                                idle = Some(backend);
-                            }
-                            add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
-                            outboard_protocol::log_limited!(
-                                log::Level::Info,
-                                "{name}: device reset; waiting for a front-end"
-                            );
-                            if let Some(irq) = &batch_irq {
-                                irq.flush();
-                            }
-                            // Later events of this batch may name fds that are gone.
-                            continue 'outer;
+                            Err(e) => outboard_protocol::log_limited!(
+                                log::Level::Warn,
+                                "{name}: refused a request: {e}"
+                            ),
                         }
-                        Err(e) => outboard_protocol::log_limited!(
+                    }
+                    let Some(e) = closing else { continue };
+                    match &e {
+                        TransportError::Disconnect => outboard_protocol::log_limited!(
+                            log::Level::Info,
+                            "{name}: front-end disconnected"
+                        ),
+                        TransportError::SocketRetry(io)
+                            if io.kind() == std::io::ErrorKind::WouldBlock =>
+                        {
+                            outboard_protocol::log_limited!(
+                                log::Level::Warn,
+                                "{name}: the front-end does not read its replies (its \
+                                 socket buffer is full): closing the connection"
+                            )
+                        }
+                        e => outboard_protocol::log_limited!(
                             log::Level::Warn,
-                            "{name}: refused a request: {e}"
+                            "{name}: closing the front-end connection: {e}"
                         ),
                     }
+                    close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
+                    if let Some(irq) = &batch_irq {
+                        irq.flush();
+                    }
+                    // Later events of this batch may name fds that are gone.
+                    continue 'outer;
                 }
                 kick if kick < KICK_TOKEN_LIMIT => {
                     if let Some(b) = backend {

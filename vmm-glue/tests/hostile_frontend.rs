@@ -1,0 +1,271 @@
+//! The `outboard vsock` binary against a hostile front-end, as an attacker would drive
+//! it: a ring whose available index runs ahead of the ring, a front-end that sends half
+//! a message and stalls, and one that never reads its replies. In each case the
+//! daemon's other VM keeps serving, a fresh front-end is served, the daemon does not
+//! burn CPU, and SIGTERM ends it within 2 s with its sockets removed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bfd, GuestMem};
+use outboard_protocol::vhost_user::{
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddr,
+};
+use outboard_transport::{Frontend, MemoryRegionRef};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: usize = 0x40000;
+const UVA: u64 = 0x7f00_0000_0000;
+/// vsock's TX ring.
+const TX: u32 = 1;
+const RING: u16 = 256;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("outboard-hostile-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `outboard vsock` serving two VMs (CID 3 on `a.sock`, CID 4 on `b.sock`).
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str) -> Daemon {
+        let dir = scratch(name);
+        let vm = |cid: u32, s: &str| {
+            format!(
+                "guest-cid={cid},socket={},uds-path={}",
+                dir.join(format!("{s}.sock")).display(),
+                dir.join(format!("{s}.vsock")).display()
+            )
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--vm", &vm(3, "a"), "--vm", &vm(4, "b")])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(d.socket("a").exists() && d.socket("b").exists()) {
+            assert!(Instant::now() < deadline, "the daemon did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn socket(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.sock"))
+    }
+
+    /// User + system CPU time of the daemon so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which is in parentheses): utime is the 14th
+        // field of the line, stime the 15th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf with a valid name.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// CPU the daemon burns over `span` while nothing legitimate happens.
+    fn cpu_over(&self, span: Duration) -> Duration {
+        let before = self.cpu();
+        std::thread::sleep(span);
+        self.cpu().saturating_sub(before)
+    }
+
+    /// Sends SIGTERM and expects a clean exit within 2 s with the sockets removed;
+    /// returns what the daemon logged.
+    fn sigterm(mut self) -> String {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        let start = Instant::now();
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(2) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("SIGTERM did not end the daemon within 2 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut log = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut log);
+        assert!(status.success(), "{status}: {log}");
+        assert!(!self.socket("a").exists() && !self.socket("b").exists());
+        let _ = std::fs::remove_dir_all(&self.dir);
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A well-behaved front-end's first exchange: the daemon answers.
+fn answers(socket: &Path) -> bool {
+    let Ok(mut fe) = Frontend::connect(socket) else {
+        return false;
+    };
+    fe.get_features()
+        .is_ok_and(|f| f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0)
+}
+
+/// Negotiates, hands over guest memory and starts the TX ring (desc 0x1000, avail
+/// 0x2000, used 0x3000) as QEMU does.
+fn start_tx(fe: &mut Frontend, mem: &GuestMem, kick: &EventFd, call: &EventFd, err: &EventFd) {
+    let offered = fe.get_features().unwrap();
+    fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+    )
+    .unwrap();
+    fe.set_owner().unwrap();
+    fe.set_features(offered).unwrap();
+    fe.add_mem_region(&MemoryRegionRef {
+        region: VhostUserMemoryRegion::new(0, MEM as u64, UVA, 0),
+        fd: mem.fd.as_fd(),
+    })
+    .unwrap();
+    fe.set_vring_num(TX, u32::from(RING)).unwrap();
+    fe.set_vring_addr(&VhostUserVringAddr {
+        index: TX,
+        flags: 0,
+        descriptor: UVA + 0x1000,
+        used: UVA + 0x3000,
+        available: UVA + 0x2000,
+        log: 0,
+    })
+    .unwrap();
+    fe.set_vring_base(TX, 0).unwrap();
+    fe.set_vring_call(TX as u8, Some(bfd(call))).unwrap();
+    fe.set_vring_err(TX as u8, Some(bfd(err))).unwrap();
+    fe.set_vring_kick(TX as u8, Some(bfd(kick))).unwrap();
+    fe.set_vring_enable(TX, true).unwrap();
+}
+
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+/// Defect 1: a guest (or front-end) whose available index is 257 on a 256-entry ring
+/// made the worker spin at 100% CPU forever, logging a line per pass, and SIGTERM
+/// could not stop it.
+#[test]
+fn avail_index_beyond_the_ring() {
+    let d = Daemon::start("ring");
+    let mem = GuestMem::new(MEM);
+    let (kick, call, err) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let mut fe = Frontend::connect(d.socket("a")).unwrap();
+    start_tx(&mut fe, &mem, &kick, &call, &err);
+    mem.write(0x2002, RING + 1);
+    kick.write(1).unwrap();
+    assert!(
+        wait_readable(bfd(&err), 5000),
+        "the broken ring was not reported on its error eventfd"
+    );
+    let burnt = d.cpu_over(Duration::from_secs(1));
+    assert!(burnt < Duration::from_millis(200), "daemon CPU {burnt:?}/s");
+    // The same front-end is still served, and so is the other VM.
+    assert_eq!(fe.get_vring_base(TX).unwrap(), 0);
+    assert!(answers(&d.socket("b")));
+    drop(fe);
+    let log = d.sigterm();
+    assert!(log.contains("ring 1 is broken"), "{log}");
+    assert!(
+        log.lines().count() < 50,
+        "{} log lines",
+        log.lines().count()
+    );
+}
+
+/// Defect 3: a front-end that sent 5 bytes of a header and waited blocked the worker in
+/// recv forever (that VM's data path stopped, SIGTERM hung).
+#[test]
+fn a_front_end_that_stalls_mid_message() {
+    let d = Daemon::start("stall");
+    let mut stalled = UnixStream::connect(d.socket("a")).unwrap();
+    stalled.write_all(&[1, 0, 0, 0, 1]).unwrap();
+    // The other VM is served meanwhile; the stalled one is dropped after its bound.
+    assert!(answers(&d.socket("b")));
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    match stalled.read(&mut buf) {
+        Ok(0) => {}
+        other => panic!("the stalled front-end was not dropped: {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(4));
+    assert!(d.cpu_over(Duration::from_millis(500)) < Duration::from_millis(100));
+    // A fresh front-end is served on the same socket.
+    assert!(answers(&d.socket("a")));
+
+    // Stalled again, then SIGTERM: the daemon does not wait for the peer.
+    let mut again = UnixStream::connect(d.socket("a")).unwrap();
+    again.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 8]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.sigterm();
+    assert!(log.contains("stalled"), "{log}");
+}
+
+/// Defect 3, the other direction: a front-end that sends requests and never reads the
+/// replies fills its socket buffer; the worker must not block on the send.
+#[test]
+fn a_front_end_that_never_reads_its_replies() {
+    let d = Daemon::start("noread");
+    let mut fe = UnixStream::connect(d.socket("a")).unwrap();
+    fe.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    // GET_FEATURES (code 1, version 1, no body), over and over.
+    let req = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while start.elapsed() < Duration::from_secs(3) {
+        match fe.write_all(&req) {
+            Ok(_) => sent += 1,
+            Err(_) => break,
+        }
+    }
+    // The daemon dropped it (the write failed or the socket reached EOF), and the
+    // other VM never noticed.
+    assert!(answers(&d.socket("b")));
+    assert!(
+        answers(&d.socket("a")),
+        "a fresh front-end after {sent} requests"
+    );
+    let log = d.sigterm();
+    assert!(log.contains("does not read its replies"), "{log}");
+}
