@@ -269,3 +269,39 @@ fn a_front_end_that_never_reads_its_replies() {
     let log = d.sigterm();
     assert!(log.contains("does not read its replies"), "{log}");
 }
+
+/// Defect 2: a front-end that shrank its (unsealed) memory file after handing it over,
+/// then had the device touch the cut-off part, killed the whole daemon with SIGBUS, every
+/// VM in it. Now only that VM's device stops, with an error naming the region.
+#[test]
+fn a_front_end_that_truncates_its_memory() {
+    let d = Daemon::start("truncate");
+    let mem = GuestMem::new(MEM);
+    let (kick, call, err) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let mut fe = Frontend::connect(d.socket("a")).unwrap();
+    start_tx(&mut fe, &mem, &kick, &call, &err);
+    // Keep the rings (at 0x1000..0x4000) out of the file, then kick.
+    std::fs::File::from(mem.fd.try_clone().unwrap())
+        .set_len(0x1000)
+        .unwrap();
+    kick.write(1).unwrap();
+    // The daemon drops this front-end...
+    let start = Instant::now();
+    while fe.get_features().is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the front-end was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...and lives on: the other VM and a fresh front-end for this one are served.
+    assert!(answers(&d.socket("b")));
+    assert!(answers(&d.socket("a")));
+    let log = d.sigterm();
+    assert!(log.contains("cut short"), "{log}");
+    assert!(log.contains("guest address 0x0"), "{log}");
+}

@@ -15,6 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::guard;
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
 use crate::rust_vmm::{RingHealth, RustVmmQueue};
@@ -105,6 +106,10 @@ pub struct DeviceBackend<D: VirtioDevice> {
     /// Rings whose queue found them inconsistent, for [`DeviceBackend::stop_broken_rings`].
     health: Arc<RingHealth>,
     broken_rings: u64,
+    /// [`guard::poison_events`] when this backend last looked.
+    poison_seen: u64,
+    /// Why the front-end must be dropped (its memory was cut short under the device).
+    fatal: Option<String>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
@@ -143,6 +148,8 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             channel: None,
             health: Arc::new(RingHealth::new()),
             broken_rings: 0,
+            poison_seen: guard::poison_events(),
+            fatal: None,
         }
     }
 
@@ -212,8 +219,30 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         }
         if self.active && self.ring_live(index) {
             self.device.handle_queue(index);
-            self.stop_broken_rings();
+            self.after_work();
         }
+    }
+
+    /// After the device ran: stops broken rings, and notices guest memory that was cut
+    /// short under it.
+    fn after_work(&mut self) {
+        self.stop_broken_rings();
+        let events = guard::poison_events();
+        if events != self.poison_seen {
+            self.poison_seen = events;
+            if self.fatal.is_none() {
+                self.fatal = self.table.poisoned();
+            }
+        }
+    }
+
+    /// Why the front-end must be dropped now, if it must: an access of the device found
+    /// its guest memory cut short (the front-end truncated a memory file after handing
+    /// it over). The worker then ends the session, which resets the device and unmaps
+    /// the memory; the daemon and its other devices are unaffected (see
+    /// [`super::guard`]).
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
     }
 
     /// How many times a ring was stopped because it was broken (see
@@ -260,7 +289,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
     /// The device's own event fd is readable.
     pub fn handle_device_event(&mut self) {
         self.device.handle_event();
-        self.stop_broken_rings();
+        self.after_work();
     }
 
     /// The front-end went away: reset the device and forget everything it set up.
@@ -328,12 +357,14 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         }
     }
 
-    fn publish_memory(&self) {
+    fn publish_memory(&mut self) {
         let new = self.table.guest_memory();
         match self.mem.lock() {
             Ok(guard) => guard.replace(new),
             Err(p) => p.into_inner().replace(new),
         }
+        // The previous snapshot may have been the last user of retired regions.
+        self.table.reap();
     }
 
     fn gpa(&self, vva: u64, len: u64, what: &str, index: usize) -> io::Result<u64> {
@@ -426,7 +457,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             outboard_protocol::log_limited!(log::Level::Info, "device activated");
         }
         self.device.handle_queue(index);
-        self.stop_broken_rings();
+        self.after_work();
         Ok(())
     }
 

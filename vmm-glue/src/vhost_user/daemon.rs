@@ -291,6 +291,18 @@ pub fn serve_with<D: VirtioDevice>(
                 other => log::debug!("{name}: event for unknown token {other}"),
             }
         }
+        // Guest memory cut short under the device (see the guard module): this VM's
+        // device stops, the daemon goes on.
+        if let Some(reason) = conn.as_mut().and_then(|h| h.backend_mut().take_fatal()) {
+            outboard_protocol::log_limited!(
+                log::Level::Error,
+                "{name}: {reason}; stopping the device and closing the front-end connection"
+            );
+            close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
+        }
+        if let Some(b) = idle.as_mut() {
+            b.take_fatal();
+        }
         if let Some(irq) = &batch_irq {
             irq.flush();
         }

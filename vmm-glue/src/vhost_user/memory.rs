@@ -6,10 +6,19 @@
 //! shorter file would make guest accesses past its end fault with SIGBUS). Mappings are
 //! reference counted: replacing or removing a region unmaps it as soon as no queue
 //! still holds the previous memory snapshot.
+//!
+//! A file that is not sealed against shrinking (hugetlbfs, /dev/shm) can still be cut
+//! short later by the front-end; every mapping is therefore registered with
+//! [`super::guard`] for as long as it is mapped, and the table keeps a replaced region
+//! (in `retired`) until nothing else holds it, so that it is unregistered before it is
+//! unmapped. [`MemoryTable::poisoned`] names a region that was found cut short.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
+
+use super::guard::GuardedRange;
 
 use outboard_protocol::vhost_user::VhostUserMemoryRegion;
 use outboard_transport::MemoryRegion;
@@ -96,9 +105,11 @@ pub enum MemoryTableError {
 }
 
 /// One mapped region.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Mapped {
     desc: VhostUserMemoryRegion,
+    /// Declared before `region`: unregistered before the mapping can go away.
+    guard: Option<GuardedRange>,
     region: Arc<GuestRegionMmap>,
 }
 
@@ -106,6 +117,9 @@ struct Mapped {
 #[derive(Debug, Default)]
 pub struct MemoryTable {
     regions: Vec<Mapped>,
+    /// Regions no longer in the table that a memory snapshot may still use: kept (and
+    /// guarded) until the table holds the last reference.
+    retired: Vec<Mapped>,
 }
 
 fn end(start: u64, size: u64) -> Option<u64> {
@@ -154,7 +168,7 @@ fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
     if !shrink_sealed(&fd) {
         log::debug!(
             "memory region at {gpa:#x}: the file is not sealed against shrinking; \
-             a front-end that truncates it would crash this daemon with SIGBUS"
+             accesses past a later truncation are contained (see the guard module)"
         );
     }
     let mapping =
@@ -167,8 +181,18 @@ fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
             }
         })?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(range_err)?;
+    // hugetlbfs reports its huge page size as the block size.
+    let page = usize::try_from(meta.blksize()).unwrap_or(4096);
+    let guard = GuardedRange::register(region.as_ptr(), len, page);
+    if guard.is_none() {
+        log::warn!(
+            "memory region at {gpa:#x}: too many guarded mappings in this process; a \
+             front-end that truncates its file can crash the daemon"
+        );
+    }
     Ok(Mapped {
         desc,
+        guard,
         region: Arc::new(region),
     })
 }
@@ -226,8 +250,42 @@ impl MemoryTable {
             self.check_new(&m, &new)?;
             new.push(m);
         }
-        self.regions = new;
+        let old = std::mem::replace(&mut self.regions, new);
+        self.retire(old);
         Ok(())
+    }
+
+    /// Moves regions out of the table; they stay mapped and guarded while a snapshot
+    /// uses them.
+    fn retire(&mut self, old: Vec<Mapped>) {
+        self.retired.extend(old);
+        self.reap();
+    }
+
+    /// Unmaps retired regions nobody else holds (unregistering them first).
+    pub fn reap(&mut self) {
+        self.retired.retain(|m| Arc::strong_count(&m.region) > 1);
+    }
+
+    /// The region (current or retired) that an access found cut short, if any: its
+    /// guest address, size and the size of its file now.
+    pub fn poisoned(&self) -> Option<String> {
+        self.regions
+            .iter()
+            .chain(&self.retired)
+            .find(|m| m.guard.as_ref().is_some_and(GuardedRange::poisoned))
+            .map(|m| {
+                let have = m
+                    .region
+                    .file_offset()
+                    .and_then(|f| f.file().metadata().ok())
+                    .map_or_else(|| "unknown".to_string(), |md| format!("{:#x}", md.len()));
+                format!(
+                    "memory region at guest address {:#x} ({:#x} bytes at offset {:#x} of its \
+                     file) was cut short by the front-end: the file has {have} bytes now",
+                    m.desc.guest_phys_addr, m.desc.memory_size, m.desc.mmap_offset
+                )
+            })
     }
 
     /// `ADD_MEM_REG`: maps and adds one region.
@@ -257,13 +315,15 @@ impl MemoryTable {
                 gpa: desc.guest_phys_addr,
                 size: desc.memory_size,
             })?;
-        self.regions.remove(at);
+        let old = self.regions.remove(at);
+        self.retire(vec![old]);
         Ok(())
     }
 
-    /// Drops every region.
+    /// Drops every region (each is unmapped once no snapshot holds it).
     pub fn clear(&mut self) {
-        self.regions.clear();
+        let old = std::mem::take(&mut self.regions);
+        self.retire(old);
     }
 
     /// The table as vm-memory guest memory.

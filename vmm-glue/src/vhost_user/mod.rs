@@ -2,6 +2,8 @@
 //!
 //! - [`memory`]: the front-end's memory table (`SET_MEM_TABLE`, `ADD_MEM_REG`,
 //!   `REM_MEM_REG`), mapped with bounds checks and unmapped on replacement.
+//! - [`guard`]: SIGBUS containment for guest memory a front-end truncates under the
+//!   daemon: the offending VM's device stops, the process and its other VMs live on.
 //! - [`ring`]: rings the front-end starts and stops independently, presented to the
 //!   device as queues that may be empty; call eventfds and the back-end channel as the
 //!   device's interrupt.
@@ -24,6 +26,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod guard;
 pub mod memory;
 pub mod ring;
 
