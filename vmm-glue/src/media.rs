@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME};
 use outboard_devices::media::device::VirtioMedia;
+use outboard_devices::media::runner::MaxSessions;
 use outboard_devices::media::{
     page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper, MediaDevice,
 };
@@ -218,15 +219,17 @@ pub fn camera_device(
 
 /// Serves a media device built by [`media_device`] to one front-end at a time on
 /// `listener` until `stop` is signalled, with a shared memory region of `shm_size`
-/// bytes (rounded up to pages).
+/// bytes (rounded up to pages) and at most `max_sessions` sessions open at once.
 pub fn serve_media<D: MediaDevice>(
     listener: UnixListener,
     shm_size: u64,
+    max_sessions: MaxSessions,
     stop: &EventFd,
     name: &str,
     make: impl FnOnce(EventBuffer, ShmemMapper, GuestMemoryRegions) -> (D, MediaConfig),
 ) -> Result<(), WorkerError> {
-    let (device, channel, guest) = media_device(shm_size, make).map_err(WorkerError::Epoll)?;
+    let (mut device, channel, guest) = media_device(shm_size, make).map_err(WorkerError::Epoll)?;
+    device.runner_mut().set_max_sessions(max_sessions);
     let mut sizes = vec![0u64; usize::from(SHMID_MMAP) + 1];
     sizes[usize::from(SHMID_MMAP)] = page_align(shm_size).unwrap_or(shm_size & !4095);
     daemon::serve_with(
@@ -248,44 +251,68 @@ pub fn serve_media<D: MediaDevice>(
 
 /// Serves the single-planar software camera to one front-end at a time on `listener`
 /// until `stop` is signalled, with a shared memory region of `shm_size` bytes (rounded
-/// up to pages).
+/// up to pages) and the default session cap
+/// ([`outboard_devices::media::runner::DEFAULT_MAX_SESSIONS`]).
 pub fn serve_camera(
     listener: UnixListener,
     shm_size: u64,
     stop: &EventFd,
     name: &str,
 ) -> Result<(), WorkerError> {
-    serve_camera_with(listener, shm_size, false, stop, name)
+    serve_camera_with(
+        listener,
+        shm_size,
+        false,
+        MaxSessions::default(),
+        stop,
+        name,
+    )
 }
 
-/// [`serve_camera`], multi-planar if `mplane`.
+/// [`serve_camera`], multi-planar if `mplane`, with at most `max_sessions` sessions.
 pub fn serve_camera_with(
     listener: UnixListener,
     shm_size: u64,
     mplane: bool,
+    max_sessions: MaxSessions,
     stop: &EventFd,
     name: &str,
 ) -> Result<(), WorkerError> {
-    serve_media(listener, shm_size, stop, name, |events, host, guest| {
-        camera(mplane, events, host, guest)
-    })
+    serve_media(
+        listener,
+        shm_size,
+        max_sessions,
+        stop,
+        name,
+        |events, host, guest| camera(mplane, events, host, guest),
+    )
 }
 
 /// Serves the host V4L2 node `node` through the V4L2 proxy (feature `v4l2-proxy`): the
-/// guest sees the node's card name and device capabilities.
+/// guest sees the node's card name and device capabilities. Each session opens the
+/// node, so `max_sessions` also bounds the host fds the guest can make the back-end
+/// hold.
 #[cfg(feature = "v4l2-proxy")]
 pub fn serve_v4l2_proxy(
     listener: UnixListener,
     node: outboard_devices::media::proxy::HostNode,
     shm_size: u64,
+    max_sessions: MaxSessions,
     stop: &EventFd,
     name: &str,
 ) -> Result<(), WorkerError> {
     use outboard_devices::media::proxy::V4l2Proxy;
-    serve_media(listener, shm_size, stop, name, |events, host, guest| {
-        let config = MediaConfig::new(node.device_caps, 0, &node.card);
-        (V4l2Proxy::new(node, events, host, guest), config)
-    })
+    serve_media(
+        listener,
+        shm_size,
+        max_sessions,
+        stop,
+        name,
+        |events, host, guest| {
+            let config = MediaConfig::new(node.device_caps, 0, &node.card);
+            (V4l2Proxy::new(node, events, host, guest), config)
+        },
+    )
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use rustix::time::{
     clock_gettime, timerfd_create, timerfd_settime, ClockId, Itimerspec, TimerfdClockId,
@@ -40,7 +41,8 @@ use super::memfd::MemfdBuffer;
 use super::v4l2::*;
 use super::{
     page_align, ChainReader, ChainWriter, Errno, EventQueue, GuestMemoryMapper, GuestMemoryRange,
-    HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaSession,
+    HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaMetrics, MediaSession,
+    MAX_MAPPINGS,
 };
 use outboard_protocol::media::{SgEntry, MMAP_FLAG_RW};
 use outboard_protocol::v4l2::V4l2Ioctl;
@@ -69,8 +71,17 @@ pub const FORMATS_MPLANE: [(u32, &str); 5] = [
 pub const SIZES: [(u32, u32); 3] = [(320, 240), (640, 480), (1280, 720)];
 /// Supported frame intervals (seconds per frame), fastest first.
 pub const INTERVALS: [(u32, u32); 3] = [(1, 60), (1, 30), (1, 15)];
-/// Most buffers a session may allocate (`VIDEO_MAX_FRAME`).
+/// Most buffers a session may allocate (`VIDEO_MAX_FRAME`): `REQBUFS` and
+/// `CREATE_BUFS` counts are cut down to it, as vb2 does, and a `CREATE_BUFS` on a full
+/// queue is refused with `ENOBUFS`.
 pub const MAX_BUFFERS: u32 = 32;
+/// Most MMAP buffer memory (memfds, page-rounded) a session may hold: 256 MiB. A full
+/// queue of the largest frame (1280x720 RGB24, 2.7 MiB) needs 85 MiB; the rest leaves
+/// `CREATE_BUFS` room for larger buffers. Counts are cut down to what fits, and a
+/// request of which nothing fits is refused with `ENOMEM`. The memfds are host memory
+/// the guest can fill through its mappings, hence a cap below the 4 GiB that the
+/// 32-bit `mem_offset`s could address.
+pub const MAX_SESSION_BUFFER_BYTES: u64 = 256 << 20;
 /// Height of the frame-number band at the top of every frame.
 pub const BAND_HEIGHT: u32 = 16;
 
@@ -580,6 +591,8 @@ pub struct SoftwareCamera<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapp
     busy: BTreeSet<u32>,
     /// Serves `VIDEO_CAPTURE_MPLANE` instead of `VIDEO_CAPTURE`.
     mplane: bool,
+    /// Where cap refusals are counted (the runner's, once attached).
+    metrics: Arc<MediaMetrics>,
 }
 
 impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
@@ -615,6 +628,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
             interval: (1, 30),
             busy: BTreeSet::new(),
             mplane,
+            metrics: Arc::default(),
         };
         let table: Vec<FormatEntry> = camera
             .formats()
@@ -934,20 +948,56 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
     }
 }
 
-/// Appends up to `count` buffers (at most [`MAX_BUFFERS`] in all) with planes of
-/// `sizes` bytes; returns how many were added. MMAP planes get consecutive page-aligned
-/// offsets, which must fit the 32-bit `mem_offset`.
+/// Appends up to `count` buffers with planes of `sizes` bytes; returns how many were
+/// added. At most [`MAX_BUFFERS`] buffers and [`MAX_SESSION_BUFFER_BYTES`] of MMAP
+/// memory in all: a request is cut down to what fits (counted in `metrics`), and one of
+/// which nothing fits is refused (`ENOBUFS` for a full queue, `ENOMEM` for memory).
+/// MMAP planes get consecutive page-aligned offsets, which must fit the 32-bit
+/// `mem_offset`.
 fn add_buffers<M>(
     s: &mut CameraSession<M>,
+    metrics: &MediaMetrics,
     memory: u32,
     count: u32,
     sizes: &[u32],
 ) -> IoctlResult<u32> {
+    let asked = count;
     let have = s.buffers.len() as u32;
-    let count = count.min(MAX_BUFFERS.saturating_sub(have));
+    let room = MAX_BUFFERS.saturating_sub(have);
+    let mut count = count.min(room);
     let mut per_buffer = 0u64;
     for size in sizes {
-        per_buffer += page_align(u64::from(*size)).ok_or(libc::EINVAL)?;
+        // A memfd has at least one page (MemfdBuffer::new).
+        per_buffer += page_align(u64::from(*size).max(1)).ok_or(libc::EINVAL)?;
+    }
+    if memory == MEMORY_MMAP {
+        let held: u64 = s
+            .buffers
+            .iter()
+            .flat_map(|b| &b.planes)
+            .map(|p| match &p.backing {
+                Backing::Mmap(m) => m.size(),
+                Backing::UserPtr { .. } => 0,
+            })
+            .sum();
+        let fit = MAX_SESSION_BUFFER_BYTES.saturating_sub(held) / per_buffer.max(1);
+        count = count.min(u32::try_from(fit).unwrap_or(u32::MAX));
+    }
+    if count < asked {
+        MediaMetrics::inc(&metrics.err_buffer_limit);
+        outboard_protocol::log_limited!(
+            log::Level::Warn,
+            "camera: session {}: {asked} buffers of {per_buffer} bytes asked for, {count} \
+             within the caps ({have} held)",
+            s.id
+        );
+        if count == 0 {
+            return Err(if room == 0 {
+                libc::ENOBUFS
+            } else {
+                libc::ENOMEM
+            });
+        }
     }
     let mut offset = s
         .buffers
@@ -1037,6 +1087,10 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
 {
     type Session = CameraSession<G::Mapping>;
 
+    fn metrics(&self) -> Option<&MediaMetrics> {
+        Some(&self.metrics)
+    }
+
     fn enum_fmt(&mut self, _: &mut Self::Session, d: V4l2Fmtdesc) -> IoctlResult<V4l2Fmtdesc> {
         if d.type_ != self.buf_type() {
             return Err(libc::EINVAL);
@@ -1090,7 +1144,13 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
         }
         self.free_buffers(s);
         s.pix = self.pix();
-        let count = add_buffers(s, req.memory, req.count, &plane_sizes(&s.pix))?;
+        let count = add_buffers(
+            s,
+            &self.metrics,
+            req.memory,
+            req.count,
+            &plane_sizes(&s.pix),
+        )?;
         s.memory = if count > 0 { req.memory } else { 0 };
         if count > 0 {
             self.busy.insert(s.id);
@@ -1140,7 +1200,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
             s.pix = self.pix();
         }
         let index = s.buffers.len() as u32;
-        let count = add_buffers(s, c.memory, c.count, &want)?;
+        let count = add_buffers(s, &self.metrics, c.memory, c.count, &want)?;
         if !s.buffers.is_empty() {
             s.memory = c.memory;
             self.busy.insert(s.id);
@@ -1582,6 +1642,14 @@ where
         let Some((index, m)) = found else {
             return Err(libc::EINVAL);
         };
+        if self.mappings.len() >= MAX_MAPPINGS {
+            MediaMetrics::inc(&self.metrics.err_mapping_limit);
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "camera: MMAP refused: {MAX_MAPPINGS} mappings, the cap"
+            );
+            return Err(libc::ENOMEM);
+        }
         let addr = self
             .host
             .add_mapping(m.as_fd(), m.size(), 0, flags & MMAP_FLAG_RW != 0)?;
@@ -1596,6 +1664,10 @@ where
         self.host.remove_mapping(driver_addr)?;
         self.mappings.remove(&driver_addr);
         Ok(())
+    }
+
+    fn attach_metrics(&mut self, metrics: Arc<MediaMetrics>) {
+        self.metrics = metrics;
     }
 
     fn process_events(&mut self, s: &mut Self::Session) -> Result<(), Errno> {

@@ -11,7 +11,7 @@ use outboard_protocol::media::{
 use zerocopy::IntoBytes;
 
 use super::runner::{EpollSessionPoller, MediaRunner};
-use super::{ChainReader, ChainWriter, EventBuffer, EventQueue, MediaDevice};
+use super::{ChainReader, ChainWriter, EventBuffer, EventQueue, MediaDevice, MediaMetrics};
 use crate::virtio::{
     write_regions, ActivateError, DescChain, Interrupt, QueueError, VirtQueue, VirtioDevice,
 };
@@ -46,10 +46,13 @@ impl<D: MediaDevice> std::fmt::Debug for VirtioMedia<D> {
 
 impl<D: MediaDevice> VirtioMedia<D> {
     /// A device running `device`, whose events go to `events` (a handle to the buffer the
-    /// device was built with), with config space `config`.
+    /// device was built with), with config space `config`. The runner, the device and
+    /// the event buffer count into one [`MediaMetrics`] ([`VirtioMedia::metrics`]).
     pub fn new(device: D, events: EventBuffer, config: MediaConfig) -> io::Result<Self> {
+        let runner = MediaRunner::new(device, EpollSessionPoller::new()?);
+        events.set_metrics(runner.metrics());
         Ok(VirtioMedia {
-            runner: MediaRunner::new(device, EpollSessionPoller::new()?),
+            runner,
             events,
             config,
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
@@ -65,9 +68,20 @@ impl<D: MediaDevice> VirtioMedia<D> {
         &self.runner
     }
 
-    /// The runner, mutably.
+    /// The runner, mutably (for example to set its session cap).
     pub fn runner_mut(&mut self) -> &mut MediaRunner<D, EpollSessionPoller> {
         &mut self.runner
+    }
+
+    /// The device's counters: sessions and every cap refusal (see the caps in the
+    /// [`crate::media`] docs).
+    pub fn metrics(&self) -> Arc<MediaMetrics> {
+        self.runner.metrics()
+    }
+
+    /// Events waiting for event buffers from the driver.
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
     }
 
     /// Features the driver accepted.

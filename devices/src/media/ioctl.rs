@@ -34,13 +34,21 @@ use outboard_protocol::v4l2::V4l2Ioctl;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::v4l2::*;
-use super::{ChainReader, ChainWriter, Errno, MediaError};
+use super::{ChainReader, ChainWriter, Errno, MediaError, MediaMetrics};
 
 /// Result of an ioctl handler: a value or a positive errno.
 pub type IoctlResult<T> = Result<T, Errno>;
 
 /// Most controls one `VIDIOC_*_EXT_CTRLS` call may carry (`V4L2_CID_MAX_CTRLS`).
 pub const MAX_EXT_CTRLS: u32 = 1024;
+/// Most SG entries one command may carry in all its lists (the USERPTR planes of one
+/// buffer, the payloads of one `VIDIOC_*_EXT_CTRLS`): 16384 entries (256 KiB of them)
+/// describe a 64 MiB buffer given page by page, an 8K frame; a guest driver that
+/// merges contiguous pages describes far more. Without it a chain whose descriptors
+/// all point at the same guest pages could make the device read and keep millions of
+/// entries (each list alone may have one per page of its length, up to 4 GiB). Beyond
+/// it the ioctl is answered `ENOMEM`.
+pub const MAX_SG_ENTRIES: usize = 16384;
 
 /// A `v4l2_buffer` with the parts that follow it on the wire in both halves of a chain:
 /// its planes and, for DMABUF memory, its virtio objects.
@@ -112,6 +120,12 @@ macro_rules! handler_methods {
         pub trait IoctlHandler {
             /// Per-session state.
             type Session;
+
+            /// Where [`dispatch_ioctl`] counts the payloads it refuses for a cap
+            /// ([`MAX_SG_ENTRIES`]); the default counts nowhere.
+            fn metrics(&self) -> Option<&MediaMetrics> {
+                None
+            }
             $(
                 $(#[$m])*
                 fn $name(&mut self, session: &mut Self::Session $(, $arg: $ty)*) -> $ret {
@@ -305,7 +319,8 @@ fn max_sg_entries(len: u64) -> usize {
 }
 
 /// Reads a `v4l2_buffer`, its planes (multi-planar), and its USERPTR SG lists or DMABUF
-/// virtio objects. Memory types other than MMAP, USERPTR and DMABUF get `EINVAL`.
+/// virtio objects. Memory types other than MMAP, USERPTR and DMABUF get `EINVAL`; SG
+/// lists of more than [`MAX_SG_ENTRIES`] entries in all get `ENOMEM`.
 pub fn read_guest_buffer(r: &mut ChainReader<'_>) -> IoctlResult<GuestBuffer> {
     let buffer: V4l2Buffer = r.read_obj("v4l2_buffer").map_err(|e| e.errno())?;
     check_buf_type(buffer.type_)?;
@@ -341,8 +356,13 @@ pub fn read_guest_buffer(r: &mut ChainReader<'_>) -> IoctlResult<GuestBuffer> {
         } else {
             planes.iter().map(|p| p.length).collect()
         };
+        let mut budget = MAX_SG_ENTRIES;
         for len in lengths.into_iter().filter(|l| *l > 0) {
-            userptr.push(r.read_sg_list(len.into(), max_sg_entries(len.into()))?);
+            userptr.push(r.read_sg_list_within(
+                len.into(),
+                max_sg_entries(len.into()),
+                &mut budget,
+            )?);
         }
     }
     Ok(GuestBuffer {
@@ -408,7 +428,8 @@ fn keep_guest_objects(res: IoctlResult<BufferDesc>, guest: &BufferDesc) -> Ioctl
     Ok(desc)
 }
 
-/// Reads `v4l2_ext_controls`, its controls and their payload SG lists.
+/// Reads `v4l2_ext_controls`, its controls and their payload SG lists (at most
+/// [`MAX_SG_ENTRIES`] entries in all, else `ENOMEM`).
 pub fn read_ext_controls(r: &mut ChainReader<'_>) -> IoctlResult<ExtControls> {
     let header: V4l2ExtControls = r.read_obj("v4l2_ext_controls").map_err(|e| e.errno())?;
     if header.count > MAX_EXT_CTRLS {
@@ -422,8 +443,13 @@ pub fn read_ext_controls(r: &mut ChainReader<'_>) -> IoctlResult<ExtControls> {
         );
     }
     let mut payloads = Vec::new();
+    let mut budget = MAX_SG_ENTRIES;
     for c in controls.iter().filter(|c| c.size > 0) {
-        payloads.push(r.read_sg_list(c.size.into(), max_sg_entries(c.size.into()))?);
+        payloads.push(r.read_sg_list_within(
+            c.size.into(),
+            max_sg_entries(c.size.into()),
+            &mut budget,
+        )?);
     }
     Ok(ExtControls {
         header,
@@ -432,16 +458,30 @@ pub fn read_ext_controls(r: &mut ChainReader<'_>) -> IoctlResult<ExtControls> {
     })
 }
 
-fn ext_ctrls_ioctl(
-    r: &mut ChainReader<'_>,
+/// Counts and logs a payload refused because its SG lists are beyond
+/// [`MAX_SG_ENTRIES`] (the only `ENOMEM` of [`read_guest_buffer`] and
+/// [`read_ext_controls`]).
+fn note_sg_refusal(metrics: Option<&MediaMetrics>, ioctl: V4l2Ioctl, errno: Errno) {
+    if errno != libc::ENOMEM {
+        return;
+    }
+    if let Some(m) = metrics {
+        MediaMetrics::inc(&m.err_sg_limit);
+    }
+    outboard_protocol::log_limited!(
+        log::Level::Warn,
+        "virtio-media: {}: SG lists beyond {MAX_SG_ENTRIES} entries refused",
+        ioctl.name()
+    );
+}
+
+/// Writes the answer to an extended controls ioctl: the header (`res`'s status), the
+/// structure and its controls, on error too (the guest sees `error_idx`).
+fn write_ext_controls(
     w: &mut ChainWriter<'_>,
-    f: impl FnOnce(&mut ExtControls) -> IoctlResult<()>,
+    ctrls: &mut ExtControls,
+    res: IoctlResult<()>,
 ) -> Result<(), MediaError> {
-    let mut ctrls = match read_ext_controls(r) {
-        Ok(c) => c,
-        Err(e) => return w.write_err(e),
-    };
-    let res = f(&mut ctrls);
     ctrls.header.controls = 0;
     match res {
         Ok(()) => w.write_obj(&RespHeader::ok())?,
@@ -521,7 +561,10 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
                 };
                 write_buffer(w, res, max_planes)
             }
-            Err(e) => w.write_err(e),
+            Err(e) => {
+                note_sg_refusal(handler.metrics(), ioctl, e);
+                w.write_err(e)
+            }
         },
         VIDIOC_CREATE_BUFS => wr(ioctl, r, w, |c: V4l2CreateBuffers| {
             check_buf_type(c.format.type_)?;
@@ -586,9 +629,21 @@ pub fn dispatch_ioctl<H: IoctlHandler>(
         VIDIOC_QUERYMENU => wr(ioctl, r, w, |q: V4l2Querymenu| {
             handler.querymenu(s, q.id, q.index)
         }),
-        VIDIOC_G_EXT_CTRLS => ext_ctrls_ioctl(r, w, |c| handler.g_ext_ctrls(s, c)),
-        VIDIOC_S_EXT_CTRLS => ext_ctrls_ioctl(r, w, |c| handler.s_ext_ctrls(s, c)),
-        VIDIOC_TRY_EXT_CTRLS => ext_ctrls_ioctl(r, w, |c| handler.try_ext_ctrls(s, c)),
+        VIDIOC_G_EXT_CTRLS | VIDIOC_S_EXT_CTRLS | VIDIOC_TRY_EXT_CTRLS => {
+            let mut ctrls = match read_ext_controls(r) {
+                Ok(c) => c,
+                Err(e) => {
+                    note_sg_refusal(handler.metrics(), ioctl, e);
+                    return w.write_err(e);
+                }
+            };
+            let res = match ioctl {
+                VIDIOC_G_EXT_CTRLS => handler.g_ext_ctrls(s, &mut ctrls),
+                VIDIOC_S_EXT_CTRLS => handler.s_ext_ctrls(s, &mut ctrls),
+                _ => handler.try_ext_ctrls(s, &mut ctrls),
+            };
+            write_ext_controls(w, &mut ctrls, res)
+        }
         VIDIOC_ENUM_FRAMESIZES => wr(ioctl, r, w, |q: V4l2Frmsizeenum| {
             handler.enum_framesizes(s, q)
         }),
@@ -709,6 +764,90 @@ mod tests {
         let n = w.written();
         let status = u32::from_le_bytes([resp[0], resp[1], resp[2], resp[3]]);
         Ok((status, resp[8..n].to_vec()))
+    }
+
+    /// `n` one-page SG entries, all at the same guest page.
+    fn page_entries(n: usize) -> Vec<u8> {
+        let e = SgEntry {
+            start: 0x1000,
+            len: 4096,
+            reserved: 0,
+        };
+        e.as_bytes().repeat(n)
+    }
+
+    #[test]
+    fn sg_entries_are_capped_per_command() {
+        let metrics = MediaMetrics::default();
+        struct Counting<'a>(&'a MediaMetrics);
+        impl IoctlHandler for Counting<'_> {
+            type Session = ();
+            fn metrics(&self) -> Option<&MediaMetrics> {
+                Some(self.0)
+            }
+            fn qbuf(&mut self, _: &mut (), b: GuestBuffer) -> IoctlResult<BufferDesc> {
+                Ok(b.desc)
+            }
+            fn s_ext_ctrls(&mut self, _: &mut (), _: &mut ExtControls) -> IoctlResult<()> {
+                Ok(())
+            }
+        }
+        let userptr = |n: usize| {
+            let b = V4l2Buffer {
+                type_: BUF_TYPE_VIDEO_CAPTURE,
+                memory: MEMORY_USERPTR,
+                length: (n * 4096) as u32,
+                ..Default::default()
+            };
+            let mut payload = b.as_bytes().to_vec();
+            payload.extend_from_slice(&page_entries(n));
+            payload
+        };
+        let mut h = Counting(&metrics);
+        // A list consistent with its length, up to the cap: accepted.
+        let (status, _) = run(&mut h, V4l2Ioctl::VIDIOC_QBUF, &userptr(MAX_SG_ENTRIES));
+        assert_eq!(status, 0);
+        // One more entry (and page): ENOMEM, counted.
+        let (status, out) = run(&mut h, V4l2Ioctl::VIDIOC_QBUF, &userptr(MAX_SG_ENTRIES + 1));
+        assert_eq!((status, out.len()), (libc::ENOMEM as u32, 0));
+        assert_eq!(metrics.snapshot().err_sg_limit, 1);
+        // A list longer than its length allows (3 pages: at most 5 entries) is
+        // malformed: EINVAL, not a cap.
+        let b = V4l2Buffer {
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_USERPTR,
+            length: 3 * 4096,
+            ..Default::default()
+        };
+        let tiny = SgEntry {
+            start: 0x1000,
+            len: 1,
+            reserved: 0,
+        };
+        let mut payload = b.as_bytes().to_vec();
+        payload.extend_from_slice(&tiny.as_bytes().repeat(8));
+        let (status, _) = run(&mut h, V4l2Ioctl::VIDIOC_QBUF, &payload);
+        assert_eq!(status, libc::EINVAL as u32);
+        assert_eq!(metrics.snapshot().err_sg_limit, 1);
+
+        // Extended control payloads: each list within the cap, together beyond it.
+        let half = MAX_SG_ENTRIES / 2 + 1;
+        let header = V4l2ExtControls {
+            count: 2,
+            ..Default::default()
+        };
+        let ctrl = V4l2ExtControl {
+            id: 1,
+            size: (half * 4096) as u32,
+            ..Default::default()
+        };
+        let mut payload = header.as_bytes().to_vec();
+        payload.extend_from_slice(ctrl.as_bytes());
+        payload.extend_from_slice(ctrl.as_bytes());
+        payload.extend_from_slice(&page_entries(2 * half));
+        let (status, _) = run_into(&mut h, V4l2Ioctl::VIDIOC_S_EXT_CTRLS, &payload, 8192).unwrap();
+        assert_eq!(status, libc::ENOMEM as u32);
+        assert_eq!(metrics.snapshot().err_sg_limit, 2);
     }
 
     #[test]

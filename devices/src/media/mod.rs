@@ -26,6 +26,31 @@
 //! Every read from a chain is bounds-checked; a short or malformed command is answered
 //! with an error response carrying a Linux errno and the runner carries on. Errnos are
 //! positive `i32` values (`libc::EINVAL`, ...), as in virtio-media's response header.
+//!
+//! # Caps
+//!
+//! Every resource a guest can make the device hold has a cap (DESIGN.md, "Hostile-input
+//! rules"). Hitting one is an error response with the errno the V4L2 call would give
+//! on Linux, never an exhausted fd table or heap; the guest's other sessions keep
+//! working. Every refusal is counted in [`MediaMetrics`] (the runner's
+//! [`runner::MediaRunner::metrics`], shared with the device and its [`EventBuffer`])
+//! and logged at a limited rate.
+//!
+//! | Resource | Cap | What the guest gets | Metric |
+//! |---|---|---|---|
+//! | Sessions (each holds fds: the camera's timerfd, the proxy's host node and epoll fds) | [`runner::DEFAULT_MAX_SESSIONS`] (128) per device, configurable up to [`runner::MAX_SESSIONS_LIMIT`] (`outboard media --max-sessions`); CLOSE frees the slot | `OPEN` answered `ENFILE` (no fd, no memory taken) | `err_session_limit` |
+//! | SG entries of one command (USERPTR planes of one buffer, payloads of one `*_EXT_CTRLS`) | [`ioctl::MAX_SG_ENTRIES`] (16384: a 64 MiB buffer given page by page), on top of each list's own bound of one entry per page of its length plus two | the ioctl answered `ENOMEM` (`EINVAL` for a list longer than its length allows) | `err_sg_limit` |
+//! | Extended controls of one call | [`ioctl::MAX_EXT_CTRLS`] (1024, `V4L2_CID_MAX_CTRLS`) | `EINVAL` | - |
+//! | MMAP mappings in the shared memory region | [`MAX_MAPPINGS`] (1024) per device; their total size is the region's (`--shm-size-mib`, refused by the VMM's [`HostMemoryMapper`]); MUNMAP or CLOSE frees them | `MMAP` answered `ENOMEM` (as `mmap(2)` past `vm.max_map_count`) | `err_mapping_limit` |
+//! | Camera buffers per session (only one session owns the queue) | [`camera::MAX_BUFFERS`] (32, `VIDEO_MAX_FRAME`) | `REQBUFS`/`CREATE_BUFS` counts cut down (as vb2); `CREATE_BUFS` with the queue full: `ENOBUFS` | `err_buffer_limit` |
+//! | Camera MMAP buffer memory (memfds) per session | [`camera::MAX_SESSION_BUFFER_BYTES`] (256 MiB; 32 of the largest frame need 85 MiB) | counts cut down to what fits; nothing fits: `ENOMEM` | `err_buffer_limit` |
+//! | Camera USERPTR buffers | the SG entry cap above (the list is kept while queued; the memory is the guest's) | as above | `err_sg_limit` |
+//! | Proxy buffers per session | the host driver's (vb2: `VIDEO_MAX_FRAME` or its `max_num_buffers`) | the host's answer | - |
+//! | Proxy USERPTR shadow buffers | `proxy::MAX_SHADOW_LEN` (256 MiB) per plane; `proxy::MAX_SESSION_SHADOWS` (256) and `proxy::MAX_SESSION_SHADOW` (1 GiB) per session; `proxy::MAX_DEVICE_SHADOW` (1 GiB) for all sessions | `QBUF`/`PREPARE_BUF` answered `EINVAL` (plane too long) or `ENOMEM` | `err_shadow_limit` |
+//! | Proxy control payload copies of one call | `proxy::MAX_SHADOW_LEN` (256 MiB) in all | `ENOMEM` | `err_shadow_limit` |
+//! | V4L2 events waiting in the device for one session (the driver gives no event buffers) | [`MAX_SESSION_PENDING_V4L2_EVENTS`] (32): past it a new event replaces the oldest of the same type and id (control changes merged, as V4L2 does for a full subscription), else the session's oldest V4L2 event is dropped | fewer, merged events | `events_coalesced`, `events_dropped` |
+//! | Error events waiting for one session | 1 (the driver closes a failed session once) | one error event | `events_coalesced` |
+//! | Events waiting in the device, all sessions | [`MAX_PENDING_EVENTS`] (16384; DQBUF events are bounded by the buffers anyway) | the newest event is dropped | `events_dropped` |
 
 pub mod camera;
 pub mod device;
@@ -38,6 +63,7 @@ pub mod v4l2;
 
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use outboard_protocol::media::{
@@ -53,6 +79,79 @@ use crate::virtio::{read_regions, write_regions, GuestMemoryAccess, IoRegion};
 
 /// A positive Linux errno, as carried in virtio-media's response header.
 pub type Errno = i32;
+
+/// Most MMAP mappings a device keeps in its shared memory region, all sessions
+/// together (see the module docs' table of caps). Each is a `SHMEM_MAP` the front-end
+/// turns into an `mmap` of its own, so an unbounded count would spend the VMM's
+/// `vm.max_map_count` even when the region has room: 1024 is ten times what a full
+/// camera queue needs (32 buffers of up to 3 planes).
+pub const MAX_MAPPINGS: usize = 1024;
+/// Most V4L2 events one session may have waiting in an [`EventBuffer`] (the driver gave
+/// no event buffers to carry them); see [`EventBuffer`] for what happens past it.
+pub const MAX_SESSION_PENDING_V4L2_EVENTS: usize = 32;
+/// Most events of all sessions waiting in an [`EventBuffer`] (at most 10 MiB of them):
+/// a backstop, above what the other caps allow with the default session cap (128
+/// sessions, each with a full V4L2 event backlog, an error and the DQBUFs of two full
+/// queues of 32 buffers, make 12416). Past it the newest event is dropped.
+pub const MAX_PENDING_EVENTS: usize = 16384;
+
+macro_rules! metrics {
+    ($($(#[$m:meta])* $name:ident,)*) => {
+        /// Live counters of one virtio-media device (shared by its runner, its device
+        /// and its [`EventBuffer`]; relaxed atomics).
+        #[derive(Debug, Default)]
+        pub struct MediaMetrics {
+            $($(#[$m])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of [`MediaMetrics`].
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct MediaMetricsSnapshot {
+            $($(#[$m])* pub $name: u64,)*
+        }
+
+        impl MediaMetrics {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> MediaMetricsSnapshot {
+                MediaMetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Sessions opened (OPEN answered with a session).
+    sessions_opened,
+    /// Sessions closed (CLOSE, or every session at a device reset).
+    sessions_closed,
+    /// OPENs refused because the device had its maximum number of sessions (`ENFILE`).
+    err_session_limit,
+    /// `REQBUFS`/`CREATE_BUFS` that got fewer buffers than asked for, or none
+    /// (`ENOBUFS`, `ENOMEM`), because of a buffer cap.
+    err_buffer_limit,
+    /// MMAPs refused because the device had [`MAX_MAPPINGS`] mappings (`ENOMEM`).
+    err_mapping_limit,
+    /// Commands refused because their SG lists had more than
+    /// [`ioctl::MAX_SG_ENTRIES`] entries (`ENOMEM`).
+    err_sg_limit,
+    /// USERPTR shadow buffers and control payload copies the V4L2 proxy refused
+    /// because of its host memory budgets (`ENOMEM`).
+    err_shadow_limit,
+    /// Pending events merged into a newer one of the same session (V4L2 events of the
+    /// same type and id, error events).
+    events_coalesced,
+    /// Pending events dropped because a session or the device had too many waiting.
+    events_dropped,
+}
+
+impl MediaMetrics {
+    /// Adds one to `counter`.
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Errors of the chain reader and writer.
 #[sorted]
@@ -215,17 +314,35 @@ impl<'a> ChainReader<'a> {
     /// read until they cover `len` bytes. Each entry is validated (non-zero length, no
     /// address overflow); at most `max_entries` entries are accepted.
     pub fn read_sg_list(&mut self, len: u64, max_entries: usize) -> Result<Vec<SgEntry>, Errno> {
+        let mut unbounded = usize::MAX;
+        self.read_sg_list_within(len, max_entries, &mut unbounded)
+    }
+
+    /// [`ChainReader::read_sg_list`] charged to `budget`, the entries the command may
+    /// still carry: the entries read are taken from it, and a list that needs more is
+    /// refused with `ENOMEM` (a cap, where a list longer than `max_entries` is
+    /// malformed: `EINVAL`).
+    pub fn read_sg_list_within(
+        &mut self,
+        len: u64,
+        max_entries: usize,
+        budget: &mut usize,
+    ) -> Result<Vec<SgEntry>, Errno> {
         let mut covered = 0u64;
         let mut out = Vec::new();
         while covered < len {
             if out.len() >= max_entries {
                 return Err(libc::EINVAL);
             }
+            if out.len() >= *budget {
+                return Err(libc::ENOMEM);
+            }
             let e: SgEntry = self.read_obj("SG entry").map_err(|e| e.errno())?;
             e.validate().map_err(|_| libc::EINVAL)?;
             covered = covered.saturating_add(e.len.into());
             out.push(e);
         }
+        *budget -= out.len();
         Ok(out)
     }
 }
@@ -378,8 +495,110 @@ pub trait EventQueue: Send {
 
 /// An [`EventQueue`] that buffers events in memory until the transport takes them
 /// (cloning gives another handle to the same buffer).
+///
+/// The buffer is bounded, as a driver that gives no event buffers must not make it
+/// grow: a session has at most [`MAX_SESSION_PENDING_V4L2_EVENTS`] V4L2 events waiting.
+/// Past that a new V4L2 event replaces the session's oldest waiting event of the same
+/// type and id, with a control event's `changes` merged into it (what the V4L2 core
+/// does for a subscription whose queue is full), or else the session's oldest waiting
+/// V4L2 event is dropped. A session has at most one error event waiting (the driver
+/// closes the session at the first). Past [`MAX_PENDING_EVENTS`] in all, the newest
+/// event is dropped. DQBUF events are otherwise never dropped: the buffers bound them
+/// (each is dequeued once per QBUF). Merges and drops are counted in the buffer's
+/// [`MediaMetrics`].
 #[derive(Debug, Clone, Default)]
-pub struct EventBuffer(Arc<Mutex<VecDeque<MediaEvent>>>);
+pub struct EventBuffer(Arc<Mutex<PendingEvents>>);
+
+/// The events of an [`EventBuffer`] and its counters.
+#[derive(Debug, Default)]
+struct PendingEvents {
+    events: VecDeque<MediaEvent>,
+    metrics: Arc<MediaMetrics>,
+}
+
+/// Type and id of a V4L2 event (what a V4L2 subscription is for).
+fn v4l2_event_key(e: &SessionEvent) -> Option<(u32, u32)> {
+    v4l2::V4l2Event::read_from_bytes(&e.event)
+        .ok()
+        .map(|ev| (ev.type_, ev.id))
+}
+
+impl PendingEvents {
+    fn push(&mut self, mut event: MediaEvent) {
+        let session = event.session_id();
+        let of_session = |e: &MediaEvent| e.session_id() == session;
+        match &mut event {
+            MediaEvent::Error(_) => {
+                if self
+                    .events
+                    .iter()
+                    .any(|e| of_session(e) && matches!(e, MediaEvent::Error(_)))
+                {
+                    MediaMetrics::inc(&self.metrics.events_coalesced);
+                    return;
+                }
+            }
+            MediaEvent::Event(new) => {
+                let is_v4l2 = |e: &MediaEvent| of_session(e) && matches!(e, MediaEvent::Event(_));
+                let waiting = self.events.iter().filter(|e| is_v4l2(e)).count();
+                if waiting >= MAX_SESSION_PENDING_V4L2_EVENTS {
+                    let key = v4l2_event_key(new);
+                    let same = self.events.iter().position(|e| match e {
+                        MediaEvent::Event(old) => {
+                            of_session(e) && key.is_some() && v4l2_event_key(old) == key
+                        }
+                        _ => false,
+                    });
+                    if let Some(i) = same {
+                        if let Some(MediaEvent::Event(old)) = self.events.remove(i) {
+                            if key.is_some_and(|(t, _)| t == v4l2::EVENT_CTRL) {
+                                merge_ctrl_changes(&old, new);
+                            }
+                        }
+                        MediaMetrics::inc(&self.metrics.events_coalesced);
+                    } else if let Some(i) = self.events.iter().position(is_v4l2) {
+                        self.events.remove(i);
+                        MediaMetrics::inc(&self.metrics.events_dropped);
+                        outboard_protocol::log_limited!(
+                            log::Level::Warn,
+                            "virtio-media: session {session} has {waiting} V4L2 events \
+                             waiting: dropping the oldest"
+                        );
+                    }
+                }
+            }
+            MediaEvent::Dqbuf(_) => {}
+        }
+        if self.events.len() >= MAX_PENDING_EVENTS {
+            MediaMetrics::inc(&self.metrics.events_dropped);
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "virtio-media: {} events waiting for the driver: dropping one for \
+                 session {session}",
+                self.events.len()
+            );
+            return;
+        }
+        self.events.push_back(event);
+    }
+}
+
+/// ORs the `changes` of control event `old` into `new` (`struct v4l2_event_ctrl`
+/// starts with `changes`, at the start of the event's union).
+fn merge_ctrl_changes(old: &SessionEvent, new: &mut SessionEvent) {
+    let at = std::mem::offset_of!(v4l2::V4l2Event, u);
+    let word = |e: &SessionEvent| {
+        e.event
+            .get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_ne_bytes)
+    };
+    if let (Some(o), Some(n)) = (word(old), word(new)) {
+        if let Some(dst) = new.event.get_mut(at..at + 4) {
+            dst.copy_from_slice(&(o | n).to_ne_bytes());
+        }
+    }
+}
 
 impl EventBuffer {
     /// An empty buffer.
@@ -387,39 +606,45 @@ impl EventBuffer {
         Self::default()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingEvents> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Takes the oldest event.
     pub fn pop(&self) -> Option<MediaEvent> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
+        self.lock().events.pop_front()
     }
 
     /// Puts an event back at the front (the transport could not deliver it).
     pub fn push_front(&self, event: MediaEvent) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_front(event);
+        self.lock().events.push_front(event);
     }
 
     /// Number of buffered events.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.lock().events.len()
     }
 
     /// Whether no event is buffered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The counters merges and drops are counted in.
+    pub fn metrics(&self) -> Arc<MediaMetrics> {
+        self.lock().metrics.clone()
+    }
+
+    /// Counts merges and drops in `metrics` from now on (the device's, see
+    /// [`device::VirtioMedia::new`]).
+    pub fn set_metrics(&self, metrics: Arc<MediaMetrics>) {
+        self.lock().metrics = metrics;
+    }
 }
 
 impl EventQueue for EventBuffer {
     fn send_event(&mut self, event: MediaEvent) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(event);
+        self.lock().push(event);
     }
 }
 
@@ -573,6 +798,10 @@ pub trait MediaDevice: Send {
     fn process_events(&mut self, _session: &mut Self::Session) -> Result<(), Errno> {
         Ok(())
     }
+
+    /// Counts the device's cap refusals in `metrics` from now on (the runner calls it
+    /// with its own when it takes the device). The default counts nothing.
+    fn attach_metrics(&mut self, _metrics: Arc<MediaMetrics>) {}
 }
 
 /// Rounds `v` up to the page size (4096); `None` on overflow.
@@ -691,6 +920,114 @@ mod tests {
         assert!(w.write_ok_obj(&0xdead_beefu32).is_err());
     }
 
+    /// A control event of `session` for control `id`.
+    fn ctrl_event(session: u32, id: u32, changes: u32, value: i32) -> MediaEvent {
+        let mut ev = v4l2::V4l2Event {
+            type_: v4l2::EVENT_CTRL,
+            id,
+            ..Default::default()
+        };
+        ev.u[0..4].copy_from_slice(&changes.to_ne_bytes());
+        ev.u[8..12].copy_from_slice(&value.to_ne_bytes());
+        MediaEvent::v4l2(session, &ev)
+    }
+
+    /// `(session, id, changes, value)` of a control event.
+    fn ctrl_of(e: &MediaEvent) -> (u32, u32, u32, i32) {
+        let MediaEvent::Event(se) = e else {
+            panic!("not a V4L2 event: {e:?}");
+        };
+        let ev = v4l2::V4l2Event::read_from_bytes(&se.event).unwrap();
+        let word = |at: usize| <[u8; 4]>::try_from(&ev.u[at..at + 4]).unwrap();
+        (
+            se.hdr.session_id,
+            ev.id,
+            u32::from_ne_bytes(word(0)),
+            i32::from_ne_bytes(word(8)),
+        )
+    }
+
+    #[test]
+    fn v4l2_events_of_a_session_are_coalesced_past_the_cap() {
+        let mut b = EventBuffer::new();
+        // Four controls changing 10000 times without the driver taking any event.
+        for i in 0..10_000 {
+            let changes = if i % 3 == 0 { 2 } else { 1 };
+            b.send_event(ctrl_event(1, 100 + i as u32 % 4, changes, i));
+        }
+        assert_eq!(b.len(), MAX_SESSION_PENDING_V4L2_EVENTS);
+        let m = b.metrics().snapshot();
+        assert_eq!(
+            m.events_coalesced,
+            10_000 - MAX_SESSION_PENDING_V4L2_EVENTS as u64
+        );
+        assert_eq!(m.events_dropped, 0);
+        // Another session is not affected.
+        b.send_event(ctrl_event(2, 100, 1, 5));
+        assert_eq!(b.len(), MAX_SESSION_PENDING_V4L2_EVENTS + 1);
+        let events: Vec<_> = std::iter::from_fn(|| b.pop())
+            .map(|e| ctrl_of(&e))
+            .collect();
+        // The newest value of every control is there, with the changes of the events
+        // it replaced merged in.
+        for id in 100..104u32 {
+            let last = events.iter().rfind(|e| e.0 == 1 && e.1 == id).unwrap();
+            assert_eq!(last.3, 9996 + (id as i32 - 100));
+            assert_eq!(last.2, 3, "control {id}: changes {:#x}", last.2);
+        }
+        assert_eq!(events.last(), Some(&(2, 100, 1, 5)));
+    }
+
+    #[test]
+    fn v4l2_events_of_a_session_are_dropped_oldest_first_past_the_cap() {
+        let mut b = EventBuffer::new();
+        for i in 0..1000u32 {
+            b.send_event(ctrl_event(7, i, 1, 0));
+        }
+        assert_eq!(b.len(), MAX_SESSION_PENDING_V4L2_EVENTS);
+        assert_eq!(
+            b.metrics().snapshot().events_dropped,
+            1000 - MAX_SESSION_PENDING_V4L2_EVENTS as u64
+        );
+        let ids: Vec<u32> = std::iter::from_fn(|| b.pop())
+            .map(|e| ctrl_of(&e).1)
+            .collect();
+        let first = 1000 - MAX_SESSION_PENDING_V4L2_EVENTS as u32;
+        assert_eq!(ids, (first..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn one_error_event_waits_per_session() {
+        let metrics = Arc::new(MediaMetrics::default());
+        let mut b = EventBuffer::new();
+        b.set_metrics(metrics.clone());
+        for _ in 0..100 {
+            b.send_error(3, libc::EIO);
+            b.send_error(4, libc::ENODEV);
+        }
+        assert_eq!(b.len(), 2);
+        assert_eq!(metrics.snapshot().events_coalesced, 198);
+        b.pop();
+        b.send_error(3, libc::EIO);
+        assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn pending_events_are_bounded_in_all() {
+        let mut b = EventBuffer::new();
+        let buffer = v4l2::V4l2Buffer::default();
+        for i in 0..MAX_PENDING_EVENTS + 10 {
+            b.send_event(MediaEvent::dqbuf(i as u32 % 64, &buffer, &[]));
+        }
+        assert_eq!(b.len(), MAX_PENDING_EVENTS);
+        assert_eq!(b.metrics().snapshot().events_dropped, 10);
+        // Room again once the driver takes one.
+        b.pop();
+        b.send_event(MediaEvent::dqbuf(0, &buffer, &[]));
+        assert_eq!(b.len(), MAX_PENDING_EVENTS);
+        assert_eq!(b.metrics().snapshot().events_dropped, 10);
+    }
+
     #[test]
     fn sg_lists_are_validated() {
         let mut buf = Vec::new();
@@ -716,6 +1053,15 @@ mod tests {
         assert_eq!(r.read_sg_list(16, 4), Err(libc::EINVAL));
         let mut r = ChainReader::new(&regions);
         assert_eq!(r.read_sg_list(64, 1), Err(libc::EINVAL));
+        // A budget is charged with the entries read and refuses past it with ENOMEM.
+        let mut r = ChainReader::new(&regions);
+        let mut budget = 1;
+        assert_eq!(
+            r.read_sg_list_within(16, 4, &mut budget).map(|v| v.len()),
+            Ok(1)
+        );
+        assert_eq!(budget, 0);
+        assert_eq!(r.read_sg_list_within(16, 4, &mut budget), Err(libc::ENOMEM));
         assert_eq!(page_align(1), Some(4096));
         assert_eq!(page_align(u64::MAX), None);
     }

@@ -64,6 +64,8 @@ use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use outboard_protocol::media::{SgEntry, MMAP_FLAG_RW};
 use outboard_protocol::v4l2::V4l2Ioctl;
@@ -78,7 +80,8 @@ use super::ioctl::{
 use super::v4l2::*;
 use super::{
     page_align, ChainReader, ChainWriter, Errno, EventQueue, GuestMemoryMapper, GuestMemoryRange,
-    HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaSession,
+    HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaMetrics, MediaSession,
+    MAX_MAPPINGS,
 };
 
 // The typed structures are passed to the host kernel as they are: they must have the
@@ -136,6 +139,14 @@ const CAP_DEVICE_CAPS: u32 = 0x8000_0000;
 pub const MAX_SHADOW_LEN: usize = 256 << 20;
 /// Most USERPTR shadow memory one session may hold (1 GiB).
 pub const MAX_SESSION_SHADOW: usize = 1 << 30;
+/// Most USERPTR shadow buffers one session may hold: 256, a full vb2 queue
+/// (`VIDEO_MAX_FRAME`, 32 buffers) of `VIDEO_MAX_PLANES` (8) planes each. Past it a
+/// QBUF or PREPARE_BUF that needs a new shadow gets `ENOMEM`.
+pub const MAX_SESSION_SHADOWS: usize = 256;
+/// Most USERPTR shadow memory all sessions of one proxy may hold together (1 GiB): the
+/// per-session budget alone would let a guest hold it once per session. Past it a QBUF
+/// or PREPARE_BUF that needs more gets `ENOMEM`.
+pub const MAX_DEVICE_SHADOW: usize = 1 << 30;
 
 /// Errors opening the host node.
 #[sorted]
@@ -345,25 +356,29 @@ fn is_output(buf_type: u32) -> bool {
     matches!(buf_type, 2 | 3 | 5 | 7 | 8 | 10 | 12 | 14)
 }
 
-/// A page-aligned host buffer standing in for a guest USERPTR plane.
+/// A page-aligned host buffer standing in for a guest USERPTR plane. Its length is
+/// charged to its proxy's shadow total while it lives.
 #[derive(Debug)]
 struct Shadow {
     storage: Vec<u8>,
     offset: usize,
     len: usize,
+    charged: Arc<AtomicUsize>,
 }
 
 impl Shadow {
-    fn new(len: usize) -> IoctlResult<Shadow> {
+    fn new(len: usize, charged: &Arc<AtomicUsize>) -> IoctlResult<Shadow> {
         if len == 0 || len > MAX_SHADOW_LEN {
             return Err(libc::EINVAL);
         }
         let storage = vec![0u8; len + 4095];
         let offset = storage.as_ptr().align_offset(4096);
+        charged.fetch_add(len, Ordering::Relaxed);
         Ok(Shadow {
             storage,
             offset,
             len,
+            charged: charged.clone(),
         })
     }
 
@@ -377,6 +392,12 @@ impl Shadow {
 
     fn addr(&mut self) -> u64 {
         self.bytes_mut().as_mut_ptr() as u64
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        self.charged.fetch_sub(self.len, Ordering::Relaxed);
     }
 }
 
@@ -462,6 +483,11 @@ impl<M> MediaSession for ProxySession<M> {
 impl<M> ProxySession<M> {
     fn fd(&self) -> BorrowedFd<'_> {
         self.device.as_fd()
+    }
+
+    /// USERPTR shadow buffers the session holds.
+    fn shadow_count(&self) -> usize {
+        self.queues.values().map(|q| q.shadows.len()).sum()
     }
 
     /// Bytes of USERPTR shadow memory the session holds.
@@ -577,6 +603,10 @@ pub struct V4l2Proxy<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> {
     guest: G,
     /// Shared memory mappings: offset -> session.
     mappings: BTreeMap<u64, u32>,
+    /// Bytes of USERPTR shadow memory all sessions hold ([`MAX_DEVICE_SHADOW`]).
+    shadow_total: Arc<AtomicUsize>,
+    /// Where cap refusals are counted (the runner's, once attached).
+    metrics: Arc<MediaMetrics>,
 }
 
 impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> std::fmt::Debug
@@ -600,7 +630,25 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             host,
             guest,
             mappings: BTreeMap::new(),
+            shadow_total: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Bytes of USERPTR shadow memory all sessions hold.
+    pub fn shadow_bytes(&self) -> usize {
+        self.shadow_total.load(Ordering::Relaxed)
+    }
+
+    /// Counts and logs a USERPTR shadow or control payload copy refused by a budget;
+    /// returns `errno`.
+    fn shadow_refused(&self, session: u32, what: &str, errno: Errno) -> Errno {
+        MediaMetrics::inc(&self.metrics.err_shadow_limit);
+        outboard_protocol::log_limited!(
+            log::Level::Warn,
+            "v4l2 proxy: session {session}: {what}: refused (host memory budget)"
+        );
+        errno
     }
 
     /// The host node.
@@ -706,6 +754,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             };
             let mut sgs = userptr.iter();
             let mut shadow_bytes = s.shadow_bytes();
+            let mut shadow_count = s.shadow_count();
+            let id = s.id;
             let q = s.queues.entry(buffer.type_).or_default();
             // Shadows are host memory: only for buffers the host has, within a budget.
             if buffer.index >= q.buffers {
@@ -725,13 +775,24 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                 let sg = sgs.next().ok_or(libc::EINVAL)?;
                 let m = self.map_guest(sg, len as usize)?;
                 let key = (buffer.index, plane);
-                let old = q.shadows.get(&key).map_or(0, |sh| sh.len);
-                if old != len as usize {
-                    shadow_bytes = shadow_bytes - old + len as usize;
-                    if shadow_bytes > MAX_SESSION_SHADOW {
-                        return Err(libc::ENOMEM);
+                let old = q.shadows.get(&key).map(|sh| sh.len);
+                if old != Some(len as usize) {
+                    let (len, old_len) = (len as usize, old.unwrap_or(0));
+                    if len > MAX_SHADOW_LEN {
+                        return Err(self.shadow_refused(id, "USERPTR plane", libc::EINVAL));
                     }
-                    q.shadows.insert(key, Shadow::new(len as usize)?);
+                    if old.is_none() {
+                        shadow_count += 1;
+                    }
+                    shadow_bytes = shadow_bytes - old_len + len;
+                    let device_bytes = self.shadow_bytes() - old_len + len;
+                    if shadow_count > MAX_SESSION_SHADOWS
+                        || shadow_bytes > MAX_SESSION_SHADOW
+                        || device_bytes > MAX_DEVICE_SHADOW
+                    {
+                        return Err(self.shadow_refused(id, "USERPTR shadow", libc::ENOMEM));
+                    }
+                    q.shadows.insert(key, Shadow::new(len, &self.shadow_total)?);
                 }
                 let shadow = q.shadows.get_mut(&key).ok_or(libc::EINVAL)?;
                 if is_output(buffer.type_) {
@@ -904,7 +965,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             .iter()
             .fold(0usize, |a, c| a.saturating_add(c.size as usize));
         if total > MAX_SHADOW_LEN {
-            return Err(libc::ENOMEM);
+            return Err(self.shadow_refused(s.id, "control payloads", libc::ENOMEM));
         }
         for c in ctrls.controls.iter_mut() {
             if c.size == 0 {
@@ -950,6 +1011,10 @@ fn fwd<T: IntoBytes + FromBytes>(
 
 impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for V4l2Proxy<Q, H, G> {
     type Session = ProxySession<G::Mapping>;
+
+    fn metrics(&self) -> Option<&MediaMetrics> {
+        Some(&self.metrics)
+    }
 
     fn enum_fmt(&mut self, s: &mut Self::Session, d: V4l2Fmtdesc) -> IoctlResult<V4l2Fmtdesc> {
         no_overlay(d.type_)?;
@@ -1449,6 +1514,14 @@ where
         offset: u32,
     ) -> Result<(u64, u64), Errno> {
         let plane = *s.mmap_planes.get(&offset).ok_or(libc::EINVAL)?;
+        if self.mappings.len() >= MAX_MAPPINGS {
+            MediaMetrics::inc(&self.metrics.err_mapping_limit);
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "v4l2 proxy: MMAP refused: {MAX_MAPPINGS} mappings, the cap"
+            );
+            return Err(libc::ENOMEM);
+        }
         let rw = flags & MMAP_FLAG_RW != 0;
         let queue = v4l2r::QueueType::n(plane.buf_type).ok_or(libc::EINVAL)?;
         let mut eflags = v4l2r::ioctl::ExpbufFlags::CLOEXEC;
@@ -1480,6 +1553,10 @@ where
         self.host.remove_mapping(driver_addr)?;
         self.mappings.remove(&driver_addr);
         Ok(())
+    }
+
+    fn attach_metrics(&mut self, metrics: Arc<MediaMetrics>) {
+        self.metrics = metrics;
     }
 
     fn process_events(&mut self, s: &mut Self::Session) -> Result<(), Errno> {
@@ -1540,11 +1617,141 @@ mod tests {
 
     #[test]
     fn shadows_are_page_aligned_and_bounded() {
-        let mut s = Shadow::new(5000).unwrap();
+        let charged = Arc::new(AtomicUsize::new(0));
+        let mut s = Shadow::new(5000, &charged).unwrap();
         assert_eq!(s.addr() % 4096, 0);
         assert_eq!(s.bytes().len(), 5000);
-        assert_eq!(Shadow::new(0).unwrap_err(), libc::EINVAL);
-        assert_eq!(Shadow::new(MAX_SHADOW_LEN + 1).unwrap_err(), libc::EINVAL);
+        assert_eq!(charged.load(Ordering::Relaxed), 5000);
+        assert_eq!(Shadow::new(0, &charged).unwrap_err(), libc::EINVAL);
+        assert_eq!(
+            Shadow::new(MAX_SHADOW_LEN + 1, &charged).unwrap_err(),
+            libc::EINVAL
+        );
+        drop(s);
+        assert_eq!(charged.load(Ordering::Relaxed), 0);
+    }
+
+    /// Guest memory of any size, all zeros, costing nothing.
+    struct AnyGuest;
+
+    struct Zeros(usize);
+
+    impl GuestMemoryRange for Zeros {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn write_at(&self, _: usize, src: &[u8]) -> usize {
+            src.len()
+        }
+        fn read_at(&self, _: usize, dst: &mut [u8]) -> usize {
+            dst.fill(0);
+            dst.len()
+        }
+    }
+
+    impl GuestMemoryMapper for AnyGuest {
+        type Mapping = Zeros;
+        fn new_mapping(&self, sgs: &[SgEntry]) -> Result<Zeros, Errno> {
+            Ok(Zeros(sgs.iter().map(|e| e.len as usize).sum()))
+        }
+    }
+
+    type TestProxy = V4l2Proxy<super::super::EventBuffer, (), AnyGuest>;
+
+    fn proxy() -> TestProxy {
+        let node = HostNode {
+            path: "/dev/null".into(),
+            driver: "null".into(),
+            card: "null".into(),
+            device_caps: 0,
+        };
+        V4l2Proxy::new(node, super::super::EventBuffer::new(), (), AnyGuest)
+    }
+
+    /// A session on `/dev/null`, which answers every V4L2 ioctl `ENOTTY` (past the
+    /// proxy's own checks), whose capture queue has `buffers` USERPTR buffers.
+    fn session(id: u32, buffers: u32) -> ProxySession<Zeros> {
+        let mut queues = BTreeMap::new();
+        queues.insert(
+            BUF_TYPE_VIDEO_CAPTURE,
+            QueueState {
+                memory: MEMORY_USERPTR,
+                buffers,
+                ..Default::default()
+            },
+        );
+        ProxySession {
+            id,
+            device: open_node(Path::new("/dev/null")).unwrap(),
+            poller: epoll::create(epoll::CreateFlags::CLOEXEC).unwrap(),
+            polling_buffers: false,
+            queues,
+            mmap_planes: BTreeMap::new(),
+        }
+    }
+
+    /// QBUF of capture buffer `index`, USERPTR, `len` bytes in one SG entry.
+    fn qbuf(p: &mut TestProxy, s: &mut ProxySession<Zeros>, index: u32, len: u32) -> Errno {
+        let b = GuestBuffer {
+            desc: BufferDesc {
+                buffer: V4l2Buffer {
+                    index,
+                    type_: BUF_TYPE_VIDEO_CAPTURE,
+                    memory: MEMORY_USERPTR,
+                    length: len,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            userptr: vec![vec![SgEntry {
+                start: 0,
+                len,
+                reserved: 0,
+            }]],
+        };
+        p.qbuf(s, b).unwrap_err()
+    }
+
+    #[test]
+    fn shadow_memory_is_capped_for_all_sessions_together() {
+        let mut p = proxy();
+        let metrics = Arc::new(MediaMetrics::default());
+        p.attach_metrics(metrics.clone());
+        let (mut a, mut b) = (session(0, 32), session(1, 32));
+        // Capture shadows are allocated, never written: the test costs no memory.
+        let big = MAX_SHADOW_LEN as u32;
+        for index in 0..(MAX_DEVICE_SHADOW / MAX_SHADOW_LEN) as u32 {
+            // Past the proxy's checks: the host (here /dev/null) answers.
+            assert_eq!(qbuf(&mut p, &mut a, index, big), libc::ENOTTY);
+        }
+        assert_eq!(p.shadow_bytes(), MAX_DEVICE_SHADOW);
+        // Another session may not add to it, however little it asks for.
+        assert_eq!(qbuf(&mut p, &mut b, 0, 4096), libc::ENOMEM);
+        assert_eq!(metrics.snapshot().err_shadow_limit, 1);
+        // A plane longer than a shadow may be is refused as such.
+        assert_eq!(qbuf(&mut p, &mut b, 0, big + 1), libc::EINVAL);
+        assert_eq!(metrics.snapshot().err_shadow_limit, 2);
+        // Closing the session that holds them gives them back.
+        p.close_session(a);
+        assert_eq!(p.shadow_bytes(), 0);
+        assert_eq!(qbuf(&mut p, &mut b, 0, 4096), libc::ENOTTY);
+        assert_eq!(p.shadow_bytes(), 4096);
+    }
+
+    #[test]
+    fn shadow_buffers_are_capped_in_number_per_session() {
+        let mut p = proxy();
+        let mut s = session(0, 2 * MAX_SESSION_SHADOWS as u32);
+        for index in 0..MAX_SESSION_SHADOWS as u32 {
+            assert_eq!(qbuf(&mut p, &mut s, index, 4096), libc::ENOTTY);
+        }
+        assert_eq!(
+            qbuf(&mut p, &mut s, MAX_SESSION_SHADOWS as u32, 4096),
+            libc::ENOMEM
+        );
+        // A buffer that has its shadow already may be queued again.
+        assert_eq!(qbuf(&mut p, &mut s, 0, 4096), libc::ENOTTY);
+        assert_eq!(s.shadow_count(), MAX_SESSION_SHADOWS);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig, VsockMetrics};
 use outboard_glue::media::serve_camera_with;
 use outboard_glue::metrics::{self, VmMetrics};
@@ -71,6 +72,16 @@ struct MediaArgs {
     /// Size of the shared memory region for MMAP buffers, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     shm_size_mib: u64,
+    /// Most sessions (guest opens of the device node) served at once, 1 to 1024; an
+    /// open beyond it fails with ENFILE in the guest.
+    ///
+    /// Every session holds fds in the daemon (the camera's frame timer, the V4L2
+    /// proxy's host node and epoll instance), so without a cap a guest that opens the
+    /// node without end fills the daemon's fd table. The default, 128, lets a node be
+    /// open 100 times at once as v4l2-compliance requires, with room for the fds
+    /// applications keep besides, and costs the daemon at most 256 fds.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
     #[command(flatten)]
     jail: JailArgs,
 }
@@ -185,17 +196,23 @@ impl MediaSource {
         &self,
         listener: UnixListener,
         shm_size: u64,
+        max_sessions: MaxSessions,
         stop: &EventFd,
         name: &str,
     ) -> Result<(), WorkerError> {
         match self {
             MediaSource::Camera { mplane } => {
-                serve_camera_with(listener, shm_size, *mplane, stop, name)
+                serve_camera_with(listener, shm_size, *mplane, max_sessions, stop, name)
             }
             #[cfg(feature = "v4l2-proxy")]
-            MediaSource::V4l2(node) => {
-                outboard_glue::media::serve_v4l2_proxy(listener, node.clone(), shm_size, stop, name)
-            }
+            MediaSource::V4l2(node) => outboard_glue::media::serve_v4l2_proxy(
+                listener,
+                node.clone(),
+                shm_size,
+                max_sessions,
+                stop,
+                name,
+            ),
         }
     }
 }
@@ -250,6 +267,13 @@ fn media(args: MediaArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let max_sessions = match MaxSessions::new(args.max_sessions) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("outboard media: --max-sessions: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let set = signal_set();
     // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
     if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
@@ -257,7 +281,7 @@ fn media(args: MediaArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if args.jail.jail {
-        return jailed::media(&args, source, shm_size, &set);
+        return jailed::media(&args, source, shm_size, max_sessions, &set);
     }
     let run = || -> Result<(), String> {
         remove_stale_socket(&args.socket_path)?;
@@ -270,7 +294,7 @@ fn media(args: MediaArgs) -> ExitCode {
         log::info!("{name} on vhost-user socket {}", args.socket_path.display());
         let thread = std::thread::Builder::new()
             .name("media".into())
-            .spawn(move || source.serve(listener, shm_size, &worker_stop, &name))
+            .spawn(move || source.serve(listener, shm_size, max_sessions, &worker_stop, &name))
             .map_err(|e| format!("cannot start the worker thread: {e}"))?;
         while !thread.is_finished() {
             if let Some(sig) = wait_signal(&set, Duration::from_millis(500)) {
@@ -880,6 +904,7 @@ mod jailed {
         args: &MediaArgs,
         source: MediaSource,
         shm_size: u64,
+        max_sessions: MaxSessions,
         set: &libc::sigset_t,
     ) -> ExitCode {
         let mode = match seccomp_mode(&args.jail) {
@@ -900,7 +925,7 @@ mod jailed {
             let worker_name = name.clone();
             let serve: ServeFn = Box::new(move |listener, stop| {
                 source
-                    .serve(listener, shm_size, stop, &worker_name)
+                    .serve(listener, shm_size, max_sessions, stop, &worker_name)
                     .map_err(|e| e.to_string())
             });
             Ok(Supervised {
@@ -947,6 +972,7 @@ mod jailed {
         _args: &MediaArgs,
         _source: MediaSource,
         _shm_size: u64,
+        _max_sessions: MaxSessions,
         _set: &libc::sigset_t,
     ) -> ExitCode {
         usage_error(UNAVAILABLE)
