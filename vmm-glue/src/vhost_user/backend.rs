@@ -245,8 +245,9 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         self.fatal.take()
     }
 
-    /// How many times a ring was stopped because it was broken (see
-    /// [`stop_broken_rings`](Self::stop_broken_rings)).
+    /// How many times a ring was stopped because it was broken (an available index
+    /// more than the ring size ahead, a ring outside guest memory), and reported on its
+    /// `SET_VRING_ERR` eventfd.
     pub fn broken_rings(&self) -> u64 {
         self.broken_rings
     }
