@@ -107,6 +107,19 @@ fn target_arch() -> Result<TargetArch, JailError> {
     TargetArch::try_from(std::env::consts::ARCH).map_err(|e| JailError::Seccomp(e.to_string()))
 }
 
+/// `action` as seccompiler's JSON frontend spells it.
+fn action_json(action: &SeccompAction) -> serde_json::Value {
+    match action {
+        SeccompAction::Allow => "allow".into(),
+        SeccompAction::Errno(n) => serde_json::json!({ "errno": n }),
+        SeccompAction::KillThread => "kill_thread".into(),
+        SeccompAction::KillProcess => "kill_process".into(),
+        SeccompAction::Log => "log".into(),
+        SeccompAction::Trace(n) => serde_json::json!({ "trace": n }),
+        SeccompAction::Trap => "trap".into(),
+    }
+}
+
 impl SeccompPolicy {
     /// Compiles a seccompiler filter built from Rust values.
     pub fn from_filter(filter: SeccompFilter) -> Result<SeccompPolicy, JailError> {
@@ -130,6 +143,39 @@ impl SeccompPolicy {
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
             .map_err(|e| JailError::Seccomp(e.to_string()))?;
         Self::from_filter(filter)
+    }
+
+    /// Builds an allow-list policy for `arch` from system call *names* (seccompiler's
+    /// syscall table of `arch` gives the numbers): the names run, every other syscall
+    /// gets `mismatch`. With
+    /// [`SyscallNames::for_arch`](crate::syscalls::SyscallNames::for_arch) this compiles
+    /// the policy of any architecture on any host; for the running one it is the same
+    /// program as [`SeccompPolicy::allow_list`] with libc's numbers. A name `arch` does
+    /// not have is an error.
+    pub fn allow_names(
+        names: &[&str],
+        mismatch: SeccompAction,
+        arch: TargetArch,
+    ) -> Result<SeccompPolicy, JailError> {
+        let filter: Vec<serde_json::Value> = names
+            .iter()
+            .map(|name| serde_json::json!({ "syscall": name }))
+            .collect();
+        let json = serde_json::json!({
+            "policy": {
+                "mismatch_action": action_json(&mismatch),
+                "match_action": "allow",
+                "filter": filter,
+            }
+        });
+        let mut programs = seccompiler::compile_from_json(json.to_string().as_bytes(), arch)
+            .map_err(|e| JailError::Seccomp(e.to_string()))?;
+        let program = programs
+            .remove("policy")
+            .ok_or_else(|| JailError::SeccompFilterMissing {
+                name: "policy".to_owned(),
+            })?;
+        Ok(SeccompPolicy { program })
     }
 
     /// Builds a policy where the listed syscalls get `action` and everything else runs.
@@ -1084,6 +1130,40 @@ mod tests {
         assert!(matches!(err, JailError::SeccompFilterMissing { .. }));
         assert!(matches!(
             SeccompPolicy::from_json(&b"{"[..], "dev"),
+            Err(JailError::Seccomp(_))
+        ));
+    }
+
+    #[test]
+    fn names_and_numbers_compile_to_the_same_program() {
+        let arch = target_arch().unwrap();
+        // Allowing everything is refused both ways (match and mismatch actions equal).
+        assert!(SeccompPolicy::allow_list(&[libc::SYS_read], SeccompAction::Allow).is_err());
+        assert!(SeccompPolicy::allow_names(&["read"], SeccompAction::Allow, arch).is_err());
+        for action in [
+            SeccompAction::Errno(13),
+            SeccompAction::KillThread,
+            SeccompAction::KillProcess,
+            SeccompAction::Log,
+            SeccompAction::Trace(7),
+            SeccompAction::Trap,
+        ] {
+            let by_nr =
+                SeccompPolicy::allow_list(&[libc::SYS_write, libc::SYS_read], action.clone())
+                    .unwrap();
+            let by_name =
+                SeccompPolicy::allow_names(&["read", "write"], action.clone(), arch).unwrap();
+            assert_eq!(by_nr.program, by_name.program, "{action:?}");
+        }
+        // Another architecture's policy compiles on any host; a name it lacks does not.
+        assert!(SeccompPolicy::allow_names(
+            &["ppoll"],
+            SeccompAction::KillProcess,
+            TargetArch::aarch64
+        )
+        .is_ok());
+        assert!(matches!(
+            SeccompPolicy::allow_names(&["poll"], SeccompAction::KillProcess, TargetArch::aarch64),
             Err(JailError::Seccomp(_))
         ));
     }

@@ -15,6 +15,9 @@
 //! - [`proxy`]: `ProxyDevice` and `ChildProcIntf`, with every command of crosvm's proxy.
 //! - [`cold`]: the cold path's framing over the Tube (inline JSON, or a sealed memfd for
 //!   large payloads such as snapshots).
+//! - [`syscalls`]: seccomp allow-lists written once for every architecture
+//!   ([`syscall_list!`]): common names, x86_64-only legacy calls in one place, and the
+//!   policy of any architecture built by name.
 //!
 //! ```
 //! use outboard_devices::bus::{BusAccessInfo, BusDevice, Suspendable};
@@ -78,7 +81,9 @@ pub mod fork;
 pub mod jail;
 pub mod proxy;
 pub mod ring;
+pub mod syscalls;
 
 pub use fork::{fork_process, Child, ExitStatus, ForkError};
 pub use jail::{landlock_abi, IdMap, Jail, JailError, SeccompPolicy};
 pub use proxy::{ChildProcIntf, ProxyDevice, ProxyError};
+pub use syscalls::SyscallNames;

@@ -68,35 +68,45 @@ pub const DEFAULT_COLD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `Drop` waits for the child to shut down before killing it.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The system calls the proxy's own child loop makes (ring waits, Tube messages, memory
-/// allocation, exit). A seccomp allow-list for a proxied device is this list plus what
-/// the device itself needs; see `SeccompPolicy::allow_list`.
-pub const CHILD_SYSCALLS: &[i64] = &[
-    libc::SYS_brk,
-    libc::SYS_close,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    // Debug builds check with F_GETFD that a dropped OwnedFd was still open.
-    libc::SYS_fcntl,
-    libc::SYS_futex,
-    libc::SYS_getcpu,
-    libc::SYS_fstat,
-    libc::SYS_madvise,
-    libc::SYS_memfd_create,
-    libc::SYS_mmap,
-    libc::SYS_mremap,
-    libc::SYS_munmap,
-    libc::SYS_newfstatat,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_pread64,
-    libc::SYS_recvmsg,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sched_yield,
-    libc::SYS_sendmsg,
-    libc::SYS_statx,
-    libc::SYS_write,
-];
+crate::syscall_list! {
+    /// The system calls the proxy's own child loop makes (ring waits, Tube messages,
+    /// memory allocation, exit), as this target numbers them. A seccomp allow-list for a
+    /// proxied device is this list plus what the device itself needs; see
+    /// `SeccompPolicy::allow_list`. Written once for every architecture (the rule is in
+    /// [`crate::syscalls`]); [`CHILD_SYSCALL_NAMES`] has the names.
+    pub const CHILD_SYSCALLS, CHILD_SYSCALL_NAMES = {
+        common: [
+            SYS_brk,
+            SYS_close,
+            SYS_exit,
+            SYS_exit_group,
+            // Debug builds check with F_GETFD that a dropped OwnedFd was still open.
+            SYS_fcntl,
+            SYS_futex,
+            SYS_getcpu,
+            SYS_fstat,
+            SYS_madvise,
+            SYS_memfd_create,
+            SYS_mmap,
+            SYS_mremap,
+            SYS_munmap,
+            SYS_newfstatat,
+            // rustix's poll (the Tube, the proxy) everywhere; glibc's poll() on aarch64.
+            SYS_ppoll,
+            SYS_pread64,
+            SYS_recvmsg,
+            SYS_rt_sigprocmask,
+            SYS_sched_yield,
+            SYS_sendmsg,
+            SYS_statx,
+            SYS_write,
+        ],
+        x86_64_legacy: [
+            // glibc's poll() on x86_64 (a device's libc::poll); ppoll elsewhere.
+            SYS_poll,
+        ],
+    };
+}
 
 /// Ring entry operation codes.
 mod op {

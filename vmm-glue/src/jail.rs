@@ -61,58 +61,71 @@ pub const EXIT_WORKER_ERROR: i32 = 1;
 /// Open files a jailed worker may have (front-end fds, memory regions, host sockets).
 pub const WORKER_NOFILE: u64 = 4096;
 
-/// The system calls a jailed vhost-user worker makes beyond the sandbox's own
-/// [`CHILD_SYSCALLS`]: epoll, eventfds, AF_UNIX sockets (the vhost-user connection
-/// with fd passing, the muxer's listeners and connects), mapping the front-end's memory,
-/// and what the Rust runtime uses (signal frames, sleeping, time).
-pub const WORKER_SYSCALLS: &[i64] = &[
-    libc::SYS_accept4,
-    libc::SYS_bind,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_connect,
-    libc::SYS_dup,
-    libc::SYS_dup3,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_wait,
-    libc::SYS_eventfd2,
-    libc::SYS_fallocate,
-    libc::SYS_fstatfs,
-    libc::SYS_ftruncate,
-    libc::SYS_getpeername,
-    libc::SYS_getpid,
-    libc::SYS_getrandom,
-    libc::SYS_getsockname,
-    libc::SYS_getsockopt,
-    libc::SYS_gettid,
-    libc::SYS_ioctl,
-    libc::SYS_listen,
-    libc::SYS_lseek,
-    libc::SYS_mprotect,
-    libc::SYS_nanosleep,
-    libc::SYS_pipe2,
-    libc::SYS_pwrite64,
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_recvfrom,
-    libc::SYS_restart_syscall,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_sendto,
-    libc::SYS_setsockopt,
-    libc::SYS_shutdown,
-    libc::SYS_sigaltstack,
-    libc::SYS_socket,
-    libc::SYS_socketpair,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
-    libc::SYS_writev,
-];
+outboard_sandbox::syscall_list! {
+    /// The system calls a jailed vhost-user worker makes beyond the sandbox's own
+    /// [`CHILD_SYSCALLS`]: epoll, eventfds, AF_UNIX sockets (the vhost-user connection
+    /// with fd passing, the muxer's listeners and connects), mapping the front-end's
+    /// memory, and what the Rust runtime uses (signal frames, sleeping, time). Written
+    /// once for every architecture (the rule is in `outboard_sandbox::syscalls`); these
+    /// are this target's numbers, [`WORKER_SYSCALL_NAMES`] the names.
+    pub const WORKER_SYSCALLS, WORKER_SYSCALL_NAMES = {
+        common: [
+            SYS_accept4,
+            SYS_bind,
+            SYS_clock_gettime,
+            SYS_clock_nanosleep,
+            SYS_connect,
+            SYS_dup,
+            SYS_dup3,
+            SYS_epoll_create1,
+            SYS_epoll_ctl,
+            // glibc's epoll_wait() on aarch64 (the vsock muxer); rustix's epoll::wait
+            // (the media runner) on every architecture.
+            SYS_epoll_pwait,
+            SYS_eventfd2,
+            SYS_fallocate,
+            SYS_fstatfs,
+            SYS_ftruncate,
+            SYS_getpeername,
+            SYS_getpid,
+            SYS_getrandom,
+            SYS_getsockname,
+            SYS_getsockopt,
+            SYS_gettid,
+            SYS_ioctl,
+            SYS_listen,
+            SYS_lseek,
+            SYS_mprotect,
+            SYS_nanosleep,
+            SYS_pipe2,
+            SYS_pwrite64,
+            SYS_read,
+            SYS_readv,
+            SYS_recvfrom,
+            SYS_restart_syscall,
+            SYS_rt_sigaction,
+            SYS_rt_sigreturn,
+            SYS_sched_getaffinity,
+            SYS_sendto,
+            SYS_setsockopt,
+            SYS_shutdown,
+            SYS_sigaltstack,
+            SYS_socket,
+            SYS_socketpair,
+            SYS_timerfd_create,
+            SYS_timerfd_settime,
+            // glibc's unlink() on aarch64 (std::fs::remove_file).
+            SYS_unlinkat,
+            SYS_writev,
+        ],
+        x86_64_legacy: [
+            // glibc's epoll_wait() on x86_64 (the vsock muxer); epoll_pwait elsewhere.
+            SYS_epoll_wait,
+            // glibc's unlink() on x86_64 (std::fs::remove_file); unlinkat elsewhere.
+            SYS_unlink,
+        ],
+    };
+}
 
 /// What the seccomp filter does with a system call outside the allow-list.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -176,10 +189,16 @@ pub fn worker_jail(writable_dirs: &[PathBuf], mode: SeccompMode) -> Result<Jail,
     jail_with(writable_dirs, &[], mode)
 }
 
-/// What a V4L2 proxy worker does beyond [`WORKER_SYSCALLS`]: it opens the host node
-/// once per session. Its ioctls (formats, buffers, `VIDIOC_EXPBUF`, events), epoll and
-/// memory calls are in the worker list already.
-pub const V4L2_PROXY_SYSCALLS: &[i64] = &[libc::SYS_openat];
+outboard_sandbox::syscall_list! {
+    /// What a V4L2 proxy worker does beyond [`WORKER_SYSCALLS`]: it opens the host node
+    /// once per session (`openat` on every architecture: glibc's and std's `open()`).
+    /// Its ioctls (formats, buffers, `VIDIOC_EXPBUF`, events), epoll and memory calls
+    /// are in the worker list already.
+    pub const V4L2_PROXY_SYSCALLS, V4L2_PROXY_SYSCALL_NAMES = {
+        common: [SYS_openat],
+        x86_64_legacy: [],
+    };
+}
 
 /// The jail of a V4L2 proxy worker: [`worker_jail`] without writable directories, with
 /// the host node `device` (and nothing else of `/dev`) bound openable
@@ -371,6 +390,54 @@ mod tests {
         // The plain worker cannot open files; the proxy worker can.
         assert!(!WORKER_SYSCALLS.contains(&libc::SYS_openat));
         assert!(V4L2_PROXY_SYSCALLS.contains(&libc::SYS_openat));
+    }
+
+    #[test]
+    fn the_worker_lists_hold_on_every_arch() {
+        use outboard_sandbox::proxy::CHILD_SYSCALL_NAMES;
+        use seccompiler::TargetArch;
+
+        for list in [WORKER_SYSCALL_NAMES, V4L2_PROXY_SYSCALL_NAMES] {
+            assert_eq!(list.check(), Vec::<String>::new());
+        }
+        // The whole V4L2 proxy worker policy, for both architectures, on any host.
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let names: Vec<&str> = [
+                CHILD_SYSCALL_NAMES,
+                WORKER_SYSCALL_NAMES,
+                V4L2_PROXY_SYSCALL_NAMES,
+            ]
+            .iter()
+            .flat_map(|l| l.for_arch(arch))
+            .collect();
+            let policy = SeccompPolicy::allow_names(&names, SeccompAction::KillProcess, arch);
+            assert!(policy.is_ok(), "{arch:?}: {:?}", policy.err());
+        }
+        // Every x86_64-only call has the form the other architectures issue.
+        for (legacy, generic) in [("epoll_wait", "epoll_pwait"), ("unlink", "unlinkat")] {
+            assert!(WORKER_SYSCALL_NAMES.x86_64_legacy.contains(&legacy));
+            assert!(WORKER_SYSCALL_NAMES.common.contains(&generic));
+        }
+        // This target's numbers are the names' numbers.
+        let native = TargetArch::try_from(std::env::consts::ARCH).unwrap();
+        assert_eq!(
+            WORKER_SYSCALLS.len(),
+            WORKER_SYSCALL_NAMES.for_arch(native).len()
+        );
+        assert_eq!(
+            format!(
+                "{:?}",
+                SeccompPolicy::allow_list(WORKER_SYSCALLS, SeccompAction::KillProcess)
+            ),
+            format!(
+                "{:?}",
+                SeccompPolicy::allow_names(
+                    &WORKER_SYSCALL_NAMES.for_arch(native),
+                    SeccompAction::KillProcess,
+                    native
+                )
+            )
+        );
     }
 
     #[test]

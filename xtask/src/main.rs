@@ -26,6 +26,7 @@
 
 mod bench;
 mod compliance;
+mod cross;
 mod demo;
 mod e2e;
 mod examples;
@@ -117,6 +118,8 @@ fn ci_steps() -> Vec<Step> {
             "publish-check (cargo publish --dry-run)",
             &["publish-check"],
         ),
+        // Every crate and feature built for aarch64; the tests qemu-user can run.
+        Step::xtask("aarch64 (cross build, tests under qemu-user)", &["aarch64"]),
         // A real Linux guest under QEMU talking vsock through `outboard vsock`.
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
@@ -232,6 +235,8 @@ commands:
   publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
   examples               run every library crate's examples (cargo run --example)
   packages               list the Debian packages the project installs, and their state
+  aarch64                build every crate and feature for aarch64-unknown-linux-gnu and
+                         run the tests that work under qemu-user (see cross.rs)
   media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
                          prints the directory for V4L2R_VIDEODEV2_H_PATH";
 
@@ -290,6 +295,7 @@ fn main() -> ExitCode {
                 .map(|()| true),
         ),
         Some("media-compliance") => finish(compliance::run()),
+        Some("aarch64") => finish(cross::run()),
         Some("examples") => finish(examples::run()),
         Some("bench-e2e") => {
             let mib = std::env::var("OUTBOARD_BENCH_MIB")

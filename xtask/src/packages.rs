@@ -73,6 +73,21 @@ pub const PACKAGES: &[Package] = &[
         suite: Suite::Release,
         why: "v4l2-compliance in media-compliance and media-e2e",
     },
+    Package {
+        name: "gcc-aarch64-linux-gnu",
+        suite: Suite::Release,
+        why: "aarch64: cross linker; bindgen finds the aarch64 headers through it",
+    },
+    Package {
+        name: "libc6-dev-arm64-cross",
+        suite: Suite::Release,
+        why: "aarch64: glibc and kernel headers to link against and to run under qemu-user",
+    },
+    Package {
+        name: "qemu-user-static",
+        suite: Suite::Release,
+        why: "aarch64: qemu-aarch64-static runs the aarch64 tests",
+    },
 ];
 
 /// Prints the list, one package a line, with its state on this machine.
