@@ -28,6 +28,8 @@
 //! mapped at least until the device calls [`VirtQueue::enable_notification`] on that
 //! queue (devices call it at the end of every processing pass, before they return from a
 //! `handle_*` call). Devices never keep a [`DescChain`] across `handle_*` calls.
+//! Regions from [`GuestMemoryAccess::host_regions`] come with a [`MemoryPin`] that
+//! keeps their memory map alive; they are valid exactly as long as the pin is held.
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -413,12 +415,57 @@ pub enum MemoryError {
     },
 }
 
+/// Keeps the guest memory map that host regions were translated from mapped while it
+/// is held: regions from [`GuestMemoryAccess::host_regions`] are valid exactly as long
+/// as the pin it returned. Hold the pin beside the regions (as
+/// `outboard_devices::media::RegionMapping` does); once both are dropped the VMM may
+/// unmap the memory.
+#[derive(Clone, Default)]
+pub struct MemoryPin(Option<(Arc<dyn std::any::Any + Send + Sync>, usize)>);
+
+impl MemoryPin {
+    /// A pin that keeps `snapshot` (the VMM's handle on its memory map) alive.
+    /// `identity` names the memory map (for example the address of the map the handle
+    /// points to): pins with equal identities hold the same map.
+    pub fn new(snapshot: Arc<dyn std::any::Any + Send + Sync>, identity: usize) -> Self {
+        MemoryPin(Some((snapshot, identity)))
+    }
+
+    /// A pin of memory that never goes away (a test buffer, a static mapping).
+    pub fn none() -> Self {
+        MemoryPin(None)
+    }
+
+    /// Whether both pins hold the same memory map.
+    pub fn same(&self, other: &MemoryPin) -> bool {
+        match (&self.0, &other.0) {
+            (Some((_, a)), Some((_, b))) => a == b,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((_, id)) => write!(f, "MemoryPin({id:#x})"),
+            None => f.write_str("MemoryPin(static)"),
+        }
+    }
+}
+
 /// Translation of guest-physical ranges to host memory.
 pub trait GuestMemoryAccess: Send + Sync {
     /// Appends to `out` the host regions that back `[addr, addr + len)` (several when the
-    /// range crosses memory regions). Fails without appending when any part is unmapped.
-    fn host_regions(&self, addr: u64, len: u64, out: &mut Vec<IoRegion>)
-        -> Result<(), MemoryError>;
+    /// range crosses memory regions), and returns the pin that keeps them mapped. Fails
+    /// without appending when any part is unmapped.
+    fn host_regions(
+        &self,
+        addr: u64,
+        len: u64,
+        out: &mut Vec<IoRegion>,
+    ) -> Result<MemoryPin, MemoryError>;
 }
 
 /// Errors of [`VirtioDevice::activate`].

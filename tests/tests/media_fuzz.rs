@@ -26,8 +26,8 @@ use zerocopy::{FromBytes, IntoBytes};
 struct NoGuest;
 
 impl GuestMemoryMapper for NoGuest {
-    type Mapping = RegionMapping;
-    fn new_mapping(&self, _: &[SgEntry]) -> Result<RegionMapping, i32> {
+    type Mapping<'m> = RegionMapping<'m>;
+    fn new_mapping(&self, _: &[SgEntry]) -> Result<RegionMapping<'_>, i32> {
         Err(libc::EFAULT)
     }
 }

@@ -25,7 +25,7 @@ use outboard_devices::media::runner::MaxSessions;
 use outboard_devices::media::{
     page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper, MediaDevice,
 };
-use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError};
+use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError, MemoryPin};
 use outboard_protocol::media::{MediaConfig, SHMID_MMAP};
 use outboard_protocol::vhost_user::{VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures};
 use vmm_sys_util::eventfd::EventFd;
@@ -155,7 +155,7 @@ impl GuestMemoryAccess for SharedGuestMemory {
         addr: u64,
         len: u64,
         out: &mut Vec<IoRegion>,
-    ) -> Result<(), MemoryError> {
+    ) -> Result<MemoryPin, MemoryError> {
         match lock(&self.0).as_ref() {
             Some(m) => m.host_regions(addr, len, out),
             None => Err(MemoryError::Unmapped { addr, len }),

@@ -33,8 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use outboard_devices::virtio::{
-    DescChain, GuestMemoryAccess, Interrupt, IoRegion, MemoryError, QueueError, VirtQueue,
-    MAX_CHAIN_REGIONS,
+    DescChain, GuestMemoryAccess, Interrupt, IoRegion, MemoryError, MemoryPin, QueueError,
+    VirtQueue, MAX_CHAIN_REGIONS,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
@@ -66,10 +66,12 @@ fn translate<M: GuestMemory + ?Sized>(
         };
         let guard = slice.ptr_guard_mut();
         // SAFETY: the slice describes `slice.len()` bytes of a live guest memory mapping
-        // of `mem`. Both callers (RustVmmQueue::pop, RustVmmMemory::host_regions) pin
-        // that memory snapshot afterwards and keep it until several newer snapshots
-        // were seen, i.e. beyond the handle_* call that uses the region, which is the
-        // lifetime IoRegion::new requires. IoRegion never creates references into it.
+        // of `mem`. RustVmmQueue::pop pins that memory snapshot and keeps it until
+        // several newer snapshots were seen, i.e. beyond the handle_* call that uses
+        // the chain's regions (the VirtQueue contract); RustVmmMemory::host_regions
+        // hands the snapshot out as the MemoryPin its caller holds with the regions.
+        // Either way the mapping outlives the regions, as IoRegion::new requires.
+        // IoRegion never creates references into it.
         out.push(unsafe { IoRegion::new(guard.as_ptr(), slice.len()) });
         covered = covered.saturating_add(slice.len());
     }
@@ -395,7 +397,6 @@ impl Interrupt for EventFdInterrupt {
 /// replaces the memory map meanwhile.
 pub struct RustVmmMemory<M: GuestAddressSpace> {
     mem: M,
-    pinned: std::sync::Mutex<Vec<M::T>>,
 }
 
 impl<M: GuestAddressSpace> Clone for RustVmmMemory<M> {
@@ -413,24 +414,21 @@ impl<M: GuestAddressSpace> std::fmt::Debug for RustVmmMemory<M> {
 impl<M: GuestAddressSpace> RustVmmMemory<M> {
     /// Wraps an address space.
     pub fn new(mem: M) -> Self {
-        RustVmmMemory {
-            mem,
-            pinned: std::sync::Mutex::new(Vec::new()),
-        }
+        RustVmmMemory { mem }
     }
 }
 
 impl<M> GuestMemoryAccess for RustVmmMemory<M>
 where
     M: GuestAddressSpace + Send + Sync,
-    M::T: Send,
+    M::T: Send + Sync + 'static,
 {
     fn host_regions(
         &self,
         addr: u64,
         len: u64,
         out: &mut Vec<IoRegion>,
-    ) -> Result<(), MemoryError> {
+    ) -> Result<MemoryPin, MemoryError> {
         let before = out.len();
         let mem = self.mem.memory();
         let ok = usize::try_from(len)
@@ -439,19 +437,9 @@ where
             out.truncate(before);
             return Err(MemoryError::Unmapped { addr, len });
         }
-        // A poisoned lock only means another thread panicked while pinning; the vector
-        // is still a valid list of snapshots.
-        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if !pinned
-            .last()
-            .is_some_and(|p| std::ptr::eq(p.deref(), mem.deref()))
-        {
-            if pinned.len() >= PINNED_SNAPSHOTS {
-                pinned.remove(0);
-            }
-            pinned.push(mem);
-        }
-        Ok(())
+        // The snapshot owns the mappings: the regions stay valid while the pin lives.
+        let identity = std::ptr::from_ref(mem.deref()) as *const u8 as usize;
+        Ok(MemoryPin::new(Arc::new(mem), identity))
     }
 }
 
@@ -589,6 +577,50 @@ mod tests {
         // The driver takes two entries back.
         mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         assert!(matches!(q.pop(&mut chain), Err(QueueError::Broken(_))));
+    }
+
+    /// A guest mapping holds its memory map: however often the VMM replaces the map
+    /// (a front-end sending new memory tables), the memory it points into stays mapped
+    /// while the mapping lives, and the mapping cannot outlive the call that made it
+    /// (it borrows its mapper). Before, RustVmmMemory kept only the last 4 snapshots,
+    /// so a mapping kept across 5 table changes wrote into unmapped memory.
+    #[test]
+    fn a_guest_mapping_keeps_its_memory_mapped_across_memory_map_changes() {
+        use outboard_devices::media::{GuestMemoryMapper, GuestMemoryRange, GuestMemoryRegions};
+        use outboard_protocol::media::SgEntry;
+        use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
+
+        let fresh = || GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(fresh());
+        let access = Arc::new(RustVmmMemory::new(atomic.clone()));
+        let mapper = GuestMemoryRegions(access.clone());
+        let sg = [SgEntry {
+            start: 0x1000,
+            len: 64,
+            reserved: 0,
+        }];
+        let m = mapper.new_mapping(&sg).unwrap();
+        for _ in 0..8 {
+            atomic.lock().unwrap().replace(fresh());
+            // Other translations in between, as a device would make.
+            let mut v = Vec::new();
+            access.host_regions(0x2000, 16, &mut v).unwrap();
+        }
+        // Still mapped: the write lands in the old memory, not in freed pages.
+        assert_eq!(m.write_at(0, b"hello"), 5);
+        let mut back = [0u8; 5];
+        assert_eq!(m.read_at(0, &mut back), 5);
+        assert_eq!(&back, b"hello");
+        // What the guest's address means now is untouched until mapped again.
+        let now = atomic.memory();
+        let mut buf = [0u8; 5];
+        now.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(buf, [0; 5]);
+        assert!(now.address_in_range(GuestAddress(0x1000)));
+        let m2 = mapper.new_mapping(&sg).unwrap();
+        assert_eq!(m2.write_at(0, b"new"), 3);
+        now.read_slice(&mut buf[..3], GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf[..3], b"new");
     }
 
     #[test]

@@ -722,7 +722,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
     /// Produces one frame now, as a timer expiry would (frame-accurate tests, benchmarks):
     /// fills the oldest queued buffer and sends its DQBUF event. Does nothing when the
     /// session is not streaming.
-    pub fn capture_now(&mut self, session: &mut CameraSession<G::Mapping>) {
+    pub fn capture_now(&mut self, session: &mut CameraSession<G>) {
         if session.streaming {
             self.produce_frame(session);
         }
@@ -775,7 +775,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         Ok(Self::format_index(fi, si))
     }
 
-    fn send_ctrl_event(&mut self, s: &mut CameraSession<G::Mapping>, idx: usize, changes: u32) {
+    fn send_ctrl_event(&mut self, s: &mut CameraSession<G>, idx: usize, changes: u32) {
         let Some(c) = CTRLS.get(idx) else { return };
         if !s
             .subscriptions
@@ -813,7 +813,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         self.events.send_event(MediaEvent::v4l2(s.id, &ev));
     }
 
-    fn set_ctrl(&mut self, s: &mut CameraSession<G::Mapping>, idx: usize, value: i32) {
+    fn set_ctrl(&mut self, s: &mut CameraSession<G>, idx: usize, value: i32) {
         let Some(c) = CTRLS.get(idx) else { return };
         let v = value.clamp(c.min, c.max);
         if s.ctrls[idx] != v {
@@ -824,7 +824,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
 
     fn ext_ctrls(
         &mut self,
-        s: &mut CameraSession<G::Mapping>,
+        s: &mut CameraSession<G>,
         ctrls: &mut ExtControls,
         op: ExtOp,
     ) -> IoctlResult<()> {
@@ -877,7 +877,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         Ok(())
     }
 
-    fn produce_frame(&mut self, s: &mut CameraSession<G::Mapping>) {
+    fn produce_frame(&mut self, s: &mut CameraSession<G>) {
         let sequence = s.sequence;
         s.sequence = s.sequence.wrapping_add(1);
         let Some(index) = s.queue.pop_front() else {
@@ -941,7 +941,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         }
     }
 
-    fn free_buffers(&mut self, s: &mut CameraSession<G::Mapping>) {
+    fn free_buffers(&mut self, s: &mut CameraSession<G>) {
         self.busy.remove(&s.id);
         s.buffers.clear();
         s.queue.clear();
@@ -1085,7 +1085,7 @@ pub fn pix_format(fourcc: u32, width: u32, height: u32) -> V4l2PixFormat {
 impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
     for SoftwareCamera<E, H, G>
 {
-    type Session = CameraSession<G::Mapping>;
+    type Session = CameraSession<G>;
 
     fn metrics(&self) -> Option<&MediaMetrics> {
         Some(&self.metrics)
@@ -1568,10 +1568,8 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler
 
 impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice
     for SoftwareCamera<E, H, G>
-where
-    G::Mapping: Send,
 {
-    type Session = CameraSession<G::Mapping>;
+    type Session = CameraSession<G>;
 
     fn new_session(&mut self, session_id: u32) -> Result<Self::Session, Errno> {
         let timer = timerfd_create(

@@ -75,7 +75,7 @@ use remain::sorted;
 use thiserror::Error;
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes};
 
-use crate::virtio::{read_regions, write_regions, GuestMemoryAccess, IoRegion};
+use crate::virtio::{read_regions, write_regions, GuestMemoryAccess, IoRegion, MemoryPin};
 
 /// A positive Linux errno, as carried in virtio-media's response header.
 pub type Errno = i32;
@@ -666,23 +666,51 @@ pub trait GuestMemoryRange: Send {
 }
 
 /// Maps guest scatter-gather lists into host memory (USERPTR buffers, control payloads).
+///
+/// A mapping borrows its mapper, so a device cannot keep one beyond the call that made
+/// it: the guest's memory map may change between calls (the front-end replaces its
+/// memory table), and a mapping kept across that would write through a stale view. A
+/// device that needs guest memory again later (a USERPTR buffer written when a frame is
+/// done) keeps the guest's SG list and maps it again then.
 pub trait GuestMemoryMapper: Send {
     /// The mapping; it stays valid while it is held.
-    type Mapping: GuestMemoryRange;
+    type Mapping<'m>: GuestMemoryRange
+    where
+        Self: 'm;
 
     /// Maps `sgs`; fails with `EFAULT` when any entry is outside guest memory.
-    fn new_mapping(&self, sgs: &[SgEntry]) -> Result<Self::Mapping, Errno>;
+    fn new_mapping(&self, sgs: &[SgEntry]) -> Result<Self::Mapping<'_>, Errno>;
 }
 
 /// A [`GuestMemoryRange`] over the host regions that back a guest SG list: a linear view
-/// without copying (the regions are concatenated in list order).
+/// without copying (the regions are concatenated in list order). It holds the
+/// [`MemoryPin`]s of its regions, so the memory it points into stays mapped while it
+/// lives, and borrows its mapper for `'m` (see [`GuestMemoryMapper`]).
 #[derive(Debug, Clone, Default)]
-pub struct RegionMapping {
+pub struct RegionMapping<'m> {
     regions: Vec<IoRegion>,
     len: usize,
+    pins: Vec<MemoryPin>,
+    mapper: std::marker::PhantomData<&'m ()>,
 }
 
-impl GuestMemoryRange for RegionMapping {
+impl RegionMapping<'_> {
+    /// A mapping of `regions` (memory that stays mapped while `pin` is held; for
+    /// mappers of memory the device owns, [`MemoryPin::none`]).
+    pub fn new(regions: Vec<IoRegion>, pin: MemoryPin) -> Self {
+        let len = regions
+            .iter()
+            .fold(0usize, |a, r| a.saturating_add(r.len()));
+        RegionMapping {
+            regions,
+            len,
+            pins: vec![pin],
+            mapper: std::marker::PhantomData,
+        }
+    }
+}
+
+impl GuestMemoryRange for RegionMapping<'_> {
     fn len(&self) -> usize {
         self.len
     }
@@ -698,8 +726,8 @@ impl GuestMemoryRange for RegionMapping {
 
 /// Guest memory mapping through a [`GuestMemoryAccess`] (the VMM's memory map).
 ///
-/// The regions stay valid as long as the guest memory map does; a VMM that can remove
-/// memory must not do so while a device holds mappings.
+/// Each mapping holds the [`MemoryPin`]s of its regions: the memory it points into
+/// stays mapped while the mapping lives, whatever the VMM does to its memory map.
 #[derive(Clone)]
 pub struct GuestMemoryRegions(pub Arc<dyn GuestMemoryAccess>);
 
@@ -710,16 +738,21 @@ impl std::fmt::Debug for GuestMemoryRegions {
 }
 
 impl GuestMemoryMapper for GuestMemoryRegions {
-    type Mapping = RegionMapping;
+    type Mapping<'m> = RegionMapping<'m>;
 
-    fn new_mapping(&self, sgs: &[SgEntry]) -> Result<RegionMapping, Errno> {
+    fn new_mapping(&self, sgs: &[SgEntry]) -> Result<RegionMapping<'_>, Errno> {
         let mut m = RegionMapping::default();
         for sg in sgs {
             sg.validate().map_err(|_| libc::EINVAL)?;
-            self.0
+            let pin = self
+                .0
                 .host_regions(sg.start, sg.len.into(), &mut m.regions)
                 .map_err(|_| libc::EFAULT)?;
             m.len = m.len.saturating_add(sg.len as usize);
+            // One pin per memory map: consecutive entries share it.
+            if !m.pins.iter().any(|p| p.same(&pin)) {
+                m.pins.push(pin);
+            }
         }
         Ok(m)
     }

@@ -11,10 +11,14 @@
 //! - multi-planar `v4l2_buffer`s point at a host copy of their planes;
 //! - USERPTR planes point at a host shadow buffer (page-aligned, one per buffer plane,
 //!   kept until the buffers are freed so the host driver's pinning stays valid). The
-//!   guest's SG list is mapped with the [`GuestMemoryMapper`] when the buffer is queued
-//!   and kept while it is queued: output data is copied from the guest at `QBUF`,
-//!   capture data to the guest at `DQBUF`. A shadow copy is used because a
-//!   [`GuestMemoryRange`] need not be one linear host range;
+//!   guest's SG list is kept while the buffer is queued and mapped with the
+//!   [`GuestMemoryMapper`] each time it is used: output data is copied from the guest at
+//!   `QBUF`, capture data to the guest at `DQBUF`. A mapping is never kept across calls
+//!   (the type forbids it: it borrows the mapper), because the front-end may replace
+//!   the guest's memory table in between; a capture buffer whose SG list is no longer
+//!   guest memory at `DQBUF` comes back with `V4L2_BUF_FLAG_ERROR` and nothing written.
+//!   A shadow copy is used because a [`GuestMemoryRange`] need not be one linear host
+//!   range;
 //! - extended control payloads point at host copies of the guest's payload.
 //!
 //! Pointers are never returned to the guest: responses carry the guest's own values.
@@ -402,46 +406,36 @@ impl Drop for Shadow {
 }
 
 /// A buffer queued on the host.
-struct Queued<M> {
+struct Queued {
     /// The guest's `m` (single-planar) and plane `m`s, returned instead of host values.
     guest_m: u64,
     guest_planes_m: Vec<u64>,
-    /// USERPTR: the guest mapping of each plane (index = plane).
-    userptr: Vec<Option<M>>,
+    /// USERPTR: the guest's SG list of each plane (index = plane). Mapped again when
+    /// the buffer comes back: the guest memory map may have changed meanwhile, and a
+    /// mapping kept from QBUF could point into memory the front-end took away.
+    userptr: Vec<Option<Vec<SgEntry>>>,
 }
 
 /// One host queue (buffer type) of a session.
-struct QueueState<M> {
+#[derive(Default)]
+struct QueueState {
     memory: u32,
     /// Buffers the host allocated (REQBUFS, CREATE_BUFS): valid indices are below.
     buffers: u32,
     streaming: bool,
-    queued: BTreeMap<u32, Queued<M>>,
+    queued: BTreeMap<u32, Queued>,
     /// USERPTR shadow buffers by (index, plane).
     shadows: BTreeMap<(u32, u32), Shadow>,
     /// USERPTR: the guest's `m` and plane `m`s of the last successful QBUF or
     /// PREPARE_BUF of each index (vb2 keeps a buffer's user pointer until it is queued
     /// with another or freed, and QUERYBUF reports it).
     guest_ptrs: BTreeMap<u32, (u64, Vec<u64>)>,
-    /// USERPTR buffers prepared (PREPARE_BUF) and not queued yet, with their guest
-    /// mappings: a QBUF of a prepared buffer uses them (vb2 ignores the pointers QBUF
+    /// USERPTR buffers prepared (PREPARE_BUF) and not queued yet, with their guest SG
+    /// lists: a QBUF of a prepared buffer uses them (vb2 ignores the pointers QBUF
     /// passes for a prepared buffer).
-    prepared: BTreeMap<u32, Queued<M>>,
+    prepared: BTreeMap<u32, Queued>,
 }
 
-impl<M> Default for QueueState<M> {
-    fn default() -> Self {
-        QueueState {
-            memory: 0,
-            buffers: 0,
-            streaming: false,
-            queued: BTreeMap::new(),
-            shadows: BTreeMap::new(),
-            guest_ptrs: BTreeMap::new(),
-            prepared: BTreeMap::new(),
-        }
-    }
-}
 
 /// An MMAP plane the guest may map: where it is and how long.
 #[derive(Debug, Clone, Copy)]
@@ -453,18 +447,18 @@ struct MmapPlane {
 }
 
 /// A session: one open host fd.
-pub struct ProxySession<M> {
+pub struct ProxySession {
     id: u32,
     // Declared before the queues: the host fd is closed (releasing the host's pins on
     // the USERPTR shadows) before the shadows are freed.
     device: File,
     poller: OwnedFd,
     polling_buffers: bool,
-    queues: BTreeMap<u32, QueueState<M>>,
+    queues: BTreeMap<u32, QueueState>,
     mmap_planes: BTreeMap<u32, MmapPlane>,
 }
 
-impl<M> std::fmt::Debug for ProxySession<M> {
+impl std::fmt::Debug for ProxySession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxySession")
             .field("id", &self.id)
@@ -474,13 +468,13 @@ impl<M> std::fmt::Debug for ProxySession<M> {
     }
 }
 
-impl<M> MediaSession for ProxySession<M> {
+impl MediaSession for ProxySession {
     fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.poller.as_fd())
     }
 }
 
-impl<M> ProxySession<M> {
+impl ProxySession {
     fn fd(&self) -> BorrowedFd<'_> {
         self.device.as_fd()
     }
@@ -546,7 +540,7 @@ impl<M> ProxySession<M> {
         }
     }
 
-    fn queue(&mut self, buf_type: u32) -> &mut QueueState<M> {
+    fn queue(&mut self, buf_type: u32) -> &mut QueueState {
         self.queues.entry(buf_type).or_default()
     }
 
@@ -662,7 +656,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
     }
 
     /// Maps a guest SG list of at least `len` bytes.
-    fn map_guest(&self, sgs: &[SgEntry], len: usize) -> IoctlResult<G::Mapping> {
+    fn map_guest(&self, sgs: &[SgEntry], len: usize) -> IoctlResult<G::Mapping<'_>> {
         let m = self.guest.new_mapping(sgs)?;
         if m.len() < len {
             return Err(libc::EFAULT);
@@ -673,7 +667,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
     /// QBUF or PREPARE_BUF.
     fn queue_buffer(
         &mut self,
-        s: &mut ProxySession<G::Mapping>,
+        s: &mut ProxySession,
         ioctl: V4l2Ioctl,
         guest: GuestBuffer,
     ) -> IoctlResult<BufferDesc> {
@@ -699,7 +693,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
         }
         let mut guest_m = buffer.m;
         let mut guest_planes_m: Vec<u64> = planes.iter().map(|p| p.m).collect();
-        let mut mappings: Vec<Option<G::Mapping>> = Vec::new();
+        let mut mappings: Vec<Option<Vec<SgEntry>>> = Vec::new();
         let prepared = match (buffer.memory, ioctl) {
             (MEMORY_USERPTR, V4l2Ioctl::VIDIOC_QBUF) => s
                 .queues
@@ -719,11 +713,13 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                     .shadows
                     .get_mut(&(buffer.index, plane as u32))
                     .map_or((0, 0), |sh| (sh.addr(), sh.len as u32));
-                if let (Some(Some(m)), Some(sh)) = (
+                if let (Some(Some(sgs)), Some(sh)) = (
                     prep.userptr.get(plane),
                     q.shadows.get_mut(&(buffer.index, plane as u32)),
                 ) {
                     if is_output(buffer.type_) {
+                        // Mapped now: the memory map may have changed since PREPARE_BUF.
+                        let m = self.guest.new_mapping(sgs)?;
                         m.read_at(0, sh.bytes_mut());
                     }
                 }
@@ -807,7 +803,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                 } else {
                     buffer.m = addr;
                 }
-                mappings.push(Some(m));
+                drop(m);
+                mappings.push(Some(sg.clone()));
             }
         }
         if mplane {
@@ -876,11 +873,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
     }
 
     /// Dequeues every done buffer of `buf_type`; returns whether the queue is empty.
-    fn dequeue_buffers(
-        &mut self,
-        s: &mut ProxySession<G::Mapping>,
-        buf_type: u32,
-    ) -> IoctlResult<()> {
+    fn dequeue_buffers(&mut self, s: &mut ProxySession, buf_type: u32) -> IoctlResult<()> {
         let Some(memory) = s.queues.get(&buf_type).map(|q| q.memory) else {
             return Ok(());
         };
@@ -908,13 +901,14 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                 0
             };
             let mut planes = planes[..nplanes].to_vec();
+            let sid = s.id;
             let q = s.queue(buf_type);
             let queued = q.queued.remove(&buffer.index);
             if let Some(qd) = &queued {
                 if buffer.memory == MEMORY_USERPTR {
                     let capture = !is_output(buf_type);
-                    for (i, m) in qd.userptr.iter().enumerate() {
-                        let (Some(m), Some(sh)) = (m, q.shadows.get(&(buffer.index, i as u32)))
+                    for (i, sgs) in qd.userptr.iter().enumerate() {
+                        let (Some(sgs), Some(sh)) = (sgs, q.shadows.get(&(buffer.index, i as u32)))
                         else {
                             continue;
                         };
@@ -925,7 +919,25 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
                                 buffer.bytesused
                             };
                             let n = (used as usize).min(sh.len);
-                            m.write_at(0, &sh.bytes()[..n]);
+                            // Mapped now, not at QBUF: what the guest's addresses mean
+                            // today. Memory the guest no longer has gets nothing, and
+                            // the buffer comes back marked as an error.
+                            let written = self
+                                .guest
+                                .new_mapping(sgs)
+                                .map(|m| m.write_at(0, &sh.bytes()[..n]));
+                            if written != Ok(n) {
+                                outboard_protocol::log_limited!(
+                                    log::Level::Warn,
+                                    "v4l2 proxy: session {}: USERPTR buffer {} plane {i} is \
+                                     no longer guest memory; returned with the error flag",
+                                    sid,
+                                    buffer.index
+                                );
+                                buffer.flags |= BUF_FLAG_ERROR;
+                                buffer.bytesused = 0;
+                                planes.iter_mut().for_each(|p| p.bytesused = 0);
+                            }
                         }
                     }
                     buffer.m = qd.guest_m;
@@ -948,7 +960,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
     /// Forwards extended controls with their payloads copied to and from the guest.
     fn ext_ctrls(
         &mut self,
-        s: &mut ProxySession<G::Mapping>,
+        s: &mut ProxySession,
         ioctl: V4l2Ioctl,
         ctrls: &mut ExtControls,
     ) -> IoctlResult<()> {
@@ -958,7 +970,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             return Err(libc::EINVAL);
         }
         let mut payloads = ctrls.payloads.iter();
-        let mut host: Vec<Option<(G::Mapping, Vec<u8>)>> = Vec::new();
+        let mut host: Vec<Option<(G::Mapping<'_>, Vec<u8>)>> = Vec::new();
         let saved: Vec<[u8; 8]> = ctrls.controls.iter().map(|c| c.value).collect();
         let total = ctrls
             .controls
@@ -1000,17 +1012,13 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
     }
 }
 
-fn fwd<T: IntoBytes + FromBytes>(
-    s: &ProxySession<impl Sized>,
-    ioctl: V4l2Ioctl,
-    mut arg: T,
-) -> IoctlResult<T> {
+fn fwd<T: IntoBytes + FromBytes>(s: &ProxySession, ioctl: V4l2Ioctl, mut arg: T) -> IoctlResult<T> {
     plain_ioctl(s.fd(), ioctl, &mut arg)?;
     Ok(arg)
 }
 
 impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for V4l2Proxy<Q, H, G> {
-    type Session = ProxySession<G::Mapping>;
+    type Session = ProxySession;
 
     fn metrics(&self) -> Option<&MediaMetrics> {
         Some(&self.metrics)
@@ -1444,11 +1452,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
     }
 }
 
-impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V4l2Proxy<Q, H, G>
-where
-    G::Mapping: Send,
-{
-    type Session = ProxySession<G::Mapping>;
+impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V4l2Proxy<Q, H, G> {
+    type Session = ProxySession;
 
     fn new_session(&mut self, session_id: u32) -> Result<Self::Session, Errno> {
         let device = open_node(&self.node.path).map_err(|e| {
@@ -1650,7 +1655,7 @@ mod tests {
     }
 
     impl GuestMemoryMapper for AnyGuest {
-        type Mapping = Zeros;
+        type Mapping<'m> = Zeros;
         fn new_mapping(&self, sgs: &[SgEntry]) -> Result<Zeros, Errno> {
             Ok(Zeros(sgs.iter().map(|e| e.len as usize).sum()))
         }
@@ -1670,7 +1675,7 @@ mod tests {
 
     /// A session on `/dev/null`, which answers every V4L2 ioctl `ENOTTY` (past the
     /// proxy's own checks), whose capture queue has `buffers` USERPTR buffers.
-    fn session(id: u32, buffers: u32) -> ProxySession<Zeros> {
+    fn session(id: u32, buffers: u32) -> ProxySession {
         let mut queues = BTreeMap::new();
         queues.insert(
             BUF_TYPE_VIDEO_CAPTURE,
@@ -1691,7 +1696,7 @@ mod tests {
     }
 
     /// QBUF of capture buffer `index`, USERPTR, `len` bytes in one SG entry.
-    fn qbuf(p: &mut TestProxy, s: &mut ProxySession<Zeros>, index: u32, len: u32) -> Errno {
+    fn qbuf(p: &mut TestProxy, s: &mut ProxySession, index: u32, len: u32) -> Errno {
         let b = GuestBuffer {
             desc: BufferDesc {
                 buffer: V4l2Buffer {

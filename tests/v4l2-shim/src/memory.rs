@@ -186,7 +186,7 @@ impl GuestMemoryRange for ProcessRange {
 }
 
 impl GuestMemoryMapper for ProcessMemory {
-    type Mapping = ProcessRange;
+    type Mapping<'m> = ProcessRange;
 
     fn new_mapping(&self, sgs: &[SgEntry]) -> Result<ProcessRange, Errno> {
         let mut len = 0usize;
