@@ -507,6 +507,11 @@ impl Jail {
             tmpfs_options: c"mode=0755,size=65536".into(),
             no_new_privs: self.no_new_privs,
             seccomp: self.seccomp.as_ref().map(|s| s.program.clone()),
+            relay_seccomp: if self.pid_ns && self.seccomp.is_some() {
+                Some(SeccompPolicy::allow_list(RELAY_SYSCALLS, SeccompAction::KillProcess)?.program)
+            } else {
+                None
+            },
             rlimits: self.rlimits.clone(),
             drop_caps: self.drop_caps,
             landlock,
@@ -628,6 +633,9 @@ pub(crate) struct Prepared {
     tmpfs_options: CString,
     no_new_privs: bool,
     seccomp: Option<BpfProgram>,
+    /// The pid-namespace relay's own filter (see [`RELAY_SYSCALLS`]), compiled before
+    /// the fork so the relay only has to install it.
+    relay_seccomp: Option<BpfProgram>,
     rlimits: Vec<Rlimit>,
     drop_caps: bool,
     landlock: Option<Option<OwnedFd>>,
@@ -795,6 +803,11 @@ impl Prepared {
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
         if self.drop_caps {
             let _ = drop_all_caps(self.last_cap);
+        }
+        if let Some(prog) = &self.relay_seccomp {
+            // Best effort like the rest of the relay's hardening: a relay that could not
+            // install it still only waits for pid 1.
+            let _ = install_filter(prog);
         }
     }
 
@@ -1017,21 +1030,52 @@ impl Prepared {
         let Some(prog) = &self.seccomp else {
             return Ok(());
         };
-        let fprog = libc::sock_fprog {
-            len: prog.len() as libc::c_ushort,
-            filter: prog.as_ptr() as *mut libc::sock_filter,
-        };
-        // SAFETY: `fprog` points at the compiled program, alive for the call; the kernel
-        // copies it. seccompiler's sock_filter has the kernel's layout.
-        check(Step::Seccomp, unsafe {
-            libc::syscall(
-                libc::SYS_seccomp,
-                1u32, /* SECCOMP_SET_MODE_FILTER */
-                0u32,
-                &fprog as *const libc::sock_fprog,
-            )
-        })
+        install_filter(prog)
     }
+}
+
+crate::syscall_list! {
+    /// What the pid-namespace relay (the process that waits for the device's pid 1 and
+    /// ends the way it ended, see `fork.rs`) may do once it is hardened: close fds,
+    /// wait, and re-raise pid 1's signal (`setrlimit` of the core size, `signal`,
+    /// `sigprocmask`, `getpid`, `kill`) or exit. Anything else kills it, and pid 1 with
+    /// it (parent-death signal), so a compromise of the device that reaches the relay
+    /// gains nothing the device did not have.
+    pub const RELAY_SYSCALLS, RELAY_SYSCALL_NAMES = {
+        common: [
+            SYS_close_range,
+            SYS_exit,
+            SYS_exit_group,
+            SYS_getpid,
+            SYS_kill,
+            SYS_prlimit64,
+            SYS_restart_syscall,
+            SYS_rt_sigaction,
+            SYS_rt_sigprocmask,
+            SYS_rt_sigreturn,
+            SYS_setrlimit,
+            SYS_wait4,
+        ],
+        x86_64_legacy: [],
+    };
+}
+
+/// Installs a compiled seccomp program on the calling thread.
+fn install_filter(prog: &BpfProgram) -> StepResult {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `fprog` points at the compiled program, alive for the call; the kernel
+    // copies it. seccompiler's sock_filter has the kernel's layout.
+    check(Step::Seccomp, unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            1u32, /* SECCOMP_SET_MODE_FILTER */
+            0u32,
+            &fprog as *const libc::sock_fprog,
+        )
+    })
 }
 
 fn drop_all_caps(last_cap: u32) -> StepResult {

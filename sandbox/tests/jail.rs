@@ -115,6 +115,45 @@ fn pid_namespace() -> Result<(), String> {
     )
 }
 
+/// The relay left behind by the pid-namespace fork (it waits for pid 1) runs under a
+/// seccomp filter of its own when the jail has one.
+fn relay_has_its_own_seccomp_filter() -> Result<(), String> {
+    let policy = SeccompPolicy::deny_list(&[libc::SYS_getppid], SeccompAction::KillProcess)
+        .map_err(e("policy"))?;
+    let jail = Jail::new().user_namespace().pid_namespace().seccomp(policy);
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(e("pipe"))?;
+    let raw = r.as_raw_fd();
+    let mut child = fork_process(&jail, &[raw], Some("relay"), move || {
+        let mut b = [0u8; 1];
+        // SAFETY: reads one byte into a local buffer; returns at EOF.
+        unsafe { libc::read(raw, b.as_mut_ptr().cast(), 1) };
+    })
+    .map_err(e("fork_process"))?;
+    drop(r);
+    let status_path = format!("/proc/{}/status", child.pid());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mode = loop {
+        let status = std::fs::read_to_string(&status_path).map_err(e("read status"))?;
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        if mode == "2" || std::time::Instant::now() > deadline {
+            break mode;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(w);
+    let end = child
+        .wait_timeout(Duration::from_secs(5))
+        .map_err(e("wait"))?
+        .ok_or("child did not exit")?;
+    ensure!(mode == "2", "relay seccomp mode {mode:?} (2 = filter)");
+    ensure!(end == ExitStatus::Exited(0), "{end}");
+    Ok(())
+}
+
 // ---- net namespace
 
 fn probe_net() -> String {
@@ -417,6 +456,26 @@ fn rlimit() -> Result<(), String> {
     )
 }
 
+fn probe_greedy() -> String {
+    // 256 MiB, touched: more private memory than the jail allows.
+    let v = vec![1u8; 256 << 20];
+    format!("allocated {}", v.len())
+}
+
+/// A child that needs more private memory than its RLIMIT_DATA dies (the allocation
+/// fails and the Rust runtime aborts) and the parent is told how; it never gets the
+/// memory.
+fn data_rlimit_ends_a_greedy_child() -> Result<(), String> {
+    let jail = Jail::new().rlimit(libc::RLIMIT_DATA, 64 << 20, 64 << 20);
+    let (report, status) = observe(&jail, &[], probe_greedy)?;
+    ensure!(report.is_empty(), "the child got the memory: {report}");
+    ensure!(
+        status == ExitStatus::Signaled(libc::SIGABRT),
+        "{status}, report {report:?}"
+    );
+    Ok(())
+}
+
 // ---- fd keep-list
 
 fn probe_fds() -> String {
@@ -660,6 +719,10 @@ fn main() {
     let cases: &[Case] = &[
         ("user_namespace", user_namespace),
         ("pid_namespace", pid_namespace),
+        (
+            "relay_has_its_own_seccomp_filter",
+            relay_has_its_own_seccomp_filter,
+        ),
         ("net_namespace", net_namespace),
         ("uts_ipc_cgroup_namespaces", uts_ipc_cgroup_namespaces),
         ("pivot_root_with_binds", pivot_root_with_binds),
@@ -669,6 +732,10 @@ fn main() {
         ("seccomp_errno_and_log", seccomp_errno_and_log),
         ("seccomp_json_policy", seccomp_json_policy),
         ("rlimit", rlimit),
+        (
+            "data_rlimit_ends_a_greedy_child",
+            data_rlimit_ends_a_greedy_child,
+        ),
         ("keep_list_only", keep_list_only),
         ("capabilities_dropped", capabilities_dropped),
         ("landlock", landlock),

@@ -61,6 +61,41 @@ pub const EXIT_WORKER_ERROR: i32 = 1;
 /// Open files a jailed worker may have (front-end fds, memory regions, host sockets).
 pub const WORKER_NOFILE: u64 = 4096;
 
+/// The resource ceilings of a jailed worker, beyond its fds ([`WORKER_NOFILE`]).
+///
+/// - `data_bytes` is `RLIMIT_DATA`: the worker's private writable memory (heap,
+///   anonymous mappings). Guest memory and the media device's buffers are shared file
+///   mappings and do not count, so the ceiling bounds exactly what a guest could make
+///   the worker allocate for itself; a worker that reaches it fails its allocation and
+///   dies (the Rust runtime aborts), is reported and replaced, and the daemon's other
+///   VMs, each in its own worker, keep running. `RLIMIT_AS` would count guest memory.
+/// - `tasks` is `RLIMIT_NPROC`, counted per user namespace (Linux >= 5.14), so per
+///   worker: the worker is single-threaded and its seccomp list has no `clone`, so this
+///   matters in `--jail-seccomp errno|log` mode, where a stray `clone` is not fatal.
+///
+/// A cgroup v2 `memory.max`/`pids.max` per worker would also bound page cache and
+/// kernel memory; the daemon does not create cgroups (it would need a delegated
+/// subtree), so the rlimits are the ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLimits {
+    /// `RLIMIT_DATA` in bytes.
+    pub data_bytes: u64,
+    /// `RLIMIT_NPROC`.
+    pub tasks: u64,
+}
+
+impl Default for WorkerLimits {
+    /// 1 GiB of private memory (a vsock worker at its 1,024-connection cap with every
+    /// connection's 256 KiB buffer full needs a quarter of it), 4 tasks (the worker and
+    /// the pid-namespace relay, with room).
+    fn default() -> Self {
+        WorkerLimits {
+            data_bytes: 1 << 30,
+            tasks: 4,
+        }
+    }
+}
+
 outboard_sandbox::syscall_list! {
     /// The system calls a jailed vhost-user worker makes beyond the sandbox's own
     /// [`CHILD_SYSCALLS`]: epoll, eventfds, AF_UNIX sockets (the vhost-user connection
@@ -185,8 +220,12 @@ impl FromStr for SeccompMode {
 /// root with `writable_dirs` bind-mounted read-write at their own paths, no
 /// capabilities, rlimits, and the seccomp allow-list [`CHILD_SYSCALLS`] +
 /// [`WORKER_SYSCALLS`] with `mode` as its default action.
-pub fn worker_jail(writable_dirs: &[PathBuf], mode: SeccompMode) -> Result<Jail, JailError> {
-    jail_with(writable_dirs, &[], mode)
+pub fn worker_jail(
+    writable_dirs: &[PathBuf],
+    mode: SeccompMode,
+    limits: WorkerLimits,
+) -> Result<Jail, JailError> {
+    jail_with(writable_dirs, &[], mode, limits)
 }
 
 outboard_sandbox::syscall_list! {
@@ -205,14 +244,19 @@ outboard_sandbox::syscall_list! {
 /// ([`Jail::bind_device`]) and [`V4L2_PROXY_SYSCALLS`] allowed. The node must be
 /// readable and writable by the worker's uid outside the jail (65534 when the daemon
 /// runs as root).
-pub fn v4l2_proxy_jail(device: &Path, mode: SeccompMode) -> Result<Jail, JailError> {
-    Ok(jail_with(&[], V4L2_PROXY_SYSCALLS, mode)?.bind_device(device))
+pub fn v4l2_proxy_jail(
+    device: &Path,
+    mode: SeccompMode,
+    limits: WorkerLimits,
+) -> Result<Jail, JailError> {
+    Ok(jail_with(&[], V4L2_PROXY_SYSCALLS, mode, limits)?.bind_device(device))
 }
 
 fn jail_with(
     writable_dirs: &[PathBuf],
     extra_syscalls: &[i64],
     mode: SeccompMode,
+    limits: WorkerLimits,
 ) -> Result<Jail, JailError> {
     let mut syscalls: Vec<i64> = CHILD_SYSCALLS
         .iter()
@@ -231,6 +275,8 @@ fn jail_with(
         .mount_namespace()
         .rlimit(libc::RLIMIT_NOFILE, WORKER_NOFILE, WORKER_NOFILE)
         .rlimit(libc::RLIMIT_CORE, 0, 0)
+        .rlimit(libc::RLIMIT_DATA, limits.data_bytes, limits.data_bytes)
+        .rlimit(libc::RLIMIT_NPROC, limits.tasks, limits.tasks)
         .seccomp(SeccompPolicy::allow_list(&syscalls, action)?);
     for dir in writable_dirs {
         jail = jail.bind(dir.clone(), dir.clone(), true);
@@ -384,8 +430,9 @@ mod tests {
     #[test]
     fn the_worker_jail_compiles_its_policy() {
         for mode in [SeccompMode::Kill, SeccompMode::Errno, SeccompMode::Log] {
-            assert!(worker_jail(&[PathBuf::from("/tmp")], mode).is_ok());
-            assert!(v4l2_proxy_jail(Path::new("/dev/null"), mode).is_ok());
+            let limits = WorkerLimits::default();
+            assert!(worker_jail(&[PathBuf::from("/tmp")], mode, limits).is_ok());
+            assert!(v4l2_proxy_jail(Path::new("/dev/null"), mode, limits).is_ok());
         }
         // The plain worker cannot open files; the proxy worker can.
         assert!(!WORKER_SYSCALLS.contains(&libc::SYS_openat));

@@ -308,7 +308,15 @@ fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
     let uds = dir.join("vsock.sock");
     let log = dir.join("daemon.log");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+        .args([
+            "vsock",
+            "--jail",
+            "--jail-memory-mib",
+            "300",
+            "--jail-max-tasks",
+            "3",
+        ])
+        .args(["--guest-cid", "3", "--socket"])
         .arg(&socket)
         .arg("--uds-path")
         .arg(&uds)
@@ -351,6 +359,23 @@ fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
             "{kind} namespace shared"
         );
     }
+    // Its memory and task ceilings, as configured.
+    let limits = std::fs::read_to_string(format!("/proc/{worker}/limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {limits}"))[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(limit("Max data size"), ["314572800", "314572800"]);
+    assert_eq!(limit("Max processes"), ["3", "3"]);
+    // The pid-namespace relay above it runs under a filter of its own.
+    let relay = children(pid)[0];
+    assert_eq!(status_field(relay, "Seccomp:"), "2", "relay seccomp");
     // Only the uds directory is visible in its root.
     let root: Vec<String> = std::fs::read_dir(format!("/proc/{worker}/root"))
         .unwrap()
@@ -429,6 +454,16 @@ fn jail_flags_are_checked() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
+    for (flag, value) in [("--jail-memory-mib", "8"), ("--jail-max-tasks", "1")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", flag, value, "--guest-cid", "3"])
+            .args(["--socket", "/tmp/a", "--uds-path", "/tmp/b"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(flag) && e.contains(value), "{e}");
+    }
 }
 
 #[test]

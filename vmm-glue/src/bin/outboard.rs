@@ -96,6 +96,25 @@ struct JailArgs {
     /// `errno` (EPERM) or `log` (allowed and logged by the kernel).
     #[arg(long, value_name = "MODE", default_value = "kill", requires = "jail")]
     jail_seccomp: String,
+    /// Private memory (heap) each jailed worker may use, in MiB (RLIMIT_DATA; guest
+    /// memory does not count). A worker that needs more dies and is replaced.
+    #[arg(long, value_name = "MIB", default_value_t = 1024, requires = "jail",
+          value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
+    jail_memory_mib: u64,
+    /// Processes and threads each jailed worker may have (RLIMIT_NPROC, per worker).
+    #[arg(long, value_name = "N", default_value_t = 4, requires = "jail",
+          value_parser = clap::value_parser!(u64).range(2..=4096))]
+    jail_max_tasks: u64,
+}
+
+impl JailArgs {
+    #[cfg(feature = "jail")]
+    fn limits(&self) -> outboard_glue::jail::WorkerLimits {
+        outboard_glue::jail::WorkerLimits {
+            data_bytes: self.jail_memory_mib << 20,
+            tasks: self.jail_max_tasks,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -828,7 +847,7 @@ mod jailed {
         };
         let mut sups = Vec::new();
         for vm in vms {
-            match supervised_vsock(vm, fd, mode) {
+            match supervised_vsock(vm, fd, mode, args.limits()) {
                 Ok(s) => sups.push(s),
                 Err(e) => {
                     log::error!("VM with guest CID {}: {e}", vm.guest_cid);
@@ -847,6 +866,7 @@ mod jailed {
         vm: &VmConfig,
         fd: Option<RawFd>,
         mode: SeccompMode,
+        limits: outboard_glue::jail::WorkerLimits,
     ) -> Result<Supervised, String> {
         // The worker sees the uds-path directory at its own absolute path.
         let (dir, file) = match (vm.uds_path.parent(), vm.uds_path.file_name()) {
@@ -865,7 +885,8 @@ mod jailed {
             .map_err(|e| format!("uds-path directory {}: {e}", dir.display()))?;
         let mut vm = vm.clone();
         vm.uds_path = dir.join(file);
-        let jail = worker_jail(std::slice::from_ref(&dir), mode).map_err(|e| e.to_string())?;
+        let jail =
+            worker_jail(std::slice::from_ref(&dir), mode, limits).map_err(|e| e.to_string())?;
         let stale = muxer_sockets(&vm);
         let Listening { listener, created } = listen(&vm, fd)?;
         let mut all = stale.clone();
@@ -913,9 +934,11 @@ mod jailed {
         };
         let setup = || -> Result<Supervised, String> {
             let jail = match &source {
-                MediaSource::Camera { .. } => worker_jail(&[], mode),
+                MediaSource::Camera { .. } => worker_jail(&[], mode, args.jail.limits()),
                 #[cfg(feature = "v4l2-proxy")]
-                MediaSource::V4l2(node) => outboard_glue::jail::v4l2_proxy_jail(&node.path, mode),
+                MediaSource::V4l2(node) => {
+                    outboard_glue::jail::v4l2_proxy_jail(&node.path, mode, args.jail.limits())
+                }
             }
             .map_err(|e| e.to_string())?;
             remove_stale_socket(&args.socket_path)?;
