@@ -436,7 +436,6 @@ struct QueueState {
     prepared: BTreeMap<u32, Queued>,
 }
 
-
 /// An MMAP plane the guest may map: where it is and how long.
 #[derive(Debug, Clone, Copy)]
 struct MmapPlane {
