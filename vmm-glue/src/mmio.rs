@@ -468,7 +468,10 @@ where
             }
             reg::STATUS => self.set_status(v),
             reg::SHM_SEL => {}
-            _ => log::debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+            _ => outboard_protocol::log_limited!(
+                log::Level::Debug,
+                "virtio-mmio: write to read-only or unknown register {offset:#x}"
+            ),
         }
     }
 }
@@ -521,7 +524,8 @@ where
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!(
+            outboard_protocol::log_limited!(
+                log::Level::Debug,
                 "virtio-mmio: ignored {}-byte write to register {offset:#x}",
                 data.len()
             );

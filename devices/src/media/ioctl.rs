@@ -297,7 +297,11 @@ where
     match r.read_obj::<I>("ioctl payload") {
         Ok(input) => respond(w, f(input)),
         Err(e) => {
-            log::debug!("virtio-media: {}: {e}", ioctl.name());
+            outboard_protocol::log_limited!(
+                log::Level::Debug,
+                "virtio-media: {}: {e}",
+                ioctl.name()
+            );
             w.write_err(e.errno())
         }
     }

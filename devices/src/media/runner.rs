@@ -252,7 +252,7 @@ impl<D: MediaDevice, P: SessionPoller> MediaRunner<D, P> {
     /// device-writable half (the length for the used ring).
     pub fn handle_command(&mut self, r: &mut ChainReader<'_>, w: &mut ChainWriter<'_>) -> usize {
         if let Err(e) = self.command(r, w) {
-            log::debug!("virtio-media: command failed: {e}");
+            outboard_protocol::log_limited!(log::Level::Debug, "virtio-media: command failed: {e}");
             if w.write_err(e.errno()).is_err() {
                 outboard_protocol::log_limited!(
                     log::Level::Warn,

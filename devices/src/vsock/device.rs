@@ -265,7 +265,11 @@ impl Vsock {
                                     PacketError::ShortHeader(_) => &m.err_tx_short_header,
                                     PacketError::WriteOnlyHeader => &m.err_tx_write_only_header,
                                 });
-                                log::debug!("vsock: dropped tx packet: {}", refused.err);
+                                outboard_protocol::log_limited!(
+                                    log::Level::Debug,
+                                    "vsock: dropped tx packet: {}",
+                                    refused.err
+                                );
                                 if refused.dst_cid == VMADDR_CID_HOST {
                                     self.muxer.refuse(&refused);
                                 } else if let Some((src, dst, ty)) = refused.reply {
@@ -522,7 +526,8 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        outboard_protocol::log_limited!(
+            log::Level::Debug,
             "vsock: ignored write of {} bytes to read-only config at {offset:#x}",
             data.len()
         );
@@ -568,7 +573,10 @@ impl VirtioDevice for Vsock {
             RX_QUEUE => self.handle_rx_kick(),
             TX_QUEUE => self.handle_tx_kick(),
             EVENT_QUEUE => self.handle_event_kick(),
-            _ => log::debug!("vsock: kick on nonexistent queue {queue}"),
+            _ => outboard_protocol::log_limited!(
+                log::Level::Debug,
+                "vsock: kick on nonexistent queue {queue}"
+            ),
         }
     }
 

@@ -420,7 +420,10 @@ impl Muxer {
                 return;
             }
             Err(SendError::Io(e)) => {
-                log::debug!("vsock: host write on {key:?} failed: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Debug,
+                    "vsock: host write on {key:?} failed: {e}"
+                );
                 VsockMetrics::inc(&self.metrics.err_host_io);
                 self.kill(key);
                 return;
@@ -493,7 +496,10 @@ impl Muxer {
                         return;
                     }
                     Err(SendError::Io(e)) => {
-                        log::debug!("vsock: host write on {key:?} failed: {e}");
+                        outboard_protocol::log_limited!(
+                            log::Level::Debug,
+                            "vsock: host write on {key:?} failed: {e}"
+                        );
                         VsockMetrics::inc(&self.metrics.err_host_io);
                         self.kill(key);
                         return;

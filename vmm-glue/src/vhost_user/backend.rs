@@ -532,7 +532,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
             .replace(regions)
             .map_err(|e| einval(e.to_string()))?;
         self.publish_memory();
-        log::debug!("memory table: {} regions", self.table.len());
+        outboard_protocol::log_limited!(
+            log::Level::Debug,
+            "memory table: {} regions",
+            self.table.len()
+        );
         Ok(())
     }
 

@@ -166,7 +166,8 @@ fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
     }
     let fd = OwnedFd::from(file);
     if !shrink_sealed(&fd) {
-        log::debug!(
+        outboard_protocol::log_limited!(
+            log::Level::Debug,
             "memory region at {gpa:#x}: the file is not sealed against shrinking; \
              accesses past a later truncation are contained (see the guard module)"
         );
@@ -185,7 +186,8 @@ fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
     let page = usize::try_from(meta.blksize()).unwrap_or(4096);
     let guard = GuardedRange::register(region.as_ptr(), len, page);
     if guard.is_none() {
-        log::warn!(
+        outboard_protocol::log_limited!(
+            log::Level::Warn,
             "memory region at {gpa:#x}: too many guarded mappings in this process; a \
              front-end that truncates its file can crash the daemon"
         );

@@ -146,7 +146,10 @@ impl RingInterrupt {
             // An eventfd write of 1; it only fails if the counter would overflow, which
             // means the front-end is not reading it and one more signal changes nothing.
             if let Err(e) = f.write(&1u64.to_ne_bytes()) {
-                log::debug!("cannot signal ring {queue}: {e}");
+                outboard_protocol::log_limited!(
+                    log::Level::Debug,
+                    "cannot signal ring {queue}: {e}"
+                );
             }
         }
     }
