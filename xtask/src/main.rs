@@ -30,6 +30,7 @@ mod cross;
 mod demo;
 mod e2e;
 mod examples;
+mod fuzz;
 mod host;
 mod media_e2e;
 mod packages;
@@ -124,6 +125,11 @@ fn ci_steps() -> Vec<Step> {
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
         Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]),
+        // Every libFuzzer target a few seconds over its corpus (skips without nightly).
+        Step::xtask(
+            "fuzz smoke (cargo-fuzz, nightly)",
+            &["fuzz", "--ci", "--seconds", "4"],
+        ),
     ]
 }
 
@@ -234,6 +240,8 @@ commands:
   msrv                   check the library crates with the declared rust-version
   publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
   examples               run every library crate's examples (cargo run --example)
+  fuzz [T] [--seconds N] run the fuzz targets (all, or T) N seconds each over their
+                         corpus (nightly + cargo-fuzz; --ci: skip if unavailable)
   packages               list the Debian packages the project installs, and their state
   aarch64                build every crate and feature for aarch64-unknown-linux-gnu and
                          run the tests that work under qemu-user (see cross.rs)
@@ -295,6 +303,7 @@ fn main() -> ExitCode {
                 .map(|()| true),
         ),
         Some("media-compliance") => finish(compliance::run()),
+        Some("fuzz") => finish(fuzz::run(&args[1..])),
         Some("aarch64") => finish(cross::run()),
         Some("examples") => finish(examples::run()),
         Some("bench-e2e") => {
