@@ -464,17 +464,32 @@ impl Vsock {
             return;
         }
         let mut used = 0;
+        let mut retried_idle = false;
         loop {
             let q = self.queues[RX_QUEUE].as_mut();
             let (n, mut starved) = self.siblings.fill_rx(q, &mut self.chain, &self.metrics);
-            used += n;
+            let mut round = n;
             if self.muxer.has_rx() {
                 let (n, s) = self.muxer.fill_rx(q);
-                used += n;
+                round += n;
                 starved |= s;
             }
+            used += round;
             if !starved {
                 break;
+            }
+            // "Starved" with buffers still available means they cannot take what is
+            // waiting (a header-only buffer for stream data, too little room for a
+            // SEQPACKET message): the chains were put back. Go round again only after a
+            // pass that used something, or once after enabling notifications (buffers
+            // may have arrived in between); never on the same unusable buffers again.
+            if round == 0 {
+                if retried_idle {
+                    break;
+                }
+                retried_idle = true;
+            } else {
+                retried_idle = false;
             }
             match self.queues[RX_QUEUE].enable_notification() {
                 Ok(true) => continue,
