@@ -362,3 +362,52 @@ fn a_broken_ring_is_stopped_and_reported_on_the_error_eventfd() {
     worker.join().unwrap().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Ring fds must be eventfds: a pipe (whose reader is gone, so a write would raise
+/// SIGPIPE in an embedding process that does not ignore it), a socket or a regular file
+/// as the kick, call or error fd is refused with an error reply, and the session goes on.
+#[test]
+fn ring_fds_that_are_not_eventfds_are_refused() {
+    let dir = std::env::temp_dir().join(format!("outboard-vu-fds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vu.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let device = Echo {
+        sizes: [16, 16],
+        queues: Vec::new(),
+        irq: None,
+        log: Log::default(),
+    };
+    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let worker_stop = stop.try_clone().unwrap();
+    let worker = std::thread::spawn(move || {
+        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
+    });
+    let mem = GuestMem::new(MEM);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut fe = Frontend::connect(&path).unwrap();
+    bring_up(&mut fe, &mem, &kick, &call);
+    let (pipe_r, pipe_w) = std::io::pipe().unwrap();
+    drop(pipe_r);
+    let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let file = std::fs::File::create(dir.join("plain")).unwrap();
+    for fd in [pipe_w.as_fd(), sock.as_fd(), file.as_fd()] {
+        assert!(fe.set_vring_call(1, Some(fd)).is_err());
+        assert!(fe.set_vring_err(1, Some(fd)).is_err());
+        assert!(fe.set_vring_kick(1, Some(fd)).is_err());
+    }
+    // The session goes on, and ring 0 still serves.
+    assert_eq!(
+        fe.get_config(0, 8, VhostUserConfigFlags::Frontend).unwrap(),
+        b"echo-cfg"
+    );
+    offer_chain(&mem, 0, 0);
+    kick.write(1).unwrap();
+    assert!(wait_readable(bfd(&call), 5000));
+    drop(fe);
+    stop.write(1).unwrap();
+    worker.join().unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -53,6 +53,30 @@ fn set_nonblocking(file: &File) {
     }
 }
 
+/// Refuses a ring fd that is not an anonymous-inode fd (an eventfd, as the protocol
+/// requires). A pipe or socket in its place would make the worker's writes raise
+/// SIGPIPE once the front-end closes the other end, which kills an embedding process
+/// that does not ignore it; a regular file would take the writes. `fstat` rather than
+/// `/proc` so the check works in an empty jail root: eventfds are anonymous inodes,
+/// whose mode has no file-type bits.
+fn check_eventfd(file: &File, what: &str, index: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = file.metadata()?.mode();
+    if mode & libc::S_IFMT != 0 {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => "a pipe",
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFREG => "a regular file",
+            libc::S_IFCHR => "a character device",
+            _ => "not an eventfd",
+        };
+        return Err(einval(format!(
+            "ring {index}: the {what} fd is {kind}, not an eventfd"
+        )));
+    }
+    Ok(())
+}
+
 fn einval(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -580,6 +604,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
             )));
         };
         let file = File::from(fd);
+        check_eventfd(&file, "kick", index)?;
         set_nonblocking(&file);
         self.set_kick(i, Some(file))?;
         let ring = &mut self.rings[i];
@@ -594,7 +619,8 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
         let i = self.index(index)?;
         let file = fd.map(File::from);
         if let Some(f) = &file {
-            // A front-end could pass a pipe that nobody drains: never block on it.
+            check_eventfd(f, "call", index)?;
+            // Never block on an fd the front-end may not drain.
             set_nonblocking(f);
         }
         self.irq.set_call(i, file);
@@ -605,6 +631,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
         let i = self.index(index)?;
         let file = fd.map(File::from);
         if let Some(f) = &file {
+            check_eventfd(f, "error", index)?;
             // Never block on an fd the front-end may not drain.
             set_nonblocking(f);
         }
