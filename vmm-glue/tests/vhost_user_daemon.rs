@@ -157,25 +157,56 @@ fn offer_chain(mem: &GuestMem, head: u16, slot: u16) {
     mem.write(0x2002, slot.wrapping_add(1));
 }
 
+/// The daemon serving an [`Echo`] device on `vu.sock` in a scratch directory, on a
+/// worker thread.
+struct Served {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+    log: Log,
+    stop: EventFd,
+    worker: std::thread::JoinHandle<Result<(), daemon::WorkerError>>,
+}
+
+impl Served {
+    fn start(name: &str) -> Served {
+        let dir = std::env::temp_dir().join(format!("outboard-vu-{name}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vu.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let log: Log = Arc::default();
+        let device = Echo {
+            sizes: [16, 16],
+            queues: Vec::new(),
+            irq: None,
+            log: log.clone(),
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let worker_stop = stop.try_clone().unwrap();
+        let worker = std::thread::spawn(move || {
+            daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
+        });
+        Served {
+            dir,
+            path,
+            log,
+            stop,
+            worker,
+        }
+    }
+
+    /// Stops the worker, which must end cleanly, and removes the directory.
+    fn finish(self) {
+        self.stop.write(1).unwrap();
+        self.worker.join().unwrap().unwrap();
+        std::fs::remove_dir_all(&self.dir).unwrap();
+    }
+}
+
 #[test]
 fn frontend_drives_a_device_through_the_daemon() {
-    let dir = std::env::temp_dir().join(format!("outboard-vu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("vu.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let log: Log = Arc::default();
-    let device = Echo {
-        sizes: [16, 16],
-        queues: Vec::new(),
-        irq: None,
-        log: log.clone(),
-    };
-    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let worker_stop = stop.try_clone().unwrap();
-    let worker = std::thread::spawn(move || {
-        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
-    });
+    let served = Served::start("");
+    let (path, log) = (served.path.clone(), served.log.clone());
 
     let mem = GuestMem::new(MEM);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -228,32 +259,15 @@ fn frontend_drives_a_device_through_the_daemon() {
     assert_eq!(mem.read::<u16>(0x3004), 3); // used ring entry 0: head 3
     assert_eq!(fe.get_vring_base(0).unwrap(), 1);
 
-    stop.write(1).unwrap();
-    worker.join().unwrap().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    served.finish();
 }
 
 /// A ring stopped and restarted where it stopped (a paused VM) keeps the device's state;
 /// one restarted from elsewhere (a reset driver) resets the device.
 #[test]
 fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
-    let dir = std::env::temp_dir().join(format!("outboard-vu-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("vu.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let log: Log = Arc::default();
-    let device = Echo {
-        sizes: [16, 16],
-        queues: Vec::new(),
-        irq: None,
-        log: log.clone(),
-    };
-    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let worker_stop = stop.try_clone().unwrap();
-    let worker = std::thread::spawn(move || {
-        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
-    });
+    let served = Served::start("resume-");
+    let (path, log) = (served.path.clone(), served.log.clone());
     let mem = GuestMem::new(MEM);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -288,9 +302,7 @@ fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
     );
 
     drop(fe);
-    stop.write(1).unwrap();
-    worker.join().unwrap().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    served.finish();
 }
 
 /// A ring whose available index is more than the ring size ahead of the device's (a
@@ -300,23 +312,8 @@ fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
 /// serves again. The worker never spins on it.
 #[test]
 fn a_broken_ring_is_stopped_and_reported_on_the_error_eventfd() {
-    let dir = std::env::temp_dir().join(format!("outboard-vu-broken-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("vu.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let log: Log = Arc::default();
-    let device = Echo {
-        sizes: [16, 16],
-        queues: Vec::new(),
-        irq: None,
-        log: log.clone(),
-    };
-    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let worker_stop = stop.try_clone().unwrap();
-    let worker = std::thread::spawn(move || {
-        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
-    });
+    let served = Served::start("broken-");
+    let path = served.path.clone();
     let mem = GuestMem::new(MEM);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -358,9 +355,7 @@ fn a_broken_ring_is_stopped_and_reported_on_the_error_eventfd() {
     assert!(!wait_readable(bfd(&err), 50));
 
     drop(fe);
-    stop.write(1).unwrap();
-    worker.join().unwrap().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    served.finish();
 }
 
 /// Ring fds must be eventfds: a pipe (whose reader is gone, so a write would raise
@@ -368,22 +363,8 @@ fn a_broken_ring_is_stopped_and_reported_on_the_error_eventfd() {
 /// as the kick, call or error fd is refused with an error reply, and the session goes on.
 #[test]
 fn ring_fds_that_are_not_eventfds_are_refused() {
-    let dir = std::env::temp_dir().join(format!("outboard-vu-fds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("vu.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let device = Echo {
-        sizes: [16, 16],
-        queues: Vec::new(),
-        irq: None,
-        log: Log::default(),
-    };
-    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let worker_stop = stop.try_clone().unwrap();
-    let worker = std::thread::spawn(move || {
-        daemon::serve(device, listener, 256, &worker_stop, "test").map(|_| ())
-    });
+    let served = Served::start("fds-");
+    let path = served.path.clone();
     let mem = GuestMem::new(MEM);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -392,7 +373,7 @@ fn ring_fds_that_are_not_eventfds_are_refused() {
     let (pipe_r, pipe_w) = std::io::pipe().unwrap();
     drop(pipe_r);
     let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let file = std::fs::File::create(dir.join("plain")).unwrap();
+    let file = std::fs::File::create(served.dir.join("plain")).unwrap();
     for fd in [pipe_w.as_fd(), sock.as_fd(), file.as_fd()] {
         assert!(fe.set_vring_call(1, Some(fd)).is_err());
         assert!(fe.set_vring_err(1, Some(fd)).is_err());
@@ -407,7 +388,5 @@ fn ring_fds_that_are_not_eventfds_are_refused() {
     kick.write(1).unwrap();
     assert!(wait_readable(bfd(&call), 5000));
     drop(fe);
-    stop.write(1).unwrap();
-    worker.join().unwrap().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    served.finish();
 }
