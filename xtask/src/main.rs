@@ -40,7 +40,7 @@ mod setup;
 mod util;
 mod vm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,9 @@ struct Step {
     program: String,
     args: Vec<&'static str>,
     env: Vec<(&'static str, &'static str)>,
+    /// Directories under the target dir that only this step uses, removed once it ends
+    /// (the CI machine's disk is small: see [`prune_after`]).
+    prune: Vec<&'static str>,
 }
 
 impl Step {
@@ -61,6 +64,7 @@ impl Step {
             program: "cargo".into(),
             args: args.to_vec(),
             env: Vec::new(),
+            prune: Vec::new(),
         }
     }
 
@@ -74,11 +78,18 @@ impl Step {
             program,
             args: args.to_vec(),
             env: Vec::new(),
+            prune: Vec::new(),
         }
     }
 
     fn env(mut self, key: &'static str, value: &'static str) -> Step {
         self.env.push((key, value));
+        self
+    }
+
+    /// `dir` (under the target dir) is this step's own and is removed after it.
+    fn prune(mut self, dir: &'static str) -> Step {
+        self.prune.push(dir);
         self
     }
 }
@@ -113,27 +124,97 @@ fn ci_steps() -> Vec<Step> {
         // Every library crate's examples, run as a user would run them.
         Step::xtask("examples", &["examples"]),
         // The declared rust-version builds the library crates and the binary.
-        Step::xtask("msrv (declared rust-version)", &["msrv"]),
+        Step::xtask("msrv (declared rust-version)", &["msrv"]).prune("msrv"),
         // Every publishable crate packages and builds from its tarball.
         Step::xtask(
             "publish-check (cargo publish --dry-run)",
             &["publish-check"],
-        ),
+        )
+        .prune("publish-check"),
         // Every crate and feature built for aarch64; the tests qemu-user can run.
-        Step::xtask("aarch64 (cross build, tests under qemu-user)", &["aarch64"]),
+        Step::xtask("aarch64 (cross build, tests under qemu-user)", &["aarch64"])
+            .prune("aarch64-unknown-linux-gnu"),
         // A real Linux guest under QEMU talking vsock through `outboard vsock`.
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
-        Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]),
+        Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]).prune("media-e2e"),
         // Every libFuzzer target a few seconds over its corpus (skips without nightly).
         Step::xtask(
             "fuzz smoke (cargo-fuzz, nightly)",
             &["fuzz", "--ci", "--seconds", "4"],
-        ),
+        )
+        .prune("fuzz"),
     ]
 }
 
+/// The target directory the steps build into.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::workspace_root().join("target"))
+}
+
+/// Removes a step's own directories once it has run, unless `OUTBOARD_CI_KEEP=1`.
+///
+/// A fresh clone's `cargo xtask ci` wrote 12 GiB before this (the aarch64, msrv,
+/// publish-check, media-e2e and fuzz builds each keep a whole target tree of their own,
+/// used by no other step), and a CI machine ran out of disk in the aarch64 step. The price
+/// of pruning is that a second local `cargo xtask ci` rebuilds those trees.
+fn prune_after(step: &Step, target: &Path) {
+    if std::env::var_os("OUTBOARD_CI_KEEP").is_some_and(|v| v == "1") {
+        return;
+    }
+    for dir in &step.prune {
+        let path = target.join(dir);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("xtask: removing {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Bytes allocated on disk under `path` (not following symlinks).
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    let children = std::fs::read_dir(path)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| disk_usage(&e.path()))
+                .sum::<u64>()
+        })
+        .unwrap_or(0);
+    own + children
+}
+
+/// Bytes free for an unprivileged user on the file system holding `path`.
+fn disk_free(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero bytes are a valid `statvfs` (plain integers).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call and `st` is a valid,
+    // exclusively borrowed `statvfs` for the kernel to fill.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    // The field types differ by target (u64 here, u32 on some 32-bit ones).
+    #[allow(clippy::useless_conversion)]
+    let free = u64::from(st.f_bavail) * u64::from(st.f_frsize);
+    (rc == 0).then_some(free)
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
+
 fn run_steps(steps: Vec<Step>) -> ExitCode {
+    let target = target_dir();
     let mut results = Vec::new();
     for step in steps {
         println!(
@@ -151,18 +232,33 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
         if let Err(e) = &status {
             eprintln!("xtask: could not run {}: {e}", step.program);
         }
-        results.push((step.name, ok, start.elapsed()));
-    }
-    println!("\n==> summary");
-    for (name, ok, took) in &results {
+        let took = start.elapsed();
+        // The step's peak is what it left behind before pruning.
+        let used = disk_usage(&target);
+        prune_after(&step, &target);
+        let free = disk_free(&target);
         println!(
-            "  {:<36} {:<4} {:>7.1}s",
+            "xtask: after {}: target {:.2} GiB, {:.1} GiB free",
+            step.name,
+            gib(used),
+            free.map(gib).unwrap_or(f64::NAN)
+        );
+        results.push((step.name, ok, took, used));
+    }
+    println!(
+        "\n==> summary (target: GiB under {} after the step)",
+        target.display()
+    );
+    for (name, ok, took, used) in &results {
+        println!(
+            "  {:<44} {:<4} {:>7.1}s {:>6.2}",
             name,
             if *ok { "ok" } else { "FAIL" },
-            took.as_secs_f64()
+            took.as_secs_f64(),
+            gib(*used)
         );
     }
-    let failed = results.iter().filter(|(_, ok, _)| !ok).count();
+    let failed = results.iter().filter(|(_, ok, _, _)| !ok).count();
     let passed = results.len() - failed;
     println!("xtask: {passed} passed, {failed} failed");
     if failed == 0 {
@@ -180,10 +276,7 @@ fn build_outboard(release: bool) -> util::Result<PathBuf> {
         cmd.arg("--release");
     }
     util::run(&mut cmd, Duration::from_secs(1800))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::workspace_root().join("target"));
-    let bin = target
+    let bin = target_dir()
         .join(if release { "release" } else { "debug" })
         .join("outboard");
     if bin.exists() {
@@ -263,6 +356,11 @@ fn main() -> ExitCode {
                 );
                 // Every step (a child process) inherits it.
                 std::env::set_var("V4L2R_VIDEODEV2_H_PATH", &include);
+                // The gate builds each tree once: incremental caches would only take
+                // disk (1.7 GiB of a fresh clone's 12 before this was set).
+                if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+                    std::env::set_var("CARGO_INCREMENTAL", "0");
+                }
                 run_steps(ci_steps())
             }
             Err(e) => {
