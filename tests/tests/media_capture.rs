@@ -268,25 +268,44 @@ fn mmap_capture_flow() {
         count: 1,
         format: fmt_req(PIX_FMT_RGB24, 1280, 720).tap(|f| {
             let mut p = f.pix();
-            p.sizeimage = 1280 * 720 * 3;
+            // Not a whole number of pages.
+            p.sizeimage = 1280 * 720 * 3 + 100;
             f.set_pix(&p);
         }),
         ..create
     };
     let created: V4l2CreateBuffers = g.ioctl(s, VIDIOC_CREATE_BUFS, &big).unwrap();
     assert_eq!((created.index, created.count), (6, 1));
-    let q = V4l2Buffer {
-        index: 6,
-        type_: BUF_TYPE_VIDEO_CAPTURE,
-        ..Default::default()
-    };
-    let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
-    assert!(
-        b.length >= 1280 * 720 * 3,
-        "buffer 6 has {} bytes",
-        b.length
+    // QUERYBUF reports the length asked for, as vb2 does (v4l2-compliance 1.30 checks
+    // `length == sizeimage` for CREATE_BUFS buffers); the memory behind it and the
+    // offsets stay page-rounded.
+    let mut offsets = Vec::new();
+    for (index, length) in [
+        (4, pix.sizeimage),
+        (5, pix.sizeimage),
+        (6, 1280 * 720 * 3 + 100),
+    ] {
+        let q = V4l2Buffer {
+            index,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            ..Default::default()
+        };
+        let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
+        assert_eq!(b.length, length, "buffer {index}");
+        assert_eq!(b.mem_offset() % 4096, 0, "buffer {index}");
+        offsets.push((b.mem_offset(), b.length));
+    }
+    assert_ne!(
+        pix.sizeimage % 4096,
+        0,
+        "the test wants a length that is not page-sized"
     );
-    assert_eq!(b.mem_offset() % 4096, 0);
+    for w in offsets.windows(2) {
+        assert!(
+            u64::from(w[0].0) + page_round(w[0].1) <= u64::from(w[1].0),
+            "{offsets:?}"
+        );
+    }
     // The format is locked while buffers exist.
     assert_eq!(
         g.ioctl::<_, V4l2Format>(s, VIDIOC_S_FMT, &fmt_req(PIX_FMT_YUYV, 640, 480)),
@@ -302,11 +321,11 @@ fn mmap_capture_flow() {
         };
         let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
         assert_eq!(b.memory, MEMORY_MMAP);
-        assert_eq!(b.length % 4096, 0);
-        assert!(b.length >= pix.sizeimage);
+        assert_eq!(b.length, pix.sizeimage);
         assert_eq!(b.mem_offset() % 4096, 0);
+        // The mapping is the page-rounded memory behind the buffer.
         let (addr, len) = g.mmap(s, b.mem_offset()).unwrap();
-        assert_eq!(len, u64::from(b.length));
+        assert_eq!(len, page_round(b.length));
         assert_eq!(addr % 4096, 0);
         let b: V4l2Buffer = g.ioctl(s, VIDIOC_QUERYBUF, &q).unwrap();
         assert_ne!(b.flags & BUF_FLAG_MAPPED, 0);
@@ -1224,3 +1243,8 @@ trait Tap: Sized {
     }
 }
 impl<T> Tap for T {}
+
+/// `n` rounded up to a whole number of 4 KiB pages.
+fn page_round(n: u32) -> u64 {
+    u64::from(n).div_ceil(4096) * 4096
+}

@@ -413,8 +413,10 @@ fn timespec_now() -> Timeval {
 
 /// Where a buffer's memory lives.
 enum Backing {
-    /// A memfd (MMAP memory).
-    Mmap(MemfdBuffer),
+    /// A memfd (MMAP memory), page-rounded, and the plane length the buffer was
+    /// allocated for (what `QUERYBUF` reports, as vb2 reports the size `REQBUFS` or
+    /// `CREATE_BUFS` asked for, not the page-rounded allocation).
+    Mmap { mem: MemfdBuffer, length: u32 },
     /// Guest memory (USERPTR): the SG list the guest queued the buffer with. It is
     /// mapped when a frame is written (within one device call, as guest memory
     /// translations must be), not held across calls.
@@ -436,14 +438,13 @@ struct PlaneBuf {
 impl PlaneBuf {
     fn length(&self) -> u32 {
         match &self.backing {
-            Backing::Mmap(m) => m.size() as u32,
-            Backing::UserPtr { length, .. } => *length,
+            Backing::Mmap { length, .. } | Backing::UserPtr { length, .. } => *length,
         }
     }
 
     fn m(&self) -> u64 {
         match &self.backing {
-            Backing::Mmap(_) => self.offset,
+            Backing::Mmap { .. } => self.offset,
             Backing::UserPtr { userptr, .. } => *userptr,
         }
     }
@@ -911,7 +912,7 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> SoftwareCamera<E,
         for (p, d) in b.planes.iter_mut().zip(&data) {
             let written = ok
                 && match &p.backing {
-                    Backing::Mmap(m) => m.write_at(0, d).is_ok(),
+                    Backing::Mmap { mem, .. } => mem.write_at(0, d).is_ok(),
                     Backing::UserPtr { sgs, .. } => self
                         .guest
                         .new_mapping(sgs)
@@ -976,7 +977,7 @@ fn add_buffers<M>(
             .iter()
             .flat_map(|b| &b.planes)
             .map(|p| match &p.backing {
-                Backing::Mmap(m) => m.size(),
+                Backing::Mmap { mem, .. } => mem.size(),
                 Backing::UserPtr { .. } => 0,
             })
             .sum();
@@ -1004,7 +1005,7 @@ fn add_buffers<M>(
         .iter()
         .flat_map(|b| &b.planes)
         .map(|p| match &p.backing {
-            Backing::Mmap(m) => p.offset + m.size(),
+            Backing::Mmap { mem, .. } => p.offset + mem.size(),
             Backing::UserPtr { .. } => 0,
         })
         .max()
@@ -1016,10 +1017,11 @@ fn add_buffers<M>(
         let mut planes = Vec::with_capacity(sizes.len());
         for &size in sizes {
             let backing = if memory == MEMORY_MMAP {
-                Backing::Mmap(
-                    MemfdBuffer::new("outboard-camera", size.into())
+                Backing::Mmap {
+                    mem: MemfdBuffer::new("outboard-camera", size.into())
                         .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?,
-                )
+                    length: size,
+                }
             } else {
                 Backing::UserPtr {
                     sgs: Vec::new(),
@@ -1028,8 +1030,8 @@ fn add_buffers<M>(
                 }
             };
             let plane_offset = offset;
-            if let Backing::Mmap(m) = &backing {
-                offset += m.size();
+            if let Backing::Mmap { mem, .. } = &backing {
+                offset += mem.size();
             }
             planes.push(PlaneBuf {
                 backing,
@@ -1633,7 +1635,9 @@ impl<E: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice
     ) -> Result<(u64, u64), Errno> {
         let found = s.buffers.iter().enumerate().find_map(|(i, b)| {
             b.planes.iter().find_map(|p| match &p.backing {
-                Backing::Mmap(m) if p.offset == u64::from(offset) => Some((i as u32, m)),
+                Backing::Mmap { mem: m, .. } if p.offset == u64::from(offset) => {
+                    Some((i as u32, m))
+                }
                 _ => None,
             })
         });
