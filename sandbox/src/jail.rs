@@ -1026,10 +1026,14 @@ impl Prepared {
     }
 
     /// Step 10b: install seccomp. Nothing may fail after this but the device itself.
+    ///
+    /// First [`warm_up_runtime`]: what a library sets up lazily on first use is set up
+    /// here, while every system call is still allowed.
     pub(crate) fn apply_seccomp(&self) -> StepResult {
         let Some(prog) = &self.seccomp else {
             return Ok(());
         };
+        warm_up_runtime();
         install_filter(prog)
     }
 }
@@ -1058,6 +1062,39 @@ crate::syscall_list! {
         ],
         x86_64_legacy: [],
     };
+}
+
+/// Runs, once before the seccomp filter goes on, what the Rust runtime and our
+/// dependencies do lazily on first use with system calls no allow-list names.
+///
+/// # The rule
+///
+/// A seccomp allow-list names what the device does at steady state. A system call
+/// that a library makes once, to set itself up, the first time some function is used,
+/// is not added to the list: it is made here, before the filter, by using that function
+/// once. Only when a set-up cannot be triggered in advance is the call allowed, and then
+/// narrowly (by argument). Known lazy set-ups:
+///
+/// - rustix reads the auxiliary vector (`prctl(PR_GET_AUXV)`, or `/proc/self/auxv`) the
+///   first time it needs the page size or the vDSO (which it locates through that
+///   vector on the first `clock_gettime`). The jailed camera worker died of `SIGSYS` on its
+///   first frame timestamp because of this: the daemon had never asked for the time
+///   before it forked, so the child did the set-up under the filter. Both clocks are
+///   read here, and the page size.
+/// - std's clocks (`Instant`, `SystemTime`) go through glibc's vDSO, which the dynamic
+///   loader set up at start: nothing lazy, read here anyway (cheap).
+/// - std's `HashMap` seed (`RandomState`) draws from `getrandom` once per thread;
+///   drawn here (the lists allow `getrandom` too, for crates that draw more).
+///
+/// A fork inherits all of it, so a worker forked from a set-up process is warm too;
+/// this makes the jail independent of what its parent happened to do first.
+fn warm_up_runtime() {
+    let _ = rustix::param::page_size();
+    let _ = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let _ = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    let _ = std::time::Instant::now();
+    let _ = std::time::SystemTime::now();
+    let _ = std::collections::hash_map::RandomState::new();
 }
 
 /// Installs a compiled seccomp program on the calling thread.

@@ -447,7 +447,15 @@ pub mod vhost {
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use outboard_protocol::media::{CmdHeader, IoctlCmd, MediaCmd, RespHeader};
+    use outboard_devices::media::camera::{render_frame, Adjust};
+    use outboard_devices::media::v4l2::{
+        V4l2Buffer, V4l2Format, V4l2PixFormat, V4l2Requestbuffers, BUF_FLAG_ERROR,
+        BUF_TYPE_VIDEO_CAPTURE, MEMORY_MMAP, PIX_FMT_YUYV,
+    };
+    use outboard_protocol::media::{
+        CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MmapCmd, MmapResp, MunmapCmd, OpenResp,
+        RespHeader, EVENT_DQBUF, MMAP_FLAG_RW,
+    };
     use outboard_protocol::v4l2::V4l2Ioctl;
     use outboard_protocol::vhost_user::{
         VhostUserConfigFlags, VhostUserMMap, VhostUserMemoryRegion, VhostUserProtocolFeatures,
@@ -519,6 +527,17 @@ pub mod vhost {
             available: host(avail),
             log: 0,
         }
+    }
+
+    /// A streaming MMAP capture session ([`VhostMediaDriver::start_mmap_capture`]).
+    #[derive(Debug)]
+    pub struct MmapCapture {
+        /// The session id.
+        pub session: u32,
+        /// Its format.
+        pub pix: V4l2PixFormat,
+        /// The shared memory address of each buffer's mapping.
+        pub shm: Vec<u64>,
     }
 
     /// The driver and the front-end it runs on.
@@ -734,6 +753,134 @@ pub mod vhost {
         /// Disconnects the front-end (the back-end resets the device).
         pub fn disconnect(&mut self) {
             self.fe = None;
+        }
+
+        /// Whether the back-end still answers on the vhost-user connection (a
+        /// `GET_FEATURES` round trip); `false` once it has closed the connection.
+        pub fn answers(&mut self) -> bool {
+            self.fe.as_mut().is_some_and(|fe| fe.get_features().is_ok())
+        }
+
+        /// The MMAP capture flow on a new session, as a guest application runs it: 640x480
+        /// YUYV, two buffers mapped through `SHMEM_MAP`, `STREAMON`, `frames` frames
+        /// dequeued and each checked byte for byte against the camera's pattern, then
+        /// `STREAMOFF`, the mappings undone and the session closed. Returns the
+        /// sequence numbers checked.
+        pub fn capture_mmap(&mut self, frames: usize) -> Vec<u32> {
+            let c = self.start_mmap_capture();
+            let seen = self.check_frames(&c, frames);
+            self.stop_mmap_capture(c);
+            seen
+        }
+
+        /// Opens a session, sets 640x480 YUYV, maps two MMAP buffers, queues them and
+        /// starts streaming.
+        pub fn start_mmap_capture(&mut self) -> MmapCapture {
+            let (w, h, fourcc) = (640, 480, PIX_FMT_YUYV);
+            let r = self.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
+            let session = OpenResp::read_from_bytes(&r).unwrap().session_id;
+            let fmt = V4l2Format::from_pix(
+                BUF_TYPE_VIDEO_CAPTURE,
+                &V4l2PixFormat {
+                    width: w,
+                    height: h,
+                    pixelformat: fourcc,
+                    ..Default::default()
+                },
+            );
+            let fmt: V4l2Format = self.ioctl(session, V4l2Ioctl::VIDIOC_S_FMT, &fmt);
+            let pix = fmt.pix();
+            assert_eq!((pix.width, pix.height, pix.pixelformat), (w, h, fourcc));
+            let rb = V4l2Requestbuffers {
+                count: 2,
+                type_: BUF_TYPE_VIDEO_CAPTURE,
+                memory: MEMORY_MMAP,
+                ..Default::default()
+            };
+            let rb: V4l2Requestbuffers = self.ioctl(session, V4l2Ioctl::VIDIOC_REQBUFS, &rb);
+            let mut shm = Vec::new();
+            for index in 0..rb.count {
+                let q = V4l2Buffer {
+                    index,
+                    type_: BUF_TYPE_VIDEO_CAPTURE,
+                    ..Default::default()
+                };
+                let b: V4l2Buffer = self.ioctl(session, V4l2Ioctl::VIDIOC_QUERYBUF, &q);
+                let mut req = CmdHeader::new(MediaCmd::Mmap).as_bytes().to_vec();
+                req.extend_from_slice(
+                    MmapCmd {
+                        session_id: session,
+                        flags: MMAP_FLAG_RW,
+                        offset: b.mem_offset(),
+                    }
+                    .as_bytes(),
+                );
+                let m = MmapResp::read_from_bytes(&self.command(&req, 64)).unwrap();
+                assert_eq!(m.hdr.status, 0, "MMAP of buffer {index}");
+                shm.push(m.driver_addr);
+                self.queue_mmap(session, index);
+            }
+            let _: () = self.ioctl(session, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
+            MmapCapture { session, pix, shm }
+        }
+
+        fn queue_mmap(&mut self, session: u32, index: u32) {
+            let q = V4l2Buffer {
+                index,
+                type_: BUF_TYPE_VIDEO_CAPTURE,
+                memory: MEMORY_MMAP,
+                ..Default::default()
+            };
+            let _: V4l2Buffer = self.ioctl(session, V4l2Ioctl::VIDIOC_QBUF, &q);
+        }
+
+        /// Dequeues `frames` frames of `c`, checks each byte for byte against the
+        /// camera's pattern and queues its buffer again; returns their sequence numbers.
+        pub fn check_frames(&mut self, c: &MmapCapture, frames: usize) -> Vec<u32> {
+            let pix = c.pix;
+            let mut seen = Vec::new();
+            let mut want = vec![0u8; pix.sizeimage as usize];
+            while seen.len() < frames {
+                let ev = self.next_event();
+                if u32::from_le_bytes(ev[0..4].try_into().unwrap()) != EVENT_DQBUF {
+                    continue;
+                }
+                let b = V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
+                assert_eq!(b.flags & BUF_FLAG_ERROR, 0, "frame {}", b.sequence);
+                let data = self.read_shm(c.shm[b.index as usize], pix.sizeimage as usize);
+                let adjust = Adjust::default();
+                let (w, h, fourcc) = (pix.width, pix.height, pix.pixelformat);
+                render_frame(fourcc, w, h, b.sequence, &adjust, &mut want).unwrap();
+                assert!(
+                    data == want,
+                    "frame {} differs from the pattern",
+                    b.sequence
+                );
+                seen.push(b.sequence);
+                self.queue_mmap(c.session, b.index);
+            }
+            seen
+        }
+
+        /// Stops streaming `c`, undoes its mappings and closes its session.
+        pub fn stop_mmap_capture(&mut self, c: MmapCapture) {
+            let s = c.session;
+            let _: () = self.ioctl(s, V4l2Ioctl::VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE);
+            for addr in c.shm {
+                let mut req = CmdHeader::new(MediaCmd::Munmap).as_bytes().to_vec();
+                req.extend_from_slice(MunmapCmd { driver_addr: addr }.as_bytes());
+                let r = self.command(&req, 64);
+                assert_eq!(RespHeader::read_from_bytes(&r).unwrap().status, 0);
+            }
+            let mut req = CmdHeader::new(MediaCmd::Close).as_bytes().to_vec();
+            req.extend_from_slice(
+                CloseCmd {
+                    session_id: s,
+                    reserved: 0,
+                }
+                .as_bytes(),
+            );
+            self.command(&req, 64);
         }
     }
 

@@ -520,3 +520,90 @@ fn jailed_media_worker_answers_and_dies_with_the_daemon() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `outboard media --camera --jail` driven as a guest uses it: frames streamed through
+/// the jailed worker and checked byte for byte (the worker's first `clock_gettime` once
+/// died of seccomp, which a test that only asked for the features never saw), no worker
+/// death in the log; then the worker is killed mid-stream: the front-end must notice (the
+/// connection lived in the worker and closes with it: a restarted worker could not
+/// restore the rings, so a silent replacement would leave a dead device), the daemon
+/// reports the death, and a new front-end gets a working camera from the replacement.
+#[test]
+fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
+    use outboard_tests::media::vhost::VhostMediaDriver;
+
+    let dir = std::env::temp_dir().join(format!("outboard-jail-cam-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("media.sock");
+    let log = dir.join("daemon.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["media", "--camera", "--jail", "--socket-path"])
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(daemon.id()).unwrap();
+    assert!(
+        wait_for_path(&socket),
+        "no socket: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let mut driver = VhostMediaDriver::connect(&socket);
+    let seen = driver.capture_mmap(4);
+    assert_eq!(seen.len(), 4);
+    let text = std::fs::read_to_string(&log).unwrap();
+    for bad in ["SIGSYS", "signal 31", "starting a new one"] {
+        assert!(!text.contains(bad), "{bad:?} in the daemon's log:\n{text}");
+    }
+
+    // Mid-stream: two frames of a second capture, then the worker is killed.
+    let capture = driver.start_mmap_capture();
+    driver.check_frames(&capture, 2);
+    let worker = worker_pid(pid);
+    // SAFETY: kill(2) on the worker, a descendant of our child.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + T;
+    while driver.answers() {
+        assert!(
+            Instant::now() < deadline,
+            "the front-end connection outlived its worker"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait_for_log(&log, "killed by signal 9 (SIGKILL); starting a new one");
+    drop(driver);
+    let mut driver = VhostMediaDriver::connect(&socket);
+    assert_eq!(driver.capture_mmap(3).len(), 3);
+    assert_ne!(worker_pid(pid), worker);
+    drop(driver);
+
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "outboard ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}\n{text}");
+    assert!(!text.contains("SIGSYS"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn wait_for_path(path: &Path) -> bool {
+    let deadline = Instant::now() + T;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
