@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::host::{self, Control, Done, Gen, SeqListener, Transfer};
-use crate::util::Result;
+use crate::util::{self, Result};
 use crate::vm::{Backend, Vm};
 
 const MIB: u64 = 1 << 20;
@@ -340,6 +340,25 @@ fn checks(vm: &mut Vm, sizes: &Sizes, report: &mut Report) -> bool {
             d2.checksum
         ))
     });
+    ok &= report.check(
+        "back-end log: no worker died (seccomp or otherwise)",
+        || {
+            let log = util::read_log(&vm.backend_log);
+            let deaths = util::worker_deaths(&log);
+            let jailed = log.matches("worker runs jailed").count();
+            if !deaths.is_empty() {
+                Err(deaths.join("\n"))
+            } else if crate::vm::jailed() && jailed == 0 {
+                Err("OUTBOARD_E2E_JAIL is set but no worker reported running jailed".into())
+            } else if crate::vm::jailed() {
+                Ok(format!(
+                    "{jailed} jailed workers (one per daemon start) served every check"
+                ))
+            } else {
+                Ok("no jailed workers in this run".into())
+            }
+        },
+    );
     ok
 }
 

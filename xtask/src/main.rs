@@ -136,6 +136,9 @@ fn ci_steps() -> Vec<Step> {
             .prune("aarch64-unknown-linux-gnu"),
         // A real Linux guest under QEMU talking vsock through `outboard vsock`.
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
+        // The same through the jailed worker (`--jail`): driven, not only started.
+        Step::xtask("e2e --jail (QEMU guest, jailed worker)", &["e2e"])
+            .env("OUTBOARD_E2E_JAIL", "1"),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
         Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]).prune("media-e2e"),
         // Every libFuzzer target a few seconds over its corpus (skips without nightly).

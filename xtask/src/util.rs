@@ -225,3 +225,34 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
 pub fn mtime(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
+
+/// The lines of an `outboard` daemon's log that report a jailed worker's death (a
+/// seccomp kill shows as `SIGSYS`): a run that drove the device must have none.
+pub fn worker_deaths(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("SIGSYS")
+                || l.contains("signal 31")
+                || l.contains("; starting a new one")
+                || (l.contains("ERROR") && l.contains(": worker pid "))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod worker_death_tests {
+    use super::worker_deaths;
+
+    #[test]
+    fn deaths_are_found_and_ordinary_lines_are_not() {
+        let log = "\
+[2026-12-05T03:16:14Z INFO  outboard::jailed] media camera: worker runs jailed, pid 7072
+[2026-12-05T03:16:15Z ERROR outboard::jailed] media camera: worker pid 7072 killed by signal 31 (SIGSYS: a system call outside the seccomp policy); starting a new one
+[2026-12-05T03:16:16Z ERROR outboard::jailed] vsock: worker pid 9 exited with status 1
+[2026-12-05T03:16:17Z INFO  outboard] stopped cleanly";
+        let found = worker_deaths(log);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("SIGSYS") && found[1].contains("status 1"));
+        assert!(worker_deaths("INFO worker runs jailed, pid 3").is_empty());
+    }
+}
