@@ -11,6 +11,10 @@
 //!   modes) through the `outboard-v4l2-shim` guest-driver stand-in.
 //! - `cargo xtask media-e2e`: the V4L2 proxy against vivid in a QEMU guest, including
 //!   v4l2-compliance through the proxy compared with v4l2-compliance on vivid itself.
+//! - `cargo xtask media-guest`: the real Linux virtio-media driver, built for a Debian
+//!   trixie-backports kernel, against `outboard media --camera` in every mode under QEMU
+//!   11.1 (a trixie root made with debootstrap, cached under the target dir):
+//!   v4l2-compliance 1.30 and byte-exact v4l2-ctl captures (see `media_guest.rs`).
 //! - `cargo xtask media-deps`: installs what building v4l2r (feature `v4l2-proxy`) needs
 //!   and prints the directory to export as `V4L2R_VIDEODEV2_H_PATH`.
 //!
@@ -33,6 +37,7 @@ mod examples;
 mod fuzz;
 mod host;
 mod media_e2e;
+mod media_guest;
 mod packages;
 mod qmp;
 mod release;
@@ -141,6 +146,11 @@ fn ci_steps() -> Vec<Step> {
             .env("OUTBOARD_E2E_JAIL", "1"),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
         Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]).prune("media-e2e"),
+        // The real virtio-media guest driver against `outboard media` in every mode.
+        Step::xtask(
+            "media-guest (real virtio-media driver, QEMU 11.1)",
+            &["media-guest"],
+        ),
         // Every libFuzzer target a few seconds over its corpus (skips without nightly).
         Step::xtask(
             "fuzz smoke (cargo-fuzz, nightly)",
@@ -333,6 +343,9 @@ commands:
                          multi-planar) through the guest-driver shim
   media-e2e              boot a guest with vivid and check the V4L2 proxy over it
                          (with v4l2-compliance, directly and through the proxy)
+  media-guest            the real virtio-media guest driver under QEMU 11.1 (a cached
+                         trixie root) against outboard media --camera in every mode:
+                         v4l2-compliance -s10 (-f) and byte-exact MMAP/USERPTR frames
   msrv                   check the library crates with the declared rust-version
   publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
   examples               run every library crate's examples (cargo run --example)
@@ -372,6 +385,7 @@ fn main() -> ExitCode {
             }
         },
         Some("media-e2e") => finish(media_e2e::run()),
+        Some("media-guest") => finish(media_guest::run()),
         Some("msrv") => finish(release::msrv()),
         Some("publish-check") => finish(release::publish_check()),
         Some("packages") => {

@@ -157,7 +157,7 @@ fn ldd_files(bin: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The paths in `ldd` output: `name => /path (addr)` and `/path (addr)` lines.
-fn parse_ldd(text: &str) -> std::result::Result<Vec<PathBuf>, String> {
+pub(crate) fn parse_ldd(text: &str) -> std::result::Result<Vec<PathBuf>, String> {
     let mut files = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.contains("not found") {
@@ -198,18 +198,19 @@ fn compliance_files(shim: &Path) -> Result<Vec<(String, PathBuf)>> {
 
 /// One v4l2-compliance report, from the console lines with its prefix.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Report {
+pub(crate) struct Report {
     /// The `Total for ...` line.
-    total: Option<String>,
+    pub(crate) total: Option<String>,
     /// Its `Failed:` count.
-    failed: Option<u64>,
+    pub(crate) failed: Option<u64>,
     /// The tests reported as `FAIL`.
-    failing: Vec<String>,
+    pub(crate) failing: Vec<String>,
     /// The `fail:` detail lines.
-    details: Vec<String>,
+    pub(crate) details: Vec<String>,
 }
 
-fn report(console: &str, prefix: &str) -> Report {
+/// The v4l2-compliance report in the console lines that start with `prefix`.
+pub(crate) fn report(console: &str, prefix: &str) -> Report {
     let mut r = Report::default();
     for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
         let line = line.trim();
@@ -274,7 +275,7 @@ fn proxy_ok(direct: &Report, proxy: &Report) -> bool {
 }
 
 /// `lines` deduplicated, each with its count.
-fn counted(lines: &[String]) -> Vec<String> {
+pub(crate) fn counted(lines: &[String]) -> Vec<String> {
     let mut out: Vec<(String, usize)> = Vec::new();
     for l in lines {
         match out.iter_mut().find(|(x, _)| x == l) {

@@ -90,6 +90,11 @@ pub const PACKAGES: &[Package] = &[
         },
         why: "aarch64: qemu-aarch64 (static) runs the aarch64 tests; 7.2 fails unknown ioctls",
     },
+    Package {
+        name: "debootstrap",
+        suite: Suite::Release,
+        why: "media-guest: the trixie root (QEMU 11.1, the guest kernel and its headers)",
+    },
 ];
 
 /// Prints the list, one package a line, with its state on this machine.
@@ -251,7 +256,7 @@ pub fn add_backports(suite: &str) -> Result<bool> {
 /// The machine's own Debian mirror: the first URI of its main Debian sources
 /// (deb822 `URIs:` in `debian.sources`, or a one-line `deb URI suite` entry), so that
 /// backports come from wherever this machine already gets its packages.
-fn debian_mirror() -> Option<String> {
+pub fn debian_mirror() -> Option<String> {
     let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     let from_deb822 = deb822
         .lines()

@@ -447,6 +447,19 @@ pub fn build_initramfs(
     modules: &[(String, PathBuf)],
 ) -> Result<PathBuf> {
     let busybox = busybox().ok_or("busybox-static is not installed")?;
+    build_initramfs_with(cache, name, &busybox, init, bins, modules)
+}
+
+/// [`build_initramfs`] with the busybox binary at `busybox` (e.g. from a guest root)
+/// instead of the host's.
+pub fn build_initramfs_with(
+    cache: &Path,
+    name: &str,
+    busybox: &Path,
+    init: &str,
+    bins: &[(&str, &Path)],
+    modules: &[(String, PathBuf)],
+) -> Result<PathBuf> {
     let read = |p: &Path| fs::read(p).map_err(|e| format!("read {}: {e}", p.display()));
     let mut cpio = Cpio {
         data: Vec::new(),
@@ -457,7 +470,7 @@ pub fn build_initramfs(
         cpio.dir(d);
         dirs.insert(d.to_string());
     }
-    cpio.file("bin/busybox", &read(&busybox)?);
+    cpio.file("bin/busybox", &read(busybox)?);
     for (bin, path) in bins {
         let name = match bin.strip_prefix('/') {
             Some(abs) => {

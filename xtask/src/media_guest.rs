@@ -1,0 +1,1376 @@
+//! `cargo xtask media-guest`: `outboard media` against the real Linux virtio-media guest
+//! driver and a real QEMU front-end.
+//!
+//! Bookworm has neither a QEMU that can front a virtio-media back-end (QEMU 11.1's
+//! `vhost-user-test-device-pci` with `SHMEM_MAP`) nor the gcc-14 that trixie-backports'
+//! kernel headers need, so everything guest-side comes from a Debian trixie root made with
+//! `debootstrap --variant=minbase` and cached in `target/e2e-cache/trixie-root` (see
+//! [`ensure_root`]): QEMU and the guest kernel with its headers from trixie-backports,
+//! v4l-utils (v4l2-compliance 1.30 and v4l2-ctl) from trixie.
+//!
+//! 1. The driver (`../shared/guest-drivers/virtio-media/`, an unmodified third-party copy)
+//!    is copied into the root, its id table patched from `VIRTIO_ID_MEDIA` (48, on which
+//!    QEMU 11.1's generic device aborts) to [`VIRTIO_ID`], and built there against the
+//!    kernel headers; the module is cached by kernel version and source hash.
+//! 2. A busybox initramfs gets the driver, the kernel modules it needs (dependencies first,
+//!    from `modules.dep`), v4l2-compliance and v4l2-ctl with their libraries (resolved
+//!    by `ldd` inside the root) and the static `media-frame-check` (outboard-tests).
+//! 3. Four `outboard media --camera` daemons run on the host, one per [`MODES`] entry
+//!    (single- and multi-planar, each with and without `--jail`), their sockets inside
+//!    the root, and one guest boots under QEMU (chrooted into the root, TCG) with one
+//!    `vhost-user-test-device-pci` per daemon at a fixed PCI slot, so the guest finds each
+//!    mode's video node through sysfs.
+//! 4. Per node the guest runs `v4l2-compliance -s10`, `v4l2-compliance -s10 -f`, and
+//!    MMAP and USERPTR captures with `v4l2-ctl` whose frames `media-frame-check` compares
+//!    byte for byte with the camera's pattern. Every output line goes to the serial console
+//!    with a prefix naming the mode and the test; this side parses them into a summary.
+//!
+//! The modes are tested at once (four guest processes, two vCPUs);
+//! `OUTBOARD_MEDIA_GUEST_SERIAL=1` tests them one after another, to tell a failure that
+//! load brings out from one that does not need it.
+//!
+//! Pass: every v4l2-compliance run ends with `Failed: 0`, every captured frame is
+//! exact, and no daemon log reports a worker killed (seccomp, `SIGSYS`) or ended.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::media_e2e::{parse_ldd, report, Report};
+use crate::packages;
+use crate::setup;
+use crate::util::{self, output, Proc, Result};
+
+/// The Debian release of the root.
+const SUITE: &str = "trixie";
+/// Its backports suite (QEMU 11.1, the 7.x kernel).
+const BACKPORTS: &str = "trixie-backports";
+
+/// A package installed in the trixie root.
+struct RootPackage {
+    /// The Debian package name.
+    name: &'static str,
+    /// Installed from [`BACKPORTS`] (else from [`SUITE`]).
+    backports: bool,
+    /// The oldest acceptable version (`dpkg --compare-versions` syntax), if any.
+    min_version: Option<&'static str>,
+    /// What it is for.
+    why: &'static str,
+}
+
+/// Every package of the trixie root (with their dependencies, no recommends).
+const ROOT_PACKAGES: &[RootPackage] = &[
+    RootPackage {
+        name: "qemu-system-x86",
+        backports: true,
+        min_version: Some("1:11.1"),
+        why: "vhost-user-test-device-pci with SHMEM_MAP",
+    },
+    RootPackage {
+        name: "linux-image-amd64",
+        backports: true,
+        min_version: None,
+        why: "the guest kernel and its modules",
+    },
+    RootPackage {
+        name: "linux-headers-amd64",
+        backports: true,
+        min_version: None,
+        why: "building the virtio-media driver (pulls in gcc-14)",
+    },
+    RootPackage {
+        name: "make",
+        backports: false,
+        min_version: None,
+        why: "kbuild (the headers pull in gcc-14, not make)",
+    },
+    RootPackage {
+        name: "binutils",
+        backports: false,
+        min_version: None,
+        why: "the `as` and `ld` gcc-14 runs (the headers pull in prefixed ones only)",
+    },
+    RootPackage {
+        name: "v4l-utils",
+        backports: false,
+        min_version: Some("1.30"),
+        why: "v4l2-compliance and v4l2-ctl in the guest",
+    },
+    RootPackage {
+        name: "busybox-static",
+        backports: false,
+        min_version: None,
+        why: "the guest's shell and tools",
+    },
+    RootPackage {
+        name: "kmod",
+        backports: false,
+        min_version: None,
+        why: "modinfo and depmod for the kernel's modules",
+    },
+];
+
+/// The file in the root that lists what it holds once it is complete.
+const ROOT_STAMP: &str = ".outboard-media-guest";
+/// The file in the root that says debootstrap finished.
+const DEBOOTSTRAP_STAMP: &str = ".outboard-debootstrap";
+/// The virtio device id the guest sees (QEMU 11.1's `vhost-user-test-device-pci` aborts
+/// on `VIRTIO_ID_MEDIA`, 48; 38 is unassigned in the virtio specification).
+const VIRTIO_ID: u32 = 38;
+/// Where the run's sockets, kernel command files and console log live, inside the root.
+const RUN_DIR: &str = "run/outboard";
+
+/// A camera mode under test: one daemon and one PCI device.
+struct Mode {
+    /// Its name in the console prefixes and the summary.
+    name: &'static str,
+    /// `--mplane`.
+    mplane: bool,
+    /// `--jail`.
+    jail: bool,
+    /// The device's PCI slot (`addr=0x..`).
+    slot: u8,
+    /// The format `v4l2-ctl` captures for the frame check (a V4L2 fourcc name).
+    fourcc: &'static str,
+    /// The format the USERPTR capture uses.
+    fourcc_userptr: &'static str,
+}
+
+/// The modes, one daemon and one device each.
+const MODES: [Mode; 4] = [
+    Mode {
+        name: "sp",
+        mplane: false,
+        jail: false,
+        slot: 0x10,
+        fourcc: "YUYV",
+        fourcc_userptr: "RGB3",
+    },
+    Mode {
+        name: "mplane",
+        mplane: true,
+        jail: false,
+        slot: 0x11,
+        fourcc: "NM12",
+        fourcc_userptr: "YM12",
+    },
+    Mode {
+        name: "sp-jail",
+        mplane: false,
+        jail: true,
+        slot: 0x12,
+        fourcc: "NV12",
+        fourcc_userptr: "YUYV",
+    },
+    Mode {
+        name: "mplane-jail",
+        mplane: true,
+        jail: true,
+        slot: 0x13,
+        fourcc: "YM12",
+        fourcc_userptr: "NM12",
+    },
+];
+
+/// The size every capture uses.
+const CAPTURE_SIZE: (u32, u32) = (640, 480);
+/// Frames each capture writes.
+const CAPTURE_FRAMES: u32 = 8;
+/// How long the guest may take from boot to its end mark.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(540);
+
+/// A complete trixie root.
+struct Root {
+    /// Its directory.
+    dir: PathBuf,
+    /// The guest kernel's version (`uname -r`), whose headers are in the root.
+    kver: String,
+}
+
+/// The stamp text: what a complete root holds.
+fn stamp_text() -> String {
+    let mut s = format!(
+        "debootstrap --variant=minbase {SUITE}\nno recommends, docs, manuals, translations or apt lists\n"
+    );
+    for p in ROOT_PACKAGES {
+        let suite = if p.backports { BACKPORTS } else { SUITE };
+        let min = p.min_version.unwrap_or("any");
+        s.push_str(&format!("{} {suite} >= {min}\n", p.name));
+    }
+    s
+}
+
+/// A command that runs `argv` chrooted into `root`, in a private mount namespace that
+/// has the host's /dev and a fresh /proc mounted in the root: the mounts end with the
+/// command and are never seen outside it (so nothing is left mounted in the cache).
+fn chroot_cmd(root: &Path, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "r=$1; shift; mount --rbind /dev \"$r/dev\" && mount -t proc proc \"$r/proc\" \
+             && exec chroot \"$r\" \"$@\"",
+        )
+        .arg("outboard-chroot")
+        .arg(root)
+        .args(argv)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("LC_ALL", "C.UTF-8")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Mount points at or under `dir`, from /proc/self/mountinfo.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = dir.to_string_lossy();
+    let dir = dir.trim_end_matches('/');
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| *m == dir || m.strip_prefix(dir).is_some_and(|r| r.starts_with('/')))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Removes a root directory, refusing if anything is mounted in it (removing through a
+/// bind mount of /dev would delete the host's device nodes).
+fn remove_root(dir: &Path) -> Result<()> {
+    let mounts = mounts_under(dir);
+    if !mounts.is_empty() {
+        return Err(format!(
+            "{} has mounts in it ({}); unmount them first",
+            dir.display(),
+            mounts.join(", ")
+        ));
+    }
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("remove {}: {e}", dir.display())),
+    }
+}
+
+/// The host's `Acquire::` settings the root's apt needs too: how it reaches the mirror
+/// (proxies) and whether it checks the Release files' dates (a snapshot mirror's are
+/// old), as `apt.conf` lines.
+fn apt_acquire_lines(dump: &str) -> String {
+    const KEEP: [&str; 4] = [
+        "Acquire::Check-Valid-Until ",
+        "Acquire::Check-Date ",
+        "Acquire::http::Proxy",
+        "Acquire::https::Proxy",
+    ];
+    dump.lines()
+        .filter(|l| KEEP.iter().any(|k| l.starts_with(k)))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The installed version of `name` in the root's package database.
+fn root_version(root: &Path, name: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f", "${db:Status-Status} ${Version}", name])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, version) = text.trim().split_once(' ')?;
+    (status == "installed" && !version.is_empty()).then(|| version.to_string())
+}
+
+/// Whether `a >= b` by dpkg's version order.
+fn version_at_least(a: &str, b: &str) -> bool {
+    Command::new("dpkg")
+        .args(["--compare-versions", a, "ge", b])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The root's packages that are missing or too old, with their state.
+fn root_missing(root: &Path) -> Vec<String> {
+    ROOT_PACKAGES
+        .iter()
+        .filter_map(|p| match root_version(root, p.name) {
+            Some(v) if p.min_version.is_none_or(|m| version_at_least(&v, m)) => None,
+            Some(v) => Some(format!("{} {v} (too old)", p.name)),
+            None => Some(format!("{} (not installed)", p.name)),
+        })
+        .collect()
+}
+
+/// Makes the trixie root in `dir` unless its stamp says it is complete: debootstrap
+/// (minbase, the host's Debian mirror), trixie-backports added, [`ROOT_PACKAGES`]
+/// installed without recommends, apt's cache cleaned.
+fn ensure_root(dir: &Path) -> Result<Root> {
+    let stamp = dir.join(ROOT_STAMP);
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(stamp_text().as_str()) {
+        make_root(dir)?;
+        fs::write(&stamp, stamp_text()).map_err(|e| format!("write {}: {e}", stamp.display()))?;
+    }
+    let kver = kernel_version(dir)?;
+    Ok(Root {
+        dir: dir.to_owned(),
+        kver,
+    })
+}
+
+fn make_root(dir: &Path) -> Result<()> {
+    let apt_timeout = Duration::from_secs(1800);
+    let mirror = packages::debian_mirror()
+        .ok_or("no Debian mirror in /etc/apt to debootstrap the trixie root from")?;
+    if !dir.join(DEBOOTSTRAP_STAMP).exists() {
+        packages::ensure(&["debootstrap"])?;
+        let tmp = dir.with_extension("tmp");
+        remove_root(&tmp)?;
+        remove_root(dir)?;
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+        }
+        println!("media-guest: debootstrap --variant=minbase {SUITE} from {mirror}");
+        // debootstrap mounts /proc and /sys in the root; in a namespace of its own those
+        // mounts cannot outlive it.
+        util::run(
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "--"])
+                .args(["debootstrap", "--variant=minbase", SUITE])
+                .arg(&tmp)
+                .arg(&mirror)
+                .stdin(Stdio::null()),
+            apt_timeout,
+        )?;
+        let done = tmp.join(DEBOOTSTRAP_STAMP);
+        fs::write(&done, "").map_err(|e| format!("write {}: {e}", done.display()))?;
+        fs::rename(&tmp, dir)
+            .map_err(|e| format!("rename {} to {}: {e}", tmp.display(), dir.display()))?;
+    }
+    let write = |rel: &str, text: &str| -> Result<()> {
+        let path = dir.join(rel);
+        fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))
+    };
+    write(
+        "etc/apt/sources.list.d/outboard-backports.list",
+        &format!("deb {mirror} {BACKPORTS} main\n"),
+    )?;
+    let dump = output(
+        Command::new("apt-config").args(["dump", "Acquire"]),
+        Duration::from_secs(60),
+    )?;
+    write(
+        "etc/apt/apt.conf.d/90outboard",
+        &format!(
+            "APT::Install-Recommends \"false\";\n{}",
+            apt_acquire_lines(&dump)
+        ),
+    )?;
+    // No service starts in the root.
+    write("usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n")?;
+    let policy = dir.join("usr/sbin/policy-rc.d");
+    fs::set_permissions(&policy, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", policy.display()))?;
+    // Documentation, manual pages and translations are not installed (disk).
+    write(
+        "etc/dpkg/dpkg.cfg.d/90outboard-nodoc",
+        "path-exclude=/usr/share/doc/*\npath-exclude=/usr/share/man/*\n\
+         path-exclude=/usr/share/locale/*\npath-exclude=/usr/share/info/*\n",
+    )?;
+    println!("media-guest: installing in the trixie root:");
+    for p in ROOT_PACKAGES {
+        let suite = if p.backports { BACKPORTS } else { SUITE };
+        println!("  {:<20} {suite:<16} {}", p.name, p.why);
+    }
+    util::run(
+        &mut chroot_cmd(dir, &["apt-get", "update", "-q"]),
+        apt_timeout,
+    )?;
+    let install = |extra: &[&str], names: Vec<&str>| -> Result<()> {
+        let mut argv = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
+        argv.extend_from_slice(extra);
+        argv.extend(names);
+        // INITRD=No: the kernel's postinst hook makes no initramfs (the guest gets ours).
+        util::run(chroot_cmd(dir, &argv).env("INITRD", "No"), apt_timeout)
+    };
+    install(
+        &[],
+        ROOT_PACKAGES
+            .iter()
+            .filter(|p| !p.backports)
+            .map(|p| p.name)
+            .collect(),
+    )?;
+    install(
+        &["-t", BACKPORTS],
+        ROOT_PACKAGES
+            .iter()
+            .filter(|p| p.backports)
+            .map(|p| p.name)
+            .collect(),
+    )?;
+    util::run(&mut chroot_cmd(dir, &["apt-get", "clean"]), apt_timeout)?;
+    // The package lists (100 MiB) are fetched again by the next apt-get update.
+    let lists = dir.join("var/lib/apt/lists");
+    for entry in fs::read_dir(&lists)
+        .map_err(|e| format!("read {}: {e}", lists.display()))?
+        .flatten()
+    {
+        if entry.path().is_file() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let missing = root_missing(dir);
+    if !missing.is_empty() {
+        return Err(format!(
+            "after apt-get install in {}, still missing or too old: {}",
+            dir.display(),
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// The version of the root's newest kernel that has its modules, its image and its
+/// headers there.
+fn kernel_version(root: &Path) -> Result<String> {
+    let modules = root.join("usr/lib/modules");
+    let mut found: Vec<String> = fs::read_dir(&modules)
+        .map_err(|e| format!("read {}: {e}", modules.display()))?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|v| {
+            root.join("boot").join(format!("vmlinuz-{v}")).is_file()
+                && root
+                    .join("usr/src")
+                    .join(format!("linux-headers-{v}"))
+                    .is_dir()
+        })
+        .collect();
+    found.sort_by(|a, b| {
+        if a == b {
+            std::cmp::Ordering::Equal
+        } else if version_at_least(a, b) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Less
+        }
+    });
+    found.pop().ok_or_else(|| {
+        format!(
+            "no kernel with image, modules and headers in {}",
+            root.display()
+        )
+    })
+}
+/// FNV-1a (64 bits) over `bytes`, continuing from `h`: a hash that is the same on every
+/// toolchain, for cache keys.
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The FNV-1a offset basis.
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The driver's source folder: `../shared/guest-drivers/virtio-media` beside the
+/// workspace.
+fn driver_source() -> PathBuf {
+    let root = util::workspace_root();
+    root.parent()
+        .unwrap_or(&root)
+        .join("shared")
+        .join("guest-drivers")
+        .join("virtio-media")
+}
+
+/// The driver's files (name, contents), sorted by name.
+fn driver_files(src: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(src).map_err(|e| format!("read {}: {e}", src.display()))? {
+        let entry = entry.map_err(|e| format!("read {}: {e}", src.display()))?;
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| format!("file name {n:?} in {} is not UTF-8", src.display()))?;
+        let bytes = fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        files.push((name, bytes));
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no driver sources in {}", src.display()));
+    }
+    Ok(files)
+}
+
+/// The driver's id-table entry, and what a test build makes of it.
+const ID_ENTRY: &str = "{ VIRTIO_ID_MEDIA, VIRTIO_DEV_ANY_ID }";
+
+/// `virtio_media_driver.c` with its id table matching device id `id` instead of
+/// `VIRTIO_ID_MEDIA`; an error unless the entry is there exactly once.
+fn patch_id_table(source: &str, id: u32) -> Result<String> {
+    match source.matches(ID_ENTRY).count() {
+        1 => Ok(source.replace(ID_ENTRY, &format!("{{ {id}, VIRTIO_DEV_ANY_ID }}"))),
+        n => Err(format!(
+            "virtio_media_driver.c has {n} id-table entries {ID_ENTRY:?}, expected 1"
+        )),
+    }
+}
+
+/// Builds `virtio-media.ko` for the root's kernel (in the root, against its headers)
+/// unless the cache has it for this kernel and these sources; returns its path.
+fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
+    let src = driver_source();
+    let files = driver_files(&src)?;
+    let mut h = fnv1a(FNV_BASIS, &VIRTIO_ID.to_le_bytes());
+    for (name, bytes) in &files {
+        h = fnv1a(h, name.as_bytes());
+        h = fnv1a(h, &(bytes.len() as u64).to_le_bytes());
+        h = fnv1a(h, bytes);
+    }
+    let ko = cache.join(format!(
+        "virtio-media-{}-id{VIRTIO_ID}-{h:016x}.ko",
+        root.kver
+    ));
+    if ko.is_file() {
+        return Ok(ko);
+    }
+    let rel = "var/tmp/outboard-virtio-media";
+    let build = root.dir.join(rel);
+    let _ = fs::remove_dir_all(&build);
+    fs::create_dir_all(&build).map_err(|e| format!("create {}: {e}", build.display()))?;
+    for (name, bytes) in &files {
+        let bytes = if name == "virtio_media_driver.c" {
+            patch_id_table(&String::from_utf8_lossy(bytes), VIRTIO_ID)?.into_bytes()
+        } else {
+            bytes.clone()
+        };
+        let dst = build.join(name);
+        fs::write(&dst, bytes).map_err(|e| format!("write {}: {e}", dst.display()))?;
+    }
+    println!(
+        "media-guest: building virtio-media.ko (id table patched to {VIRTIO_ID}) for {}",
+        root.kver
+    );
+    let kdir = format!("/usr/src/linux-headers-{}", root.kver);
+    let m = format!("M=/{rel}");
+    util::run(
+        &mut chroot_cmd(&root.dir, &["make", "-s", "-C", &kdir, &m, "modules"]),
+        Duration::from_secs(900),
+    )?;
+    fs::create_dir_all(cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
+    let built = build.join("virtio-media.ko");
+    let tmp = ko.with_extension("tmp");
+    fs::copy(&built, &tmp).map_err(|e| format!("copy {}: {e}", built.display()))?;
+    fs::rename(&tmp, &ko).map_err(|e| format!("rename to {}: {e}", ko.display()))?;
+    let _ = fs::remove_dir_all(&build);
+    Ok(ko)
+}
+
+/// A module's name as the kernel knows it: its file name without `.ko` and a
+/// compression suffix, `-` as `_`.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// `modules.dep`: each module's path and the paths of the modules it needs.
+fn parse_modules_dep(text: &str) -> BTreeMap<String, (String, Vec<String>)> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(path, deps)| {
+            let deps = deps.split_whitespace().map(str::to_string).collect();
+            (module_name(path), (path.trim().to_string(), deps))
+        })
+        .collect()
+}
+
+/// The module paths to load, dependencies first, for the modules `wanted`; a name that
+/// is built in (`modules.builtin`) needs nothing.
+fn load_order(
+    dep: &BTreeMap<String, (String, Vec<String>)>,
+    builtin: &BTreeSet<String>,
+    wanted: &[String],
+) -> Result<Vec<String>> {
+    fn visit(
+        name: &str,
+        dep: &BTreeMap<String, (String, Vec<String>)>,
+        builtin: &BTreeSet<String>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) -> Result<()> {
+        if !seen.insert(name.to_string()) {
+            return Ok(());
+        }
+        let Some((path, deps)) = dep.get(name) else {
+            return if builtin.contains(name) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "kernel module {name} is neither in modules.dep nor built in"
+                ))
+            };
+        };
+        for d in deps {
+            visit(&module_name(d), dep, builtin, seen, order)?;
+        }
+        order.push(path.clone());
+        Ok(())
+    }
+    let mut seen = BTreeSet::new();
+    let mut order = Vec::new();
+    for w in wanted {
+        visit(&w.replace('-', "_"), dep, builtin, &mut seen, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// The `depends=` list of a module file's `.modinfo` (uncompressed module bytes).
+fn ko_depends(bytes: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let Some(at) = bytes.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &bytes[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The modules the guest loads, in order, as (name, uncompressed file): what the driver
+/// needs from the root's kernel (decompressed into `out`), then the driver.
+fn guest_modules(root: &Root, driver: &Path, out: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let base = root.dir.join("usr/lib/modules").join(&root.kver);
+    let read = |name: &str| {
+        let p = base.join(name);
+        fs::read_to_string(&p).map_err(|e| format!("read {}: {e}", p.display()))
+    };
+    let dep = parse_modules_dep(&read("modules.dep")?);
+    let builtin: BTreeSet<String> = read("modules.builtin")?.lines().map(module_name).collect();
+    let ko = fs::read(driver).map_err(|e| format!("read {}: {e}", driver.display()))?;
+    // The virtio PCI transport too, in case a kernel has it as a module.
+    let mut wanted = vec!["virtio_pci".to_string()];
+    wanted.extend(ko_depends(&ko));
+    let order = load_order(&dep, &builtin, &wanted)?;
+    fs::create_dir_all(out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let mut modules = Vec::new();
+    for rel in order {
+        let name = module_name(&rel);
+        let file = out.join(format!("{name}.ko"));
+        if !file.is_file() {
+            let src = base.join(&rel);
+            let tool = match src.extension().and_then(|e| e.to_str()) {
+                Some("xz") => Some("xz"),
+                Some("zst") => Some("zstd"),
+                Some("gz") => Some("gzip"),
+                _ => None,
+            };
+            let tmp = file.with_extension("tmp");
+            match tool {
+                Some(tool) => {
+                    let f = fs::File::create(&tmp)
+                        .map_err(|e| format!("create {}: {e}", tmp.display()))?;
+                    util::run(
+                        Command::new(tool).arg("-dc").arg(&src).stdout(f),
+                        Duration::from_secs(60),
+                    )?;
+                }
+                None => {
+                    fs::copy(&src, &tmp).map_err(|e| format!("copy {}: {e}", src.display()))?;
+                }
+            }
+            fs::rename(&tmp, &file).map_err(|e| format!("rename to {}: {e}", file.display()))?;
+        }
+        modules.push((name, file));
+    }
+    modules.push(("virtio_media".to_string(), driver.to_owned()));
+    Ok(modules)
+}
+
+/// `bin` (a path inside the root) and the libraries and dynamic loader it needs, as
+/// (path in the guest, file on the host). `ldd` runs in the root; each file is read at
+/// the path its symbolic links resolve to inside the root.
+fn root_binary_files(root: &Path, bin: &str) -> Result<Vec<(String, PathBuf)>> {
+    let ldd = output(
+        &mut chroot_cmd(root, &["ldd", bin]),
+        Duration::from_secs(60),
+    )?;
+    let mut paths = vec![bin.to_string()];
+    paths.extend(
+        parse_ldd(&ldd)
+            .map_err(|e| format!("ldd {bin} in the root: {e}"))?
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned()),
+    );
+    let mut argv = vec!["readlink", "-e", "--"];
+    argv.extend(paths.iter().map(String::as_str));
+    let real = output(&mut chroot_cmd(root, &argv), Duration::from_secs(60))?;
+    let real: Vec<&str> = real.lines().collect();
+    if real.len() != paths.len() {
+        return Err(format!(
+            "readlink in the root resolved {} of {paths:?}",
+            real.len()
+        ));
+    }
+    Ok(paths
+        .iter()
+        .zip(real)
+        .map(|(guest, real)| (guest.clone(), root.join(real.trim_start_matches('/'))))
+        .collect())
+}
+
+/// Builds `media-frame-check` statically (its own `--target` dir, so the flags leave
+/// the workspace's debug build alone); returns its path.
+fn build_frame_check() -> Result<PathBuf> {
+    let triple = "x86_64-unknown-linux-gnu";
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args([
+        "build",
+        "-p",
+        "outboard-tests",
+        "--bin",
+        "media-frame-check",
+    ])
+    .args(["--target", triple])
+    .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    util::run(&mut cmd, Duration::from_secs(1800))?;
+    let bin = crate::target_dir()
+        .join(triple)
+        .join("debug")
+        .join("media-frame-check");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!("cargo build left no {}", bin.display()))
+    }
+}
+
+/// The guest's /init; `@MODES@` becomes the mode list, one `name:slot:fourcc:fourcc`
+/// word per mode. Every line of a test's output goes to the console as
+/// `mg <mode> <test>| <line>`, with `mg: T <uptime> <mode> <test>` marks between tests.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=128m tmp /tmp
+for m in $(cat /modules/order); do
+    case $m in
+    virtio_media.ko) insmod /modules/$m allow_userptr=1 ;;
+    *) insmod /modules/$m ;;
+    esac || echo "mg: insmod $m failed"
+done
+echo "mg: guest up, $(uname -r)"
+W=@WIDTH@
+H=@HEIGHT@
+N=@FRAMES@
+MODES="@MODES@"
+mark() { echo "mg: T $(cut -d' ' -f1 /proc/uptime) $1"; }
+node_of() {
+    for d in /sys/bus/pci/devices/0000:00:$1.0/virtio*/video4linux/video*; do
+        [ -e "$d" ] && basename "$d" && return
+    done
+}
+run_mode() {
+    mode=$1 slot=$2 fmt_mmap=$3 fmt_user=$4
+    node=
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        node=$(node_of $slot)
+        [ -n "$node" ] && break
+        sleep 1
+    done
+    echo "mg: node $mode ${node:-none}"
+    [ -n "$node" ] || return
+    dev=/dev/$node
+    mark "$mode s10"
+    v4l2-compliance -d $dev -s10 2>&1 | sed "s/^/mg $mode s10| /"
+    mark "$mode s10f"
+    v4l2-compliance -d $dev -s10 -f 2>&1 | sed "s/^/mg $mode s10f| /"
+    for io in mmap user; do
+        fmt=$fmt_mmap
+        [ $io = user ] && fmt=$fmt_user
+        mark "$mode $io"
+        raw=/tmp/$mode-$io.raw
+        v4l2-ctl -d $dev --set-fmt-video=width=$W,height=$H,pixelformat=$fmt \
+            --stream-$io --stream-count=$N --stream-to=$raw 2>&1 | sed "s/^/mg $mode $io-ctl| /"
+        media-frame-check --fourcc $fmt --width $W --height $H $raw 2>&1 \
+            | sed "s/^/mg $mode $io| /"
+        rm -f $raw
+    done
+    mark "$mode done"
+}
+for spec in $MODES; do
+    if [ @SERIAL@ = 1 ]; then
+        run_mode $(echo $spec | tr : ' ')
+    else
+        run_mode $(echo $spec | tr : ' ') &
+    fi
+done
+wait
+mark end
+echo "mg: END"
+poweroff -f
+"#;
+
+/// The guest's /init for `modes`, tested all at once, or one after another if `serial`.
+fn init_script(modes: &[Mode], serial: bool) -> String {
+    let list: Vec<String> = modes
+        .iter()
+        .map(|m| {
+            format!(
+                "{}:{:02x}:{}:{}",
+                m.name, m.slot, m.fourcc, m.fourcc_userptr
+            )
+        })
+        .collect();
+    INIT.replace("@MODES@", &list.join(" "))
+        .replace("@WIDTH@", &CAPTURE_SIZE.0.to_string())
+        .replace("@HEIGHT@", &CAPTURE_SIZE.1.to_string())
+        .replace("@FRAMES@", &CAPTURE_FRAMES.to_string())
+        .replace("@SERIAL@", if serial { "1" } else { "0" })
+}
+
+/// The counts of a `Total for ...: T, Succeeded: S, Failed: F, Warnings: W` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+    warnings: u64,
+}
+
+fn totals(line: &str) -> Option<Totals> {
+    // "Total for <driver> device <node>: T, Succeeded: S, Failed: F, Warnings: W"
+    let (_, counts) = line.strip_prefix("Total for ")?.split_once(": ")?;
+    let mut fields = counts.split(", ");
+    let total = fields.next()?.trim().parse().ok()?;
+    let mut get = |name: &str| -> Option<u64> {
+        fields
+            .next()?
+            .trim()
+            .strip_prefix(name)?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(Totals {
+        total,
+        succeeded: get("Succeeded:")?,
+        failed: get("Failed:")?,
+        warnings: get("Warnings:")?,
+    })
+}
+
+/// A frame check's result, from the console lines with its prefix.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Frames {
+    /// `frames=` of the RESULT line (`None`: no RESULT line).
+    frames: Option<u64>,
+    /// `exact=` of the RESULT line.
+    exact: u64,
+    /// The FAIL lines.
+    fails: Vec<String>,
+}
+
+fn frames(console: &str, prefix: &str) -> Frames {
+    let mut f = Frames::default();
+    for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("RESULT ") {
+            let field = |name: &str| -> Option<u64> {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse().ok())
+            };
+            f.frames = field("frames=");
+            f.exact = field("exact=").unwrap_or(0);
+        } else if line.contains("FAIL") {
+            f.fails.push(line.to_string());
+        }
+    }
+    f
+}
+
+impl Frames {
+    /// Every expected frame was checked and exact.
+    fn ok(&self) -> bool {
+        self.frames == Some(u64::from(CAPTURE_FRAMES))
+            && self.exact == u64::from(CAPTURE_FRAMES)
+            && self.fails.is_empty()
+    }
+
+    fn summary(&self) -> String {
+        match self.frames {
+            Some(n) => format!("{}/{n} exact", self.exact),
+            None => "no result".into(),
+        }
+    }
+}
+
+/// Lines of a daemon log that report a worker killed or ended: a seccomp kill
+/// (`SIGSYS`, signal 31) or the daemon's worker-exit report (`worker pid N <how>`).
+fn worker_trouble(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            let lower = l.to_ascii_lowercase();
+            lower.contains("sigsys")
+                || lower.contains("signal 31")
+                || lower.contains("seccomp")
+                || lower.contains("worker pid ")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `mg: T <uptime> <label>` marks, as (uptime, label).
+fn marks(console: &str) -> Vec<(f64, String)> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mg: T "))
+        .filter_map(|l| {
+            let (t, label) = l.split_once(' ')?;
+            Some((t.parse().ok()?, label.to_string()))
+        })
+        .collect()
+}
+
+/// Seconds from the mark `label` to the next mark of the same mode.
+fn took(marks: &[(f64, String)], label: &str) -> Option<f64> {
+    let i = marks.iter().position(|(_, l)| l == label)?;
+    let mode = label.split(' ').next()?;
+    let next = marks[i + 1..]
+        .iter()
+        .find(|(_, l)| l.split(' ').next() == Some(mode) || l == "end")?;
+    Some(next.0 - marks[i].0)
+}
+
+/// Runs everything; returns whether every check passed.
+pub fn run() -> Result<bool> {
+    let started = Instant::now();
+    let serial = std::env::var_os("OUTBOARD_MEDIA_GUEST_SERIAL").is_some_and(|v| v == "1");
+    let cache = setup::cache_dir();
+    let own = cache.join("media-guest");
+    fs::create_dir_all(&own).map_err(|e| format!("create {}: {e}", own.display()))?;
+    let root = ensure_root(&cache.join("trixie-root"))?;
+    let root_time = started.elapsed();
+    println!(
+        "media-guest: trixie root ready ({:.0}s): kernel {}, {:.2} GiB",
+        root_time.as_secs_f64(),
+        root.kver,
+        crate::gib(crate::disk_usage(&root.dir))
+    );
+    let driver = ensure_driver(&own, &root)?;
+    let modules = guest_modules(&root, &driver, &own.join(format!("modules-{}", root.kver)))?;
+    let check = build_frame_check()?;
+    let outboard = crate::build_outboard(false)?;
+    let mut files: Vec<(String, PathBuf)> = vec![("media-frame-check".into(), check)];
+    for tool in ["v4l2-compliance", "v4l2-ctl"] {
+        let bin = format!("/usr/bin/{tool}");
+        let mut found = root_binary_files(&root.dir, &bin)?;
+        let (_, host) = found.remove(0);
+        files.push((tool.to_string(), host));
+        files.extend(found);
+    }
+    files.sort();
+    files.dedup();
+    let files: Vec<(&str, &Path)> = files
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    let run_dir = root.dir.join(RUN_DIR);
+    remove_root(&run_dir)?;
+    fs::create_dir_all(&run_dir).map_err(|e| format!("create {}: {e}", run_dir.display()))?;
+    setup::build_initramfs_with(
+        &run_dir,
+        "initramfs.cpio.gz",
+        &root.dir.join("usr/bin/busybox"),
+        &init_script(&MODES, serial),
+        &files,
+        &modules,
+    )?;
+    let prepared = started.elapsed();
+
+    let logs = own.join("logs");
+    let _ = fs::remove_dir_all(&logs);
+    fs::create_dir_all(&logs).map_err(|e| format!("create {}: {e}", logs.display()))?;
+    let mut daemons = Vec::new();
+    for m in &MODES {
+        let sock = run_dir.join(format!("{}.sock", m.name));
+        let mut cmd = Command::new(&outboard);
+        cmd.arg("media")
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--camera");
+        if m.mplane {
+            cmd.arg("--mplane");
+        }
+        if m.jail {
+            cmd.arg("--jail");
+        }
+        let log = logs.join(format!("{}.log", m.name));
+        daemons.push((m, Proc::spawn(m.name, cmd, &log)?, log, sock));
+    }
+    for (m, proc, log, sock) in &mut daemons {
+        if !util::wait_for_path(sock, Duration::from_secs(10)) || !proc.running() {
+            return Err(format!(
+                "outboard media ({}) made no socket {}:\n{}",
+                m.name,
+                sock.display(),
+                util::read_log(log)
+            ));
+        }
+    }
+
+    let mut argv: Vec<String> = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "1G",
+        "-object",
+        "memory-backend-memfd,id=mem,size=1G,share=on",
+        "-machine",
+        "q35,memory-backend=mem",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+    ]
+    .map(String::from)
+    .to_vec();
+    argv.push(format!("file:/{RUN_DIR}/console.log"));
+    argv.push("-kernel".into());
+    argv.push(format!("/boot/vmlinuz-{}", root.kver));
+    argv.push("-initrd".into());
+    argv.push(format!("/{RUN_DIR}/initramfs.cpio.gz"));
+    argv.push("-append".into());
+    argv.push("console=ttyS0 panic=-1 quiet loglevel=3".into());
+    for (i, m) in MODES.iter().enumerate() {
+        argv.push("-chardev".into());
+        argv.push(format!("socket,id=c{i},path=/{RUN_DIR}/{}.sock", m.name));
+        argv.push("-device".into());
+        argv.push(format!(
+            "vhost-user-test-device-pci,chardev=c{i},virtio-id={VIRTIO_ID},num_vqs=2,\
+             vq_size=128,config_size=40,addr=0x{:02x}",
+            m.slot
+        ));
+    }
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    println!(
+        "media-guest: booting {} under QEMU (TCG) with {} virtio-media devices, tested {}",
+        root.kver,
+        MODES.len(),
+        if serial {
+            "one after another"
+        } else {
+            "at once"
+        }
+    );
+    let boot = Instant::now();
+    let console = run_dir.join("console.log");
+    let qemu_log = logs.join("qemu.log");
+    let mut qemu = Proc::spawn("qemu", chroot_cmd(&root.dir, &argv), &qemu_log)?;
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while Instant::now() < deadline {
+        let log = util::read_log(&console);
+        if log.lines().any(|l| l.trim() == "mg: END") || !qemu.running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let guest_time = boot.elapsed();
+    let _ = qemu.terminate(Duration::from_secs(10));
+    let log = util::read_log(&console);
+    let _ = fs::copy(&console, logs.join("console.log"));
+    let ended = log.lines().any(|l| l.trim() == "mg: END");
+
+    let mut ok = ended;
+    if !ended {
+        println!(
+            "media-guest: the guest did not finish within {GUEST_TIMEOUT:?} (console: {}, QEMU: {})\n{}",
+            logs.join("console.log").display(),
+            qemu_log.display(),
+            util::read_log(&qemu_log)
+        );
+    }
+    for line in log
+        .lines()
+        .filter(|l| l.starts_with("mg: ") && !l.starts_with("mg: T "))
+    {
+        println!("  {}", line.trim());
+    }
+    let marks = marks(&log);
+    let secs = |label: String| took(&marks, &label).map_or("?".to_string(), |t| format!("{t:.0}s"));
+    println!("media-guest: summary");
+    for m in &MODES {
+        for (test, what) in [("s10", "-s10"), ("s10f", "-s10 -f")] {
+            let r: Report = report(&log, &format!("mg {} {test}| ", m.name));
+            let t = r.total.as_deref().and_then(totals);
+            let pass = r.failed == Some(0) && t.is_some_and(|t| t.failed == 0);
+            ok &= pass;
+            println!(
+                "  {:<12} v4l2-compliance {:<8} {:>5}  {}  {}",
+                m.name,
+                what,
+                secs(format!("{} {test}", m.name)),
+                match t {
+                    Some(t) => format!(
+                        "Total {}, Succeeded {}, Failed {}, Warnings {}",
+                        t.total, t.succeeded, t.failed, t.warnings
+                    ),
+                    None => "no totals".into(),
+                },
+                if pass { "ok" } else { "FAIL" }
+            );
+            for f in crate::media_e2e::counted(&r.failing) {
+                println!("  {:<12}   FAIL {f}", "");
+            }
+            // A detail line may follow a progress line without a newline.
+            let details: Vec<String> = r
+                .details
+                .iter()
+                .map(|d| d.find("fail:").map_or(d.as_str(), |i| &d[i..]).to_string())
+                .collect();
+            for d in crate::media_e2e::counted(&details) {
+                println!("  {:<12}   {d}", "");
+            }
+        }
+        for (io, what) in [("mmap", "MMAP"), ("user", "USERPTR")] {
+            let f = frames(&log, &format!("mg {} {io}| ", m.name));
+            let pass = f.ok();
+            ok &= pass;
+            let fmt = if io == "mmap" {
+                m.fourcc
+            } else {
+                m.fourcc_userptr
+            };
+            println!(
+                "  {:<12} v4l2-ctl {:<7} {fmt} {:>5}  frames {}  {}",
+                m.name,
+                what,
+                secs(format!("{} {io}", m.name)),
+                f.summary(),
+                if pass { "ok" } else { "FAIL" }
+            );
+            if !pass {
+                for l in &f.fails {
+                    println!("  {:<12}   {l}", "");
+                }
+                let prefix = format!("mg {} {io}-ctl| ", m.name);
+                for l in log.lines().filter_map(|l| l.strip_prefix(prefix.as_str())) {
+                    println!("  {:<12}   v4l2-ctl: {}", "", l.trim());
+                }
+            }
+        }
+    }
+    for (m, proc, log, _) in &mut daemons {
+        let alive = proc.running();
+        let stopped = proc.terminate(Duration::from_secs(5));
+        let text = util::read_log(log);
+        let trouble = worker_trouble(&text);
+        let clean = alive && trouble.is_empty() && matches!(&stopped, Ok(s) if s.success());
+        ok &= clean;
+        println!(
+            "  {:<12} daemon{}: {}",
+            m.name,
+            if m.jail { " (--jail)" } else { "" },
+            if clean {
+                "no worker killed or ended, clean exit on SIGTERM".to_string()
+            } else {
+                format!(
+                    "FAIL (running until the end: {alive}, exit: {stopped:?}, log {})",
+                    log.display()
+                )
+            }
+        );
+        for t in trouble {
+            println!("  {:<12}   {t}", "");
+        }
+    }
+    println!(
+        "media-guest: {} in {:.0}s (root {:.0}s, driver, modules, builds and initramfs {:.0}s, guest {:.0}s)",
+        if ok { "passed" } else { "FAILED" },
+        started.elapsed().as_secs_f64(),
+        root_time.as_secs_f64(),
+        (prepared - root_time).as_secs_f64(),
+        guest_time.as_secs_f64()
+    );
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_table_is_patched_once_or_not_at_all() {
+        let src = "static struct virtio_device_id id_table[] = {\n\t{ VIRTIO_ID_MEDIA, VIRTIO_DEV_ANY_ID },\n\t{ 0 },\n};\n";
+        let patched = patch_id_table(src, 38).unwrap();
+        assert!(patched.contains("\t{ 38, VIRTIO_DEV_ANY_ID },\n"));
+        assert!(!patched.contains("VIRTIO_ID_MEDIA"));
+        // A driver whose table changed must not build silently unpatched.
+        assert!(patch_id_table("{ 48, VIRTIO_DEV_ANY_ID }", 38).is_err());
+        assert!(patch_id_table(&src.repeat(2), 38).is_err());
+    }
+
+    #[test]
+    fn modules_load_dependencies_first_and_skip_built_ins() {
+        let dep = parse_modules_dep(
+            "kernel/drivers/media/v4l2-core/videodev.ko.xz: kernel/drivers/media/mc/mc.ko.xz\n\
+             kernel/drivers/media/mc/mc.ko.xz:\n\
+             kernel/drivers/media/common/videobuf2/videobuf2-v4l2.ko.xz: \
+             kernel/drivers/media/common/videobuf2/videobuf2-common.ko.xz \
+             kernel/drivers/media/v4l2-core/videodev.ko.xz kernel/drivers/media/mc/mc.ko.xz\n\
+             kernel/drivers/media/common/videobuf2/videobuf2-common.ko.xz: \
+             kernel/drivers/media/mc/mc.ko.xz\n",
+        );
+        assert_eq!(dep.len(), 4);
+        let builtin: BTreeSet<String> = ["virtio_pci".to_string()].into();
+        let order = load_order(
+            &dep,
+            &builtin,
+            &[
+                "virtio_pci".into(),
+                "videobuf2-v4l2".into(),
+                "videodev".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/media/mc/mc.ko.xz",
+                "kernel/drivers/media/common/videobuf2/videobuf2-common.ko.xz",
+                "kernel/drivers/media/v4l2-core/videodev.ko.xz",
+                "kernel/drivers/media/common/videobuf2/videobuf2-v4l2.ko.xz",
+            ]
+        );
+        assert!(load_order(&dep, &builtin, &["vivid".into()]).is_err());
+        assert_eq!(
+            module_name("kernel/a/videobuf2-dma-sg.ko.zst"),
+            "videobuf2_dma_sg"
+        );
+        assert_eq!(module_name("videodev.ko"), "videodev");
+    }
+
+    #[test]
+    fn module_dependencies_come_from_modinfo() {
+        let ko = b"\x7fELF....\0license=GPL\0depends=videobuf2-v4l2,videodev,videobuf2-common\0vermagic=7.3\0";
+        assert_eq!(
+            ko_depends(ko),
+            ["videobuf2-v4l2", "videodev", "videobuf2-common"]
+        );
+        assert!(ko_depends(b"\0depends=\0").is_empty());
+        assert!(ko_depends(b"no modinfo").is_empty());
+    }
+
+    #[test]
+    fn compliance_totals_and_frame_results_are_parsed() {
+        assert_eq!(
+            totals("Total for virtio-media device /dev/video1: 59, Succeeded: 56, Failed: 3, Warnings: 1"),
+            Some(Totals {
+                total: 59,
+                succeeded: 56,
+                failed: 3,
+                warnings: 1
+            })
+        );
+        assert_eq!(totals("Total for x: 59, Succeeded: 56"), None);
+        let console = "mg sp mmap| frame 0: sequence 3 exact\n\
+            mg sp mmap| RESULT frames=8 exact=8 bytes=4915200\n\
+            mg sp user| frame 0: FAIL sequence 4: 1 bytes differ, the first at offset 9\n\
+            mg sp user| RESULT frames=8 exact=7 bytes=4915200\n";
+        let mmap = frames(console, "mg sp mmap| ");
+        assert_eq!(mmap.frames, Some(8));
+        assert!(mmap.ok());
+        let user = frames(console, "mg sp user| ");
+        assert!(!user.ok());
+        assert_eq!(user.fails.len(), 1);
+        // No RESULT line (the checker never ran) is a failure.
+        assert!(!frames(console, "mg mplane mmap| ").ok());
+        assert_eq!(frames(console, "mg mplane mmap| ").summary(), "no result");
+    }
+
+    #[test]
+    fn worker_deaths_are_found_in_a_daemon_log() {
+        let clean = "[.. INFO  outboard::jailed] media camera: worker runs jailed, pid 22361\n\
+            [.. INFO  outboard_glue::vhost_user::daemon] media camera: front-end connected\n";
+        assert!(worker_trouble(clean).is_empty());
+        let killed = "[.. ERROR outboard::jailed] media camera: worker pid 7 killed by signal 31 \
+            (SIGSYS: a system call outside the seccomp policy); starting a new one\n\
+            [.. ERROR outboard::jailed] media camera: worker pid 8 exited with code 70\n";
+        assert_eq!(worker_trouble(killed).len(), 2);
+        assert_eq!(worker_trouble("audit: SECCOMP denied\n").len(), 1);
+    }
+
+    #[test]
+    fn marks_time_each_test_of_a_mode() {
+        let console = "mg: T 10.0 sp s10\nmg: T 11.0 mplane s10\nmg: T 19.5 sp s10f\n\
+            mg: T 30.0 mplane done\nmg: T 40.0 sp done\nmg: T 41.0 end\n";
+        let m = marks(console);
+        assert_eq!(took(&m, "sp s10"), Some(9.5));
+        assert_eq!(took(&m, "mplane s10"), Some(19.0));
+        assert_eq!(took(&m, "sp done"), Some(1.0));
+        assert_eq!(took(&m, "sp user"), None);
+    }
+
+    #[test]
+    fn the_init_script_names_every_mode_and_its_slot() {
+        let init = init_script(&MODES, false);
+        assert!(init.contains("MODES=\"sp:10:YUYV:RGB3 mplane:11:NM12:YM12 "));
+        assert!(init.contains("W=640\nH=480\nN=8\n"));
+        assert!(init.contains("if [ 0 = 1 ]"));
+        assert!(!init.contains('@'));
+        assert!(init_script(&MODES, true).contains("if [ 1 = 1 ]"));
+    }
+
+    #[test]
+    fn apt_gets_the_hosts_acquire_settings_that_matter() {
+        let dump = "Acquire::Languages \"none\";\nAcquire::Check-Valid-Until \"false\";\n\
+            Acquire::http::Proxy \"http://p:3128\";\nAcquire::Check-Date \"false\";\n";
+        assert_eq!(
+            apt_acquire_lines(dump),
+            "Acquire::Check-Valid-Until \"false\";\nAcquire::http::Proxy \"http://p:3128\";\n\
+             Acquire::Check-Date \"false\";\n"
+        );
+    }
+
+    #[test]
+    fn fnv1a_is_the_reference_function() {
+        assert_eq!(fnv1a(FNV_BASIS, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn the_stamp_lists_every_package() {
+        let s = stamp_text();
+        for p in ROOT_PACKAGES {
+            assert!(s.contains(p.name), "{}", p.name);
+        }
+        assert!(s.contains("qemu-system-x86 trixie-backports >= 1:11.1"));
+    }
+}
