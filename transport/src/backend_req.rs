@@ -17,6 +17,7 @@
 //! channel while it waits for a reply on the main socket, and with `REPLY_ACK` both
 //! sides would wait for each other. Send from a device worker thread.
 
+use std::collections::VecDeque;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -39,7 +40,29 @@ use crate::error::{Error, Result};
 struct Inner {
     conn: Connection,
     features: VhostUserProtocolFeatures,
+    /// Requests whose reply the caller stopped waiting for (the timeout of
+    /// [`Backend::set_timeout`] ran out), oldest first. The front-end answers in order,
+    /// so their replies come before any later request's and are read and dropped first:
+    /// without this a late reply would be taken for the next request's (a slow QEMU
+    /// under TCG answered a `SHMEM_MAP` after 1 s, and every later map and unmap got the
+    /// previous one's answer).
+    owed: VecDeque<Owed>,
 }
+
+/// A request still owed a reply.
+#[derive(Debug, Clone, Copy)]
+struct Owed {
+    code: u32,
+    name: &'static str,
+    /// For a `SHMEM_MAP` the caller was told failed: the unmap that undoes it if the
+    /// late reply says it succeeded after all (else the front-end's region would keep a
+    /// mapping the device does not know of, and the range could never be mapped again).
+    undo: Option<VhostUserMMap>,
+}
+
+/// How many late replies a channel may owe before it is given up: a front-end this far
+/// behind is not coming back.
+pub const MAX_OWED_REPLIES: usize = 16;
 
 /// The back-end's end of the back-end -> front-end channel.
 #[derive(Debug, Clone)]
@@ -54,6 +77,8 @@ struct Request<'a> {
     rules: RequestRules,
     body: &'a [u8],
     fds: &'a [BorrowedFd<'a>],
+    /// What undoes the request if it succeeds after its caller stopped waiting.
+    undo: Option<VhostUserMMap>,
 }
 
 impl Backend {
@@ -62,7 +87,11 @@ impl Backend {
     /// NEED_REPLY is used).
     pub fn new(conn: Connection, features: VhostUserProtocolFeatures) -> Self {
         Backend {
-            inner: Arc::new(Mutex::new(Inner { conn, features })),
+            inner: Arc::new(Mutex::new(Inner {
+                conn,
+                features,
+                owed: VecDeque::new(),
+            })),
         }
     }
 
@@ -76,6 +105,11 @@ impl Backend {
     /// forever). A front-end that does not answer in time makes the request fail with
     /// [`Error::SocketRetry`] instead of holding the caller. A back-end that runs its
     /// data path on the thread that sends requests sets this.
+    ///
+    /// The late reply is read and dropped before the next request's (replies come in
+    /// order); a `SHMEM_MAP` that turns out to have succeeded is unmapped again, since
+    /// its caller was told it failed. A channel owing more than [`MAX_OWED_REPLIES`]
+    /// replies refuses further requests with [`Error::RepliesOverdue`].
     pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> Result<()> {
         let inner = self.lock();
         let sock = inner.conn.socket();
@@ -103,8 +137,16 @@ impl Backend {
     /// `SHMEM_MAP`: map `fd` into a VIRTIO shared memory region.
     pub fn shmem_map(&self, map: &VhostUserMMap, fd: BorrowedFd<'_>) -> Result<()> {
         map.validate()?;
-        self.std_request(BackendReq::SHMEM_MAP, map.as_bytes(), &[fd])
-            .map(drop)
+        let undo = VhostUserMMap {
+            fd_offset: 0,
+            flags: 0,
+            ..*map
+        };
+        self.request(Request {
+            undo: Some(undo),
+            ..Self::std(BackendReq::SHMEM_MAP, map.as_bytes(), &[fd])
+        })
+        .map(drop)
     }
 
     /// `SHMEM_UNMAP`: unmap part of a VIRTIO shared memory region.
@@ -196,6 +238,7 @@ impl Backend {
             rules: req.rules(),
             body: msg.as_bytes(),
             fds: &[fd],
+            undo: None,
         })
         .map(drop)
     }
@@ -211,8 +254,20 @@ impl Backend {
             rules: req.rules(),
             body: msg.as_bytes(),
             fds: &[],
+            undo: None,
         })
         .map(drop)
+    }
+
+    fn std<'a>(req: BackendReq, body: &'a [u8], fds: &'a [BorrowedFd<'a>]) -> Request<'a> {
+        Request {
+            code: req.code(),
+            name: req.name(),
+            rules: req.rules(),
+            body,
+            fds,
+            undo: None,
+        }
     }
 
     fn std_request(
@@ -221,17 +276,12 @@ impl Backend {
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(u64, Vec<OwnedFd>)> {
-        self.request(Request {
-            code: req.code(),
-            name: req.name(),
-            rules: req.rules(),
-            body,
-            fds,
-        })
+        self.request(Self::std(req, body, fds))
     }
 
     fn request(&self, req: Request<'_>) -> Result<(u64, Vec<OwnedFd>)> {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        settle_owed(&mut inner)?;
         let mut needed = VhostUserProtocolFeatures::BACKEND_REQ;
         if let Some(f) = req.rules.feature {
             needed |= f;
@@ -259,7 +309,17 @@ impl Backend {
             Reply::AckOnly => FdCount::None,
             Reply::Always { fds, .. } => fds,
         };
-        let (value, fds) = recv_u64_reply(&inner.conn, req.code, req.name, reply_fds)?;
+        let (value, fds) = match recv_u64_reply(&inner.conn, req.code, req.name, reply_fds) {
+            Err(Error::SocketRetry(e)) => {
+                inner.owed.push_back(Owed {
+                    code: req.code,
+                    name: req.name,
+                    undo: req.undo,
+                });
+                return Err(Error::SocketRetry(e));
+            }
+            other => other?,
+        };
         if value != 0 {
             return Err(Error::PeerStatus {
                 request: req.name,
@@ -268,6 +328,44 @@ impl Backend {
         }
         Ok((value, fds))
     }
+}
+
+/// Reads and drops the replies `inner` owes, oldest first; undoes a `SHMEM_MAP` whose
+/// late reply says it succeeded. Fails if a reply is still late (the caller's request
+/// is not sent: its reply would queue behind) or the channel owes too many.
+fn settle_owed(inner: &mut Inner) -> Result<()> {
+    if inner.owed.len() > MAX_OWED_REPLIES {
+        return Err(Error::RepliesOverdue {
+            owed: inner.owed.len(),
+            max: MAX_OWED_REPLIES,
+        });
+    }
+    while let Some(owed) = inner.owed.front().copied() {
+        // Any fds of a late reply (SHARED_OBJECT_LOOKUP) are closed with it.
+        let (value, _fds) = recv_u64_reply(&inner.conn, owed.code, owed.name, FdCount::Optional)?;
+        inner.owed.pop_front();
+        let Some(undo) = owed.undo.filter(|_| value == 0) else {
+            continue;
+        };
+        let header = Header::request(
+            BackendReq::SHMEM_UNMAP.code(),
+            undo.as_bytes().len() as u32,
+            inner
+                .features
+                .contains(VhostUserProtocolFeatures::REPLY_ACK),
+        );
+        inner.conn.send(&header, undo.as_bytes(), &[], &[])?;
+        if header.need_reply() {
+            // Its reply is read like any other owed one (a failure to unmap is the
+            // front-end's to report).
+            inner.owed.push_back(Owed {
+                code: BackendReq::SHMEM_UNMAP.code(),
+                name: BackendReq::SHMEM_UNMAP.name(),
+                undo: None,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Receives a u64 reply to `code` (a status or value), checking the header and the fds.
@@ -309,4 +407,106 @@ pub(crate) fn check_reply_header(header: &Header, code: u32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use outboard_protocol::vhost_user::VhostUserMMapFlags;
+    use zerocopy::FromBytes;
+
+    use super::*;
+
+    const LATE: Duration = Duration::from_millis(50);
+
+    fn map(shm_offset: u64) -> VhostUserMMap {
+        VhostUserMMap {
+            shmid: 0,
+            fd_offset: 0x1000,
+            shm_offset,
+            len: 0x2000,
+            flags: VhostUserMMapFlags::RW.bits(),
+            ..Default::default()
+        }
+    }
+
+    /// The front-end's end: receives one request, checks it, answers `status` after
+    /// `delay` (or never, for `None`).
+    fn answer(fe: &Connection, want: BackendReq, status: Option<u64>, delay: Duration) -> Vec<u8> {
+        let m = fe.recv().unwrap();
+        assert_eq!(m.header.request, want.code(), "{}", want.name());
+        assert!(m.header.need_reply());
+        std::thread::sleep(delay);
+        if let Some(v) = status {
+            let reply = Header::reply(want.code(), 8);
+            fe.send(&reply, VhostUserU64::new(v).as_bytes(), &[], &[])
+                .unwrap();
+        }
+        m.body
+    }
+
+    fn pair() -> (Backend, Connection) {
+        let (b, fe) = Connection::pair().unwrap();
+        let backend = Backend::new(b, VhostUserProtocolFeatures::all());
+        backend.set_timeout(Some(LATE)).unwrap();
+        (backend, fe)
+    }
+
+    /// An fd to map (its content does not matter here).
+    fn file() -> OwnedFd {
+        rustix::fs::memfd_create("backend-req-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn a_late_map_reply_is_not_taken_for_the_next_and_a_late_success_is_unmapped() {
+        let (backend, fe) = pair();
+        let front = std::thread::spawn(move || {
+            // Answered after the back-end gave up: it succeeded after all.
+            answer(&fe, BackendReq::SHMEM_MAP, Some(0), LATE * 3);
+            // The back-end undoes it before its next request...
+            let undo = answer(&fe, BackendReq::SHMEM_UNMAP, Some(0), Duration::ZERO);
+            let undo = VhostUserMMap::read_from_bytes(&undo).unwrap();
+            assert_eq!((undo.shm_offset, undo.len), (0, 0x2000));
+            // ...then sends it, and this answer is the one it reads.
+            let next = answer(&fe, BackendReq::SHMEM_MAP, Some(0), Duration::ZERO);
+            assert_eq!(
+                VhostUserMMap::read_from_bytes(&next).unwrap().shm_offset,
+                0x4000
+            );
+            // A late failure needs no undo.
+            answer(&fe, BackendReq::SHMEM_MAP, Some(1), LATE * 3);
+            answer(&fe, BackendReq::SHMEM_UNMAP, Some(0), Duration::ZERO);
+        });
+        let f = file();
+        let err = backend.shmem_map(&map(0), f.as_fd()).unwrap_err();
+        assert!(matches!(err, Error::SocketRetry(_)), "{err}");
+        std::thread::sleep(LATE * 4);
+        backend.shmem_map(&map(0x4000), f.as_fd()).unwrap();
+        assert!(backend.shmem_map(&map(0x8000), f.as_fd()).is_err());
+        std::thread::sleep(LATE * 4);
+        backend.shmem_unmap(&map(0x4000)).unwrap();
+        front.join().unwrap();
+        assert!(backend.lock().owed.is_empty());
+    }
+
+    #[test]
+    fn a_reply_still_late_fails_the_next_request_without_sending_it() {
+        let (backend, fe) = pair();
+        let f = file();
+        assert!(backend.shmem_map(&map(0), f.as_fd()).is_err());
+        assert!(backend.config_change().is_err());
+        // Only the first request reached the front-end.
+        let m = fe.recv().unwrap();
+        assert_eq!(m.header.request, BackendReq::SHMEM_MAP.code());
+        fe.socket().set_nonblocking(true).unwrap();
+        assert!(fe.recv().is_err(), "the second request was sent");
+        assert_eq!(backend.lock().owed.len(), 1);
+        // A front-end that hangs up ends it.
+        drop(fe);
+        assert!(backend.config_change().unwrap_err().is_fatal());
+    }
 }

@@ -79,6 +79,18 @@ pub enum Error {
         /// Size of the message.
         want: usize,
     },
+    /// The front-end owes more late replies on the back-end channel than a slow peer
+    /// would; requests on it are refused.
+    #[error(
+        "the front-end owes {owed} late replies on the back-end channel (at most {max}); \
+         the channel is given up"
+    )]
+    RepliesOverdue {
+        /// Replies owed.
+        owed: usize,
+        /// The most a channel may owe.
+        max: usize,
+    },
     /// The request handler (the trait implementation) failed.
     #[error("request handler failed: {0}")]
     ReqHandlerError(io::Error),
@@ -164,6 +176,7 @@ impl Error {
                 | Error::OversizedMessage { .. }
                 | Error::PartialMessage { .. }
                 | Error::RecvBufferTooSmall { .. }
+                | Error::RepliesOverdue { .. }
                 | Error::SocketBroken(_)
                 | Error::SocketConnect(_)
                 | Error::SocketError(_)
