@@ -449,8 +449,8 @@ pub mod vhost {
 
     use outboard_devices::media::camera::{render_frame, Adjust};
     use outboard_devices::media::v4l2::{
-        V4l2Buffer, V4l2Format, V4l2PixFormat, V4l2Requestbuffers, BUF_FLAG_ERROR,
-        BUF_TYPE_VIDEO_CAPTURE, MEMORY_MMAP, PIX_FMT_YUYV,
+        V4l2Buffer, V4l2Captureparm, V4l2Format, V4l2Fract, V4l2PixFormat, V4l2Requestbuffers,
+        V4l2Streamparm, BUF_FLAG_ERROR, BUF_TYPE_VIDEO_CAPTURE, MEMORY_MMAP, PIX_FMT_YUYV,
     };
     use outboard_protocol::media::{
         CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MmapCmd, MmapResp, MunmapCmd, OpenResp,
@@ -767,16 +767,15 @@ pub mod vhost {
         /// `STREAMOFF`, the mappings undone and the session closed. Returns the
         /// sequence numbers checked.
         pub fn capture_mmap(&mut self, frames: usize) -> Vec<u32> {
-            let c = self.start_mmap_capture();
+            let c = self.start_mmap_capture(PIX_FMT_YUYV, 640, 480);
             let seen = self.check_frames(&c, frames);
             self.stop_mmap_capture(c);
             seen
         }
 
-        /// Opens a session, sets 640x480 YUYV, maps two MMAP buffers, queues them and
-        /// starts streaming.
-        pub fn start_mmap_capture(&mut self) -> MmapCapture {
-            let (w, h, fourcc) = (640, 480, PIX_FMT_YUYV);
+        /// Opens a session, sets the format (`fourcc`, `w` x `h`, at 60 frames a second),
+        /// maps two MMAP buffers through `SHMEM_MAP`, queues them and starts streaming.
+        pub fn start_mmap_capture(&mut self, fourcc: u32, w: u32, h: u32) -> MmapCapture {
             let r = self.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
             let session = OpenResp::read_from_bytes(&r).unwrap().session_id;
             let fmt = V4l2Format::from_pix(
@@ -791,6 +790,18 @@ pub mod vhost {
             let fmt: V4l2Format = self.ioctl(session, V4l2Ioctl::VIDIOC_S_FMT, &fmt);
             let pix = fmt.pix();
             assert_eq!((pix.width, pix.height, pix.pixelformat), (w, h, fourcc));
+            let mut parm = V4l2Streamparm {
+                type_: BUF_TYPE_VIDEO_CAPTURE,
+                ..Default::default()
+            };
+            parm.set_capture(&V4l2Captureparm {
+                timeperframe: V4l2Fract {
+                    numerator: 1,
+                    denominator: 60,
+                },
+                ..Default::default()
+            });
+            let _: V4l2Streamparm = self.ioctl(session, V4l2Ioctl::VIDIOC_S_PARM, &parm);
             let rb = V4l2Requestbuffers {
                 count: 2,
                 type_: BUF_TYPE_VIDEO_CAPTURE,

@@ -10,13 +10,10 @@
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
-use outboard_devices::media::camera::{decode_frame_number, render_frame, Adjust, DEVICE_CAPS};
+use outboard_devices::media::camera::{decode_frame_number, DEVICE_CAPS};
 use outboard_devices::media::v4l2::*;
 use outboard_glue::media::serve_camera;
-use outboard_protocol::media::{
-    CloseCmd, CmdHeader, MediaCmd, MmapCmd, MmapResp, MunmapCmd, OpenResp, RespHeader, SgEntry,
-    EVENT_DQBUF, MMAP_FLAG_RW,
-};
+use outboard_protocol::media::{CloseCmd, CmdHeader, MediaCmd, OpenResp, SgEntry, EVENT_DQBUF};
 use outboard_protocol::v4l2::V4l2Ioctl;
 use outboard_tests::media::vhost::VhostMediaDriver;
 use outboard_tests::temp_dir;
@@ -44,118 +41,31 @@ fn camera_capture_over_vhost_user() {
     let maps = driver.maps.clone();
     let unmaps = driver.unmaps.clone();
 
-    // The capture flow.
-    let r = driver.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
-    let s = OpenResp::read_from_bytes(&r).unwrap().session_id;
-    let fmt = V4l2Format::from_pix(
-        BUF_TYPE_VIDEO_CAPTURE,
-        &V4l2PixFormat {
-            width: 320,
-            height: 240,
-            pixelformat: PIX_FMT_RGB24,
-            ..Default::default()
-        },
-    );
-    let fmt: V4l2Format = driver.ioctl(s, V4l2Ioctl::VIDIOC_S_FMT, &fmt);
-    let pix = fmt.pix();
+    // The MMAP capture flow: buffers mapped through SHMEM_MAP, frames read where the
+    // guest would (through the fd mapped at that offset) and checked byte for byte.
+    let capture = driver.start_mmap_capture(PIX_FMT_RGB24, 320, 240);
+    let pix = capture.pix;
     assert_eq!((pix.width, pix.sizeimage), (320, 320 * 240 * 3));
-    let mut parm = V4l2Streamparm {
-        type_: BUF_TYPE_VIDEO_CAPTURE,
-        ..Default::default()
-    };
-    parm.set_capture(&V4l2Captureparm {
-        timeperframe: V4l2Fract {
-            numerator: 1,
-            denominator: 60,
-        },
-        ..Default::default()
-    });
-    let _: V4l2Streamparm = driver.ioctl(s, V4l2Ioctl::VIDIOC_S_PARM, &parm);
-    let rb = V4l2Requestbuffers {
-        count: 2,
-        type_: BUF_TYPE_VIDEO_CAPTURE,
-        memory: MEMORY_MMAP,
-        ..Default::default()
-    };
-    let rb: V4l2Requestbuffers = driver.ioctl(s, V4l2Ioctl::VIDIOC_REQBUFS, &rb);
-    assert_eq!(rb.count, 2);
-    let mut shm_addrs = Vec::new();
-    for index in 0..2 {
-        let q = V4l2Buffer {
-            index,
-            type_: BUF_TYPE_VIDEO_CAPTURE,
-            ..Default::default()
-        };
-        let b: V4l2Buffer = driver.ioctl(s, V4l2Ioctl::VIDIOC_QUERYBUF, &q);
-        let mut req = CmdHeader::new(MediaCmd::Mmap).as_bytes().to_vec();
-        req.extend_from_slice(
-            MmapCmd {
-                session_id: s,
-                flags: MMAP_FLAG_RW,
-                offset: b.mem_offset(),
-            }
-            .as_bytes(),
-        );
-        let m = MmapResp::read_from_bytes(&driver.command(&req, 64)).unwrap();
-        assert_eq!(m.hdr.status, 0);
-        // The mapping covers the buffer's page-rounded memory; QUERYBUF's length is
-        // the size asked for.
-        assert_eq!(b.length, pix.sizeimage);
-        assert_eq!(m.len, u64::from(b.length).next_multiple_of(4096));
-        assert_eq!(maps.lock().unwrap()[&m.driver_addr].2, m.len);
-        shm_addrs.push(m.driver_addr);
-        let q = V4l2Buffer {
-            index,
-            type_: BUF_TYPE_VIDEO_CAPTURE,
-            memory: MEMORY_MMAP,
-            ..Default::default()
-        };
-        let _: V4l2Buffer = driver.ioctl(s, V4l2Ioctl::VIDIOC_QBUF, &q);
-    }
-    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
-    let mut checked = 0;
-    while checked < 3 {
-        let ev = driver.next_event();
-        if u32::from_le_bytes(ev[0..4].try_into().unwrap()) != EVENT_DQBUF {
-            continue;
-        }
-        let b = V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
-        assert_eq!(b.flags & BUF_FLAG_ERROR, 0);
-        // Read the frame where the guest would: through the fd mapped at that offset.
-        let data = driver.read_shm(shm_addrs[b.index as usize], pix.sizeimage as usize);
+    for addr in &capture.shm {
+        // The mapping covers the buffer's page-rounded memory (QUERYBUF's length is the
+        // size asked for, not page-sized here).
         assert_eq!(
-            decode_frame_number(PIX_FMT_RGB24, 320, 240, &data),
-            Some(b.sequence)
+            maps.lock().unwrap()[addr].2,
+            u64::from(pix.sizeimage).next_multiple_of(4096)
         );
-        let mut want = vec![0u8; data.len()];
-        render_frame(
-            PIX_FMT_RGB24,
-            320,
-            240,
-            b.sequence,
-            &Adjust::default(),
-            &mut want,
-        )
-        .unwrap();
-        assert!(data == want, "frame {} differs", b.sequence);
-        checked += 1;
-        let q = V4l2Buffer {
-            index: b.index,
-            type_: BUF_TYPE_VIDEO_CAPTURE,
-            memory: MEMORY_MMAP,
-            ..Default::default()
-        };
-        let _: V4l2Buffer = driver.ioctl(s, V4l2Ioctl::VIDIOC_QBUF, &q);
     }
-    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE);
-    for addr in &shm_addrs {
-        let mut req = CmdHeader::new(MediaCmd::Munmap).as_bytes().to_vec();
-        req.extend_from_slice(MunmapCmd { driver_addr: *addr }.as_bytes());
-        let r = driver.command(&req, 64);
-        assert_eq!(RespHeader::read_from_bytes(&r).unwrap().status, 0);
-    }
+    assert_eq!(driver.check_frames(&capture, 3).len(), 3);
+    driver.stop_mmap_capture(capture);
     assert_eq!(unmaps.lock().unwrap().len(), 2);
     assert!(maps.lock().unwrap().is_empty());
+
+    let r = driver.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
+    let s = OpenResp::read_from_bytes(&r).unwrap().session_id;
+    let _: V4l2Format = driver.ioctl(
+        s,
+        V4l2Ioctl::VIDIOC_S_FMT,
+        &V4l2Format::from_pix(BUF_TYPE_VIDEO_CAPTURE, &pix),
+    );
 
     // USERPTR through the front-end's memory table: pages in reverse order, the frame is
     // written into guest memory.

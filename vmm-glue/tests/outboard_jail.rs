@@ -399,18 +399,7 @@ fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
     assert_ne!(replacement, worker);
 
     // SIGTERM stops the worker and the daemon cleanly.
-    // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "outboard ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "{status}\n{text}");
+    let text = terminate(&mut daemon, &log);
     assert!(text.contains("stopped cleanly"), "{text}");
     assert!(!Path::new(&format!("/proc/{replacement}")).exists());
     assert!(!socket.exists() && !uds.exists());
@@ -530,6 +519,7 @@ fn jailed_media_worker_answers_and_dies_with_the_daemon() {
 /// reports the death, and a new front-end gets a working camera from the replacement.
 #[test]
 fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
+    use outboard_devices::media::v4l2::PIX_FMT_YUYV;
     use outboard_tests::media::vhost::VhostMediaDriver;
 
     let dir = std::env::temp_dir().join(format!("outboard-jail-cam-{}", std::process::id()));
@@ -561,7 +551,7 @@ fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
     }
 
     // Mid-stream: two frames of a second capture, then the worker is killed.
-    let capture = driver.start_mmap_capture();
+    let capture = driver.start_mmap_capture(PIX_FMT_YUYV, 640, 480);
     driver.check_frames(&capture, 2);
     let worker = worker_pid(pid);
     // SAFETY: kill(2) on the worker, a descendant of our child.
@@ -581,6 +571,15 @@ fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
     assert_ne!(worker_pid(pid), worker);
     drop(driver);
 
+    let text = terminate(&mut daemon, &log);
+    assert!(!text.contains("SIGSYS"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sends SIGTERM to the daemon, waits (10 s at most) for it to exit successfully and
+/// returns its log.
+fn terminate(daemon: &mut std::process::Child, log: &Path) -> String {
+    let pid = i32::try_from(daemon.id()).unwrap();
     // SAFETY: kill(2) on our own child, which has not been reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -591,10 +590,9 @@ fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
         assert!(Instant::now() < deadline, "outboard ignored SIGTERM");
         std::thread::sleep(Duration::from_millis(10));
     };
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "{status}\n{text}");
-    assert!(!text.contains("SIGSYS"), "{text}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    text
 }
 
 fn wait_for_path(path: &Path) -> bool {
