@@ -940,6 +940,17 @@ fn worker_trouble(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// The warning and error lines of a daemon log (`env_logger`'s ` WARN ` and ` ERROR `
+/// levels). A clean run has none: v4l2-compliance's deliberate misuse is answered with
+/// errnos, not logged, so a line here is the daemon or its front-end going wrong (e.g. a
+/// failed `SHMEM_MAP`).
+fn warnings(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(str::to_string)
+        .collect()
+}
+
 /// The `mg: T <uptime> <label>` marks, as (uptime, label).
 fn marks(console: &str) -> Vec<(f64, String)> {
     console
@@ -1192,23 +1203,32 @@ pub fn run() -> Result<bool> {
         let stopped = proc.terminate(Duration::from_secs(5));
         let text = util::read_log(log);
         let trouble = worker_trouble(&text);
-        let clean = alive && trouble.is_empty() && matches!(&stopped, Ok(s) if s.success());
+        let warned = warnings(&text);
+        let clean = alive
+            && trouble.is_empty()
+            && warned.is_empty()
+            && matches!(&stopped, Ok(s) if s.success());
         ok &= clean;
         println!(
             "  {:<12} daemon{}: {}",
             m.name,
             if m.jail { " (--jail)" } else { "" },
             if clean {
-                "no worker killed or ended, clean exit on SIGTERM".to_string()
+                "no worker killed or ended, no warning, clean exit on SIGTERM".to_string()
             } else {
                 format!(
-                    "FAIL (running until the end: {alive}, exit: {stopped:?}, log {})",
+                    "FAIL (running until the end: {alive}, exit: {stopped:?}, {} warnings, log {})",
+                    warned.len(),
                     log.display()
                 )
             }
         );
-        for t in trouble {
+        for t in &trouble {
             println!("  {:<12}   {t}", "");
+        }
+        // The first few: a failure tends to repeat.
+        for w in warned.iter().filter(|w| !trouble.contains(w)).take(8) {
+            println!("  {:<12}   {w}", "");
         }
     }
     println!(
@@ -1325,6 +1345,10 @@ mod tests {
             [.. ERROR outboard::jailed] media camera: worker pid 8 exited with code 70\n";
         assert_eq!(worker_trouble(killed).len(), 2);
         assert_eq!(worker_trouble("audit: SECCOMP denied\n").len(), 1);
+        let warned = "[2026-12-05T03:21:06Z WARN  outboard_glue::media] media: SHMEM_UNMAP at 0x96000 failed\n\
+            [2026-12-05T03:21:06Z INFO  outboard_glue::media] fine\n";
+        assert_eq!(warnings(warned).len(), 1);
+        assert!(warnings(clean).is_empty());
     }
 
     #[test]
