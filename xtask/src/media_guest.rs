@@ -1122,11 +1122,21 @@ pub fn run() -> Result<bool> {
     let mut ok = ended;
     if !ended {
         println!(
-            "media-guest: the guest did not finish within {GUEST_TIMEOUT:?} (console: {}, QEMU: {})\n{}",
+            "media-guest: the guest stopped without its end mark after {:.0}s (limit {GUEST_TIMEOUT:?}; console: {}, QEMU: {})",
+            guest_time.as_secs_f64(),
             logs.join("console.log").display(),
             qemu_log.display(),
-            util::read_log(&qemu_log)
         );
+        // The kernel's last words (a driver error, an oops) and QEMU's.
+        let kernel: Vec<&str> = log.lines().filter(|l| l.starts_with('[')).collect();
+        for l in &kernel[kernel.len().saturating_sub(40)..] {
+            println!("  {l}");
+        }
+        let qemu_text = util::read_log(&qemu_log);
+        let qemu_lines: Vec<&str> = qemu_text.lines().collect();
+        for l in &qemu_lines[qemu_lines.len().saturating_sub(10)..] {
+            println!("  qemu: {l}");
+        }
     }
     for line in log
         .lines()
