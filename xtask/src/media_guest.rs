@@ -1127,9 +1127,22 @@ pub fn run() -> Result<bool> {
             logs.join("console.log").display(),
             qemu_log.display(),
         );
-        // The kernel's last words (a driver error, an oops) and QEMU's.
-        let kernel: Vec<&str> = log.lines().filter(|l| l.starts_with('[')).collect();
-        for l in &kernel[kernel.len().saturating_sub(40)..] {
+        // The kernel's words about the driver, an oops or a panic, and QEMU's last.
+        const KEYS: [&str; 8] = [
+            "virtio",
+            "BUG",
+            "Oops",
+            "panic",
+            "RIP:",
+            "timed out",
+            "error",
+            "failed",
+        ];
+        let kernel: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with('[') && KEYS.iter().any(|k| l.contains(k)))
+            .collect();
+        for l in &kernel[kernel.len().saturating_sub(30)..] {
             println!("  {l}");
         }
         let qemu_text = util::read_log(&qemu_log);
