@@ -106,6 +106,12 @@ const ROOT_PACKAGES: &[RootPackage] = &[
         why: "the guest's shell and tools",
     },
     RootPackage {
+        name: "xz-utils",
+        backports: false,
+        min_version: None,
+        why: "unpacking the kernel's modules (.ko.xz) for the initramfs",
+    },
+    RootPackage {
         name: "kmod",
         backports: false,
         min_version: None,
@@ -676,23 +682,26 @@ fn guest_modules(root: &Root, driver: &Path, out: &Path) -> Result<Vec<(String, 
         let file = out.join(format!("{name}.ko"));
         if !file.is_file() {
             let src = base.join(&rel);
-            let tool = match src.extension().and_then(|e| e.to_str()) {
-                Some("xz") => Some("xz"),
-                Some("zst") => Some("zstd"),
-                Some("gz") => Some("gzip"),
-                _ => None,
-            };
             let tmp = file.with_extension("tmp");
-            match tool {
-                Some(tool) => {
+            match src.extension().and_then(|e| e.to_str()) {
+                // Unpacked by the root's own xz (one of its packages), not the host's.
+                Some("xz") => {
                     let f = fs::File::create(&tmp)
                         .map_err(|e| format!("create {}: {e}", tmp.display()))?;
+                    let inside = format!("/usr/lib/modules/{}/{rel}", root.kver);
                     util::run(
-                        Command::new(tool).arg("-dc").arg(&src).stdout(f),
+                        chroot_cmd(&root.dir, &["xz", "-dc", &inside]).stdout(f),
                         Duration::from_secs(60),
                     )?;
                 }
-                None => {
+                Some(other @ ("zst" | "gz")) => {
+                    return Err(format!(
+                        "{}: .{other} modules are not handled (Debian's are .ko.xz)",
+                        src.display()
+                    ));
+                }
+                // Plain `.ko`.
+                _ => {
                     fs::copy(&src, &tmp).map_err(|e| format!("copy {}: {e}", src.display()))?;
                 }
             }
