@@ -743,11 +743,38 @@ pub mod vhost {
             }
         }
 
-        /// Reads `len` bytes of the shared memory mapping at `addr`, through its fd.
+        /// Reads `len` bytes of the shared memory mapping at `addr`, through its fd
+        /// (waiting for the back-end channel to deliver the map, as [`Self::settle`]).
         pub fn read_shm(&self, addr: u64, len: usize) -> Vec<u8> {
-            let maps = self.maps.lock().unwrap();
-            let (file, off, _) = &maps[&addr];
-            super::read_mapped(file, *off, len)
+            let start = Instant::now();
+            loop {
+                if let Some((file, off, _)) = self.maps.lock().unwrap().get(&addr) {
+                    return super::read_mapped(file, *off, len);
+                }
+                assert!(start.elapsed() < TIMEOUT, "{addr:#x} was never mapped");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// Waits until the front-end side holds `mapped` mappings and has seen
+        /// `unmapped` unmaps in all; false if that does not happen within [`TIMEOUT`].
+        ///
+        /// The back-end posts its maps and unmaps on the back-end channel without waiting
+        /// for the answers (it must keep answering the front-end meanwhile), and this
+        /// front-end serves that channel on a thread of its own, so they land a little
+        /// after the command that caused them (QEMU handles them in order in its main
+        /// loop, long before a guest application touches the mapping).
+        pub fn settle(&self, mapped: usize, unmapped: usize) -> bool {
+            let start = Instant::now();
+            while self.maps.lock().unwrap().len() != mapped
+                || self.unmaps.lock().unwrap().len() != unmapped
+            {
+                if start.elapsed() > TIMEOUT {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
         }
 
         /// Disconnects the front-end (the back-end resets the device).

@@ -47,6 +47,11 @@ struct Inner {
     /// under TCG answered a `SHMEM_MAP` after 1 s, and every later map and unmap got the
     /// previous one's answer).
     owed: VecDeque<Owed>,
+    /// Posted requests the front-end refused, oldest first, until
+    /// [`Backend::take_refused`] takes them (at most [`MAX_REFUSED`] kept).
+    refused: Vec<Refused>,
+    /// Refusals beyond [`MAX_REFUSED`], counted only.
+    refused_dropped: u64,
 }
 
 /// A request still owed a reply.
@@ -58,11 +63,29 @@ struct Owed {
     /// late reply says it succeeded after all (else the front-end's region would keep a
     /// mapping the device does not know of, and the range could never be mapped again).
     undo: Option<VhostUserMMap>,
+    /// Sent with [`Backend::post_shmem_map`] or [`Backend::post_shmem_unmap`]: its
+    /// caller did not wait, and a refusal is kept for [`Backend::take_refused`].
+    posted: Option<VhostUserMMap>,
 }
 
-/// How many late replies a channel may owe before it is given up: a front-end this far
-/// behind is not coming back.
-pub const MAX_OWED_REPLIES: usize = 16;
+/// A posted request that the front-end refused (its reply came with a non-zero status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The request's name (`SHMEM_MAP`, `SHMEM_UNMAP`).
+    pub request: &'static str,
+    /// What it asked for.
+    pub map: VhostUserMMap,
+    /// The front-end's status.
+    pub status: u64,
+}
+
+/// How many replies a channel may owe (posted requests and late ones) before further
+/// requests are refused with [`Error::RepliesOverdue`]: a front-end this far behind is
+/// not coming back. A media device posts one map per buffer plane at most.
+pub const MAX_OWED_REPLIES: usize = 1024;
+
+/// How many refusals of posted requests are kept for [`Backend::take_refused`].
+pub const MAX_REFUSED: usize = 64;
 
 /// The back-end's end of the back-end -> front-end channel.
 #[derive(Debug, Clone)]
@@ -91,6 +114,8 @@ impl Backend {
                 conn,
                 features,
                 owed: VecDeque::new(),
+                refused: Vec::new(),
+                refused_dropped: 0,
             })),
         }
     }
@@ -147,6 +172,47 @@ impl Backend {
             ..Self::std(BackendReq::SHMEM_MAP, map.as_bytes(), &[fd])
         })
         .map(drop)
+    }
+
+    /// `SHMEM_MAP` without waiting for the front-end's answer: the request is sent (with
+    /// NEED_REPLY when `REPLY_ACK` was negotiated) and its reply is read later, when one
+    /// is ready at the next request, or when the next waiting request needs the channel.
+    /// A refusal is kept for [`Backend::take_refused`].
+    ///
+    /// This is how a back-end that serves its vhost-user connection and its device on one
+    /// thread must map: QEMU handles a `SHMEM_MAP` in its main loop and, while doing so,
+    /// updates the memory table of every vhost-user device of the VM, waiting for each
+    /// one's answer. A back-end thread blocked on its own map's reply cannot give that
+    /// answer, and both wait until the timeout: with four virtio-media devices under TCG
+    /// every map did, maps and unmaps failed and the guest driver's 5 s command timeout
+    /// expired. The front-end handles the channel's requests in order, so a posted map is
+    /// in place before anything the device sends the guest afterwards is seen.
+    pub fn post_shmem_map(&self, map: &VhostUserMMap, fd: BorrowedFd<'_>) -> Result<()> {
+        map.validate()?;
+        self.post(
+            Self::std(BackendReq::SHMEM_MAP, map.as_bytes(), &[fd]),
+            *map,
+        )
+    }
+
+    /// `SHMEM_UNMAP` without waiting for the front-end's answer, as
+    /// [`Backend::post_shmem_map`].
+    pub fn post_shmem_unmap(&self, map: &VhostUserMMap) -> Result<()> {
+        map.validate()?;
+        self.post(
+            Self::std(BackendReq::SHMEM_UNMAP, map.as_bytes(), &[]),
+            *map,
+        )
+    }
+
+    /// The posted requests the front-end refused since the last call, oldest first, and
+    /// how many more were refused than could be kept ([`MAX_REFUSED`]). Reads the replies
+    /// that are ready first.
+    pub fn take_refused(&self) -> Result<(Vec<Refused>, u64)> {
+        let mut inner = self.lock();
+        drain_ready(&mut inner)?;
+        let dropped = std::mem::take(&mut inner.refused_dropped);
+        Ok((std::mem::take(&mut inner.refused), dropped))
     }
 
     /// `SHMEM_UNMAP`: unmap part of a VIRTIO shared memory region.
@@ -279,33 +345,33 @@ impl Backend {
         self.request(Self::std(req, body, fds))
     }
 
+    /// Sends `req` (an ack-only request) without waiting for its reply.
+    fn post(&self, req: Request<'_>, map: VhostUserMMap) -> Result<()> {
+        let mut inner = self.lock();
+        drain_ready(&mut inner)?;
+        if inner.owed.len() >= MAX_OWED_REPLIES {
+            return Err(Error::RepliesOverdue {
+                owed: inner.owed.len(),
+                max: MAX_OWED_REPLIES,
+            });
+        }
+        if check_and_send(&inner, &req)? {
+            inner.owed.push_back(Owed {
+                code: req.code,
+                name: req.name,
+                undo: None,
+                posted: Some(map),
+            });
+        }
+        Ok(())
+    }
+
     fn request(&self, req: Request<'_>) -> Result<(u64, Vec<OwnedFd>)> {
         let mut inner = self.lock();
         settle_owed(&mut inner)?;
-        let mut needed = VhostUserProtocolFeatures::BACKEND_REQ;
-        if let Some(f) = req.rules.feature {
-            needed |= f;
-        }
-        if !req.fds.is_empty() && req.rules.fds != FdCount::One {
-            // Requests that always carry an fd (SHMEM_MAP, crosvm's GPU_MAP) are gated by
-            // their own feature: QEMU, crosvm and rust-vmm accept their fd without
-            // BACKEND_SEND_FD (crosvm's front-end never negotiates it).
-            needed |= VhostUserProtocolFeatures::BACKEND_SEND_FD;
-        }
-        if !inner.features.contains(needed) {
-            return Err(Error::FeatureMismatch {
-                request: req.name,
-                feature: needed - inner.features,
-            });
-        }
-        let need_reply = matches!(req.rules.reply, Reply::AckOnly)
-            && inner
-                .features
-                .contains(VhostUserProtocolFeatures::REPLY_ACK);
-        let header = Header::request(req.code, req.body.len() as u32, need_reply);
-        inner.conn.send(&header, req.body, &[], req.fds)?;
+        let expects_reply = check_and_send(&inner, &req)?;
         let reply_fds = match req.rules.reply {
-            Reply::AckOnly if !need_reply => return Ok((0, Vec::new())),
+            Reply::AckOnly if !expects_reply => return Ok((0, Vec::new())),
             Reply::AckOnly => FdCount::None,
             Reply::Always { fds, .. } => fds,
         };
@@ -315,6 +381,7 @@ impl Backend {
                     code: req.code,
                     name: req.name,
                     undo: req.undo,
+                    posted: None,
                 });
                 return Err(Error::SocketRetry(e));
             }
@@ -328,6 +395,101 @@ impl Backend {
         }
         Ok((value, fds))
     }
+}
+
+/// Checks that `req` may be sent on `inner`'s channel (features, fds) and sends it;
+/// returns whether a reply will come (NEED_REPLY was set, or the request always has one).
+fn check_and_send(inner: &Inner, req: &Request<'_>) -> Result<bool> {
+    let mut needed = VhostUserProtocolFeatures::BACKEND_REQ;
+    if let Some(f) = req.rules.feature {
+        needed |= f;
+    }
+    if !req.fds.is_empty() && req.rules.fds != FdCount::One {
+        // Requests that always carry an fd (SHMEM_MAP, crosvm's GPU_MAP) are gated by
+        // their own feature: QEMU, crosvm and rust-vmm accept their fd without
+        // BACKEND_SEND_FD (crosvm's front-end never negotiates it).
+        needed |= VhostUserProtocolFeatures::BACKEND_SEND_FD;
+    }
+    if !inner.features.contains(needed) {
+        return Err(Error::FeatureMismatch {
+            request: req.name,
+            feature: needed - inner.features,
+        });
+    }
+    let ack_only = matches!(req.rules.reply, Reply::AckOnly);
+    let need_reply = ack_only
+        && inner
+            .features
+            .contains(VhostUserProtocolFeatures::REPLY_ACK);
+    let header = Header::request(req.code, req.body.len() as u32, need_reply);
+    inner.conn.send(&header, req.body, &[], req.fds)?;
+    Ok(need_reply || !ack_only)
+}
+
+/// Handles the reply `value` to `owed` (the oldest owed request): a posted request's
+/// refusal is kept; a `SHMEM_MAP` whose caller stopped waiting but that succeeded is
+/// unmapped.
+fn owed_reply(inner: &mut Inner, owed: Owed, value: u64) -> Result<()> {
+    if let Some(map) = owed.posted.filter(|_| value != 0) {
+        if inner.refused.len() < MAX_REFUSED {
+            inner.refused.push(Refused {
+                request: owed.name,
+                map,
+                status: value,
+            });
+        } else {
+            inner.refused_dropped += 1;
+        }
+    }
+    let Some(undo) = owed.undo.filter(|_| value == 0) else {
+        return Ok(());
+    };
+    let header = Header::request(
+        BackendReq::SHMEM_UNMAP.code(),
+        undo.as_bytes().len() as u32,
+        inner
+            .features
+            .contains(VhostUserProtocolFeatures::REPLY_ACK),
+    );
+    inner.conn.send(&header, undo.as_bytes(), &[], &[])?;
+    if header.need_reply() {
+        // Its reply is read like any other owed one (a failure to unmap is the
+        // front-end's to report).
+        inner.owed.push_back(Owed {
+            code: BackendReq::SHMEM_UNMAP.code(),
+            name: BackendReq::SHMEM_UNMAP.name(),
+            undo: None,
+            posted: None,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the owed replies that have arrived, without waiting for the others.
+fn drain_ready(inner: &mut Inner) -> Result<()> {
+    while let Some(owed) = inner.owed.front().copied() {
+        let mut fds = [rustix::event::PollFd::new(
+            inner.conn.socket(),
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(Error::SocketError(e.into())),
+        }
+        // Readable, or hung up (the read then says so). A reply's 20 bytes come in
+        // one piece; a front-end that sends half of one is waited for as long as
+        // any reply (the channel's timeout).
+        let (value, _fds) = recv_u64_reply(&inner.conn, owed.code, owed.name, FdCount::Optional)?;
+        inner.owed.pop_front();
+        owed_reply(inner, owed, value)?;
+    }
+    Ok(())
 }
 
 /// Reads and drops the replies `inner` owes, oldest first; undoes a `SHMEM_MAP` whose
@@ -344,26 +506,7 @@ fn settle_owed(inner: &mut Inner) -> Result<()> {
         // Any fds of a late reply (SHARED_OBJECT_LOOKUP) are closed with it.
         let (value, _fds) = recv_u64_reply(&inner.conn, owed.code, owed.name, FdCount::Optional)?;
         inner.owed.pop_front();
-        let Some(undo) = owed.undo.filter(|_| value == 0) else {
-            continue;
-        };
-        let header = Header::request(
-            BackendReq::SHMEM_UNMAP.code(),
-            undo.as_bytes().len() as u32,
-            inner
-                .features
-                .contains(VhostUserProtocolFeatures::REPLY_ACK),
-        );
-        inner.conn.send(&header, undo.as_bytes(), &[], &[])?;
-        if header.need_reply() {
-            // Its reply is read like any other owed one (a failure to unmap is the
-            // front-end's to report).
-            inner.owed.push_back(Owed {
-                code: BackendReq::SHMEM_UNMAP.code(),
-                name: BackendReq::SHMEM_UNMAP.name(),
-                undo: None,
-            });
-        }
+        owed_reply(inner, owed, value)?;
     }
     Ok(())
 }
@@ -491,6 +634,44 @@ mod tests {
         backend.shmem_unmap(&map(0x4000)).unwrap();
         front.join().unwrap();
         assert!(backend.lock().owed.is_empty());
+    }
+
+    #[test]
+    fn posted_maps_do_not_wait_and_refusals_are_reported() {
+        let (b, fe) = Connection::pair().unwrap();
+        let backend = Backend::new(b, VhostUserProtocolFeatures::all());
+        // No timeout: a post that waited for its reply would hang the test.
+        let f = file();
+        for off in [0, 0x4000, 0x8000] {
+            backend.post_shmem_map(&map(off), f.as_fd()).unwrap();
+        }
+        backend.post_shmem_unmap(&map(0)).unwrap();
+        assert_eq!(backend.lock().owed.len(), 4);
+        assert_eq!(backend.take_refused().unwrap(), (Vec::new(), 0));
+        // The front-end answers in order; the second map is refused.
+        answer(&fe, BackendReq::SHMEM_MAP, Some(0), Duration::ZERO);
+        answer(&fe, BackendReq::SHMEM_MAP, Some(22), Duration::ZERO);
+        answer(&fe, BackendReq::SHMEM_MAP, Some(0), Duration::ZERO);
+        let (refused, dropped) = backend.take_refused().unwrap();
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            refused,
+            vec![Refused {
+                request: "SHMEM_MAP",
+                map: map(0x4000),
+                status: 22,
+            }]
+        );
+        assert_eq!(backend.lock().owed.len(), 1);
+        // A request that waits reads what is still owed first.
+        let front = std::thread::spawn(move || {
+            answer(&fe, BackendReq::SHMEM_UNMAP, Some(0), LATE);
+            answer(&fe, BackendReq::SHMEM_UNMAP, Some(0), Duration::ZERO);
+        });
+        backend.shmem_unmap(&map(0x8000)).unwrap();
+        front.join().unwrap();
+        assert!(backend.lock().owed.is_empty());
+        assert_eq!(backend.take_refused().unwrap(), (Vec::new(), 0));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use outboard_devices::media::{
 use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError, MemoryPin};
 use outboard_protocol::media::{MediaConfig, SHMID_MMAP};
 use outboard_protocol::vhost_user::{VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures};
+use outboard_transport::Backend;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::rust_vmm::RustVmmMemory;
@@ -110,13 +111,17 @@ impl HostMemoryMapper for ShmemMapper {
         };
         let map = VhostUserMMap::new(SHMID_MMAP, offset, shm_offset, len, flags);
         let channel = lock(&self.channel).clone().ok_or(libc::ENOTCONN)?;
-        channel.shmem_map(&map, buffer).map_err(|e| {
+        // Posted, not waited for: this thread also answers the front-end, which updates
+        // every vhost-user device's memory table while it handles the map (see
+        // `Backend::post_shmem_map`).
+        channel.post_shmem_map(&map, buffer).map_err(|e| {
             outboard_protocol::log_limited!(
                 log::Level::Warn,
                 "media: SHMEM_MAP of {len:#x} bytes at {shm_offset:#x} failed: {e}"
             );
             libc::EIO
         })?;
+        report_refused(&channel);
         self.used.insert(shm_offset, len);
         Ok(shm_offset)
     }
@@ -127,13 +132,44 @@ impl HostMemoryMapper for ShmemMapper {
         // The range is free for reuse even if the front-end is gone.
         self.used.remove(&shm_offset);
         let channel = lock(&self.channel).clone().ok_or(libc::ENOTCONN)?;
-        channel.shmem_unmap(&map).map_err(|e| {
+        channel.post_shmem_unmap(&map).map_err(|e| {
             outboard_protocol::log_limited!(
                 log::Level::Warn,
                 "media: SHMEM_UNMAP at {shm_offset:#x} failed: {e}"
             );
             libc::EIO
-        })
+        })?;
+        report_refused(&channel);
+        Ok(())
+    }
+}
+
+/// Logs the maps and unmaps the front-end refused after the device had gone on (the
+/// guest then sees no frames through those mappings; the front-end logs why too).
+fn report_refused(channel: &Backend) {
+    match channel.take_refused() {
+        Ok((refused, dropped)) => {
+            for r in &refused {
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "media: the front-end refused {} of {:#x} bytes at {:#x} (status {})",
+                    r.request,
+                    r.map.len,
+                    r.map.shm_offset,
+                    r.status
+                );
+            }
+            if dropped > 0 {
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "media: {dropped} more refusals of the front-end not kept"
+                );
+            }
+        }
+        Err(e) => outboard_protocol::log_limited!(
+            log::Level::Warn,
+            "media: reading the back-end channel's replies: {e}"
+        ),
     }
 }
 

@@ -1128,7 +1128,7 @@ fn check_outboard_jailed(bin: &Path, path: &Path, report: &mut Report) {
             "{tag}: {} buffers exported and mapped through SHMEM_MAP",
             addrs.len()
         ),
-        addrs.len() >= 2 && d.maps.lock().unwrap().len() == addrs.len(),
+        addrs.len() >= 2 && d.settle(addrs.len(), 0),
         format!("{} maps", d.maps.lock().unwrap().len()),
     );
     let _: () = d.ioctl(s, VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
@@ -1171,7 +1171,7 @@ fn check_outboard_jailed(bin: &Path, path: &Path, report: &mut Report) {
     }
     report.check(
         &format!("{tag}: MUNMAP sends SHMEM_UNMAP"),
-        d.maps.lock().unwrap().is_empty() && d.unmaps.lock().unwrap().len() == addrs.len(),
+        d.settle(0, addrs.len()),
         "maps left",
     );
     d.disconnect();

@@ -22,11 +22,12 @@ use crate::rust_vmm::{RingHealth, RustVmmQueue};
 
 /// The bound on each send and reply wait on the back-end -> front-end channel.
 ///
-/// Long enough for a busy front-end: QEMU 11.1 under TCG, on a loaded 2-core host, took
-/// over 1 s (the bound before) to answer some `SHMEM_MAP`s while the guest ran
-/// v4l2-compliance. A reply that comes later still is read and dropped before the next
-/// one (see [`Backend::set_timeout`]), and only this VM's worker waits meanwhile.
-pub const BACKEND_CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The worker thread that waits also answers the front-end, so it waits briefly: the
+/// media device posts its maps and unmaps instead of waiting
+/// ([`Backend::post_shmem_map`]), and a reply that comes after this is read and dropped
+/// before the next one (see [`Backend::set_timeout`]). The Linux virtio-media driver
+/// gives up on a command after 5 s.
+pub const BACKEND_CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest config space read or written through `GET_CONFIG`/`SET_CONFIG`.
 pub const MAX_CONFIG_SIZE: u32 = 256;
