@@ -1,7 +1,10 @@
 //! `cargo xtask media-compliance`: `v4l2-compliance` (Debian's v4l-utils) against the
 //! software camera, single-planar and multi-planar, through `outboard-v4l2-shim`, the
-//! `LD_PRELOAD` stand-in for the virtio-media guest driver (no Debian guest kernel has
-//! one). Passes when every mode reports `Failed: 0`.
+//! `LD_PRELOAD` stand-in for the virtio-media guest driver: the fast layer under
+//! `media-guest`, which runs the real driver. Two versions, all four runs at once:
+//! bookworm's 1.22.1 (installed on the host) and trixie's 1.30.1 from the root that
+//! `media-guest` makes, run on the host through that root's own dynamic loader (1.30
+//! checks more: CREATE_BUFS lengths, for one). Passes when every run reports `Failed: 0`.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -67,12 +70,30 @@ fn totals(report: &str) -> Option<(String, u64)> {
 pub fn run() -> Result<bool> {
     setup::ensure_v4l2_compliance()?;
     let shim = build_shim()?;
+    let root = crate::media_guest::trixie_root()?;
     let dir = target_dir().join("media-compliance");
     let node = make_node(&dir)?;
-    // Both modes at once: the runs mostly wait for frames.
+    let lib = root.join("usr/lib/x86_64-linux-gnu");
+    let tools = [
+        ("1.22", vec![PathBuf::from("v4l2-compliance")]),
+        (
+            "1.30",
+            vec![
+                lib.join("ld-linux-x86-64.so.2"),
+                "--library-path".into(),
+                lib.clone(),
+                root.join("usr/bin/v4l2-compliance"),
+            ],
+        ),
+    ];
+    // Every run at once: they mostly wait for frames.
     let mut runs = Vec::new();
-    for (mode, mplane) in MODES {
-        let log = dir.join(format!("{mode}.log"));
+    for ((mode, mplane), (version, argv)) in MODES
+        .iter()
+        .flat_map(|m| tools.iter().map(move |t| (*m, t)))
+    {
+        let mode = format!("{mode} {version}");
+        let log = dir.join(format!("{}.log", mode.replace(' ', "-")));
         let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
         let err = out
             .try_clone()
@@ -81,7 +102,8 @@ pub fn run() -> Result<bool> {
             "==> v4l2-compliance, {mode} camera (log: {})",
             log.display()
         );
-        let child = Command::new("v4l2-compliance")
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
             .arg("-d")
             .arg(&node)
             .args(ARGS)

@@ -982,6 +982,13 @@ fn took(marks: &[(f64, String)], label: &str) -> Option<f64> {
     Some(next.0 - marks[i].0)
 }
 
+/// The trixie root (made if needed, cached under the e2e cache): `media-compliance`
+/// runs its v4l2-compliance (1.30) on the host too, through the root's own dynamic
+/// loader.
+pub fn trixie_root() -> Result<PathBuf> {
+    ensure_root(&setup::cache_dir().join("trixie-root")).map(|r| r.dir)
+}
+
 /// Runs everything; returns whether every check passed.
 pub fn run() -> Result<bool> {
     let started = Instant::now();
