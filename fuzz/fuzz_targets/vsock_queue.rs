@@ -154,21 +154,10 @@ impl Harness {
     }
 
     fn activate(&mut self) {
-        let queues = (0..3)
-            .map(|q| {
-                DriverQueue::new(BASES[q], SIZES[q])
-                    .device_queue(&self.mem, self.features & VIRTIO_RING_F_EVENT_IDX != 0)
-            })
-            .collect();
-        self.dev.ack_features(self.features);
-        self.dev
-            .activate(
-                boxed_queues(queues, &self.mem),
-                Arc::new(CountingInterrupt::default()) as Arc<dyn Interrupt>,
-            )
-            .unwrap();
-        // A driver lays its rings out again after a reset: the used rings start empty
-        // (what the chains offered before stays recorded).
+        // A driver lays its rings out again before it sets DRIVER_OK: the used rings
+        // start empty (what the chains offered before stays recorded). The device may
+        // use buffers as soon as it is active (it did: a harness that emptied the used
+        // rings afterwards lost those entries and took the next ones for 17 at once).
         for r in &mut self.rings {
             self.mem
                 .write_slice(
@@ -179,6 +168,21 @@ impl Harness {
             r.avail_idx = 0;
             r.last_used = 0;
         }
+        let queues = (0..3)
+            .map(|q| {
+                DriverQueue::new(BASES[q], SIZES[q])
+                    .device_queue(&self.mem, self.features & VIRTIO_RING_F_EVENT_IDX != 0)
+            })
+            .collect();
+        self.dev.ack_features(self.features);
+        self.snapshot();
+        self.dev
+            .activate(
+                boxed_queues(queues, &self.mem),
+                Arc::new(CountingInterrupt::default()) as Arc<dyn Interrupt>,
+            )
+            .unwrap();
+        self.check_used();
     }
 
     /// Records what each head offers now (the device may pop it during this call).
