@@ -44,6 +44,7 @@ mod release;
 mod setup;
 mod util;
 mod vm;
+mod vsock_suite;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -144,6 +145,12 @@ fn ci_steps() -> Vec<Step> {
         // The same through the jailed worker (`--jail`): driven, not only started.
         Step::xtask("e2e --jail (QEMU guest, jailed worker)", &["e2e"])
             .env("OUTBOARD_E2E_JAIL", "1"),
+        // The kernel's own vsock tests (vsock_test, vsock_diag_test) between two guests
+        // whose devices one `outboard vsock` serves, the VMs in one sibling group.
+        Step::xtask(
+            "vsock-suite (kernel vsock_test, two guests)",
+            &["vsock-suite"],
+        ),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
         Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]).prune("media-e2e"),
         // The real virtio-media guest driver against `outboard media` in every mode.
@@ -341,6 +348,9 @@ commands:
                          (B: outboard (default) or vhost-device-vsock)
   demo [--backend B]     boot the guest and talk to a shell in it over vsock
   bench-e2e              compare outboard with vhost-device-vsock 0.3.0
+  vsock-suite [--backend B] [--kernel backports|release] [--only NAME --repeat N]
+                         the kernel's tools/testing/vsock (vsock_test, vsock_diag_test)
+                         between two guests (CID 3 and 4) served by one daemon
   media-compliance       v4l2-compliance against the software camera (single- and
                          multi-planar) through the guest-driver shim
   media-e2e              boot a guest with vivid and check the V4L2 proxy over it
@@ -420,6 +430,10 @@ fn main() -> ExitCode {
                 .map(|()| true),
         ),
         Some("media-compliance") => finish(compliance::run()),
+        Some("vsock-suite") => finish(
+            backend_named(&backend_arg(&args), release)
+                .and_then(|b| vsock_suite::run(b, &args[1..])),
+        ),
         Some("fuzz") => finish(fuzz::run(&args[1..])),
         Some("aarch64") => finish(cross::run()),
         Some("examples") => finish(examples::run()),

@@ -69,6 +69,11 @@ pub const PACKAGES: &[Package] = &[
         why: "the guests' initramfs",
     },
     Package {
+        name: "xz-utils",
+        suite: Suite::Release,
+        why: "vsock-suite: tools/testing/vsock from the linux-source tarball (.tar.xz)",
+    },
+    Package {
         name: "v4l-utils",
         suite: Suite::Release,
         why: "v4l2-compliance in media-compliance and media-e2e",

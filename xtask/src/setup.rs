@@ -255,7 +255,7 @@ pub fn ensure_kernel_package(cache: &Path) -> Result<(PathBuf, PathBuf)> {
 /// `apt-get download spec` into `dir` (made writable for apt's `_apt` user), retried once
 /// after `apt-get update`; returns the downloaded `{package}_*.deb` (the newest if
 /// several are there).
-fn download_deb(dir: &Path, spec: &str, package: &str) -> Result<PathBuf> {
+pub fn download_deb(dir: &Path, spec: &str, package: &str) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     // apt drops privileges to _apt for downloads when it can; let it write here.
     let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o777));

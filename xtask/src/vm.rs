@@ -232,8 +232,9 @@ impl Vm {
     }
 }
 
-/// Waits for QEMU's chardev to reach the back-end, then plugs the vsock device.
-fn plug(qmp: &mut Qmp) -> Result<()> {
+/// Waits for QEMU's chardev `vhu` to reach the back-end, then plugs the vsock device
+/// (id `vsock0`) into the PCIe root port `rp0`.
+pub fn plug(qmp: &mut Qmp) -> Result<()> {
     qmp.wait_chardev_connected("vhu", Duration::from_secs(30))?;
     qmp.execute(&format!(
         r#"{{"execute":"device_add","arguments":{{"driver":"vhost-user-vsock-pci","chardev":"vhu","bus":"rp0","id":"{DEVICE_ID}"}}}}"#
