@@ -488,15 +488,42 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 /// The FNV-1a offset basis.
 const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// The driver's source folder: `../shared/guest-drivers/virtio-media` beside the
-/// workspace.
-fn driver_source() -> PathBuf {
+/// The driver's source folder, `shared/guest-drivers/virtio-media`, found in this
+/// order: `$OUTBOARD_GUEST_DRIVERS/virtio-media`; `../shared/guest-drivers` beside the
+/// workspace (the project's layout, and CI's); the same beside the checkout a clone was
+/// made from (`git remote get-url origin`, when it is a local path: a fresh clone in a
+/// temporary directory has no `../shared` of its own).
+fn driver_source() -> Result<PathBuf> {
     let root = util::workspace_root();
-    root.parent()
-        .unwrap_or(&root)
-        .join("shared")
-        .join("guest-drivers")
-        .join("virtio-media")
+    let beside = |dir: &Path| dir.parent().map(|p| p.join("shared").join("guest-drivers"));
+    let mut tried = Vec::new();
+    if let Some(d) = std::env::var_os("OUTBOARD_GUEST_DRIVERS") {
+        tried.push(PathBuf::from(d));
+    }
+    tried.extend(beside(&root));
+    let origin = Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["remote", "get-url", "origin"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_absolute());
+    if let Some(origin) = origin {
+        tried.extend(beside(&origin));
+    }
+    let found = tried
+        .iter()
+        .map(|d| d.join("virtio-media"))
+        .find(|d| d.join("virtio_media_driver.c").is_file());
+    found.ok_or_else(|| {
+        format!(
+            "the virtio-media guest driver's source is not in any of {tried:?} (set \
+             OUTBOARD_GUEST_DRIVERS to the folder holding virtio-media/)"
+        )
+    })
 }
 
 /// The driver's files (name, contents), sorted by name.
@@ -539,7 +566,7 @@ fn patch_id_table(source: &str, id: u32) -> Result<String> {
 /// Builds `virtio-media.ko` for the root's kernel (in the root, against its headers)
 /// unless the cache has it for this kernel and these sources; returns its path.
 fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
-    let src = driver_source();
+    let src = driver_source()?;
     let files = driver_files(&src)?;
     let mut h = fnv1a(FNV_BASIS, &VIRTIO_ID.to_le_bytes());
     for (name, bytes) in &files {
