@@ -825,6 +825,8 @@ impl Prepared {
 
     /// Steps 5 to 10 (after any pid namespace fork), up to but excluding seccomp.
     pub(crate) fn confine(&mut self, extra_keep: RawFd) -> StepResult {
+        // While the host's /proc is still in reach and every system call allowed.
+        warm_up_runtime();
         if self.new_root {
             self.pivot_root()?;
         }
@@ -1026,14 +1028,10 @@ impl Prepared {
     }
 
     /// Step 10b: install seccomp. Nothing may fail after this but the device itself.
-    ///
-    /// First [`warm_up_runtime`]: what a library sets up lazily on first use is set up
-    /// here, while every system call is still allowed.
     pub(crate) fn apply_seccomp(&self) -> StepResult {
         let Some(prog) = &self.seccomp else {
             return Ok(());
         };
-        warm_up_runtime();
         install_filter(prog)
     }
 }
@@ -1064,8 +1062,9 @@ crate::syscall_list! {
     };
 }
 
-/// Runs, once before the seccomp filter goes on, what the Rust runtime and our
-/// dependencies do lazily on first use with system calls no allow-list names.
+/// Runs, at the start of [`Jail::confine`] (before the new root and the seccomp filter),
+/// what the Rust runtime and our dependencies do lazily on first use with system calls
+/// no allow-list names or files the jail does not have.
 ///
 /// # The rule
 ///
@@ -1080,7 +1079,10 @@ crate::syscall_list! {
 ///   vector on the first `clock_gettime`). The jailed camera worker died of `SIGSYS` on its
 ///   first frame timestamp because of this: the daemon had never asked for the time
 ///   before it forked, so the child did the set-up under the filter. Both clocks are
-///   read here, and the page size.
+///   read here, before the root changes: on kernels before 6.4 (no `PR_GET_AUXV`) rustix
+///   reads `/proc/self/auxv`, which the jail's root does not have. The page size is not
+///   asked for: rustix panics when it cannot read the vector (a worker on Linux 6.1 died
+///   so when this ran after the root changed), and no worker needs it.
 /// - std's clocks (`Instant`, `SystemTime`) go through glibc's vDSO, which the dynamic
 ///   loader set up at start: nothing lazy, read here anyway (cheap).
 /// - std's `HashMap` seed (`RandomState`) draws from `getrandom` once per thread;
@@ -1089,7 +1091,6 @@ crate::syscall_list! {
 /// A fork inherits all of it, so a worker forked from a set-up process is warm too;
 /// this makes the jail independent of what its parent happened to do first.
 fn warm_up_runtime() {
-    let _ = rustix::param::page_size();
     let _ = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let _ = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
     let _ = std::time::Instant::now();
