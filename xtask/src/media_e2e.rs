@@ -288,11 +288,11 @@ pub(crate) fn counted(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The `media-e2e: T <uptime> <label>` marks, as (uptime, label).
-fn marks(console: &str) -> Vec<(f64, String)> {
+/// The `<prefix><uptime> <label>` marks (`media-e2e: T `, `mg: T `), as (uptime, label).
+pub(crate) fn marks(console: &str, prefix: &str) -> Vec<(f64, String)> {
     console
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("media-e2e: T "))
+        .filter_map(|l| l.trim().strip_prefix(prefix))
         .filter_map(|l| {
             let (t, label) = l.split_once(' ')?;
             Some((t.parse().ok()?, label.to_string()))
@@ -302,7 +302,7 @@ fn marks(console: &str) -> Vec<(f64, String)> {
 
 /// Prints the compliance results; returns whether the proxy passed on every node.
 fn check_compliance(console: &str) -> bool {
-    let marks = marks(console);
+    let marks = marks(console, "media-e2e: T ");
     let took = |label: &str| -> String {
         let i = marks.iter().position(|(_, l)| l == label);
         match i.and_then(|i| Some((marks[i].0, marks.get(i + 1)?.0))) {

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::media_e2e::{parse_ldd, report, Report};
+use crate::media_e2e::{self, parse_ldd, report, Report};
 use crate::packages;
 use crate::setup;
 use crate::util::{self, output, Proc, Result};
@@ -277,29 +277,7 @@ fn apt_acquire_lines(dump: &str) -> String {
 
 /// The installed version of `name` in the root's package database.
 fn root_version(root: &Path, name: &str) -> Option<String> {
-    let out = Command::new("dpkg-query")
-        .arg(format!(
-            "--admindir={}",
-            root.join("var/lib/dpkg").display()
-        ))
-        .args(["-W", "-f", "${db:Status-Status} ${Version}", name])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (status, version) = text.trim().split_once(' ')?;
-    (status == "installed" && !version.is_empty()).then(|| version.to_string())
-}
-
-/// Whether `a >= b` by dpkg's version order.
-fn version_at_least(a: &str, b: &str) -> bool {
-    Command::new("dpkg")
-        .args(["--compare-versions", a, "ge", b])
-        .status()
-        .is_ok_and(|s| s.success())
+    packages::installed_version_in(Some(&root.join("var/lib/dpkg")), name)
 }
 
 /// The root's packages that are missing or too old, with their state.
@@ -307,7 +285,12 @@ fn root_missing(root: &Path) -> Vec<String> {
     ROOT_PACKAGES
         .iter()
         .filter_map(|p| match root_version(root, p.name) {
-            Some(v) if p.min_version.is_none_or(|m| version_at_least(&v, m)) => None,
+            Some(v)
+                if p.min_version
+                    .is_none_or(|m| packages::version_at_least(&v, m)) =>
+            {
+                None
+            }
             Some(v) => Some(format!("{} {v} (too old)", p.name)),
             None => Some(format!("{} (not installed)", p.name)),
         })
@@ -462,7 +445,7 @@ fn kernel_version(root: &Path) -> Result<String> {
     found.sort_by(|a, b| {
         if a == b {
             std::cmp::Ordering::Equal
-        } else if version_at_least(a, b) {
+        } else if packages::version_at_least(a, b) {
             std::cmp::Ordering::Greater
         } else {
             std::cmp::Ordering::Less
@@ -987,18 +970,6 @@ fn warnings(log: &str) -> Vec<String> {
         .collect()
 }
 
-/// The `mg: T <uptime> <label>` marks, as (uptime, label).
-fn marks(console: &str) -> Vec<(f64, String)> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("mg: T "))
-        .filter_map(|l| {
-            let (t, label) = l.split_once(' ')?;
-            Some((t.parse().ok()?, label.to_string()))
-        })
-        .collect()
-}
-
 /// Seconds from the mark `label` to the next mark of the same mode.
 fn took(marks: &[(f64, String)], label: &str) -> Option<f64> {
     let i = marks.iter().position(|(_, l)| l == label)?;
@@ -1200,7 +1171,7 @@ pub fn run() -> Result<bool> {
     {
         println!("  {}", line.trim());
     }
-    let marks = marks(&log);
+    let marks = media_e2e::marks(&log, "mg: T ");
     let secs = |label: String| took(&marks, &label).map_or("?".to_string(), |t| format!("{t:.0}s"));
     println!("media-guest: summary");
     for m in &MODES {
@@ -1421,7 +1392,7 @@ mod tests {
     fn marks_time_each_test_of_a_mode() {
         let console = "mg: T 10.0 sp s10\nmg: T 11.0 mplane s10\nmg: T 19.5 sp s10f\n\
             mg: T 30.0 mplane done\nmg: T 40.0 sp done\nmg: T 41.0 end\n";
-        let m = marks(console);
+        let m = media_e2e::marks(console, "mg: T ");
         assert_eq!(took(&m, "sp s10"), Some(9.5));
         assert_eq!(took(&m, "mplane s10"), Some(19.0));
         assert_eq!(took(&m, "sp done"), Some(1.0));

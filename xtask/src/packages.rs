@@ -9,7 +9,7 @@
 //! packages` prints it) and remove `target/`.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -121,7 +121,17 @@ pub fn print_list() {
 
 /// The installed version of `name`, if the package database says it is installed.
 pub fn installed_version(name: &str) -> Option<String> {
-    let out = Command::new("dpkg-query")
+    installed_version_in(None, name)
+}
+
+/// [`installed_version`] in the package database at `admindir` (another root's
+/// `var/lib/dpkg`), or this machine's for `None`.
+pub fn installed_version_in(admindir: Option<&Path>, name: &str) -> Option<String> {
+    let mut cmd = Command::new("dpkg-query");
+    if let Some(dir) = admindir {
+        cmd.arg(format!("--admindir={}", dir.display()));
+    }
+    let out = cmd
         .args(["-W", "-f", "${db:Status-Status} ${Version}", name])
         .stderr(Stdio::null())
         .output()
@@ -135,7 +145,7 @@ pub fn installed_version(name: &str) -> Option<String> {
 }
 
 /// Whether `a >= b` by dpkg's version order.
-fn version_at_least(a: &str, b: &str) -> bool {
+pub fn version_at_least(a: &str, b: &str) -> bool {
     Command::new("dpkg")
         .args(["--compare-versions", a, "ge", b])
         .status()
