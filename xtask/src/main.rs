@@ -246,10 +246,9 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
             step.args.join(" ")
         );
         let start = Instant::now();
-        let status = Command::new(&step.program)
-            .args(&step.args)
-            .envs(step.env.iter().copied())
-            .status();
+        let mut cmd = Command::new(&step.program);
+        cmd.args(&step.args).envs(step.env.iter().copied());
+        let (status, tail) = util::run_teeing(&mut cmd, FAILURE_TAIL_LINES);
         let ok = matches!(status, Ok(s) if s.success());
         if let Err(e) = &status {
             eprintln!("xtask: could not run {}: {e}", step.program);
@@ -265,13 +264,19 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
             gib(used),
             free.map(gib).unwrap_or(f64::NAN)
         );
-        results.push((step.name, ok, took, used));
+        results.push((
+            step.name,
+            ok,
+            took,
+            used,
+            if ok { Vec::new() } else { tail },
+        ));
     }
     println!(
         "\n==> summary (target: GiB under {} after the step)",
         target.display()
     );
-    for (name, ok, took, used) in &results {
+    for (name, ok, took, used, _) in &results {
         println!(
             "  {:<44} {:<4} {:>7.1}s {:>6.2}",
             name,
@@ -280,7 +285,15 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
             gib(*used)
         );
     }
-    let failed = results.iter().filter(|(_, ok, _, _)| !ok).count();
+    // A CI log keeps only its last lines, and a failing step's own error scrolls out of
+    // them behind the later steps: repeat the end of what each failed step printed.
+    for (name, _, _, _, tail) in results.iter().filter(|r| !r.1) {
+        println!("\n==> the last {} lines {name} printed", tail.len());
+        for line in tail {
+            println!("  | {line}");
+        }
+    }
+    let failed = results.iter().filter(|r| !r.1).count();
     let passed = results.len() - failed;
     println!("xtask: {passed} passed, {failed} failed");
     if failed == 0 {
@@ -289,6 +302,9 @@ fn run_steps(steps: Vec<Step>) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+/// How many of a failed step's last output lines the summary repeats.
+const FAILURE_TAIL_LINES: usize = 40;
 
 /// Builds the `outboard` binary and returns its path.
 fn build_outboard(release: bool) -> util::Result<PathBuf> {

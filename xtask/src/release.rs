@@ -77,14 +77,81 @@ pub fn msrv() -> Result<bool> {
     Ok(ok)
 }
 
+/// Phrases of cargo's errors that say the registry could not be reached, not that a
+/// package is wrong.
+const NETWORK_TROUBLE: &[&str] = &[
+    "failed to get successful HTTP response",
+    "spurious network error",
+    "Couldn't resolve host",
+    "Could not resolve host",
+    "failed to download",
+    "Timeout was reached",
+    "timed out",
+    "Connection reset",
+    "Connection refused",
+    "SSL connect error",
+    "failed to query replaced source registry",
+];
+
+/// The first line of `lines` that reports network trouble, if any.
+fn network_trouble(lines: &[String]) -> Option<&str> {
+    lines
+        .iter()
+        .find(|l| NETWORK_TROUBLE.iter().any(|p| l.contains(p)))
+        .map(String::as_str)
+}
+
 /// `cargo xtask publish-check`.
+///
+/// `cargo publish` asks the crates.io index about every crate; a run that fails only
+/// because the registry could not be reached is tried once more (and says so). Any other
+/// failure fails at once.
 pub fn publish_check() -> Result<bool> {
     let target = util::workspace_root().join("target").join("publish-check");
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["publish", "--workspace", "--dry-run", "--allow-dirty"])
-            .env("CARGO_TARGET_DIR", &target),
-        Duration::from_secs(3600),
-    )?;
-    Ok(true)
+    for attempt in 1..=2 {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["publish", "--workspace", "--dry-run", "--allow-dirty"])
+            .env("CARGO_TARGET_DIR", &target);
+        let (status, tail) = util::run_teeing(&mut cmd, 200);
+        let status = status.map_err(|e| format!("could not start {cmd:?}: {e}"))?;
+        if status.success() {
+            return Ok(true);
+        }
+        match network_trouble(&tail) {
+            Some(line) if attempt == 1 => {
+                eprintln!("publish-check: the registry could not be reached ({line}); once more")
+            }
+            _ => {
+                // The error itself, not only the last lines of later verification output.
+                let errors: Vec<&String> = tail
+                    .iter()
+                    .filter(|l| l.starts_with("error") || l.starts_with("Caused by"))
+                    .collect();
+                for e in &errors {
+                    eprintln!("publish-check: {e}");
+                }
+                return Err(format!("{cmd:?} failed: {status}"));
+            }
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_trouble_is_told_from_a_broken_package() {
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let net = lines(&[
+            "error: failed to get successful HTTP response from `https://index.crates.io/ou/tb/outboard-glue` (13.0.0.1), got 503",
+        ]);
+        assert!(network_trouble(&net).is_some());
+        let broken = lines(&[
+            "error: failed to verify package tarball",
+            "error[E0432]: unresolved import `crate::missing`",
+        ]);
+        assert_eq!(network_trouble(&broken), None);
+    }
 }

@@ -38,6 +38,81 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<()> {
     }
 }
 
+/// Runs `cmd` with its standard output and error passed through to ours, and returns its
+/// exit status with the last `keep` lines of both (in the order they were read).
+pub fn run_teeing(
+    cmd: &mut Command,
+    keep: usize,
+) -> (std::io::Result<std::process::ExitStatus>, Vec<String>) {
+    use std::collections::VecDeque;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+
+    let mut child = match cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => return (Err(e), Vec::new()),
+    };
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(keep + 1)));
+    fn pump<R: std::io::Read + Send + 'static>(
+        from: R,
+        to_stderr: bool,
+        tail: Arc<Mutex<VecDeque<String>>>,
+        keep: usize,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(from);
+            let mut buf = Vec::new();
+            // Bytes, not `lines()`: a step's output need not be UTF-8.
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let _ = if to_stderr {
+                    std::io::stderr().write_all(&buf)
+                } else {
+                    std::io::stdout().write_all(&buf)
+                };
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                if let Ok(mut t) = tail.lock() {
+                    t.push_back(line);
+                    if t.len() > keep {
+                        t.pop_front();
+                    }
+                }
+                buf.clear();
+            }
+        })
+    }
+    let pumps: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|o| pump(o, false, tail.clone(), keep)),
+        child
+            .stderr
+            .take()
+            .map(|e| pump(e, true, tail.clone(), keep)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let status = child.wait();
+    // A process the step left behind may still hold the pipes: wait a little for the
+    // rest of the output, but never for such a process to end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in pumps {
+        while !p.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if p.is_finished() {
+            let _ = p.join();
+        }
+    }
+    let lines = tail
+        .lock()
+        .map(|t| t.iter().cloned().collect())
+        .unwrap_or_default();
+    (status, lines)
+}
+
 /// Runs `cmd` within `timeout` and returns its standard output.
 pub fn output(cmd: &mut Command, timeout: Duration) -> Result<String> {
     let what = format!("{cmd:?}");
@@ -254,5 +329,39 @@ mod worker_death_tests {
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found[0].contains("SIGSYS") && found[1].contains("status 1"));
         assert!(worker_deaths("INFO worker runs jailed, pid 3").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod teeing_tests {
+    use super::*;
+
+    #[test]
+    fn run_teeing_keeps_the_last_lines_of_both_streams_and_the_status() {
+        let (status, tail) = run_teeing(
+            Command::new("sh").args([
+                "-c",
+                "echo one; echo two; sleep 0.1; echo three >&2; exit 3",
+            ]),
+            2,
+        );
+        assert_eq!(status.expect("sh runs").code(), Some(3));
+        assert_eq!(tail, vec!["two".to_string(), "three".to_string()]);
+    }
+
+    #[test]
+    fn run_teeing_does_not_wait_for_a_process_left_holding_the_pipes() {
+        let start = Instant::now();
+        let (status, tail) = run_teeing(
+            Command::new("sh").args(["-c", "echo left; sleep 60 & exit 0"]),
+            5,
+        );
+        assert!(status.expect("sh runs").success());
+        assert_eq!(tail, vec!["left".to_string()]);
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
