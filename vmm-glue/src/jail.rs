@@ -41,7 +41,7 @@
 //! `outboard` binary forks from its main thread and runs no other threads in jail mode.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -309,19 +309,22 @@ pub struct JailedWorker {
 }
 
 impl JailedWorker {
-    /// Forks a child confined by `jail` that runs `serve(listener, stop)`; `serve`
-    /// builds the device and runs the worker loop until the stop eventfd is written. An
-    /// `Err` from it is logged in the child, which then exits with
-    /// [`EXIT_WORKER_ERROR`]. The caller keeps `listener` and may spawn a new worker on
-    /// it once this one is gone.
+    /// Forks a child confined by `jail` that runs `serve(listener, inherited, stop)`;
+    /// `serve` builds the device and runs the worker loop until the stop eventfd is
+    /// written. An `Err` from it is logged in the child, which then exits with
+    /// [`EXIT_WORKER_ERROR`]. `inherit` are further fds the child gets (shared memory,
+    /// links to other workers), handed to `serve` as owned fds in the same order; every
+    /// other fd is closed in the child. The caller keeps `listener` and `inherit` and may
+    /// spawn a new worker with them once this one is gone.
     pub fn spawn<F>(
         jail: &Jail,
         listener: &UnixListener,
+        inherit: &[BorrowedFd<'_>],
         name: &str,
         serve: F,
     ) -> Result<JailedWorker, JailedError>
     where
-        F: FnOnce(UnixListener, &EventFd) -> Result<(), String>,
+        F: FnOnce(UnixListener, Vec<OwnedFd>, &EventFd) -> Result<(), String>,
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
             JailedError::Eventfd {
@@ -335,13 +338,22 @@ impl JailedWorker {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        let child = fork_process(jail, &[listen_fd, stop_fd], Some(&comm), || {
+        let inherited: Vec<RawFd> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut keep = vec![listen_fd, stop_fd];
+        keep.extend(&inherited);
+        let child = fork_process(jail, &keep, Some(&comm), || {
             // SAFETY: this runs in the forked child, which has its own fd table with
             // `listen_fd` open (it is in the keep-list). The parent's `UnixListener`
             // that also names it is never dropped here (the child ends with `_exit`),
             // so the new value is the only owner in this process.
             let listener = unsafe { UnixListener::from_raw_fd(listen_fd) };
-            if let Err(e) = serve(listener, &stop) {
+            let inherited = inherited
+                .iter()
+                // SAFETY: as for `listen_fd`: each is open in the child's own fd table
+                // (the keep-list) and the parent's owners are never dropped here.
+                .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                .collect();
+            if let Err(e) = serve(listener, inherited, &stop) {
                 log::error!("{name}: {e}");
                 // SAFETY: ends the child at once without running the parent's
                 // destructors, as fork_process does after the closure.

@@ -15,7 +15,7 @@
 //! (see `outboard_glue::jail`), reports how a child ended and starts a new one on the
 //! same socket. `--jail-seccomp log` develops the seccomp allow-list.
 
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -704,13 +704,15 @@ mod jailed {
     const MIN_RUN: Duration = Duration::from_secs(1);
     const RESTART_DELAY: Duration = Duration::from_secs(1);
 
-    type ServeFn = Box<dyn Fn(UnixListener, &EventFd) -> Result<(), String>>;
+    type ServeFn = Box<dyn Fn(UnixListener, Vec<OwnedFd>, &EventFd) -> Result<(), String>>;
 
     /// One worker the daemon keeps running.
     struct Supervised {
         name: String,
         jail: Jail,
         listener: UnixListener,
+        /// Further fds every worker gets (the daemon keeps them across restarts).
+        inherit: Vec<OwnedFd>,
         /// Sockets a dead worker leaves behind, removed before each start.
         stale: Vec<PathBuf>,
         /// Socket files this daemon created, removed at exit.
@@ -727,8 +729,15 @@ mod jailed {
                 remove_stale_socket(p)?;
             }
             let serve = &self.serve;
-            let w = JailedWorker::spawn(&self.jail, &self.listener, &self.name, |l, s| serve(l, s))
-                .map_err(|e| e.to_string())?;
+            let inherit: Vec<_> = self.inherit.iter().map(AsFd::as_fd).collect();
+            let w = JailedWorker::spawn(
+                &self.jail,
+                &self.listener,
+                &inherit,
+                &self.name,
+                |l, f, s| serve(l, f, s),
+            )
+            .map_err(|e| e.to_string())?;
             log::info!("{}: worker runs jailed, pid {}", self.name, w.pid());
             self.worker = Some(w);
             self.started = Instant::now();
@@ -899,7 +908,7 @@ mod jailed {
             vm.uds_path.display()
         );
         let worker_name = name.clone();
-        let serve: ServeFn = Box::new(move |listener, stop| {
+        let serve: ServeFn = Box::new(move |listener, _inherited, stop| {
             let mut config = VsockDeviceConfig::new(vm.guest_cid, vm.uds_path.clone());
             config.tx_buf_size = vm.tx_buffer_size;
             let device = Vsock::new(config).map_err(|e| e.to_string())?;
@@ -911,6 +920,7 @@ mod jailed {
             name,
             jail,
             listener,
+            inherit: Vec::new(),
             stale,
             created: all,
             serve,
@@ -946,7 +956,7 @@ mod jailed {
                 .map_err(|e| format!("bind {}: {e}", args.socket_path.display()))?;
             let name = source.name();
             let worker_name = name.clone();
-            let serve: ServeFn = Box::new(move |listener, stop| {
+            let serve: ServeFn = Box::new(move |listener, _inherited, stop| {
                 source
                     .serve(listener, shm_size, max_sessions, stop, &worker_name)
                     .map_err(|e| e.to_string())
@@ -955,6 +965,7 @@ mod jailed {
                 name,
                 jail,
                 listener,
+                inherit: Vec::new(),
                 stale: Vec::new(),
                 created: vec![args.socket_path.clone()],
                 serve,
