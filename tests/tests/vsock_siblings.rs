@@ -1,9 +1,12 @@
 //! Guest-to-guest vsock between sibling devices: two simulated guests, each with its
-//! own device, linked as one group; a third device outside the group.
+//! own device, linked as one group; a third device outside the group. Every test runs
+//! with the devices linked in one process (`VsockSibling::link`) and through a socket
+//! pair as devices in two processes are (`Vsock::link_sibling_socket`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
+use outboard_devices::vsock::sibling_socket_pair;
 use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType};
 use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Key, Pattern, Sink};
 
@@ -18,6 +21,27 @@ fn guest(cid: u64, opts: GuestOptions) -> Guest {
             ..opts
         },
     )
+}
+
+/// How two sibling devices are linked.
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    /// In one process.
+    Local,
+    /// Through a `SOCK_SEQPACKET` pair, as in two processes.
+    Socket,
+}
+
+fn link(a: &mut Guest, b: &mut Guest, how: Link) {
+    match how {
+        Link::Local => a.dev.sibling().link(&b.dev.sibling()).unwrap(),
+        Link::Socket => {
+            let (x, y) = sibling_socket_pair().unwrap();
+            let (ca, cb) = (a.dev.guest_cid(), b.dev.guest_cid());
+            a.dev.link_sibling_socket(cb, x).unwrap();
+            b.dev.link_sibling_socket(ca, y).unwrap();
+        }
+    }
 }
 
 /// Pumps both guests until `cond` holds; false after `T`.
@@ -50,11 +74,22 @@ fn connected(a: &mut Guest, b: &mut Guest, port: u32) -> (Key, Key) {
 /// on arrival; a third guest outside the group gets RST; the host still serves.
 #[test]
 fn siblings_exchange_data_both_ways_and_outsiders_get_rst() {
+    exchange_data_both_ways_and_outsiders_get_rst(Link::Local);
+}
+
+#[test]
+fn siblings_in_two_processes_exchange_data_both_ways_and_outsiders_get_rst() {
+    exchange_data_both_ways_and_outsiders_get_rst(Link::Socket);
+}
+
+fn exchange_data_both_ways_and_outsiders_get_rst(how: Link) {
     let mut a = guest(3, GuestOptions::default());
     let mut b = guest(4, GuestOptions::default());
     let mut c = guest(5, GuestOptions::default());
-    a.dev.sibling().link(&b.dev.sibling()).unwrap();
+    link(&mut a, &mut b, how);
     assert!(a.dev.sibling().link(&a.dev.sibling()).is_err());
+    let (x, _) = sibling_socket_pair().unwrap();
+    assert!(a.dev.link_sibling_socket(3, x).is_err());
 
     const TOTAL: u64 = 8 << 20;
     let (seed_ab, seed_ba) = (31, 32);
@@ -107,6 +142,14 @@ fn siblings_exchange_data_both_ways_and_outsiders_get_rst() {
     assert_eq!(a.conns[&ka].peer_buf_alloc, b.conns[&kb].buf_alloc);
     assert!(a.dev.metrics().snapshot().sibling_packets > 0);
     assert!(b.dev.metrics().snapshot().sibling_packets > 0);
+    for g in [&a, &b] {
+        let m = g.dev.metrics().snapshot();
+        assert_eq!(
+            (m.err_sibling_invalid, m.err_sibling_overrun),
+            (0, 0),
+            "{m:?}"
+        );
+    }
 
     // Closing: an RST reaches the other guest.
     a.send_ctrl(ka, VsockType::Stream, VsockOp::Rst, 0);
@@ -127,13 +170,22 @@ fn siblings_exchange_data_both_ways_and_outsiders_get_rst() {
 /// a new connection between the two works afterwards.
 #[test]
 fn sibling_flooding_beyond_credit_is_reset() {
+    flooding_beyond_credit_is_reset(Link::Local);
+}
+
+#[test]
+fn sibling_in_another_process_flooding_beyond_credit_is_reset() {
+    flooding_beyond_credit_is_reset(Link::Socket);
+}
+
+fn flooding_beyond_credit_is_reset(how: Link) {
     let small = GuestOptions {
         buf_alloc: 8192,
         ..GuestOptions::default()
     };
     let mut a = guest(3, GuestOptions::default());
     let mut b = guest(4, small);
-    a.dev.sibling().link(&b.dev.sibling()).unwrap();
+    link(&mut a, &mut b, how);
     b.listen(7100);
     let (ka, kb) = connected(&mut a, &mut b, 7100);
     b.conns.get_mut(&kb).unwrap().auto_consume = false;

@@ -1,6 +1,6 @@
 //! The virtio-vsock device.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -149,7 +149,7 @@ impl Vsock {
             metrics.clone(),
         )?;
         let siblings = Siblings::new(cid)?;
-        muxer.watch_inbox(siblings.handle.event_fd())?;
+        muxer.watch_inbox(siblings.handle.event_fd(), false)?;
         Ok(Vsock {
             guest_cid: cid,
             avail_features: Self::FEATURES,
@@ -179,6 +179,23 @@ impl Vsock {
     /// CID that is neither the host nor a linked sibling is answered with RST.
     pub fn sibling(&self) -> VsockSibling {
         self.siblings.handle.clone()
+    }
+
+    /// Lets this device's guest reach sibling `cid`, whose device runs in another
+    /// process, through `link`: this device's end of a [`sibling_socket_pair`] whose
+    /// other end that device got ([`Vsock::link_sibling_socket`] there with this
+    /// device's CID). Packets keep their order and credit fields, as between devices of
+    /// one process ([`VsockSibling::link`]); see the sibling module for the checks on
+    /// what comes in. Fails when `cid` is this device's own or `link` is not an AF_UNIX
+    /// `SOCK_SEQPACKET` socket.
+    ///
+    /// [`sibling_socket_pair`]: super::sibling_socket_pair
+    pub fn link_sibling_socket(&mut self, cid: u64, link: OwnedFd) -> Result<(), VsockError> {
+        if !(MIN_GUEST_CID..VMADDR_CID_ANY).contains(&cid) {
+            return Err(VsockError::InvalidCid(cid));
+        }
+        let fd = self.siblings.handle.link_remote(cid, link)?;
+        self.muxer.watch_inbox(fd, true)
     }
 
     /// The device's counters (shared; read them from any thread).

@@ -84,7 +84,10 @@ use thiserror::Error;
 
 pub use device::{Vsock, VsockDeviceConfig};
 pub use packet::PacketError;
-pub use sibling::{VsockSibling, MAX_INBOX_BYTES, MAX_INBOX_PACKETS, MAX_SIBLING_CONNECTIONS};
+pub use sibling::{
+    sibling_socket_pair, VsockSibling, MAX_INBOX_BYTES, MAX_INBOX_PACKETS, MAX_SIBLING_CONNECTIONS,
+    REMOTE_CONTROL_RESERVE, REMOTE_SEND_BUFFER,
+};
 
 /// Default per-connection TX buffer, also the credit (`buf_alloc`) given to the guest.
 pub const DEFAULT_TX_BUF_SIZE: u32 = 256 * 1024;
@@ -130,6 +133,14 @@ pub enum VsockError {
     /// Two devices with the same guest CID cannot be siblings.
     #[error("guest CID {0} cannot be its own sibling")]
     SiblingCid(u64),
+    /// A link to a sibling in another process is not a usable socket.
+    #[error("the link to sibling CID {cid}: {reason}")]
+    SiblingSocket {
+        /// The sibling's CID.
+        cid: u64,
+        /// What is wrong with the socket.
+        reason: String,
+    },
     /// The timer could not be created.
     #[error("cannot create the muxer timer: {0}")]
     Timer(std::io::Error),
@@ -202,6 +213,9 @@ metrics! {
     /// Guest packets to a sibling beyond the other guest's credit, or finding its inbox
     /// full (connection reset both ways).
     err_sibling_overrun,
+    /// Messages from a sibling in another process that failed the checks (wrong CIDs,
+    /// length, op, type or flags; dropped).
+    err_sibling_invalid,
     /// Guest connects that found no host listener (answered with RST).
     err_connect_failed,
     /// Connections refused because of the connection cap.

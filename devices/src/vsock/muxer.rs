@@ -182,16 +182,16 @@ impl Muxer {
         self.epoll.as_fd()
     }
 
-    /// Adds the sibling inbox's eventfd to the epoll set.
-    pub fn watch_inbox(&mut self, fd: RawFd) -> Result<(), VsockError> {
-        sys::epoll_ctl(
-            &self.epoll,
-            libc::EPOLL_CTL_ADD,
-            fd,
-            libc::EPOLLIN as u32,
-            TOKEN_INBOX,
-        )
-        .map_err(VsockError::Epoll)
+    /// Adds the sibling inbox's eventfd (level-triggered) or a link to a sibling in
+    /// another process (`edge`: reported once per arrival) to the epoll set.
+    pub fn watch_inbox(&mut self, fd: RawFd, edge: bool) -> Result<(), VsockError> {
+        let events = if edge {
+            (libc::EPOLLIN | libc::EPOLLET) as u32
+        } else {
+            libc::EPOLLIN as u32
+        };
+        sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, events, TOKEN_INBOX)
+            .map_err(VsockError::Epoll)
     }
 
     /// Whether the sibling inbox's eventfd reported since the last call.

@@ -313,3 +313,129 @@ pub(crate) fn recv_regions(
     let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) })?;
     Ok((n, msg.msg_flags))
 }
+
+/// A connected pair of non-blocking close-on-exec AF_UNIX `SOCK_SEQPACKET` sockets.
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints for the kernel to fill.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both are new descriptors the kernel just returned; nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `getsockopt` of an `int` option.
+pub(crate) fn sockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writing and `len` holds its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+/// `setsockopt` of an `int` option.
+pub(crate) fn set_sockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a valid int for the kernel to read, with its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Sets `O_NONBLOCK` on `fd`.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: no pointers; the kernel validates the descriptor.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// Bytes a socket has sent that its peer has not read yet (`SIOCOUTQ`; for AF_UNIX the
+/// memory those messages take, which the send buffer bounds).
+pub(crate) fn unread_sent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int into `value`, which is valid for writing.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ as _, &mut value) })?;
+    Ok(usize::try_from(value).unwrap_or(0))
+}
+
+/// Sends `parts` as one message (`sendmsg` of host buffers, never blocks, no SIGPIPE).
+pub(crate) fn send_parts(fd: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    // SAFETY: msghdr is plain old data; all-zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: every iovec describes a borrowed slice that outlives the call; the kernel
+    // only reads through them (the `*mut` is what `iovec` spells, not a write).
+    cvt_size(unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    })
+}
+
+/// Receives one message into `head` then `body` (`recvmsg`, never blocks); returns the
+/// message's bytes stored and the returned `msg_flags` (`MSG_TRUNC` when it was longer).
+pub(crate) fn recv_parts(
+    fd: BorrowedFd<'_>,
+    head: &mut [u8],
+    body: &mut [u8],
+) -> io::Result<(usize, libc::c_int)> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_mut_ptr().cast(),
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: msghdr is plain old data; all-zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: both iovecs describe exclusively borrowed buffers that outlive the call;
+    // the kernel writes at most their lengths.
+    let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) })?;
+    Ok((n, msg.msg_flags))
+}
