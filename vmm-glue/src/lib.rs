@@ -10,6 +10,8 @@
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
 //! - [`metrics`]: the JSON metrics file of the daemon.
+//! - [`shared_metrics`]: device counters a jailed worker publishes into a memfd page
+//!   the daemon reads, monotonic across worker restarts.
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
 //!   the daemon keeping the listening socket and restarting a worker that dies.
 //! - [`media`]: virtio-media (the software camera) over vhost-user, with its shared
@@ -33,6 +35,7 @@ pub mod metrics;
 #[cfg(feature = "mmio")]
 pub mod mmio;
 pub mod rust_vmm;
+pub mod shared_metrics;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod vsock_cli;

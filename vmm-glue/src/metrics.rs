@@ -10,24 +10,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// (`Name { a: 1, b: 2 }`) into `(field, value)` pairs. Fields that are not plain
 /// unsigned integers are skipped.
 pub fn counters_of(snapshot: &impl Debug) -> Vec<(String, u64)> {
-    let text = format!("{snapshot:?}");
-    let Some(body) = text
+    counter_fields(&format!("{snapshot:?}"))
+        .map(|(name, value)| (name.to_string(), value))
+        .collect()
+}
+
+/// The `(field, value)` pairs of a derived `Debug` rendering `text`, in field order,
+/// without allocating (what [`counters_of`] and the shared counter page parse).
+pub(crate) fn counter_fields(text: &str) -> impl Iterator<Item = (&str, u64)> {
+    let body = text
         .split_once('{')
         .and_then(|(_, rest)| rest.rsplit_once('}'))
-        .map(|(body, _)| body)
-    else {
-        return Vec::new();
-    };
-    body.split(',')
-        .filter_map(|field| {
-            let (name, value) = field.split_once(':')?;
-            let name = name.trim();
-            let value = value.trim().parse::<u64>().ok()?;
-            let ident =
-                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            ident.then(|| (name.to_string(), value))
-        })
-        .collect()
+        .map_or("", |(body, _)| body);
+    body.split(',').filter_map(|field| {
+        let (name, value) = field.split_once(':')?;
+        let name = name.trim();
+        let value = value.trim().parse::<u64>().ok()?;
+        let ident = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        ident.then_some((name, value))
+    })
 }
 
 /// One VM's entry in the metrics file.
