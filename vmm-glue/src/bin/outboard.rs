@@ -149,6 +149,11 @@ struct VsockArgs {
     #[arg(long, value_name = "FD")]
     fd: Option<RawFd>,
     /// Write the devices' counters as JSON to this file, periodically and at exit.
+    ///
+    /// With --jail each worker publishes its device's counters into a shared memory
+    /// page after every event it handles, and the daemon reads the pages. A restarted
+    /// worker starts from zero; the daemon adds the dead workers' last values, so the
+    /// counters never go backwards, and counts the restarts in `worker_restarts`.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
     /// Seconds between metrics writes.
@@ -514,11 +519,6 @@ fn vsock(args: VsockArgs) -> ExitCode {
             vms.len()
         ));
     }
-    if args.jail.jail && args.metrics.is_some() {
-        return usage_error(
-            "--metrics cannot be used with --jail: the counters live in the jailed workers",
-        );
-    }
     if args.metrics_interval == 0 {
         return usage_error("--metrics-interval 0: the interval must be at least 1 second");
     }
@@ -539,7 +539,11 @@ fn vsock(args: VsockArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if args.jail.jail {
-        return jailed::vsock(&vms, args.fd, &args.jail, &set);
+        let metrics = args
+            .metrics
+            .as_deref()
+            .map(|p| (p, Duration::from_secs(args.metrics_interval)));
+        return jailed::vsock(&vms, args.fd, &args.jail, metrics, &set);
     }
 
     let mut workers = Vec::new();
@@ -694,6 +698,7 @@ fn start_worker(
 mod jailed {
     use super::*;
     use outboard_glue::jail::{describe_exit, worker_jail, JailedWorker, SeccompMode};
+    use outboard_glue::shared_metrics::{CounterPage, PublishingDevice, RestartCounters};
     use outboard_sandbox::Jail;
 
     /// How long the stopping workers get, together, before they are killed: SIGTERM
@@ -721,6 +726,34 @@ mod jailed {
         worker: Option<JailedWorker>,
         started: Instant,
         restart_at: Option<Instant>,
+        /// `--metrics`: the VM's counter page (its fd is `inherit[0]`).
+        counters: Option<VmCounters>,
+    }
+
+    /// One VM's entry in the metrics file, read from its workers' counter page.
+    struct VmCounters {
+        guest_cid: u64,
+        socket: PathBuf,
+        page: RestartCounters,
+    }
+
+    /// `--metrics PATH` and `--metrics-interval`.
+    pub(super) type MetricsFile<'a> = Option<(&'a Path, Duration)>;
+
+    fn write_metrics(path: Option<&Path>, sups: &[Supervised]) {
+        let Some(path) = path else { return };
+        let vms: Vec<VmMetrics> = sups
+            .iter()
+            .filter_map(|s| s.counters.as_ref())
+            .map(|c| VmMetrics {
+                guest_cid: c.guest_cid,
+                socket: c.socket.clone(),
+                counters: c.page.counters(),
+            })
+            .collect();
+        if let Err(e) = metrics::write(path, &vms) {
+            log::warn!("cannot write metrics to {}: {e}", path.display());
+        }
     }
 
     impl Supervised {
@@ -764,6 +797,9 @@ mod jailed {
                     }
                 }
                 self.worker = None;
+                if let Some(c) = self.counters.as_mut() {
+                    c.page.worker_ended(true);
+                }
                 let delay = if self.started.elapsed() < MIN_RUN {
                     RESTART_DELAY
                 } else {
@@ -806,8 +842,16 @@ mod jailed {
         }
     }
 
-    /// Starts every worker, keeps them running until SIGTERM/SIGINT, then stops them.
-    fn supervise(mut sups: Vec<Supervised>, set: &libc::sigset_t) -> ExitCode {
+    /// Starts every worker, keeps them running until SIGTERM/SIGINT, then stops them;
+    /// writes the metrics file at the start, every interval and at exit.
+    fn supervise(
+        mut sups: Vec<Supervised>,
+        set: &libc::sigset_t,
+        metrics_file: MetricsFile<'_>,
+    ) -> ExitCode {
+        let path = metrics_file.map(|(p, _)| p);
+        let interval = metrics_file.map_or(Duration::MAX, |(_, i)| i);
+        let mut last_metrics = Instant::now();
         let mut ok = true;
         for s in &mut sups {
             if let Err(e) = s.start() {
@@ -817,6 +861,7 @@ mod jailed {
             }
         }
         if ok {
+            write_metrics(path, &sups);
             loop {
                 if let Some(sig) = wait_signal(set, Duration::from_millis(100)) {
                     log::info!("signal {sig}: stopping");
@@ -825,12 +870,17 @@ mod jailed {
                 for s in &mut sups {
                     s.check();
                 }
+                if last_metrics.elapsed() >= interval {
+                    write_metrics(path, &sups);
+                    last_metrics = Instant::now();
+                }
             }
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         for s in &mut sups {
             ok &= s.stop(deadline);
         }
+        write_metrics(path, &sups);
         if ok {
             log::info!("stopped cleanly");
             ExitCode::SUCCESS
@@ -848,6 +898,7 @@ mod jailed {
         vms: &[VmConfig],
         fd: Option<RawFd>,
         args: &JailArgs,
+        metrics_file: MetricsFile<'_>,
         set: &libc::sigset_t,
     ) -> ExitCode {
         let mode = match seccomp_mode(args) {
@@ -856,7 +907,7 @@ mod jailed {
         };
         let mut sups = Vec::new();
         for vm in vms {
-            match supervised_vsock(vm, fd, mode, args.limits()) {
+            match supervised_vsock(vm, fd, mode, args.limits(), metrics_file.is_some()) {
                 Ok(s) => sups.push(s),
                 Err(e) => {
                     log::error!("VM with guest CID {}: {e}", vm.guest_cid);
@@ -868,7 +919,7 @@ mod jailed {
                 }
             }
         }
-        supervise(sups, set)
+        supervise(sups, set, metrics_file)
     }
 
     fn supervised_vsock(
@@ -876,6 +927,7 @@ mod jailed {
         fd: Option<RawFd>,
         mode: SeccompMode,
         limits: outboard_glue::jail::WorkerLimits,
+        with_metrics: bool,
     ) -> Result<Supervised, String> {
         // The worker sees the uds-path directory at its own absolute path.
         let (dir, file) = match (vm.uds_path.parent(), vm.uds_path.file_name()) {
@@ -907,27 +959,81 @@ mod jailed {
             vm.socket.display(),
             vm.uds_path.display()
         );
+        let counters = with_metrics
+            .then(|| vsock_counters(&vm, &name))
+            .transpose()?;
+        let slots = counters.as_ref().map(|c| c.page.slots());
+        let inherit = match &counters {
+            Some(c) => vec![c
+                .page
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("counter page fd: {e}"))?],
+            None => Vec::new(),
+        };
         let worker_name = name.clone();
-        let serve: ServeFn = Box::new(move |listener, _inherited, stop| {
+        let serve: ServeFn = Box::new(move |listener, inherited, stop| {
             let mut config = VsockDeviceConfig::new(vm.guest_cid, vm.uds_path.clone());
             config.tx_buf_size = vm.tx_buffer_size;
             let device = Vsock::new(config).map_err(|e| e.to_string())?;
-            daemon::serve(device, listener, vm.queue_size, stop, &worker_name)
-                .map(drop)
-                .map_err(|e| e.to_string())
+            let page = match (slots, inherited.into_iter().next()) {
+                (Some(slots), Some(fd)) => {
+                    Some(CounterPage::from_fd(fd, slots).map_err(|e| e.to_string())?)
+                }
+                _ => None,
+            };
+            serve_vsock(device, page, listener, vm.queue_size, stop, &worker_name)
         });
         Ok(Supervised {
             name,
             jail,
             listener,
-            inherit: Vec::new(),
+            inherit,
             stale,
             created: all,
             serve,
             worker: None,
             started: Instant::now(),
             restart_at: None,
+            counters,
         })
+    }
+
+    /// The counter page of a VM's workers, named after the worker.
+    fn vsock_counters(vm: &VmConfig, name: &str) -> Result<VmCounters, String> {
+        let names = metrics::counters_of(&VsockMetrics::default().snapshot())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let page = RestartCounters::new(&format!("outboard {name} counters"), names)
+            .map_err(|e| e.to_string())?;
+        Ok(VmCounters {
+            guest_cid: vm.guest_cid,
+            socket: vm.socket.clone(),
+            page,
+        })
+    }
+
+    /// Runs the worker loop in the jailed child; with a counter `page`, the device
+    /// publishes its counters there after every event.
+    fn serve_vsock(
+        device: Vsock,
+        page: Option<CounterPage>,
+        listener: UnixListener,
+        queue_size: u16,
+        stop: &EventFd,
+        name: &str,
+    ) -> Result<(), String> {
+        match page {
+            Some(page) => {
+                let m = device.metrics();
+                let device = PublishingDevice::new(device, page, move || m.snapshot());
+                daemon::serve(device, listener, queue_size, stop, name)
+                    .map(|d| drop(d.into_parts()))
+            }
+            None => daemon::serve(device, listener, queue_size, stop, name).map(drop),
+        }
+        .map_err(|e| e.to_string())
     }
 
     /// `outboard media --camera|--v4l2-device PATH --jail`.
@@ -972,10 +1078,11 @@ mod jailed {
                 worker: None,
                 started: Instant::now(),
                 restart_at: None,
+                counters: None,
             })
         };
         match setup() {
-            Ok(s) => supervise(vec![s], set),
+            Ok(s) => supervise(vec![s], set, None),
             Err(e) => {
                 eprintln!("outboard media: {e}");
                 ExitCode::FAILURE
@@ -996,6 +1103,7 @@ mod jailed {
         _vms: &[VmConfig],
         _fd: Option<RawFd>,
         _args: &JailArgs,
+        _metrics_file: Option<(&Path, Duration)>,
         _set: &libc::sigset_t,
     ) -> ExitCode {
         usage_error(UNAVAILABLE)
