@@ -36,6 +36,9 @@
 //! - `serde` (off by default): `Serialize`/`Deserialize` for the [`bus`] types and
 //!   `Suspendable::snapshot`/`Suspendable::restore`, whose state is a
 //!   `serde_json::Value`. `outboard-sandbox` enables it for its proxy's cold path.
+//! - `test-utils` (off by default): the [`testing`] module, test doubles for device
+//!   tests (an in-memory virtqueue with a guest-side driver, a counting interrupt, a
+//!   minimal device for transport tests). For dev-dependencies only.
 //!
 //! `cargo run -p outboard-glue --example vsock_mmio` shows a VMM that embeds the vsock
 //! device behind virtio-mmio and passes a packet through it each way.
@@ -45,11 +48,15 @@
 #![cfg_attr(not(feature = "vsock"), doc = "[`vsock`]: #cargo-features")]
 #![cfg_attr(feature = "media", doc = "[`media`]: crate::media")]
 #![cfg_attr(not(feature = "media"), doc = "[`media`]: #cargo-features")]
+#![cfg_attr(feature = "test-utils", doc = "[`testing`]: crate::testing")]
+#![cfg_attr(not(feature = "test-utils"), doc = "[`testing`]: #cargo-features")]
 #![deny(missing_docs)]
 
 pub mod bus;
 #[cfg(feature = "media")]
 pub mod media;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod virtio;
 #[cfg(feature = "vsock")]
 pub mod vsock;
