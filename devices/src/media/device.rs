@@ -288,3 +288,313 @@ impl<D: MediaDevice> VirtioDevice for VirtioMedia<D> {
         self.flush_events();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use outboard_protocol::media::{
+        CloseCmd, CmdHeader, ErrorEvent, MediaCmd, OpenResp, RespHeader,
+    };
+    use outboard_protocol::v4l2::V4l2Ioctl;
+
+    use zerocopy::FromBytes;
+
+    use super::super::{Errno, EventQueue, MediaError, MediaSession};
+    use super::*;
+    use crate::testing::{CountingInterrupt, QueueDriver};
+
+    /// A device whose sessions hold nothing and whose ioctls all fail with `ENOTTY`.
+    struct Null;
+    struct NullSession;
+
+    impl MediaSession for NullSession {
+        fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+    }
+
+    impl MediaDevice for Null {
+        type Session = NullSession;
+        fn new_session(&mut self, _: u32) -> Result<NullSession, Errno> {
+            Ok(NullSession)
+        }
+        fn close_session(&mut self, _: NullSession) {}
+        fn do_ioctl(
+            &mut self,
+            _: &mut NullSession,
+            _: V4l2Ioctl,
+            _: &mut ChainReader<'_>,
+            w: &mut ChainWriter<'_>,
+        ) -> Result<(), MediaError> {
+            w.write_err(libc::ENOTTY)
+        }
+        fn do_mmap(&mut self, _: &mut NullSession, _: u32, _: u32) -> Result<(u64, u64), Errno> {
+            Err(libc::EINVAL)
+        }
+        fn do_munmap(&mut self, _: u64) -> Result<(), Errno> {
+            Err(libc::EINVAL)
+        }
+    }
+
+    /// An activated device with its two queues' drivers, its event buffer and interrupt.
+    struct Bench {
+        dev: VirtioMedia<Null>,
+        commands: QueueDriver,
+        events_q: QueueDriver,
+        events: EventBuffer,
+        irq: Arc<CountingInterrupt>,
+    }
+
+    fn bench() -> Bench {
+        let events = EventBuffer::new();
+        let config = MediaConfig::new(0, 0, "null");
+        let mut dev = VirtioMedia::new(Null, events.clone(), config).unwrap();
+        let (commands, events_q) = (QueueDriver::new(8), QueueDriver::new(8));
+        let irq = Arc::new(CountingInterrupt::new());
+        dev.activate(
+            vec![Box::new(commands.queue()), Box::new(events_q.queue())],
+            irq.clone(),
+        )
+        .unwrap();
+        Bench {
+            dev,
+            commands,
+            events_q,
+            events,
+            irq,
+        }
+    }
+
+    const OPEN: CmdHeader = CmdHeader::new(MediaCmd::Open);
+
+    #[test]
+    fn a_command_gets_its_reply_across_descriptors() {
+        let mut b = bench();
+        // The 8-byte OPEN header in two readable descriptors, room for the 16-byte
+        // response in two writable ones.
+        let open = OPEN.as_bytes();
+        let head = b
+            .commands
+            .chain()
+            .readable(&open[..3])
+            .readable(&open[3..])
+            .writable(10)
+            .writable(10)
+            .post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        let used = b.commands.pop_used().unwrap();
+        assert_eq!((used.head, used.len), (head, 16));
+        assert_eq!(used.written, OpenResp::ok(0).as_bytes());
+        assert_eq!(b.irq.used_signals(COMMAND_QUEUE), 1);
+        assert_eq!(b.dev.runner().session_count(), 1);
+        assert!(b.commands.kicks_enabled());
+
+        // Two commands in one pass: a second OPEN and a CLOSE of the first session,
+        // which has no response. One interrupt for the pass.
+        let mut close = CmdHeader::new(MediaCmd::Close).as_bytes().to_vec();
+        close.extend_from_slice(CloseCmd::default().as_bytes());
+        b.commands.chain().readable(open).writable(16).post();
+        b.commands.chain().readable(&close).writable(8).post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        let used = b.commands.take_used();
+        assert_eq!(used.len(), 2);
+        assert_eq!(used[0].written, OpenResp::ok(1).as_bytes());
+        assert_eq!(used[1].len, 0);
+        assert_eq!(b.irq.used_signals(COMMAND_QUEUE), 2);
+        assert_eq!(b.dev.runner().session_count(), 1);
+    }
+
+    #[test]
+    fn a_bad_command_chain_is_returned_empty_and_the_next_one_served() {
+        let mut b = bench();
+        let open = OPEN.as_bytes();
+        let outside = b
+            .commands
+            .chain()
+            .readable(open)
+            .writable(16)
+            .malformed("descriptor outside guest memory")
+            .post();
+        let late = b.commands.chain().writable(16).readable(open).post();
+        let good = b.commands.chain().readable(open).writable(16).post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        let used: Vec<(u16, u32)> = b
+            .commands
+            .take_used()
+            .iter()
+            .map(|u| (u.head, u.len))
+            .collect();
+        assert_eq!(used, vec![(outside, 0), (late, 0), (good, 16)]);
+        assert_eq!(b.commands.in_flight(), 0);
+        assert_eq!(b.commands.rejected_used(), 0);
+        assert_eq!(b.irq.used_signals(COMMAND_QUEUE), 1);
+        // Only the good chain opened a session.
+        assert_eq!(b.dev.metrics().snapshot().sessions_opened, 1);
+    }
+
+    #[test]
+    fn short_requests_and_unknown_commands_get_error_headers() {
+        let mut b = bench();
+        let truncated = b.commands.chain().readable(&[1, 0]).writable(8).post();
+        let unknown = b
+            .commands
+            .chain()
+            .readable(
+                CmdHeader {
+                    cmd: 99,
+                    reserved: 0,
+                }
+                .as_bytes(),
+            )
+            .writable(8)
+            .post();
+        // OPEN with no room for its response: an error header, and no session.
+        let no_room = b
+            .commands
+            .chain()
+            .readable(OPEN.as_bytes())
+            .writable(8)
+            .post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        let used = b.commands.take_used();
+        let heads: Vec<u16> = used.iter().map(|u| u.head).collect();
+        assert_eq!(heads, vec![truncated, unknown, no_room]);
+        let status = |u: &crate::testing::UsedChain| {
+            assert_eq!(u.len, 8);
+            RespHeader::read_from_bytes(&u.written).unwrap().status
+        };
+        assert_ne!(status(&used[0]), 0);
+        assert_eq!(status(&used[1]), libc::ENOTTY as u32);
+        assert_ne!(status(&used[2]), 0);
+        assert_eq!(b.dev.runner().session_count(), 0);
+    }
+
+    #[test]
+    fn a_broken_command_queue_ends_the_pass_without_an_interrupt() {
+        let mut b = bench();
+        b.commands
+            .chain()
+            .readable(OPEN.as_bytes())
+            .writable(16)
+            .post();
+        b.commands
+            .break_ring("available index 9 ahead on 8 entries");
+        b.dev.handle_queue(COMMAND_QUEUE);
+        assert_eq!(b.commands.take_used(), vec![]);
+        assert_eq!(b.irq.used_signals(COMMAND_QUEUE), 0);
+        assert_eq!(b.dev.runner().session_count(), 0);
+        // After the transport resets the ring the device serves it again.
+        b.commands.reset();
+        b.commands
+            .chain()
+            .readable(OPEN.as_bytes())
+            .writable(16)
+            .post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        assert_eq!(b.commands.pop_used().map(|u| u.len), Some(16));
+    }
+
+    #[test]
+    fn events_wait_for_buffers_and_skip_bad_ones() {
+        let mut b = bench();
+        b.events.clone().send_error(3, libc::EIO);
+        // No event buffer yet: the event waits.
+        b.dev.handle_queue(EVENT_QUEUE);
+        assert_eq!(b.dev.pending_events(), 1);
+        assert_eq!(b.irq.used_signals(EVENT_QUEUE), 0);
+
+        // A malformed buffer is returned empty and the event stays for the next one.
+        let bad = b.events_q.chain().writable(16).malformed("loop").post();
+        let good = b.events_q.chain().writable(8).writable(32).post();
+        b.dev.handle_queue(EVENT_QUEUE);
+        let used = b.events_q.take_used();
+        assert_eq!((used[0].head, used[0].len), (bad, 0));
+        assert_eq!((used[1].head, used[1].len), (good, 16));
+        assert_eq!(
+            used[1].written,
+            ErrorEvent::new(3, libc::EIO as u32).as_bytes()
+        );
+        assert_eq!(b.dev.pending_events(), 0);
+        assert_eq!(b.irq.used_signals(EVENT_QUEUE), 1);
+
+        // A buffer too small for the event is returned empty (the event is dropped).
+        b.events.clone().send_error(4, libc::EIO);
+        let small = b.events_q.chain().writable(15).post();
+        b.dev.handle_queue(EVENT_QUEUE);
+        let used = b.events_q.pop_used().unwrap();
+        assert_eq!((used.head, used.len), (small, 0));
+    }
+
+    #[test]
+    fn suppressed_interrupts_are_not_signalled() {
+        let mut b = bench();
+        b.commands.suppress_interrupts(true);
+        b.commands
+            .chain()
+            .readable(OPEN.as_bytes())
+            .writable(16)
+            .post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        assert_eq!(b.commands.pop_used().map(|u| u.len), Some(16));
+        assert_eq!(b.irq.used_signals(COMMAND_QUEUE), 0);
+    }
+
+    #[test]
+    fn activation_checks_queues_and_reset_closes_sessions() {
+        let mut b = bench();
+        let q = QueueDriver::new(8);
+        let irq = Arc::new(CountingInterrupt::new());
+        assert!(matches!(
+            b.dev
+                .activate(vec![Box::new(q.queue()), Box::new(q.queue())], irq.clone()),
+            Err(ActivateError::AlreadyActive)
+        ));
+        b.commands
+            .chain()
+            .readable(OPEN.as_bytes())
+            .writable(16)
+            .post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        b.dev.ack_features(u64::MAX);
+        assert_eq!(b.dev.acked_features(), VIRTIO_F_VERSION_1);
+        b.dev.reset();
+        assert_eq!(b.dev.runner().session_count(), 0);
+        assert_eq!(b.dev.metrics().snapshot().sessions_closed, 1);
+        assert_eq!(b.dev.acked_features(), 0);
+        assert!(matches!(
+            b.dev.activate(vec![Box::new(q.queue())], irq.clone()),
+            Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            })
+        ));
+        b.dev
+            .activate(
+                vec![Box::new(q.queue()), Box::new(QueueDriver::new(8).queue())],
+                irq.clone(),
+            )
+            .unwrap();
+        q.chain().readable(OPEN.as_bytes()).writable(16).post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        assert_eq!(
+            q.pop_used().map(|u| u.written),
+            Some(OpenResp::ok(0).as_bytes().to_vec())
+        );
+        assert_eq!(irq.used_signals(COMMAND_QUEUE), 1);
+    }
+
+    #[test]
+    fn config_space_is_read_only() {
+        let mut b = bench();
+        let mut cfg = [0u8; 4];
+        b.dev.write_config(0, &[0xff; 4]);
+        b.dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, [0; 4]);
+        let len = std::mem::size_of::<MediaConfig>() as u64;
+        let mut past = [7u8; 4];
+        b.dev.read_config(len - 2, &mut past);
+        assert_eq!(past[2..], [0, 0]);
+        b.dev.read_config(u64::MAX, &mut past);
+        assert_eq!(past, [0; 4]);
+        assert_eq!(b.dev.device_type(), VIRTIO_ID_MEDIA);
+    }
+}
