@@ -5,8 +5,9 @@
 //!
 //! The parent (the daemon) binds the vhost-user listening socket and keeps it for its
 //! whole life. For each worker it forks a child with [`JailedWorker::spawn`]; the child
-//! gets that listening socket and a stop eventfd (nothing else: every other fd is
-//! closed), builds its device *inside* the jail (so the device's own sockets and
+//! gets that listening socket, a stop eventfd and the fds the caller passes to inherit
+//! (a counter page, links to sibling workers; every other fd is closed), builds its
+//! device *inside* the jail (so the device's own sockets and
 //! eventfds never exist in the parent), then runs the ordinary worker loop
 //! ([`crate::vhost_user::daemon::serve`]): it accepts the front-end, maps the memory
 //! table and serves the rings. When the child dies the parent reaps it, reports how it

@@ -418,6 +418,22 @@ impl SiblingGroups {
     }
 }
 
+/// The pairs of VMs (indices into `vms`, the lower first) that share a group, each
+/// once: the links jailed workers, one process per VM, need
+/// (`outboard_devices::vsock::sibling_socket_pair` and
+/// `Vsock::link_sibling_socket`).
+pub fn sibling_pairs(vms: &[VmConfig]) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for (i, a) in vms.iter().enumerate() {
+        for (j, b) in vms.iter().enumerate().skip(i + 1) {
+            if a.groups.iter().any(|g| b.groups.contains(g)) {
+                pairs.push((i, j));
+            }
+        }
+    }
+    pairs
+}
+
 fn check_unique(vms: &[VmConfig]) -> Result<(), ConfigError> {
     let mut cids = BTreeSet::new();
     let mut paths = BTreeSet::new();
@@ -594,5 +610,29 @@ mod tests {
             Err(VsockError::SiblingCid(3))
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sibling_pairs_are_the_vms_sharing_a_group_each_once() {
+        let vm = |cid: u64, groups: &[&str]| VmConfig {
+            guest_cid: cid,
+            socket: format!("/tmp/v{cid}.sock").into(),
+            uds_path: format!("/tmp/u{cid}").into(),
+            tx_buffer_size: 64 * 1024,
+            queue_size: 256,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        };
+        let vms = [
+            vm(3, &["a"]),
+            vm(4, &["a", "b"]),
+            vm(5, &["b"]),
+            vm(6, &["c"]),
+            vm(7, &["a", "b"]),
+        ];
+        assert_eq!(
+            sibling_pairs(&vms),
+            vec![(0, 1), (0, 4), (1, 2), (1, 4), (2, 4)]
+        );
+        assert!(sibling_pairs(&vms[..1]).is_empty());
     }
 }

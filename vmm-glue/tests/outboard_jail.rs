@@ -123,9 +123,20 @@ impl Ring {
 const UVA_GPA_BASE: u64 = 0;
 
 fn header(src_port: u32, dst_port: u32, len: u32, op: u16) -> [u8; HDR] {
+    header_cids(GUEST_CID, 2, src_port, dst_port, len, op)
+}
+
+fn header_cids(
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    op: u16,
+) -> [u8; HDR] {
     let mut h = [0u8; HDR];
-    h[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
-    h[8..16].copy_from_slice(&2u64.to_le_bytes());
+    h[0..8].copy_from_slice(&src_cid.to_le_bytes());
+    h[8..16].copy_from_slice(&dst_cid.to_le_bytes());
     h[16..20].copy_from_slice(&src_port.to_le_bytes());
     h[20..24].copy_from_slice(&dst_port.to_le_bytes());
     h[24..28].copy_from_slice(&len.to_le_bytes());
@@ -136,6 +147,7 @@ fn header(src_port: u32, dst_port: u32, len: u32, op: u16) -> [u8; HDR] {
 }
 
 struct Packet {
+    src_cid: u64,
     src_port: u32,
     dst_port: u32,
     op: u16,
@@ -149,6 +161,7 @@ fn recv(mem: &GuestMem, rx: &mut Ring) -> Packet {
     let b = mem.read_bytes(rx.buf(id), len as usize);
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
     let p = Packet {
+        src_cid: u64::from_le_bytes(b[0..8].try_into().unwrap()),
         src_port: u32_at(16),
         dst_port: u32_at(20),
         op: u16::from_le_bytes([b[30], b[31]]),
@@ -404,6 +417,154 @@ fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
     assert!(text.contains("stopped cleanly"), "{text}");
     assert!(!Path::new(&format!("/proc/{replacement}")).exists());
     assert!(!socket.exists() && !uds.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One simulated guest on a jailed worker: its memory, rings and front-end.
+struct SimGuest {
+    mem: GuestMem,
+    rx: Ring,
+    tx: Ring,
+    _fe: Frontend,
+}
+
+impl SimGuest {
+    fn up(socket: &Path) -> SimGuest {
+        let mem = GuestMem::new(MEM);
+        let mut rx = Ring::new(0x1000);
+        let tx = Ring::new(0x20000);
+        let mut fe = connect_frontend(socket);
+        bring_up(&mut fe, &mem, &rx, &tx);
+        for id in 0..QSIZE {
+            rx.offer(&mem, id, 0x1000, true);
+        }
+        SimGuest {
+            mem,
+            rx,
+            tx,
+            _fe: fe,
+        }
+    }
+
+    fn send(&mut self, hdr: [u8; HDR], payload: &[u8]) {
+        send(&self.mem, &mut self.tx, hdr, payload);
+    }
+
+    fn recv(&mut self) -> Packet {
+        recv(&self.mem, &mut self.rx)
+    }
+
+    /// The next packet with `op`, skipping others (what a restarted device may still
+    /// deliver of the old connections).
+    fn recv_op(&mut self, op: u16) -> Packet {
+        for _ in 0..64 {
+            let p = self.recv();
+            if p.op == op {
+                return p;
+            }
+        }
+        panic!("no packet with op {op}");
+    }
+}
+
+/// Guest `a` (CID 3) opens a connection to guest `b` (CID 4) port `port` and they
+/// exchange data both ways.
+fn sibling_session(a: &mut SimGuest, b: &mut SimGuest, port: u32) {
+    let (ca, cb) = (GUEST_CID, GUEST_CID + 1);
+    let src = port + 1000;
+    a.send(header_cids(ca, cb, src, port, 0, OP_REQUEST), &[]);
+    let req = b.recv_op(OP_REQUEST);
+    assert_eq!((req.src_cid, req.src_port, req.dst_port), (ca, src, port));
+    b.send(header_cids(cb, ca, port, src, 0, OP_RESPONSE), &[]);
+    let resp = a.recv_op(OP_RESPONSE);
+    assert_eq!(
+        (resp.src_cid, resp.src_port, resp.dst_port),
+        (cb, port, src)
+    );
+    let there: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    a.send(header_cids(ca, cb, src, port, 3000, OP_RW), &there);
+    let p = b.recv_op(OP_RW);
+    assert_eq!((p.src_cid, p.payload.as_slice()), (ca, there.as_slice()));
+    let back: Vec<u8> = (0..2000u32).map(|i| (i * 13 % 241) as u8).collect();
+    b.send(header_cids(cb, ca, port, src, 2000, OP_RW), &back);
+    let p = a.recv_op(OP_RW);
+    assert_eq!((p.src_cid, p.payload.as_slice()), (cb, back.as_slice()));
+}
+
+/// `outboard vsock --jail` with two VMs in one group: each VM's device runs in its own
+/// jailed worker, and the guests reach each other by CID through the link the daemon
+/// made between the two workers. A killed worker is replaced and the link still
+/// serves the new one; the counters show no invalid sibling message.
+#[test]
+fn jailed_workers_of_one_group_reach_each_other_across_a_restart() {
+    if let Some(why) = jails_unavailable() {
+        eprintln!("skipped: jails cannot be made here: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("outboard-jail-group-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let vm = |cid: u64| {
+        format!(
+            "guest-cid={cid},socket={},uds-path={},groups=g",
+            dir.join(format!("vhost{cid}.sock")).display(),
+            dir.join(format!("vsock{cid}.sock")).display()
+        )
+    };
+    let log = dir.join("daemon.log");
+    let metrics = dir.join("metrics.json");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--jail", "--metrics-interval", "1", "--metrics"])
+        .arg(&metrics)
+        .args(["--vm", &vm(3), "--vm", &vm(4)])
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(daemon.id()).unwrap();
+    let (sock3, sock4) = (dir.join("vhost3.sock"), dir.join("vhost4.sock"));
+    assert!(wait_for_path(&sock3) && wait_for_path(&sock4));
+    let text = wait_for_log(&log, "reaches 1 sibling VM(s) of groups g");
+    assert!(!text.contains("cannot reach"), "{text}");
+
+    let mut a = SimGuest::up(&sock3);
+    let mut b = SimGuest::up(&sock4);
+    sibling_session(&mut a, &mut b, 6000);
+
+    // Two workers, each in its own process: kill CID 4's.
+    let workers: Vec<i32> = children(pid).into_iter().flat_map(children).collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let comm = |p: i32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+    let w4 = *workers
+        .iter()
+        .find(|&&p| comm(p).trim() == "vsock-cid-4")
+        .unwrap_or_else(|| {
+            panic!(
+                "no worker named vsock-cid-4: {:?}",
+                workers.iter().map(|&p| comm(p)).collect::<Vec<_>>()
+            )
+        });
+    // SAFETY: kill(2) of a process of this test's daemon, by pid.
+    assert_eq!(unsafe { libc::kill(w4, libc::SIGKILL) }, 0);
+    wait_for_log(&log, "vsock cid 4: worker pid");
+    drop(b);
+    // The new worker of CID 4 serves a new front-end, and the link still joins them.
+    let mut b = SimGuest::up(&sock4);
+    sibling_session(&mut a, &mut b, 6001);
+
+    drop((a, b));
+    let text = terminate(&mut daemon, &log);
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    for vm in doc["vms"].as_array().unwrap() {
+        let c = &vm["counters"];
+        assert!(c["sibling_packets"].as_u64().unwrap() >= 3, "{vm}");
+        assert_eq!(c["err_sibling_invalid"].as_u64(), Some(0), "{vm}");
+        assert_eq!(c["err_sibling_overrun"].as_u64(), Some(0), "{vm}");
+    }
+    assert!(text.contains("stopped cleanly"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

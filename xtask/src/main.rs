@@ -151,6 +151,11 @@ fn ci_steps() -> Vec<Step> {
             "vsock-suite (kernel vsock_test, two guests)",
             &["vsock-suite"],
         ),
+        // The same with each VM's device in its own jailed worker, the two linked.
+        Step::xtask(
+            "vsock-suite --jail (kernel vsock_test, jailed workers)",
+            &["vsock-suite", "--jail"],
+        ),
         // The V4L2 proxy against vivid's capture nodes in a QEMU guest.
         Step::xtask("media-e2e (QEMU guest, vivid)", &["media-e2e"]).prune("media-e2e"),
         // The real virtio-media guest driver against `outboard media` in every mode.

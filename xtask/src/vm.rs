@@ -53,13 +53,12 @@ impl Backend {
             .arg(uds);
         if let Backend::Outboard(_) = self {
             if jailed() {
-                // The counters live in the jailed worker: no --metrics with --jail.
                 cmd.arg("--jail");
-            } else {
-                cmd.arg("--metrics")
-                    .arg(metrics)
-                    .args(["--metrics-interval", "1"]);
             }
+            // With --jail the worker publishes its counters to the daemon.
+            cmd.arg("--metrics")
+                .arg(metrics)
+                .args(["--metrics-interval", "1"]);
         }
         // Extra flags for experiments, e.g. OUTBOARD_E2E_BACKEND_ARGS="--tx-buffer-size 65536".
         if let Ok(extra) = std::env::var("OUTBOARD_E2E_BACKEND_ARGS") {

@@ -26,11 +26,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
-use outboard_devices::vsock::{Vsock, VsockDeviceConfig, VsockMetrics};
+use outboard_devices::vsock::{sibling_socket_pair, Vsock, VsockDeviceConfig, VsockMetrics};
 use outboard_glue::media::serve_camera_with;
 use outboard_glue::metrics::{self, VmMetrics};
 use outboard_glue::vhost_user::daemon::{self, WorkerError};
-use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, SiblingGroups, VmConfig};
+use outboard_glue::vsock_cli::{
+    resolve, sibling_pairs, ConfigError, FlatFlags, SiblingGroups, VmConfig,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Parser, Debug)]
@@ -522,13 +524,6 @@ fn vsock(args: VsockArgs) -> ExitCode {
     if args.metrics_interval == 0 {
         return usage_error("--metrics-interval 0: the interval must be at least 1 second");
     }
-    let mut group_members = std::collections::BTreeMap::<&str, usize>::new();
-    for g in vms.iter().flat_map(|v| v.groups.iter()) {
-        *group_members.entry(g.as_str()).or_default() += 1;
-    }
-    if args.jail.jail && group_members.values().any(|&n| n > 1) {
-        log::warn!("--jail: each VM's device runs in its own process, so guests in one group cannot reach each other");
-    }
 
     // Block the stop signals before any thread starts, so only sigtimedwait sees them.
     let set = signal_set();
@@ -905,9 +900,29 @@ mod jailed {
             Ok(m) => m,
             Err(code) => return code,
         };
+        // Guests of one group reach each other through a socket pair per pair of VMs,
+        // made here and kept for the daemon's life, so a restarted worker finds its
+        // links where the old one left them.
+        let mut links: Vec<Vec<(u64, OwnedFd)>> = vms.iter().map(|_| Vec::new()).collect();
+        for (i, j) in sibling_pairs(vms) {
+            match sibling_socket_pair() {
+                Ok((a, b)) => {
+                    links[i].push((vms[j].guest_cid, a));
+                    links[j].push((vms[i].guest_cid, b));
+                }
+                Err(e) => {
+                    log::error!(
+                        "the link between guest CIDs {} and {}: {e}",
+                        vms[i].guest_cid,
+                        vms[j].guest_cid
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         let mut sups = Vec::new();
-        for vm in vms {
-            match supervised_vsock(vm, fd, mode, args.limits(), metrics_file.is_some()) {
+        for (vm, links) in vms.iter().zip(links) {
+            match supervised_vsock(vm, fd, mode, args.limits(), metrics_file.is_some(), links) {
                 Ok(s) => sups.push(s),
                 Err(e) => {
                     log::error!("VM with guest CID {}: {e}", vm.guest_cid);
@@ -928,6 +943,7 @@ mod jailed {
         mode: SeccompMode,
         limits: outboard_glue::jail::WorkerLimits,
         with_metrics: bool,
+        links: Vec<(u64, OwnedFd)>,
     ) -> Result<Supervised, String> {
         // The worker sees the uds-path directory at its own absolute path.
         let (dir, file) = match (vm.uds_path.parent(), vm.uds_path.file_name()) {
@@ -963,7 +979,8 @@ mod jailed {
             .then(|| vsock_counters(&vm, &name))
             .transpose()?;
         let slots = counters.as_ref().map(|c| c.page.slots());
-        let inherit = match &counters {
+        // The worker inherits the counter page first (with --metrics), then its links.
+        let mut inherit = match &counters {
             Some(c) => vec![c
                 .page
                 .fd()
@@ -971,17 +988,40 @@ mod jailed {
                 .map_err(|e| format!("counter page fd: {e}"))?],
             None => Vec::new(),
         };
+        let link_cids: Vec<u64> = links.iter().map(|(cid, _)| *cid).collect();
+        if !link_cids.is_empty() {
+            log::info!(
+                "guest CID {}: reaches {} sibling VM(s) of groups {} (a link to each \
+                 jailed worker)",
+                vm.guest_cid,
+                link_cids.len(),
+                vm.groups.join("+")
+            );
+        }
+        inherit.extend(links.into_iter().map(|(_, fd)| fd));
         let worker_name = name.clone();
         let serve: ServeFn = Box::new(move |listener, inherited, stop| {
             let mut config = VsockDeviceConfig::new(vm.guest_cid, vm.uds_path.clone());
             config.tx_buf_size = vm.tx_buffer_size;
-            let device = Vsock::new(config).map_err(|e| e.to_string())?;
-            let page = match (slots, inherited.into_iter().next()) {
-                (Some(slots), Some(fd)) => {
+            let mut device = Vsock::new(config).map_err(|e| e.to_string())?;
+            let mut inherited = inherited.into_iter();
+            let page = match slots {
+                Some(slots) => {
+                    let fd = inherited
+                        .next()
+                        .ok_or("the counter page was not inherited")?;
                     Some(CounterPage::from_fd(fd, slots).map_err(|e| e.to_string())?)
                 }
-                _ => None,
+                None => None,
             };
+            for &cid in &link_cids {
+                let fd = inherited
+                    .next()
+                    .ok_or_else(|| format!("the link to sibling CID {cid} was not inherited"))?;
+                device
+                    .link_sibling_socket(cid, fd)
+                    .map_err(|e| e.to_string())?;
+            }
             serve_vsock(device, page, listener, vm.queue_size, stop, &worker_name)
         });
         Ok(Supervised {
