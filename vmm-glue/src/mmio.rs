@@ -548,105 +548,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::BorrowedFd;
-    use std::sync::Mutex;
-
-    use outboard_devices::virtio::{ActivateError, DescChain, VIRTIO_F_VERSION_1};
+    use outboard_devices::testing::{EchoDevice, EchoEvent, EchoLog};
+    use outboard_devices::virtio::VIRTIO_F_VERSION_1;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-    /// A device with two queues that returns every chain of queue 0 with its readable
-    /// length as the used length, and counts what happens to it.
-    struct Echo {
-        sizes: [u16; 2],
-        queues: Vec<Box<dyn VirtQueue>>,
-        irq: Option<Arc<dyn Interrupt>>,
-        log: Arc<Mutex<Vec<String>>>,
-        config: [u8; 8],
-    }
-
-    impl VirtioDevice for Echo {
-        fn device_type(&self) -> u32 {
-            42
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &self.sizes
-        }
-        fn features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | 1
-        }
-        fn ack_features(&mut self, features: u64) {
-            self.log.lock().unwrap().push(format!("ack {features:#x}"));
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
-            }
-        }
-        fn write_config(&mut self, offset: u64, data: &[u8]) {
-            for (i, b) in data.iter().enumerate() {
-                if let Some(c) = self.config.get_mut(offset as usize + i) {
-                    *c = *b;
-                }
-            }
-        }
-        fn activate(
-            &mut self,
-            queues: Vec<Box<dyn VirtQueue>>,
-            interrupt: Arc<dyn Interrupt>,
-        ) -> Result<(), ActivateError> {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("activate {}", queues.len()));
-            self.queues = queues;
-            self.irq = Some(interrupt);
-            Ok(())
-        }
-        fn reset(&mut self) {
-            self.log.lock().unwrap().push("reset".into());
-            self.queues.clear();
-            self.irq = None;
-        }
-        fn event_fd(&self) -> Option<BorrowedFd<'_>> {
-            None
-        }
-        fn handle_queue(&mut self, queue: usize) {
-            let mut chain = DescChain::default();
-            let Some(q) = self.queues.get_mut(queue) else {
-                return;
-            };
-            while let Ok(true) = q.pop(&mut chain) {
-                let len = chain.readable_len() as u32;
-                q.add_used(chain.head, len).unwrap();
-            }
-            if let Some(irq) = &self.irq {
-                irq.signal_used_queue(queue);
-            }
-        }
-        fn handle_event(&mut self) {}
-    }
 
     type Mem = Arc<GuestMemoryMmap>;
 
-    type Log = Arc<Mutex<Vec<String>>>;
-
-    fn setup() -> (MmioTransport<Echo, Mem>, Mem, Log, EventFd) {
+    /// The transport over an [`EchoDevice`] with two queues that returns every chain
+    /// with its readable length as the used length and logs what happens to it.
+    fn setup() -> (MmioTransport<EchoDevice, Mem>, Mem, EchoLog, EventFd) {
         let mem =
             Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let dev = Echo {
-            sizes: [16, 16],
-            queues: Vec::new(),
-            irq: None,
-            log: log.clone(),
-            config: *b"outboard",
-        };
+        let dev = EchoDevice::new(&[16, 16])
+            .with_features(VIRTIO_F_VERSION_1 | 1)
+            .with_config(b"outboard");
+        let log = dev.log();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(dev, mem.clone(), 0xd000_0000, irq.try_clone().unwrap());
         (t, mem, log, irq)
     }
 
-    fn rd(t: &mut MmioTransport<Echo, Mem>, offset: u64) -> u32 {
+    fn rd(t: &mut MmioTransport<EchoDevice, Mem>, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(
             BusAccessInfo {
@@ -659,7 +581,7 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
-    fn wr(t: &mut MmioTransport<Echo, Mem>, offset: u64, v: u32) {
+    fn wr(t: &mut MmioTransport<EchoDevice, Mem>, offset: u64, v: u32) {
         t.write(
             BusAccessInfo {
                 offset,
@@ -671,7 +593,7 @@ mod tests {
     }
 
     /// The driver's side of feature negotiation and queue 0 setup, as Linux does it.
-    fn bring_up(t: &mut MmioTransport<Echo, Mem>) {
+    fn bring_up(t: &mut MmioTransport<EchoDevice, Mem>) {
         wr(t, reg::STATUS, 0);
         wr(t, reg::STATUS, status::ACKNOWLEDGE);
         wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
@@ -742,7 +664,7 @@ mod tests {
         let (mut t, ..) = setup();
         assert_eq!(rd(&mut t, reg::MAGIC), MMIO_MAGIC);
         assert_eq!(rd(&mut t, reg::VERSION), 2);
-        assert_eq!(rd(&mut t, reg::DEVICE_ID), 42);
+        assert_eq!(rd(&mut t, reg::DEVICE_ID), EchoDevice::DEVICE_TYPE);
         assert_eq!(rd(&mut t, reg::VENDOR_ID), MMIO_VENDOR_ID);
         wr(&mut t, reg::DEVICE_FEATURES_SEL, 1);
         assert_eq!(rd(&mut t, reg::DEVICE_FEATURES), 1); // VERSION_1 is bit 32
@@ -767,8 +689,11 @@ mod tests {
         bring_up(&mut t);
         assert!(t.is_active());
         assert_eq!(
-            *log.lock().unwrap(),
-            vec!["ack 0x100000001".to_string(), "activate 2".to_string()]
+            log.events(),
+            vec![
+                EchoEvent::AckFeatures(0x1_0000_0001),
+                EchoEvent::Activated { queues: 2 }
+            ]
         );
         // One 100-byte readable descriptor at 0x8000, made available.
         mem.write_obj(0x8000u64, GuestAddress(0x1000)).unwrap();
@@ -793,7 +718,7 @@ mod tests {
         assert!(!t.is_active());
         assert_eq!(rd(&mut t, reg::STATUS), 0);
         assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
-        assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
+        assert_eq!(log.events().last(), Some(&EchoEvent::Reset));
     }
 
     #[test]

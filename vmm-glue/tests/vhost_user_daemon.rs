@@ -9,14 +9,11 @@ mod common;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{bfd, GuestMem};
-use outboard_devices::virtio::{
-    ActivateError, DescChain, Interrupt, VirtQueue, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-};
+use outboard_devices::testing::{EchoDevice, EchoEvent, EchoLog};
+use outboard_devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use outboard_glue::vhost_user::daemon;
 use outboard_protocol::vhost_user::{
     VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures,
@@ -24,76 +21,6 @@ use outboard_protocol::vhost_user::{
 };
 use outboard_transport::{Frontend, MemoryRegionRef};
 use vmm_sys_util::eventfd::EventFd;
-
-type Log = Arc<Mutex<Vec<String>>>;
-
-/// Returns each chain of a queue with its readable length as the used length.
-struct Echo {
-    sizes: [u16; 2],
-    queues: Vec<Box<dyn VirtQueue>>,
-    irq: Option<Arc<dyn Interrupt>>,
-    log: Log,
-}
-
-impl VirtioDevice for Echo {
-    fn device_type(&self) -> u32 {
-        42
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.sizes
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.log.lock().unwrap().push(format!("ack {features:#x}"));
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = b"echo-cfg";
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-        }
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(
-        &mut self,
-        queues: Vec<Box<dyn VirtQueue>>,
-        interrupt: Arc<dyn Interrupt>,
-    ) -> Result<(), ActivateError> {
-        self.log
-            .lock()
-            .unwrap()
-            .push(format!("activate {}", queues.len()));
-        self.queues = queues;
-        self.irq = Some(interrupt);
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.log.lock().unwrap().push("reset".into());
-        self.queues.clear();
-        self.irq = None;
-    }
-    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
-    fn handle_queue(&mut self, queue: usize) {
-        let mut chain = DescChain::default();
-        let Some(q) = self.queues.get_mut(queue) else {
-            return;
-        };
-        let mut used = false;
-        while let Ok(true) = q.pop(&mut chain) {
-            q.add_used(chain.head, chain.readable_len() as u32).unwrap();
-            used = true;
-        }
-        if used {
-            if let Some(irq) = &self.irq {
-                irq.signal_used_queue(queue);
-            }
-        }
-    }
-    fn handle_event(&mut self) {}
-}
 
 const MEM: usize = 0x10000;
 const UVA: u64 = 0x7f00_0000_0000;
@@ -157,12 +84,13 @@ fn offer_chain(mem: &GuestMem, head: u16, slot: u16) {
     mem.write(0x2002, slot.wrapping_add(1));
 }
 
-/// The daemon serving an [`Echo`] device on `vu.sock` in a scratch directory, on a
+/// The daemon serving an [`EchoDevice`] (two queues, each chain returned with its
+/// readable length as the used length, config space `echo-cfg`) on `vu.sock` in a scratch directory, on a
 /// worker thread.
 struct Served {
     dir: std::path::PathBuf,
     path: std::path::PathBuf,
-    log: Log,
+    log: EchoLog,
     stop: EventFd,
     worker: std::thread::JoinHandle<Result<(), daemon::WorkerError>>,
 }
@@ -174,13 +102,10 @@ impl Served {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vu.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        let log: Log = Arc::default();
-        let device = Echo {
-            sizes: [16, 16],
-            queues: Vec::new(),
-            irq: None,
-            log: log.clone(),
-        };
+        let device = EchoDevice::new(&[16, 16])
+            .with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX)
+            .with_config(b"echo-cfg");
+        let log = device.log();
         let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let worker_stop = stop.try_clone().unwrap();
         let worker = std::thread::spawn(move || {
@@ -227,17 +152,17 @@ fn frontend_drives_a_device_through_the_daemon() {
     assert_eq!(mem.read::<u32>(0x3008), 100);
     assert_eq!(fe.get_vring_base(0).unwrap(), 1);
     assert_eq!(
-        *log.lock().unwrap(),
+        log.events(),
         vec![
-            format!("ack {:#x}", VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX),
-            "activate 2".to_string()
+            EchoEvent::AckFeatures(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX),
+            EchoEvent::Activated { queues: 2 }
         ]
     );
 
     // The front-end goes away: the device is reset and the daemon listens again.
     drop(fe);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !log.lock().unwrap().iter().any(|l| l == "reset") {
+    while !log.contains(&EchoEvent::Reset) {
         assert!(
             std::time::Instant::now() < deadline,
             "no reset after disconnect"
@@ -287,7 +212,7 @@ fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
     kick.write(1).unwrap();
     assert!(wait_readable(bfd(&call), 5000), "no call after resume");
     assert_eq!(mem.read::<u16>(0x3002), 2);
-    assert!(!log.lock().unwrap().iter().any(|l| l == "reset"));
+    assert!(!log.contains(&EchoEvent::Reset));
 
     // A reset driver starts over at index 0: the device is reset and activated again.
     assert_eq!(fe.get_vring_base(0).unwrap(), 2);
@@ -295,10 +220,10 @@ fn resume_keeps_the_device_and_a_driver_reset_resets_it() {
     mem.write(0x3002, 0u16);
     fe.set_vring_base(0, 0).unwrap();
     fe.set_vring_kick(0, Some(bfd(&kick))).unwrap();
-    let entries = log.lock().unwrap().clone();
+    let entries = log.events();
     assert_eq!(
         entries[entries.len() - 2..],
-        ["reset".to_string(), "activate 2".to_string()]
+        [EchoEvent::Reset, EchoEvent::Activated { queues: 2 }]
     );
 
     drop(fe);
