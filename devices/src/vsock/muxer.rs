@@ -1,23 +1,22 @@
 //! The AF_UNIX muxer: host sockets, the epoll set they live in, timers, and the
 //! delivery of packets and data to the guest's RX queue.
-
+//!
+//! The muxer routes: guest packets and host socket events go to their [`Conn`], which
+//! owns the connection's state machine and answers with an [`Action`] that the muxer
+//! carries out ([`Muxer::apply`]): tables, the epoll set, timers, the RX list.
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::num::Wrapping;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use outboard_protocol::vsock::{
-    SeqpacketFlags, ShutdownFlags, VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE,
-    VMADDR_CID_HOST, VMADDR_PORT_ANY,
+    SeqpacketFlags, VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE, VMADDR_CID_HOST,
+    VMADDR_PORT_ANY,
 };
 
-use super::conn::{
-    Conn, ConnKey, ConnState, SendError, PENDING_CREDIT_REQUEST, PENDING_CREDIT_UPDATE,
-    PENDING_REQUEST, PENDING_RESPONSE, PENDING_RST, PENDING_SHUTDOWN,
-};
+use super::conn::{Action, Conn, ConnKey, Fault};
 use super::packet::{write_rx_header, Refused, TxPacket};
 use super::sys::{self, IOV_MAX};
 use super::{
@@ -36,12 +35,6 @@ const TOKEN_KIND: u64 = 0xffff_ffff << 32;
 
 /// RST replies to packets of unknown connections waiting for RX buffers.
 const MAX_ORPHAN_RSTS: usize = 256;
-/// Most payload bytes one read from a host socket puts into guest buffers.
-const MAX_RX_BATCH: u32 = 256 * 1024;
-/// Most RX chains one read fills.
-const MAX_RX_CHAINS: usize = 64;
-/// Largest host seqpacket message the device forwards.
-const MAX_SEQ_RX_MSG: usize = 1 << 20;
 /// Epoll events taken per wait.
 const EVENTS_PER_WAIT: usize = 64;
 
@@ -51,44 +44,6 @@ const EVENTS_PER_WAIT: usize = 64;
 const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 /// A connection's socket events while bytes wait in its TX buffer.
 const CONN_EVENTS_OUT: u32 = CONN_EVENTS | libc::EPOLLOUT as u32;
-const PENDING_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-
-/// A host client that connected to a listener and has not sent `CONNECT <port>` yet.
-#[derive(Debug)]
-struct PendingHost {
-    fd: OwnedFd,
-    ty: VsockType,
-    deadline: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TimerKey {
-    Conn(ConnKey),
-    Pending(RawFd),
-}
-
-/// What one turn of a connection on the RX queue achieved.
-#[derive(Debug, PartialEq, Eq)]
-enum Turn {
-    /// It did something; look at it again later if it still wants RX.
-    Progress,
-    /// It has nothing it can do now.
-    Idle,
-    /// The RX queue ran out of buffers.
-    Starved,
-}
-
-/// Parses `CONNECT <port>` (the word case-insensitive, the newline already removed).
-pub(crate) fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let line = std::str::from_utf8(line).ok()?;
-    let mut words = line.split_ascii_whitespace();
-    let cmd = words.next()?;
-    let port = words.next()?;
-    if words.next().is_some() || !cmd.eq_ignore_ascii_case("connect") {
-        return None;
-    }
-    port.parse().ok()
-}
 
 /// The muxer.
 pub(crate) struct Muxer {
@@ -115,9 +70,7 @@ pub(crate) struct Muxer {
     metrics: Arc<VsockMetrics>,
     events: Vec<libc::epoll_event>,
     iov: sys::IovScratch,
-    chains: Vec<DescChain>,
-    regions: Vec<IoRegion>,
-    caps: Vec<usize>,
+    rx: RxBufs,
 }
 
 impl Muxer {
@@ -171,9 +124,7 @@ impl Muxer {
             metrics,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
             iov: sys::IovScratch::default(),
-            chains: Vec::new(),
-            regions: Vec::new(),
-            caps: Vec::new(),
+            rx: RxBufs::default(),
         })
     }
 
@@ -209,16 +160,17 @@ impl Muxer {
         self.conns.len()
     }
 
-    /// Whether anything waits for the RX queue.
-    pub fn has_rx(&self) -> bool {
-        !self.orphan_rsts.is_empty() || !self.rx_list.is_empty()
-    }
-
     /// Drops every connection and pending host client (host sockets are closed).
     pub fn reset(&mut self) {
         let removed = self.conns.len() as u64;
         for (_, conn) in self.conns.drain() {
-            let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, conn.fd.as_raw_fd(), 0, 0);
+            let _ = sys::epoll_ctl(
+                &self.epoll,
+                libc::EPOLL_CTL_DEL,
+                conn.fd().as_raw_fd(),
+                0,
+                0,
+            );
         }
         VsockMetrics::add(&self.metrics.conns_removed, removed);
         for (fd, _) in self.pending.drain() {
@@ -232,46 +184,49 @@ impl Muxer {
         self.rearm_timer();
     }
 
-    fn schedule(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.get_mut(&key) {
-            if !conn.in_rx_list && conn.wants_rx() {
-                conn.in_rx_list = true;
-                self.rx_list.push_back(key);
+    /// Runs `event` on connection `key` and carries out the action it returns. False
+    /// (and `event` is not run) when there is no such connection.
+    fn on_conn(
+        &mut self,
+        key: ConnKey,
+        event: impl FnOnce(&mut Conn, &mut sys::IovScratch) -> Action,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return false;
+        };
+        let action = event(conn, &mut self.iov);
+        self.apply(key, action);
+        true
+    }
+
+    /// Carries out what connection `key` asked for.
+    fn apply(&mut self, key: ConnKey, action: Action) {
+        match action {
+            Action::Continue => self.after_host_write(key),
+            Action::Forwarded(len) => {
+                VsockMetrics::add(&self.metrics.tx_bytes, u64::from(len));
+                self.after_host_write(key);
             }
-        }
-    }
-
-    fn push_deadline(&mut self, at: Instant, key: TimerKey) {
-        let live = self.max_connections + MAX_PENDING_HOST_CONNECTIONS;
-        if self.deadlines.len() >= 4 * live {
-            let conns = &self.conns;
-            let pending = &self.pending;
-            self.deadlines.retain(|(d, k)| match k {
-                TimerKey::Conn(k) => conns.get(k).is_some_and(|c| c.deadline == Some(*d)),
-                TimerKey::Pending(fd) => pending.get(fd).is_some_and(|p| p.deadline == *d),
-            });
-        }
-        self.deadlines.push_back((at, key));
-    }
-
-    /// Arms the timerfd for the earliest deadline.
-    pub fn rearm_timer(&mut self) {
-        let front = self.deadlines.front().map(|(d, _)| *d);
-        if front == self.timer_armed {
-            return;
-        }
-        let after = front.map(|d| d.saturating_duration_since(Instant::now()));
-        if sys::timerfd_arm(&self.timer, after).is_err() {
-            VsockMetrics::inc(&self.metrics.err_muxer);
-        }
-        self.timer_armed = front;
-    }
-
-    fn set_deadline(&mut self, key: ConnKey) {
-        let at = Instant::now() + CONN_TIMEOUT;
-        if let Some(conn) = self.conns.get_mut(&key) {
-            conn.deadline = Some(at);
-            self.push_deadline(at, TimerKey::Conn(key));
+            Action::Ignore => {}
+            Action::SendOk => self.confirm_host_connect(key),
+            Action::ArmTimer(at) => self.push_deadline(at, TimerKey::Conn(key)),
+            Action::Kill(fault) => {
+                let m = &self.metrics;
+                let counter = match fault {
+                    Fault::CreditOverrun => Some(&m.err_credit_overrun),
+                    Fault::HostIo => Some(&m.err_host_io),
+                    Fault::Protocol => Some(&m.err_no_connection),
+                    Fault::Timeout => Some(&m.err_timeout),
+                    Fault::Unsupported => Some(&m.err_unsupported),
+                    Fault::WrongType => None,
+                };
+                if let Some(counter) = counter {
+                    VsockMetrics::inc(counter);
+                }
+                self.kill(key);
+            }
+            Action::Close => self.close_with_rst(key),
+            Action::Remove => self.remove(key),
         }
     }
 
@@ -318,32 +273,33 @@ impl Muxer {
         self.close_with_rst(key);
     }
 
+    /// Ends a connection with RST: its socket leaves the epoll set now, the connection
+    /// once the RST went out.
     fn close_with_rst(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.get_mut(&key) {
-            if conn.state == ConnState::Killed {
-                return;
-            }
-            conn.state = ConnState::Killed;
-            conn.pending = PENDING_RST;
-            conn.deadline = None;
-            let _ = sys::shutdown(conn.fd.as_fd(), libc::SHUT_RDWR);
-            let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, conn.fd.as_raw_fd(), 0, 0);
-            self.fd_keys.remove(&conn.fd.as_raw_fd());
-            self.schedule(key);
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if !conn.kill() {
+            return;
         }
+        let fd = conn.fd().as_raw_fd();
+        let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        self.fd_keys.remove(&fd);
+        self.schedule(key);
     }
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
-            let fd = conn.fd.as_raw_fd();
+            let fd = conn.fd().as_raw_fd();
             if self.fd_keys.get(&fd) == Some(&key) {
                 self.fd_keys.remove(&fd);
                 let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
             }
-            if let Some(n) = self.local_ports.get_mut(&conn.local_port) {
+            let local_port = conn.local_port();
+            if let Some(n) = self.local_ports.get_mut(&local_port) {
                 *n -= 1;
                 if *n == 0 {
-                    self.local_ports.remove(&conn.local_port);
+                    self.local_ports.remove(&local_port);
                 }
             }
             VsockMetrics::inc(&self.metrics.conns_removed);
@@ -351,208 +307,37 @@ impl Muxer {
     }
 
     /// Registers `conn` in the epoll set (`op` is ADD, or MOD for a former pending host
-    /// client) and in the tables.
+    /// client) and in the tables, and watches its deadline if it has one.
     fn insert(&mut self, conn: Conn, op: libc::c_int) -> bool {
-        let key = (conn.local_port, conn.peer_port);
-        let fd = conn.fd.as_raw_fd();
+        let key = conn.key();
+        let fd = conn.fd().as_raw_fd();
         let token = TOKEN_CONN | fd as u32 as u64;
         if sys::epoll_ctl(&self.epoll, op, fd, CONN_EVENTS, token).is_err() {
             VsockMetrics::inc(&self.metrics.err_muxer);
             return false;
         }
-        *self.local_ports.entry(conn.local_port).or_insert(0) += 1;
+        *self.local_ports.entry(conn.local_port()).or_insert(0) += 1;
         self.fd_keys.insert(fd, key);
+        let deadline = conn.deadline();
         self.conns.insert(key, conn);
         VsockMetrics::inc(&self.metrics.conns_added);
         self.schedule(key);
+        if let Some(at) = deadline {
+            self.push_deadline(at, TimerKey::Conn(key));
+        }
         true
     }
 
-    fn alloc_local_port(&mut self) -> Option<u32> {
-        // At most `max_connections` local ports are in use, so this finds a free one.
-        for _ in 0..=(self.max_connections + MAX_PENDING_HOST_CONNECTIONS) {
-            let port = self.next_local_port;
-            self.next_local_port = if port >= VMADDR_PORT_ANY - 1 {
-                HOST_PORT_BASE
-            } else {
-                port + 1
-            };
-            if !self.local_ports.contains_key(&port) {
-                return Some(port);
-            }
-        }
-        None
-    }
-
-    /// If `pkt` is stream data for a connection that can take it, records its credit
-    /// fields and returns the connection for [`Muxer::handle_rw_batch`].
-    pub fn take_rw(&mut self, pkt: &TxPacket) -> Option<ConnKey> {
-        if pkt.op != VsockOp::Rw || pkt.ty != VsockType::Stream {
-            return None;
-        }
-        let h = pkt.hdr;
-        let key = (h.dst_port, h.src_port);
-        let conn = self.conns.get_mut(&key)?;
-        let open = matches!(
-            conn.state,
-            ConnState::Established | ConnState::LocalClosed | ConnState::PeerClosed
-        );
-        if !open || conn.ty != VsockType::Stream || conn.peer_shut_send {
-            return None;
-        }
-        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
-        Some(key)
-    }
-
-    /// Forwards the payload of consecutive RW packets that [`Muxer::take_rw`] accepted.
-    pub fn handle_rw_batch(&mut self, key: ConnKey, payload: &[IoRegion], len: u32) {
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        if conn.state == ConnState::Killed {
-            return;
-        }
-        match conn.send_guest_data(payload, len, false, &mut self.iov) {
-            Ok(()) => VsockMetrics::add(&self.metrics.tx_bytes, u64::from(len)),
-            Err(SendError::CreditOverrun) => {
-                VsockMetrics::inc(&self.metrics.err_credit_overrun);
-                self.kill(key);
-                return;
-            }
-            Err(SendError::Io(e)) => {
-                outboard_protocol::log_limited!(
-                    log::Level::Debug,
-                    "vsock: host write on {key:?} failed: {e}"
-                );
-                VsockMetrics::inc(&self.metrics.err_host_io);
-                self.kill(key);
-                return;
-            }
-        }
-        self.after_host_write(key);
-    }
-
-    /// Handles one valid guest packet.
-    pub fn handle_tx(&mut self, pkt: &TxPacket, payload: &[IoRegion]) {
-        let h = pkt.hdr;
-        let key = (h.dst_port, h.src_port);
-        if pkt.ty == VsockType::Seqpacket && !self.seqpacket {
-            VsockMetrics::inc(&self.metrics.err_unsupported);
-            if pkt.op != VsockOp::Rst {
-                self.orphan_rst(h.src_port, h.dst_port, h.type_);
-            }
-            return;
-        }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            match pkt.op {
-                VsockOp::Request => self.peer_connect(pkt),
-                VsockOp::Rst => {}
-                _ => {
-                    VsockMetrics::inc(&self.metrics.err_no_connection);
-                    self.orphan_rst(h.src_port, h.dst_port, h.type_);
-                }
-            }
-            return;
-        };
-        if conn.state == ConnState::Killed {
-            if pkt.op == VsockOp::Rst {
-                self.remove(key);
-            }
-            return;
-        }
-        if conn.ty != pkt.ty {
-            self.kill(key);
-            return;
-        }
-        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
-        match (conn.state, pkt.op) {
-            (_, VsockOp::Rst) => {
-                self.remove(key);
-                return;
-            }
-            (ConnState::LocalInit, VsockOp::Response) => {
-                conn.state = ConnState::Established;
-                conn.deadline = None;
-                let line = format!("OK {}\n", conn.local_port);
-                match sys::send(conn.fd.as_fd(), line.as_bytes()) {
-                    Ok(n) if n == line.len() => {}
-                    _ => {
-                        VsockMetrics::inc(&self.metrics.err_host_io);
-                        self.kill(key);
-                        return;
-                    }
-                }
-            }
-            (
-                ConnState::Established | ConnState::LocalClosed | ConnState::PeerClosed,
-                VsockOp::Rw,
-            ) if !conn.peer_shut_send => {
-                let eom = SeqpacketFlags::from_bits_truncate(h.flags).contains(SeqpacketFlags::EOM);
-                match conn.send_guest_data(payload, h.len, eom, &mut self.iov) {
-                    Ok(()) => VsockMetrics::add(&self.metrics.tx_bytes, u64::from(h.len)),
-                    Err(SendError::CreditOverrun) => {
-                        VsockMetrics::inc(&self.metrics.err_credit_overrun);
-                        self.kill(key);
-                        return;
-                    }
-                    Err(SendError::Io(e)) => {
-                        outboard_protocol::log_limited!(
-                            log::Level::Debug,
-                            "vsock: host write on {key:?} failed: {e}"
-                        );
-                        VsockMetrics::inc(&self.metrics.err_host_io);
-                        self.kill(key);
-                        return;
-                    }
-                }
-            }
-            (_, VsockOp::CreditUpdate) => {}
-            (_, VsockOp::CreditRequest) => conn.pending |= PENDING_CREDIT_UPDATE,
-            (
-                ConnState::Established | ConnState::LocalClosed | ConnState::PeerClosed,
-                VsockOp::Shutdown,
-            ) => {
-                let flags = ShutdownFlags::from_bits_truncate(h.flags);
-                conn.peer_shut_rcv |= flags.contains(ShutdownFlags::RCV);
-                conn.peer_shut_send |= flags.contains(ShutdownFlags::SEND);
-                if conn.flush().is_err() {
-                    VsockMetrics::inc(&self.metrics.err_host_io);
-                    self.kill(key);
-                    return;
-                }
-                if conn.peer_shut_rcv && conn.peer_shut_send {
-                    if conn.tx_pending() {
-                        conn.state = ConnState::PeerClosed;
-                        self.set_deadline(key);
-                    } else {
-                        self.close_with_rst(key);
-                    }
-                    return;
-                }
-            }
-            _ => {
-                // REQUEST on a live connection, RESPONSE out of place, RW after the
-                // guest's own SHUTDOWN SEND or before the connection is up, INVALID.
-                VsockMetrics::inc(&self.metrics.err_no_connection);
-                self.kill(key);
-                return;
-            }
-        }
-        self.after_host_write(key);
-    }
-
-    /// After guest data moved: ask for RX when a credit update is due, finish a
-    /// peer-closed connection whose buffer drained.
+    /// After guest data moved (or any event that may free TX buffer or make a
+    /// CREDIT_UPDATE due): finish a peer-closed connection whose buffer drained, keep
+    /// EPOLLOUT while bytes wait, schedule RX.
     fn after_host_write(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if conn.state == ConnState::PeerClosed && !conn.tx_pending() {
+        if conn.after_host_write() == Action::Close {
             self.close_with_rst(key);
             return;
-        }
-        if conn.needs_credit_update() {
-            conn.pending |= PENDING_CREDIT_UPDATE;
         }
         if conn.tx_pending() {
             // Bytes wait: ask for EPOLLOUT (re-asking is harmless; with EPOLLET the
@@ -569,7 +354,7 @@ impl Muxer {
         let Some(conn) = self.conns.get(&key) else {
             return;
         };
-        let fd = conn.fd.as_raw_fd();
+        let fd = conn.fd().as_raw_fd();
         if self.fd_keys.get(&fd) != Some(&key) {
             return;
         }
@@ -580,50 +365,6 @@ impl Muxer {
             if out {
                 self.kill(key);
             }
-        }
-    }
-
-    fn peer_connect(&mut self, pkt: &TxPacket) {
-        let h = pkt.hdr;
-        if self.conns.len() >= self.max_connections {
-            VsockMetrics::inc(&self.metrics.err_conn_limit);
-            self.orphan_rst(h.src_port, h.dst_port, h.type_);
-            return;
-        }
-        let mut path = self.uds_path.clone().into_os_string();
-        let dst_port = h.dst_port;
-        path.push(format!("_{dst_port}"));
-        let ty = match pkt.ty {
-            VsockType::Stream => libc::SOCK_STREAM,
-            VsockType::Seqpacket => libc::SOCK_SEQPACKET,
-        };
-        let fd = match sys::unix_connect(std::path::Path::new(&path), ty) {
-            Ok(fd) => fd,
-            Err(_) => {
-                VsockMetrics::inc(&self.metrics.err_connect_failed);
-                self.orphan_rst(h.src_port, h.dst_port, h.type_);
-                return;
-            }
-        };
-        let mut conn = Conn::new(
-            fd,
-            pkt.ty,
-            h.dst_port,
-            h.src_port,
-            ConnState::PeerInit,
-            self.buf_alloc(pkt.ty),
-        );
-        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
-        conn.pending = PENDING_RESPONSE;
-        if !self.insert(conn, libc::EPOLL_CTL_ADD) {
-            self.orphan_rst(h.src_port, h.dst_port, h.type_);
-        }
-    }
-
-    fn buf_alloc(&self, ty: VsockType) -> u32 {
-        match ty {
-            VsockType::Stream => self.tx_buf_size,
-            VsockType::Seqpacket => self.tx_buf_size.min(MAX_SEQPACKET_MSG),
         }
     }
 
@@ -662,6 +403,131 @@ impl Muxer {
         }
     }
 
+    /// Readiness of a connection's host socket. Writability flushes its TX buffer
+    /// (then [`Muxer::after_host_write`]); EPOLLOUT is dropped once nothing waits.
+    fn conn_event(&mut self, fd: RawFd, bits: u32) {
+        let Some(&key) = self.fd_keys.get(&fd) else {
+            return;
+        };
+        if !self.on_conn(key, |conn, _| conn.on_host_ready(bits)) {
+            return;
+        }
+        // EPOLLOUT was asked for; once the buffer is empty it is not needed.
+        if bits & libc::EPOLLOUT as u32 != 0
+            && self.conns.get(&key).is_some_and(|c| !c.tx_pending())
+        {
+            self.set_out_interest(key, false);
+        }
+        self.schedule(key);
+    }
+}
+
+impl Muxer {
+    /// If `pkt` is stream data for a connection that can take it, records its credit
+    /// fields and returns the connection for [`Muxer::handle_rw_batch`].
+    pub fn take_rw(&mut self, pkt: &TxPacket) -> Option<ConnKey> {
+        if pkt.op != VsockOp::Rw || pkt.ty != VsockType::Stream {
+            return None;
+        }
+        let key = (pkt.hdr.dst_port, pkt.hdr.src_port);
+        let conn = self.conns.get_mut(&key)?;
+        conn.accept_stream_rw(&pkt.hdr).then_some(key)
+    }
+
+    /// Forwards the payload of consecutive RW packets that [`Muxer::take_rw`] accepted.
+    pub fn handle_rw_batch(&mut self, key: ConnKey, payload: &[IoRegion], len: u32) {
+        self.on_conn(key, |conn, iov| conn.on_rw_batch(payload, len, iov));
+    }
+
+    /// Handles one valid guest packet.
+    pub fn handle_tx(&mut self, pkt: &TxPacket, payload: &[IoRegion]) {
+        let h = pkt.hdr;
+        if pkt.ty == VsockType::Seqpacket && !self.seqpacket {
+            VsockMetrics::inc(&self.metrics.err_unsupported);
+            if pkt.op != VsockOp::Rst {
+                self.orphan_rst(h.src_port, h.dst_port, h.type_);
+            }
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        if self.on_conn(key, |conn, iov| conn.on_guest_packet(pkt, payload, iov)) {
+            return;
+        }
+        match pkt.op {
+            VsockOp::Request => self.peer_connect(pkt),
+            VsockOp::Rst => {}
+            _ => {
+                VsockMetrics::inc(&self.metrics.err_no_connection);
+                self.orphan_rst(h.src_port, h.dst_port, h.type_);
+            }
+        }
+    }
+
+    /// A guest REQUEST without a connection: connects to the host listener
+    /// `<uds_path>_<port>`; RST when there is none or the connection cap is reached.
+    fn peer_connect(&mut self, pkt: &TxPacket) {
+        let h = pkt.hdr;
+        if self.conns.len() >= self.max_connections {
+            VsockMetrics::inc(&self.metrics.err_conn_limit);
+            self.orphan_rst(h.src_port, h.dst_port, h.type_);
+            return;
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        let dst_port = h.dst_port;
+        path.push(format!("_{dst_port}"));
+        let ty = match pkt.ty {
+            VsockType::Stream => libc::SOCK_STREAM,
+            VsockType::Seqpacket => libc::SOCK_SEQPACKET,
+        };
+        let fd = match sys::unix_connect(std::path::Path::new(&path), ty) {
+            Ok(fd) => fd,
+            Err(_) => {
+                VsockMetrics::inc(&self.metrics.err_connect_failed);
+                self.orphan_rst(h.src_port, h.dst_port, h.type_);
+                return;
+            }
+        };
+        let conn = Conn::new_peer_init(fd, pkt.ty, &h, self.buf_alloc(pkt.ty));
+        if !self.insert(conn, libc::EPOLL_CTL_ADD) {
+            self.orphan_rst(h.src_port, h.dst_port, h.type_);
+        }
+    }
+
+    /// The credit a new connection of type `ty` gives the guest (its TX buffer).
+    fn buf_alloc(&self, ty: VsockType) -> u32 {
+        match ty {
+            VsockType::Stream => self.tx_buf_size,
+            VsockType::Seqpacket => self.tx_buf_size.min(MAX_SEQPACKET_MSG),
+        }
+    }
+}
+
+const PENDING_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+/// A host client that connected to a listener and has not sent `CONNECT <port>` yet.
+#[derive(Debug)]
+struct PendingHost {
+    fd: OwnedFd,
+    ty: VsockType,
+    /// When the client is dropped if its line has not come.
+    deadline: Instant,
+}
+
+/// Parses `CONNECT <port>` (the word case-insensitive, the newline already removed).
+pub(crate) fn parse_connect_line(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split_ascii_whitespace();
+    let cmd = words.next()?;
+    let port = words.next()?;
+    if words.next().is_some() || !cmd.eq_ignore_ascii_case("connect") {
+        return None;
+    }
+    port.parse().ok()
+}
+
+impl Muxer {
+    /// Accepts host clients on the stream or seqpacket listener; each has
+    /// [`CONN_TIMEOUT`] to send its `CONNECT` line.
     fn accept(&mut self, ty: VsockType) {
         let mut accepted = Vec::new();
         {
@@ -703,12 +569,15 @@ impl Muxer {
         }
     }
 
+    /// Forgets a pending host client (its socket is closed).
     fn drop_pending(&mut self, fd: RawFd) {
         if self.pending.remove(&fd).is_some() {
             let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
         }
     }
 
+    /// A pending host client's socket is readable: its `CONNECT <port>` line makes a
+    /// LocalInit connection; anything else closes it.
     fn pending_readable(&mut self, fd: RawFd) {
         let Some(p) = self.pending.get(&fd) else {
             return;
@@ -751,58 +620,81 @@ impl Muxer {
         let Some(PendingHost { fd: sock, ty, .. }) = self.pending.remove(&fd) else {
             return;
         };
-        let mut conn = Conn::new(
-            sock,
-            ty,
-            local_port,
-            port,
-            ConnState::LocalInit,
-            self.buf_alloc(ty),
-        );
-        conn.pending = PENDING_REQUEST;
-        let key = (local_port, port);
+        let conn = Conn::new_local_init(sock, ty, local_port, port, self.buf_alloc(ty));
         // The fd is in the epoll set already: re-register it under the connection token.
-        if self.insert(conn, libc::EPOLL_CTL_MOD) {
-            self.set_deadline(key);
+        self.insert(conn, libc::EPOLL_CTL_MOD);
+    }
+
+    /// The guest accepted the REQUEST of connection `key`: the host client is told
+    /// `OK <local_port>\n` (a failed write resets the connection).
+    fn confirm_host_connect(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        let line = format!("OK {}\n", conn.local_port());
+        match sys::send(conn.fd(), line.as_bytes()) {
+            Ok(n) if n == line.len() => self.apply(key, Action::Continue),
+            _ => self.apply(key, Action::Kill(Fault::HostIo)),
         }
     }
 
-    fn conn_event(&mut self, fd: RawFd, bits: u32) {
-        let Some(&key) = self.fd_keys.get(&fd) else {
-            return;
-        };
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        let bits = bits as libc::c_int;
-        if bits & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0 {
-            conn.readable = true;
-        }
-        if bits & libc::EPOLLRDHUP != 0 {
-            conn.rdhup = true;
-        }
-        if bits & (libc::EPOLLHUP | libc::EPOLLERR) != 0 {
-            conn.rdhup = true;
-            conn.hup = true;
-        }
-        if bits & libc::EPOLLOUT != 0 {
-            if conn.tx_pending() {
-                if conn.flush().is_err() {
-                    VsockMetrics::inc(&self.metrics.err_host_io);
-                    self.kill(key);
-                    return;
-                }
-                // Re-asks for EPOLLOUT when bytes still wait.
-                self.after_host_write(key);
-            }
-            // EPOLLOUT was asked for; once the buffer is empty it is not needed.
-            if self.conns.get(&key).is_some_and(|c| !c.tx_pending()) {
-                self.set_out_interest(key, false);
+    fn alloc_local_port(&mut self) -> Option<u32> {
+        // At most `max_connections` local ports are in use, so this finds a free one.
+        for _ in 0..=(self.max_connections + MAX_PENDING_HOST_CONNECTIONS) {
+            let port = self.next_local_port;
+            self.next_local_port = if port >= VMADDR_PORT_ANY - 1 {
+                HOST_PORT_BASE
+            } else {
+                port + 1
+            };
+            if !self.local_ports.contains_key(&port) {
+                return Some(port);
             }
         }
-        self.schedule(key);
+        None
+    }
+}
+
+/// What a queued deadline belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKey {
+    /// A connection ([`crate::vsock::conn::Conn::deadline`]).
+    Conn(ConnKey),
+    /// A host client that has not sent its `CONNECT` line.
+    Pending(RawFd),
+}
+
+impl Muxer {
+    /// Queues deadline `at` of `key`. A queue grown to four times the live entries is
+    /// first cleared of stale deadlines.
+    fn push_deadline(&mut self, at: Instant, key: TimerKey) {
+        let live = self.max_connections + MAX_PENDING_HOST_CONNECTIONS;
+        if self.deadlines.len() >= 4 * live {
+            let conns = &self.conns;
+            let pending = &self.pending;
+            self.deadlines.retain(|(d, k)| match k {
+                TimerKey::Conn(k) => conns.get(k).is_some_and(|c| c.deadline() == Some(*d)),
+                TimerKey::Pending(fd) => pending.get(fd).is_some_and(|p| p.deadline == *d),
+            });
+        }
+        self.deadlines.push_back((at, key));
     }
 
+    /// Arms the timerfd for the earliest deadline.
+    pub fn rearm_timer(&mut self) {
+        let front = self.deadlines.front().map(|(d, _)| *d);
+        if front == self.timer_armed {
+            return;
+        }
+        let after = front.map(|d| d.saturating_duration_since(Instant::now()));
+        if sys::timerfd_arm(&self.timer, after).is_err() {
+            VsockMetrics::inc(&self.metrics.err_muxer);
+        }
+        self.timer_armed = front;
+    }
+
+    /// The timerfd fired: every deadline that passed is handed to its connection
+    /// ([`crate::vsock::conn::Conn::timed_out`]) or drops its pending host client.
     fn on_timer(&mut self) {
         sys::timerfd_clear(&self.timer);
         self.timer_armed = None;
@@ -814,10 +706,7 @@ impl Muxer {
             self.deadlines.pop_front();
             match key {
                 TimerKey::Conn(k) => {
-                    if self.conns.get(&k).is_some_and(|c| c.deadline == Some(at)) {
-                        VsockMetrics::inc(&self.metrics.err_timeout);
-                        self.kill(k);
-                    }
+                    self.on_conn(k, |conn, _| conn.timed_out(at));
                 }
                 TimerKey::Pending(fd) => {
                     if self.pending.get(&fd).is_some_and(|p| p.deadline == at) {
@@ -828,11 +717,42 @@ impl Muxer {
             }
         }
     }
+}
 
-    /// Pops an RX chain that can hold at least a header. Unusable chains are returned
-    /// empty, unless other chains are held (`holding`): then the chain is un-popped and
-    /// the caller stops, so that un-popping the held chains stays in order.
-    fn pop_rx(&mut self, q: &mut dyn VirtQueue, slot: usize, holding: bool) -> bool {
+/// Most payload bytes one read from a host socket puts into guest buffers.
+const MAX_RX_BATCH: u32 = 256 * 1024;
+/// Most RX chains one read fills.
+const MAX_RX_CHAINS: usize = 64;
+/// Largest host seqpacket message the device forwards.
+const MAX_SEQ_RX_MSG: usize = 1 << 20;
+
+/// What one turn of a connection on the RX queue achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// It did something; look at it again later if it still wants RX.
+    Progress,
+    /// It has nothing it can do now.
+    Idle,
+    /// The RX queue ran out of buffers.
+    Starved,
+}
+
+/// RX chains popped for one turn, and the payload areas of those being filled.
+#[derive(Default)]
+struct RxBufs {
+    chains: Vec<DescChain>,
+    /// Payload regions of the chains `gather` popped, in order.
+    regions: Vec<IoRegion>,
+    /// Payload capacity of each chain `gather` popped.
+    caps: Vec<usize>,
+}
+
+impl RxBufs {
+    /// Pops an RX chain that can hold at least a header into `slot`. Unusable chains
+    /// are returned empty, unless other chains are held (`holding`): then the chain is
+    /// un-popped and the caller stops, so that un-popping the held chains stays in
+    /// order.
+    fn pop(&mut self, q: &mut dyn VirtQueue, slot: usize, holding: bool, m: &VsockMetrics) -> bool {
         while self.chains.len() <= slot {
             self.chains.push(DescChain::default());
         }
@@ -842,15 +762,15 @@ impl Muxer {
                 Ok(false) => return false,
                 Ok(true) if chain.writable_len() >= VsockHeader::SIZE => return true,
                 Ok(true) => {
-                    VsockMetrics::inc(&self.metrics.err_rx_bad_buffer);
+                    VsockMetrics::inc(&m.err_rx_bad_buffer);
                     chain.head
                 }
                 Err(QueueError::BadChain { head, .. }) => {
-                    VsockMetrics::inc(&self.metrics.err_queue);
+                    VsockMetrics::inc(&m.err_queue);
                     head
                 }
                 Err(_) => {
-                    VsockMetrics::inc(&self.metrics.err_queue);
+                    VsockMetrics::inc(&m.err_queue);
                     return false;
                 }
             };
@@ -859,181 +779,50 @@ impl Muxer {
                 return false;
             }
             if q.add_used(bad, 0).is_err() {
-                VsockMetrics::inc(&self.metrics.err_queue);
+                VsockMetrics::inc(&m.err_queue);
                 return false;
             }
         }
     }
 
-    fn put_used(&mut self, q: &mut dyn VirtQueue, slot: usize, hdr: &VsockHeader) -> bool {
+    /// Writes `hdr` into the chain in `slot` and returns it used (with `hdr.len`
+    /// payload bytes).
+    fn put_used(
+        &self,
+        q: &mut dyn VirtQueue,
+        slot: usize,
+        hdr: &VsockHeader,
+        m: &VsockMetrics,
+    ) -> bool {
         let chain = &self.chains[slot];
         let len = hdr.len;
         if !write_rx_header(chain, hdr)
             || q.add_used(chain.head, VsockHeader::SIZE as u32 + len)
                 .is_err()
         {
-            VsockMetrics::inc(&self.metrics.err_queue);
+            VsockMetrics::inc(&m.err_queue);
             return false;
         }
-        VsockMetrics::inc(&self.metrics.rx_packets);
-        VsockMetrics::add(&self.metrics.rx_bytes, u64::from(len));
+        VsockMetrics::inc(&m.rx_packets);
+        VsockMetrics::add(&m.rx_bytes, u64::from(len));
         true
     }
 
-    /// Fills the RX queue with what connections have for the guest, round robin.
-    /// Returns how many chains were used and whether the queue ran dry.
-    pub fn fill_rx(&mut self, q: &mut dyn VirtQueue) -> (usize, bool) {
-        let mut used = 0;
-        while let Some(hdr) = self.orphan_rsts.front().copied() {
-            if !self.pop_rx(q, 0, false) {
-                return (used, true);
-            }
-            self.put_used(q, 0, &hdr);
-            used += 1;
-            self.orphan_rsts.pop_front();
-        }
-        // Each connection gets one turn per pass; the list rotates.
-        while let Some(key) = self.rx_list.pop_front() {
-            let Some(conn) = self.conns.get_mut(&key) else {
-                continue;
-            };
-            conn.in_rx_list = false;
-            let (turn, n) = self.conn_turn(key, q);
-            used += n;
-            if turn == Turn::Starved {
-                if let Some(conn) = self.conns.get_mut(&key) {
-                    if !conn.in_rx_list {
-                        conn.in_rx_list = true;
-                        // A seqpacket message that needs more buffers than there are
-                        // waits at the back, so it cannot hold up the others.
-                        if conn.ty == VsockType::Seqpacket && n == 0 {
-                            self.rx_list.push_back(key);
-                        } else {
-                            self.rx_list.push_front(key);
-                        }
-                    }
-                }
-                return (used, true);
-            }
-            if turn == Turn::Progress {
-                self.schedule(key);
-            }
-        }
-        (used, false)
-    }
-
-    fn conn_turn(&mut self, key: ConnKey, q: &mut dyn VirtQueue) -> (Turn, usize) {
-        let mut used = 0;
-        let guest_cid = self.guest_cid;
-        // Control packets first.
-        loop {
-            let Some(conn) = self.conns.get_mut(&key) else {
-                return (Turn::Idle, used);
-            };
-            if conn.host_eof && conn.hup && conn.state == ConnState::Established {
-                conn.state = ConnState::LocalClosed;
-                conn.shutdown_flags = (ShutdownFlags::RCV | ShutdownFlags::SEND).bits();
-                conn.pending |= PENDING_SHUTDOWN;
-                self.set_deadline(key);
-                continue;
-            }
-            let pending = conn.pending;
-            let op = if pending & PENDING_RST != 0 {
-                VsockOp::Rst
-            } else if pending & PENDING_RESPONSE != 0 {
-                VsockOp::Response
-            } else if pending & PENDING_REQUEST != 0 {
-                VsockOp::Request
-            } else if pending & PENDING_SHUTDOWN != 0 {
-                VsockOp::Shutdown
-            } else if pending & PENDING_CREDIT_REQUEST != 0 {
-                VsockOp::CreditRequest
-            } else if pending & PENDING_CREDIT_UPDATE != 0 {
-                VsockOp::CreditUpdate
-            } else {
-                break;
-            };
-            if !self.pop_rx(q, 0, false) {
-                return (Turn::Starved, used);
-            }
-            let Some(conn) = self.conns.get_mut(&key) else {
-                q.undo_pop();
-                return (Turn::Idle, used);
-            };
-            let flags = if op == VsockOp::Shutdown {
-                conn.shutdown_flags
-            } else {
-                0
-            };
-            let hdr = conn.rx_header(guest_cid, op, 0, flags);
-            match op {
-                VsockOp::Rst => conn.pending = 0,
-                VsockOp::Response => {
-                    conn.pending &= !PENDING_RESPONSE;
-                    conn.state = ConnState::Established;
-                }
-                VsockOp::Request => conn.pending &= !PENDING_REQUEST,
-                VsockOp::Shutdown => conn.pending &= !PENDING_SHUTDOWN,
-                VsockOp::CreditRequest => conn.pending &= !PENDING_CREDIT_REQUEST,
-                _ => {}
-            }
-            if self.put_used(q, 0, &hdr) {
-                used += 1;
-            }
-            if op == VsockOp::Rst {
-                self.remove(key);
-                return (Turn::Idle, used);
-            }
-        }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return (Turn::Idle, used);
-        };
-        if !conn.may_read_host() {
-            return (Turn::Idle, used);
-        }
-        if conn.peer_credit() == 0 {
-            if !conn.credit_requested {
-                conn.credit_requested = true;
-                conn.pending |= PENDING_CREDIT_REQUEST;
-                return (Turn::Progress, used);
-            }
-            return (Turn::Idle, used);
-        }
-        let turn = match conn.ty {
-            VsockType::Stream => self.read_stream(key, q, &mut used),
-            VsockType::Seqpacket => self.read_seqpacket(key, q, &mut used),
-        };
-        (turn, used)
-    }
-
-    fn undo(q: &mut dyn VirtQueue, count: usize) {
-        for _ in 0..count {
-            q.undo_pop();
-        }
-    }
-
-    fn on_host_eof(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.get_mut(&key) {
-            conn.host_eof = true;
-            conn.readable = false;
-            if conn.hup {
-                // Handled as LocalClosed by the next turn.
-                return;
-            }
-            conn.shutdown_flags = ShutdownFlags::SEND.bits();
-            conn.pending |= PENDING_SHUTDOWN;
-        }
-    }
-
     /// Pops chains for up to `budget` payload bytes; returns how many chains were
-    /// popped (their payload regions are in `self.regions`, capacities in `self.caps`).
-    fn gather_rx(&mut self, q: &mut dyn VirtQueue, budget: usize, max_chains: usize) -> usize {
+    /// popped (their payload regions are in `regions`, capacities in `caps`).
+    fn gather(
+        &mut self,
+        q: &mut dyn VirtQueue,
+        budget: usize,
+        max_chains: usize,
+        m: &VsockMetrics,
+    ) -> usize {
         self.regions.clear();
         self.caps.clear();
         let mut total = 0;
         let mut n = 0;
         while total < budget && n < max_chains && self.regions.len() < IOV_MAX {
-            if !self.pop_rx(q, n, n > 0) {
+            if !self.pop(q, n, n > 0, m) {
                 break;
             }
             let chain = &self.chains[n];
@@ -1061,61 +850,27 @@ impl Muxer {
         n
     }
 
-    fn read_stream(&mut self, key: ConnKey, q: &mut dyn VirtQueue, used: &mut usize) -> Turn {
-        let Some(credit) = self.conns.get(&key).map(Conn::peer_credit) else {
-            return Turn::Idle;
-        };
-        let budget = credit.min(MAX_RX_BATCH) as usize;
-        let popped = self.gather_rx(q, budget, MAX_RX_CHAINS);
-        if popped == 0 {
-            return Turn::Starved;
-        }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            Self::undo(q, popped);
-            return Turn::Idle;
-        };
-        match sys::recv_regions(conn.fd.as_fd(), &self.regions, &mut self.iov) {
-            Ok((0, _)) => {
-                Self::undo(q, popped);
-                self.on_host_eof(key);
-                Turn::Progress
-            }
-            Ok((n, _)) => {
-                // A stream recvmsg stops short only when the socket's queue is empty,
-                // and the socket is edge-triggered: bytes that arrive later report it
-                // again. So a short read ends the turn without the recvmsg that would
-                // only say EAGAIN. Not after RDHUP: the EOF still has to be read.
-                if n < self.caps.iter().sum::<usize>() && !conn.rdhup {
-                    conn.readable = false;
-                }
-                self.deliver(key, q, popped, n, 0, used);
-                Turn::Progress
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Self::undo(q, popped);
-                conn.readable = false;
-                Turn::Idle
-            }
-            Err(_) => {
-                Self::undo(q, popped);
-                VsockMetrics::inc(&self.metrics.err_host_io);
-                self.kill(key);
-                Turn::Progress
-            }
+    fn undo(q: &mut dyn VirtQueue, count: usize) {
+        for _ in 0..count {
+            q.undo_pop();
         }
     }
 
-    /// Writes headers for `n` bytes spread over the first chains (in order), un-pops
-    /// the chains left over. `last_flags` go on the last used chain.
+    /// Writes headers from `conn` for `n` bytes spread over the first chains (in
+    /// order), un-pops the chains left over. `last_flags` go on the last used chain.
+    /// Returns how many chains were used.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
-        &mut self,
-        key: ConnKey,
+        &self,
+        conn: &mut Conn,
+        guest_cid: u64,
         q: &mut dyn VirtQueue,
         popped: usize,
         n: usize,
         last_flags: u32,
-        used: &mut usize,
-    ) {
+        m: &VsockMetrics,
+    ) -> usize {
+        let mut used = 0;
         let mut left = n;
         let mut count = 0;
         for i in 0..popped {
@@ -1126,89 +881,226 @@ impl Muxer {
             left -= take;
             count = i + 1;
             let flags = if left == 0 { last_flags } else { 0 };
-            let Some(conn) = self.conns.get_mut(&key) else {
-                return;
-            };
-            conn.rx_cnt += Wrapping(take as u32);
-            let hdr = conn.rx_header(self.guest_cid, VsockOp::Rw, take as u32, flags);
-            if self.put_used(q, i, &hdr) {
-                *used += 1;
+            let hdr = conn.data_sent(guest_cid, take as u32, flags);
+            if self.put_used(q, i, &hdr, m) {
+                used += 1;
             }
         }
         Self::undo(q, popped - count);
+        used
+    }
+}
+
+impl Muxer {
+    /// Whether anything waits for the RX queue.
+    pub fn has_rx(&self) -> bool {
+        !self.orphan_rsts.is_empty() || !self.rx_list.is_empty()
+    }
+
+    /// Puts connection `key` on the RX list if it wants RX and is not on it.
+    fn schedule(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            if conn.join_rx_list() {
+                self.rx_list.push_back(key);
+            }
+        }
+    }
+
+    /// Fills the RX queue with what connections have for the guest, round robin.
+    /// Returns how many chains were used and whether the queue ran dry.
+    pub fn fill_rx(&mut self, q: &mut dyn VirtQueue) -> (usize, bool) {
+        let mut used = 0;
+        while let Some(hdr) = self.orphan_rsts.front().copied() {
+            if !self.rx.pop(q, 0, false, &self.metrics) {
+                return (used, true);
+            }
+            self.rx.put_used(q, 0, &hdr, &self.metrics);
+            used += 1;
+            self.orphan_rsts.pop_front();
+        }
+        // Each connection gets one turn per pass; the list rotates.
+        while let Some(key) = self.rx_list.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.leave_rx_list();
+            let (turn, n) = self.conn_turn(key, q);
+            used += n;
+            if turn == Turn::Starved {
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    if conn.rejoin_rx_list() {
+                        // A seqpacket message that needs more buffers than there are
+                        // waits at the back, so it cannot hold up the others.
+                        if conn.ty() == VsockType::Seqpacket && n == 0 {
+                            self.rx_list.push_back(key);
+                        } else {
+                            self.rx_list.push_front(key);
+                        }
+                    }
+                }
+                return (used, true);
+            }
+            if turn == Turn::Progress {
+                self.schedule(key);
+            }
+        }
+        (used, false)
+    }
+
+    /// One turn of connection `key`: its control packets, then host data.
+    fn conn_turn(&mut self, key: ConnKey, q: &mut dyn VirtQueue) -> (Turn, usize) {
+        let mut used = 0;
+        let guest_cid = self.guest_cid;
+        // A host that hung up after its end-of-file queues SHUTDOWN (RCV | SEND).
+        if !self.on_conn(key, |conn, _| conn.host_closed()) {
+            return (Turn::Idle, used);
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return (Turn::Idle, used);
+        };
+        // Control packets first.
+        while let Some(op) = conn.next_control() {
+            if !self.rx.pop(q, 0, false, &self.metrics) {
+                return (Turn::Starved, used);
+            }
+            let hdr = conn.control_sent(guest_cid, op);
+            if self.rx.put_used(q, 0, &hdr, &self.metrics) {
+                used += 1;
+            }
+            if op == VsockOp::Rst {
+                self.apply(key, Action::Remove);
+                return (Turn::Idle, used);
+            }
+        }
+        if !conn.may_read_host() {
+            return (Turn::Idle, used);
+        }
+        if conn.peer_credit() == 0 {
+            let turn = if conn.ask_credit() {
+                Turn::Progress
+            } else {
+                Turn::Idle
+            };
+            return (turn, used);
+        }
+        let turn = match conn.ty() {
+            VsockType::Stream => self.read_stream(key, q, &mut used),
+            VsockType::Seqpacket => self.read_seqpacket(key, q, &mut used),
+        };
+        (turn, used)
+    }
+
+    fn read_stream(&mut self, key: ConnKey, q: &mut dyn VirtQueue, used: &mut usize) -> Turn {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return Turn::Idle;
+        };
+        let budget = conn.peer_credit().min(MAX_RX_BATCH) as usize;
+        let popped = self.rx.gather(q, budget, MAX_RX_CHAINS, &self.metrics);
+        if popped == 0 {
+            return Turn::Starved;
+        }
+        match sys::recv_regions(conn.fd(), &self.rx.regions, &mut self.iov) {
+            Ok((0, _)) => {
+                RxBufs::undo(q, popped);
+                conn.on_host_eof();
+                Turn::Progress
+            }
+            Ok((n, _)) => {
+                // A stream recvmsg stops short only when the socket's queue is empty,
+                // and the socket is edge-triggered: bytes that arrive later report it
+                // again. So a short read ends the turn without the recvmsg that would
+                // only say EAGAIN. Not after RDHUP: the EOF still has to be read.
+                if n < self.rx.caps.iter().sum::<usize>() && !conn.host_rdhup() {
+                    conn.host_drained();
+                }
+                *used += self
+                    .rx
+                    .deliver(conn, self.guest_cid, q, popped, n, 0, &self.metrics);
+                Turn::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                RxBufs::undo(q, popped);
+                conn.host_drained();
+                Turn::Idle
+            }
+            Err(_) => {
+                RxBufs::undo(q, popped);
+                self.apply(key, Action::Kill(Fault::HostIo));
+                Turn::Progress
+            }
+        }
     }
 
     fn read_seqpacket(&mut self, key: ConnKey, q: &mut dyn VirtQueue, used: &mut usize) -> Turn {
         let Some(conn) = self.conns.get_mut(&key) else {
             return Turn::Idle;
         };
-        let msg_len = match sys::peek_msg_len(conn.fd.as_fd()) {
-            Ok(0) if conn.rdhup => {
-                self.on_host_eof(key);
+        let msg_len = match sys::peek_msg_len(conn.fd()) {
+            Ok(0) if conn.host_rdhup() => {
+                conn.on_host_eof();
                 return Turn::Progress;
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                conn.readable = false;
+                conn.host_drained();
                 return Turn::Idle;
             }
             Err(_) => {
-                VsockMetrics::inc(&self.metrics.err_host_io);
-                self.kill(key);
+                self.apply(key, Action::Kill(Fault::HostIo));
                 return Turn::Progress;
             }
         };
-        if msg_len > conn.peer_buf_alloc as usize || msg_len > MAX_SEQ_RX_MSG {
-            VsockMetrics::inc(&self.metrics.err_unsupported);
-            self.kill(key);
+        if msg_len > conn.peer_buf_alloc() as usize || msg_len > MAX_SEQ_RX_MSG {
+            self.apply(key, Action::Kill(Fault::Unsupported));
             return Turn::Progress;
         }
         if msg_len > conn.peer_credit() as usize {
-            if !conn.credit_requested {
-                conn.credit_requested = true;
-                conn.pending |= PENDING_CREDIT_REQUEST;
-                return Turn::Progress;
-            }
-            return Turn::Idle;
+            return if conn.ask_credit() {
+                Turn::Progress
+            } else {
+                Turn::Idle
+            };
         }
-        let popped = self.gather_rx(q, msg_len.max(1), usize::MAX);
-        let room: usize = self.caps.iter().sum();
+        let popped = self.rx.gather(q, msg_len.max(1), usize::MAX, &self.metrics);
+        let room: usize = self.rx.caps.iter().sum();
         if popped == 0 || room < msg_len {
-            Self::undo(q, popped);
-            if self.regions.len() >= IOV_MAX {
-                VsockMetrics::inc(&self.metrics.err_unsupported);
-                self.kill(key);
+            RxBufs::undo(q, popped);
+            if self.rx.regions.len() >= IOV_MAX {
+                self.apply(key, Action::Kill(Fault::Unsupported));
                 return Turn::Progress;
             }
             return Turn::Starved;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            Self::undo(q, popped);
-            return Turn::Idle;
-        };
         let regions = if msg_len == 0 {
             &[][..]
         } else {
-            &self.regions[..]
+            &self.rx.regions[..]
         };
-        match sys::recv_regions(conn.fd.as_fd(), regions, &mut self.iov) {
+        match sys::recv_regions(conn.fd(), regions, &mut self.iov) {
             Ok((n, flags)) if n == msg_len && flags & libc::MSG_TRUNC == 0 => {
                 let mut last = SeqpacketFlags::EOM;
                 if flags & libc::MSG_EOR != 0 {
                     last |= SeqpacketFlags::EOR;
                 }
-                self.deliver(key, q, popped, n, last.bits(), used);
+                *used += self.rx.deliver(
+                    conn,
+                    self.guest_cid,
+                    q,
+                    popped,
+                    n,
+                    last.bits(),
+                    &self.metrics,
+                );
                 Turn::Progress
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Self::undo(q, popped);
-                conn.readable = false;
+                RxBufs::undo(q, popped);
+                conn.host_drained();
                 Turn::Idle
             }
             _ => {
-                Self::undo(q, popped);
-                VsockMetrics::inc(&self.metrics.err_host_io);
-                self.kill(key);
+                RxBufs::undo(q, popped);
+                self.apply(key, Action::Kill(Fault::HostIo));
                 Turn::Progress
             }
         }
