@@ -8,10 +8,14 @@
 //! - `packet.rs`: parsing of driver packets from descriptor chains whose header and
 //!   payload may be split across descriptors in any way.
 //! - `conn.rs`: one connection: state machine (LocalInit, PeerInit, Established,
-//!   LocalClosed, PeerClosed, Killed), credit flow control both ways, the per-connection
-//!   TX buffer.
-//! - `muxer.rs`: the AF_UNIX muxer: listeners, host-initiated `CONNECT <port>\n`
-//!   handshakes, guest-initiated connects, the epoll set, timers, port allocation.
+//!   LocalClosed, PeerClosed, Killed) behind methods named after the protocol's events,
+//!   each returning what the muxer must do; credit flow control both ways, the
+//!   per-connection TX buffer.
+//! - `muxer/`: the AF_UNIX muxer, which routes guest packets and host socket events to
+//!   connections: listeners, the epoll set (`mod.rs`), guest packets and
+//!   guest-initiated connects (`tx.rs`), host-initiated `CONNECT <port>\n` handshakes
+//!   and port allocation (`handshake.rs`), timers (`timers.rs`), RX scheduling
+//!   (`rx.rs`).
 //! - `sibling.rs`: guest-to-guest traffic between devices linked as siblings
 //!   ([`VsockSibling`], [`Vsock::sibling`]): each device's bounded inbox, the credit
 //!   check on sibling connections, delivery into the RX queue.

@@ -1,0 +1,77 @@
+//! Deadlines of connections (a REQUEST or a shutdown the guest must answer) and of
+//! pending host clients (their `CONNECT` line), on one timerfd.
+//!
+//! Deadlines are queued in the order they were set; all are `CONN_TIMEOUT` after
+//! being set, so the queue stays sorted. A deadline that was met or replaced stays
+//! queued and is skipped when it comes up (the connection or client no longer has it).
+
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use super::Muxer;
+use crate::vsock::conn::ConnKey;
+use crate::vsock::{sys, VsockMetrics, MAX_PENDING_HOST_CONNECTIONS};
+
+/// What a queued deadline belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TimerKey {
+    /// A connection ([`crate::vsock::conn::Conn::deadline`]).
+    Conn(ConnKey),
+    /// A host client that has not sent its `CONNECT` line.
+    Pending(RawFd),
+}
+
+impl Muxer {
+    /// Queues deadline `at` of `key`. A queue grown to four times the live entries is
+    /// first cleared of stale deadlines.
+    pub(super) fn push_deadline(&mut self, at: Instant, key: TimerKey) {
+        let live = self.max_connections + MAX_PENDING_HOST_CONNECTIONS;
+        if self.deadlines.len() >= 4 * live {
+            let conns = &self.conns;
+            let pending = &self.pending;
+            self.deadlines.retain(|(d, k)| match k {
+                TimerKey::Conn(k) => conns.get(k).is_some_and(|c| c.deadline() == Some(*d)),
+                TimerKey::Pending(fd) => pending.get(fd).is_some_and(|p| p.deadline == *d),
+            });
+        }
+        self.deadlines.push_back((at, key));
+    }
+
+    /// Arms the timerfd for the earliest deadline.
+    pub fn rearm_timer(&mut self) {
+        let front = self.deadlines.front().map(|(d, _)| *d);
+        if front == self.timer_armed {
+            return;
+        }
+        let after = front.map(|d| d.saturating_duration_since(Instant::now()));
+        if sys::timerfd_arm(&self.timer, after).is_err() {
+            VsockMetrics::inc(&self.metrics.err_muxer);
+        }
+        self.timer_armed = front;
+    }
+
+    /// The timerfd fired: every deadline that passed is handed to its connection
+    /// ([`crate::vsock::conn::Conn::timed_out`]) or drops its pending host client.
+    pub(super) fn on_timer(&mut self) {
+        sys::timerfd_clear(&self.timer);
+        self.timer_armed = None;
+        let now = Instant::now();
+        while let Some(&(at, key)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            match key {
+                TimerKey::Conn(k) => {
+                    self.on_conn(k, |conn, _| conn.timed_out(at));
+                }
+                TimerKey::Pending(fd) => {
+                    if self.pending.get(&fd).is_some_and(|p| p.deadline == at) {
+                        VsockMetrics::inc(&self.metrics.err_bad_connect_line);
+                        self.drop_pending(fd);
+                    }
+                }
+            }
+        }
+    }
+}
