@@ -869,6 +869,7 @@ mod tests {
     fn fill_host_socket(c: &Conn) {
         let chunk = [0u8; 64 * 1024];
         while sys::send(c.fd(), &chunk).is_ok() {}
+        while sys::send(c.fd(), &chunk[..1]).is_ok() {}
     }
 
     const BOTH: u32 = ShutdownFlags::RCV.bits() | ShutdownFlags::SEND.bits();
