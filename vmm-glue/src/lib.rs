@@ -9,9 +9,9 @@
 //!   rings, worker loop with reconnection.
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
-//! - [`metrics`]: the JSON metrics file of the daemon.
-//! - [`shared_metrics`]: device counters a jailed worker publishes into a memfd page
-//!   the daemon reads, monotonic across worker restarts.
+//! - `metrics` (feature `cli`): the JSON metrics file of the daemon.
+//! - `shared_metrics` (feature `cli`): device counters a jailed worker publishes into a
+//!   memfd page the daemon reads, monotonic across worker restarts.
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
 //!   the daemon keeping the listening socket and restarting a worker that dies.
 //! - [`media`]: virtio-media (the software camera) over vhost-user, with its shared
@@ -31,10 +31,12 @@
 pub mod jail;
 #[cfg(feature = "vhost-user")]
 pub mod media;
+#[cfg(feature = "cli")]
 pub mod metrics;
 #[cfg(feature = "mmio")]
 pub mod mmio;
 pub mod rust_vmm;
+#[cfg(feature = "cli")]
 pub mod shared_metrics;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;

@@ -1,34 +1,39 @@
 //! The metrics file of `outboard vsock --metrics PATH`: one JSON document with every
 //! VM's device counters, rewritten atomically (write to a temporary file, rename).
 
-use std::fmt::Debug;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Turns a derived `Debug` rendering of a struct of integer counters
-/// (`Name { a: 1, b: 2 }`) into `(field, value)` pairs. Fields that are not plain
-/// unsigned integers are skipped.
-pub fn counters_of(snapshot: &impl Debug) -> Vec<(String, u64)> {
-    counter_fields(&format!("{snapshot:?}"))
-        .map(|(name, value)| (name.to_string(), value))
-        .collect()
+use outboard_devices::vsock::VsockMetricsSnapshot;
+use serde::Serialize;
+
+/// A device's `u64` counters with fixed names: what the metrics file and the shared
+/// counter pages ([`crate::shared_metrics`]) carry.
+pub trait CounterSet {
+    /// The counters' names, in the order of [`CounterSet::counter_values`].
+    fn counter_names() -> &'static [&'static str];
+    /// The counters' values, in the order of [`CounterSet::counter_names`].
+    fn counter_values(&self) -> impl Iterator<Item = u64> + '_;
 }
 
-/// The `(field, value)` pairs of a derived `Debug` rendering `text`, in field order,
-/// without allocating (what [`counters_of`] and the shared counter page parse).
-pub(crate) fn counter_fields(text: &str) -> impl Iterator<Item = (&str, u64)> {
-    let body = text
-        .split_once('{')
-        .and_then(|(_, rest)| rest.rsplit_once('}'))
-        .map_or("", |(body, _)| body);
-    body.split(',').filter_map(|field| {
-        let (name, value) = field.split_once(':')?;
-        let name = name.trim();
-        let value = value.trim().parse::<u64>().ok()?;
-        let ident = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        ident.then_some((name, value))
-    })
+impl CounterSet for VsockMetricsSnapshot {
+    fn counter_names() -> &'static [&'static str] {
+        VsockMetricsSnapshot::NAMES
+    }
+
+    fn counter_values(&self) -> impl Iterator<Item = u64> + '_ {
+        self.values().into_iter()
+    }
+}
+
+/// `(name, value)` of every counter of `snapshot`.
+pub fn counters_of<S: CounterSet>(snapshot: &S) -> Vec<(String, u64)> {
+    S::counter_names()
+        .iter()
+        .map(|n| n.to_string())
+        .zip(snapshot.counter_values())
+        .collect()
 }
 
 /// One VM's entry in the metrics file.
@@ -42,47 +47,51 @@ pub struct VmMetrics {
     pub counters: Vec<(String, u64)>,
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// The document, serialized in field order.
+#[derive(Serialize)]
+struct Doc<'a> {
+    timestamp_ms: u128,
+    vms: Vec<VmDoc<'a>>,
 }
 
-/// Renders the metrics document.
+#[derive(Serialize)]
+struct VmDoc<'a> {
+    guest_cid: u64,
+    socket: String,
+    counters: Counters<'a>,
+}
+
+/// A VM's counters as one JSON object, in the device's order.
+struct Counters<'a>(&'a [(String, u64)]);
+
+impl Serialize for Counters<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(name, value)| (name, value)))
+    }
+}
+
+/// Renders the metrics document: `timestamp_ms`, then `vms`, each with `guest_cid`,
+/// `socket` and `counters` (in the device's order), in that order.
 pub fn render(vms: &[VmMetrics]) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    let mut out = format!("{{\n  \"timestamp_ms\": {now},\n  \"vms\": [");
-    for (i, vm) in vms.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&format!(
-            "\n    {{\n      \"guest_cid\": {},\n      \"socket\": {},\n      \"counters\": {{",
-            vm.guest_cid,
-            json_string(&vm.socket.display().to_string())
-        ));
-        for (j, (name, value)) in vm.counters.iter().enumerate() {
-            if j > 0 {
-                out.push(',');
-            }
-            out.push_str(&format!("\n        {}: {value}", json_string(name)));
-        }
-        out.push_str("\n      }\n    }");
-    }
-    out.push_str("\n  ]\n}\n");
-    out
+    let doc = Doc {
+        timestamp_ms: now,
+        vms: vms
+            .iter()
+            .map(|vm| VmDoc {
+                guest_cid: vm.guest_cid,
+                socket: vm.socket.display().to_string(),
+                counters: Counters(&vm.counters),
+            })
+            .collect(),
+    };
+    // Strings and integers in maps with string keys always serialize.
+    let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// Writes the document to `path` atomically.
@@ -100,29 +109,22 @@ pub fn write(path: &Path, vms: &[VmMetrics]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    #[allow(dead_code)]
-    struct Snap {
-        rx_packets: u64,
-        tx_bytes: u64,
-        name: &'static str,
-    }
-
     #[test]
-    fn counters_from_debug() {
-        let c = counters_of(&Snap {
+    fn vsock_counters_are_named_in_order() {
+        let snap = VsockMetricsSnapshot {
             rx_packets: 3,
             tx_bytes: 1 << 40,
-            name: "x",
-        });
-        assert_eq!(
-            c,
-            vec![
-                ("rx_packets".to_string(), 3),
-                ("tx_bytes".to_string(), 1 << 40)
-            ]
-        );
-        assert!(counters_of(&5u32).is_empty());
+            ..Default::default()
+        };
+        let c = counters_of(&snap);
+        assert_eq!(c.len(), VsockMetricsSnapshot::COUNT);
+        assert_eq!(c[0], ("rx_packets".to_string(), 3));
+        assert!(c.contains(&("tx_bytes".to_string(), 1 << 40)));
+        // The names are the struct's own fields, as its Debug output shows them.
+        let debug = format!("{snap:?}");
+        for (name, value) in &c {
+            assert!(debug.contains(&format!("{name}: {value}")), "{name}");
+        }
     }
 
     #[test]
@@ -144,6 +146,10 @@ mod tests {
         let back: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(back["vms"][0]["counters"]["rx_packets"], 7);
+        // Field order is kept (line-based readers such as xtask's rely on it).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let at = |k: &str| text.find(k).unwrap();
+        assert!(at("timestamp_ms") < at("guest_cid") && at("guest_cid") < at("counters"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,9 +14,9 @@
 //!
 //! `[magic, slots, value 0, value 1, ...]`, native-endian `u64` words, every one
 //! accessed atomically (relaxed: each counter is independent, and a reader needs no
-//! ordering between them). The values are in the order of the device's counter snapshot
-//! (`metrics::counters_of`); both sides are the same binary, and the worker checks that
-//! the header's slot count is the one it expects.
+//! ordering between them). The values are in the order of the device's counter set
+//! ([`crate::metrics::CounterSet`]); both sides are the same binary, and the worker
+//! checks that the header's slot count is the one it expects.
 //!
 //! # Trust
 //!
@@ -34,7 +34,7 @@
 //! base and reports base + live values, so the counters the daemon writes never go
 //! backwards, plus `worker_restarts`.
 
-use std::fmt::{Debug, Write as _};
+use std::fmt::Debug;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
@@ -45,7 +45,7 @@ use outboard_devices::virtio::{ActivateError, Interrupt, VirtQueue, VirtioDevice
 use remain::sorted;
 use thiserror::Error;
 
-use crate::metrics::counter_fields;
+use crate::metrics::CounterSet;
 
 /// The first word of a page: "OBCOUNTR".
 const MAGIC: u64 = u64::from_be_bytes(*b"OBCOUNTR");
@@ -337,15 +337,13 @@ impl Drop for CounterPage {
 /// handles work (`activate`, `reset`, `handle_queue`, `handle_event`), copies the
 /// counters `snapshot` returns into a [`CounterPage`].
 ///
-/// `snapshot` returns a struct of `u64` counters with a derived `Debug` (such as
-/// `VsockMetricsSnapshot`); its fields go into the page's slots in declaration order.
-/// Publishing formats that struct into a buffer kept across calls and stores each value
-/// with a relaxed atomic: no allocation and no system call after the first.
+/// `snapshot` returns a [`CounterSet`] (such as `VsockMetricsSnapshot`); its values go
+/// into the page's slots in its order. Publishing stores each value with a relaxed
+/// atomic: no allocation and no system call.
 pub struct PublishingDevice<D, F> {
     inner: D,
     page: CounterPage,
     snapshot: F,
-    text: String,
 }
 
 impl<D: Debug, F> Debug for PublishingDevice<D, F> {
@@ -361,7 +359,7 @@ impl<D, F, S> PublishingDevice<D, F>
 where
     D: VirtioDevice,
     F: FnMut() -> S,
-    S: Debug,
+    S: CounterSet,
 {
     /// Wraps `inner`, publishing `snapshot()` into `page`; publishes once now.
     pub fn new(inner: D, page: CounterPage, snapshot: F) -> Self {
@@ -369,7 +367,6 @@ where
             inner,
             page,
             snapshot,
-            text: String::new(),
         };
         dev.publish();
         dev
@@ -377,11 +374,8 @@ where
 
     /// Copies the current counters into the page.
     pub fn publish(&mut self) {
-        self.text.clear();
-        // Writing into a String cannot fail.
-        let _ = write!(self.text, "{:?}", (self.snapshot)());
-        self.page
-            .store(counter_fields(&self.text).map(|(_, value)| value));
+        let snapshot = (self.snapshot)();
+        self.page.store(snapshot.counter_values());
     }
 
     /// The wrapped device.
@@ -400,7 +394,7 @@ impl<D, F, S> VirtioDevice for PublishingDevice<D, F>
 where
     D: VirtioDevice,
     F: FnMut() -> S + Send,
-    S: Debug,
+    S: CounterSet,
 {
     fn device_type(&self) -> u32 {
         self.inner.device_type()
@@ -533,6 +527,16 @@ mod tests {
         rx_packets: u64,
         tx_packets: u64,
         err_queue: u64,
+    }
+
+    impl CounterSet for Snap {
+        fn counter_names() -> &'static [&'static str] {
+            &["rx_packets", "tx_packets", "err_queue"]
+        }
+
+        fn counter_values(&self) -> impl Iterator<Item = u64> + '_ {
+            [self.rx_packets, self.tx_packets, self.err_queue].into_iter()
+        }
     }
 
     fn dup(fd: BorrowedFd<'_>) -> OwnedFd {

@@ -175,6 +175,24 @@ macro_rules! metrics {
                 }
             }
         }
+
+        impl VsockMetricsSnapshot {
+            /// Every counter's name, in declaration order (the order of
+            /// [`VsockMetricsSnapshot::values`]).
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($name),)*];
+            /// How many counters there are.
+            pub const COUNT: usize = Self::NAMES.len();
+
+            /// Every counter's value, in the order of [`VsockMetricsSnapshot::NAMES`].
+            pub fn values(&self) -> [u64; Self::COUNT] {
+                [$(self.$name,)*]
+            }
+
+            /// `(name, value)` of every counter, in declaration order.
+            pub fn fields(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                Self::NAMES.iter().copied().zip(self.values())
+            }
+        }
     };
 }
 

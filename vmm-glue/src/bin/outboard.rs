@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
-use outboard_devices::vsock::{sibling_socket_pair, Vsock, VsockDeviceConfig, VsockMetrics};
+use outboard_devices::vsock::{
+    sibling_socket_pair, Vsock, VsockDeviceConfig, VsockMetrics, VsockMetricsSnapshot,
+};
 use outboard_glue::media::serve_camera_with;
 use outboard_glue::metrics::{self, VmMetrics};
 use outboard_glue::vhost_user::daemon::{self, WorkerError};
@@ -1041,9 +1043,9 @@ mod jailed {
 
     /// The counter page of a VM's workers, named after the worker.
     fn vsock_counters(vm: &VmConfig, name: &str) -> Result<VmCounters, String> {
-        let names = metrics::counters_of(&VsockMetrics::default().snapshot())
-            .into_iter()
-            .map(|(n, _)| n)
+        let names = VsockMetricsSnapshot::NAMES
+            .iter()
+            .map(|n| n.to_string())
             .collect();
         let page = RestartCounters::new(&format!("outboard {name} counters"), names)
             .map_err(|e| e.to_string())?;
