@@ -101,6 +101,51 @@ fn network_trouble(lines: &[String]) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// Removes what earlier publish checks unpacked of Outboard's own crates into cargo's
+/// home: `cargo publish` serves the crates it packages from a temporary local registry
+/// and unpacks them under `$CARGO_HOME/registry/{src,cache}/-<hash of its path>/`, and
+/// when a copy of the same name and version is already there it builds that copy, not
+/// the new one. The path (so the hash) is the same on every run in one checkout, the
+/// version does not change between commits, and a CI machine keeps cargo's home between
+/// runs: the last CI's publish check built the previous run's sources and failed on an
+/// item added since. Only those local-registry folders (names starting with `-`) are
+/// touched, and only `outboard-*` entries in them.
+fn forget_unpacked_packages() -> Result<usize> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .ok_or("neither CARGO_HOME nor HOME is set")?;
+    let mut removed = 0;
+    for kind in ["src", "cache"] {
+        let Ok(registries) = fs::read_dir(home.join("registry").join(kind)) else {
+            continue;
+        };
+        for reg in registries.flatten() {
+            if !reg.file_name().to_string_lossy().starts_with('-') {
+                continue;
+            }
+            let Ok(entries) = fs::read_dir(reg.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !LIBRARY_CRATES.iter().any(|c| name.starts_with(&format!("{c}-"))) {
+                    continue;
+                }
+                let path = e.path();
+                let gone = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                gone.map_err(|err| format!("remove {}: {err}", path.display()))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// `cargo xtask publish-check`.
 ///
 /// `cargo publish` asks the crates.io index about every crate; a run that fails only
@@ -108,6 +153,10 @@ fn network_trouble(lines: &[String]) -> Option<&str> {
 /// failure fails at once.
 pub fn publish_check() -> Result<bool> {
     let target = util::workspace_root().join("target").join("publish-check");
+    let removed = forget_unpacked_packages()?;
+    if removed > 0 {
+        println!("publish-check: removed {removed} stale unpacked copies of Outboard's crates");
+    }
     for attempt in 1..=2 {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.args(["publish", "--workspace", "--dry-run", "--allow-dirty"])
