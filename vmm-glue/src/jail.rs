@@ -391,6 +391,14 @@ impl JailedWorker {
         })
     }
 
+    /// Asks the worker to stop (its loop ends, the child exits 0) without waiting.
+    pub fn request_stop(&self) -> Result<(), JailedError> {
+        self.stop.write(1).map_err(|source| JailedError::Eventfd {
+            name: self.name.clone(),
+            source,
+        })
+    }
+
     /// Asks the worker to stop (its loop ends, the child exits 0), waits up to
     /// `timeout`, then kills it; returns how it ended once reaped.
     pub fn stop(mut self, timeout: Duration) -> Result<ExitStatus, JailedError> {

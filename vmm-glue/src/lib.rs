@@ -12,10 +12,12 @@
 //! - `metrics` (feature `cli`): the JSON metrics file of the daemon.
 //! - `shared_metrics` (feature `cli`): device counters a jailed worker publishes into a
 //!   memfd page the daemon reads, monotonic across worker restarts.
+//! - `supervisor` (feature `cli`): stop signals, the loop that watches the workers and
+//!   writes the metrics file, restarts of jailed workers, a bounded stop.
+//! - `vsock_daemon` (feature `cli`): the `outboard vsock` daemon built from its
+//!   configuration: a worker per VM on a thread or in a jailed child.
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
 //!   the daemon keeping the listening socket and restarting a worker that dies.
-//! - [`media`]: virtio-media (the software camera) over vhost-user, with its shared
-//!   memory region mapped through `SHMEM_MAP`.
 //!
 //! The `outboard` binary (`src/bin/outboard.rs`) puts these together.
 //!
@@ -29,8 +31,6 @@
 
 #[cfg(feature = "jail")]
 pub mod jail;
-#[cfg(feature = "vhost-user")]
-pub mod media;
 #[cfg(feature = "cli")]
 pub mod metrics;
 #[cfg(feature = "mmio")]
@@ -38,6 +38,10 @@ pub mod mmio;
 pub mod rust_vmm;
 #[cfg(feature = "cli")]
 pub mod shared_metrics;
+#[cfg(feature = "cli")]
+pub mod supervisor;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod vsock_cli;
+#[cfg(feature = "cli")]
+pub mod vsock_daemon;

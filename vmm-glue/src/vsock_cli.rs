@@ -18,7 +18,9 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use outboard_devices::vsock::{VsockError, VsockSibling, MAX_TX_BUF_SIZE};
+use outboard_devices::vsock::{
+    VsockDeviceConfig, VsockError, VsockSibling, DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE,
+};
 use remain::sorted;
 use thiserror::Error;
 
@@ -28,7 +30,7 @@ use thiserror::Error;
 /// CREDIT_UPDATE after every packet, each an RX packet and a call-eventfd write; with
 /// 256 KiB the device announces credit once per 128 KiB forwarded (see
 /// `credit_update_threshold`) and the guest keeps sending meanwhile.
-pub const DEFAULT_TX_BUFFER_SIZE: u32 = 256 * 1024;
+pub const DEFAULT_TX_BUFFER_SIZE: u32 = DEFAULT_TX_BUF_SIZE;
 
 /// Default largest ring size accepted from the front-end.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
@@ -48,6 +50,15 @@ pub struct VmConfig {
     pub queue_size: u16,
     /// Sibling groups.
     pub groups: Vec<String>,
+}
+
+impl VmConfig {
+    /// The device configuration this VM's worker builds its device from.
+    pub fn device_config(&self) -> VsockDeviceConfig {
+        let mut config = VsockDeviceConfig::new(self.guest_cid, self.uds_path.clone());
+        config.tx_buf_size = self.tx_buffer_size;
+        config
+    }
 }
 
 /// Errors in the flags or the config file. Every variant names the offending value.

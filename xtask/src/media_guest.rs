@@ -1382,8 +1382,8 @@ mod tests {
             [.. ERROR outboard::jailed] media camera: worker pid 8 exited with code 70\n";
         assert_eq!(worker_trouble(killed).len(), 2);
         assert_eq!(worker_trouble("audit: SECCOMP denied\n").len(), 1);
-        let warned = "[2026-12-05T03:21:06Z WARN  outboard_glue::media] media: SHMEM_UNMAP at 0x96000 failed\n\
-            [2026-12-05T03:21:06Z INFO  outboard_glue::media] fine\n";
+        let warned = "[2026-12-05T03:21:06Z WARN  outboard_glue::vhost_user::media] media: SHMEM_UNMAP at 0x96000 failed\n\
+            [2026-12-05T03:21:06Z INFO  outboard_glue::vhost_user::media] fine\n";
         assert_eq!(warnings(warned).len(), 1);
         assert!(warnings(clean).is_empty());
     }

@@ -351,6 +351,85 @@ pub fn serve_v4l2_proxy(
     )
 }
 
+/// What `outboard media` serves.
+#[derive(Debug)]
+pub enum MediaSource {
+    /// The software camera.
+    Camera {
+        /// Serve VIDEO_CAPTURE_MPLANE instead of VIDEO_CAPTURE.
+        mplane: bool,
+    },
+    /// A host V4L2 node, through the V4L2 proxy.
+    #[cfg(feature = "v4l2-proxy")]
+    V4l2(outboard_devices::media::proxy::HostNode),
+}
+
+/// Why a host V4L2 node cannot be served.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+pub enum MediaSourceError {
+    /// The node did not open or is not a V4L2 streaming capture or mem-to-mem node.
+    #[cfg(feature = "v4l2-proxy")]
+    #[error("{0}")]
+    Probe(outboard_devices::media::proxy::ProxyError),
+    /// This build has no V4L2 proxy.
+    #[error("{0}: this outboard was built without the `v4l2-proxy` feature")]
+    Unsupported(std::path::PathBuf),
+}
+
+impl MediaSource {
+    /// The host node at `path`, checked: it must open and be a V4L2 streaming capture
+    /// or mem-to-mem node (feature `v4l2-proxy`).
+    pub fn v4l2(path: &std::path::Path) -> Result<MediaSource, MediaSourceError> {
+        #[cfg(feature = "v4l2-proxy")]
+        {
+            outboard_devices::media::proxy::HostNode::probe(path)
+                .map(MediaSource::V4l2)
+                .map_err(MediaSourceError::Probe)
+        }
+        #[cfg(not(feature = "v4l2-proxy"))]
+        {
+            Err(MediaSourceError::Unsupported(path.to_owned()))
+        }
+    }
+
+    /// The worker's name in logs.
+    pub fn name(&self) -> String {
+        match self {
+            MediaSource::Camera { .. } => "media camera".into(),
+            #[cfg(feature = "v4l2-proxy")]
+            MediaSource::V4l2(node) => format!(
+                "media v4l2 {} (driver {}, card {:?}, device_caps {:#x})",
+                node.path.display(),
+                node.driver,
+                node.card,
+                node.device_caps
+            ),
+        }
+    }
+
+    /// Serves it on `listener` until `stop` is written ([`serve_camera_with`],
+    /// `serve_v4l2_proxy`).
+    pub fn serve(
+        &self,
+        listener: UnixListener,
+        shm_size: u64,
+        max_sessions: MaxSessions,
+        stop: &EventFd,
+        name: &str,
+    ) -> Result<(), WorkerError> {
+        match self {
+            MediaSource::Camera { mplane } => {
+                serve_camera_with(listener, shm_size, *mplane, max_sessions, stop, name)
+            }
+            #[cfg(feature = "v4l2-proxy")]
+            MediaSource::V4l2(node) => {
+                serve_v4l2_proxy(listener, node.clone(), shm_size, max_sessions, stop, name)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;

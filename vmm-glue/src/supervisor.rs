@@ -1,0 +1,673 @@
+//! What keeps a daemon's workers running: the stop signals, one loop that watches every
+//! worker and writes the metrics file, restarts of jailed workers, and a bounded stop.
+//!
+//! A daemon (the `outboard` binary) builds one [`Service`] per device worker — a
+//! [`ThreadService`] (the worker loop on a thread of the daemon) or, with the `jail`
+//! feature, a [`JailedService`] (the worker loop in a jailed child that is replaced
+//! when it dies) — and hands them to [`Supervisor::run`], which returns when SIGTERM or
+//! SIGINT arrives (or a thread worker ends on its own) and every worker has stopped.
+//!
+//! # Signals
+//!
+//! [`StopSignals::block`] blocks SIGTERM and SIGINT in the calling thread; threads
+//! started afterwards inherit the mask, so only the supervisor's `sigtimedwait` ever
+//! sees them. Call it before starting any thread.
+//!
+//! # Stopping
+//!
+//! On a stop signal every worker is asked to stop at once, then each gets what is left
+//! of [`STOP_GRACE`]: a thread that is still running is left behind (the daemon exits
+//! without it), a jailed child is killed. SIGTERM thus ends the daemon within about two
+//! seconds whatever a worker or its peer does.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::{self, VmMetrics};
+
+/// How long stopping workers get, together, after a stop signal.
+pub const STOP_GRACE: Duration = Duration::from_millis(1500);
+
+/// How often the supervisor checks its workers (and the signals).
+const TICK: Duration = Duration::from_millis(100);
+
+/// SIGTERM and SIGINT, blocked so that only [`StopSignals::wait`] receives them.
+#[derive(Debug)]
+pub struct StopSignals {
+    set: libc::sigset_t,
+}
+
+impl StopSignals {
+    /// Blocks SIGTERM and SIGINT in the calling thread (threads it starts later inherit
+    /// the mask).
+    pub fn block() -> io::Result<StopSignals> {
+        // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t for the calls; the signals are valid numbers.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+        }
+        // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(StopSignals { set })
+    }
+
+    /// Waits up to `timeout` for SIGTERM or SIGINT; returns its number.
+    pub fn wait(&self, timeout: Duration) -> Option<i32> {
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: `set` and `ts` are valid for the call; no siginfo is requested.
+        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
+        (sig > 0).then_some(sig)
+    }
+}
+
+/// `--metrics PATH` every `interval` (and at the start and the end).
+#[derive(Debug, Clone)]
+pub struct MetricsFile {
+    /// The file, replaced atomically ([`metrics::write`]).
+    pub path: PathBuf,
+    /// How often it is rewritten.
+    pub interval: Duration,
+}
+
+/// How a worker is doing, as [`Service::check`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Running, or being replaced by the service itself.
+    Running,
+    /// Ended and cannot be replaced: the daemon stops.
+    Ended,
+}
+
+/// One device worker under the supervisor.
+pub trait Service {
+    /// The worker's name for the log (`vsock cid 3`).
+    fn name(&self) -> &str;
+    /// Starts the worker.
+    fn start(&mut self) -> Result<(), String>;
+    /// Checks on the worker (never blocks); a service that can replace a dead worker
+    /// does so here.
+    fn check(&mut self) -> Health;
+    /// Asks the worker to stop, without waiting.
+    fn request_stop(&mut self);
+    /// Waits for the worker until `deadline` (then leaves or kills it) and removes the
+    /// files the service created; false when it did not end cleanly.
+    fn finish(&mut self, deadline: Instant) -> bool;
+    /// The worker's entry in the metrics file, if it has one.
+    fn metrics(&self) -> Option<VmMetrics>;
+}
+
+/// Runs services until a stop signal.
+#[derive(Debug, Default)]
+pub struct Supervisor {
+    metrics: Option<MetricsFile>,
+}
+
+impl Supervisor {
+    /// A supervisor that writes `metrics` (if any).
+    pub fn new(metrics: Option<MetricsFile>) -> Self {
+        Supervisor { metrics }
+    }
+
+    /// Starts every service, watches them until SIGTERM/SIGINT (or a worker ends for
+    /// good), stops them all within [`STOP_GRACE`] and writes the metrics file a last
+    /// time. True when everything started and stopped cleanly.
+    pub fn run(&self, services: &mut [Box<dyn Service>], signals: &StopSignals) -> bool {
+        let mut ok = true;
+        for s in services.iter_mut() {
+            if let Err(e) = s.start() {
+                log::error!("{}: {e}", s.name());
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            self.write_metrics(services);
+            let mut last_metrics = Instant::now();
+            loop {
+                if let Some(sig) = signals.wait(TICK) {
+                    log::info!("signal {sig}: stopping");
+                    break;
+                }
+                // Every service is checked (a jailed one may be due for a restart).
+                let mut ended = None;
+                for s in services.iter_mut() {
+                    if s.check() == Health::Ended && ended.is_none() {
+                        ended = Some(s.name().to_string());
+                    }
+                }
+                if let Some(name) = ended {
+                    log::error!("{name}: the worker stopped on its own; stopping every worker");
+                    ok = false;
+                    break;
+                }
+                if let Some(m) = &self.metrics {
+                    if last_metrics.elapsed() >= m.interval {
+                        self.write_metrics(services);
+                        last_metrics = Instant::now();
+                    }
+                }
+            }
+        }
+        ok &= stop_all(services, Instant::now() + STOP_GRACE);
+        self.write_metrics(services);
+        ok
+    }
+
+    fn write_metrics(&self, services: &[Box<dyn Service>]) {
+        let Some(m) = &self.metrics else { return };
+        let vms: Vec<VmMetrics> = services.iter().filter_map(|s| s.metrics()).collect();
+        if let Err(e) = metrics::write(&m.path, &vms) {
+            log::warn!("cannot write metrics to {}: {e}", m.path.display());
+        }
+    }
+}
+
+/// Asks every service to stop, then waits for each until `deadline`.
+pub fn stop_all(services: &mut [Box<dyn Service>], deadline: Instant) -> bool {
+    for s in services.iter_mut() {
+        s.request_stop();
+    }
+    let mut ok = true;
+    for s in services.iter_mut() {
+        ok &= s.finish(deadline);
+    }
+    ok
+}
+
+/// Removes a socket file left by an earlier run (never anything that is not a socket).
+pub fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display())),
+        Ok(_) => Err(format!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+fn remove_files(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The result of a worker loop on a thread.
+pub type ThreadResult = Result<(), String>;
+
+/// Starts a worker thread with its stop eventfd.
+type SpawnFn = Box<dyn FnOnce(EventFd) -> io::Result<JoinHandle<ThreadResult>>>;
+
+/// A worker loop on a thread of the daemon, stopped through an eventfd. It cannot be
+/// replaced (its device moved into it): when it ends on its own, the daemon stops.
+pub struct ThreadService {
+    name: String,
+    stop: EventFd,
+    thread: Option<JoinHandle<ThreadResult>>,
+    /// Starts the thread; taken by [`Service::start`].
+    spawn: Option<SpawnFn>,
+    metrics: Option<Box<dyn Fn() -> VmMetrics>>,
+    created: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for ThreadService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadService")
+            .field("name", &self.name)
+            .field("running", &self.thread.as_ref().map(|t| !t.is_finished()))
+            .finish()
+    }
+}
+
+impl ThreadService {
+    /// A service that runs `serve(stop)` on a thread named `thread_name` when started;
+    /// `serve` returns when the stop eventfd it gets is written. `created` are files
+    /// removed when the service finishes.
+    pub fn new<F>(
+        name: impl Into<String>,
+        thread_name: impl Into<String>,
+        created: Vec<PathBuf>,
+        serve: F,
+    ) -> io::Result<ThreadService>
+    where
+        F: FnOnce(EventFd) -> ThreadResult + Send + 'static,
+    {
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let thread_name = thread_name.into();
+        Ok(ThreadService {
+            name: name.into(),
+            stop,
+            thread: None,
+            spawn: Some(Box::new(move |stop| {
+                std::thread::Builder::new()
+                    .name(thread_name)
+                    .spawn(move || serve(stop))
+            })),
+            metrics: None,
+            created,
+        })
+    }
+
+    /// Reports `metrics()` in the metrics file.
+    pub fn with_metrics(mut self, metrics: impl Fn() -> VmMetrics + 'static) -> Self {
+        self.metrics = Some(Box::new(metrics));
+        self
+    }
+}
+
+impl Service for ThreadService {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let spawn = self
+            .spawn
+            .take()
+            .ok_or("a thread worker cannot be started twice")?;
+        let stop = self.stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let thread = spawn(stop).map_err(|e| format!("cannot start the worker thread: {e}"))?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    fn check(&mut self) -> Health {
+        match &self.thread {
+            Some(t) if t.is_finished() => Health::Ended,
+            _ => Health::Running,
+        }
+    }
+
+    fn request_stop(&mut self) {
+        if let Err(e) = self.stop.write(1) {
+            log::error!("{}: cannot stop the worker: {e}", self.name);
+        }
+    }
+
+    fn finish(&mut self, deadline: Instant) -> bool {
+        let Some(t) = self.thread.take() else {
+            remove_files(&self.created);
+            return true;
+        };
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ok = if !t.is_finished() {
+            log::error!(
+                "{}: the worker did not stop within {STOP_GRACE:?}; exiting without it",
+                self.name
+            );
+            false
+        } else {
+            match t.join() {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    log::error!("{}: {e}", self.name);
+                    false
+                }
+                Err(_) => {
+                    log::error!("{}: the worker panicked", self.name);
+                    false
+                }
+            }
+        };
+        remove_files(&self.created);
+        ok
+    }
+
+    fn metrics(&self) -> Option<VmMetrics> {
+        self.metrics.as_ref().map(|m| m())
+    }
+}
+
+#[cfg(feature = "jail")]
+pub use jailed::{JailedService, ServeFn};
+
+#[cfg(feature = "jail")]
+mod jailed {
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use outboard_sandbox::{ExitStatus, Jail};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::{remove_files, remove_stale_socket, Health, Service};
+    use crate::jail::{describe_exit, JailedWorker};
+    use crate::metrics::VmMetrics;
+    use crate::shared_metrics::RestartCounters;
+
+    /// A worker that dies sooner than this after its start is replaced only after
+    /// [`RESTART_DELAY`], so a worker that cannot start does not spin.
+    const MIN_RUN: Duration = Duration::from_secs(1);
+    const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+    /// What a jailed worker runs: the listening socket, the inherited fds (in the order
+    /// given to [`JailedService::inherit`]) and the stop eventfd.
+    pub type ServeFn = Box<dyn Fn(UnixListener, Vec<OwnedFd>, &EventFd) -> Result<(), String>>;
+
+    /// A worker in a jailed child ([`JailedWorker`]), replaced when it dies: the
+    /// daemon keeps the listening socket and the inherited fds, so a front-end that
+    /// reconnects meets a new worker (see [`crate::jail`]).
+    pub struct JailedService {
+        name: String,
+        jail: Jail,
+        listener: UnixListener,
+        inherit: Vec<OwnedFd>,
+        stale: Vec<PathBuf>,
+        created: Vec<PathBuf>,
+        serve: ServeFn,
+        worker: Option<JailedWorker>,
+        started: Instant,
+        restart_at: Option<Instant>,
+        counters: Option<(u64, PathBuf, RestartCounters)>,
+    }
+
+    impl std::fmt::Debug for JailedService {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("JailedService")
+                .field("name", &self.name)
+                .field("worker", &self.worker.as_ref().map(JailedWorker::pid))
+                .finish()
+        }
+    }
+
+    impl JailedService {
+        /// A service whose workers run `serve` confined by `jail` on `listener`.
+        pub fn new(
+            name: impl Into<String>,
+            jail: Jail,
+            listener: UnixListener,
+            serve: ServeFn,
+        ) -> JailedService {
+            JailedService {
+                name: name.into(),
+                jail,
+                listener,
+                inherit: Vec::new(),
+                stale: Vec::new(),
+                created: Vec::new(),
+                serve,
+                worker: None,
+                started: Instant::now(),
+                restart_at: None,
+                counters: None,
+            }
+        }
+
+        /// Fds every worker inherits, after those given before.
+        pub fn inherit(mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Self {
+            self.inherit.extend(fds);
+            self
+        }
+
+        /// Sockets a dead worker may leave behind, removed before each start.
+        pub fn stale_sockets(mut self, paths: Vec<PathBuf>) -> Self {
+            self.stale.extend(paths);
+            self
+        }
+
+        /// Files removed when the service finishes.
+        pub fn created(mut self, paths: Vec<PathBuf>) -> Self {
+            self.created.extend(paths);
+            self
+        }
+
+        /// Reports the workers' counter page (whose fd the caller passes to
+        /// [`JailedService::inherit`]) in the metrics file, as guest `guest_cid` on
+        /// `socket`; a dead worker's last values are kept ([`RestartCounters`]).
+        pub fn counters(mut self, guest_cid: u64, socket: PathBuf, page: RestartCounters) -> Self {
+            self.counters = Some((guest_cid, socket, page));
+            self
+        }
+    }
+
+    impl Service for JailedService {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        fn start(&mut self) -> Result<(), String> {
+            for p in &self.stale {
+                remove_stale_socket(p)?;
+            }
+            let serve = &self.serve;
+            let inherit: Vec<_> = self.inherit.iter().map(AsFd::as_fd).collect();
+            let w = JailedWorker::spawn(
+                &self.jail,
+                &self.listener,
+                &inherit,
+                &self.name,
+                |l, f, s| serve(l, f, s),
+            )
+            .map_err(|e| e.to_string())?;
+            log::info!("{}: worker runs jailed, pid {}", self.name, w.pid());
+            self.worker = Some(w);
+            self.started = Instant::now();
+            self.restart_at = None;
+            Ok(())
+        }
+
+        fn check(&mut self) -> Health {
+            if let Some(w) = self.worker.as_mut() {
+                match w.try_wait() {
+                    Ok(None) => return Health::Running,
+                    Ok(Some(status)) => {
+                        log::error!(
+                            "{}: worker pid {} {}; starting a new one",
+                            self.name,
+                            w.pid(),
+                            describe_exit(status)
+                        );
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.name);
+                        return Health::Running;
+                    }
+                }
+                self.worker = None;
+                if let Some((_, _, page)) = self.counters.as_mut() {
+                    page.worker_ended(true);
+                }
+                let delay = if self.started.elapsed() < MIN_RUN {
+                    RESTART_DELAY
+                } else {
+                    Duration::ZERO
+                };
+                self.restart_at = Some(Instant::now() + delay);
+            }
+            if self.restart_at.is_some_and(|t| Instant::now() >= t) {
+                if let Err(e) = self.start() {
+                    log::error!("{}: cannot start a worker: {e}", self.name);
+                    self.restart_at = Some(Instant::now() + RESTART_DELAY);
+                }
+            }
+            Health::Running
+        }
+
+        fn request_stop(&mut self) {
+            if let Some(w) = &self.worker {
+                if let Err(e) = w.request_stop() {
+                    log::error!("{}: {e}", self.name);
+                }
+            }
+        }
+
+        fn finish(&mut self, deadline: Instant) -> bool {
+            let mut ok = true;
+            if let Some(w) = self.worker.take() {
+                let pid = w.pid();
+                let grace = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10));
+                match w.stop(grace) {
+                    Ok(ExitStatus::Exited(0)) => {}
+                    Ok(status) => {
+                        log::error!("{}: worker pid {pid} {}", self.name, describe_exit(status));
+                        ok = false;
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.name);
+                        ok = false;
+                    }
+                }
+            }
+            remove_files(&self.created);
+            ok
+        }
+
+        fn metrics(&self) -> Option<VmMetrics> {
+            self.counters
+                .as_ref()
+                .map(|(guest_cid, socket, page)| VmMetrics {
+                    guest_cid: *guest_cid,
+                    socket: socket.clone(),
+                    counters: page.counters(),
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A service that ends on its own after `ends_after` checks (never, if `None`).
+    struct Fake {
+        checks: usize,
+        ends_after: Option<usize>,
+        stopped: Arc<AtomicUsize>,
+    }
+
+    impl Service for Fake {
+        fn name(&self) -> &str {
+            "fake"
+        }
+        fn start(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn check(&mut self) -> Health {
+            self.checks += 1;
+            match self.ends_after {
+                Some(n) if self.checks >= n => Health::Ended,
+                _ => Health::Running,
+            }
+        }
+        fn request_stop(&mut self) {}
+        fn finish(&mut self, _: Instant) -> bool {
+            self.stopped.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        fn metrics(&self) -> Option<VmMetrics> {
+            Some(VmMetrics {
+                guest_cid: 3,
+                socket: "/s".into(),
+                counters: vec![("checks".into(), self.checks as u64)],
+            })
+        }
+    }
+
+    #[test]
+    fn a_worker_that_ends_stops_every_worker_and_the_file_is_written() {
+        let signals = StopSignals::block().unwrap();
+        let stopped = Arc::new(AtomicUsize::new(0));
+        let dir = std::env::temp_dir().join(format!("outboard-sup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.json");
+        let sup = Supervisor::new(Some(MetricsFile {
+            path: path.clone(),
+            interval: Duration::from_millis(1),
+        }));
+        let mut services: Vec<Box<dyn Service>> = vec![
+            Box::new(Fake {
+                checks: 0,
+                ends_after: None,
+                stopped: stopped.clone(),
+            }),
+            Box::new(Fake {
+                checks: 0,
+                ends_after: Some(3),
+                stopped: stopped.clone(),
+            }),
+        ];
+        assert!(!sup.run(&mut services, &signals));
+        assert_eq!(stopped.load(Ordering::SeqCst), 2);
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(doc["vms"].as_array().unwrap().len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_thread_service_runs_until_asked_and_removes_its_files() {
+        let dir = std::env::temp_dir().join(format!("outboard-sup-t-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("left");
+        std::fs::write(&file, b"x").unwrap();
+        let mut s = ThreadService::new("t", "t", vec![file.clone()], |stop: EventFd| {
+            // Blocks until the eventfd is written (the stop request).
+            while stop.read().is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        })
+        .unwrap();
+        s.start().unwrap();
+        assert!(s.start().is_err(), "started twice");
+        assert_eq!(s.check(), Health::Running);
+        s.request_stop();
+        assert!(s.finish(Instant::now() + Duration::from_secs(5)));
+        assert!(!file.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_does_not_stop_is_left_behind_in_time() {
+        let mut s = ThreadService::new("stuck", "stuck", Vec::new(), |_stop: EventFd| {
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(())
+        })
+        .unwrap();
+        s.start().unwrap();
+        s.request_stop();
+        let start = Instant::now();
+        assert!(!s.finish(Instant::now() + Duration::from_millis(50)));
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn stale_sockets_are_removed_and_other_files_are_not() {
+        let dir = std::env::temp_dir().join(format!("outboard-sup-s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        remove_stale_socket(&sock).unwrap();
+        assert!(!sock.exists());
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let err = remove_stale_socket(&plain).unwrap_err();
+        assert!(err.contains("is not a socket"), "{err}");
+        remove_stale_socket(&dir.join("absent")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
