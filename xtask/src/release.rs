@@ -129,7 +129,10 @@ fn forget_unpacked_packages() -> Result<usize> {
             };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !LIBRARY_CRATES.iter().any(|c| name.starts_with(&format!("{c}-"))) {
+                if !LIBRARY_CRATES
+                    .iter()
+                    .any(|c| name.starts_with(&format!("{c}-")))
+                {
                     continue;
                 }
                 let path = e.path();
