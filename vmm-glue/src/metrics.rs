@@ -1,5 +1,8 @@
-//! The metrics file of `outboard vsock --metrics PATH`: one JSON document with every
-//! VM's device counters, rewritten atomically (write to a temporary file, rename).
+//! The metrics files of `outboard vsock`: `--metrics PATH`, one JSON document with every
+//! VM's device counters, and `--metrics-prometheus PATH`, the same counters in the
+//! Prometheus text exposition format (for node_exporter's textfile collector, or any
+//! scraper that reads a file), each rewritten atomically (write to a temporary file,
+//! rename).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,19 @@ impl CounterSet for VsockMetricsSnapshot {
     fn counter_values(&self) -> impl Iterator<Item = u64> + '_ {
         self.values().into_iter()
     }
+}
+
+/// Help text of a counter: the vsock device's own description, or what the daemon
+/// adds (`worker_restarts`).
+pub fn counter_help(name: &str) -> Option<&'static str> {
+    if name == "worker_restarts" {
+        return Some("Jailed workers of this VM that died and were replaced.");
+    }
+    VsockMetricsSnapshot::NAMES
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|i| VsockMetricsSnapshot::HELP.get(i))
+        .map(|h| h.trim())
 }
 
 /// `(name, value)` of every counter of `snapshot`.
@@ -94,15 +110,74 @@ pub fn render(vms: &[VmMetrics]) -> String {
     text
 }
 
-/// Writes the document to `path` atomically.
-pub fn write(path: &Path, vms: &[VmMetrics]) -> std::io::Result<()> {
+/// The prefix of every Prometheus metric name.
+pub const PROMETHEUS_PREFIX: &str = "outboard_vsock_";
+
+/// A help text as the exposition format wants it: backslash and newline escaped.
+fn prometheus_help(text: &str) -> String {
+    let one_line: Vec<&str> = text.split_whitespace().collect();
+    one_line.join(" ").replace('\\', "\\\\")
+}
+
+/// A label value as the exposition format wants it: backslash, quote and newline
+/// escaped.
+fn prometheus_label(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders the counters in the Prometheus text exposition format (version 0.0.4): one
+/// family per counter, `outboard_vsock_<name>`, with its `# HELP` and `# TYPE counter`
+/// and one sample per VM labelled `guest_cid` and `socket`.
+pub fn render_prometheus(vms: &[VmMetrics]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for vm in vms {
+        for (name, _) in &vm.counters {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in names {
+        let metric = format!("{PROMETHEUS_PREFIX}{name}");
+        if let Some(help) = counter_help(name) {
+            out.push_str(&format!("# HELP {metric} {}\n", prometheus_help(help)));
+        }
+        out.push_str(&format!("# TYPE {metric} counter\n"));
+        for vm in vms {
+            if let Some((_, value)) = vm.counters.iter().find(|(n, _)| n == name) {
+                out.push_str(&format!(
+                    "{metric}{{guest_cid=\"{}\",socket=\"{}\"}} {value}\n",
+                    vm.guest_cid,
+                    prometheus_label(&vm.socket.display().to_string())
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Writes `text` to `path` atomically (a temporary file beside it, then rename).
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(render(vms).as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Writes the JSON document to `path` atomically.
+pub fn write(path: &Path, vms: &[VmMetrics]) -> std::io::Result<()> {
+    write_atomically(path, &render(vms))
+}
+
+/// Writes the Prometheus exposition to `path` atomically.
+pub fn write_prometheus(path: &Path, vms: &[VmMetrics]) -> std::io::Result<()> {
+    write_atomically(path, &render_prometheus(vms))
 }
 
 #[cfg(test)]
@@ -151,5 +226,46 @@ mod tests {
         let at = |k: &str| text.find(k).unwrap();
         assert!(at("timestamp_ms") < at("guest_cid") && at("guest_cid") < at("counters"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn prometheus_exposition_has_help_type_and_labelled_samples() {
+        let vms = vec![
+            VmMetrics {
+                guest_cid: 3,
+                socket: PathBuf::from("/run/a \"b\".sock"),
+                counters: vec![("rx_packets".into(), 7), ("worker_restarts".into(), 1)],
+            },
+            VmMetrics {
+                guest_cid: 4,
+                socket: PathBuf::from("/run/c.sock"),
+                counters: vec![("rx_packets".into(), 9), ("worker_restarts".into(), 0)],
+            },
+        ];
+        let text = render_prometheus(&vms);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "# HELP outboard_vsock_rx_packets Packets the device put on the RX queue (device -> guest)."
+        );
+        assert_eq!(lines[1], "# TYPE outboard_vsock_rx_packets counter");
+        assert_eq!(
+            lines[2],
+            "outboard_vsock_rx_packets{guest_cid=\"3\",socket=\"/run/a \\\"b\\\".sock\"} 7"
+        );
+        assert_eq!(
+            lines[3],
+            "outboard_vsock_rx_packets{guest_cid=\"4\",socket=\"/run/c.sock\"} 9"
+        );
+        assert!(lines[4].starts_with("# HELP outboard_vsock_worker_restarts Jailed"));
+        assert_eq!(lines.len(), 8);
+        // Every vsock counter has a one-line help text.
+        for name in VsockMetricsSnapshot::NAMES {
+            let help = counter_help(name).unwrap();
+            assert!(
+                !help.is_empty() && !prometheus_help(help).contains('\n'),
+                "{name}"
+            );
+        }
     }
 }

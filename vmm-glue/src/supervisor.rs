@@ -73,12 +73,15 @@ impl StopSignals {
     }
 }
 
-/// `--metrics PATH` every `interval` (and at the start and the end).
+/// The metrics files, rewritten every `interval` (and at the start and the end).
 #[derive(Debug, Clone)]
 pub struct MetricsFile {
-    /// The file, replaced atomically ([`metrics::write`]).
-    pub path: PathBuf,
-    /// How often it is rewritten.
+    /// `--metrics`: the JSON document, replaced atomically ([`metrics::write`]).
+    pub path: Option<PathBuf>,
+    /// `--metrics-prometheus`: the Prometheus text exposition
+    /// ([`metrics::write_prometheus`]).
+    pub prometheus: Option<PathBuf>,
+    /// How often they are rewritten.
     pub interval: Duration,
 }
 
@@ -169,8 +172,15 @@ impl Supervisor {
     fn write_metrics(&self, services: &[Box<dyn Service>]) {
         let Some(m) = &self.metrics else { return };
         let vms: Vec<VmMetrics> = services.iter().filter_map(|s| s.metrics()).collect();
-        if let Err(e) = metrics::write(&m.path, &vms) {
-            log::warn!("cannot write metrics to {}: {e}", m.path.display());
+        if let Some(path) = &m.path {
+            if let Err(e) = metrics::write(path, &vms) {
+                log::warn!("cannot write metrics to {}: {e}", path.display());
+            }
+        }
+        if let Some(path) = &m.prometheus {
+            if let Err(e) = metrics::write_prometheus(path, &vms) {
+                log::warn!("cannot write metrics to {}: {e}", path.display());
+            }
         }
     }
 }
@@ -594,8 +604,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("outboard-sup-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("m.json");
+        let prom = dir.join("m.prom");
         let sup = Supervisor::new(Some(MetricsFile {
-            path: path.clone(),
+            path: Some(path.clone()),
+            prometheus: Some(prom.clone()),
             interval: Duration::from_millis(1),
         }));
         let mut services: Vec<Box<dyn Service>> = vec![
@@ -615,6 +627,11 @@ mod tests {
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(doc["vms"].as_array().unwrap().len(), 2);
+        let text = std::fs::read_to_string(&prom).unwrap();
+        assert!(
+            text.contains("outboard_vsock_checks{guest_cid=\"3\",socket=\"/s\"}"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

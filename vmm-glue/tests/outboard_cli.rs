@@ -118,6 +118,7 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
     let socket = dir.join("vhost.sock");
     let uds = dir.join("vsock.sock");
     let metrics = dir.join("metrics.json");
+    let prom = dir.join("outboard.prom");
     let mut child = outboard()
         .args(["vsock", "--guest-cid", "3", "--socket"])
         .arg(&socket)
@@ -125,6 +126,8 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
         .arg(&uds)
         .arg("--metrics")
         .arg(&metrics)
+        .arg("--metrics-prometheus")
+        .arg(&prom)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -154,6 +157,16 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
         serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     assert_eq!(m["vms"][0]["guest_cid"], 3);
     assert!(m["vms"][0]["counters"]["rx_packets"].is_u64());
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let sample = format!(
+        "outboard_vsock_rx_packets{{guest_cid=\"3\",socket=\"{}\"}} 0",
+        socket.display()
+    );
+    assert!(text.lines().any(|l| l == sample), "{text}");
+    assert!(
+        text.contains("# TYPE outboard_vsock_err_queue counter"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -648,9 +648,12 @@ fn jailed_worker_counters_reach_the_metrics_file_across_a_restart() {
     let uds = dir.join("vsock.sock");
     let log = dir.join("daemon.log");
     let metrics = dir.join("metrics.json");
+    let prom = dir.join("outboard.prom");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
         .args(["vsock", "--jail", "--metrics-interval", "1", "--metrics"])
         .arg(&metrics)
+        .arg("--metrics-prometheus")
+        .arg(&prom)
         .args(["--guest-cid", "3", "--socket"])
         .arg(&socket)
         .arg("--uds-path")
@@ -720,6 +723,17 @@ fn jailed_worker_counters_reach_the_metrics_file_across_a_restart() {
     wait_for_counters(&metrics, &mut seen, "the file at exit", |c| {
         c("worker_restarts") == 1
     });
+    // The Prometheus exposition carries the same counters, restarts included.
+    let prom_text = std::fs::read_to_string(&prom).unwrap();
+    let sample = format!(
+        "outboard_vsock_worker_restarts{{guest_cid=\"3\",socket=\"{}\"}} 1",
+        socket.display()
+    );
+    assert!(prom_text.lines().any(|l| l == sample), "{prom_text}");
+    assert!(
+        prom_text.contains("# HELP outboard_vsock_worker_restarts "),
+        "{prom_text}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

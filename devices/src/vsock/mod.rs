@@ -154,17 +154,17 @@ pub enum VsockError {
 }
 
 macro_rules! metrics {
-    ($($(#[$m:meta])* $name:ident,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         /// Live counters of one vsock device (shared, updated with relaxed atomics).
         #[derive(Debug, Default)]
         pub struct VsockMetrics {
-            $($(#[$m])* pub $name: AtomicU64,)*
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
         }
 
         /// A point-in-time copy of [`VsockMetrics`].
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct VsockMetricsSnapshot {
-            $($(#[$m])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
         }
 
         impl VsockMetrics {
@@ -182,6 +182,9 @@ macro_rules! metrics {
             pub const NAMES: &'static [&'static str] = &[$(stringify!($name),)*];
             /// How many counters there are.
             pub const COUNT: usize = Self::NAMES.len();
+            /// Every counter's description (its doc comment, lines joined), in the order
+            /// of [`VsockMetricsSnapshot::NAMES`]: help text for metrics exporters.
+            pub const HELP: &'static [&'static str] = &[$(concat!($($doc),*),)*];
 
             /// Every counter's value, in the order of [`VsockMetricsSnapshot::NAMES`].
             pub fn values(&self) -> [u64; Self::COUNT] {

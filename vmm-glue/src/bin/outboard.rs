@@ -163,6 +163,12 @@ struct VsockArgs {
     /// counters never go backwards, and counts the restarts in `worker_restarts`.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+    /// Write the devices' counters in the Prometheus text exposition format to this
+    /// file, at the same times as --metrics (e.g. into node_exporter's textfile
+    /// collector directory, as `outboard.prom`): `outboard_vsock_<counter>` with
+    /// `guest_cid` and `socket` labels and each counter's help text. Works with --jail.
+    #[arg(long, value_name = "PATH")]
+    metrics_prometheus: Option<PathBuf>,
     /// Seconds between metrics writes.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     metrics_interval: u64,
@@ -384,10 +390,12 @@ fn vsock(args: VsockArgs) -> ExitCode {
     if args.jail.jail {
         return usage_error(NO_JAIL);
     }
-    let metrics = args.metrics.clone().map(|path| MetricsFile {
-        path,
-        interval: Duration::from_secs(args.metrics_interval),
-    });
+    let metrics =
+        (args.metrics.is_some() || args.metrics_prometheus.is_some()).then(|| MetricsFile {
+            path: args.metrics.clone(),
+            prometheus: args.metrics_prometheus.clone(),
+            interval: Duration::from_secs(args.metrics_interval),
+        });
     // Before any thread starts, so only the supervisor sees the stop signals.
     let signals = match StopSignals::block() {
         Ok(s) => s,
