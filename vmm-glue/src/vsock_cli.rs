@@ -32,6 +32,9 @@ use thiserror::Error;
 /// `credit_update_threshold`) and the guest keeps sending meanwhile.
 pub const DEFAULT_TX_BUFFER_SIZE: u32 = DEFAULT_TX_BUF_SIZE;
 
+/// The guest CID when none is given (vhost-device-vsock's default, in every form).
+pub const DEFAULT_GUEST_CID: u64 = 3;
+
 /// Default largest ring size accepted from the front-end.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 
@@ -218,7 +221,8 @@ impl VmBuilder {
             key,
             context: context.to_string(),
         };
-        let guest_cid = self.guest_cid.ok_or_else(|| missing("guest-cid"))?;
+        // vhost-device-vsock's default in every form (flags, --vm, config file).
+        let guest_cid = self.guest_cid.unwrap_or(DEFAULT_GUEST_CID);
         if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(ConfigError::InvalidCid(guest_cid));
         }
@@ -645,5 +649,21 @@ mod tests {
             vec![(0, 1), (0, 4), (1, 2), (1, 4), (2, 4)]
         );
         assert!(sibling_pairs(&vms[..1]).is_empty());
+    }
+
+    #[test]
+    fn the_guest_cid_defaults_to_3_in_every_form() {
+        assert_eq!(parse_vm_spec("socket=/s,uds-path=/u").unwrap().guest_cid, 3);
+        let vms = parse_config("vms:\n  - socket: /s\n    uds_path: /u\n").unwrap();
+        assert_eq!(vms[0].guest_cid, 3);
+        let flat = FlatFlags {
+            socket: Some("/s".into()),
+            uds_path: Some("/u".into()),
+            ..FlatFlags::default()
+        };
+        assert_eq!(
+            resolve(&[], &flat, None).unwrap()[0].guest_cid,
+            DEFAULT_GUEST_CID
+        );
     }
 }

@@ -103,13 +103,15 @@ fn media_source_errors_exit_2_and_name_the_value() {
 
 #[test]
 fn prints_capabilities() {
-    let out = outboard()
-        .args(["vsock", "--print-capabilities"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["type"], "vsock");
+    for (cmd, ty) in [("vsock", "vsock"), ("media", "media")] {
+        let out = outboard()
+            .args([cmd, "--print-capabilities"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["type"], ty);
+    }
 }
 
 #[test]
@@ -172,26 +174,49 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
 
 #[test]
 fn serves_an_inherited_listening_fd() {
+    let dir = scratch("fd");
+    let uds = dir.join("vsock.sock");
+    serves_inherited_fd(&dir, |fd| {
+        let mut cmd = outboard();
+        cmd.args([
+            "vsock",
+            "--guest-cid",
+            "3",
+            "--fd",
+            &fd.to_string(),
+            "--uds-path",
+        ])
+        .arg(&uds);
+        cmd
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn media_serves_an_inherited_listening_fd() {
+    let dir = scratch("media-fd");
+    serves_inherited_fd(&dir, |fd| {
+        let mut cmd = outboard();
+        cmd.args(["media", "--camera", "--fd", &fd.to_string()]);
+        cmd
+    });
+    // A socket the daemon did not bind is not its to remove.
+    assert!(dir.join("vhost.sock").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs the daemon `command(fd)` makes with a listening socket it inherits as `fd`,
+/// checks that a front-end reaching that socket is served, and stops it with SIGTERM.
+fn serves_inherited_fd(dir: &std::path::Path, command: impl Fn(i32) -> Command) {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixListener;
     use std::os::unix::process::CommandExt;
 
-    let dir = scratch("fd");
     let socket = dir.join("vhost.sock");
-    let uds = dir.join("vsock.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let fd = listener.as_raw_fd();
-    let mut cmd = outboard();
-    cmd.args([
-        "vsock",
-        "--guest-cid",
-        "3",
-        "--fd",
-        &fd.to_string(),
-        "--uds-path",
-    ])
-    .arg(&uds)
-    .stderr(Stdio::null());
+    let mut cmd = command(fd);
+    cmd.stderr(Stdio::null());
     // SAFETY: runs between fork and exec and only calls fcntl(2), which is
     // async-signal-safe: the listener must survive exec in the child.
     unsafe {
@@ -221,7 +246,6 @@ fn serves_an_inherited_listening_fd() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Waits for `path` to accept a vhost-user front-end and checks that it answers.
