@@ -14,6 +14,7 @@
 //!   memfd page the daemon reads, monotonic across worker restarts.
 //! - `supervisor` (feature `cli`): stop signals, the loop that watches the workers and
 //!   writes the metrics file, restarts of jailed workers, a bounded stop.
+//! - `systemd` (feature `cli`): socket activation and `sd_notify`, without libsystemd.
 //! - `vsock_daemon` (feature `cli`): the `outboard vsock` daemon built from its
 //!   configuration: a worker per VM on a thread or in a jailed child.
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
@@ -40,6 +41,8 @@ pub mod rust_vmm;
 pub mod shared_metrics;
 #[cfg(feature = "cli")]
 pub mod supervisor;
+#[cfg(feature = "cli")]
+pub mod systemd;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod vsock_cli;

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::metrics::{self, VmMetrics};
+use crate::systemd::Notifier;
 
 /// How long stopping workers get, together, after a stop signal.
 pub const STOP_GRACE: Duration = Duration::from_millis(1500);
@@ -110,18 +111,27 @@ pub trait Service {
     fn finish(&mut self, deadline: Instant) -> bool;
     /// The worker's entry in the metrics file, if it has one.
     fn metrics(&self) -> Option<VmMetrics>;
+    /// How many times the worker died and was replaced.
+    fn restarts(&self) -> u64 {
+        0
+    }
 }
 
 /// Runs services until a stop signal.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Supervisor {
     metrics: Option<MetricsFile>,
+    notifier: Notifier,
 }
 
 impl Supervisor {
-    /// A supervisor that writes `metrics` (if any).
+    /// A supervisor that writes `metrics` (if any) and tells systemd (`NOTIFY_SOCKET`)
+    /// when it is ready, when it stops and when workers are replaced.
     pub fn new(metrics: Option<MetricsFile>) -> Self {
-        Supervisor { metrics }
+        Supervisor {
+            metrics,
+            notifier: Notifier::from_env(),
+        }
     }
 
     /// Starts every service, watches them until SIGTERM/SIGINT (or a worker ends for
@@ -138,10 +148,14 @@ impl Supervisor {
         }
         if ok {
             self.write_metrics(services);
+            let status = format!("serving {} worker(s)", services.len());
+            self.notifier.notify(&format!("READY=1\nSTATUS={status}"));
+            let mut restarts = 0;
             let mut last_metrics = Instant::now();
             loop {
                 if let Some(sig) = signals.wait(TICK) {
                     log::info!("signal {sig}: stopping");
+                    self.notifier.notify("STOPPING=1\nSTATUS=stopping");
                     break;
                 }
                 // Every service is checked (a jailed one may be due for a restart).
@@ -153,8 +167,23 @@ impl Supervisor {
                 }
                 if let Some(name) = ended {
                     log::error!("{name}: the worker stopped on its own; stopping every worker");
+                    self.notifier
+                        .notify(&format!("STOPPING=1\nSTATUS={name}: the worker stopped"));
                     ok = false;
                     break;
+                }
+                let now: u64 = services.iter().map(|s| s.restarts()).sum();
+                if now != restarts {
+                    restarts = now;
+                    let who: Vec<String> = services
+                        .iter()
+                        .filter(|s| s.restarts() > 0)
+                        .map(|s| format!("{} x{}", s.name(), s.restarts()))
+                        .collect();
+                    self.notifier.status(&format!(
+                        "{status}; {restarts} worker restart(s): {}",
+                        who.join(", ")
+                    ));
                 }
                 if let Some(m) = &self.metrics {
                     if last_metrics.elapsed() >= m.interval {
@@ -363,10 +392,26 @@ mod jailed {
     use crate::metrics::VmMetrics;
     use crate::shared_metrics::RestartCounters;
 
-    /// A worker that dies sooner than this after its start is replaced only after
-    /// [`RESTART_DELAY`], so a worker that cannot start does not spin.
+    /// A worker that dies sooner than this after its start counts as failing: it is
+    /// replaced only after a delay that doubles with every such death in a row, from
+    /// [`FIRST_DELAY`] up to [`MAX_DELAY`], so a worker that cannot start does not spin
+    /// and does not fill the log. A worker that ran longer is replaced at once and
+    /// resets the delay.
     const MIN_RUN: Duration = Duration::from_secs(1);
-    const RESTART_DELAY: Duration = Duration::from_secs(1);
+    /// The first back-off delay.
+    const FIRST_DELAY: Duration = Duration::from_secs(1);
+    /// The longest back-off delay.
+    const MAX_DELAY: Duration = Duration::from_secs(60);
+
+    /// The delay before the next start after `failures` quick deaths in a row.
+    pub(super) fn backoff(failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        FIRST_DELAY
+            .saturating_mul(1u32 << (failures - 1).min(16))
+            .min(MAX_DELAY)
+    }
 
     /// What a jailed worker runs: the listening socket, the inherited fds (in the order
     /// given to [`JailedService::inherit`]) and the stop eventfd.
@@ -387,6 +432,10 @@ mod jailed {
         started: Instant,
         restart_at: Option<Instant>,
         counters: Option<(u64, PathBuf, RestartCounters)>,
+        /// Workers that died and were replaced.
+        restarts: u64,
+        /// Quick deaths in a row (see [`MIN_RUN`]).
+        failures: u32,
     }
 
     impl std::fmt::Debug for JailedService {
@@ -418,6 +467,8 @@ mod jailed {
                 started: Instant::now(),
                 restart_at: None,
                 counters: None,
+                restarts: 0,
+                failures: 0,
             }
         }
 
@@ -492,20 +543,35 @@ mod jailed {
                     }
                 }
                 self.worker = None;
+                self.restarts += 1;
                 if let Some((_, _, page)) = self.counters.as_mut() {
                     page.worker_ended(true);
                 }
-                let delay = if self.started.elapsed() < MIN_RUN {
-                    RESTART_DELAY
+                if self.started.elapsed() < MIN_RUN {
+                    self.failures = self.failures.saturating_add(1);
                 } else {
-                    Duration::ZERO
-                };
+                    self.failures = 0;
+                }
+                let delay = backoff(self.failures);
+                if !delay.is_zero() {
+                    log::warn!(
+                        "{}: the worker died {} time(s) in a row within {MIN_RUN:?} of its \
+                         start; the next starts in {delay:?}",
+                        self.name,
+                        self.failures
+                    );
+                }
                 self.restart_at = Some(Instant::now() + delay);
             }
             if self.restart_at.is_some_and(|t| Instant::now() >= t) {
                 if let Err(e) = self.start() {
-                    log::error!("{}: cannot start a worker: {e}", self.name);
-                    self.restart_at = Some(Instant::now() + RESTART_DELAY);
+                    self.failures = self.failures.saturating_add(1);
+                    let delay = backoff(self.failures);
+                    log::error!(
+                        "{}: cannot start a worker: {e}; trying again in {delay:?}",
+                        self.name
+                    );
+                    self.restart_at = Some(Instant::now() + delay);
                 }
             }
             Health::Running
@@ -540,6 +606,10 @@ mod jailed {
             }
             remove_files(&self.created);
             ok
+        }
+
+        fn restarts(&self) -> u64 {
+            self.restarts
         }
 
         fn metrics(&self) -> Option<VmMetrics> {
@@ -670,6 +740,15 @@ mod tests {
         let start = Instant::now();
         assert!(!s.finish(Instant::now() + Duration::from_millis(50)));
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[cfg(feature = "jail")]
+    #[test]
+    fn restarts_back_off_exponentially_up_to_a_cap() {
+        use super::jailed::backoff;
+        let secs: Vec<u64> = (0..10).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [0, 1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 60);
     }
 
     #[test]

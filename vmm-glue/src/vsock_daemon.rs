@@ -169,17 +169,18 @@ pub fn thread_service(
 
 /// Serves `vms` until SIGTERM/SIGINT: each VM's worker on a thread, or with `jail` in
 /// a jailed child; writes `metrics` if given. True when everything started and stopped
-/// cleanly. `fd`: an inherited listening socket (one VM only).
+/// cleanly. `fds[i]`: an inherited listening socket for VM `i` (`--fd`, systemd socket
+/// activation), owned by the callee from here on (see [`inherited_listener`]).
 pub fn run(
     vms: &[VmConfig],
-    fd: Option<RawFd>,
+    fds: &[Option<RawFd>],
     #[cfg(feature = "jail")] jail: Option<JailOptions>,
     metrics: Option<MetricsFile>,
     signals: &StopSignals,
 ) -> bool {
     #[cfg(feature = "jail")]
     if let Some(j) = jail {
-        return match jailed_services(vms, fd, &j, metrics.is_some()) {
+        return match jailed_services(vms, fds, &j, metrics.is_some()) {
             Ok(mut services) => Supervisor::new(metrics).run(&mut services, signals),
             Err((i, e, services)) => give_up(vms, i, &e, services),
         };
@@ -187,6 +188,7 @@ pub fn run(
     let mut services: Vec<Box<dyn Service>> = Vec::new();
     let mut siblings = SiblingGroups::default();
     for (i, vm) in vms.iter().enumerate() {
+        let fd = fds.get(i).copied().flatten();
         match thread_service(vm, fd, &mut siblings) {
             Ok(s) => services.push(Box::new(s)),
             Err(e) => return give_up(vms, i, &e, services),
@@ -241,7 +243,7 @@ mod jailed {
     #[allow(clippy::type_complexity)]
     pub fn jailed_services(
         vms: &[VmConfig],
-        fd: Option<RawFd>,
+        fds: &[Option<RawFd>],
         opts: &JailOptions,
         with_metrics: bool,
     ) -> Result<Vec<Box<dyn Service>>, (usize, String, Vec<Box<dyn Service>>)> {
@@ -262,6 +264,7 @@ mod jailed {
         }
         let mut services: Vec<Box<dyn Service>> = Vec::new();
         for (i, (vm, links)) in vms.iter().zip(links).enumerate() {
+            let fd = fds.get(i).copied().flatten();
             match service(vm, fd, opts, with_metrics, links) {
                 Ok(s) => services.push(Box::new(s)),
                 Err(e) => return Err((i, e, services)),

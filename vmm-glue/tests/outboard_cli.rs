@@ -357,3 +357,146 @@ fn links_the_vms_of_a_group() {
     assert!(!log.contains("guest CID 5: reaches"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The guest CID the vsock device behind `path` reports in its config space.
+fn guest_cid_at(path: &std::path::Path) -> u64 {
+    use outboard_protocol::vhost_user::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fe = loop {
+        if let Ok(fe) = outboard_transport::Frontend::connect(path) {
+            break fe;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never accepted",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    fe.get_features().unwrap();
+    let offered = fe.get_protocol_features().unwrap();
+    assert!(offered.contains(VhostUserProtocolFeatures::CONFIG));
+    fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG)
+        .unwrap();
+    let cfg = fe.get_config(0, 8, VhostUserConfigFlags::Frontend).unwrap();
+    u64::from_le_bytes(cfg.try_into().unwrap())
+}
+
+/// Waits up to 10 s for a datagram on `sock` that contains `want`.
+fn wait_notification(sock: &std::os::unix::net::UnixDatagram, want: &str) -> String {
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} notification ({e}); saw {seen:?}"));
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if text.lines().any(|l| l == want) {
+            return text;
+        }
+        seen.push_str(&text);
+        seen.push('|');
+    }
+}
+
+/// Run as systemd runs a socket-activated service, by systemd's own
+/// `systemd-socket-activate` (Debian's systemd package): two listening sockets passed
+/// with LISTEN_FDS in the other order than the VMs are given (each goes to the VM whose
+/// socket path it is bound to), READY=1 once serving and STOPPING=1 on SIGTERM through
+/// NOTIFY_SOCKET.
+#[test]
+fn runs_socket_activated_by_systemd_and_notifies() {
+    let activate = std::path::Path::new("/usr/bin/systemd-socket-activate");
+    if !activate.exists() {
+        eprintln!("skipped: no systemd-socket-activate (Debian package systemd; cargo xtask ci installs it)");
+        return;
+    }
+    let dir = scratch("systemd");
+    let (s3, s4) = (dir.join("vhost3.sock"), dir.join("vhost4.sock"));
+    let notify_path = dir.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let vm = |cid: u64, socket: &std::path::Path| {
+        format!(
+            "guest-cid={cid},socket={},uds-path={}",
+            socket.display(),
+            dir.join(format!("vsock{cid}")).display()
+        )
+    };
+    let mut child = Command::new(activate)
+        .arg("-l")
+        .arg(&s4)
+        .arg("-l")
+        .arg(&s3)
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
+        .arg(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--vm", &vm(3, &s3), "--vm", &vm(4, &s4)])
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(s3.exists() && s4.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate made no sockets"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The first connection starts the service; each socket reaches its own VM.
+    assert_eq!(guest_cid_at(&s3), 3);
+    assert_eq!(guest_cid_at(&s4), 4);
+    let ready = wait_notification(&notify, "READY=1");
+    assert!(ready.contains("STATUS=serving 2 worker(s)"), "{ready}");
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child (systemd-socket-activate exec'd the daemon in
+    // place, so the pid is the daemon's), which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_notification(&notify, "STOPPING=1");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// More sockets from systemd than VMs is a configuration error, said in one line.
+#[test]
+fn socket_activation_needs_one_socket_per_vm() {
+    let activate = std::path::Path::new("/usr/bin/systemd-socket-activate");
+    if !activate.exists() {
+        eprintln!("skipped: no systemd-socket-activate (Debian package systemd)");
+        return;
+    }
+    let dir = scratch("systemd-count");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let child = Command::new(activate)
+        .arg("-l")
+        .arg(&a)
+        .arg("-l")
+        .arg(&b)
+        .arg(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--uds-path"])
+        .arg(dir.join("vsock"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate made no socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _c = UnixStream::connect(&a).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("systemd passed 2 listening socket(s) (LISTEN_FDS) for 1 VM(s)"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

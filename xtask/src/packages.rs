@@ -64,6 +64,11 @@ pub const PACKAGES: &[Package] = &[
         why: "e2e, media-e2e, demo: QEMU >= 10 with vhost-user-vsock-pci",
     },
     Package {
+        name: "systemd",
+        suite: Suite::Release,
+        why: "systemd-socket-activate: outboard's socket activation and sd_notify test",
+    },
+    Package {
         name: "busybox-static",
         suite: Suite::Release,
         why: "the guests' initramfs",

@@ -19,7 +19,7 @@
 //! (see `outboard_glue::jail`), reports how a child ended and starts a new one on the
 //! same socket. `--jail-seccomp log` develops the seccomp allow-list.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,8 +34,9 @@ use outboard_glue::supervisor::{
 };
 #[cfg(feature = "jail")]
 use outboard_glue::supervisor::{JailedService, ServeFn};
+use outboard_glue::systemd;
 use outboard_glue::vhost_user::media::MediaSource;
-use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags};
+use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
 #[cfg(feature = "jail")]
 use outboard_glue::vsock_daemon::JailOptions;
 use outboard_glue::vsock_daemon::{self, inherited_listener};
@@ -64,8 +65,8 @@ enum Command {
 #[derive(Args, Debug)]
 struct MediaArgs {
     /// The vhost-user socket to listen on.
-    #[arg(long, visible_alias = "socket", value_name = "PATH",
-          required_unless_present_any = ["fd", "print_capabilities"])]
+    /// (Or `--fd`, or a socket passed by systemd's socket activation.)
+    #[arg(long, visible_alias = "socket", value_name = "PATH")]
     socket_path: Option<PathBuf>,
     /// Serve on this inherited listening socket instead of binding --socket-path (the
     /// vhost-user back-end convention; systemd socket activation passes fd 3).
@@ -195,6 +196,11 @@ fn usage_error(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
+fn media_usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("outboard media: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -231,6 +237,26 @@ fn media(args: MediaArgs) -> ExitCode {
         println!("{MEDIA_CAPABILITIES}");
         return ExitCode::SUCCESS;
     }
+    // A listening socket from systemd's socket activation, when neither --fd nor
+    // --socket-path is given.
+    let fd = match (args.fd, &args.socket_path) {
+        (None, None) => match systemd::listen_fds() {
+            Ok(fds) if fds.len() == 1 => fds.into_iter().next().map(IntoRawFd::into_raw_fd),
+            Ok(fds) if fds.is_empty() => {
+                return media_usage_error(
+                    "--socket-path, --fd or systemd socket activation (LISTEN_FDS) is required",
+                )
+            }
+            Ok(fds) => {
+                return media_usage_error(format!(
+                    "systemd passed {} listening sockets (LISTEN_FDS); outboard media serves one",
+                    fds.len()
+                ))
+            }
+            Err(e) => return media_usage_error(e),
+        },
+        (fd, _) => fd,
+    };
     let source = match (args.camera, &args.v4l2_device) {
         (true, None) => MediaSource::Camera {
             mplane: args.mplane,
@@ -295,7 +321,7 @@ fn media(args: MediaArgs) -> ExitCode {
             ),
             None => None,
         };
-        let (listener, created, shown) = match (args.fd, &args.socket_path) {
+        let (listener, created, shown) = match (fd, &args.socket_path) {
             // The --fd contract hands this process the fd to own.
             (Some(fd), _) => (inherited_listener(fd)?, Vec::new(), format!("fd {fd}")),
             (None, Some(path)) => {
@@ -362,6 +388,42 @@ fn jail_options(args: &JailArgs) -> Result<Option<JailOptions>, ExitCode> {
 #[cfg(not(feature = "jail"))]
 const NO_JAIL: &str = "--jail: this outboard was built without the `jail` feature";
 
+/// Gives each VM one of the sockets systemd passed: the one bound to the VM's `socket`
+/// path if there is one, else the next unclaimed one in order. There must be exactly
+/// one per VM.
+fn activated_per_vm(vms: &[VmConfig], fds: Vec<OwnedFd>) -> Result<Vec<Option<RawFd>>, String> {
+    if fds.is_empty() {
+        return Ok(Vec::new());
+    }
+    if fds.len() != vms.len() {
+        return Err(format!(
+            "systemd passed {} listening socket(s) (LISTEN_FDS) for {} VM(s): give each VM \
+             one (ListenStream= lines of the socket unit)",
+            fds.len(),
+            vms.len()
+        ));
+    }
+    let paths: Vec<Option<PathBuf>> = fds.iter().map(|f| systemd::bound_path(f.as_fd())).collect();
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut out: Vec<Option<OwnedFd>> = vms.iter().map(|_| None).collect();
+    for (i, vm) in vms.iter().enumerate() {
+        if let Some(j) = paths
+            .iter()
+            .position(|p| p.as_deref() == Some(vm.socket.as_path()))
+        {
+            out[i] = fds[j].take();
+        }
+    }
+    for slot in out.iter_mut().filter(|s| s.is_none()) {
+        *slot = fds.iter_mut().find_map(Option::take);
+    }
+    // The daemon owns them from here on (vsock_daemon::inherited_listener).
+    Ok(out
+        .into_iter()
+        .map(|f| f.map(IntoRawFd::into_raw_fd))
+        .collect())
+}
+
 fn vsock(args: VsockArgs) -> ExitCode {
     if args.print_capabilities {
         println!("{{\n  \"type\": \"vsock\"\n}}");
@@ -379,8 +441,17 @@ fn vsock(args: VsockArgs) -> ExitCode {
         },
         None => None,
     };
+    // Listening sockets from systemd's socket activation, when --fd is not given.
+    let activated = match args.fd {
+        Some(_) => Vec::new(),
+        None => match systemd::listen_fds() {
+            Ok(fds) => fds,
+            Err(e) => return usage_error(e),
+        },
+    };
     // With an inherited listening socket there is no path to bind: name the fd instead.
-    let socket = match (&args.socket, args.fd) {
+    let inherited = args.fd.or_else(|| activated.first().map(|f| f.as_raw_fd()));
+    let socket = match (&args.socket, inherited) {
         (None, Some(fd)) if args.vm.is_empty() && args.config.is_none() => Some(format!("fd:{fd}")),
         (s, _) => s.clone(),
     };
@@ -402,6 +473,13 @@ fn vsock(args: VsockArgs) -> ExitCode {
             vms.len()
         ));
     }
+    let fds: Vec<Option<RawFd>> = match args.fd {
+        Some(fd) => vec![Some(fd)],
+        None => match activated_per_vm(&vms, activated) {
+            Ok(fds) => fds,
+            Err(e) => return usage_error(e),
+        },
+    };
     if args.metrics_interval == 0 {
         return usage_error("--metrics-interval 0: the interval must be at least 1 second");
     }
@@ -430,7 +508,7 @@ fn vsock(args: VsockArgs) -> ExitCode {
     };
     let ok = vsock_daemon::run(
         &vms,
-        args.fd,
+        &fds,
         #[cfg(feature = "jail")]
         jail,
         metrics,
