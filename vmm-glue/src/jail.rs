@@ -301,6 +301,71 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
+/// The uid and gid a jailed worker has outside its user namespace: the daemon's own,
+/// or 65534 (`nobody`/`nogroup`) when the daemon runs as root — the rule of
+/// `outboard_sandbox::Jail::user_namespace`, which [`worker_jail`] uses.
+pub fn worker_ids() -> (u32, u32) {
+    // SAFETY: geteuid/getegid cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if euid == 0 {
+        (65534, 65534)
+    } else {
+        (euid, egid)
+    }
+}
+
+/// Checks, before any worker is forked, that a jailed worker ([`worker_ids`]) can
+/// create files in `dir`: search permission on every directory above it and write and
+/// search permission on `dir` itself, by the mode bits (the worker has no
+/// capabilities outside its namespace; ACLs are not read). The error says what to
+/// change, in one line.
+pub fn check_worker_can_write(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = worker_ids();
+    let allows = |meta: &std::fs::Metadata, want: u32| {
+        let mode = meta.mode();
+        let bits = if meta.uid() == uid {
+            mode >> 6
+        } else if meta.gid() == gid {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & want == want
+    };
+    let describe = |p: &Path, meta: &std::fs::Metadata| {
+        format!(
+            "{} (owner {}:{}, mode {:04o})",
+            p.display(),
+            meta.uid(),
+            meta.gid(),
+            meta.mode() & 0o7777
+        )
+    };
+    for ancestor in dir.ancestors().skip(1) {
+        let meta =
+            std::fs::metadata(ancestor).map_err(|e| format!("{}: {e}", ancestor.display()))?;
+        if !allows(&meta, 0o1) {
+            return Err(format!(
+                "the jailed worker runs as uid {uid} gid {gid} outside its namespace and \
+                 cannot enter {}: give that uid search permission there (chmod o+x)",
+                describe(ancestor, &meta)
+            ));
+        }
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !allows(&meta, 0o3) {
+        return Err(format!(
+            "the jailed worker runs as uid {uid} gid {gid} outside its namespace and cannot \
+             create its sockets in {}: make it writable for that uid (chown {uid} {dir}, or \
+             chmod 1777 {dir}), or run the daemon as the directory's owner",
+            describe(dir, &meta),
+            dir = dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// A worker running in a jailed child.
 #[derive(Debug)]
 pub struct JailedWorker {
@@ -506,6 +571,21 @@ mod tests {
                 )
             )
         );
+    }
+
+    #[test]
+    fn a_directory_the_worker_cannot_write_is_refused_with_what_to_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("outboard-jail-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let e = check_worker_can_write(&dir).unwrap_err();
+        let (uid, _) = worker_ids();
+        assert!(e.contains(&format!("runs as uid {uid}")), "{e}");
+        assert!(e.contains("mode 0555") && e.contains("chmod 1777"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_worker_can_write(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

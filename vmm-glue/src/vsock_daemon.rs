@@ -295,6 +295,9 @@ mod jailed {
         let dir = dir
             .canonicalize()
             .map_err(|e| format!("uds-path directory {}: {e}", dir.display()))?;
+        // A worker that cannot create its sockets would die at every start: a
+        // configuration error, said once, before any worker is forked.
+        crate::jail::check_worker_can_write(&dir).map_err(|e| format!("uds-path: {e}"))?;
         let mut vm = vm.clone();
         vm.uds_path = dir.join(file);
         let jail = worker_jail(std::slice::from_ref(&dir), opts.mode, opts.limits)

@@ -737,6 +737,44 @@ fn jailed_worker_counters_reach_the_metrics_file_across_a_restart() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A `uds-path` directory the jailed worker's uid cannot write is a configuration
+/// error found before any worker is forked: one message saying what to change, not a
+/// worker that dies and is restarted forever.
+#[test]
+fn a_uds_dir_the_worker_cannot_write_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("outboard-jail-ro-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let sockets = std::env::temp_dir().join(format!("outboard-jail-ro-s-{}", std::process::id()));
+    std::fs::create_dir_all(&sockets).unwrap();
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+        .arg(sockets.join("vhost.sock"))
+        .arg("--uds-path")
+        .arg(dir.join("vsock.sock"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(err.contains("cannot create its sockets in"), "{err}");
+    assert!(err.contains("mode 0555"), "{err}");
+    assert!(
+        !err.contains("worker runs jailed"),
+        "a worker was forked: {err}"
+    );
+    assert!(!sockets.join("vhost.sock").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&sockets).unwrap();
+}
+
 #[test]
 fn jail_flags_are_checked() {
     let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
