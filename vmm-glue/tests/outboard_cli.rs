@@ -500,3 +500,55 @@ fn socket_activation_needs_one_socket_per_vm() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The man pages come from the flag definitions themselves: every flag `--help` lists is
+/// in the page, with the same defaults and units.
+#[test]
+fn man_pages_are_generated_from_the_flags() {
+    let dir = scratch("man");
+    let out = outboard()
+        .args(["man", "--out-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (sub, page) in [("vsock", "outboard-vsock.1"), ("media", "outboard-media.1")] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.starts_with(".TH"), "{page}");
+        assert!(text.contains(&format!(".TH outboard-{sub} 1")), "{page}");
+        let help = outboard().args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        let flags: Vec<&str> = help
+            .split_whitespace()
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches([',', '.', ')', ':']))
+            .filter(|w| {
+                w.chars()
+                    .skip(2)
+                    .all(|c| c.is_ascii_lowercase() || c == '-')
+            })
+            .collect();
+        assert!(flags.len() > 5, "{help}");
+        for flag in flags {
+            // roff escapes every '-' as '\-'.
+            let roff = flag.replace('-', "\\-");
+            assert!(text.contains(&roff), "{page} lacks {flag}");
+        }
+    }
+    let vsock = std::fs::read_to_string(dir.join("outboard-vsock.1")).unwrap();
+    assert!(
+        vsock.contains("<SECS>") && vsock.contains("[default: 5]"),
+        "{vsock}"
+    );
+    let media = std::fs::read_to_string(dir.join("outboard-media.1")).unwrap();
+    assert!(
+        media.contains("<MIB>") && media.contains("[default: 256]"),
+        "{media}"
+    );
+    assert!(dir.join("outboard.1").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

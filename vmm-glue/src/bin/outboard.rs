@@ -60,6 +60,40 @@ enum Command {
     /// Serve virtio-media over vhost-user: `--camera` is the software camera (a moving
     /// test pattern in YUYV, NV12 and RGB24), `--v4l2-device` a host V4L2 node.
     Media(MediaArgs),
+    /// Write the man pages (outboard.1, outboard-vsock.1, outboard-media.1), generated
+    /// from these very flag definitions, into a directory (for packagers).
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
+}
+
+/// `outboard man --out-dir DIR`: one page for the command and one per subcommand.
+fn man_pages(dir: &Path) -> ExitCode {
+    use clap::CommandFactory;
+    let write = |cmd: clap::Command, file: &str| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        std::fs::write(dir.join(file), out)
+    };
+    let run = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = format!("outboard-{}", sub.get_name());
+            write(sub.clone().name(name.clone()), &format!("{name}.1"))?;
+        }
+        write(cli, "outboard.1")
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outboard man: {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +251,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Vsock(args) => vsock(args),
         Command::Media(args) => media(args),
+        Command::Man { out_dir } => man_pages(&out_dir),
     }
 }
 
