@@ -14,6 +14,7 @@
 //!   memfd page the daemon reads, monotonic across worker restarts.
 //! - `supervisor` (feature `cli`): stop signals, the loop that watches the workers and
 //!   writes the metrics file, restarts of jailed workers, a bounded stop.
+//! - `logging` (feature `cli`): log lines that name their worker, as text or JSON.
 //! - `systemd` (feature `cli`): socket activation and `sd_notify`, without libsystemd.
 //! - `vsock_daemon` (feature `cli`): the `outboard vsock` daemon built from its
 //!   configuration: a worker per VM on a thread or in a jailed child.
@@ -32,6 +33,8 @@
 
 #[cfg(feature = "jail")]
 pub mod jail;
+#[cfg(feature = "cli")]
+pub mod logging;
 #[cfg(feature = "cli")]
 pub mod metrics;
 #[cfg(feature = "mmio")]

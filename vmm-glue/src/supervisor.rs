@@ -288,14 +288,19 @@ impl ThreadService {
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let thread_name = thread_name.into();
+        let name = name.into();
+        let label = name.clone();
         Ok(ThreadService {
-            name: name.into(),
+            name,
             stop,
             thread: None,
             spawn: Some(Box::new(move |stop| {
                 std::thread::Builder::new()
                     .name(thread_name)
-                    .spawn(move || serve(stop))
+                    .spawn(move || {
+                        crate::logging::set_worker(&label);
+                        serve(stop)
+                    })
             })),
             metrics: None,
             created,
@@ -509,13 +514,17 @@ mod jailed {
                 remove_stale_socket(p)?;
             }
             let serve = &self.serve;
+            let name = &self.name;
             let inherit: Vec<_> = self.inherit.iter().map(AsFd::as_fd).collect();
             let w = JailedWorker::spawn(
                 &self.jail,
                 &self.listener,
                 &inherit,
                 &self.name,
-                |l, f, s| serve(l, f, s),
+                |l, f, s| {
+                    crate::logging::set_worker(name);
+                    serve(l, f, s)
+                },
             )
             .map_err(|e| e.to_string())?;
             log::info!("{}: worker runs jailed, pid {}", self.name, w.pid());

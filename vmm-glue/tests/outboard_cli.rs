@@ -552,3 +552,45 @@ fn man_pages_are_generated_from_the_flags() {
     assert!(dir.join("outboard.1").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--log-format json`: every line is one JSON object, and the worker's lines name it.
+#[test]
+fn json_logs_name_the_worker_on_every_line() {
+    let dir = scratch("json-log");
+    let socket = dir.join("vhost.sock");
+    let log = dir.join("log");
+    let mut child = outboard()
+        .args(["vsock", "--log-format", "json", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(dir.join("vsock"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    answers(&socket);
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // The default guest CID is 3.
+    let worker: Vec<_> = lines
+        .iter()
+        .filter(|v| v["worker"] == "vsock cid 3")
+        .collect();
+    assert!(
+        worker.iter().any(|v| v["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("waiting for a front-end"))),
+        "{text}"
+    );
+    assert!(lines
+        .iter()
+        .all(|v| v["level"].is_string() && v["ts"].is_string()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

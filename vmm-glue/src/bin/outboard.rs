@@ -29,6 +29,7 @@ use clap::{Args, Parser, Subcommand};
 use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
 #[cfg(feature = "jail")]
 use outboard_glue::jail::{worker_jail, SeccompMode};
+use outboard_glue::logging::{self, LogFormat};
 use outboard_glue::supervisor::{
     remove_stale_socket, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
 };
@@ -48,6 +49,11 @@ use outboard_glue::vsock_daemon::{self, inherited_listener};
     about = "Outboard's vhost-user device daemons"
 )]
 struct Cli {
+    /// Log lines as `text` or as `json` (one object per line: ts, level, target,
+    /// worker, msg); `RUST_LOG` filters them (default info).
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,7 +86,9 @@ fn man_pages(dir: &Path) -> ExitCode {
     };
     let run = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let cli = Cli::command();
+        let mut cli = Cli::command();
+        // Propagates the global flags (--log-format) into the subcommands' pages.
+        cli.build();
         for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
             let name = format!("outboard-{}", sub.get_name());
             write(sub.clone().name(name.clone()), &format!("{name}.1"))?;
@@ -247,7 +255,11 @@ fn main() -> ExitCode {
             };
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init(if cli.log_format == "json" {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    });
     match cli.command {
         Command::Vsock(args) => vsock(args),
         Command::Media(args) => media(args),
