@@ -48,6 +48,7 @@ pub mod supervisor;
 pub mod systemd;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
+#[cfg(feature = "cli")]
 pub mod vsock_cli;
 #[cfg(feature = "cli")]
 pub mod vsock_daemon;

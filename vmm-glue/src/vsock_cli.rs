@@ -3,7 +3,8 @@
 //!
 //! The keys are vhost-device-vsock's, so its users can switch by changing the program
 //! name: `guest-cid`, `socket`, `uds-path`, `tx-buffer-size`, `queue-size`, `groups`
-//! (`_` may replace `-`). A config file is the YAML subset vhost-device-vsock reads:
+//! (`_` may replace `-`). A config file is YAML in the form vhost-device-vsock reads,
+//! parsed with serde_yaml_ng; a key it does not know is refused by name:
 //!
 //! ```yaml
 //! vms:
@@ -22,6 +23,7 @@ use outboard_devices::vsock::{
     VsockDeviceConfig, VsockError, VsockSibling, DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE,
 };
 use remain::sorted;
+use serde::Deserialize;
 use thiserror::Error;
 
 /// Default per-connection TX buffer (and guest credit): 256 KiB, the default socket
@@ -251,84 +253,81 @@ pub fn parse_vm_spec(spec: &str) -> Result<VmConfig, ConfigError> {
     b.build(&format!(" in --vm {spec}"))
 }
 
-fn unquote(v: &str) -> &str {
-    let v = v.trim();
-    for q in ['"', '\''] {
-        if let Some(inner) = v.strip_prefix(q).and_then(|s| s.strip_suffix(q)) {
-            return inner;
-        }
-    }
-    v
+/// A value in the config file: YAML gives numbers as numbers and everything else as
+/// strings; both go through the same checks as `--vm` values.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Number(u64),
+    Text(String),
 }
 
-fn strip_comment(line: &str) -> &str {
-    // A '#' at the start or after whitespace starts a comment (YAML's rule).
-    let bytes = line.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()) {
-            return &line[..i];
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Number(n) => n.to_string(),
+            Scalar::Text(t) => t.clone(),
         }
     }
-    line
 }
 
-/// Parses a config file's text (see the module docs).
+/// One VM of the config file: vhost-device-vsock's keys (snake_case), and the `--vm`
+/// spellings (kebab-case) as aliases. Any other key is refused, by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigVm {
+    #[serde(alias = "guest-cid")]
+    guest_cid: Option<Scalar>,
+    #[serde(alias = "socket-path", alias = "socket_path")]
+    socket: Option<Scalar>,
+    #[serde(alias = "uds-path")]
+    uds_path: Option<Scalar>,
+    #[serde(alias = "tx-buffer-size")]
+    tx_buffer_size: Option<Scalar>,
+    #[serde(alias = "queue-size")]
+    queue_size: Option<Scalar>,
+    groups: Option<Scalar>,
+}
+
+/// The config file: `vms:`, a list of VMs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    vms: Option<Vec<ConfigVm>>,
+}
+
+/// Parses a config file's text (vhost-device-vsock's YAML form, see the module docs)
+/// with a YAML parser (serde_yaml_ng); unknown keys are refused by name, with their
+/// line and column.
 pub fn parse_config(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
-    let mut vms = Vec::new();
-    let mut current: Option<(VmBuilder, usize)> = None;
-    let mut seen_vms = false;
-    for (i, raw) in text.lines().enumerate() {
-        let line_no = i + 1;
-        let line = strip_comment(raw);
-        if line.trim().is_empty() || line.trim() == "---" {
-            continue;
-        }
-        let syntax = |reason: &str| ConfigError::Syntax {
-            line: line_no,
-            reason: reason.to_string(),
-        };
-        let trimmed = line.trim();
-        if !line.starts_with([' ', '\t', '-']) {
-            if trimmed != "vms:" {
-                return Err(syntax(&format!("expected \"vms:\", found {trimmed:?}")));
-            }
-            if seen_vms {
-                return Err(syntax("\"vms:\" appears twice"));
-            }
-            seen_vms = true;
-            continue;
-        }
-        if !seen_vms {
-            return Err(syntax("entries must follow \"vms:\""));
-        }
-        let entry = if let Some(rest) = trimmed.strip_prefix('-') {
-            if let Some((b, at)) = current.take() {
-                vms.push(b.build(&format!(" in the VM at line {at}"))?);
-            }
-            current = Some((VmBuilder::default(), line_no));
-            rest.trim()
-        } else {
-            trimmed
-        };
-        if entry.is_empty() {
-            continue;
-        }
-        let (k, v) = entry
-            .split_once(':')
-            .ok_or_else(|| syntax(&format!("expected \"key: value\", found {entry:?}")))?;
-        let Some((b, _)) = current.as_mut() else {
-            return Err(syntax("a key outside a \"- \" list entry"));
-        };
-        b.set(k, unquote(v)).map_err(|e| ConfigError::Syntax {
-            line: line_no,
+    let file: ConfigFile = serde_yaml_ng::from_str(text).map_err(|e| {
+        let line = e.location().map_or(0, |l| l.line());
+        ConfigError::Syntax {
+            line,
             reason: e.to_string(),
-        })?;
-    }
-    if let Some((b, at)) = current.take() {
-        vms.push(b.build(&format!(" in the VM at line {at}"))?);
-    }
-    if vms.is_empty() {
+        }
+    })?;
+    let entries = file.vms.unwrap_or_default();
+    if entries.is_empty() {
         return Err(ConfigError::NoVm);
+    }
+    let mut vms = Vec::with_capacity(entries.len());
+    for (i, vm) in entries.into_iter().enumerate() {
+        let mut b = VmBuilder::default();
+        let keys = [
+            ("guest-cid", &vm.guest_cid),
+            ("socket", &vm.socket),
+            ("uds-path", &vm.uds_path),
+            ("tx-buffer-size", &vm.tx_buffer_size),
+            ("queue-size", &vm.queue_size),
+            ("groups", &vm.groups),
+        ];
+        for (key, value) in keys {
+            if let Some(v) = value {
+                b.set(key, &v.text())?;
+            }
+        }
+        vms.push(b.build(&format!(" in VM {} of the config file (vms[{i}])", i + 1))?);
     }
     Ok(vms)
 }
@@ -560,9 +559,21 @@ mod tests {
         assert!(matches!(e, ConfigError::Syntax { line: 1, .. }));
         let e = parse_config("vms:\n  - guest_cid: 3\n    socket: /s\n").unwrap_err();
         assert!(
-            matches!(e, ConfigError::Missing { key: "uds-path", ref context } if context.contains("line 2"))
+            matches!(e, ConfigError::Missing { key: "uds-path", ref context } if context.contains("VM 1"))
         );
         assert_eq!(parse_config("vms:\n"), Err(ConfigError::NoVm));
+        // YAML the old line reader could not take: flow style, anchors, quoted numbers.
+        let vms = parse_config(
+            "vms: [{guest_cid: '7', socket: /a, uds_path: /u}, {guest-cid: 0x8, socket: /b, uds-path: /v}]",
+        )
+        .unwrap();
+        assert_eq!((vms[0].guest_cid, vms[1].guest_cid), (7, 8));
+        // Values are checked as --vm values are.
+        let e = parse_config("vms:\n  - socket: /s\n    uds_path: /u\n    queue_size: 1000\n")
+            .unwrap_err();
+        assert_eq!(e, ConfigError::InvalidQueueSize(1000));
+        let e = parse_config("vms:\n  - socket: [1, 2]\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{e}");
     }
 
     #[test]
