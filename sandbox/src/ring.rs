@@ -61,6 +61,8 @@ use rustix::fs::{
     fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
 };
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use rustix::thread::{futex, sched_getcpu};
+use rustix::time::Timespec;
 use thiserror::Error;
 
 /// Number of request slots (callers that can own one at the same time, plus one slot
@@ -348,47 +350,23 @@ impl Drop for SharedRing {
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    let ts = Timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
     };
-    // SAFETY: FUTEX_WAIT (shared, since the word is in a MAP_SHARED mapping) reads the
-    // 32-bit word at a valid, aligned address that stays mapped for the call, and `ts`
-    // outlives the call. The result is ignored: every caller re-checks the word.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-            std::ptr::null::<u32>(),
-            0u32,
-        );
-    }
+    // FUTEX_WAIT, shared (no FUTEX_PRIVATE_FLAG: the word is in a MAP_SHARED mapping).
+    // The result is ignored: every caller re-checks the word.
+    let _ = futex::wait(word, futex::Flags::empty(), expected, Some(&ts));
 }
 
 fn futex_wake(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE only uses the address as a key; it is valid and aligned.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            0usize,
-            0usize,
-            0u32,
-        );
-    }
+    let _ = futex::wake(word, futex::Flags::empty(), i32::MAX as u32);
 }
 
 /// Records the CPU we run on in `mine` and tells whether the peer last ran there too.
 fn shares_cpu(mine: &AtomicU32, peer: &AtomicU32) -> bool {
-    // SAFETY: sched_getcpu takes no arguments; it reads the CPU number from rseq or the
-    // vDSO (no system call on current glibc and kernels).
-    let cpu = unsafe { libc::sched_getcpu() };
-    let cpu = if cpu < 0 { u32::MAX } else { cpu as u32 };
+    // The vDSO's getcpu where there is one, else the getcpu system call.
+    let cpu = u32::try_from(sched_getcpu()).unwrap_or(u32::MAX);
     if mine.load(Ordering::Relaxed) != cpu {
         mine.store(cpu, Ordering::Relaxed);
     }

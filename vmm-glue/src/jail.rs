@@ -115,8 +115,9 @@ outboard_sandbox::syscall_list! {
             SYS_dup3,
             SYS_epoll_create1,
             SYS_epoll_ctl,
-            // glibc's epoll_wait() on aarch64 (the vsock muxer); rustix's epoll::wait
-            // (the media runner) on every architecture.
+            // rustix's epoll::wait (the vsock muxer, the media runner) on every
+            // architecture; vmm-sys-util's Epoll::wait (glibc's epoll_wait(), the
+            // daemon loop) on aarch64.
             SYS_epoll_pwait,
             SYS_eventfd2,
             SYS_fallocate,
@@ -155,7 +156,8 @@ outboard_sandbox::syscall_list! {
             SYS_writev,
         ],
         x86_64_legacy: [
-            // glibc's epoll_wait() on x86_64 (the vsock muxer); epoll_pwait elsewhere.
+            // vmm-sys-util's Epoll::wait (glibc's epoll_wait(), the daemon loop) on
+            // x86_64; epoll_pwait elsewhere.
             SYS_epoll_wait,
             // glibc's unlink() on x86_64 (std::fs::remove_file); unlinkat elsewhere.
             SYS_unlink,
@@ -421,6 +423,7 @@ impl JailedWorker {
                 .collect();
             if let Err(e) = serve(listener, inherited, &stop) {
                 log::error!("{name}: {e}");
+                // Raw libc: `_exit` of a forked child (rustix has no stable `_exit`).
                 // SAFETY: ends the child at once without running the parent's
                 // destructors, as fork_process does after the closure.
                 unsafe { libc::_exit(EXIT_WORKER_ERROR) };

@@ -29,6 +29,22 @@
 //! `outboard` binary, pulls in clap and env_logger) and `jail` (jailed workers, pulls in
 //! outboard-sandbox and seccompiler) are on by default; a VMM that vendors only the
 //! rust-vmm adapters turns them off.
+//!
+//! # System calls
+//!
+//! The workspace makes its system calls through rustix (the devices, this crate's
+//! socket options, fcntl and memfd seals). The exception is `vmm_sys_util::EventFd`
+//! (and the `Epoll` beside it in the daemon loop), kept on purpose: it is the eventfd
+//! type of the rust-vmm ecosystem, the one `vm-memory`/`virtio-queue`/`vhost` users
+//! already hold for interrupts, kicks and stop signals, and it appears in this crate's
+//! public API ([`rust_vmm`], [`mmio`], the vhost-user daemon, [`jail`]). Replacing it
+//! with an `OwnedFd` over rustix's `eventfd` would change those signatures and make
+//! every rust-vmm based caller convert at the boundary, for no change in what the
+//! kernel sees. Raw libc stays where neither covers the call: signal masks and
+//! handlers (`sigaction`, `pthread_sigmask`, `sigtimedwait`: rustix has no stable API
+//! for them), the `_exit` of a forked child, and `mmap` of the shared counter page and
+//! of poisoned guest pages (rustix's `mmap` is as unsafe as libc's, and the latter
+//! runs in a signal handler).
 #![deny(missing_docs)]
 
 #[cfg(feature = "jail")]

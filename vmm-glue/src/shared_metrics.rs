@@ -34,15 +34,19 @@
 //! base and reports base + live values, so the counters the daemon writes never go
 //! backwards, plus `worker_restarts`.
 
+use std::ffi::CString;
 use std::fmt::Debug;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use outboard_devices::virtio::{ActivateError, Interrupt, VirtQueue, VirtioDevice};
 use remain::sorted;
+use rustix::fs::{
+    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
+};
 use thiserror::Error;
 
 use crate::metrics::CounterSet;
@@ -159,33 +163,18 @@ impl CounterPage {
     pub fn create(name: &str, slots: usize) -> Result<CounterPage, SharedMetricsError> {
         let len = page_len(slots)?;
         let create = |step, source| SharedMetricsError::Create { step, source };
-        let cname: Vec<u8> = name
-            .bytes()
-            .filter(|&b| b != 0)
-            .take(200)
-            .chain(std::iter::once(0))
-            .collect();
-        // SAFETY: `cname` is a NUL-terminated byte string that outlives the call.
-        let raw = unsafe {
-            libc::memfd_create(
-                cname.as_ptr().cast(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if raw < 0 {
-            return Err(create("memfd_create", io::Error::last_os_error()));
-        }
-        // SAFETY: memfd_create returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let size = libc::off_t::try_from(len).map_err(|_| SharedMetricsError::Slots(slots))?;
-        // SAFETY: ftruncate on our own fd; no memory is passed.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-            return Err(create("ftruncate", io::Error::last_os_error()));
-        }
-        // SAFETY: fcntl(F_ADD_SEALS) on our own fd; no memory is passed.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0 {
-            return Err(create("F_ADD_SEALS", io::Error::last_os_error()));
-        }
+        let cname: Vec<u8> = name.bytes().filter(|&b| b != 0).take(200).collect();
+        // No NUL in `cname` (filtered above).
+        let cname = CString::new(cname).unwrap_or_default();
+        let fd = memfd_create(
+            cname.as_c_str(),
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| create("memfd_create", e.into()))?;
+        let size = u64::try_from(len).map_err(|_| SharedMetricsError::Slots(slots))?;
+        ftruncate(&fd, size).map_err(|e| create("ftruncate", e.into()))?;
+        fcntl_add_seals(&fd, SealFlags::from_bits_retain(SEALS as u32))
+            .map_err(|e| create("F_ADD_SEALS", e.into()))?;
         let page = CounterPage::map(fd, slots)?;
         page.reset();
         Ok(page)
@@ -197,24 +186,16 @@ impl CounterPage {
     pub fn from_fd(fd: OwnedFd, slots: usize) -> Result<CounterPage, SharedMetricsError> {
         let len = page_len(slots)?;
         let inspect = |step, source| SharedMetricsError::Inspect { step, source };
-        // SAFETY: fcntl(F_GET_SEALS) on an fd we own; no memory is passed.
-        let found = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if found < 0 {
-            return Err(inspect("F_GET_SEALS", io::Error::last_os_error()));
-        }
+        let found = fcntl_get_seals(&fd)
+            .map_err(|e| inspect("F_GET_SEALS", e.into()))?
+            .bits() as libc::c_int;
         if found & SEALS != SEALS {
             return Err(SharedMetricsError::Seals {
                 found,
                 missing: SEALS & !found,
             });
         }
-        // SAFETY: stat is plain data; fstat fills it before we read it.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstat writes one `struct stat` into `st`, a live local.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(inspect("fstat", io::Error::last_os_error()));
-        }
-        let size = st.st_size;
+        let size = fstat(&fd).map_err(|e| inspect("fstat", e.into()))?.st_size as libc::off_t;
         if usize::try_from(size).map_or(true, |s| s < len) {
             return Err(SharedMetricsError::Size { size, need: len });
         }
@@ -238,6 +219,8 @@ impl CounterPage {
     /// and sealed against shrinking.
     fn map(fd: OwnedFd, slots: usize) -> Result<CounterPage, SharedMetricsError> {
         let len = page_len(slots)?;
+        // Raw libc (as `munmap` in Drop): rustix's `mmap` is unsafe in the same way and
+        // would only rename the call.
         // SAFETY: a new shared mapping chosen by the kernel (it overlaps nothing we
         // own) of `len` bytes of a memfd that is at least `len` bytes long and sealed
         // against shrinking, so every byte of it stays backed.
@@ -519,6 +502,8 @@ impl RestartCounters {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use std::os::fd::FromRawFd;
 
     use super::*;
 

@@ -46,6 +46,8 @@ impl StopSignals {
     /// Blocks SIGTERM and SIGINT in the calling thread (threads it starts later inherit
     /// the mask).
     pub fn block() -> io::Result<StopSignals> {
+        // Raw libc: rustix has no stable signal-mask API (`pthread_sigmask`,
+        // `sigtimedwait` below live in its unstable `runtime` module).
         // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid sigset_t for the calls; the signals are valid numbers.

@@ -10,12 +10,14 @@
 //!   metrics, gives each worker a counter page ([`crate::shared_metrics`]).
 //! - [`run`]: both, until SIGTERM/SIGINT.
 
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use outboard_devices::vsock::{Vsock, VsockMetrics};
+use rustix::io::{fcntl_setfd, FdFlags};
+use rustix::net::{sockopt, AddressFamily};
 
 use crate::metrics::{self, VmMetrics};
 use crate::supervisor::{
@@ -62,41 +64,20 @@ pub fn listen(vm: &VmConfig, fd: Option<RawFd>) -> Result<Listening, String> {
 ///
 /// The caller must own `fd` (nothing else in the process may close or use it).
 pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a live c_int.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            std::ptr::addr_of_mut!(accepting).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || accepting == 0 {
+    // SAFETY: the caller owns `fd` (this function's contract), so it stays open for
+    // the checks below; nothing is closed through the borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if !sockopt::socket_acceptconn(borrowed).unwrap_or(false) {
         return Err(format!("--fd {fd} is not a listening socket"));
     }
-    let mut domain: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above, for SO_DOMAIN.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            std::ptr::addr_of_mut!(domain).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || domain != libc::AF_UNIX {
+    if sockopt::socket_domain(borrowed).ok() != Some(AddressFamily::UNIX) {
         return Err(format!("--fd {fd} is not an AF_UNIX socket"));
     }
     // SAFETY: the fd was inherited for us to own (the --fd contract), is open (the
     // getsockopt calls succeeded) and is a listening AF_UNIX socket.
     let listener = unsafe { UnixListener::from_raw_fd(fd) };
-    // SAFETY: fcntl(F_SETFD) on the fd we now own; no memory is passed.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // Errors ignored as before: the flag only matters if the daemon ever execs.
+    let _ = fcntl_setfd(&listener, FdFlags::CLOEXEC);
     Ok(listener)
 }
 

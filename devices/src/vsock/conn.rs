@@ -16,6 +16,9 @@ use outboard_protocol::vsock::{
     VMADDR_CID_HOST,
 };
 
+use rustix::event::epoll::EventFlags;
+use rustix::net::Shutdown;
+
 use super::packet::TxPacket;
 use super::sys;
 use super::CONN_TIMEOUT;
@@ -604,7 +607,7 @@ impl Conn {
         if !self.tx_pending() && self.peer_shut_send && !self.host_wr_shut {
             self.host_wr_shut = true;
             // The peer may be gone already; that surfaces on the next read or write.
-            let _ = sys::shutdown(self.fd.as_fd(), libc::SHUT_WR);
+            let _ = sys::shutdown(self.fd.as_fd(), Shutdown::Write);
         }
         Ok(())
     }
@@ -626,19 +629,19 @@ impl Conn {
     /// Readiness `events` (EPOLL* bits) of the host socket. Writability flushes the TX
     /// buffer ([`Action::Continue`] when something was buffered, [`Action::Ignore`]
     /// when nothing was).
-    pub fn on_host_ready(&mut self, events: u32) -> Action {
-        let bits = events as libc::c_int;
-        if bits & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0 {
+    pub fn on_host_ready(&mut self, events: EventFlags) -> Action {
+        if events.intersects(EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR)
+        {
             self.readable = true;
         }
-        if bits & libc::EPOLLRDHUP != 0 {
+        if events.contains(EventFlags::RDHUP) {
             self.rdhup = true;
         }
-        if bits & (libc::EPOLLHUP | libc::EPOLLERR) != 0 {
+        if events.intersects(EventFlags::HUP | EventFlags::ERR) {
             self.rdhup = true;
             self.hup = true;
         }
-        if bits & libc::EPOLLOUT == 0 || !self.tx_pending() {
+        if !events.contains(EventFlags::OUT) || !self.tx_pending() {
             return Action::Ignore;
         }
         match self.flush() {
@@ -690,7 +693,7 @@ impl Conn {
         self.state = ConnState::Killed;
         self.pending = PENDING_RST;
         self.deadline = None;
-        let _ = sys::shutdown(self.fd.as_fd(), libc::SHUT_RDWR);
+        let _ = sys::shutdown(self.fd.as_fd(), Shutdown::Both);
         true
     }
 
@@ -815,10 +818,12 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
+    use rustix::net::{RecvFlags, SocketType};
+
     use super::*;
 
     fn conn() -> Conn {
-        let fd = sys::unix_socket(libc::SOCK_STREAM).unwrap();
+        let fd = sys::unix_socket(SocketType::STREAM).unwrap();
         Conn::new(fd, VsockType::Stream, 1, 2, ConnState::Established, 1000)
     }
 
@@ -1186,18 +1191,18 @@ mod tests {
         };
         assert_eq!(c.state, ConnState::PeerClosed);
         assert_eq!(c.deadline(), Some(at));
-        assert_eq!(c.on_host_ready(libc::EPOLLOUT as u32), Action::Continue);
+        assert_eq!(c.on_host_ready(EventFlags::OUT), Action::Continue);
         assert_eq!(c.after_host_write(), Action::Continue, "bytes still wait");
         // The host reads everything; the buffer drains on the next EPOLLOUT.
         peer.set_nonblocking(true).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         while peer.read(&mut buf).is_ok_and(|n| n > 0) {}
-        assert_eq!(c.on_host_ready(libc::EPOLLOUT as u32), Action::Continue);
+        assert_eq!(c.on_host_ready(EventFlags::OUT), Action::Continue);
         assert!(!c.tx_pending());
         assert!(c.host_wr_shut);
         assert_eq!(c.after_host_write(), Action::Close);
         assert_eq!(
-            c.on_host_ready(libc::EPOLLOUT as u32),
+            c.on_host_ready(EventFlags::OUT),
             Action::Ignore,
             "nothing left"
         );
@@ -1241,12 +1246,12 @@ mod tests {
         let (mut c, _peer) = stream_pair(ConnState::Established);
         c.host_drained();
         assert!(!c.may_read_host());
-        assert_eq!(c.on_host_ready(libc::EPOLLIN as u32), Action::Ignore);
+        assert_eq!(c.on_host_ready(EventFlags::IN), Action::Ignore);
         assert!(c.may_read_host());
         assert!(!c.host_rdhup());
-        assert_eq!(c.on_host_ready(libc::EPOLLRDHUP as u32), Action::Ignore);
+        assert_eq!(c.on_host_ready(EventFlags::RDHUP), Action::Ignore);
         assert!(c.host_rdhup() && !c.hup);
-        assert_eq!(c.on_host_ready(libc::EPOLLERR as u32), Action::Ignore);
+        assert_eq!(c.on_host_ready(EventFlags::ERR), Action::Ignore);
         assert!(c.hup);
     }
 
@@ -1265,7 +1270,7 @@ mod tests {
     #[test]
     fn host_hangup_after_eof_closes_locally_with_a_timer() {
         let (mut c, _peer) = stream_pair(ConnState::Established);
-        assert_eq!(c.on_host_ready(libc::EPOLLHUP as u32), Action::Ignore);
+        assert_eq!(c.on_host_ready(EventFlags::HUP), Action::Ignore);
         c.on_host_eof();
         assert_eq!(c.next_control(), None, "left to the next RX turn");
         assert!(c.join_rx_list(), "which the connection asks for");
@@ -1372,7 +1377,7 @@ mod tests {
             Action::Forwarded(2)
         );
         let mut buf = [0u8; 16];
-        let n = sys::recv(peer.as_fd(), &mut buf, 0).unwrap();
+        let n = sys::recv(peer.as_fd(), &mut buf, RecvFlags::empty()).unwrap();
         assert_eq!(&buf[..n], b"abcde", "one host message");
     }
 }

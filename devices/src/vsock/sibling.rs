@@ -28,12 +28,13 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::num::Wrapping;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use outboard_protocol::vsock::{SeqpacketFlags, VsockHeader, VsockOp, MAX_PKT_BUF_SIZE};
 use outboard_protocol::Validate;
+use rustix::net::ReturnFlags;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::sys;
@@ -85,6 +86,25 @@ struct Remote {
     /// The socket reported readable and has not been read to `EAGAIN` since (its epoll
     /// registration is edge-triggered).
     readable: AtomicBool,
+}
+
+/// The socket of a link [`VsockSibling::link_remote`] made, for the caller to watch
+/// (it holds the link, so the fd stays open while the caller has it).
+pub(crate) struct RemoteFd(Arc<Remote>);
+
+impl fmt::Debug for RemoteFd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteFd")
+            .field("cid", &self.0.cid)
+            .field("fd", &self.0.sock)
+            .finish()
+    }
+}
+
+impl AsFd for RemoteFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.sock.as_fd()
+    }
 }
 
 enum Peer {
@@ -142,19 +162,8 @@ fn check_remote(own_cid: u64, link_cid: u64, hdr: &VsockHeader, n: usize) -> Res
 /// each end to its device's process.
 pub fn sibling_socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let (a, b) = sys::seqpacket_pair()?;
-    let want = libc::c_int::try_from(REMOTE_SEND_BUFFER).unwrap_or(libc::c_int::MAX);
     for end in [&a, &b] {
-        // The kernel doubles the value it is given (for its own bookkeeping).
-        if sys::set_sockopt_int(
-            end.as_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            want / 2,
-        )
-        .is_err()
-        {
-            sys::set_sockopt_int(end.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, want / 2)?;
-        }
+        sys::raise_send_buffer(end.as_fd(), REMOTE_SEND_BUFFER)?;
     }
     Ok((a, b))
 }
@@ -222,30 +231,21 @@ impl VsockSibling {
     }
 
     /// Makes `sock` (one end of a [`sibling_socket_pair`]) the link to sibling `cid` in
-    /// another process. The caller watches `sock` for input (edge-triggered) and calls
-    /// [`VsockSibling::clear_event`] when it reports.
-    pub(crate) fn link_remote(&self, cid: u64, sock: OwnedFd) -> Result<RawFd, VsockError> {
+    /// another process. The caller watches `sock` (returned) for input (edge-triggered)
+    /// and calls [`VsockSibling::clear_event`] when it reports.
+    pub(crate) fn link_remote(&self, cid: u64, sock: OwnedFd) -> Result<RemoteFd, VsockError> {
         if cid == self.cid() {
             return Err(VsockError::SiblingCid(cid));
         }
         let bad = |reason: String| VsockError::SiblingSocket { cid, reason };
-        let ty = sys::sockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
-            .map_err(|e| bad(format!("SO_TYPE: {e}")))?;
-        let domain = sys::sockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
-            .map_err(|e| bad(format!("SO_DOMAIN: {e}")))?;
-        if ty != libc::SOCK_SEQPACKET || domain != libc::AF_UNIX {
-            return Err(bad(format!(
-                "socket of domain {domain} and type {ty}, not an AF_UNIX SOCK_SEQPACKET"
-            )));
-        }
+        sys::check_unix_seqpacket(sock.as_fd()).map_err(bad)?;
         sys::set_nonblocking(sock.as_fd()).map_err(|e| bad(format!("O_NONBLOCK: {e}")))?;
-        let send_buffer = sys::sockopt_int(sock.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF)
-            .map_err(|e| bad(format!("SO_SNDBUF: {e}")))?;
-        let fd = sock.as_raw_fd();
+        let send_buffer =
+            sys::send_buffer_size(sock.as_fd()).map_err(|e| bad(format!("SO_SNDBUF: {e}")))?;
         let remote = Arc::new(Remote {
             cid,
             sock,
-            send_buffer: usize::try_from(send_buffer).unwrap_or(0),
+            send_buffer,
             // Messages may wait from before this device existed.
             readable: AtomicBool::new(true),
         });
@@ -258,12 +258,12 @@ impl VsockSibling {
             .peers
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(cid, Peer::Remote(remote));
-        Ok(fd)
+            .insert(cid, Peer::Remote(remote.clone()));
+        Ok(RemoteFd(remote))
     }
 
-    pub(crate) fn event_fd(&self) -> RawFd {
-        self.shared.event.as_raw_fd()
+    pub(crate) fn event_fd(&self) -> BorrowedFd<'_> {
+        self.shared.event.as_fd()
     }
 
     /// Whether `cid` is a linked sibling.
@@ -407,7 +407,7 @@ fn send_remote(r: &Remote, pkt: &SiblingPacket) -> Result<(), Undeliverable> {
             return Err(Undeliverable::Full);
         }
     }
-    match sys::send_parts(r.sock.as_fd(), &[pkt.hdr.as_bytes(), &pkt.payload]) {
+    match sys::send_parts(r.sock.as_fd(), pkt.hdr.as_bytes(), &pkt.payload) {
         // A SEQPACKET message goes whole or not at all.
         Ok(_) => Ok(()),
         Err(e)
@@ -436,7 +436,7 @@ fn recv_remote(own_cid: u64, r: &Remote) -> Option<Result<SiblingPacket, Invalid
             }
             Ok((n, flags)) => {
                 let invalid = |reason: String| Some(Err(InvalidRemote { cid: r.cid, reason }));
-                if flags & libc::MSG_TRUNC != 0 {
+                if flags.contains(ReturnFlags::TRUNC) {
                     return invalid(format!("message longer than {n} bytes"));
                 }
                 let Ok(hdr) = VsockHeader::read_from_bytes(&head) else {
@@ -804,7 +804,7 @@ mod tests {
             ..Default::default()
         };
         let send = |hdr: &[u8], payload: &[u8]| {
-            sys::send_parts(x.as_fd(), &[hdr, payload]).unwrap();
+            sys::send_parts(x.as_fd(), hdr, payload).unwrap();
         };
         let mut spoofed = good;
         spoofed.src_cid = 5;

@@ -1,257 +1,218 @@
-//! Thin safe wrappers over the Linux calls the muxer makes (epoll, timerfd, AF_UNIX
+//! Thin wrappers over the Linux calls the muxer makes (epoll, timerfd, eventfd, AF_UNIX
 //! sockets, scatter/gather I/O on guest memory regions).
+//!
+//! Every call goes through rustix, as in the media device, except the two that move
+//! bytes between a socket and guest memory ([`send_regions`], [`recv_regions`]): rustix's
+//! `sendmsg`/`recvmsg` take `IoSlice`/`IoSliceMut`, which are Rust references (`&[u8]`,
+//! `&mut [u8]`) to memory the guest may change at any time, and building them per call
+//! would need a fresh, lifetime-bound array per packet. Those two call libc on an
+//! `iovec` array reused across packets ([`IovScratch`]), so the data path gains neither a
+//! copy nor an allocation.
+//!
+//! rustix calls the kernel directly; the jailed worker's seccomp list
+//! (`outboard_glue::jail::WORKER_SYSCALLS`) names what it uses: `epoll_pwait` (not
+//! `epoll_wait`), `eventfd2`, `accept4`, `socket`/`socketpair` with flags, `sendto` and
+//! `recvfrom` for `send`/`recv`, `sendmsg`/`recvmsg`, `getsockopt`/`setsockopt`,
+//! `fcntl`, `ioctl`, `timerfd_settime`, `read` and `write`.
 
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
+
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+use rustix::net::{
+    sockopt, AddressFamily, RecvAncillaryBuffer, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendFlags, Shutdown, SocketAddrUnix, SocketFlags, SocketType,
+};
+use rustix::time::{
+    timerfd_create as rustix_timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId,
+    TimerfdFlags, TimerfdTimerFlags, Timespec,
+};
 
 use crate::virtio::IoRegion;
 
 /// Most iovecs one call takes (`IOV_MAX` on Linux).
 pub(crate) const IOV_MAX: usize = 1024;
 
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
+/// One readiness report of the muxer's epoll set.
+pub(crate) type EpollEvent = epoll::Event;
 
-fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // Non-negative ssize_t fits usize.
-        Ok(ret as usize)
-    }
-}
-
-fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
-    let fd = cvt(fd)?;
-    // SAFETY: `fd` was just returned by the kernel as a new descriptor that nothing else
-    // owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+/// An empty [`EpollEvent`], to size the buffer [`epoll_wait_now`] fills.
+pub(crate) const NO_EVENT: EpollEvent = epoll::Event {
+    flags: EventFlags::empty(),
+    data: EventData::new_u64(0),
+};
 
 /// `epoll_create1(EPOLL_CLOEXEC)`.
 pub(crate) fn epoll_create() -> io::Result<OwnedFd> {
-    // SAFETY: no pointers; the result is checked.
-    owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+    Ok(epoll::create(epoll::CreateFlags::CLOEXEC)?)
 }
 
-/// `epoll_ctl` with `events` and `token` as the event data.
-pub(crate) fn epoll_ctl(
+/// `epoll_ctl(EPOLL_CTL_ADD)` with `events` and `token` as the event data.
+pub(crate) fn epoll_add(
     epoll: &OwnedFd,
-    op: libc::c_int,
-    fd: RawFd,
-    events: u32,
+    fd: BorrowedFd<'_>,
+    events: EventFlags,
     token: u64,
 ) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    // SAFETY: `ev` is a valid epoll_event that outlives the call; the kernel validates
-    // both descriptors.
-    cvt(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) })?;
-    Ok(())
+    Ok(epoll::add(epoll, fd, EventData::new_u64(token), events)?)
 }
 
-/// `epoll_wait` without blocking; returns the number of events stored in `events`.
-pub(crate) fn epoll_wait_now(
+/// `epoll_ctl(EPOLL_CTL_MOD)` with `events` and `token` as the event data.
+pub(crate) fn epoll_modify(
     epoll: &OwnedFd,
-    events: &mut [libc::epoll_event],
-) -> io::Result<usize> {
-    let max = events.len().min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: `events` is a writable buffer of at least `max` epoll_events.
-    let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), max, 0) };
-    match cvt(n) {
-        Ok(n) => Ok(n as usize),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-        Err(e) => Err(e),
+    fd: BorrowedFd<'_>,
+    events: EventFlags,
+    token: u64,
+) -> io::Result<()> {
+    Ok(epoll::modify(epoll, fd, EventData::new_u64(token), events)?)
+}
+
+/// `epoll_ctl(EPOLL_CTL_DEL)`.
+pub(crate) fn epoll_delete(epoll: &OwnedFd, fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(epoll::delete(epoll, fd)?)
+}
+
+/// `epoll_pwait` without blocking; returns the number of events stored in `events`
+/// (0 when interrupted).
+pub(crate) fn epoll_wait_now(epoll: &OwnedFd, events: &mut [EpollEvent]) -> io::Result<usize> {
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match epoll::wait(epoll, events, Some(&now)) {
+        Ok(n) => Ok(n),
+        Err(rustix::io::Errno::INTR) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// A non-blocking monotonic timerfd.
 pub(crate) fn timerfd_create() -> io::Result<OwnedFd> {
-    // SAFETY: no pointers; the result is checked.
-    owned(unsafe {
-        libc::timerfd_create(
-            libc::CLOCK_MONOTONIC,
-            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-        )
-    })
+    Ok(rustix_timerfd_create(
+        TimerfdClockId::Monotonic,
+        TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+    )?)
 }
 
-/// Arms `timer` to fire once after `after` (zero disarms it).
+/// Arms `timer` to fire once after `after` (`None` disarms it).
 pub(crate) fn timerfd_arm(timer: &OwnedFd, after: Option<Duration>) -> io::Result<()> {
-    let value = match after {
+    let it_value = match after {
         // A zero it_value disarms; round a due deadline up to 1 ns so it fires.
-        Some(d) => libc::timespec {
-            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_nsec: d.subsec_nanos().max(u32::from(d.as_secs() == 0)) as libc::c_long,
+        Some(d) => Timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: i64::from(d.subsec_nanos().max(u32::from(d.as_secs() == 0))),
         },
-        None => libc::timespec {
+        None => Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         },
     };
-    let spec = libc::itimerspec {
-        it_interval: libc::timespec {
+    let spec = Itimerspec {
+        it_interval: Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         },
-        it_value: value,
+        it_value,
     };
-    // SAFETY: `spec` is valid for reading; a null old value is allowed.
-    cvt(unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })?;
+    timerfd_settime(timer, TimerfdTimerFlags::empty(), &spec)?;
     Ok(())
 }
 
-/// Reads (and so clears) a timerfd's expiry count; `Ok(())` also when it had not fired.
+/// Reads (and so clears) a timerfd's or an eventfd's count; does nothing when it had
+/// not fired.
 pub(crate) fn timerfd_clear(timer: &OwnedFd) {
     let mut buf = [0u8; 8];
-    // SAFETY: `buf` is 8 writable bytes, the size a timerfd read needs. Errors (EAGAIN
-    // when not expired) are irrelevant here.
-    let _ = unsafe { libc::read(timer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    // Errors (EAGAIN when not expired) are irrelevant here.
+    let _ = rustix::io::read(timer, &mut buf);
 }
 
 /// `eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)`.
 pub(crate) fn eventfd_create() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers; the result is checked by `owned`.
-    owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+    Ok(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?)
 }
 
 /// Adds 1 to an eventfd's counter (never blocks: the counter cannot reach its limit
 /// with one increment per call between reads).
 pub(crate) fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: `one` is 8 readable bytes, the size an eventfd write needs.
-    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    cvt_size(n).map(drop)
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
+    Ok(())
 }
 
-fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain old data for which all-zeroes is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+fn sockaddr_un(path: &Path) -> io::Result<SocketAddrUnix> {
     let bytes = path.as_os_str().as_bytes();
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    // sun_path is 108 bytes, the terminating NUL included.
+    if bytes.is_empty() || bytes.len() >= 108 || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("unix socket path {path:?} is empty, too long or has a NUL byte"),
         ));
     }
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
+    Ok(SocketAddrUnix::new(path)?)
 }
 
-/// A non-blocking close-on-exec AF_UNIX socket of type `ty` (`SOCK_STREAM` or
-/// `SOCK_SEQPACKET`).
-pub(crate) fn unix_socket(ty: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: no pointers; the result is checked.
-    owned(unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })
+/// A non-blocking close-on-exec AF_UNIX socket of type `ty` (`STREAM` or `SEQPACKET`).
+pub(crate) fn unix_socket(ty: SocketType) -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        ty,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// A listening socket bound to `path`.
-pub(crate) fn unix_listen(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
+pub(crate) fn unix_listen(path: &Path, ty: SocketType) -> io::Result<OwnedFd> {
     let fd = unix_socket(ty)?;
-    let (addr, len) = sockaddr_un(path)?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    })?;
-    // SAFETY: plain call on an owned fd.
-    cvt(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
+    rustix::net::bind(&fd, &sockaddr_un(path)?)?;
+    rustix::net::listen(&fd, 128)?;
     Ok(fd)
 }
 
 /// A non-blocking connection to the listener at `path`.
-pub(crate) fn unix_connect(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
+pub(crate) fn unix_connect(path: &Path, ty: SocketType) -> io::Result<OwnedFd> {
     let fd = unix_socket(ty)?;
-    let (addr, len) = sockaddr_un(path)?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    })?;
+    rustix::net::connect(&fd, &sockaddr_un(path)?)?;
     Ok(fd)
 }
 
 /// `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`.
 pub(crate) fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: null address pointers are allowed; the result is checked.
-    owned(unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    })
+    Ok(rustix::net::accept_with(
+        listener,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+    )?)
 }
 
 /// `shutdown(fd, how)`.
-pub(crate) fn shutdown(fd: BorrowedFd<'_>, how: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain call on a borrowed, open fd.
-    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), how) })?;
-    Ok(())
+pub(crate) fn shutdown(fd: BorrowedFd<'_>, how: Shutdown) -> io::Result<()> {
+    Ok(rustix::net::shutdown(fd, how)?)
 }
 
-/// `send` of a host buffer (never SIGPIPE).
+/// `send` of a host buffer (never blocks, never SIGPIPE).
 pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reading `buf.len()` bytes.
-    cvt_size(unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    })
+    Ok(rustix::net::send(
+        fd,
+        buf,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )?)
 }
 
-/// `recv` into a host buffer with `flags` (`MSG_DONTWAIT` is added).
-pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writing `buf.len()` bytes.
-    cvt_size(unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            flags | libc::MSG_DONTWAIT,
-        )
-    })
+/// `recv` into a host buffer with `flags` (`MSG_DONTWAIT` is added); returns what the
+/// kernel returns (with `MSG_TRUNC`, the message's full length).
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Result<usize> {
+    let (_, len) = rustix::net::recv(fd, buf, flags | RecvFlags::DONTWAIT)?;
+    Ok(len)
 }
 
 /// The length of the next message of a datagram-like socket, without consuming it.
 pub(crate) fn peek_msg_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    // SAFETY: a zero-length receive with a null buffer is valid; MSG_TRUNC makes the
-    // kernel report the real message length.
-    cvt_size(unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            std::ptr::null_mut(),
-            0,
-            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-        )
-    })
+    // A zero-length receive with MSG_TRUNC makes the kernel report the real length.
+    recv(fd, &mut [], RecvFlags::PEEK | RecvFlags::TRUNC)
 }
 
 /// Scratch space for the `iovec` array of one call, reused to avoid allocation.
@@ -270,9 +231,22 @@ fn iovecs<'a>(regions: &[IoRegion], out: &'a mut IovScratch) -> &'a mut Vec<libc
     &mut out.0
 }
 
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // Non-negative ssize_t fits usize.
+        Ok(ret as usize)
+    }
+}
+
 /// Gathers from guest memory regions into a socket (`sendmsg`, no SIGPIPE).
 ///
 /// `iov` is scratch space reused across calls.
+///
+/// Raw libc, not rustix: rustix's `sendmsg` takes `&[IoSlice]`, a Rust `&[u8]` per
+/// region of guest memory the guest may write concurrently, in a fresh array per call;
+/// the `iovec`s here are plain addresses in a buffer reused across packets.
 pub(crate) fn send_regions(
     fd: BorrowedFd<'_>,
     regions: &[IoRegion],
@@ -296,12 +270,16 @@ pub(crate) fn send_regions(
 }
 
 /// Scatters from a socket into guest memory regions (`recvmsg`); returns the byte
-/// count and the returned `msg_flags` (for `MSG_TRUNC`/`MSG_EOR`).
+/// count and the returned flags (for `MSG_TRUNC`/`MSG_EOR`).
+///
+/// Raw libc, not rustix: rustix's `recvmsg` takes `&mut [IoSliceMut]`, a Rust
+/// `&mut [u8]` per region of guest memory, which the guest may read or write
+/// concurrently (no Rust reference to it may exist), in a fresh array per call.
 pub(crate) fn recv_regions(
     fd: BorrowedFd<'_>,
     regions: &[IoRegion],
     iov: &mut IovScratch,
-) -> io::Result<(usize, libc::c_int)> {
+) -> io::Result<(usize, ReturnFlags)> {
     let iov = iovecs(regions, iov);
     // SAFETY: msghdr is plain old data; all-zeroes is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -311,131 +289,95 @@ pub(crate) fn recv_regions(
     // the call (IoRegion::new's contract). The kernel writes socket bytes into it; no
     // Rust reference to that memory exists.
     let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) })?;
-    Ok((n, msg.msg_flags))
+    Ok((n, ReturnFlags::from_bits_retain(msg.msg_flags as u32)))
 }
 
 /// A connected pair of non-blocking close-on-exec AF_UNIX `SOCK_SEQPACKET` sockets.
 pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a writable array of two ints for the kernel to fill.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: both are new descriptors the kernel just returned; nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
-/// `getsockopt` of an `int` option.
-pub(crate) fn sockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are valid for writing and `len` holds its size.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(value)
+/// Raises `fd`'s send buffer to `bytes` (`SO_SNDBUFFORCE` where the caller may, else
+/// as far as `SO_SNDBUF` goes; the kernel doubles the value it is given, for its own
+/// bookkeeping, so this passes half).
+pub(crate) fn raise_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let half = bytes.min(i32::MAX as usize) / 2;
+    if sockopt::set_socket_send_buffer_size_force(fd, half).is_err() {
+        sockopt::set_socket_send_buffer_size(fd, half)?;
+    }
+    Ok(())
 }
 
-/// `setsockopt` of an `int` option.
-pub(crate) fn set_sockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `value` is a valid int for the kernel to read, with its size.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
+/// `getsockopt(SO_SNDBUF)`: the send buffer's size as the kernel counts it.
+pub(crate) fn send_buffer_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    Ok(sockopt::socket_send_buffer_size(fd)?)
+}
+
+/// Whether `fd` is an AF_UNIX `SOCK_SEQPACKET` socket (`SO_DOMAIN`, `SO_TYPE`); the
+/// error says what it is instead.
+pub(crate) fn check_unix_seqpacket(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let ty = sockopt::socket_type(fd).map_err(|e| format!("SO_TYPE: {e}"))?;
+    let domain = sockopt::socket_domain(fd).map_err(|e| format!("SO_DOMAIN: {e}"))?;
+    if ty != SocketType::SEQPACKET || domain != AddressFamily::UNIX {
+        return Err(format!(
+            "socket of domain {} and type {}, not an AF_UNIX SOCK_SEQPACKET",
+            domain.as_raw(),
+            ty.as_raw()
+        ));
+    }
     Ok(())
 }
 
 /// Sets `O_NONBLOCK` on `fd`.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: no pointers; the kernel validates the descriptor.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: as above.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    let flags = fcntl_getfl(fd)?;
+    fcntl_setfl(fd, flags | OFlags::NONBLOCK)?;
     Ok(())
 }
 
 /// Bytes a socket has sent that its peer has not read yet (`SIOCOUTQ`; for AF_UNIX the
 /// memory those messages take, which the send buffer bounds).
 pub(crate) fn unread_sent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    let mut value: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int into `value`, which is valid for writing.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ as _, &mut value) })?;
+    use rustix::ioctl::{ioctl, Getter};
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) reads no argument and writes one int, which
+    // is what a `Getter` of `c_int` passes (a pointer to an int it owns).
+    let value = unsafe {
+        ioctl(
+            fd,
+            Getter::<{ libc::TIOCOUTQ as rustix::ioctl::Opcode }, libc::c_int>::new(),
+        )
+    }?;
     Ok(usize::try_from(value).unwrap_or(0))
 }
 
-/// Sends `parts` as one message (`sendmsg` of host buffers, never blocks, no SIGPIPE).
-pub(crate) fn send_parts(fd: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = parts
-        .iter()
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        })
-        .collect();
-    // SAFETY: msghdr is plain old data; all-zeroes is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: every iovec describes a borrowed slice that outlives the call; the kernel
-    // only reads through them (the `*mut` is what `iovec` spells, not a write).
-    cvt_size(unsafe {
-        libc::sendmsg(
-            fd.as_raw_fd(),
-            &msg,
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    })
+/// Sends `head` then `body` as one message (`sendmsg` of host buffers, never blocks,
+/// no SIGPIPE).
+pub(crate) fn send_parts(fd: BorrowedFd<'_>, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    Ok(rustix::net::sendmsg(
+        fd,
+        &[IoSlice::new(head), IoSlice::new(body)],
+        &mut SendAncillaryBuffer::default(),
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )?)
 }
 
 /// Receives one message into `head` then `body` (`recvmsg`, never blocks); returns the
-/// message's bytes stored and the returned `msg_flags` (`MSG_TRUNC` when it was longer).
+/// message's bytes stored and the returned flags (`TRUNC` when it was longer).
 pub(crate) fn recv_parts(
     fd: BorrowedFd<'_>,
     head: &mut [u8],
     body: &mut [u8],
-) -> io::Result<(usize, libc::c_int)> {
-    let mut iov = [
-        libc::iovec {
-            iov_base: head.as_mut_ptr().cast(),
-            iov_len: head.len(),
-        },
-        libc::iovec {
-            iov_base: body.as_mut_ptr().cast(),
-            iov_len: body.len(),
-        },
-    ];
-    // SAFETY: msghdr is plain old data; all-zeroes is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: both iovecs describe exclusively borrowed buffers that outlive the call;
-    // the kernel writes at most their lengths.
-    let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) })?;
-    Ok((n, msg.msg_flags))
+) -> io::Result<(usize, ReturnFlags)> {
+    let msg = rustix::net::recvmsg(
+        fd,
+        &mut [IoSliceMut::new(head), IoSliceMut::new(body)],
+        &mut RecvAncillaryBuffer::default(),
+        RecvFlags::DONTWAIT,
+    )?;
+    Ok((msg.bytes, msg.flags))
 }

@@ -11,6 +11,7 @@ use outboard_protocol::vhost_user::{
     VhostUserVirtioFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{Backend, HandlerResult, MemoryRegion, VhostUserBackendReqHandler};
+use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -50,12 +51,8 @@ pub type ChannelSlot = Arc<Mutex<Option<Backend>>>;
 /// Makes reads and writes on `file` non-blocking, so that an fd from the front-end that
 /// is not the eventfd it should be (a pipe nobody drains) cannot stall the worker.
 fn set_nonblocking(file: &File) {
-    // SAFETY: fcntl(F_GETFL/F_SETFL) on an fd we own; no memory is passed.
-    unsafe {
-        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
+    if let Ok(flags) = fcntl_getfl(file) {
+        let _ = fcntl_setfl(file, flags | OFlags::NONBLOCK);
     }
 }
 

@@ -124,6 +124,8 @@ impl Drop for GuardedRange {
 fn install_handler() -> Option<()> {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     let ok = *INSTALLED.get_or_init(|| {
+        // Raw libc: rustix has no stable `sigaction`; the handler's own `mmap` below is
+        // libc's too, one async-signal-safe call.
         // SAFETY: a zeroed sigaction is a valid "no handler" value to fill in; the
         // handler is an `extern "C"` function with the SA_SIGINFO signature, and the
         // previous action is written into `old`, which we own.

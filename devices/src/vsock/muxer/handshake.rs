@@ -7,20 +7,24 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use outboard_protocol::vsock::{VsockType, VMADDR_PORT_ANY};
+use rustix::event::epoll::EventFlags;
+use rustix::net::RecvFlags;
 
 use super::timers::TimerKey;
-use super::{Muxer, TOKEN_PENDING};
+use super::{EpollOp, Muxer, TOKEN_PENDING};
 use crate::vsock::conn::{Action, Conn, ConnKey, Fault};
 use crate::vsock::{
     sys, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECT_LINE, MAX_PENDING_HOST_CONNECTIONS,
 };
 
-const PENDING_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const PENDING_EVENTS: EventFlags = EventFlags::IN
+    .union(EventFlags::RDHUP)
+    .union(EventFlags::ET);
 
 /// A host client that connected to a listener and has not sent `CONNECT <port>` yet.
 #[derive(Debug)]
 pub(super) struct PendingHost {
-    fd: OwnedFd,
+    pub(super) fd: OwnedFd,
     ty: VsockType,
     /// When the client is dropped if its line has not come.
     pub(super) deadline: Instant,
@@ -71,8 +75,7 @@ impl Muxer {
             }
             let raw = fd.as_raw_fd();
             let token = TOKEN_PENDING | raw as u32 as u64;
-            if sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, raw, PENDING_EVENTS, token).is_err()
-            {
+            if sys::epoll_add(&self.epoll, fd.as_fd(), PENDING_EVENTS, token).is_err() {
                 VsockMetrics::inc(&self.metrics.err_muxer);
                 continue;
             }
@@ -84,8 +87,9 @@ impl Muxer {
 
     /// Forgets a pending host client (its socket is closed).
     pub(super) fn drop_pending(&mut self, fd: RawFd) {
-        if self.pending.remove(&fd).is_some() {
-            let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        if let Some(p) = self.pending.remove(&fd) {
+            // Out of the set before its socket closes (when `p` drops).
+            let _ = sys::epoll_delete(&self.epoll, p.fd.as_fd());
         }
     }
 
@@ -97,11 +101,11 @@ impl Muxer {
         };
         let mut buf = [0u8; MAX_CONNECT_LINE];
         let line_len = match p.ty {
-            VsockType::Stream => match sys::recv(p.fd.as_fd(), &mut buf, libc::MSG_PEEK) {
+            VsockType::Stream => match sys::recv(p.fd.as_fd(), &mut buf, RecvFlags::PEEK) {
                 Ok(0) => None,
                 Ok(n) => match buf[..n].iter().position(|b| *b == b'\n') {
                     // Consume exactly the line; what follows is stream data.
-                    Some(i) => match sys::recv(p.fd.as_fd(), &mut buf[..=i], 0) {
+                    Some(i) => match sys::recv(p.fd.as_fd(), &mut buf[..=i], RecvFlags::empty()) {
                         Ok(m) if m == i + 1 => Some(i),
                         _ => None,
                     },
@@ -111,7 +115,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => None,
             },
-            VsockType::Seqpacket => match sys::recv(p.fd.as_fd(), &mut buf, libc::MSG_TRUNC) {
+            VsockType::Seqpacket => match sys::recv(p.fd.as_fd(), &mut buf, RecvFlags::TRUNC) {
                 Ok(n) if n > 0 && n <= MAX_CONNECT_LINE => {
                     Some(if buf[n - 1] == b'\n' { n - 1 } else { n })
                 }
@@ -135,7 +139,7 @@ impl Muxer {
         };
         let conn = Conn::new_local_init(sock, ty, local_port, port, self.buf_alloc(ty));
         // The fd is in the epoll set already: re-register it under the connection token.
-        self.insert(conn, libc::EPOLL_CTL_MOD);
+        self.insert(conn, EpollOp::Modify);
     }
 
     /// The guest accepted the REQUEST of connection `key`: the host client is told

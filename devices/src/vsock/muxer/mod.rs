@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType, VMADDR_CID_HOST};
+use rustix::event::epoll::EventFlags;
+use rustix::net::SocketType;
 
 use self::handshake::PendingHost;
 use self::rx::RxBufs;
@@ -48,9 +50,20 @@ const EVENTS_PER_WAIT: usize = 64;
 /// A connection's socket events while its TX buffer is empty. EPOLLOUT is asked for
 /// only while bytes wait (`CONN_EVENTS_OUT`): edge-triggered EPOLLOUT fires every time
 /// the host reader drains the socket, which would wake the device once per host read.
-const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const CONN_EVENTS: EventFlags = EventFlags::IN
+    .union(EventFlags::RDHUP)
+    .union(EventFlags::ET);
 /// A connection's socket events while bytes wait in its TX buffer.
-const CONN_EVENTS_OUT: u32 = CONN_EVENTS | libc::EPOLLOUT as u32;
+/// How [`Muxer::insert`] registers a connection's socket in the epoll set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EpollOp {
+    /// A new socket (`EPOLL_CTL_ADD`).
+    Add,
+    /// A former pending host client, registered already (`EPOLL_CTL_MOD`).
+    Modify,
+}
+
+const CONN_EVENTS_OUT: EventFlags = CONN_EVENTS.union(EventFlags::OUT);
 
 /// The muxer.
 pub(crate) struct Muxer {
@@ -75,7 +88,6 @@ pub(crate) struct Muxer {
     /// The sibling inbox's eventfd reported.
     inbox_signalled: bool,
     metrics: Arc<VsockMetrics>,
-    events: Vec<libc::epoll_event>,
     iov: sys::IovScratch,
     rx: RxBufs,
 }
@@ -97,17 +109,16 @@ impl Muxer {
                 source,
             })
         };
-        let listener = listen(uds_path.clone(), libc::SOCK_STREAM)?;
+        let listener = listen(uds_path.clone(), SocketType::STREAM)?;
         let mut seq_path = uds_path.clone().into_os_string();
         seq_path.push("_seqpacket");
-        let seq_listener = listen(PathBuf::from(seq_path), libc::SOCK_SEQPACKET)?;
-        let add = |fd: RawFd, token| {
-            sys::epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
-                .map_err(VsockError::Epoll)
+        let seq_listener = listen(PathBuf::from(seq_path), SocketType::SEQPACKET)?;
+        let add = |fd: BorrowedFd<'_>, token| {
+            sys::epoll_add(&epoll, fd, EventFlags::IN, token).map_err(VsockError::Epoll)
         };
-        add(listener.as_raw_fd(), TOKEN_LISTENER)?;
-        add(seq_listener.as_raw_fd(), TOKEN_SEQ_LISTENER)?;
-        add(timer.as_raw_fd(), TOKEN_TIMER)?;
+        add(listener.as_fd(), TOKEN_LISTENER)?;
+        add(seq_listener.as_fd(), TOKEN_SEQ_LISTENER)?;
+        add(timer.as_fd(), TOKEN_TIMER)?;
         Ok(Muxer {
             guest_cid,
             tx_buf_size,
@@ -129,7 +140,6 @@ impl Muxer {
             seqpacket: false,
             inbox_signalled: false,
             metrics,
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
             iov: sys::IovScratch::default(),
             rx: RxBufs::default(),
         })
@@ -142,14 +152,13 @@ impl Muxer {
 
     /// Adds the sibling inbox's eventfd (level-triggered) or a link to a sibling in
     /// another process (`edge`: reported once per arrival) to the epoll set.
-    pub fn watch_inbox(&mut self, fd: RawFd, edge: bool) -> Result<(), VsockError> {
+    pub fn watch_inbox(&mut self, fd: impl AsFd, edge: bool) -> Result<(), VsockError> {
         let events = if edge {
-            (libc::EPOLLIN | libc::EPOLLET) as u32
+            EventFlags::IN | EventFlags::ET
         } else {
-            libc::EPOLLIN as u32
+            EventFlags::IN
         };
-        sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, events, TOKEN_INBOX)
-            .map_err(VsockError::Epoll)
+        sys::epoll_add(&self.epoll, fd.as_fd(), events, TOKEN_INBOX).map_err(VsockError::Epoll)
     }
 
     /// Whether the sibling inbox's eventfd reported since the last call.
@@ -171,17 +180,11 @@ impl Muxer {
     pub fn reset(&mut self) {
         let removed = self.conns.len() as u64;
         for (_, conn) in self.conns.drain() {
-            let _ = sys::epoll_ctl(
-                &self.epoll,
-                libc::EPOLL_CTL_DEL,
-                conn.fd().as_raw_fd(),
-                0,
-                0,
-            );
+            let _ = sys::epoll_delete(&self.epoll, conn.fd());
         }
         VsockMetrics::add(&self.metrics.conns_removed, removed);
-        for (fd, _) in self.pending.drain() {
-            let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        for (_, p) in self.pending.drain() {
+            let _ = sys::epoll_delete(&self.epoll, p.fd.as_fd());
         }
         self.fd_keys.clear();
         self.local_ports.clear();
@@ -290,7 +293,7 @@ impl Muxer {
             return;
         }
         let fd = conn.fd().as_raw_fd();
-        let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
+        let _ = sys::epoll_delete(&self.epoll, conn.fd());
         self.fd_keys.remove(&fd);
         self.schedule(key);
     }
@@ -300,7 +303,7 @@ impl Muxer {
             let fd = conn.fd().as_raw_fd();
             if self.fd_keys.get(&fd) == Some(&key) {
                 self.fd_keys.remove(&fd);
-                let _ = sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                let _ = sys::epoll_delete(&self.epoll, conn.fd());
             }
             let local_port = conn.local_port();
             if let Some(n) = self.local_ports.get_mut(&local_port) {
@@ -315,11 +318,15 @@ impl Muxer {
 
     /// Registers `conn` in the epoll set (`op` is ADD, or MOD for a former pending host
     /// client) and in the tables, and watches its deadline if it has one.
-    fn insert(&mut self, conn: Conn, op: libc::c_int) -> bool {
+    fn insert(&mut self, conn: Conn, op: EpollOp) -> bool {
         let key = conn.key();
         let fd = conn.fd().as_raw_fd();
         let token = TOKEN_CONN | fd as u32 as u64;
-        if sys::epoll_ctl(&self.epoll, op, fd, CONN_EVENTS, token).is_err() {
+        let registered = match op {
+            EpollOp::Add => sys::epoll_add(&self.epoll, conn.fd(), CONN_EVENTS, token),
+            EpollOp::Modify => sys::epoll_modify(&self.epoll, conn.fd(), CONN_EVENTS, token),
+        };
+        if registered.is_err() {
             VsockMetrics::inc(&self.metrics.err_muxer);
             return false;
         }
@@ -367,7 +374,7 @@ impl Muxer {
         }
         let events = if out { CONN_EVENTS_OUT } else { CONN_EVENTS };
         let token = TOKEN_CONN | fd as u32 as u64;
-        if sys::epoll_ctl(&self.epoll, libc::EPOLL_CTL_MOD, fd, events, token).is_err() {
+        if sys::epoll_modify(&self.epoll, conn.fd(), events, token).is_err() {
             VsockMetrics::inc(&self.metrics.err_muxer);
             if out {
                 self.kill(key);
@@ -378,7 +385,9 @@ impl Muxer {
     /// Handles what the epoll set reports (never blocks).
     pub fn process_events(&mut self) {
         for _ in 0..16 {
-            let mut events = std::mem::take(&mut self.events);
+            // On the stack (under 1 KiB): rustix's epoll event is not `Send`, so the
+            // muxer (which moves between threads) does not keep one.
+            let mut events = [sys::NO_EVENT; EVENTS_PER_WAIT];
             let n = match sys::epoll_wait_now(&self.epoll, &mut events) {
                 Ok(n) => n,
                 Err(_) => {
@@ -387,10 +396,9 @@ impl Muxer {
                 }
             };
             for ev in &events[..n] {
-                let (token, bits) = (ev.u64, ev.events);
-                self.dispatch(token, bits);
+                let (token, flags) = (ev.data.u64(), ev.flags);
+                self.dispatch(token, flags);
             }
-            self.events = events;
             if n < EVENTS_PER_WAIT {
                 break;
             }
@@ -398,30 +406,29 @@ impl Muxer {
         self.rearm_timer();
     }
 
-    fn dispatch(&mut self, token: u64, bits: u32) {
+    fn dispatch(&mut self, token: u64, flags: EventFlags) {
         match (token & TOKEN_KIND, token) {
             (0, TOKEN_LISTENER) => self.accept(VsockType::Stream),
             (0, TOKEN_SEQ_LISTENER) => self.accept(VsockType::Seqpacket),
             (0, TOKEN_TIMER) => self.on_timer(),
             (0, TOKEN_INBOX) => self.inbox_signalled = true,
             (TOKEN_PENDING, t) => self.pending_readable(t as u32 as RawFd),
-            (TOKEN_CONN, t) => self.conn_event(t as u32 as RawFd, bits),
+            (TOKEN_CONN, t) => self.conn_event(t as u32 as RawFd, flags),
             _ => VsockMetrics::inc(&self.metrics.err_muxer),
         }
     }
 
     /// Readiness of a connection's host socket. Writability flushes its TX buffer
     /// (then [`Muxer::after_host_write`]); EPOLLOUT is dropped once nothing waits.
-    fn conn_event(&mut self, fd: RawFd, bits: u32) {
+    fn conn_event(&mut self, fd: RawFd, flags: EventFlags) {
         let Some(&key) = self.fd_keys.get(&fd) else {
             return;
         };
-        if !self.on_conn(key, |conn, _| conn.on_host_ready(bits)) {
+        if !self.on_conn(key, |conn, _| conn.on_host_ready(flags)) {
             return;
         }
         // EPOLLOUT was asked for; once the buffer is empty it is not needed.
-        if bits & libc::EPOLLOUT as u32 != 0
-            && self.conns.get(&key).is_some_and(|c| !c.tx_pending())
+        if flags.contains(EventFlags::OUT) && self.conns.get(&key).is_some_and(|c| !c.tx_pending())
         {
             self.set_out_interest(key, false);
         }

@@ -4,6 +4,7 @@
 use std::io;
 
 use outboard_protocol::vsock::{SeqpacketFlags, VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE};
+use rustix::net::ReturnFlags;
 
 use super::Muxer;
 use crate::virtio::{slice_regions, DescChain, IoRegion, QueueError, VirtQueue};
@@ -370,9 +371,9 @@ impl Muxer {
             &self.rx.regions[..]
         };
         match sys::recv_regions(conn.fd(), regions, &mut self.iov) {
-            Ok((n, flags)) if n == msg_len && flags & libc::MSG_TRUNC == 0 => {
+            Ok((n, flags)) if n == msg_len && !flags.contains(ReturnFlags::TRUNC) => {
                 let mut last = SeqpacketFlags::EOM;
-                if flags & libc::MSG_EOR != 0 {
+                if flags.contains(ReturnFlags::EOR) {
                     last |= SeqpacketFlags::EOR;
                 }
                 *used += self.rx.deliver(

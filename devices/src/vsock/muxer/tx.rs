@@ -2,8 +2,9 @@
 //! path, and connects the guest initiates.
 
 use outboard_protocol::vsock::{VsockOp, VsockType};
+use rustix::net::SocketType;
 
-use super::Muxer;
+use super::{EpollOp, Muxer};
 use crate::virtio::IoRegion;
 use crate::vsock::conn::{Conn, ConnKey};
 use crate::vsock::packet::TxPacket;
@@ -63,8 +64,8 @@ impl Muxer {
         let dst_port = h.dst_port;
         path.push(format!("_{dst_port}"));
         let ty = match pkt.ty {
-            VsockType::Stream => libc::SOCK_STREAM,
-            VsockType::Seqpacket => libc::SOCK_SEQPACKET,
+            VsockType::Stream => SocketType::STREAM,
+            VsockType::Seqpacket => SocketType::SEQPACKET,
         };
         let fd = match sys::unix_connect(std::path::Path::new(&path), ty) {
             Ok(fd) => fd,
@@ -75,7 +76,7 @@ impl Muxer {
             }
         };
         let conn = Conn::new_peer_init(fd, pkt.ty, &h, self.buf_alloc(pkt.ty));
-        if !self.insert(conn, libc::EPOLL_CTL_ADD) {
+        if !self.insert(conn, EpollOp::Add) {
             self.orphan_rst(h.src_port, h.dst_port, h.type_);
         }
     }
