@@ -22,18 +22,46 @@ pub const PIX_FMT_YUV420M: u32 = fourcc(b"YM12");
 pub const BUF_TYPE_VIDEO_CAPTURE: u32 = 1;
 /// `V4L2_BUF_TYPE_VIDEO_OUTPUT`.
 pub const BUF_TYPE_VIDEO_OUTPUT: u32 = 2;
+/// `V4L2_BUF_TYPE_VIDEO_OVERLAY`.
+pub const BUF_TYPE_VIDEO_OVERLAY: u32 = 3;
+/// `V4L2_BUF_TYPE_VBI_OUTPUT`.
+pub const BUF_TYPE_VBI_OUTPUT: u32 = 5;
+/// `V4L2_BUF_TYPE_SLICED_VBI_OUTPUT`.
+pub const BUF_TYPE_SLICED_VBI_OUTPUT: u32 = 7;
+/// `V4L2_BUF_TYPE_VIDEO_OUTPUT_OVERLAY`.
+pub const BUF_TYPE_VIDEO_OUTPUT_OVERLAY: u32 = 8;
 /// `V4L2_BUF_TYPE_VIDEO_CAPTURE_MPLANE`.
 pub const BUF_TYPE_VIDEO_CAPTURE_MPLANE: u32 = 9;
 /// `V4L2_BUF_TYPE_VIDEO_OUTPUT_MPLANE`.
 pub const BUF_TYPE_VIDEO_OUTPUT_MPLANE: u32 = 10;
+/// `V4L2_BUF_TYPE_SDR_OUTPUT`.
+pub const BUF_TYPE_SDR_OUTPUT: u32 = 12;
+/// `V4L2_BUF_TYPE_META_OUTPUT`.
+pub const BUF_TYPE_META_OUTPUT: u32 = 14;
 /// The largest valid `V4L2_BUF_TYPE_*` value (`V4L2_BUF_TYPE_META_OUTPUT`).
-pub const BUF_TYPE_MAX: u32 = 14;
+pub const BUF_TYPE_MAX: u32 = BUF_TYPE_META_OUTPUT;
 
 /// Whether `buf_type` is a multi-planar buffer type.
 pub const fn is_multiplanar(buf_type: u32) -> bool {
     matches!(
         buf_type,
         BUF_TYPE_VIDEO_CAPTURE_MPLANE | BUF_TYPE_VIDEO_OUTPUT_MPLANE
+    )
+}
+
+/// Whether `buf_type` moves data from the application to the device
+/// (`V4L2_TYPE_IS_OUTPUT`).
+pub const fn is_output(buf_type: u32) -> bool {
+    matches!(
+        buf_type,
+        BUF_TYPE_VIDEO_OUTPUT
+            | BUF_TYPE_VIDEO_OVERLAY
+            | BUF_TYPE_VBI_OUTPUT
+            | BUF_TYPE_SLICED_VBI_OUTPUT
+            | BUF_TYPE_VIDEO_OUTPUT_OVERLAY
+            | BUF_TYPE_VIDEO_OUTPUT_MPLANE
+            | BUF_TYPE_SDR_OUTPUT
+            | BUF_TYPE_META_OUTPUT
     )
 }
 
@@ -50,6 +78,9 @@ pub const MEMORY_USERPTR: u32 = 2;
 pub const MEMORY_OVERLAY: u32 = 3;
 /// `V4L2_MEMORY_DMABUF`.
 pub const MEMORY_DMABUF: u32 = 4;
+
+/// `V4L2_PIX_FMT_PRIV_MAGIC`: in `v4l2_pix_format.priv`, the extended fields are valid.
+pub const PIX_FMT_PRIV_MAGIC: u32 = 0xfeed_cafe;
 
 /// `V4L2_FIELD_NONE`: progressive.
 pub const FIELD_NONE: u32 = 1;
@@ -70,6 +101,8 @@ pub const BUF_FLAG_ERROR: u32 = 0x40;
 pub const BUF_FLAG_TIMESTAMP_MONOTONIC: u32 = 0x2000;
 /// `V4L2_BUF_FLAG_TSTAMP_SRC_SOE`: the timestamp is taken at the start of exposure.
 pub const BUF_FLAG_TSTAMP_SRC_SOE: u32 = 0x10000;
+/// `V4L2_BUF_FLAG_REQUEST_FD`: `request_fd` names a media request.
+pub const BUF_FLAG_REQUEST_FD: u32 = 0x0080_0000;
 
 /// `V4L2_BUF_CAP_SUPPORTS_MMAP`.
 pub const BUF_CAP_SUPPORTS_MMAP: u32 = 1 << 0;
@@ -77,17 +110,31 @@ pub const BUF_CAP_SUPPORTS_MMAP: u32 = 1 << 0;
 pub const BUF_CAP_SUPPORTS_USERPTR: u32 = 1 << 1;
 /// `V4L2_BUF_CAP_SUPPORTS_DMABUF`.
 pub const BUF_CAP_SUPPORTS_DMABUF: u32 = 1 << 2;
+/// `V4L2_BUF_CAP_SUPPORTS_REQUESTS`.
+pub const BUF_CAP_SUPPORTS_REQUESTS: u32 = 1 << 3;
 /// `V4L2_BUF_CAP_SUPPORTS_ORPHANED_BUFS`.
 pub const BUF_CAP_SUPPORTS_ORPHANED_BUFS: u32 = 1 << 4;
 
 /// `V4L2_CAP_VIDEO_CAPTURE`.
 pub const CAP_VIDEO_CAPTURE: u32 = 0x1;
+/// `V4L2_CAP_VIDEO_OVERLAY`.
+pub const CAP_VIDEO_OVERLAY: u32 = 0x4;
+/// `V4L2_CAP_VIDEO_OUTPUT_OVERLAY`.
+pub const CAP_VIDEO_OUTPUT_OVERLAY: u32 = 0x200;
 /// `V4L2_CAP_VIDEO_CAPTURE_MPLANE`.
 pub const CAP_VIDEO_CAPTURE_MPLANE: u32 = 0x1000;
-/// `V4L2_CAP_STREAMING`.
-pub const CAP_STREAMING: u32 = 0x0400_0000;
+/// `V4L2_CAP_VIDEO_M2M_MPLANE`.
+pub const CAP_VIDEO_M2M_MPLANE: u32 = 0x4000;
+/// `V4L2_CAP_VIDEO_M2M`.
+pub const CAP_VIDEO_M2M: u32 = 0x8000;
 /// `V4L2_CAP_EXT_PIX_FORMAT`.
 pub const CAP_EXT_PIX_FORMAT: u32 = 0x0020_0000;
+/// `V4L2_CAP_READWRITE`: `read()`/`write()` I/O.
+pub const CAP_READWRITE: u32 = 0x0100_0000;
+/// `V4L2_CAP_STREAMING`.
+pub const CAP_STREAMING: u32 = 0x0400_0000;
+/// `V4L2_CAP_DEVICE_CAPS`: `v4l2_capability.device_caps` is valid.
+pub const CAP_DEVICE_CAPS: u32 = 0x8000_0000;
 
 /// `V4L2_FRMSIZE_TYPE_DISCRETE`.
 pub const FRMSIZE_TYPE_DISCRETE: u32 = 1;
@@ -105,6 +152,14 @@ pub const CTRL_TYPE_INTEGER: u32 = 1;
 pub const CTRL_TYPE_BOOLEAN: u32 = 2;
 /// `V4L2_CTRL_TYPE_MENU`.
 pub const CTRL_TYPE_MENU: u32 = 3;
+/// `V4L2_CTRL_TYPE_CTRL_CLASS`: the class control of a control class.
+pub const CTRL_TYPE_CTRL_CLASS: u32 = 6;
+/// `V4L2_CTRL_FLAG_READ_ONLY`.
+pub const CTRL_FLAG_READ_ONLY: u32 = 0x4;
+/// `V4L2_CTRL_FLAG_SLIDER`.
+pub const CTRL_FLAG_SLIDER: u32 = 0x20;
+/// `V4L2_CTRL_FLAG_WRITE_ONLY`.
+pub const CTRL_FLAG_WRITE_ONLY: u32 = 0x40;
 /// `V4L2_CTRL_FLAG_NEXT_CTRL`: or-ed into a control id to enumerate controls.
 pub const CTRL_FLAG_NEXT_CTRL: u32 = 0x8000_0000;
 /// `V4L2_CTRL_FLAG_NEXT_COMPOUND`: or-ed into a control id to enumerate compound controls.
@@ -113,6 +168,8 @@ pub const CTRL_FLAG_NEXT_COMPOUND: u32 = 0x4000_0000;
 pub const CTRL_CLASS_USER: u32 = 0x0098_0000;
 /// `V4L2_CTRL_CLASS_CAMERA`.
 pub const CTRL_CLASS_CAMERA: u32 = 0x009a_0000;
+/// `V4L2_CID_USER_CLASS`: the class control of the user class.
+pub const CID_USER_CLASS: u32 = CTRL_CLASS_USER | 1;
 /// `V4L2_CID_BRIGHTNESS`.
 pub const CID_BRIGHTNESS: u32 = CTRL_CLASS_USER | 0x900;
 /// `V4L2_CID_CONTRAST`.
@@ -136,6 +193,14 @@ pub const EVENT_EOS: u32 = 2;
 pub const EVENT_CTRL: u32 = 3;
 /// `V4L2_EVENT_SOURCE_CHANGE`.
 pub const EVENT_SOURCE_CHANGE: u32 = 5;
+/// `V4L2_EVENT_CTRL_CH_VALUE`: a control event's value changed.
+pub const EVENT_CTRL_CH_VALUE: u32 = 1;
+/// `V4L2_EVENT_CTRL_CH_FLAGS`: a control event's flags changed.
+pub const EVENT_CTRL_CH_FLAGS: u32 = 2;
+/// `V4L2_EVENT_SUB_FL_SEND_INITIAL`: send the current state when subscribing.
+pub const EVENT_SUB_FL_SEND_INITIAL: u32 = 1;
+/// `V4L2_EVENT_SUB_FL_ALLOW_FEEDBACK`: report the subscriber's own changes too.
+pub const EVENT_SUB_FL_ALLOW_FEEDBACK: u32 = 2;
 
 /// `V4L2_SEL_TGT_CROP`.
 pub const SEL_TGT_CROP: u32 = 0;
