@@ -24,6 +24,7 @@ pub const MAX_BUFFERS: u32 = 32;
 /// 32-bit `mem_offset`s could address.
 pub const MAX_SESSION_BUFFER_BYTES: u64 = 256 << 20;
 
+/// Now, on `CLOCK_MONOTONIC`, as a `v4l2_buffer` timestamp.
 pub(super) fn timespec_now() -> Timeval {
     let t = clock_gettime(ClockId::Monotonic);
     Timeval {
@@ -71,6 +72,7 @@ impl PlaneBuf {
     }
 }
 
+/// One buffer of the queue: its planes and what `QUERYBUF` and `DQBUF` report.
 pub(super) struct CamBuffer {
     pub(super) planes: Vec<PlaneBuf>,
     pub(super) queued: bool,

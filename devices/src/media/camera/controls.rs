@@ -36,6 +36,7 @@ pub(super) const USER_CLASS: Ctrl = Ctrl {
     flags: CTRL_FLAG_READ_ONLY | CTRL_FLAG_WRITE_ONLY,
 };
 
+/// The camera's controls; a session keeps their values in this order.
 pub(super) const CTRLS: [Ctrl; 3] = [
     Ctrl {
         id: CID_BRIGHTNESS,
@@ -69,6 +70,7 @@ pub(super) const CTRLS: [Ctrl; 3] = [
     },
 ];
 
+/// The index in [`CTRLS`] of control `id`.
 pub(super) fn ctrl_index(id: u32) -> Option<usize> {
     CTRLS.iter().position(|c| c.id == id)
 }
