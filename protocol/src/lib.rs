@@ -58,7 +58,8 @@
 //!   (virtio 1.4, device type 48).
 //! - [`ratelimit`] (feature `std`): the rate limit of every log line a peer can cause,
 //!   shared by the layers above.
-//! - [`v4l2`]: every V4L2 ioctl with its number and direction, with lookup from a raw code.
+//! - [`v4l2`]: every V4L2 ioctl with its number and direction, with lookup from a raw code;
+//!   the ioctls' argument structures in their 64-bit layouts, and the `V4L2_*` constants.
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]

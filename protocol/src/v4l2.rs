@@ -1,4 +1,7 @@
-//! V4L2 ioctl codes (`linux/videodev2.h`), as virtio-media carries them.
+//! V4L2 (`linux/videodev2.h`) as virtio-media carries it: the ioctl codes, the
+//! structures of their arguments in the 64-bit Linux layout, and the constants they hold.
+//!
+//! # Ioctl codes
 //!
 //! virtio-media's IOCTL command names an ioctl by its number, the `_IOC_NR` part of the
 //! Linux request code (`VIDIOC_G_FMT` is number 4). [`V4l2Ioctl`] lists every V4L2
@@ -9,6 +12,29 @@
 //! The table was generated from the kernel's `videodev2.h` (Linux 6.1, 64-bit) plus
 //! `VIDIOC_REMOVE_BUFS`, added in Linux 6.10; a test recomputes every request code from
 //! its direction, type, number and size.
+//!
+//! # Structures
+//!
+//! Every argument structure a device reads or writes ([`V4l2Format`], [`V4l2Buffer`],
+//! [`V4l2Plane`], [`V4l2ExtControls`], ...) is a zerocopy type of the kernel's 64-bit
+//! layout, with explicit padding fields; tests pin each size to
+//! [`V4l2Ioctl::arg_size`] and the field offsets that matter to the kernel's. Pointers
+//! inside them are opaque 64-bit values (the guest's pointers mean nothing to a
+//! device). The ioctls a capture device never needs are carried as [`RawArg`]s of their
+//! exact kernel size.
+//!
+//! # Constants
+//!
+//! The `V4L2_*` constants those structures carry (pixel formats, buffer types and
+//! flags, memory types, capabilities, controls, events, selection targets), named as
+//! in the kernel header without the `V4L2_` prefix: `V4L2_BUF_TYPE_VIDEO_CAPTURE` is
+//! [`BUF_TYPE_VIDEO_CAPTURE`].
+
+mod consts;
+mod structs;
+
+pub use consts::*;
+pub use structs::*;
 
 use crate::{ProtocolError, Result};
 

@@ -16,6 +16,8 @@
 //!   the dispatcher that parses and writes each ioctl's payload, variable parts included.
 //! - [`v4l2`]: the V4L2 structures in their 64-bit layouts.
 //! - [`memfd`]: page-aligned memfd buffers for MMAP memory.
+//! - [`mappings`]: [`mappings::ShmMappings`], the record of a device's MMAP mappings in
+//!   the shared memory region (capped at [`MAX_MAPPINGS`]), kept by the camera and the proxy.
 //! - [`camera`]: a software capture device producing a deterministic test pattern.
 //! - `proxy` (feature `v4l2-proxy`): forwards every session to a host V4L2 node.
 //! - [`device`]: [`device::VirtioMedia`], a [`crate::virtio::VirtioDevice`] that runs a
@@ -55,6 +57,7 @@
 pub mod camera;
 pub mod device;
 pub mod ioctl;
+pub mod mappings;
 pub mod memfd;
 #[cfg(feature = "v4l2-proxy")]
 pub mod proxy;

@@ -72,7 +72,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use outboard_protocol::media::{SgEntry, MMAP_FLAG_RW};
-use outboard_protocol::v4l2::V4l2Ioctl;
+use outboard_protocol::v4l2::*;
 use remain::sorted;
 use rustix::event::epoll;
 use thiserror::Error;
@@ -81,11 +81,10 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::ioctl::{
     dispatch_ioctl, BufferDesc, ExtControls, GuestBuffer, IoctlHandler, IoctlResult,
 };
-use super::v4l2::*;
+use super::mappings::ShmMappings;
 use super::{
     page_align, ChainReader, ChainWriter, Errno, EventQueue, GuestMemoryMapper, GuestMemoryRange,
     HostMemoryMapper, MediaDevice, MediaError, MediaEvent, MediaMetrics, MediaSession,
-    MAX_MAPPINGS,
 };
 
 // The typed structures are passed to the host kernel as they are: they must have the
@@ -115,29 +114,13 @@ const _: () = {
     );
 };
 
-/// `V4L2_CAP_VIDEO_M2M_MPLANE`.
-const CAP_VIDEO_M2M_MPLANE: u32 = 0x0000_4000;
-/// `V4L2_CAP_VIDEO_M2M`.
-const CAP_VIDEO_M2M: u32 = 0x0000_8000;
-/// `V4L2_CAP_READWRITE`: `read()`/`write()` are not carried by virtio-media.
-const CAP_READWRITE: u32 = 0x0100_0000;
-/// `V4L2_CAP_VIDEO_OVERLAY`.
-const CAP_VIDEO_OVERLAY: u32 = 0x0000_0004;
-/// `V4L2_CAP_VIDEO_OUTPUT_OVERLAY`.
-const CAP_VIDEO_OUTPUT_OVERLAY: u32 = 0x0000_0200;
-/// `V4L2_BUF_TYPE_VIDEO_OVERLAY`, `V4L2_BUF_TYPE_VIDEO_OUTPUT_OVERLAY`.
-const OVERLAY_TYPES: [u32; 2] = [3, 8];
-/// `V4L2_BUF_CAP_SUPPORTS_REQUESTS`.
-const BUF_CAP_SUPPORTS_REQUESTS: u32 = 1 << 3;
-/// `V4L2_BUF_FLAG_REQUEST_FD`.
-const BUF_FLAG_REQUEST_FD: u32 = 0x0080_0000;
+/// The overlay buffer types (not carried: see the module documentation).
+const OVERLAY_TYPES: [u32; 2] = [BUF_TYPE_VIDEO_OVERLAY, BUF_TYPE_VIDEO_OUTPUT_OVERLAY];
 /// `EBADR`: what vb2 answers for a request buffer on a queue without request support.
 const EBADR: Errno = libc::EBADR;
-/// Offset of `readbuffers` in `v4l2_captureparm` and of `writebuffers` in
-/// `v4l2_outputparm` (after capability, mode, timeperframe, extendedmode).
-const PARM_BUFFERS_OFFSET: usize = 20;
-/// `V4L2_CAP_DEVICE_CAPS`.
-const CAP_DEVICE_CAPS: u32 = 0x8000_0000;
+/// Offset of `readbuffers` in `v4l2_captureparm`, and of `writebuffers` in
+/// `v4l2_outputparm` (both after capability, mode, timeperframe, extendedmode).
+const PARM_BUFFERS_OFFSET: usize = std::mem::offset_of!(V4l2Captureparm, readbuffers);
 /// Largest USERPTR plane, and largest total of the control payloads of one call, a
 /// guest may ask for (256 MiB): the shadow copy is host memory.
 pub const MAX_SHADOW_LEN: usize = 256 << 20;
@@ -351,13 +334,6 @@ fn clear_rw_buffers(p: &mut V4l2Streamparm) {
     ) {
         p.parm[PARM_BUFFERS_OFFSET..PARM_BUFFERS_OFFSET + 4].fill(0);
     }
-}
-
-/// Whether `buf_type` moves data from the application to the device.
-fn is_output(buf_type: u32) -> bool {
-    // V4L2_TYPE_IS_OUTPUT: VIDEO_OUTPUT, VIDEO_OVERLAY, VBI_OUTPUT, SLICED_VBI_OUTPUT,
-    // VIDEO_OUTPUT_OVERLAY, VIDEO_OUTPUT_MPLANE, SDR_OUTPUT, META_OUTPUT.
-    matches!(buf_type, 2 | 3 | 5 | 7 | 8 | 10 | 12 | 14)
 }
 
 /// A page-aligned host buffer standing in for a guest USERPTR plane. Its length is
@@ -594,8 +570,8 @@ pub struct V4l2Proxy<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> {
     events: Q,
     host: H,
     guest: G,
-    /// Shared memory mappings: offset -> session.
-    mappings: BTreeMap<u64, u32>,
+    /// Shared memory mappings and the sessions that made them.
+    mappings: ShmMappings<()>,
     /// Bytes of USERPTR shadow memory all sessions hold ([`MAX_DEVICE_SHADOW`]).
     shadow_total: Arc<AtomicUsize>,
     /// Where cap refusals are counted (the runner's, once attached).
@@ -622,7 +598,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             events,
             host,
             guest,
-            mappings: BTreeMap::new(),
+            mappings: ShmMappings::new("v4l2 proxy"),
             shadow_total: Arc::default(),
             metrics: Arc::default(),
         }
@@ -1482,21 +1458,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V
     }
 
     fn close_session(&mut self, session: Self::Session) {
-        let addrs: Vec<u64> = self
-            .mappings
-            .iter()
-            .filter(|(_, s)| **s == session.id)
-            .map(|(a, _)| *a)
-            .collect();
-        for a in addrs {
-            self.mappings.remove(&a);
-            if let Err(e) = self.host.remove_mapping(a) {
-                outboard_protocol::log_limited!(
-                    log::Level::Warn,
-                    "v4l2 proxy: unmapping {a:#x} on close: errno {e}"
-                );
-            }
-        }
+        self.mappings.unmap_session(&mut self.host, session.id);
         // Dropping the session closes the host fd before the shadows are freed.
         drop(session);
     }
@@ -1518,14 +1480,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V
         offset: u32,
     ) -> Result<(u64, u64), Errno> {
         let plane = *s.mmap_planes.get(&offset).ok_or(libc::EINVAL)?;
-        if self.mappings.len() >= MAX_MAPPINGS {
-            MediaMetrics::inc(&self.metrics.err_mapping_limit);
-            outboard_protocol::log_limited!(
-                log::Level::Warn,
-                "v4l2 proxy: MMAP refused: {MAX_MAPPINGS} mappings, the cap"
-            );
-            return Err(libc::ENOMEM);
-        }
+        // Before the export: a refused MMAP costs the host nothing.
+        self.mappings.check_room(&self.metrics)?;
         let rw = flags & MMAP_FLAG_RW != 0;
         let queue = v4l2r::QueueType::n(plane.buf_type).ok_or(libc::EINVAL)?;
         let mut eflags = v4l2r::ioctl::ExpbufFlags::CLOEXEC;
@@ -1545,18 +1501,14 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V
         let len = page_align(plane.length.into())
             .filter(|l| *l > 0)
             .ok_or(libc::EINVAL)?;
-        let addr = self.host.add_mapping(fd.as_fd(), len, 0, rw)?;
-        self.mappings.insert(addr, s.id);
+        let addr =
+            self.mappings
+                .map(&mut self.host, &self.metrics, s.id, (), fd.as_fd(), len, rw)?;
         Ok((addr, len))
     }
 
     fn do_munmap(&mut self, driver_addr: u64) -> Result<(), Errno> {
-        if !self.mappings.contains_key(&driver_addr) {
-            return Err(libc::EINVAL);
-        }
-        self.host.remove_mapping(driver_addr)?;
-        self.mappings.remove(&driver_addr);
-        Ok(())
+        self.mappings.unmap(&mut self.host, driver_addr)
     }
 
     fn attach_metrics(&mut self, metrics: Arc<MediaMetrics>) {
