@@ -22,6 +22,9 @@
 //! which is how the data path moves bytes between a socket and guest buffers with no
 //! intermediate copy.
 //!
+//! The feature bits re-exported here ([`VIRTIO_F_VERSION_1`], ...) are defined, with
+//! the virtio sections they come from, in [`outboard_protocol::virtio`].
+//!
 //! # Lifetime of regions
 //!
 //! A [`VirtQueue`] implementation guarantees that the regions of a chain it popped stay
@@ -38,14 +41,11 @@ use remain::sorted;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-/// `VIRTIO_RING_F_INDIRECT_DESC` (bit 28): indirect descriptor tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VIRTIO_RING_F_EVENT_IDX` (bit 29): used/avail event notification suppression.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_F_VERSION_1` (bit 32): virtio 1.x device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_IN_ORDER` (bit 35): buffers are used in the order they were made available.
-pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+// The feature bits are the specification's, defined with their sections in
+// outboard-protocol; devices and transports have always found them here.
+pub use outboard_protocol::virtio::{
+    VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// A span of host memory that maps guest memory (or, in tests, any buffer).
 ///
