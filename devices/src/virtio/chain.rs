@@ -241,12 +241,25 @@ impl<'a> RegionCursor<'a> {
         self.next = self.regions.len();
     }
 
-    /// Appends the sub-regions of the next `min(len, remaining)` bytes to `out` and moves
-    /// past them; returns how many bytes they cover.
-    fn take_regions(&mut self, len: usize, out: &mut Vec<IoRegion>) -> usize {
-        let n = slice_regions(self.regions, self.done, len, out);
-        self.seek(self.done + n);
-        n
+    /// Moves past the next `min(len, remaining)` bytes, region by region from the
+    /// position (no walk from the start), appending their sub-regions to `out` when
+    /// given; returns how many bytes were passed.
+    fn forward(&mut self, len: usize, mut out: Option<&mut Vec<IoRegion>>) -> usize {
+        let mut left = len.min(self.remaining());
+        let n = left;
+        while left > 0 {
+            let s = self.head.sub(0, left);
+            if s.is_empty() {
+                // Only at the end, which `remaining` already excludes; never spin.
+                break;
+            }
+            if let Some(out) = out.as_deref_mut() {
+                out.push(s);
+            }
+            left -= s.len();
+            self.advance(s.len());
+        }
+        n - left
     }
 }
 
@@ -320,7 +333,7 @@ impl<'a> ChainReader<'a> {
                 left: self.remaining(),
             });
         }
-        self.c.seek(self.c.done + len);
+        self.c.forward(len, None);
         Ok(())
     }
 
@@ -329,7 +342,7 @@ impl<'a> ChainReader<'a> {
     /// cover. Nothing is copied: the regions are for a `sendmsg` or `writev` straight
     /// from guest memory.
     pub fn take_regions(&mut self, len: usize, out: &mut Vec<IoRegion>) -> usize {
-        self.c.take_regions(len, out)
+        self.c.forward(len, Some(out))
     }
 }
 
@@ -418,7 +431,7 @@ impl<'a> ChainWriter<'a> {
                 left: self.remaining(),
             });
         }
-        self.c.seek(self.c.done + len);
+        self.c.forward(len, None);
         Ok(())
     }
 
@@ -427,7 +440,7 @@ impl<'a> ChainWriter<'a> {
     /// cover, which count as written. Nothing is copied: the regions are for a
     /// `recvmsg` or `readv` straight into guest memory.
     pub fn take_regions(&mut self, len: usize, out: &mut Vec<IoRegion>) -> usize {
-        self.c.take_regions(len, out)
+        self.c.forward(len, Some(out))
     }
 
     /// Goes back to the start of the writable half: [`ChainWriter::written`] is 0
