@@ -52,9 +52,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 mod chain;
 
-pub use chain::{
-    read_regions, slice_regions, write_regions, ChainError, ChainReader, ChainWriter,
-};
+pub use chain::{read_regions, slice_regions, write_regions, ChainError, ChainReader, ChainWriter};
 // The feature bits are the specification's, defined with their sections in
 // outboard-protocol; devices and transports have always found them here.
 pub use outboard_protocol::virtio::{

@@ -534,7 +534,10 @@ mod tests {
         use virtio_bindings::virtio_ring as ring;
 
         let bit = |n: u32| 1u64 << n;
-        assert_eq!(VIRTIO_RING_F_INDIRECT_DESC, bit(ring::VIRTIO_RING_F_INDIRECT_DESC));
+        assert_eq!(
+            VIRTIO_RING_F_INDIRECT_DESC,
+            bit(ring::VIRTIO_RING_F_INDIRECT_DESC)
+        );
         assert_eq!(VIRTIO_RING_F_EVENT_IDX, bit(ring::VIRTIO_RING_F_EVENT_IDX));
         assert_eq!(VIRTIO_F_VERSION_1, bit(cfg::VIRTIO_F_VERSION_1));
         assert_eq!(VIRTIO_F_IN_ORDER, bit(cfg::VIRTIO_F_IN_ORDER));

@@ -6,6 +6,7 @@ use outboard_protocol::vsock::{
 use outboard_protocol::{ProtocolError, Validate};
 use remain::sorted;
 use thiserror::Error;
+
 use crate::virtio::{ChainReader, ChainWriter, DescChain, IoRegion};
 
 /// Why a TX chain was not accepted as a packet.
