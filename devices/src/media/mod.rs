@@ -153,6 +153,9 @@ impl MediaMetrics {
 
 /// Errors of the chain reader and writer: the virtio module's [`ChainError`], under the
 /// name media code has always used; [`ChainError::errno`] is the errno a guest sees.
+///
+/// [`ChainError`]: crate::virtio::ChainError
+/// [`ChainError::errno`]: crate::virtio::ChainError::errno
 pub use crate::virtio::ChainError as MediaError;
 /// Commands are read with the virtio module's [`ChainReader`] and answered with its
 /// [`ChainWriter`]; the methods below add virtio-media's SG lists and response headers.
