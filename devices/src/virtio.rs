@@ -22,6 +22,18 @@
 //! which is how the data path moves bytes between a socket and guest buffers with no
 //! intermediate copy.
 //!
+//! # Reading and writing a chain
+//!
+//! Devices do not walk a chain's regions by hand: a [`ChainReader`] reads the
+//! device-readable half as one bounds-checked stream (a header split over descriptors
+//! included), a [`ChainWriter`] writes the device-writable half and counts the bytes
+//! for [`VirtQueue::add_used`], and both hand out sub-regions
+//! ([`ChainReader::take_regions`], [`ChainWriter::take_regions`]) for scatter/gather
+//! I/O straight between guest memory and a socket.
+//!
+//! The feature bits re-exported here ([`VIRTIO_F_VERSION_1`], ...) are defined, with
+//! the virtio sections they come from, in [`outboard_protocol::virtio`].
+//!
 //! # Lifetime of regions
 //!
 //! A [`VirtQueue`] implementation guarantees that the regions of a chain it popped stay
@@ -38,14 +50,14 @@ use remain::sorted;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-/// `VIRTIO_RING_F_INDIRECT_DESC` (bit 28): indirect descriptor tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VIRTIO_RING_F_EVENT_IDX` (bit 29): used/avail event notification suppression.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_F_VERSION_1` (bit 32): virtio 1.x device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_IN_ORDER` (bit 35): buffers are used in the order they were made available.
-pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+mod chain;
+
+pub use chain::{read_regions, slice_regions, write_regions, ChainError, ChainReader, ChainWriter};
+// The feature bits are the specification's, defined with their sections in
+// outboard-protocol; devices and transports have always found them here.
+pub use outboard_protocol::virtio::{
+    VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// A span of host memory that maps guest memory (or, in tests, any buffer).
 ///
@@ -195,70 +207,6 @@ impl IoRegion {
         };
         true
     }
-}
-
-/// Copies from a list of regions, starting `offset` bytes into their concatenation.
-/// Returns the number of bytes copied.
-pub fn read_regions(regions: &[IoRegion], mut offset: usize, dst: &mut [u8]) -> usize {
-    let mut done = 0;
-    for r in regions {
-        if done == dst.len() {
-            break;
-        }
-        if offset >= r.len() {
-            offset -= r.len();
-            continue;
-        }
-        done += r.read_at(offset, &mut dst[done..]);
-        offset = 0;
-    }
-    done
-}
-
-/// Copies into a list of regions, starting `offset` bytes into their concatenation.
-/// Returns the number of bytes copied.
-pub fn write_regions(regions: &[IoRegion], mut offset: usize, src: &[u8]) -> usize {
-    let mut done = 0;
-    for r in regions {
-        if done == src.len() {
-            break;
-        }
-        if offset >= r.len() {
-            offset -= r.len();
-            continue;
-        }
-        done += r.write_at(offset, &src[done..]);
-        offset = 0;
-    }
-    done
-}
-
-/// Appends to `out` the sub-regions covering `[offset, offset + len)` of the
-/// concatenation of `regions`; returns the number of bytes covered (less than `len` when
-/// the regions end first).
-pub fn slice_regions(
-    regions: &[IoRegion],
-    mut offset: usize,
-    len: usize,
-    out: &mut Vec<IoRegion>,
-) -> usize {
-    let mut left = len;
-    for r in regions {
-        if left == 0 {
-            break;
-        }
-        if offset >= r.len() {
-            offset -= r.len();
-            continue;
-        }
-        let s = r.sub(offset, left);
-        offset = 0;
-        if !s.is_empty() {
-            left -= s.len();
-            out.push(s);
-        }
-    }
-    len - left
 }
 
 /// Most host regions a [`VirtQueue`] implementation puts in one [`DescChain`]; longer
@@ -670,29 +618,5 @@ mod tests {
         let borrowed: Vec<BorrowedFd<'_>> = kicks.iter().map(|k| k.as_fd()).collect();
         run_device(&mut dev, &borrowed, stop.as_fd()).unwrap();
         assert_eq!(dev.handled, vec![1]);
-    }
-
-    #[test]
-    fn region_helpers_cross_boundaries() {
-        let mut a = [1u8, 2, 3];
-        let mut b = [4u8, 5];
-        // SAFETY: the arrays outlive the regions.
-        let regions = unsafe {
-            [
-                IoRegion::new(a.as_mut_ptr(), 3),
-                IoRegion::new(b.as_mut_ptr(), 2),
-            ]
-        };
-        let mut out = [0u8; 4];
-        assert_eq!(read_regions(&regions, 1, &mut out), 4);
-        assert_eq!(out, [2, 3, 4, 5]);
-        assert_eq!(write_regions(&regions, 2, &[9, 9, 9, 9]), 3);
-        let mut sub = Vec::new();
-        assert_eq!(slice_regions(&regions, 2, 10, &mut sub), 3);
-        assert_eq!(sub.len(), 2);
-        assert_eq!(sub[0].len() + sub[1].len(), 3);
-        assert_eq!(regions[0].sub(5, 1).len(), 0);
-        assert_eq!(a, [1, 2, 9]);
-        assert_eq!(b, [9, 9]);
     }
 }

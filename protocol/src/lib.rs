@@ -1,4 +1,5 @@
-//! Wire structures for the protocols Outboard speaks: vhost-user, virtio-vsock and
+//! Wire structures for the protocols Outboard speaks: the virtio core (feature bits,
+//! device status, the virtio-mmio register map), vhost-user, virtio-vsock and
 //! virtio-media (with the V4L2 ioctl codes it carries).
 //!
 //! This crate is pure data. It does no I/O, needs no allocator, and builds in `no_std`
@@ -49,6 +50,8 @@
 //!
 //! # Modules
 //!
+//! - [`virtio`]: the feature bits every device shares, the device status bits and the
+//!   virtio-mmio register map (virtio 1.3 sections 2.1, 4.2.2 and 6).
 //! - [`vhost_user`]: the message header, every front-end and back-end request with its
 //!   number, protocol feature bits, every message body, and per-request rules (body
 //!   size, file descriptors, replies, feature gating) for transports to enforce.
@@ -75,6 +78,7 @@ pub mod media;
 pub mod ratelimit;
 pub mod v4l2;
 pub mod vhost_user;
+pub mod virtio;
 pub mod vsock;
 
 use remain::sorted;

@@ -14,12 +14,11 @@ use std::thread;
 use outboard_protocol::vhost_user::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddr,
 };
+use outboard_protocol::virtio::VIRTIO_F_VERSION_1;
 use outboard_transport::{
     BackendReqHandler, Connection, Frontend, HandlerResult, MemoryRegion,
     VhostUserBackendReqHandler,
 };
-
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// A device with two queues that prints every request it is given.
 struct Device {

@@ -15,7 +15,8 @@ use zerocopy::IntoBytes;
 use crate::sock::tests::{probe_count, probe_fd};
 use crate::*;
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use outboard_protocol::virtio::VIRTIO_F_VERSION_1;
+
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 30) | 0x3;
 
 /// A memfd of `size` bytes whose first bytes are `marker`.

@@ -26,74 +26,27 @@ use std::sync::Arc;
 
 use outboard_devices::bus::{BusAccessInfo, BusDevice, BusRange, BusType, DeviceId, Suspendable};
 use outboard_devices::virtio::{Interrupt, VirtQueue, VirtioDevice};
+use outboard_protocol::virtio::mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::rust_vmm::{RingHealth, RustVmmQueue};
 
-/// `MagicValue`: "virt" in little-endian.
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
-/// The register layout version this transport implements (virtio 1.x).
-pub const MMIO_VERSION: u32 = 2;
-/// The vendor id reported to the guest ("OBRD").
+// The register map, interrupt bits and status bits are the specification's (virtio 1.3,
+// 2.1 and 4.2.2), defined with their sections in outboard-protocol; these public names
+// are the ones this module has always had.
+pub use outboard_protocol::virtio::mmio::{
+    INT_CONFIG, INT_VRING, MAGIC as MMIO_MAGIC, VERSION_2 as MMIO_VERSION,
+};
+pub use outboard_protocol::virtio::status;
+
+/// The vendor id reported to the guest ("OBRD"). Outboard's own, not the specification's.
 pub const MMIO_VENDOR_ID: u32 = 0x4452_424f;
-/// Size of the register window, config space included.
+/// Size of the register window, config space included: the 0x100 bytes of registers
+/// ([`CONFIG`](outboard_protocol::virtio::mmio::CONFIG)) and 0x100 bytes of device config space. Outboard's choice (the
+/// specification leaves the window's size to the platform).
 pub const MMIO_WINDOW: u64 = 0x200;
-
-/// `InterruptStatus` bit: a used ring was updated.
-pub const INT_VRING: u32 = 1;
-/// `InterruptStatus` bit: the configuration changed.
-pub const INT_CONFIG: u32 = 2;
-
-/// Device status bits (virtio 1.x, 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device needs a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    /// The driver gave up.
-    pub const FAILED: u32 = 128;
-}
-
-/// Register offsets.
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const SHM_SEL: u64 = 0x0ac;
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
-    pub const SHM_BASE_LOW: u64 = 0x0b8;
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
 
 /// The interrupt the device signals: sets `InterruptStatus` bits and kicks the irqfd.
 #[derive(Debug)]
@@ -284,7 +237,7 @@ where
     fn activate(&mut self) -> bool {
         let mem = self.mem.memory();
         let event_idx =
-            self.driver_features & outboard_devices::virtio::VIRTIO_RING_F_EVENT_IDX != 0;
+            self.driver_features & outboard_protocol::virtio::VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues: Vec<Box<dyn VirtQueue>> = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter_mut().enumerate() {
             if q.ready() && !q.is_valid(&*mem) {
@@ -369,7 +322,7 @@ where
     fn read_reg(&mut self, offset: u64) -> u32 {
         let q = self.queues.get(self.queue_sel as usize);
         match offset {
-            reg::MAGIC => MMIO_MAGIC,
+            reg::MAGIC_VALUE => MMIO_MAGIC,
             reg::VERSION => MMIO_VERSION,
             reg::DEVICE_ID => self.device.device_type(),
             reg::VENDOR_ID => MMIO_VENDOR_ID,
@@ -568,6 +521,77 @@ mod tests {
         (t, mem, log, irq)
     }
 
+    /// outboard-protocol keeps its own typed, documented virtio constants (see
+    /// `outboard_protocol::virtio`); they must equal the Linux uapi values that rust-vmm's
+    /// `virtio-bindings` carries.
+    #[test]
+    fn protocol_constants_match_virtio_bindings() {
+        use outboard_protocol::virtio::{
+            VIRTIO_F_IN_ORDER, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+        };
+        use virtio_bindings::virtio_config as cfg;
+        use virtio_bindings::virtio_mmio as b;
+        use virtio_bindings::virtio_ring as ring;
+
+        let bit = |n: u32| 1u64 << n;
+        assert_eq!(
+            VIRTIO_RING_F_INDIRECT_DESC,
+            bit(ring::VIRTIO_RING_F_INDIRECT_DESC)
+        );
+        assert_eq!(VIRTIO_RING_F_EVENT_IDX, bit(ring::VIRTIO_RING_F_EVENT_IDX));
+        assert_eq!(VIRTIO_F_VERSION_1, bit(cfg::VIRTIO_F_VERSION_1));
+        assert_eq!(VIRTIO_F_IN_ORDER, bit(cfg::VIRTIO_F_IN_ORDER));
+
+        let statuses = [
+            (status::ACKNOWLEDGE, cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE),
+            (status::DRIVER, cfg::VIRTIO_CONFIG_S_DRIVER),
+            (status::DRIVER_OK, cfg::VIRTIO_CONFIG_S_DRIVER_OK),
+            (status::FEATURES_OK, cfg::VIRTIO_CONFIG_S_FEATURES_OK),
+            (status::DEVICE_NEEDS_RESET, cfg::VIRTIO_CONFIG_S_NEEDS_RESET),
+            (status::FAILED, cfg::VIRTIO_CONFIG_S_FAILED),
+        ];
+        for (ours, theirs) in statuses {
+            assert_eq!(ours, theirs);
+        }
+        assert_eq!(INT_VRING, b::VIRTIO_MMIO_INT_VRING);
+        assert_eq!(INT_CONFIG, b::VIRTIO_MMIO_INT_CONFIG);
+
+        let registers = [
+            (reg::MAGIC_VALUE, b::VIRTIO_MMIO_MAGIC_VALUE),
+            (reg::VERSION, b::VIRTIO_MMIO_VERSION),
+            (reg::DEVICE_ID, b::VIRTIO_MMIO_DEVICE_ID),
+            (reg::VENDOR_ID, b::VIRTIO_MMIO_VENDOR_ID),
+            (reg::DEVICE_FEATURES, b::VIRTIO_MMIO_DEVICE_FEATURES),
+            (reg::DEVICE_FEATURES_SEL, b::VIRTIO_MMIO_DEVICE_FEATURES_SEL),
+            (reg::DRIVER_FEATURES, b::VIRTIO_MMIO_DRIVER_FEATURES),
+            (reg::DRIVER_FEATURES_SEL, b::VIRTIO_MMIO_DRIVER_FEATURES_SEL),
+            (reg::QUEUE_SEL, b::VIRTIO_MMIO_QUEUE_SEL),
+            (reg::QUEUE_NUM_MAX, b::VIRTIO_MMIO_QUEUE_NUM_MAX),
+            (reg::QUEUE_NUM, b::VIRTIO_MMIO_QUEUE_NUM),
+            (reg::QUEUE_READY, b::VIRTIO_MMIO_QUEUE_READY),
+            (reg::QUEUE_NOTIFY, b::VIRTIO_MMIO_QUEUE_NOTIFY),
+            (reg::INTERRUPT_STATUS, b::VIRTIO_MMIO_INTERRUPT_STATUS),
+            (reg::INTERRUPT_ACK, b::VIRTIO_MMIO_INTERRUPT_ACK),
+            (reg::STATUS, b::VIRTIO_MMIO_STATUS),
+            (reg::QUEUE_DESC_LOW, b::VIRTIO_MMIO_QUEUE_DESC_LOW),
+            (reg::QUEUE_DESC_HIGH, b::VIRTIO_MMIO_QUEUE_DESC_HIGH),
+            (reg::QUEUE_DRIVER_LOW, b::VIRTIO_MMIO_QUEUE_AVAIL_LOW),
+            (reg::QUEUE_DRIVER_HIGH, b::VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+            (reg::QUEUE_DEVICE_LOW, b::VIRTIO_MMIO_QUEUE_USED_LOW),
+            (reg::QUEUE_DEVICE_HIGH, b::VIRTIO_MMIO_QUEUE_USED_HIGH),
+            (reg::SHM_SEL, b::VIRTIO_MMIO_SHM_SEL),
+            (reg::SHM_LEN_LOW, b::VIRTIO_MMIO_SHM_LEN_LOW),
+            (reg::SHM_LEN_HIGH, b::VIRTIO_MMIO_SHM_LEN_HIGH),
+            (reg::SHM_BASE_LOW, b::VIRTIO_MMIO_SHM_BASE_LOW),
+            (reg::SHM_BASE_HIGH, b::VIRTIO_MMIO_SHM_BASE_HIGH),
+            (reg::CONFIG_GENERATION, b::VIRTIO_MMIO_CONFIG_GENERATION),
+            (reg::CONFIG, b::VIRTIO_MMIO_CONFIG),
+        ];
+        for (ours, theirs) in registers {
+            assert_eq!(ours, u64::from(theirs), "register {ours:#x}");
+        }
+    }
+
     fn rd(t: &mut MmioTransport<EchoDevice, Mem>, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(
@@ -662,7 +686,7 @@ mod tests {
     #[test]
     fn identity_registers() {
         let (mut t, ..) = setup();
-        assert_eq!(rd(&mut t, reg::MAGIC), MMIO_MAGIC);
+        assert_eq!(rd(&mut t, reg::MAGIC_VALUE), MMIO_MAGIC);
         assert_eq!(rd(&mut t, reg::VERSION), 2);
         assert_eq!(rd(&mut t, reg::DEVICE_ID), EchoDevice::DEVICE_TYPE);
         assert_eq!(rd(&mut t, reg::VENDOR_ID), MMIO_VENDOR_ID);
@@ -772,7 +796,7 @@ mod tests {
             id: 0,
         };
         let mut two = [9u8; 2];
-        t.read(info(reg::MAGIC), &mut two);
+        t.read(info(reg::MAGIC_VALUE), &mut two);
         assert_eq!(two, [0, 0]);
         t.write(info(reg::STATUS), &[1, 0]);
         assert_eq!(rd(&mut t, reg::STATUS), 0);

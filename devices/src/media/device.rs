@@ -12,12 +12,11 @@ use zerocopy::IntoBytes;
 
 use super::runner::{EpollSessionPoller, MediaRunner};
 use super::{ChainReader, ChainWriter, EventBuffer, EventQueue, MediaDevice, MediaMetrics};
-use crate::virtio::{
-    write_regions, ActivateError, DescChain, Interrupt, QueueError, VirtQueue, VirtioDevice,
-};
+use crate::virtio::{ActivateError, DescChain, Interrupt, QueueError, VirtQueue, VirtioDevice};
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+// The one feature bit this device offers, from the specification's constants (this
+// path is public, so it stays).
+pub use crate::virtio::VIRTIO_F_VERSION_1;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 
@@ -154,8 +153,9 @@ impl<D: MediaDevice> VirtioMedia<D> {
             match q.pop(&mut self.chain) {
                 Ok(true) => {
                     let bytes = ev.as_bytes();
-                    let n = if self.chain.writable_len() >= bytes.len() {
-                        write_regions(&self.chain.writable, 0, bytes)
+                    let mut w = ChainWriter::new(&self.chain.writable);
+                    let n = if w.write_bytes(bytes).is_ok() {
+                        w.written()
                     } else {
                         outboard_protocol::log_limited!(
                             log::Level::Warn,

@@ -74,8 +74,6 @@ use outboard_protocol::media::{
 };
 use outboard_protocol::v4l2::V4l2Ioctl;
 use outboard_protocol::Validate;
-use remain::sorted;
-use thiserror::Error;
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes};
 
 use crate::virtio::{read_regions, write_regions, GuestMemoryAccess, IoRegion, MemoryPin};
@@ -156,163 +154,18 @@ impl MediaMetrics {
     }
 }
 
-/// Errors of the chain reader and writer.
-#[sorted]
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum MediaError {
-    /// The device-writable half has no room for the response.
-    #[error("response needs {needed} more bytes but only {left} are writable")]
-    ResponseTooLarge {
-        /// Bytes the write needed.
-        needed: usize,
-        /// Bytes left in the writable half.
-        left: usize,
-    },
-    /// The device-readable half ended before an object could be read.
-    #[error("command is truncated: {what} needs {needed} bytes, {left} left")]
-    Truncated {
-        /// What was being read.
-        what: &'static str,
-        /// Bytes needed.
-        needed: usize,
-        /// Bytes left in the readable half.
-        left: usize,
-    },
-}
+/// Errors of the chain reader and writer: the virtio module's [`ChainError`], under the
+/// name media code has always used; [`ChainError::errno`] is the errno a guest sees.
+///
+/// [`ChainError`]: crate::virtio::ChainError
+/// [`ChainError::errno`]: crate::virtio::ChainError::errno
+pub use crate::virtio::ChainError as MediaError;
+/// Commands are read with the virtio module's [`ChainReader`] and answered with its
+/// [`ChainWriter`]; the methods below add virtio-media's SG lists and response headers.
+pub use crate::virtio::{ChainReader, ChainWriter};
 
-impl MediaError {
-    /// The errno a guest sees for this error.
-    pub fn errno(&self) -> Errno {
-        match self {
-            MediaError::ResponseTooLarge { .. } => libc::ENOSPC,
-            MediaError::Truncated { .. } => libc::EINVAL,
-        }
-    }
-}
-
-/// A position in the concatenation of a list of regions, with the rest of the region it
-/// falls in at hand so that an object inside that region is copied without walking the
-/// list.
-#[derive(Debug)]
-struct RegionCursor<'a> {
-    regions: &'a [IoRegion],
-    /// Total length of `regions`.
-    len: usize,
-    /// Bytes before the position.
-    done: usize,
-    /// The rest of the region the position falls in; empty only at the end.
-    head: IoRegion,
-    /// Index of the region after `head`'s.
-    next: usize,
-}
-
-impl<'a> RegionCursor<'a> {
-    #[inline]
-    fn new(regions: &'a [IoRegion]) -> Self {
-        let len = regions
-            .iter()
-            .fold(0usize, |a, r| a.saturating_add(r.len()));
-        let mut c = RegionCursor {
-            regions,
-            len,
-            done: 0,
-            head: IoRegion::empty(),
-            next: 0,
-        };
-        c.skip_empty();
-        c
-    }
-
-    #[inline]
-    fn remaining(&self) -> usize {
-        self.len - self.done
-    }
-
-    /// Moves `head` to the next non-empty region while it is empty.
-    #[inline]
-    fn skip_empty(&mut self) {
-        while self.head.is_empty() {
-            let Some(r) = self.regions.get(self.next) else {
-                return;
-            };
-            self.head = *r;
-            self.next += 1;
-        }
-    }
-
-    /// `n <= head.len()` bytes of `head` were consumed.
-    #[inline]
-    fn advance(&mut self, n: usize) {
-        self.head = self.head.sub(n, usize::MAX);
-        self.done += n;
-        self.skip_empty();
-    }
-
-    /// Moves to position `done` (after a copy across regions, or back to the start).
-    fn seek(&mut self, done: usize) {
-        self.done = done;
-        let mut start = 0usize;
-        for (i, r) in self.regions.iter().enumerate() {
-            let end = start.saturating_add(r.len());
-            if done < end {
-                self.head = r.sub(done - start, usize::MAX);
-                self.next = i + 1;
-                return;
-            }
-            start = end;
-        }
-        self.head = IoRegion::empty();
-        self.next = self.regions.len();
-    }
-}
-
-/// Reads objects one after the other from the device-readable half of a chain.
-#[derive(Debug)]
-pub struct ChainReader<'a> {
-    c: RegionCursor<'a>,
-}
-
-impl<'a> ChainReader<'a> {
-    /// A reader at the start of `regions`.
-    #[inline]
-    pub fn new(regions: &'a [IoRegion]) -> Self {
-        ChainReader {
-            c: RegionCursor::new(regions),
-        }
-    }
-
-    /// Bytes not read yet.
-    #[inline]
-    pub fn remaining(&self) -> usize {
-        self.c.remaining()
-    }
-
-    /// Reads a plain object; `what` names it in the error.
-    #[inline]
-    pub fn read_obj<T: FromBytes + IntoBytes>(
-        &mut self,
-        what: &'static str,
-    ) -> Result<T, MediaError> {
-        let size = std::mem::size_of::<T>();
-        if size > self.remaining() {
-            return Err(MediaError::Truncated {
-                what,
-                needed: size,
-                left: self.remaining(),
-            });
-        }
-        // Fast path: the object lies inside the current region (a command in one
-        // descriptor, the usual case): constant-size inline moves.
-        if let Some(obj) = self.c.head.read_obj_at::<T>(0) {
-            self.c.advance(size);
-            return Ok(obj);
-        }
-        let mut obj = T::new_zeroed();
-        let n = read_regions(self.c.regions, self.c.done, obj.as_mut_bytes());
-        self.c.seek(self.c.done + n);
-        Ok(obj)
-    }
-
+/// virtio-media's scatter-gather lists (USERPTR buffers, extended control payloads).
+impl ChainReader<'_> {
     /// Reads a scatter-gather list describing `len` bytes of guest memory: entries are
     /// read until they cover `len` bytes. Each entry is validated (non-zero length, no
     /// address overflow); at most `max_entries` entries are accepted.
@@ -350,79 +203,19 @@ impl<'a> ChainReader<'a> {
     }
 }
 
-/// Writes objects one after the other into the device-writable half of a chain and
-/// counts the bytes written (the length for the used ring).
-#[derive(Debug)]
-pub struct ChainWriter<'a> {
-    c: RegionCursor<'a>,
-}
-
-impl<'a> ChainWriter<'a> {
-    /// A writer at the start of `regions`.
-    #[inline]
-    pub fn new(regions: &'a [IoRegion]) -> Self {
-        ChainWriter {
-            c: RegionCursor::new(regions),
-        }
-    }
-
-    /// Bytes written so far.
-    #[inline]
-    pub fn written(&self) -> usize {
-        self.c.done
-    }
-
-    /// Room left.
-    #[inline]
-    pub fn remaining(&self) -> usize {
-        self.c.remaining()
-    }
-
-    /// Writes raw bytes (all or nothing).
-    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), MediaError> {
-        if bytes.len() > self.remaining() {
-            return Err(MediaError::ResponseTooLarge {
-                needed: bytes.len(),
-                left: self.remaining(),
-            });
-        }
-        let n = write_regions(self.c.regions, self.c.done, bytes);
-        self.c.seek(self.c.done + n);
-        Ok(())
-    }
-
-    /// Writes a plain object (all or nothing).
-    #[inline]
-    pub fn write_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
-        // Fast path: the object fits in the current region (see ChainReader::read_obj).
-        if self.c.head.write_obj_at(0, obj) {
-            self.c.advance(std::mem::size_of::<T>());
-            return Ok(());
-        }
-        self.write_bytes(obj.as_bytes())
-    }
-
+/// virtio-media's response headers.
+impl ChainWriter<'_> {
     /// Writes a success response header followed by `obj`. When both fit in the current
     /// region they are written in one step, the payload first so that nothing is
     /// stored between the handler's copy of the answer and this one.
     #[inline]
     pub fn write_ok_obj<T: IntoBytes + Immutable>(&mut self, obj: &T) -> Result<(), MediaError> {
-        const HDR: usize = std::mem::size_of::<RespHeader>();
-        let size = HDR + std::mem::size_of::<T>();
-        if size <= self.c.head.len()
-            && self.c.head.write_obj_at(HDR, obj)
-            && self.c.head.write_obj_at(0, &RespHeader::ok())
-        {
-            self.c.advance(size);
-            return Ok(());
-        }
-        self.write_obj(&RespHeader::ok())?;
-        self.write_obj(obj)
+        self.write_obj_pair(&RespHeader::ok(), obj)
     }
 
     /// Writes an error response header, replacing anything written before.
     pub fn write_err(&mut self, errno: Errno) -> Result<(), MediaError> {
-        self.c.seek(0);
+        self.rewind();
         self.write_obj(&RespHeader::err(errno.unsigned_abs()))
     }
 }
@@ -854,25 +647,6 @@ mod tests {
         // SAFETY: `buf` outlives every use of the region in these tests and no reference
         // to it is used while the region is.
         unsafe { IoRegion::new(buf.as_mut_ptr(), buf.len()) }
-    }
-
-    #[test]
-    fn reader_is_bounds_checked_across_regions() {
-        let mut a = [1u8, 0, 0];
-        let mut b = [0u8, 2, 0, 0, 0];
-        let regions = [region(&mut a), region(&mut b)];
-        let mut r = ChainReader::new(&regions);
-        assert_eq!(r.read_obj::<u32>("x"), Ok(1));
-        assert_eq!(r.remaining(), 4);
-        assert_eq!(
-            r.read_obj::<u64>("y"),
-            Err(MediaError::Truncated {
-                what: "y",
-                needed: 8,
-                left: 4
-            })
-        );
-        assert_eq!(r.read_obj::<u32>("z"), Ok(2));
     }
 
     #[test]

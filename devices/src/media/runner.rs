@@ -318,7 +318,7 @@ impl<D: MediaDevice, P: SessionPoller> MediaRunner<D, P> {
         // A session the driver never hears about would leak: check for room first.
         let needed = std::mem::size_of::<OpenResp>();
         if w.remaining() < needed {
-            return Err(MediaError::ResponseTooLarge {
+            return Err(MediaError::NoRoom {
                 needed,
                 left: w.remaining(),
             });

@@ -543,6 +543,10 @@ impl Conn {
                     }
                     let old = self.tx_buf.len();
                     self.tx_buf.resize(old + (len - written), 0);
+                    // `payload` is the packet's payload as parse_tx took it from the
+                    // chain (exactly `len` bytes), not a chain half: what the socket did
+                    // not take is copied from an offset, with the random-access
+                    // primitive under ChainReader.
                     read_regions(payload, written, &mut self.tx_buf[old..]);
                 }
                 Ok(())
@@ -560,6 +564,7 @@ impl Conn {
                 }
                 let old = self.seq_cur.len();
                 self.seq_cur.resize(old + len, 0);
+                // Copied from the payload's regions as above.
                 read_regions(payload, 0, &mut self.seq_cur[old..]);
                 if eom {
                     let msg = std::mem::take(&mut self.seq_cur);

@@ -18,7 +18,7 @@ use super::{
     VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_CONNECTIONS, MAX_TX_BUF_SIZE, QUEUE_SIZE,
 };
 use crate::virtio::{
-    read_regions, write_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError,
+    read_regions, ActivateError, ChainWriter, DescChain, Interrupt, IoRegion, QueueError,
     VirtQueue, VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -339,6 +339,9 @@ impl Vsock {
         let m = &self.metrics;
         let reset = match self.siblings.outgoing(&h, pkt.op) {
             Outgoing::Forward => {
+                // `self.payload` is not a chain half but the `len` bytes of it that
+                // parse_tx took (for a `sendmsg` to a host socket); a sibling gets them
+                // copied, with the primitive under ChainReader.
                 let mut payload = vec![0u8; h.len as usize];
                 read_regions(&self.payload, 0, &mut payload);
                 match self
@@ -448,9 +451,9 @@ impl Vsock {
                 Ok(false) => return false,
                 Ok(true) => {
                     let event = VsockEvent::TRANSPORT_RESET;
-                    let bytes = event.as_bytes();
-                    if write_regions(&self.chain.writable, 0, bytes) == bytes.len() {
-                        if q.add_used(self.chain.head, bytes.len() as u32).is_err() {
+                    let mut w = ChainWriter::new(&self.chain.writable);
+                    if w.write_obj(&event).is_ok() {
+                        if q.add_used(self.chain.head, w.written() as u32).is_err() {
                             VsockMetrics::inc(&self.metrics.err_queue);
                         }
                         self.transport_reset_pending = false;

@@ -6,9 +6,8 @@ use outboard_protocol::vsock::{
 use outboard_protocol::{ProtocolError, Validate};
 use remain::sorted;
 use thiserror::Error;
-use zerocopy::{FromBytes, IntoBytes};
 
-use crate::virtio::{read_regions, slice_regions, write_regions, DescChain, IoRegion};
+use crate::virtio::{ChainReader, ChainWriter, DescChain, IoRegion};
 
 /// Why a TX chain was not accepted as a packet.
 #[sorted]
@@ -80,17 +79,15 @@ pub(crate) fn parse_tx(
         reply: None,
         dst_cid: VMADDR_CID_HOST,
     };
-    let mut raw = [0u8; VsockHeader::SIZE];
-    let got = read_regions(&chain.readable, 0, &mut raw);
-    if got < VsockHeader::SIZE {
+    let mut reader = ChainReader::new(&chain.readable);
+    // A failed read consumes nothing: `remaining()` is the whole readable half.
+    let Ok(hdr) = reader.read_obj::<VsockHeader>("vsock header") else {
+        let got = reader.remaining();
         if got == 0 && chain.writable_len() >= VsockHeader::SIZE {
             return Err(refuse(PacketError::WriteOnlyHeader));
         }
         return Err(refuse(PacketError::ShortHeader(got)));
-    }
-    // `raw` has exactly the header's size, so this cannot fail; refuse rather than panic.
-    let hdr =
-        VsockHeader::read_from_bytes(&raw).map_err(|_| refuse(PacketError::ShortHeader(got)))?;
+    };
     let src_cid = hdr.src_cid;
     let dst_cid = hdr.dst_cid;
     if src_cid != guest_cid {
@@ -135,7 +132,7 @@ pub(crate) fn parse_tx(
             dst_cid,
         });
     };
-    let available = chain.readable_len().saturating_sub(VsockHeader::SIZE);
+    let available = reader.remaining();
     if len as usize > available {
         return Err(Refused {
             err: PacketError::LenBeyondChain { len, available },
@@ -143,19 +140,23 @@ pub(crate) fn parse_tx(
             dst_cid,
         });
     }
-    slice_regions(&chain.readable, VsockHeader::SIZE, len as usize, payload);
+    // The payload stays in guest memory: its regions go to `sendmsg` as they are.
+    reader.take_regions(len as usize, payload);
     Ok(TxPacket { hdr, op, ty })
 }
 
 /// Writes a header at the start of an RX chain's writable half; false when it does not
 /// fit.
 pub(crate) fn write_rx_header(chain: &DescChain, hdr: &VsockHeader) -> bool {
-    write_regions(&chain.writable, 0, hdr.as_bytes()) == VsockHeader::SIZE
+    ChainWriter::new(&chain.writable).write_obj(hdr).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use zerocopy::IntoBytes;
+
     use super::*;
+    use crate::virtio::read_regions;
 
     fn region(buf: &mut [u8]) -> IoRegion {
         // SAFETY: `buf` outlives every use of the region in these tests.

@@ -39,7 +39,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::sys;
 use super::{VsockError, VsockMetrics};
-use crate::virtio::{write_regions, DescChain, QueueError, VirtQueue};
+use crate::virtio::{ChainWriter, DescChain, QueueError, VirtQueue};
 
 /// Most packets an inbox holds.
 pub const MAX_INBOX_PACKETS: usize = 1024;
@@ -673,8 +673,8 @@ impl Siblings {
                 hdr.flags &= !(SeqpacketFlags::EOM | SeqpacketFlags::EOR).bits();
             }
             let payload = &pkt.payload[*off..*off + n];
-            let ok = write_regions(&chain.writable, 0, hdr.as_bytes()) == VsockHeader::SIZE
-                && write_regions(&chain.writable, VsockHeader::SIZE, payload) == n;
+            let mut w = ChainWriter::new(&chain.writable);
+            let ok = w.write_obj(&hdr).is_ok() && w.write_bytes(payload).is_ok();
             let len = if ok { VsockHeader::SIZE + n } else { 0 };
             if q.add_used(chain.head, len as u32).is_err() {
                 VsockMetrics::inc(&metrics.err_queue);

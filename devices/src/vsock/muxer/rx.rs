@@ -7,7 +7,7 @@ use outboard_protocol::vsock::{SeqpacketFlags, VsockHeader, VsockOp, VsockType, 
 use rustix::net::ReturnFlags;
 
 use super::Muxer;
-use crate::virtio::{slice_regions, DescChain, IoRegion, QueueError, VirtQueue};
+use crate::virtio::{ChainWriter, DescChain, IoRegion, QueueError, VirtQueue};
 use crate::vsock::conn::{Action, Conn, ConnKey, Fault};
 use crate::vsock::packet::write_rx_header;
 use crate::vsock::sys::{self, IOV_MAX};
@@ -126,8 +126,13 @@ impl RxBufs {
                 .min(MAX_PKT_BUF_SIZE as usize)
                 .min(budget - total);
             let before = self.regions.len();
-            let mut got =
-                slice_regions(&chain.writable, VsockHeader::SIZE, room, &mut self.regions);
+            // The payload goes first, by `recvmsg` straight into these regions; the
+            // header before it is written once its length is known (`put_used`).
+            let mut w = ChainWriter::new(&chain.writable);
+            let mut got = match w.skip(VsockHeader::SIZE) {
+                Ok(()) => w.take_regions(room, &mut self.regions),
+                Err(_) => 0,
+            };
             if self.regions.len() > IOV_MAX {
                 self.regions.truncate(IOV_MAX);
                 got = self.regions[before..].iter().map(IoRegion::len).sum();
