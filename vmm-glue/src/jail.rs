@@ -368,6 +368,36 @@ pub fn check_worker_can_write(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks, before any worker is forked, that a jailed worker ([`worker_ids`]) can open
+/// the device node `path` for reading and writing (by its mode bits; the V4L2 proxy's
+/// worker opens the host node once per session). The error says what to change.
+pub fn check_worker_can_open(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = worker_ids();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.mode();
+    let bits = if meta.uid() == uid {
+        mode >> 6
+    } else if meta.gid() == gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    if bits & 0o6 == 0o6 {
+        return Ok(());
+    }
+    Err(format!(
+        "the jailed worker runs as uid {uid} gid {gid} outside its namespace and cannot open \
+         {} (owner {}:{}, mode {:04o}) for reading and writing: give that uid access (e.g. \
+         chown {uid} {path}, or a udev rule), or run the daemon as a user that can open it",
+        path.display(),
+        meta.uid(),
+        meta.gid(),
+        mode & 0o7777,
+        path = path.display()
+    ))
+}
+
 /// A worker running in a jailed child.
 #[derive(Debug)]
 pub struct JailedWorker {
@@ -588,6 +618,29 @@ mod tests {
         assert!(e.contains("mode 0555") && e.contains("chmod 1777"), "{e}");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
         check_worker_can_write(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_node_the_worker_cannot_open_is_refused_with_what_to_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("outboard-jail-node-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = dir.join("video0");
+        std::fs::write(&node, b"").unwrap();
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // As root the worker is 65534 (not the owner): refused. Otherwise it is the
+        // owner, so take away the owner's bits.
+        if worker_ids().0 != 0 && worker_ids().0 != 65534 {
+            std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o066)).unwrap();
+        }
+        let e = check_worker_can_open(&node).unwrap_err();
+        assert!(
+            e.contains("cannot open") && e.contains("for reading and writing"),
+            "{e}"
+        );
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666)).unwrap();
+        check_worker_can_open(&node).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -361,6 +361,8 @@ fn media(args: MediaArgs) -> ExitCode {
                     MediaSource::Camera { .. } => worker_jail(&[], j.mode, j.limits),
                     #[cfg(feature = "v4l2-proxy")]
                     MediaSource::V4l2(node) => {
+                        // A node the worker cannot open would kill it at every start.
+                        outboard_glue::jail::check_worker_can_open(&node.path)?;
                         outboard_glue::jail::v4l2_proxy_jail(&node.path, j.mode, j.limits)
                     }
                 }
