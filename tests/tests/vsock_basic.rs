@@ -422,8 +422,10 @@ fn stream_without_event_idx() {
     g.conns.get_mut(&key).unwrap().sink = Sink::Verify { seed: 9 };
     let (host, _) = listener.accept().unwrap();
     // A stalled device must fail the test, not leave its host threads blocked forever.
-    host.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    host.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    host.set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     const TOTAL: u64 = 4 << 20;
     let mut h = host.try_clone().unwrap();
     let w = std::thread::spawn(move || {
