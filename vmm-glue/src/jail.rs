@@ -322,59 +322,37 @@ pub fn worker_ids() -> (u32, u32) {
 /// capabilities outside its namespace; ACLs are not read). The error says what to
 /// change, in one line.
 pub fn check_worker_can_write(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
     let (uid, gid) = worker_ids();
-    let allows = |meta: &std::fs::Metadata, want: u32| {
-        let mode = meta.mode();
-        let bits = if meta.uid() == uid {
-            mode >> 6
-        } else if meta.gid() == gid {
-            mode >> 3
-        } else {
-            mode
-        };
-        bits & want == want
-    };
-    let describe = |p: &Path, meta: &std::fs::Metadata| {
-        format!(
-            "{} (owner {}:{}, mode {:04o})",
-            p.display(),
-            meta.uid(),
-            meta.gid(),
-            meta.mode() & 0o7777
-        )
-    };
     for ancestor in dir.ancestors().skip(1) {
         let meta =
             std::fs::metadata(ancestor).map_err(|e| format!("{}: {e}", ancestor.display()))?;
-        if !allows(&meta, 0o1) {
+        if !worker_may(&meta, 0o1) {
             return Err(format!(
                 "the jailed worker runs as uid {uid} gid {gid} outside its namespace and \
                  cannot enter {}: give that uid search permission there (chmod o+x)",
-                describe(ancestor, &meta)
+                describe_owner(ancestor, &meta)
             ));
         }
     }
     let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if !allows(&meta, 0o3) {
+    if !worker_may(&meta, 0o3) {
         return Err(format!(
             "the jailed worker runs as uid {uid} gid {gid} outside its namespace and cannot \
              create its sockets in {}: make it writable for that uid (chown {uid} {dir}, or \
              chmod 1777 {dir}), or run the daemon as the directory's owner",
-            describe(dir, &meta),
+            describe_owner(dir, &meta),
             dir = dir.display()
         ));
     }
     Ok(())
 }
 
-/// Checks, before any worker is forked, that a jailed worker ([`worker_ids`]) can open
-/// the device node `path` for reading and writing (by its mode bits; the V4L2 proxy's
-/// worker opens the host node once per session). The error says what to change.
-pub fn check_worker_can_open(path: &Path) -> Result<(), String> {
+/// Whether the mode bits of `meta` grant the jailed worker ([`worker_ids`]) every
+/// permission in `want` (`0o4` read, `0o2` write, `0o1` search/execute): the owner's
+/// bits if it owns the file, else the group's if its group matches, else the others'.
+fn worker_may(meta: &std::fs::Metadata, want: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
     let (uid, gid) = worker_ids();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mode = meta.mode();
     let bits = if meta.uid() == uid {
         mode >> 6
@@ -383,17 +361,35 @@ pub fn check_worker_can_open(path: &Path) -> Result<(), String> {
     } else {
         mode
     };
-    if bits & 0o6 == 0o6 {
+    bits & want == want
+}
+
+/// `path (owner U:G, mode 0MMMM)` for the precheck messages.
+fn describe_owner(path: &Path, meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{} (owner {}:{}, mode {:04o})",
+        path.display(),
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777
+    )
+}
+
+/// Checks, before any worker is forked, that a jailed worker ([`worker_ids`]) can open
+/// the device node `path` for reading and writing (by its mode bits; the V4L2 proxy's
+/// worker opens the host node once per session). The error says what to change.
+pub fn check_worker_can_open(path: &Path) -> Result<(), String> {
+    let (uid, gid) = worker_ids();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if worker_may(&meta, 0o6) {
         return Ok(());
     }
     Err(format!(
         "the jailed worker runs as uid {uid} gid {gid} outside its namespace and cannot open \
-         {} (owner {}:{}, mode {:04o}) for reading and writing: give that uid access (e.g. \
-         chown {uid} {path}, or a udev rule), or run the daemon as a user that can open it",
-        path.display(),
-        meta.uid(),
-        meta.gid(),
-        mode & 0o7777,
+         {} for reading and writing: give that uid access (e.g. chown {uid} {path}, or a \
+         udev rule), or run the daemon as a user that can open it",
+        describe_owner(path, &meta),
         path = path.display()
     ))
 }

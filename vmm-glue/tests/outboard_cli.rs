@@ -248,12 +248,12 @@ fn serves_inherited_fd(dir: &std::path::Path, command: impl Fn(i32) -> Command) 
     assert!(status.success(), "{status}");
 }
 
-/// Waits for `path` to accept a vhost-user front-end and checks that it answers.
-fn answers(path: &std::path::Path) {
+/// A front-end connected to `path`, waiting up to 10 s for the daemon to listen.
+fn frontend(path: &std::path::Path) -> outboard_transport::Frontend {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut fe = loop {
+    loop {
         if let Ok(fe) = outboard_transport::Frontend::connect(path) {
-            break fe;
+            return fe;
         }
         assert!(
             Instant::now() < deadline,
@@ -261,7 +261,12 @@ fn answers(path: &std::path::Path) {
             path.display()
         );
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+}
+
+/// Waits for `path` to accept a vhost-user front-end and checks that it answers.
+fn answers(path: &std::path::Path) {
+    let mut fe = frontend(path);
     let features = fe.get_features().unwrap();
     assert_ne!(features & (1 << 32), 0, "VERSION_1 offered: {features:#x}");
 }
@@ -361,18 +366,7 @@ fn links_the_vms_of_a_group() {
 /// The guest CID the vsock device behind `path` reports in its config space.
 fn guest_cid_at(path: &std::path::Path) -> u64 {
     use outboard_protocol::vhost_user::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut fe = loop {
-        if let Ok(fe) = outboard_transport::Frontend::connect(path) {
-            break fe;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never accepted",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let mut fe = frontend(path);
     fe.get_features().unwrap();
     let offered = fe.get_protocol_features().unwrap();
     assert!(offered.contains(VhostUserProtocolFeatures::CONFIG));
