@@ -1,0 +1,443 @@
+//! `cargo xtask vsock-forward-guest`: the AF_VSOCK host backend of `outboard vsock`
+//! (`--forward-cid`/`--forward-listen`) against a real kernel's AF_VSOCK, data included.
+//!
+//! `tests/tests/vsock_forward.rs` needs the host kernel's `vsock_loopback` (CID 1) for its
+//! data test, `data_both_ways_over_vsock_loopback`, and skips it (a `SKIPPED ...` line on
+//! stderr, the test passing) where the module is missing: on this machine and on CI (a
+//! Firecracker guest kernel without `CONFIG_VSOCKETS_LOOPBACK` and without modules). So
+//! the same test binary runs here inside a guest whose kernel has the module:
+//!
+//! 1. `cargo test -p outboard-tests --test vsock_forward --no-run --message-format=json`
+//!    builds it; the executable's path comes from the `compiler-artifact` message.
+//! 2. A busybox initramfs gets it as `/bin/vsock_forward`, the libraries and dynamic loader
+//!    `ldd` lists for it at their host paths, and `vsock_loopback` with its dependencies
+//!    from the Debian kernel `cargo xtask e2e` boots (see [`setup::ensure_kernel_package`]).
+//! 3. The guest (QEMU, TCG unless a probe boot found KVM usable; a serial console and no
+//!    device) loads the modules, runs `vsock_forward --test-threads=1 --nocapture` in a
+//!    tmpfs, prints its exit code in a marker line and powers off.
+//!
+//! Pass: the exit code is 0, libtest reports `test result: ok. 4 passed`, every module
+//! loaded, and no line starts with `SKIPPED`: in the guest every test must run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::media_e2e::parse_ldd;
+use crate::packages;
+use crate::setup;
+use crate::util::{self, output, Proc, Result};
+
+/// The integration test target that is run in the guest (package `outboard-tests`).
+const TEST: &str = "vsock_forward";
+/// How many tests that target has; all of them must run and pass.
+const TESTS: usize = 4;
+/// The modules the guest loads (with their dependencies): CID 1 in the guest kernel.
+const MODULES: &[&str] = &["vsock_loopback"];
+/// How long the guest may take from QEMU's start to its marker line (it reaches init in
+/// about 4 s under TCG and the tests take under 1 s natively).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long building the test binary may take.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
+/// The marker line the init script prints after the tests, followed by their exit code.
+const MARKER: &str = "vsock-forward-guest: exit ";
+/// How many console lines a failure report shows.
+const TAIL_LINES: usize = 60;
+
+/// The guest's /init.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+for m in $(cat /modules/order); do
+    insmod /modules/$m || echo "vsock-forward-guest: insmod $m failed"
+done
+# Printed for setup::probe_accel, which boots this initramfs to probe KVM.
+echo "outboard-e2e: guest up, $(uname -r), vsock-forward-guest"
+cd /tmp
+export TMPDIR=/tmp RUST_BACKTRACE=1
+/bin/vsock_forward --test-threads=1 --nocapture
+echo "vsock-forward-guest: exit $?"
+poweroff -f
+"#;
+
+/// `cargo xtask vsock-forward-guest`: returns whether every test ran and passed in the
+/// guest (an `Err` is a failure too, with what went wrong).
+pub fn run() -> Result<bool> {
+    let whole = Instant::now();
+    packages::ensure(&["qemu-system-x86", "busybox-static"])?;
+    let bin = build_test_binary()?;
+    let root_cache = setup::cache_dir();
+    let cache = root_cache.join("vsock-forward-guest");
+    fs::create_dir_all(&cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
+    let (kernel, kernel_root) = setup::ensure_kernel_package(&root_cache)?;
+    let modules = setup::kernel_modules(&kernel_root, MODULES)?;
+    let libs = ldd_files(&bin)?;
+    let lib_names: Vec<String> = libs.iter().map(|l| l.display().to_string()).collect();
+    let mut files: Vec<(&str, &Path)> = vec![(TEST, bin.as_path())];
+    files.extend(
+        lib_names
+            .iter()
+            .map(String::as_str)
+            .zip(libs.iter().map(PathBuf::as_path)),
+    );
+    let initramfs = setup::build_initramfs(&cache, "initramfs.cpio.gz", INIT, &files, &modules)?;
+    let accel = match std::env::var("OUTBOARD_E2E_ACCEL") {
+        Ok(a) => a,
+        Err(_) => setup::probe_accel(&root_cache, &kernel, &initramfs),
+    };
+    println!(
+        "vsock-forward-guest: {} in a guest ({}, {accel}) with modules {}; prepared in {:.1}s",
+        bin.display(),
+        kernel.display(),
+        modules
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        whole.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let console = boot(&cache, &accel, &kernel, &initramfs)?;
+    let took = started.elapsed();
+    let verdict = check(&console);
+    for line in console.lines().map(str::trim_end) {
+        if line.starts_with("test ") || skip_line(line) {
+            println!("  guest | {line}");
+        }
+    }
+    match verdict {
+        Ok(summary) => {
+            println!(
+                "vsock-forward-guest: ok: {summary} in the guest; guest ran {:.1}s, {:.1}s in all",
+                took.as_secs_f64(),
+                whole.elapsed().as_secs_f64()
+            );
+            Ok(true)
+        }
+        Err(why) => Err(format!(
+            "vsock-forward-guest: {why} (guest ran {:.1}s)\n{}",
+            took.as_secs_f64(),
+            console_tail(&console, TAIL_LINES)
+        )),
+    }
+}
+
+/// Builds the test binary and returns its path, from cargo's JSON messages.
+fn build_test_binary() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let json = output(
+        Command::new(cargo)
+            .args(["test", "-p", "outboard-tests", "--test", TEST, "--no-run"])
+            .arg("--message-format=json")
+            .current_dir(util::workspace_root())
+            .stdin(Stdio::null()),
+        BUILD_TIMEOUT,
+    )?;
+    let bin = test_executable(&json, TEST)?;
+    if !bin.is_file() {
+        return Err(format!(
+            "cargo named {} as the {TEST} test binary, but there is no such file",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// The executable of test target `name` from `cargo --message-format=json` output:
+/// exactly one `compiler-artifact` message of that target must name one.
+fn test_executable(json: &str, name: &str) -> Result<PathBuf> {
+    let mut found = Vec::new();
+    for line in json.lines().filter(|l| l.starts_with('{')) {
+        if json_string(line, "reason").as_deref() != Some("compiler-artifact") {
+            continue;
+        }
+        let Some(at) = line.find("\"target\":{") else {
+            continue;
+        };
+        if json_string(&line[at..], "name").as_deref() != Some(name) {
+            continue;
+        }
+        if let Some(exe) = json_string(line, "executable") {
+            found.push(PathBuf::from(exe));
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(format!(
+            "cargo's JSON messages name no executable for test target {name} \
+             (no compiler-artifact message of it with \"executable\" set)"
+        )),
+        many => Err(format!(
+            "cargo's JSON messages name {} executables for test target {name}: {many:?}",
+            many.len()
+        )),
+    }
+}
+
+/// The first string value of `"key":` in one line of compact JSON (cargo writes no
+/// spaces), unescaped; `None` if the key is missing or its value is not a string.
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut out = String::new();
+    let mut chars = line[start..].chars();
+    loop {
+        match chars.next()? {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'r' => out.push('\r'),
+                'b' => out.push('\u{8}'),
+                'f' => out.push('\u{c}'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let code = u32::from_str_radix(&hex, 16).ok()?;
+                    // Surrogate pairs do not occur in cargo's paths on Linux; refuse them.
+                    out.push(char::from_u32(code)?);
+                }
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
+    }
+}
+
+/// The files `ldd` lists for `bin` (libraries and the dynamic loader), which the guest
+/// gets at the same paths.
+fn ldd_files(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = output(
+        Command::new("ldd").arg(bin).stdin(Stdio::null()),
+        Duration::from_secs(60),
+    )?;
+    let mut libs = parse_ldd(&out).map_err(|e| format!("ldd {}: {e}", bin.display()))?;
+    libs.sort();
+    libs.dedup();
+    if libs.is_empty() {
+        return Err(format!(
+            "ldd {} listed no library and no dynamic loader:\n{out}",
+            bin.display()
+        ));
+    }
+    Ok(libs)
+}
+
+/// Boots the guest, waits (at most [`GUEST_TIMEOUT`]) until it powers off, and returns
+/// its console. QEMU is killed on every path: when it overstays, and by [`Proc`]'s drop
+/// on an error.
+fn boot(cache: &Path, accel: &str, kernel: &Path, initramfs: &Path) -> Result<String> {
+    let console = cache.join("console.log");
+    let qemu_log = cache.join("qemu.log");
+    for f in [&console, &qemu_log] {
+        match fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("remove {}: {e}", f.display())),
+        }
+    }
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", accel, "-cpu", "max", "-smp", "1", "-m", "512M"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"]);
+    let mut qemu = Proc::spawn("qemu", cmd, &qemu_log)?;
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let mut marker_at = None;
+    loop {
+        if !qemu.running() {
+            break;
+        }
+        let now = Instant::now();
+        if marker_at.is_none() && util::read_log(&console).contains(MARKER) {
+            marker_at = Some(now);
+        }
+        // After the marker the guest only powers off: a QEMU that does not exit within
+        // 10 s of it is killed, the run judged by the console.
+        if now >= deadline || marker_at.is_some_and(|t| now >= t + Duration::from_secs(10)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let exited = !qemu.running();
+    util::kill_and_reap(&mut qemu.child);
+    let text = util::read_log(&console);
+    if !text.contains(MARKER) {
+        let why = if exited {
+            "QEMU exited before the guest printed its marker line".to_string()
+        } else {
+            format!("the guest printed no marker line within {GUEST_TIMEOUT:?}; QEMU killed")
+        };
+        return Err(format!(
+            "vsock-forward-guest: {why}\n===== QEMU log ({}) =====\n{}\n{}",
+            qemu_log.display(),
+            util::read_log(&qemu_log),
+            console_tail(&text, TAIL_LINES)
+        ));
+    }
+    Ok(text)
+}
+
+/// Judges the guest's console: the modules loaded, the tests' exit code is 0, libtest
+/// reports all [`TESTS`] passed, and nothing was skipped. Returns libtest's result line.
+fn check(console: &str) -> std::result::Result<String, String> {
+    let lines: Vec<&str> = console.lines().map(str::trim).collect();
+    let insmod: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("vsock-forward-guest: insmod"))
+        .collect();
+    if !insmod.is_empty() {
+        return Err(format!("a module did not load: {}", insmod.join("; ")));
+    }
+    let code = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(MARKER))
+        .ok_or("the guest printed no marker line")?;
+    let result = lines
+        .iter()
+        .copied()
+        .find(|l| l.starts_with("test result: "))
+        .unwrap_or("(no `test result:` line)");
+    if code.trim() != "0" {
+        return Err(format!(
+            "{TEST} exited with {:?} in the guest: {result}",
+            code.trim()
+        ));
+    }
+    let want = format!("test result: ok. {TESTS} passed;");
+    if !result.starts_with(&want) {
+        return Err(format!("libtest reported {result:?}, not {want:?}"));
+    }
+    let skipped: Vec<&str> = lines.iter().copied().filter(|l| skip_line(l)).collect();
+    if !skipped.is_empty() {
+        return Err(format!(
+            "{} test(s) skipped in the guest, where every test must run:\n  {}",
+            skipped.len(),
+            skipped.join("\n  ")
+        ));
+    }
+    Ok(result.to_string())
+}
+
+/// Whether a console line reports a skipped test: `SKIPPED` at its start or after a
+/// space. With `--nocapture` libtest's `test NAME ... ` and the test's own `SKIPPED NAME:
+/// why` (stderr) share one line, so the word is rarely at the start.
+fn skip_line(line: &str) -> bool {
+    line.match_indices("SKIPPED")
+        .any(|(i, _)| i == 0 || line[..i].ends_with(' '))
+}
+
+/// The last `n` lines of the console, for a failure report.
+fn console_tail(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    let from = lines.len().saturating_sub(n);
+    format!(
+        "===== the guest console's last {} lines =====\n{}",
+        lines.len() - from,
+        lines[from..].join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARTIFACT: &str = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#outboard-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"crate_types":["bin"],"name":"vsock_forward","src_path":"/w/tests/tests/vsock_forward.rs","edition":"2021","doctest":false,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":true},"features":[],"filenames":["/w/target/debug/deps/vsock_forward-c44f"],"executable":"/w/target/debug/deps/vsock_forward-c44f","fresh":true}"#;
+    const LIB: &str = r#"{"reason":"compiler-artifact","package_id":"registry+https://github.com/rust-lang/crates.io-index#libc@0.2.1","manifest_path":"/r/libc/Cargo.toml","target":{"kind":["lib"],"crate_types":["lib"],"name":"libc","src_path":"/r/libc/src/lib.rs","edition":"2021","doctest":true,"test":true},"profile":{},"features":[],"filenames":["/w/target/debug/deps/liblibc.rlib"],"executable":null,"fresh":true}"#;
+
+    #[test]
+    fn the_test_executable_is_found_among_the_artifacts() {
+        let json =
+            format!("{LIB}\n{ARTIFACT}\n{{\"reason\":\"build-finished\",\"success\":true}}\n");
+        assert_eq!(
+            test_executable(&json, "vsock_forward"),
+            Ok(PathBuf::from("/w/target/debug/deps/vsock_forward-c44f"))
+        );
+        let e = test_executable(LIB, "vsock_forward").unwrap_err();
+        assert!(
+            e.contains("no executable for test target vsock_forward"),
+            "{e}"
+        );
+        let e = test_executable(&format!("{ARTIFACT}\n{ARTIFACT}"), "vsock_forward").unwrap_err();
+        assert!(e.contains("2 executables"), "{e}");
+    }
+
+    #[test]
+    fn json_strings_are_unescaped() {
+        assert_eq!(
+            json_string(r#"{"a":"x\"y\\z\u00e9"}"#, "a").as_deref(),
+            Some("x\"y\\zé")
+        );
+        assert_eq!(json_string(r#"{"a":null}"#, "a"), None);
+        assert_eq!(json_string(r#"{"a":"open"#, "a"), None);
+    }
+
+    const PASSED: &str = "\
+[    1.0] Run /init as init process\r
+outboard-e2e: guest up, 6.1.0-57-amd64, vsock-forward-guest\r
+running 4 tests\r
+test data_both_ways_over_vsock_loopback ... ok\r
+test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.50s\r
+vsock-forward-guest: exit 0\r
+";
+
+    #[test]
+    fn a_clean_run_passes() {
+        assert_eq!(
+            check(PASSED).as_deref(),
+            Ok(
+                "test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; \
+                finished in 0.50s"
+            )
+        );
+    }
+
+    #[test]
+    fn a_skip_a_failure_or_a_missing_module_fails() {
+        // As --nocapture prints it: libtest's prefix and the test's stderr on one line.
+        let skipped = PASSED.replace(
+            "loopback ... ok",
+            "loopback ... SKIPPED data_both_ways_over_vsock_loopback: no CID 1\r\nok",
+        );
+        let e = check(&skipped).unwrap_err();
+        assert!(
+            e.contains("1 test(s) skipped") && e.contains("no CID 1"),
+            "{e}"
+        );
+        let alone = PASSED.replace("running 4 tests", "SKIPPED x: why\r\nrunning 4 tests");
+        assert!(check(&alone).unwrap_err().contains("SKIPPED x: why"));
+        assert!(!skip_line("test NOT_SKIPPED_here ... ok"));
+        let failed = PASSED
+            .replace("exit 0", "exit 101")
+            .replace("ok. 4 passed; 0 failed", "FAILED. 3 passed; 1 failed");
+        let e = check(&failed).unwrap_err();
+        assert!(
+            e.contains("exited with \"101\"") && e.contains("FAILED. 3 passed"),
+            "{e}"
+        );
+        let three = PASSED.replace("4 passed", "3 passed");
+        assert!(check(&three)
+            .unwrap_err()
+            .contains("not \"test result: ok. 4 passed;\""));
+        let insmod = format!("vsock-forward-guest: insmod vsock.ko failed\n{PASSED}");
+        assert!(check(&insmod)
+            .unwrap_err()
+            .contains("insmod vsock.ko failed"));
+        assert!(check("booting\n").unwrap_err().contains("no marker line"));
+    }
+}
