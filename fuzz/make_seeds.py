@@ -126,6 +126,17 @@ write("vsock_config", "yaml", b"""vms:
 ---
 """)
 
+write("vsock_config", "forward", b"guest-cid=4,socket=/tmp/vhost4.socket,forward-cid=1,forward-listen=9001+9002,queue-size=1024")
+write("vsock_config", "forward-yaml", b"""vms:
+  - guest_cid: 4
+    socket: /tmp/vhost4.socket
+    forward_cid: 1
+    forward_listen: 9001+9002
+  - socket: /tmp/vhost5.socket
+    forward-cid: 2
+    forward-listen: 7
+""")
+
 # --- proxy_ring -----------------------------------------------------------------------
 ring = bytes([0]) + b"".join(bytes([0x40 + s]) + struct.pack("<II", 1, 4) for s in range(8)) + bytes([0x80] * 10) \
     + bytes([0x60]) + struct.pack("<II", 0, 0) + bytes([1]) + bytes([0x00]) + struct.pack("<HI", 80 + 16, 40) + bytes([0x40]) + struct.pack("<II", 2, 8)

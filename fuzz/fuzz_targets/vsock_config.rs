@@ -4,13 +4,14 @@
 //!
 //! Asserts: nothing panics; every VM either parser accepts is valid (CID in
 //! 3..u32::MAX, queue size a power of two up to 32768, TX buffer size in
-//! 1..=MAX_TX_BUF_SIZE, at least one group, each 1..=64 of `[A-Za-z0-9_-]`); and a VM
+//! 1..=MAX_TX_BUF_SIZE, at least one group, each 1..=64 of `[A-Za-z0-9_-]`; a forward
+//! CID and distinct ports that are not the wildcard, at most 64); and a VM
 //! accepted from either parser, written back as a `--vm` spec, parses to the same VM
 //! (when its paths can be written in that syntax at all: no `,`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outboard_devices::vsock::MAX_TX_BUF_SIZE;
+use outboard_devices::vsock::{VsockBackend, MAX_FORWARD_LISTEN_PORTS, MAX_TX_BUF_SIZE};
 use outboard_glue::vsock_cli::{parse_config, parse_vm_spec, VmConfig};
 
 fn check(vm: &VmConfig) {
@@ -30,14 +31,33 @@ fn check(vm: &VmConfig) {
             "{vm:?}"
         );
     }
-    let (Some(socket), Some(uds)) = (vm.socket.to_str(), vm.uds_path.to_str()) else {
+    let host = match &vm.backend {
+        VsockBackend::Unix(path) => match path.to_str() {
+            Some(uds) if !uds.contains(',') => format!("uds-path={uds}"),
+            _ => return,
+        },
+        VsockBackend::Vsock(f) => {
+            assert!(f.cid != u32::MAX, "{vm:?}");
+            assert!(f.listen_ports.len() <= MAX_FORWARD_LISTEN_PORTS, "{vm:?}");
+            for (i, p) in f.listen_ports.iter().enumerate() {
+                assert!(*p != u32::MAX && !f.listen_ports[..i].contains(p), "{vm:?}");
+            }
+            let ports: Vec<String> = f.listen_ports.iter().map(u32::to_string).collect();
+            if ports.is_empty() {
+                format!("forward-cid={}", f.cid)
+            } else {
+                format!("forward-cid={},forward-listen={}", f.cid, ports.join("+"))
+            }
+        }
+    };
+    let Some(socket) = vm.socket.to_str() else {
         return;
     };
-    if socket.contains(',') || uds.contains(',') {
+    if socket.contains(',') {
         return;
     }
     let spec = format!(
-        "guest-cid={},socket={socket},uds-path={uds},tx-buffer-size={},queue-size={},groups={}",
+        "guest-cid={},socket={socket},{host},tx-buffer-size={},queue-size={},groups={}",
         vm.guest_cid,
         vm.tx_buffer_size,
         vm.queue_size,

@@ -441,6 +441,9 @@ pub struct GuestOptions {
     /// Split each RX buffer into two descriptors, the first only 20 bytes (the header
     /// then straddles them).
     pub rx_split: bool,
+    /// Forward host-side connections over the host's AF_VSOCK instead of the AF_UNIX
+    /// muxer at the guest's `uds_path` (`outboard vsock --forward-cid`).
+    pub forward: Option<outboard_devices::vsock::VsockForward>,
 }
 
 impl Default for GuestOptions {
@@ -456,6 +459,7 @@ impl Default for GuestOptions {
             max_connections: outboard_devices::vsock::MAX_CONNECTIONS,
             bad_rx_buffers: false,
             rx_split: false,
+            forward: None,
         }
     }
 }
@@ -520,7 +524,13 @@ impl Guest {
     /// lays out the queues, posts RX and event buffers and activates the device.
     pub fn new(uds_path: &Path, opts: GuestOptions) -> Guest {
         let mem = guest_memory();
-        let mut cfg = VsockDeviceConfig::new(opts.guest_cid, uds_path);
+        let mut cfg = match &opts.forward {
+            Some(f) => VsockDeviceConfig::with_backend(
+                opts.guest_cid,
+                outboard_devices::vsock::VsockBackend::Vsock(f.clone()),
+            ),
+            None => VsockDeviceConfig::new(opts.guest_cid, uds_path),
+        };
         cfg.tx_buf_size = opts.tx_buf_size;
         cfg.max_connections = opts.max_connections;
         let mut dev = Vsock::new(cfg).unwrap();

@@ -25,7 +25,9 @@
 //! directories the device needs are bind-mounted read-write at their own paths (for
 //! vsock, the directory of `uds-path`: the host listener `<uds_path>` is created there
 //! and guest connections go to `<uds_path>_<port>`; path-based AF_UNIX sockets work
-//! across network namespaces). `no_new_privs`, every capability dropped, rlimits (open
+//! across network namespaces; with `--forward-cid` none: AF_VSOCK sockets are not
+//! bound to a network namespace, so the worker binds its forward ports and connects to
+//! the forward CID from inside the jail). `no_new_privs`, every capability dropped, rlimits (open
 //! files, no core dumps), parent-death `SIGKILL`, and last a seccomp allow-list
 //! ([`WORKER_SYSCALLS`]) whose default action is chosen with [`SeccompMode`] (kill the
 //! process, fail with `EPERM`, or log — the mode to develop the list with: the kernel

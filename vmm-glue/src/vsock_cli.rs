@@ -2,8 +2,10 @@
 //! `--vm` specs, the flat flags, or a `--config` file, validated before anything starts.
 //!
 //! The keys are vhost-device-vsock's, so its users can switch by changing the program
-//! name: `guest-cid`, `socket`, `uds-path`, `tx-buffer-size`, `queue-size`, `groups`
-//! (`_` may replace `-`). A config file is YAML in the form vhost-device-vsock reads,
+//! name: `guest-cid`, `socket`, `uds-path`, `forward-cid`, `forward-listen`,
+//! `tx-buffer-size`, `queue-size`, `groups` (`_` may replace `-`). A VM has either
+//! `uds-path` (the AF_UNIX muxer) or `forward-cid` (the host's AF_VSOCK, with
+//! `forward-listen` ports joined by `+`). A config file is YAML in the form vhost-device-vsock reads,
 //! parsed with serde_yaml_ng; a key it does not know is refused by name:
 //!
 //! ```yaml
@@ -20,7 +22,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use outboard_devices::vsock::{
-    VsockDeviceConfig, VsockError, VsockSibling, DEFAULT_TX_BUF_SIZE, MAX_TX_BUF_SIZE,
+    VsockBackend, VsockDeviceConfig, VsockError, VsockForward, VsockSibling, DEFAULT_TX_BUF_SIZE,
+    MAX_FORWARD_LISTEN_PORTS, MAX_TX_BUF_SIZE,
 };
 use remain::sorted;
 use serde::Deserialize;
@@ -47,8 +50,9 @@ pub struct VmConfig {
     pub guest_cid: u64,
     /// The vhost-user socket the front-end connects to.
     pub socket: PathBuf,
-    /// The muxer's AF_UNIX socket (`<uds_path>`, `<uds_path>_<port>`).
-    pub uds_path: PathBuf,
+    /// Where host-side connections live: the muxer's AF_UNIX socket (`<uds_path>`,
+    /// `<uds_path>_<port>`), or the host's AF_VSOCK (`forward-cid`, `forward-listen`).
+    pub backend: VsockBackend,
     /// Per-connection TX buffer, also the credit given to the guest.
     pub tx_buffer_size: u32,
     /// Largest ring size accepted from the front-end.
@@ -58,12 +62,44 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// The muxer's AF_UNIX socket path, if the VM has the AF_UNIX backend.
+    pub fn uds_path(&self) -> Option<&std::path::Path> {
+        match &self.backend {
+            VsockBackend::Unix(path) => Some(path),
+            VsockBackend::Vsock(_) => None,
+        }
+    }
+
+    /// The host side in words, for log lines: `host sockets <uds_path>`, or the
+    /// AF_VSOCK forward CID and ports.
+    pub fn host_side(&self) -> String {
+        match &self.backend {
+            VsockBackend::Unix(path) => format!("host sockets {}", path.display()),
+            VsockBackend::Vsock(f) if f.listen_ports.is_empty() => {
+                format!("AF_VSOCK forward to CID {}", f.cid)
+            }
+            VsockBackend::Vsock(f) => format!(
+                "AF_VSOCK forward to CID {}, listening on ports {}",
+                f.cid,
+                join_ports(&f.listen_ports)
+            ),
+        }
+    }
+
     /// The device configuration this VM's worker builds its device from.
     pub fn device_config(&self) -> VsockDeviceConfig {
-        let mut config = VsockDeviceConfig::new(self.guest_cid, self.uds_path.clone());
+        let mut config = VsockDeviceConfig::with_backend(self.guest_cid, self.backend.clone());
         config.tx_buf_size = self.tx_buffer_size;
         config
     }
+}
+
+fn join_ports(ports: &[u32]) -> String {
+    ports
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join("+")
 }
 
 /// Errors in the flags or the config file. Every variant names the offending value.
@@ -80,6 +116,16 @@ pub enum ConfigError {
         /// What was expected.
         what: &'static str,
     },
+    /// `uds-path` and `forward-cid` both given for one VM.
+    #[error("uds-path {uds_path} and forward-cid {forward_cid} are both given{context}: a VM has one host side, AF_UNIX or AF_VSOCK")]
+    BothBackends {
+        /// The uds-path given.
+        uds_path: String,
+        /// The forward-cid given.
+        forward_cid: u32,
+        /// Where (e.g. " in --vm guest-cid=3,...").
+        context: String,
+    },
     /// The config file could not be read.
     #[error("cannot read config file {path}: {reason}")]
     ConfigFile {
@@ -91,12 +137,23 @@ pub enum ConfigError {
     /// Two VMs use the same CID.
     #[error("guest CID {0} is used by more than one VM")]
     DuplicateCid(u64),
+    /// Two VMs listen on the same AF_VSOCK forward port.
+    #[error("forward-listen port {0} is used by more than one VM")]
+    DuplicateForwardPort(u32),
     /// A key appears twice in one VM.
     #[error("{0} is given twice for one VM")]
     DuplicateKey(String),
     /// Two VMs use the same socket path.
     #[error("socket path {0} is used more than once")]
     DuplicateSocket(String),
+    /// `forward-listen` without `forward-cid`.
+    #[error("forward-listen {ports} needs forward-cid{context}")]
+    ForwardListenAlone {
+        /// The ports given.
+        ports: String,
+        /// Where.
+        context: String,
+    },
     /// A reserved or out-of-range CID.
     #[error("guest CID {0} is invalid: it must be between 3 and 4294967294")]
     InvalidCid(u64),
@@ -119,11 +176,12 @@ pub enum ConfigError {
     },
     /// Several ways of describing VMs were mixed.
     #[error(
-        "use only one of --vm, --config, and the flat flags (--guest-cid --socket --uds-path)"
+        "use only one of --vm, --config, and the flat flags (--guest-cid --socket --uds-path \
+         or --forward-cid)"
     )]
     MixedForms,
     /// No VM described at all.
-    #[error("no VM given: use --vm, --config, or --guest-cid/--socket/--uds-path")]
+    #[error("no VM given: use --vm, --config, or --socket with --uds-path or --forward-cid")]
     NoVm,
     /// A config file line could not be understood.
     #[error("config file line {line}: {reason}")]
@@ -134,7 +192,7 @@ pub enum ConfigError {
         reason: String,
     },
     /// An unknown key.
-    #[error("unknown key {0:?} (known: guest-cid, socket, uds-path, tx-buffer-size, queue-size, groups)")]
+    #[error("unknown key {0:?} (known: guest-cid, socket, uds-path, forward-cid, forward-listen, tx-buffer-size, queue-size, groups)")]
     UnknownKey(String),
 }
 
@@ -144,6 +202,8 @@ pub struct VmBuilder {
     guest_cid: Option<u64>,
     socket: Option<PathBuf>,
     uds_path: Option<PathBuf>,
+    forward_cid: Option<u32>,
+    forward_listen: Option<Vec<u32>>,
     tx_buffer_size: Option<u32>,
     queue_size: Option<u16>,
     groups: Option<Vec<String>>,
@@ -161,6 +221,40 @@ fn parse_num(key: &str, value: &str) -> Result<u64, ConfigError> {
         value: value.to_string(),
         what: "number",
     })
+}
+
+/// A CID or port: a number that fits 32 bits and is not the `*_ANY` wildcard.
+fn parse_u32(key: &str, value: &str, what: &'static str) -> Result<u32, ConfigError> {
+    u32::try_from(parse_num(key, value)?)
+        .ok()
+        .filter(|n| *n != u32::MAX)
+        .ok_or_else(|| ConfigError::BadValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            what,
+        })
+}
+
+/// `forward-listen`: ports joined with `+`, each once, at most
+/// [`MAX_FORWARD_LISTEN_PORTS`].
+fn parse_ports(key: &str, value: &str) -> Result<Vec<u32>, ConfigError> {
+    let bad = || ConfigError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        what: "list of distinct AF_VSOCK ports joined with '+' (at most 64)",
+    };
+    let mut ports = Vec::new();
+    for p in value.split('+') {
+        let port = parse_u32(key, p, "AF_VSOCK port (0..4294967294)")?;
+        if ports.contains(&port) {
+            return Err(bad());
+        }
+        ports.push(port);
+    }
+    if ports.len() > MAX_FORWARD_LISTEN_PORTS {
+        return Err(bad());
+    }
+    Ok(ports)
 }
 
 fn parse_groups(value: &str) -> Result<Vec<String>, ConfigError> {
@@ -196,6 +290,11 @@ impl VmBuilder {
             }
             "socket" | "socket-path" => set(&mut self.socket, "socket", PathBuf::from(value)),
             "uds-path" => set(&mut self.uds_path, &norm, PathBuf::from(value)),
+            "forward-cid" => {
+                let cid = parse_u32(&norm, value, "CID (0..4294967294)")?;
+                set(&mut self.forward_cid, &norm, cid)
+            }
+            "forward-listen" => set(&mut self.forward_listen, &norm, parse_ports(&norm, value)?),
             "tx-buffer-size" => {
                 let n = parse_num(&norm, value)?;
                 let n = u32::try_from(n)
@@ -228,10 +327,31 @@ impl VmBuilder {
         if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(ConfigError::InvalidCid(guest_cid));
         }
+        let backend = match (self.uds_path, self.forward_cid, self.forward_listen) {
+            (Some(path), None, None) => VsockBackend::Unix(path),
+            (None, Some(cid), ports) => VsockBackend::Vsock(VsockForward {
+                cid,
+                listen_ports: ports.unwrap_or_default(),
+            }),
+            (Some(path), Some(cid), _) => {
+                return Err(ConfigError::BothBackends {
+                    uds_path: path.display().to_string(),
+                    forward_cid: cid,
+                    context: context.to_string(),
+                })
+            }
+            (_, None, Some(ports)) => {
+                return Err(ConfigError::ForwardListenAlone {
+                    ports: join_ports(&ports),
+                    context: context.to_string(),
+                })
+            }
+            (None, None, None) => return Err(missing("uds-path or forward-cid")),
+        };
         Ok(VmConfig {
             guest_cid,
             socket: self.socket.ok_or_else(|| missing("socket"))?,
-            uds_path: self.uds_path.ok_or_else(|| missing("uds-path"))?,
+            backend,
             tx_buffer_size: self.tx_buffer_size.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
             groups: self.groups.unwrap_or_else(|| vec!["default".to_string()]),
@@ -282,6 +402,10 @@ struct ConfigVm {
     socket: Option<Scalar>,
     #[serde(alias = "uds-path")]
     uds_path: Option<Scalar>,
+    #[serde(alias = "forward-cid")]
+    forward_cid: Option<Scalar>,
+    #[serde(alias = "forward-listen")]
+    forward_listen: Option<Scalar>,
     #[serde(alias = "tx-buffer-size")]
     tx_buffer_size: Option<Scalar>,
     #[serde(alias = "queue-size")]
@@ -318,6 +442,8 @@ pub fn parse_config(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
             ("guest-cid", &vm.guest_cid),
             ("socket", &vm.socket),
             ("uds-path", &vm.uds_path),
+            ("forward-cid", &vm.forward_cid),
+            ("forward-listen", &vm.forward_listen),
             ("tx-buffer-size", &vm.tx_buffer_size),
             ("queue-size", &vm.queue_size),
             ("groups", &vm.groups),
@@ -341,6 +467,10 @@ pub struct FlatFlags {
     pub socket: Option<String>,
     /// `--uds-path`.
     pub uds_path: Option<String>,
+    /// `--forward-cid`.
+    pub forward_cid: Option<String>,
+    /// `--forward-listen`.
+    pub forward_listen: Option<String>,
     /// `--tx-buffer-size`.
     pub tx_buffer_size: Option<String>,
     /// `--queue-size`.
@@ -354,6 +484,8 @@ impl FlatFlags {
         self.guest_cid.is_some()
             || self.socket.is_some()
             || self.uds_path.is_some()
+            || self.forward_cid.is_some()
+            || self.forward_listen.is_some()
             || self.tx_buffer_size.is_some()
             || self.queue_size.is_some()
             || self.groups.is_some()
@@ -365,6 +497,8 @@ impl FlatFlags {
             ("guest-cid", &self.guest_cid),
             ("socket", &self.socket),
             ("uds-path", &self.uds_path),
+            ("forward-cid", &self.forward_cid),
+            ("forward-listen", &self.forward_listen),
             ("tx-buffer-size", &self.tx_buffer_size),
             ("queue-size", &self.queue_size),
             ("groups", &self.groups),
@@ -451,13 +585,21 @@ pub fn sibling_pairs(vms: &[VmConfig]) -> Vec<(usize, usize)> {
 fn check_unique(vms: &[VmConfig]) -> Result<(), ConfigError> {
     let mut cids = BTreeSet::new();
     let mut paths = BTreeSet::new();
+    let mut ports = BTreeSet::new();
     for vm in vms {
         if !cids.insert(vm.guest_cid) {
             return Err(ConfigError::DuplicateCid(vm.guest_cid));
         }
-        for p in [&vm.socket, &vm.uds_path] {
-            if !paths.insert(p.clone()) {
+        for p in std::iter::once(vm.socket.as_path()).chain(vm.uds_path()) {
+            if !paths.insert(p.to_path_buf()) {
                 return Err(ConfigError::DuplicateSocket(p.display().to_string()));
+            }
+        }
+        if let VsockBackend::Vsock(f) = &vm.backend {
+            for &port in &f.listen_ports {
+                if !ports.insert(port) {
+                    return Err(ConfigError::DuplicateForwardPort(port));
+                }
             }
         }
     }
@@ -479,7 +621,7 @@ mod tests {
             VmConfig {
                 guest_cid: 4,
                 socket: "/tmp/a.sock".into(),
-                uds_path: "/tmp/a.vsock".into(),
+                backend: VsockBackend::Unix("/tmp/a.vsock".into()),
                 tx_buffer_size: 65536,
                 queue_size: 512,
                 groups: vec!["a".into(), "b_2".into()],
@@ -526,7 +668,7 @@ mod tests {
         assert!(matches!(
             e("guest-cid=3,socket=/s"),
             ConfigError::Missing {
-                key: "uds-path",
+                key: "uds-path or forward-cid",
                 ..
             }
         ));
@@ -540,7 +682,10 @@ mod tests {
         let text = "# two VMs\nvms:\n    - guest_cid: 4\n      socket: /tmp/vhost4.socket\n      uds_path: \"/tmp/vm4.vsock\"\n      tx_buffer_size: 65536\n      queue_size: 1024\n      groups: group1+group2\n    - guest_cid: 5 # the other\n      socket: /tmp/vhost5.socket\n      uds_path: /tmp/vm5.vsock\n";
         let vms = parse_config(text).unwrap();
         assert_eq!(vms.len(), 2);
-        assert_eq!(vms[0].uds_path, PathBuf::from("/tmp/vm4.vsock"));
+        assert_eq!(
+            vms[0].uds_path(),
+            Some(std::path::Path::new("/tmp/vm4.vsock"))
+        );
         assert_eq!(
             vms[0].groups,
             vec!["group1".to_string(), "group2".to_string()]
@@ -559,7 +704,7 @@ mod tests {
         assert!(matches!(e, ConfigError::Syntax { line: 1, .. }));
         let e = parse_config("vms:\n  - guest_cid: 3\n    socket: /s\n").unwrap_err();
         assert!(
-            matches!(e, ConfigError::Missing { key: "uds-path", ref context } if context.contains("VM 1"))
+            matches!(e, ConfigError::Missing { key: "uds-path or forward-cid", ref context } if context.contains("VM 1"))
         );
         assert_eq!(parse_config("vms:\n"), Err(ConfigError::NoVm));
         // YAML the old line reader could not take: flow style, anchors, quoted numbers.
@@ -643,7 +788,7 @@ mod tests {
         let vm = |cid: u64, groups: &[&str]| VmConfig {
             guest_cid: cid,
             socket: format!("/tmp/v{cid}.sock").into(),
-            uds_path: format!("/tmp/u{cid}").into(),
+            backend: VsockBackend::Unix(format!("/tmp/u{cid}").into()),
             tx_buffer_size: 64 * 1024,
             queue_size: 256,
             groups: groups.iter().map(|g| g.to_string()).collect(),
@@ -660,6 +805,107 @@ mod tests {
             vec![(0, 1), (0, 4), (1, 2), (1, 4), (2, 4)]
         );
         assert!(sibling_pairs(&vms[..1]).is_empty());
+    }
+
+    #[test]
+    fn forward_cid_and_listen_in_every_form() {
+        let want = VsockBackend::Vsock(VsockForward {
+            cid: 1,
+            listen_ports: vec![9001, 9002],
+        });
+        let vm =
+            parse_vm_spec("guest-cid=4,socket=/s,forward-cid=1,forward-listen=9001+9002").unwrap();
+        assert_eq!(vm.backend, want);
+        assert_eq!(vm.uds_path(), None);
+        assert_eq!(
+            vm.host_side(),
+            "AF_VSOCK forward to CID 1, listening on ports 9001+9002"
+        );
+        let vms = parse_config(
+            "vms:\n  - guest_cid: 4\n    socket: /s\n    forward_cid: 1\n    forward_listen: 9001+9002\n",
+        )
+        .unwrap();
+        assert_eq!(vms[0].backend, want);
+        // A single port is a YAML number.
+        let vms = parse_config("vms:\n  - socket: /s\n    forward-cid: 2\n    forward-listen: 7\n")
+            .unwrap();
+        assert_eq!(
+            vms[0].backend,
+            VsockBackend::Vsock(VsockForward {
+                cid: 2,
+                listen_ports: vec![7]
+            })
+        );
+        let flat = FlatFlags {
+            socket: Some("/s".into()),
+            forward_cid: Some("1".into()),
+            forward_listen: Some("9001+9002".into()),
+            ..FlatFlags::default()
+        };
+        assert_eq!(resolve(&[], &flat, None).unwrap()[0].backend, want);
+        // Without forward-listen: guest-initiated connections only.
+        let vm = parse_vm_spec("socket=/s,forward-cid=1").unwrap();
+        assert_eq!(vm.host_side(), "AF_VSOCK forward to CID 1");
+        assert!(muxer_free(&vm));
+    }
+
+    fn muxer_free(vm: &VmConfig) -> bool {
+        matches!(vm.device_config().backend, VsockBackend::Vsock(_))
+    }
+
+    #[test]
+    fn forward_errors_name_the_value() {
+        let e = |s: &str| parse_vm_spec(s).unwrap_err();
+        let both = e("socket=/s,uds-path=/u,forward-cid=1");
+        assert!(
+            matches!(&both, ConfigError::BothBackends { uds_path, forward_cid: 1, .. } if uds_path == "/u"),
+            "{both}"
+        );
+        assert!(both.to_string().contains("one host side"), "{both}");
+        let alone = e("socket=/s,uds-path=/u,forward-listen=5");
+        assert!(
+            matches!(&alone, ConfigError::ForwardListenAlone { ports, .. } if ports == "5"),
+            "{alone}"
+        );
+        for bad in [
+            "forward-cid=-1",
+            "forward-cid=4294967295",
+            "forward-cid=4294967296",
+        ] {
+            let err = e(&format!("socket=/s,{bad}"));
+            assert!(
+                matches!(err, ConfigError::BadValue { ref key, .. } if key == "forward-cid"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["1+1", "1++2", "x", "4294967295"] {
+            let err = e(&format!("socket=/s,forward-cid=1,forward-listen={bad}"));
+            assert!(
+                matches!(err, ConfigError::BadValue { ref key, .. } if key == "forward-listen"),
+                "{bad}: {err}"
+            );
+        }
+        let many = (1..=65)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("+");
+        assert!(matches!(
+            e(&format!("socket=/s,forward-cid=1,forward-listen={many}")),
+            ConfigError::BadValue { .. }
+        ));
+        // Two VMs cannot listen on one port (the second bind would fail at start).
+        let specs = [
+            "guest-cid=3,socket=/a,forward-cid=1,forward-listen=5+6".to_string(),
+            "guest-cid=4,socket=/b,forward-cid=1,forward-listen=7+6".to_string(),
+        ];
+        assert_eq!(
+            resolve(&specs, &FlatFlags::default(), None).unwrap_err(),
+            ConfigError::DuplicateForwardPort(6)
+        );
+        // An unknown key names the forward keys among the known ones.
+        assert!(e("socket=/s,forward=1")
+            .to_string()
+            .contains("forward-cid, forward-listen"));
     }
 
     #[test]

@@ -81,11 +81,15 @@ pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
-/// The muxer's own listening sockets: `<uds_path>` and `<uds_path>_seqpacket`.
+/// The muxer's own listening sockets: `<uds_path>` and `<uds_path>_seqpacket` (none
+/// with the AF_VSOCK backend).
 pub fn muxer_sockets(vm: &VmConfig) -> Vec<PathBuf> {
-    let mut seq = vm.uds_path.as_os_str().to_owned();
+    let Some(uds_path) = vm.uds_path() else {
+        return Vec::new();
+    };
+    let mut seq = uds_path.as_os_str().to_owned();
     seq.push("_seqpacket");
-    vec![vm.uds_path.clone(), PathBuf::from(seq)]
+    vec![uds_path.to_path_buf(), PathBuf::from(seq)]
 }
 
 fn vm_metrics(vm: &VmConfig, m: &VsockMetrics) -> VmMetrics {
@@ -128,10 +132,10 @@ pub fn thread_service(
     let worker_name = name.clone();
     let queue_size = vm.queue_size;
     log::info!(
-        "guest CID {}: vhost-user socket {}, host sockets {}",
+        "guest CID {}: vhost-user socket {}, {}",
         vm.guest_cid,
         vm.socket.display(),
-        vm.uds_path.display()
+        vm.host_side()
     );
     let label = vm.clone();
     Ok(ThreadService::new(
@@ -197,7 +201,7 @@ mod jailed {
     use std::os::unix::net::UnixListener;
     use std::path::Path;
 
-    use outboard_devices::vsock::{sibling_socket_pair, Vsock, VsockMetricsSnapshot};
+    use outboard_devices::vsock::{sibling_socket_pair, Vsock, VsockBackend, VsockMetricsSnapshot};
     use vmm_sys_util::eventfd::EventFd;
 
     use super::{listen, muxer_sockets, sibling_pairs, Listening};
@@ -261,38 +265,48 @@ mod jailed {
         with_metrics: bool,
         links: Vec<(u64, OwnedFd)>,
     ) -> Result<JailedService, String> {
-        // The worker sees the uds-path directory at its own absolute path.
-        let (dir, file) = match (vm.uds_path.parent(), vm.uds_path.file_name()) {
-            (Some(d), Some(f)) => (
-                if d.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    d
-                },
-                f,
-            ),
-            _ => return Err(format!("uds-path {}: no file name", vm.uds_path.display())),
-        };
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| format!("uds-path directory {}: {e}", dir.display()))?;
-        // A worker that cannot create its sockets would die at every start: a
-        // configuration error, said once, before any worker is forked.
-        crate::jail::check_worker_can_write(&dir).map_err(|e| format!("uds-path: {e}"))?;
         let mut vm = vm.clone();
-        vm.uds_path = dir.join(file);
-        let jail = worker_jail(std::slice::from_ref(&dir), opts.mode, opts.limits)
-            .map_err(|e| e.to_string())?;
+        // The worker sees the uds-path directory at its own absolute path; with the
+        // AF_VSOCK backend it needs no directory at all.
+        let dirs = match vm.uds_path() {
+            Some(uds_path) => {
+                let (dir, file) = match (uds_path.parent(), uds_path.file_name()) {
+                    (Some(d), Some(f)) => (
+                        if d.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            d
+                        },
+                        f.to_owned(),
+                    ),
+                    _ => return Err(format!("uds-path {}: no file name", uds_path.display())),
+                };
+                let dir = dir
+                    .canonicalize()
+                    .map_err(|e| format!("uds-path directory {}: {e}", dir.display()))?;
+                // A worker that cannot create its sockets would die at every start: a
+                // configuration error, said once, before any worker is forked.
+                crate::jail::check_worker_can_write(&dir).map_err(|e| format!("uds-path: {e}"))?;
+                vm.backend = VsockBackend::Unix(dir.join(file));
+                vec![dir]
+            }
+            None => Vec::new(),
+        };
+        // Likewise a forward port the worker could not bind (taken, or refused).
+        if let VsockBackend::Vsock(fwd) = &vm.backend {
+            fwd.check_listen_ports().map_err(|e| e.to_string())?;
+        }
+        let jail = worker_jail(&dirs, opts.mode, opts.limits).map_err(|e| e.to_string())?;
         let stale = muxer_sockets(&vm);
         let Listening { listener, created } = listen(&vm, fd)?;
         let mut all = stale.clone();
         all.extend(created);
         let name = format!("vsock cid {}", vm.guest_cid);
         log::info!(
-            "guest CID {}: vhost-user socket {}, host sockets {} (jailed)",
+            "guest CID {}: vhost-user socket {}, {} (jailed)",
             vm.guest_cid,
             vm.socket.display(),
-            vm.uds_path.display()
+            vm.host_side()
         );
         // The worker inherits the counter page first (with metrics), then its links.
         let counters = if with_metrics {

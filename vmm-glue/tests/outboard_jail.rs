@@ -957,3 +957,137 @@ fn wait_for_path(path: &Path) -> bool {
     }
     true
 }
+
+/// Whether this host has AF_VSOCK with a transport to bind with; why not otherwise.
+fn af_vsock_unavailable() -> Option<String> {
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Some(format!("no AF_VSOCK ({})", std::io::Error::last_os_error()));
+    }
+    // SAFETY: sockaddr_vm is plain old data; all-zeroes is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = libc::VMADDR_PORT_ANY;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes; `fd` is ours.
+    let bound = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    (bound < 0).then(|| format!("AF_VSOCK cannot bind here ({err})"))
+}
+
+/// `--forward-cid` with `--jail`: the jailed worker binds its AF_VSOCK forward port
+/// and makes the AF_VSOCK connect a guest asks for, inside its namespaces and under
+/// seccomp. Nothing listens at the forward CID's port, so the guest gets RST; the
+/// worker must survive it (no restart), and the port must be bound (a second bind of
+/// it here fails).
+#[test]
+fn jailed_worker_forwards_over_af_vsock() {
+    if let Some(why) = jails_unavailable().or_else(af_vsock_unavailable) {
+        eprintln!("SKIPPED jailed_worker_forwards_over_af_vsock: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("outboard-jail-fwd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vhost.sock");
+    let log = dir.join("daemon.log");
+    let listen_port = 0x4e00_0000 + std::process::id() % 0x10000;
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+        .arg(&socket)
+        .args(["--forward-cid", "2", "--forward-listen"])
+        .arg(listen_port.to_string())
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let mem = GuestMem::new(MEM);
+    let mut rx = Ring::new(0x1000);
+    let mut tx = Ring::new(0x20000);
+    let mut fe = connect_frontend(&socket);
+    bring_up(&mut fe, &mem, &rx, &tx);
+    for id in 0..QSIZE {
+        rx.offer(&mem, id, 0x1000, true);
+    }
+    let text = wait_for_log(&log, "AF_VSOCK forward to CID 2");
+    assert!(
+        text.contains(&format!("listening on ports {listen_port}")),
+        "{text}"
+    );
+    // The worker bound the forward port.
+    // SAFETY: as in af_vsock_unavailable.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    // SAFETY: as in af_vsock_unavailable.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = listen_port;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes; `fd` is ours.
+    let bound = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    assert_eq!(
+        (bound, err.raw_os_error()),
+        (-1, Some(libc::EADDRINUSE)),
+        "the jailed worker did not bind port {listen_port}"
+    );
+
+    // A guest connect nobody at the forward CID accepts: RST from the port asked for.
+    let port = listen_port + 1;
+    send(&mem, &mut tx, header(1234, port, 0, OP_REQUEST), &[]);
+    let p = recv(&mem, &mut rx);
+    assert_eq!(
+        (p.op, p.src_port, p.dst_port),
+        (3, port, 1234),
+        "RST expected"
+    );
+    // The worker is alive and still answers: a second connect gets its RST too.
+    send(&mem, &mut tx, header(1235, port, 0, OP_REQUEST), &[]);
+    let p = recv(&mem, &mut rx);
+    assert_eq!((p.op, p.dst_port), (3, 1235));
+    let text = terminate(&mut daemon, &log);
+    assert_eq!(
+        text.matches("worker runs jailed").count(),
+        1,
+        "the worker died and was restarted:\n{text}"
+    );
+
+    // A forward port the worker could not bind is a configuration error found before
+    // any worker is forked, not a worker that dies at every start.
+    // SAFETY: as in af_vsock_unavailable.
+    let taken = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(taken >= 0);
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes; `taken` is ours.
+    let bound = unsafe { libc::bind(taken, (&addr as *const libc::sockaddr_vm).cast(), len) };
+    assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+    let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--jail", "--socket"])
+        .arg(&socket)
+        .args(["--forward-cid", "2", "--forward-listen"])
+        .arg(listen_port.to_string())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(taken) };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on AF_VSOCK port {listen_port}")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("worker runs jailed"),
+        "a worker was forked: {err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

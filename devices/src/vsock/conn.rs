@@ -32,6 +32,9 @@ pub(crate) type ConnKey = (u32, u32);
 enum ConnState {
     /// Host-initiated: REQUEST sent (or queued) to the guest, waiting for RESPONSE.
     LocalInit,
+    /// Guest-initiated: the host socket's connect is in progress (AF_VSOCK); nothing
+    /// is sent to the guest until it ends (RESPONSE) or fails or times out (RST).
+    HostConnecting,
     /// Guest-initiated: the host socket is connected, RESPONSE is queued.
     PeerInit,
     /// Data flows both ways.
@@ -65,6 +68,8 @@ const PENDING_CREDIT_REQUEST: u8 = 1 << 5;
 /// Why the device resets a connection (each but [`Fault::WrongType`] has its counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fault {
+    /// The host socket's connect failed or timed out (`err_connect_failed`).
+    ConnectFailed,
     /// The guest sent beyond the credit it was given (`err_credit_overrun`).
     CreditOverrun,
     /// The host socket failed (`err_host_io`).
@@ -218,6 +223,33 @@ impl Conn {
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
         conn.pending = PENDING_RESPONSE;
         conn
+    }
+
+    /// A guest-initiated connection whose host socket `fd` is still connecting: the
+    /// guest hears nothing until [`Conn::on_host_ready`] sees the connect end, and
+    /// has RST if it does not within [`CONN_TIMEOUT`] ([`Conn::deadline`]).
+    pub fn new_peer_connecting(
+        fd: OwnedFd,
+        ty: VsockType,
+        hdr: &VsockHeader,
+        buf_alloc: u32,
+    ) -> Self {
+        let mut conn = Conn::new(
+            fd,
+            ty,
+            hdr.dst_port,
+            hdr.src_port,
+            ConnState::HostConnecting,
+            buf_alloc,
+        );
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        conn.arm_timer();
+        conn
+    }
+
+    /// Whether the host socket's connect is still in progress.
+    pub fn host_connecting(&self) -> bool {
+        self.state == ConnState::HostConnecting
     }
 
     /// A host-initiated connection: a host client on `fd` asked with `CONNECT` for
@@ -635,6 +667,9 @@ impl Conn {
     /// buffer ([`Action::Continue`] when something was buffered, [`Action::Ignore`]
     /// when nothing was).
     pub fn on_host_ready(&mut self, events: EventFlags) -> Action {
+        if self.state == ConnState::HostConnecting {
+            return self.on_connect_done(events);
+        }
         if events.intersects(EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR)
         {
             self.readable = true;
@@ -653,6 +688,28 @@ impl Conn {
             Ok(()) => Action::Continue,
             Err(_) => Action::Kill(Fault::HostIo),
         }
+    }
+
+    /// Readiness of a socket whose connect was in progress. Connected (no pending
+    /// socket error, a peer address): PeerInit, RESPONSE is queued, the timer is off,
+    /// and the same report's other events count as usual (a peer that hung up at once
+    /// still gets its data and end-of-file to the guest). Otherwise the connect failed
+    /// ([`Fault::ConnectFailed`], RST to the guest).
+    fn on_connect_done(&mut self, events: EventFlags) -> Action {
+        if !events.intersects(EventFlags::OUT | EventFlags::ERR | EventFlags::HUP) {
+            return Action::Ignore;
+        }
+        let fd = self.fd.as_fd();
+        if sys::socket_error(fd).is_err() || rustix::net::getpeername(fd).is_err() {
+            return Action::Kill(Fault::ConnectFailed);
+        }
+        self.state = ConnState::PeerInit;
+        self.deadline = None;
+        self.pending |= PENDING_RESPONSE;
+        // Data may have come with the connect; an edge already passed cannot repeat.
+        self.readable = true;
+        self.on_host_ready(events - EventFlags::OUT);
+        Action::Continue
     }
 
     /// Reading the host socket would block: wait for its next readiness report.
@@ -883,6 +940,110 @@ mod tests {
     }
 
     const BOTH: u32 = ShutdownFlags::RCV.bits() | ShutdownFlags::SEND.bits();
+
+    /// A guest-initiated connection whose host socket `fd` is still connecting.
+    fn connecting(fd: OwnedFd) -> Conn {
+        Conn::new_peer_connecting(
+            fd,
+            VsockType::Stream,
+            &packet(VsockOp::Request, 0, 0).hdr,
+            1000,
+        )
+    }
+
+    #[test]
+    fn connect_in_progress_then_connected() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut c = connecting(a.into());
+        assert!(c.host_connecting());
+        assert!(
+            c.deadline().is_some(),
+            "a connect that never ends must time out"
+        );
+        assert_eq!(
+            c.next_control(),
+            None,
+            "the guest hears nothing before the connect ends"
+        );
+        assert!(!c.may_read_host());
+        // Readable alone (no writability) does not end a connect.
+        assert_eq!(c.on_host_ready(EventFlags::IN), Action::Ignore);
+        assert!(c.host_connecting());
+        // The peer wrote and hung up with the connect: data and EOF must still reach
+        // the guest after RESPONSE.
+        std::io::Write::write_all(&mut b, b"hi").unwrap();
+        drop(b);
+        let ev = EventFlags::OUT | EventFlags::IN | EventFlags::RDHUP;
+        assert_eq!(c.on_host_ready(ev), Action::Continue);
+        assert!(!c.host_connecting());
+        assert_eq!(c.deadline(), None);
+        assert_eq!(c.next_control(), Some(VsockOp::Response));
+        assert!(c.host_rdhup());
+        let _ = c.control_sent(3, VsockOp::Response);
+        assert!(
+            c.may_read_host(),
+            "the data that came with the connect is read"
+        );
+    }
+
+    #[test]
+    fn connect_without_peer_fails() {
+        // Never connected: no socket error, but no peer either.
+        let mut c = connecting(sys::unix_socket(SocketType::STREAM).unwrap());
+        assert_eq!(
+            c.on_host_ready(EventFlags::OUT | EventFlags::HUP),
+            Action::Kill(Fault::ConnectFailed)
+        );
+    }
+
+    #[test]
+    fn connect_refused_fails() {
+        use rustix::net::{AddressFamily, SocketAddrV4, SocketFlags};
+        // A port nobody listens on: bind one, note it, close it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let fd = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        match rustix::net::connect(&fd, &addr) {
+            Err(rustix::io::Errno::INPROGRESS) => {}
+            other => panic!("expected a connect in progress, got {other:?}"),
+        }
+        // Wait for the refusal to land (SO_ERROR set).
+        let mut pfd = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::OUT,
+        )];
+        rustix::event::poll(&mut pfd, None).unwrap();
+        let mut c = connecting(fd);
+        assert_eq!(
+            c.on_host_ready(EventFlags::OUT | EventFlags::ERR | EventFlags::HUP),
+            Action::Kill(Fault::ConnectFailed)
+        );
+    }
+
+    #[test]
+    fn guest_packets_while_connecting() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = connecting(a.into());
+        // Data before RESPONSE is out of place; RST ends it quietly.
+        let mut data = *b"x";
+        assert_eq!(guest_rw(&mut c, &mut data), Action::Kill(Fault::Protocol));
+        let mut c = connecting(UnixStream::pair().unwrap().0.into());
+        assert_eq!(guest(&mut c, VsockOp::Rst, 0), Action::Remove);
+        // The deadline kills it when the connect never ends.
+        let mut c = connecting(UnixStream::pair().unwrap().0.into());
+        let at = c.deadline().unwrap();
+        assert_eq!(c.timed_out(at), Action::Kill(Fault::Timeout));
+    }
 
     #[test]
     fn peer_credit_wraps() {

@@ -15,7 +15,8 @@ use super::muxer::Muxer;
 use super::packet::{parse_tx, PacketError, TxPacket};
 use super::sibling::{Outgoing, SiblingPacket, Siblings, Undeliverable, VsockSibling};
 use super::{
-    VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_CONNECTIONS, MAX_TX_BUF_SIZE, QUEUE_SIZE,
+    VsockBackend, VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_CONNECTIONS,
+    MAX_FORWARD_LISTEN_PORTS, MAX_TX_BUF_SIZE, QUEUE_SIZE,
 };
 use crate::virtio::{
     read_regions, ActivateError, ChainWriter, DescChain, Interrupt, IoRegion, QueueError,
@@ -28,8 +29,9 @@ use crate::virtio::{
 pub struct VsockDeviceConfig {
     /// The guest's CID (3 or more).
     pub guest_cid: u64,
-    /// The Unix socket path of the muxer (`<uds_path>`, `<uds_path>_<port>`).
-    pub uds_path: PathBuf,
+    /// Where host-side connections live: the muxer's Unix socket path (`<uds_path>`,
+    /// `<uds_path>_<port>`), or the host's AF_VSOCK.
+    pub backend: VsockBackend,
     /// Per-connection TX buffer size, also the credit announced to the guest.
     pub tx_buf_size: u32,
     /// Most connections at once (1..=[`MAX_CONNECTIONS`]); more are refused with RST.
@@ -37,11 +39,16 @@ pub struct VsockDeviceConfig {
 }
 
 impl VsockDeviceConfig {
-    /// A config with the default TX buffer size.
+    /// A config with the AF_UNIX muxer at `uds_path` and the default TX buffer size.
     pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        Self::with_backend(guest_cid, VsockBackend::Unix(uds_path.into()))
+    }
+
+    /// A config with `backend` and the default TX buffer size.
+    pub fn with_backend(guest_cid: u64, backend: VsockBackend) -> Self {
         VsockDeviceConfig {
             guest_cid,
-            uds_path: uds_path.into(),
+            backend,
             tx_buf_size: DEFAULT_TX_BUF_SIZE,
             max_connections: MAX_CONNECTIONS,
         }
@@ -128,7 +135,8 @@ impl Vsock {
         | VIRTIO_VSOCK_F_STREAM
         | VIRTIO_VSOCK_F_SEQPACKET;
 
-    /// Creates the device and binds `<uds_path>` (stream) and `<uds_path>_seqpacket`.
+    /// Creates the device and binds its listeners: `<uds_path>` (stream) and
+    /// `<uds_path>_seqpacket`, or the AF_VSOCK forward ports.
     pub fn new(config: VsockDeviceConfig) -> Result<Self, VsockError> {
         let cid = config.guest_cid;
         if !(MIN_GUEST_CID..VMADDR_CID_ANY).contains(&cid) {
@@ -140,10 +148,33 @@ impl Vsock {
         if config.max_connections == 0 || config.max_connections > MAX_CONNECTIONS {
             return Err(VsockError::MaxConnections(config.max_connections));
         }
+        if let VsockBackend::Vsock(fwd) = &config.backend {
+            if fwd.cid == u32::MAX {
+                return Err(VsockError::ForwardCid(fwd.cid));
+            }
+            let bad = |reason: String| VsockError::ForwardPorts {
+                ports: fwd.listen_ports.clone(),
+                reason,
+            };
+            if fwd.listen_ports.len() > MAX_FORWARD_LISTEN_PORTS {
+                return Err(bad(format!(
+                    "{} ports, at most {MAX_FORWARD_LISTEN_PORTS}",
+                    fwd.listen_ports.len()
+                )));
+            }
+            for (i, p) in fwd.listen_ports.iter().enumerate() {
+                if *p == u32::MAX {
+                    return Err(bad(format!("port {p} is VMADDR_PORT_ANY")));
+                }
+                if fwd.listen_ports[..i].contains(p) {
+                    return Err(bad(format!("port {p} is given twice")));
+                }
+            }
+        }
         let metrics = Arc::new(VsockMetrics::default());
         let mut muxer = Muxer::new(
             cid,
-            config.uds_path,
+            config.backend,
             config.tx_buf_size,
             config.max_connections,
             metrics.clone(),

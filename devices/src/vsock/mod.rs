@@ -46,6 +46,17 @@
 //!   with EOM only. A zero-length host message read after the peer hung up cannot be
 //!   told from end-of-file and ends the connection.
 //!
+//! # The AF_VSOCK backend
+//!
+//! With [`VsockBackend::Vsock`] the host side is the host kernel's own AF_VSOCK
+//! (vhost-device-vsock's `--forward-cid`): a guest connect to host port `P` starts a
+//! non-blocking AF_VSOCK connect to `(forward cid, P)` of the guest's socket type; the
+//! guest hears RESPONSE once it completed and RST if it failed or did not complete in
+//! [`CONN_TIMEOUT`] (the device thread never waits for it). Each listen port `P` is an
+//! AF_VSOCK stream listener on every local CID; a host client it accepts is connected to
+//! guest port `P` at once, without `CONNECT` line or `OK` answer. Everything after the
+//! handshake (credit, shutdown, RST, the data path) is the same as with AF_UNIX sockets.
+//!
 //! # Sibling VMs
 //!
 //! Devices whose [`VsockSibling`] handles are linked (the glue links the VMs of one
@@ -80,6 +91,7 @@ mod packet;
 mod sibling;
 mod sys;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -113,6 +125,48 @@ pub const MAX_SEQPACKET_MSG: u32 = 128 * 1024;
 /// Queue size the device offers for each of its three queues.
 pub const QUEUE_SIZE: u16 = 256;
 
+/// Most AF_VSOCK ports one device listens on for [`VsockBackend::Vsock`].
+pub const MAX_FORWARD_LISTEN_PORTS: usize = 64;
+
+/// Where the host side of the guest's connections lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockBackend {
+    /// Firecracker's hybrid vsock over AF_UNIX (see the module docs): guest connects
+    /// go to `<path>_<port>`, host clients connect to `<path>` and send `CONNECT`.
+    Unix(PathBuf),
+    /// The host's own AF_VSOCK (vhost-device-vsock's `--forward-cid`): guest connects
+    /// go to `(cid, port)` through the host kernel (`vsock_loopback` for CID 1,
+    /// `vhost_vsock` for a VM the kernel serves), and host clients reach the guest
+    /// through the listed ports.
+    Vsock(VsockForward),
+}
+
+/// The AF_VSOCK side of [`VsockBackend::Vsock`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockForward {
+    /// The CID guest connects to the host (CID 2) are forwarded to, on the same
+    /// port. Stream and seqpacket sockets both forward; the connect is non-blocking,
+    /// the guest gets RESPONSE once the host side accepted and RST if it refused or
+    /// did not answer in [`CONN_TIMEOUT`].
+    pub cid: u32,
+    /// AF_VSOCK stream ports the device listens on (any local CID); a host
+    /// connection accepted on port `P` becomes a connection to guest port `P`, with
+    /// no `CONNECT` line and no `OK` answer (at most [`MAX_FORWARD_LISTEN_PORTS`]).
+    pub listen_ports: Vec<u32>,
+}
+
+impl VsockForward {
+    /// Binds each listen port and lets it go again: what [`Vsock::new`] will do, for a
+    /// daemon that creates the device in another process (a jailed worker) and wants a
+    /// port it cannot have to be a configuration error before that process exists.
+    pub fn check_listen_ports(&self) -> Result<(), VsockError> {
+        for &port in &self.listen_ports {
+            sys::vsock_listen(port).map_err(|source| VsockError::ForwardListen { port, source })?;
+        }
+        Ok(())
+    }
+}
+
 /// Errors of [`Vsock::new`].
 #[sorted]
 #[derive(Debug, Error)]
@@ -120,6 +174,26 @@ pub enum VsockError {
     /// The muxer's epoll set could not be created.
     #[error("cannot create the muxer epoll set: {0}")]
     Epoll(std::io::Error),
+    /// A forward CID that names no peer (`VMADDR_CID_ANY`).
+    #[error("forward CID {0} is invalid: it must name one peer (not 4294967295)")]
+    ForwardCid(u32),
+    /// An AF_VSOCK listening port could not be bound.
+    #[error("cannot listen on AF_VSOCK port {port}: {source}")]
+    ForwardListen {
+        /// The port.
+        port: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A forward listen port list with a port twice, `VMADDR_PORT_ANY` or too many
+    /// ports.
+    #[error("forward listen ports {ports:?}: {reason}")]
+    ForwardPorts {
+        /// The ports given.
+        ports: Vec<u32>,
+        /// What is wrong.
+        reason: String,
+    },
     /// The guest CID is reserved or out of range.
     #[error("guest CID {0} is invalid (must be 3..0xffffffff)")]
     InvalidCid(u64),
@@ -241,7 +315,8 @@ metrics! {
     /// Messages from a sibling in another process that failed the checks (wrong CIDs,
     /// length, op, type or flags; dropped).
     err_sibling_invalid,
-    /// Guest connects that found no host listener (answered with RST).
+    /// Guest connects that found no host listener, or whose AF_VSOCK connect failed
+    /// or timed out (answered with RST).
     err_connect_failed,
     /// Connections refused because of the connection cap.
     err_conn_limit,

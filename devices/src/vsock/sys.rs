@@ -292,6 +292,84 @@ pub(crate) fn recv_regions(
     Ok((n, ReturnFlags::from_bits_retain(msg.msg_flags as u32)))
 }
 
+/// An AF_VSOCK address (`struct sockaddr_vm`).
+///
+/// rustix knows the family (`AddressFamily::VSOCK`) but has no address type for it, and
+/// its `SocketAddrArg` trait exists for callers to supply their own; the muxer's one
+/// vsock use (`--forward-cid`) does not justify another socket crate.
+#[derive(Clone, Copy)]
+pub(crate) struct VsockAddr(libc::sockaddr_vm);
+
+impl VsockAddr {
+    /// The address `(cid, port)`.
+    pub(crate) fn new(cid: u32, port: u32) -> Self {
+        // SAFETY: sockaddr_vm is plain old data (integers and padding); all-zeroes is
+        // a valid value, and the fields that matter are set below.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = cid;
+        addr.svm_port = port;
+        VsockAddr(addr)
+    }
+}
+
+// SAFETY: `with_sockaddr` passes `f` a pointer to a whole, initialized `sockaddr_vm`
+// (whose first field is the family, as every sockaddr's) and its exact size; the
+// pointer is valid for the duration of the call because it borrows `self`.
+unsafe impl rustix::net::addr::SocketAddrArg for VsockAddr {
+    unsafe fn with_sockaddr<R>(
+        &self,
+        f: impl FnOnce(
+            *const rustix::net::addr::SocketAddrOpaque,
+            rustix::net::addr::SocketAddrLen,
+        ) -> R,
+    ) -> R {
+        f(
+            (&self.0 as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as rustix::net::addr::SocketAddrLen,
+        )
+    }
+}
+
+/// A non-blocking close-on-exec AF_VSOCK socket of type `ty`.
+pub(crate) fn vsock_socket(ty: SocketType) -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::VSOCK,
+        ty,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// A stream listener on AF_VSOCK port `port` of every local CID (`VMADDR_CID_ANY`).
+pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    let fd = vsock_socket(SocketType::STREAM)?;
+    rustix::net::bind(&fd, &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
+    rustix::net::listen(&fd, 128)?;
+    Ok(fd)
+}
+
+/// Starts a non-blocking AF_VSOCK connect of type `ty` to `(cid, port)`: the socket,
+/// and whether it is connected already (false: the connect is in progress, the socket
+/// becomes writable, or reports an error, when it ends; read [`socket_error`] then).
+pub(crate) fn vsock_connect(cid: u32, port: u32, ty: SocketType) -> io::Result<(OwnedFd, bool)> {
+    let fd = vsock_socket(ty)?;
+    match rustix::net::connect(&fd, &VsockAddr::new(cid, port)) {
+        Ok(()) => Ok((fd, true)),
+        Err(rustix::io::Errno::INPROGRESS) => Ok((fd, false)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The pending error of a socket (`SO_ERROR`), which reading clears: `Ok(())` when a
+/// non-blocking connect succeeded.
+pub(crate) fn socket_error(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match sockopt::socket_error(fd)? {
+        Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A connected pair of non-blocking close-on-exec AF_UNIX `SOCK_SEQPACKET` sockets.
 pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::net::socketpair(

@@ -61,8 +61,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve virtio-vsock over vhost-user (a drop-in for vhost-device-vsock; host side in
-    /// Firecracker's AF_UNIX convention: `CONNECT port` is answered `OK host-port`).
-    Vsock(VsockArgs),
+    /// Firecracker's AF_UNIX convention: `CONNECT port` is answered `OK host-port`, or
+    /// the host's AF_VSOCK with --forward-cid).
+    Vsock(Box<VsockArgs>),
     /// Serve virtio-media over vhost-user: `--camera` is the software camera (a moving
     /// test pattern in YUYV, NV12 and RGB24), `--v4l2-device` a host V4L2 node.
     Media(MediaArgs),
@@ -177,7 +178,8 @@ impl JailArgs {
 
 #[derive(Args, Debug)]
 struct VsockArgs {
-    /// A VM: `guest-cid=N,socket=PATH,uds-path=PATH`, optionally followed by
+    /// A VM: `guest-cid=N,socket=PATH,uds-path=PATH` (or `forward-cid=CID` with
+    /// optional `forward-listen=P1+P2` instead of `uds-path`), optionally followed by
     /// `,tx-buffer-size=N`, `,queue-size=N`, `,groups=a+b`. Repeat for several VMs (one
     /// worker thread each).
     #[arg(long = "vm", value_name = "SPEC")]
@@ -191,6 +193,14 @@ struct VsockArgs {
     /// The host-side AF_UNIX socket of the muxer (single-VM form).
     #[arg(long, value_name = "PATH")]
     uds_path: Option<String>,
+    /// Instead of --uds-path: forward guest connections to host port P to AF_VSOCK
+    /// (CID, P) through the host kernel (1: the host itself, with vsock_loopback).
+    #[arg(long, value_name = "CID", conflicts_with = "uds_path")]
+    forward_cid: Option<String>,
+    /// With --forward-cid: AF_VSOCK ports (joined with '+') the daemon listens on; a
+    /// host connection to port P reaches guest port P, with no CONNECT line.
+    #[arg(long, value_name = "PORTS", requires = "forward_cid")]
+    forward_listen: Option<String>,
     /// Per-connection TX buffer in bytes, also the guest's credit (single-VM form).
     #[arg(long, value_name = "BYTES")]
     tx_buffer_size: Option<String>,
@@ -261,7 +271,7 @@ fn main() -> ExitCode {
         LogFormat::Text
     });
     match cli.command {
-        Command::Vsock(args) => vsock(args),
+        Command::Vsock(args) => vsock(*args),
         Command::Media(args) => media(args),
         Command::Man { out_dir } => man_pages(&out_dir),
     }
@@ -508,6 +518,8 @@ fn vsock(args: VsockArgs) -> ExitCode {
         guest_cid: args.guest_cid.clone(),
         socket,
         uds_path: args.uds_path.clone(),
+        forward_cid: args.forward_cid.clone(),
+        forward_listen: args.forward_listen.clone(),
         tx_buffer_size: args.tx_buffer_size.clone(),
         queue_size: args.queue_size.clone(),
         groups: args.groups.clone(),

@@ -1,6 +1,7 @@
 //! Host-initiated connections: a host client connects to `<uds_path>` (or
 //! `<uds_path>_seqpacket`), writes `CONNECT <port>\n`, and is answered `OK <host_port>\n`
-//! once the guest accepted the REQUEST.
+//! once the guest accepted the REQUEST. With the AF_VSOCK backend, a host client of
+//! forward port `P` asks for guest port `P` by connecting; it is told nothing.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -11,7 +12,7 @@ use rustix::event::epoll::EventFlags;
 use rustix::net::RecvFlags;
 
 use super::timers::TimerKey;
-use super::{EpollOp, Muxer, TOKEN_PENDING};
+use super::{EpollOp, HostSide, Muxer, TOKEN_PENDING};
 use crate::vsock::conn::{Action, Conn, ConnKey, Fault};
 use crate::vsock::{
     sys, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECT_LINE, MAX_PENDING_HOST_CONNECTIONS,
@@ -43,29 +44,40 @@ pub(crate) fn parse_connect_line(line: &[u8]) -> Option<u32> {
 }
 
 impl Muxer {
-    /// Accepts host clients on the stream or seqpacket listener; each has
-    /// [`CONN_TIMEOUT`] to send its `CONNECT` line.
-    pub(super) fn accept(&mut self, ty: VsockType) {
+    /// Takes up to `max` waiting clients from `listener` (level-triggered: what is
+    /// not accepted now reports again).
+    fn accept_some(&self, listener: &OwnedFd, max: usize) -> Vec<OwnedFd> {
         let mut accepted = Vec::new();
-        {
-            let listener = match ty {
-                VsockType::Stream => &self.listener,
-                VsockType::Seqpacket => &self.seq_listener,
-            };
-            // The listener is level-triggered: what is not accepted now reports again.
-            while accepted.len() <= MAX_PENDING_HOST_CONNECTIONS {
-                match sys::accept(listener) {
-                    Ok(fd) => accepted.push(fd),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        VsockMetrics::inc(&self.metrics.err_muxer);
-                        break;
-                    }
+        while accepted.len() < max {
+            match sys::accept(listener) {
+                Ok(fd) => accepted.push(fd),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    VsockMetrics::inc(&self.metrics.err_muxer);
+                    break;
                 }
             }
         }
-        for fd in accepted {
+        accepted
+    }
+
+    /// Accepts host clients on the stream or seqpacket listener; each has
+    /// [`CONN_TIMEOUT`] to send its `CONNECT` line.
+    pub(super) fn accept(&mut self, ty: VsockType) {
+        let HostSide::Unix {
+            listener,
+            seq_listener,
+            ..
+        } = &self.host
+        else {
+            return;
+        };
+        let listener = match ty {
+            VsockType::Stream => listener,
+            VsockType::Seqpacket => seq_listener,
+        };
+        for fd in self.accept_some(listener, MAX_PENDING_HOST_CONNECTIONS + 1) {
             if self.pending.len() >= MAX_PENDING_HOST_CONNECTIONS
                 || self.conns.len() >= self.max_connections
             {
@@ -82,6 +94,36 @@ impl Muxer {
             let deadline = Instant::now() + CONN_TIMEOUT;
             self.pending.insert(raw, PendingHost { fd, ty, deadline });
             self.push_deadline(deadline, TimerKey::Pending(raw));
+        }
+    }
+
+    /// Accepts host clients of AF_VSOCK forward listener `index`: each becomes a
+    /// LocalInit connection to the guest port of the same number at once (REQUEST is
+    /// queued; the guest has [`CONN_TIMEOUT`] to accept). Beyond the connection cap a
+    /// client is closed at once.
+    pub(super) fn accept_forwarded(&mut self, index: usize) {
+        let HostSide::Vsock { listeners, .. } = &self.host else {
+            return;
+        };
+        let Some((listener, port)) = listeners.get(index) else {
+            VsockMetrics::inc(&self.metrics.err_muxer);
+            return;
+        };
+        let port = *port;
+        let room = self.max_connections.saturating_sub(self.conns.len());
+        // One more than there is room for, so a client beyond the cap is closed (and
+        // counted) rather than left waiting in the backlog.
+        for fd in self.accept_some(listener, room + 1) {
+            let local_port = match self.alloc_local_port() {
+                Some(p) if self.conns.len() < self.max_connections => p,
+                _ => {
+                    VsockMetrics::inc(&self.metrics.err_conn_limit);
+                    continue;
+                }
+            };
+            let ty = VsockType::Stream;
+            let conn = Conn::new_local_init(fd, ty, local_port, port, self.buf_alloc(ty));
+            self.insert(conn, EpollOp::Add);
         }
     }
 
@@ -143,8 +185,13 @@ impl Muxer {
     }
 
     /// The guest accepted the REQUEST of connection `key`: the host client is told
-    /// `OK <local_port>\n` (a failed write resets the connection).
+    /// `OK <local_port>\n` (a failed write resets the connection). AF_VSOCK clients
+    /// are told nothing: their connect was the whole handshake.
     pub(super) fn confirm_host_connect(&mut self, key: ConnKey) {
+        if matches!(self.host, HostSide::Vsock { .. }) {
+            self.apply(key, Action::Continue);
+            return;
+        }
         let Some(conn) = self.conns.get(&key) else {
             return;
         };

@@ -7,7 +7,8 @@
 //!
 //! - `mod.rs`: the tables, the epoll set and its dispatch, actions.
 //! - `tx.rs`: guest packets (TX queue) and guest-initiated connects.
-//! - `handshake.rs`: host clients' `CONNECT <port>\n` and the `OK <port>\n` answer.
+//! - `handshake.rs`: host clients' `CONNECT <port>\n` and the `OK <port>\n` answer;
+//!   host clients of the AF_VSOCK forward ports, which need neither.
 //! - `timers.rs`: connection and handshake deadlines on one timerfd.
 //! - `rx.rs`: RX scheduling: control packets and host data into guest buffers.
 
@@ -32,7 +33,7 @@ use self::timers::TimerKey;
 use super::conn::{Action, Conn, ConnKey, Fault};
 use super::packet::Refused;
 use super::sys;
-use super::{VsockError, VsockMetrics, HOST_PORT_BASE};
+use super::{VsockBackend, VsockError, VsockMetrics, HOST_PORT_BASE};
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_SEQ_LISTENER: u64 = 1;
@@ -40,6 +41,8 @@ const TOKEN_TIMER: u64 = 2;
 const TOKEN_INBOX: u64 = 3;
 const TOKEN_PENDING: u64 = 1 << 32;
 const TOKEN_CONN: u64 = 2 << 32;
+/// An AF_VSOCK forward listener (the low half is its index).
+const TOKEN_FORWARD_LISTENER: u64 = 3 << 32;
 const TOKEN_KIND: u64 = 0xffff_ffff << 32;
 
 /// RST replies to packets of unknown connections waiting for RX buffers.
@@ -65,17 +68,32 @@ enum EpollOp {
 
 const CONN_EVENTS_OUT: EventFlags = CONN_EVENTS.union(EventFlags::OUT);
 
+/// The host side's listeners and where guest connects go.
+enum HostSide {
+    /// Firecracker's hybrid vsock: guest connects go to `<uds_path>_<port>`; host
+    /// clients connect to the two listeners and send `CONNECT <port>\n`.
+    Unix {
+        uds_path: PathBuf,
+        listener: OwnedFd,
+        seq_listener: OwnedFd,
+    },
+    /// The host's AF_VSOCK: guest connects go to `(cid, port)`; a host client of a
+    /// listener (port `P`) is connected to guest port `P` at once.
+    Vsock {
+        cid: u32,
+        listeners: Vec<(OwnedFd, u32)>,
+    },
+}
+
 /// The muxer.
 pub(crate) struct Muxer {
     guest_cid: u64,
     tx_buf_size: u32,
     max_connections: usize,
-    uds_path: PathBuf,
+    host: HostSide,
     epoll: OwnedFd,
     timer: OwnedFd,
     timer_armed: Option<Instant>,
-    listener: OwnedFd,
-    seq_listener: OwnedFd,
     conns: HashMap<ConnKey, Conn>,
     fd_keys: HashMap<RawFd, ConnKey>,
     pending: HashMap<RawFd, PendingHost>,
@@ -93,42 +111,62 @@ pub(crate) struct Muxer {
 }
 
 impl Muxer {
-    /// Binds the listeners and creates the epoll set.
+    /// Binds the listeners of `backend` and creates the epoll set.
     pub fn new(
         guest_cid: u64,
-        uds_path: PathBuf,
+        backend: VsockBackend,
         tx_buf_size: u32,
         max_connections: usize,
         metrics: Arc<VsockMetrics>,
     ) -> Result<Self, VsockError> {
         let epoll = sys::epoll_create().map_err(VsockError::Epoll)?;
         let timer = sys::timerfd_create().map_err(VsockError::Timer)?;
-        let listen = |path: PathBuf, ty| {
-            sys::unix_listen(&path, ty).map_err(|source| VsockError::Listen {
-                path: path.display().to_string(),
-                source,
-            })
-        };
-        let listener = listen(uds_path.clone(), SocketType::STREAM)?;
-        let mut seq_path = uds_path.clone().into_os_string();
-        seq_path.push("_seqpacket");
-        let seq_listener = listen(PathBuf::from(seq_path), SocketType::SEQPACKET)?;
         let add = |fd: BorrowedFd<'_>, token| {
             sys::epoll_add(&epoll, fd, EventFlags::IN, token).map_err(VsockError::Epoll)
         };
-        add(listener.as_fd(), TOKEN_LISTENER)?;
-        add(seq_listener.as_fd(), TOKEN_SEQ_LISTENER)?;
+        let host = match backend {
+            VsockBackend::Unix(uds_path) => {
+                let listen = |path: PathBuf, ty| {
+                    sys::unix_listen(&path, ty).map_err(|source| VsockError::Listen {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                };
+                let listener = listen(uds_path.clone(), SocketType::STREAM)?;
+                let mut seq_path = uds_path.clone().into_os_string();
+                seq_path.push("_seqpacket");
+                let seq_listener = listen(PathBuf::from(seq_path), SocketType::SEQPACKET)?;
+                add(listener.as_fd(), TOKEN_LISTENER)?;
+                add(seq_listener.as_fd(), TOKEN_SEQ_LISTENER)?;
+                HostSide::Unix {
+                    uds_path,
+                    listener,
+                    seq_listener,
+                }
+            }
+            VsockBackend::Vsock(fwd) => {
+                let mut listeners = Vec::with_capacity(fwd.listen_ports.len());
+                for (i, &port) in fwd.listen_ports.iter().enumerate() {
+                    let fd = sys::vsock_listen(port)
+                        .map_err(|source| VsockError::ForwardListen { port, source })?;
+                    add(fd.as_fd(), TOKEN_FORWARD_LISTENER | i as u64)?;
+                    listeners.push((fd, port));
+                }
+                HostSide::Vsock {
+                    cid: fwd.cid,
+                    listeners,
+                }
+            }
+        };
         add(timer.as_fd(), TOKEN_TIMER)?;
         Ok(Muxer {
             guest_cid,
             tx_buf_size,
             max_connections,
-            uds_path,
+            host,
             epoll,
             timer,
             timer_armed: None,
-            listener,
-            seq_listener,
             conns: HashMap::new(),
             fd_keys: HashMap::new(),
             pending: HashMap::new(),
@@ -223,6 +261,7 @@ impl Muxer {
             Action::Kill(fault) => {
                 let m = &self.metrics;
                 let counter = match fault {
+                    Fault::ConnectFailed => Some(&m.err_connect_failed),
                     Fault::CreditOverrun => Some(&m.err_credit_overrun),
                     Fault::HostIo => Some(&m.err_host_io),
                     Fault::Protocol => Some(&m.err_no_connection),
@@ -322,9 +361,15 @@ impl Muxer {
         let key = conn.key();
         let fd = conn.fd().as_raw_fd();
         let token = TOKEN_CONN | fd as u32 as u64;
+        // A connect in progress ends with the socket writable (or in error).
+        let events = if conn.host_connecting() {
+            CONN_EVENTS_OUT
+        } else {
+            CONN_EVENTS
+        };
         let registered = match op {
-            EpollOp::Add => sys::epoll_add(&self.epoll, conn.fd(), CONN_EVENTS, token),
-            EpollOp::Modify => sys::epoll_modify(&self.epoll, conn.fd(), CONN_EVENTS, token),
+            EpollOp::Add => sys::epoll_add(&self.epoll, conn.fd(), events, token),
+            EpollOp::Modify => sys::epoll_modify(&self.epoll, conn.fd(), events, token),
         };
         if registered.is_err() {
             VsockMetrics::inc(&self.metrics.err_muxer);
@@ -414,6 +459,7 @@ impl Muxer {
             (0, TOKEN_INBOX) => self.inbox_signalled = true,
             (TOKEN_PENDING, t) => self.pending_readable(t as u32 as RawFd),
             (TOKEN_CONN, t) => self.conn_event(t as u32 as RawFd, flags),
+            (TOKEN_FORWARD_LISTENER, t) => self.accept_forwarded(t as u32 as usize),
             _ => VsockMetrics::inc(&self.metrics.err_muxer),
         }
     }
@@ -427,8 +473,13 @@ impl Muxer {
         if !self.on_conn(key, |conn, _| conn.on_host_ready(flags)) {
             return;
         }
-        // EPOLLOUT was asked for; once the buffer is empty it is not needed.
-        if flags.contains(EventFlags::OUT) && self.conns.get(&key).is_some_and(|c| !c.tx_pending())
+        // EPOLLOUT was asked for (bytes waited, or a connect was in progress); once
+        // the buffer is empty and the connect done it is not needed.
+        if flags.contains(EventFlags::OUT)
+            && self
+                .conns
+                .get(&key)
+                .is_some_and(|c| !c.tx_pending() && !c.host_connecting())
         {
             self.set_out_interest(key, false);
         }

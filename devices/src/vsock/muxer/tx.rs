@@ -4,7 +4,7 @@
 use outboard_protocol::vsock::{VsockOp, VsockType};
 use rustix::net::SocketType;
 
-use super::{EpollOp, Muxer};
+use super::{EpollOp, HostSide, Muxer};
 use crate::virtio::IoRegion;
 use crate::vsock::conn::{Conn, ConnKey};
 use crate::vsock::packet::TxPacket;
@@ -52,7 +52,9 @@ impl Muxer {
     }
 
     /// A guest REQUEST without a connection: connects to the host listener
-    /// `<uds_path>_<port>`; RST when there is none or the connection cap is reached.
+    /// `<uds_path>_<port>`, or starts an AF_VSOCK connect to `(forward cid, port)`
+    /// (RESPONSE once it completes); RST when there is none, the connect fails at
+    /// once or the connection cap is reached.
     fn peer_connect(&mut self, pkt: &TxPacket) {
         let h = pkt.hdr;
         if self.conns.len() >= self.max_connections {
@@ -60,22 +62,33 @@ impl Muxer {
             self.orphan_rst(h.src_port, h.dst_port, h.type_);
             return;
         }
-        let mut path = self.uds_path.clone().into_os_string();
         let dst_port = h.dst_port;
-        path.push(format!("_{dst_port}"));
         let ty = match pkt.ty {
             VsockType::Stream => SocketType::STREAM,
             VsockType::Seqpacket => SocketType::SEQPACKET,
         };
-        let fd = match sys::unix_connect(std::path::Path::new(&path), ty) {
-            Ok(fd) => fd,
+        let connected = match &self.host {
+            HostSide::Unix { uds_path, .. } => {
+                let mut path = uds_path.clone().into_os_string();
+                path.push(format!("_{dst_port}"));
+                sys::unix_connect(std::path::Path::new(&path), ty).map(|fd| (fd, true))
+            }
+            HostSide::Vsock { cid, .. } => sys::vsock_connect(*cid, dst_port, ty),
+        };
+        let (fd, done) = match connected {
+            Ok(c) => c,
             Err(_) => {
                 VsockMetrics::inc(&self.metrics.err_connect_failed);
                 self.orphan_rst(h.src_port, h.dst_port, h.type_);
                 return;
             }
         };
-        let conn = Conn::new_peer_init(fd, pkt.ty, &h, self.buf_alloc(pkt.ty));
+        let buf_alloc = self.buf_alloc(pkt.ty);
+        let conn = if done {
+            Conn::new_peer_init(fd, pkt.ty, &h, buf_alloc)
+        } else {
+            Conn::new_peer_connecting(fd, pkt.ty, &h, buf_alloc)
+        };
         if !self.insert(conn, EpollOp::Add) {
             self.orphan_rst(h.src_port, h.dst_port, h.type_);
         }
