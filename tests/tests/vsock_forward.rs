@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use outboard_devices::vsock::{Vsock, VsockBackend, VsockDeviceConfig, VsockError, VsockForward};
 use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType};
-use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Key};
+use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Key, Watchdog};
 
 const T: Duration = Duration::from_secs(5);
 const VMADDR_CID_LOCAL: u32 = 1;
@@ -24,8 +24,13 @@ const VMADDR_CID_HOST: u32 = 2;
 
 /// An AF_VSOCK stream socket (blocking), or why there is none.
 fn vsock_socket() -> io::Result<OwnedFd> {
+    vsock_socket_of(libc::SOCK_STREAM)
+}
+
+/// An AF_VSOCK socket of type `ty` (blocking).
+fn vsock_socket_of(ty: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, ty | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -53,8 +58,13 @@ fn vsock_call(r: libc::c_int) -> io::Result<()> {
 /// A listener on `(cid, port)`; `port` `u32::MAX` picks a free one. Returns it and its
 /// port.
 fn vsock_listen(cid: u32, port: u32) -> io::Result<(OwnedFd, u32)> {
+    vsock_listen_of(libc::SOCK_STREAM, cid, port)
+}
+
+/// [`vsock_listen`] for sockets of type `ty`.
+fn vsock_listen_of(ty: libc::c_int, cid: u32, port: u32) -> io::Result<(OwnedFd, u32)> {
     use std::os::fd::AsRawFd;
-    let fd = vsock_socket()?;
+    let fd = vsock_socket_of(ty)?;
     let addr = sockaddr_vm(cid, port);
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
@@ -290,6 +300,10 @@ fn data_both_ways_over_vsock_loopback() {
     if let Err(why) = loopback() {
         return skip("data_both_ways_over_vsock_loopback", why);
     }
+    let _w = Watchdog::arm(
+        "data_both_ways_over_vsock_loopback",
+        Duration::from_secs(30),
+    );
     let fwd_port = test_port(5);
     let mut g = forward_guest("fwd-loop", VMADDR_CID_LOCAL, vec![fwd_port]);
 
@@ -318,9 +332,125 @@ fn data_both_ways_over_vsock_loopback() {
         b"pong",
         "no OK line before the data"
     );
+    // A half close is SHUTDOWN SEND (2) only: the guest may still send. (AF_VSOCK shows a
+    // peer's close and its half close alike, as EPOLLRDHUP; the device tells them
+    // apart.)
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on an fd the File owns.
+        let r = unsafe { libc::shutdown(client.as_raw_fd(), libc::SHUT_WR) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    }
+    assert!(g.pump_until(T, |g| g.conns[&key].peer_shutdown == 2));
+    g.pump(Duration::from_millis(100));
+    assert_eq!(
+        g.conns[&key].peer_shutdown, 2,
+        "a half close is not a close"
+    );
+    send_bytes(&mut g, key, b"after");
+    assert_eq!(host_read(&mut g, &mut client, 5), b"after");
+    // The whole close: SHUTDOWN with both flags.
     drop(client);
     assert!(g.pump_until(T, |g| g.conns[&key].peer_shutdown == 3));
     let m = g.dev.metrics().snapshot();
     assert_eq!(m.err_connect_failed, 0, "{m:?}");
+    assert_eq!(g.bad_packets, 0);
+}
+
+/// A guest SEQPACKET connect forwards to an AF_VSOCK SEQPACKET listener, and message
+/// boundaries hold both ways. Host messages need `MSG_PEEK` on AF_VSOCK seqpacket
+/// sockets (Linux 6.3): on an older kernel the device must reset the connection at the
+/// first host message (counted as unsupported), never loop or deliver it broken.
+#[test]
+fn seqpacket_over_vsock_loopback() {
+    use std::os::fd::AsRawFd;
+    if let Err(why) = loopback() {
+        return skip("seqpacket_over_vsock_loopback", why);
+    }
+    let _w = Watchdog::arm("seqpacket_over_vsock_loopback", Duration::from_secs(30));
+    let mut g = forward_guest("fwd-seq", VMADDR_CID_LOCAL, vec![]);
+    let (listener, port) =
+        vsock_listen_of(libc::SOCK_SEQPACKET, VMADDR_CID_LOCAL, test_port(7)).unwrap();
+    let key = g.connect(port, VsockType::Seqpacket);
+    established(&mut g, key);
+    let host = vsock_accept(&listener).unwrap();
+    let fd = host.as_raw_fd();
+    // SAFETY: fcntl on an owned fd.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    let msg: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    g.send_message(key, &msg, 4096);
+    g.send_message(key, b"second", 4096);
+    // Guest -> host (any kernel): whole messages, in order. The first is peeked at
+    // first, as the device does, to learn whether this kernel can.
+    let mut peek = [0u8; 1];
+    let mut peek_ok = None;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = std::time::Instant::now() + T;
+    while got.len() < 2 && std::time::Instant::now() < end {
+        if peek_ok.is_none() {
+            // SAFETY: `peek` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    peek.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_TRUNC,
+                )
+            };
+            let err = io::Error::last_os_error();
+            if n >= 0 {
+                peek_ok = Some(n as usize == msg.len());
+                eprintln!("seqpacket_over_vsock_loopback: MSG_PEEK|MSG_TRUNC gave {n}");
+            } else if err.kind() == io::ErrorKind::WouldBlock {
+                g.pump(Duration::from_millis(10));
+                continue;
+            } else {
+                eprintln!("seqpacket_over_vsock_loopback: MSG_PEEK failed: {err}");
+                peek_ok = Some(false);
+            }
+        }
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            got.push(buf[..n as usize].to_vec());
+        } else {
+            g.pump(Duration::from_millis(10));
+        }
+    }
+    let lens: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert!(
+        got == [msg.clone(), b"second".to_vec()],
+        "messages must arrive whole, in order: got lengths {lens:?}, peek {peek_ok:?}, \
+         guest state {:?}, {:?}",
+        g.conns[&key].state,
+        g.dev.metrics().snapshot()
+    );
+    // Host -> guest.
+    for m in [&b"one"[..], &msg[..3000]] {
+        // SAFETY: `m` is readable for its length.
+        let n = unsafe { libc::send(fd, m.as_ptr().cast(), m.len(), 0) };
+        assert_eq!(n, m.len() as isize);
+    }
+    if peek_ok == Some(true) {
+        assert!(g.pump_until(T, |g| g.conns[&key].messages.len() == 2));
+        let got: Vec<&[u8]> = g.conns[&key].messages.iter().map(|(m, _)| &m[..]).collect();
+        assert_eq!(got, vec![&b"one"[..], &msg[..3000]]);
+    } else {
+        eprintln!(
+            "seqpacket_over_vsock_loopback: this kernel cannot peek at AF_VSOCK seqpacket \
+             messages (Linux < 6.3); checking that the device resets the connection"
+        );
+        assert!(
+            g.pump_until(T, |g| g.conns[&key].state == GuestState::Reset),
+            "no RST: {:?}",
+            g.conns[&key].state
+        );
+        assert!(
+            g.conns[&key].messages.is_empty(),
+            "nothing broken delivered"
+        );
+        assert_eq!(g.dev.metrics().snapshot().err_unsupported, 1);
+    }
     assert_eq!(g.bad_packets, 0);
 }

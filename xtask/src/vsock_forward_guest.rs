@@ -32,7 +32,7 @@ use crate::util::{self, output, Proc, Result};
 /// The integration test target that is run in the guest (package `outboard-tests`).
 const TEST: &str = "vsock_forward";
 /// How many tests that target has; all of them must run and pass.
-const TESTS: usize = 4;
+const TESTS: usize = 5;
 /// The modules the guest loads (with their dependencies): CID 1 in the guest kernel.
 const MODULES: &[&str] = &["vsock_loopback"];
 /// How long the guest may take from QEMU's start to its marker line (it reaches init in

@@ -151,6 +151,9 @@ pub(crate) struct Conn {
     readable: bool,
     /// The host peer shut down its sending side (EPOLLRDHUP) / both sides (EPOLLHUP).
     rdhup: bool,
+    /// The host socket reports the peer's close only as EPOLLRDHUP, like a half close
+    /// (AF_VSOCK): after end-of-file, a zero-length send tells them apart.
+    probe_hup: bool,
     hup: bool,
     /// Reading the host socket returned end-of-file; the guest was told SHUTDOWN SEND.
     host_eof: bool,
@@ -197,6 +200,7 @@ impl Conn {
             seq_cur: Vec::new(),
             readable: true,
             rdhup: false,
+            probe_hup: false,
             hup: false,
             host_eof: false,
             peer_shut_rcv: false,
@@ -245,6 +249,33 @@ impl Conn {
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
         conn.arm_timer();
         conn
+    }
+
+    /// The host socket is one whose peer's close shows only as EPOLLRDHUP, the same as
+    /// a half close (AF_VSOCK, whose poll sets EPOLLHUP only for its own shutdown):
+    /// after end-of-file the connection asks the socket with a zero-length send, which
+    /// fails with EPIPE once the peer will receive no more.
+    pub fn probe_peer_close(&mut self) {
+        self.probe_hup = true;
+    }
+
+    /// After end-of-file on a socket of [`Conn::probe_peer_close`]: whether the peer
+    /// closed completely (then it counts as EPOLLHUP).
+    fn probe_hangup(&mut self) {
+        if !self.probe_hup || !self.host_eof || self.hup {
+            return;
+        }
+        // Nothing is sent: a zero-length send only runs the socket's checks (and a
+        // stream or AF_VSOCK seqpacket send of nothing queues nothing).
+        if let Err(e) = sys::send(self.fd.as_fd(), &[]) {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EPIPE | libc::ENOTCONN | libc::ECONNRESET)
+            ) {
+                self.rdhup = true;
+                self.hup = true;
+            }
+        }
     }
 
     /// Whether the host socket's connect is still in progress.
@@ -681,6 +712,8 @@ impl Conn {
             self.rdhup = true;
             self.hup = true;
         }
+        // A peer that half-closed before may have closed completely now.
+        self.probe_hangup();
         if !events.contains(EventFlags::OUT) || !self.tx_pending() {
             return Action::Ignore;
         }
@@ -723,6 +756,7 @@ impl Conn {
     pub fn on_host_eof(&mut self) {
         self.host_eof = true;
         self.readable = false;
+        self.probe_hangup();
         if self.hup {
             return;
         }

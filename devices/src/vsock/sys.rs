@@ -210,9 +210,15 @@ pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::
 }
 
 /// The length of the next message of a datagram-like socket, without consuming it.
+///
+/// A one-byte receive with `MSG_PEEK | MSG_TRUNC` makes the kernel report the whole
+/// length. Not a zero-length one: AF_VSOCK answers any zero-length receive with 0
+/// before looking at its queue, so every message would look empty (and a zero-length
+/// read would never consume it). AF_VSOCK seqpacket sockets support `MSG_PEEK` since
+/// Linux 6.3 and fail with `EOPNOTSUPP` before.
 pub(crate) fn peek_msg_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    // A zero-length receive with MSG_TRUNC makes the kernel report the real length.
-    recv(fd, &mut [], RecvFlags::PEEK | RecvFlags::TRUNC)
+    let mut byte = [0u8; 1];
+    recv(fd, &mut byte, RecvFlags::PEEK | RecvFlags::TRUNC)
 }
 
 /// Scratch space for the `iovec` array of one call, reused to avoid allocation.

@@ -122,7 +122,8 @@ impl Muxer {
                 }
             };
             let ty = VsockType::Stream;
-            let conn = Conn::new_local_init(fd, ty, local_port, port, self.buf_alloc(ty));
+            let mut conn = Conn::new_local_init(fd, ty, local_port, port, self.buf_alloc(ty));
+            conn.probe_peer_close();
             self.insert(conn, EpollOp::Add);
         }
     }

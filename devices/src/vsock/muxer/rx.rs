@@ -6,7 +6,7 @@ use std::io;
 use outboard_protocol::vsock::{SeqpacketFlags, VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE};
 use rustix::net::ReturnFlags;
 
-use super::Muxer;
+use super::{HostSide, Muxer};
 use crate::virtio::{ChainWriter, DescChain, IoRegion, QueueError, VirtQueue};
 use crate::vsock::conn::{Action, Conn, ConnKey, Fault};
 use crate::vsock::packet::write_rx_header;
@@ -343,6 +343,19 @@ impl Muxer {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 conn.host_drained();
                 return Turn::Idle;
+            }
+            Err(e) if matches!(self.host, HostSide::Vsock { .. }) => {
+                // An AF_VSOCK host socket on Linux < 6.3, which fails MSG_PEEK on
+                // seqpacket sockets (EOPNOTSUPP, or ENOMEM on 6.1): the message's
+                // length cannot be learned without consuming it.
+                outboard_protocol::log_limited!(
+                    log::Level::Warn,
+                    "vsock: the host kernel cannot peek at AF_VSOCK seqpacket messages \
+                     ({e}; Linux < 6.3): seqpacket connection to guest port {} reset",
+                    key.1
+                );
+                self.apply(key, Action::Kill(Fault::Unsupported));
+                return Turn::Progress;
             }
             Err(_) => {
                 self.apply(key, Action::Kill(Fault::HostIo));

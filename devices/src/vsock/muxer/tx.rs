@@ -84,11 +84,14 @@ impl Muxer {
             }
         };
         let buf_alloc = self.buf_alloc(pkt.ty);
-        let conn = if done {
+        let mut conn = if done {
             Conn::new_peer_init(fd, pkt.ty, &h, buf_alloc)
         } else {
             Conn::new_peer_connecting(fd, pkt.ty, &h, buf_alloc)
         };
+        if matches!(self.host, HostSide::Vsock { .. }) {
+            conn.probe_peer_close();
+        }
         if !self.insert(conn, EpollOp::Add) {
             self.orphan_rst(h.src_port, h.dst_port, h.type_);
         }
