@@ -9,13 +9,14 @@
 //!   rings, worker loop with reconnection.
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
-//! - `metrics` (feature `cli`): the JSON metrics file of the daemon.
-//! - `shared_metrics` (feature `cli`): device counters a jailed worker publishes into a
+//! - `metrics` (feature `daemon`; the JSON file with `cli`): the daemon's metrics files.
+//! - `shared_metrics` (feature `daemon`): device counters a jailed worker publishes into a
 //!   memfd page the daemon reads, monotonic across worker restarts.
-//! - `supervisor` (feature `cli`): stop signals, the loop that watches the workers and
+//! - `supervisor` (feature `daemon`): the listening socket (`--fd`, a bound path,
+//!   systemd socket activation), stop signals, the loop that watches the workers and
 //!   writes the metrics file, restarts of jailed workers, a bounded stop.
-//! - `logging` (feature `cli`): log lines that name their worker, as text or JSON.
-//! - `systemd` (feature `cli`): socket activation and `sd_notify`, without libsystemd.
+//! - `logging` (feature `daemon`; text/JSON lines through env_logger with `cli`): log lines that name their worker, as text or JSON.
+//! - `systemd` (feature `daemon`): socket activation and `sd_notify`, without libsystemd.
 //! - `vsock_daemon` (feature `cli`): the `outboard vsock` daemon built from its
 //!   configuration: a worker per VM on a thread or in a jailed child.
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
@@ -47,20 +48,27 @@
 //! runs in a signal handler).
 #![deny(missing_docs)]
 
+/// `vmm-sys-util`, as this crate uses it (its `EventFd` is the one above).
+pub use vmm_sys_util;
+/// The eventfd type of this crate's public API (`vhost_user::daemon::serve`'s stop
+/// signal, the rust-vmm adapters' interrupts), re-exported so that a caller does not
+/// need to depend on the same `vmm-sys-util` version.
+pub use vmm_sys_util::eventfd::EventFd;
+
 #[cfg(feature = "jail")]
 pub mod jail;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod logging;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "mmio")]
 pub mod mmio;
 pub mod rust_vmm;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod shared_metrics;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod supervisor;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod systemd;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
