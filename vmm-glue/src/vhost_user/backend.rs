@@ -36,7 +36,7 @@ pub const MAX_CONFIG_SIZE: u32 = 256;
 /// The protocol features the daemon offers for every device: `MQ`, `REPLY_ACK`,
 /// `BACKEND_REQ`, `RESET_DEVICE`, `CONFIGURE_MEM_SLOTS`. A [`DeviceBackend`] adds
 /// `CONFIG` for a device with a config space
-/// ([`VirtioDevice::config_size`](outboard_devices::virtio::VirtioDevice::config_size)
+/// ([`VirtioDevice::config_size`]
 /// not 0) and what [`DeviceBackend::with_protocol_features`] asks for, and drops what
 /// [`DeviceBackend::without_protocol_features`] removes
 /// ([`DeviceBackend::protocol_features`] is the result).
