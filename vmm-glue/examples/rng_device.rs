@@ -14,7 +14,7 @@
 //! Linux guest under QEMU, plain and jailed.
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -141,6 +141,7 @@ fn jailed(
 ) -> Result<Box<dyn Service>, String> {
     use outboard_glue::jail::{worker_jail, SeccompMode, WorkerLimits};
     use outboard_glue::supervisor::JailedService;
+    use std::os::fd::OwnedFd;
     let jail =
         worker_jail(&[], SeccompMode::Kill, WorkerLimits::default()).map_err(|e| e.to_string())?;
     let serve = Box::new(|listener, fds: Vec<OwnedFd>, stop: &_| {

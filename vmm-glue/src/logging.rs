@@ -48,7 +48,9 @@ pub fn init_stderr(level: log::LevelFilter) {
         }
         fn flush(&self) {}
     }
-    if log::set_boxed_logger(Box::new(Stderr(level))).is_ok() {
+    // Leaked once per process: set_logger wants a 'static logger (set_boxed_logger needs
+    // log's std feature, which this crate does not ask for).
+    if log::set_logger(Box::leak(Box::new(Stderr(level)))).is_ok() {
         log::set_max_level(level);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "cli")]
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use outboard_devices::vsock::VsockMetricsSnapshot;
