@@ -32,6 +32,7 @@ mod bench;
 mod compliance;
 mod cross;
 mod demo;
+mod device_cost;
 mod e2e;
 mod examples;
 mod fuzz;
@@ -386,6 +387,8 @@ commands:
   msrv                   check the library crates with the declared rust-version
   publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
   examples               run every library crate's examples (cargo run --example)
+  device-cost            lines, crates and clean release build CPU of the rng_device
+                         example against the same device on rust-vmm's vhost-user-backend
   rng-guest              the rng_device example against QEMU vhost-user-rng-pci and a
                          Linux guest (plain and --jail; no QEMU warning allowed)
   fuzz [T] [--seconds N] run the fuzz targets (all, or T) N seconds each over their
@@ -465,6 +468,7 @@ fn main() -> ExitCode {
         Some("aarch64") => finish(cross::run()),
         Some("examples") => finish(examples::run()),
         Some("rng-guest") => finish(rng_guest::run()),
+        Some("device-cost") => finish(device_cost::run()),
         Some("bench-e2e") => {
             let mib = std::env::var("OUTBOARD_BENCH_MIB")
                 .ok()
