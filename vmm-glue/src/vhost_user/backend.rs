@@ -10,7 +10,9 @@ use outboard_protocol::vhost_user::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShmemConfig,
     VhostUserVirtioFeatures, VhostUserVringAddr,
 };
-use outboard_transport::{Backend, HandlerResult, MemoryRegion, VhostUserBackendReqHandler};
+use outboard_transport::{
+    BackendReqSender, HandlerResult, MemoryRegion, VhostUserBackendReqHandler,
+};
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -25,8 +27,8 @@ use crate::rust_vmm::{RingHealth, RustVmmQueue};
 ///
 /// The worker thread that waits also answers the front-end, so it waits briefly: the
 /// media device posts its maps and unmaps instead of waiting
-/// ([`Backend::post_shmem_map`]), and a reply that comes after this is read and dropped
-/// before the next one (see [`Backend::set_timeout`]). The Linux virtio-media driver
+/// ([`BackendReqSender::post_shmem_map`]), and a reply that comes after this is read and dropped
+/// before the next one (see [`BackendReqSender::set_timeout`]). The Linux virtio-media driver
 /// gives up on a command after 5 s.
 pub const BACKEND_CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -51,7 +53,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 /// A slot for the back-end -> front-end channel, shared with a device that sends its
 /// own requests on it (for example `SHMEM_MAP`): [`DeviceBackend::with_channel`] fills
 /// it on `SET_BACKEND_REQ_FD` and empties it when the front-end goes away.
-pub type ChannelSlot = Arc<Mutex<Option<Backend>>>;
+pub type ChannelSlot = Arc<Mutex<Option<BackendReqSender>>>;
 
 /// Makes reads and writes on `file` non-blocking, so that an fd from the front-end that
 /// is not the eventfd it should be (a pipe nobody drains) cannot stall the worker.
@@ -232,7 +234,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         self
     }
 
-    fn channel_slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Backend>>> {
+    fn channel_slot(&self) -> Option<std::sync::MutexGuard<'_, Option<BackendReqSender>>> {
         self.channel
             .as_ref()
             .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
@@ -713,7 +715,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
         Ok(())
     }
 
-    fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+    fn set_backend_req_fd(&mut self, backend: BackendReqSender) -> HandlerResult<()> {
         // The worker sends on this channel (config changes, the media device's
         // SHMEM_MAP): a front-end that stalls there may hold it this long, no more.
         backend
