@@ -16,6 +16,79 @@
 //! fds with `readv`/`writev` and no intermediate copy. Guest memory is never turned into
 //! a Rust reference.
 //!
+//! # Writing a device
+//!
+//! Implement [`virtio::VirtioDevice`]: five methods are required (`device_type`,
+//! `queue_max_sizes`, `activate`, `reset`, `handle_queue`); the rest default to a
+//! device with no config space, no feature bit of its own and no fd of its own. Read
+//! requests with [`virtio::ChainReader`], write answers with [`virtio::ChainWriter`]
+//! (from a slice, an object, or straight from an fd with
+//! [`virtio::ChainWriter::write_from_fd`]), and take device ids from [`virtio::id`].
+//! `outboard-glue`'s `vhost_user::daemon::serve` then serves the device over
+//! vhost-user (its `rng_device` example is a whole daemon; the README has the guide).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use outboard_devices::virtio::{
+//!     id, signal_used, ActivateError, ChainWriter, DescChain, Interrupt, QueueError, VirtQueue,
+//!     VirtioDevice,
+//! };
+//!
+//! /// virtio-rng answering every buffer with 0x2a bytes (a real one reads /dev/urandom
+//! /// with `write_from_fd`).
+//! #[derive(Default)]
+//! struct Rng {
+//!     queues: Vec<Box<dyn VirtQueue>>,
+//!     irq: Option<Arc<dyn Interrupt>>,
+//! }
+//!
+//! impl VirtioDevice for Rng {
+//!     fn device_type(&self) -> u32 {
+//!         id::RNG
+//!     }
+//!     fn queue_max_sizes(&self) -> &[u16] {
+//!         &[256]
+//!     }
+//!     fn activate(
+//!         &mut self,
+//!         queues: Vec<Box<dyn VirtQueue>>,
+//!         irq: Arc<dyn Interrupt>,
+//!     ) -> Result<(), ActivateError> {
+//!         (self.queues, self.irq) = (queues, Some(irq));
+//!         Ok(())
+//!     }
+//!     fn reset(&mut self) {
+//!         (self.queues, self.irq) = (Vec::new(), None);
+//!     }
+//!     fn handle_queue(&mut self, index: usize) {
+//!         let Some(queue) = self.queues.get_mut(index) else { return };
+//!         let mut chain = DescChain::default();
+//!         loop {
+//!             match queue.pop(&mut chain) {
+//!                 Ok(true) => {}
+//!                 // Kicks back on; go on if buffers came meanwhile.
+//!                 Ok(false) if queue.enable_notification() == Ok(true) => continue,
+//!                 Ok(false) => break,
+//!                 Err(QueueError::BadChain { head, .. }) => {
+//!                     let _ = queue.add_used(head, 0);
+//!                     continue;
+//!                 }
+//!                 Err(_) => break, // broken until reset: never loop on it
+//!             }
+//!             let mut w = ChainWriter::new(&chain.writable);
+//!             let _ = w.write_bytes(&vec![0x2a; w.remaining().min(4096)]);
+//!             if queue.add_used(chain.head, w.written() as u32).is_err() {
+//!                 break;
+//!             }
+//!         }
+//!         signal_used(&mut self.queues, index, self.irq.as_deref());
+//!     }
+//! }
+//!
+//! let rng = Rng::default();
+//! assert_eq!((rng.device_type(), rng.config_size(), rng.queue_max_sizes()), (4, 0, &[256][..]));
+//! ```
+//!
 //! # Devices
 //!
 //! - [`vsock`]: virtio-vsock with an AF_UNIX muxer in Firecracker's convention, stream

@@ -678,15 +678,12 @@ impl VirtioDevice for EchoDevice {
         self.log.push(EchoEvent::AckFeatures(features));
     }
 
+    fn config_size(&self) -> usize {
+        self.config.len()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(offset..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -56,7 +56,7 @@ pub use chain::{read_regions, slice_regions, write_regions, ChainError, ChainRea
 // The feature bits are the specification's, defined with their sections in
 // outboard-protocol; devices and transports have always found them here.
 pub use outboard_protocol::virtio::{
-    VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    id, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// A span of host memory that maps guest memory (or, in tests, any buffer).
@@ -452,24 +452,53 @@ pub enum ActivateError {
 /// `i` it calls [`VirtioDevice::handle_queue`]`(i)`; when `event_fd` is readable it calls
 /// [`VirtioDevice::handle_event`]. Both calls never block.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (19 for vsock).
+    /// The virtio device id ([`id`]`::VSOCK` is 19): what the driver matches on.
     fn device_type(&self) -> u32;
 
     /// The maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
 
     /// Feature bits the device offers (including transport bits like VERSION_1).
-    fn features(&self) -> u64;
+    ///
+    /// The default offers [`VIRTIO_F_VERSION_1`] alone: a virtio 1.x device with no
+    /// device-specific feature (virtio-rng).
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
 
     /// Records the features the driver accepted (a subset of [`VirtioDevice::features`];
-    /// unknown bits are ignored).
-    fn ack_features(&mut self, features: u64);
+    /// unknown bits are ignored). The default ignores them: a device with no
+    /// device-specific feature behaves the same whatever was accepted.
+    fn ack_features(&mut self, features: u64) {
+        let _ = features;
+    }
+
+    /// Size in bytes of the device's configuration space, 0 (the default) for a device
+    /// that has none (virtio-rng).
+    ///
+    /// Transports offer only what exists: the vhost-user daemon offers
+    /// `VHOST_USER_PROTOCOL_F_CONFIG` (and so answers `GET_CONFIG`) only when this is not
+    /// 0, so that a front-end that has no config space for the device type (QEMU's
+    /// `vhost-user-rng`) does not warn about it.
+    fn config_size(&self) -> usize {
+        0
+    }
 
     /// Reads config space at `offset` into `data` (out of range bytes read as zero).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    ///
+    /// The default reads zeros (no config space). A device with one overrides this and
+    /// [`VirtioDevice::config_size`]; [`read_config_bytes`] copies from the bytes of a
+    /// config struct with the out-of-range rule.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
 
-    /// Writes config space (devices ignore writes to read-only fields).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Writes config space (devices ignore writes to read-only fields). The default
+    /// ignores every write (no writable field).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
 
     /// Starts the device with its queues (in queue index order) and interrupt.
     fn activate(
@@ -482,13 +511,39 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 
     /// An fd the worker must poll for readability (the device's own epoll set), if any.
-    fn event_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The default is `None`: a device that only answers the driver's kicks.
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 
     /// The driver kicked queue `queue`.
     fn handle_queue(&mut self, queue: usize);
 
-    /// [`VirtioDevice::event_fd`] is readable.
-    fn handle_event(&mut self);
+    /// [`VirtioDevice::event_fd`] is readable. The default does nothing (there is no
+    /// event fd).
+    fn handle_event(&mut self) {}
+}
+
+/// Copies `config` (a device's config space as bytes, `zerocopy::IntoBytes::as_bytes`
+/// of its config struct) from `offset` into `data`, bytes past its end as zeros: the
+/// usual [`VirtioDevice::read_config`].
+///
+/// ```
+/// use outboard_devices::virtio::read_config_bytes;
+///
+/// let mut data = [0xffu8; 4];
+/// read_config_bytes(&[1, 2, 3], 1, &mut data);
+/// assert_eq!(data, [2, 3, 0, 0]);
+/// read_config_bytes(&[1, 2, 3], u64::MAX, &mut data);
+/// assert_eq!(data, [0; 4]);
+/// ```
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
 }
 
 /// A self-contained event loop for one activated device, for VMMs and daemons that do

@@ -38,6 +38,102 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// available (virtio 1.3, 6, and 2.7.9 "In-order use of descriptors").
 pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 
+/// Virtio device IDs (virtio 1.3, 5 "Device Types"): what a device reports as its type
+/// (`VirtioDevice::device_type` in outboard-devices, the virtio-mmio `DeviceID`
+/// register, the PCI device ID minus 0x1040). Names follow the Linux uapi
+/// `<linux/virtio_ids.h>` (`VIRTIO_ID_RNG` is [`id::RNG`]); outboard-glue checks the
+/// values against `virtio-bindings` in its tests.
+pub mod id {
+    /// 1: network card.
+    pub const NET: u32 = 1;
+    /// 2: block device.
+    pub const BLOCK: u32 = 2;
+    /// 3: console.
+    pub const CONSOLE: u32 = 3;
+    /// 4: entropy source.
+    pub const RNG: u32 = 4;
+    /// 5: memory ballooning (traditional).
+    pub const BALLOON: u32 = 5;
+    /// 6: ioMemory.
+    pub const IOMEM: u32 = 6;
+    /// 7: rpmsg.
+    pub const RPMSG: u32 = 7;
+    /// 8: SCSI host.
+    pub const SCSI: u32 = 8;
+    /// 9: 9P transport (`VIRTIO_ID_9P`).
+    pub const P9: u32 = 9;
+    /// 10: mac80211 wlan.
+    pub const MAC80211_WLAN: u32 = 10;
+    /// 11: rproc serial.
+    pub const RPROC_SERIAL: u32 = 11;
+    /// 12: virtio CAIF.
+    pub const CAIF: u32 = 12;
+    /// 13: memory balloon.
+    pub const MEMORY_BALLOON: u32 = 13;
+    /// 16: GPU device.
+    pub const GPU: u32 = 16;
+    /// 17: timer/clock device.
+    pub const CLOCK: u32 = 17;
+    /// 18: input device.
+    pub const INPUT: u32 = 18;
+    /// 19: socket device (vsock).
+    pub const VSOCK: u32 = 19;
+    /// 20: crypto device.
+    pub const CRYPTO: u32 = 20;
+    /// 21: signal distribution module.
+    pub const SIGNAL_DIST: u32 = 21;
+    /// 22: pstore device.
+    pub const PSTORE: u32 = 22;
+    /// 23: IOMMU device.
+    pub const IOMMU: u32 = 23;
+    /// 24: memory device.
+    pub const MEM: u32 = 24;
+    /// 25: sound device.
+    pub const SOUND: u32 = 25;
+    /// 26: file system device.
+    pub const FS: u32 = 26;
+    /// 27: PMEM device.
+    pub const PMEM: u32 = 27;
+    /// 28: RPMB device.
+    pub const RPMB: u32 = 28;
+    /// 29: mac80211 hwsim wireless simulation device.
+    pub const MAC80211_HWSIM: u32 = 29;
+    /// 30: video encoder device.
+    pub const VIDEO_ENCODER: u32 = 30;
+    /// 31: video decoder device.
+    pub const VIDEO_DECODER: u32 = 31;
+    /// 32: SCMI device.
+    pub const SCMI: u32 = 32;
+    /// 33: NitroSecureModule.
+    pub const NITRO_SEC_MOD: u32 = 33;
+    /// 34: I2C adapter.
+    pub const I2C_ADAPTER: u32 = 34;
+    /// 35: watchdog.
+    pub const WATCHDOG: u32 = 35;
+    /// 36: CAN device.
+    pub const CAN: u32 = 36;
+    /// 37: dmabuf device (Linux uapi).
+    pub const DMABUF: u32 = 37;
+    /// 38: parameter server.
+    pub const PARAM_SERV: u32 = 38;
+    /// 39: audio policy device.
+    pub const AUDIO_POLICY: u32 = 39;
+    /// 40: Bluetooth device.
+    pub const BT: u32 = 40;
+    /// 41: GPIO device.
+    pub const GPIO: u32 = 41;
+    /// 42: RDMA device.
+    pub const RDMA: u32 = 42;
+    /// 43: camera device.
+    pub const CAMERA: u32 = 43;
+    /// 44: ISM device.
+    pub const ISM: u32 = 44;
+    /// 45: SPI controller.
+    pub const SPI: u32 = 45;
+    /// 48: media device (virtio-media).
+    pub const MEDIA: u32 = 48;
+}
+
 /// Device status bits (virtio 1.3, 2.1 "Device Status Field").
 ///
 /// They are `u32` because that is the width of the virtio-mmio `Status` register

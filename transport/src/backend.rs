@@ -58,7 +58,7 @@ use outboard_protocol::vhost_user::{
 use outboard_protocol::{parse, ProtocolError, Validate};
 use zerocopy::IntoBytes;
 
-use crate::backend_req::Backend;
+use crate::backend_req::BackendReqSender;
 use crate::connection::{Connection, PartialMessage};
 use crate::error::{Error, HandlerResult, Result};
 
@@ -164,8 +164,8 @@ pub trait VhostUserBackendReqHandler {
     }
 
     /// `SET_BACKEND_REQ_FD` (`BACKEND_REQ`): the back-end -> front-end channel. Keep the
-    /// [`Backend`] (it is `Clone`) to send config changes, shared memory maps, ...
-    fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+    /// [`BackendReqSender`] (it is `Clone`) to send config changes, shared memory maps, ...
+    fn set_backend_req_fd(&mut self, backend: BackendReqSender) -> HandlerResult<()> {
         drop(backend);
         Ok(())
     }
@@ -365,7 +365,7 @@ pub struct BackendReqHandler<B: VhostUserBackendReqHandler> {
     acked_features: u64,
     offered_protocol: Option<VhostUserProtocolFeatures>,
     acked_protocol: VhostUserProtocolFeatures,
-    backend_channel: Option<Backend>,
+    backend_channel: Option<BackendReqSender>,
     peer_waiting: bool,
     /// The request being received by [`BackendReqHandler::poll_request`].
     partial: PartialMessage,
@@ -879,8 +879,10 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
                         kind.as_raw()
                     )));
                 }
-                let channel =
-                    Backend::new(Connection::new(UnixStream::from(fd)), self.acked_protocol);
+                let channel = BackendReqSender::new(
+                    Connection::new(UnixStream::from(fd)),
+                    self.acked_protocol,
+                );
                 self.backend_channel = Some(channel.clone());
                 be(self.backend.set_backend_req_fd(channel))
             }

@@ -1,9 +1,9 @@
-//! [`Backend`]: the back-end's sender on the back-end -> front-end channel.
+//! [`BackendReqSender`]: the back-end's sender on the back-end -> front-end channel.
 //!
 //! The front-end hands the back-end one end of a socket pair with `SET_BACKEND_REQ_FD`
 //! (protocol feature `BACKEND_REQ`); the back-end then sends [`BackendReq`]s on it:
 //! config change notifications, shared memory maps and unmaps, shared objects, in-band
-//! vring notifications. A `Backend` is cheap to clone and safe to share between threads
+//! vring notifications. A `BackendReqSender` is cheap to clone and safe to share between threads
 //! (one request and its reply hold the channel's lock), so device workers can keep
 //! their own copy.
 //!
@@ -41,14 +41,14 @@ struct Inner {
     conn: Connection,
     features: VhostUserProtocolFeatures,
     /// Requests whose reply the caller stopped waiting for (the timeout of
-    /// [`Backend::set_timeout`] ran out), oldest first. The front-end answers in order,
+    /// [`BackendReqSender::set_timeout`] ran out), oldest first. The front-end answers in order,
     /// so their replies come before any later request's and are read and dropped first:
     /// without this a late reply would be taken for the next request's (a slow QEMU
     /// under TCG answered a `SHMEM_MAP` after 1 s, and every later map and unmap got the
     /// previous one's answer).
     owed: VecDeque<Owed>,
     /// Posted requests the front-end refused, oldest first, until
-    /// [`Backend::take_refused`] takes them (at most [`MAX_REFUSED`] kept).
+    /// [`BackendReqSender::take_refused`] takes them (at most [`MAX_REFUSED`] kept).
     refused: Vec<Refused>,
     /// Refusals beyond [`MAX_REFUSED`], counted only.
     refused_dropped: u64,
@@ -63,8 +63,8 @@ struct Owed {
     /// late reply says it succeeded after all (else the front-end's region would keep a
     /// mapping the device does not know of, and the range could never be mapped again).
     undo: Option<VhostUserMMap>,
-    /// Sent with [`Backend::post_shmem_map`] or [`Backend::post_shmem_unmap`]: its
-    /// caller did not wait, and a refusal is kept for [`Backend::take_refused`].
+    /// Sent with [`BackendReqSender::post_shmem_map`] or [`BackendReqSender::post_shmem_unmap`]: its
+    /// caller did not wait, and a refusal is kept for [`BackendReqSender::take_refused`].
     posted: Option<VhostUserMMap>,
 }
 
@@ -84,16 +84,25 @@ pub struct Refused {
 /// not coming back. A media device posts one map per buffer plane at most.
 pub const MAX_OWED_REPLIES: usize = 1024;
 
-/// How many refusals of posted requests are kept for [`Backend::take_refused`].
+/// The old name of [`BackendReqSender`], which did not say what it does.
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed BackendReqSender: it sends the back-end's requests"
+)]
+pub type Backend = BackendReqSender;
+
+/// How many refusals of posted requests are kept for [`BackendReqSender::take_refused`].
 pub const MAX_REFUSED: usize = 64;
 
-/// The back-end's end of the back-end -> front-end channel.
+/// The back-end's end of the back-end -> front-end channel: sends the back-end's
+/// requests (config change, vring call, shared memory map, ...) to the front-end.
+/// (rust-vmm's `vhost` calls it `Backend`, formerly `Slave`.)
 #[derive(Debug, Clone)]
-pub struct Backend {
+pub struct BackendReqSender {
     inner: Arc<Mutex<Inner>>,
 }
 
-/// A request on the channel, described for [`Backend::request`].
+/// A request on the channel, described for [`BackendReqSender::request`].
 struct Request<'a> {
     code: u32,
     name: &'static str,
@@ -104,12 +113,12 @@ struct Request<'a> {
     undo: Option<VhostUserMMap>,
 }
 
-impl Backend {
+impl BackendReqSender {
     /// Wraps the channel's socket. `features` are the protocol features negotiated on
     /// the main connection (they decide which requests may be sent and whether
     /// NEED_REPLY is used).
     pub fn new(conn: Connection, features: VhostUserProtocolFeatures) -> Self {
-        Backend {
+        BackendReqSender {
             inner: Arc::new(Mutex::new(Inner {
                 conn,
                 features,
@@ -177,7 +186,7 @@ impl Backend {
     /// `SHMEM_MAP` without waiting for the front-end's answer: the request is sent (with
     /// NEED_REPLY when `REPLY_ACK` was negotiated) and its reply is read later, when one
     /// is ready at the next request, or when the next waiting request needs the channel.
-    /// A refusal is kept for [`Backend::take_refused`].
+    /// A refusal is kept for [`BackendReqSender::take_refused`].
     ///
     /// This is how a back-end that serves its vhost-user connection and its device on one
     /// thread must map: QEMU handles a `SHMEM_MAP` in its main loop and, while doing so,
@@ -196,7 +205,7 @@ impl Backend {
     }
 
     /// `SHMEM_UNMAP` without waiting for the front-end's answer, as
-    /// [`Backend::post_shmem_map`].
+    /// [`BackendReqSender::post_shmem_map`].
     pub fn post_shmem_unmap(&self, map: &VhostUserMMap) -> Result<()> {
         map.validate()?;
         self.post(
@@ -592,9 +601,9 @@ mod tests {
         m.body
     }
 
-    fn pair() -> (Backend, Connection) {
+    fn pair() -> (BackendReqSender, Connection) {
         let (b, fe) = Connection::pair().unwrap();
-        let backend = Backend::new(b, VhostUserProtocolFeatures::all());
+        let backend = BackendReqSender::new(b, VhostUserProtocolFeatures::all());
         backend.set_timeout(Some(LATE)).unwrap();
         (backend, fe)
     }
@@ -639,7 +648,7 @@ mod tests {
     #[test]
     fn posted_maps_do_not_wait_and_refusals_are_reported() {
         let (b, fe) = Connection::pair().unwrap();
-        let backend = Backend::new(b, VhostUserProtocolFeatures::all());
+        let backend = BackendReqSender::new(b, VhostUserProtocolFeatures::all());
         // No timeout: a post that waited for its reply would hang the test.
         let f = file();
         for off in [0, 0x4000, 0x8000] {

@@ -16,7 +16,7 @@
 //!   accepts front-ends.
 //! - [`frontend`]: [`Frontend`], the client with a method for every front-end request.
 //! - [`backend_req`] and [`frontend_req_handler`]: the back-end -> front-end channel,
-//!   [`Backend`] (the back-end's sender) and [`FrontendReqHandler`] (the front-end's
+//!   [`BackendReqSender`] (the back-end's sender) and [`FrontendReqHandler`] (the front-end's
 //!   server, calling your [`VhostUserFrontendReqHandler`]).
 //! - [`tube`] (feature `tube`): [`Tube`], a typed request/response channel over
 //!   `SOCK_SEQPACKET`.
@@ -28,7 +28,7 @@
 //!   serde and serde_json; a vhost-user front-end or back-end does not need it.
 //! - `crosvm` (off by default): crosvm's non-standard back-end -> front-end requests
 //!   `GPU_MAP` (1006) and `EXTERNAL_MAP` (1007), on both sides of the channel
-//!   (`Backend::gpu_map`, `Backend::external_map` and the matching
+//!   (`BackendReqSender::gpu_map`, `BackendReqSender::external_map` and the matching
 //!   [`VhostUserFrontendReqHandler`] methods).
 //!
 //! # Interoperability notes
@@ -44,8 +44,9 @@
 //! The current vhost-user specification's words are used throughout: the *front-end* is
 //! the VMM side and the *back-end* is the device side. Older code (QEMU before 2023,
 //! rust-vmm `vhost` before 0.8, crosvm before 2023) calls them *master* and *slave*;
-//! when porting, read `Master` as [`Frontend`], `Slave` as [`Backend`] (or the back-end side as a
-//! whole),
+//! when porting, read `Master` as [`Frontend`], `Slave` as the back-end side as a whole
+//! (rust-vmm's `Slave` sender, now its `Backend`, is [`BackendReqSender`]: it sends the
+//! back-end's requests to the front-end; `Backend` is kept here as a deprecated alias),
 //! `SlaveReqHandler` as `BackendReqHandler`, `MasterReqHandler` as
 //! `FrontendReqHandler`, `SET_SLAVE_REQ_FD` as `SET_BACKEND_REQ_FD` and the protocol
 //! features `SLAVE_REQ`/`SLAVE_SEND_FD` as `BACKEND_REQ`/`BACKEND_SEND_FD`.
@@ -72,7 +73,8 @@ pub mod sock;
 pub mod tube;
 
 pub use backend::{BackendReqHandler, Listener, MemoryRegion, VhostUserBackendReqHandler};
-pub use backend_req::Backend;
+#[allow(deprecated)]
+pub use backend_req::{Backend, BackendReqSender};
 pub use connection::{Connection, Message, PartialMessage};
 pub use error::{Error, HandlerResult, Result};
 pub use frontend::{Frontend, MemoryRegionRef};

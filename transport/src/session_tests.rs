@@ -42,7 +42,7 @@ struct Recorder {
     regions: Vec<(VhostUserMemoryRegion, Vec<u8>)>,
     vring_fds: Vec<(String, u32, bool)>,
     status: u8,
-    channel: Option<mpsc::Sender<Backend>>,
+    channel: Option<mpsc::Sender<BackendReqSender>>,
     fail_get_config: bool,
 }
 
@@ -140,7 +140,7 @@ impl VhostUserBackendReqHandler for Recorder {
         self.config[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+    fn set_backend_req_fd(&mut self, backend: BackendReqSender) -> HandlerResult<()> {
         self.log.push("set_backend_req_fd".into());
         if let Some(tx) = &self.channel {
             let _ = tx.send(backend);
@@ -1018,7 +1018,7 @@ fn back_end_channel_refuses_hostile_requests() {
 #[test]
 fn backend_sender_checks_features_locally() {
     let (ours, theirs) = Connection::pair().unwrap();
-    let backend = Backend::new(ours, VhostUserProtocolFeatures::BACKEND_REQ);
+    let backend = BackendReqSender::new(ours, VhostUserProtocolFeatures::BACKEND_REQ);
     assert!(matches!(
         backend.config_change(),
         Err(Error::FeatureMismatch { request: "CONFIG_CHANGE_MSG", feature }) if feature == VhostUserProtocolFeatures::CONFIG

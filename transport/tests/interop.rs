@@ -1,6 +1,6 @@
 //! Interop with code nobody here wrote: rust-vmm's `vhost` crate (0.18).
 //!
-//! - their `Frontend` drives our `BackendReqHandler`, and our `Backend` sender talks to
+//! - their `Frontend` drives our `BackendReqHandler`, and our `BackendReqSender` talks to
 //!   their `FrontendReqHandler` on the back-end request channel;
 //! - our `Frontend` drives their `BackendReqHandler`, and their `Backend` sender talks to
 //!   our `FrontendReqHandler`.
@@ -59,7 +59,7 @@ fn marker(fd: impl AsFd) -> Vec<u8> {
 struct OurDevice {
     log: Vec<String>,
     config: Vec<u8>,
-    channel: mpsc::Sender<ours::Backend>,
+    channel: mpsc::Sender<ours::BackendReqSender>,
 }
 
 impl ours::VhostUserBackendReqHandler for OurDevice {
@@ -132,7 +132,7 @@ impl ours::VhostUserBackendReqHandler for OurDevice {
         self.config[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn set_backend_req_fd(&mut self, backend: ours::Backend) -> ours::HandlerResult<()> {
+    fn set_backend_req_fd(&mut self, backend: ours::BackendReqSender) -> ours::HandlerResult<()> {
         self.log.push("set_backend_req_fd".into());
         self.channel.send(backend).unwrap();
         Ok(())

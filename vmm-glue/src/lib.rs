@@ -9,13 +9,14 @@
 //!   rings, worker loop with reconnection.
 //! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
-//! - `metrics` (feature `cli`): the JSON metrics file of the daemon.
-//! - `shared_metrics` (feature `cli`): device counters a jailed worker publishes into a
+//! - `metrics` (feature `daemon`; the JSON file with `cli`): the daemon's metrics files.
+//! - `shared_metrics` (feature `daemon`): device counters a jailed worker publishes into a
 //!   memfd page the daemon reads, monotonic across worker restarts.
-//! - `supervisor` (feature `cli`): stop signals, the loop that watches the workers and
+//! - `supervisor` (feature `daemon`): the listening socket (`--fd`, a bound path,
+//!   systemd socket activation), stop signals, the loop that watches the workers and
 //!   writes the metrics file, restarts of jailed workers, a bounded stop.
-//! - `logging` (feature `cli`): log lines that name their worker, as text or JSON.
-//! - `systemd` (feature `cli`): socket activation and `sd_notify`, without libsystemd.
+//! - `logging` (feature `daemon`; text/JSON lines through env_logger with `cli`): log lines that name their worker, as text or JSON.
+//! - `systemd` (feature `daemon`): socket activation and `sd_notify`, without libsystemd.
 //! - `vsock_daemon` (feature `cli`): the `outboard vsock` daemon built from its
 //!   configuration: a worker per VM on a thread or in a jailed child.
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
@@ -23,12 +24,47 @@
 //!
 //! The `outboard` binary (`src/bin/outboard.rs`) puts these together.
 //!
+//! # Serving a device
+//!
+//! Any `outboard_devices::virtio::VirtioDevice` becomes a vhost-user back-end with
+//! [`vhost_user::daemon::serve`]: it serves one front-end after the other on a
+//! listening socket (resetting the device when one leaves) until a stop eventfd
+//! ([`EventFd`], re-exported) is written. The protocol features follow the device
+//! (`CONFIG` only with a config space) and can be changed with
+//! [`vhost_user::daemon::serve_with`]. The `daemon` feature adds what a daemon needs
+//! around it: `supervisor::listen_once` (`--socket-path`, `--fd`, systemd socket
+//! activation), `supervisor::StopSignals`, `supervisor::Supervisor` with
+//! `ThreadService` (and `JailedService` with `jail`). `examples/rng_device.rs` is a
+//! whole daemon (virtio-rng); the README has the guide.
+//!
+//! ```no_run
+//! # fn rng() -> outboard_devices::testing::EchoDevice {
+//! #     outboard_devices::testing::EchoDevice::new(&[256])
+//! # }
+//! use std::os::unix::net::UnixListener;
+//! use outboard_glue::{vhost_user::daemon, EventFd};
+//!
+//! let listener = UnixListener::bind("/tmp/rng.sock")?;
+//! let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+//! // Returns the device once `stop` is written (from another thread).
+//! let _device = daemon::serve(rng(), listener, 1024, &stop, "rng")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Features
 //!
-//! `vhost-user` (the daemon library, pulls in outboard-transport), `mmio`, `cli` (the
-//! `outboard` binary, pulls in clap and env_logger) and `jail` (jailed workers, pulls in
-//! outboard-sandbox and seccompiler) are on by default; a VMM that vendors only the
-//! rust-vmm adapters turns them off.
+//! A device daemon takes `default-features = false, features = ["daemon"]` (and
+//! `jail` for jailed workers); the defaults are the `outboard` binary's.
+//!
+//! - `vhost-user`: the daemon library ([`vhost_user`]); pulls in outboard-transport.
+//!   No serde, clap, sandbox or seccomp.
+//! - `daemon`: `supervisor`, `systemd`, `logging`, `metrics`, `shared_metrics`: the
+//!   listening socket, signals and supervision as library API; nothing more compiled.
+//! - `jail`: jailed workers ([`jail`], `supervisor::JailedService`); pulls in
+//!   outboard-sandbox and seccompiler.
+//! - `mmio`: the virtio-mmio transport.
+//! - `cli` (with `vhost-user`, `mmio` and `jail` the defaults): the `outboard`
+//!   binary; pulls in clap, serde, serde_json, serde_yaml_ng and env_logger.
 //!
 //! # System calls
 //!
@@ -47,20 +83,27 @@
 //! runs in a signal handler).
 #![deny(missing_docs)]
 
+/// `vmm-sys-util`, as this crate uses it (its `EventFd` is the one above).
+pub use vmm_sys_util;
+/// The eventfd type of this crate's public API (`vhost_user::daemon::serve`'s stop
+/// signal, the rust-vmm adapters' interrupts), re-exported so that a caller does not
+/// need to depend on the same `vmm-sys-util` version.
+pub use vmm_sys_util::eventfd::EventFd;
+
 #[cfg(feature = "jail")]
 pub mod jail;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod logging;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "mmio")]
 pub mod mmio;
 pub mod rust_vmm;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod shared_metrics;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod supervisor;
-#[cfg(feature = "cli")]
+#[cfg(feature = "daemon")]
 pub mod systemd;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;

@@ -8,6 +8,7 @@
 //! none.
 
 use std::cell::RefCell;
+#[cfg(feature = "cli")]
 use std::io::Write;
 
 thread_local! {
@@ -24,7 +25,38 @@ pub fn worker() -> Option<String> {
     WORKER.with(|w| w.borrow().clone())
 }
 
+/// A logger without env_logger (for a daemon built with the `daemon` feature alone):
+/// lines of `level` and above to stderr as `LEVEL target] worker: message`.
+/// Does nothing when a logger is set already.
+pub fn init_stderr(level: log::LevelFilter) {
+    struct Stderr(log::LevelFilter);
+    impl log::Log for Stderr {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= self.0
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if !self.enabled(record.metadata()) {
+                return;
+            }
+            let (level, target) = (record.level(), record.target());
+            let msg = record.args().to_string();
+            match worker() {
+                // Messages that already start with the worker's name keep it once.
+                Some(w) if !msg.starts_with(&w) => eprintln!("{level:<5} {target}] {w}: {msg}"),
+                _ => eprintln!("{level:<5} {target}] {msg}"),
+            }
+        }
+        fn flush(&self) {}
+    }
+    // Leaked once per process: set_logger wants a 'static logger (set_boxed_logger needs
+    // log's std feature, which this crate does not ask for).
+    if log::set_logger(Box::leak(Box::new(Stderr(level)))).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 /// How log lines are written.
+#[cfg(feature = "cli")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// `[time LEVEL target] worker: message`.
@@ -35,6 +67,7 @@ pub enum LogFormat {
 }
 
 /// One log line in `format` (without the newline).
+#[cfg(feature = "cli")]
 pub fn render(
     format: LogFormat,
     ts: &str,
@@ -68,6 +101,7 @@ pub fn render(
 
 /// Sets up the logger: `RUST_LOG` filters (default `info`), lines to stderr in
 /// `format`.
+#[cfg(feature = "cli")]
 pub fn init(format: LogFormat) {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
@@ -88,7 +122,7 @@ pub fn init(format: LogFormat) {
     let _ = builder.try_init();
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

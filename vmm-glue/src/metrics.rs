@@ -6,9 +6,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "cli")]
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use outboard_devices::vsock::VsockMetricsSnapshot;
+#[cfg(feature = "cli")]
 use serde::Serialize;
 
 /// A device's `u64` counters with fixed names: what the metrics file and the shared
@@ -64,12 +66,14 @@ pub struct VmMetrics {
 }
 
 /// The document, serialized in field order.
+#[cfg(feature = "cli")]
 #[derive(Serialize)]
 struct Doc<'a> {
     timestamp_ms: u128,
     vms: Vec<VmDoc<'a>>,
 }
 
+#[cfg(feature = "cli")]
 #[derive(Serialize)]
 struct VmDoc<'a> {
     guest_cid: u64,
@@ -78,8 +82,10 @@ struct VmDoc<'a> {
 }
 
 /// A VM's counters as one JSON object, in the device's order.
+#[cfg(feature = "cli")]
 struct Counters<'a>(&'a [(String, u64)]);
 
+#[cfg(feature = "cli")]
 impl Serialize for Counters<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(self.0.iter().map(|(name, value)| (name, value)))
@@ -88,6 +94,7 @@ impl Serialize for Counters<'_> {
 
 /// Renders the metrics document: `timestamp_ms`, then `vms`, each with `guest_cid`,
 /// `socket` and `counters` (in the device's order), in that order.
+#[cfg(feature = "cli")]
 pub fn render(vms: &[VmMetrics]) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -171,6 +178,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Writes the JSON document to `path` atomically.
+#[cfg(feature = "cli")]
 pub fn write(path: &Path, vms: &[VmMetrics]) -> std::io::Result<()> {
     write_atomically(path, &render(vms))
 }
@@ -180,7 +188,7 @@ pub fn write_prometheus(path: &Path, vms: &[VmMetrics]) -> std::io::Result<()> {
     write_atomically(path, &render_prometheus(vms))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
 

@@ -592,6 +592,62 @@ mod tests {
         }
     }
 
+    /// Every device ID `virtio-bindings` has is in `outboard_protocol::virtio::id` with
+    /// the same value (the newer ones, RDMA to MEDIA, come from the specification only),
+    /// and the per-device constants agree with the table.
+    #[test]
+    fn device_ids_match_virtio_bindings() {
+        use outboard_protocol::virtio::id;
+        use virtio_bindings::virtio_ids as ids;
+
+        let table = [
+            (id::NET, ids::VIRTIO_ID_NET),
+            (id::BLOCK, ids::VIRTIO_ID_BLOCK),
+            (id::CONSOLE, ids::VIRTIO_ID_CONSOLE),
+            (id::RNG, ids::VIRTIO_ID_RNG),
+            (id::BALLOON, ids::VIRTIO_ID_BALLOON),
+            (id::IOMEM, ids::VIRTIO_ID_IOMEM),
+            (id::RPMSG, ids::VIRTIO_ID_RPMSG),
+            (id::SCSI, ids::VIRTIO_ID_SCSI),
+            (id::P9, ids::VIRTIO_ID_9P),
+            (id::MAC80211_WLAN, ids::VIRTIO_ID_MAC80211_WLAN),
+            (id::RPROC_SERIAL, ids::VIRTIO_ID_RPROC_SERIAL),
+            (id::CAIF, ids::VIRTIO_ID_CAIF),
+            (id::MEMORY_BALLOON, ids::VIRTIO_ID_MEMORY_BALLOON),
+            (id::GPU, ids::VIRTIO_ID_GPU),
+            (id::CLOCK, ids::VIRTIO_ID_CLOCK),
+            (id::INPUT, ids::VIRTIO_ID_INPUT),
+            (id::VSOCK, ids::VIRTIO_ID_VSOCK),
+            (id::CRYPTO, ids::VIRTIO_ID_CRYPTO),
+            (id::SIGNAL_DIST, ids::VIRTIO_ID_SIGNAL_DIST),
+            (id::PSTORE, ids::VIRTIO_ID_PSTORE),
+            (id::IOMMU, ids::VIRTIO_ID_IOMMU),
+            (id::MEM, ids::VIRTIO_ID_MEM),
+            (id::SOUND, ids::VIRTIO_ID_SOUND),
+            (id::FS, ids::VIRTIO_ID_FS),
+            (id::PMEM, ids::VIRTIO_ID_PMEM),
+            (id::RPMB, ids::VIRTIO_ID_RPMB),
+            (id::MAC80211_HWSIM, ids::VIRTIO_ID_MAC80211_HWSIM),
+            (id::VIDEO_ENCODER, ids::VIRTIO_ID_VIDEO_ENCODER),
+            (id::VIDEO_DECODER, ids::VIRTIO_ID_VIDEO_DECODER),
+            (id::SCMI, ids::VIRTIO_ID_SCMI),
+            (id::NITRO_SEC_MOD, ids::VIRTIO_ID_NITRO_SEC_MOD),
+            (id::I2C_ADAPTER, ids::VIRTIO_ID_I2C_ADAPTER),
+            (id::WATCHDOG, ids::VIRTIO_ID_WATCHDOG),
+            (id::CAN, ids::VIRTIO_ID_CAN),
+            (id::DMABUF, ids::VIRTIO_ID_DMABUF),
+            (id::PARAM_SERV, ids::VIRTIO_ID_PARAM_SERV),
+            (id::AUDIO_POLICY, ids::VIRTIO_ID_AUDIO_POLICY),
+            (id::BT, ids::VIRTIO_ID_BT),
+            (id::GPIO, ids::VIRTIO_ID_GPIO),
+        ];
+        for (ours, theirs) in table {
+            assert_eq!(ours, theirs, "device id {theirs}");
+        }
+        assert_eq!(id::VSOCK, outboard_protocol::vsock::VIRTIO_ID_VSOCK);
+        assert_eq!(id::MEDIA, outboard_protocol::media::VIRTIO_ID_MEDIA);
+    }
+
     fn rd(t: &mut MmioTransport<EchoDevice, Mem>, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(

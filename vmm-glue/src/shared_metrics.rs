@@ -395,6 +395,10 @@ where
         self.inner.ack_features(features);
     }
 
+    fn config_size(&self) -> usize {
+        self.inner.config_size()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         self.inner.read_config(offset, data);
     }

@@ -21,10 +21,14 @@
 //! seconds whatever a worker or its peer does.
 
 use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustix::io::{fcntl_setfd, FdFlags};
+use rustix::net::{sockopt, AddressFamily};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::metrics::{self, VmMetrics};
@@ -79,7 +83,8 @@ impl StopSignals {
 /// The metrics files, rewritten every `interval` (and at the start and the end).
 #[derive(Debug, Clone)]
 pub struct MetricsFile {
-    /// `--metrics`: the JSON document, replaced atomically ([`metrics::write`]).
+    /// `--metrics`: the JSON document, replaced atomically (`metrics::write`; written
+    /// with the `cli` feature only, which has serde_json).
     pub path: Option<PathBuf>,
     /// `--metrics-prometheus`: the Prometheus text exposition
     /// ([`metrics::write_prometheus`]).
@@ -203,6 +208,7 @@ impl Supervisor {
     fn write_metrics(&self, services: &[Box<dyn Service>]) {
         let Some(m) = &self.metrics else { return };
         let vms: Vec<VmMetrics> = services.iter().filter_map(|s| s.metrics()).collect();
+        #[cfg(feature = "cli")]
         if let Some(path) = &m.path {
             if let Err(e) = metrics::write(path, &vms) {
                 log::warn!("cannot write metrics to {}: {e}", path.display());
@@ -226,6 +232,73 @@ pub fn stop_all(services: &mut [Box<dyn Service>], deadline: Instant) -> bool {
         ok &= s.finish(deadline);
     }
     ok
+}
+
+/// Takes ownership of the inherited listening socket `fd` (`--fd`, systemd socket
+/// activation): it must be a listening AF_UNIX socket; it is made close-on-exec.
+///
+/// The caller must own `fd` (nothing else in the process may close or use it).
+pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
+    // SAFETY: the caller owns `fd` (this function's contract), so it stays open for
+    // the checks below; nothing is closed through the borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if !sockopt::socket_acceptconn(borrowed).unwrap_or(false) {
+        return Err(format!("--fd {fd} is not a listening socket"));
+    }
+    if sockopt::socket_domain(borrowed).ok() != Some(AddressFamily::UNIX) {
+        return Err(format!("--fd {fd} is not an AF_UNIX socket"));
+    }
+    // SAFETY: the fd was inherited for us to own (the --fd contract), is open (the
+    // getsockopt calls succeeded) and is a listening AF_UNIX socket.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    // Errors ignored as before: the flag only matters if the daemon ever execs.
+    let _ = fcntl_setfd(&listener, FdFlags::CLOEXEC);
+    Ok(listener)
+}
+
+/// Binds a vhost-user listening socket at `path`, replacing a socket file an earlier
+/// run left there (never anything else, see [`remove_stale_socket`]).
+pub fn bind_listener(path: &Path) -> Result<UnixListener, String> {
+    remove_stale_socket(path)?;
+    UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))
+}
+
+/// The one listening socket systemd passed by socket activation (`LISTEN_FDS`), as
+/// an fd for [`inherited_listener`]; `None` when none was passed. More than one is an
+/// error naming how many: a single-device daemon serves one.
+pub fn activated_listener() -> Result<Option<RawFd>, String> {
+    let mut fds = crate::systemd::listen_fds().map_err(|e| e.to_string())?;
+    match fds.len() {
+        0 => Ok(None),
+        1 => Ok(fds.pop().map(IntoRawFd::into_raw_fd)),
+        n => Err(format!(
+            "systemd passed {n} listening sockets (LISTEN_FDS); this daemon serves one"
+        )),
+    }
+}
+
+/// A single-device daemon's vhost-user listening socket, by the vhost-user back-end
+/// conventions: the inherited listening socket `fd` (`--fd`, owned from here on), else
+/// `socket_path` bound, else the socket systemd passed (socket activation). Returns the
+/// socket, the files to remove at exit (the bound path) and how to name it in the log.
+pub fn listen_once(
+    socket_path: Option<&Path>,
+    fd: Option<RawFd>,
+) -> Result<(UnixListener, Vec<PathBuf>, String), String> {
+    match (fd, socket_path) {
+        (Some(fd), _) => Ok((inherited_listener(fd)?, Vec::new(), format!("fd {fd}"))),
+        (None, Some(path)) => Ok((
+            bind_listener(path)?,
+            vec![path.to_path_buf()],
+            path.display().to_string(),
+        )),
+        (None, None) => match activated_listener()? {
+            Some(fd) => Ok((inherited_listener(fd)?, Vec::new(), format!("fd {fd}"))),
+            None => Err(
+                "--socket-path, --fd or systemd socket activation (LISTEN_FDS) is required".into(),
+            ),
+        },
+    }
 }
 
 /// Removes a socket file left by an earlier run (never anything that is not a socket).

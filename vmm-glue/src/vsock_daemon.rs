@@ -10,14 +10,12 @@
 //!   metrics, gives each worker a counter page ([`crate::shared_metrics`]).
 //! - [`run`]: both, until SIGTERM/SIGINT.
 
-use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use outboard_devices::vsock::{Vsock, VsockMetrics};
-use rustix::io::{fcntl_setfd, FdFlags};
-use rustix::net::{sockopt, AddressFamily};
 
 use crate::metrics::{self, VmMetrics};
 use crate::supervisor::{
@@ -59,27 +57,7 @@ pub fn listen(vm: &VmConfig, fd: Option<RawFd>) -> Result<Listening, String> {
     })
 }
 
-/// Takes ownership of the inherited listening socket `fd` (`--fd`, systemd socket
-/// activation): it must be a listening AF_UNIX socket; it is made close-on-exec.
-///
-/// The caller must own `fd` (nothing else in the process may close or use it).
-pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
-    // SAFETY: the caller owns `fd` (this function's contract), so it stays open for
-    // the checks below; nothing is closed through the borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    if !sockopt::socket_acceptconn(borrowed).unwrap_or(false) {
-        return Err(format!("--fd {fd} is not a listening socket"));
-    }
-    if sockopt::socket_domain(borrowed).ok() != Some(AddressFamily::UNIX) {
-        return Err(format!("--fd {fd} is not an AF_UNIX socket"));
-    }
-    // SAFETY: the fd was inherited for us to own (the --fd contract), is open (the
-    // getsockopt calls succeeded) and is a listening AF_UNIX socket.
-    let listener = unsafe { UnixListener::from_raw_fd(fd) };
-    // Errors ignored as before: the flag only matters if the daemon ever execs.
-    let _ = fcntl_setfd(&listener, FdFlags::CLOEXEC);
-    Ok(listener)
-}
+pub use crate::supervisor::inherited_listener;
 
 /// The muxer's own listening sockets: `<uds_path>` and `<uds_path>_seqpacket` (none
 /// with the AF_VSOCK backend).

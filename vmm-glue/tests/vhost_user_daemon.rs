@@ -315,3 +315,50 @@ fn ring_fds_that_are_not_eventfds_are_refused() {
     drop(fe);
     served.finish();
 }
+
+/// The protocol features follow the device: no `CONFIG` for a device without a config
+/// space (QEMU warns at start about a back-end that offers it for such a device), and
+/// `without_protocol_features` removes what the daemon offers for every device.
+#[test]
+fn protocol_features_follow_the_device_and_can_be_removed() {
+    let offered = |device: EchoDevice, remove: VhostUserProtocolFeatures| {
+        let dir = std::env::temp_dir().join(format!(
+            "outboard-vu-proto-{}-{}",
+            remove.bits(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vu.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let worker_stop = stop.try_clone().unwrap();
+        let worker = std::thread::spawn(move || {
+            daemon::serve_with(device, listener, 256, &worker_stop, "test", |b| {
+                b.without_protocol_features(remove)
+            })
+            .map(|_| ())
+        });
+        let mut fe = Frontend::connect(&path).unwrap();
+        fe.get_features().unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        drop(fe);
+        stop.write(1).unwrap();
+        worker.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        proto
+    };
+    let none = VhostUserProtocolFeatures::empty();
+    let without_config = offered(EchoDevice::new(&[16]), none);
+    assert!(!without_config.contains(VhostUserProtocolFeatures::CONFIG));
+    assert!(without_config.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    let with_config = offered(EchoDevice::new(&[16]).with_config(b"cfg"), none);
+    assert!(with_config.contains(VhostUserProtocolFeatures::CONFIG));
+    let removed = offered(
+        EchoDevice::new(&[16]).with_config(b"cfg"),
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ,
+    );
+    assert!(!removed.contains(VhostUserProtocolFeatures::CONFIG));
+    assert!(!removed.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    assert!(removed.contains(VhostUserProtocolFeatures::MQ));
+}

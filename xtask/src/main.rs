@@ -35,6 +35,7 @@ mod bench;
 mod compliance;
 mod cross;
 mod demo;
+mod device_cost;
 mod e2e;
 mod examples;
 mod fuzz;
@@ -44,6 +45,7 @@ mod media_guest;
 mod packages;
 mod qmp;
 mod release;
+mod rng_guest;
 mod setup;
 mod util;
 mod vm;
@@ -133,6 +135,9 @@ fn ci_steps() -> Vec<Step> {
         .env("RUSTDOCFLAGS", "-D warnings"),
         // Every library crate's examples, run as a user would run them.
         Step::xtask("examples", &["examples"]),
+        // The device author's example (virtio-rng) against QEMU and a Linux guest, plain
+        // and jailed, through a SIGTERM and a restart on --fd; no warning from QEMU.
+        Step::xtask("rng-guest (example device, QEMU guest)", &["rng-guest"]),
         // The declared rust-version builds the library crates and the binary.
         Step::xtask("msrv (declared rust-version)", &["msrv"]).prune("msrv"),
         // Every publishable crate packages and builds from its tarball.
@@ -394,6 +399,10 @@ commands:
   msrv                   check the library crates with the declared rust-version
   publish-check          cargo publish --workspace --dry-run (nothing is uploaded)
   examples               run every library crate's examples (cargo run --example)
+  device-cost            lines, crates and clean release build CPU of the rng_device
+                         example against the same device on rust-vmm's vhost-user-backend
+  rng-guest              the rng_device example against QEMU vhost-user-rng-pci and a
+                         Linux guest (plain and --jail; no QEMU warning allowed)
   fuzz [T] [--seconds N] run the fuzz targets (all, or T) N seconds each over their
                          corpus (nightly + cargo-fuzz; --ci: skip if unavailable)
   packages               list the Debian packages the project installs, and their state
@@ -471,6 +480,8 @@ fn main() -> ExitCode {
         Some("fuzz") => finish(fuzz::run(&args[1..])),
         Some("aarch64") => finish(cross::run()),
         Some("examples") => finish(examples::run()),
+        Some("rng-guest") => finish(rng_guest::run()),
+        Some("device-cost") => finish(device_cost::run()),
         Some("bench-e2e") => {
             let mib = std::env::var("OUTBOARD_BENCH_MIB")
                 .ok()

@@ -12,7 +12,9 @@ use zerocopy::IntoBytes;
 
 use super::runner::{EpollSessionPoller, MediaRunner};
 use super::{ChainReader, ChainWriter, EventBuffer, EventQueue, MediaDevice, MediaMetrics};
-use crate::virtio::{ActivateError, DescChain, Interrupt, QueueError, VirtQueue, VirtioDevice};
+use crate::virtio::{
+    read_config_bytes, ActivateError, DescChain, Interrupt, QueueError, VirtQueue, VirtioDevice,
+};
 
 // The one feature bit this device offers, from the specification's constants (this
 // path is public, so it stays).
@@ -223,16 +225,12 @@ impl<D: MediaDevice> VirtioDevice for VirtioMedia<D> {
         self.acked_features = features & self.features();
     }
 
+    fn config_size(&self) -> usize {
+        std::mem::size_of::<MediaConfig>()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let cfg = self.config.as_bytes();
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = cfg.get(offset..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_bytes(self.config.as_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -60,6 +60,8 @@
 //! # Ok::<(), ChainError>(())
 //! ```
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+
 use remain::sorted;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -169,7 +171,7 @@ impl ChainError {
 /// A position in the concatenation of a list of regions, with the rest of the region it
 /// falls in at hand so that an object inside that region is copied without walking the
 /// list.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RegionCursor<'a> {
     regions: &'a [IoRegion],
     /// Total length of `regions`.
@@ -354,6 +356,9 @@ pub struct ChainWriter<'a> {
 }
 
 impl<'a> ChainWriter<'a> {
+    /// Regions filled by one [`ChainWriter::write_from_fd`].
+    pub const MAX_IOVECS: usize = 64;
+
     /// A writer at the start of `regions`.
     #[inline]
     pub fn new(regions: &'a [IoRegion]) -> Self {
@@ -443,6 +448,56 @@ impl<'a> ChainWriter<'a> {
         self.c.forward(len, Some(out))
     }
 
+    /// Fills up to `len` bytes of the writable half (fewer when it ends first) straight
+    /// from `fd` with one `readv` into the guest's buffers: the kernel copies into guest
+    /// memory, there is no bounce buffer. Returns how many bytes were read, which count
+    /// as written; 0 at end of file or when there is no room. An error (`EAGAIN` from a
+    /// non-blocking fd included) leaves the writer where it was. At most
+    /// [`ChainWriter::MAX_IOVECS`] regions are filled per call; call again for more.
+    ///
+    /// ```
+    /// use std::os::fd::AsFd;
+    /// use outboard_devices::virtio::{ChainWriter, IoRegion};
+    ///
+    /// let (mut a, mut b) = ([0u8; 3], [0u8; 8]);
+    /// // SAFETY: the arrays outlive the regions and are not touched while they are used.
+    /// let writable = unsafe {
+    ///     [IoRegion::new(a.as_mut_ptr(), a.len()), IoRegion::new(b.as_mut_ptr(), b.len())]
+    /// };
+    /// let zero = std::fs::File::open("/dev/zero")?;
+    /// let mut w = ChainWriter::new(&writable);
+    /// w.write_bytes(b"ab")?;
+    /// assert_eq!(w.write_from_fd(zero.as_fd(), 100)?, 9);
+    /// assert_eq!((w.written(), w.remaining()), (11, 0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn write_from_fd(&mut self, fd: BorrowedFd<'_>, len: usize) -> std::io::Result<usize> {
+        let mut iov = [IoRegion::empty().as_iovec(); Self::MAX_IOVECS];
+        let mut count = 0;
+        let mut peek = self.c.clone();
+        let mut left = len.min(peek.remaining());
+        while left > 0 && count < iov.len() {
+            let s = peek.head.sub(0, left);
+            if s.is_empty() {
+                break;
+            }
+            iov[count] = s.as_iovec();
+            count += 1;
+            left -= s.len();
+            peek.advance(s.len());
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        // SAFETY: the first `count` iovecs are sub-regions of the writable half, which
+        // the VirtQueue keeps mapped and writable while the chain is processed
+        // (IoRegion::new's contract); `count` <= MAX_IOVECS <= IOV_MAX. The kernel
+        // writes into them, no Rust reference to guest memory exists.
+        let n = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), count as libc::c_int) };
+        let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+        Ok(self.c.forward(n, None))
+    }
+
     /// Goes back to the start of the writable half: [`ChainWriter::written`] is 0
     /// again and the next write overwrites what was written (an error response that
     /// replaces a partial answer).
@@ -459,6 +514,42 @@ mod tests {
         // SAFETY: `buf` outlives every use of the region in these tests and no reference
         // to it is used while the region is.
         unsafe { IoRegion::new(buf.as_mut_ptr(), buf.len()) }
+    }
+
+    #[test]
+    fn write_from_fd_fills_regions_and_counts_only_what_was_read() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        writer.write_all(b"0123456").unwrap();
+        let mut a = [0u8; 2];
+        let mut b = [0u8; 10];
+        let regions = [region(&mut a), region(&mut b)];
+        let mut w = ChainWriter::new(&regions);
+        w.write_bytes(b"x").unwrap();
+        // 11 bytes of room, 7 in the pipe: a short read counts 7.
+        assert_eq!(w.write_from_fd(reader.as_fd(), 100).unwrap(), 7);
+        assert_eq!(w.written(), 8);
+        drop(writer);
+        assert_eq!(w.write_from_fd(reader.as_fd(), 100).unwrap(), 0);
+        assert_eq!(&a, b"x0");
+        assert_eq!(&b[..6], b"123456");
+    }
+
+    #[test]
+    fn write_from_fd_error_leaves_the_writer_unmoved() {
+        use std::os::fd::AsFd;
+        let writer = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let mut a = [0u8; 4];
+        let regions = [region(&mut a)];
+        let mut w = ChainWriter::new(&regions);
+        // A file opened write-only cannot be read: EBADF.
+        assert!(w.write_from_fd(writer.as_fd(), 4).is_err());
+        assert_eq!(w.written(), 0);
+        assert_eq!(w.write_from_fd(writer.as_fd(), 0).unwrap(), 0);
     }
 
     #[test]

@@ -576,6 +576,10 @@ impl VirtioDevice for Vsock {
             .set_seqpacket(self.acked_features & VIRTIO_VSOCK_F_SEQPACKET != 0);
     }
 
+    fn config_size(&self) -> usize {
+        std::mem::size_of::<VsockConfig>()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = VsockConfig {
             guest_cid: self.guest_cid,

@@ -20,7 +20,6 @@
 //! same socket. `--jail-seccomp log` develops the seccomp allow-list.
 
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,16 +30,16 @@ use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
 use outboard_glue::jail::{worker_jail, SeccompMode};
 use outboard_glue::logging::{self, LogFormat};
 use outboard_glue::supervisor::{
-    remove_stale_socket, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
+    activated_listener, listen_once, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
 };
 #[cfg(feature = "jail")]
 use outboard_glue::supervisor::{JailedService, ServeFn};
 use outboard_glue::systemd;
 use outboard_glue::vhost_user::media::MediaSource;
 use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
+use outboard_glue::vsock_daemon;
 #[cfg(feature = "jail")]
 use outboard_glue::vsock_daemon::JailOptions;
-use outboard_glue::vsock_daemon::{self, inherited_listener};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -297,18 +296,12 @@ fn media(args: MediaArgs) -> ExitCode {
     // A listening socket from systemd's socket activation, when neither --fd nor
     // --socket-path is given.
     let fd = match (args.fd, &args.socket_path) {
-        (None, None) => match systemd::listen_fds() {
-            Ok(fds) if fds.len() == 1 => fds.into_iter().next().map(IntoRawFd::into_raw_fd),
-            Ok(fds) if fds.is_empty() => {
+        (None, None) => match activated_listener() {
+            Ok(Some(fd)) => Some(fd),
+            Ok(None) => {
                 return media_usage_error(
                     "--socket-path, --fd or systemd socket activation (LISTEN_FDS) is required",
                 )
-            }
-            Ok(fds) => {
-                return media_usage_error(format!(
-                    "systemd passed {} listening sockets (LISTEN_FDS); outboard media serves one",
-                    fds.len()
-                ))
             }
             Err(e) => return media_usage_error(e),
         },
@@ -380,17 +373,7 @@ fn media(args: MediaArgs) -> ExitCode {
             ),
             None => None,
         };
-        let (listener, created, shown) = match (fd, &args.socket_path) {
-            // The --fd contract hands this process the fd to own.
-            (Some(fd), _) => (inherited_listener(fd)?, Vec::new(), format!("fd {fd}")),
-            (None, Some(path)) => {
-                remove_stale_socket(path)?;
-                let listener = UnixListener::bind(path)
-                    .map_err(|e| format!("bind {}: {e}", path.display()))?;
-                (listener, vec![path.clone()], path.display().to_string())
-            }
-            (None, None) => return Err("--socket-path or --fd is required".into()),
-        };
+        let (listener, created, shown) = listen_once(args.socket_path.as_deref(), fd)?;
         let name = source.name();
         log::info!("{name} on vhost-user socket {shown}");
         let worker_name = name.clone();

@@ -10,7 +10,9 @@ use outboard_protocol::vhost_user::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShmemConfig,
     VhostUserVirtioFeatures, VhostUserVringAddr,
 };
-use outboard_transport::{Backend, HandlerResult, MemoryRegion, VhostUserBackendReqHandler};
+use outboard_transport::{
+    BackendReqSender, HandlerResult, MemoryRegion, VhostUserBackendReqHandler,
+};
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -25,19 +27,24 @@ use crate::rust_vmm::{RingHealth, RustVmmQueue};
 ///
 /// The worker thread that waits also answers the front-end, so it waits briefly: the
 /// media device posts its maps and unmaps instead of waiting
-/// ([`Backend::post_shmem_map`]), and a reply that comes after this is read and dropped
-/// before the next one (see [`Backend::set_timeout`]). The Linux virtio-media driver
+/// ([`BackendReqSender::post_shmem_map`]), and a reply that comes after this is read and dropped
+/// before the next one (see [`BackendReqSender::set_timeout`]). The Linux virtio-media driver
 /// gives up on a command after 5 s.
 pub const BACKEND_CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest config space read or written through `GET_CONFIG`/`SET_CONFIG`.
 pub const MAX_CONFIG_SIZE: u32 = 256;
 
-/// The protocol features the daemon offers.
+/// The protocol features the daemon offers for every device: `MQ`, `REPLY_ACK`,
+/// `BACKEND_REQ`, `RESET_DEVICE`, `CONFIGURE_MEM_SLOTS`. A [`DeviceBackend`] adds
+/// `CONFIG` for a device with a config space
+/// ([`VirtioDevice::config_size`]
+/// not 0) and what [`DeviceBackend::with_protocol_features`] asks for, and drops what
+/// [`DeviceBackend::without_protocol_features`] removes
+/// ([`DeviceBackend::protocol_features`] is the result).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -46,7 +53,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 /// A slot for the back-end -> front-end channel, shared with a device that sends its
 /// own requests on it (for example `SHMEM_MAP`): [`DeviceBackend::with_channel`] fills
 /// it on `SET_BACKEND_REQ_FD` and empties it when the front-end goes away.
-pub type ChannelSlot = Arc<Mutex<Option<Backend>>>;
+pub type ChannelSlot = Arc<Mutex<Option<BackendReqSender>>>;
 
 /// Makes reads and writes on `file` non-blocking, so that an fd from the front-end that
 /// is not the eventfd it should be (a pipe nobody drains) cannot stall the worker.
@@ -127,6 +134,8 @@ pub struct DeviceBackend<D: VirtioDevice> {
     max_queue_size: u16,
     /// Offered on top of [`offered_protocol_features`].
     extra_protocol: VhostUserProtocolFeatures,
+    /// Never offered ([`DeviceBackend::without_protocol_features`]).
+    removed_protocol: VhostUserProtocolFeatures,
     /// `GET_SHMEM_CONFIG` answers (by shmid); empty: the request is not supported.
     shmem_sizes: Vec<u64>,
     channel: Option<ChannelSlot>,
@@ -171,6 +180,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             active: false,
             max_queue_size,
             extra_protocol: VhostUserProtocolFeatures::empty(),
+            removed_protocol: VhostUserProtocolFeatures::empty(),
             shmem_sizes: Vec::new(),
             channel: None,
             health: Arc::new(RingHealth::new()),
@@ -181,10 +191,33 @@ impl<D: VirtioDevice> DeviceBackend<D> {
     }
 
     /// Also offers `features` (for example `SHMEM` and `BACKEND_SEND_FD` for a device
-    /// with shared memory).
+    /// with shared memory); undoes [`DeviceBackend::without_protocol_features`] for them.
     pub fn with_protocol_features(mut self, features: VhostUserProtocolFeatures) -> Self {
         self.extra_protocol |= features;
+        self.removed_protocol -= features;
         self
+    }
+
+    /// Never offers `features`, even those the daemon offers for every device (for
+    /// example `BACKEND_REQ` for a device that never signals the front-end through the
+    /// back-end channel, for a front-end that cannot set one up); undoes
+    /// [`DeviceBackend::with_protocol_features`] for them.
+    pub fn without_protocol_features(mut self, features: VhostUserProtocolFeatures) -> Self {
+        self.removed_protocol |= features;
+        self.extra_protocol -= features;
+        self
+    }
+
+    /// The protocol features offered to the front-end (`GET_PROTOCOL_FEATURES`):
+    /// [`offered_protocol_features`], `CONFIG` when the device has a config space,
+    /// plus [`DeviceBackend::with_protocol_features`], minus
+    /// [`DeviceBackend::without_protocol_features`].
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut features = offered_protocol_features() | self.extra_protocol;
+        if self.device.config_size() > 0 {
+            features |= VhostUserProtocolFeatures::CONFIG;
+        }
+        features - self.removed_protocol
     }
 
     /// Answers `GET_SHMEM_CONFIG` with these region sizes, indexed by shmid (sizes past
@@ -201,7 +234,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         self
     }
 
-    fn channel_slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Backend>>> {
+    fn channel_slot(&self) -> Option<std::sync::MutexGuard<'_, Option<BackendReqSender>>> {
         self.channel
             .as_ref()
             .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
@@ -538,7 +571,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     }
 
     fn get_protocol_features(&mut self) -> HandlerResult<VhostUserProtocolFeatures> {
-        Ok(offered_protocol_features() | self.extra_protocol)
+        Ok(self.protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: VhostUserProtocolFeatures) -> HandlerResult<()> {
@@ -682,7 +715,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
         Ok(())
     }
 
-    fn set_backend_req_fd(&mut self, backend: Backend) -> HandlerResult<()> {
+    fn set_backend_req_fd(&mut self, backend: BackendReqSender) -> HandlerResult<()> {
         // The worker sends on this channel (config changes, the media device's
         // SHMEM_MAP): a front-end that stalls there may hold it this long, no more.
         backend

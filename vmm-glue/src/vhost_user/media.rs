@@ -28,7 +28,7 @@ use outboard_devices::media::{
 use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError, MemoryPin};
 use outboard_protocol::media::{MediaConfig, SHMID_MMAP};
 use outboard_protocol::vhost_user::{VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures};
-use outboard_transport::Backend;
+use outboard_transport::BackendReqSender;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::rust_vmm::RustVmmMemory;
@@ -113,7 +113,7 @@ impl HostMemoryMapper for ShmemMapper {
         let channel = lock(&self.channel).clone().ok_or(libc::ENOTCONN)?;
         // Posted, not waited for: this thread also answers the front-end, which updates
         // every vhost-user device's memory table while it handles the map (see
-        // `Backend::post_shmem_map`).
+        // `BackendReqSender::post_shmem_map`).
         channel.post_shmem_map(&map, buffer).map_err(|e| {
             outboard_protocol::log_limited!(
                 log::Level::Warn,
@@ -146,7 +146,7 @@ impl HostMemoryMapper for ShmemMapper {
 
 /// Logs the maps and unmaps the front-end refused after the device had gone on (the
 /// guest then sees no frames through those mappings; the front-end logs why too).
-fn report_refused(channel: &Backend) {
+fn report_refused(channel: &BackendReqSender) {
     match channel.take_refused() {
         Ok((refused, dropped)) => {
             for r in &refused {

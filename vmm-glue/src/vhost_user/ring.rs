@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use outboard_devices::virtio::{DescChain, Interrupt, QueueError, VirtQueue};
-use outboard_transport::Backend;
+use outboard_transport::BackendReqSender;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::rust_vmm::RustVmmQueue;
@@ -106,7 +106,7 @@ impl VirtQueue for SharedQueue {
 #[derive(Debug)]
 pub struct RingInterrupt {
     calls: Vec<Mutex<Option<File>>>,
-    channel: Mutex<Option<Backend>>,
+    channel: Mutex<Option<BackendReqSender>>,
     deferring: AtomicBool,
     pending: AtomicU64,
 }
@@ -163,7 +163,7 @@ impl RingInterrupt {
     }
 
     /// Sets (or clears) the back-end channel used for config-change notifications.
-    pub fn set_channel(&self, channel: Option<Backend>) {
+    pub fn set_channel(&self, channel: Option<BackendReqSender>) {
         *lock(&self.channel) = channel;
     }
 
