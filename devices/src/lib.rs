@@ -7,7 +7,7 @@
 //! (descriptor chains with device-readable and device-writable halves as host memory
 //! regions), [`virtio::Interrupt`], [`virtio::GuestMemoryAccess`] and, the other way
 //! round, [`virtio::VirtioDevice`], which a transport drives. The rust-vmm
-//! implementations (`vm-memory`, `virtio-queue`) live in `outboard-glue`'s `rust_vmm`
+//! implementations (`vm-memory`, `virtio-queue`) live in `outboard-vmm-glue`'s `rust_vmm`
 //! module, so a device runs unchanged in-process in a VMM and behind the vhost-user
 //! daemon.
 //!
@@ -24,7 +24,7 @@
 //! requests with [`virtio::ChainReader`], write answers with [`virtio::ChainWriter`]
 //! (from a slice, an object, or straight from an fd with
 //! [`virtio::ChainWriter::write_from_fd`]), and take device ids from [`virtio::id`].
-//! `outboard-glue`'s `vhost_user::daemon::serve` then serves the device over
+//! `outboard-vmm-glue`'s `vhost_user::daemon::serve` then serves the device over
 //! vhost-user (its `rng_device` example is a whole daemon; the README has the guide).
 //!
 //! ```
@@ -113,7 +113,7 @@
 //!   tests (an in-memory virtqueue with a guest-side driver, a counting interrupt, a
 //!   minimal device for transport tests). For dev-dependencies only.
 //!
-//! `cargo run -p outboard-glue --example vsock_mmio` shows a VMM that embeds the vsock
+//! `cargo run -p outboard-vmm-glue --example vsock_mmio` shows a VMM that embeds the vsock
 //! device behind virtio-mmio and passes a packet through it each way.
 //!
 // Without a device's feature its module is absent: its links point at the feature list.

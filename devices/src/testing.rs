@@ -18,7 +18,7 @@
 //!   device, and reads back what the device returned with [`QueueDriver::pop_used`]:
 //!   the head, the used length and the bytes written.
 //! - [`TestQueue`] is the device's side, a [`VirtQueue`] that behaves like the rust-vmm
-//!   one in `outboard-glue`: the same [`QueueError::BadChain`] reasons, a ring that stays
+//!   one in `outboard-vmm-glue`: the same [`QueueError::BadChain`] reasons, a ring that stays
 //!   broken ([`QueueDriver::break_ring`]) until [`QueueDriver::reset`], and `add_used`
 //!   refused for a head that is not in flight (a device returning a chain twice).
 //! - [`CountingInterrupt`] counts [`Interrupt`] signals per queue.
@@ -392,7 +392,7 @@ impl ChainBuilder<'_> {
     /// memory", which a real queue finds in guest memory the double does not have).
     /// Chains with a readable descriptor after a writable one, or with more than
     /// [`MAX_CHAIN_REGIONS`] descriptors, are refused without it, with the reasons
-    /// `outboard-glue`'s rust-vmm queue gives.
+    /// `outboard-vmm-glue`'s rust-vmm queue gives.
     pub fn malformed(mut self, reason: &'static str) -> Self {
         self.malformed = Some(reason);
         self

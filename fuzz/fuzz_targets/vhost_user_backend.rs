@@ -1,6 +1,6 @@
 //! `vhost_user_backend`: a hostile front-end's message stream against the real daemon
 //! stack: `outboard_transport::BackendReqHandler` (non-blocking `poll_request`, as the
-//! worker runs it) serving `outboard_glue`'s `DeviceBackend` with an echo device, over a
+//! worker runs it) serving `outboard_vmm_glue`'s `DeviceBackend` with an echo device, over a
 //! socket pair, with guest memory in a memfd.
 //!
 //! Input: a sequence of operations, each introduced by one byte `op`:
@@ -34,7 +34,7 @@ use outboard_devices::virtio::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use outboard_fuzz::{drain, make_fd, send_raw, GuestFile, Input};
-use outboard_glue::vhost_user::DeviceBackend;
+use outboard_vmm_glue::vhost_user::DeviceBackend;
 use outboard_protocol::vhost_user::{Header, MAX_ATTACHED_FDS, MAX_MSG_SIZE};
 use outboard_transport::{BackendReqHandler, Connection};
 use vmm_sys_util::epoll::Epoll;

@@ -12,7 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use outboard_devices::vsock::{VsockBackend, MAX_FORWARD_LISTEN_PORTS, MAX_TX_BUF_SIZE};
-use outboard_glue::vsock_cli::{parse_config, parse_vm_spec, VmConfig};
+use outboard_vmm_glue::vsock_cli::{parse_config, parse_vm_spec, VmConfig};
 
 fn check(vm: &VmConfig) {
     assert!((3..u64::from(u32::MAX)).contains(&vm.guest_cid), "{vm:?}");

@@ -1,6 +1,6 @@
 //! `vsock_queue`: the virtio-vsock device (`outboard_devices::vsock::Vsock`, with its
 //! real AF_UNIX muxer) fed a hostile driver's split rings in guest memory, through
-//! `outboard_glue`'s rust-vmm queue adapters, as `outboard-tests`' `Guest` lays them out
+//! `outboard_vmm_glue`'s rust-vmm queue adapters, as `outboard-tests`' `Guest` lays them out
 //! (rx, tx and event queues; guest memory in two host mappings that are contiguous in
 //! the guest).
 //!
@@ -36,7 +36,7 @@ use libfuzzer_sys::fuzz_target;
 use outboard_devices::virtio::{Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
 use outboard_fuzz::Input;
-use outboard_glue::rust_vmm::boxed_queues;
+use outboard_vmm_glue::rust_vmm::boxed_queues;
 use outboard_protocol::vsock::VIRTIO_VSOCK_F_SEQPACKET;
 use outboard_tests::{CountingInterrupt, DriverQueue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

@@ -17,7 +17,7 @@
 //!   `outboard_devices::bus::BusAccessInfo::offset`, where the bindings give `u32`;
 //! - each constant here names the spec section it comes from.
 //!
-//! `outboard-glue` (the rust-vmm layer, which has the bindings anyway) checks every
+//! `outboard-vmm-glue` (the rust-vmm layer, which has the bindings anyway) checks every
 //! value here against `virtio-bindings` in its tests, so the two cannot drift apart.
 
 /// `VIRTIO_RING_F_INDIRECT_DESC` (bit 28): the driver may use indirect descriptor tables
@@ -41,7 +41,7 @@ pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 /// Virtio device IDs (virtio 1.3, 5 "Device Types"): what a device reports as its type
 /// (`VirtioDevice::device_type` in outboard-devices, the virtio-mmio `DeviceID`
 /// register, the PCI device ID minus 0x1040). Names follow the Linux uapi
-/// `<linux/virtio_ids.h>` (`VIRTIO_ID_RNG` is [`id::RNG`]); outboard-glue checks the
+/// `<linux/virtio_ids.h>` (`VIRTIO_ID_RNG` is [`id::RNG`]); outboard-vmm-glue checks the
 /// values against `virtio-bindings` in its tests.
 pub mod id {
     /// 1: network card.

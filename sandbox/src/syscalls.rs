@@ -34,7 +34,7 @@
 //!
 //! A name in `common` that aarch64 lacks fails the aarch64 build (libc has no such
 //! constant there); a name in `x86_64_legacy` that aarch64 has would leave aarch64
-//! without it, which the tests of the lists in this crate and in `outboard-glue` catch
+//! without it, which the tests of the lists in this crate and in `outboard-vmm-glue` catch
 //! with [`SyscallNames::check`].
 
 use seccompiler::TargetArch;

@@ -6,7 +6,7 @@
 //! lays them out (descriptor table, available ring with `used_event`, used ring with
 //! `avail_event`), kicks that honour EVENT_IDX, and a small model of the Linux
 //! virtio-vsock driver (connections, credit, RST/SHUTDOWN handling) on top. The device
-//! under test sees the queues through `outboard-glue`'s rust-vmm adapters.
+//! under test sees the queues through `outboard-vmm-glue`'s rust-vmm adapters.
 #![deny(missing_docs)]
 // A test harness: a panic is how it reports a broken device or a broken test setup.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use outboard_devices::virtio::{Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
-use outboard_glue::rust_vmm::boxed_queues;
 use outboard_protocol::vsock::{
     SeqpacketFlags, ShutdownFlags, VsockHeader, VsockOp, VsockType, VIRTIO_VSOCK_F_SEQPACKET,
     VMADDR_CID_HOST,
 };
+use outboard_vmm_glue::rust_vmm::boxed_queues;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use zerocopy::{FromBytes, IntoBytes};

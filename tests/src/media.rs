@@ -13,12 +13,12 @@ use outboard_devices::media::device::VirtioMedia;
 use outboard_devices::media::v4l2::*;
 use outboard_devices::media::{EventBuffer, GuestMemoryRegions, HostMemoryMapper, MediaDevice};
 use outboard_devices::virtio::VirtioDevice;
-use outboard_glue::rust_vmm::{boxed_queues, RustVmmMemory};
 use outboard_protocol::media::{
     CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MediaConfig, MmapCmd, MmapResp, MunmapCmd, OpenResp,
     RespHeader, SgEntry, EVENT_DQBUF, EVENT_EVENT, MMAP_FLAG_RW,
 };
 use outboard_protocol::v4l2::V4l2Ioctl;
+use outboard_vmm_glue::rust_vmm::{boxed_queues, RustVmmMemory};
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 

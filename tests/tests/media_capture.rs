@@ -5,7 +5,7 @@
 //! serving.
 //!
 //! The queues live in guest memory (`vm-memory`, two memfd-backed regions) and the
-//! device sees them through `outboard-glue`'s rust-vmm adapters, as it would in a VMM.
+//! device sees them through `outboard-vmm-glue`'s rust-vmm adapters, as it would in a VMM.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -466,9 +466,9 @@ fn v4l2_events_a_session_never_reads_are_bounded() {
 #[test]
 fn the_daemon_refuses_opens_beyond_its_configured_session_cap() {
     use outboard_devices::media::runner::MaxSessions;
-    use outboard_glue::vhost_user::media::serve_camera_with;
     use outboard_protocol::media::{CloseCmd, OpenResp};
     use outboard_tests::media::vhost::VhostMediaDriver;
+    use outboard_vmm_glue::vhost_user::media::serve_camera_with;
     use std::os::unix::net::UnixListener;
     use std::sync::Arc;
     use vmm_sys_util::eventfd::EventFd;

@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use outboard_devices::media::camera::{decode_frame_number, DEVICE_CAPS};
 use outboard_devices::media::v4l2::*;
-use outboard_glue::vhost_user::media::serve_camera;
 use outboard_protocol::media::{CloseCmd, CmdHeader, MediaCmd, OpenResp, SgEntry, EVENT_DQBUF};
 use outboard_protocol::v4l2::V4l2Ioctl;
 use outboard_tests::media::vhost::VhostMediaDriver;
 use outboard_tests::temp_dir;
+use outboard_vmm_glue::vhost_user::media::serve_camera;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::{FromBytes, IntoBytes};

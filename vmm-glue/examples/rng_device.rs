@@ -3,7 +3,7 @@
 //! activation, SIGTERM/SIGINT and, with the `jail` feature, `--jail`.
 //!
 //! ```text
-//! cargo run -p outboard-glue --example rng_device --features jail -- --socket-path /tmp/rng.sock [--jail]
+//! cargo run -p outboard-vmm-glue --example rng_device --features jail -- --socket-path /tmp/rng.sock [--jail]
 //! qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \
 //!     -machine q35,memory-backend=mem -chardev socket,id=rng,path=/tmp/rng.sock,reconnect-ms=1000 \
 //!     -device vhost-user-rng-pci,chardev=rng
@@ -23,8 +23,8 @@ use outboard_devices::virtio::{
     id, signal_used, ActivateError, ChainWriter, DescChain, Interrupt, QueueError, VirtQueue,
     VirtioDevice,
 };
-use outboard_glue::supervisor::{listen_once, Service, StopSignals, Supervisor, ThreadService};
-use outboard_glue::vhost_user::daemon;
+use outboard_vmm_glue::supervisor::{listen_once, Service, StopSignals, Supervisor, ThreadService};
+use outboard_vmm_glue::vhost_user::daemon;
 
 /// The device: one queue of device-writable buffers, each filled from `/dev/urandom`.
 /// No config space, no feature bit of its own: the trait's defaults cover the rest.
@@ -107,7 +107,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn run(args: Args) -> Result<bool, String> {
-    outboard_glue::logging::init_stderr(log::LevelFilter::Info);
+    outboard_vmm_glue::logging::init_stderr(log::LevelFilter::Info);
     // Before any thread starts, so that only the supervisor sees SIGTERM and SIGINT.
     let signals = StopSignals::block().map_err(|e| format!("blocking signals: {e}"))?;
     let (listener, created, shown) = listen_once(args.socket_path.as_deref(), args.fd)?;
@@ -139,8 +139,8 @@ fn jailed(
     urandom: File,
     created: Vec<PathBuf>,
 ) -> Result<Box<dyn Service>, String> {
-    use outboard_glue::jail::{worker_jail, SeccompMode, WorkerLimits};
-    use outboard_glue::supervisor::JailedService;
+    use outboard_vmm_glue::jail::{worker_jail, SeccompMode, WorkerLimits};
+    use outboard_vmm_glue::supervisor::JailedService;
     use std::os::fd::OwnedFd;
     let jail =
         worker_jail(&[], SeccompMode::Kill, WorkerLimits::default()).map_err(|e| e.to_string())?;

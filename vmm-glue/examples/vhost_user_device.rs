@@ -1,14 +1,14 @@
-//! A virtio device served over vhost-user by outboard-glue's daemon.
+//! A virtio device served over vhost-user by outboard-vmm-glue's daemon.
 //!
 //! `Upper` is a whole device in about 30 lines: one queue, and for each chain it writes
 //! the upper-case copy of the readable part into the writable part. Handing it to
-//! `outboard_glue::vhost_user::daemon::serve` makes it a vhost-user back-end that QEMU
+//! `outboard_vmm_glue::vhost_user::daemon::serve` makes it a vhost-user back-end that QEMU
 //! could drive (`-chardev socket,path=...`). To show it working without a VMM, the
 //! example then plays the front-end itself with outboard-transport's `Frontend`: it
 //! shares guest memory (a file, mapped with vm-memory), sets up the ring, kicks one
 //! chain in, waits for the call eventfd and reads the answer. Runs unprivileged.
 //!
-//! Run it with `cargo run -p outboard-glue --example vhost_user_device`.
+//! Run it with `cargo run -p outboard-vmm-glue --example vhost_user_device`.
 
 use std::error::Error;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -20,12 +20,12 @@ use outboard_devices::virtio::{
     read_regions, write_regions, ActivateError, DescChain, Interrupt, VirtQueue, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
-use outboard_glue::vhost_user::daemon;
 use outboard_protocol::vhost_user::{
     VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{Frontend, MemoryRegionRef};
+use outboard_vmm_glue::vhost_user::daemon;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 

@@ -1,4 +1,4 @@
-//! A VMM that embeds outboard-devices' virtio-vsock device behind outboard-glue's
+//! A VMM that embeds outboard-devices' virtio-vsock device behind outboard-vmm-glue's
 //! virtio-mmio transport, over guest memory from vm-memory.
 //!
 //! The example plays the guest driver through the MMIO registers: it checks the device's
@@ -9,7 +9,7 @@
 //! Everything runs unprivileged, without KVM: the "guest" is this process writing guest
 //! memory and registers as a driver would.
 //!
-//! Run it with `cargo run -p outboard-glue --example vsock_mmio`.
+//! Run it with `cargo run -p outboard-vmm-glue --example vsock_mmio`.
 
 use std::error::Error;
 use std::io::{ErrorKind, Read, Write};
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use outboard_devices::bus::{BusAccessInfo, BusDevice};
 use outboard_devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
-use outboard_glue::mmio::{status, MmioTransport, INT_VRING};
 use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType, VIRTIO_ID_VSOCK, VMADDR_CID_HOST};
+use outboard_vmm_glue::mmio::{status, MmioTransport, INT_VRING};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::IntoBytes;
@@ -231,7 +231,7 @@ fn run(dir: &std::path::Path) -> Result<()> {
     let device_id = g.rd(reg::DEVICE_ID);
     let mut cid = [0u8; 8];
     g.read(reg::CONFIG, &mut cid);
-    if magic != outboard_glue::mmio::MMIO_MAGIC || device_id != VIRTIO_ID_VSOCK {
+    if magic != outboard_vmm_glue::mmio::MMIO_MAGIC || device_id != VIRTIO_ID_VSOCK {
         return Err(format!("not a virtio-mmio vsock device: {magic:#x} {device_id}").into());
     }
     println!(

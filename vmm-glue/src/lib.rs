@@ -42,7 +42,7 @@
 //! #     outboard_devices::testing::EchoDevice::new(&[256])
 //! # }
 //! use std::os::unix::net::UnixListener;
-//! use outboard_glue::{vhost_user::daemon, EventFd};
+//! use outboard_vmm_glue::{vhost_user::daemon, EventFd};
 //!
 //! let listener = UnixListener::bind("/tmp/rng.sock")?;
 //! let stop = EventFd::new(libc::EFD_NONBLOCK)?;

@@ -156,7 +156,7 @@ mod tests {
             LogFormat::Json,
             "T",
             log::Level::Error,
-            "outboard_glue::jail",
+            "outboard_vmm_glue::jail",
             Some("media camera"),
             "worker pid 7 \"died\"\nhere",
         );

@@ -14,12 +14,12 @@ use std::time::Duration;
 use common::{bfd, GuestMem};
 use outboard_devices::testing::{EchoDevice, EchoEvent, EchoLog};
 use outboard_devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use outboard_glue::vhost_user::daemon;
 use outboard_protocol::vhost_user::{
     VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{Frontend, MemoryRegionRef};
+use outboard_vmm_glue::vhost_user::daemon;
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 0x10000;

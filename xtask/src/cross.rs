@@ -45,7 +45,7 @@
 //! do (qemu 10.0):
 //!
 //! - Integration tests that spawn a binary of the workspace (their source names
-//!   `CARGO_BIN_EXE_`; today `outboard-glue`'s `outboard_cli`, `outboard_jail` and
+//!   `CARGO_BIN_EXE_`; today `outboard-vmm-glue`'s `outboard_cli`, `outboard_jail` and
 //!   `hostile_frontend`, which run `outboard`): found by [`spawns_a_binary`] and left out.
 //!   The binary is an aarch64 executable, which the host kernel cannot exec without a
 //!   `binfmt_misc` registration for qemu (not assumed: registering one is a host-wide
@@ -88,7 +88,7 @@
 //!
 //! None of these is an aarch64 defect of Outboard: each passes natively on x86_64, and
 //! the seccomp policies of both architectures are compiled and checked on any host by
-//! the `outboard-sandbox` and `outboard-glue` unit tests (`SyscallNames::check`).
+//! the `outboard-sandbox` and `outboard-vmm-glue` unit tests (`SyscallNames::check`).
 
 use std::fs;
 use std::path::{Path, PathBuf};

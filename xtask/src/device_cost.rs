@@ -4,7 +4,7 @@
 //! The device is the `rng_device` example (virtio-rng over vhost-user,
 //! `vmm-glue/examples/rng_device.rs`); its rust-vmm twin is
 //! `xtask/compare/rng-rust-vmm`. Each is built as its author's own crate would be:
-//! `xtask/compare/rng-outboard` compiles the example with `outboard-glue`'s `daemon`
+//! `xtask/compare/rng-outboard` compiles the example with `outboard-vmm-glue`'s `daemon`
 //! feature only, outside this workspace, with its own lock file. For each:
 //!
 //! - lines: the source file's code lines (not blank, not comments);

@@ -28,12 +28,12 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "Frontend and BackendReqHandler over a socketpair",
     ),
     (
-        "outboard-glue",
+        "outboard-vmm-glue",
         "vsock_mmio",
         "outboard-devices' vsock device behind virtio-mmio",
     ),
     (
-        "outboard-glue",
+        "outboard-vmm-glue",
         "vhost_user_device",
         "a VirtioDevice served by the vhost-user daemon",
     ),

@@ -329,7 +329,7 @@ const FAILURE_TAIL_LINES: usize = 40;
 /// Builds the `outboard` binary and returns its path.
 fn build_outboard(release: bool) -> util::Result<PathBuf> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "outboard-glue", "--bin", "outboard"]);
+    cmd.args(["build", "-p", "outboard-vmm-glue", "--bin", "outboard"]);
     if release {
         cmd.arg("--release");
     }

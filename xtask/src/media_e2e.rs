@@ -90,10 +90,10 @@ fn build_check(include: &Path) -> Result<(PathBuf, PathBuf)> {
         "-p",
         "outboard-tests",
         "-p",
-        "outboard-glue",
+        "outboard-vmm-glue",
         "--features",
     ])
-    .arg("outboard-tests/v4l2-proxy,outboard-glue/v4l2-proxy")
+    .arg("outboard-tests/v4l2-proxy,outboard-vmm-glue/v4l2-proxy")
     .args([
         "--bin",
         "media-proxy-check",

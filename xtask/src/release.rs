@@ -24,7 +24,7 @@ pub const LIBRARY_CRATES: &[&str] = &[
     "outboard-transport",
     "outboard-devices",
     "outboard-sandbox",
-    "outboard-glue",
+    "outboard-vmm-glue",
 ];
 
 /// `rust-version` from `[workspace.package]` of the root Cargo.toml.
@@ -197,7 +197,7 @@ mod tests {
     fn network_trouble_is_told_from_a_broken_package() {
         let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let net = lines(&[
-            "error: failed to get successful HTTP response from `https://index.crates.io/ou/tb/outboard-glue` (13.0.0.1), got 503",
+            "error: failed to get successful HTTP response from `https://index.crates.io/ou/tb/outboard-vmm-glue` (13.0.0.1), got 503",
         ]);
         assert!(network_trouble(&net).is_some());
         let broken = lines(&[

@@ -1,4 +1,4 @@
-//! `cargo xtask rng-guest`: the device author's example (`outboard-glue`'s `rng_device`
+//! `cargo xtask rng-guest`: the device author's example (`outboard-vmm-glue`'s `rng_device`
 //! example, virtio-rng on Outboard's crates) against a real front-end and a real guest:
 //! QEMU's `vhost-user-rng-pci` and the Debian kernel's `virtio_rng` driver.
 //!
@@ -111,7 +111,7 @@ fn build_example() -> Result<PathBuf> {
             .args([
                 "build",
                 "-p",
-                "outboard-glue",
+                "outboard-vmm-glue",
                 "--example",
                 "rng_device",
                 "--features",

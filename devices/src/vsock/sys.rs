@@ -10,7 +10,7 @@
 //! copy nor an allocation.
 //!
 //! rustix calls the kernel directly; the jailed worker's seccomp list
-//! (`outboard_glue::jail::WORKER_SYSCALLS`) names what it uses: `epoll_pwait` (not
+//! (`outboard_vmm_glue::jail::WORKER_SYSCALLS`) names what it uses: `epoll_pwait` (not
 //! `epoll_wait`), `eventfd2`, `accept4`, `socket`/`socketpair` with flags, `sendto` and
 //! `recvfrom` for `send`/`recv`, `sendmsg`/`recvmsg`, `getsockopt`/`setsockopt`,
 //! `fcntl`, `ioctl`, `timerfd_settime`, `read` and `write`.

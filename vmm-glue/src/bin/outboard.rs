@@ -1,7 +1,7 @@
 //! `outboard`: Outboard's device daemons.
 //!
-//! This file parses the arguments and calls the library: `outboard_glue::vsock_daemon`
-//! builds the vsock workers, `outboard_glue::supervisor` runs them (signals, restarts,
+//! This file parses the arguments and calls the library: `outboard_vmm_glue::vsock_daemon`
+//! builds the vsock workers, `outboard_vmm_glue::supervisor` runs them (signals, restarts,
 //! metrics file, bounded stop).
 //!
 //! `outboard vsock` serves virtio-vsock devices over vhost-user, one worker thread per
@@ -16,7 +16,7 @@
 //!
 //! With `--jail` (both commands) each worker runs in a jailed child process instead of a
 //! thread: the daemon keeps the vhost-user listening socket, forks one child per VM
-//! (see `outboard_glue::jail`), reports how a child ended and starts a new one on the
+//! (see `outboard_vmm_glue::jail`), reports how a child ended and starts a new one on the
 //! same socket. `--jail-seccomp log` develops the seccomp allow-list.
 
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -27,19 +27,19 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
 #[cfg(feature = "jail")]
-use outboard_glue::jail::{worker_jail, SeccompMode};
-use outboard_glue::logging::{self, LogFormat};
-use outboard_glue::supervisor::{
+use outboard_vmm_glue::jail::{worker_jail, SeccompMode};
+use outboard_vmm_glue::logging::{self, LogFormat};
+use outboard_vmm_glue::supervisor::{
     activated_listener, listen_once, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
 };
 #[cfg(feature = "jail")]
-use outboard_glue::supervisor::{JailedService, ServeFn};
-use outboard_glue::systemd;
-use outboard_glue::vhost_user::media::MediaSource;
-use outboard_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
-use outboard_glue::vsock_daemon;
+use outboard_vmm_glue::supervisor::{JailedService, ServeFn};
+use outboard_vmm_glue::systemd;
+use outboard_vmm_glue::vhost_user::media::MediaSource;
+use outboard_vmm_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
+use outboard_vmm_glue::vsock_daemon;
 #[cfg(feature = "jail")]
-use outboard_glue::vsock_daemon::JailOptions;
+use outboard_vmm_glue::vsock_daemon::JailOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -167,8 +167,8 @@ struct JailArgs {
 
 impl JailArgs {
     #[cfg(feature = "jail")]
-    fn limits(&self) -> outboard_glue::jail::WorkerLimits {
-        outboard_glue::jail::WorkerLimits {
+    fn limits(&self) -> outboard_vmm_glue::jail::WorkerLimits {
+        outboard_vmm_glue::jail::WorkerLimits {
             data_bytes: self.jail_memory_mib << 20,
             tasks: self.jail_max_tasks,
         }
@@ -365,8 +365,8 @@ fn media(args: MediaArgs) -> ExitCode {
                     #[cfg(feature = "v4l2-proxy")]
                     MediaSource::V4l2(node) => {
                         // A node the worker cannot open would kill it at every start.
-                        outboard_glue::jail::check_worker_can_open(&node.path)?;
-                        outboard_glue::jail::v4l2_proxy_jail(&node.path, j.mode, j.limits)
+                        outboard_vmm_glue::jail::check_worker_can_open(&node.path)?;
+                        outboard_vmm_glue::jail::v4l2_proxy_jail(&node.path, j.mode, j.limits)
                     }
                 }
                 .map_err(|e| e.to_string())?,
