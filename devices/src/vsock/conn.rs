@@ -84,6 +84,48 @@ pub(crate) enum Fault {
     Unsupported,
 }
 
+impl Fault {
+    /// The fault in words, for log lines.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fault::ConnectFailed => "the host side refused or did not answer the connect",
+            Fault::CreditOverrun => "the guest sent beyond the credit it was given",
+            Fault::HostIo => "the host socket failed",
+            Fault::Protocol => "a guest packet out of place for the connection's state",
+            Fault::WrongType => "a guest packet of the other socket type",
+            Fault::Timeout => "the guest did not answer in time",
+            Fault::Unsupported => "a host message that cannot reach the guest",
+        }
+    }
+}
+
+/// How log lines name a connection: its host-side and guest-side ports and type, e.g.
+/// `connection host port 1073741824 / guest port 5000 (stream)`. With the worker's
+/// name (`vsock cid 3`) every line says which VM and which connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnLabel {
+    /// The host-side port.
+    pub local_port: u32,
+    /// The guest-side port.
+    pub peer_port: u32,
+    /// The socket type.
+    pub ty: VsockType,
+}
+
+impl std::fmt::Display for ConnLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ty = match self.ty {
+            VsockType::Stream => "stream",
+            VsockType::Seqpacket => "seqpacket",
+        };
+        write!(
+            f,
+            "connection host port {} / guest port {} ({ty})",
+            self.local_port, self.peer_port
+        )
+    }
+}
+
 /// What the muxer must do after an event of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
@@ -314,6 +356,21 @@ impl Conn {
     /// The host-side port.
     pub fn local_port(&self) -> u32 {
         self.local_port
+    }
+
+    /// How log lines name this connection.
+    pub fn label(&self) -> ConnLabel {
+        ConnLabel {
+            local_port: self.local_port,
+            peer_port: self.peer_port,
+            ty: self.ty,
+        }
+    }
+
+    /// Whether a host client is opening the connection (REQUEST to the guest not
+    /// answered yet); meaningful when the connection is new.
+    pub fn host_initiated(&self) -> bool {
+        self.state == ConnState::LocalInit
     }
 
     /// The host socket.
@@ -563,8 +620,8 @@ impl Conn {
             Err(SendError::Io(e)) => {
                 outboard_protocol::log_limited!(
                     log::Level::Debug,
-                    "vsock: host write on {:?} failed: {e}",
-                    self.key()
+                    "vsock: {}: host write failed: {e}",
+                    self.label()
                 );
                 Action::Kill(Fault::HostIo)
             }

@@ -272,6 +272,14 @@ impl Muxer {
                 if let Some(counter) = counter {
                     VsockMetrics::inc(counter);
                 }
+                if let Some(conn) = self.conns.get(&key) {
+                    outboard_protocol::log_limited!(
+                        log::Level::Info,
+                        "vsock: {}: reset by the device: {}",
+                        conn.label(),
+                        fault.describe()
+                    );
+                }
                 self.kill(key);
             }
             Action::Close => self.close_with_rst(key),
@@ -339,6 +347,7 @@ impl Muxer {
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
+            outboard_protocol::log_limited!(log::Level::Debug, "vsock: {}: closed", conn.label());
             let fd = conn.fd().as_raw_fd();
             if self.fd_keys.get(&fd) == Some(&key) {
                 self.fd_keys.remove(&fd);
@@ -375,6 +384,16 @@ impl Muxer {
             VsockMetrics::inc(&self.metrics.err_muxer);
             return false;
         }
+        outboard_protocol::log_limited!(
+            log::Level::Debug,
+            "vsock: {}: opened by {}",
+            conn.label(),
+            if conn.host_initiated() {
+                "a host client"
+            } else {
+                "the guest"
+            }
+        );
         *self.local_ports.entry(conn.local_port()).or_insert(0) += 1;
         self.fd_keys.insert(fd, key);
         let deadline = conn.deadline();

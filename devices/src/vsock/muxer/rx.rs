@@ -350,9 +350,9 @@ impl Muxer {
                 // length cannot be learned without consuming it.
                 outboard_protocol::log_limited!(
                     log::Level::Warn,
-                    "vsock: the host kernel cannot peek at AF_VSOCK seqpacket messages \
-                     ({e}; Linux < 6.3): seqpacket connection to guest port {} reset",
-                    key.1
+                    "vsock: {}: the host kernel cannot peek at AF_VSOCK seqpacket \
+                     messages ({e}; Linux < 6.3): the connection is reset",
+                    conn.label()
                 );
                 self.apply(key, Action::Kill(Fault::Unsupported));
                 return Turn::Progress;
