@@ -428,7 +428,7 @@ fn make_root(dir: &Path) -> Result<()> {
 
 /// The version of the root's newest kernel that has its modules, its image and its
 /// headers there.
-fn kernel_version(root: &Path) -> Result<String> {
+pub fn kernel_version(root: &Path) -> Result<String> {
     let modules = root.join("usr/lib/modules");
     let mut found: Vec<String> = fs::read_dir(&modules)
         .map_err(|e| format!("read {}: {e}", modules.display()))?
@@ -673,18 +673,32 @@ fn ko_depends(bytes: &[u8]) -> Vec<String> {
 /// The modules the guest loads, in order, as (name, uncompressed file): what the driver
 /// needs from the root's kernel (decompressed into `out`), then the driver.
 fn guest_modules(root: &Root, driver: &Path, out: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let base = root.dir.join("usr/lib/modules").join(&root.kver);
+    let ko = fs::read(driver).map_err(|e| format!("read {}: {e}", driver.display()))?;
+    // The virtio PCI transport too, in case a kernel has it as a module.
+    let mut wanted = vec!["virtio_pci".to_string()];
+    wanted.extend(ko_depends(&ko));
+    let mut modules = root_modules(&root.dir, &root.kver, &wanted, out)?;
+    modules.push(("virtio_media".to_string(), driver.to_owned()));
+    Ok(modules)
+}
+
+/// The modules `wanted` of kernel `kver` in the root at `root` and those they need (from
+/// `modules.dep`), in load order, as (name, uncompressed file): decompressed into `out`
+/// (and kept there) by the root's own xz. A module that is built in needs nothing.
+pub fn root_modules(
+    root: &Path,
+    kver: &str,
+    wanted: &[String],
+    out: &Path,
+) -> Result<Vec<(String, PathBuf)>> {
+    let base = root.join("usr/lib/modules").join(kver);
     let read = |name: &str| {
         let p = base.join(name);
         fs::read_to_string(&p).map_err(|e| format!("read {}: {e}", p.display()))
     };
     let dep = parse_modules_dep(&read("modules.dep")?);
     let builtin: BTreeSet<String> = read("modules.builtin")?.lines().map(module_name).collect();
-    let ko = fs::read(driver).map_err(|e| format!("read {}: {e}", driver.display()))?;
-    // The virtio PCI transport too, in case a kernel has it as a module.
-    let mut wanted = vec!["virtio_pci".to_string()];
-    wanted.extend(ko_depends(&ko));
-    let order = load_order(&dep, &builtin, &wanted)?;
+    let order = load_order(&dep, &builtin, wanted)?;
     fs::create_dir_all(out).map_err(|e| format!("create {}: {e}", out.display()))?;
     let mut modules = Vec::new();
     for rel in order {
@@ -698,9 +712,9 @@ fn guest_modules(root: &Root, driver: &Path, out: &Path) -> Result<Vec<(String, 
                 Some("xz") => {
                     let f = fs::File::create(&tmp)
                         .map_err(|e| format!("create {}: {e}", tmp.display()))?;
-                    let inside = format!("/usr/lib/modules/{}/{rel}", root.kver);
+                    let inside = format!("/usr/lib/modules/{kver}/{rel}");
                     util::run(
-                        chroot_cmd(&root.dir, &["xz", "-dc", &inside]).stdout(f),
+                        chroot_cmd(root, &["xz", "-dc", &inside]).stdout(f),
                         Duration::from_secs(60),
                     )?;
                 }
@@ -719,7 +733,6 @@ fn guest_modules(root: &Root, driver: &Path, out: &Path) -> Result<Vec<(String, 
         }
         modules.push((name, file));
     }
-    modules.push(("virtio_media".to_string(), driver.to_owned()));
     Ok(modules)
 }
 
