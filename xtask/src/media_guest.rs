@@ -1388,15 +1388,15 @@ mod tests {
     #[test]
     fn worker_deaths_are_found_in_a_daemon_log() {
         let clean = "[.. INFO  outboard::jailed] media camera: worker runs jailed, pid 22361\n\
-            [.. INFO  outboard_glue::vhost_user::daemon] media camera: front-end connected\n";
+            [.. INFO  outboard_vmm_glue::vhost_user::daemon] media camera: front-end connected\n";
         assert!(worker_trouble(clean).is_empty());
         let killed = "[.. ERROR outboard::jailed] media camera: worker pid 7 killed by signal 31 \
             (SIGSYS: a system call outside the seccomp policy); starting a new one\n\
             [.. ERROR outboard::jailed] media camera: worker pid 8 exited with code 70\n";
         assert_eq!(worker_trouble(killed).len(), 2);
         assert_eq!(worker_trouble("audit: SECCOMP denied\n").len(), 1);
-        let warned = "[2026-12-05T03:21:06Z WARN  outboard_glue::vhost_user::media] media: SHMEM_UNMAP at 0x96000 failed\n\
-            [2026-12-05T03:21:06Z INFO  outboard_glue::vhost_user::media] fine\n";
+        let warned = "[2026-12-05T03:21:06Z WARN  outboard_vmm_glue::vhost_user::media] media: SHMEM_UNMAP at 0x96000 failed\n\
+            [2026-12-05T03:21:06Z INFO  outboard_vmm_glue::vhost_user::media] fine\n";
         assert_eq!(warnings(warned).len(), 1);
         assert!(warnings(clean).is_empty());
     }
