@@ -9,9 +9,17 @@
 //!
 //! # Signals
 //!
-//! [`StopSignals::block`] blocks SIGTERM and SIGINT in the calling thread; threads
-//! started afterwards inherit the mask, so only the supervisor's `sigtimedwait` ever
-//! sees them. Call it before starting any thread.
+//! [`StopSignals::block`] blocks SIGTERM, SIGINT and SIGCHLD in the calling thread;
+//! threads started afterwards inherit the mask, so only the supervisor's `sigtimedwait`
+//! ever sees them. Call it before starting any thread.
+//!
+//! # Idle
+//!
+//! The supervisor sleeps until something needs it: a stop signal, SIGCHLD (a jailed
+//! worker's process ended, or a [`ThreadService`] thread ended: it raises SIGCHLD as
+//! it returns), the next metrics write, or a worker restart that is due
+//! ([`Service::next_deadline`]). A daemon without `--metrics` and with healthy workers
+//! makes no wake-up at all while its guests are idle.
 //!
 //! # Stopping
 //!
@@ -37,18 +45,19 @@ use crate::systemd::Notifier;
 /// How long stopping workers get, together, after a stop signal.
 pub const STOP_GRACE: Duration = Duration::from_millis(1500);
 
-/// How often the supervisor checks its workers (and the signals).
-const TICK: Duration = Duration::from_millis(100);
+/// The longest the supervisor sleeps when nothing is due (it wakes for signals anyway).
+const IDLE_SLEEP: Duration = Duration::from_secs(3600);
 
-/// SIGTERM and SIGINT, blocked so that only [`StopSignals::wait`] receives them.
+/// SIGTERM and SIGINT (and SIGCHLD, which wakes the supervisor to check its workers),
+/// blocked so that only [`StopSignals::wait`] receives them.
 #[derive(Debug)]
 pub struct StopSignals {
     set: libc::sigset_t,
 }
 
 impl StopSignals {
-    /// Blocks SIGTERM and SIGINT in the calling thread (threads it starts later inherit
-    /// the mask).
+    /// Blocks SIGTERM, SIGINT and SIGCHLD in the calling thread (threads it starts
+    /// later inherit the mask).
     pub fn block() -> io::Result<StopSignals> {
         // Raw libc: rustix has no stable signal-mask API (`pthread_sigmask`,
         // `sigtimedwait` below live in its unstable `runtime` module).
@@ -59,6 +68,7 @@ impl StopSignals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
         }
         // SAFETY: `set` is a valid sigset_t; the old mask is not needed.
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -68,7 +78,8 @@ impl StopSignals {
         Ok(StopSignals { set })
     }
 
-    /// Waits up to `timeout` for SIGTERM or SIGINT; returns its number.
+    /// Waits up to `timeout` for SIGTERM or SIGINT; returns its number. Returns `None`
+    /// early when SIGCHLD arrives (a worker ended: time to check on the workers).
     pub fn wait(&self, timeout: Duration) -> Option<i32> {
         let ts = libc::timespec {
             tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
@@ -76,7 +87,7 @@ impl StopSignals {
         };
         // SAFETY: `set` and `ts` are valid for the call; no siginfo is requested.
         let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
-        (sig > 0).then_some(sig)
+        (sig == libc::SIGTERM || sig == libc::SIGINT).then_some(sig)
     }
 }
 
@@ -122,6 +133,11 @@ pub trait Service {
     fn restarts(&self) -> u64 {
         0
     }
+    /// When [`Service::check`] has something to do without being woken (a worker
+    /// restart that is due), if ever; the supervisor sleeps until then at the latest.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// Runs services until a stop signal.
@@ -160,7 +176,15 @@ impl Supervisor {
             let mut restarts = 0;
             let mut last_metrics = Instant::now();
             loop {
-                if let Some(sig) = signals.wait(TICK) {
+                let now = Instant::now();
+                let metrics_due = self.metrics.as_ref().map(|m| last_metrics + m.interval);
+                let wake = services
+                    .iter()
+                    .filter_map(|s| s.next_deadline())
+                    .chain(metrics_due)
+                    .min()
+                    .map_or(IDLE_SLEEP, |at| at.saturating_duration_since(now));
+                if let Some(sig) = signals.wait(wake) {
                     log::info!("signal {sig}: stopping");
                     self.notifier.notify("STOPPING=1\nSTATUS=stopping");
                     break;
@@ -327,6 +351,18 @@ pub type ThreadResult = Result<(), String>;
 /// Starts a worker thread with its stop eventfd.
 type SpawnFn = Box<dyn FnOnce(EventFd) -> io::Result<JoinHandle<ThreadResult>>>;
 
+/// Raises SIGCHLD when dropped, at the end of a worker thread (returned or panicked),
+/// so the supervisor, asleep in [`StopSignals::wait`], checks its workers at once. In
+/// a process that does not block SIGCHLD its default action (ignore) applies.
+struct AnnounceEnd;
+
+impl Drop for AnnounceEnd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with our own pid and a valid signal number touches no memory.
+        unsafe { libc::kill(libc::getpid(), libc::SIGCHLD) };
+    }
+}
+
 /// A worker loop on a thread of the daemon, stopped through an eventfd. It cannot be
 /// replaced (its device moved into it): when it ends on its own, the daemon stops.
 pub struct ThreadService {
@@ -373,6 +409,7 @@ impl ThreadService {
                 std::thread::Builder::new()
                     .name(thread_name)
                     .spawn(move || {
+                        let _announce = AnnounceEnd;
                         crate::logging::set_worker(&label);
                         serve(stop)
                     })
@@ -659,6 +696,10 @@ mod jailed {
                 }
             }
             Health::Running
+        }
+
+        fn next_deadline(&self) -> Option<Instant> {
+            self.restart_at
         }
 
         fn request_stop(&mut self) {

@@ -588,3 +588,62 @@ fn json_logs_name_the_worker_on_every_line() {
         .all(|v| v["level"].is_string() && v["ts"].is_string()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Context switches of every thread of process `pid` so far (voluntary: it slept and
+/// was woken; involuntary: it was preempted while running).
+fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status =
+            std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// A daemon whose guests are idle makes no wake-ups at all, with or without a
+/// front-end connected: no thread polls on a timer (without `--metrics`).
+#[test]
+fn an_idle_daemon_never_wakes_up() {
+    let dir = scratch("idle");
+    let socket = dir.join("vhost.sock");
+    let child = outboard()
+        .args(["vsock", "--vm"])
+        .arg(format!(
+            "guest-cid=3,socket={},uds-path={}",
+            socket.display(),
+            dir.join("a.vsock").display()
+        ))
+        .arg("--vm")
+        .arg(format!(
+            "guest-cid=4,socket={},uds-path={}",
+            dir.join("b.sock").display(),
+            dir.join("b.vsock").display()
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fe = frontend(&socket);
+    let wakeups = || {
+        // Let start-up and the front-end's messages settle, then watch.
+        std::thread::sleep(Duration::from_millis(300));
+        let before = context_switches(child.id());
+        std::thread::sleep(Duration::from_secs(2));
+        context_switches(child.id()) - before
+    };
+    let connected = wakeups();
+    drop(fe);
+    let alone = wakeups();
+    // Stopped before asserting, so a failure leaves no daemon behind.
+    stop(child);
+    assert_eq!(
+        connected, 0,
+        "a front-end connected: {connected} wake-ups in 2 s"
+    );
+    assert_eq!(alone, 0, "no front-end: {alone} wake-ups in 2 s");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
