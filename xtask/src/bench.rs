@@ -1,8 +1,25 @@
-//! `cargo xtask bench-e2e`: the e2e harness run once per back-end (Outboard and
-//! vhost-device-vsock 0.3.0), measuring throughput, 64-byte round trips and the
-//! back-end's CPU time per GiB moved.
+//! `cargo xtask bench-e2e`: Outboard against vhost-device-vsock 0.3.0 under the e2e
+//! harness's guest, per direction, interleaved, with the ratio per direction.
+//!
+//! Each round boots one guest per back-end, in turn (the order alternates from round to
+//! round, so a drift of the machine falls on both), and runs four bulk phases through
+//! it — guest->host and host->guest, one stream and 32 streams, each moving
+//! `OUTBOARD_BENCH_MIB` MiB (default 256), every byte checked at the other end — then
+//! 64-byte round trips both ways. For each phase it records what the back-end process
+//! spent per GiB moved:
+//!
+//! - CPU: seconds the process's threads ran (perf's `task-clock`, in nanoseconds;
+//!   `/proc/<pid>/stat`'s user + system ticks where perf cannot count);
+//! - wake-ups: voluntary context switches of all its threads (each is a sleep the
+//!   process was woken from; `/proc/<pid>/task/*/status`);
+//! - system calls: `raw_syscalls:sys_enter` events of the process, counted by
+//!   `perf stat -p` attached for the phase (Debian's `linux-perf`).
+//!
+//! The table shows each figure's median over `OUTBOARD_BENCH_ROUNDS` rounds (default
+//! 3) and Outboard's ratio to the peer per phase.
 
 use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,54 +31,169 @@ use crate::vm::{Backend, Vm};
 const MIB: u64 = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
 const PINGS: u32 = 2000;
+/// Streams of the many-stream phases.
+const STREAMS: u32 = 32;
 
-/// One back-end's figures.
+/// A bulk phase: direction and stream count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Phase {
+    to_host: bool,
+    streams: u32,
+}
+
+const PHASES: [Phase; 4] = [
+    Phase {
+        to_host: true,
+        streams: 1,
+    },
+    Phase {
+        to_host: false,
+        streams: 1,
+    },
+    Phase {
+        to_host: true,
+        streams: STREAMS,
+    },
+    Phase {
+        to_host: false,
+        streams: STREAMS,
+    },
+];
+
+impl Phase {
+    fn name(self) -> String {
+        let dir = if self.to_host {
+            "guest->host"
+        } else {
+            "host->guest"
+        };
+        let s = if self.streams == 1 { "" } else { "s" };
+        format!("{dir}, {} stream{s}", self.streams)
+    }
+}
+
+/// What one phase cost the back-end, per GiB moved.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cost {
+    mib_s: f64,
+    cpu_s: f64,
+    wakeups: f64,
+    /// `None` when perf could not count.
+    syscalls: Option<f64>,
+}
+
+/// One back-end's figures of one round.
 #[derive(Debug, Default, Clone)]
-pub struct Figures {
-    /// Guest -> host MiB/s.
-    pub g2h_mib_s: f64,
-    /// Host -> guest MiB/s.
-    pub h2g_mib_s: f64,
-    /// Guest-initiated 64-byte round trip, microseconds (median).
-    pub g2h_rtt_us: f64,
-    /// Host-initiated 64-byte round trip, microseconds (median).
-    pub h2g_rtt_us: f64,
-    /// Back-end CPU seconds per GiB moved over the bulk transfers.
-    pub cpu_s_per_gib: f64,
+struct Figures {
+    phases: Vec<Cost>,
+    g2h_rtt_us: f64,
+    h2g_rtt_us: f64,
+}
+
+/// Voluntary context switches of every thread of `pid` so far.
+fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// `perf stat` counting the system calls and CPU time of `pid` until
+/// [`stop_syscall_count`].
+fn start_syscall_count(pid: u32, out: &std::path::Path) -> Option<Child> {
+    Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,task-clock",
+            "-o",
+        ])
+        .arg(out)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+/// Stops a [`start_syscall_count`]; returns the system calls and the CPU seconds it
+/// counted (each `None` when perf did not count it).
+fn stop_syscall_count(child: Option<Child>, out: &std::path::Path) -> (Option<u64>, Option<f64>) {
+    let Some(mut child) = child else {
+        return (None, None);
+    };
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    // CSV lines: value,unit,event,...
+    let value = |event: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.split(',').nth(2).is_some_and(|e| e.starts_with(event)))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+    };
+    let syscalls = value("raw_syscalls:sys_enter").map(|n| n as u64);
+    // task-clock is in milliseconds.
+    let cpu = value("task-clock").map(|ms| ms / 1000.0);
+    (syscalls, cpu)
+}
+
+fn phase(vm: &mut Vm, ctl: &mut Control, p: Phase, port: u32, bytes: u64) -> Result<Cost> {
+    let pid = vm.backend.as_ref().ok_or("no back-end")?.pid();
+    let per_stream = bytes / u64::from(p.streams);
+    let perf_out = vm.dir.join(format!("perf-{port}.csv"));
+    let perf = start_syscall_count(pid, &perf_out);
+    // perf needs a moment to attach to every thread.
+    thread::sleep(Duration::from_millis(300));
+    let (cpu0, wake0) = (cpu_seconds(pid)?, wakeups(pid));
+    let took = if p.to_host {
+        guest_to_host(ctl, &vm.uds, port, p.streams, per_stream)?.2
+    } else {
+        host_to_guest(ctl, &vm.uds, port, p.streams, per_stream)?.2
+    };
+    let (cpu1, wake1) = (cpu_seconds(pid)?, wakeups(pid));
+    let (syscalls, perf_cpu) = stop_syscall_count(perf, &perf_out);
+    let moved = (per_stream * u64::from(p.streams)) as f64;
+    let gib = moved / GIB;
+    Ok(Cost {
+        mib_s: moved / MIB as f64 / took.as_secs_f64().max(1e-9),
+        cpu_s: perf_cpu.unwrap_or(cpu1 - cpu0) / gib,
+        wakeups: (wake1 - wake0) as f64 / gib,
+        syscalls: syscalls.map(|n| n as f64 / gib),
+    })
 }
 
 fn measure(vm: &mut Vm, bytes: u64) -> Result<Figures> {
-    let pid = vm.backend.as_ref().ok_or("no back-end")?.pid();
     let mut ctl = vm.control(Duration::from_secs(180))?;
     let uds = vm.uds.clone();
-    let cpu0 = cpu_seconds(pid)?;
-    let (_, _, g2h) = guest_to_host(&mut ctl, &uds, 5101, 1, bytes)?;
-    let (_, _, h2g) = host_to_guest(&mut ctl, &uds, 5102, 1, bytes)?;
-    let cpu = cpu_seconds(pid)? - cpu0;
-    if let Backend::Outboard(_) = vm.kind {
-        // The daemon rewrites its metrics every second: show the packet counts.
-        thread::sleep(Duration::from_millis(1500));
-        let m = crate::util::read_log(&vm.dir.join("metrics.json"));
-        let counters: Vec<&str> = m
-            .lines()
-            .map(str::trim)
-            .filter(|l| ["\"rx_", "\"tx_"].iter().any(|p| l.starts_with(p)))
-            .collect();
-        println!(
-            "bench-e2e: outboard counters after the bulk transfers: {}",
-            counters.join(" ")
-        );
+    let mut phases = Vec::new();
+    for (i, p) in PHASES.iter().enumerate() {
+        let cost = phase(vm, &mut ctl, *p, 5101 + 10 * i as u32, bytes)?;
+        println!("bench-e2e:   {}: {cost:?}", p.name());
+        phases.push(cost);
     }
     let g2h_rtt_us = ping_from_guest(&mut ctl, &uds)?;
     let h2g_rtt_us = ping_from_host(&mut ctl, &uds)?;
-    let mib = bytes as f64 / MIB as f64;
     Ok(Figures {
-        g2h_mib_s: mib / g2h.as_secs_f64(),
-        h2g_mib_s: mib / h2g.as_secs_f64(),
+        phases,
         g2h_rtt_us,
         h2g_rtt_us,
-        cpu_s_per_gib: cpu / (2.0 * bytes as f64 / GIB),
     })
+}
+
+/// The median of `v` (0 when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn ping_from_guest(ctl: &mut Control, uds: &std::path::Path) -> Result<f64> {
@@ -110,48 +242,112 @@ fn ping_from_host(ctl: &mut Control, uds: &std::path::Path) -> Result<f64> {
     Ok(median.as_secs_f64() * 1e6)
 }
 
-/// Runs the benchmark against each back-end and prints the table.
-pub fn run(backends: Vec<Backend>, bytes: u64) -> Result<()> {
+/// Runs `rounds` interleaved rounds against each back-end and prints the table.
+pub fn run(backends: Vec<Backend>, bytes: u64, rounds: usize) -> Result<()> {
     let assets = crate::setup::prepare(&crate::setup::cache_dir())?;
-    let mut rows = Vec::new();
-    for b in backends {
-        let name = b.name();
-        println!("bench-e2e: {name}: booting");
-        let mut vm = Vm::boot(&assets, b, &run_dir("bench"))?;
-        match measure(&mut vm, bytes) {
-            Ok(f) => {
-                println!("bench-e2e: {name}: {f:?}");
-                rows.push((name, f));
-                let dir = vm.dir.clone();
-                drop(vm);
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            Err(e) => {
-                vm.dump_logs();
-                return Err(format!("{name}: {e}"));
+    let names: Vec<&'static str> = backends.iter().map(|b| b.name()).collect();
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); backends.len()];
+    for round in 0..rounds.max(1) {
+        let mut order: Vec<usize> = (0..backends.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let name = names[i];
+            println!("bench-e2e: round {}, {name}: booting", round + 1);
+            let mut vm = Vm::boot(&assets, backends[i].clone(), &run_dir("bench"))?;
+            match measure(&mut vm, bytes) {
+                Ok(f) => {
+                    results[i].push(f);
+                    let dir = vm.dir.clone();
+                    drop(vm);
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Err(e) => {
+                    vm.dump_logs();
+                    return Err(format!("{name}: {e}"));
+                }
             }
         }
     }
-    println!(
-        "\n{:<20} {:>12} {:>12} {:>14} {:>14} {:>12}",
-        "back-end", "g2h MiB/s", "h2g MiB/s", "g2h RTT50 us", "h2g RTT50 us", "CPU s/GiB"
-    );
-    for (name, f) in &rows {
-        println!(
-            "{:<20} {:>12.1} {:>12.1} {:>14.1} {:>14.1} {:>12.3}",
-            name, f.g2h_mib_s, f.h2g_mib_s, f.g2h_rtt_us, f.h2g_rtt_us, f.cpu_s_per_gib
-        );
-    }
-    if let [(a, x), (b, y)] = rows.as_slice() {
-        println!(
-            "{:<20} {:>11.2}x {:>11.2}x {:>13.2}x {:>13.2}x {:>11.2}x",
-            format!("{a}/{b}"),
-            x.g2h_mib_s / y.g2h_mib_s,
-            x.h2g_mib_s / y.h2g_mib_s,
-            x.g2h_rtt_us / y.g2h_rtt_us,
-            x.h2g_rtt_us / y.h2g_rtt_us,
-            x.cpu_s_per_gib / y.cpu_s_per_gib
-        );
-    }
+    print_table(&names, &results, bytes, rounds);
     Ok(())
+}
+
+fn print_table(names: &[&str], results: &[Vec<Figures>], bytes: u64, rounds: usize) {
+    println!(
+        "\nbench-e2e: {} MiB per phase, median of {rounds} round(s); per GiB moved, \
+         the back-end process's CPU seconds, wake-ups and system calls",
+        bytes / MIB
+    );
+    let med = |b: usize, f: &dyn Fn(&Figures) -> Option<f64>| -> Option<f64> {
+        let v: Vec<f64> = results[b].iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    let fmt = |v: Option<f64>, prec: usize| {
+        v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.prec$}"))
+    };
+    print!("{:<24}", "phase");
+    for n in names {
+        print!(
+            " | {:>20} {:>9} {:>9} {:>11} {:>9}",
+            n, "CPU s", "wake-ups", "syscalls", "MiB/s"
+        );
+    }
+    if names.len() == 2 {
+        print!(" | {:>9} {:>9} {:>9}", "CPU x", "wake x", "sysc x");
+    }
+    println!();
+    for (i, p) in PHASES.iter().enumerate() {
+        print!("{:<24}", p.name());
+        let mut cols = Vec::new();
+        for b in 0..names.len() {
+            let cpu = med(b, &|f| f.phases.get(i).map(|c| c.cpu_s));
+            let wake = med(b, &|f| f.phases.get(i).map(|c| c.wakeups));
+            let sys = med(b, &|f| f.phases.get(i).and_then(|c| c.syscalls));
+            let mib = med(b, &|f| f.phases.get(i).map(|c| c.mib_s));
+            print!(
+                " | {:>20} {:>9} {:>9} {:>11} {:>9}",
+                "",
+                fmt(cpu, 3),
+                fmt(wake, 0),
+                fmt(sys, 0),
+                fmt(mib, 1)
+            );
+            cols.push((cpu, wake, sys));
+        }
+        if let [(Some(c0), Some(w0), s0), (Some(c1), Some(w1), s1)] = cols.as_slice() {
+            let ratio = |a: f64, b: f64| {
+                if b > 0.0 {
+                    format!("{:.2}", a / b)
+                } else {
+                    "n/a".into()
+                }
+            };
+            let sys = match (s0, s1) {
+                (Some(a), Some(b)) => ratio(*a, *b),
+                _ => "n/a".into(),
+            };
+            print!(
+                " | {:>9} {:>9} {:>9}",
+                ratio(*c0, *c1),
+                ratio(*w0, *w1),
+                sys
+            );
+        }
+        println!();
+    }
+    for (label, f) in [
+        (
+            "64 B RTT guest->host us",
+            &(|x: &Figures| Some(x.g2h_rtt_us)) as &dyn Fn(&Figures) -> Option<f64>,
+        ),
+        ("64 B RTT host->guest us", &|x: &Figures| Some(x.h2g_rtt_us)),
+    ] {
+        print!("{label:<24}");
+        for b in 0..names.len() {
+            print!(" | {:>20} {:>9}", "", fmt(med(b, f), 1));
+        }
+        println!();
+    }
 }

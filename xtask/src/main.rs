@@ -487,10 +487,15 @@ fn main() -> ExitCode {
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(256);
+            let rounds = std::env::var("OUTBOARD_BENCH_ROUNDS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(3);
             finish(
-                backend_named("outboard", true)
+                packages::ensure(&["linux-perf"])
+                    .and_then(|()| backend_named("outboard", true))
                     .and_then(|ours| Ok(vec![ours, backend_named("vhost-device-vsock", true)?]))
-                    .and_then(|b| bench::run(b, mib << 20))
+                    .and_then(|b| bench::run(b, mib << 20, rounds))
                     .map(|()| true),
             )
         }

@@ -69,6 +69,11 @@ pub const PACKAGES: &[Package] = &[
         why: "systemd-socket-activate: outboard's socket activation and sd_notify test",
     },
     Package {
+        name: "linux-perf",
+        suite: Suite::Release,
+        why: "bench-e2e: the back-end's system calls per GiB (perf stat)",
+    },
+    Package {
         name: "busybox-static",
         suite: Suite::Release,
         why: "the guests' initramfs",
