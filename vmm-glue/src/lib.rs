@@ -7,7 +7,7 @@
 //!   Outboard virtio device a `BusDevice`.
 //! - [`vhost_user`]: a vhost-user back-end for any Outboard virtio device: memory table,
 //!   rings, worker loop with reconnection.
-//! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
+//! - `vsock_cli` (feature `cli`): the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
 //! - `metrics` (feature `daemon`; the JSON file with `cli`): the daemon's metrics files.
 //! - `shared_metrics` (feature `daemon`): device counters a jailed worker publishes into a
@@ -63,8 +63,16 @@
 //! - `jail`: jailed workers ([`jail`], `supervisor::JailedService`); pulls in
 //!   outboard-sandbox and seccompiler.
 //! - `mmio`: the virtio-mmio transport.
-//! - `cli` (with `vhost-user`, `mmio` and `jail` the defaults): the `outboard`
-//!   binary; pulls in clap, serde, serde_json, serde_yaml_ng and env_logger.
+//! - `vsock`: outboard-devices' virtio-vsock device; with `daemon`, its counters in
+//!   the metrics files; with `cli`, `vsock_cli` and `vsock_daemon`.
+//! - `media`: outboard-devices' virtio-media device; with `vhost-user`,
+//!   `vhost_user::media`.
+//! - `cli` (with `vhost-user`, `mmio`, `vsock`, `media` and `jail` the defaults): the
+//!   `outboard` binary; implies `vsock` and `media`, and pulls in clap, serde,
+//!   serde_json, serde_yaml_ng and env_logger.
+//!
+//! Without `vsock` and `media`, outboard-devices compiles only its `virtio` traits:
+//! a device of one's own pays for neither.
 //!
 //! # System calls
 //!
