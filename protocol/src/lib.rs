@@ -81,11 +81,10 @@ pub mod vhost_user;
 pub mod virtio;
 pub mod vsock;
 
-use remain::sorted;
 use thiserror::Error;
 
 /// Why a structure received from a peer was refused.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum ProtocolError {
     /// A length or offset plus length does not fit, or exceeds a bound.
