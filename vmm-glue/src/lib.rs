@@ -9,6 +9,9 @@
 //!   rings, worker loop with reconnection.
 //! - `vsock_cli` (feature `cli`): the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
+//! - `device_daemon` (feature `daemon`): a whole single-device daemon in one call,
+//!   `device_daemon::run`: `--socket-path`/`--fd`/socket activation, signals,
+//!   reconnection, `--jail` with the `jail` feature.
 //! - `metrics` (feature `daemon`; the JSON file with `cli`): the daemon's metrics files.
 //! - `shared_metrics` (feature `daemon`): device counters a jailed worker publishes into a
 //!   memfd page the daemon reads, monotonic across worker restarts.
@@ -34,8 +37,9 @@
 //! [`vhost_user::daemon::serve_with`]. The `daemon` feature adds what a daemon needs
 //! around it: `supervisor::listen_once` (`--socket-path`, `--fd`, systemd socket
 //! activation), `supervisor::StopSignals`, `supervisor::Supervisor` with
-//! `ThreadService` (and `JailedService` with `jail`). `examples/rng_device.rs` is a
-//! whole daemon (virtio-rng); the README has the guide.
+//! `ThreadService` (and `JailedService` with `jail`), and `device_daemon::run`, which
+//! puts them together: a whole daemon's `main` in one call. `examples/rng_device.rs`
+//! is a whole daemon (virtio-rng) on it; the README has the guide.
 //!
 //! ```no_run
 //! # fn rng() -> outboard_devices::testing::EchoDevice {
@@ -98,6 +102,8 @@ pub use vmm_sys_util;
 /// need to depend on the same `vmm-sys-util` version.
 pub use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(feature = "daemon")]
+pub mod device_daemon;
 #[cfg(feature = "jail")]
 pub mod jail;
 #[cfg(feature = "daemon")]
