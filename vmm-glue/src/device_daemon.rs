@@ -160,7 +160,10 @@ fn jailed<D, F>(
     _: Vec<PathBuf>,
     _: Vec<OwnedFd>,
     _: F,
-) -> Result<Box<dyn Service>, String> {
+) -> Result<Box<dyn Service>, String>
+where
+    F: Fn(Vec<OwnedFd>) -> Result<D, String>,
+{
     Err("--jail needs outboard-vmm-glue's jail feature".into())
 }
 
