@@ -8,7 +8,6 @@
 
 use std::os::fd::BorrowedFd;
 
-use remain::sorted;
 #[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -191,7 +190,7 @@ pub trait BusDevice: Send + Suspendable {
 }
 
 /// Errors of [`Suspendable`] operations.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub enum SuspendError {

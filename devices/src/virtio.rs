@@ -46,7 +46,6 @@
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use remain::sorted;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -254,7 +253,7 @@ impl DescChain {
 }
 
 /// Errors of a [`VirtQueue`] implementation.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum QueueError {
     /// A chain was malformed (a descriptor outside guest memory, a readable descriptor
@@ -350,7 +349,7 @@ pub fn signal_used(
 }
 
 /// Errors of [`GuestMemoryAccess`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum MemoryError {
     /// The range is not (entirely) backed by guest memory.
@@ -417,7 +416,7 @@ pub trait GuestMemoryAccess: Send + Sync {
 }
 
 /// Errors of [`VirtioDevice::activate`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum ActivateError {
     /// The device is already active.

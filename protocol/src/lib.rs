@@ -55,15 +55,26 @@
 //! - [`vhost_user`]: the message header, every front-end and back-end request with its
 //!   number, protocol feature bits, every message body, and per-request rules (body
 //!   size, file descriptors, replies, feature gating) for transports to enforce.
-//! - [`vsock`]: the virtio-vsock packet header, operations, flags, socket types, feature
+//! - [`vsock`] (feature `vsock`): the virtio-vsock packet header, operations, flags, socket types, feature
 //!   bits, config space and events (virtio 1.3 section 5.10).
-//! - [`media`]: virtio-media commands, responses, events, SG entries and config space
+//! - [`media`] (feature `media`): virtio-media commands, responses, events, SG entries and config space
 //!   (virtio 1.4, device type 48).
 //! - [`ratelimit`] (feature `std`): the rate limit of every log line a peer can cause,
 //!   shared by the layers above.
-//! - [`v4l2`]: every V4L2 ioctl with its number and direction, with lookup from a raw code;
+//! - [`v4l2`] (feature `media`): every V4L2 ioctl with its number and direction, with lookup from a raw code;
 //!   the ioctls' argument structures in their 64-bit layouts, and the `V4L2_*` constants.
-
+//!
+//! # Features
+//!
+//! - `std` (default): `std::error::Error` for the errors, and `ratelimit`.
+//! - `vsock` (default): the [`vsock`] module.
+//! - `media` (default): the [`media`] and [`v4l2`] modules, the bulk of the crate;
+//!   a user of vhost-user and virtio alone (a device daemon of its own) compiles
+//!   without them and without `vsock`.
+//!
+#![cfg_attr(not(feature = "media"), doc = "[`media`]: #features")]
+#![cfg_attr(not(feature = "media"), doc = "[`v4l2`]: #features")]
+#![cfg_attr(not(feature = "vsock"), doc = "[`vsock`]: #features")]
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
@@ -73,19 +84,21 @@ compile_error!(
      little-endian targets; big-endian targets are not supported"
 );
 
+#[cfg(feature = "media")]
 pub mod media;
 #[cfg(feature = "std")]
 pub mod ratelimit;
+#[cfg(feature = "media")]
 pub mod v4l2;
 pub mod vhost_user;
 pub mod virtio;
+#[cfg(feature = "vsock")]
 pub mod vsock;
 
-use remain::sorted;
 use thiserror::Error;
 
 /// Why a structure received from a peer was refused.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum ProtocolError {
     /// A length or offset plus length does not fit, or exceeds a bound.

@@ -8,8 +8,8 @@
 //! every constant of this module, generated from the Linux uapi headers. Outboard keeps
 //! its own here because:
 //!
-//! - this crate is `no_std` with no dependency but zerocopy, bitflags, thiserror and
-//!   remain; `virtio-bindings` is not declared `no_std`;
+//! - this crate is `no_std` with no dependency but zerocopy, bitflags and thiserror;
+//!   `virtio-bindings` is not declared `no_std`;
 //! - feature bits are `u64` masks ready to test against a negotiated feature word
 //!   (`features & VIRTIO_F_VERSION_1`), where the bindings give `u32` bit numbers
 //!   (`VIRTIO_F_VERSION_1 == 32`) that every user shifts by hand;

@@ -10,7 +10,6 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use outboard_transport::Tube;
-use remain::sorted;
 use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, memfd_create, MemfdFlags, SealFlags};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,7 +24,7 @@ const INLINE: u8 = b'I';
 const IN_MEMFD: u8 = b'M';
 
 /// Errors of the cold-path framing.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum ColdError {
     /// Encoding or decoding the JSON failed.

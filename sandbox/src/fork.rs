@@ -6,7 +6,6 @@ use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use remain::sorted;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use rustix::pipe::{pipe_with, PipeFlags};
@@ -26,7 +25,7 @@ pub const EXIT_SETUP_FAILED: i32 = 126;
 pub const EXIT_PANIC: i32 = 101;
 
 /// Errors of [`fork_process`] and [`Child`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum ForkError {
     /// The child died before it reported that its jail was set up.

@@ -55,12 +55,11 @@ use landlock::{
     path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
     RulesetCreatedAttr, ABI,
 };
-use remain::sorted;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 use thiserror::Error;
 
 /// Errors while building or preparing a jail.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum JailError {
     /// A bind mount's source does not exist or cannot be inspected.

@@ -46,7 +46,6 @@ use outboard_devices::bus::{
     Suspendable,
 };
 use outboard_transport::Tube;
-use remain::sorted;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -130,7 +129,7 @@ mod status {
 }
 
 /// Errors of the proxy.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum ProxyError {
     /// The child refused activation (it was activated already).

@@ -56,7 +56,6 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use remain::sorted;
 use rustix::fs::{
     fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
 };
@@ -79,7 +78,7 @@ pub const SLOT_ENTRIES: u32 = 16;
 const MAGIC: u32 = 0x4f42_5053; // "OBPS"
 
 /// Errors of the shared-memory channel.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum RingError {
     /// Another producer published entries on this slot.

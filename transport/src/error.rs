@@ -4,7 +4,6 @@ use std::io;
 
 use outboard_protocol::vhost_user::VhostUserProtocolFeatures;
 use outboard_protocol::ProtocolError;
-use remain::sorted;
 use thiserror::Error;
 
 /// Everything that can go wrong on a transport.
@@ -14,7 +13,7 @@ use thiserror::Error;
 /// [`Error::SocketRetry`] (try again), [`Error::SocketBroken`] (the peer is gone),
 /// [`Error::SocketConnect`] (could not reach the peer) and [`Error::SocketError`]
 /// (anything else). An orderly close by the peer is [`Error::Disconnect`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum Error {
     /// The peer closed the connection (end of file on the socket).

@@ -1,6 +1,7 @@
 //! A whole vhost-user device daemon: virtio-rng (virtio 1.3, 5.4 "Entropy Device") on
 //! Outboard's crates, with the daemon's reconnection, `--fd`, systemd socket
-//! activation, SIGTERM/SIGINT and, with the `jail` feature, `--jail`.
+//! activation, SIGTERM/SIGINT and, with the `jail` feature, `--jail`
+//! (`outboard_vmm_glue::device_daemon::run`).
 //!
 //! ```text
 //! cargo run -p outboard-vmm-glue --example rng_device --features jail -- --socket-path /tmp/rng.sock [--jail]
@@ -14,8 +15,7 @@
 //! Linux guest under QEMU, plain and jailed.
 
 use std::fs::File;
-use std::os::fd::{AsFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -23,13 +23,12 @@ use outboard_devices::virtio::{
     id, signal_used, ActivateError, ChainWriter, DescChain, Interrupt, QueueError, VirtQueue,
     VirtioDevice,
 };
-use outboard_vmm_glue::supervisor::{listen_once, Service, StopSignals, Supervisor, ThreadService};
-use outboard_vmm_glue::vhost_user::daemon;
+use outboard_vmm_glue::device_daemon;
 
 /// The device: one queue of device-writable buffers, each filled from `/dev/urandom`.
 /// No config space, no feature bit of its own: the trait's defaults cover the rest.
 struct Rng {
-    urandom: File,
+    urandom: OwnedFd,
     queues: Vec<Box<dyn VirtQueue>>,
     irq: Option<Arc<dyn Interrupt>>,
 }
@@ -80,102 +79,20 @@ impl VirtioDevice for Rng {
     }
 }
 
-/// `--socket-path PATH`, `--fd N` (an inherited listening socket), `--jail`.
-#[derive(Default)]
-struct Args {
-    socket_path: Option<PathBuf>,
-    fd: Option<RawFd>,
-    jail: bool,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args::default();
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--socket-path" => args.socket_path = Some(value()?.into()),
-            "--fd" => {
-                let v = value()?;
-                args.fd = Some(v.parse().map_err(|_| format!("--fd {v}: not an fd"))?);
-            }
-            "--jail" => args.jail = true,
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
-}
-
-fn run(args: Args) -> Result<bool, String> {
-    outboard_vmm_glue::logging::init_stderr(log::LevelFilter::Info);
-    // Before any thread starts, so that only the supervisor sees SIGTERM and SIGINT.
-    let signals = StopSignals::block().map_err(|e| format!("blocking signals: {e}"))?;
-    let (listener, created, shown) = listen_once(args.socket_path.as_deref(), args.fd)?;
-    let urandom = File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
-    eprintln!("rng: serving virtio-rng on vhost-user socket {shown}");
-    let service: Box<dyn Service> = if args.jail {
-        jailed(listener, urandom, created)?
-    } else {
-        let service = ThreadService::new("rng", "rng", created, move |stop| {
-            let rng = Rng {
-                urandom,
-                queues: Vec::new(),
-                irq: None,
-            };
-            // Serves one front-end after the other until `stop`.
-            daemon::serve(rng, listener, 1024, &stop, "rng").map_err(|e| e.to_string())?;
-            Ok(())
-        });
-        Box::new(service.map_err(|e| format!("eventfd: {e}"))?)
-    };
-    Ok(Supervisor::new(None).run(&mut [service], &signals))
-}
-
-/// The worker in a jailed child (empty root, namespaces, seccomp), restarted when it
-/// dies; `/dev/urandom` is opened here and inherited, as the jail has no `/dev`.
-#[cfg(feature = "jail")]
-fn jailed(
-    listener: std::os::unix::net::UnixListener,
-    urandom: File,
-    created: Vec<PathBuf>,
-) -> Result<Box<dyn Service>, String> {
-    use outboard_vmm_glue::jail::{worker_jail, SeccompMode, WorkerLimits};
-    use outboard_vmm_glue::supervisor::JailedService;
-    use std::os::fd::OwnedFd;
-    let jail =
-        worker_jail(&[], SeccompMode::Kill, WorkerLimits::default()).map_err(|e| e.to_string())?;
-    let serve = Box::new(|listener, fds: Vec<OwnedFd>, stop: &_| {
-        let urandom = fds.into_iter().next().ok_or("no /dev/urandom fd")?;
-        let rng = Rng {
-            urandom: File::from(urandom),
-            queues: Vec::new(),
-            irq: None,
-        };
-        daemon::serve(rng, listener, 1024, stop, "rng").map_err(|e| e.to_string())?;
-        Ok(())
-    });
-    let service = JailedService::new("rng", jail, listener, serve)
-        .inherit([OwnedFd::from(urandom)])
-        .created(created);
-    Ok(Box::new(service))
-}
-
-#[cfg(not(feature = "jail"))]
-fn jailed(
-    _: std::os::unix::net::UnixListener,
-    _: File,
-    _: Vec<PathBuf>,
-) -> Result<Box<dyn Service>, String> {
-    Err("--jail needs the jail feature (--features jail)".into())
-}
-
 fn main() -> ExitCode {
-    match parse_args().and_then(run) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("rng: {e}");
-            ExitCode::from(2)
-        }
-    }
+    // Opened here and handed to the device (a jailed worker has no /dev to open it from).
+    let urandom = match File::open("/dev/urandom") {
+        Ok(file) => OwnedFd::from(file),
+        Err(e) => return device_daemon::fail("rng", format!("/dev/urandom: {e}")),
+    };
+    // `--socket-path PATH`, `--fd N` or socket activation, `--jail`; until SIGTERM.
+    device_daemon::run("rng", vec![urandom], |mut fds| {
+        let urandom = fds.pop().ok_or("no /dev/urandom fd")?;
+        let (queues, irq) = (Vec::new(), None);
+        Ok(Rng {
+            urandom,
+            queues,
+            irq,
+        })
+    })
 }

@@ -47,6 +47,11 @@ impl VirtioDevice for Upper {
         VIRTIO_F_VERSION_1
     }
     fn ack_features(&mut self, _features: u64) {}
+    // A config space of 5 bytes: the daemon offers VHOST_USER_PROTOCOL_F_CONFIG only
+    // to a device whose config_size is not 0.
+    fn config_size(&self) -> usize {
+        5
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = b"UPPER";
         for (i, b) in data.iter_mut().enumerate() {

@@ -53,7 +53,6 @@ use std::time::Duration;
 use outboard_sandbox::proxy::CHILD_SYSCALLS;
 use outboard_sandbox::SeccompPolicy;
 use outboard_sandbox::{fork_process, Child, ExitStatus, ForkError, Jail, JailError};
-use remain::sorted;
 use seccompiler::SeccompAction;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -181,7 +180,7 @@ pub enum SeccompMode {
 }
 
 /// Errors of the jailed worker.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum JailedError {
     /// The stop eventfd could not be created or written.

@@ -7,8 +7,11 @@
 //!   Outboard virtio device a `BusDevice`.
 //! - [`vhost_user`]: a vhost-user back-end for any Outboard virtio device: memory table,
 //!   rings, worker loop with reconnection.
-//! - [`vsock_cli`]: the configuration of `outboard vsock` (`--vm`, flat flags,
+//! - `vsock_cli` (feature `cli`): the configuration of `outboard vsock` (`--vm`, flat flags,
 //!   `--config`), validated with errors that name the offending value.
+//! - `device_daemon` (feature `daemon`): a whole single-device daemon in one call,
+//!   `device_daemon::run`: `--socket-path`/`--fd`/socket activation, signals,
+//!   reconnection, `--jail` with the `jail` feature.
 //! - `metrics` (feature `daemon`; the JSON file with `cli`): the daemon's metrics files.
 //! - `shared_metrics` (feature `daemon`): device counters a jailed worker publishes into a
 //!   memfd page the daemon reads, monotonic across worker restarts.
@@ -34,8 +37,9 @@
 //! [`vhost_user::daemon::serve_with`]. The `daemon` feature adds what a daemon needs
 //! around it: `supervisor::listen_once` (`--socket-path`, `--fd`, systemd socket
 //! activation), `supervisor::StopSignals`, `supervisor::Supervisor` with
-//! `ThreadService` (and `JailedService` with `jail`). `examples/rng_device.rs` is a
-//! whole daemon (virtio-rng); the README has the guide.
+//! `ThreadService` (and `JailedService` with `jail`), and `device_daemon::run`, which
+//! puts them together: a whole daemon's `main` in one call. `examples/rng_device.rs`
+//! is a whole daemon (virtio-rng) on it; the README has the guide.
 //!
 //! ```no_run
 //! # fn rng() -> outboard_devices::testing::EchoDevice {
@@ -63,8 +67,16 @@
 //! - `jail`: jailed workers ([`jail`], `supervisor::JailedService`); pulls in
 //!   outboard-sandbox and seccompiler.
 //! - `mmio`: the virtio-mmio transport.
-//! - `cli` (with `vhost-user`, `mmio` and `jail` the defaults): the `outboard`
-//!   binary; pulls in clap, serde, serde_json, serde_yaml_ng and env_logger.
+//! - `vsock`: outboard-devices' virtio-vsock device; with `daemon`, its counters in
+//!   the metrics files; with `cli`, `vsock_cli` and `vsock_daemon`.
+//! - `media`: outboard-devices' virtio-media device; with `vhost-user`,
+//!   `vhost_user::media`.
+//! - `cli` (with `vhost-user`, `mmio`, `vsock`, `media` and `jail` the defaults): the
+//!   `outboard` binary; implies `vsock` and `media`, and pulls in clap, serde,
+//!   serde_json, serde_yaml_ng and env_logger.
+//!
+//! Without `vsock` and `media`, outboard-devices compiles only its `virtio` traits:
+//! a device of one's own pays for neither.
 //!
 //! # System calls
 //!
@@ -90,6 +102,8 @@ pub use vmm_sys_util;
 /// need to depend on the same `vmm-sys-util` version.
 pub use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(feature = "daemon")]
+pub mod device_daemon;
 #[cfg(feature = "jail")]
 pub mod jail;
 #[cfg(feature = "daemon")]

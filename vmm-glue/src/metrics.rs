@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 #[cfg(feature = "cli")]
 use std::time::{SystemTime, UNIX_EPOCH};
 
+#[cfg(feature = "vsock")]
 use outboard_devices::vsock::VsockMetricsSnapshot;
 #[cfg(feature = "cli")]
 use serde::Serialize;
@@ -22,6 +23,7 @@ pub trait CounterSet {
     fn counter_values(&self) -> impl Iterator<Item = u64> + '_;
 }
 
+#[cfg(feature = "vsock")]
 impl CounterSet for VsockMetricsSnapshot {
     fn counter_names() -> &'static [&'static str] {
         VsockMetricsSnapshot::NAMES
@@ -32,17 +34,17 @@ impl CounterSet for VsockMetricsSnapshot {
     }
 }
 
-/// Help text of a counter: the vsock device's own description, or what the daemon
-/// adds (`worker_restarts`).
+/// Help text of a counter: the vsock device's own description (feature `vsock`), or
+/// what the daemon adds (`worker_restarts`).
 pub fn counter_help(name: &str) -> Option<&'static str> {
     if name == "worker_restarts" {
         return Some("Jailed workers of this VM that died and were replaced.");
     }
-    VsockMetricsSnapshot::NAMES
-        .iter()
-        .position(|n| *n == name)
-        .and_then(|i| VsockMetricsSnapshot::HELP.get(i))
-        .map(|h| h.trim())
+    #[cfg(feature = "vsock")]
+    if let Some(i) = VsockMetricsSnapshot::NAMES.iter().position(|n| *n == name) {
+        return VsockMetricsSnapshot::HELP.get(i).map(|h| h.trim());
+    }
+    None
 }
 
 /// `(name, value)` of every counter of `snapshot`.

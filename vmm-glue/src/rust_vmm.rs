@@ -585,6 +585,7 @@ mod tests {
     /// (it borrows its mapper). Before, RustVmmMemory kept only the last 4 snapshots,
     /// so a mapping kept across 5 table changes wrote into unmapped memory.
     #[test]
+    #[cfg(feature = "media")]
     fn a_guest_mapping_keeps_its_memory_mapped_across_memory_map_changes() {
         use outboard_devices::media::{GuestMemoryMapper, GuestMemoryRange, GuestMemoryRegions};
         use outboard_protocol::media::SgEntry;

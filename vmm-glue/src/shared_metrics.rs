@@ -43,7 +43,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use outboard_devices::virtio::{ActivateError, Interrupt, VirtQueue, VirtioDevice};
-use remain::sorted;
 use rustix::fs::{
     fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
 };
@@ -67,7 +66,7 @@ const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEA
 pub const WORKER_RESTARTS: &str = "worker_restarts";
 
 /// Errors of the shared counter page.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum SharedMetricsError {
     /// Creating, sizing or sealing the memfd failed.

@@ -18,7 +18,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
-use remain::sorted;
 use thiserror::Error;
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
@@ -28,7 +27,7 @@ pub const LISTEN_FDS_START: RawFd = 3;
 pub const MAX_LISTEN_FDS: usize = 4096;
 
 /// Errors of [`listen_fds`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum SystemdError {
     /// `LISTEN_FDS` is not a number, or above [`MAX_LISTEN_FDS`].

@@ -25,7 +25,6 @@ use outboard_devices::vsock::{
     VsockBackend, VsockDeviceConfig, VsockError, VsockForward, VsockSibling, DEFAULT_TX_BUF_SIZE,
     MAX_FORWARD_LISTEN_PORTS, MAX_TX_BUF_SIZE,
 };
-use remain::sorted;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -103,7 +102,7 @@ fn join_ports(ports: &[u32]) -> String {
 }
 
 /// Errors in the flags or the config file. Every variant names the offending value.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A value could not be parsed.

@@ -165,14 +165,26 @@ pub fn run() -> Result<bool> {
         format!("{:.1}", ours.wall),
         format!("{:.1}", theirs.wall),
     );
-    let ok = ours.lines_without_jail <= theirs.lines
-        && ours.crates <= theirs.crates
-        && ours.cpu <= theirs.cpu;
-    println!(
-        "\ndevice-cost: Outboard is {} rust-vmm on lines (without --jail), crates and build CPU",
-        if ok { "no worse than" } else { "WORSE than" }
-    );
-    Ok(ok)
+    let worse: Vec<&str> = [
+        (
+            ours.lines_without_jail > theirs.lines,
+            "lines (without --jail)",
+        ),
+        (ours.crates > theirs.crates, "crates"),
+        (ours.cpu > theirs.cpu, "build CPU"),
+    ]
+    .into_iter()
+    .filter_map(|(worse, what)| worse.then_some(what))
+    .collect();
+    if worse.is_empty() {
+        println!("\ndevice-cost: Outboard is no worse than rust-vmm on lines (without --jail), crates and build CPU");
+    } else {
+        println!(
+            "\ndevice-cost: Outboard is WORSE than rust-vmm on {}",
+            worse.join(", ")
+        );
+    }
+    Ok(worse.is_empty())
 }
 
 #[cfg(test)]

@@ -73,7 +73,6 @@ use std::sync::Arc;
 
 use outboard_protocol::media::{SgEntry, MMAP_FLAG_RW};
 use outboard_protocol::v4l2::*;
-use remain::sorted;
 use rustix::event::epoll;
 use thiserror::Error;
 use zerocopy::{FromBytes, IntoBytes};
@@ -136,7 +135,7 @@ pub const MAX_SESSION_SHADOWS: usize = 256;
 pub const MAX_DEVICE_SHADOW: usize = 1 << 30;
 
 /// Errors opening the host node.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum ProxyError {
     /// The node is not a V4L2 video capture or mem-to-mem node with streaming I/O.

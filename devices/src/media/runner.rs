@@ -18,7 +18,6 @@ use outboard_protocol::media::{
     CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MmapCmd, MmapResp, MunmapCmd, OpenResp, RespHeader,
 };
 use outboard_protocol::Validate;
-use remain::sorted;
 use rustix::event::epoll;
 use thiserror::Error;
 
@@ -65,7 +64,7 @@ impl Default for MaxSessions {
 }
 
 /// Errors configuring a runner.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RunnerError {
     /// The session cap is zero or above [`MAX_SESSIONS_LIMIT`].

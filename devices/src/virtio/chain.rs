@@ -62,7 +62,6 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use remain::sorted;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -133,7 +132,7 @@ pub fn slice_regions(
 }
 
 /// Errors of [`ChainReader`] and [`ChainWriter`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ChainError {
     /// The device-writable half has no room for a write.

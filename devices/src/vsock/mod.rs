@@ -95,7 +95,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use remain::sorted;
 use thiserror::Error;
 
 pub use device::{Vsock, VsockDeviceConfig};
@@ -168,7 +167,7 @@ impl VsockForward {
 }
 
 /// Errors of [`Vsock::new`].
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum VsockError {
     /// The muxer's epoll set could not be created.

@@ -4,13 +4,12 @@ use outboard_protocol::vsock::{
     VsockHeader, VsockOp, VsockType, MAX_PKT_BUF_SIZE, VMADDR_CID_HOST,
 };
 use outboard_protocol::{ProtocolError, Validate};
-use remain::sorted;
 use thiserror::Error;
 
 use crate::virtio::{ChainReader, ChainWriter, DescChain, IoRegion};
 
 /// Why a TX chain was not accepted as a packet.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum PacketError {
     /// The destination CID is not the host's.

@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use outboard_devices::virtio::VirtioDevice;
 use outboard_transport::{BackendReqHandler, Connection, Error as TransportError};
-use remain::sorted;
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -42,7 +41,7 @@ pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 const REQUESTS_PER_WAKE: usize = 32;
 
 /// Errors that end a worker.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum WorkerError {
     /// Accepting a front-end failed.

@@ -365,7 +365,7 @@ pub enum MediaSource {
 }
 
 /// Why a host V4L2 node cannot be served.
-#[remain::sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, thiserror::Error)]
 pub enum MediaSourceError {
     /// The node did not open or is not a V4L2 streaming capture or mem-to-mem node.

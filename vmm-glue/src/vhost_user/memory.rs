@@ -22,7 +22,6 @@ use super::guard::GuardedRange;
 
 use outboard_protocol::vhost_user::VhostUserMemoryRegion;
 use outboard_transport::MemoryRegion;
-use remain::sorted;
 use thiserror::Error;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion as _, GuestRegionMmap, MmapRegion,
@@ -35,7 +34,7 @@ pub const MAX_MEM_SLOTS: usize = 64;
 pub const MAX_REGION_SIZE: u64 = 1 << 40;
 
 /// Errors of the memory table.
-#[sorted]
+#[cfg_attr(test, remain::sorted)]
 #[derive(Debug, Error)]
 pub enum MemoryTableError {
     /// The file behind the fd is shorter than the region claims.

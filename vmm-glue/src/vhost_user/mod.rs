@@ -11,8 +11,8 @@
 //!   `outboard_transport::VhostUserBackendReqHandler` over a
 //!   [`VirtioDevice`](outboard_devices::virtio::VirtioDevice): features, rings with the
 //!   current spec's states, EVENT_IDX, config space, `RESET_DEVICE`.
-//! - [`media`]: virtio-media (the software camera, the host V4L2 proxy) over vhost-user,
-//!   with its shared memory region mapped through `SHMEM_MAP`; [`media::MediaSource`]
+//! - `media` (feature `media`): virtio-media (the software camera, the host V4L2 proxy) over vhost-user,
+//!   with its shared memory region mapped through `SHMEM_MAP`; `media::MediaSource`
 //!   names what `outboard media` serves.
 //! - [`daemon`]: the worker loop (one thread and one epoll set per device) that accepts
 //!   a front-end, serves it, and after it leaves resets the device and listens again.
@@ -30,6 +30,7 @@
 pub mod backend;
 pub mod daemon;
 pub mod guard;
+#[cfg(feature = "media")]
 pub mod media;
 pub mod memory;
 pub mod ring;
