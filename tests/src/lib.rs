@@ -1033,6 +1033,35 @@ impl Guest {
         }
     }
 
+    /// Pumps until connection `key` is established; panics naming its state if it is
+    /// not within `timeout`.
+    pub fn wait_established(&mut self, key: Key, timeout: Duration) {
+        assert!(
+            self.pump_until(timeout, |g| g.conns[&key].state == GuestState::Established),
+            "connection {key:?} not established: {:?}",
+            self.conns[&key].state
+        );
+    }
+
+    /// Sends all of `data` on stream connection `key` in packets of at most 4 KiB,
+    /// pumping for credit and TX slots as needed; panics if credit does not come within
+    /// `timeout` for a packet.
+    pub fn send_all(&mut self, key: Key, data: &[u8], timeout: Duration) {
+        let ty = self.conns[&key].ty;
+        for chunk in data.chunks(4096) {
+            assert!(
+                self.pump_until(timeout, |g| g.conns[&key].credit() as usize >= chunk.len()),
+                "no credit for {} bytes on {key:?}",
+                chunk.len()
+            );
+            let hdr = self.header(key, ty, VsockOp::Rw, chunk.len() as u32, 0);
+            while !self.queue_packet(&hdr, chunk) {
+                self.kick_tx();
+            }
+            self.kick_tx();
+        }
+    }
+
     /// Sends a whole seqpacket message in packets of at most `pkt` bytes (the last
     /// marked EOM), pumping for credit as needed.
     pub fn send_message(&mut self, key: Key, msg: &[u8], pkt: usize) {

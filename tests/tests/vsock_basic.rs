@@ -7,41 +7,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use outboard_protocol::vsock::{SeqpacketFlags, ShutdownFlags, VsockOp, VsockType};
-use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Key, Pattern, Sink};
+use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Pattern, Sink};
 
 const T: Duration = Duration::from_secs(5);
-
-fn established(g: &mut Guest, key: Key) {
-    assert!(
-        g.pump_until(T, |g| g.conns[&key].state == GuestState::Established),
-        "connection {key:?} not established: {:?}",
-        g.conns[&key].state
-    );
-}
-
-fn send_bytes(g: &mut Guest, key: Key, data: &[u8]) {
-    let ty = g.conns[&key].ty;
-    for chunk in data.chunks(4096) {
-        assert!(g.pump_until(T, |g| g.conns[&key].credit() as usize >= chunk.len()));
-        let c = &g.conns[&key];
-        let hdr = outboard_protocol::vsock::VsockHeader {
-            src_cid: 3,
-            dst_cid: 2,
-            src_port: key.0,
-            dst_port: key.1,
-            len: chunk.len() as u32,
-            type_: ty as u16,
-            op: VsockOp::Rw as u16,
-            flags: 0,
-            buf_alloc: c.buf_alloc,
-            fwd_cnt: c.fwd_cnt.0,
-        };
-        while !g.queue_packet(&hdr, chunk) {
-            g.kick_tx();
-        }
-        g.kick_tx();
-    }
-}
 
 fn host_read(host: &mut UnixStream, n: usize) -> Vec<u8> {
     host.set_read_timeout(Some(T)).unwrap();
@@ -59,10 +27,10 @@ fn guest_connects_to_host_listener() {
     let mut g = Guest::new(&uds, GuestOptions::default());
     let listener = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
     let key = g.connect(1234, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     let (mut host, _) = listener.accept().unwrap();
 
-    send_bytes(&mut g, key, b"hello from the guest");
+    g.send_all(key, b"hello from the guest", T);
     assert_eq!(host_read(&mut host, 20), b"hello from the guest");
 
     host.write_all(b"hello from the host").unwrap();
@@ -75,7 +43,7 @@ fn guest_connects_to_host_listener() {
         & ShutdownFlags::SEND.bits()
         != 0));
     assert_eq!(g.conns[&key].peer_shutdown & ShutdownFlags::RCV.bits(), 0);
-    send_bytes(&mut g, key, b"still here");
+    g.send_all(key, b"still here", T);
     assert_eq!(host_read(&mut host, 10), b"still here");
 
     // The guest closes: SHUTDOWN both, the device answers RST and closes the socket.
@@ -112,7 +80,7 @@ fn host_connects_to_guest_listener() {
     reader.read_line(&mut line).unwrap();
     assert_eq!(line, format!("OK {}\n", key.1));
     assert!(g.pump_until(T, |g| g.conns[&key].data == b"early bytes"));
-    send_bytes(&mut g, key, b"pong");
+    g.send_all(key, b"pong", T);
     let mut buf = [0u8; 4];
     reader.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"pong");
@@ -204,7 +172,7 @@ fn small_guest_buffer_is_never_overrun() {
     let mut g = Guest::new(&uds, opts);
     let listener = UnixListener::bind(format!("{}_80", uds.display())).unwrap();
     let key = g.connect(80, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     g.conns.get_mut(&key).unwrap().auto_consume = false;
     let (mut host, _) = listener.accept().unwrap();
     const TOTAL: usize = 1 << 20;
@@ -298,7 +266,7 @@ fn seqpacket_keeps_message_boundaries() {
     let mut g = Guest::new(&uds, GuestOptions::default());
     let lfd = seq_listen(&format!("{}_77", uds.display()));
     let key = g.connect(77, VsockType::Seqpacket);
-    established(&mut g, key);
+    g.wait_established(key, T);
     // SAFETY: plain accept on a listening socket.
     let host = unsafe { libc::accept(lfd, std::ptr::null_mut(), std::ptr::null_mut()) };
     assert!(host >= 0);
@@ -382,9 +350,9 @@ fn transport_reset_after_restore() {
     let mut g = Guest::new(&uds, GuestOptions::default());
     let listener = UnixListener::bind(format!("{}_99", uds.display())).unwrap();
     let key = g.connect(99, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     let (mut host, _) = listener.accept().unwrap();
-    send_bytes(&mut g, key, b"before");
+    g.send_all(key, b"before", T);
     assert_eq!(host_read(&mut host, 6), b"before");
 
     g.dev.transport_reset();
@@ -399,9 +367,9 @@ fn transport_reset_after_restore() {
     // The guest drops its sockets (as Linux does on the event) and reconnects.
     g.conns.clear();
     let key = g.connect(99, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     let (mut host, _) = listener.accept().unwrap();
-    send_bytes(&mut g, key, b"after");
+    g.send_all(key, b"after", T);
     assert_eq!(host_read(&mut host, 5), b"after");
 }
 
@@ -418,7 +386,7 @@ fn stream_without_event_idx() {
     let mut g = Guest::new(&uds, opts);
     let listener = UnixListener::bind(format!("{}_5", uds.display())).unwrap();
     let key = g.connect(5, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     g.conns.get_mut(&key).unwrap().sink = Sink::Verify { seed: 9 };
     let (host, _) = listener.accept().unwrap();
     // A stalled device must fail the test, not leave its host threads blocked forever.
@@ -488,7 +456,7 @@ fn backpressure_from_a_slow_host() {
     let mut g = Guest::new(&uds, opts);
     let listener = UnixListener::bind(format!("{}_3", uds.display())).unwrap();
     let key = g.connect(3, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     let (host, _) = listener.accept().unwrap();
     assert_eq!(g.conns[&key].peer_buf_alloc, 64 * 1024);
     const TOTAL: u64 = 8 << 20;
@@ -563,7 +531,7 @@ fn trickling_host_data_then_close() {
         host.write_all(b"CONNECT 5001\n").unwrap();
         assert!(g.pump_until(T, |g| g.conns.keys().any(|k| k.0 == 5001)));
         let key = *g.conns.keys().find(|k| k.0 == 5001).unwrap();
-        established(&mut g, key);
+        g.wait_established(key, T);
         host.set_read_timeout(Some(T)).unwrap();
         let mut line = String::new();
         BufReader::new(host.try_clone().unwrap())

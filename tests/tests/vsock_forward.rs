@@ -15,8 +15,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use outboard_devices::vsock::{Vsock, VsockBackend, VsockDeviceConfig, VsockError, VsockForward};
-use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType};
-use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Key, Watchdog};
+use outboard_protocol::vsock::VsockType;
+use outboard_tests::{temp_dir, Guest, GuestOptions, GuestState, Watchdog};
 
 const T: Duration = Duration::from_secs(5);
 const VMADDR_CID_LOCAL: u32 = 1;
@@ -242,34 +242,6 @@ fn loopback() -> Result<(), String> {
     }
 }
 
-fn established(g: &mut Guest, key: Key) {
-    assert!(
-        g.pump_until(T, |g| g.conns[&key].state == GuestState::Established),
-        "connection {key:?} not established: {:?}",
-        g.conns[&key].state
-    );
-}
-
-fn send_bytes(g: &mut Guest, key: Key, data: &[u8]) {
-    let c = &g.conns[&key];
-    let hdr = VsockHeader {
-        src_cid: 3,
-        dst_cid: 2,
-        src_port: key.0,
-        dst_port: key.1,
-        len: data.len() as u32,
-        type_: VsockType::Stream as u16,
-        op: VsockOp::Rw as u16,
-        flags: 0,
-        buf_alloc: c.buf_alloc,
-        fwd_cnt: c.fwd_cnt.0,
-    };
-    while !g.queue_packet(&hdr, data) {
-        g.kick_tx();
-    }
-    g.kick_tx();
-}
-
 /// Reads exactly `n` bytes from `host` while pumping the guest (the device runs on
 /// this thread, so a blocking read would wait for itself).
 fn host_read(g: &mut Guest, host: &mut std::fs::File, n: usize) -> Vec<u8> {
@@ -310,9 +282,9 @@ fn data_both_ways_over_vsock_loopback() {
     // Guest -> host.
     let (listener, port) = vsock_listen(VMADDR_CID_LOCAL, test_port(6)).unwrap();
     let key = g.connect(port, VsockType::Stream);
-    established(&mut g, key);
+    g.wait_established(key, T);
     let mut host = vsock_accept(&listener).unwrap();
-    send_bytes(&mut g, key, b"hello from the guest");
+    g.send_all(key, b"hello from the guest", T);
     assert_eq!(host_read(&mut g, &mut host, 20), b"hello from the guest");
     host.write_all(b"hello from the host").unwrap();
     assert!(g.pump_until(T, |g| g.conns[&key].data == b"hello from the host"));
@@ -324,9 +296,9 @@ fn data_both_ways_over_vsock_loopback() {
     client.write_all(b"early bytes").unwrap();
     assert!(g.pump_until(T, |g| g.conns.keys().any(|k| k.0 == fwd_port)));
     let key = *g.conns.keys().find(|k| k.0 == fwd_port).unwrap();
-    established(&mut g, key);
+    g.wait_established(key, T);
     assert!(g.pump_until(T, |g| g.conns[&key].data == b"early bytes"));
-    send_bytes(&mut g, key, b"pong");
+    g.send_all(key, b"pong", T);
     assert_eq!(
         host_read(&mut g, &mut client, 4),
         b"pong",
@@ -347,7 +319,7 @@ fn data_both_ways_over_vsock_loopback() {
         g.conns[&key].peer_shutdown, 2,
         "a half close is not a close"
     );
-    send_bytes(&mut g, key, b"after");
+    g.send_all(key, b"after", T);
     assert_eq!(host_read(&mut g, &mut client, 5), b"after");
     // The whole close: SHUTDOWN with both flags.
     drop(client);
@@ -372,7 +344,7 @@ fn seqpacket_over_vsock_loopback() {
     let (listener, port) =
         vsock_listen_of(libc::SOCK_SEQPACKET, VMADDR_CID_LOCAL, test_port(7)).unwrap();
     let key = g.connect(port, VsockType::Seqpacket);
-    established(&mut g, key);
+    g.wait_established(key, T);
     let host = vsock_accept(&listener).unwrap();
     let fd = host.as_raw_fd();
     // SAFETY: fcntl on an owned fd.
