@@ -26,8 +26,20 @@ use crate::util::{self, Proc, Result};
 /// multi-planar, then the check, then v4l2-compliance on each node directly and through
 /// the shim and the proxy, then power off. Each report line goes to the console with
 /// the prefix `v4l2c videoN direct| ` or `v4l2c videoN proxy| `.
-const INIT: &str = r#"#!/bin/busybox sh
-if [ ! -e /.switched ]; then
+fn init() -> String {
+    setup::init_with(
+        &setup::Prelude {
+            tag: "media-e2e",
+            before: SWITCH_ROOT,
+            tmp: None,
+            params: &[("vivid.ko", "n_devs=2 multiplanar=1,2 node_types=0x1,0x1")],
+        },
+        INIT_BODY,
+    )
+}
+
+/// What [`init`] runs before the prelude.
+const SWITCH_ROOT: &str = r#"if [ ! -e /.switched ]; then
     # The jailed worker pivot_roots, which the initramfs (rootfs) cannot be: move
     # everything to a tmpfs and make that the root.
     /bin/busybox mkdir -p /newroot
@@ -37,18 +49,10 @@ if [ ! -e /.switched ]; then
     /bin/busybox touch /newroot/.switched
     exec /bin/busybox switch_root /newroot /init
 fi
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /modules/order); do
-    case $m in
-    vivid.ko) insmod /modules/$m n_devs=2 multiplanar=1,2 node_types=0x1,0x1 ;;
-    *) insmod /modules/$m ;;
-    esac || echo "media-e2e: insmod $m failed"
-done
-echo "outboard-e2e: guest up, $(uname -r)"
+"#;
+
+/// What [`init`] runs after the prelude.
+const INIT_BODY: &str = r#"echo "outboard-e2e: guest up, $(uname -r)"
 # The jailed worker runs as nobody outside its user namespace.
 chmod 666 /dev/video*
 /bin/media-proxy-check --outboard /bin/outboard
@@ -373,7 +377,7 @@ pub fn run() -> Result<bool> {
         .map(|(n, p)| (n.as_str(), p.as_path()))
         .collect();
     let initramfs =
-        setup::build_initramfs(&cache, "media-initramfs.cpio.gz", INIT, &files, &modules)?;
+        setup::build_initramfs(&cache, "media-initramfs.cpio.gz", &init(), &files, &modules)?;
     let accel = match std::env::var("OUTBOARD_E2E_ACCEL") {
         Ok(a) => a,
         Err(_) => setup::probe_accel(&cache, &kernel, &initramfs),

@@ -797,20 +797,20 @@ fn build_frame_check() -> Result<PathBuf> {
 /// The guest's /init; `@MODES@` becomes the mode list, one `name:slot:fourcc:fourcc`
 /// word per mode. Every line of a test's output goes to the console as
 /// `mg <mode> <test>| <line>`, with `mg: T <uptime> <mode> <test>` marks between tests.
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs -o size=128m tmp /tmp
-for m in $(cat /modules/order); do
-    case $m in
-    virtio_media.ko) insmod /modules/$m allow_userptr=1 ;;
-    *) insmod /modules/$m ;;
-    esac || echo "mg: insmod $m failed"
-done
-echo "mg: guest up, $(uname -r)"
+fn init() -> String {
+    setup::init_with(
+        &setup::Prelude {
+            tag: "mg",
+            before: "",
+            tmp: Some("size=128m"),
+            params: &[("virtio_media.ko", "allow_userptr=1")],
+        },
+        INIT_BODY,
+    )
+}
+
+/// What [`init`] runs after the prelude.
+const INIT_BODY: &str = r#"echo "mg: guest up, $(uname -r)"
 W=@WIDTH@
 H=@HEIGHT@
 N=@FRAMES@
@@ -873,7 +873,8 @@ fn init_script(modes: &[Mode], serial: bool) -> String {
             )
         })
         .collect();
-    INIT.replace("@MODES@", &list.join(" "))
+    init()
+        .replace("@MODES@", &list.join(" "))
         .replace("@WIDTH@", &CAPTURE_SIZE.0.to_string())
         .replace("@HEIGHT@", &CAPTURE_SIZE.1.to_string())
         .replace("@FRAMES@", &CAPTURE_FRAMES.to_string())

@@ -30,16 +30,12 @@ use crate::setup;
 use crate::util::{self, Proc, Result};
 
 /// The guest's /init: phase 1, a pause while the host replaces the daemon, phase 2.
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /modules/order); do
-    insmod /modules/$m || echo "rng-guest: insmod $m failed"
-done
-check() {
+fn init() -> String {
+    setup::init_script("rng-guest", false, INIT_BODY)
+}
+
+/// What [`init`] runs after the prelude.
+const INIT_BODY: &str = r#"check() {
     cur=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
     case "$cur" in
         virtio_rng*) ;;
@@ -73,7 +69,8 @@ pub fn run() -> Result<bool> {
     std::fs::create_dir_all(&cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
     let (kernel, root) = setup::ensure_kernel_package(&cache)?;
     let modules = setup::kernel_modules(&root, MODULES)?;
-    let initramfs = setup::build_initramfs(&cache, "rng-initramfs.cpio.gz", INIT, &[], &modules)?;
+    let initramfs =
+        setup::build_initramfs(&cache, "rng-initramfs.cpio.gz", &init(), &[], &modules)?;
     // OUTBOARD_RNG_DAEMON: another back-end with the same flags (the rust-vmm
     // comparison device of `cargo xtask device-cost`), run without --jail.
     let (example, modes): (PathBuf, &[bool]) = match std::env::var_os("OUTBOARD_RNG_DAEMON") {

@@ -17,23 +17,79 @@ use crate::util::{self, output, run, Result};
 const ROOT_MODULES: &[&str] = &["virtio_pci", "vmw_vsock_virtio_transport"];
 
 /// The guest's /init.
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-hostname outboard-guest
-for m in $(cat /modules/order); do
-    insmod /modules/$m || echo "outboard-e2e: insmod $m failed"
-done
+fn init() -> String {
+    init_script(
+        "outboard-e2e",
+        false,
+        r#"hostname outboard-guest
 echo "outboard-e2e: guest up, $(uname -r), vsock agent starting"
 while true; do
     /bin/vsock-agent
     echo "outboard-e2e: vsock agent exited with $?"
     sleep 1
 done
-"#;
+"#,
+    )
+}
+
+/// How a guest's /init begins (see [`init_with`]).
+#[derive(Clone, Copy, Default)]
+pub struct Prelude<'a> {
+    /// The prefix of the `<tag>: insmod <module> failed` lines, which some harnesses look for.
+    pub tag: &'a str,
+    /// Shell lines run first, before busybox's applets are installed.
+    pub before: &'a str,
+    /// A tmpfs on /tmp: `None` for none, else its mount options (`""` for the defaults).
+    pub tmp: Option<&'a str>,
+    /// Module parameters: (file name in /modules/order, parameters).
+    pub params: &'a [(&'a str, &'a str)],
+}
+
+/// A guest's /init: the busybox prelude (applets on PATH, /proc, /sys and /dev mounted,
+/// a tmpfs on /tmp if `tmp`, every module in /modules/order loaded, a failure reported
+/// as `<tag>: insmod <module> failed`), then `body`.
+pub fn init_script(tag: &str, tmp: bool, body: &str) -> String {
+    init_with(
+        &Prelude {
+            tag,
+            tmp: tmp.then_some(""),
+            ..Prelude::default()
+        },
+        body,
+    )
+}
+
+/// [`init_script`] with the prelude's every option.
+pub fn init_with(p: &Prelude, body: &str) -> String {
+    let mut s = String::from("#!/bin/busybox sh\n");
+    s.push_str(p.before);
+    s.push_str(
+        "/bin/busybox --install -s /bin\n\
+         export PATH=/bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n",
+    );
+    match p.tmp {
+        None => {}
+        Some("") => s.push_str("mount -t tmpfs tmp /tmp\n"),
+        Some(o) => s.push_str(&format!("mount -t tmpfs -o {o} tmp /tmp\n")),
+    }
+    s.push_str("for m in $(cat /modules/order); do\n");
+    let failed = format!("|| echo \"{}: insmod $m failed\"\n", p.tag);
+    if p.params.is_empty() {
+        s.push_str(&format!("    insmod /modules/$m {failed}"));
+    } else {
+        s.push_str("    case $m in\n");
+        for (m, params) in p.params {
+            s.push_str(&format!("    {m}) insmod /modules/$m {params} ;;\n"));
+        }
+        s.push_str(&format!("    *) insmod /modules/$m ;;\n    esac {failed}"));
+    }
+    s.push_str("done\n");
+    s.push_str(body);
+    s
+}
 
 /// What a test run boots.
 pub struct Assets {
@@ -63,7 +119,7 @@ pub fn prepare(cache: &Path) -> Result<Assets> {
     let initramfs = build_initramfs(
         cache,
         "initramfs.cpio.gz",
-        INIT,
+        &init(),
         &[("vsock-agent", agent.as_path())],
         &modules,
     )?;
@@ -606,4 +662,29 @@ pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
         ));
     }
     Ok(include)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_init_prelude_loads_modules_and_names_failures() {
+        let p = Prelude {
+            tag: "t",
+            before: "B\n",
+            tmp: Some("size=1m"),
+            params: &[("a.ko", "x=1")],
+        };
+        let s = init_with(&p, "BODY\n");
+        assert!(s.starts_with("#!/bin/busybox sh\nB\n/bin/busybox --install -s /bin\n"));
+        assert!(s.contains("mount -t tmpfs -o size=1m tmp /tmp\n"));
+        assert!(s.contains("    a.ko) insmod /modules/$m x=1 ;;\n"));
+        assert!(s.contains("    esac || echo \"t: insmod $m failed\"\n"));
+        assert!(s.ends_with("done\nBODY\n"));
+        let s = init_script("t", false, "");
+        assert!(!s.contains("/tmp"));
+        assert!(s.contains("    insmod /modules/$m || echo \"t: insmod $m failed\"\n"));
+        assert!(init_script("t", true, "").contains("mount -t tmpfs tmp /tmp\n"));
+    }
 }

@@ -70,17 +70,12 @@ const PEEK_SINCE: (u32, u32) = (6, 3);
 const TAIL_LINES: usize = 60;
 
 /// The guest's /init.
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-for m in $(cat /modules/order); do
-    insmod /modules/$m || echo "vsock-forward-guest: insmod $m failed"
-done
-# Printed for setup::probe_accel, which boots this initramfs to probe KVM.
+fn init() -> String {
+    setup::init_script("vsock-forward-guest", true, INIT_BODY)
+}
+
+/// What [`init`] runs after the prelude.
+const INIT_BODY: &str = r#"# Printed for setup::probe_accel, which boots this initramfs to probe KVM.
 echo "outboard-e2e: guest up, $(uname -r), vsock-forward-guest"
 cd /tmp
 export TMPDIR=/tmp RUST_BACKTRACE=1
@@ -223,7 +218,7 @@ fn can_peek(version: &str) -> bool {
 /// returns the kernel's result line, or an `Err` with the console's tail.
 fn run_guest(root_cache: &Path, dir: &Path, k: &Kernel, files: &[(&str, &Path)]) -> Result<String> {
     fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let initramfs = setup::build_initramfs(dir, "initramfs.cpio.gz", INIT, files, &k.modules)?;
+    let initramfs = setup::build_initramfs(dir, "initramfs.cpio.gz", &init(), files, &k.modules)?;
     let accel = match std::env::var("OUTBOARD_E2E_ACCEL") {
         Ok(a) => a,
         Err(_) => setup::probe_accel(root_cache, &k.vmlinuz, &initramfs),

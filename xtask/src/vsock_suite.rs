@@ -99,17 +99,12 @@ const RACY: &[(&str, &str)] = &[
 
 /// The guest's /init. `vsock_suite_cid=N` on the kernel command line picks the CID-N
 /// guest's address; serial ports ttyS1 and ttyS2 each get a shell for the harness.
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-for m in $(cat /modules/order); do
-    insmod /modules/$m || echo "vsock-suite: insmod $m failed"
-done
-cid=$(sed -n 's/.*vsock_suite_cid=\([0-9]*\).*/\1/p' /proc/cmdline)
+fn init() -> String {
+    setup::init_script("vsock-suite", true, INIT_BODY)
+}
+
+/// What [`init`] runs after the prelude.
+const INIT_BODY: &str = r#"cid=$(sed -n 's/.*vsock_suite_cid=\([0-9]*\).*/\1/p' /proc/cmdline)
 hostname guest-$cid
 # Printed for setup::probe_accel, which boots this initramfs to probe KVM.
 echo "outboard-e2e: guest up, $(uname -r), vsock-suite guest $cid"
@@ -1623,7 +1618,7 @@ pub fn run(backend: Backend, args: &[String]) -> Result<bool> {
     let initramfs = setup::build_initramfs(
         &cache,
         &format!("initramfs-{}.cpio.gz", kernel.package),
-        INIT,
+        &init(),
         &[
             ("vsock_test", suite.vsock_test.as_path()),
             ("vsock_diag_test", suite.vsock_diag_test.as_path()),
