@@ -386,22 +386,15 @@ pub fn run() -> Result<bool> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let console = dir.join("console.log");
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", &accel, "-cpu", "max", "-smp", "2", "-m", "512M"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"]);
+    let qemu = setup::qemu_guest(
+        &accel,
+        2,
+        "512M",
+        &console,
+        &kernel,
+        &initramfs,
+        "console=ttyS0 panic=-1 quiet loglevel=3",
+    );
     println!(
         "media-e2e: booting {} ({accel}) with vivid, media-proxy-check and v4l2-compliance",
         kernel.display()

@@ -225,19 +225,17 @@ fn boot_guest(kernel: &Path, initramfs: &Path, dir: &Path, socket: &Path, n: u32
     let console = dir.join(format!("console-{n}.log"));
     let qemu_log = dir.join(format!("qemu-{n}.log"));
     let qmp_path = dir.join(format!("qmp-{n}.sock"));
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "256M"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+    let mut cmd = setup::qemu_guest(
+        "tcg",
+        2,
+        "256M",
+        &console,
+        kernel,
+        initramfs,
+        "console=ttyS0 panic=-1 quiet loglevel=4",
+    );
+    cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
         .args(["-machine", "q35,memory-backend=mem"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-chardev")
-        .arg(format!("file,id=con,path={}", console.display()))
-        .args(["-serial", "chardev:con"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
         .arg("-chardev")
         .arg(format!(
             "socket,id=rng,path={},reconnect-ms=1000",

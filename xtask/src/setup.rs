@@ -91,10 +91,42 @@ pub fn init_with(p: &Prelude, body: &str) -> String {
     s
 }
 
+/// The QEMU every guest step boots.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// QEMU for a guest with a serial console in the file `console` and no devices: the
+/// caller adds its own.
+pub fn qemu_guest(
+    accel: &str,
+    smp: u32,
+    mem: &str,
+    console: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-accel", accel, "-cpu", "max", "-smp", &smp.to_string()])
+        .args(["-m", mem])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append]);
+    cmd
+}
+
 /// What a test run boots.
 pub struct Assets {
-    /// qemu-system-x86_64.
-    pub qemu: PathBuf,
     /// The guest kernel image.
     pub kernel: PathBuf,
     /// The gzip'd cpio initramfs.
@@ -128,7 +160,6 @@ pub fn prepare(cache: &Path) -> Result<Assets> {
         Err(_) => probe_accel(cache, &kernel, &initramfs),
     };
     Ok(Assets {
-        qemu: PathBuf::from("qemu-system-x86_64"),
         kernel,
         initramfs,
         accel,
@@ -170,24 +201,16 @@ pub fn probe_accel(cache: &Path, kernel: &Path, initramfs: &Path) -> String {
 fn kvm_boots(cache: &Path, kernel: &Path, initramfs: &Path) -> bool {
     let log = cache.join("kvm-probe.log");
     let _ = fs::remove_file(&log);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "kvm", "-cpu", "max", "-smp", "1", "-m", "256M"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = qemu_guest(
+        "kvm",
+        1,
+        "256M",
+        &log,
+        kernel,
+        initramfs,
+        "console=ttyS0 panic=-1 quiet",
+    );
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let Ok(mut qemu) = cmd.spawn() else {
         return false;
     };
@@ -208,7 +231,7 @@ fn kvm_boots(cache: &Path, kernel: &Path, initramfs: &Path) -> bool {
 }
 
 fn have_qemu_with_vhost_user_vsock() -> bool {
-    let out = Command::new("qemu-system-x86_64")
+    let out = Command::new(QEMU)
         .args(["-device", "help"])
         .stderr(Stdio::null())
         .output();

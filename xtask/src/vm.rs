@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::Control;
 use crate::qmp::Qmp;
-use crate::setup::Assets;
+use crate::setup::{self, Assets};
 use crate::util::{self, Proc, Result};
 
 /// The guest's context id.
@@ -114,27 +114,18 @@ impl Vm {
         let backend_log = dir.join("backend.log");
         let qmp_path = dir.join("qmp.sock");
         let backend = start_backend(&kind, &socket, &uds, &backend_log)?;
-        let mut qemu_cmd = Command::new(&assets.qemu);
-        let accel = &assets.accel;
+        let mut qemu_cmd = setup::qemu_guest(
+            &assets.accel,
+            2,
+            "512M",
+            &console,
+            &assets.kernel,
+            &assets.initramfs,
+            "console=ttyS0 panic=-1 quiet loglevel=4",
+        );
         qemu_cmd
-            .args(["-accel", accel, "-cpu", "max", "-smp", "2", "-m", "512M"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-machine", "q35,memory-backend=mem"])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-chardev")
-            .arg(format!("file,id=con,path={}", console.display()))
-            .args(["-serial", "chardev:con"])
-            .arg("-kernel")
-            .arg(&assets.kernel)
-            .arg("-initrd")
-            .arg(&assets.initramfs)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
             .arg("-chardev")
             .arg(format!(
                 "socket,id=vhu,path={},reconnect-ms=1000",

@@ -369,22 +369,15 @@ fn boot(cache: &Path, accel: &str, kernel: &Path, initramfs: &Path) -> Result<St
             Err(e) => return Err(format!("remove {}: {e}", f.display())),
         }
     }
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", accel, "-cpu", "max", "-smp", "1", "-m", "512M"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"]);
+    let cmd = setup::qemu_guest(
+        accel,
+        1,
+        "512M",
+        &console,
+        kernel,
+        initramfs,
+        "console=ttyS0 panic=-1 quiet loglevel=3",
+    );
     let mut qemu = Proc::spawn("qemu", cmd, &qemu_log)?;
     let deadline = Instant::now() + GUEST_TIMEOUT;
     let mut marker_at = None;

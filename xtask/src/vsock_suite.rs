@@ -900,29 +900,18 @@ fn boot_guest(
     let console = lay.dir.join(format!("console-{cid}.log"));
     let qmp_path = lay.dir.join(format!("qmp-{cid}.sock"));
     let mem = format!("{GUEST_MIB}M");
-    let mut q = Command::new("qemu-system-x86_64");
-    q.args(["-accel", accel, "-cpu", "max", "-smp", "1", "-m", &mem])
-        .arg("-object")
+    let mut q = setup::qemu_guest(
+        accel,
+        1,
+        &mem,
+        &console,
+        kernel,
+        initramfs,
+        &format!("console=ttyS0 panic=-1 quiet loglevel=4 vsock_suite_cid={cid}"),
+    );
+    q.arg("-object")
         .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
         .args(["-machine", "q35,memory-backend=mem"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-chardev")
-        .arg(format!("file,id=con,path={}", console.display()))
-        .args(["-serial", "chardev:con"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=4 vsock_suite_cid={cid}"
-        ))
         .arg("-chardev")
         .arg(format!(
             "socket,id=vhu,path={},reconnect-ms=1000",
