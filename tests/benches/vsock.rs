@@ -1,7 +1,10 @@
 //! vsock throughput through the device with the simulated guest driver: MB/s for one
 //! stream and for 16 streams, each direction, with 4 KiB and 64 KiB packets (guest TX
 //! packet size, guest RX buffer size). Every byte is still pattern-checked on arrival,
-//! so the figures include the simulated guest's and the host peers' work.
+//! so the figures include the simulated guest's and the host peers' work. After each
+//! case the device's own CPU time and system calls per GiB moved are printed (the
+//! calls counted with the kernel's `raw_syscalls:sys_enter` tracepoint, where perf
+//! events are allowed).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
@@ -30,26 +33,39 @@ fn vsock(c: &mut Criterion) {
                 ..GuestOptions::default()
             };
             let mut g = Guest::new(&tmp.join("v.sock"), opts);
+            let counting = g.count_syscalls();
+            if let Err(e) = &counting {
+                eprintln!("vsock: device system calls not counted: {e}");
+            }
             for streams in [1usize, 16] {
                 let id = BenchmarkId::new(format!("{}KiB", pkt / 1024), format!("{streams}x"));
-                let (mut cpu, mut moved) = (Duration::ZERO, 0u64);
+                let (mut cpu, mut moved, mut calls) = (Duration::ZERO, 0u64, 0u64);
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
                         let before = g.device_cpu;
+                        let calls_before = g.device_syscalls;
                         let took = (0..iters)
                             .map(|_| {
                                 run_streams(&mut g, streams, PER_ITER / streams as u64, pkt, dir)
                             })
                             .sum();
                         cpu += g.device_cpu - before;
+                        calls += g.device_syscalls - calls_before;
                         moved += iters * PER_ITER;
                         took
                     })
                 });
+                let per_gib = (1u64 << 30) as f64 / moved.max(1) as f64;
+                let calls = if counting.is_ok() {
+                    format!("{:.0}", calls as f64 * per_gib)
+                } else {
+                    "n/a".to_string()
+                };
                 eprintln!(
-                    "vsock_{name}/{}KiB/{streams}x: device CPU {:.1} ms per GiB moved",
+                    "vsock_{name}/{}KiB/{streams}x: device CPU {:.1} ms and {calls} system \
+                     calls per GiB moved",
                     pkt / 1024,
-                    cpu.as_secs_f64() * 1000.0 * (1u64 << 30) as f64 / moved.max(1) as f64
+                    cpu.as_secs_f64() * 1000.0 * per_gib
                 );
             }
         }

@@ -505,8 +505,52 @@ pub struct Guest {
     pub uds_path: PathBuf,
     /// CPU time the device's `handle_*` calls took (thread CPU time).
     pub device_cpu: Duration,
+    /// System calls the device's `handle_*` calls made, once
+    /// [`Guest::count_syscalls`] succeeded.
+    pub device_syscalls: u64,
+    syscalls: Option<SyscallCounter>,
     /// Used lengths of the unusable RX buffers the device returned.
     pub bad_rx_returned: Vec<u32>,
+}
+
+/// Counts the system calls of the calling thread: the kernel's
+/// `raw_syscalls:sys_enter` tracepoint as a perf counter.
+pub struct SyscallCounter(perf_event_open::count::Counter);
+
+impl std::fmt::Debug for SyscallCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyscallCounter")
+    }
+}
+
+impl SyscallCounter {
+    /// A running counter, or why the kernel does not allow one (no tracefs, no
+    /// permission for tracepoint events).
+    pub fn new() -> Result<SyscallCounter, String> {
+        use perf_event_open::config::{Cpu, Opts, Proc};
+        use perf_event_open::event::tp::Tracepoint;
+        let path = "/sys/kernel/tracing/events/raw_syscalls/sys_enter/id";
+        let id = std::fs::read_to_string(path)
+            .map_err(|e| format!("{path}: {e}"))?
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{path}: {e}"))?;
+        let counter = perf_event_open::count::Counter::new(
+            Tracepoint { id },
+            (Proc::CURRENT, Cpu::ALL),
+            Opts::default(),
+        )
+        .map_err(|e| format!("perf_event_open(raw_syscalls:sys_enter): {e}"))?;
+        counter
+            .enable()
+            .map_err(|e| format!("enabling the syscall counter: {e}"))?;
+        Ok(SyscallCounter(counter))
+    }
+
+    /// System calls so far, this read's own included.
+    pub fn count(&self) -> u64 {
+        self.0.stat().map_or(0, |s| s.count)
+    }
 }
 
 fn thread_cpu() -> Duration {
@@ -582,6 +626,8 @@ impl Guest {
             kicks: [0; 3],
             uds_path: uds_path.to_path_buf(),
             device_cpu: Duration::ZERO,
+            device_syscalls: 0,
+            syscalls: None,
             bad_rx_returned: Vec::new(),
         };
         if g.opts.bad_rx_buffers {
@@ -601,12 +647,26 @@ impl Guest {
         g
     }
 
-    /// Calls into the device, accounting its CPU time in [`Guest::device_cpu`].
+    /// Calls into the device, accounting its CPU time in [`Guest::device_cpu`] (and its
+    /// system calls in [`Guest::device_syscalls`] once counting).
     pub fn device<R>(&mut self, f: impl FnOnce(&mut Vsock) -> R) -> R {
         let t = thread_cpu();
+        let before = self.syscalls.as_ref().map(SyscallCounter::count);
         let r = f(&mut self.dev);
+        if let (Some(c), Some(before)) = (&self.syscalls, before) {
+            // The second read counts itself.
+            self.device_syscalls += c.count().saturating_sub(before + 1);
+        }
         self.device_cpu += thread_cpu().saturating_sub(t);
         r
+    }
+
+    /// Counts the device's system calls from now on, in [`Guest::device_syscalls`]
+    /// (this thread's, so drive the device from this thread); why not when the kernel
+    /// does not allow it.
+    pub fn count_syscalls(&mut self) -> Result<(), String> {
+        self.syscalls = Some(SyscallCounter::new()?);
+        Ok(())
     }
 
     /// Options in use.
