@@ -14,7 +14,7 @@
 //! `listenfd`, `libsystemd`) would each cover only half or pull in more than they save.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
@@ -80,8 +80,8 @@ pub fn listen_fds() -> Result<Vec<OwnedFd>, SystemdError> {
         // open (checked above), and the variables that name it were removed, so nothing
         // else in the process takes it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: F_SETFD with FD_CLOEXEC on an fd we own; no memory is passed.
-        unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        // Only matters if the daemon ever execs; an error changes nothing else.
+        let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
         fds.push(owned);
     }
     Ok(fds)
@@ -90,30 +90,11 @@ pub fn listen_fds() -> Result<Vec<OwnedFd>, SystemdError> {
 /// The path an AF_UNIX socket is bound to, if it has one (not abstract, not unnamed).
 pub fn bound_path(fd: BorrowedFd<'_>) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
-    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: `addr` is writable for `len` bytes, and `len` holds its size.
-    let rc = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            std::ptr::addr_of_mut!(addr).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
-        return None;
-    }
-    let offset = std::mem::size_of::<libc::sa_family_t>();
-    let len = (len as usize)
-        .saturating_sub(offset)
-        .min(addr.sun_path.len());
-    // c_char is i8 on x86_64 and u8 on aarch64.
-    #[allow(clippy::unnecessary_cast)]
-    let bytes: Vec<u8> = addr.sun_path[..len].iter().map(|&c| c as u8).collect();
-    let path = bytes.split(|&b| b == 0).next().unwrap_or(&[]);
-    // An empty or abstract (leading NUL) name has no path.
-    (!path.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(path)))
+    let addr = rustix::net::getsockname(fd).ok()?;
+    let unix = rustix::net::SocketAddrUnix::try_from(addr).ok()?;
+    // An unnamed or abstract socket has no path bytes; neither has an empty name.
+    let path = unix.path_bytes().filter(|p| !p.is_empty())?;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(path)))
 }
 
 /// Sends `sd_notify` states to the service manager, if there is one.
@@ -221,7 +202,14 @@ mod tests {
         use std::os::fd::AsFd;
         assert_eq!(bound_path(l.as_fd()), Some(path));
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(bound_path(a.as_fd()), None);
+        assert_eq!(bound_path(a.as_fd()), None, "unnamed");
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("outboard-bound-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let abs = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        assert_eq!(bound_path(abs.as_fd()), None, "abstract");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(bound_path(tcp.as_fd()), None, "not AF_UNIX");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
