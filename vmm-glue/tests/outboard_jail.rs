@@ -1091,3 +1091,61 @@ fn jailed_worker_forwards_over_af_vsock() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Context switches so far of every thread of `pid` and of all its descendants.
+fn tree_context_switches(pid: i32) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                total += status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+        todo.extend(children(p));
+    }
+    total
+}
+
+/// With `--jail` too, an idle daemon makes no wake-ups: not the supervisor, not the
+/// pid-namespace relay, not the worker.
+#[test]
+fn an_idle_jailed_daemon_never_wakes_up() {
+    if let Some(why) = jails_unavailable() {
+        eprintln!("SKIPPED an_idle_jailed_daemon_never_wakes_up: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("outboard-jail-idle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = dir.join("daemon.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(["vsock", "--jail", "--socket"])
+        .arg(dir.join("vhost.sock"))
+        .arg("--uds-path")
+        .arg(dir.join("vsock.sock"))
+        .env("RUST_LOG", "info")
+        .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(daemon.id()).unwrap();
+    wait_for_log(&log, "worker runs jailed");
+    assert!(
+        wait_for_path(&dir.join("vsock.sock")),
+        "the worker never listened"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tree_context_switches(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = tree_context_switches(pid) - before;
+    terminate(&mut daemon, &log);
+    assert_eq!(woke, 0, "{woke} wake-ups in 2 s while idle");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
