@@ -126,7 +126,9 @@ const DEBOOTSTRAP_STAMP: &str = ".outboard-debootstrap";
 /// The virtio device id the guest sees (QEMU 11.1's `vhost-user-test-device-pci` aborts
 /// on `VIRTIO_ID_MEDIA`, 48; 38 is unassigned in the virtio specification).
 const VIRTIO_ID: u32 = 38;
-/// Where the run's sockets, kernel command files and console log live, inside the root.
+/// Where the run's sockets, kernel command files and console log live, inside the root;
+/// the run's process id is appended, so that two runs sharing one root (a worktree whose
+/// cache links another's) never remove each other's sockets.
 const RUN_DIR: &str = "run/outboard";
 
 /// A camera mode under test: one daemon and one PCI device.
@@ -1034,7 +1036,8 @@ pub fn run() -> Result<bool> {
         .iter()
         .map(|(n, p)| (n.as_str(), p.as_path()))
         .collect();
-    let run_dir = root.dir.join(RUN_DIR);
+    let run_rel = format!("{RUN_DIR}-{}", std::process::id());
+    let run_dir = root.dir.join(&run_rel);
     remove_root(&run_dir)?;
     fs::create_dir_all(&run_dir).map_err(|e| format!("create {}: {e}", run_dir.display()))?;
     setup::build_initramfs_with(
@@ -1101,16 +1104,16 @@ pub fn run() -> Result<bool> {
     ]
     .map(String::from)
     .to_vec();
-    argv.push(format!("file:/{RUN_DIR}/console.log"));
+    argv.push(format!("file:/{run_rel}/console.log"));
     argv.push("-kernel".into());
     argv.push(format!("/boot/vmlinuz-{}", root.kver));
     argv.push("-initrd".into());
-    argv.push(format!("/{RUN_DIR}/initramfs.cpio.gz"));
+    argv.push(format!("/{run_rel}/initramfs.cpio.gz"));
     argv.push("-append".into());
     argv.push("console=ttyS0 panic=-1 quiet loglevel=3".into());
     for (i, m) in MODES.iter().enumerate() {
         argv.push("-chardev".into());
-        argv.push(format!("socket,id=c{i},path=/{RUN_DIR}/{}.sock", m.name));
+        argv.push(format!("socket,id=c{i},path=/{run_rel}/{}.sock", m.name));
         argv.push("-device".into());
         argv.push(format!(
             "vhost-user-test-device-pci,chardev=c{i},virtio-id={VIRTIO_ID},num_vqs=2,\
@@ -1282,6 +1285,8 @@ pub fn run() -> Result<bool> {
             println!("  {:<12}   {w}", "");
         }
     }
+    // The daemons have ended: nothing of this run is needed in the root any more.
+    let _ = remove_root(&run_dir);
     println!(
         "media-guest: {} in {:.0}s (root {:.0}s, driver, modules, builds and initramfs {:.0}s, guest {:.0}s)",
         if ok { "passed" } else { "FAILED" },
