@@ -9,9 +9,11 @@
 //! v4l-utils (v4l2-compliance 1.30 and v4l2-ctl) from trixie.
 //!
 //! 1. The driver (`../shared/guest-drivers/virtio-media/`, an unmodified third-party copy)
-//!    is copied into the root, its id table patched from `VIRTIO_ID_MEDIA` (48, on which
-//!    QEMU 11.1's generic device aborts) to [`VIRTIO_ID`], and built there against the
-//!    kernel headers; the module is cached by kernel version and source hash.
+//!    is copied into the root, the patches of `guest-patches/virtio-media/` applied (each
+//!    must apply exactly, or nothing is built; see [`guest_patch`]), its id table patched
+//!    from `VIRTIO_ID_MEDIA` (48, on which QEMU 11.1's generic device aborts) to
+//!    [`VIRTIO_ID`], and built there against the kernel headers; the module is cached by
+//!    kernel version and the hash of the sources and patches.
 //! 2. A busybox initramfs gets the driver, the kernel modules it needs (dependencies first,
 //!    from `modules.dep`), v4l2-compliance and v4l2-ctl with their libraries (resolved
 //!    by `ldd` inside the root) and the static `media-frame-check` (outboard-tests).
@@ -39,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::guest_patch;
 use crate::media_e2e::{self, parse_ldd, report, Report};
 use crate::packages;
 use crate::setup;
@@ -534,6 +537,45 @@ fn driver_files(src: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
+/// The driver patches carried in the tree (`guest-patches/virtio-media/*.patch`, see
+/// [`guest_patch`]), as (file name, contents), in the order they apply; an error if there
+/// are none. `OUTBOARD_MEDIA_GUEST_UNPATCHED=1` builds the driver as shipped instead, to
+/// show what the patches fix (the timestamp check fails then).
+fn driver_patches() -> Result<Vec<(String, Vec<u8>)>> {
+    if std::env::var_os("OUTBOARD_MEDIA_GUEST_UNPATCHED").is_some_and(|v| v == "1") {
+        println!(
+            "media-guest: OUTBOARD_MEDIA_GUEST_UNPATCHED=1: the driver is built WITHOUT the \
+             carried patches"
+        );
+        return Ok(Vec::new());
+    }
+    let dir = util::workspace_root().join("guest-patches/virtio-media");
+    let found = guest_patch::patch_files(&dir)?;
+    if found.is_empty() {
+        return Err(format!(
+            "no driver patches (*.patch) in {}: the driver is not built without them \
+             (OUTBOARD_MEDIA_GUEST_UNPATCHED=1 builds it as shipped)",
+            dir.display()
+        ));
+    }
+    found
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            fs::read(&p)
+                .map(|b| (name, b))
+                .map_err(|e| format!("read {}: {e}", p.display()))
+        })
+        .collect()
+}
+
+/// The folder of the upstream repository (github.com/chromeos/virtio-media) the patches'
+/// paths start with; `../shared/guest-drivers/virtio-media` is its contents.
+const PATCH_PREFIX: &str = "driver/";
+
 /// The driver's id-table entry, and what a test build makes of it.
 const ID_ENTRY: &str = "{ VIRTIO_ID_MEDIA, VIRTIO_DEV_ANY_ID }";
 
@@ -552,9 +594,10 @@ fn patch_id_table(source: &str, id: u32) -> Result<String> {
 /// unless the cache has it for this kernel and these sources; returns its path.
 fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
     let src = driver_source()?;
-    let files = driver_files(&src)?;
+    let mut files = driver_files(&src)?;
+    let patches = driver_patches()?;
     let mut h = fnv1a(FNV_BASIS, &VIRTIO_ID.to_le_bytes());
-    for (name, bytes) in &files {
+    for (name, bytes) in files.iter().chain(&patches) {
         h = fnv1a(h, name.as_bytes());
         h = fnv1a(h, &(bytes.len() as u64).to_le_bytes());
         h = fnv1a(h, bytes);
@@ -566,8 +609,13 @@ fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
     if ko.is_file() {
         return Ok(ko);
     }
-    let rel = "var/tmp/outboard-virtio-media";
-    let build = root.dir.join(rel);
+    // Every carried patch applies, or nothing is built.
+    for (name, bytes) in &patches {
+        let text = String::from_utf8_lossy(bytes);
+        guest_patch::apply_to(&mut files, name, &text, PATCH_PREFIX)?;
+    }
+    let rel = format!("var/tmp/outboard-virtio-media-{}", std::process::id());
+    let build = root.dir.join(&rel);
     let _ = fs::remove_dir_all(&build);
     fs::create_dir_all(&build).map_err(|e| format!("create {}: {e}", build.display()))?;
     for (name, bytes) in &files {
@@ -579,8 +627,15 @@ fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
         let dst = build.join(name);
         fs::write(&dst, bytes).map_err(|e| format!("write {}: {e}", dst.display()))?;
     }
+    let names: Vec<&str> = patches.iter().map(|(n, _)| n.as_str()).collect();
     println!(
-        "media-guest: building virtio-media.ko (id table patched to {VIRTIO_ID}) for {}",
+        "media-guest: building virtio-media.ko (id table patched to {VIRTIO_ID}; patches: {}) \
+         for {}",
+        if names.is_empty() {
+            "NONE".to_string()
+        } else {
+            names.join(", ")
+        },
         root.kver
     );
     let kdir = format!("/usr/src/linux-headers-{}", root.kver);
@@ -1443,6 +1498,44 @@ mod tests {
     fn fnv1a_is_the_reference_function() {
         assert_eq!(fnv1a(FNV_BASIS, b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(FNV_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn the_carried_patches_apply_to_the_driver() {
+        // The driver is third-party code beside the workspace; without it there is
+        // nothing to check (media-guest itself then fails to find it).
+        let Ok(src) = driver_source() else {
+            return;
+        };
+        let shipped = driver_files(&src).unwrap();
+        let mut files = shipped.clone();
+        let patches = driver_patches().unwrap();
+        for (name, bytes) in &patches {
+            guest_patch::apply_to(
+                &mut files,
+                name,
+                &String::from_utf8_lossy(bytes),
+                PATCH_PREFIX,
+            )
+            .unwrap();
+        }
+        let (_, c) = files
+            .iter()
+            .find(|(n, _)| n == "virtio_media_driver.c")
+            .unwrap();
+        let c = String::from_utf8_lossy(c).into_owned();
+        assert!(c.contains("v4l2_buffer_set_timestamp(&dqbuf->buffer, ktime_get_ns());"));
+        // Applying twice is refused, not a silent no-op.
+        for (name, bytes) in &patches {
+            assert!(guest_patch::apply_to(
+                &mut files,
+                name,
+                &String::from_utf8_lossy(bytes),
+                PATCH_PREFIX
+            )
+            .is_err());
+        }
+        assert!(patch_id_table(&c, VIRTIO_ID).is_ok());
     }
 
     #[test]
