@@ -39,6 +39,7 @@ mod device_cost;
 mod e2e;
 mod examples;
 mod fuzz;
+mod guest_patch;
 mod host;
 mod media_e2e;
 mod media_guest;

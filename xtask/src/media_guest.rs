@@ -9,9 +9,11 @@
 //! v4l-utils (v4l2-compliance 1.30 and v4l2-ctl) from trixie.
 //!
 //! 1. The driver (`../shared/guest-drivers/virtio-media/`, an unmodified third-party copy)
-//!    is copied into the root, its id table patched from `VIRTIO_ID_MEDIA` (48, on which
-//!    QEMU 11.1's generic device aborts) to [`VIRTIO_ID`], and built there against the
-//!    kernel headers; the module is cached by kernel version and source hash.
+//!    is copied into the root, the patches of `guest-patches/virtio-media/` applied (each
+//!    must apply exactly, or nothing is built; see [`guest_patch`]), its id table patched
+//!    from `VIRTIO_ID_MEDIA` (48, on which QEMU 11.1's generic device aborts) to
+//!    [`VIRTIO_ID`], and built there against the kernel headers; the module is cached by
+//!    kernel version and the hash of the sources and patches.
 //! 2. A busybox initramfs gets the driver, the kernel modules it needs (dependencies first,
 //!    from `modules.dep`), v4l2-compliance and v4l2-ctl with their libraries (resolved
 //!    by `ldd` inside the root) and the static `media-frame-check` (outboard-tests).
@@ -22,7 +24,10 @@
 //!    mode's video node through sysfs.
 //! 4. Per node the guest runs `v4l2-compliance -s10`, `v4l2-compliance -s10 -f`, and
 //!    MMAP and USERPTR captures with `v4l2-ctl` whose frames `media-frame-check` compares
-//!    byte for byte with the camera's pattern. Every output line goes to the serial console
+//!    byte for byte with the camera's pattern, and a `v4l2-ctl --stream-show-delta-now`
+//!    capture whose every buffer's timestamp must be within [`TS_LIMIT_MS`] of the guest's
+//!    `CLOCK_MONOTONIC` at DQBUF (the carried driver patch stamps capture buffers in the
+//!    guest's clock; the shipped driver passes the host's on). Every output line goes to the serial console
 //!    with a prefix naming the mode and the test; this side parses them into a summary.
 //!
 //! The modes are tested at once (four guest processes, two vCPUs);
@@ -30,7 +35,7 @@
 //! load brings out from one that does not need it.
 //!
 //! Pass: every v4l2-compliance run ends with `Failed: 0`, every captured frame is
-//! exact, and no daemon log reports a worker killed (seccomp, `SIGSYS`) or ended.
+//! exact, every timestamp is the guest's, and no daemon log reports a worker killed (seccomp, `SIGSYS`) or ended.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -39,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::guest_patch;
 use crate::media_e2e::{self, parse_ldd, report, Report};
 use crate::packages;
 use crate::setup;
@@ -126,7 +132,9 @@ const DEBOOTSTRAP_STAMP: &str = ".outboard-debootstrap";
 /// The virtio device id the guest sees (QEMU 11.1's `vhost-user-test-device-pci` aborts
 /// on `VIRTIO_ID_MEDIA`, 48; 38 is unassigned in the virtio specification).
 const VIRTIO_ID: u32 = 38;
-/// Where the run's sockets, kernel command files and console log live, inside the root.
+/// Where the run's sockets, kernel command files and console log live, inside the root;
+/// the run's process id is appended, so that two runs sharing one root (a worktree whose
+/// cache links another's) never remove each other's sockets.
 const RUN_DIR: &str = "run/outboard";
 
 /// A camera mode under test: one daemon and one PCI device.
@@ -185,6 +193,11 @@ const MODES: [Mode; 4] = [
 const CAPTURE_SIZE: (u32, u32) = (640, 480);
 /// Frames each capture writes.
 const CAPTURE_FRAMES: u32 = 8;
+/// Buffers the timestamp check dequeues.
+const TS_FRAMES: usize = 10;
+/// How far a buffer's timestamp may be from the guest's `CLOCK_MONOTONIC` when the buffer
+/// is dequeued (`v4l2-ctl --stream-show-delta-now`), in milliseconds.
+const TS_LIMIT_MS: f64 = 1000.0;
 /// How long the guest may take from boot to its end mark.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(540);
 
@@ -532,6 +545,45 @@ fn driver_files(src: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
+/// The driver patches carried in the tree (`guest-patches/virtio-media/*.patch`, see
+/// [`guest_patch`]), as (file name, contents), in the order they apply; an error if there
+/// are none. `OUTBOARD_MEDIA_GUEST_UNPATCHED=1` builds the driver as shipped instead, to
+/// show what the patches fix (the timestamp check fails then).
+fn driver_patches() -> Result<Vec<(String, Vec<u8>)>> {
+    if std::env::var_os("OUTBOARD_MEDIA_GUEST_UNPATCHED").is_some_and(|v| v == "1") {
+        println!(
+            "media-guest: OUTBOARD_MEDIA_GUEST_UNPATCHED=1: the driver is built WITHOUT the \
+             carried patches"
+        );
+        return Ok(Vec::new());
+    }
+    let dir = util::workspace_root().join("guest-patches/virtio-media");
+    let found = guest_patch::patch_files(&dir)?;
+    if found.is_empty() {
+        return Err(format!(
+            "no driver patches (*.patch) in {}: the driver is not built without them \
+             (OUTBOARD_MEDIA_GUEST_UNPATCHED=1 builds it as shipped)",
+            dir.display()
+        ));
+    }
+    found
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            fs::read(&p)
+                .map(|b| (name, b))
+                .map_err(|e| format!("read {}: {e}", p.display()))
+        })
+        .collect()
+}
+
+/// The folder of the upstream repository (github.com/chromeos/virtio-media) the patches'
+/// paths start with; `../shared/guest-drivers/virtio-media` is its contents.
+const PATCH_PREFIX: &str = "driver/";
+
 /// The driver's id-table entry, and what a test build makes of it.
 const ID_ENTRY: &str = "{ VIRTIO_ID_MEDIA, VIRTIO_DEV_ANY_ID }";
 
@@ -550,9 +602,10 @@ fn patch_id_table(source: &str, id: u32) -> Result<String> {
 /// unless the cache has it for this kernel and these sources; returns its path.
 fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
     let src = driver_source()?;
-    let files = driver_files(&src)?;
+    let mut files = driver_files(&src)?;
+    let patches = driver_patches()?;
     let mut h = fnv1a(FNV_BASIS, &VIRTIO_ID.to_le_bytes());
-    for (name, bytes) in &files {
+    for (name, bytes) in files.iter().chain(&patches) {
         h = fnv1a(h, name.as_bytes());
         h = fnv1a(h, &(bytes.len() as u64).to_le_bytes());
         h = fnv1a(h, bytes);
@@ -564,8 +617,13 @@ fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
     if ko.is_file() {
         return Ok(ko);
     }
-    let rel = "var/tmp/outboard-virtio-media";
-    let build = root.dir.join(rel);
+    // Every carried patch applies, or nothing is built.
+    for (name, bytes) in &patches {
+        let text = String::from_utf8_lossy(bytes);
+        guest_patch::apply_to(&mut files, name, &text, PATCH_PREFIX)?;
+    }
+    let rel = format!("var/tmp/outboard-virtio-media-{}", std::process::id());
+    let build = root.dir.join(&rel);
     let _ = fs::remove_dir_all(&build);
     fs::create_dir_all(&build).map_err(|e| format!("create {}: {e}", build.display()))?;
     for (name, bytes) in &files {
@@ -577,8 +635,15 @@ fn ensure_driver(cache: &Path, root: &Root) -> Result<PathBuf> {
         let dst = build.join(name);
         fs::write(&dst, bytes).map_err(|e| format!("write {}: {e}", dst.display()))?;
     }
+    let names: Vec<&str> = patches.iter().map(|(n, _)| n.as_str()).collect();
     println!(
-        "media-guest: building virtio-media.ko (id table patched to {VIRTIO_ID}) for {}",
+        "media-guest: building virtio-media.ko (id table patched to {VIRTIO_ID}; patches: {}) \
+         for {}",
+        if names.is_empty() {
+            "NONE".to_string()
+        } else {
+            names.join(", ")
+        },
         root.kver
     );
     let kdir = format!("/usr/src/linux-headers-{}", root.kver);
@@ -814,6 +879,7 @@ const INIT_BODY: &str = r#"echo "mg: guest up, $(uname -r)"
 W=@WIDTH@
 H=@HEIGHT@
 N=@FRAMES@
+TS_N=@TS_FRAMES@
 MODES="@MODES@"
 mark() { echo "mg: T $(cut -d' ' -f1 /proc/uptime) $1"; }
 node_of() {
@@ -847,6 +913,12 @@ run_mode() {
             | sed "s/^/mg $mode $io| /"
         rm -f $raw
     done
+    # Each buffer's timestamp against the guest's CLOCK_MONOTONIC when it is dequeued.
+    mark "$mode ts"
+    v4l2-ctl -d $dev --set-fmt-video=width=$W,height=$H,pixelformat=$fmt_mmap \
+        --stream-mmap --stream-count=$TS_N --verbose --stream-show-delta-now 2>&1 \
+        | sed "s/^/mg $mode ts| /"
+    echo "mg $mode ts| uptime $(cut -d' ' -f1 /proc/uptime)"
     mark "$mode done"
 }
 for spec in $MODES; do
@@ -878,6 +950,7 @@ fn init_script(modes: &[Mode], serial: bool) -> String {
         .replace("@WIDTH@", &CAPTURE_SIZE.0.to_string())
         .replace("@HEIGHT@", &CAPTURE_SIZE.1.to_string())
         .replace("@FRAMES@", &CAPTURE_FRAMES.to_string())
+        .replace("@TS_FRAMES@", &TS_FRAMES.to_string())
         .replace("@SERIAL@", if serial { "1" } else { "0" })
 }
 
@@ -958,6 +1031,116 @@ impl Frames {
     }
 }
 
+/// A dequeued buffer's timestamp, from a `v4l2-ctl --verbose --stream-show-delta-now`
+/// line: `cap dqbuf: 0 seq: 0 bytesused: 614400 ts: 31.882416 delta now: +4.105 ms
+/// (ts-monotonic, ts-src-eof)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Stamp {
+    /// `ts:`, seconds.
+    ts: f64,
+    /// `delta now:`, the guest's `CLOCK_MONOTONIC` at DQBUF minus `ts`, milliseconds.
+    delta_now_ms: f64,
+    /// The buffer's flags say `ts-monotonic`.
+    monotonic: bool,
+}
+
+fn stamp(line: &str) -> Option<Stamp> {
+    if !line.contains("dqbuf:") {
+        return None;
+    }
+    let value = |key: &str| -> Option<f64> {
+        let at = line.find(key)? + key.len();
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    Some(Stamp {
+        ts: value(" ts: ")?,
+        delta_now_ms: value(" delta now: ")?,
+        monotonic: line.contains("ts-monotonic"),
+    })
+}
+
+/// The timestamp check of one mode, from the console lines with its prefix.
+#[derive(Debug, Default)]
+struct Stamps {
+    stamps: Vec<Stamp>,
+    /// Lines that name a dequeued buffer but do not parse.
+    unparsed: Vec<String>,
+}
+
+fn stamps(console: &str, prefix: &str) -> Stamps {
+    let mut s = Stamps::default();
+    for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
+        match stamp(line) {
+            Some(st) => s.stamps.push(st),
+            None if line.contains("dqbuf:") => s.unparsed.push(line.trim().to_string()),
+            None => {}
+        }
+    }
+    s
+}
+
+impl Stamps {
+    /// The largest distance from the guest's clock, milliseconds.
+    fn worst_ms(&self) -> f64 {
+        self.stamps
+            .iter()
+            .map(|s| s.delta_now_ms.abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// What is wrong, if anything: too few buffers, one not `ts-monotonic`, one more than
+    /// [`TS_LIMIT_MS`] from the guest's clock, or time running backwards.
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.stamps.len() != TS_FRAMES {
+            p.push(format!(
+                "{} buffers with a timestamp, expected {TS_FRAMES}",
+                self.stamps.len()
+            ));
+        }
+        p.extend(self.unparsed.iter().map(|l| format!("unparsed: {l}")));
+        for (i, s) in self.stamps.iter().enumerate() {
+            if !s.monotonic {
+                p.push(format!("buffer {i}: not flagged ts-monotonic"));
+            }
+            if s.delta_now_ms.abs() >= TS_LIMIT_MS {
+                p.push(format!(
+                    "buffer {i}: ts {:.6} s minus the guest's CLOCK_MONOTONIC at DQBUF is \
+                     {:+.3} s (limit {:.0} ms)",
+                    s.ts,
+                    -s.delta_now_ms / 1000.0,
+                    TS_LIMIT_MS
+                ));
+            }
+        }
+        for (i, w) in self.stamps.windows(2).enumerate() {
+            if w[1].ts < w[0].ts {
+                p.push(format!(
+                    "buffer {}: ts {:.6} s is before buffer {i}'s {:.6} s",
+                    i + 1,
+                    w[1].ts,
+                    w[0].ts
+                ));
+            }
+        }
+        p
+    }
+
+    fn summary(&self) -> String {
+        match self.stamps.first() {
+            Some(first) => format!(
+                "{} buffers, first ts {:.3} s, the guest's CLOCK_MONOTONIC at DQBUF minus \
+                 ts {:+.1} ms, worst |{:.1}| ms",
+                self.stamps.len(),
+                first.ts,
+                first.delta_now_ms,
+                self.worst_ms()
+            ),
+            None => "no buffers".into(),
+        }
+    }
+}
+
 /// Lines of a daemon log that report a worker killed or ended: a seccomp kill
 /// (`SIGSYS`, signal 31) or the daemon's worker-exit report (`worker pid N <how>`).
 fn worker_trouble(log: &str) -> Vec<String> {
@@ -1034,7 +1217,8 @@ pub fn run() -> Result<bool> {
         .iter()
         .map(|(n, p)| (n.as_str(), p.as_path()))
         .collect();
-    let run_dir = root.dir.join(RUN_DIR);
+    let run_rel = format!("{RUN_DIR}-{}", std::process::id());
+    let run_dir = root.dir.join(&run_rel);
     remove_root(&run_dir)?;
     fs::create_dir_all(&run_dir).map_err(|e| format!("create {}: {e}", run_dir.display()))?;
     setup::build_initramfs_with(
@@ -1101,16 +1285,16 @@ pub fn run() -> Result<bool> {
     ]
     .map(String::from)
     .to_vec();
-    argv.push(format!("file:/{RUN_DIR}/console.log"));
+    argv.push(format!("file:/{run_rel}/console.log"));
     argv.push("-kernel".into());
     argv.push(format!("/boot/vmlinuz-{}", root.kver));
     argv.push("-initrd".into());
-    argv.push(format!("/{RUN_DIR}/initramfs.cpio.gz"));
+    argv.push(format!("/{run_rel}/initramfs.cpio.gz"));
     argv.push("-append".into());
     argv.push("console=ttyS0 panic=-1 quiet loglevel=3".into());
     for (i, m) in MODES.iter().enumerate() {
         argv.push("-chardev".into());
-        argv.push(format!("socket,id=c{i},path=/{RUN_DIR}/{}.sock", m.name));
+        argv.push(format!("socket,id=c{i},path=/{run_rel}/{}.sock", m.name));
         argv.push("-device".into());
         argv.push(format!(
             "vhost-user-test-device-pci,chardev=c{i},virtio-id={VIRTIO_ID},num_vqs=2,\
@@ -1248,6 +1432,29 @@ pub fn run() -> Result<bool> {
                 }
             }
         }
+        let prefix = format!("mg {} ts| ", m.name);
+        let st = stamps(&log, &prefix);
+        let problems = st.problems();
+        ok &= problems.is_empty();
+        println!(
+            "  {:<12} timestamps       {:>5}  {}  {}",
+            m.name,
+            secs(format!("{} ts", m.name)),
+            st.summary(),
+            if problems.is_empty() { "ok" } else { "FAIL" }
+        );
+        for p in problems.iter().take(4) {
+            println!("  {:<12}   {p}", "");
+        }
+        if st.stamps.is_empty() {
+            for l in log
+                .lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .take(20)
+            {
+                println!("  {:<12}   v4l2-ctl: {}", "", l.trim());
+            }
+        }
     }
     for (m, proc, log, _) in &mut daemons {
         let alive = proc.running();
@@ -1282,6 +1489,8 @@ pub fn run() -> Result<bool> {
             println!("  {:<12}   {w}", "");
         }
     }
+    // The daemons have ended: nothing of this run is needed in the root any more.
+    let _ = remove_root(&run_dir);
     println!(
         "media-guest: {} in {:.0}s (root {:.0}s, driver, modules, builds and initramfs {:.0}s, guest {:.0}s)",
         if ok { "passed" } else { "FAILED" },
@@ -1306,6 +1515,44 @@ mod tests {
         // A driver whose table changed must not build silently unpatched.
         assert!(patch_id_table("{ 48, VIRTIO_DEV_ANY_ID }", 38).is_err());
         assert!(patch_id_table(&src.repeat(2), 38).is_err());
+    }
+
+    #[test]
+    fn the_carried_patches_apply_to_the_driver() {
+        // The driver is third-party code beside the workspace; without it there is
+        // nothing to check (media-guest itself then fails to find it).
+        let Ok(src) = driver_source() else {
+            return;
+        };
+        let shipped = driver_files(&src).unwrap();
+        let mut files = shipped.clone();
+        let patches = driver_patches().unwrap();
+        for (name, bytes) in &patches {
+            guest_patch::apply_to(
+                &mut files,
+                name,
+                &String::from_utf8_lossy(bytes),
+                PATCH_PREFIX,
+            )
+            .unwrap();
+        }
+        let (_, c) = files
+            .iter()
+            .find(|(n, _)| n == "virtio_media_driver.c")
+            .unwrap();
+        let c = String::from_utf8_lossy(c).into_owned();
+        assert!(c.contains("v4l2_buffer_set_timestamp(&dqbuf->buffer, ktime_get_ns());"));
+        // Applying twice is refused, not a silent no-op.
+        for (name, bytes) in &patches {
+            assert!(guest_patch::apply_to(
+                &mut files,
+                name,
+                &String::from_utf8_lossy(bytes),
+                PATCH_PREFIX
+            )
+            .is_err());
+        }
+        assert!(patch_id_table(&c, VIRTIO_ID).is_ok());
     }
 
     #[test]
@@ -1387,6 +1634,47 @@ mod tests {
     }
 
     #[test]
+    fn buffer_timestamps_are_checked_against_the_guests_clock() {
+        let line = |i: usize, ts: f64, now: f64| {
+            format!(
+                "mg sp ts| cap dqbuf: {i} seq: {i:6} bytesused: 614400 ts: {ts:.6} delta: 33.3 ms \
+                 delta now: {now:+.3} ms fps: 30.00 (ts-monotonic, ts-src-eof)\n"
+            )
+        };
+        let good: String = (0..TS_FRAMES)
+            .map(|i| line(i, 31.5 + i as f64 / 30.0, 4.0 + i as f64))
+            .collect();
+        let st = stamps(&good, "mg sp ts| ");
+        assert_eq!(st.stamps.len(), TS_FRAMES);
+        assert_eq!(st.stamps[0].ts, 31.5);
+        assert_eq!(st.stamps[0].delta_now_ms, 4.0);
+        assert!(st.problems().is_empty(), "{:?}", st.problems());
+        assert_eq!(st.worst_ms(), 13.0);
+        // Host time in a guest up for 31 s: 22786 s, 22754 s from the guest's clock.
+        let host: String = (0..TS_FRAMES)
+            .map(|i| line(i, 22786.25 + i as f64 / 30.0, -22_754_750.0))
+            .collect();
+        let p = stamps(&host, "mg sp ts| ").problems();
+        assert_eq!(p.len(), TS_FRAMES, "{p:?}");
+        assert!(
+            p[0].contains("22786.250000") && p[0].contains("+22754.750 s"),
+            "{}",
+            p[0]
+        );
+        // Too few buffers, a buffer not monotonic, time running backwards.
+        let short = line(0, 2.0, 1.0) + &line(1, 1.0, 1.0).replace("ts-monotonic", "ts-copy");
+        let p = stamps(&short, "mg sp ts| ").problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(stamps("", "mg sp ts| ").problems()[0].starts_with("0 buffers"));
+        // A buffer line without `delta now` is a problem, not a silent skip.
+        let odd = "mg sp ts| cap dqbuf: 0 seq: 0 bytesused: 1 ts: 1.0 (ts-monotonic)\n";
+        assert!(stamps(odd, "mg sp ts| ")
+            .problems()
+            .iter()
+            .any(|p| p.starts_with("unparsed")));
+    }
+
+    #[test]
     fn worker_deaths_are_found_in_a_daemon_log() {
         let clean = "[.. INFO  outboard::jailed] media camera: worker runs jailed, pid 22361\n\
             [.. INFO  outboard_vmm_glue::vhost_user::daemon] media camera: front-end connected\n";
@@ -1417,7 +1705,8 @@ mod tests {
     fn the_init_script_names_every_mode_and_its_slot() {
         let init = init_script(&MODES, false);
         assert!(init.contains("MODES=\"sp:10:YUYV:RGB3 mplane:11:NM12:YM12 "));
-        assert!(init.contains("W=640\nH=480\nN=8\n"));
+        assert!(init.contains("W=640\nH=480\nN=8\nTS_N=10\n"));
+        assert!(init.contains("--stream-show-delta-now"));
         assert!(init.contains("if [ 0 = 1 ]"));
         assert!(!init.contains('@'));
         assert!(init_script(&MODES, true).contains("if [ 1 = 1 ]"));
