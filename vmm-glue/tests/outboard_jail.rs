@@ -252,6 +252,17 @@ fn ns(pid: impl std::fmt::Display, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
 
+/// A fresh directory `<tmp>/<prefix><pid>` with permission bits `mode` (0o777 lets a
+/// jailed worker, uid 65534 outside its namespace when the test runs as root, create
+/// its sockets there).
+fn scratch_dir(prefix: &str, mode: u32) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    dir
+}
+
 fn wait_for_log(log: &Path, needle: &str) -> String {
     let deadline = Instant::now() + T;
     loop {
@@ -312,12 +323,9 @@ fn session(socket: &Path, uds: &Path) {
 
 #[test]
 fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
-    let dir = std::env::temp_dir().join(format!("outboard-jail-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     // As root the worker is uid 65534 outside its namespace: let it create the host
     // socket here.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = scratch_dir("outboard-jail-", 0o777);
     let socket = dir.join("vhost.sock");
     let uds = dir.join("vsock.sock");
     let log = dir.join("daemon.log");
@@ -501,10 +509,7 @@ fn jailed_workers_of_one_group_reach_each_other_across_a_restart() {
         eprintln!("skipped: jails cannot be made here: {why}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("outboard-jail-group-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = scratch_dir("outboard-jail-group-", 0o777);
     let vm = |cid: u64| {
         format!(
             "guest-cid={cid},socket={},uds-path={},groups=g",
@@ -640,10 +645,7 @@ fn jailed_worker_counters_reach_the_metrics_file_across_a_restart() {
         eprintln!("skipped: jails cannot be made here: {why}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("outboard-jail-metrics-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = scratch_dir("outboard-jail-metrics-", 0o777);
     let socket = dir.join("vhost.sock");
     let uds = dir.join("vsock.sock");
     let log = dir.join("daemon.log");
@@ -742,10 +744,7 @@ fn jailed_worker_counters_reach_the_metrics_file_across_a_restart() {
 /// worker that dies and is restarted forever.
 #[test]
 fn a_uds_dir_the_worker_cannot_write_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("outboard-jail-ro-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let dir = scratch_dir("outboard-jail-ro-", 0o555);
     let sockets = std::env::temp_dir().join(format!("outboard-jail-ro-s-{}", std::process::id()));
     std::fs::create_dir_all(&sockets).unwrap();
     let start = Instant::now();
@@ -809,9 +808,7 @@ fn jail_flags_are_checked() {
 
 #[test]
 fn jailed_media_worker_answers_and_dies_with_the_daemon() {
-    let dir = std::env::temp_dir().join(format!("outboard-jail-media-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("outboard-jail-media-", 0o755);
     let socket = dir.join("media.sock");
     let log = dir.join("daemon.log");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
@@ -874,9 +871,7 @@ fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
     use outboard_devices::media::v4l2::PIX_FMT_YUYV;
     use outboard_tests::media::vhost::VhostMediaDriver;
 
-    let dir = std::env::temp_dir().join(format!("outboard-jail-cam-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("outboard-jail-cam-", 0o755);
     let socket = dir.join("media.sock");
     let log = dir.join("daemon.log");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
@@ -990,9 +985,7 @@ fn jailed_worker_forwards_over_af_vsock() {
         eprintln!("SKIPPED jailed_worker_forwards_over_af_vsock: {why}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("outboard-jail-fwd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("outboard-jail-fwd-", 0o755);
     let socket = dir.join("vhost.sock");
     let log = dir.join("daemon.log");
     let listen_port = 0x4e00_0000 + std::process::id() % 0x10000;
@@ -1120,10 +1113,7 @@ fn an_idle_jailed_daemon_never_wakes_up() {
         eprintln!("SKIPPED an_idle_jailed_daemon_never_wakes_up: {why}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("outboard-jail-idle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = scratch_dir("outboard-jail-idle-", 0o777);
     let log = dir.join("daemon.log");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
         .args(["vsock", "--jail", "--socket"])
