@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use outboard_devices::bus::{BusAccessInfo, BusDevice};
 use outboard_devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
+use outboard_protocol::virtio::mmio as reg;
 use outboard_protocol::vsock::{VsockHeader, VsockOp, VsockType, VIRTIO_ID_VSOCK, VMADDR_CID_HOST};
 use outboard_vmm_glue::mmio::{status, MmioTransport, INT_VRING};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -47,27 +48,6 @@ const RX_BUF_LEN: u32 = 4096;
 const TX_BUFS: u64 = 0x2_0000;
 /// `VIRTQ_DESC_F_WRITE`: the device writes this buffer.
 const DESC_WRITE: u16 = 2;
-
-/// virtio-mmio register offsets (virtio 1.x, 4.2.2).
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const CONFIG: u64 = 0x100;
-}
 
 /// The guest's side: the device's registers and the driver's ring state.
 struct Driver {
@@ -227,7 +207,7 @@ fn run(dir: &std::path::Path) -> Result<()> {
     };
 
     // The guest driver probes the device and brings it up.
-    let magic = g.rd(reg::MAGIC);
+    let magic = g.rd(reg::MAGIC_VALUE);
     let device_id = g.rd(reg::DEVICE_ID);
     let mut cid = [0u8; 8];
     g.read(reg::CONFIG, &mut cid);
