@@ -159,10 +159,19 @@ impl VsockForward {
     /// daemon that creates the device in another process (a jailed worker) and wants a
     /// port it cannot have to be a configuration error before that process exists.
     pub fn check_listen_ports(&self) -> Result<(), VsockError> {
-        for &port in &self.listen_ports {
-            sys::vsock_listen(port).map_err(|source| VsockError::ForwardListen { port, source })?;
-        }
-        Ok(())
+        self.listen().map(drop)
+    }
+
+    /// A listener on each listen port, in order, with its port.
+    pub(crate) fn listen(&self) -> Result<Vec<(std::os::fd::OwnedFd, u32)>, VsockError> {
+        self.listen_ports
+            .iter()
+            .map(|&port| {
+                sys::vsock_listen(port)
+                    .map(|fd| (fd, port))
+                    .map_err(|source| VsockError::ForwardListen { port, source })
+            })
+            .collect()
     }
 }
 

@@ -145,12 +145,9 @@ impl Muxer {
                 }
             }
             VsockBackend::Vsock(fwd) => {
-                let mut listeners = Vec::with_capacity(fwd.listen_ports.len());
-                for (i, &port) in fwd.listen_ports.iter().enumerate() {
-                    let fd = sys::vsock_listen(port)
-                        .map_err(|source| VsockError::ForwardListen { port, source })?;
+                let listeners = fwd.listen()?;
+                for (i, (fd, _)) in listeners.iter().enumerate() {
                     add(fd.as_fd(), TOKEN_FORWARD_LISTENER | i as u64)?;
-                    listeners.push((fd, port));
                 }
                 HostSide::Vsock {
                     cid: fwd.cid,
