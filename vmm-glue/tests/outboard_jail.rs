@@ -955,23 +955,39 @@ fn wait_for_path(path: &Path) -> bool {
 
 /// Whether this host has AF_VSOCK with a transport to bind with; why not otherwise.
 fn af_vsock_unavailable() -> Option<String> {
-    // SAFETY: plain socket(2); the fd is closed below.
+    vsock_bind(libc::VMADDR_PORT_ANY)
+        .err()
+        .map(|e| format!("AF_VSOCK cannot bind here ({e})"))
+}
+
+/// An AF_VSOCK stream socket bound to `port` on every local CID.
+fn vsock_bind(port: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Some(format!("no AF_VSOCK ({})", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: `fd` is a new socket nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain old data; all-zeroes is valid.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_cid = libc::VMADDR_CID_ANY;
-    addr.svm_port = libc::VMADDR_PORT_ANY;
+    addr.svm_port = port;
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes; `fd` is ours.
-    let bound = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(fd) };
-    (bound < 0).then(|| format!("AF_VSOCK cannot bind here ({err})"))
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            len,
+        )
+    };
+    if bound < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// `--forward-cid` with `--jail`: the jailed worker binds its AF_VSOCK forward port
@@ -1014,23 +1030,11 @@ fn jailed_worker_forwards_over_af_vsock() {
         "{text}"
     );
     // The worker bound the forward port.
-    // SAFETY: as in af_vsock_unavailable.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0);
-    // SAFETY: as in af_vsock_unavailable.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
-    addr.svm_port = listen_port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes; `fd` is ours.
-    let bound = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(fd) };
     assert_eq!(
-        (bound, err.raw_os_error()),
-        (-1, Some(libc::EADDRINUSE)),
+        vsock_bind(listen_port)
+            .map(drop)
+            .map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EADDRINUSE)),
         "the jailed worker did not bind port {listen_port}"
     );
 
@@ -1056,12 +1060,7 @@ fn jailed_worker_forwards_over_af_vsock() {
 
     // A forward port the worker could not bind is a configuration error found before
     // any worker is forked, not a worker that dies at every start.
-    // SAFETY: as in af_vsock_unavailable.
-    let taken = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(taken >= 0);
-    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes; `taken` is ours.
-    let bound = unsafe { libc::bind(taken, (&addr as *const libc::sockaddr_vm).cast(), len) };
-    assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+    let taken = vsock_bind(listen_port).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_outboard"))
         .args(["vsock", "--jail", "--socket"])
         .arg(&socket)
@@ -1070,8 +1069,7 @@ fn jailed_worker_forwards_over_af_vsock() {
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(taken) };
+    drop(taken);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
