@@ -27,8 +27,13 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion as _, GuestRegionMmap, MmapRegion,
 };
 
-/// Most regions the daemon accepts (advertised with `GET_MAX_MEM_SLOTS`).
-pub const MAX_MEM_SLOTS: usize = 64;
+/// Most regions the daemon accepts (advertised with `GET_MAX_MEM_SLOTS`): QEMU's own
+/// ceiling for a vhost-user device (`VHOST_USER_MAX_RAM_SLOTS`, 512 where the target has
+/// no lower one). Guest RAM takes a handful, but QEMU also puts every `SHMEM_MAP`
+/// mapping of every vhost-user device of the VM in every device's table, and does not
+/// hold back an `ADD_MEM_REG` beyond the advertised count: four virtio-media devices with
+/// GStreamer streaming on each went past 64 (`cargo xtask media-guest`).
+pub const MAX_MEM_SLOTS: usize = 512;
 
 /// Largest single region accepted (1 TiB).
 pub const MAX_REGION_SIZE: u64 = 1 << 40;
