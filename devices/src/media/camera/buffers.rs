@@ -171,8 +171,14 @@ pub(super) fn add_buffers<M>(
     }
     if count < asked {
         MediaMetrics::inc(&metrics.err_buffer_limit);
+        // V4L2 lets a driver lower the count (GStreamer's v4l2src asks for 256 and takes
+        // what it gets): a clamp is routine, only a refusal is worth a warning.
         outboard_protocol::log_limited!(
-            log::Level::Warn,
+            if count == 0 {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            },
             "camera: session {}: {asked} buffers of {per_buffer} bytes asked for, {count} \
              within the caps ({have} held)",
             s.id
