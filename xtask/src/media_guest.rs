@@ -45,6 +45,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::guest_patch;
+use crate::media_clients;
 use crate::media_e2e::{self, parse_ldd, report, Report};
 use crate::packages;
 use crate::setup;
@@ -122,6 +123,30 @@ const ROOT_PACKAGES: &[RootPackage] = &[
         backports: false,
         min_version: None,
         why: "modinfo and depmod for the kernel's modules",
+    },
+    RootPackage {
+        name: "gstreamer1.0-tools",
+        backports: false,
+        min_version: Some("1.26"),
+        why: "gst-launch-1.0 in the guest (media_clients)",
+    },
+    RootPackage {
+        name: "gstreamer1.0-plugins-base",
+        backports: false,
+        min_version: Some("1.26"),
+        why: "videoconvert and the raw video caps",
+    },
+    RootPackage {
+        name: "gstreamer1.0-plugins-good",
+        backports: false,
+        min_version: Some("1.26"),
+        why: "v4l2src",
+    },
+    RootPackage {
+        name: "ffmpeg",
+        backports: false,
+        min_version: Some("7:7.1"),
+        why: "ffmpeg's v4l2 input in the guest (media_clients)",
     },
 ];
 
@@ -741,6 +766,8 @@ fn guest_modules(root: &Root, driver: &Path, out: &Path) -> Result<Vec<(String, 
     let ko = fs::read(driver).map_err(|e| format!("read {}: {e}", driver.display()))?;
     // The virtio PCI transport too, in case a kernel has it as a module.
     let mut wanted = vec!["virtio_pci".to_string()];
+    // The root over virtio-9p, for the capture applications (media_clients).
+    wanted.extend(["9p".to_string(), "9pnet_virtio".to_string()]);
     wanted.extend(ko_depends(&ko));
     let mut modules = root_modules(&root.dir, &root.kver, &wanted, out)?;
     modules.push(("virtio_media".to_string(), driver.to_owned()));
@@ -833,8 +860,8 @@ fn root_binary_files(root: &Path, bin: &str) -> Result<Vec<(String, PathBuf)>> {
         .collect())
 }
 
-/// Builds `media-frame-check` statically (its own `--target` dir, so the flags leave
-/// the workspace's debug build alone); returns its path.
+/// Builds `media-frame-check` statically and optimised (its own `--target` dir, so the
+/// flags leave the workspace's debug build alone); returns its path.
 fn build_frame_check() -> Result<PathBuf> {
     let triple = "x86_64-unknown-linux-gnu";
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -845,12 +872,14 @@ fn build_frame_check() -> Result<PathBuf> {
         "--bin",
         "media-frame-check",
     ])
-    .args(["--target", triple])
+    // Release: the guest (TCG) checks every frame of the capture applications at
+    // 1280x720, which the debug build needs about 2 s a frame for.
+    .args(["--target", triple, "--release"])
     .env("RUSTFLAGS", "-C target-feature=+crt-static");
     util::run(&mut cmd, Duration::from_secs(1800))?;
     let bin = crate::target_dir()
         .join(triple)
-        .join("debug")
+        .join("release")
         .join("media-frame-check");
     if bin.exists() {
         Ok(bin)
@@ -867,7 +896,7 @@ fn init() -> String {
         &setup::Prelude {
             tag: "mg",
             before: "",
-            tmp: Some("size=128m"),
+            tmp: Some("size=512m"),
             params: &[("virtio_media.ko", "allow_userptr=1")],
         },
         INIT_BODY,
@@ -876,12 +905,16 @@ fn init() -> String {
 
 /// What [`init`] runs after the prelude.
 const INIT_BODY: &str = r#"echo "mg: guest up, $(uname -r)"
+mark() { echo "mg: T $(cut -d' ' -f1 /proc/uptime) $1"; }
+ONLY="@ONLY@"
+want() { case " $ONLY " in *" all "*|*" $1 "*) return 0 ;; esac; return 1; }
+@CLIENT_SETUP@
+@CLIENTS@
 W=@WIDTH@
 H=@HEIGHT@
 N=@FRAMES@
 TS_N=@TS_FRAMES@
 MODES="@MODES@"
-mark() { echo "mg: T $(cut -d' ' -f1 /proc/uptime) $1"; }
 node_of() {
     for d in /sys/bus/pci/devices/0000:00:$1.0/virtio*/video4linux/video*; do
         [ -e "$d" ] && basename "$d" && return
@@ -898,11 +931,13 @@ run_mode() {
     echo "mg: node $mode ${node:-none}"
     [ -n "$node" ] || return
     dev=/dev/$node
+    if want compliance; then
     mark "$mode s10"
     v4l2-compliance -d $dev -s10 2>&1 | sed "s/^/mg $mode s10| /"
     mark "$mode s10f"
     v4l2-compliance -d $dev -s10 -f 2>&1 | sed "s/^/mg $mode s10f| /"
-    for io in mmap user; do
+    fi
+    want v4l2-ctl && for io in mmap user; do
         fmt=$fmt_mmap
         [ $io = user ] && fmt=$fmt_user
         mark "$mode $io"
@@ -913,6 +948,8 @@ run_mode() {
             | sed "s/^/mg $mode $io| /"
         rm -f $raw
     done
+    want clients && run_clients $mode $dev
+    want v4l2-ctl || { mark "$mode done"; return; }
     # Each buffer's timestamp against the guest's CLOCK_MONOTONIC when it is dequeued.
     mark "$mode ts"
     v4l2-ctl -d $dev --set-fmt-video=width=$W,height=$H,pixelformat=$fmt_mmap \
@@ -934,8 +971,32 @@ echo "mg: END"
 poweroff -f
 "#;
 
-/// The guest's /init for `modes`, tested all at once, or one after another if `serial`.
-fn init_script(modes: &[Mode], serial: bool) -> String {
+/// The groups of tests a run can be limited to (`OUTBOARD_MEDIA_GUEST_ONLY`):
+/// v4l2-compliance, the v4l2-ctl captures and timestamps, the capture applications.
+const GROUPS: [&str; 3] = ["compliance", "v4l2-ctl", "clients"];
+
+/// The groups `OUTBOARD_MEDIA_GUEST_ONLY` names (words split by spaces or commas), or
+/// every group.
+fn only_groups(var: Option<&str>) -> Result<Vec<&'static str>> {
+    let Some(var) = var.filter(|v| !v.trim().is_empty()) else {
+        return Ok(GROUPS.to_vec());
+    };
+    var.split([' ', ','])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            GROUPS
+                .iter()
+                .find(|g| **g == w)
+                .copied()
+                .ok_or_else(|| format!("OUTBOARD_MEDIA_GUEST_ONLY: {w:?} is not one of {GROUPS:?}"))
+        })
+        .collect()
+}
+
+/// The guest's /init for `modes`, tested all at once, or one after another if `serial`,
+/// with the test groups `only`.
+fn init_script(modes: &[Mode], serial: bool, only: &[&str]) -> String {
+    let client_modes: Vec<(&str, bool)> = modes.iter().map(|m| (m.name, m.mplane)).collect();
     let list: Vec<String> = modes
         .iter()
         .map(|m| {
@@ -952,6 +1013,12 @@ fn init_script(modes: &[Mode], serial: bool) -> String {
         .replace("@FRAMES@", &CAPTURE_FRAMES.to_string())
         .replace("@TS_FRAMES@", &TS_FRAMES.to_string())
         .replace("@SERIAL@", if serial { "1" } else { "0" })
+        .replace("@ONLY@", &only.join(" "))
+        .replace(
+            "@CLIENT_SETUP@",
+            &format!("if want clients; then\n{}fi", media_clients::GUEST_SETUP),
+        )
+        .replace("@CLIENTS@", &media_clients::guest_function(&client_modes))
 }
 
 /// The counts of a `Total for ...: T, Succeeded: S, Failed: F, Warnings: W` line.
@@ -987,16 +1054,17 @@ fn totals(line: &str) -> Option<Totals> {
 
 /// A frame check's result, from the console lines with its prefix.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Frames {
+pub(crate) struct Frames {
     /// `frames=` of the RESULT line (`None`: no RESULT line).
-    frames: Option<u64>,
+    pub(crate) frames: Option<u64>,
     /// `exact=` of the RESULT line.
-    exact: u64,
+    pub(crate) exact: u64,
     /// The FAIL lines.
-    fails: Vec<String>,
+    pub(crate) fails: Vec<String>,
 }
 
-fn frames(console: &str, prefix: &str) -> Frames {
+/// The `media-frame-check` result among the console lines with `prefix`.
+pub(crate) fn frames(console: &str, prefix: &str) -> Frames {
     let mut f = Frames::default();
     for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
         let line = line.trim();
@@ -1023,7 +1091,7 @@ impl Frames {
             && self.fails.is_empty()
     }
 
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         match self.frames {
             Some(n) => format!("{}/{n} exact", self.exact),
             None => "no result".into(),
@@ -1141,6 +1209,68 @@ impl Stamps {
     }
 }
 
+/// Prints the capture applications' runs of mode `m` (if the `clients` group ran);
+/// returns whether every run passed.
+fn client_summary(log: &str, m: &Mode, secs: &dyn Fn(String) -> String, only: &[&str]) -> bool {
+    if !only.contains(&"clients") {
+        return true;
+    }
+    let mut ok = true;
+    for run in media_clients::runs(m.mplane) {
+        let prefix = format!("mg {} {}| ", m.name, run.label);
+        let o = media_clients::outcome(log, &prefix);
+        let problems = o.problems(&run);
+        ok &= problems.is_empty();
+        let result = match run.expect {
+            media_clients::Expect::Frames(_) => format!("frames {}", o.frames.summary()),
+            media_clients::Expect::Rate => "sustained".to_string(),
+            media_clients::Expect::Refused => format!(
+                "refused, exit {:?}: {}",
+                o.exit,
+                log.lines()
+                    .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                    .find(|l| l.starts_with('['))
+                    .unwrap_or("no message")
+                    .trim()
+            ),
+        };
+        let fps = o
+            .fps(&run)
+            .map_or(String::new(), |f| format!("  {f:.1} fps"));
+        let clock = o.ffmpeg_clock().map_or(String::new(), |(started, lag)| {
+            format!(
+                "  pts: first {started:+.2} s after the start, last ends {lag:.2} s before the end"
+            )
+        });
+        let lost = if o.lost > 0 {
+            format!("  ({} frame(s) skipped: no buffer queued in time)", o.lost)
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:<12} {:<28} {:>5}  {result}{fps}{lost}{clock}  {}",
+            m.name,
+            run.what,
+            secs(format!("{} {}", m.name, run.label)),
+            if problems.is_empty() { "ok" } else { "FAIL" }
+        );
+        for p in &problems {
+            println!("  {:<12}   {p}", "");
+        }
+        if !problems.is_empty() {
+            for l in log
+                .lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .filter(|l| !l.trim().is_empty())
+                .take(15)
+            {
+                println!("  {:<12}   | {}", "", l.trim());
+            }
+        }
+    }
+    ok
+}
+
 /// Lines of a daemon log that report a worker killed or ended: a seccomp kill
 /// (`SIGSYS`, signal 31) or the daemon's worker-exit report (`worker pid N <how>`).
 fn worker_trouble(log: &str) -> Vec<String> {
@@ -1188,6 +1318,7 @@ pub fn trixie_root() -> Result<PathBuf> {
 pub fn run() -> Result<bool> {
     let started = Instant::now();
     let serial = std::env::var_os("OUTBOARD_MEDIA_GUEST_SERIAL").is_some_and(|v| v == "1");
+    let only = only_groups(std::env::var("OUTBOARD_MEDIA_GUEST_ONLY").ok().as_deref())?;
     let cache = setup::cache_dir();
     let own = cache.join("media-guest");
     fs::create_dir_all(&own).map_err(|e| format!("create {}: {e}", own.display()))?;
@@ -1225,7 +1356,7 @@ pub fn run() -> Result<bool> {
         &run_dir,
         "initramfs.cpio.gz",
         &root.dir.join("usr/bin/busybox"),
-        &init_script(&MODES, serial),
+        &init_script(&MODES, serial, &only),
         &files,
         &modules,
     )?;
@@ -1271,9 +1402,14 @@ pub fn run() -> Result<bool> {
         "-smp",
         "2",
         "-m",
-        "1G",
+        "2G",
         "-object",
-        "memory-backend-memfd,id=mem,size=1G,share=on",
+        "memory-backend-memfd,id=mem,size=2G,share=on",
+        // The root, read-only, for the capture applications (media_clients).
+        "-fsdev",
+        "local,id=root,path=/,security_model=none,readonly=on",
+        "-device",
+        "virtio-9p-pci,fsdev=root,mount_tag=root",
         "-machine",
         "q35,memory-backend=mem",
         "-nodefaults",
@@ -1373,7 +1509,12 @@ pub fn run() -> Result<bool> {
     let secs = |label: String| took(&marks, &label).map_or("?".to_string(), |t| format!("{t:.0}s"));
     println!("media-guest: summary");
     for m in &MODES {
-        for (test, what) in [("s10", "-s10"), ("s10f", "-s10 -f")] {
+        let compliance: &[(&str, &str)] = if only.contains(&"compliance") {
+            &[("s10", "-s10"), ("s10f", "-s10 -f")]
+        } else {
+            &[]
+        };
+        for &(test, what) in compliance {
             let r: Report = report(&log, &format!("mg {} {test}| ", m.name));
             let t = r.total.as_deref().and_then(totals);
             let pass = r.failed == Some(0) && t.is_some_and(|t| t.failed == 0);
@@ -1404,6 +1545,10 @@ pub fn run() -> Result<bool> {
             for d in crate::media_e2e::counted(&details) {
                 println!("  {:<12}   {d}", "");
             }
+        }
+        ok &= client_summary(&log, m, &secs, &only);
+        if !only.contains(&"v4l2-ctl") {
+            continue;
         }
         for (io, what) in [("mmap", "MMAP"), ("user", "USERPTR")] {
             let f = frames(&log, &format!("mg {} {io}| ", m.name));
@@ -1492,8 +1637,13 @@ pub fn run() -> Result<bool> {
     // The daemons have ended: nothing of this run is needed in the root any more.
     let _ = remove_root(&run_dir);
     println!(
-        "media-guest: {} in {:.0}s (root {:.0}s, driver, modules, builds and initramfs {:.0}s, guest {:.0}s)",
+        "media-guest: {}{} in {:.0}s (root {:.0}s, driver, modules, builds and initramfs {:.0}s, guest {:.0}s)",
         if ok { "passed" } else { "FAILED" },
+        if only.len() < GROUPS.len() {
+            format!(" (only {}: OUTBOARD_MEDIA_GUEST_ONLY)", only.join(", "))
+        } else {
+            String::new()
+        },
         started.elapsed().as_secs_f64(),
         root_time.as_secs_f64(),
         (prepared - root_time).as_secs_f64(),
@@ -1703,13 +1853,35 @@ mod tests {
 
     #[test]
     fn the_init_script_names_every_mode_and_its_slot() {
-        let init = init_script(&MODES, false);
+        let init = init_script(&MODES, false, &GROUPS);
         assert!(init.contains("MODES=\"sp:10:YUYV:RGB3 mplane:11:NM12:YM12 "));
         assert!(init.contains("W=640\nH=480\nN=8\nTS_N=10\n"));
         assert!(init.contains("--stream-show-delta-now"));
         assert!(init.contains("if [ 0 = 1 ]"));
-        assert!(!init.contains('@'));
-        assert!(init_script(&MODES, true).contains("if [ 1 = 1 ]"));
+        // Every @PLACEHOLDER@ is filled (a shell's "$@" is not one).
+        assert!(
+            !init
+                .split('@')
+                .skip(1)
+                .any(|w| w.starts_with(|c: char| c.is_ascii_uppercase())),
+            "{init}"
+        );
+        assert!(init.contains("ONLY=\"compliance v4l2-ctl clients\""));
+        assert!(init.contains("run_clients() {"));
+        assert!(init_script(&MODES, true, &GROUPS).contains("if [ 1 = 1 ]"));
+    }
+
+    #[test]
+    fn a_run_can_be_limited_to_named_groups_only() {
+        assert_eq!(only_groups(None).unwrap(), GROUPS);
+        assert_eq!(only_groups(Some(" ")).unwrap(), GROUPS);
+        assert_eq!(
+            only_groups(Some("clients,compliance")).unwrap(),
+            ["clients", "compliance"]
+        );
+        assert!(only_groups(Some("client"))
+            .unwrap_err()
+            .contains("\"client\""));
     }
 
     #[test]
