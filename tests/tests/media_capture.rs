@@ -81,6 +81,13 @@ fn check_frames(frames: &[(V4l2Buffer, Vec<u8>)], pix: &V4l2PixFormat) {
         assert_eq!(b.flags & BUF_FLAG_DONE, BUF_FLAG_DONE);
         assert_eq!(b.flags & BUF_FLAG_ERROR, 0);
         assert_ne!(b.flags & BUF_FLAG_TIMESTAMP_MONOTONIC, 0);
+        // Stamped at the end of the frame, as the guest driver's re-stamp is.
+        assert_eq!(
+            b.flags & BUF_FLAG_TSTAMP_SRC_MASK,
+            BUF_FLAG_TSTAMP_SRC_EOF,
+            "flags {:#x}",
+            b.flags
+        );
         assert_eq!(b.bytesused, pix.sizeimage);
         assert_eq!(b.field, FIELD_NONE);
         assert!(b.timestamp.tv_sec > 0 || b.timestamp.tv_usec > 0);

@@ -101,6 +101,11 @@ pub const BUF_FLAG_ERROR: u32 = 0x40;
 pub const BUF_FLAG_TIMESTAMP_MONOTONIC: u32 = 0x2000;
 /// `V4L2_BUF_FLAG_TSTAMP_SRC_SOE`: the timestamp is taken at the start of exposure.
 pub const BUF_FLAG_TSTAMP_SRC_SOE: u32 = 0x10000;
+/// `V4L2_BUF_FLAG_TSTAMP_SRC_EOF` (no bit set): the timestamp is taken when the last
+/// pixel of the frame is in.
+pub const BUF_FLAG_TSTAMP_SRC_EOF: u32 = 0;
+/// `V4L2_BUF_FLAG_TSTAMP_SRC_MASK`: the bits that say where a timestamp is taken.
+pub const BUF_FLAG_TSTAMP_SRC_MASK: u32 = 0x70000;
 /// `V4L2_BUF_FLAG_REQUEST_FD`: `request_fd` names a media request.
 pub const BUF_FLAG_REQUEST_FD: u32 = 0x0080_0000;
 

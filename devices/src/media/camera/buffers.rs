@@ -88,7 +88,10 @@ impl<M> CameraSession<M> {
         let mut buffer = V4l2Buffer {
             index,
             type_: self.buf_type,
-            flags: b.flags | BUF_FLAG_TIMESTAMP_MONOTONIC | BUF_FLAG_TSTAMP_SRC_SOE,
+            // Stamped once the frame is rendered, just before it is written to the
+            // buffer: the end of the frame, where the guest driver's re-stamp at
+            // completion is taken too (guest-patches/virtio-media/0001).
+            flags: b.flags | BUF_FLAG_TIMESTAMP_MONOTONIC | BUF_FLAG_TSTAMP_SRC_EOF,
             field: FIELD_NONE,
             timestamp: b.timestamp,
             sequence: b.sequence,
