@@ -39,8 +39,10 @@ pub const REFUSE_LIMIT_S: f64 = 30.0;
 pub const START_SLACK_S: f64 = 1.0;
 /// How long before the guest's clock when ffmpeg has ended its last frame may end,
 /// seconds: the timestamps are the guest's clock when a frame is dequeued, so this is
-/// ffmpeg's shutdown.
-pub const END_LIMIT_S: f64 = 1.0;
+/// ffmpeg's shutdown (STREAMOFF, a device round trip per unmapped buffer, CLOSE, the
+/// process's exit): 0.13 to 0.94 s with four modes and v4l2-compliance at once under
+/// TCG. The host's clock, which the shipped driver passes on, is hours off.
+pub const END_LIMIT_S: f64 = 2.0;
 
 /// A capture application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,9 +587,9 @@ mg sp ffmpeg-nv12| frame 3: FAIL sequence 3: 12 bytes differ
             "{p:?}"
         );
         // Stamped when the frame was made, but long before it reached ffmpeg.
-        let stale = console.replace("start: 31.250000", "start: 30.100000");
+        let stale = console.replace("start: 31.250000", "start: 29.500000");
         let p = outcome(&stale, "mg sp ffmpeg-nv12| ").problems(&ff);
-        assert!(p.iter().any(|l| l.contains("1.570 s before")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("2.170 s before")), "{p:?}");
         assert_eq!(outcome(console, "mg sp gst-userptr| ").lost, 9);
     }
 
