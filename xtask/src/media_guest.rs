@@ -1542,6 +1542,14 @@ mod tests {
             .unwrap();
         let c = String::from_utf8_lossy(c).into_owned();
         assert!(c.contains("v4l2_buffer_set_timestamp(&dqbuf->buffer, ktime_get_ns());"));
+        // 0002: USERPTR pages stay pinned until the device returns the buffer.
+        let (_, sb) = files
+            .iter()
+            .find(|(n, _)| n == "scatterlist_builder.c")
+            .unwrap();
+        let sb = String::from_utf8_lossy(sb);
+        assert!(sb.contains("FOLL_WRITE | FOLL_LONGTERM") && !sb.contains("vb2_destroy_framevec"));
+        assert!(c.contains("virtio_media_unpin(pinned, V4L2_TYPE_IS_CAPTURE(queue_type));"));
         // Applying twice is refused, not a silent no-op.
         for (name, bytes) in &patches {
             assert!(guest_patch::apply_to(
