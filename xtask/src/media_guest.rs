@@ -548,7 +548,8 @@ fn driver_files(src: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 /// The driver patches carried in the tree (`guest-patches/virtio-media/*.patch`, see
 /// [`guest_patch`]), as (file name, contents), in the order they apply; an error if there
 /// are none. `OUTBOARD_MEDIA_GUEST_UNPATCHED=1` builds the driver as shipped instead, to
-/// show what the patches fix (the timestamp check fails then).
+/// show what the patches fix (the timestamp check fails then);
+/// `OUTBOARD_MEDIA_GUEST_SKIP_PATCHES` leaves some out (see [`skip_patches`]).
 fn driver_patches() -> Result<Vec<(String, Vec<u8>)>> {
     if std::env::var_os("OUTBOARD_MEDIA_GUEST_UNPATCHED").is_some_and(|v| v == "1") {
         println!(
@@ -566,7 +567,8 @@ fn driver_patches() -> Result<Vec<(String, Vec<u8>)>> {
             dir.display()
         ));
     }
-    found
+    let skip = std::env::var("OUTBOARD_MEDIA_GUEST_SKIP_PATCHES").unwrap_or_default();
+    skip_patches(found, &skip)?
         .into_iter()
         .map(|p| {
             let name = p
@@ -578,6 +580,41 @@ fn driver_patches() -> Result<Vec<(String, Vec<u8>)>> {
                 .map_err(|e| format!("read {}: {e}", p.display()))
         })
         .collect()
+}
+
+/// `patches` without those whose file name starts with one of the comma-separated
+/// prefixes of `skip` (`OUTBOARD_MEDIA_GUEST_SKIP_PATCHES=0002`: the driver without one
+/// fix, to show what its check catches, with the others still in); an error for a prefix
+/// that names no patch.
+fn skip_patches(patches: Vec<PathBuf>, skip: &str) -> Result<Vec<PathBuf>> {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let prefixes: Vec<&str> = skip
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(s) = prefixes
+        .iter()
+        .find(|s| !patches.iter().any(|p| name(p).starts_with(**s)))
+    {
+        return Err(format!(
+            "OUTBOARD_MEDIA_GUEST_SKIP_PATCHES: no driver patch is named {s}*"
+        ));
+    }
+    let (skipped, kept): (Vec<PathBuf>, Vec<PathBuf>) = patches
+        .into_iter()
+        .partition(|p| prefixes.iter().any(|s| name(p).starts_with(s)));
+    for p in &skipped {
+        println!(
+            "media-guest: OUTBOARD_MEDIA_GUEST_SKIP_PATCHES: the driver is built WITHOUT {}",
+            name(p)
+        );
+    }
+    Ok(kept)
 }
 
 /// The folder of the upstream repository (github.com/chromeos/virtio-media) the patches'
@@ -1561,6 +1598,25 @@ mod tests {
             .is_err());
         }
         assert!(patch_id_table(&c, VIRTIO_ID).is_ok());
+    }
+
+    #[test]
+    fn patches_are_skipped_by_name_prefix() {
+        let all: Vec<PathBuf> = ["p/0001-a.patch", "p/0002-b.patch", "p/0003-c.patch"]
+            .map(PathBuf::from)
+            .to_vec();
+        assert_eq!(skip_patches(all.clone(), "").unwrap(), all);
+        assert_eq!(
+            skip_patches(all.clone(), "0002").unwrap(),
+            [all[0].clone(), all[2].clone()]
+        );
+        assert_eq!(
+            skip_patches(all.clone(), " 0001, 0003-c ").unwrap(),
+            [all[1].clone()]
+        );
+        // A prefix that names nothing is a typo, not a silent full build.
+        let e = skip_patches(all, "0002,0004").unwrap_err();
+        assert!(e.contains("0004"), "{e}");
     }
 
     #[test]
