@@ -1,6 +1,6 @@
-//! `media-frame-check --fourcc F --width W --height H FILE`: checks the frames a capture
-//! from Outboard's software camera wrote to FILE byte for byte against the camera's
-//! pattern.
+//! `media-frame-check [--quiet] --fourcc F --width W --height H FILE`: checks the frames a
+//! capture from Outboard's software camera wrote to FILE byte for byte against the
+//! camera's pattern.
 //!
 //! FILE is what `v4l2-ctl --stream-mmap|--stream-user --stream-to=FILE` writes: the
 //! frames one after another, each as its memory planes one after another (for each plane,
@@ -9,13 +9,18 @@
 //! top band ([`decode_frame_number`]); the frame is exact when it equals
 //! [`render_planes`] of that number with the controls at their defaults.
 //!
-//! Prints one `frame I: ...` line per frame and a final
-//! `RESULT frames=N exact=E bytes=B`; exits 0 when there is at least one frame, every
-//! frame is exact and the file holds whole frames only.
+//! FILE `-` is standard input (`v4l2-ctl --stream-to=-` piped in): the frames are read and
+//! checked one at a time in either case, so a capture larger than memory (or than the
+//! guest's /tmp) can be checked as it streams.
+//!
+//! Prints one `frame I: ...` line per frame (with `--quiet`, only those of frames that are
+//! not exact) and a final `RESULT frames=N exact=E bytes=B`; exits 0 when there is at
+//! least one frame, every frame is exact and the input holds whole frames only.
 //!
 //! Built statically (`-C target-feature=+crt-static`) and run inside the guest of
 //! `cargo xtask media-guest`, after v4l2-ctl captured from the real virtio-media driver.
 
+use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
 use outboard_devices::media::camera::{decode_frame_number, plane_layout, render_planes, Adjust};
@@ -26,16 +31,20 @@ struct Args {
     fourcc: u32,
     width: u32,
     height: u32,
+    /// `-`: standard input.
     file: String,
+    /// Print only the frames that are not exact.
+    quiet: bool,
 }
 
 fn usage() -> String {
-    "usage: media-frame-check --fourcc FOURCC --width W --height H FILE".into()
+    "usage: media-frame-check [--quiet] --fourcc FOURCC --width W --height H FILE|-".into()
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut fcc = None;
     let (mut width, mut height, mut file) = (None, None, None);
+    let mut quiet = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -50,7 +59,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             }
             "--width" => width = Some(value()?.parse().map_err(|e| format!("--width: {e}"))?),
             "--height" => height = Some(value()?.parse().map_err(|e| format!("--height: {e}"))?),
-            f if !f.starts_with('-') && file.is_none() => file = Some(f.to_string()),
+            "--quiet" => quiet = true,
+            f if (f == "-" || !f.starts_with('-')) && file.is_none() => file = Some(f.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
@@ -59,6 +69,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         width: width.ok_or_else(usage)?,
         height: height.ok_or_else(usage)?,
         file: file.ok_or_else(usage)?,
+        quiet,
     })
 }
 
@@ -87,6 +98,62 @@ fn check_frame(fourcc: u32, width: u32, height: u32, frame: &[u8]) -> Result<u32
     }
 }
 
+/// What a check of a whole input found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Summary {
+    frames: usize,
+    exact: usize,
+    bytes: u64,
+    /// Bytes after the last whole frame.
+    rest: usize,
+}
+
+/// Fills `buf` from `input` as far as it goes; the bytes read (fewer than `buf.len()`
+/// only at the end of the input).
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Checks the frames of `input` one at a time (frames of `frame_size` bytes), writing a
+/// `frame I:` line for each to `out` (only for those that are not exact if `quiet`).
+fn check_stream(
+    args: &Args,
+    frame_size: usize,
+    mut input: impl Read,
+    out: &mut impl Write,
+) -> io::Result<Summary> {
+    let mut s = Summary::default();
+    let mut frame = vec![0u8; frame_size];
+    loop {
+        let got = read_full(&mut input, &mut frame)?;
+        s.bytes += got as u64;
+        if got < frame_size {
+            s.rest = got;
+            return Ok(s);
+        }
+        let i = s.frames;
+        s.frames += 1;
+        match check_frame(args.fourcc, args.width, args.height, &frame) {
+            Ok(n) => {
+                s.exact += 1;
+                if !args.quiet {
+                    writeln!(out, "frame {i}: sequence {n} exact")?;
+                }
+            }
+            Err(e) => writeln!(out, "frame {i}: FAIL {e}")?,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args = match parse_args(&args) {
@@ -101,30 +168,36 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     let frame_size: usize = layout.iter().map(|(_, size)| *size as usize).sum();
-    let data = match std::fs::read(&args.file) {
-        Ok(d) => d,
+    let input: Box<dyn Read> = if args.file == "-" {
+        Box::new(io::stdin().lock())
+    } else {
+        match std::fs::File::open(&args.file) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                println!("RESULT frames=0 exact=0 bytes=0 (read {}: {e})", args.file);
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let mut out = io::stdout().lock();
+    let s = match check_stream(&args, frame_size, input, &mut out) {
+        Ok(s) => s,
         Err(e) => {
             println!("RESULT frames=0 exact=0 bytes=0 (read {}: {e})", args.file);
             return ExitCode::FAILURE;
         }
     };
-    let (mut frames, mut exact) = (0usize, 0usize);
-    for (i, frame) in data.chunks_exact(frame_size).enumerate() {
-        frames += 1;
-        match check_frame(args.fourcc, args.width, args.height, frame) {
-            Ok(n) => {
-                exact += 1;
-                println!("frame {i}: sequence {n} exact");
-            }
-            Err(e) => println!("frame {i}: FAIL {e}"),
-        }
+    if s.rest != 0 {
+        println!(
+            "FAIL {} bytes after the last whole frame of {frame_size}",
+            s.rest
+        );
     }
-    let rest = data.len() % frame_size;
-    if rest != 0 {
-        println!("FAIL {rest} bytes after the last whole frame of {frame_size}");
-    }
-    println!("RESULT frames={frames} exact={exact} bytes={}", data.len());
-    if frames > 0 && exact == frames && rest == 0 {
+    println!(
+        "RESULT frames={} exact={} bytes={}",
+        s.frames, s.exact, s.bytes
+    );
+    if s.frames > 0 && s.exact == s.frames && s.rest == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -161,7 +234,72 @@ mod tests {
         let p = parse_args(&a).unwrap();
         assert_eq!((p.fourcc, p.width, p.height), (PIX_FMT_NV12M, 640, 480));
         assert_eq!(p.file, "f");
+        assert!(!p.quiet);
         assert!(parse_args(&a[..6]).is_err());
+        let mut q = a.clone();
+        q[6] = "-".into();
+        q.push("--quiet".into());
+        let p = parse_args(&q).unwrap();
+        assert_eq!(p.file, "-");
+        assert!(p.quiet);
         assert!(parse_args(&["--fourcc".into(), "NM1".into()]).is_err());
+    }
+
+    #[test]
+    fn a_stream_is_checked_frame_by_frame() {
+        let (w, h) = (64, 48);
+        let good = |n| {
+            render_planes(PIX_FMT_YUYV, w, h, n, &Adjust::default())
+                .unwrap()
+                .concat()
+        };
+        let size = good(0).len();
+        let mut bad = good(8);
+        bad[size / 2] ^= 0x40;
+        let mut data = [good(7), bad, good(9)].concat();
+        data.extend_from_slice(&[1, 2, 3]);
+        let mut args = Args {
+            fourcc: PIX_FMT_YUYV,
+            width: w,
+            height: h,
+            file: "-".into(),
+            quiet: false,
+        };
+        // A reader that hands out a few bytes at a time, like a pipe.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(1000);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut out = Vec::new();
+        let s = check_stream(&args, size, Trickle(&data), &mut out).unwrap();
+        assert_eq!(
+            s,
+            Summary {
+                frames: 3,
+                exact: 2,
+                bytes: data.len() as u64,
+                rest: 3
+            }
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(
+            text.contains("frame 1: FAIL sequence 8: 1 bytes differ"),
+            "{text}"
+        );
+        // Quiet: the failing frame only.
+        args.quiet = true;
+        let mut out = Vec::new();
+        check_stream(&args, size, &data[..], &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("frame 1: FAIL") && text.lines().count() == 1,
+            "{text}"
+        );
     }
 }
