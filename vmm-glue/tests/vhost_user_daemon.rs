@@ -50,7 +50,10 @@ fn bring_up(fe: &mut Frontend, mem: &GuestMem, kick: &EventFd, call: &EventFd) {
     assert!(proto.contains(want));
     fe.set_protocol_features(want).unwrap();
     assert_eq!(fe.get_queue_num().unwrap(), 2);
-    assert_eq!(fe.get_max_mem_slots().unwrap(), 64);
+    assert_eq!(
+        fe.get_max_mem_slots().unwrap(),
+        outboard_vmm_glue::vhost_user::memory::MAX_MEM_SLOTS as u64
+    );
     fe.set_owner().unwrap();
     fe.set_features(offered).unwrap();
     fe.add_mem_region(&MemoryRegionRef {
