@@ -215,6 +215,16 @@ fn bring_up(fe: &mut Frontend, mem: &GuestMem, rx: &Ring, tx: &Ring) {
     tx.setup(fe, 1);
 }
 
+/// Starts the daemon `cmd` describes with `RUST_LOG=info`, its log (stderr) in `log`
+/// and stdout discarded.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> std::process::Child {
+    cmd.env("RUST_LOG", "info")
+        .stderr(File::create(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// The pids of the children of `pid` (all its threads).
 fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -329,24 +339,22 @@ fn jailed_worker_serves_a_session_is_confined_and_is_restarted() {
     let socket = dir.join("vhost.sock");
     let uds = dir.join("vsock.sock");
     let log = dir.join("daemon.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args([
-            "vsock",
-            "--jail",
-            "--jail-memory-mib",
-            "300",
-            "--jail-max-tasks",
-            "3",
-        ])
-        .args(["--guest-cid", "3", "--socket"])
-        .arg(&socket)
-        .arg("--uds-path")
-        .arg(&uds)
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args([
+                "vsock",
+                "--jail",
+                "--jail-memory-mib",
+                "300",
+                "--jail-max-tasks",
+                "3",
+            ])
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(&uds),
+        &log,
+    );
     let pid = i32::try_from(daemon.id()).unwrap();
 
     session(&socket, &uds);
@@ -519,15 +527,13 @@ fn jailed_workers_of_one_group_reach_each_other_across_a_restart() {
     };
     let log = dir.join("daemon.log");
     let metrics = dir.join("metrics.json");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args(["vsock", "--jail", "--metrics-interval", "1", "--metrics"])
-        .arg(&metrics)
-        .args(["--vm", &vm(3), "--vm", &vm(4)])
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", "--metrics-interval", "1", "--metrics"])
+            .arg(&metrics)
+            .args(["--vm", &vm(3), "--vm", &vm(4)]),
+        &log,
+    );
     let pid = i32::try_from(daemon.id()).unwrap();
     let (sock3, sock4) = (dir.join("vhost3.sock"), dir.join("vhost4.sock"));
     assert!(wait_for_path(&sock3) && wait_for_path(&sock4));
@@ -651,20 +657,18 @@ fn jailed_worker_counters_reach_the_metrics_file_across_a_restart() {
     let log = dir.join("daemon.log");
     let metrics = dir.join("metrics.json");
     let prom = dir.join("outboard.prom");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args(["vsock", "--jail", "--metrics-interval", "1", "--metrics"])
-        .arg(&metrics)
-        .arg("--metrics-prometheus")
-        .arg(&prom)
-        .args(["--guest-cid", "3", "--socket"])
-        .arg(&socket)
-        .arg("--uds-path")
-        .arg(&uds)
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", "--metrics-interval", "1", "--metrics"])
+            .arg(&metrics)
+            .arg("--metrics-prometheus")
+            .arg(&prom)
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(&uds),
+        &log,
+    );
     let pid = i32::try_from(daemon.id()).unwrap();
     // A jail the kernel refuses shows as a daemon that exits or a worker that dies at
     // once: skip, with the daemon's words.
@@ -811,21 +815,19 @@ fn jailed_media_worker_answers_and_dies_with_the_daemon() {
     let dir = scratch_dir("outboard-jail-media-", 0o755);
     let socket = dir.join("media.sock");
     let log = dir.join("daemon.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args([
-            "media",
-            "--camera",
-            "--jail",
-            "--shm-size-mib",
-            "16",
-            "--socket-path",
-        ])
-        .arg(&socket)
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args([
+                "media",
+                "--camera",
+                "--jail",
+                "--shm-size-mib",
+                "16",
+                "--socket-path",
+            ])
+            .arg(&socket),
+        &log,
+    );
     let pid = i32::try_from(daemon.id()).unwrap();
     let mut fe = connect_frontend(&socket);
     let features = fe.get_features().unwrap();
@@ -874,14 +876,12 @@ fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
     let dir = scratch_dir("outboard-jail-cam-", 0o755);
     let socket = dir.join("media.sock");
     let log = dir.join("daemon.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args(["media", "--camera", "--jail", "--socket-path"])
-        .arg(&socket)
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["media", "--camera", "--jail", "--socket-path"])
+            .arg(&socket),
+        &log,
+    );
     let pid = i32::try_from(daemon.id()).unwrap();
     assert!(
         wait_for_path(&socket),
@@ -1005,16 +1005,14 @@ fn jailed_worker_forwards_over_af_vsock() {
     let socket = dir.join("vhost.sock");
     let log = dir.join("daemon.log");
     let listen_port = 0x4e00_0000 + std::process::id() % 0x10000;
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
-        .arg(&socket)
-        .args(["--forward-cid", "2", "--forward-listen"])
-        .arg(listen_port.to_string())
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+            .arg(&socket)
+            .args(["--forward-cid", "2", "--forward-listen"])
+            .arg(listen_port.to_string()),
+        &log,
+    );
 
     let mem = GuestMem::new(MEM);
     let mut rx = Ring::new(0x1000);
@@ -1113,16 +1111,14 @@ fn an_idle_jailed_daemon_never_wakes_up() {
     }
     let dir = scratch_dir("outboard-jail-idle-", 0o777);
     let log = dir.join("daemon.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboard"))
-        .args(["vsock", "--jail", "--socket"])
-        .arg(dir.join("vhost.sock"))
-        .arg("--uds-path")
-        .arg(dir.join("vsock.sock"))
-        .env("RUST_LOG", "info")
-        .stderr(File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", "--socket"])
+            .arg(dir.join("vhost.sock"))
+            .arg("--uds-path")
+            .arg(dir.join("vsock.sock")),
+        &log,
+    );
     let pid = i32::try_from(daemon.id()).unwrap();
     wait_for_log(&log, "worker runs jailed");
     assert!(
