@@ -23,7 +23,7 @@
 
 use std::fmt::Write as _;
 
-use crate::media_guest::{frames as frames_result, Frames};
+use crate::media_guest::{frames as frames_result, prefixed, Frames};
 
 /// The capture size of every client run.
 pub const SIZE: (u32, u32) = (1280, 720);
@@ -341,7 +341,7 @@ pub fn outcome(console: &str, prefix: &str) -> Outcome {
         frames: frames_result(console, prefix),
         ..Outcome::default()
     };
-    for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
+    for line in prefixed(console, prefix) {
         let line = line.trim();
         if let Some(c) = line.strip_prefix("clock ") {
             o.clock.extend(c.parse::<f64>().ok());

@@ -1306,10 +1306,15 @@ pub(crate) struct Frames {
     pub(crate) fails: Vec<String>,
 }
 
+/// The console lines that start with `prefix`, without it (one test's output).
+pub(crate) fn prefixed<'a>(console: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+    console.lines().filter_map(move |l| l.strip_prefix(prefix))
+}
+
 /// The `media-frame-check` result among the console lines with `prefix`.
 pub(crate) fn frames(console: &str, prefix: &str) -> Frames {
     let mut f = Frames::default();
-    for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
+    for line in prefixed(console, prefix) {
         let line = line.trim();
         if let Some(rest) = line.strip_prefix("RESULT ") {
             let field = |name: &str| -> Option<u64> {
@@ -1380,7 +1385,7 @@ struct Stamps {
 
 fn stamps(console: &str, prefix: &str) -> Stamps {
     let mut s = Stamps::default();
-    for line in console.lines().filter_map(|l| l.strip_prefix(prefix)) {
+    for line in prefixed(console, prefix) {
         match stamp(line) {
             Some(st) => s.stamps.push(st),
             None if line.contains("dqbuf:") => s.unparsed.push(line.trim().to_string()),
@@ -1470,8 +1475,7 @@ fn client_summary(log: &str, m: &Mode, secs: &dyn Fn(String) -> String, only: &[
             media_clients::Expect::Refused => format!(
                 "refused, exit {:?}: {}",
                 o.exit,
-                log.lines()
-                    .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                prefixed(log, &prefix)
                     .find(|l| l.starts_with('['))
                     .unwrap_or("no message")
                     .trim()
@@ -1501,9 +1505,7 @@ fn client_summary(log: &str, m: &Mode, secs: &dyn Fn(String) -> String, only: &[
             println!("  {:<12}   {p}", "");
         }
         if !problems.is_empty() {
-            for l in log
-                .lines()
-                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            for l in prefixed(log, &prefix)
                 .filter(|l| !l.trim().is_empty())
                 .take(15)
             {
@@ -1589,10 +1591,7 @@ const REFUSE_AFTER_KILL_S: f64 = 2.0;
 /// client was refused within [`REFUSE_AFTER_KILL_S`]).
 fn kill_summary(log: &str, m: &Mode, killed: bool) -> bool {
     let p = format!("mg {} kill| ", m.name);
-    let lines: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.strip_prefix(p.as_str()))
-        .collect();
+    let lines: Vec<&str> = prefixed(log, &p).collect();
     let at = |key: &str| -> Option<f64> {
         lines
             .iter()
@@ -1604,7 +1603,8 @@ fn kill_summary(log: &str, m: &Mode, killed: bool) -> bool {
     let still = at("client still running at ");
     let took = kill.zip(ended).map(|(k, e)| e - k);
     let client_ok = killed && took.is_some_and(|t| t <= KILL_LIMIT_S);
-    let next = media_clients::outcome(log, &format!("mg {} kill-next| ", m.name));
+    let np = format!("mg {} kill-next| ", m.name);
+    let next = media_clients::outcome(log, &np);
     let next_took = next.took_s();
     let next_ok =
         next.exit.is_some_and(|e| e != 0) && next_took.is_some_and(|t| t <= REFUSE_AFTER_KILL_S);
@@ -1622,9 +1622,7 @@ fn kill_summary(log: &str, m: &Mode, killed: bool) -> bool {
         },
         if client_ok { "ok" } else { "FAIL" }
     );
-    let said = log
-        .lines()
-        .filter_map(|l| l.strip_prefix(format!("mg {} kill-next| ", m.name).as_str()))
+    let said = prefixed(log, &np)
         .find(|l| !l.starts_with("clock ") && !l.starts_with("exit "))
         .unwrap_or("")
         .trim();
@@ -1647,9 +1645,7 @@ fn kill_summary(log: &str, m: &Mode, killed: bool) -> bool {
         }
     }
     let rp = format!("mg {} replug| ", m.name);
-    let node = log
-        .lines()
-        .filter_map(|l| l.strip_prefix(rp.as_str()))
+    let node = prefixed(log, &rp)
         .find_map(|l| l.strip_prefix("node "))
         .and_then(|l| l.split_whitespace().next())
         .filter(|n| *n != "none");
@@ -1668,11 +1664,7 @@ fn kill_summary(log: &str, m: &Mode, killed: bool) -> bool {
         if replug_ok { "ok" } else { "FAIL" }
     );
     if !replug_ok {
-        for l in log
-            .lines()
-            .filter_map(|l| l.strip_prefix(rp.as_str()))
-            .take(15)
-        {
+        for l in prefixed(log, &rp).take(15) {
             println!("  {:<12}   | {}", "", l.trim());
         }
     }
@@ -1702,19 +1694,16 @@ fn jailed_worker(pid: u32) -> Option<i32> {
 
 /// The churn line of the THP step: THP collapses and page migrations during its capture.
 fn churn(console: &str, prefix: &str) -> Option<(u64, u64)> {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix(prefix))
-        .find_map(|l| {
-            let rest = l.trim().strip_prefix("churn ")?;
-            let field = |name: &str| -> Option<u64> {
-                rest.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))?
-                    .parse()
-                    .ok()
-            };
-            Some((field("collapses=")?, field("migrations=")?))
-        })
+    prefixed(console, prefix).find_map(|l| {
+        let rest = l.trim().strip_prefix("churn ")?;
+        let field = |name: &str| -> Option<u64> {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))?
+                .parse()
+                .ok()
+        };
+        Some((field("collapses=")?, field("migrations=")?))
+    })
 }
 
 /// Prints the THP step's summary line (`took`: its time) and, if it failed, why; whether
@@ -1744,9 +1733,7 @@ fn thp_report(console: &str, took: &str) -> bool {
     if !pass {
         // The first few bad frames (they come in runs) or what killed the checker (the
         // device writing into its heap aborts it: "double free or corruption").
-        for l in console
-            .lines()
-            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        for l in prefixed(console, &prefix)
             .map(str::trim)
             .filter(|l| !l.starts_with("RESULT ") && !l.starts_with("churn "))
             .take(8)
@@ -1754,7 +1741,7 @@ fn thp_report(console: &str, took: &str) -> bool {
             println!("  {:<12}   {l}", "");
         }
         let ctl = format!("mg {THP_MODE} thp-ctl| ");
-        for l in console.lines().filter_map(|l| l.strip_prefix(ctl.as_str())) {
+        for l in prefixed(console, &ctl) {
             println!("  {:<12}   v4l2-ctl: {}", "", l.trim());
         }
     }
@@ -2195,7 +2182,7 @@ pub fn run() -> Result<bool> {
                     println!("  {:<12}   {l}", "");
                 }
                 let prefix = format!("mg {} {io}-ctl| ", m.name);
-                for l in log.lines().filter_map(|l| l.strip_prefix(prefix.as_str())) {
+                for l in prefixed(&log, &prefix) {
                     println!("  {:<12}   v4l2-ctl: {}", "", l.trim());
                 }
             }
@@ -2215,11 +2202,7 @@ pub fn run() -> Result<bool> {
             println!("  {:<12}   {p}", "");
         }
         if st.stamps.is_empty() {
-            for l in log
-                .lines()
-                .filter_map(|l| l.strip_prefix(prefix.as_str()))
-                .take(20)
-            {
+            for l in prefixed(&log, &prefix).take(20) {
                 println!("  {:<12}   v4l2-ctl: {}", "", l.trim());
             }
         }
