@@ -61,6 +61,8 @@
 //!   (virtio 1.4, device type 48).
 //! - [`ratelimit`] (feature `std`): the rate limit of every log line a peer can cause,
 //!   shared by the layers above.
+//! - [`record`] (feature `std`): a checked, versioned binary record, the encoding of the
+//!   state a device hands to the process that takes it over.
 //! - [`v4l2`] (feature `media`): every V4L2 ioctl with its number and direction, with lookup from a raw code;
 //!   the ioctls' argument structures in their 64-bit layouts, and the `V4L2_*` constants.
 //!
@@ -88,6 +90,8 @@ compile_error!(
 pub mod media;
 #[cfg(feature = "std")]
 pub mod ratelimit;
+#[cfg(feature = "std")]
+pub mod record;
 #[cfg(feature = "media")]
 pub mod v4l2;
 pub mod vhost_user;

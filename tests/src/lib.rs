@@ -133,6 +133,17 @@ impl DriverQueue {
         q
     }
 
+    /// The device-side `Queue` of a device that takes this ring over from another:
+    /// [`DriverQueue::device_queue`], resuming at the ring's own used index (what the
+    /// old device had completed; it held no chain when it handed over).
+    pub fn resumed_device_queue(&self, mem: &GuestMemoryMmap, event_idx: bool) -> Queue {
+        let mut q = self.device_queue(mem, event_idx);
+        let used_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        q.set_next_avail(used_idx);
+        q.set_next_used(used_idx);
+        q
+    }
+
     /// Free descriptors.
     pub fn free_count(&self) -> usize {
         self.free.len()
@@ -645,6 +656,40 @@ impl Guest {
             .activate(boxed_queues(queues, &mem), irq as Arc<dyn Interrupt>)
             .unwrap();
         g
+    }
+
+    /// Hands the device over to a new one, as a live upgrade does between processes:
+    /// [`Vsock::handover`] on the old device, [`Vsock::take_over`] with the same
+    /// configuration, the features acked again and the rings resumed where the used
+    /// rings say. The old device is dropped without a reset. Returns the record's size.
+    pub fn hand_over(&mut self) -> Result<usize, outboard_devices::vsock::VsockError> {
+        let h = self.dev.handover()?;
+        let len = h.record.len();
+        let mut cfg = match &self.opts.forward {
+            Some(f) => VsockDeviceConfig::with_backend(
+                self.opts.guest_cid,
+                outboard_devices::vsock::VsockBackend::Vsock(f.clone()),
+            ),
+            None => VsockDeviceConfig::new(self.opts.guest_cid, &self.uds_path),
+        };
+        cfg.tx_buf_size = self.opts.tx_buf_size;
+        cfg.max_connections = self.opts.max_connections;
+        let mut dev = Vsock::take_over(cfg, h)?;
+        dev.ack_features(self.dev.acked_features());
+        let ev = self.opts.event_idx;
+        let queues = vec![
+            self.rx.resumed_device_queue(&self.mem, ev),
+            self.tx.resumed_device_queue(&self.mem, ev),
+            self.ev.resumed_device_queue(&self.mem, ev),
+        ];
+        dev.activate(
+            boxed_queues(queues, &self.mem),
+            self.irq.clone() as Arc<dyn Interrupt>,
+        )
+        .expect("activating the device that took over");
+        let old = std::mem::replace(&mut self.dev, dev);
+        drop(old);
+        Ok(len)
     }
 
     /// Calls into the device, accounting its CPU time in [`Guest::device_cpu`] (and its

@@ -16,6 +16,7 @@ use outboard_protocol::vsock::{
     VMADDR_CID_HOST,
 };
 
+use outboard_protocol::record::{RecordError, RecordReader, RecordWriter};
 use rustix::event::epoll::EventFlags;
 use rustix::net::Shutdown;
 
@@ -48,6 +49,24 @@ enum ConnState {
 }
 
 impl ConnState {
+    /// Every state, by its code in a handover record (the index).
+    const ALL: [ConnState; 7] = [
+        ConnState::LocalInit,
+        ConnState::HostConnecting,
+        ConnState::PeerInit,
+        ConnState::Established,
+        ConnState::LocalClosed,
+        ConnState::PeerClosed,
+        ConnState::Killed,
+    ];
+
+    fn code(self) -> u8 {
+        ConnState::ALL
+            .iter()
+            .position(|s| *s == self)
+            .map_or(u8::MAX, |i| i as u8)
+    }
+
     /// Whether guest data and SHUTDOWN are in place.
     fn is_open(self) -> bool {
         matches!(
@@ -252,6 +271,156 @@ impl Conn {
             deadline: None,
             in_rx_list: false,
         }
+    }
+
+    /// Appends the connection's state to a handover record, in the order
+    /// [`Conn::load`] reads it (its fd travels beside the record). Deadlines are
+    /// written as the nanoseconds left after `now` (`u64::MAX`: none).
+    pub fn save(&self, w: &mut RecordWriter, now: Instant) {
+        let flags = [
+            self.readable,
+            self.rdhup,
+            self.probe_hup,
+            self.hup,
+            self.host_eof,
+            self.peer_shut_rcv,
+            self.peer_shut_send,
+            self.host_wr_shut,
+            self.credit_requested,
+            self.in_rx_list,
+        ]
+        .iter()
+        .enumerate()
+        .fold(0u16, |acc, (i, f)| acc | (u16::from(*f) << i));
+        w.u16(self.ty as u16)
+            .u32(self.local_port)
+            .u32(self.peer_port)
+            .u8(self.state.code())
+            .u8(self.pending)
+            .u32(self.shutdown_flags)
+            .u32(self.peer_buf_alloc)
+            .u32(self.peer_fwd_cnt.0)
+            .u32(self.rx_cnt.0)
+            .u32(self.buf_alloc)
+            .u32(self.fwd_cnt.0)
+            .u32(self.recv_cnt.0)
+            .u32(self.last_fwd_cnt_sent.0)
+            .u16(flags)
+            .u64(self.deadline.map_or(u64::MAX, |d| {
+                u64::try_from(d.saturating_duration_since(now).as_nanos()).unwrap_or(u64::MAX - 1)
+            }))
+            .bytes(&self.tx_buf[self.tx_start..])
+            .count(self.seq_msgs.len());
+        for m in &self.seq_msgs {
+            w.bytes(m);
+        }
+        w.bytes(&self.seq_cur);
+    }
+
+    /// A connection from a handover record written by [`Conn::save`], with its host
+    /// socket `fd`. Buffered guest bytes may not exceed `max_buf` (the device's TX
+    /// buffer size: the guest's credit never allows more).
+    pub fn load(
+        r: &mut RecordReader<'_>,
+        fd: OwnedFd,
+        now: Instant,
+        max_buf: u32,
+    ) -> Result<Conn, RecordError> {
+        let raw_ty = r.u16("connection type")?;
+        let ty = VsockType::from_raw(raw_ty).map_err(|_| RecordError::Invalid {
+            field: "connection type",
+            value: u64::from(raw_ty),
+            why: "1 (stream) or 2 (seqpacket)",
+        })?;
+        let local_port = r.u32("local port")?;
+        let peer_port = r.u32("peer port")?;
+        let code = r.u8("connection state")?;
+        let state = *ConnState::ALL
+            .get(usize::from(code))
+            .ok_or(RecordError::Invalid {
+                field: "connection state",
+                value: u64::from(code),
+                why: "states are 0 to 6",
+            })?;
+        let pending = r.u8("pending control packets")?;
+        if pending >= 1 << 6 {
+            return Err(RecordError::Invalid {
+                field: "pending control packets",
+                value: u64::from(pending),
+                why: "six bits are defined",
+            });
+        }
+        let mut conn = Conn::new(fd, ty, local_port, peer_port, state, 0);
+        conn.pending = pending;
+        conn.shutdown_flags = r.u32("shutdown flags")?;
+        conn.peer_buf_alloc = r.u32("peer buf_alloc")?;
+        conn.peer_fwd_cnt = Wrapping(r.u32("peer fwd_cnt")?);
+        conn.rx_cnt = Wrapping(r.u32("rx_cnt")?);
+        conn.buf_alloc = r.u32("buf_alloc")?;
+        if conn.buf_alloc > max_buf {
+            return Err(RecordError::Invalid {
+                field: "buf_alloc",
+                value: u64::from(conn.buf_alloc),
+                why: "more than this device's TX buffer",
+            });
+        }
+        conn.fwd_cnt = Wrapping(r.u32("fwd_cnt")?);
+        conn.recv_cnt = Wrapping(r.u32("recv_cnt")?);
+        conn.last_fwd_cnt_sent = Wrapping(r.u32("last fwd_cnt sent")?);
+        let flags = r.u16("connection flags")?;
+        if flags >= 1 << 10 {
+            return Err(RecordError::Invalid {
+                field: "connection flags",
+                value: u64::from(flags),
+                why: "ten bits are defined",
+            });
+        }
+        let bit = |i: u16| flags & (1 << i) != 0;
+        conn.readable = bit(0);
+        conn.rdhup = bit(1);
+        conn.probe_hup = bit(2);
+        conn.hup = bit(3);
+        conn.host_eof = bit(4);
+        conn.peer_shut_rcv = bit(5);
+        conn.peer_shut_send = bit(6);
+        conn.host_wr_shut = bit(7);
+        conn.credit_requested = bit(8);
+        conn.in_rx_list = bit(9);
+        let left = r.u64("deadline")?;
+        conn.deadline = (left != u64::MAX).then(|| now + std::time::Duration::from_nanos(left));
+        // The guest's credit bounds what the device holds for a connection: its TX
+        // buffer, or its seqpacket messages (one being assembled may be one packet
+        // over).
+        let max = max_buf as usize + MAX_PKT_BUF_SIZE as usize;
+        conn.tx_buf = r.bytes("TX buffer", max)?.to_vec();
+        let n = r.count("seqpacket messages", max, 4)?;
+        let mut held = conn.tx_buf.len();
+        for _ in 0..n {
+            let m = r.bytes("seqpacket message", max)?;
+            held += m.len();
+            conn.seq_msgs.push_back(m.to_vec());
+        }
+        conn.seq_cur = r.bytes("seqpacket message being assembled", max)?.to_vec();
+        held += conn.seq_cur.len();
+        if held > max {
+            return Err(RecordError::TooLong {
+                field: "buffered guest bytes",
+                len: held,
+                max,
+            });
+        }
+        Ok(conn)
+    }
+
+    /// Whether the connection's socket is in the muxer's epoll set: every state but
+    /// [`ConnState::Killed`], whose socket left it when the RST was queued.
+    pub fn in_epoll(&self) -> bool {
+        self.state != ConnState::Killed
+    }
+
+    /// Whether the connection is in the muxer's RX list (as recorded).
+    pub fn in_rx_list(&self) -> bool {
+        self.in_rx_list
     }
 
     /// A guest-initiated connection: the guest's REQUEST `hdr` (from its port
@@ -1040,6 +1209,37 @@ mod tests {
             &packet(VsockOp::Request, 0, 0).hdr,
             1000,
         )
+    }
+
+    #[test]
+    fn a_saved_connection_loads_as_it_was() {
+        use outboard_protocol::record::{RecordReader, RecordWriter};
+        let (mut c, _peer) = stream_pair(ConnState::Established);
+        c.tx_buf = b"xxbuffered".to_vec();
+        c.tx_start = 2;
+        c.seq_msgs.push_back(b"one".to_vec());
+        c.seq_cur = b"half".to_vec();
+        c.pending = PENDING_CREDIT_UPDATE | PENDING_SHUTDOWN;
+        c.fwd_cnt = Wrapping(u32::MAX - 3);
+        c.in_rx_list = true;
+        c.deadline = Some(Instant::now() + CONN_TIMEOUT);
+        let now = Instant::now();
+        let mut w = RecordWriter::new();
+        c.save(&mut w, now);
+        let bytes = w.into_bytes().unwrap();
+        let fd = c.fd.try_clone().unwrap();
+        let mut r = RecordReader::new(&bytes);
+        let loaded = Conn::load(&mut r, fd, now, c.buf_alloc).unwrap();
+        r.finish().unwrap();
+        assert_eq!(loaded.tx_buf, b"buffered");
+        assert_eq!(loaded.tx_start, 0);
+        let mut again = RecordWriter::new();
+        loaded.save(&mut again, now);
+        assert_eq!(again.into_bytes().unwrap(), bytes);
+        // A buffer beyond what the guest could have been given is refused.
+        let fd = c.fd.try_clone().unwrap();
+        let mut r = RecordReader::new(&bytes);
+        assert!(Conn::load(&mut r, fd, now, 1).is_err());
     }
 
     #[test]

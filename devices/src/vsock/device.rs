@@ -24,6 +24,10 @@ use crate::virtio::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
+mod handover;
+
+pub use self::handover::{VsockHandover, HANDOVER_MAGIC, HANDOVER_VERSION};
+
 /// How to build a [`Vsock`] (the flags of `outboard vsock`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockDeviceConfig {
@@ -138,6 +142,20 @@ impl Vsock {
     /// Creates the device and binds its listeners: `<uds_path>` (stream) and
     /// `<uds_path>_seqpacket`, or the AF_VSOCK forward ports.
     pub fn new(config: VsockDeviceConfig) -> Result<Self, VsockError> {
+        Self::check_config(&config)?;
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = Muxer::new(
+            config.guest_cid,
+            config.backend,
+            config.tx_buf_size,
+            config.max_connections,
+            metrics.clone(),
+        )?;
+        Self::with_muxer(config.guest_cid, muxer, metrics)
+    }
+
+    /// Checks a configuration (what [`Vsock::new`] refuses).
+    pub(crate) fn check_config(config: &VsockDeviceConfig) -> Result<(), VsockError> {
         let cid = config.guest_cid;
         if !(MIN_GUEST_CID..VMADDR_CID_ANY).contains(&cid) {
             return Err(VsockError::InvalidCid(cid));
@@ -171,14 +189,15 @@ impl Vsock {
                 }
             }
         }
-        let metrics = Arc::new(VsockMetrics::default());
-        let mut muxer = Muxer::new(
-            cid,
-            config.backend,
-            config.tx_buf_size,
-            config.max_connections,
-            metrics.clone(),
-        )?;
+        Ok(())
+    }
+
+    /// The device around `muxer`.
+    pub(crate) fn with_muxer(
+        cid: u64,
+        mut muxer: Muxer,
+        metrics: Arc<VsockMetrics>,
+    ) -> Result<Self, VsockError> {
         let siblings = Siblings::new(cid)?;
         muxer.watch_inbox(siblings.handle.event_fd(), false)?;
         Ok(Vsock {
@@ -201,6 +220,11 @@ impl Vsock {
     /// The guest's CID.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// The features the driver acked.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
     }
 
     /// This device's end of its sibling links. Link it with another device's

@@ -97,7 +97,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use device::{Vsock, VsockDeviceConfig};
+pub use device::{Vsock, VsockDeviceConfig, VsockHandover, HANDOVER_MAGIC, HANDOVER_VERSION};
 pub use packet::PacketError;
 pub use sibling::{
     sibling_socket_pair, VsockSibling, MAX_INBOX_BYTES, MAX_INBOX_PACKETS, MAX_SIBLING_CONNECTIONS,
@@ -202,6 +202,21 @@ pub enum VsockError {
         /// What is wrong.
         reason: String,
     },
+    /// A socket of the device could not be duplicated for a handover.
+    #[error("cannot duplicate a socket for the handover: {0}")]
+    HandoverDup(std::io::Error),
+    /// A handover came with fewer fds than its record needs.
+    #[error("the handover ran out of fds at {0}")]
+    HandoverFds(&'static str),
+    /// A handover record that does not fit this device.
+    #[error("the handover does not fit this device: {0}")]
+    HandoverMismatch(String),
+    /// A handover record that could not be read.
+    #[error(transparent)]
+    HandoverRecord(#[from] outboard_protocol::record::RecordError),
+    /// The device cannot be handed over in its current state.
+    #[error("the device cannot be handed over: {0}")]
+    HandoverRefused(String),
     /// The guest CID is reserved or out of range.
     #[error("guest CID {0} is invalid (must be 3..0xffffffff)")]
     InvalidCid(u64),

@@ -492,6 +492,21 @@ pub(crate) struct Siblings {
 }
 
 impl Siblings {
+    /// Whether this device is linked to any sibling (in this process or another).
+    pub fn linked(&self) -> bool {
+        let shared = &self.handle.shared;
+        !shared
+            .peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+            || !shared
+                .remotes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+    }
+
     pub fn new(guest_cid: u64) -> Result<Self, VsockError> {
         Ok(Siblings {
             handle: VsockSibling::new(guest_cid)?,

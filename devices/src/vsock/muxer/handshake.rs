@@ -18,7 +18,7 @@ use crate::vsock::{
     sys, VsockMetrics, CONN_TIMEOUT, HOST_PORT_BASE, MAX_CONNECT_LINE, MAX_PENDING_HOST_CONNECTIONS,
 };
 
-const PENDING_EVENTS: EventFlags = EventFlags::IN
+pub(super) const PENDING_EVENTS: EventFlags = EventFlags::IN
     .union(EventFlags::RDHUP)
     .union(EventFlags::ET);
 
@@ -26,7 +26,7 @@ const PENDING_EVENTS: EventFlags = EventFlags::IN
 #[derive(Debug)]
 pub(super) struct PendingHost {
     pub(super) fd: OwnedFd,
-    ty: VsockType,
+    pub(super) ty: VsockType,
     /// When the client is dropped if its line has not come.
     pub(super) deadline: Instant,
 }

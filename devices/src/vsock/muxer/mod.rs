@@ -10,8 +10,10 @@
 //! - `handshake.rs`: host clients' `CONNECT <port>\n` and the `OK <port>\n` answer;
 //!   host clients of the AF_VSOCK forward ports, which need neither.
 //! - `timers.rs`: connection and handshake deadlines on one timerfd.
+//! - `handover.rs`: the muxer's state in a handover record, and a muxer made from one.
 //! - `rx.rs`: RX scheduling: control packets and host data into guest buffers.
 
+mod handover;
 mod handshake;
 mod rx;
 mod timers;
@@ -119,11 +121,6 @@ impl Muxer {
         max_connections: usize,
         metrics: Arc<VsockMetrics>,
     ) -> Result<Self, VsockError> {
-        let epoll = sys::epoll_create().map_err(VsockError::Epoll)?;
-        let timer = sys::timerfd_create().map_err(VsockError::Timer)?;
-        let add = |fd: BorrowedFd<'_>, token| {
-            sys::epoll_add(&epoll, fd, EventFlags::IN, token).map_err(VsockError::Epoll)
-        };
         let host = match backend {
             VsockBackend::Unix(uds_path) => {
                 let listen = |path: PathBuf, ty| {
@@ -136,25 +133,48 @@ impl Muxer {
                 let mut seq_path = uds_path.clone().into_os_string();
                 seq_path.push("_seqpacket");
                 let seq_listener = listen(PathBuf::from(seq_path), SocketType::SEQPACKET)?;
-                add(listener.as_fd(), TOKEN_LISTENER)?;
-                add(seq_listener.as_fd(), TOKEN_SEQ_LISTENER)?;
                 HostSide::Unix {
                     uds_path,
                     listener,
                     seq_listener,
                 }
             }
-            VsockBackend::Vsock(fwd) => {
-                let listeners = fwd.listen()?;
+            VsockBackend::Vsock(fwd) => HostSide::Vsock {
+                cid: fwd.cid,
+                listeners: fwd.listen()?,
+            },
+        };
+        Muxer::with_host(guest_cid, host, tx_buf_size, max_connections, metrics)
+    }
+
+    /// A muxer with no connections on the listeners of `host`.
+    fn with_host(
+        guest_cid: u64,
+        host: HostSide,
+        tx_buf_size: u32,
+        max_connections: usize,
+        metrics: Arc<VsockMetrics>,
+    ) -> Result<Self, VsockError> {
+        let epoll = sys::epoll_create().map_err(VsockError::Epoll)?;
+        let timer = sys::timerfd_create().map_err(VsockError::Timer)?;
+        let add = |fd: BorrowedFd<'_>, token| {
+            sys::epoll_add(&epoll, fd, EventFlags::IN, token).map_err(VsockError::Epoll)
+        };
+        match &host {
+            HostSide::Unix {
+                listener,
+                seq_listener,
+                ..
+            } => {
+                add(listener.as_fd(), TOKEN_LISTENER)?;
+                add(seq_listener.as_fd(), TOKEN_SEQ_LISTENER)?;
+            }
+            HostSide::Vsock { listeners, .. } => {
                 for (i, (fd, _)) in listeners.iter().enumerate() {
                     add(fd.as_fd(), TOKEN_FORWARD_LISTENER | i as u64)?;
                 }
-                HostSide::Vsock {
-                    cid: fwd.cid,
-                    listeners,
-                }
             }
-        };
+        }
         add(timer.as_fd(), TOKEN_TIMER)?;
         Ok(Muxer {
             guest_cid,
@@ -178,6 +198,11 @@ impl Muxer {
             iov: sys::IovScratch::default(),
             rx: RxBufs::default(),
         })
+    }
+
+    /// The TX buffer size (the credit each connection announces).
+    pub fn tx_buf_size(&self) -> u32 {
+        self.tx_buf_size
     }
 
     /// The epoll set the owner polls.

@@ -1,0 +1,146 @@
+//! Handing a running device to another process: [`Vsock::handover`] in the old one,
+//! [`Vsock::take_over`] in the new one. The state between them is one record
+//! ([`VsockHandover::record`], fields below) and the device's sockets, in order.
+//!
+//! Record fields (encoding: [`outboard_protocol::record`]):
+//!
+//! 1. `u64` [`HANDOVER_MAGIC`], `u32` [`HANDOVER_VERSION`];
+//! 2. `u64` guest CID, `u32` TX buffer size, `bool` a TRANSPORT_RESET event waits for
+//!    an event buffer;
+//! 3. the muxer: its listeners, connections (state machines, credit counters, bytes
+//!    the guest sent that the host socket has not taken yet, seqpacket messages),
+//!    host clients waiting to send `CONNECT`, the RX list and RSTs waiting for RX
+//!    buffers (see the muxer's `handover` module for each field).
+//!
+//! Not in the record: what the transport sets up (features, rings; a vhost-user
+//! daemon carries that itself and replays it, which acks the features again), the
+//! counters (they start again from zero in the new process), and sibling links
+//! (a device linked to a sibling refuses the handover).
+//!
+//! The device must be quiescent when [`Vsock::handover`] is called: between two calls
+//! of its event loop, with no descriptor chain held (every `handle_*` call returns
+//! every chain it popped, so that holds between calls).
+
+use std::os::fd::OwnedFd;
+
+use outboard_protocol::record::{RecordError, RecordReader, RecordWriter};
+
+use super::{Muxer, Vsock, VsockDeviceConfig};
+use crate::vsock::{VsockError, VsockMetrics};
+
+/// First field of a vsock handover record ("OBVSOCK" and a zero byte).
+pub const HANDOVER_MAGIC: u64 = u64::from_le_bytes(*b"OBVSOCK\0");
+/// The record layout this build writes and reads.
+pub const HANDOVER_VERSION: u32 = 1;
+
+/// A vsock device's state in transit to another process: the record and the sockets
+/// it names (duplicates: the device that wrote it still holds its own).
+#[derive(Debug)]
+pub struct VsockHandover {
+    /// The record (see the [module docs](self)).
+    pub record: Vec<u8>,
+    /// The sockets, in the record's order.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Vsock {
+    /// The device's state for another process to [`Vsock::take_over`]: the record and
+    /// duplicates of its sockets. The device is not changed and goes on serving if the
+    /// handover does not happen; once it has, drop it without
+    /// [`VirtioDevice::reset`](crate::virtio::VirtioDevice::reset) (a reset would close
+    /// connections the new process now serves).
+    ///
+    /// Refused for a device linked to sibling VMs: their packets in flight between
+    /// devices are not carried.
+    pub fn handover(&self) -> Result<VsockHandover, VsockError> {
+        if self.siblings.linked() {
+            return Err(VsockError::HandoverRefused(
+                "it is linked to sibling VMs, whose packets in flight are not carried".into(),
+            ));
+        }
+        let mut w = RecordWriter::new();
+        let mut fds = Vec::new();
+        w.u64(HANDOVER_MAGIC)
+            .u32(HANDOVER_VERSION)
+            .u64(self.guest_cid)
+            .u32(self.muxer.tx_buf_size())
+            .bool(self.transport_reset_pending);
+        self.muxer.save(&mut w, &mut fds)?;
+        Ok(VsockHandover {
+            record: w.into_bytes()?,
+            fds,
+        })
+    }
+
+    /// A device configured as `config` in the state of `handover` (written by
+    /// [`Vsock::handover`] in another process): same guest CID, same host side, on the
+    /// sockets that came with it. Nothing is bound. The device is not active yet: the
+    /// transport activates it as usual, and its first kicks carry on where the old
+    /// process stopped.
+    ///
+    /// Refused whole, with the reason, when the record is of another version or
+    /// another device, is cut short or padded, names more connections than `config`
+    /// allows, or comes with the wrong number of fds.
+    pub fn take_over(
+        config: VsockDeviceConfig,
+        handover: VsockHandover,
+    ) -> Result<Self, VsockError> {
+        Self::check_config(&config)?;
+        let mut r = RecordReader::new(&handover.record);
+        let magic = r.u64("magic")?;
+        if magic != HANDOVER_MAGIC {
+            return Err(RecordError::Invalid {
+                field: "magic",
+                value: magic,
+                why: "not a vsock handover record",
+            }
+            .into());
+        }
+        let version = r.u32("version")?;
+        if version != HANDOVER_VERSION {
+            return Err(RecordError::Version {
+                what: "vsock handover",
+                found: version,
+                known: format!("{HANDOVER_VERSION}"),
+            }
+            .into());
+        }
+        let cid = r.u64("guest CID")?;
+        if cid != config.guest_cid {
+            return Err(VsockError::HandoverMismatch(format!(
+                "the record is of guest CID {cid}, this device serves guest CID {}",
+                config.guest_cid
+            )));
+        }
+        let tx_buf_size = r.u32("TX buffer size")?;
+        if tx_buf_size != config.tx_buf_size {
+            return Err(VsockError::HandoverMismatch(format!(
+                "the record's TX buffer size is {tx_buf_size} bytes, this device's {} \
+                 (the guest was promised that credit)",
+                config.tx_buf_size
+            )));
+        }
+        let reset_pending = r.bool("transport reset pending")?;
+        let metrics = std::sync::Arc::new(VsockMetrics::default());
+        let mut fds = handover.fds.into_iter();
+        let muxer = Muxer::load(
+            cid,
+            &config.backend,
+            tx_buf_size,
+            config.max_connections,
+            metrics.clone(),
+            &mut r,
+            &mut fds,
+        )?;
+        r.finish()?;
+        let left = fds.count();
+        if left != 0 {
+            return Err(VsockError::HandoverMismatch(format!(
+                "{left} fds more than the record names"
+            )));
+        }
+        let mut device = Vsock::with_muxer(cid, muxer, metrics)?;
+        device.transport_reset_pending = reset_pending;
+        Ok(device)
+    }
+}
