@@ -371,6 +371,25 @@ pub struct BackendReqHandler<B: VhostUserBackendReqHandler> {
     partial: PartialMessage,
 }
 
+/// What a [`BackendReqHandler`] knows of its session beyond the device: the
+/// negotiation so far. [`BackendReqHandler::session`] takes it from a running handler,
+/// [`BackendReqHandler::resume`] serves the same front-end connection with it in
+/// another handler (in another process: `outboard vsock --take-over`), so the
+/// front-end never sees a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionState {
+    /// `SET_OWNER` was received.
+    pub owned: bool,
+    /// What `GET_FEATURES` answered, if it was asked.
+    pub offered_features: Option<u64>,
+    /// What `SET_FEATURES` acked.
+    pub acked_features: u64,
+    /// What `GET_PROTOCOL_FEATURES` answered, if it was asked.
+    pub offered_protocol: Option<VhostUserProtocolFeatures>,
+    /// What `SET_PROTOCOL_FEATURES` acked.
+    pub acked_protocol: VhostUserProtocolFeatures,
+}
+
 impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
     /// Serves `backend` on a connected front-end socket.
     pub fn new(conn: Connection, backend: B) -> Self {
@@ -406,6 +425,48 @@ impl<B: VhostUserBackendReqHandler> BackendReqHandler<B> {
     /// Ends the session and returns the device.
     pub fn into_backend(self) -> B {
         self.backend
+    }
+
+    /// The session's negotiation, for [`BackendReqHandler::resume`] elsewhere; `None`
+    /// while the handler is not at a message boundary (part of a request received, or
+    /// the front-end waiting for a reply that was not sent), when a session cannot
+    /// move.
+    pub fn session(&self) -> Option<SessionState> {
+        if self.partial.started().is_some() || self.peer_waiting {
+            return None;
+        }
+        Some(SessionState {
+            owned: self.owned,
+            offered_features: self.offered_features,
+            acked_features: self.acked_features,
+            offered_protocol: self.offered_protocol,
+            acked_protocol: self.acked_protocol,
+        })
+    }
+
+    /// The back-end channel the front-end gave (`SET_BACKEND_REQ_FD`), if any.
+    pub fn backend_channel(&self) -> Option<&BackendReqSender> {
+        self.backend_channel.as_ref()
+    }
+
+    /// Serves `backend` on `conn`, a front-end connection whose session another
+    /// handler started ([`BackendReqHandler::session`]), with its back-end
+    /// `channel`. The device in `backend` must already be in the state that session
+    /// set up.
+    pub fn resume(
+        conn: Connection,
+        backend: B,
+        state: SessionState,
+        channel: Option<BackendReqSender>,
+    ) -> Self {
+        let mut h = BackendReqHandler::new(conn, backend);
+        h.owned = state.owned;
+        h.offered_features = state.offered_features;
+        h.acked_features = state.acked_features;
+        h.offered_protocol = state.offered_protocol;
+        h.acked_protocol = state.acked_protocol;
+        h.backend_channel = channel;
+        h
     }
 
     /// Whether `SET_OWNER` was received (and not undone by `RESET_OWNER`).

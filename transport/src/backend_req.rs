@@ -18,7 +18,7 @@
 //! sides would wait for each other. Send from a device worker thread.
 
 use std::collections::VecDeque;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use outboard_protocol::vhost_user::{
@@ -155,6 +155,17 @@ impl BackendReqSender {
     /// The negotiated protocol features.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.lock().features
+    }
+
+    /// A duplicate of the channel's socket (to hand the channel to another process),
+    /// or `None` while the channel owes replies or holds refusals nobody took: then
+    /// its state is more than the socket.
+    pub fn try_clone_socket(&self) -> Option<std::io::Result<OwnedFd>> {
+        let inner = self.lock();
+        if !inner.owed.is_empty() || !inner.refused.is_empty() {
+            return None;
+        }
+        Some(inner.conn.socket().as_fd().try_clone_to_owned())
     }
 
     /// Updates the negotiated protocol features (after a new `SET_PROTOCOL_FEATURES`).

@@ -72,7 +72,9 @@ pub mod sock;
 #[cfg(feature = "tube")]
 pub mod tube;
 
-pub use backend::{BackendReqHandler, Listener, MemoryRegion, VhostUserBackendReqHandler};
+pub use backend::{
+    BackendReqHandler, Listener, MemoryRegion, SessionState, VhostUserBackendReqHandler,
+};
 #[allow(deprecated)]
 pub use backend_req::{Backend, BackendReqSender};
 pub use connection::{Connection, Message, PartialMessage};

@@ -119,6 +119,8 @@ pub mod shared_metrics;
 pub mod supervisor;
 #[cfg(feature = "daemon")]
 pub mod systemd;
+#[cfg(feature = "cli")]
+pub mod upgrade;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 #[cfg(feature = "cli")]

@@ -15,14 +15,15 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use outboard_devices::vsock::{Vsock, VsockMetrics};
+use outboard_devices::vsock::{Vsock, VsockHandover, VsockMetrics};
 
 use crate::metrics::{self, VmMetrics};
 use crate::supervisor::{
     remove_stale_socket, stop_all, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
     STOP_GRACE,
 };
-use crate::vhost_user::daemon;
+use crate::upgrade::{request_take_over, serve_upgrades, TakenVm, UpgradableVm};
+use crate::vhost_user::daemon::{upgrade_channel, Parcel, UpgradeHandle, Worker};
 #[cfg(feature = "jail")]
 use crate::vsock_cli::sibling_pairs;
 use crate::vsock_cli::{SiblingGroups, VmConfig};
@@ -85,6 +86,17 @@ pub fn thread_service(
     fd: Option<RawFd>,
     siblings: &mut SiblingGroups,
 ) -> Result<ThreadService, String> {
+    upgradable_thread_service(vm, fd, siblings, false).map(|(s, _)| s)
+}
+
+/// [`thread_service`], and with `upgradable` the handle through which a live upgrade
+/// takes the worker's device over (see [`crate::upgrade`]).
+pub fn upgradable_thread_service(
+    vm: &VmConfig,
+    fd: Option<RawFd>,
+    siblings: &mut SiblingGroups,
+    upgradable: bool,
+) -> Result<(ThreadService, Option<UpgradeHandle>), String> {
     let mut created = muxer_sockets(vm);
     for p in &created {
         remove_stale_socket(p)?;
@@ -100,64 +112,264 @@ pub fn thread_service(
             vm.groups.join("+")
         );
     }
-    let counters: Arc<VsockMetrics> = device.metrics();
     let Listening {
         listener,
         created: bound,
     } = listen(vm, fd)?;
     created.extend(bound);
-    let name = format!("vsock cid {}", vm.guest_cid);
-    let worker_name = name.clone();
-    let queue_size = vm.queue_size;
     log::info!(
         "guest CID {}: vhost-user socket {}, {}",
         vm.guest_cid,
         vm.socket.display(),
         vm.host_side()
     );
+    let name = format!("vsock cid {}", vm.guest_cid);
+    let worker =
+        Worker::new(device, listener, vm.queue_size, &name, |b| b).map_err(|e| e.to_string())?;
+    worker_service(vm, worker, created, upgradable)
+}
+
+/// A worker's device saved for a live upgrade: the vsock device's handover record.
+fn save_vsock(device: &Vsock) -> Result<Parcel, String> {
+    device
+        .handover()
+        .map(|h| Parcel {
+            record: h.record,
+            fds: h.fds,
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// The supervisor's service around `worker`; with `upgradable`, the handle of its
+/// upgrade hooks.
+fn worker_service(
+    vm: &VmConfig,
+    worker: Worker<Vsock>,
+    created: Vec<PathBuf>,
+    upgradable: bool,
+) -> Result<(ThreadService, Option<UpgradeHandle>), String> {
+    let counters: Arc<VsockMetrics> = worker
+        .device()
+        .map(Vsock::metrics)
+        .ok_or("the worker holds no device")?;
+    let (handle, hooks) = if upgradable {
+        let (h, k) = upgrade_channel(save_vsock).map_err(|e| format!("eventfd: {e}"))?;
+        (Some(h), Some(k))
+    } else {
+        (None, None)
+    };
+    let name = format!("vsock cid {}", vm.guest_cid);
     let label = vm.clone();
-    Ok(ThreadService::new(
+    let service = ThreadService::new(
         name,
         format!("vsock-{}", vm.guest_cid),
         created,
         move |stop| {
-            daemon::serve(device, listener, queue_size, &stop, &worker_name)
+            worker
+                .run(&stop, hooks)
                 .map(drop)
                 .map_err(|e| e.to_string())
         },
     )
     .map_err(|e| format!("eventfd: {e}"))?
-    .with_metrics(move || vm_metrics(&label, &counters)))
+    .with_metrics(move || vm_metrics(&label, &counters));
+    Ok((service, handle))
+}
+
+/// VM `vm`'s worker made from what the old process handed over (`taken`), as a
+/// service of this process; nothing runs until the supervisor starts it, which must
+/// wait for the old process to have let go ([`crate::upgrade::TakeOver::accept`]).
+pub fn taken_thread_service(
+    vm: &VmConfig,
+    taken: TakenVm,
+) -> Result<(ThreadService, UpgradeHandle), String> {
+    if taken.socket != vm.socket {
+        return Err(format!(
+            "guest CID {}: the running outboard serves it on {}, this command line on {}",
+            vm.guest_cid,
+            taken.socket.display(),
+            vm.socket.display()
+        ));
+    }
+    let name = format!("vsock cid {}", vm.guest_cid);
+    let config = vm.device_config();
+    let worker = Worker::take_over(
+        taken.parcel,
+        |p| {
+            Vsock::take_over(
+                config,
+                VsockHandover {
+                    record: p.record,
+                    fds: p.fds,
+                },
+            )
+            .map_err(|e| e.to_string())
+        },
+        vm.queue_size,
+        &name,
+        |b| b,
+    )
+    .map_err(|e| format!("guest CID {}: {e}", vm.guest_cid))?;
+    log::info!(
+        "guest CID {}: taken over with {} connection(s)",
+        vm.guest_cid,
+        worker.device().map_or(0, Vsock::connection_count)
+    );
+    let mut created = muxer_sockets(vm);
+    created.push(vm.socket.clone());
+    let (service, handle) = worker_service(vm, worker, created, true)?;
+    let handle = handle.ok_or("no upgrade handle")?;
+    Ok((service, handle))
+}
+
+/// How `outboard vsock` takes part in live upgrades.
+#[derive(Debug, Clone)]
+pub struct UpgradeOptions {
+    /// Where this process listens for the next one (`--upgrade-socket`).
+    pub socket: PathBuf,
+    /// Take every VM over from the process listening there (`--take-over`) instead of
+    /// starting afresh.
+    pub take_over: bool,
 }
 
 /// Serves `vms` until SIGTERM/SIGINT: each VM's worker on a thread, or with `jail` in
 /// a jailed child; writes `metrics` if given. True when everything started and stopped
 /// cleanly. `fds[i]`: an inherited listening socket for VM `i` (`--fd`, systemd socket
-/// activation), owned by the callee from here on (see [`inherited_listener`]).
+/// activation), owned by the callee from here on (see [`inherited_listener`]). With
+/// `upgrade` (thread workers only), a new process can take the VMs over
+/// ([`crate::upgrade`]), and with `upgrade.take_over` this one takes them over.
 pub fn run(
     vms: &[VmConfig],
     fds: &[Option<RawFd>],
     #[cfg(feature = "jail")] jail: Option<JailOptions>,
     metrics: Option<MetricsFile>,
     signals: &StopSignals,
+    upgrade: Option<&UpgradeOptions>,
 ) -> bool {
     #[cfg(feature = "jail")]
     if let Some(j) = jail {
+        if upgrade.is_some() {
+            log::error!("live upgrade does not work with --jail (see --upgrade-socket)");
+            return false;
+        }
         return match jailed_services(vms, fds, &j, metrics.is_some()) {
             Ok(mut services) => Supervisor::new(metrics).run(&mut services, signals),
             Err((i, e, services)) => give_up(vms, i, &e, services),
         };
     }
     let mut services: Vec<Box<dyn Service>> = Vec::new();
-    let mut siblings = SiblingGroups::default();
-    for (i, vm) in vms.iter().enumerate() {
-        let fd = fds.get(i).copied().flatten();
-        match thread_service(vm, fd, &mut siblings) {
-            Ok(s) => services.push(Box::new(s)),
-            Err(e) => return give_up(vms, i, &e, services),
+    let mut handles = Vec::new();
+    match upgrade {
+        Some(u) if u.take_over => match take_over_all(vms, &u.socket) {
+            Ok(taken) => {
+                for (s, h) in taken {
+                    services.push(Box::new(s));
+                    handles.push(h);
+                }
+            }
+            Err(e) => {
+                log::error!("live upgrade: {e}");
+                return false;
+            }
+        },
+        _ => {
+            let mut siblings = SiblingGroups::default();
+            for (i, vm) in vms.iter().enumerate() {
+                let fd = fds.get(i).copied().flatten();
+                match upgradable_thread_service(vm, fd, &mut siblings, upgrade.is_some()) {
+                    Ok((s, h)) => {
+                        services.push(Box::new(s));
+                        handles.extend(h.map(|handle| UpgradableVm {
+                            guest_cid: vm.guest_cid,
+                            socket: vm.socket.clone(),
+                            handle,
+                        }));
+                    }
+                    Err(e) => return give_up(vms, i, &e, services),
+                }
+            }
+        }
+    }
+    if let Some(u) = upgrade {
+        let listener = match remove_stale_socket(&u.socket)
+            .and_then(|()| UnixListener::bind(&u.socket).map_err(|e| e.to_string()))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("--upgrade-socket {}: {e}", u.socket.display());
+                stop_all(&mut services, std::time::Instant::now() + STOP_GRACE);
+                return false;
+            }
+        };
+        let path = u.socket.clone();
+        let spawned = std::thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || serve_upgrades(listener, path, handles));
+        if let Err(e) = spawned {
+            log::error!("cannot start the upgrade thread: {e}");
+            stop_all(&mut services, std::time::Instant::now() + STOP_GRACE);
+            return false;
         }
     }
     Supervisor::new(metrics).run(&mut services, signals)
+}
+
+/// Takes every VM of `vms` over from the process at `socket`: the services, each
+/// with its upgrade handle, ready to start. On error the old process was told why
+/// and serves on; nothing of this process's was started and no file was removed.
+fn take_over_all(
+    vms: &[VmConfig],
+    socket: &std::path::Path,
+) -> Result<Vec<(ThreadService, UpgradableVm)>, String> {
+    let mut t = request_take_over(socket)?;
+    log::info!(
+        "live upgrade: pid {} handed over {} VM(s); setting them up",
+        t.pid,
+        t.vms.len()
+    );
+    let mut out = Vec::with_capacity(vms.len());
+    let mut built = || -> Result<(), String> {
+        for vm in vms {
+            let i = t
+                .vms
+                .iter()
+                .position(|v| v.guest_cid == vm.guest_cid)
+                .ok_or_else(|| {
+                    format!(
+                        "guest CID {} is configured here but not served by pid {}",
+                        vm.guest_cid, t.pid
+                    )
+                })?;
+            let taken = t.vms.swap_remove(i);
+            let (service, handle) = taken_thread_service(vm, taken)?;
+            out.push((
+                service,
+                UpgradableVm {
+                    guest_cid: vm.guest_cid,
+                    socket: vm.socket.clone(),
+                    handle,
+                },
+            ));
+        }
+        if let Some(extra) = t.vms.first() {
+            return Err(format!(
+                "pid {} serves guest CID {}, which this command line does not configure",
+                t.pid, extra.guest_cid
+            ));
+        }
+        Ok(())
+    };
+    if let Err(e) = built() {
+        // Never started: dropping closes our copies and removes no file.
+        drop(out);
+        t.refuse(&e);
+        return Err(e);
+    }
+    let pid = t.pid;
+    t.accept()
+        .map_err(|e| format!("pid {pid} did not complete the handover: {e}"))?;
+    log::info!("live upgrade: pid {pid} let go; serving");
+    Ok(out)
 }
 
 /// Reports why VM `i` could not be set up and undoes what the others set up.

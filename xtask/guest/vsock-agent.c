@@ -26,6 +26,8 @@
  *                                   connection and run /bin/sh on it
  *
  * Any failure answers "ERR <what>". Every result is also printed on the console.
+ * Each control connection runs in its own thread, so commands of several connections
+ * run at once (their buffers are per thread).
  * Build: gcc -static -O2 -pthread -o vsock-agent vsock-agent.c
  */
 #define _GNU_SOURCE
@@ -410,7 +412,7 @@ static void cmd_source(int ctl, unsigned port, unsigned n, uint64_t bytes) {
 }
 
 static void cmd_seq(int ctl, unsigned port, unsigned count) {
-    static uint8_t out[65536], in[65536 + 1];
+    static __thread uint8_t out[65536], in[65536 + 1];
     uint64_t state = seed_of(port), bytes = 0, start = now_us();
     int fd = vsock_connect(SOCK_SEQPACKET, HOST_CID, port);
     if (fd < 0) {
@@ -454,7 +456,7 @@ static void cmd_refused(int ctl, unsigned port) {
 }
 
 static void cmd_echo(int ctl, unsigned port) {
-    static uint8_t buf[65536];
+    static __thread uint8_t buf[65536];
     int l = vsock_listen(SOCK_STREAM, port);
     if (l < 0) {
         say(ctl, "ERR listen on port %u: %s", port, strerror(errno));
@@ -485,7 +487,7 @@ static int cmp_u64(const void *a, const void *b) {
 }
 
 static void cmd_ping(int ctl, unsigned port, unsigned count, unsigned size) {
-    static uint8_t out[4096], in[4096];
+    static __thread uint8_t out[4096], in[4096];
     if (size == 0 || size > sizeof(out) || count == 0) {
         say(ctl, "ERR ping size %u out of 1..%zu or count 0", size, sizeof(out));
         return;

@@ -24,20 +24,28 @@ pub struct Sizes {
     pub conns: u32,
     /// Bytes per concurrent connection.
     pub per_conn: u64,
+    /// Bytes of each stream that runs across the live upgrades.
+    pub upgrade_bulk: u64,
 }
 
 impl Sizes {
     /// 256 MiB each way and 32 connections of 2 MiB, unless `OUTBOARD_E2E_BULK_MIB` says
-    /// otherwise.
+    /// otherwise; 512 MiB each way across the live upgrades unless
+    /// `OUTBOARD_E2E_UPGRADE_MIB` says otherwise.
     pub fn from_env() -> Sizes {
         let bulk = std::env::var("OUTBOARD_E2E_BULK_MIB")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(256);
+        let upgrade = std::env::var("OUTBOARD_E2E_UPGRADE_MIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(512);
         Sizes {
             bulk: bulk * MIB,
             conns: 32,
             per_conn: 2 * MIB,
+            upgrade_bulk: upgrade * MIB,
         }
     }
 }
@@ -307,6 +315,15 @@ fn checks(vm: &mut Vm, sizes: &Sizes, report: &mut Report) -> bool {
     ok &= report.check("no listener: refused both ways, others undisturbed", || {
         no_listener(vm, &mut ctl)
     });
+    if matches!(vm.kind, Backend::Outboard(_)) && !crate::vm::jailed() {
+        ok &= report.check(
+            &format!(
+                "live upgrade: {} in a row under load, nothing lost, no reset",
+                crate::live_upgrade::UPGRADES
+            ),
+            || crate::live_upgrade::check(vm, sizes.upgrade_bulk),
+        );
+    }
     ok &= report.check("SIGTERM: back-end exits cleanly", || {
         vm.stop_backend(Duration::from_secs(15))?;
         if !vm.qemu.running() {

@@ -41,6 +41,7 @@ mod examples;
 mod fuzz;
 mod guest_patch;
 mod host;
+mod live_upgrade;
 mod media_clients;
 mod media_e2e;
 mod media_guest;

@@ -54,6 +54,8 @@ impl Backend {
         if let Backend::Outboard(_) = self {
             if jailed() {
                 cmd.arg("--jail");
+            } else {
+                cmd.arg("--upgrade-socket").arg(upgrade_socket(socket));
             }
             // With --jail the worker publishes its counters to the daemon.
             cmd.arg("--metrics")
@@ -69,6 +71,11 @@ impl Backend {
         }
         cmd
     }
+}
+
+/// Where `outboard vsock` (not jailed) listens for a live upgrade.
+pub fn upgrade_socket(socket: &Path) -> PathBuf {
+    socket.with_file_name("upgrade.sock")
 }
 
 /// A running guest and its back-end. Both are killed when this is dropped.
@@ -208,6 +215,63 @@ impl Vm {
         let b = start_backend(&self.kind, &self.socket, &self.uds, &self.backend_log)?;
         self.backend = Some(b);
         Ok(())
+    }
+
+    /// Upgrades the back-end in place: starts `outboard vsock --take-over` (the same
+    /// flags, the same log) and waits until the old process exited with status 0 and
+    /// the new one runs. Returns how long that took. `n` numbers the upgrade for
+    /// messages.
+    pub fn upgrade_backend(&mut self, n: usize) -> Result<Duration> {
+        let start = Instant::now();
+        let mut cmd = self.kind.command(&self.socket, &self.uds);
+        cmd.arg("--take-over");
+        let mut new = Proc::spawn(
+            &format!("{} (upgrade {n})", self.kind.name()),
+            cmd,
+            &self.backend_log,
+        )?;
+        let old = self.backend.as_mut().ok_or("the back-end is not running")?;
+        let deadline = start + Duration::from_secs(20);
+        loop {
+            match old.child.try_wait() {
+                Ok(Some(status)) if status.success() => break,
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "upgrade {n}: the old back-end exited with {status}"
+                    ))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("upgrade {n}: waiting for the old back-end: {e}")),
+            }
+            if !new.running() {
+                return Err(format!(
+                    "upgrade {n}: the new back-end exited while the old one runs:\n{}",
+                    util::read_log(&self.backend_log)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "upgrade {n}: the old back-end did not exit within 20 s"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let took = start.elapsed();
+        if !new.running() {
+            return Err(format!("upgrade {n}: the new back-end is not running"));
+        }
+        self.backend = Some(new);
+        Ok(took)
+    }
+
+    /// QEMU's log lines that mention vhost (a back-end that went away, a failed
+    /// request).
+    pub fn qemu_vhost_lines(&self) -> Vec<String> {
+        util::read_log(&self.dir.join("qemu.log"))
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().contains("vhost"))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Prints the console and back-end logs, for a failure report.

@@ -37,9 +37,9 @@ use outboard_vmm_glue::supervisor::{JailedService, ServeFn};
 use outboard_vmm_glue::systemd;
 use outboard_vmm_glue::vhost_user::media::MediaSource;
 use outboard_vmm_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
-use outboard_vmm_glue::vsock_daemon;
 #[cfg(feature = "jail")]
 use outboard_vmm_glue::vsock_daemon::JailOptions;
+use outboard_vmm_glue::vsock_daemon::{self, UpgradeOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -232,6 +232,18 @@ struct VsockArgs {
     /// Seconds between metrics writes.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     metrics_interval: u64,
+    /// Live upgrade: listen on this Unix socket for a newer `outboard vsock` that
+    /// takes every VM over (its guest memory, rings and every open vsock connection)
+    /// with no reset the guest or QEMU can see; this process then exits with status 0.
+    /// Not with --jail, nor for VMs in sibling groups.
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+    /// Live upgrade: take every VM over from the `outboard vsock` listening on
+    /// --upgrade-socket instead of starting afresh (give the same VM flags as it has).
+    /// If anything does not fit, this process exits with an error and the running one
+    /// serves on; once taken over, this one listens on --upgrade-socket in turn.
+    #[arg(long, requires = "upgrade_socket")]
+    take_over: bool,
     /// Print the back-end's capabilities as JSON (vhost-user convention) and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -468,7 +480,9 @@ fn activated_per_vm(vms: &[VmConfig], fds: Vec<OwnedFd>) -> Result<Vec<Option<Ra
 
 fn vsock(args: VsockArgs) -> ExitCode {
     if args.print_capabilities {
-        println!("{{\n  \"type\": \"vsock\"\n}}");
+        // `features` is not in the vhost-user spec's list; front-ends ignore what they
+        // do not know, and an operator's tooling can see that live upgrade is there.
+        println!("{{\n  \"type\": \"vsock\",\n  \"features\": [\"live-upgrade\"]\n}}");
         return ExitCode::SUCCESS;
     }
     let config_text = match &args.config {
@@ -527,6 +541,23 @@ fn vsock(args: VsockArgs) -> ExitCode {
     if args.metrics_interval == 0 {
         return usage_error("--metrics-interval 0: the interval must be at least 1 second");
     }
+    if args.upgrade_socket.is_some() {
+        if args.jail.jail {
+            return usage_error(
+                "--upgrade-socket does not work with --jail: a jailed worker's device \
+                 (its connections, guest memory, rings) lives in a jailed child process, \
+                 and carrying that state out of the jail is not implemented; restart \
+                 jailed daemons instead",
+            );
+        }
+        if let Some(&(i, j)) = outboard_vmm_glue::vsock_cli::sibling_pairs(&vms).first() {
+            return usage_error(format!(
+                "--upgrade-socket: guest CIDs {} and {} share a sibling group, and a live \
+                 upgrade does not carry the packets in flight between sibling VMs",
+                vms[i].guest_cid, vms[j].guest_cid
+            ));
+        }
+    }
     #[cfg(feature = "jail")]
     let jail = match jail_options(&args.jail) {
         Ok(j) => j,
@@ -550,6 +581,10 @@ fn vsock(args: VsockArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let upgrade = args.upgrade_socket.clone().map(|socket| UpgradeOptions {
+        socket,
+        take_over: args.take_over,
+    });
     let ok = vsock_daemon::run(
         &vms,
         &fds,
@@ -557,6 +592,7 @@ fn vsock(args: VsockArgs) -> ExitCode {
         jail,
         metrics,
         &signals,
+        upgrade.as_ref(),
     );
     if ok {
         log::info!("stopped cleanly");

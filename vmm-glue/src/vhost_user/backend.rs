@@ -18,6 +18,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+mod handover;
+
 use super::guard;
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
@@ -146,6 +148,9 @@ pub struct DeviceBackend<D: VirtioDevice> {
     poison_seen: u64,
     /// Why the front-end must be dropped (its memory was cut short under the device).
     fatal: Option<String>,
+    /// Set up from a handover record and active there: [`DeviceBackend::start_loaded`]
+    /// starts the rings.
+    loaded_active: bool,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
@@ -187,6 +192,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             broken_rings: 0,
             poison_seen: guard::poison_events(),
             fatal: None,
+            loaded_active: false,
         }
     }
 

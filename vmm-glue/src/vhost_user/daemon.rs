@@ -25,11 +25,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{DeviceBackend, KICK_TOKEN_LIMIT};
+pub use super::handover::{upgrade_channel, Decision, Parcel, UpgradeHandle, UpgradeHooks};
 
 const TOKEN_LISTENER: u64 = KICK_TOKEN_LIMIT + 1;
 const TOKEN_CONN: u64 = KICK_TOKEN_LIMIT + 2;
 const TOKEN_DEVICE: u64 = KICK_TOKEN_LIMIT + 3;
 const TOKEN_STOP: u64 = KICK_TOKEN_LIMIT + 4;
+const TOKEN_PAUSE: u64 = KICK_TOKEN_LIMIT + 5;
 
 /// How long a front-end may leave a message half sent before it is dropped. A vhost-user
 /// message is at most a few KiB and every front-end sends it with one `sendmsg`, so a
@@ -120,199 +122,317 @@ pub fn serve_with<D: VirtioDevice>(
     name: &str,
     setup: impl FnOnce(DeviceBackend<D>) -> DeviceBackend<D>,
 ) -> Result<D, WorkerError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(WorkerError::Accept)?;
-    let epoll = Arc::new(Epoll::new().map_err(WorkerError::Epoll)?);
-    // SAFETY: the stop eventfd outlives this function (borrowed for its duration).
-    let stop_fd = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
-    add(&epoll, stop_fd, TOKEN_STOP)?;
-    if let Some(fd) = device.event_fd() {
-        add(&epoll, fd, TOKEN_DEVICE)?;
+    Worker::new(device, listener, max_queue_size, name, setup)?.run(stop, None)
+}
+
+/// A worker loop ready to run: the device, its listening socket and, for a worker
+/// that took a device over from another process ([`Worker::take_over`]), the
+/// front-end's session. [`serve`] is `Worker::new(..)?.run(..)`.
+pub struct Worker<D: VirtioDevice> {
+    pub(super) epoll: Arc<Epoll>,
+    pub(super) listener: UnixListener,
+    /// Exactly one of these is Some: the device waits idle, or a front-end drives it.
+    pub(super) idle: Option<DeviceBackend<D>>,
+    pub(super) conn: Option<BackendReqHandler<DeviceBackend<D>>>,
+    pub(super) name: String,
+    /// Set up from a handover: the rings start when the loop does.
+    pub(super) loaded: bool,
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for Worker<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.name)
+            .field("connected", &self.conn.is_some())
+            .finish()
     }
-    add(&epoll, listener.as_fd(), TOKEN_LISTENER)?;
-    // Exactly one of these is Some: the device waits idle, or a front-end drives it.
-    let mut idle = Some(setup(DeviceBackend::new(
-        device,
-        max_queue_size,
-        epoll.clone(),
-    )));
-    let mut conn: Option<BackendReqHandler<DeviceBackend<D>>> = None;
-    // The backend keeps one interrupt for its whole life.
-    let batch_irq = idle.as_ref().map(DeviceBackend::interrupt);
-    let mut events = vec![EpollEvent::default(); 64];
-    log::info!("{name}: waiting for a front-end");
-    'outer: loop {
-        // A half-received request bounds the wait: its sender gets STALL_LIMIT.
-        let stalled_since = conn.as_ref().and_then(|h| h.pending_since());
-        let timeout_ms = match stalled_since {
-            Some(t) => {
-                let left = STALL_LIMIT.saturating_sub(t.elapsed());
-                i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+}
+
+impl<D: VirtioDevice> Worker<D> {
+    /// A worker for `device` on `listener`, with no front-end yet; `setup` as in
+    /// [`serve_with`].
+    pub fn new(
+        device: D,
+        listener: UnixListener,
+        max_queue_size: u16,
+        name: &str,
+        setup: impl FnOnce(DeviceBackend<D>) -> DeviceBackend<D>,
+    ) -> Result<Self, WorkerError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(WorkerError::Accept)?;
+        let epoll = Arc::new(Epoll::new().map_err(WorkerError::Epoll)?);
+        let idle = setup(DeviceBackend::new(device, max_queue_size, epoll.clone()));
+        Ok(Worker {
+            epoll,
+            listener,
+            idle: Some(idle),
+            conn: None,
+            name: name.to_string(),
+            loaded: false,
+        })
+    }
+
+    /// The device the worker serves.
+    pub fn device(&self) -> Option<&D> {
+        match &self.conn {
+            Some(h) => Some(h.backend().device()),
+            None => self.idle.as_ref().map(DeviceBackend::device),
+        }
+    }
+
+    /// Runs the worker loop until `stop` is signalled; returns the device (reset).
+    /// With `upgrade`, the worker can hand its device to another process when asked
+    /// (see [`UpgradeHooks`]); once it has, it never returns.
+    pub fn run(self, stop: &EventFd, upgrade: Option<UpgradeHooks<D>>) -> Result<D, WorkerError> {
+        let Worker {
+            epoll,
+            listener,
+            mut idle,
+            mut conn,
+            name,
+            loaded,
+        } = self;
+        let name = name.as_str();
+        // SAFETY: the stop eventfd outlives this function (borrowed for its duration).
+        let stop_fd = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
+        add(&epoll, stop_fd, TOKEN_STOP)?;
+        if let Some(hooks) = &upgrade {
+            // SAFETY: the hooks (and their eventfd) live until this function returns.
+            let pause_fd = unsafe { BorrowedFd::borrow_raw(hooks.pause.as_raw_fd()) };
+            add(&epoll, pause_fd, TOKEN_PAUSE)?;
+        }
+        {
+            let backend = match conn.as_ref() {
+                Some(h) => h.backend(),
+                None => idle.as_ref().ok_or(WorkerError::Lost)?,
+            };
+            if let Some(fd) = backend.device().event_fd() {
+                add(&epoll, fd, TOKEN_DEVICE)?;
             }
-            None => -1,
+        }
+        match &conn {
+            Some(h) => add(&epoll, h.as_fd(), TOKEN_CONN)?,
+            None => add(&epoll, listener.as_fd(), TOKEN_LISTENER)?,
+        }
+        // The backend keeps one interrupt for its whole life.
+        let batch_irq = match conn.as_ref() {
+            Some(h) => Some(h.backend().interrupt()),
+            None => idle.as_ref().map(DeviceBackend::interrupt),
         };
-        let n = match epoll.wait(timeout_ms, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(WorkerError::Epoll(e)),
-        };
-        if let Some(handler) = conn.as_ref() {
-            if handler
-                .pending_since()
-                .is_some_and(|t| t.elapsed() >= STALL_LIMIT)
-            {
-                let (got, want) = handler.pending_progress();
-                let want = want.map_or_else(|| "a header".to_string(), |w| format!("{w}"));
+        if loaded {
+            let backend = match conn.as_mut() {
+                Some(h) => h.backend_mut(),
+                None => idle.as_mut().ok_or(WorkerError::Lost)?,
+            };
+            if let Err(e) = backend.start_loaded() {
                 outboard_protocol::log_limited!(
-                    log::Level::Warn,
-                    "{name}: the front-end sent {got} of {want} bytes of a message and \
-                     stalled for {STALL_LIMIT:?}: closing the connection"
+                    log::Level::Error,
+                    "{name}: the rings handed over could not start: {e}; closing the \
+                     front-end connection"
                 );
                 close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
-                if let Some(irq) = &batch_irq {
-                    irq.flush();
-                }
-                continue 'outer;
+            } else {
+                log::info!("{name}: serving the device handed over, from where it stopped");
             }
+        } else {
+            log::info!("{name}: waiting for a front-end");
         }
-        // Signals to the front-end go out once per batch (see RingInterrupt).
-        if let Some(irq) = &batch_irq {
-            irq.defer();
-        }
-        for ev in &events[..n] {
-            let backend = match conn.as_mut() {
-                Some(h) => Some(h.backend_mut()),
-                None => idle.as_mut(),
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut pause_asked = false;
+        'outer: loop {
+            // A half-received request bounds the wait: its sender gets STALL_LIMIT.
+            let stalled_since = conn.as_ref().and_then(|h| h.pending_since());
+            let timeout_ms = match stalled_since {
+                Some(t) => {
+                    let left = STALL_LIMIT.saturating_sub(t.elapsed());
+                    i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+                }
+                None => -1,
             };
-            match ev.data() {
-                TOKEN_STOP => break 'outer,
-                TOKEN_DEVICE => {
-                    if let Some(b) = backend {
-                        b.handle_device_event();
-                    }
-                }
-                TOKEN_LISTENER => {
-                    if idle.is_none() {
-                        continue;
-                    }
-                    let stream = match listener.accept() {
-                        Ok((s, _)) => s,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        // A broken listening socket ends the worker; running out of fds
-                        // or memory, or a client that left, is waited out.
-                        Err(e)
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
-                            ) =>
-                        {
-                            return Err(WorkerError::Accept(e))
-                        }
-                        Err(e) => {
-                            outboard_protocol::log_limited!(
-                                log::Level::Warn,
-                                "{name}: accept failed: {e}"
-                            );
-                            std::thread::sleep(std::time::Duration::from_millis(100));
-                            continue;
-                        }
-                    };
-                    if let Err(e) = stream.set_nonblocking(true) {
-                        outboard_protocol::log_limited!(
-                            log::Level::Warn,
-                            "{name}: dropped a front-end: {e}"
-                        );
-                        continue;
-                    }
-                    let Some(backend) = idle.take() else { continue };
-                    let handler = BackendReqHandler::new(Connection::new(stream), backend);
-                    add(&epoll, handler.as_fd(), TOKEN_CONN)?;
-                    delete(&epoll, listener.as_fd());
+            let n = match epoll.wait(timeout_ms, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(WorkerError::Epoll(e)),
+            };
+            if let Some(handler) = conn.as_ref() {
+                if handler
+                    .pending_since()
+                    .is_some_and(|t| t.elapsed() >= STALL_LIMIT)
+                {
+                    let (got, want) = handler.pending_progress();
+                    let want = want.map_or_else(|| "a header".to_string(), |w| format!("{w}"));
                     outboard_protocol::log_limited!(
-                        log::Level::Info,
-                        "{name}: front-end connected"
+                        log::Level::Warn,
+                        "{name}: the front-end sent {got} of {want} bytes of a message and \
+                     stalled for {STALL_LIMIT:?}: closing the connection"
                     );
-                    conn = Some(handler);
-                }
-                TOKEN_CONN => {
-                    let Some(handler) = conn.as_mut() else {
-                        continue;
-                    };
-                    let mut closing = None;
-                    for _ in 0..REQUESTS_PER_WAKE {
-                        match handler.poll_request() {
-                            Ok(true) => {}
-                            Ok(false) => break,
-                            Err(e) if e.is_fatal() => {
-                                closing = Some(e);
-                                break;
-                            }
-                            Err(e) => outboard_protocol::log_limited!(
-                                log::Level::Warn,
-                                "{name}: refused a request: {e}"
-                            ),
-                        }
-                    }
-                    let Some(e) = closing else { continue };
-                    match &e {
-                        TransportError::Disconnect => outboard_protocol::log_limited!(
-                            log::Level::Info,
-                            "{name}: front-end disconnected"
-                        ),
-                        TransportError::SocketRetry(io)
-                            if io.kind() == std::io::ErrorKind::WouldBlock =>
-                        {
-                            outboard_protocol::log_limited!(
-                                log::Level::Warn,
-                                "{name}: the front-end does not read its replies (its \
-                                 socket buffer is full): closing the connection"
-                            )
-                        }
-                        e => outboard_protocol::log_limited!(
-                            log::Level::Warn,
-                            "{name}: closing the front-end connection: {e}"
-                        ),
-                    }
                     close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
                     if let Some(irq) = &batch_irq {
                         irq.flush();
                     }
-                    // Later events of this batch may name fds that are gone.
                     continue 'outer;
                 }
-                kick if kick < KICK_TOKEN_LIMIT => {
-                    if let Some(b) = backend {
-                        b.handle_kick(kick as usize);
+            }
+            // Signals to the front-end go out once per batch (see RingInterrupt).
+            if let Some(irq) = &batch_irq {
+                irq.defer();
+            }
+            for ev in &events[..n] {
+                let backend = match conn.as_mut() {
+                    Some(h) => Some(h.backend_mut()),
+                    None => idle.as_mut(),
+                };
+                match ev.data() {
+                    TOKEN_STOP => break 'outer,
+                    TOKEN_PAUSE => pause_asked = true,
+                    TOKEN_DEVICE => {
+                        if let Some(b) = backend {
+                            b.handle_device_event();
+                        }
+                    }
+                    TOKEN_LISTENER => {
+                        if idle.is_none() {
+                            continue;
+                        }
+                        let stream = match listener.accept() {
+                            Ok((s, _)) => s,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            // A broken listening socket ends the worker; running out of fds
+                            // or memory, or a client that left, is waited out.
+                            Err(e)
+                                if matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
+                                ) =>
+                            {
+                                return Err(WorkerError::Accept(e))
+                            }
+                            Err(e) => {
+                                outboard_protocol::log_limited!(
+                                    log::Level::Warn,
+                                    "{name}: accept failed: {e}"
+                                );
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                                continue;
+                            }
+                        };
+                        if let Err(e) = stream.set_nonblocking(true) {
+                            outboard_protocol::log_limited!(
+                                log::Level::Warn,
+                                "{name}: dropped a front-end: {e}"
+                            );
+                            continue;
+                        }
+                        let Some(backend) = idle.take() else { continue };
+                        let handler = BackendReqHandler::new(Connection::new(stream), backend);
+                        add(&epoll, handler.as_fd(), TOKEN_CONN)?;
+                        delete(&epoll, listener.as_fd());
+                        outboard_protocol::log_limited!(
+                            log::Level::Info,
+                            "{name}: front-end connected"
+                        );
+                        conn = Some(handler);
+                    }
+                    TOKEN_CONN => {
+                        let Some(handler) = conn.as_mut() else {
+                            continue;
+                        };
+                        let mut closing = None;
+                        for _ in 0..REQUESTS_PER_WAKE {
+                            match handler.poll_request() {
+                                Ok(true) => {}
+                                Ok(false) => break,
+                                Err(e) if e.is_fatal() => {
+                                    closing = Some(e);
+                                    break;
+                                }
+                                Err(e) => outboard_protocol::log_limited!(
+                                    log::Level::Warn,
+                                    "{name}: refused a request: {e}"
+                                ),
+                            }
+                        }
+                        let Some(e) = closing else { continue };
+                        match &e {
+                            TransportError::Disconnect => outboard_protocol::log_limited!(
+                                log::Level::Info,
+                                "{name}: front-end disconnected"
+                            ),
+                            TransportError::SocketRetry(io)
+                                if io.kind() == std::io::ErrorKind::WouldBlock =>
+                            {
+                                outboard_protocol::log_limited!(
+                                    log::Level::Warn,
+                                    "{name}: the front-end does not read its replies (its \
+                                 socket buffer is full): closing the connection"
+                                )
+                            }
+                            e => outboard_protocol::log_limited!(
+                                log::Level::Warn,
+                                "{name}: closing the front-end connection: {e}"
+                            ),
+                        }
+                        close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
+                        if let Some(irq) = &batch_irq {
+                            irq.flush();
+                        }
+                        // Later events of this batch may name fds that are gone.
+                        continue 'outer;
+                    }
+                    kick if kick < KICK_TOKEN_LIMIT => {
+                        if let Some(b) = backend {
+                            b.handle_kick(kick as usize);
+                        }
+                    }
+                    other => log::debug!("{name}: event for unknown token {other}"),
+                }
+            }
+            // Guest memory cut short under the device (see the guard module): this VM's
+            // device stops, the daemon goes on.
+            if let Some(reason) = conn.as_mut().and_then(|h| h.backend_mut().take_fatal()) {
+                outboard_protocol::log_limited!(
+                    log::Level::Error,
+                    "{name}: {reason}; stopping the device and closing the front-end connection"
+                );
+                close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
+            }
+            if let Some(b) = idle.as_mut() {
+                b.take_fatal();
+            }
+            if let Some(irq) = &batch_irq {
+                irq.flush();
+            }
+            // Between two batches, with every chain returned and every signal sent: the
+            // one point where the device may be handed over.
+            if std::mem::take(&mut pause_asked) {
+                let Some(hooks) = &upgrade else { continue };
+                match hooks.paused(&listener, conn.as_ref(), idle.as_ref(), name) {
+                    Decision::Resume => {}
+                    Decision::Commit => {
+                        // The new process owns everything now: close our copies without
+                        // a reset, tell the coordinator, and never touch anything again.
+                        drop(conn);
+                        drop(idle);
+                        drop(listener);
+                        log::info!("{name}: handed over to the new process");
+                        hooks.committed();
+                        loop {
+                            std::thread::park();
+                        }
                     }
                 }
-                other => log::debug!("{name}: event for unknown token {other}"),
             }
         }
-        // Guest memory cut short under the device (see the guard module): this VM's
-        // device stops, the daemon goes on.
-        if let Some(reason) = conn.as_mut().and_then(|h| h.backend_mut().take_fatal()) {
-            outboard_protocol::log_limited!(
-                log::Level::Error,
-                "{name}: {reason}; stopping the device and closing the front-end connection"
-            );
-            close_connection(&mut conn, &mut idle, &epoll, &listener, name)?;
-        }
-        if let Some(b) = idle.as_mut() {
-            b.take_fatal();
-        }
-        if let Some(irq) = &batch_irq {
-            irq.flush();
-        }
+        let backend = match conn {
+            Some(h) => Some(h.into_backend()),
+            None => idle,
+        };
+        log::info!("{name}: stopped");
+        // One of the two always holds the backend (see above).
+        backend
+            .map(DeviceBackend::into_device)
+            .ok_or(WorkerError::Lost)
     }
-    let backend = match conn {
-        Some(h) => Some(h.into_backend()),
-        None => idle,
-    };
-    log::info!("{name}: stopped");
-    // One of the two always holds the backend (see above).
-    backend
-        .map(DeviceBackend::into_device)
-        .ok_or(WorkerError::Lost)
 }

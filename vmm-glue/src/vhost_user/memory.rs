@@ -219,6 +219,27 @@ impl MemoryTable {
         self.regions.is_empty()
     }
 
+    /// Each region as the front-end described it, with a duplicate of the fd it came
+    /// with: what [`MemoryTable::replace`] needs to map the same table in another
+    /// process (a live upgrade).
+    pub fn handover(&self) -> std::io::Result<Vec<MemoryRegion>> {
+        self.regions
+            .iter()
+            .map(|m| {
+                let file = m.region.file_offset().map(|f| f.file()).ok_or_else(|| {
+                    std::io::Error::other(format!(
+                        "memory region at {:#x} has no file",
+                        m.desc.guest_phys_addr
+                    ))
+                })?;
+                Ok(MemoryRegion {
+                    region: m.desc,
+                    fd: OwnedFd::from(file.try_clone()?),
+                })
+            })
+            .collect()
+    }
+
     fn check_new(&self, m: &Mapped, others: &[Mapped]) -> Result<(), MemoryTableError> {
         let _ = self;
         for o in others {

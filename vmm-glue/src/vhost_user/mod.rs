@@ -30,6 +30,7 @@
 pub mod backend;
 pub mod daemon;
 pub mod guard;
+mod handover;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod memory;

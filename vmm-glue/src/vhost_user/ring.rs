@@ -162,6 +162,15 @@ impl RingInterrupt {
         }
     }
 
+    /// A duplicate of ring `ring`'s call eventfd, if it has one.
+    pub fn call_fd(&self, ring: usize) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        let slot = self.calls.get(ring)?;
+        let guard = lock(slot);
+        guard
+            .as_ref()
+            .map(|f| f.try_clone().map(std::os::fd::OwnedFd::from))
+    }
+
     /// Sets (or clears) the back-end channel used for config-change notifications.
     pub fn set_channel(&self, channel: Option<BackendReqSender>) {
         *lock(&self.channel) = channel;

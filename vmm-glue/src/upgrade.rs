@@ -1,0 +1,441 @@
+//! Live upgrade of `outboard vsock`: a new process takes every running VM over from
+//! the old one, with the front-ends' sessions, guest memory, rings and every vsock
+//! connection, and the old one exits. QEMU sees nothing: its vhost-user connection,
+//! eventfds and memory stay the same kernel objects, only the process behind them
+//! changes.
+//!
+//! The old daemon (started with `--upgrade-socket PATH`) listens on `PATH`. The new one
+//! (the same command line plus `--take-over`) connects and they speak in frames (below):
+//!
+//! 1. new -> old `HELLO`: [`UPGRADE_MAGIC`], [`UPGRADE_VERSION`], its pid.
+//! 2. old: pauses every worker between two batches of events (each hands over its
+//!    parcel: see `vhost_user::daemon::UpgradeHandle`), then old -> new `STATE`: the
+//!    magic, version and pid, a count, then per VM its guest CID, its vhost-user
+//!    socket path and its worker record, with the count of its fds; every fd follows.
+//!    If a worker cannot pause, or the version is not one the old process speaks, it
+//!    answers `REFUSE` with the reason and resumes every worker.
+//! 3. new: checks everything against its own configuration and sets every VM up (maps
+//!    memory, checks each ring's position against guest memory, rebuilds every
+//!    connection) without touching a ring, then new -> old `ACCEPT`, or `REFUSE` with
+//!    the reason and exits.
+//! 4. old: on `ACCEPT`, tells each worker to let go (it closes its copies without a
+//!    reset), answers `DONE` and exits with status 0. On `REFUSE`, end of file, an
+//!    error or [`TAKER_TIMEOUT`], it resumes every worker and serves on: the new
+//!    process owns nothing until `DONE`.
+//! 5. new: on `DONE` (or end of file after `ACCEPT`: the old process is gone) starts its
+//!    workers, which carry on from the rings' own indices, and listens on `PATH` for
+//!    the next upgrade.
+//!
+//! A frame is a `u8` kind, a `u64` body length, a `u32` fd count (all little-endian),
+//! the body, then the fds in messages of one byte each carrying up to 32 fds
+//! (`SCM_RIGHTS`). Bodies are [`outboard_protocol::record`] records; `REFUSE`'s is the
+//! reason in UTF-8.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use outboard_protocol::record::{RecordReader, RecordWriter};
+use outboard_transport::sock::{recv_with_fds, send_with_fds, MAX_FDS_PER_MSG};
+
+use crate::vhost_user::daemon::{Parcel, UpgradeHandle};
+
+/// First field of `HELLO` and `STATE` ("OBUPGRAD").
+pub const UPGRADE_MAGIC: u64 = u64::from_le_bytes(*b"OBUPGRAD");
+/// The upgrade conversation this build speaks.
+pub const UPGRADE_VERSION: u32 = 1;
+/// How long either side waits for the other's next frame (the old process resumes
+/// its workers after this; the new one gives up).
+pub const TAKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a worker may take to pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker may take to let go after `ACCEPT`.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest frame body (a record with every connection's unsent bytes).
+const MAX_BODY: u64 = 1 << 31;
+/// Most fds in one frame.
+const MAX_FDS: u32 = 1 << 20;
+/// Most VMs in a `STATE` frame.
+const MAX_VMS: usize = 4096;
+
+const HELLO: u8 = 1;
+const STATE: u8 = 2;
+const ACCEPT: u8 = 3;
+const REFUSE: u8 = 4;
+const DONE: u8 = 5;
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        HELLO => "HELLO",
+        STATE => "STATE",
+        ACCEPT => "ACCEPT",
+        REFUSE => "REFUSE",
+        DONE => "DONE",
+        _ => "an unknown frame",
+    }
+}
+
+fn send_frame(sock: &UnixStream, kind: u8, body: &[u8], fds: &[OwnedFd]) -> Result<(), String> {
+    let e = |e: std::io::Error| format!("sending {}: {e}", kind_name(kind));
+    let mut head = [0u8; 13];
+    head[0] = kind;
+    head[1..9].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    let nfds = u32::try_from(fds.len()).map_err(|_| format!("{} fds", fds.len()))?;
+    head[9..13].copy_from_slice(&nfds.to_le_bytes());
+    let mut w = sock;
+    w.write_all(&head).map_err(e)?;
+    w.write_all(body).map_err(e)?;
+    for chunk in fds.chunks(MAX_FDS_PER_MSG) {
+        let borrowed: Vec<_> = chunk.iter().map(AsFd::as_fd).collect();
+        let n = send_with_fds(sock, &[std::io::IoSlice::new(&[0u8])], &borrowed)
+            .map_err(|err| format!("sending the fds of {}: {err}", kind_name(kind)))?;
+        if n != 1 {
+            return Err(format!(
+                "sending the fds of {}: short write",
+                kind_name(kind)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A received frame.
+struct Frame {
+    kind: u8,
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+fn recv_frame(sock: &UnixStream) -> Result<Frame, String> {
+    let mut head = [0u8; 13];
+    let mut r = sock;
+    r.read_exact(&mut head).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "the other process closed the connection".into(),
+        _ => format!("receiving a frame: {e}"),
+    })?;
+    let kind = head[0];
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&head[1..9]);
+    let len = u64::from_le_bytes(len8);
+    let mut n4 = [0u8; 4];
+    n4.copy_from_slice(&head[9..13]);
+    let nfds = u32::from_le_bytes(n4);
+    if len > MAX_BODY || nfds > MAX_FDS {
+        return Err(format!(
+            "{} of {len} bytes with {nfds} fds is beyond the limits ({MAX_BODY} bytes, \
+             {MAX_FDS} fds)",
+            kind_name(kind)
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)
+        .map_err(|e| format!("receiving the body of {}: {e}", kind_name(kind)))?;
+    let mut fds = Vec::with_capacity(nfds as usize);
+    while fds.len() < nfds as usize {
+        let mut b = [0u8; 1];
+        let want = (nfds as usize - fds.len()).min(MAX_FDS_PER_MSG);
+        let got = recv_with_fds(sock, &mut [std::io::IoSliceMut::new(&mut b)], want)
+            .map_err(|e| format!("receiving the fds of {}: {e}", kind_name(kind)))?;
+        if got.bytes != 1 || got.fds.is_empty() {
+            return Err(format!(
+                "receiving the fds of {}: {} of {nfds} came",
+                kind_name(kind),
+                fds.len()
+            ));
+        }
+        fds.extend(got.fds);
+    }
+    Ok(Frame { kind, body, fds })
+}
+
+fn hello() -> Vec<u8> {
+    let mut w = RecordWriter::new();
+    w.u64(UPGRADE_MAGIC)
+        .u32(UPGRADE_VERSION)
+        .u32(std::process::id());
+    w.as_bytes().to_vec()
+}
+
+/// Reads the magic, version and pid that start `HELLO` and `STATE`.
+fn check_hello(r: &mut RecordReader<'_>, what: &str) -> Result<u32, String> {
+    let magic = r.u64("magic").map_err(|e| e.to_string())?;
+    if magic != UPGRADE_MAGIC {
+        return Err(format!("{what} is not an outboard upgrade frame"));
+    }
+    let version = r.u32("version").map_err(|e| e.to_string())?;
+    if version != UPGRADE_VERSION {
+        return Err(format!(
+            "{what} speaks upgrade version {version}, this build {UPGRADE_VERSION}"
+        ));
+    }
+    r.u32("pid").map_err(|e| e.to_string())
+}
+
+/// One VM's worker in the old process, as the upgrade server sees it.
+#[derive(Debug)]
+pub struct UpgradableVm {
+    /// The guest CID (identifies the VM to the new process).
+    pub guest_cid: u64,
+    /// The vhost-user socket path (checked by the new process).
+    pub socket: PathBuf,
+    /// The worker's upgrade handle.
+    pub handle: UpgradeHandle,
+}
+
+/// Serves upgrade requests on `listener` (bound at `path`) until one succeeds: then
+/// the workers have let go and the process exits with status 0 (without removing any
+/// socket: the new process serves them). Runs on its own thread.
+pub fn serve_upgrades(listener: UnixListener, path: PathBuf, vms: Vec<UpgradableVm>) {
+    log::info!(
+        "live upgrade: a new process started with --take-over can take over at {}",
+        path.display()
+    );
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("live upgrade: accept on {}: {e}", path.display());
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let started = Instant::now();
+        match hand_over(&stream, &vms) {
+            Ok(pid) => {
+                log::info!(
+                    "live upgrade: {} VM(s) handed over to pid {pid} in {:.1} ms; exiting",
+                    vms.len(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                log::logger().flush();
+                std::process::exit(0);
+            }
+            Err(e) => log::warn!("live upgrade: not handed over, serving on: {e}"),
+        }
+    }
+}
+
+/// One upgrade conversation; `Ok(pid)` once every worker let go.
+fn hand_over(stream: &UnixStream, vms: &[UpgradableVm]) -> Result<u32, String> {
+    stream
+        .set_read_timeout(Some(TAKER_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TAKER_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let hello_frame = recv_frame(stream)?;
+    if hello_frame.kind != HELLO {
+        return Err(format!(
+            "expected HELLO, got {}",
+            kind_name(hello_frame.kind)
+        ));
+    }
+    let pid = match check_hello(&mut RecordReader::new(&hello_frame.body), "the new process") {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = send_frame(stream, REFUSE, e.as_bytes(), &[]);
+            return Err(e);
+        }
+    };
+    log::info!("live upgrade: pid {pid} asks to take over; pausing the workers");
+    // Pause every worker; if one cannot, the others resume.
+    let mut parcels = Vec::with_capacity(vms.len());
+    for vm in vms {
+        match vm.handle.pause(PAUSE_TIMEOUT) {
+            Ok(p) => parcels.push(p),
+            Err(e) => {
+                for done in &vms[..parcels.len()] {
+                    done.handle.resume();
+                }
+                let reason = format!("guest CID {}: {e}", vm.guest_cid);
+                let _ = send_frame(stream, REFUSE, reason.as_bytes(), &[]);
+                return Err(reason);
+            }
+        }
+    }
+    let resume_all = || vms.iter().for_each(|vm| vm.handle.resume());
+    let mut w = RecordWriter::new();
+    w.u64(UPGRADE_MAGIC)
+        .u32(UPGRADE_VERSION)
+        .u32(std::process::id())
+        .count(vms.len());
+    let mut fds = Vec::new();
+    for (vm, p) in vms.iter().zip(parcels) {
+        w.u64(vm.guest_cid)
+            .bytes(vm.socket.as_os_str().as_bytes())
+            .bytes(&p.record)
+            .count(p.fds.len());
+        fds.extend(p.fds);
+    }
+    let body = match w.into_bytes() {
+        Ok(b) => b,
+        Err(e) => {
+            resume_all();
+            return Err(e.to_string());
+        }
+    };
+    let sent = send_frame(stream, STATE, &body, &fds);
+    // Our duplicates: the new process has its own now (or never will).
+    drop(fds);
+    if let Err(e) = sent {
+        resume_all();
+        return Err(e);
+    }
+    let answer = match recv_frame(stream) {
+        Ok(f) => f,
+        Err(e) => {
+            resume_all();
+            return Err(format!("pid {pid} did not answer STATE: {e}"));
+        }
+    };
+    match answer.kind {
+        ACCEPT => {}
+        REFUSE => {
+            resume_all();
+            return Err(format!(
+                "pid {pid} refused: {}",
+                String::from_utf8_lossy(&answer.body)
+            ));
+        }
+        k => {
+            resume_all();
+            return Err(format!("pid {pid} answered {}", kind_name(k)));
+        }
+    }
+    // The point of no return: the new process owns the devices.
+    for vm in vms {
+        if let Err(e) = vm.handle.commit(COMMIT_TIMEOUT) {
+            log::error!(
+                "live upgrade: guest CID {}: {e}; exiting anyway (the new process owns it)",
+                vm.guest_cid
+            );
+        }
+    }
+    let _ = send_frame(stream, DONE, &[], &[]);
+    Ok(pid)
+}
+
+/// One VM's state received by the new process.
+#[derive(Debug)]
+pub struct TakenVm {
+    /// The guest CID.
+    pub guest_cid: u64,
+    /// The vhost-user socket path the old process served it on.
+    pub socket: PathBuf,
+    /// The worker's parcel.
+    pub parcel: Parcel,
+}
+
+/// The new process's side, between `STATE` and `ACCEPT`.
+#[derive(Debug)]
+pub struct TakeOver {
+    stream: UnixStream,
+    /// The old process's pid.
+    pub pid: u32,
+    /// Every VM it served.
+    pub vms: Vec<TakenVm>,
+}
+
+/// Connects to the old process at `path`, says `HELLO` and receives its state.
+pub fn request_take_over(path: &Path) -> Result<TakeOver, String> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the running outboard at {}: {e} (is it running with \
+             --upgrade-socket {}?)",
+            path.display(),
+            path.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(TAKER_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TAKER_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    send_frame(&stream, HELLO, &hello(), &[])?;
+    let frame = recv_frame(&stream)?;
+    match frame.kind {
+        STATE => {}
+        REFUSE => {
+            return Err(format!(
+                "the running outboard refused: {}",
+                String::from_utf8_lossy(&frame.body)
+            ))
+        }
+        k => return Err(format!("expected STATE, got {}", kind_name(k))),
+    }
+    let refuse = |stream: &UnixStream, e: String| {
+        let _ = send_frame(stream, REFUSE, e.as_bytes(), &[]);
+        e
+    };
+    let parsed = parse_state(&frame.body, frame.fds);
+    match parsed {
+        Ok((pid, vms)) => Ok(TakeOver { stream, pid, vms }),
+        Err(e) => Err(refuse(&stream, e)),
+    }
+}
+
+fn parse_state(body: &[u8], fds: Vec<OwnedFd>) -> Result<(u32, Vec<TakenVm>), String> {
+    let e = |e: outboard_protocol::record::RecordError| e.to_string();
+    let mut r = RecordReader::new(body);
+    let pid = check_hello(&mut r, "the running outboard")?;
+    let n = r.count("VMs", MAX_VMS, 16).map_err(e)?;
+    let mut fds = fds.into_iter();
+    let mut vms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let guest_cid = r.u64("guest CID").map_err(e)?;
+        let socket = r.bytes("socket path", 4096).map_err(e)?;
+        let socket = PathBuf::from(std::ffi::OsStr::from_bytes(socket));
+        let record = r
+            .bytes("worker record", MAX_BODY as usize)
+            .map_err(e)?
+            .to_vec();
+        let nfds = r.u32("worker fds").map_err(e)? as usize;
+        let mine: Vec<OwnedFd> = fds.by_ref().take(nfds).collect();
+        if mine.len() != nfds {
+            return Err(format!(
+                "guest CID {guest_cid}: {nfds} fds named, {} came",
+                mine.len()
+            ));
+        }
+        vms.push(TakenVm {
+            guest_cid,
+            socket,
+            parcel: Parcel { record, fds: mine },
+        });
+    }
+    r.finish().map_err(e)?;
+    if fds.next().is_some() {
+        return Err("STATE came with more fds than it names".into());
+    }
+    Ok((pid, vms))
+}
+
+impl TakeOver {
+    /// Tells the old process everything is set up (`ACCEPT`) and waits for it to let
+    /// go (`DONE`). From `Ok` on this process owns every VM: start the workers.
+    pub fn accept(self) -> Result<(), String> {
+        send_frame(&self.stream, ACCEPT, &[], &[])?;
+        match recv_frame(&self.stream) {
+            Ok(f) if f.kind == DONE => Ok(()),
+            Ok(f) => Err(format!(
+                "the old process answered ACCEPT with {}",
+                kind_name(f.kind)
+            )),
+            // It exits right after DONE; an end of file without it means it died
+            // after ACCEPT, when it had stopped touching the devices already.
+            Err(e) if e.contains("closed the connection") => {
+                log::warn!(
+                    "live upgrade: pid {} closed without DONE; taking over",
+                    self.pid
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tells the old process why this one will not take over (it resumes serving).
+    pub fn refuse(self, reason: &str) {
+        let _ = send_frame(&self.stream, REFUSE, reason.as_bytes(), &[]);
+    }
+}

@@ -1,0 +1,261 @@
+//! The live-upgrade check of `cargo xtask e2e`: `outboard vsock` is replaced by a new
+//! process (`--take-over`) ten times in a row while a checksummed stream runs each way,
+//! a SEQPACKET conversation goes on and 32 idle connections stay open; everything must
+//! survive with no byte lost and QEMU must never see its back-end go away.
+//!
+//! The data path's stall during each handover is measured from the outside: a 64-byte
+//! ping-pong runs over one more connection the whole time, and the longest round trip
+//! that overlaps a handover (from the new process's start to the old one's exit) is
+//! that handover's stall, next to the round trips outside handovers.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::e2e::{guest_to_host, host_to_guest};
+use crate::host::{self, Control, Done, SeqListener};
+use crate::util::Result;
+use crate::vm::Vm;
+
+/// Upgrades in a row.
+pub const UPGRADES: usize = 10;
+/// Idle connections that must survive every upgrade.
+const IDLE: u32 = 32;
+/// Guest ports: idle connections, the pinger, the streams, the SEQPACKET conversation.
+const IDLE_PORT: u32 = 6200;
+const PING_PORT: u32 = 6300;
+const G2H_PORT: u32 = 6400;
+const H2G_PORT: u32 = 6401;
+const SEQ_PORT: u32 = 6402;
+/// Messages of the SEQPACKET conversation (1 to 60000 bytes each, echoed).
+const SEQ_MESSAGES: u32 = 3000;
+const T: Duration = Duration::from_secs(30);
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn roundtrip(s: &mut UnixStream, msg: &[u8]) -> Result<()> {
+    s.write_all(msg).map_err(|e| format!("send: {e}"))?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
+    if back != msg {
+        return Err("the echo differs from what was sent".into());
+    }
+    Ok(())
+}
+
+/// An echo connection to a guest port (the agent's `ECHO`), with its control
+/// connection kept open (the agent's thread serves it until the connection closes).
+fn echo_conn(uds: &Path, port: u32) -> Result<(Control, UnixStream)> {
+    let mut c = Control::connect(uds, T)?;
+    c.command_ready(&format!("ECHO {port}"), T)?;
+    let (mut s, _) = host::connect_guest(uds, port, T)?;
+    s.set_read_timeout(Some(T))
+        .map_err(|e| format!("set timeout: {e}"))?;
+    roundtrip(&mut s, format!("hello {port}").as_bytes())?;
+    Ok((c, s))
+}
+
+/// What a stream check returns (`e2e::guest_to_host`, `e2e::host_to_guest`).
+type StreamResult = Result<(Vec<host::Transfer>, Done, Duration)>;
+/// A stream check.
+type StreamFn = fn(&mut Control, &Path, u32, u32, u64) -> StreamResult;
+/// A stream check running on its thread.
+type StreamThread = thread::JoinHandle<StreamResult>;
+
+/// Round trips: when each was sent and how long it took.
+type Pings = Arc<Mutex<Vec<(Instant, Duration)>>>;
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i]
+}
+
+/// Runs the check; returns the figures for the report.
+pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
+    let uds = vm.uds.clone();
+    let qemu_before = vm.qemu_vhost_lines().len();
+    let log_before = crate::util::read_log(&vm.backend_log).len();
+    let mut idle = Vec::new();
+    for i in 0..IDLE {
+        idle.push(echo_conn(&uds, IDLE_PORT + i)?);
+    }
+    // The pinger.
+    let (_ping_ctl, mut ping) = echo_conn(&uds, PING_PORT)?;
+    let pings: Pings = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = {
+        let (pings, stop) = (pings.clone(), stop.clone());
+        thread::spawn(move || -> Result<u64> {
+            let msg = [0x5au8; 64];
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                roundtrip(&mut ping, &msg).map_err(|e| format!("ping {n}: {e}"))?;
+                pings
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((t, t.elapsed()));
+                n += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            Ok(n)
+        })
+    };
+    // The streams and the conversation, each on its own control connection.
+    let ends: Arc<Mutex<Vec<(&'static str, Instant)>>> = Arc::default();
+    let stream = |name: &'static str, f: StreamFn, port: u32| -> Result<StreamThread> {
+        let mut c = Control::connect(&uds, T)?;
+        let (uds, ends) = (uds.clone(), ends.clone());
+        Ok(thread::spawn(move || {
+            let r = f(&mut c, &uds, port, 1, bulk);
+            ends.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((name, Instant::now()));
+            r
+        }))
+    };
+    let g2h = stream("guest -> host stream", guest_to_host, G2H_PORT)?;
+    let h2g = stream("host -> guest stream", host_to_guest, H2G_PORT)?;
+    let seq = {
+        let mut c = Control::connect(&uds, T)?;
+        let l = SeqListener::bind(&uds, SEQ_PORT)?;
+        let echo = thread::spawn(move || l.echo_one(TRANSFER_TIMEOUT));
+        let ends = ends.clone();
+        thread::spawn(move || -> Result<(u64, u64, Done)> {
+            let answer = c.command(&format!("SEQ {SEQ_PORT} {SEQ_MESSAGES}"), TRANSFER_TIMEOUT);
+            ends.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(("SEQPACKET conversation", Instant::now()));
+            let echoed = echo
+                .join()
+                .map_err(|_| "echo thread panicked".to_string())??;
+            let done = Done::parse(&answer?)?;
+            Ok((echoed.0, echoed.1, done))
+        })
+    };
+    // Let the streams get going, then upgrade again and again.
+    thread::sleep(Duration::from_millis(1500));
+    let mut windows = Vec::new();
+    let mut handovers = Vec::new();
+    for n in 0..UPGRADES {
+        let start = Instant::now();
+        let handover = vm.upgrade_backend(n)?;
+        windows.push((start, Instant::now()));
+        handovers.push(handover);
+        thread::sleep(Duration::from_millis(300));
+    }
+    let last = windows.last().map(|w| w.1).ok_or("no upgrade ran")?;
+    let g2h = g2h
+        .join()
+        .map_err(|_| "guest -> host stream panicked".to_string())??;
+    let h2g = h2g
+        .join()
+        .map_err(|_| "host -> guest stream panicked".to_string())??;
+    let (messages, seq_bytes, seq_done) = seq
+        .join()
+        .map_err(|_| "SEQPACKET thread panicked".to_string())??;
+    if messages != u64::from(seq_done.ok) || seq_bytes != seq_done.bytes {
+        return Err(format!(
+            "SEQPACKET: the host echoed {messages} messages / {seq_bytes} bytes, the guest \
+             sent {} / {}",
+            seq_done.ok, seq_done.bytes
+        ));
+    }
+    // Each ran across every upgrade, or the check proves less than it says.
+    for (name, end) in ends.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if *end < last {
+            return Err(format!(
+                "the {name} ended before the last upgrade: make it longer \
+                 (OUTBOARD_E2E_BULK_MIB)"
+            ));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let pinged = pinger.join().map_err(|_| "pinger panicked".to_string())??;
+    for (i, (_, s)) in idle.iter_mut().enumerate() {
+        roundtrip(s, format!("still here {i}").as_bytes())
+            .map_err(|e| format!("idle connection {i} after {UPGRADES} upgrades: {e}"))?;
+    }
+    let pings = pings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut stalls = Vec::new();
+    let mut outside = Vec::new();
+    for (sent, rtt) in &pings {
+        let end = *sent + *rtt;
+        if windows.iter().any(|(a, b)| end >= *a && *sent <= *b) {
+            continue;
+        }
+        outside.push(*rtt);
+    }
+    for (a, b) in &windows {
+        let worst = pings
+            .iter()
+            .filter(|(sent, rtt)| *sent + *rtt >= *a && sent <= b)
+            .map(|(_, rtt)| *rtt)
+            .max()
+            .unwrap_or_default();
+        stalls.push(worst);
+    }
+    let max_stall = stalls.iter().max().copied().unwrap_or_default();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let outside_p50 = percentile(&mut outside.clone(), 0.5);
+    let outside_max = percentile(&mut outside, 1.0);
+    let stall_list: Vec<String> = stalls.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+    let handover_list: Vec<String> = handovers.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+    let reconnects: Vec<String> = vm.qemu_vhost_lines().split_off(qemu_before);
+    if !reconnects.is_empty() {
+        return Err(format!(
+            "QEMU saw the back-end go: {}",
+            reconnects.join(" | ")
+        ));
+    }
+    // Every old process said it handed over and exited; every new one took the
+    // device over with the connections open and never saw a new front-end.
+    let log = crate::util::read_log(&vm.backend_log);
+    let log = log.get(log_before..).unwrap_or_default();
+    let handed = log.matches("VM(s) handed over to pid").count();
+    let conns: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("taken over with ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    let new_sessions = log.matches("front-end connected").count();
+    if handed != UPGRADES || conns.len() != UPGRADES || new_sessions != 0 {
+        return Err(format!(
+            "back-end log: {handed} handovers, {} take-overs, {new_sessions} new front-end \
+             sessions (expected {UPGRADES}, {UPGRADES}, 0)",
+            conns.len()
+        ));
+    }
+    if max_stall > Duration::from_secs(2) {
+        return Err(format!(
+            "the data path stalled {:.0} ms during a handover (stalls per upgrade, ms: {})",
+            ms(max_stall),
+            stall_list.join(" ")
+        ));
+    }
+    Ok(format!(
+        "{UPGRADES} upgrades mid-stream; {} + {} bytes checksummed ({:016x}, {:016x}); \
+         SEQPACKET {messages} messages / {seq_bytes} bytes echoed whole; {IDLE} idle \
+         connections answer; QEMU never reconnected; connections carried per upgrade: \
+         {}. Ping RTT during handovers (ms): {} \
+         (max {:.0}); outside them p50 {:.1} / max {:.0} ms over {pinged} pings; new \
+         process start to old process exit (ms): {}",
+        g2h.1.bytes,
+        h2g.1.bytes,
+        g2h.1.checksum,
+        h2g.1.checksum,
+        conns.join(" "),
+        stall_list.join(" "),
+        ms(max_stall),
+        ms(outside_p50),
+        ms(outside_max),
+        handover_list.join(" ")
+    ))
+}
