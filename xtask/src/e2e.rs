@@ -323,6 +323,10 @@ fn checks(vm: &mut Vm, sizes: &Sizes, report: &mut Report) -> bool {
             ),
             || crate::live_upgrade::check(vm, sizes.upgrade_bulk),
         );
+        ok &= report.check(
+            "live upgrade refused or abandoned: the old process serves on",
+            || crate::live_upgrade::check_refusals(vm),
+        );
     }
     ok &= report.check("SIGTERM: back-end exits cleanly", || {
         vm.stop_backend(Duration::from_secs(15))?;

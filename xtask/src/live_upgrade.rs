@@ -259,3 +259,103 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
         handover_list.join(" ")
     ))
 }
+
+/// Frame kinds of the upgrade conversation (`outboard_vmm_glue::upgrade`).
+const HELLO: u8 = 1;
+const STATE: u8 = 2;
+const REFUSE: u8 = 4;
+
+/// Says `HELLO` with `version` on the old process's upgrade socket; returns the kind
+/// of its answer and the socket.
+fn fake_taker(socket: &Path, version: u32) -> Result<(u8, Vec<u8>, UnixStream)> {
+    let mut s =
+        UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(T))
+        .map_err(|e| format!("set timeout: {e}"))?;
+    let mut body = Vec::new();
+    body.extend_from_slice(b"OBUPGRAD");
+    body.extend_from_slice(&version.to_le_bytes());
+    body.extend_from_slice(&std::process::id().to_le_bytes());
+    let mut frame = vec![HELLO];
+    frame.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(&body);
+    s.write_all(&frame)
+        .map_err(|e| format!("send HELLO: {e}"))?;
+    let mut head = [0u8; 13];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("the answer to HELLO: {e}"))?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&head[1..9]);
+    let len = u64::from_le_bytes(len).min(1 << 20) as usize;
+    let mut answer = vec![0u8; len];
+    s.read_exact(&mut answer)
+        .map_err(|e| format!("the answer's body: {e}"))?;
+    Ok((head[0], answer, s))
+}
+
+/// The failure rules of a live upgrade, each followed by a check that the old process
+/// still serves (the same pid, data both ways over a connection opened before):
+/// a new process that refuses (a TX buffer size the guest was not promised), a taker
+/// that vanishes after receiving the state, and one of another protocol version.
+pub fn check_refusals(vm: &mut Vm) -> Result<String> {
+    let uds = vm.uds.clone();
+    let socket = crate::vm::upgrade_socket(&vm.socket);
+    let pid = vm
+        .backend
+        .as_ref()
+        .ok_or("the back-end is not running")?
+        .pid();
+    let (_ctl, mut conn) = echo_conn(&uds, PING_PORT + 1)?;
+    let mut serving = |what: &str, vm: &mut Vm| -> Result<()> {
+        let b = vm.backend.as_mut().ok_or("the back-end is gone")?;
+        if !b.running() || b.pid() != pid {
+            return Err(format!(
+                "after {what}, the old back-end (pid {pid}) is not running"
+            ));
+        }
+        roundtrip(&mut conn, format!("after {what}").as_bytes())
+            .map_err(|e| format!("after {what}, the open connection: {e}"))
+    };
+    // 1. The new process refuses: it exits with an error, the old one serves on.
+    let mut cmd = vm.kind.command(&vm.socket, &vm.uds);
+    cmd.args(["--take-over", "--tx-buffer-size", "4096"]);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("start the refusing back-end: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !stderr.contains("TX buffer size") {
+        return Err(format!(
+            "a take-over with another TX buffer size: exit {}, log:\n{stderr}",
+            out.status
+        ));
+    }
+    serving("a refusing new process", vm)?;
+    // 2. A taker that receives the state and vanishes.
+    let (kind, _, s) = fake_taker(&socket, 1)?;
+    if kind != STATE {
+        return Err(format!("HELLO was answered with frame {kind}, not STATE"));
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    serving("a taker that vanished after STATE", vm)?;
+    // 3. Another protocol version is refused with the reason.
+    let (kind, body, _) = fake_taker(&socket, 99)?;
+    let reason = String::from_utf8_lossy(&body).to_string();
+    if kind != REFUSE || !reason.contains("version 99") {
+        return Err(format!(
+            "HELLO of version 99 was answered {kind}: {reason:?}"
+        ));
+    }
+    serving("a taker of version 99", vm)?;
+    let first = stderr
+        .lines()
+        .find(|l| l.contains("TX buffer size"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Ok(format!(
+        "pid {pid} served on after each: a new process that refused ({first:?}), a taker \
+         gone after STATE, and REFUSE {reason:?} to version 99"
+    ))
+}

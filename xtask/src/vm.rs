@@ -37,7 +37,7 @@ impl Backend {
         }
     }
 
-    fn command(&self, socket: &Path, uds: &Path) -> Command {
+    pub fn command(&self, socket: &Path, uds: &Path) -> Command {
         let metrics = socket.with_file_name("metrics.json");
         let (bin, pre): (&PathBuf, &[&str]) = match self {
             Backend::Outboard(b) => (b, &["vsock"]),
