@@ -762,7 +762,8 @@ where
             .iter()
             .map(|q| (q.next_avail, q.next_used))
             .collect();
-        if snap.active && (snap.status & status::DRIVER_OK == 0 || !self.activate()) {
+        let running = status::FEATURES_OK | status::DRIVER_OK;
+        if snap.active && (snap.status & running != running || !self.activate()) {
             self.reset();
             return Err(fail(
                 self,

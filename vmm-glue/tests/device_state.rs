@@ -491,3 +491,76 @@ fn rust_vmm_frontend_saves_and_loads() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same through `outboard vsock --jail`: the transfer runs in jailed workers under
+/// their seccomp allow-list (a missing system call would kill the worker), SAVE from one
+/// daemon's worker and LOAD into another's.
+#[cfg(all(feature = "cli", feature = "jail"))]
+#[test]
+fn jailed_workers_save_and_load() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    let dir = scratch("jail");
+    // As root the worker is uid 65534 outside its namespace: let it create its sockets.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let spawn = |name: &str| {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+            .arg(dir.join(format!("{name}.sock")))
+            .arg("--uds-path")
+            .arg(dir.join(format!("{name}.vsock")))
+            .env("RUST_LOG", "info")
+            .stderr(File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dir.join(format!("{name}.sock")).exists() {
+            assert!(Instant::now() < deadline, "{name}: no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (child, log)
+    };
+    let served = |name: &str| Served {
+        socket: dir.join(format!("{name}.sock")),
+        uds: dir.join(format!("{name}.vsock")),
+        stop: EventFd::new(0).unwrap(),
+        worker: std::thread::spawn(|| Ok(())),
+    };
+    let (mut da, log_a) = spawn("a");
+    let (mut db, log_b) = spawn("b");
+
+    let mem_a = GuestMem::new(MEM);
+    let mut rings = Rings::default();
+    rings.post_buffers(&mem_a);
+    let mut fa = Ours::connect(&served("a"), &mem_a);
+    fa.start_rings([0; 3]);
+    let bases = fa.stop_rings();
+    let state = fa.save();
+    assert_eq!(VsockSnapshot::from_bytes(&state).unwrap().guest_cid, 3);
+
+    let mem_b = GuestMem::new(MEM);
+    mem_b.write_bytes(0, &mem_a.read_bytes(0, MEM));
+    let mut fb = Ours::connect(&served("b"), &mem_b);
+    fb.load(&state).unwrap();
+    fb.start_rings(bases);
+    assert_transport_reset(&mem_b);
+    drop((fa, fb));
+
+    for (daemon, log) in [(&mut da, &log_a), (&mut db, &log_b)] {
+        let pid = i32::try_from(daemon.id()).unwrap();
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = daemon.wait().unwrap();
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(status.success(), "{status}\n{text}");
+        assert!(!text.contains("died") && !text.contains("SIGSYS"), "{text}");
+    }
+    let a = std::fs::read_to_string(&log_a).unwrap();
+    let b = std::fs::read_to_string(&log_b).unwrap();
+    assert!(a.contains("device state saved (32 bytes)"), "{a}");
+    assert!(b.contains("device state loaded (32 bytes)"), "{b}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

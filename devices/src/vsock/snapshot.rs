@@ -1,4 +1,4 @@
-//! The state of a [`Vsock`](super::Vsock) device, defined once: what a snapshot, a
+//! The state of a [`Vsock`] device, defined once: what a snapshot, a
 //! vhost-user state transfer (`SET_DEVICE_STATE_FD`) and a live upgrade carry.
 //!
 //! # What is carried, and what is not
@@ -15,7 +15,7 @@
 //! socket had not taken yet are dropped with it) and tells the guest to drop its
 //! connections with a TRANSPORT_RESET event on the event queue, delivered as soon as the
 //! guest has an event buffer posted. Listeners are the restored device's own (it binds
-//! them at [`Vsock::new`](super::Vsock::new)).
+//! them at [`Vsock::new`]).
 //!
 //! # Binary encoding, version 1
 //!
@@ -36,7 +36,7 @@
 //! raises the version; this code keeps reading version 1.
 //!
 //! With the crate's `serde` feature the same type is `Serialize`/`Deserialize` (for
-//! [`Suspendable`](crate::bus::Suspendable) snapshots, a `serde_json::Value`): an object
+//! [`Suspendable`] snapshots, a `serde_json::Value`): an object
 //! with `version` and the three fields, whose version is checked the same way.
 
 use thiserror::Error;
