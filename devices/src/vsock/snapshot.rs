@@ -370,6 +370,40 @@ mod tests {
         ));
     }
 
+    /// Every one-byte change and every length of pseudo-random bytes: `from_bytes`
+    /// answers without panicking, and what it accepts encodes back to the same bytes.
+    #[test]
+    fn from_bytes_survives_any_input() {
+        let good = STATE.to_bytes();
+        let check = |b: &[u8]| {
+            if let Ok(s) = VsockSnapshot::from_bytes(b) {
+                assert_eq!(s.to_bytes(), b);
+            }
+        };
+        for i in 0..good.len() {
+            for v in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut b = good.clone();
+                b[i] = v;
+                check(&b);
+            }
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..100 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            check(&bytes);
+            let mut framed = good[..8].to_vec();
+            framed.extend_from_slice(&bytes);
+            check(&framed);
+        }
+    }
+
     fn device(name: &str, cid: u64) -> (Vsock, std::path::PathBuf) {
         let d = std::env::temp_dir().join(format!("outboard-snap-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
