@@ -687,7 +687,11 @@ where
         if snap.device_type != self.device.device_type() {
             return Err(fail(
                 self,
-                format!("the snapshot is of device type {}", snap.device_type),
+                format!(
+                    "the snapshot is of device type {}, this device is type {}",
+                    snap.device_type,
+                    self.device.device_type()
+                ),
             ));
         }
         let max_sizes = self.device.queue_max_sizes().to_vec();
@@ -1379,7 +1383,7 @@ mod tests {
                     device_type: 19,
                     ..snap.clone()
                 },
-                "device type 19",
+                "device type 19, this device is type 42",
             ),
             (
                 MmioSnapshot {

@@ -774,8 +774,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     ) -> HandlerResult<Option<OwnedFd>> {
         let running = (0..self.rings.len()).find(|&i| self.ring_live(i));
         self.state_transfer
-            .start(&mut self.device, direction, phase, fd, running)?;
-        Ok(None)
+            .start(&mut self.device, direction, phase, fd, running)
     }
 
     fn check_device_state(&mut self) -> HandlerResult<()> {

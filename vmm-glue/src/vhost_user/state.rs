@@ -9,32 +9,37 @@
 //! ([`VirtioDevice::snapshot_state`]; for vsock the `VsockSnapshot` bytes, see
 //! `outboard_devices::vsock::snapshot`).
 //!
-//! # The worker never waits on the front-end's pipe
+//! # The worker never waits on the front-end, and never writes into its fds
 //!
 //! The worker is one thread with one epoll set that also answers the front-end; in a
-//! jailed worker it has no way to start a thread (its seccomp list has no `clone`), and
-//! a pipe is the peer's to stall. So the transfer is non-blocking I/O at the two points
-//! where the protocol says the pipe is ready, with a cap and a short bound:
+//! jailed worker it has no way to start a thread (its seccomp list has no `clone`).
+//! So the daemon uses the specification's option to answer `SET_DEVICE_STATE_FD` with a
+//! pipe end of its own (the front-end's fd is closed unused), and moves the bytes at the
+//! two points where the protocol says they are there:
 //!
-//! - SAVE: the device's state is written at `SET_DEVICE_STATE_FD`, non-blocking, and the
-//!   fd closed (the front-end reads up to end of file after the reply). It must fit in
-//!   the pipe at once: a Linux pipe holds 64 KiB unless made smaller; vsock's state is
-//!   32 bytes. State that does not fit fails the request with a message naming both
-//!   sizes, and the worker has not waited.
-//! - LOAD: the fd is kept, non-blocking. At `CHECK_DEVICE_STATE`, by which time the
-//!   front-end has written the state and closed its end, the worker reads up to end of
-//!   file, waiting at most [`LOAD_TIMEOUT`] in all for data that is late (a front-end
-//!   that keeps its end open without writing gets an error after that, never a hang),
-//!   and at most [`MAX_DEVICE_STATE`] bytes (more is refused without reading on). Only
-//!   then does the device see the bytes ([`VirtioDevice::restore_state`], which checks
-//!   them like any other peer input); a device that was active is reset first.
+//! - SAVE: at `SET_DEVICE_STATE_FD` the worker makes a pipe, grows it to hold the whole
+//!   state when it is larger than a pipe's default 64 KiB (`F_SETPIPE_SZ`, up to
+//!   [`MAX_DEVICE_STATE`]), writes the state into it, closes its write end and returns
+//!   the read end: the front-end reads the state and then end of file. No write can
+//!   block (the pipe is empty and large enough) and none can raise `SIGPIPE` (the read
+//!   end is the worker's until the reply), whatever the front-end does.
+//! - LOAD: at `SET_DEVICE_STATE_FD` the worker makes a pipe, grows it to
+//!   [`MAX_DEVICE_STATE`] where the system allows (so a front-end can write a whole
+//!   state without waiting for a reader), keeps the read end (non-blocking) and returns
+//!   the write end. At `CHECK_DEVICE_STATE`, by which time the front-end has written
+//!   and closed its end, the worker reads up to end of file: at most
+//!   [`MAX_DEVICE_STATE`] bytes (more is refused without reading on), waiting at most
+//!   [`LOAD_TIMEOUT`] in all for data that is late (a front-end that keeps its end open
+//!   gets an error after that, never a hang). Only then does the device see the bytes
+//!   ([`VirtioDevice::restore_state`], which checks them like any other peer input); a
+//!   device that was active is reset first.
 //!
 //! Every ring must be stopped for either direction (the specification's STOPPED
 //! phase); a transfer while a ring runs is refused.
 
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use outboard_devices::virtio::VirtioDevice;
@@ -43,6 +48,9 @@ use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 
 /// Most bytes of device state a LOAD reads from the front-end.
 pub const MAX_DEVICE_STATE: usize = 1 << 20;
+
+/// A Linux pipe's default capacity.
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 /// Longest the worker waits, in all, at `CHECK_DEVICE_STATE` for the rest of the state a
 /// LOAD is reading.
@@ -54,8 +62,8 @@ pub(crate) enum StateTransfer {
     /// None started (or the last one was checked).
     #[default]
     Idle,
-    /// A SAVE ran at `SET_DEVICE_STATE_FD`; its outcome.
-    Saved(Result<(), String>),
+    /// A SAVE handed the state over at `SET_DEVICE_STATE_FD`.
+    Saved,
     /// A LOAD waits for `CHECK_DEVICE_STATE` to read this fd.
     Loading(File),
 }
@@ -91,7 +99,8 @@ fn wait_readable(file: &File, timeout: Duration) -> io::Result<()> {
 }
 
 impl StateTransfer {
-    /// `SET_DEVICE_STATE_FD`. `any_ring_running` names a ring that has not been stopped.
+    /// `SET_DEVICE_STATE_FD`: returns the pipe end the front-end uses instead of `fd`.
+    /// `running_ring` names a ring that has not been stopped.
     pub(crate) fn start<D: VirtioDevice>(
         &mut self,
         device: &mut D,
@@ -99,7 +108,7 @@ impl StateTransfer {
         phase: TransferPhase,
         fd: OwnedFd,
         running_ring: Option<usize>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Option<OwnedFd>> {
         *self = StateTransfer::Idle;
         // STOPPED is the only phase there is (the body was validated).
         match phase {
@@ -120,26 +129,29 @@ impl StateTransfer {
                 ),
             ));
         }
-        let file = File::from(fd);
-        set_nonblocking(&file).map_err(|e| {
-            error(
-                e.kind(),
-                format!("cannot make the transfer fd non-blocking: {e}"),
-            )
-        })?;
+        // The daemon answers with a pipe of its own (see the module docs).
+        drop(fd);
         match direction {
-            TransferDirection::Save => {
-                let outcome = save(device, file);
-                let result = outcome
-                    .as_ref()
-                    .map(drop)
-                    .map_err(|e| error(e.kind(), e.to_string()));
-                *self = StateTransfer::Saved(outcome.map_err(|e| e.to_string()));
-                result
-            }
+            TransferDirection::Save => match save(device) {
+                Ok(read_end) => {
+                    *self = StateTransfer::Saved;
+                    Ok(Some(read_end.into()))
+                }
+                Err(e) => Err(error(e.kind(), e.to_string())),
+            },
             TransferDirection::Load => {
-                *self = StateTransfer::Loading(file);
-                Ok(())
+                let (read_end, write_end) = pipe()
+                    .map_err(|e| error(e.kind(), format!("cannot make the transfer pipe: {e}")))?;
+                // Best effort: a front-end may then write a whole state before it waits.
+                let _ = grow_pipe(&write_end, MAX_DEVICE_STATE);
+                set_nonblocking(&read_end).map_err(|e| {
+                    error(
+                        e.kind(),
+                        format!("cannot make the transfer pipe non-blocking: {e}"),
+                    )
+                })?;
+                *self = StateTransfer::Loading(read_end);
+                Ok(Some(write_end.into()))
             }
         }
     }
@@ -156,8 +168,7 @@ impl StateTransfer {
                 ErrorKind::InvalidInput,
                 "CHECK_DEVICE_STATE without a transfer: SET_DEVICE_STATE_FD comes first".to_owned(),
             )),
-            StateTransfer::Saved(Ok(())) => Ok(()),
-            StateTransfer::Saved(Err(e)) => Err(io::Error::other(e)),
+            StateTransfer::Saved => Ok(()),
             StateTransfer::Loading(file) => {
                 let bytes =
                     read_state(file, LOAD_TIMEOUT).map_err(|e| error(e.kind(), e.to_string()))?;
@@ -179,14 +190,57 @@ impl StateTransfer {
     }
 }
 
-/// Writes the device's state into `file` at once and closes it.
-fn save<D: VirtioDevice>(device: &mut D, mut file: File) -> io::Result<()> {
+/// A pipe, both ends close-on-exec and blocking (the front-end's end stays so).
+fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// Grows the pipe of `end` to hold at least `bytes`; returns its capacity.
+fn grow_pipe(end: &File, bytes: usize) -> io::Result<usize> {
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own, with an int argument; checked.
+    let got = unsafe { libc::fcntl(end.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(got).unwrap_or(0))
+}
+
+/// The device's state in a pipe of the worker's own, whose write end is closed: the
+/// read end, for the front-end.
+fn save<D: VirtioDevice>(device: &mut D) -> io::Result<File> {
     let state = device
         .snapshot_state()
         .map_err(|e| io::Error::other(format!("the device could not save its state: {e}")))?;
+    if state.len() > MAX_DEVICE_STATE {
+        return Err(io::Error::other(format!(
+            "the device state is {} bytes, more than the {MAX_DEVICE_STATE} a transfer carries",
+            state.len()
+        )));
+    }
+    let (read_end, mut write_end) = pipe()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot make the transfer pipe: {e}")))?;
+    set_nonblocking(&write_end)?;
+    if state.len() > DEFAULT_PIPE_SIZE {
+        grow_pipe(&write_end, state.len()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot grow the transfer pipe to the {} bytes of device state: {e}",
+                    state.len()
+                ),
+            )
+        })?;
+    }
     let mut written = 0;
     while written < state.len() {
-        match file.write(&state[written..]) {
+        match write_end.write(&state[written..]) {
             Ok(0) => break,
             Ok(n) => written += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -194,7 +248,7 @@ fn save<D: VirtioDevice>(device: &mut D, mut file: File) -> io::Result<()> {
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("cannot write the device state into the transfer fd: {e}"),
+                    format!("cannot write the device state into the transfer pipe: {e}"),
                 ))
             }
         }
@@ -203,8 +257,7 @@ fn save<D: VirtioDevice>(device: &mut D, mut file: File) -> io::Result<()> {
         return Err(io::Error::new(
             ErrorKind::WouldBlock,
             format!(
-                "the device state is {} bytes and the transfer fd took {written} at once \
-                 (it must hold the state without the worker waiting)",
+                "the transfer pipe took {written} of the {} bytes of device state",
                 state.len()
             ),
         ));
@@ -214,7 +267,7 @@ fn save<D: VirtioDevice>(device: &mut D, mut file: File) -> io::Result<()> {
         "device state saved ({} bytes)",
         state.len()
     );
-    Ok(())
+    Ok(read_end)
 }
 
 /// Reads `file` up to end of file: at most [`MAX_DEVICE_STATE`] bytes, waiting at most
@@ -268,28 +321,26 @@ mod tests {
     use super::*;
     use outboard_devices::testing::EchoDevice;
 
-    fn pipe() -> (File, File) {
-        use std::os::fd::FromRawFd;
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two fds pipe2 writes.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both fds are new and owned by nobody else.
-        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    /// A stand-in for the front-end's fd (the daemon closes it unused).
+    fn theirs() -> OwnedFd {
+        pipe().unwrap().0.into()
+    }
+
+    fn start(
+        t: &mut StateTransfer,
+        dev: &mut EchoDevice,
+        direction: TransferDirection,
+        running: Option<usize>,
+    ) -> io::Result<File> {
+        t.start(dev, direction, TransferPhase::Stopped, theirs(), running)
+            .map(|fd| File::from(fd.expect("the daemon answers with its own pipe end")))
     }
 
     #[test]
     fn save_then_load_moves_the_state() {
         let mut a = EchoDevice::new(&[4]).with_config(b"state!").with_state();
         let mut t = StateTransfer::default();
-        let (mut r, w) = pipe();
-        t.start(
-            &mut a,
-            TransferDirection::Save,
-            TransferPhase::Stopped,
-            w.into(),
-            None,
-        )
-        .unwrap();
+        let mut r = start(&mut t, &mut a, TransferDirection::Save, None).unwrap();
         let mut got = Vec::new();
         r.read_to_end(&mut got).unwrap(); // EOF: the worker closed its end
         assert_eq!(got, b"state!");
@@ -297,15 +348,7 @@ mod tests {
         assert!(t.check(&mut a, |_| {}).is_err(), "one check per transfer");
 
         let mut b = EchoDevice::new(&[4]).with_config(b"xxxxxx").with_state();
-        let (r, mut w) = pipe();
-        t.start(
-            &mut b,
-            TransferDirection::Load,
-            TransferPhase::Stopped,
-            r.into(),
-            None,
-        )
-        .unwrap();
+        let mut w = start(&mut t, &mut b, TransferDirection::Load, None).unwrap();
         w.write_all(&got).unwrap();
         drop(w);
         let mut resets = 0;
@@ -314,82 +357,53 @@ mod tests {
         assert_eq!(b.snapshot_state().unwrap(), b"state!");
     }
 
+    /// State larger than a pipe's default capacity goes through whole, both ways.
+    #[test]
+    fn large_state_goes_through_without_waiting() {
+        let big = vec![0x5a; 200 * 1024];
+        let mut a = EchoDevice::new(&[4]).with_config(&big).with_state();
+        let mut t = StateTransfer::default();
+        let mut r = start(&mut t, &mut a, TransferDirection::Save, None).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, big);
+        t.check(&mut a, |_| {}).unwrap();
+
+        let mut b = EchoDevice::new(&[4])
+            .with_config(&vec![0; big.len()])
+            .with_state();
+        let mut w = start(&mut t, &mut b, TransferDirection::Load, None).unwrap();
+        // The whole state fits before anyone reads: this thread writes it all first.
+        w.write_all(&got).unwrap();
+        drop(w);
+        t.check(&mut b, |_| {}).unwrap();
+        assert_eq!(b.snapshot_state().unwrap(), big);
+    }
+
     #[test]
     fn refusals_name_the_reason() {
         let mut t = StateTransfer::default();
         let mut dev = EchoDevice::new(&[4]).with_config(b"abc").with_state();
-        let (_r, w) = pipe();
-        let err = t
-            .start(
-                &mut dev,
-                TransferDirection::Save,
-                TransferPhase::Stopped,
-                w.into(),
-                Some(1),
-            )
-            .unwrap_err();
+        let err = start(&mut t, &mut dev, TransferDirection::Save, Some(1)).unwrap_err();
         assert!(err.to_string().contains("ring 1 is running"), "{err}");
 
         let mut plain = EchoDevice::new(&[4]);
-        let (_r, w) = pipe();
-        let err = t
-            .start(
-                &mut plain,
-                TransferDirection::Save,
-                TransferPhase::Stopped,
-                w.into(),
-                None,
-            )
-            .unwrap_err();
+        let err = start(&mut t, &mut plain, TransferDirection::Save, None).unwrap_err();
         assert!(
             err.to_string().contains("does not save or restore"),
             "{err}"
         );
-
-        // A pipe already full: the save fails at once, naming the sizes.
-        let (_r, w) = pipe();
-        let mut w = w;
-        set_nonblocking(&w).unwrap();
-        while w.write(&[0u8; 4096]).is_ok() {}
-        let err = t
-            .start(
-                &mut dev,
-                TransferDirection::Save,
-                TransferPhase::Stopped,
-                w.into(),
-                None,
-            )
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("the device state is 3 bytes"),
-            "{err}"
-        );
-        assert!(t.check(&mut dev, |_| {}).is_err());
+        let err = t.check(&mut dev, |_| {}).unwrap_err();
+        assert!(err.to_string().contains("without a transfer"), "{err}");
 
         // LOAD: bytes the device refuses; a front-end that never closes its end.
-        let (r, mut w) = pipe();
-        t.start(
-            &mut dev,
-            TransferDirection::Load,
-            TransferPhase::Stopped,
-            r.into(),
-            None,
-        )
-        .unwrap();
+        let mut w = start(&mut t, &mut dev, TransferDirection::Load, None).unwrap();
         w.write_all(b"toolong").unwrap();
         drop(w);
         let err = t.check(&mut dev, |_| {}).unwrap_err();
         assert!(err.to_string().contains("refused the 7 bytes"), "{err}");
 
-        let (r, mut w) = pipe();
-        t.start(
-            &mut dev,
-            TransferDirection::Load,
-            TransferPhase::Stopped,
-            r.into(),
-            None,
-        )
-        .unwrap();
+        let mut w = start(&mut t, &mut dev, TransferDirection::Load, None).unwrap();
         w.write_all(b"ab").unwrap();
         let started = Instant::now();
         let err = t.check(&mut dev, |_| {}).unwrap_err();
@@ -400,7 +414,7 @@ mod tests {
 
     #[test]
     fn a_load_reads_at_most_the_cap() {
-        let (r, w) = pipe();
+        let (r, w) = pipe().unwrap();
         let writer = std::thread::spawn(move || {
             let mut w = w;
             let chunk = vec![0u8; 65536];
