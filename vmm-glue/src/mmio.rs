@@ -20,6 +20,15 @@
 //! turns out inconsistent while the device runs (see [`crate::rust_vmm`]) sets
 //! `DEVICE_NEEDS_RESET` and raises a configuration-change interrupt (virtio 1.x,
 //! 2.1.2); the queue stays broken until the driver resets the device.
+//!
+//! # Snapshot and restore
+//!
+//! The transport is [`Suspendable`]: [`MmioTransport::save`] and
+//! [`MmioTransport::load`] (as a `serde_json::Value` with the `serde` feature) carry an
+//! [`MmioSnapshot`]: the registers, each queue's configuration and the ring indices the
+//! device is at (the live queues publish them after every call), and the device's own
+//! state ([`VirtioDevice::snapshot_state`]); a restored device goes on at the saved
+//! indices. Sleep holds queue notifies and device events until wake.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

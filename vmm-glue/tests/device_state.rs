@@ -348,6 +348,39 @@ fn outboard_frontend_saves_from_one_daemon_and_loads_into_another() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A front-end that starts a LOAD and never closes its end of the pipe: the check
+/// fails after the 1 s bound, naming why, and the worker answers the next request.
+#[test]
+fn a_stalled_load_fails_its_check_within_the_bound() {
+    let dir = scratch("stall");
+    let a = Served::start(&dir, "a", 3);
+    let mem = GuestMem::new(MEM);
+    let mut fa = Ours::connect(&a, &mem);
+    let (r, _w) = pipe();
+    let back = fa
+        .fe
+        .set_device_state_fd(TransferDirection::Load, TransferPhase::Stopped, r.as_fd())
+        .unwrap();
+    let mut w = File::from(back.unwrap());
+    w.write_all(&[0x4f; 10]).unwrap(); // part of a state, and the end stays open
+    let started = Instant::now();
+    assert!(fa.fe.check_device_state().is_err());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The worker is free again: a SAVE works, and the device kept its state.
+    let state = fa.save();
+    assert_eq!(
+        VsockSnapshot::from_bytes(&state).unwrap().acked_features,
+        ACKED
+    );
+    drop((w, fa));
+    a.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same with rust-vmm's front-end, which takes the back-end's pipe ends from the
 /// replies and checks them its own way.
 #[test]
