@@ -537,7 +537,7 @@ where
 /// The version of [`MmioSnapshot`] this code writes and reads.
 pub const MMIO_SNAPSHOT_VERSION: u32 = 1;
 
-/// What [`MmioTransport::save`] returns and [`Suspendable::snapshot`] saves (as a
+/// What [`MmioTransport::save`] returns and `Suspendable::snapshot` saves (as a
 /// `serde_json::Value`, feature `serde`):
 /// the transport's registers, each queue's configuration and ring indices, and the
 /// device's own state ([`VirtioDevice::snapshot_state`], in the device's encoding).
