@@ -125,7 +125,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::virtio::{
-    read_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError, VirtQueue,
+    read_regions, ActivateError, DescChain, Interrupt, IoRegion, QueueError, StateError, VirtQueue,
     VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_VERSION_1,
 };
 
@@ -612,6 +612,7 @@ pub struct EchoDevice {
     irq: Option<Arc<dyn Interrupt>>,
     log: EchoLog,
     chain: DescChain,
+    stateful: bool,
 }
 
 impl std::fmt::Debug for EchoDevice {
@@ -640,7 +641,15 @@ impl EchoDevice {
             irq: None,
             log: EchoLog::default(),
             chain: DescChain::default(),
+            stateful: false,
         }
+    }
+
+    /// Saves and restores its state ([`VirtioDevice::snapshot_state`]): its config
+    /// space, as is; a restore refuses state of another length.
+    pub fn with_state(mut self) -> Self {
+        self.stateful = true;
+        self
     }
 
     /// Offers `features` instead.
@@ -754,6 +763,36 @@ impl VirtioDevice for EchoDevice {
     }
 
     fn handle_event(&mut self) {}
+
+    fn supports_state(&self) -> bool {
+        self.stateful
+    }
+
+    fn snapshot_state(&mut self) -> Result<Vec<u8>, StateError> {
+        if !self.stateful {
+            return Err(StateError::Unsupported {
+                device_type: Self::DEVICE_TYPE,
+            });
+        }
+        Ok(self.config.clone())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        if !self.stateful {
+            return Err(StateError::Unsupported {
+                device_type: Self::DEVICE_TYPE,
+            });
+        }
+        if state.len() != self.config.len() {
+            return Err(StateError::Refused(format!(
+                "echo state of {} bytes, the config space has {}",
+                state.len(),
+                self.config.len()
+            )));
+        }
+        self.config = state.to_vec();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -435,6 +435,22 @@ pub enum ActivateError {
     },
 }
 
+/// Errors of [`VirtioDevice::snapshot_state`] and [`VirtioDevice::restore_state`].
+#[cfg_attr(test, remain::sorted)]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StateError {
+    /// The device refused the state, or could not take it; the message says why and
+    /// names the values involved (a guest CID of another device, an unknown version).
+    #[error("device state refused: {0}")]
+    Refused(String),
+    /// The device does not save or restore its state (the default).
+    #[error("device type {device_type} does not save or restore its state")]
+    Unsupported {
+        /// The device's virtio id.
+        device_type: u32,
+    },
+}
+
 /// A virtio device model, as a transport (virtio-mmio, vhost-user daemon) drives it.
 ///
 /// # Activation
@@ -521,6 +537,42 @@ pub trait VirtioDevice: Send {
     /// [`VirtioDevice::event_fd`] is readable. The default does nothing (there is no
     /// event fd).
     fn handle_event(&mut self) {}
+
+    /// Whether the device implements [`VirtioDevice::snapshot_state`] and
+    /// [`VirtioDevice::restore_state`]. Transports offer state transfer only then (the
+    /// vhost-user daemon offers `VHOST_USER_PROTOCOL_F_DEVICE_STATE`). The default is
+    /// false.
+    fn supports_state(&self) -> bool {
+        false
+    }
+
+    /// The device's own state, in the device's own versioned encoding (opaque to
+    /// transports), for a snapshot or a migration. The transport saves its own state
+    /// (status, features, queue addresses and indices) beside it.
+    ///
+    /// Called between `handle_*` calls with the device quiesced: the virtio-mmio
+    /// transport asleep or the vhost-user rings stopped. The default fails with
+    /// [`StateError::Unsupported`].
+    fn snapshot_state(&mut self) -> Result<Vec<u8>, StateError> {
+        Err(StateError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
+
+    /// Takes back state from [`VirtioDevice::snapshot_state`] (possibly of another
+    /// process). `state` comes from outside (a snapshot file, a vhost-user front-end):
+    /// a device checks it like any other input and refuses state it cannot honour (an
+    /// unknown version, another device's identity) with [`StateError::Refused`].
+    ///
+    /// Called on a device that is not active (new or reset), after the transport acked
+    /// the driver's features and before it activates the device with queues that go on
+    /// at the saved ring indices. The default fails with [`StateError::Unsupported`].
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let _ = state;
+        Err(StateError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
 }
 
 /// Copies `config` (a device's config space as bytes, `zerocopy::IntoBytes::as_bytes`

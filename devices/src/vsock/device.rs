@@ -14,13 +14,14 @@ use zerocopy::IntoBytes;
 use super::muxer::Muxer;
 use super::packet::{parse_tx, PacketError, TxPacket};
 use super::sibling::{Outgoing, SiblingPacket, Siblings, Undeliverable, VsockSibling};
+use super::snapshot::{VsockSnapshot, VsockSnapshotError};
 use super::{
     VsockBackend, VsockError, VsockMetrics, DEFAULT_TX_BUF_SIZE, MAX_CONNECTIONS,
     MAX_FORWARD_LISTEN_PORTS, MAX_TX_BUF_SIZE, QUEUE_SIZE,
 };
 use crate::virtio::{
     read_regions, ActivateError, ChainWriter, DescChain, Interrupt, IoRegion, QueueError,
-    VirtQueue, VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
+    StateError, VirtQueue, VirtioDevice, MAX_CHAIN_REGIONS, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -282,6 +283,40 @@ impl Vsock {
     /// Whether a TRANSPORT_RESET event waits for an event buffer.
     pub fn transport_reset_pending(&self) -> bool {
         self.transport_reset_pending
+    }
+
+    /// The device's state (see [`VsockSnapshot`] for what it carries): its guest CID,
+    /// the features it offers and the features the driver acked.
+    pub fn save_state(&self) -> VsockSnapshot {
+        VsockSnapshot {
+            guest_cid: self.guest_cid,
+            offered_features: self.avail_features,
+            acked_features: self.acked_features,
+        }
+    }
+
+    /// Restores [`Vsock::save_state`]'s state: takes its acked features, closes every
+    /// host socket and tells the guest TRANSPORT_RESET ([`Vsock::transport_reset`]), so
+    /// the guest drops connections whose host side is gone. Refuses, changing nothing,
+    /// state of another guest CID or with acked features this device does not offer.
+    pub fn restore_state_from(&mut self, state: &VsockSnapshot) -> Result<(), VsockSnapshotError> {
+        if state.guest_cid != self.guest_cid {
+            return Err(VsockSnapshotError::CidMismatch {
+                snapshot: state.guest_cid,
+                device: self.guest_cid,
+            });
+        }
+        let extra = state.acked_features & !self.avail_features;
+        if extra != 0 {
+            return Err(VsockSnapshotError::FeaturesNotOffered {
+                acked: state.acked_features,
+                extra,
+                by: "this device",
+            });
+        }
+        self.ack_features(state.acked_features);
+        self.transport_reset();
+        Ok(())
     }
 
     fn signal(&mut self, queue: usize) {
@@ -676,6 +711,21 @@ impl VirtioDevice for Vsock {
 
     fn handle_event(&mut self) {
         self.handle_backend_event();
+    }
+
+    fn supports_state(&self) -> bool {
+        true
+    }
+
+    fn snapshot_state(&mut self) -> Result<Vec<u8>, StateError> {
+        Ok(self.save_state().to_bytes())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let state =
+            VsockSnapshot::from_bytes(state).map_err(|e| StateError::Refused(e.to_string()))?;
+        self.restore_state_from(&state)
+            .map_err(|e| StateError::Refused(e.to_string()))
     }
 }
 

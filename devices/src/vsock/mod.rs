@@ -89,6 +89,7 @@ mod device;
 mod muxer;
 mod packet;
 mod sibling;
+pub mod snapshot;
 mod sys;
 
 use std::path::PathBuf;
@@ -103,6 +104,7 @@ pub use sibling::{
     sibling_socket_pair, VsockSibling, MAX_INBOX_BYTES, MAX_INBOX_PACKETS, MAX_SIBLING_CONNECTIONS,
     REMOTE_CONTROL_RESERVE, REMOTE_SEND_BUFFER,
 };
+pub use snapshot::{VsockSnapshot, VsockSnapshotError};
 
 /// Default per-connection TX buffer, also the credit (`buf_alloc`) given to the guest.
 pub const DEFAULT_TX_BUF_SIZE: u32 = 256 * 1024;

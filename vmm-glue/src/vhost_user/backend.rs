@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use outboard_devices::virtio::{VirtQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use outboard_protocol::vhost_user::{
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShmemConfig,
-    VhostUserVirtioFeatures, VhostUserVringAddr,
+    TransferDirection, TransferPhase, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserShmemConfig, VhostUserVirtioFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{
     BackendReqSender, HandlerResult, MemoryRegion, VhostUserBackendReqHandler,
@@ -151,6 +151,8 @@ pub struct DeviceBackend<D: VirtioDevice> {
     /// Set up from a handover record and active there: [`DeviceBackend::start_loaded`]
     /// starts the rings.
     loaded_active: bool,
+    /// `SET_DEVICE_STATE_FD` / `CHECK_DEVICE_STATE` in progress.
+    state_transfer: super::state::StateTransfer,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
@@ -193,6 +195,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             poison_seen: guard::poison_events(),
             fatal: None,
             loaded_active: false,
+            state_transfer: Default::default(),
         }
     }
 
@@ -222,6 +225,9 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         let mut features = offered_protocol_features() | self.extra_protocol;
         if self.device.config_size() > 0 {
             features |= VhostUserProtocolFeatures::CONFIG;
+        }
+        if self.device.supports_state() {
+            features |= VhostUserProtocolFeatures::DEVICE_STATE;
         }
         features - self.removed_protocol
     }
@@ -370,6 +376,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         if let Some(mut slot) = self.channel_slot() {
             *slot = None;
         }
+        self.state_transfer = Default::default();
     }
 
     fn ring_live(&self, index: usize) -> bool {
@@ -763,6 +770,33 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
         Ok(VhostUserShmemConfig::new(&self.shmem_sizes))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        direction: TransferDirection,
+        phase: TransferPhase,
+        fd: OwnedFd,
+    ) -> HandlerResult<Option<OwnedFd>> {
+        let running = (0..self.rings.len()).find(|&i| self.ring_live(i));
+        self.state_transfer
+            .start(&mut self.device, direction, phase, fd, running)
+    }
+
+    fn check_device_state(&mut self) -> HandlerResult<()> {
+        // A LOAD replaces the state of a device that was active (its rings stopped).
+        let active = self.active;
+        let mut was_reset = false;
+        let result = self.state_transfer.check(&mut self.device, |d| {
+            if active {
+                d.reset();
+                was_reset = true;
+            }
+        });
+        if was_reset {
+            self.active = false;
+        }
+        result
     }
 }
 

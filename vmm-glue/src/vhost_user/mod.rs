@@ -14,6 +14,9 @@
 //! - `media` (feature `media`): virtio-media (the software camera, the host V4L2 proxy) over vhost-user,
 //!   with its shared memory region mapped through `SHMEM_MAP`; `media::MediaSource`
 //!   names what `outboard media` serves.
+//! - [`state`]: device state transfer (`SET_DEVICE_STATE_FD`, `CHECK_DEVICE_STATE`)
+//!   for devices that save their state, without the worker ever waiting on the
+//!   front-end's pipe.
 //! - [`daemon`]: the worker loop (one thread and one epoll set per device) that accepts
 //!   a front-end, serves it, and after it leaves resets the device and listens again.
 //!
@@ -35,5 +38,6 @@ mod handover;
 pub mod media;
 pub mod memory;
 pub mod ring;
+pub mod state;
 
 pub use backend::DeviceBackend;

@@ -5,16 +5,20 @@
 //! Record fields (encoding: [`outboard_protocol::record`]):
 //!
 //! 1. `u64` [`HANDOVER_MAGIC`], `u32` [`HANDOVER_VERSION`];
-//! 2. `u64` guest CID, `u32` TX buffer size, `bool` a TRANSPORT_RESET event waits for
-//!    an event buffer;
+//! 2. the device's state as a snapshot has it ([`VsockSnapshot`]: guest CID, features
+//!    offered and acked) as a byte string in its own versioned encoding, `u32` TX
+//!    buffer size, `bool` a TRANSPORT_RESET event waits for an event buffer;
 //! 3. the muxer: its listeners, connections (state machines, credit counters, bytes
 //!    the guest sent that the host socket has not taken yet, seqpacket messages),
 //!    host clients waiting to send `CONNECT`, the RX list and RSTs waiting for RX
 //!    buffers (see the muxer's `handover` module for each field).
 //!
-//! Not in the record: what the transport sets up (features, rings; a vhost-user
-//! daemon carries that itself and replays it, which acks the features again), the
-//! counters (they start again from zero in the new process), and sibling links
+//! The snapshot part is the one description of the device's state that
+//! `Suspendable` and `SET_DEVICE_STATE_FD` use too; a handover adds what only a live
+//! process can pass on: the sockets and every connection's state.
+//!
+//! Not in the record: what the transport sets up (rings; a vhost-user daemon carries
+//! that itself and replays it, which acks the same features again), the counters (they start again from zero in the new process), and sibling links
 //! (a device linked to a sibling refuses the handover).
 //!
 //! The device must be quiescent when [`Vsock::handover`] is called: between two calls
@@ -26,6 +30,8 @@ use std::os::fd::OwnedFd;
 use outboard_protocol::record::{RecordError, RecordReader, RecordWriter};
 
 use super::{Muxer, Vsock, VsockDeviceConfig};
+use crate::virtio::VirtioDevice;
+use crate::vsock::snapshot::VsockSnapshot;
 use crate::vsock::{VsockError, VsockMetrics};
 
 /// First field of a vsock handover record ("OBVSOCK" and a zero byte).
@@ -62,7 +68,7 @@ impl Vsock {
         let mut fds = Vec::new();
         w.u64(HANDOVER_MAGIC)
             .u32(HANDOVER_VERSION)
-            .u64(self.guest_cid)
+            .bytes(&self.save_state().to_bytes())
             .u32(self.muxer.tx_buf_size())
             .bool(self.transport_reset_pending);
         self.muxer.save(&mut w, &mut fds)?;
@@ -105,7 +111,9 @@ impl Vsock {
             }
             .into());
         }
-        let cid = r.u64("guest CID")?;
+        let snapshot = VsockSnapshot::from_bytes(r.bytes("device state", 1024)?)
+            .map_err(|e| VsockError::HandoverMismatch(e.to_string()))?;
+        let cid = snapshot.guest_cid;
         if cid != config.guest_cid {
             return Err(VsockError::HandoverMismatch(format!(
                 "the record is of guest CID {cid}, this device serves guest CID {}",
@@ -140,6 +148,13 @@ impl Vsock {
             )));
         }
         let mut device = Vsock::with_muxer(cid, muxer, metrics)?;
+        let extra = snapshot.acked_features & !device.avail_features;
+        if extra != 0 {
+            return Err(VsockError::HandoverMismatch(format!(
+                "the driver acked features {extra:#x} this build does not offer"
+            )));
+        }
+        device.ack_features(snapshot.acked_features);
         device.transport_reset_pending = reset_pending;
         Ok(device)
     }
