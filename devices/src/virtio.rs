@@ -502,8 +502,10 @@ pub trait VirtioDevice: Send {
     /// Whether every byte the device writes into guest memory for the driver to read
     /// lies in the first `len` bytes of the device-writable half of a chain it then
     /// returns with [`VirtQueue::add_used`]`(head, len)`: no writes through
-    /// [`GuestMemoryAccess`], none into a chain after it was returned. (Bytes past `len`
-    /// of a failed write are ones a driver ignores.)
+    /// [`GuestMemoryAccess`], none into a chain after it was returned, and every chain
+    /// written into returned with its own `add_used` (not only covered by a later entry
+    /// of a `VIRTIO_F_IN_ORDER` batch). (Bytes past `len` of a failed write are ones a
+    /// driver ignores.)
     ///
     /// A transport can then log the pages the device dirtied from the used chains alone,
     /// which is what live migration needs (the vhost-user daemon offers
