@@ -608,8 +608,15 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     }
 
     fn set_features(&mut self, features: u64) -> HandlerResult<()> {
-        self.acked_features = features;
         let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        if (self.acked_features ^ features) & log_all != 0 {
+            outboard_protocol::log_limited!(
+                log::Level::Info,
+                "dirty log: logging {}",
+                if features & log_all != 0 { "on" } else { "off" }
+            );
+        }
+        self.acked_features = features;
         // Offered only with LOG_SHMFD, and the server checks that acks are offered.
         self.dirty.set_enabled(features & log_all != 0);
         let transport = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log_all;
