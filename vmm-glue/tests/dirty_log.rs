@@ -211,12 +211,9 @@ fn serve(name: &str) -> (Served, PathBuf) {
     )
 }
 
-#[test]
-fn every_page_the_vsock_device_writes_is_logged_while_logging_is_on() {
-    let (served, sock) = serve("vsock");
-    let mut g = Guest::new();
-    let mut fe = Frontend::connect(&sock).unwrap();
-
+/// Negotiates as QEMU does (with `LOG_SHMFD`, logging off), maps guest memory, starts
+/// the RX and TX rings and offers the eight RX buffers; returns the offered features.
+fn bring_up(fe: &mut Frontend, g: &mut Guest) -> u64 {
     // Negotiation: the daemon offers what QEMU needs to allow a migration.
     let offered = fe.get_features().unwrap();
     let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
@@ -237,7 +234,7 @@ fn every_page_the_vsock_device_writes_is_logged_while_logging_is_on() {
     .unwrap();
     for i in 0..2u32 {
         fe.set_vring_num(i, u32::from(RING)).unwrap();
-        set_addr(&mut fe, i, false);
+        set_addr(fe, i, false);
         fe.set_vring_base(i, 0).unwrap();
         fe.set_vring_call(i as u8, Some(bfd(&g.calls[i as usize])))
             .unwrap();
@@ -250,6 +247,17 @@ fn every_page_the_vsock_device_writes_is_logged_while_logging_is_on() {
         g.offer(0, n, rx_buffer(n), RX_LEN, true);
     }
     g.kicks[0].write(1).unwrap();
+    offered
+}
+
+#[test]
+fn every_page_the_vsock_device_writes_is_logged_while_logging_is_on() {
+    let (served, sock) = serve("vsock");
+    let mut g = Guest::new();
+    let mut fe = Frontend::connect(&sock).unwrap();
+
+    let offered = bring_up(&mut fe, &mut g);
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
 
     // The log, handed over before logging starts (QEMU sends SET_LOG_BASE, then the
     // features with LOG_ALL, then the rings' addresses with VHOST_VRING_F_LOG).
@@ -427,6 +435,43 @@ fn a_short_or_unmappable_log_is_handled_without_harm() {
     )
     .unwrap();
     // The session is still usable.
+    assert_eq!(fe.get_features().unwrap(), offered);
+    drop(fe);
+    served.stop.write(1).unwrap();
+    served.worker.join().unwrap();
+    std::fs::remove_dir_all(&served.dir).unwrap();
+}
+
+/// A front-end that truncates its log file after handing it over: the device's next
+/// mark faults, the fault is contained (see the guard module), and the daemon drops that
+/// front-end and serves the next one.
+#[test]
+fn a_log_cut_short_under_the_daemon_drops_that_front_end_only() {
+    let (served, sock) = serve("cut");
+    let mut g = Guest::new();
+    let mut fe = Frontend::connect(&sock).unwrap();
+    let offered = bring_up(&mut fe, &mut g);
+    let log = memfd(4096);
+    fe.set_log_base(
+        &VhostUserLog {
+            mmap_size: (MEM / LOG_PAGE_SIZE as usize / 8) as u64,
+            mmap_offset: 0,
+        },
+        log.as_fd(),
+    )
+    .unwrap();
+    fe.set_features(offered).unwrap();
+    log.set_len(0).unwrap();
+    // The device writes a REQUEST into an RX buffer and marks its page.
+    let mut host = UnixStream::connect(&served.uds).unwrap();
+    host.write_all(b"CONNECT 1234\n").unwrap();
+    let deadline = Instant::now() + T;
+    while fe.get_features().is_ok() {
+        assert!(Instant::now() < deadline, "the front-end was not dropped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The daemon lives on and serves the next front-end.
+    let mut fe = Frontend::connect(&sock).unwrap();
     assert_eq!(fe.get_features().unwrap(), offered);
     drop(fe);
     served.stop.write(1).unwrap();
