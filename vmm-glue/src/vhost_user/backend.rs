@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use outboard_devices::virtio::{VirtQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use outboard_protocol::vhost_user::{
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShmemConfig,
-    VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringAddrFlags,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShmemConfig,
+    VhostUserVirtioFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{
     BackendReqSender, HandlerResult, MemoryRegion, VhostUserBackendReqHandler,
@@ -23,6 +23,7 @@ use super::guard;
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
 use crate::rust_vmm::{RingHealth, RustVmmQueue};
+use outboard_protocol::vhost_user;
 
 /// The bound on each send and reply wait on the back-end -> front-end channel.
 ///
@@ -116,7 +117,7 @@ impl Ring {
     /// set.
     fn used_log(&self) -> Option<u64> {
         self.addr
-            .filter(|a| a.flags & VhostUserVringAddrFlags::LOG.bits() != 0)
+            .filter(|a| a.flags & vhost_user::VhostUserVringAddrFlags::LOG.bits() != 0)
             .map(|a| a.log)
     }
 
@@ -151,6 +152,11 @@ pub struct DeviceBackend<D: VirtioDevice> {
     /// `GET_SHMEM_CONFIG` answers (by shmid); empty: the request is not supported.
     shmem_sizes: Vec<u64>,
     channel: Option<ChannelSlot>,
+    /// The dirty page log the queues mark while the VM migrates.
+    dirty: Arc<DirtyPageLog>,
+    /// `SET_LOG_FD`: kept for the session, never signalled (the spec makes it optional:
+    /// the front-end reads the log when it synchronizes).
+    log_fd: Option<File>,
     /// Rings whose queue found them inconsistent, for [`DeviceBackend::stop_broken_rings`].
     health: Arc<RingHealth>,
     broken_rings: u64,
@@ -158,11 +164,6 @@ pub struct DeviceBackend<D: VirtioDevice> {
     poison_seen: u64,
     /// Why the front-end must be dropped (its memory was cut short under the device).
     fatal: Option<String>,
-    /// The dirty page log the queues mark while the VM migrates.
-    dirty: Arc<DirtyPageLog>,
-    /// `SET_LOG_FD`: kept for the session, never signalled (the spec makes it optional:
-    /// the front-end reads the log when it synchronizes).
-    log_fd: Option<File>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for DeviceBackend<D> {
@@ -200,12 +201,12 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             removed_protocol: VhostUserProtocolFeatures::empty(),
             shmem_sizes: Vec::new(),
             channel: None,
+            dirty: Arc::new(DirtyPageLog::new()),
+            log_fd: None,
             health: Arc::new(RingHealth::new()),
             broken_rings: 0,
             poison_seen: guard::poison_events(),
             fatal: None,
-            dirty: Arc::new(DirtyPageLog::new()),
-            log_fd: None,
         }
     }
 
@@ -233,11 +234,11 @@ impl<D: VirtioDevice> DeviceBackend<D> {
     /// [`DeviceBackend::without_protocol_features`].
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let mut features = offered_protocol_features() | self.extra_protocol;
-        if self.device.config_size() > 0 {
-            features |= VhostUserProtocolFeatures::CONFIG;
-        }
         if self.device.writes_only_to_used_chains() {
             features |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
+        if self.device.config_size() > 0 {
+            features |= VhostUserProtocolFeatures::CONFIG;
         }
         features - self.removed_protocol
     }
@@ -821,14 +822,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
         Ok(())
     }
 
-    fn set_log_base(&mut self, log: &VhostUserLog, fd: OwnedFd) -> HandlerResult<()> {
+    fn set_log_base(&mut self, log: &vhost_user::VhostUserLog, fd: OwnedFd) -> HandlerResult<()> {
         let area = LogArea::map(log, fd).map_err(|e| einval(e.to_string()))?;
         outboard_protocol::log_limited!(
             log::Level::Info,
             "dirty log: {:#x} bytes, covering guest addresses below {:#x}",
             area.size(),
-            area.size()
-                .saturating_mul(8 * outboard_protocol::vhost_user::LOG_PAGE_SIZE)
+            area.size().saturating_mul(8 * vhost_user::LOG_PAGE_SIZE)
         );
         self.dirty.set_area(Some(area));
         Ok(())
