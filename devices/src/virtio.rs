@@ -515,6 +515,23 @@ pub trait VirtioDevice: Send {
         let _ = (offset, data);
     }
 
+    /// Whether every byte the device writes into guest memory for the driver to read
+    /// lies in the first `len` bytes of the device-writable half of a chain it then
+    /// returns with [`VirtQueue::add_used`]`(head, len)`: no writes through
+    /// [`GuestMemoryAccess`], none into a chain after it was returned, and every chain
+    /// written into returned with its own `add_used` (not only covered by a later entry
+    /// of a `VIRTIO_F_IN_ORDER` batch). (Bytes past `len` of a failed write are ones a
+    /// driver ignores.)
+    ///
+    /// A transport can then log the pages the device dirtied from the used chains alone,
+    /// which is what live migration needs (the vhost-user daemon offers
+    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` and `VHOST_F_LOG_ALL` only for such a device).
+    /// The default is `false`: a device that writes elsewhere (virtio-media writes into
+    /// the guest's USERPTR pages) would lose those writes in a migration.
+    fn writes_only_to_used_chains(&self) -> bool {
+        false
+    }
+
     /// Starts the device with its queues (in queue index order) and interrupt.
     fn activate(
         &mut self,

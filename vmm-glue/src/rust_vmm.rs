@@ -12,8 +12,22 @@
 //!   vhost-user call fds, or irqfds).
 //! - [`RustVmmMemory`]: a [`GuestMemoryAccess`] over a [`GuestAddressSpace`].
 //!
-//! Writes through the host regions bypass vm-memory's dirty bitmap: these adapters do
-//! not support dirty-page logging (vhost-user `LOG_ALL`).
+//! # Dirty pages
+//!
+//! Writes through the host regions bypass vm-memory's dirty bitmap (the vsock device
+//! even `recvmsg`s straight into them), so dirty pages are not tracked at the memory
+//! level. A queue given a [`DirtyLog`] ([`RustVmmQueue::with_dirty_log`]) marks them
+//! where a chain comes back instead: while the log is on, [`VirtQueue::pop`] records
+//! the guest-physical ranges of the chain's device-writable descriptors, and
+//! [`VirtQueue::add_used`]`(head, len)` marks the pages of the first `len` bytes of
+//! them, then the used element and the used index it wrote (and
+//! [`VirtQueue::enable_notification`] / [`VirtQueue::disable_notification`] the used
+//! ring fields they write), each after the write. This is exact for a device whose
+//! writes all go into the chains it returns
+//! ([`VirtioDevice::writes_only_to_used_chains`](outboard_devices::virtio::VirtioDevice::writes_only_to_used_chains)),
+//! and relies on devices not keeping a chain across `handle_*` calls (the
+//! [`VirtQueue`] contract): a transport switches the log on and off between those
+//! calls, so a chain is never popped with the log off and returned with it on.
 //!
 //! # Broken rings
 //!
@@ -120,6 +134,39 @@ impl RingHealth {
     }
 }
 
+/// Where a [`RustVmmQueue`] marks the guest memory it and its device wrote, for live
+/// migration (see the [module docs](self)).
+pub trait DirtyLog: Send + Sync {
+    /// Whether writes are logged now (checked on every pop and every used entry, so
+    /// make it one atomic load).
+    fn logging(&self) -> bool;
+
+    /// Marks the pages of `[gpa, gpa + len)` dirty (nothing for `len` 0). Called after
+    /// the bytes were written.
+    fn mark(&self, gpa: u64, len: u64);
+}
+
+/// A chain's recorded device-writable ranges larger than this give their memory back
+/// once returned, so that a guest offering huge chains once does not leave the queue
+/// holding ring-size times [`MAX_CHAIN_REGIONS`] entries.
+const KEPT_RANGES: usize = 16;
+
+/// Offset of the first used element in a split used ring (after `flags` and `idx`).
+const USED_ELEMS: u64 = 4;
+/// Size of one used element (`id` and `len`).
+const USED_ELEM_SIZE: u64 = 8;
+
+/// The dirty-page state of one queue.
+struct DirtyTracking {
+    log: Arc<dyn DirtyLog>,
+    /// `VHOST_VRING_F_LOG`: the guest-physical address at which used-ring writes are
+    /// logged (the used ring's own, as the front-end sees it).
+    used_log: Option<u64>,
+    /// Per head index: the `(guest address, length)` of the device-writable
+    /// descriptors of the chain last popped with that head while logging.
+    written: Vec<Vec<(u64, u32)>>,
+}
+
 /// A [`VirtQueue`] over a rust-vmm split queue.
 pub struct RustVmmQueue<M: GuestAddressSpace> {
     queue: Queue,
@@ -129,6 +176,7 @@ pub struct RustVmmQueue<M: GuestAddressSpace> {
     avail_seen: u16,
     broken: Option<String>,
     health: Option<(Arc<RingHealth>, usize)>,
+    dirty: Option<DirtyTracking>,
 }
 
 impl<M: GuestAddressSpace> std::fmt::Debug for RustVmmQueue<M> {
@@ -150,7 +198,73 @@ impl<M: GuestAddressSpace> RustVmmQueue<M> {
             pinned: Vec::new(),
             broken: None,
             health: None,
+            dirty: None,
         }
+    }
+
+    /// Marks what is written through this queue in `log` while it is on (see the
+    /// [module docs](self)); `used_log` is the address used-ring writes are logged at
+    /// (`VHOST_VRING_F_LOG`), `None` to log only the chains' buffers.
+    pub fn with_dirty_log(mut self, log: Arc<dyn DirtyLog>, used_log: Option<u64>) -> Self {
+        self.dirty = Some(DirtyTracking {
+            log,
+            used_log,
+            written: Vec::new(),
+        });
+        self
+    }
+
+    /// Changes where used-ring writes are logged (a front-end that turns
+    /// `VHOST_VRING_F_LOG` on or off for a running ring); nothing without
+    /// [`RustVmmQueue::with_dirty_log`].
+    pub fn set_used_log(&mut self, used_log: Option<u64>) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.used_log = used_log;
+        }
+    }
+
+    /// Marks `len` bytes at `offset` in the used ring, if used-ring writes are logged
+    /// now.
+    fn mark_used_ring(&self, offset: u64, len: u64) {
+        if let Some(d) = self.dirty.as_ref() {
+            if let Some(base) = d.used_log.filter(|_| d.log.logging()) {
+                // An address that wraps cannot be in the log; the log bounds-checks.
+                d.log.mark(base.wrapping_add(offset), len);
+            }
+        }
+    }
+
+    /// After `add_used(head, len)` wrote used element `slot`: marks the first `len`
+    /// bytes of the chain's writable descriptors, the element and the used index.
+    fn mark_used(&mut self, head: u16, len: u32, slot: u16) {
+        let Some(d) = self.dirty.as_mut() else {
+            return;
+        };
+        if !d.log.logging() {
+            return;
+        }
+        if let Some(ranges) = d.written.get_mut(usize::from(head)) {
+            let mut left = u64::from(len);
+            for &(gpa, n) in ranges.iter() {
+                if left == 0 {
+                    break;
+                }
+                let n = left.min(u64::from(n));
+                d.log.mark(gpa, n);
+                left -= n;
+            }
+            if ranges.capacity() > KEPT_RANGES {
+                *ranges = Vec::new();
+            } else {
+                ranges.clear();
+            }
+        }
+        self.mark_used_ring(
+            USED_ELEMS + USED_ELEM_SIZE * u64::from(slot),
+            USED_ELEM_SIZE,
+        );
+        // `flags` and `idx`: the index the used element was published with.
+        self.mark_used_ring(0, USED_ELEMS);
     }
 
     /// Reports to `health`, as ring `ring`, when this queue breaks.
@@ -266,6 +380,20 @@ where
         };
         let head = descs.head_index();
         chain.head = head;
+        let size = usize::from(self.queue.size());
+        let mut record = self
+            .dirty
+            .as_mut()
+            .filter(|d| d.log.logging())
+            .and_then(|d| {
+                if d.written.len() < size {
+                    d.written.resize_with(size, Vec::new);
+                }
+                d.written.get_mut(usize::from(head))
+            });
+        if let Some(r) = record.as_mut() {
+            r.clear();
+        }
         let mut writable_seen = false;
         for desc in descs {
             let write = desc.is_write_only();
@@ -287,6 +415,13 @@ where
                     reason: "descriptor outside guest memory",
                 });
             }
+            if write && desc.len() > 0 {
+                if let Some(r) = record.as_mut() {
+                    // At most MAX_CHAIN_REGIONS + 1 entries: the check below ends
+                    // longer chains, and every entry added a region.
+                    r.push((desc.addr().0, desc.len()));
+                }
+            }
             if chain.readable.len() + chain.writable.len() > MAX_CHAIN_REGIONS {
                 return Err(QueueError::BadChain {
                     head,
@@ -304,8 +439,12 @@ where
     fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         self.check_broken()?;
         let mem = self.mem.memory();
+        let slot = self.queue.next_used() % self.queue.size().max(1);
         match self.queue.add_used(&*mem, head, len) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.mark_used(head, len, slot);
+                Ok(())
+            }
             // The head came from the guest's available ring: a bad chain, not a bad ring.
             Err(e @ virtio_queue::Error::InvalidDescriptorIndex) => Err(QueueError::Used {
                 head,
@@ -333,6 +472,10 @@ where
         if let Err(e) = self.queue.enable_notification(&*mem) {
             return Err(self.break_ring(format!("cannot enable notifications: {e}")));
         }
+        // It wrote `flags`, or `avail_event` after the used elements.
+        self.mark_used_ring(0, 2);
+        let avail_event = USED_ELEMS + USED_ELEM_SIZE * u64::from(self.queue.size());
+        self.mark_used_ring(avail_event, 2);
         // virtio_queue reports work for any index other than ours, which would send a
         // device round its loop again and again on an index too far ahead: check it.
         if self.queue.next_avail() != self.avail_seen {
@@ -346,7 +489,10 @@ where
         let mem = self.mem.memory();
         self.queue
             .disable_notification(&*mem)
-            .map_err(|e| self.break_ring(format!("cannot disable notifications: {e}")))
+            .map_err(|e| self.break_ring(format!("cannot disable notifications: {e}")))?;
+        // It wrote `flags` (without EVENT_IDX).
+        self.mark_used_ring(0, 2);
+        Ok(())
     }
 }
 
@@ -622,6 +768,96 @@ mod tests {
         assert_eq!(m2.write_at(0, b"new"), 3);
         now.read_slice(&mut buf[..3], GuestAddress(0x1000)).unwrap();
         assert_eq!(&buf[..3], b"new");
+    }
+
+    /// Records marks; on while `on` is set.
+    #[derive(Default)]
+    struct Marks {
+        on: AtomicBool,
+        marks: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl DirtyLog for Marks {
+        fn logging(&self) -> bool {
+            self.on.load(Ordering::Relaxed)
+        }
+        fn mark(&self, gpa: u64, len: u64) {
+            self.marks.lock().unwrap().push((gpa, len));
+        }
+    }
+
+    impl Marks {
+        fn take(&self) -> Vec<(u64, u64)> {
+            std::mem::take(&mut *self.marks.lock().unwrap())
+        }
+    }
+
+    /// Chain at `head`: 16 readable bytes at 0x8000, then writable descriptors
+    /// `(addr, len)`.
+    fn write_chain(mem: &GuestMemoryMmap, head: u16, writable: &[(u64, u32)]) {
+        let descs = [(0x8000, 16)].into_iter().chain(writable.iter().copied());
+        for (i, (addr, len)) in descs.enumerate() {
+            let at = u64::from(head) + i as u64;
+            let last = i == writable.len();
+            let d = DESC + 16 * at;
+            let flags: u16 = if i > 0 { 2 } else { 0 } | if last { 0 } else { 1 };
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(at as u16 + 1, GuestAddress(d + 14)).unwrap();
+        }
+    }
+
+    #[test]
+    fn used_chains_mark_the_bytes_written_and_the_used_ring() {
+        let marks = Arc::new(Marks::default());
+        let (mem, q) = setup(0);
+        let mut q = q.with_dirty_log(marks.clone(), Some(0x5_0000));
+        let mut chain = DescChain::default();
+        // Off: nothing recorded or marked.
+        write_chain(&mem, 0, &[(0x9000, 0x100)]);
+        offer(&mem, 0, 1);
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        q.add_used(chain.head, 0x100).unwrap();
+        assert_eq!(q.enable_notification(), Ok(false));
+        assert!(marks.take().is_empty());
+
+        // On: two writable descriptors, 0x1800 bytes written of 0x1000 + 0x2000.
+        marks.on.store(true, Ordering::Relaxed);
+        write_chain(&mem, 4, &[(0xa000, 0x1000), (0xc000, 0x2000)]);
+        offer(&mem, 1, 1);
+        mem.write_obj(4u16, GuestAddress(AVAIL + 4 + 2)).unwrap();
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        assert_eq!(chain.head, 4);
+        q.add_used(chain.head, 0x1800).unwrap();
+        assert_eq!(
+            marks.take(),
+            vec![
+                (0xa000, 0x1000),
+                (0xc000, 0x800),
+                // Used element 1 and flags + idx, at the log address.
+                (0x5_0000 + 4 + 8, 8),
+                (0x5_0000, 4),
+            ]
+        );
+        // What notifications write: flags, and avail_event after the 16 elements.
+        assert_eq!(q.enable_notification(), Ok(false));
+        assert_eq!(
+            marks.take(),
+            vec![(0x5_0000, 2), (0x5_0000 + 4 + 8 * 16, 2)]
+        );
+        q.disable_notification().unwrap();
+        assert_eq!(marks.take(), vec![(0x5_0000, 2)]);
+
+        // Without VHOST_VRING_F_LOG only the buffers are marked; a device that claims
+        // more than the chain holds marks the chain only.
+        q.set_used_log(None);
+        write_chain(&mem, 8, &[(0xf000, 0x10)]);
+        offer(&mem, 2, 1);
+        mem.write_obj(8u16, GuestAddress(AVAIL + 4 + 4)).unwrap();
+        assert_eq!(q.pop(&mut chain), Ok(true));
+        q.add_used(chain.head, 0x1000).unwrap();
+        assert_eq!(marks.take(), vec![(0xf000, 0x10)]);
     }
 
     #[test]

@@ -406,6 +406,10 @@ where
         self.inner.write_config(offset, data);
     }
 
+    fn writes_only_to_used_chains(&self) -> bool {
+        self.inner.writes_only_to_used_chains()
+    }
+
     fn activate(
         &mut self,
         queues: Vec<Box<dyn VirtQueue>>,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{bfd, GuestMem};
 use outboard_protocol::vhost_user::{
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
 };
 use outboard_transport::{Frontend, MemoryRegionRef};
 use vmm_sys_util::eventfd::EventFd;
@@ -199,8 +199,9 @@ fn connect_frontend(path: &Path) -> Frontend {
 fn bring_up(fe: &mut Frontend, mem: &GuestMem, rx: &Ring, tx: &Ring) {
     let offered = fe.get_features().unwrap();
     let proto = fe.get_protocol_features().unwrap();
-    let want =
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    let want = VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     assert!(proto.contains(want));
     fe.set_protocol_features(want).unwrap();
     fe.set_owner().unwrap();
@@ -286,13 +287,25 @@ fn wait_for_log(log: &Path, needle: &str) -> String {
 }
 
 /// A host connection to guest port 1234 over the jailed worker: handshake, data both
-/// ways.
+/// ways, with the dirty page log on (as in a migration: the worker maps the log under
+/// its seccomp policy and marks the RX pages).
 fn session(socket: &Path, uds: &Path) {
     let mem = GuestMem::new(MEM);
     let mut rx = Ring::new(0x1000);
     let mut tx = Ring::new(0x20000);
     let mut fe = connect_frontend(socket);
     bring_up(&mut fe, &mem, &rx, &tx);
+    // bring_up acked VHOST_F_LOG_ALL with the rest of the offer: logging is on once the
+    // log is there.
+    let log = GuestMem::new(4096);
+    fe.set_log_base(
+        &VhostUserLog {
+            mmap_size: (MEM / 4096 / 8) as u64,
+            mmap_offset: 0,
+        },
+        log.fd.as_fd(),
+    )
+    .unwrap();
     for id in 0..QSIZE {
         rx.offer(&mem, id, 0x1000, true);
     }
@@ -318,6 +331,14 @@ fn session(socket: &Path, uds: &Path) {
         got.extend(p.payload);
     }
     assert_eq!(got, to_guest);
+    // The RX buffers' pages have their bits (page p: bit p % 8 of byte p / 8).
+    let logged = |page: usize| log.read::<u8>(page / 8) & (1 << (page % 8)) != 0;
+    let rx_pages = rx.buf(0) / 4096..rx.buf(QSIZE - 1) / 4096 + 1;
+    assert!(
+        rx_pages.clone().any(logged),
+        "no RX page in the dirty log: {:x?}",
+        log.read_bytes(0, MEM / 4096 / 8)
+    );
 
     let to_host: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 241) as u8).collect();
     send(

@@ -693,6 +693,12 @@ impl VirtioDevice for Vsock {
         self.transport_reset_pending = false;
     }
 
+    /// Yes: packets go into RX and event chains only, and every chain is returned with
+    /// the bytes written into it (header and payload).
+    fn writes_only_to_used_chains(&self) -> bool {
+        true
+    }
+
     fn event_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.muxer.epoll_fd())
     }

@@ -20,10 +20,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 mod handover;
 
+use super::dirty_log::{DirtyPageLog, LogArea};
 use super::guard;
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::ring::{Mem, RingInterrupt, SharedQueue, Slot};
 use crate::rust_vmm::{RingHealth, RustVmmQueue};
+use outboard_protocol::vhost_user;
 
 /// The bound on each send and reply wait on the back-end -> front-end channel.
 ///
@@ -43,7 +45,10 @@ pub const MAX_CONFIG_SIZE: u32 = 256;
 /// ([`VirtioDevice::config_size`]
 /// not 0) and what [`DeviceBackend::with_protocol_features`] asks for, and drops what
 /// [`DeviceBackend::without_protocol_features`] removes
-/// ([`DeviceBackend::protocol_features`] is the result).
+/// ([`DeviceBackend::protocol_features`] is the result). `LOG_SHMFD` (live migration's
+/// dirty page log, with `VHOST_F_LOG_ALL` among the virtio features) is added for a
+/// device whose writes all go into the chains it returns
+/// ([`VirtioDevice::writes_only_to_used_chains`]).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -110,6 +115,14 @@ struct Ring {
 }
 
 impl Ring {
+    /// Where used-ring writes are logged: `log_guest_addr` when `VHOST_VRING_F_LOG` is
+    /// set.
+    fn used_log(&self) -> Option<u64> {
+        self.addr
+            .filter(|a| a.flags & vhost_user::VhostUserVringAddrFlags::LOG.bits() != 0)
+            .map(|a| a.log)
+    }
+
     fn addresses(&self) -> [u64; 3] {
         self.addr
             .map(|a| [a.descriptor, a.available, a.used])
@@ -141,6 +154,11 @@ pub struct DeviceBackend<D: VirtioDevice> {
     /// `GET_SHMEM_CONFIG` answers (by shmid); empty: the request is not supported.
     shmem_sizes: Vec<u64>,
     channel: Option<ChannelSlot>,
+    /// The dirty page log the queues mark while the VM migrates.
+    dirty: Arc<DirtyPageLog>,
+    /// `SET_LOG_FD`: kept for the session, never signalled (the spec makes it optional:
+    /// the front-end reads the log when it synchronizes).
+    log_fd: Option<File>,
     /// Rings whose queue found them inconsistent, for [`DeviceBackend::stop_broken_rings`].
     health: Arc<RingHealth>,
     broken_rings: u64,
@@ -190,6 +208,8 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             removed_protocol: VhostUserProtocolFeatures::empty(),
             shmem_sizes: Vec::new(),
             channel: None,
+            dirty: Arc::new(DirtyPageLog::new()),
+            log_fd: None,
             health: Arc::new(RingHealth::new()),
             broken_rings: 0,
             poison_seen: guard::poison_events(),
@@ -223,6 +243,9 @@ impl<D: VirtioDevice> DeviceBackend<D> {
     /// [`DeviceBackend::without_protocol_features`].
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let mut features = offered_protocol_features() | self.extra_protocol;
+        if self.device.writes_only_to_used_chains() {
+            features |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         if self.device.config_size() > 0 {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
@@ -230,6 +253,20 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             features |= VhostUserProtocolFeatures::DEVICE_STATE;
         }
         features - self.removed_protocol
+    }
+
+    /// Whether the dirty page log is offered: `LOG_SHMFD` is among
+    /// [`DeviceBackend::protocol_features`] (then `VHOST_F_LOG_ALL` is among the virtio
+    /// features too, which QEMU needs to allow migration).
+    fn logs_dirty_pages(&self) -> bool {
+        self.protocol_features()
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+    }
+
+    /// The dirty page log, shared with the queues: for a look at
+    /// [`DirtyPageLog::pages_outside`].
+    pub fn dirty_log(&self) -> &Arc<DirtyPageLog> {
+        &self.dirty
     }
 
     /// Answers `GET_SHMEM_CONFIG` with these region sizes, indexed by shmid (sizes past
@@ -305,6 +342,10 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             if self.fatal.is_none() {
                 self.fatal = self.table.poisoned();
             }
+            if self.fatal.is_none() && self.dirty.poisoned() {
+                self.fatal =
+                    Some("the dirty log (SET_LOG_BASE) was cut short by the front-end".to_string());
+            }
         }
     }
 
@@ -372,6 +413,8 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         self.publish_memory();
         self.acked_features = 0;
         self.protocol = VhostUserProtocolFeatures::empty();
+        self.dirty.clear();
+        self.log_fd = None;
         self.irq.clear();
         if let Some(mut slot) = self.channel_slot() {
             *slot = None;
@@ -513,9 +556,12 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             )));
         }
         if let Some(slot) = self.slots.get(index) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(
-                RustVmmQueue::new(q, self.mem.clone()).with_health(self.health.clone(), index),
-            );
+            let mut queue =
+                RustVmmQueue::new(q, self.mem.clone()).with_health(self.health.clone(), index);
+            if self.logs_dirty_pages() {
+                queue = queue.with_dirty_log(self.dirty.clone(), self.rings[index].used_log());
+            }
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue);
         }
         self.rings[index].stopped_at = None;
         if !self.active {
@@ -567,13 +613,28 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     }
 
     fn get_features(&mut self) -> HandlerResult<u64> {
-        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        let mut features =
+            self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.logs_dirty_pages() {
+            features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        }
+        Ok(features)
     }
 
     fn set_features(&mut self, features: u64) -> HandlerResult<()> {
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        if (self.acked_features ^ features) & log_all != 0 {
+            outboard_protocol::log_limited!(
+                log::Level::Info,
+                "dirty log: logging {}",
+                if features & log_all != 0 { "on" } else { "off" }
+            );
+        }
         self.acked_features = features;
-        self.device
-            .ack_features(features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        // Offered only with LOG_SHMFD, and the server checks that acks are offered.
+        self.dirty.set_enabled(features & log_all != 0);
+        let transport = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log_all;
+        self.device.ack_features(features & !transport);
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         for slot in &self.slots {
             if let Some(q) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -629,6 +690,14 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     fn set_vring_addr(&mut self, addr: &VhostUserVringAddr) -> HandlerResult<()> {
         let i = self.index(addr.index)?;
         self.rings[i].addr = Some(*addr);
+        // A front-end starting or ending a migration sends the running rings' addresses
+        // again with VHOST_VRING_F_LOG set or cleared.
+        let used_log = self.rings[i].used_log();
+        if let Some(slot) = self.slots.get(i) {
+            if let Some(q) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                q.set_used_log(used_log);
+            }
+        }
         Ok(())
     }
 
@@ -762,6 +831,25 @@ impl<D: VirtioDevice> VhostUserBackendReqHandler for DeviceBackend<D> {
     fn reset_device(&mut self) -> HandlerResult<()> {
         self.reset_all();
         self.acked_features = 0;
+        self.dirty.set_enabled(false);
+        Ok(())
+    }
+
+    fn set_log_base(&mut self, log: &vhost_user::VhostUserLog, fd: OwnedFd) -> HandlerResult<()> {
+        let area = LogArea::map(log, fd).map_err(|e| einval(e.to_string()))?;
+        outboard_protocol::log_limited!(
+            log::Level::Info,
+            "dirty log: {:#x} bytes, covering guest addresses below {:#x}",
+            area.size(),
+            area.size().saturating_mul(8 * vhost_user::LOG_PAGE_SIZE)
+        );
+        self.dirty.set_area(Some(area));
+        Ok(())
+    }
+
+    fn set_log_fd(&mut self, fd: OwnedFd) -> HandlerResult<()> {
+        // Never written, so whatever fd it is cannot block or signal the worker.
+        self.log_fd = Some(File::from(fd));
         Ok(())
     }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`memory`]: the front-end's memory table (`SET_MEM_TABLE`, `ADD_MEM_REG`,
 //!   `REM_MEM_REG`), mapped with bounds checks and unmapped on replacement.
+//! - [`dirty_log`]: the dirty page log of live migration (`LOG_SHMFD`, `SET_LOG_BASE`,
+//!   `VHOST_F_LOG_ALL`), offered for devices whose writes all go into used chains.
 //! - [`guard`]: SIGBUS containment for guest memory a front-end truncates under the
 //!   daemon: the offending VM's device stops, the process and its other VMs live on.
 //! - [`ring`]: rings the front-end starts and stops independently, presented to the
@@ -32,6 +34,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod dirty_log;
 pub mod guard;
 mod handover;
 #[cfg(feature = "media")]

@@ -6,7 +6,9 @@
 //! Record fields, in order ([`outboard_protocol::record`] encoding):
 //!
 //! 1. `u64` acked virtio features (with `VHOST_USER_F_PROTOCOL_FEATURES` if acked),
-//!    `u64` acked protocol features, `bool` the device is active;
+//!    `u64` acked protocol features, `bool` the device is active, `bool` + 16-byte
+//!    `VhostUserLog` if the front-end gave a dirty log (`SET_LOG_BASE`; its fd
+//!    follows), so a migration in progress goes on being logged;
 //! 2. a count, then each memory region: its 32-byte `VhostUserMemoryRegion` as the
 //!    front-end sent it (an fd each);
 //! 3. a count (the device's ring count), then each ring: `u16` size, `bool` + 40-byte
@@ -26,7 +28,7 @@ use std::os::fd::OwnedFd;
 use outboard_devices::virtio::VirtioDevice;
 use outboard_protocol::record::{RecordReader, RecordWriter};
 use outboard_protocol::vhost_user::{
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
 };
 use outboard_protocol::Validate;
 use outboard_transport::{MemoryRegion, VhostUserBackendReqHandler};
@@ -52,6 +54,16 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         w.u64(self.acked_features)
             .u64(self.protocol.bits())
             .bool(self.active);
+        match self.dirty.handover() {
+            Some(log) => {
+                let (desc, fd) = log.map_err(|e| format!("cannot duplicate the dirty log: {e}"))?;
+                w.bool(true).raw(desc.as_bytes());
+                fds.push(fd);
+            }
+            None => {
+                w.bool(false);
+            }
+        }
         let regions = self
             .table
             .handover()
@@ -122,6 +134,19 @@ impl<D: VirtioDevice> DeviceBackend<D> {
     ) -> Result<(), String> {
         let e = |e: std::io::Error| e.to_string();
         let acked = r.u64("acked features").map_err(|e| e.to_string())?;
+        let bits = r.u64("protocol features").map_err(|e| e.to_string())?;
+        let active = r.bool("active").map_err(|e| e.to_string())?;
+        // The log first, so that logging is never on without it.
+        if r.bool("dirty log").map_err(|e| e.to_string())? {
+            let raw = r
+                .raw("dirty log", std::mem::size_of::<VhostUserLog>())
+                .map_err(|e| e.to_string())?;
+            let log = VhostUserLog::read_from_bytes(raw)
+                .map_err(|_| "a dirty log description of the wrong size".to_string())?;
+            log.validate().map_err(|e| e.to_string())?;
+            self.set_log_base(&log, next_fd(fds, "the dirty log")?)
+                .map_err(e)?;
+        }
         let offered = self.get_features().map_err(e)?;
         if acked & !offered != 0 {
             return Err(format!(
@@ -130,14 +155,12 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             ));
         }
         self.set_features(acked).map_err(e)?;
-        let bits = r.u64("protocol features").map_err(|e| e.to_string())?;
         let protocol = VhostUserProtocolFeatures::from_bits(bits)
             .filter(|p| self.protocol_features().contains(*p))
             .ok_or_else(|| {
                 format!("protocol features {bits:#x} are not all offered by this build")
             })?;
         self.set_protocol_features(protocol).map_err(e)?;
-        let active = r.bool("active").map_err(|e| e.to_string())?;
         let n = r
             .count(
                 "memory regions",
