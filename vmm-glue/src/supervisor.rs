@@ -172,7 +172,12 @@ impl Supervisor {
         if ok {
             self.write_metrics(services);
             let status = format!("serving {} worker(s)", services.len());
-            self.notifier.notify(&format!("READY=1\nSTATUS={status}"));
+            // MAINPID: after a live upgrade the service's main process is this one, not
+            // the one systemd started (systemd takes it with NotifyAccess=all).
+            self.notifier.notify(&format!(
+                "READY=1\nMAINPID={}\nSTATUS={status}",
+                std::process::id()
+            ));
             let mut restarts = 0;
             let mut last_metrics = Instant::now();
             loop {

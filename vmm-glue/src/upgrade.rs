@@ -202,6 +202,18 @@ pub fn serve_upgrades(listener: UnixListener, path: PathBuf, vms: Vec<Upgradable
                 continue;
             }
         };
+        // Whoever takes over gets every VM's memory: only this user (or root) may.
+        match peer_allowed(&stream) {
+            Ok(()) => {}
+            Err(e) => {
+                log::warn!(
+                    "live upgrade: refused a connection on {}: {e}",
+                    path.display()
+                );
+                let _ = send_frame(&stream, REFUSE, e.as_bytes(), &[]);
+                continue;
+            }
+        }
         let started = Instant::now();
         match hand_over(&stream, &vms) {
             Ok(pid) => {
@@ -216,6 +228,37 @@ pub fn serve_upgrades(listener: UnixListener, path: PathBuf, vms: Vec<Upgradable
             Err(e) => log::warn!("live upgrade: not handed over, serving on: {e}"),
         }
     }
+}
+
+/// Whether the process at the other end of `stream` may take the VMs over: it must run
+/// as this process's user, or as root.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    let cred = rustix::net::sockopt::socket_peercred(stream)
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let me = rustix::process::geteuid();
+    if cred.uid == me || cred.uid.is_root() {
+        Ok(())
+    } else {
+        Err(format!(
+            "pid {} runs as uid {}, this process as uid {}: only the same user or root may \
+             take over",
+            cred.pid.as_raw_nonzero(),
+            cred.uid.as_raw(),
+            me.as_raw()
+        ))
+    }
+}
+
+/// Binds the upgrade socket at `path` (a stale socket there is replaced), readable and
+/// writable by this user only.
+pub fn bind_upgrade_socket(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::supervisor::remove_stale_socket(path)?;
+    let l = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod 600 {}: {e}", path.display()))?;
+    Ok(l)
 }
 
 /// One upgrade conversation; `Ok(pid)` once every worker let go.
@@ -437,5 +480,87 @@ impl TakeOver {
     /// Tells the old process why this one will not take over (it resumes serving).
     pub fn refuse(self, reason: &str) {
         let _ = send_frame(&self.stream, REFUSE, reason.as_bytes(), &[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn frames_carry_their_body_and_any_number_of_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let body: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let sender = std::thread::spawn(move || send_frame(&a, STATE, &body, &fds(70)));
+        let f = recv_frame(&b).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(f.kind, STATE);
+        assert_eq!(f.body.len(), 100_000);
+        assert_eq!(f.body[99_999], (99_999u32) as u8);
+        assert_eq!(f.fds.len(), 70);
+    }
+
+    #[test]
+    fn a_frame_beyond_the_limits_or_cut_short_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut head = vec![STATE];
+        head.extend_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
+        (&a).write_all(&head).unwrap();
+        let e = recv_frame(&b).err().unwrap();
+        assert!(e.contains("beyond the limits"), "{e}");
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut head = vec![STATE];
+        head.extend_from_slice(&10u64.to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
+        (&a).write_all(&head).unwrap();
+        (&a).write_all(b"short").unwrap();
+        drop(a);
+        assert!(recv_frame(&b).is_err());
+    }
+
+    fn state(vms: &[(u64, &str, &[u8], u32)]) -> Vec<u8> {
+        let mut w = RecordWriter::new();
+        w.u64(UPGRADE_MAGIC)
+            .u32(UPGRADE_VERSION)
+            .u32(42)
+            .count(vms.len());
+        for (cid, path, record, nfds) in vms {
+            w.u64(*cid).bytes(path.as_bytes()).bytes(record).u32(*nfds);
+        }
+        w.into_bytes().unwrap()
+    }
+
+    #[test]
+    fn state_is_split_per_vm_and_checked() {
+        let body = state(&[
+            (3, "/run/a.sock", b"rec-a", 2),
+            (4, "/run/b.sock", b"rec-b", 1),
+        ]);
+        let (pid, vms) = parse_state(&body, fds(3)).unwrap();
+        assert_eq!(pid, 42);
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].guest_cid, 3);
+        assert_eq!(vms[0].socket, PathBuf::from("/run/a.sock"));
+        assert_eq!(vms[0].parcel.fds.len(), 2);
+        assert_eq!(vms[1].parcel.record, b"rec-b");
+        assert_eq!(vms[1].parcel.fds.len(), 1);
+        // Too few fds, too many, a truncated record, another version.
+        let e = parse_state(&body, fds(2)).unwrap_err();
+        assert!(e.contains("1 fds named, 0 came"), "{e}");
+        let e = parse_state(&body, fds(4)).unwrap_err();
+        assert!(e.contains("more fds"), "{e}");
+        let e = parse_state(&body[..body.len() - 1], fds(3)).unwrap_err();
+        assert!(e.contains("ends inside"), "{e}");
+        let mut other = body.clone();
+        other[8] = 2;
+        let e = parse_state(&other, fds(3)).unwrap_err();
+        assert!(e.contains("upgrade version 2"), "{e}");
     }
 }

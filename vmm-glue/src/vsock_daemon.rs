@@ -22,7 +22,9 @@ use crate::supervisor::{
     remove_stale_socket, stop_all, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
     STOP_GRACE,
 };
-use crate::upgrade::{request_take_over, serve_upgrades, TakenVm, UpgradableVm};
+use crate::upgrade::{
+    bind_upgrade_socket, request_take_over, serve_upgrades, TakenVm, UpgradableVm,
+};
 use crate::vhost_user::daemon::{upgrade_channel, Parcel, UpgradeHandle, Worker};
 #[cfg(feature = "jail")]
 use crate::vsock_cli::sibling_pairs;
@@ -290,28 +292,39 @@ pub fn run(
             }
         }
     }
+    let mut bound_upgrade = None;
     if let Some(u) = upgrade {
-        let listener = match remove_stale_socket(&u.socket)
-            .and_then(|()| UnixListener::bind(&u.socket).map_err(|e| e.to_string()))
-        {
-            Ok(l) => l,
+        let listener = match bind_upgrade_socket(&u.socket) {
+            Ok(l) => Some(l),
+            // A process that took VMs over owns them now: it serves them without the
+            // next upgrade rather than not at all.
+            Err(e) if u.take_over => {
+                log::error!("--upgrade-socket: {e}; serving without live upgrade");
+                None
+            }
             Err(e) => {
-                log::error!("--upgrade-socket {}: {e}", u.socket.display());
+                log::error!("--upgrade-socket: {e}");
                 stop_all(&mut services, std::time::Instant::now() + STOP_GRACE);
                 return false;
             }
         };
-        let path = u.socket.clone();
-        let spawned = std::thread::Builder::new()
-            .name("upgrade".into())
-            .spawn(move || serve_upgrades(listener, path, handles));
-        if let Err(e) = spawned {
-            log::error!("cannot start the upgrade thread: {e}");
-            stop_all(&mut services, std::time::Instant::now() + STOP_GRACE);
-            return false;
+        if let Some(listener) = listener {
+            bound_upgrade = Some(u.socket.clone());
+            let path = u.socket.clone();
+            let spawned = std::thread::Builder::new()
+                .name("upgrade".into())
+                .spawn(move || serve_upgrades(listener, path, handles));
+            if let Err(e) = spawned {
+                log::error!("cannot start the upgrade thread: {e}; serving without live upgrade");
+            }
         }
     }
-    Supervisor::new(metrics).run(&mut services, signals)
+    let ok = Supervisor::new(metrics).run(&mut services, signals);
+    // Stopped, not handed over (a handover exits from the upgrade thread).
+    if let Some(p) = bound_upgrade {
+        let _ = std::fs::remove_file(p);
+    }
+    ok
 }
 
 /// Takes every VM of `vms` over from the process at `socket`: the services, each

@@ -647,3 +647,113 @@ fn an_idle_daemon_never_wakes_up() {
     assert_eq!(alone, 0, "no front-end: {alone} wake-ups in 2 s");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Live upgrade from the command line: the flags' rules, a take-over with nothing to
+/// take over, and an idle daemon replaced by a second one that then serves its
+/// sockets, replaced in turn by a third, and stops cleanly.
+#[test]
+fn live_upgrade_from_the_command_line() {
+    let e = usage_error(&[
+        "vsock",
+        "--socket",
+        "/tmp/a",
+        "--uds-path",
+        "/tmp/b",
+        "--take-over",
+    ]);
+    assert!(e.contains("--upgrade-socket"), "{e}");
+    #[cfg(feature = "jail")]
+    {
+        let e = usage_error(&[
+            "vsock",
+            "--socket",
+            "/tmp/a",
+            "--uds-path",
+            "/tmp/b",
+            "--upgrade-socket",
+            "/tmp/c",
+            "--jail",
+        ]);
+        assert!(e.contains("does not work with --jail"), "{e}");
+    }
+    let e = usage_error(&[
+        "vsock",
+        "--vm",
+        "guest-cid=3,socket=/tmp/a,uds-path=/tmp/b,groups=g",
+        "--vm",
+        "guest-cid=4,socket=/tmp/c,uds-path=/tmp/d,groups=g",
+        "--upgrade-socket",
+        "/tmp/e",
+    ]);
+    assert!(e.contains("share a sibling group"), "{e}");
+
+    let dir = scratch("upgrade");
+    let socket = dir.join("vhost.sock");
+    let uds = dir.join("vsock.sock");
+    let upgrade = dir.join("upgrade.sock");
+    let start = |take_over: bool| {
+        let mut cmd = outboard();
+        cmd.args(["vsock", "--guest-cid", "3", "--socket"])
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(&uds)
+            .arg("--upgrade-socket")
+            .arg(&upgrade)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if take_over {
+            cmd.arg("--take-over");
+        }
+        cmd.spawn().unwrap()
+    };
+    let wait_exit = |child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no exit within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Nothing to take over: a clear error, exit 1.
+    let mut lone = start(true);
+    let status = wait_exit(&mut lone);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut lone.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the running outboard"), "{err}");
+
+    let mut old = start(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !upgrade.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&upgrade).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the upgrade socket is {mode:o}");
+    for round in 0..2 {
+        let mut new = start(true);
+        let status = wait_exit(&mut old);
+        assert!(
+            status.success(),
+            "round {round}: the old daemon exited {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            new.try_wait().unwrap().is_none(),
+            "round {round}: the new one exited"
+        );
+        // It serves the sockets it took over.
+        assert!(socket.exists() && uds.exists());
+        drop(UnixStream::connect(&socket).unwrap());
+        drop(UnixStream::connect(&uds).unwrap());
+        old = new;
+    }
+    let pid = i32::try_from(old.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert!(wait_exit(&mut old).success());
+    assert!(!socket.exists() && !uds.exists() && !upgrade.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
