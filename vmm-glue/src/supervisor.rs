@@ -550,6 +550,8 @@ mod jailed {
         stale: Vec<PathBuf>,
         created: Vec<PathBuf>,
         serve: ServeFn,
+        /// Fds only the first worker inherits (after `inherit`): a handover's.
+        first: Vec<OwnedFd>,
         worker: Option<JailedWorker>,
         started: Instant,
         restart_at: Option<Instant>,
@@ -585,6 +587,7 @@ mod jailed {
                 stale: Vec::new(),
                 created: Vec::new(),
                 serve,
+                first: Vec::new(),
                 worker: None,
                 started: Instant::now(),
                 restart_at: None,
@@ -597,6 +600,15 @@ mod jailed {
         /// Fds every worker inherits, after those given before.
         pub fn inherit(mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Self {
             self.inherit.extend(fds);
+            self
+        }
+
+        /// Fds the first worker inherits after the others, and no later one: the state
+        /// a live upgrade handed over, which that worker takes over. The sockets the
+        /// old process created are not removed before that start (they are the ones
+        /// being served).
+        pub fn first_start(mut self, fds: Vec<OwnedFd>) -> Self {
+            self.first = fds;
             self
         }
 
@@ -627,12 +639,19 @@ mod jailed {
         }
 
         fn start(&mut self) -> Result<(), String> {
-            for p in &self.stale {
-                remove_stale_socket(p)?;
+            if self.first.is_empty() {
+                for p in &self.stale {
+                    remove_stale_socket(p)?;
+                }
             }
             let serve = &self.serve;
             let name = &self.name;
-            let inherit: Vec<_> = self.inherit.iter().map(AsFd::as_fd).collect();
+            let inherit: Vec<_> = self
+                .inherit
+                .iter()
+                .chain(&self.first)
+                .map(AsFd::as_fd)
+                .collect();
             let w = JailedWorker::spawn(
                 &self.jail,
                 &self.listener,
@@ -645,6 +664,8 @@ mod jailed {
             )
             .map_err(|e| e.to_string())?;
             log::info!("{}: worker runs jailed, pid {}", self.name, w.pid());
+            // The handover's fds live on in that worker only.
+            self.first.clear();
             self.worker = Some(w);
             self.started = Instant::now();
             self.restart_at = None;

@@ -31,17 +31,18 @@
 //! (`SCM_RIGHTS`). Bodies are [`outboard_protocol::record`] records; `REFUSE`'s is the
 //! reason in UTF-8.
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use outboard_protocol::record::{RecordReader, RecordWriter};
-use outboard_transport::sock::{recv_with_fds, send_with_fds, MAX_FDS_PER_MSG};
 
 use crate::vhost_user::daemon::{Parcel, UpgradeHandle};
+use crate::vhost_user::frames::{
+    kind_name, recv_frame, send_frame, ACCEPT, DONE, HELLO, MAX_BODY, REFUSE, STATE,
+};
 
 /// First field of `HELLO` and `STATE` ("OBUPGRAD").
 pub const UPGRADE_MAGIC: u64 = u64::from_le_bytes(*b"OBUPGRAD");
@@ -54,102 +55,8 @@ pub const TAKER_TIMEOUT: Duration = Duration::from_secs(30);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a worker may take to let go after `ACCEPT`.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest frame body (a record with every connection's unsent bytes).
-const MAX_BODY: u64 = 1 << 31;
-/// Most fds in one frame.
-const MAX_FDS: u32 = 1 << 20;
 /// Most VMs in a `STATE` frame.
 const MAX_VMS: usize = 4096;
-
-const HELLO: u8 = 1;
-const STATE: u8 = 2;
-const ACCEPT: u8 = 3;
-const REFUSE: u8 = 4;
-const DONE: u8 = 5;
-
-fn kind_name(kind: u8) -> &'static str {
-    match kind {
-        HELLO => "HELLO",
-        STATE => "STATE",
-        ACCEPT => "ACCEPT",
-        REFUSE => "REFUSE",
-        DONE => "DONE",
-        _ => "an unknown frame",
-    }
-}
-
-fn send_frame(sock: &UnixStream, kind: u8, body: &[u8], fds: &[OwnedFd]) -> Result<(), String> {
-    let e = |e: std::io::Error| format!("sending {}: {e}", kind_name(kind));
-    let mut head = [0u8; 13];
-    head[0] = kind;
-    head[1..9].copy_from_slice(&(body.len() as u64).to_le_bytes());
-    let nfds = u32::try_from(fds.len()).map_err(|_| format!("{} fds", fds.len()))?;
-    head[9..13].copy_from_slice(&nfds.to_le_bytes());
-    let mut w = sock;
-    w.write_all(&head).map_err(e)?;
-    w.write_all(body).map_err(e)?;
-    for chunk in fds.chunks(MAX_FDS_PER_MSG) {
-        let borrowed: Vec<_> = chunk.iter().map(AsFd::as_fd).collect();
-        let n = send_with_fds(sock, &[std::io::IoSlice::new(&[0u8])], &borrowed)
-            .map_err(|err| format!("sending the fds of {}: {err}", kind_name(kind)))?;
-        if n != 1 {
-            return Err(format!(
-                "sending the fds of {}: short write",
-                kind_name(kind)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A received frame.
-struct Frame {
-    kind: u8,
-    body: Vec<u8>,
-    fds: Vec<OwnedFd>,
-}
-
-fn recv_frame(sock: &UnixStream) -> Result<Frame, String> {
-    let mut head = [0u8; 13];
-    let mut r = sock;
-    r.read_exact(&mut head).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => "the other process closed the connection".into(),
-        _ => format!("receiving a frame: {e}"),
-    })?;
-    let kind = head[0];
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&head[1..9]);
-    let len = u64::from_le_bytes(len8);
-    let mut n4 = [0u8; 4];
-    n4.copy_from_slice(&head[9..13]);
-    let nfds = u32::from_le_bytes(n4);
-    if len > MAX_BODY || nfds > MAX_FDS {
-        return Err(format!(
-            "{} of {len} bytes with {nfds} fds is beyond the limits ({MAX_BODY} bytes, \
-             {MAX_FDS} fds)",
-            kind_name(kind)
-        ));
-    }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)
-        .map_err(|e| format!("receiving the body of {}: {e}", kind_name(kind)))?;
-    let mut fds = Vec::with_capacity(nfds as usize);
-    while fds.len() < nfds as usize {
-        let mut b = [0u8; 1];
-        let want = (nfds as usize - fds.len()).min(MAX_FDS_PER_MSG);
-        let got = recv_with_fds(sock, &mut [std::io::IoSliceMut::new(&mut b)], want)
-            .map_err(|e| format!("receiving the fds of {}: {e}", kind_name(kind)))?;
-        if got.bytes != 1 || got.fds.is_empty() {
-            return Err(format!(
-                "receiving the fds of {}: {} of {nfds} came",
-                kind_name(kind),
-                fds.len()
-            ));
-        }
-        fds.extend(got.fds);
-    }
-    Ok(Frame { kind, body, fds })
-}
 
 fn hello() -> Vec<u8> {
     let mut w = RecordWriter::new();
@@ -485,6 +392,8 @@ impl TakeOver {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     fn fds(n: usize) -> Vec<OwnedFd> {

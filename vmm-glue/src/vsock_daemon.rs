@@ -238,8 +238,8 @@ pub struct UpgradeOptions {
 /// a jailed child; writes `metrics` if given. True when everything started and stopped
 /// cleanly. `fds[i]`: an inherited listening socket for VM `i` (`--fd`, systemd socket
 /// activation), owned by the callee from here on (see [`inherited_listener`]). With
-/// `upgrade` (thread workers only), a new process can take the VMs over
-/// ([`crate::upgrade`]), and with `upgrade.take_over` this one takes them over.
+/// `upgrade`, a new process can take the VMs over ([`crate::upgrade`]), and with
+/// `upgrade.take_over` this one takes them over from the process serving them.
 pub fn run(
     vms: &[VmConfig],
     fds: &[Option<RawFd>],
@@ -248,50 +248,38 @@ pub fn run(
     signals: &StopSignals,
     upgrade: Option<&UpgradeOptions>,
 ) -> bool {
-    #[cfg(feature = "jail")]
-    if let Some(j) = jail {
-        if upgrade.is_some() {
-            log::error!("live upgrade does not work with --jail (see --upgrade-socket)");
-            return false;
-        }
-        return match jailed_services(vms, fds, &j, metrics.is_some()) {
-            Ok(mut services) => Supervisor::new(metrics).run(&mut services, signals),
-            Err((i, e, services)) => give_up(vms, i, &e, services),
-        };
-    }
-    let mut services: Vec<Box<dyn Service>> = Vec::new();
-    let mut handles = Vec::new();
-    match upgrade {
-        Some(u) if u.take_over => match take_over_all(vms, &u.socket) {
-            Ok(taken) => {
-                for (s, h) in taken {
-                    services.push(Box::new(s));
-                    handles.push(h);
+    let with_metrics = metrics.is_some();
+    let built = match upgrade {
+        Some(u) if u.take_over => {
+            let made = take_over_all(vms, &u.socket, |vm, taken| {
+                #[cfg(feature = "jail")]
+                if let Some(j) = &jail {
+                    return taken_jailed_service(vm, taken, j, with_metrics)
+                        .map(|(s, h)| (Box::new(s) as Box<dyn Service>, h));
+                }
+                taken_thread_service(vm, taken).map(|(s, h)| (Box::new(s) as Box<dyn Service>, h))
+            });
+            match made {
+                Ok(m) => m,
+                Err(e) => {
+                    log::error!("live upgrade: {e}");
+                    return false;
                 }
             }
-            Err(e) => {
-                log::error!("live upgrade: {e}");
-                return false;
-            }
+        }
+        _ => match fresh_services(
+            vms,
+            fds,
+            #[cfg(feature = "jail")]
+            jail.as_ref(),
+            with_metrics,
+            upgrade.is_some(),
+        ) {
+            Ok(b) => b,
+            Err((i, e, services)) => return give_up(vms, i, &e, services),
         },
-        _ => {
-            let mut siblings = SiblingGroups::default();
-            for (i, vm) in vms.iter().enumerate() {
-                let fd = fds.get(i).copied().flatten();
-                match upgradable_thread_service(vm, fd, &mut siblings, upgrade.is_some()) {
-                    Ok((s, h)) => {
-                        services.push(Box::new(s));
-                        handles.extend(h.map(|handle| UpgradableVm {
-                            guest_cid: vm.guest_cid,
-                            socket: vm.socket.clone(),
-                            handle,
-                        }));
-                    }
-                    Err(e) => return give_up(vms, i, &e, services),
-                }
-            }
-        }
-    }
+    };
+    let (mut services, handles) = built;
     let mut bound_upgrade = None;
     if let Some(u) = upgrade {
         let listener = match bind_upgrade_socket(&u.socket) {
@@ -327,20 +315,59 @@ pub fn run(
     ok
 }
 
-/// Takes every VM of `vms` over from the process at `socket`: the services, each
-/// with its upgrade handle, ready to start. On error the old process was told why
-/// and serves on; nothing of this process's was started and no file was removed.
+/// The services of `vms` started afresh (threads, or jailed workers with `jail`), and
+/// with `upgradable` their upgrade handles.
+#[allow(clippy::type_complexity)]
+fn fresh_services(
+    vms: &[VmConfig],
+    fds: &[Option<RawFd>],
+    #[cfg(feature = "jail")] jail: Option<&JailOptions>,
+    with_metrics: bool,
+    upgradable: bool,
+) -> Result<(Vec<Box<dyn Service>>, Vec<UpgradableVm>), (usize, String, Vec<Box<dyn Service>>)> {
+    #[cfg(feature = "jail")]
+    if let Some(j) = jail {
+        return upgradable_jailed_services(vms, fds, j, with_metrics, upgradable);
+    }
+    let _ = with_metrics;
+    let mut services: Vec<Box<dyn Service>> = Vec::new();
+    let mut handles = Vec::new();
+    let mut siblings = SiblingGroups::default();
+    for (i, vm) in vms.iter().enumerate() {
+        let fd = fds.get(i).copied().flatten();
+        match upgradable_thread_service(vm, fd, &mut siblings, upgradable) {
+            Ok((s, h)) => {
+                services.push(Box::new(s));
+                handles.extend(h.map(|handle| UpgradableVm {
+                    guest_cid: vm.guest_cid,
+                    socket: vm.socket.clone(),
+                    handle,
+                }));
+            }
+            Err(e) => return Err((i, e, services)),
+        }
+    }
+    Ok((services, handles))
+}
+
+/// Takes every VM of `vms` over from the process at `socket`, each made into a
+/// service by `build`: the services, with their upgrade handles, ready to start. On
+/// error the old process was told why and serves on; nothing of this process's was
+/// started and no file was removed.
+#[allow(clippy::type_complexity)]
 fn take_over_all(
     vms: &[VmConfig],
     socket: &std::path::Path,
-) -> Result<Vec<(ThreadService, UpgradableVm)>, String> {
+    mut build: impl FnMut(&VmConfig, TakenVm) -> Result<(Box<dyn Service>, UpgradeHandle), String>,
+) -> Result<(Vec<Box<dyn Service>>, Vec<UpgradableVm>), String> {
     let mut t = request_take_over(socket)?;
     log::info!(
         "live upgrade: pid {} handed over {} VM(s); setting them up",
         t.pid,
         t.vms.len()
     );
-    let mut out = Vec::with_capacity(vms.len());
+    let mut services = Vec::with_capacity(vms.len());
+    let mut handles = Vec::with_capacity(vms.len());
     let mut built = || -> Result<(), String> {
         for vm in vms {
             let i = t
@@ -354,15 +381,13 @@ fn take_over_all(
                     )
                 })?;
             let taken = t.vms.swap_remove(i);
-            let (service, handle) = taken_thread_service(vm, taken)?;
-            out.push((
-                service,
-                UpgradableVm {
-                    guest_cid: vm.guest_cid,
-                    socket: vm.socket.clone(),
-                    handle,
-                },
-            ));
+            let (service, handle) = build(vm, taken)?;
+            services.push(service);
+            handles.push(UpgradableVm {
+                guest_cid: vm.guest_cid,
+                socket: vm.socket.clone(),
+                handle,
+            });
         }
         if let Some(extra) = t.vms.first() {
             return Err(format!(
@@ -374,7 +399,7 @@ fn take_over_all(
     };
     if let Err(e) = built() {
         // Never started: dropping closes our copies and removes no file.
-        drop(out);
+        drop(services);
         t.refuse(&e);
         return Err(e);
     }
@@ -382,7 +407,7 @@ fn take_over_all(
     t.accept()
         .map_err(|e| format!("pid {pid} did not complete the handover: {e}"))?;
     log::info!("live upgrade: pid {pid} let go; serving");
-    Ok(out)
+    Ok((services, handles))
 }
 
 /// Reports why VM `i` could not be set up and undoes what the others set up.
@@ -396,22 +421,25 @@ fn give_up(vms: &[VmConfig], i: usize, e: &str, mut services: Vec<Box<dyn Servic
 }
 
 #[cfg(feature = "jail")]
-pub use jailed::{jailed_services, JailOptions};
+pub use jailed::{jailed_services, taken_jailed_service, upgradable_jailed_services, JailOptions};
 
 #[cfg(feature = "jail")]
 mod jailed {
     use std::os::fd::{OwnedFd, RawFd};
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::Path;
 
-    use outboard_devices::vsock::{sibling_socket_pair, Vsock, VsockBackend, VsockMetricsSnapshot};
+    use outboard_devices::vsock::{
+        sibling_socket_pair, Vsock, VsockBackend, VsockHandover, VsockMetricsSnapshot,
+    };
     use vmm_sys_util::eventfd::EventFd;
 
-    use super::{listen, muxer_sockets, sibling_pairs, Listening};
+    use super::{listen, muxer_sockets, save_vsock, sibling_pairs, Listening};
     use crate::jail::{worker_jail, SeccompMode, WorkerLimits};
     use crate::shared_metrics::{CounterPage, PublishingDevice, RestartCounters};
     use crate::supervisor::{JailedService, ServeFn, Service};
-    use crate::vhost_user::daemon;
+    use crate::upgrade::{TakenVm, UpgradableVm};
+    use crate::vhost_user::daemon::{upgrade_link, Parcel, UpgradeHandle, UpgradeHooks, Worker};
     use crate::vsock_cli::VmConfig;
 
     /// How jailed workers are confined.
@@ -435,6 +463,20 @@ mod jailed {
         opts: &JailOptions,
         with_metrics: bool,
     ) -> Result<Vec<Box<dyn Service>>, (usize, String, Vec<Box<dyn Service>>)> {
+        upgradable_jailed_services(vms, fds, opts, with_metrics, false).map(|(s, _)| s)
+    }
+
+    /// [`jailed_services`], and with `upgradable` each worker linked to the daemon
+    /// for a live upgrade: the handles, one per VM (see [`crate::upgrade`]).
+    #[allow(clippy::type_complexity)]
+    pub fn upgradable_jailed_services(
+        vms: &[VmConfig],
+        fds: &[Option<RawFd>],
+        opts: &JailOptions,
+        with_metrics: bool,
+        upgradable: bool,
+    ) -> Result<(Vec<Box<dyn Service>>, Vec<UpgradableVm>), (usize, String, Vec<Box<dyn Service>>)>
+    {
         let mut links: Vec<Vec<(u64, OwnedFd)>> = vms.iter().map(|_| Vec::new()).collect();
         for (i, j) in sibling_pairs(vms) {
             let (a, b) = sibling_socket_pair().map_err(|e| {
@@ -451,23 +493,109 @@ mod jailed {
             links[j].push((vms[i].guest_cid, b));
         }
         let mut services: Vec<Box<dyn Service>> = Vec::new();
+        let mut handles = Vec::new();
         for (i, (vm, links)) in vms.iter().zip(links).enumerate() {
             let fd = fds.get(i).copied().flatten();
-            match service(vm, fd, opts, with_metrics, links) {
-                Ok(s) => services.push(Box::new(s)),
+            match service(vm, Source::Fresh(fd), opts, with_metrics, links, upgradable) {
+                Ok((s, h)) => {
+                    services.push(Box::new(s));
+                    handles.extend(h.map(|handle| UpgradableVm {
+                        guest_cid: vm.guest_cid,
+                        socket: vm.socket.clone(),
+                        handle,
+                    }));
+                }
                 Err(e) => return Err((i, e, services)),
             }
         }
-        Ok(services)
+        Ok((services, handles))
+    }
+
+    /// VM `vm`'s jailed service made from what the old process handed over: checked
+    /// here in full (memory mapped, rings checked against guest memory, every
+    /// connection rebuilt, then let go again), and set up again in the first worker
+    /// the service starts, which carries on where the old worker stopped. Workers that
+    /// replace it later start afresh, as after any worker death.
+    pub fn taken_jailed_service(
+        vm: &VmConfig,
+        taken: TakenVm,
+        opts: &JailOptions,
+        with_metrics: bool,
+    ) -> Result<(JailedService, UpgradeHandle), String> {
+        if taken.socket != vm.socket {
+            return Err(format!(
+                "guest CID {}: the running outboard serves it on {}, this command line on {}",
+                vm.guest_cid,
+                taken.socket.display(),
+                vm.socket.display()
+            ));
+        }
+        // The whole check, on duplicates, before the old process is told to let go.
+        let dup = |fds: &[OwnedFd]| -> Result<Vec<OwnedFd>, String> {
+            fds.iter()
+                .map(|f| f.try_clone().map_err(|e| format!("dup: {e}")))
+                .collect()
+        };
+        let probe = Parcel {
+            record: taken.parcel.record.clone(),
+            fds: dup(&taken.parcel.fds)?,
+        };
+        let config = vm.device_config();
+        let checked = Worker::take_over(
+            probe,
+            |p| take_device(config, p),
+            vm.queue_size,
+            "check",
+            |b| b,
+        )
+        .map_err(|e| format!("guest CID {}: {e}", vm.guest_cid))?;
+        log::info!(
+            "guest CID {}: taken over with {} connection(s) (jailed)",
+            vm.guest_cid,
+            checked.device().map_or(0, Vsock::connection_count)
+        );
+        drop(checked);
+        let (s, h) = service(
+            vm,
+            Source::Taken(taken.parcel),
+            opts,
+            with_metrics,
+            Vec::new(),
+            true,
+        )?;
+        Ok((s, h.ok_or("no upgrade handle")?))
+    }
+
+    fn take_device(
+        config: outboard_devices::vsock::VsockDeviceConfig,
+        p: Parcel,
+    ) -> Result<Vsock, String> {
+        Vsock::take_over(
+            config,
+            VsockHandover {
+                record: p.record,
+                fds: p.fds,
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Where a service's listening socket and first worker come from.
+    enum Source {
+        /// A new VM: the inherited listening socket, or its path bound here.
+        Fresh(Option<RawFd>),
+        /// A VM handed over by another process.
+        Taken(Parcel),
     }
 
     fn service(
         vm: &VmConfig,
-        fd: Option<RawFd>,
+        source: Source,
         opts: &JailOptions,
         with_metrics: bool,
         links: Vec<(u64, OwnedFd)>,
-    ) -> Result<JailedService, String> {
+        upgradable: bool,
+    ) -> Result<(JailedService, Option<UpgradeHandle>), String> {
         let mut vm = vm.clone();
         // The worker sees the uds-path directory at its own absolute path; with the
         // AF_VSOCK backend it needs no directory at all.
@@ -496,14 +624,35 @@ mod jailed {
             None => Vec::new(),
         };
         // Likewise a forward port the worker could not bind (taken, or refused).
-        if let VsockBackend::Vsock(fwd) = &vm.backend {
+        if let (VsockBackend::Vsock(fwd), Source::Fresh(_)) = (&vm.backend, &source) {
             fwd.check_listen_ports().map_err(|e| e.to_string())?;
         }
         let jail = worker_jail(&dirs, opts.mode, opts.limits).map_err(|e| e.to_string())?;
         let stale = muxer_sockets(&vm);
-        let Listening { listener, created } = listen(&vm, fd)?;
-        let mut all = stale.clone();
-        all.extend(created);
+        let (listener, mut all, first) = match source {
+            Source::Fresh(fd) => {
+                let Listening { listener, created } = listen(&vm, fd)?;
+                let mut all = stale.clone();
+                all.extend(created);
+                (listener, all, None)
+            }
+            Source::Taken(parcel) => {
+                // The worker record's first fd is the vhost-user listening socket.
+                let first = parcel
+                    .fds
+                    .first()
+                    .ok_or("the handover has no listening socket")?;
+                let listener = UnixListener::from(
+                    first
+                        .try_clone()
+                        .map_err(|e| format!("the listening socket: {e}"))?,
+                );
+                let mut all = stale.clone();
+                all.push(vm.socket.clone());
+                (listener, all, Some(parcel))
+            }
+        };
+        all.dedup();
         let name = format!("vsock cid {}", vm.guest_cid);
         log::info!(
             "guest CID {}: vhost-user socket {}, {} (jailed)",
@@ -511,7 +660,9 @@ mod jailed {
             vm.socket.display(),
             vm.host_side()
         );
-        // The worker inherits the counter page first (with metrics), then its links.
+        // The worker inherits the counter page first (with metrics), then its links,
+        // then its end of the upgrade link; the first worker of a taken-over VM also
+        // the handover's fds.
         let counters = if with_metrics {
             let names = VsockMetricsSnapshot::NAMES
                 .iter()
@@ -544,10 +695,19 @@ mod jailed {
             );
         }
         inherit.extend(links.into_iter().map(|(_, fd)| fd));
+        let handle = if upgradable {
+            let (daemon_end, worker_end) =
+                upgrade_link().map_err(|e| format!("the upgrade link: {e}"))?;
+            inherit.push(OwnedFd::from(worker_end));
+            Some(UpgradeHandle::remote(daemon_end))
+        } else {
+            None
+        };
+        let record = first.as_ref().map(|p| p.record.clone());
+        let first_fds = first.map(|p| p.fds).unwrap_or_default();
         let worker_name = name.clone();
         let (guest_cid, socket) = (vm.guest_cid, vm.socket.clone());
         let serve: ServeFn = Box::new(move |listener, inherited, stop| {
-            let mut device = Vsock::new(vm.device_config()).map_err(|e| e.to_string())?;
             let mut inherited = inherited.into_iter();
             let page = match slots {
                 Some(slots) => {
@@ -558,45 +718,113 @@ mod jailed {
                 }
                 None => None,
             };
+            let mut sibling_fds = Vec::new();
             for &cid in &link_cids {
                 let fd = inherited
                     .next()
                     .ok_or_else(|| format!("the link to sibling CID {cid} was not inherited"))?;
-                device
-                    .link_sibling_socket(cid, fd)
-                    .map_err(|e| e.to_string())?;
+                sibling_fds.push((cid, fd));
             }
-            serve_worker(device, page, listener, vm.queue_size, stop, &worker_name)
+            let link = if upgradable {
+                Some(UnixStream::from(
+                    inherited
+                        .next()
+                        .ok_or("the upgrade link was not inherited")?,
+                ))
+            } else {
+                None
+            };
+            // Fds beyond those: the handover's, for the first worker of a VM taken over.
+            let handed: Vec<OwnedFd> = inherited.collect();
+            let source = match (&record, handed.is_empty()) {
+                (Some(record), false) => WorkerSource::Taken(
+                    Parcel {
+                        record: record.clone(),
+                        fds: handed,
+                    },
+                    vm.device_config(),
+                ),
+                _ => {
+                    let mut device = Vsock::new(vm.device_config()).map_err(|e| e.to_string())?;
+                    for (cid, fd) in sibling_fds {
+                        device
+                            .link_sibling_socket(cid, fd)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    WorkerSource::Fresh(Box::new(device), listener)
+                }
+            };
+            serve_worker(source, page, vm.queue_size, stop, &worker_name, link)
         });
         let mut s = JailedService::new(name, jail, listener, serve)
             .inherit(inherit)
             .stale_sockets(stale)
-            .created(all);
+            .created(all)
+            .first_start(first_fds);
         if let Some(c) = counters {
             s = s.counters(guest_cid, socket, c);
         }
-        Ok(s)
+        Ok((s, handle))
+    }
+
+    /// A jailed worker's device: new, or from a handover.
+    enum WorkerSource {
+        Fresh(Box<Vsock>, UnixListener),
+        Taken(Parcel, outboard_devices::vsock::VsockDeviceConfig),
     }
 
     /// Runs the worker loop in the jailed child; with a counter `page`, the device
-    /// publishes its counters there after every event.
+    /// publishes its counters there after every event; with `link`, the daemon can
+    /// have it hand its device over.
     fn serve_worker(
-        device: Vsock,
+        source: WorkerSource,
         page: Option<CounterPage>,
-        listener: UnixListener,
         queue_size: u16,
         stop: &EventFd,
         name: &str,
+        link: Option<UnixStream>,
     ) -> Result<(), String> {
         match page {
             Some(page) => {
-                let m = device.metrics();
-                let device = PublishingDevice::new(device, page, move || m.snapshot());
-                daemon::serve(device, listener, queue_size, stop, name)
-                    .map(|d| drop(d.into_parts()))
+                let wrap = move |device: Vsock| {
+                    let m = device.metrics();
+                    PublishingDevice::new(device, page, move || m.snapshot())
+                };
+                let worker = match source {
+                    WorkerSource::Fresh(device, listener) => {
+                        Worker::new(wrap(*device), listener, queue_size, name, |b| b)
+                            .map_err(|e| e.to_string())?
+                    }
+                    WorkerSource::Taken(parcel, config) => Worker::take_over(
+                        parcel,
+                        |p| take_device(config, p).map(wrap),
+                        queue_size,
+                        name,
+                        |b| b,
+                    )?,
+                };
+                let hooks = link.map(|l| {
+                    UpgradeHooks::remote(l, |d: &PublishingDevice<Vsock, _>| save_vsock(d.inner()))
+                });
+                worker.run(stop, hooks).map(drop).map_err(|e| e.to_string())
             }
-            None => daemon::serve(device, listener, queue_size, stop, name).map(drop),
+            None => {
+                let worker = match source {
+                    WorkerSource::Fresh(device, listener) => {
+                        Worker::new(*device, listener, queue_size, name, |b| b)
+                            .map_err(|e| e.to_string())?
+                    }
+                    WorkerSource::Taken(parcel, config) => Worker::take_over(
+                        parcel,
+                        |p| take_device(config, p),
+                        queue_size,
+                        name,
+                        |b| b,
+                    )?,
+                };
+                let hooks = link.map(|l| UpgradeHooks::remote(l, save_vsock));
+                worker.run(stop, hooks).map(drop).map_err(|e| e.to_string())
+            }
         }
-        .map_err(|e| e.to_string())
     }
 }

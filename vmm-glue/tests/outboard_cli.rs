@@ -662,20 +662,6 @@ fn live_upgrade_from_the_command_line() {
         "--take-over",
     ]);
     assert!(e.contains("--upgrade-socket"), "{e}");
-    #[cfg(feature = "jail")]
-    {
-        let e = usage_error(&[
-            "vsock",
-            "--socket",
-            "/tmp/a",
-            "--uds-path",
-            "/tmp/b",
-            "--upgrade-socket",
-            "/tmp/c",
-            "--jail",
-        ]);
-        assert!(e.contains("does not work with --jail"), "{e}");
-    }
     let e = usage_error(&[
         "vsock",
         "--vm",

@@ -37,6 +37,7 @@ impl Backend {
         }
     }
 
+    /// The back-end's command line for `socket` and `uds`.
     pub fn command(&self, socket: &Path, uds: &Path) -> Command {
         let metrics = socket.with_file_name("metrics.json");
         let (bin, pre): (&PathBuf, &[&str]) = match self {
@@ -54,9 +55,8 @@ impl Backend {
         if let Backend::Outboard(_) = self {
             if jailed() {
                 cmd.arg("--jail");
-            } else {
-                cmd.arg("--upgrade-socket").arg(upgrade_socket(socket));
             }
+            cmd.arg("--upgrade-socket").arg(upgrade_socket(socket));
             // With --jail the worker publishes its counters to the daemon.
             cmd.arg("--metrics")
                 .arg(metrics)
@@ -73,7 +73,7 @@ impl Backend {
     }
 }
 
-/// Where `outboard vsock` (not jailed) listens for a live upgrade.
+/// Where `outboard vsock` listens for a live upgrade.
 pub fn upgrade_socket(socket: &Path) -> PathBuf {
     socket.with_file_name("upgrade.sock")
 }

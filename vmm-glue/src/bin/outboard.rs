@@ -235,7 +235,7 @@ struct VsockArgs {
     /// Live upgrade: listen on this Unix socket for a newer `outboard vsock` that
     /// takes every VM over (its guest memory, rings and every open vsock connection)
     /// with no reset the guest or QEMU can see; this process then exits with status 0.
-    /// Not with --jail, nor for VMs in sibling groups.
+    /// Works with --jail; not for VMs that share a sibling group.
     #[arg(long, value_name = "PATH")]
     upgrade_socket: Option<PathBuf>,
     /// Live upgrade: take every VM over from the `outboard vsock` listening on
@@ -542,14 +542,6 @@ fn vsock(args: VsockArgs) -> ExitCode {
         return usage_error("--metrics-interval 0: the interval must be at least 1 second");
     }
     if args.upgrade_socket.is_some() {
-        if args.jail.jail {
-            return usage_error(
-                "--upgrade-socket does not work with --jail: a jailed worker's device \
-                 (its connections, guest memory, rings) lives in a jailed child process, \
-                 and carrying that state out of the jail is not implemented; restart \
-                 jailed daemons instead",
-            );
-        }
         if let Some(&(i, j)) = outboard_vmm_glue::vsock_cli::sibling_pairs(&vms).first() {
             return usage_error(format!(
                 "--upgrade-socket: guest CIDs {} and {} share a sibling group, and a live \

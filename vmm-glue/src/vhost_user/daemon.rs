@@ -25,7 +25,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{DeviceBackend, KICK_TOKEN_LIMIT};
-pub use super::handover::{upgrade_channel, Decision, Parcel, UpgradeHandle, UpgradeHooks};
+pub use super::handover::{
+    upgrade_channel, upgrade_link, Decision, Parcel, UpgradeHandle, UpgradeHooks,
+};
 
 const TOKEN_LISTENER: u64 = KICK_TOKEN_LIMIT + 1;
 const TOKEN_CONN: u64 = KICK_TOKEN_LIMIT + 2;
@@ -198,9 +200,7 @@ impl<D: VirtioDevice> Worker<D> {
         let stop_fd = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
         add(&epoll, stop_fd, TOKEN_STOP)?;
         if let Some(hooks) = &upgrade {
-            // SAFETY: the hooks (and their eventfd) live until this function returns.
-            let pause_fd = unsafe { BorrowedFd::borrow_raw(hooks.pause.as_raw_fd()) };
-            add(&epoll, pause_fd, TOKEN_PAUSE)?;
+            add(&epoll, hooks.pause_fd(), TOKEN_PAUSE)?;
         }
         {
             let backend = match conn.as_ref() {
@@ -409,7 +409,11 @@ impl<D: VirtioDevice> Worker<D> {
             if std::mem::take(&mut pause_asked) {
                 let Some(hooks) = &upgrade else { continue };
                 match hooks.paused(&listener, conn.as_ref(), idle.as_ref(), name) {
-                    Decision::Resume => {}
+                    Decision::Resume => {
+                        if hooks.closed() {
+                            delete(&epoll, hooks.pause_fd());
+                        }
+                    }
                     Decision::Commit => {
                         // The new process owns everything now: close our copies without
                         // a reset, tell the coordinator, and never touch anything again.

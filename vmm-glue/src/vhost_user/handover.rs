@@ -42,6 +42,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DeviceBackend;
 use super::daemon::Worker;
+use super::frames::{kind_name, recv_frame, send_frame, DECISION, LET_GO, PARCEL, PAUSE};
 
 /// First field of a worker record ("OBWORKER").
 pub const WORKER_MAGIC: u64 = u64::from_le_bytes(*b"OBWORKER");
@@ -70,14 +71,30 @@ pub enum Decision {
     Commit,
 }
 
-/// The worker's end of [`upgrade_channel`], given to [`Worker::run`].
+/// The worker's end of [`upgrade_channel`] (a worker thread of this process) or of
+/// [`upgrade_link`] (a worker in another process: a jailed child), given to
+/// [`Worker::run`].
 pub struct UpgradeHooks<D> {
-    pub(super) pause: EventFd,
-    generation: Arc<AtomicU64>,
-    parcels: mpsc::Sender<(u64, Result<Parcel, String>)>,
-    decisions: mpsc::Receiver<(u64, Decision)>,
-    acks: mpsc::Sender<u64>,
+    link: HookLink,
     save_device: SaveDevice<D>,
+}
+
+enum HookLink {
+    Local {
+        pause: EventFd,
+        generation: Arc<AtomicU64>,
+        parcels: mpsc::Sender<(u64, Result<Parcel, String>)>,
+        decisions: mpsc::Receiver<(u64, Decision)>,
+        acks: mpsc::Sender<u64>,
+    },
+    /// The worker's end of a socket pair with the daemon (frames of
+    /// [`super::frames`]); `last` is the number of the request being answered.
+    Remote {
+        sock: UnixStream,
+        last: AtomicU64,
+        /// The daemon's end is closed: the worker stops watching the link.
+        closed: std::sync::atomic::AtomicBool,
+    },
 }
 
 type SaveDevice<D> = Box<dyn Fn(&D) -> Result<Parcel, String> + Send>;
@@ -88,19 +105,30 @@ impl<D> std::fmt::Debug for UpgradeHooks<D> {
     }
 }
 
-/// The coordinator's end of [`upgrade_channel`].
+/// The coordinator's end of [`upgrade_channel`] or [`upgrade_link`].
 #[derive(Debug)]
 pub struct UpgradeHandle {
-    pause: EventFd,
-    generation: Arc<AtomicU64>,
-    parcels: mpsc::Receiver<(u64, Result<Parcel, String>)>,
-    decisions: mpsc::Sender<(u64, Decision)>,
-    acks: mpsc::Receiver<u64>,
+    generation: AtomicU64,
+    link: HandleLink,
 }
 
-/// A handle for the coordinator and the hooks for a worker whose device is saved by
-/// `save_device` (the device's part of the parcel, for example
-/// `outboard_devices::vsock::Vsock::handover`).
+#[derive(Debug)]
+enum HandleLink {
+    Local {
+        pause: EventFd,
+        generation: Arc<AtomicU64>,
+        parcels: mpsc::Receiver<(u64, Result<Parcel, String>)>,
+        decisions: mpsc::Sender<(u64, Decision)>,
+        acks: mpsc::Receiver<u64>,
+    },
+    Remote {
+        sock: UnixStream,
+    },
+}
+
+/// A handle for the coordinator and the hooks for a worker thread of this process
+/// whose device is saved by `save_device` (the device's part of the parcel, for
+/// example `outboard_devices::vsock::Vsock::handover`).
 pub fn upgrade_channel<D>(
     save_device: impl Fn(&D) -> Result<Parcel, String> + Send + 'static,
 ) -> std::io::Result<(UpgradeHandle, UpgradeHooks<D>)> {
@@ -111,24 +139,45 @@ pub fn upgrade_channel<D>(
     let (atx, arx) = mpsc::channel();
     Ok((
         UpgradeHandle {
-            pause: pause.try_clone()?,
-            generation: generation.clone(),
-            parcels: prx,
-            decisions: dtx,
-            acks: arx,
+            generation: AtomicU64::new(0),
+            link: HandleLink::Local {
+                pause: pause.try_clone()?,
+                generation: generation.clone(),
+                parcels: prx,
+                decisions: dtx,
+                acks: arx,
+            },
         },
         UpgradeHooks {
-            pause,
-            generation,
-            parcels: ptx,
-            decisions: drx,
-            acks: atx,
+            link: HookLink::Local {
+                pause,
+                generation,
+                parcels: ptx,
+                decisions: drx,
+                acks: atx,
+            },
             save_device: Box::new(save_device),
         },
     ))
 }
 
+/// The two ends of a link to a worker in another process: the socket pair whose first
+/// end the daemon keeps ([`UpgradeHandle::remote`]) and whose second the worker
+/// inherits ([`UpgradeHooks::remote`]).
+pub fn upgrade_link() -> std::io::Result<(UnixStream, UnixStream)> {
+    UnixStream::pair()
+}
+
 impl UpgradeHandle {
+    /// The coordinator's handle of a worker in another process, on the daemon's end
+    /// of an [`upgrade_link`].
+    pub fn remote(sock: UnixStream) -> Self {
+        UpgradeHandle {
+            generation: AtomicU64::new(0),
+            link: HandleLink::Remote { sock },
+        }
+    }
+
     /// Asks the worker to pause and hand over; waits up to `timeout` for its parcel.
     /// On success the worker waits, paused, for [`UpgradeHandle::resume`] or
     /// [`UpgradeHandle::commit`]; on failure it is serving (it refused, for example in
@@ -136,50 +185,172 @@ impl UpgradeHandle {
     /// told to resume should it pause later).
     pub fn pause(&self, timeout: Duration) -> Result<Parcel, String> {
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.pause
-            .write(1)
-            .map_err(|e| format!("cannot wake the worker: {e}"))?;
         let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.parcels.recv_timeout(left) {
-                Ok((g, parcel)) if g == gen => return parcel,
-                // A parcel of an earlier request that timed out: that worker was told
-                // to resume.
-                Ok(_) => continue,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.decisions.send((gen, Decision::Resume));
-                    return Err(format!("the worker did not pause within {timeout:?}"));
+        match &self.link {
+            HandleLink::Local {
+                pause,
+                generation,
+                parcels,
+                decisions,
+                ..
+            } => {
+                generation.store(gen, Ordering::SeqCst);
+                pause
+                    .write(1)
+                    .map_err(|e| format!("cannot wake the worker: {e}"))?;
+                loop {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match parcels.recv_timeout(left) {
+                        Ok((g, parcel)) if g == gen => return parcel,
+                        // A parcel of an earlier request that timed out: that worker
+                        // was told to resume.
+                        Ok(_) => continue,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let _ = decisions.send((gen, Decision::Resume));
+                            return Err(format!("the worker did not pause within {timeout:?}"));
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            return Err("the worker is gone".into())
+                        }
+                    }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the worker is gone".into())
+            }
+            HandleLink::Remote { sock } => {
+                send_frame(sock, PAUSE, &gen.to_le_bytes(), &[])?;
+                loop {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let frame = if left.is_zero() {
+                        Err("timed out".to_string())
+                    } else {
+                        sock.set_read_timeout(Some(left))
+                            .map_err(|e| e.to_string())
+                            .and_then(|()| recv_frame(sock))
+                    };
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(e) => {
+                            self.decide(gen, Decision::Resume);
+                            return Err(format!(
+                                "the worker did not pause within {timeout:?}: {e}"
+                            ));
+                        }
+                    };
+                    let (g, rest) = split_gen(&frame.body)?;
+                    if frame.kind != PARCEL || g != gen {
+                        // Late answers to an earlier request: dropped with their fds.
+                        continue;
+                    }
+                    let Some((&ok, record)) = rest.split_first() else {
+                        return Err("an empty parcel from the worker".into());
+                    };
+                    return if ok == 1 {
+                        Ok(Parcel {
+                            record: record.to_vec(),
+                            fds: frame.fds,
+                        })
+                    } else {
+                        Err(String::from_utf8_lossy(record).into_owned())
+                    };
                 }
+            }
+        }
+    }
+
+    fn decide(&self, gen: u64, d: Decision) {
+        match &self.link {
+            HandleLink::Local { decisions, .. } => {
+                let _ = decisions.send((gen, d));
+            }
+            HandleLink::Remote { sock } => {
+                let mut body = gen.to_le_bytes().to_vec();
+                body.push(u8::from(d == Decision::Commit));
+                let _ = send_frame(sock, DECISION, &body, &[]);
             }
         }
     }
 
     /// Lets the paused worker go on serving.
     pub fn resume(&self) {
-        let gen = self.generation.load(Ordering::SeqCst);
-        let _ = self.decisions.send((gen, Decision::Resume));
+        self.decide(self.generation.load(Ordering::SeqCst), Decision::Resume);
     }
 
     /// Tells the paused worker the new process owns its device; waits up to `timeout`
     /// for it to have closed its copies.
     pub fn commit(&self, timeout: Duration) -> Result<(), String> {
         let gen = self.generation.load(Ordering::SeqCst);
-        self.decisions
-            .send((gen, Decision::Commit))
-            .map_err(|_| "the worker is gone".to_string())?;
-        match self.acks.recv_timeout(timeout) {
-            Ok(g) if g == gen => Ok(()),
-            Ok(g) => Err(format!("the worker acknowledged request {g}, not {gen}")),
-            Err(_) => Err(format!("the worker did not let go within {timeout:?}")),
+        self.decide(gen, Decision::Commit);
+        let acked = match &self.link {
+            HandleLink::Local { acks, .. } => acks
+                .recv_timeout(timeout)
+                .map_err(|_| format!("the worker did not let go within {timeout:?}")),
+            HandleLink::Remote { sock } => sock
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())
+                .and_then(|()| recv_frame(sock))
+                .and_then(|f| {
+                    if f.kind != LET_GO {
+                        return Err(format!("the worker answered {}", kind_name(f.kind)));
+                    }
+                    split_gen(&f.body).map(|(g, _)| g)
+                })
+                .map_err(|e| format!("the worker did not let go within {timeout:?}: {e}")),
+        }?;
+        if acked == gen {
+            Ok(())
+        } else {
+            Err(format!(
+                "the worker acknowledged request {acked}, not {gen}"
+            ))
         }
     }
 }
 
+fn split_gen(body: &[u8]) -> Result<(u64, &[u8]), String> {
+    let (g, rest) = body
+        .split_first_chunk::<8>()
+        .ok_or("a frame without its request number")?;
+    Ok((u64::from_le_bytes(*g), rest))
+}
+
 impl<D: VirtioDevice> UpgradeHooks<D> {
+    /// The worker's hooks on its end of an [`upgrade_link`] (in a jailed child),
+    /// saving its device with `save_device`.
+    pub fn remote(
+        sock: UnixStream,
+        save_device: impl Fn(&D) -> Result<Parcel, String> + Send + 'static,
+    ) -> Self {
+        UpgradeHooks {
+            link: HookLink::Remote {
+                sock,
+                last: AtomicU64::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
+            },
+            save_device: Box::new(save_device),
+        }
+    }
+
+    /// Whether the link to the coordinator is gone (the worker stops watching it).
+    pub(super) fn closed(&self) -> bool {
+        match &self.link {
+            HookLink::Local { .. } => false,
+            HookLink::Remote { closed, .. } => closed.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The fd the worker watches for a request to pause.
+    pub(super) fn pause_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.link {
+            HookLink::Local { pause, .. } => {
+                // SAFETY: the eventfd lives as long as `self`, which the borrow ties
+                // the result to.
+                unsafe {
+                    std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(pause))
+                }
+            }
+            HookLink::Remote { sock, .. } => sock.as_fd(),
+        }
+    }
+
     /// The worker is between batches and was asked to pause: hands over its parcel
     /// and waits for the decision (or says why it cannot and goes on).
     pub(super) fn paused(
@@ -189,38 +360,111 @@ impl<D: VirtioDevice> UpgradeHooks<D> {
         idle: Option<&DeviceBackend<D>>,
         name: &str,
     ) -> Decision {
-        // Non-blocking: empty (another request counted already) is fine.
-        let _ = self.pause.read();
-        let gen = self.generation.load(Ordering::SeqCst);
+        let gen = match &self.link {
+            HookLink::Local {
+                pause, generation, ..
+            } => {
+                // Non-blocking: empty (another request counted already) is fine.
+                let _ = pause.read();
+                generation.load(Ordering::SeqCst)
+            }
+            HookLink::Remote { sock, last, closed } => match recv_frame(sock) {
+                Ok(f) if f.kind == PAUSE => match split_gen(&f.body) {
+                    Ok((g, _)) => {
+                        last.store(g, Ordering::SeqCst);
+                        g
+                    }
+                    Err(_) => return Decision::Resume,
+                },
+                // A decision for a request this worker answered late, or noise.
+                Ok(_) => return Decision::Resume,
+                Err(e) => {
+                    log::warn!("{name}: the daemon's upgrade link: {e}; no live upgrade");
+                    closed.store(true, Ordering::SeqCst);
+                    return Decision::Resume;
+                }
+            },
+        };
         let parcel = save_worker(listener, conn, idle, &self.save_device);
         let ok = parcel.is_ok();
         if let Err(e) = &parcel {
             log::warn!("{name}: cannot hand the device over now: {e}");
         }
-        if self.parcels.send((gen, parcel)).is_err() || !ok {
-            return Decision::Resume;
-        }
-        log::info!("{name}: paused for a handover");
-        loop {
-            match self.decisions.recv() {
-                Ok((g, d)) if g == gen => {
-                    if d == Decision::Resume {
-                        log::info!("{name}: the handover was called off; serving on");
-                    }
-                    return d;
+        match &self.link {
+            HookLink::Local { parcels, .. } => {
+                if parcels.send((gen, parcel)).is_err() || !ok {
+                    return Decision::Resume;
                 }
-                Ok(_) => continue,
-                Err(_) => {
-                    log::warn!("{name}: the upgrade coordinator is gone; serving on");
+            }
+            HookLink::Remote { sock, .. } => {
+                let mut body = gen.to_le_bytes().to_vec();
+                let sent = match parcel {
+                    Ok(p) => {
+                        body.push(1);
+                        body.extend_from_slice(&p.record);
+                        send_frame(sock, PARCEL, &body, &p.fds)
+                    }
+                    Err(e) => {
+                        body.push(0);
+                        body.extend_from_slice(e.as_bytes());
+                        send_frame(sock, PARCEL, &body, &[])
+                    }
+                };
+                if sent.is_err() || !ok {
                     return Decision::Resume;
                 }
             }
         }
+        log::info!("{name}: paused for a handover");
+        let decision = match &self.link {
+            HookLink::Local { decisions, .. } => loop {
+                match decisions.recv() {
+                    Ok((g, d)) if g == gen => break d,
+                    Ok(_) => continue,
+                    Err(_) => break Decision::Resume,
+                }
+            },
+            HookLink::Remote { sock, .. } => loop {
+                let _ = sock.set_read_timeout(None);
+                match recv_frame(sock) {
+                    Ok(f) if f.kind == DECISION => match split_gen(&f.body) {
+                        Ok((g, rest)) if g == gen => {
+                            break if rest.first() == Some(&1) {
+                                Decision::Commit
+                            } else {
+                                Decision::Resume
+                            };
+                        }
+                        _ => continue,
+                    },
+                    Ok(_) => continue,
+                    Err(_) => break Decision::Resume,
+                }
+            },
+        };
+        if decision == Decision::Resume {
+            log::info!("{name}: the handover was called off; serving on");
+        }
+        decision
     }
 
     /// The worker let go of everything.
     pub(super) fn committed(&self) {
-        let _ = self.acks.send(self.generation.load(Ordering::SeqCst));
+        match &self.link {
+            HookLink::Local {
+                acks, generation, ..
+            } => {
+                let _ = acks.send(generation.load(Ordering::SeqCst));
+            }
+            HookLink::Remote { sock, last, .. } => {
+                let _ = send_frame(
+                    sock,
+                    LET_GO,
+                    &last.load(Ordering::SeqCst).to_le_bytes(),
+                    &[],
+                );
+            }
+        }
     }
 }
 

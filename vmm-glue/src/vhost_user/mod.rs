@@ -35,6 +35,7 @@
 pub mod backend;
 pub mod daemon;
 pub mod dirty_log;
+pub(crate) mod frames;
 pub mod guard;
 mod handover;
 #[cfg(feature = "media")]
