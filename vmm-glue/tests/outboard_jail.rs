@@ -1154,3 +1154,131 @@ fn an_idle_jailed_daemon_never_wakes_up() {
     assert_eq!(woke, 0, "{woke} wake-ups in 2 s while idle");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A live upgrade of a jailed daemon in the middle of a session: a connection carries
+/// data both ways, the daemon is replaced by `outboard vsock --jail --take-over`, and
+/// the same front-end session and connection go on through the new daemon's jailed
+/// worker (confined as the first was), with the dirty log still marked.
+#[test]
+fn a_jailed_daemon_is_upgraded_in_the_middle_of_a_session() {
+    if let Some(why) = jails_unavailable() {
+        println!("SKIPPED a_jailed_daemon_is_upgraded_in_the_middle_of_a_session: {why}");
+        return;
+    }
+    let dir = scratch_dir("outboard-jail-upgrade-", 0o777);
+    let socket = dir.join("vhost.sock");
+    let uds = dir.join("vsock.sock");
+    let upgrade = dir.join("upgrade.sock");
+    let daemon = |take_over: bool, log: &Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboard"));
+        cmd.args(["vsock", "--jail", "--guest-cid", "3", "--socket"])
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(&uds)
+            .arg("--upgrade-socket")
+            .arg(&upgrade);
+        if take_over {
+            cmd.arg("--take-over");
+        }
+        spawn_logged(&mut cmd, log)
+    };
+    let mut old = daemon(false, &dir.join("old.log"));
+
+    let mem = GuestMem::new(MEM);
+    let mut rx = Ring::new(0x1000);
+    let mut tx = Ring::new(0x20000);
+    let mut fe = connect_frontend(&socket);
+    bring_up(&mut fe, &mem, &rx, &tx);
+    let log = GuestMem::new(4096);
+    fe.set_log_base(
+        &VhostUserLog {
+            mmap_size: (MEM / 4096 / 8) as u64,
+            mmap_offset: 0,
+        },
+        log.fd.as_fd(),
+    )
+    .unwrap();
+    for id in 0..QSIZE {
+        rx.offer(&mem, id, 0x1000, true);
+    }
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(T)).unwrap();
+    host.write_all(b"CONNECT 1234\n").unwrap();
+    let req = recv(&mem, &mut rx);
+    let host_port = req.src_port;
+    send(&mem, &mut tx, header(1234, host_port, 0, OP_RESPONSE), &[]);
+    let mut reader = BufReader::new(host.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {host_port}\n"));
+    let exchange =
+        |rx: &mut Ring, tx: &mut Ring, reader: &mut BufReader<UnixStream>, round: u32| {
+            let to_guest: Vec<u8> = (0..2000u32).map(|i| (i * 7 + round) as u8).collect();
+            (&*reader.get_ref()).write_all(&to_guest).unwrap();
+            let mut got = Vec::new();
+            while got.len() < to_guest.len() {
+                let p = recv(&mem, rx);
+                assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, host_port, 1234));
+                got.extend(p.payload);
+            }
+            assert_eq!(got, to_guest, "round {round}: host -> guest");
+            let to_host: Vec<u8> = (0..2000u32).map(|i| (i * 13 + round) as u8).collect();
+            send(
+                &mem,
+                tx,
+                header(1234, host_port, to_host.len() as u32, OP_RW),
+                &to_host,
+            );
+            let mut back = vec![0u8; to_host.len()];
+            reader.read_exact(&mut back).unwrap();
+            assert_eq!(back, to_host, "round {round}: guest -> host");
+        };
+    exchange(&mut rx, &mut tx, &mut reader, 0);
+
+    let new_log = dir.join("new.log");
+    let mut new = daemon(true, &new_log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = old.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the old daemon did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "the old daemon exited {status}");
+    let taken = wait_for_log(&new_log, "worker runs jailed");
+    assert!(
+        taken.contains("taken over with 1 connection(s) (jailed)"),
+        "{taken}"
+    );
+    // Clear the log: what the new worker writes must be marked.
+    log.write_bytes(0, &vec![0u8; MEM / 4096 / 8]);
+    exchange(&mut rx, &mut tx, &mut reader, 1);
+    let logged = |page: usize| log.read::<u8>(page / 8) & (1 << (page % 8)) != 0;
+    let rx_pages = rx.buf(0) / 4096..rx.buf(QSIZE - 1) / 4096 + 1;
+    assert!(rx_pages.clone().any(logged), "the new worker does not log");
+    // The new worker is jailed and answers on the same session.
+    let worker = worker_pid(i32::try_from(new.id()).unwrap());
+    assert_eq!(status_field(worker, "Seccomp:"), "2");
+    assert_eq!(status_field(worker, "NoNewPrivs:"), "1");
+    assert!(fe.get_features().is_ok());
+    let log_text = std::fs::read_to_string(&new_log).unwrap();
+    assert!(!log_text.contains("front-end connected"), "{log_text}");
+
+    drop(reader);
+    drop(host);
+    drop(fe);
+    let pid = i32::try_from(new.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = new.try_wait().unwrap() {
+            assert!(s.success(), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
