@@ -1214,7 +1214,7 @@ fn a_jailed_daemon_is_upgraded_in_the_middle_of_a_session() {
     let exchange =
         |rx: &mut Ring, tx: &mut Ring, reader: &mut BufReader<UnixStream>, round: u32| {
             let to_guest: Vec<u8> = (0..2000u32).map(|i| (i * 7 + round) as u8).collect();
-            (&*reader.get_ref()).write_all(&to_guest).unwrap();
+            reader.get_ref().write_all(&to_guest).unwrap();
             let mut got = Vec::new();
             while got.len() < to_guest.len() {
                 let p = recv(&mem, rx);
@@ -1252,7 +1252,7 @@ fn a_jailed_daemon_is_upgraded_in_the_middle_of_a_session() {
         "{taken}"
     );
     // Clear the log: what the new worker writes must be marked.
-    log.write_bytes(0, &vec![0u8; MEM / 4096 / 8]);
+    log.write_bytes(0, &[0u8; MEM / 4096 / 8]);
     exchange(&mut rx, &mut tx, &mut reader, 1);
     let logged = |page: usize| log.read::<u8>(page / 8) & (1 << (page % 8)) != 0;
     let rx_pages = rx.buf(0) / 4096..rx.buf(QSIZE - 1) / 4096 + 1;
