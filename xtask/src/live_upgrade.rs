@@ -31,6 +31,7 @@ const PING_PORT: u32 = 6300;
 const G2H_PORT: u32 = 6400;
 const H2G_PORT: u32 = 6401;
 const SEQ_PORT: u32 = 6402;
+const SHELL_PORT: u32 = 6403;
 /// Messages of the SEQPACKET conversation (1 to 60000 bytes each, echoed).
 const SEQ_MESSAGES: u32 = 3000;
 const T: Duration = Duration::from_secs(30);
@@ -65,6 +66,26 @@ type StreamFn = fn(&mut Control, &Path, u32, u32, u64) -> StreamResult;
 /// A stream check running on its thread.
 type StreamThread = thread::JoinHandle<StreamResult>;
 
+/// The guest kernel's log (`dmesg` through the agent's `SHELL`).
+fn guest_dmesg(uds: &Path, port: u32) -> Result<Vec<String>> {
+    let mut c = Control::connect(uds, T)?;
+    c.command_ready(&format!("SHELL {port}"), T)?;
+    let (mut s, _) = host::connect_guest(uds, port, T)?;
+    s.set_read_timeout(Some(T))
+        .map_err(|e| format!("set timeout: {e}"))?;
+    s.write_all(b"dmesg; exit\n")
+        .map_err(|e| format!("run dmesg: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .map_err(|e| format!("dmesg output: {e}"))?;
+    let _ = c.answer(T);
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .filter(|l| l.starts_with('['))
+        .map(str::to_string)
+        .collect())
+}
+
 /// Round trips: when each was sent and how long it took.
 type Pings = Arc<Mutex<Vec<(Instant, Duration)>>>;
 
@@ -82,6 +103,10 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
     let uds = vm.uds.clone();
     let qemu_before = vm.qemu_vhost_lines().len();
     let log_before = crate::util::read_log(&vm.backend_log).len();
+    let dmesg_before = guest_dmesg(&uds, SHELL_PORT)?;
+    if dmesg_before.is_empty() {
+        return Err("the guest's dmesg printed nothing".into());
+    }
     let mut idle = Vec::new();
     for i in 0..IDLE {
         idle.push(echo_conn(&uds, IDLE_PORT + i)?);
@@ -233,6 +258,21 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
             conns.len()
         ));
     }
+    // The guest's kernel said nothing about its vsock device or transport meanwhile.
+    let dmesg_after = guest_dmesg(&uds, SHELL_PORT + 1)?;
+    let new_kernel: Vec<&String> = dmesg_after.iter().skip(dmesg_before.len()).collect();
+    let about_vsock: Vec<&&String> = new_kernel
+        .iter()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("vsock") || l.contains("virtio")
+        })
+        .collect();
+    if !about_vsock.is_empty() {
+        return Err(format!(
+            "the guest kernel logged during the upgrades: {about_vsock:?}"
+        ));
+    }
     if max_stall > Duration::from_secs(2) {
         return Err(format!(
             "the data path stalled {:.0} ms during a handover (stalls per upgrade, ms: {})",
@@ -243,14 +283,16 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
     Ok(format!(
         "{UPGRADES} upgrades mid-stream; {} + {} bytes checksummed ({:016x}, {:016x}); \
          SEQPACKET {messages} messages / {seq_bytes} bytes echoed whole; {IDLE} idle \
-         connections answer; QEMU never reconnected; connections carried per upgrade: \
-         {}. Ping RTT during handovers (ms): {} \
+         connections answer; QEMU never reconnected; the guest kernel log ({} lines \
+         before) gained {} line(s), none about vsock or virtio; connections carried per upgrade: {}. Ping RTT during handovers (ms): {} \
          (max {:.0}); outside them p50 {:.1} / max {:.0} ms over {pinged} pings; new \
          process start to old process exit (ms): {}",
         g2h.1.bytes,
         h2g.1.bytes,
         g2h.1.checksum,
         h2g.1.checksum,
+        dmesg_before.len(),
+        new_kernel.len(),
         conns.join(" "),
         stall_list.join(" "),
         ms(max_stall),
