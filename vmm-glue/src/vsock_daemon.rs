@@ -131,6 +131,21 @@ pub fn upgradable_thread_service(
     worker_service(vm, worker, created, upgradable)
 }
 
+/// A device made from a worker parcel's device part ([`Vsock::take_over`]).
+fn take_device(
+    config: outboard_devices::vsock::VsockDeviceConfig,
+    p: Parcel,
+) -> Result<Vsock, String> {
+    Vsock::take_over(
+        config,
+        VsockHandover {
+            record: p.record,
+            fds: p.fds,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// A worker's device saved for a live upgrade: the vsock device's handover record.
 fn save_vsock(device: &Vsock) -> Result<Parcel, String> {
     device
@@ -185,28 +200,12 @@ pub fn taken_thread_service(
     vm: &VmConfig,
     taken: TakenVm,
 ) -> Result<(ThreadService, UpgradeHandle), String> {
-    if taken.socket != vm.socket {
-        return Err(format!(
-            "guest CID {}: the running outboard serves it on {}, this command line on {}",
-            vm.guest_cid,
-            taken.socket.display(),
-            vm.socket.display()
-        ));
-    }
+    check_same_socket(vm, &taken)?;
     let name = format!("vsock cid {}", vm.guest_cid);
     let config = vm.device_config();
     let worker = Worker::take_over(
         taken.parcel,
-        |p| {
-            Vsock::take_over(
-                config,
-                VsockHandover {
-                    record: p.record,
-                    fds: p.fds,
-                },
-            )
-            .map_err(|e| e.to_string())
-        },
+        |p| take_device(config, p),
         vm.queue_size,
         &name,
         |b| b,
@@ -330,12 +329,25 @@ fn fresh_services(
         return upgradable_jailed_services(vms, fds, j, with_metrics, upgradable);
     }
     let _ = with_metrics;
+    let mut siblings = SiblingGroups::default();
+    build_each(vms, |i, vm| {
+        let fd = fds.get(i).copied().flatten();
+        upgradable_thread_service(vm, fd, &mut siblings, upgradable)
+    })
+}
+
+/// A service per VM made by `make` (given the VM's index), with the upgrade handles
+/// it gave. On failure: the index of the VM that failed, why, and the services made
+/// before it (not started; finish them to remove their sockets).
+#[allow(clippy::type_complexity)]
+fn build_each<S: Service + 'static>(
+    vms: &[VmConfig],
+    mut make: impl FnMut(usize, &VmConfig) -> Result<(S, Option<UpgradeHandle>), String>,
+) -> Result<(Vec<Box<dyn Service>>, Vec<UpgradableVm>), (usize, String, Vec<Box<dyn Service>>)> {
     let mut services: Vec<Box<dyn Service>> = Vec::new();
     let mut handles = Vec::new();
-    let mut siblings = SiblingGroups::default();
     for (i, vm) in vms.iter().enumerate() {
-        let fd = fds.get(i).copied().flatten();
-        match upgradable_thread_service(vm, fd, &mut siblings, upgradable) {
+        match make(i, vm) {
             Ok((s, h)) => {
                 services.push(Box::new(s));
                 handles.extend(h.map(|handle| UpgradableVm {
@@ -348,6 +360,20 @@ fn fresh_services(
         }
     }
     Ok((services, handles))
+}
+
+/// Refuses a VM handed over on another vhost-user socket than this command line
+/// gives it.
+fn check_same_socket(vm: &VmConfig, taken: &TakenVm) -> Result<(), String> {
+    if taken.socket == vm.socket {
+        return Ok(());
+    }
+    Err(format!(
+        "guest CID {}: the running outboard serves it on {}, this command line on {}",
+        vm.guest_cid,
+        taken.socket.display(),
+        vm.socket.display()
+    ))
 }
 
 /// Takes every VM of `vms` over from the process at `socket`, each made into a
@@ -429,12 +455,13 @@ mod jailed {
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::Path;
 
-    use outboard_devices::vsock::{
-        sibling_socket_pair, Vsock, VsockBackend, VsockHandover, VsockMetricsSnapshot,
-    };
+    use outboard_devices::vsock::{sibling_socket_pair, Vsock, VsockBackend, VsockMetricsSnapshot};
     use vmm_sys_util::eventfd::EventFd;
 
-    use super::{listen, muxer_sockets, save_vsock, sibling_pairs, Listening};
+    use super::{
+        build_each, check_same_socket, listen, muxer_sockets, save_vsock, sibling_pairs,
+        take_device, Listening,
+    };
     use crate::jail::{worker_jail, SeccompMode, WorkerLimits};
     use crate::shared_metrics::{CounterPage, PublishingDevice, RestartCounters};
     use crate::supervisor::{JailedService, ServeFn, Service};
@@ -492,23 +519,12 @@ mod jailed {
             links[i].push((vms[j].guest_cid, a));
             links[j].push((vms[i].guest_cid, b));
         }
-        let mut services: Vec<Box<dyn Service>> = Vec::new();
-        let mut handles = Vec::new();
-        for (i, (vm, links)) in vms.iter().zip(links).enumerate() {
+        let mut links = links.into_iter();
+        build_each(vms, |i, vm| {
             let fd = fds.get(i).copied().flatten();
-            match service(vm, Source::Fresh(fd), opts, with_metrics, links, upgradable) {
-                Ok((s, h)) => {
-                    services.push(Box::new(s));
-                    handles.extend(h.map(|handle| UpgradableVm {
-                        guest_cid: vm.guest_cid,
-                        socket: vm.socket.clone(),
-                        handle,
-                    }));
-                }
-                Err(e) => return Err((i, e, services)),
-            }
-        }
-        Ok((services, handles))
+            let links = links.next().unwrap_or_default();
+            service(vm, Source::Fresh(fd), opts, with_metrics, links, upgradable)
+        })
     }
 
     /// VM `vm`'s jailed service made from what the old process handed over: checked
@@ -522,14 +538,7 @@ mod jailed {
         opts: &JailOptions,
         with_metrics: bool,
     ) -> Result<(JailedService, UpgradeHandle), String> {
-        if taken.socket != vm.socket {
-            return Err(format!(
-                "guest CID {}: the running outboard serves it on {}, this command line on {}",
-                vm.guest_cid,
-                taken.socket.display(),
-                vm.socket.display()
-            ));
-        }
+        check_same_socket(vm, &taken)?;
         // The whole check, on duplicates, before the old process is told to let go.
         let dup = |fds: &[OwnedFd]| -> Result<Vec<OwnedFd>, String> {
             fds.iter()
@@ -564,20 +573,6 @@ mod jailed {
             true,
         )?;
         Ok((s, h.ok_or("no upgrade handle")?))
-    }
-
-    fn take_device(
-        config: outboard_devices::vsock::VsockDeviceConfig,
-        p: Parcel,
-    ) -> Result<Vsock, String> {
-        Vsock::take_over(
-            config,
-            VsockHandover {
-                record: p.record,
-                fds: p.fds,
-            },
-        )
-        .map_err(|e| e.to_string())
     }
 
     /// Where a service's listening socket and first worker come from.
