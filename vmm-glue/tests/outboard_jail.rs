@@ -286,70 +286,104 @@ fn wait_for_log(log: &Path, needle: &str) -> String {
     }
 }
 
+/// A front-end session with the dirty page log on (as in a migration: the worker maps
+/// the log under its seccomp policy and marks the RX pages) and a host connection to
+/// guest port 1234 over the jailed worker.
+struct OpenSession {
+    mem: GuestMem,
+    rx: Ring,
+    tx: Ring,
+    fe: Frontend,
+    log: GuestMem,
+    reader: BufReader<UnixStream>,
+    host_port: u32,
+}
+
+impl OpenSession {
+    /// Brings the device up, hands it the log and has the host connect.
+    fn open(socket: &Path, uds: &Path) -> OpenSession {
+        let mem = GuestMem::new(MEM);
+        let mut rx = Ring::new(0x1000);
+        let mut tx = Ring::new(0x20000);
+        let mut fe = connect_frontend(socket);
+        bring_up(&mut fe, &mem, &rx, &tx);
+        // bring_up acked VHOST_F_LOG_ALL with the rest of the offer: logging is on once
+        // the log is there.
+        let log = GuestMem::new(4096);
+        fe.set_log_base(
+            &VhostUserLog {
+                mmap_size: (MEM / 4096 / 8) as u64,
+                mmap_offset: 0,
+            },
+            log.fd.as_fd(),
+        )
+        .unwrap();
+        for id in 0..QSIZE {
+            rx.offer(&mem, id, 0x1000, true);
+        }
+        let mut host = UnixStream::connect(uds).unwrap();
+        host.set_read_timeout(Some(T)).unwrap();
+        host.write_all(b"CONNECT 1234\n").unwrap();
+        let req = recv(&mem, &mut rx);
+        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1234));
+        let host_port = req.src_port;
+        send(&mem, &mut tx, header(1234, host_port, 0, OP_RESPONSE), &[]);
+        let mut reader = BufReader::new(host);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("OK {host_port}\n"));
+        OpenSession {
+            mem,
+            rx,
+            tx,
+            fe,
+            log,
+            reader,
+            host_port,
+        }
+    }
+
+    /// Data both ways (a pattern of `round`), and the RX pages in the dirty log
+    /// (which it clears first).
+    fn exchange(&mut self, round: u32) {
+        self.log.write_bytes(0, &[0u8; MEM / 4096 / 8]);
+        let to_guest: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251 + round) as u8).collect();
+        self.reader.get_ref().write_all(&to_guest).unwrap();
+        let mut got = Vec::new();
+        while got.len() < to_guest.len() {
+            let p = recv(&self.mem, &mut self.rx);
+            assert_eq!(
+                (p.op, p.src_port, p.dst_port),
+                (OP_RW, self.host_port, 1234)
+            );
+            got.extend(p.payload);
+        }
+        assert_eq!(got, to_guest, "round {round}: host -> guest");
+        // The RX buffers' pages have their bits (page p: bit p % 8 of byte p / 8).
+        let logged = |page: usize| self.log.read::<u8>(page / 8) & (1 << (page % 8)) != 0;
+        let rx_pages = self.rx.buf(0) / 4096..self.rx.buf(QSIZE - 1) / 4096 + 1;
+        assert!(
+            rx_pages.clone().any(logged),
+            "round {round}: no RX page in the dirty log: {:x?}",
+            self.log.read_bytes(0, MEM / 4096 / 8)
+        );
+        let to_host: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 241 + round) as u8).collect();
+        send(
+            &self.mem,
+            &mut self.tx,
+            header(1234, self.host_port, to_host.len() as u32, OP_RW),
+            &to_host,
+        );
+        let mut back = vec![0u8; to_host.len()];
+        self.reader.read_exact(&mut back).unwrap();
+        assert_eq!(back, to_host, "round {round}: guest -> host");
+    }
+}
+
 /// A host connection to guest port 1234 over the jailed worker: handshake, data both
-/// ways, with the dirty page log on (as in a migration: the worker maps the log under
-/// its seccomp policy and marks the RX pages).
+/// ways, with the dirty page log on.
 fn session(socket: &Path, uds: &Path) {
-    let mem = GuestMem::new(MEM);
-    let mut rx = Ring::new(0x1000);
-    let mut tx = Ring::new(0x20000);
-    let mut fe = connect_frontend(socket);
-    bring_up(&mut fe, &mem, &rx, &tx);
-    // bring_up acked VHOST_F_LOG_ALL with the rest of the offer: logging is on once the
-    // log is there.
-    let log = GuestMem::new(4096);
-    fe.set_log_base(
-        &VhostUserLog {
-            mmap_size: (MEM / 4096 / 8) as u64,
-            mmap_offset: 0,
-        },
-        log.fd.as_fd(),
-    )
-    .unwrap();
-    for id in 0..QSIZE {
-        rx.offer(&mem, id, 0x1000, true);
-    }
-
-    let mut host = UnixStream::connect(uds).unwrap();
-    host.set_read_timeout(Some(T)).unwrap();
-    host.write_all(b"CONNECT 1234\n").unwrap();
-    let req = recv(&mem, &mut rx);
-    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1234));
-    let host_port = req.src_port;
-    send(&mem, &mut tx, header(1234, host_port, 0, OP_RESPONSE), &[]);
-    let mut reader = BufReader::new(host.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert_eq!(line, format!("OK {host_port}\n"));
-
-    let to_guest: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
-    host.write_all(&to_guest).unwrap();
-    let mut got = Vec::new();
-    while got.len() < to_guest.len() {
-        let p = recv(&mem, &mut rx);
-        assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, host_port, 1234));
-        got.extend(p.payload);
-    }
-    assert_eq!(got, to_guest);
-    // The RX buffers' pages have their bits (page p: bit p % 8 of byte p / 8).
-    let logged = |page: usize| log.read::<u8>(page / 8) & (1 << (page % 8)) != 0;
-    let rx_pages = rx.buf(0) / 4096..rx.buf(QSIZE - 1) / 4096 + 1;
-    assert!(
-        rx_pages.clone().any(logged),
-        "no RX page in the dirty log: {:x?}",
-        log.read_bytes(0, MEM / 4096 / 8)
-    );
-
-    let to_host: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 241) as u8).collect();
-    send(
-        &mem,
-        &mut tx,
-        header(1234, host_port, to_host.len() as u32, OP_RW),
-        &to_host,
-    );
-    let mut back = vec![0u8; to_host.len()];
-    reader.read_exact(&mut back).unwrap();
-    assert_eq!(back, to_host);
+    OpenSession::open(socket, uds).exchange(0);
 }
 
 #[test]
@@ -1183,57 +1217,8 @@ fn a_jailed_daemon_is_upgraded_in_the_middle_of_a_session() {
         spawn_logged(&mut cmd, log)
     };
     let mut old = daemon(false, &dir.join("old.log"));
-
-    let mem = GuestMem::new(MEM);
-    let mut rx = Ring::new(0x1000);
-    let mut tx = Ring::new(0x20000);
-    let mut fe = connect_frontend(&socket);
-    bring_up(&mut fe, &mem, &rx, &tx);
-    let log = GuestMem::new(4096);
-    fe.set_log_base(
-        &VhostUserLog {
-            mmap_size: (MEM / 4096 / 8) as u64,
-            mmap_offset: 0,
-        },
-        log.fd.as_fd(),
-    )
-    .unwrap();
-    for id in 0..QSIZE {
-        rx.offer(&mem, id, 0x1000, true);
-    }
-    let mut host = UnixStream::connect(&uds).unwrap();
-    host.set_read_timeout(Some(T)).unwrap();
-    host.write_all(b"CONNECT 1234\n").unwrap();
-    let req = recv(&mem, &mut rx);
-    let host_port = req.src_port;
-    send(&mem, &mut tx, header(1234, host_port, 0, OP_RESPONSE), &[]);
-    let mut reader = BufReader::new(host.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert_eq!(line, format!("OK {host_port}\n"));
-    let exchange =
-        |rx: &mut Ring, tx: &mut Ring, reader: &mut BufReader<UnixStream>, round: u32| {
-            let to_guest: Vec<u8> = (0..2000u32).map(|i| (i * 7 + round) as u8).collect();
-            reader.get_ref().write_all(&to_guest).unwrap();
-            let mut got = Vec::new();
-            while got.len() < to_guest.len() {
-                let p = recv(&mem, rx);
-                assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, host_port, 1234));
-                got.extend(p.payload);
-            }
-            assert_eq!(got, to_guest, "round {round}: host -> guest");
-            let to_host: Vec<u8> = (0..2000u32).map(|i| (i * 13 + round) as u8).collect();
-            send(
-                &mem,
-                tx,
-                header(1234, host_port, to_host.len() as u32, OP_RW),
-                &to_host,
-            );
-            let mut back = vec![0u8; to_host.len()];
-            reader.read_exact(&mut back).unwrap();
-            assert_eq!(back, to_host, "round {round}: guest -> host");
-        };
-    exchange(&mut rx, &mut tx, &mut reader, 0);
+    let mut session = OpenSession::open(&socket, &uds);
+    session.exchange(0);
 
     let new_log = dir.join("new.log");
     let mut new = daemon(true, &new_log);
@@ -1251,23 +1236,17 @@ fn a_jailed_daemon_is_upgraded_in_the_middle_of_a_session() {
         taken.contains("taken over with 1 connection(s) (jailed)"),
         "{taken}"
     );
-    // Clear the log: what the new worker writes must be marked.
-    log.write_bytes(0, &[0u8; MEM / 4096 / 8]);
-    exchange(&mut rx, &mut tx, &mut reader, 1);
-    let logged = |page: usize| log.read::<u8>(page / 8) & (1 << (page % 8)) != 0;
-    let rx_pages = rx.buf(0) / 4096..rx.buf(QSIZE - 1) / 4096 + 1;
-    assert!(rx_pages.clone().any(logged), "the new worker does not log");
+    // The same connection through the new worker, which marks the log too.
+    session.exchange(1);
     // The new worker is jailed and answers on the same session.
     let worker = worker_pid(i32::try_from(new.id()).unwrap());
     assert_eq!(status_field(worker, "Seccomp:"), "2");
     assert_eq!(status_field(worker, "NoNewPrivs:"), "1");
-    assert!(fe.get_features().is_ok());
+    assert!(session.fe.get_features().is_ok());
     let log_text = std::fs::read_to_string(&new_log).unwrap();
     assert!(!log_text.contains("front-end connected"), "{log_text}");
 
-    drop(reader);
-    drop(host);
-    drop(fe);
+    drop(session);
     let pid = i32::try_from(new.id()).unwrap();
     // SAFETY: kill(2) on our own child, which has not been reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
