@@ -124,6 +124,11 @@ pub fn serve_upgrades(listener: UnixListener, path: PathBuf, vms: Vec<Upgradable
         let started = Instant::now();
         match hand_over(&stream, &vms) {
             Ok(pid) => {
+                // Under systemd this process is the unit's main process: name the new
+                // one before exiting, so that the unit is not taken for dead (the new
+                // one needs to run in the unit's cgroup; see README).
+                crate::systemd::Notifier::from_env()
+                    .notify(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}"));
                 log::info!(
                     "live upgrade: {} VM(s) handed over to pid {pid} in {:.1} ms; exiting",
                     vms.len(),
