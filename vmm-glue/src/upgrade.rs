@@ -51,6 +51,8 @@ pub const UPGRADE_VERSION: u32 = 1;
 /// How long either side waits for the other's next frame (the old process resumes
 /// its workers after this; the new one gives up).
 pub const TAKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times the workers are asked to pause before the upgrade is refused.
+const PAUSE_ATTEMPTS: u32 = 5;
 /// How long a worker may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a worker may take to let go after `ACCEPT`.
@@ -173,6 +175,23 @@ pub fn bind_upgrade_socket(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
+/// Pauses every worker; if one cannot, resumes those paused and says why.
+fn pause_all(vms: &[UpgradableVm]) -> Result<Vec<Parcel>, String> {
+    let mut parcels = Vec::with_capacity(vms.len());
+    for vm in vms {
+        match vm.handle.pause(PAUSE_TIMEOUT) {
+            Ok(p) => parcels.push(p),
+            Err(e) => {
+                for done in &vms[..parcels.len()] {
+                    done.handle.resume();
+                }
+                return Err(format!("guest CID {}: {e}", vm.guest_cid));
+            }
+        }
+    }
+    Ok(parcels)
+}
+
 /// One upgrade conversation; `Ok(pid)` once every worker let go.
 fn hand_over(stream: &UnixStream, vms: &[UpgradableVm]) -> Result<u32, String> {
     stream
@@ -194,21 +213,25 @@ fn hand_over(stream: &UnixStream, vms: &[UpgradableVm]) -> Result<u32, String> {
         }
     };
     log::info!("live upgrade: pid {pid} asks to take over; pausing the workers");
-    // Pause every worker; if one cannot, the others resume.
-    let mut parcels = Vec::with_capacity(vms.len());
-    for vm in vms {
-        match vm.handle.pause(PAUSE_TIMEOUT) {
-            Ok(p) => parcels.push(p),
+    // Pause every worker; if one cannot (a front-end in the middle of a message, a
+    // back-end channel request in flight: states that pass in microseconds), the
+    // others resume and all are asked again a little later.
+    let mut attempt = 0;
+    let parcels = loop {
+        attempt += 1;
+        match pause_all(vms) {
+            Ok(p) => break p,
+            Err(e) if attempt < PAUSE_ATTEMPTS => {
+                log::info!("live upgrade: attempt {attempt}: {e}; trying again");
+                std::thread::sleep(Duration::from_millis(20 * u64::from(attempt)));
+            }
             Err(e) => {
-                for done in &vms[..parcels.len()] {
-                    done.handle.resume();
-                }
-                let reason = format!("guest CID {}: {e}", vm.guest_cid);
+                let reason = format!("after {attempt} attempts: {e}");
                 let _ = send_frame(stream, REFUSE, reason.as_bytes(), &[]);
                 return Err(reason);
             }
         }
-    }
+    };
     let resume_all = || vms.iter().for_each(|vm| vm.handle.resume());
     let mut w = RecordWriter::new();
     w.u64(UPGRADE_MAGIC)
