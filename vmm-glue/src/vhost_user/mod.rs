@@ -21,6 +21,9 @@
 //!   front-end's pipe.
 //! - [`daemon`]: the worker loop (one thread and one epoll set per device) that accepts
 //!   a front-end, serves it, and after it leaves resets the device and listens again.
+//! - [`handover`]: a worker's device and front-end session handed to another process
+//!   (live upgrade): the worker record, the coordinator's handle and the worker's
+//!   hooks.
 //!
 //! # Ring states
 //!
@@ -37,7 +40,7 @@ pub mod daemon;
 pub mod dirty_log;
 pub(crate) mod frames;
 pub mod guard;
-mod handover;
+pub mod handover;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod memory;

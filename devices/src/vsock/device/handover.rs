@@ -1,29 +1,4 @@
-//! Handing a running device to another process: [`Vsock::handover`] in the old one,
-//! [`Vsock::take_over`] in the new one. The state between them is one record
-//! ([`VsockHandover::record`], fields below) and the device's sockets, in order.
-//!
-//! Record fields (encoding: [`outboard_protocol::record`]):
-//!
-//! 1. `u64` [`HANDOVER_MAGIC`], `u32` [`HANDOVER_VERSION`];
-//! 2. the device's state as a snapshot has it ([`VsockSnapshot`]: guest CID, features
-//!    offered and acked) as a byte string in its own versioned encoding, `u32` TX
-//!    buffer size, `bool` a TRANSPORT_RESET event waits for an event buffer;
-//! 3. the muxer: its listeners, connections (state machines, credit counters, bytes
-//!    the guest sent that the host socket has not taken yet, seqpacket messages),
-//!    host clients waiting to send `CONNECT`, the RX list and RSTs waiting for RX
-//!    buffers (see the muxer's `handover` module for each field).
-//!
-//! The snapshot part is the one description of the device's state that
-//! `Suspendable` and `SET_DEVICE_STATE_FD` use too; a handover adds what only a live
-//! process can pass on: the sockets and every connection's state.
-//!
-//! Not in the record: what the transport sets up (rings; a vhost-user daemon carries
-//! that itself and replays it, which acks the same features again), the counters (they start again from zero in the new process), and sibling links
-//! (a device linked to a sibling refuses the handover).
-//!
-//! The device must be quiescent when [`Vsock::handover`] is called: between two calls
-//! of its event loop, with no descriptor chain held (every `handle_*` call returns
-//! every chain it popped, so that holds between calls).
+//! Handing a running device to another process (see [`VsockHandover`]).
 
 use std::os::fd::OwnedFd;
 
@@ -39,11 +14,52 @@ pub const HANDOVER_MAGIC: u64 = u64::from_le_bytes(*b"OBVSOCK\0");
 /// The record layout this build writes and reads.
 pub const HANDOVER_VERSION: u32 = 1;
 
-/// A vsock device's state in transit to another process: the record and the sockets
-/// it names (duplicates: the device that wrote it still holds its own).
+/// Handing a running device to another process: [`Vsock::handover`] in the old one,
+/// [`Vsock::take_over`] in the new one. The state between them is one record
+/// ([`VsockHandover::record`], fields below) and the device's sockets, in order.
+///
+/// Record fields (encoding: [`outboard_protocol::record`]):
+///
+/// 1. `u64` [`HANDOVER_MAGIC`], `u32` [`HANDOVER_VERSION`];
+/// 2. the device's state as a snapshot has it ([`VsockSnapshot`]: guest CID, features
+///    offered and acked) as a byte string in its own versioned encoding, `u32` TX
+///    buffer size, `bool` a TRANSPORT_RESET event waits for an event buffer;
+/// 3. the muxer:
+///    - host side: `u8` 0 (AF_UNIX; fds: the stream listener, the seqpacket
+///      listener) or 1 (AF_VSOCK; `u32` forward CID, a count, then each listen port as
+///      `u32`; an fd per port);
+///    - `u32` the next host port to try for a host-initiated connection;
+///    - a count, then each connection (an fd each): `u16` type, `u32` host port,
+///      `u32` guest port, `u8` state, `u8` pending control packets, `u32` shutdown
+///      flags, the credit counters as `u32`s (peer `buf_alloc`, peer `fwd_cnt`,
+///      `rx_cnt`, `buf_alloc`, `fwd_cnt`, `recv_cnt`, `fwd_cnt` last sent), `u16`
+///      flags (readiness, half closes, credit requested, on the RX list), `u64`
+///      nanoseconds to its deadline (`u64::MAX`: none), the bytes the guest sent that
+///      the host socket has not taken yet, a count of whole seqpacket messages and
+///      each, and the message being assembled;
+///    - a count, then each host client that has not sent its `CONNECT` line: `u16`
+///      socket type, `u64` nanoseconds left before it is dropped (an fd each);
+///    - a count, then the RX list in order: `u32` host port, `u32` guest port;
+///    - a count, then each RST waiting for an RX buffer: its 44-byte packet header.
+///
+/// The snapshot part is the one description of the device's state that
+/// `Suspendable` and `SET_DEVICE_STATE_FD` use too; a handover adds what only a live
+/// process can pass on: the sockets and every connection's state.
+///
+/// Not in the record: what the transport sets up (rings; a vhost-user daemon carries
+/// that itself and replays it, which acks the same features again), the counters
+/// (they start again from zero in the new process), and sibling links (a device
+/// linked to a sibling refuses the handover).
+///
+/// The device must be quiescent when [`Vsock::handover`] is called: between two calls
+/// of its event loop, with no descriptor chain held (every `handle_*` call returns
+/// every chain it popped, so that holds between calls).
+///
+/// In transit: the record and the sockets it names (duplicates: the device that
+/// wrote it still holds its own).
 #[derive(Debug)]
 pub struct VsockHandover {
-    /// The record (see the [module docs](self)).
+    /// The record (fields above).
     pub record: Vec<u8>,
     /// The sockets, in the record's order.
     pub fds: Vec<OwnedFd>,
