@@ -107,9 +107,19 @@ pub(crate) fn recv_frame(sock: &UnixStream) -> Result<Frame, String> {
             kind_name(kind)
         ));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)
+    // Grown as the bytes come, so a header that claims more than follows costs
+    // nothing.
+    let mut body = Vec::new();
+    r.take(len)
+        .read_to_end(&mut body)
         .map_err(|e| format!("receiving the body of {}: {e}", kind_name(kind)))?;
+    if body.len() as u64 != len {
+        return Err(format!(
+            "{} ended after {} of {len} bytes",
+            kind_name(kind),
+            body.len()
+        ));
+    }
     let mut fds = Vec::with_capacity(nfds as usize);
     while fds.len() < nfds as usize {
         let mut b = [0u8; 1];
