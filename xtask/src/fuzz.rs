@@ -31,6 +31,7 @@ pub const TARGETS: &[&str] = &[
     "vhost_user_backend",
     "vsock_queue",
     "media_commands",
+    "handover_record",
 ];
 
 /// What `cargo xtask fuzz` was asked to do.
