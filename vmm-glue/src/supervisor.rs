@@ -190,6 +190,13 @@ impl Supervisor {
                     .min()
                     .map_or(IDLE_SLEEP, |at| at.saturating_duration_since(now));
                 if let Some(sig) = signals.wait(wake) {
+                    if !handover::stop() {
+                        log::info!("signal {sig}: handed over already; exiting");
+                        // The upgrade thread exits the process in a moment.
+                        loop {
+                            std::thread::park();
+                        }
+                    }
                     log::info!("signal {sig}: stopping");
                     self.notifier.notify("STOPPING=1\nSTATUS=stopping");
                     break;
@@ -247,6 +254,99 @@ impl Supervisor {
             if let Err(e) = metrics::write_prometheus(path, &vms) {
                 log::warn!("cannot write metrics to {}: {e}", path.display());
             }
+        }
+    }
+}
+
+/// The process's side of a live upgrade ([`crate::upgrade`]) against its own stop: a
+/// handover and a stop (SIGTERM) exclude each other, so that a stopping daemon never
+/// removes sockets a new process took over, and a handover never commits while the
+/// daemon stops.
+pub mod handover {
+    use std::sync::Mutex;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Gate {
+        Serving,
+        Pausing,
+        Committed,
+        Stopping,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Event {
+        Begin,
+        End { commit: bool },
+        Stop,
+    }
+
+    /// The gate after `event`, and whether the event may go ahead.
+    fn next(gate: Gate, event: Event) -> (Gate, bool) {
+        use Gate::*;
+        match (gate, event) {
+            (Serving | Pausing, Event::Begin) => (Pausing, true),
+            (Committed | Stopping, Event::Begin) => (gate, false),
+            (Pausing, Event::End { commit: true }) => (Committed, true),
+            (Pausing, Event::End { commit: false }) => (Serving, true),
+            (_, Event::End { .. }) => (gate, false),
+            (Committed, Event::Stop) => (Committed, false),
+            (_, Event::Stop) => (Stopping, true),
+        }
+    }
+
+    static GATE: Mutex<Gate> = Mutex::new(Gate::Serving);
+
+    fn apply(event: Event) -> bool {
+        let mut g = GATE.lock().unwrap_or_else(|p| p.into_inner());
+        let (gate, ok) = next(*g, event);
+        *g = gate;
+        ok
+    }
+
+    /// A handover starts (workers are about to pause); false when the daemon stops.
+    pub fn begin() -> bool {
+        apply(Event::Begin)
+    }
+
+    /// The handover ends: committed (the new process owns everything from here on) or
+    /// called off. A commit is refused (false) when the daemon began to stop meanwhile.
+    pub fn end(commit: bool) -> bool {
+        apply(Event::End { commit })
+    }
+
+    /// The daemon begins to stop; false when a handover committed (the process is
+    /// about to exit and must not touch what the new one serves).
+    pub fn stop() -> bool {
+        apply(Event::Stop)
+    }
+
+    /// Whether a handover committed.
+    pub fn committed() -> bool {
+        *GATE.lock().unwrap_or_else(|p| p.into_inner()) == Gate::Committed
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_stop_and_a_handover_exclude_each_other() {
+            use Gate::*;
+            // A handover called off, then one committed: a stop after it is refused.
+            let (g, ok) = next(Serving, Event::Begin);
+            assert_eq!((g, ok), (Pausing, true));
+            assert_eq!(next(g, Event::End { commit: false }), (Serving, true));
+            let (g, _) = next(Serving, Event::Begin);
+            let (g, ok) = next(g, Event::End { commit: true });
+            assert_eq!((g, ok), (Committed, true));
+            assert_eq!(next(g, Event::Stop), (Committed, false));
+            assert_eq!(next(g, Event::Begin), (Committed, false));
+            // A stop during a handover: the commit is refused, and no new one begins.
+            let (g, _) = next(Serving, Event::Begin);
+            let (g, ok) = next(g, Event::Stop);
+            assert_eq!((g, ok), (Stopping, true));
+            assert_eq!(next(g, Event::End { commit: true }), (Stopping, false));
+            assert_eq!(next(g, Event::Begin), (Stopping, false));
         }
     }
 }
@@ -345,6 +445,10 @@ pub fn remove_stale_socket(path: &Path) -> Result<(), String> {
 }
 
 fn remove_files(paths: &[PathBuf]) {
+    // Handed over: the new process serves these sockets now.
+    if handover::committed() {
+        return;
+    }
     for p in paths {
         let _ = std::fs::remove_file(p);
     }

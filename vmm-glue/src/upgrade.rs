@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use outboard_protocol::record::{RecordReader, RecordWriter};
 
+use crate::supervisor::handover;
 use crate::vhost_user::daemon::{Parcel, UpgradeHandle};
 use crate::vhost_user::frames::{
     kind_name, recv_frame, send_frame, ACCEPT, DONE, HELLO, MAX_BODY, REFUSE, STATE,
@@ -212,6 +213,20 @@ fn hand_over(stream: &UnixStream, vms: &[UpgradableVm]) -> Result<u32, String> {
             return Err(e);
         }
     };
+    if !handover::begin() {
+        let reason = "this outboard is stopping".to_string();
+        let _ = send_frame(stream, REFUSE, reason.as_bytes(), &[]);
+        return Err(reason);
+    }
+    let outcome = hand_over_paused(stream, vms, pid);
+    if outcome.is_err() {
+        handover::end(false);
+    }
+    outcome
+}
+
+/// The rest of [`hand_over`], between `handover::begin` and its end.
+fn hand_over_paused(stream: &UnixStream, vms: &[UpgradableVm], pid: u32) -> Result<u32, String> {
     log::info!("live upgrade: pid {pid} asks to take over; pausing the workers");
     // Pause every worker; if one cannot (a front-end in the middle of a message, a
     // back-end channel request in flight: states that pass in microseconds), the
@@ -281,7 +296,14 @@ fn hand_over(stream: &UnixStream, vms: &[UpgradableVm]) -> Result<u32, String> {
             return Err(format!("pid {pid} answered {}", kind_name(k)));
         }
     }
-    // The point of no return: the new process owns the devices.
+    // The point of no return: the new process owns the devices (unless this daemon
+    // began to stop meanwhile: then the workers serve on until they stop).
+    if !handover::end(true) {
+        resume_all();
+        let reason = "this outboard began to stop".to_string();
+        let _ = send_frame(stream, REFUSE, reason.as_bytes(), &[]);
+        return Err(reason);
+    }
     for vm in vms {
         if let Err(e) = vm.handle.commit(COMMIT_TIMEOUT) {
             log::error!(

@@ -743,3 +743,86 @@ fn live_upgrade_from_the_command_line() {
     assert!(!socket.exists() && !uds.exists() && !upgrade.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A daemon told to stop (SIGTERM) while its workers are paused for a handover: the
+/// new process's ACCEPT is refused, the workers resume and stop, and the daemon exits
+/// 0 having removed its sockets; nothing is owned by both.
+#[test]
+fn sigterm_during_a_handover_refuses_the_commit_and_stops_cleanly() {
+    use std::io::{Read, Write};
+    let dir = scratch("upgrade-stop");
+    let socket = dir.join("vhost.sock");
+    let uds = dir.join("vsock.sock");
+    let upgrade = dir.join("upgrade.sock");
+    let mut old = outboard()
+        .args(["vsock", "--guest-cid", "3", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(&uds)
+        .arg("--upgrade-socket")
+        .arg(&upgrade)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !upgrade.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let frame = |kind: u8, body: &[u8]| {
+        let mut f = vec![kind];
+        f.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        f.extend_from_slice(&0u32.to_le_bytes());
+        f.extend_from_slice(body);
+        f
+    };
+    let read_frame = |s: &mut UnixStream| {
+        let mut head = [0u8; 13];
+        s.read_exact(&mut head).unwrap();
+        let len = u64::from_le_bytes(head[1..9].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        // The fds ride on one byte per 32 of them (dropped here, unread).
+        let nfds = u32::from_le_bytes(head[9..13].try_into().unwrap()) as usize;
+        let mut carrier = vec![0u8; nfds.div_ceil(32)];
+        s.read_exact(&mut carrier).unwrap();
+        (head[0], body)
+    };
+    let mut taker = UnixStream::connect(&upgrade).unwrap();
+    taker
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hello = b"OBUPGRAD".to_vec();
+    hello.extend_from_slice(&1u32.to_le_bytes());
+    hello.extend_from_slice(&std::process::id().to_le_bytes());
+    taker.write_all(&frame(1, &hello)).unwrap();
+    // STATE: the workers are paused now (its fds stay unread).
+    let (kind, _) = read_frame(&mut taker);
+    assert_eq!(kind, 2, "HELLO was not answered with STATE");
+    let pid = i32::try_from(old.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    taker.write_all(&frame(3, &[])).unwrap();
+    // The commit is refused, with the reason.
+    let (kind, body) = loop {
+        let (k, b) = read_frame(&mut taker);
+        if k != 2 {
+            break (k, b);
+        }
+    };
+    let reason = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(kind, 4, "ACCEPT answered with frame {kind}: {reason}");
+    assert!(reason.contains("began to stop"), "{reason}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = old.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists() && !uds.exists() && !upgrade.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
