@@ -65,9 +65,16 @@ fn connections_survive_a_handover_with_no_byte_lost() {
     g.pump(Duration::from_millis(50));
 
     let before = g.dev.connection_count();
+    let counters = g.dev.metrics().snapshot();
+    assert!(
+        counters.tx_bytes > 0 && counters.conns_added >= 2,
+        "{counters:?}"
+    );
     let record = g.hand_over().unwrap();
     assert!(record > 0);
     assert_eq!(g.dev.connection_count(), before);
+    // The counters carry on.
+    assert_eq!(g.dev.metrics().snapshot(), counters);
 
     // Everything goes on with the new device.
     g.send_all(g2h, &first[100_000..], T);

@@ -86,6 +86,20 @@ fn guest_dmesg(uds: &Path, port: u32) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The device's counters in the daemon's metrics file.
+fn counters(vm: &Vm) -> Result<std::collections::BTreeMap<String, u64>> {
+    let path = vm.socket.with_file_name("metrics.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, mut vms) = crate::vsock_suite::parse_metrics(&text);
+    vms.remove(&crate::vm::GUEST_CID).ok_or_else(|| {
+        format!(
+            "no counters of guest CID {} in {}",
+            crate::vm::GUEST_CID,
+            path.display()
+        )
+    })
+}
+
 /// Round trips: when each was sent and how long it took.
 type Pings = Arc<Mutex<Vec<(Instant, Duration)>>>;
 
@@ -167,6 +181,7 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
     };
     // Let the streams get going, then upgrade again and again.
     thread::sleep(Duration::from_millis(1500));
+    let counters_before = counters(vm)?;
     let mut windows = Vec::new();
     let mut handovers = Vec::new();
     for n in 0..UPGRADES {
@@ -240,6 +255,21 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
             reconnects.join(" | ")
         ));
     }
+    // The counters carried on: none went back (the metrics file is rewritten every
+    // second by whichever process serves).
+    thread::sleep(Duration::from_millis(1500));
+    let counters_after = counters(vm)?;
+    let back: Vec<String> = counters_before
+        .iter()
+        .filter(|(k, v)| counters_after.get(*k).is_none_or(|a| a < *v))
+        .map(|(k, v)| format!("{k} {v} -> {:?}", counters_after.get(k)))
+        .collect();
+    if !back.is_empty() {
+        return Err(format!(
+            "counters went back across the upgrades: {}",
+            back.join(", ")
+        ));
+    }
     // Every old process said it handed over and exited; every new one took the
     // device over with the connections open and never saw a new front-end.
     let log = crate::util::read_log(&vm.backend_log);
@@ -283,7 +313,8 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
     Ok(format!(
         "{UPGRADES} upgrades mid-stream; {} + {} bytes checksummed ({:016x}, {:016x}); \
          SEQPACKET {messages} messages / {seq_bytes} bytes echoed whole; {IDLE} idle \
-         connections answer; QEMU never reconnected; the guest kernel log ({} lines \
+         connections answer; QEMU never reconnected; counters carried on (tx_bytes {} -> \
+         {}); the guest kernel log ({} lines \
          before) gained {} line(s), none about vsock or virtio; connections carried per upgrade: {}. Ping RTT during handovers (ms): {} \
          (max {:.0}); outside them p50 {:.1} / max {:.0} ms over {pinged} pings; new \
          process start to old process exit (ms): {}",
@@ -291,6 +322,8 @@ pub fn check(vm: &mut Vm, bulk: u64) -> Result<String> {
         h2g.1.bytes,
         g2h.1.checksum,
         h2g.1.checksum,
+        counters_before.get("tx_bytes").copied().unwrap_or_default(),
+        counters_after.get("tx_bytes").copied().unwrap_or_default(),
         dmesg_before.len(),
         new_kernel.len(),
         conns.join(" "),

@@ -301,7 +301,7 @@ fn verdicts(server: &SideLog, client: &SideLog, ids: &[u32]) -> BTreeMap<u32, Ve
 
 /// Error counters per guest CID from the daemon's metrics file (vmm-glue's
 /// `metrics::render`: `"guest_cid": N` then `"counters": { "name": value, ... }`).
-fn parse_metrics(text: &str) -> (u128, BTreeMap<u32, BTreeMap<String, u64>>) {
+pub(crate) fn parse_metrics(text: &str) -> (u128, BTreeMap<u32, BTreeMap<String, u64>>) {
     let mut stamp = 0;
     let mut vms = BTreeMap::new();
     let mut cid = None;

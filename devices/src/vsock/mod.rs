@@ -273,6 +273,17 @@ macro_rules! metrics {
                     $($name: self.$name.load(Ordering::Relaxed),)*
                 }
             }
+
+            /// Sets the counter called `name` (one of [`VsockMetricsSnapshot::NAMES`])
+            /// to `value`; false for a name this build does not have. For a device
+            /// that carries on another's counters (a live upgrade).
+            pub fn set(&self, name: &str, value: u64) -> bool {
+                match name {
+                    $(stringify!($name) => self.$name.store(value, Ordering::Relaxed),)*
+                    _ => return false,
+                }
+                true
+            }
         }
 
         impl VsockMetricsSnapshot {

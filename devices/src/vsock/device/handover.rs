@@ -7,7 +7,10 @@ use outboard_protocol::record::{RecordError, RecordReader, RecordWriter};
 use super::{Muxer, Vsock, VsockDeviceConfig};
 use crate::virtio::VirtioDevice;
 use crate::vsock::snapshot::VsockSnapshot;
-use crate::vsock::{VsockError, VsockMetrics};
+use crate::vsock::{VsockError, VsockMetrics, VsockMetricsSnapshot};
+
+/// Most counters a record may name.
+const MAX_COUNTERS: usize = 256;
 
 /// First field of a vsock handover record ("OBVSOCK" and a zero byte).
 pub const HANDOVER_MAGIC: u64 = u64::from_le_bytes(*b"OBVSOCK\0");
@@ -23,7 +26,10 @@ pub const HANDOVER_VERSION: u32 = 1;
 /// 1. `u64` [`HANDOVER_MAGIC`], `u32` [`HANDOVER_VERSION`];
 /// 2. the device's state as a snapshot has it ([`VsockSnapshot`]: guest CID, features
 ///    offered and acked) as a byte string in its own versioned encoding, `u32` TX
-///    buffer size, `bool` a TRANSPORT_RESET event waits for an event buffer;
+///    buffer size, `bool` a TRANSPORT_RESET event waits for an event buffer, then the
+///    counters: a count, and each as its name (a byte string) and `u64` value (a name
+///    the reading build does not have is skipped, so counters carry on across
+///    versions);
 /// 3. the muxer:
 ///    - host side: `u8` 0 (AF_UNIX; fds: the stream listener, the seqpacket
 ///      listener) or 1 (AF_VSOCK; `u32` forward CID, a count, then each listen port as
@@ -47,9 +53,8 @@ pub const HANDOVER_VERSION: u32 = 1;
 /// process can pass on: the sockets and every connection's state.
 ///
 /// Not in the record: what the transport sets up (rings; a vhost-user daemon carries
-/// that itself and replays it, which acks the same features again), the counters
-/// (they start again from zero in the new process), and sibling links (a device
-/// linked to a sibling refuses the handover).
+/// that itself and replays it, which acks the same features again) and sibling links
+/// (a device linked to a sibling refuses the handover).
 ///
 /// The device must be quiescent when [`Vsock::handover`] is called: between two calls
 /// of its event loop, with no descriptor chain held (every `handle_*` call returns
@@ -87,6 +92,11 @@ impl Vsock {
             .bytes(&self.save_state().to_bytes())
             .u32(self.muxer.tx_buf_size())
             .bool(self.transport_reset_pending);
+        let counters = self.metrics.snapshot();
+        w.count(VsockMetricsSnapshot::COUNT);
+        for (name, value) in counters.fields() {
+            w.bytes(name.as_bytes()).u64(value);
+        }
         self.muxer.save(&mut w, &mut fds)?;
         Ok(VsockHandover {
             record: w.into_bytes()?,
@@ -146,6 +156,15 @@ impl Vsock {
         }
         let reset_pending = r.bool("transport reset pending")?;
         let metrics = std::sync::Arc::new(VsockMetrics::default());
+        let n = r.count("counters", MAX_COUNTERS, 12)?;
+        for _ in 0..n {
+            let name = r.bytes("counter name", 64)?;
+            let value = r.u64("counter value")?;
+            // A counter of another build is skipped; this build's carry on.
+            if let Ok(name) = std::str::from_utf8(name) {
+                metrics.set(name, value);
+            }
+        }
         let mut fds = handover.fds.into_iter();
         let muxer = Muxer::load(
             cid,
