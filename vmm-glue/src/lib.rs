@@ -22,6 +22,9 @@
 //! - `systemd` (feature `daemon`): socket activation and `sd_notify`, without libsystemd.
 //! - `vsock_daemon` (feature `cli`): the `outboard vsock` daemon built from its
 //!   configuration: a worker per VM on a thread or in a jailed child.
+//! - `upgrade` (feature `cli`): live upgrade, a new `outboard vsock` taking every VM
+//!   over from the running one over a Unix socket (`--upgrade-socket`, `--take-over`);
+//!   the records and the workers' side are in [`vhost_user::handover`].
 //! - [`jail`]: vhost-user workers forked into a jailed child (outboard-sandbox), with
 //!   the daemon keeping the listening socket and restarting a worker that dies.
 //!
