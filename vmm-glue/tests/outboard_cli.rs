@@ -24,6 +24,33 @@ fn usage_error(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Waits up to 10 s for the daemon to create `path`.
+fn wait_for_path(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends SIGTERM to `child`.
+fn sigterm(child: &std::process::Child) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+/// Waits up to 10 s for `child` to exit; `what` names it for the failure.
+fn wait_exit(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit within 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn bad_input_exits_2_and_names_the_value() {
     let e = usage_error(&[
@@ -133,25 +160,13 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_path(&socket);
     // A front-end that connects and goes away does not end the daemon.
     drop(UnixStream::connect(&socket).unwrap());
     std::thread::sleep(Duration::from_millis(100));
     assert!(child.try_wait().unwrap().is_none());
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "outboard ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    sigterm(&child);
+    let status = wait_exit(&mut child, "outboard after SIGTERM");
     assert!(status.success(), "{status}");
     assert!(!socket.exists());
     assert!(!uds.exists());
@@ -692,35 +707,22 @@ fn live_upgrade_from_the_command_line() {
         }
         cmd.spawn().unwrap()
     };
-    let wait_exit = |child: &mut std::process::Child| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "no exit within 10 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
     // Nothing to take over: a clear error, exit 1.
     let mut lone = start(true);
-    let status = wait_exit(&mut lone);
+    let status = wait_exit(&mut lone, "a take-over with nothing to take over");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut lone.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("cannot reach the running outboard"), "{err}");
 
     let mut old = start(false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !upgrade.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_path(&upgrade);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&upgrade).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the upgrade socket is {mode:o}");
     for round in 0..2 {
         let mut new = start(true);
-        let status = wait_exit(&mut old);
+        let status = wait_exit(&mut old, "the old daemon");
         assert!(
             status.success(),
             "round {round}: the old daemon exited {status}"
@@ -736,10 +738,8 @@ fn live_upgrade_from_the_command_line() {
         drop(UnixStream::connect(&uds).unwrap());
         old = new;
     }
-    let pid = i32::try_from(old.id()).unwrap();
-    // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    assert!(wait_exit(&mut old).success());
+    sigterm(&old);
+    assert!(wait_exit(&mut old, "the last daemon").success());
     assert!(!socket.exists() && !uds.exists() && !upgrade.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -765,10 +765,7 @@ fn sigterm_during_a_handover_refuses_the_commit_and_stops_cleanly() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !upgrade.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_path(&upgrade);
     let frame = |kind: u8, body: &[u8]| {
         let mut f = vec![kind];
         f.extend_from_slice(&(body.len() as u64).to_le_bytes());
@@ -799,9 +796,7 @@ fn sigterm_during_a_handover_refuses_the_commit_and_stops_cleanly() {
     // STATE: the workers are paused now (its fds stay unread).
     let (kind, _) = read_frame(&mut taker);
     assert_eq!(kind, 2, "HELLO was not answered with STATE");
-    let pid = i32::try_from(old.id()).unwrap();
-    // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    sigterm(&old);
     std::thread::sleep(Duration::from_millis(300));
     taker.write_all(&frame(3, &[])).unwrap();
     // The commit is refused, with the reason.
@@ -814,14 +809,7 @@ fn sigterm_during_a_handover_refuses_the_commit_and_stops_cleanly() {
     let reason = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(kind, 4, "ACCEPT answered with frame {kind}: {reason}");
     assert!(reason.contains("began to stop"), "{reason}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = old.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(&mut old, "the daemon stopping during a handover");
     assert!(status.success(), "{status}");
     assert!(!socket.exists() && !uds.exists() && !upgrade.exists());
     let _ = std::fs::remove_dir_all(&dir);
