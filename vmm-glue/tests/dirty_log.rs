@@ -137,6 +137,25 @@ impl Guest {
     }
 }
 
+/// The guest answers the host's REQUEST `req` with RESPONSE (TX descriptor 0), as
+/// its driver does for a listening socket; returns the RESPONSE header.
+fn guest_accepts(g: &mut Guest, req: &VsockHeader) -> VsockHeader {
+    let resp = VsockHeader {
+        src_cid: GUEST_CID,
+        dst_cid: req.src_cid,
+        src_port: req.dst_port,
+        dst_port: req.src_port,
+        type_: VsockType::Stream as u16,
+        op: VsockOp::Response as u16,
+        buf_alloc: 1 << 20,
+        ..Default::default()
+    };
+    g.mem.write_bytes(TX_BUF as usize, resp.as_bytes());
+    g.offer(1, 0, TX_BUF, VsockHeader::SIZE as u32, false);
+    g.kicks[1].write(1).unwrap();
+    resp
+}
+
 /// The page numbers of `[gpa, gpa + len)`.
 fn pages(gpa: u64, len: u64) -> std::ops::RangeInclusive<u64> {
     assert!(len > 0);
@@ -287,19 +306,7 @@ fn every_page_the_vsock_device_writes_is_logged_while_logging_is_on() {
     );
 
     // The guest accepts.
-    let resp = VsockHeader {
-        src_cid: GUEST_CID,
-        dst_cid: req.src_cid,
-        src_port: req.dst_port,
-        dst_port: req.src_port,
-        type_: VsockType::Stream as u16,
-        op: VsockOp::Response as u16,
-        buf_alloc: 1 << 20,
-        ..Default::default()
-    };
-    g.mem.write_bytes(TX_BUF as usize, resp.as_bytes());
-    g.offer(1, 0, TX_BUF, VsockHeader::SIZE as u32, false);
-    g.kicks[1].write(1).unwrap();
+    guest_accepts(&mut g, &req);
     let mut line = String::new();
     BufReader::new(host.try_clone().unwrap())
         .read_line(&mut line)
@@ -536,19 +543,7 @@ fn a_live_handover_keeps_the_session_the_connection_and_the_log() {
     host.write_all(b"CONNECT 1234\n").unwrap();
     assert_eq!(g.used(0), vec![(0, VsockHeader::SIZE as u32)]);
     let req = g.header(rx_buffer(0));
-    let resp = VsockHeader {
-        src_cid: GUEST_CID,
-        dst_cid: req.src_cid,
-        src_port: req.dst_port,
-        dst_port: req.src_port,
-        type_: VsockType::Stream as u16,
-        op: VsockOp::Response as u16,
-        buf_alloc: 1 << 20,
-        ..Default::default()
-    };
-    g.mem.write_bytes(TX_BUF as usize, resp.as_bytes());
-    g.offer(1, 0, TX_BUF, VsockHeader::SIZE as u32, false);
-    g.kicks[1].write(1).unwrap();
+    let resp = guest_accepts(&mut g, &req);
     let mut reader = BufReader::new(host.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
