@@ -624,9 +624,15 @@ impl Siblings {
                     None => return (used, false),
                     Some(Ok(pkt)) => pkt,
                     Some(Err(bad)) => {
-                        // Counted, not logged: the sender decides how often it happens.
+                        // Counted, and logged rate-limited: the sender decides how often
+                        // it happens.
                         VsockMetrics::inc(&metrics.err_sibling_invalid);
-                        log::debug!("sibling CID {}: dropped a message: {}", bad.cid, bad.reason);
+                        outboard_protocol::log_limited!(
+                            log::Level::Debug,
+                            "sibling CID {}: dropped a message: {}",
+                            bad.cid,
+                            bad.reason
+                        );
                         continue;
                     }
                 };

@@ -40,7 +40,7 @@ use std::sync::{Mutex, MutexGuard};
 use outboard_protocol::vhost_user::{VhostUserLog, LOG_PAGE_SIZE};
 use thiserror::Error;
 
-use super::guard::GuardedRange;
+use super::guard::{self, GuardedRange};
 use crate::rust_vmm::DirtyLog;
 
 /// Largest log accepted, in bytes: 1 GiB of bitmap covers 32 TiB of guest-physical
@@ -81,6 +81,14 @@ pub enum DirtyLogError {
         /// Its offset in the fd.
         offset: u64,
     },
+    /// The log file can shrink and the process's SIGBUS guard table is full: mapping it
+    /// unguarded would let the front-end kill the daemon by truncating it.
+    #[error(
+        "the log file is not sealed against shrinking and every one of the process's {} \
+         guarded mapping slots is in use",
+        guard::MAX_GUARDED
+    )]
+    Unguarded,
 }
 
 /// One mapped log bitmap (see the [module docs](self)).
@@ -160,14 +168,8 @@ impl LogArea {
         // hugetlbfs reports its huge page size as the block size.
         let file_page = usize::try_from(meta.blksize()).unwrap_or(4096);
         let guard = GuardedRange::register(map.cast::<u8>(), map_len, file_page);
-        if guard.is_none() {
-            outboard_protocol::log_limited!(
-                log::Level::Warn,
-                "dirty log: too many guarded mappings in this process; a front-end that \
-                 truncates its log file can crash the daemon"
-            );
-        }
-        Ok(LogArea {
+        let refuse = guard.is_none() && !guard::shrink_sealed(&file);
+        let area = LogArea {
             guard,
             map,
             map_len,
@@ -175,7 +177,12 @@ impl LogArea {
             size,
             desc: *log,
             file,
-        })
+        };
+        if refuse {
+            // Dropping the area unmaps it.
+            return Err(DirtyLogError::Unguarded);
+        }
+        Ok(area)
     }
 
     /// Bytes of bitmap.

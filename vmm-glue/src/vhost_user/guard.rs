@@ -32,12 +32,16 @@
 //! raise SIGBUS: they fail with `EFAULT`, which the devices already treat as an I/O
 //! error.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// Most guest memory mappings guarded at once, over all VMs of a process (64 regions per
-/// VM). A mapping beyond it is still served, unguarded, with a warning.
-pub const MAX_GUARDED: usize = 4096;
+/// Most guest memory mappings guarded at once, over all VMs of a process: eight memory
+/// tables at their cap (`memory::MAX_MAPPINGS`), hundreds of typical ones. A mapping of a
+/// file sealed against shrinking cannot fault and is served unguarded when the table is
+/// full; any other mapping is then refused ([`required`]), never mapped unguarded: a
+/// front-end that filled the table must not be able to kill the daemon with the next one.
+pub const MAX_GUARDED: usize = 16384;
 
 const FREE: u8 = 0;
 const BUSY: u8 = 1;
@@ -117,6 +121,22 @@ impl Drop for GuardedRange {
         s.state.store(BUSY, Ordering::Release);
         s.len.store(0, Ordering::Relaxed);
         s.state.store(FREE, Ordering::Release);
+    }
+}
+
+/// Whether `fd` is a memfd sealed against shrinking: its mappings cannot fault.
+pub(crate) fn shrink_sealed(fd: &impl AsFd) -> bool {
+    rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK))
+}
+
+/// What a new mapping may keep: its guard (`Some(Some(_))`), no guard when its file is
+/// sealed against shrinking (`Some(None)`), or nothing (`None`: refuse the mapping) when
+/// the table was full and the file can be cut short.
+pub(crate) fn required(guard: Option<GuardedRange>, sealed: bool) -> Option<Option<GuardedRange>> {
+    match guard {
+        Some(g) => Some(Some(g)),
+        None if sealed => Some(None),
+        None => None,
     }
 }
 
@@ -269,5 +289,32 @@ mod tests {
         drop(guard);
         // SAFETY: unmaps exactly what was mapped above.
         unsafe { libc::munmap(p, 4 * 4096) };
+    }
+
+    #[test]
+    fn only_a_file_sealed_against_shrinking_may_be_mapped_unguarded() {
+        let memfd = |flags| {
+            // SAFETY: memfd_create with a valid C string.
+            let fd = unsafe { libc::memfd_create(c"guard-seal".as_ptr(), flags) };
+            assert!(fd >= 0);
+            // SAFETY: a new fd nobody else owns.
+            File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let open = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        let sealed = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        rustix::fs::fcntl_add_seals(&sealed, rustix::fs::SealFlags::SHRINK).unwrap();
+        let grow_only = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        rustix::fs::fcntl_add_seals(&grow_only, rustix::fs::SealFlags::GROW).unwrap();
+        let plain = memfd(libc::MFD_CLOEXEC);
+        assert!(shrink_sealed(&sealed));
+        for f in [&open, &grow_only, &plain] {
+            assert!(!shrink_sealed(f));
+        }
+        // A full table: a sealed file is served unguarded, any other refused.
+        assert!(matches!(required(None, true), Some(None)));
+        assert!(required(None, false).is_none());
+        let mut page = [0u8; 4096];
+        let g = GuardedRange::register(page.as_mut_ptr(), page.len(), 4096).unwrap();
+        assert!(matches!(required(Some(g), false), Some(Some(_))));
     }
 }

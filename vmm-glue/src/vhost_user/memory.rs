@@ -14,11 +14,11 @@
 //! unmapped. [`MemoryTable::poisoned`] names a region that was found cut short.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
-use super::guard::GuardedRange;
+use super::guard::{self, GuardedRange};
 
 use outboard_protocol::vhost_user::VhostUserMemoryRegion;
 use outboard_transport::MemoryRegion;
@@ -37,6 +37,14 @@ pub const MAX_MEM_SLOTS: usize = 512;
 
 /// Largest single region accepted (1 TiB).
 pub const MAX_REGION_SIZE: u64 = 1 << 40;
+
+/// Most mappings one table keeps at once: the regions in the table and the replaced ones
+/// a queue's memory snapshot still holds (each queue pins a few snapshots, so a
+/// front-end that keeps changing its table while kicking could otherwise keep thousands
+/// of mappings alive, each one of the process's guard slots). Four times
+/// [`MAX_MEM_SLOTS`]; QEMU's busiest tables (`SHMEM_MAP` churn under GStreamer) stay at a
+/// few hundred.
+pub const MAX_MAPPINGS: usize = 4 * MAX_MEM_SLOTS;
 
 /// Errors of the memory table.
 #[cfg_attr(test, remain::sorted)]
@@ -100,11 +108,31 @@ pub enum MemoryTableError {
         /// The offset in the fd.
         offset: u64,
     },
+    /// More mappings, replaced ones still in use included, than [`MAX_MAPPINGS`].
+    #[error(
+        "{count} guest memory mappings (replaced regions a queue still uses included) \
+         exceed the limit of {MAX_MAPPINGS}"
+    )]
+    TooManyMappings {
+        /// How many there would be.
+        count: usize,
+    },
     /// More regions than [`MAX_MEM_SLOTS`].
     #[error("{count} memory regions exceed the limit of {MAX_MEM_SLOTS}")]
     TooManyRegions {
         /// How many there would be.
         count: usize,
+    },
+    /// The file can shrink and the process's SIGBUS guard table is full: mapping it
+    /// unguarded would let the front-end kill the daemon by truncating it.
+    #[error(
+        "region at guest address {gpa:#x}: its file is not sealed against shrinking and \
+         every one of the process's {} guarded mapping slots is in use",
+        super::guard::MAX_GUARDED
+    )]
+    Unguarded {
+        /// The region's guest-physical address.
+        gpa: u64,
     },
 }
 
@@ -135,14 +163,6 @@ fn overlaps(a: u64, a_size: u64, b: u64, b_size: u64) -> bool {
     a < b.saturating_add(b_size) && b < a.saturating_add(a_size)
 }
 
-/// Whether the file is a memfd that can no longer shrink.
-fn shrink_sealed(fd: &OwnedFd) -> bool {
-    // SAFETY: fcntl(F_GET_SEALS) on an fd we own; it reads no memory of ours. On fds
-    // that are not memfds it fails with EINVAL, which we treat as "not sealed".
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
-}
-
 fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
     let desc = region.region;
     let gpa = desc.guest_phys_addr;
@@ -168,34 +188,27 @@ fn map(region: MemoryRegion) -> Result<Mapped, MemoryTableError> {
             have: meta.len(),
         });
     }
-    let fd = OwnedFd::from(file);
-    if !shrink_sealed(&fd) {
+    let sealed = guard::shrink_sealed(&file);
+    if !sealed {
         outboard_protocol::log_limited!(
             log::Level::Debug,
             "memory region at {gpa:#x}: the file is not sealed against shrinking; \
              accesses past a later truncation are contained (see the guard module)"
         );
     }
-    let mapping =
-        MmapRegion::from_file(FileOffset::new(File::from(fd), offset), len).map_err(|e| {
-            MemoryTableError::Mmap {
-                gpa,
-                size,
-                offset,
-                reason: e.to_string(),
-            }
-        })?;
+    let mapping = MmapRegion::from_file(FileOffset::new(file, offset), len).map_err(|e| {
+        MemoryTableError::Mmap {
+            gpa,
+            size,
+            offset,
+            reason: e.to_string(),
+        }
+    })?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(range_err)?;
     // hugetlbfs reports its huge page size as the block size.
     let page = usize::try_from(meta.blksize()).unwrap_or(4096);
-    let guard = GuardedRange::register(region.as_ptr(), len, page);
-    if guard.is_none() {
-        outboard_protocol::log_limited!(
-            log::Level::Warn,
-            "memory region at {gpa:#x}: too many guarded mappings in this process; a \
-             front-end that truncates its file can crash the daemon"
-        );
-    }
+    let guard = guard::required(GuardedRange::register(region.as_ptr(), len, page), sealed)
+        .ok_or(MemoryTableError::Unguarded { gpa })?;
     Ok(Mapped {
         desc,
         guard,
@@ -271,6 +284,7 @@ impl MemoryTable {
                 count: regions.len(),
             });
         }
+        self.check_mappings(regions.len())?;
         let mut new: Vec<Mapped> = Vec::with_capacity(regions.len());
         for r in regions {
             let m = map(r)?;
@@ -322,9 +336,21 @@ impl MemoryTable {
                 count: self.regions.len() + 1,
             });
         }
+        self.check_mappings(1)?;
         let m = map(region)?;
         self.check_new(&m, &self.regions)?;
         self.regions.push(m);
+        Ok(())
+    }
+
+    /// Refuses `more` new mappings when the table's mappings (replaced ones a snapshot
+    /// still holds included) would exceed [`MAX_MAPPINGS`].
+    fn check_mappings(&mut self, more: usize) -> Result<(), MemoryTableError> {
+        self.reap();
+        let count = self.regions.len() + self.retired.len() + more;
+        if count > MAX_MAPPINGS {
+            return Err(MemoryTableError::TooManyMappings { count });
+        }
         Ok(())
     }
 
@@ -492,5 +518,50 @@ mod tests {
             .add(region(0x100, 0x100, 0x100, 0, memfd(0x1000)))
             .unwrap_err();
         assert!(matches!(e, MemoryTableError::TooManyRegions { .. }));
+    }
+
+    /// A front-end that keeps replacing regions while queues hold snapshots of the old
+    /// ones cannot make the table keep more than MAX_MAPPINGS mappings (each a guard slot
+    /// and an fd of the process); once the snapshots let go, the table serves again.
+    #[test]
+    fn replaced_regions_a_snapshot_holds_count_against_the_mapping_cap() {
+        // Every mapping keeps its file open: room for MAX_MAPPINGS of them.
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let max = getrlimit(Resource::Nofile).maximum;
+        let current = Some(max.unwrap_or(u64::MAX).min(1 << 16));
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current,
+                maximum: max,
+            },
+        )
+        .unwrap();
+        let mut t = MemoryTable::new();
+        let mut snapshots = Vec::new();
+        let desc = VhostUserMemoryRegion::new(0, 0x1000, 0x100000, 0);
+        for _ in 0..MAX_MAPPINGS {
+            t.add(region(0, 0x1000, 0x100000, 0, memfd(0x1000)))
+                .unwrap();
+            // A queue pops a chain: its snapshot holds the region.
+            snapshots.push(t.guest_memory());
+            t.remove(&desc).unwrap();
+        }
+        let e = t
+            .add(region(0, 0x1000, 0x100000, 0, memfd(0x1000)))
+            .unwrap_err();
+        assert!(
+            matches!(e, MemoryTableError::TooManyMappings { count } if count == MAX_MAPPINGS + 1),
+            "{e}"
+        );
+        let e = t
+            .replace(vec![region(0, 0x1000, 0x100000, 0, memfd(0x1000))])
+            .unwrap_err();
+        assert!(matches!(e, MemoryTableError::TooManyMappings { .. }), "{e}");
+        assert!(t.is_empty());
+        snapshots.truncate(10);
+        t.add(region(0, 0x1000, 0x100000, 0, memfd(0x1000)))
+            .unwrap();
+        assert_eq!(t.retired.len(), 10);
     }
 }
