@@ -23,6 +23,18 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const EXIT_SETUP_FAILED: i32 = 126;
 /// Exit code of a child whose closure panicked.
 pub const EXIT_PANIC: i32 = 101;
+/// Exit code of a child in its own pid namespace that aborted (`abort()`: a failed
+/// allocation, for one). Such a child is pid 1 of its namespace, which the kernel
+/// shields from its own signals unless it handles them, so `SIGABRT` could not end it
+/// (glibc then fell back to a faulting instruction: a `SIGSEGV` that looked like a
+/// crash). The jail handles `SIGABRT` there by exiting with this status, the shell's
+/// 128 + `SIGABRT`.
+pub const EXIT_ABORTED: i32 = 128 + libc::SIGABRT;
+
+/// The `SIGABRT` handler of pid 1 of a jail's pid namespace (see [`EXIT_ABORTED`]).
+extern "C" fn exit_aborted(_: libc::c_int) {
+    exit_now(EXIT_ABORTED);
+}
 
 /// Errors of [`fork_process`] and [`Child`].
 #[cfg_attr(test, remain::sorted)]
@@ -540,6 +552,11 @@ fn enter_pid_namespace(p: &Prepared) -> Result<(), (Step, i32)> {
                 exit_now(EXIT_SETUP_FAILED);
             }
             libc::close(alive[0]);
+            // abort() must still end pid 1 (see EXIT_ABORTED).
+            libc::signal(
+                libc::SIGABRT,
+                exit_aborted as *const () as libc::sighandler_t,
+            );
         }
         let _ = p;
         return Ok(());

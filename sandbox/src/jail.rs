@@ -55,7 +55,10 @@ use landlock::{
     path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
     RulesetCreatedAttr, ABI,
 };
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 use thiserror::Error;
 
 /// Errors while building or preparing a jail.
@@ -131,14 +134,32 @@ impl SeccompPolicy {
     /// Builds a policy from a list of syscall numbers: those run (`Allow`), every other
     /// syscall gets `mismatch` — `KillProcess`, `Errno(n)`, or `Log` to develop a policy
     /// (the kernel logs what would have been refused and lets it run).
+    ///
+    /// Every allow-list also lets the process abort itself: `tgkill` with `SIGABRT` and
+    /// no other signal (unless the list allows `tgkill` outright). That is what glibc's
+    /// `abort()` does, and so Rust's `process::abort`, where an allocation that
+    /// `RLIMIT_DATA` refuses ends; without it an aborting process died of `SIGSYS` and was
+    /// reported as a seccomp violation. A jailed process in its own pid namespace can
+    /// reach no other process with it.
     pub fn allow_list(
         syscalls: &[i64],
         mismatch: SeccompAction,
     ) -> Result<SeccompPolicy, JailError> {
-        let rules = syscalls
+        let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = syscalls
             .iter()
             .map(|&nr| (nr, Vec::<SeccompRule>::new()))
             .collect();
+        if !rules.contains_key(&libc::SYS_tgkill) {
+            let sigabrt = SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::SIGABRT as u64,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(|e| JailError::Seccomp(e.to_string()))?;
+            rules.insert(libc::SYS_tgkill, vec![sigabrt]);
+        }
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
             .map_err(|e| JailError::Seccomp(e.to_string()))?;
         Self::from_filter(filter)
@@ -149,17 +170,24 @@ impl SeccompPolicy {
     /// gets `mismatch`. With
     /// [`SyscallNames::for_arch`](crate::syscalls::SyscallNames::for_arch) this compiles
     /// the policy of any architecture on any host; for the running one it is the same
-    /// program as [`SeccompPolicy::allow_list`] with libc's numbers. A name `arch` does
-    /// not have is an error.
+    /// program as [`SeccompPolicy::allow_list`] with libc's numbers (the process may
+    /// abort itself here too). A name `arch` does not have is an error.
     pub fn allow_names(
         names: &[&str],
         mismatch: SeccompAction,
         arch: TargetArch,
     ) -> Result<SeccompPolicy, JailError> {
-        let filter: Vec<serde_json::Value> = names
+        let mut filter: Vec<serde_json::Value> = names
             .iter()
             .map(|name| serde_json::json!({ "syscall": name }))
             .collect();
+        // As in `allow_list`: the process may abort itself.
+        if !names.contains(&"tgkill") {
+            filter.push(serde_json::json!({
+                "syscall": "tgkill",
+                "args": [{ "index": 2, "type": "dword", "op": "eq", "val": libc::SIGABRT }],
+            }));
+        }
         let json = serde_json::json!({
             "policy": {
                 "mismatch_action": action_json(&mismatch),
@@ -826,6 +854,9 @@ impl Prepared {
     pub(crate) fn confine(&mut self, extra_keep: RawFd) -> StepResult {
         // While the host's /proc is still in reach and every system call allowed.
         warm_up_runtime();
+        if self.seccomp.is_some() {
+            no_backtraces();
+        }
         if self.new_root {
             self.pivot_root()?;
         }
@@ -1087,6 +1118,13 @@ crate::syscall_list! {
 /// - std's `HashMap` seed (`RandomState`) draws from `getrandom` once per thread;
 ///   drawn here (the lists allow `getrandom` too, for crates that draw more).
 ///
+/// - std prints a backtrace when a panic or a failed allocation ends the process and
+///   `RUST_BACKTRACE` is set; resolving it needs `getcwd` and the executable's file,
+///   which neither a jail's root nor an allow-list has, so the process died of
+///   `SIGSYS` before it could abort and was reported as a seccomp violation. A process
+///   under a seccomp filter gets `RUST_BACKTRACE=0` ([`no_backtraces`]): its panic
+///   message still reaches the log, then it aborts.
+///
 /// A fork inherits all of it, so a worker forked from a set-up process is warm too;
 /// this makes the jail independent of what its parent happened to do first.
 fn warm_up_runtime() {
@@ -1095,6 +1133,14 @@ fn warm_up_runtime() {
     let _ = std::time::Instant::now();
     let _ = std::time::SystemTime::now();
     let _ = std::collections::hash_map::RandomState::new();
+}
+
+/// Turns std's backtraces off (see [`warm_up_runtime`]'s rule).
+fn no_backtraces() {
+    // Called in the jailed child, a fresh fork with one thread: nothing reads the
+    // environment meanwhile.
+    std::env::set_var("RUST_BACKTRACE", "0");
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
 }
 
 /// Installs a compiled seccomp program on the calling thread.

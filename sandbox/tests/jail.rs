@@ -430,6 +430,54 @@ fn seccomp_json_policy() -> Result<(), String> {
     expect_report(&Jail::new().seccomp(policy), probe_getppid, "r=-1 errno=13")
 }
 
+fn probe_abort() -> String {
+    std::process::abort()
+}
+
+fn probe_tgkill_usr1() -> String {
+    // SAFETY: signals this very thread with SIGUSR1, whose default action ends the
+    // process, unless seccomp refuses the call first.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::gettid(),
+            libc::SIGUSR1,
+        )
+    };
+    "signalled".into()
+}
+
+/// An allow-list lets a child abort itself (`tgkill` with `SIGABRT` only), so a failed
+/// allocation is an abort and not a seccomp kill; and pid 1 of a pid namespace, which
+/// its own `SIGABRT` cannot end, exits with `EXIT_ABORTED` instead of faulting.
+fn an_allow_list_lets_the_child_abort_itself_and_nothing_more() -> Result<(), String> {
+    let mut allowed = outboard_sandbox::proxy::CHILD_SYSCALLS.to_vec();
+    allowed.extend([libc::SYS_getpid, libc::SYS_gettid, libc::SYS_rt_sigaction]);
+    let policy = || SeccompPolicy::allow_list(&allowed, SeccompAction::KillProcess);
+    let jail = Jail::new().seccomp(policy().map_err(e("policy"))?);
+    let (report, status) = observe(&jail, &[], probe_abort)?;
+    ensure!(
+        status == ExitStatus::Signaled(libc::SIGABRT),
+        "{status}, report {report:?}"
+    );
+    let (report, status) = observe(&jail, &[], probe_tgkill_usr1)?;
+    ensure!(
+        status == ExitStatus::Signaled(libc::SIGSYS),
+        "tgkill with SIGUSR1: {status}, report {report:?}"
+    );
+    let jail = Jail::new()
+        .user_namespace()
+        .pid_namespace()
+        .seccomp(policy().map_err(e("policy"))?);
+    let (report, status) = observe(&jail, &[], probe_abort)?;
+    ensure!(
+        status == ExitStatus::Exited(outboard_sandbox::fork::EXIT_ABORTED),
+        "pid 1: {status}, report {report:?}"
+    );
+    Ok(())
+}
+
 // ---- rlimits
 
 fn probe_nofile() -> String {
@@ -731,6 +779,10 @@ fn main() {
         ("seccomp_kill", seccomp_kill),
         ("seccomp_errno_and_log", seccomp_errno_and_log),
         ("seccomp_json_policy", seccomp_json_policy),
+        (
+            "an_allow_list_lets_the_child_abort_itself_and_nothing_more",
+            an_allow_list_lets_the_child_abort_itself_and_nothing_more,
+        ),
         ("rlimit", rlimit),
         (
             "data_rlimit_ends_a_greedy_child",

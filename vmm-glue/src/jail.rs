@@ -297,6 +297,11 @@ pub fn describe_exit(status: ExitStatus) -> String {
         ExitStatus::Signaled(libc::SIGKILL) => "killed by signal 9 (SIGKILL)".into(),
         ExitStatus::Signaled(libc::SIGSEGV) => "killed by signal 11 (SIGSEGV)".into(),
         ExitStatus::Signaled(libc::SIGABRT) => "killed by signal 6 (SIGABRT)".into(),
+        ExitStatus::Exited(outboard_sandbox::fork::EXIT_ABORTED) => format!(
+            "aborted (SIGABRT, exit status {}; a failed allocation over the memory \
+             ceiling ends so)",
+            outboard_sandbox::fork::EXIT_ABORTED
+        ),
         ExitStatus::Exited(EXIT_WORKER_ERROR) => {
             format!("exited with code {EXIT_WORKER_ERROR} (the worker failed; see its log)")
         }

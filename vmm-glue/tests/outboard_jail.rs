@@ -1261,3 +1261,105 @@ fn a_jailed_daemon_is_upgraded_in_the_middle_of_a_session() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Hostile-peer defect 6: a guest that makes its jailed worker grow hits the worker's
+/// memory ceiling (`--jail-memory-mib`). Here the guest of CID 4 pushes data for a host
+/// connection that never reads, with a 64 MiB TX buffer (credit) its VM was configured
+/// with: the buffered data passes the 48 MiB ceiling, that worker dies of it (the
+/// allocation fails and it aborts: `SIGABRT`, not a seccomp kill) and is reported and
+/// replaced, and CID 3's worker keeps its connection open and serving.
+#[test]
+fn a_worker_over_its_memory_ceiling_dies_alone() {
+    if let Some(why) = jails_unavailable() {
+        eprintln!("skipped: jails cannot be made here: {why}");
+        return;
+    }
+    let dir = scratch_dir("outboard-jail-ceiling-", 0o777);
+    let vm = |cid: u64, extra: &str| {
+        format!(
+            "guest-cid={cid},socket={},uds-path={}{extra}",
+            dir.join(format!("vhost{cid}.sock")).display(),
+            dir.join(format!("vsock{cid}.sock")).display()
+        )
+    };
+    let log = dir.join("daemon.log");
+    let mut daemon = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["vsock", "--jail", "--jail-memory-mib", "48"])
+            .args([
+                "--vm",
+                &vm(3, ""),
+                "--vm",
+                &vm(4, ",tx-buffer-size=67108864"),
+            ]),
+        &log,
+    );
+    let (sock3, sock4) = (dir.join("vhost3.sock"), dir.join("vhost4.sock"));
+    assert!(wait_for_path(&sock3) && wait_for_path(&sock4));
+    let mut good = OpenSession::open(&sock3, &dir.join("vsock3.sock"));
+    good.exchange(0);
+
+    // CID 4: a host connection to guest port 5000 whose host end never reads.
+    let mut greedy = SimGuest::up(&sock4);
+    let mut host = UnixStream::connect(dir.join("vsock4.sock")).unwrap();
+    host.write_all(b"CONNECT 5000\n").unwrap();
+    let req = greedy.recv_op(OP_REQUEST);
+    let host_port = req.src_port;
+    greedy.send(header_cids(4, 2, 5000, host_port, 0, OP_RESPONSE), &[]);
+    // Every TX descriptor carries 4,000 bytes; all of them are offered at once and taken
+    // back as the worker uses them, until it stops using them.
+    const CHUNK: usize = 4000;
+    let payload = vec![0x5au8; CHUNK];
+    let hdr = header_cids(4, 2, 5000, host_port, CHUNK as u32, OP_RW);
+    let (mem, tx) = (&greedy.mem, &mut greedy.tx);
+    for id in 0..QSIZE {
+        mem.write_bytes(tx.buf(id), &hdr);
+        mem.write_bytes(tx.buf(id) + HDR, &payload);
+    }
+    let mut pushed = 0usize;
+    let mut stuck_since = None;
+    let start = Instant::now();
+    while pushed < 64 << 20 {
+        let in_flight = tx.next_avail.wrapping_sub(mem.read::<u16>(tx.used + 2));
+        for _ in in_flight..QSIZE {
+            let id = tx.next_avail % QSIZE;
+            tx.offer(mem, id, (HDR + CHUNK) as u32, false);
+            pushed += CHUNK;
+        }
+        if mem.read::<u16>(tx.used + 2) == tx.next_avail.wrapping_sub(QSIZE) {
+            // Nothing used since the last round: the worker is gone, or busy.
+            let since = *stuck_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        } else {
+            stuck_since = None;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "pushed {pushed}");
+    }
+    let text = wait_for_log(&log, "starting a new one");
+    let death = text
+        .lines()
+        .find(|l| l.contains("starting a new one"))
+        .unwrap_or_default();
+    assert!(
+        death.contains("vsock cid 4") && death.contains("aborted (SIGABRT"),
+        "after {pushed} bytes: {death}\n{text}"
+    );
+    // It died over its ceiling, not before: it had taken well over 16 MiB.
+    assert!(pushed > 16 << 20, "died after only {pushed} bytes: {text}");
+    assert!(text.contains("memory allocation of"), "{text}");
+    assert!(!text.contains("vsock cid 3: worker pid"), "{text}");
+    // CID 3's connection lives on, and CID 4 gets a working device again.
+    good.exchange(1);
+    drop((greedy, host));
+    let mut fresh = SimGuest::up(&sock4);
+    let mut host = UnixStream::connect(dir.join("vsock4.sock")).unwrap();
+    host.write_all(b"CONNECT 5001\n").unwrap();
+    assert_eq!(fresh.recv_op(OP_REQUEST).dst_port, 5001);
+    drop((good, fresh, host));
+    let text = terminate(&mut daemon, &log);
+    assert!(text.contains("stopped cleanly"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
