@@ -149,7 +149,7 @@ impl SeccompPolicy {
             .iter()
             .map(|&nr| (nr, Vec::<SeccompRule>::new()))
             .collect();
-        if !rules.contains_key(&libc::SYS_tgkill) {
+        if let std::collections::btree_map::Entry::Vacant(tgkill) = rules.entry(libc::SYS_tgkill) {
             let sigabrt = SeccompCondition::new(
                 2,
                 SeccompCmpArgLen::Dword,
@@ -158,7 +158,7 @@ impl SeccompPolicy {
             )
             .and_then(|c| SeccompRule::new(vec![c]))
             .map_err(|e| JailError::Seccomp(e.to_string()))?;
-            rules.insert(libc::SYS_tgkill, vec![sigabrt]);
+            tgkill.insert(vec![sigabrt]);
         }
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
             .map_err(|e| JailError::Seccomp(e.to_string()))?;
