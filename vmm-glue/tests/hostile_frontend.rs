@@ -1,8 +1,9 @@
 //! The `outboard vsock` binary against a hostile front-end, as an attacker would drive
 //! it: a ring whose available index runs ahead of the ring, a front-end that sends half
-//! a message and stalls, and one that never reads its replies. In each case the
-//! daemon's other VM keeps serving, a fresh front-end is served, the daemon does not
-//! burn CPU, and SIGTERM ends it within 2 s with its sockets removed.
+//! a message and stalls, one that never reads its replies, and one that truncates its
+//! memory. In each case the daemon's other VM keeps serving, a fresh front-end is
+//! served, the daemon does not burn CPU, and SIGTERM ends it within 2 s with its sockets
+//! removed; repeated, the attacks leave no fd and no memory behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
@@ -81,6 +82,36 @@ impl Daemon {
         // SAFETY: sysconf with a valid name.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Open fds of the daemon.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory of the daemon, KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Waits up to 3 s for the daemon's fd count to come back to `baseline` (a dropped
+    /// front-end's fds are closed as its worker notices), and returns the last count.
+    fn fds_settle(&self, baseline: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let n = self.fds();
+            if n <= baseline || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// CPU the daemon burns over `span` while nothing legitimate happens.
@@ -304,4 +335,90 @@ fn a_front_end_that_truncates_its_memory() {
     let log = d.sigterm();
     assert!(log.contains("cut short"), "{log}");
     assert!(log.contains("guest address 0x0"), "{log}");
+}
+
+/// Every attack above, repeated: afterwards the daemon holds the fds and about the
+/// memory it held before (each dropped front-end's memory table, eventfds and socket
+/// are gone), burns no CPU while idle, and serves both VMs.
+#[test]
+fn repeated_attacks_leave_nothing_behind() {
+    let d = Daemon::start("repeat");
+    assert!(answers(&d.socket("a")) && answers(&d.socket("b")));
+    let fds = d.fds_settle(0);
+    let rss = d.rss_kib();
+    let new_fds = || {
+        (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        )
+    };
+    for round in 0..20 {
+        // A broken ring, reported; the front-end goes away.
+        let mem = GuestMem::new(MEM);
+        let (kick, call, err) = new_fds();
+        let mut fe = Frontend::connect(d.socket("a")).unwrap();
+        start_tx(&mut fe, &mem, &kick, &call, &err);
+        mem.write(0x2002, RING + 1);
+        kick.write(1).unwrap();
+        assert!(
+            wait_readable(bfd(&err), 5000),
+            "round {round}: not reported"
+        );
+        drop(fe);
+        // Memory cut short under the device: the daemon drops the front-end.
+        let mem = GuestMem::new(MEM);
+        let (kick, call, err) = new_fds();
+        let mut fe = Frontend::connect(d.socket("b")).unwrap();
+        start_tx(&mut fe, &mem, &kick, &call, &err);
+        std::fs::File::from(mem.fd.try_clone().unwrap())
+            .set_len(0x1000)
+            .unwrap();
+        kick.write(1).unwrap();
+        let start = Instant::now();
+        while fe.get_features().is_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "round {round}: not dropped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Requests whose replies are never read, until the daemon drops it or for a
+        // burst of 1,000.
+        let mut noread = UnixStream::connect(d.socket("a")).unwrap();
+        for _ in 0..1000 {
+            if noread
+                .write_all(&[1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(noread);
+    }
+    // One stall to its bound (2 s).
+    let mut stalled = UnixStream::connect(d.socket("a")).unwrap();
+    stalled.write_all(&[1, 0, 0, 0, 1]).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(matches!(stalled.read(&mut [0u8; 16]), Ok(0)));
+    drop(stalled);
+
+    assert!(answers(&d.socket("a")) && answers(&d.socket("b")));
+    let after = d.fds_settle(fds);
+    assert!(after <= fds, "fds: {fds} before the attacks, {after} after");
+    let grown = d.rss_kib().saturating_sub(rss);
+    assert!(grown < 8 << 10, "RSS grew by {grown} KiB (from {rss} KiB)");
+    let burnt = d.cpu_over(Duration::from_secs(1));
+    assert!(
+        burnt <= Duration::from_millis(20),
+        "idle daemon CPU {burnt:?}/s"
+    );
+    let log = d.sigterm();
+    assert!(
+        log.lines().count() < 200,
+        "{} log lines:\n{log}",
+        log.lines().count()
+    );
 }

@@ -286,6 +286,50 @@ fn a_broken_ring_is_stopped_and_reported_on_the_error_eventfd() {
     served.finish();
 }
 
+/// An available ring at guest address 0 (which virtio-queue takes for "not configured",
+/// so its iterator would fail on every pass: the busy loop of hostile-peer defect 1) is
+/// refused with an error reply when the ring starts; the ring stays stopped, the worker
+/// answers, and the ring starts once its addresses are sane.
+#[test]
+fn an_available_ring_at_guest_address_0_is_refused() {
+    let served = Served::start("avail0-");
+    let path = served.path.clone();
+    let mem = GuestMem::new(MEM);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut fe = Frontend::connect(&path).unwrap();
+    bring_up(&mut fe, &mem, &kick, &call);
+    assert_eq!(fe.get_vring_base(0).unwrap(), 0);
+    let addr = |available| VhostUserVringAddr {
+        index: 0,
+        flags: 0,
+        descriptor: UVA + 0x1000,
+        used: UVA + 0x3000,
+        available,
+        log: 0,
+    };
+    fe.set_vring_addr(&addr(UVA)).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    let e = fe.set_vring_kick(0, Some(bfd(&kick))).unwrap_err();
+    assert!(format!("{e}").contains("answered with status"), "{e}");
+    offer_chain(&mem, 2, 0);
+    kick.write(1).unwrap();
+    assert!(!wait_readable(bfd(&call), 200), "the ring at 0 ran");
+    assert_eq!(
+        fe.get_config(0, 8, VhostUserConfigFlags::Frontend).unwrap(),
+        b"echo-cfg"
+    );
+    fe.set_vring_addr(&addr(UVA + 0x2000)).unwrap();
+    fe.set_vring_kick(0, Some(bfd(&kick))).unwrap();
+    kick.write(1).unwrap();
+    assert!(
+        wait_readable(bfd(&call), 5000),
+        "no call once the ring is sane"
+    );
+    drop(fe);
+    served.finish();
+}
+
 /// Ring fds must be eventfds: a pipe (whose reader is gone, so a write would raise
 /// SIGPIPE in an embedding process that does not ignore it), a socket or a regular file
 /// as the kick, call or error fd is refused with an error reply, and the session goes on.
