@@ -67,6 +67,26 @@ impl Daemon {
         d
     }
 
+    /// `outboard media --camera` on `m.sock`, with `max_sessions` sessions at most.
+    fn media(name: &str, max_sessions: usize) -> Daemon {
+        let dir = scratch(name);
+        let child = Command::new(env!("CARGO_BIN_EXE_outboard"))
+            .args(["media", "--camera", "--shm-size-mib", "16", "--socket"])
+            .arg(dir.join("m.sock"))
+            .args(["--max-sessions", &max_sessions.to_string()])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.socket("m").exists() {
+            assert!(Instant::now() < deadline, "the daemon did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
     fn socket(&self, vm: &str) -> PathBuf {
         self.dir.join(format!("{vm}.sock"))
     }
@@ -142,7 +162,9 @@ impl Daemon {
         let mut log = String::new();
         let _ = self.child.stderr.take().unwrap().read_to_string(&mut log);
         assert!(status.success(), "{status}: {log}");
-        assert!(!self.socket("a").exists() && !self.socket("b").exists());
+        for vm in ["a", "b", "m"] {
+            assert!(!self.socket(vm).exists(), "{vm}.sock left behind");
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         log
     }
@@ -418,6 +440,66 @@ fn repeated_attacks_leave_nothing_behind() {
     let log = d.sigterm();
     assert!(
         log.lines().count() < 200,
+        "{} log lines:\n{log}",
+        log.lines().count()
+    );
+}
+
+/// Defect 5 against the binary: a guest that opens the media device without end (the
+/// attack sent 20,000 OPENs, each costing the daemon fds until its table was full) gets
+/// the configured number of sessions and ENFILE for every further OPEN, which costs the
+/// daemon no fd and no memory; a closed session makes room again.
+#[test]
+fn opens_without_end_against_outboard_media() {
+    use outboard_protocol::media::{CloseCmd, CmdHeader, MediaCmd, OpenResp, RespHeader};
+    use outboard_tests::media::vhost::VhostMediaDriver;
+    use zerocopy::{FromBytes, IntoBytes};
+
+    const CAP: usize = 16;
+    let d = Daemon::media("media-opens", CAP);
+    let mut driver = VhostMediaDriver::connect(&d.socket("m"));
+    let open = |driver: &mut VhostMediaDriver| {
+        let r = driver.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
+        match OpenResp::read_from_bytes(&r) {
+            Ok(o) if o.hdr.status == 0 => Ok(o.session_id),
+            _ => Err(RespHeader::read_from_bytes(&r).unwrap().status),
+        }
+    };
+    let sessions: Vec<u32> = (0..CAP).map(|_| open(&mut driver).unwrap()).collect();
+    let (fds, rss) = (d.fds(), d.rss_kib());
+    for i in 0..5000 {
+        assert_eq!(
+            open(&mut driver),
+            Err(libc::ENFILE as u32),
+            "OPEN {i} beyond the cap"
+        );
+    }
+    assert_eq!(d.fds(), fds, "refused OPENs hold fds");
+    let grown = d.rss_kib().saturating_sub(rss);
+    assert!(
+        grown < 4 << 10,
+        "RSS grew by {grown} KiB over 5,000 refused OPENs"
+    );
+    let mut close = CmdHeader::new(MediaCmd::Close).as_bytes().to_vec();
+    close.extend_from_slice(
+        CloseCmd {
+            session_id: sessions[3],
+            reserved: 0,
+        }
+        .as_bytes(),
+    );
+    assert!(driver.command(&close, 16).is_empty());
+    assert_eq!(open(&mut driver), Ok(sessions[3]));
+    assert_eq!(open(&mut driver), Err(libc::ENFILE as u32));
+    let burnt = d.cpu_over(Duration::from_secs(1));
+    assert!(
+        burnt <= Duration::from_millis(20),
+        "idle daemon CPU {burnt:?}/s"
+    );
+    driver.disconnect();
+    let log = d.sigterm();
+    assert!(
+        log.lines().count() < 50,
         "{} log lines:\n{log}",
         log.lines().count()
     );
