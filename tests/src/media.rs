@@ -560,6 +560,36 @@ pub mod vhost {
         channel_thread: Option<JoinHandle<()>>,
     }
 
+    /// Sends `SET_MEM_TABLE` with the regions of `mem` (memfd-backed, at their file
+    /// offsets) whose guest address `keep` accepts.
+    fn send_memory_table(fe: &mut Frontend, mem: &Mem, keep: impl Fn(u64) -> bool) {
+        let regions: Vec<(VhostUserMemoryRegion, Arc<File>)> = mem
+            .iter()
+            .filter(|r| keep(r.start_addr().0))
+            .map(|r| {
+                let fo = r.file_offset().unwrap();
+                let host = mem.get_host_address(r.start_addr()).unwrap() as u64;
+                (
+                    VhostUserMemoryRegion {
+                        guest_phys_addr: r.start_addr().0,
+                        memory_size: r.len(),
+                        user_addr: host,
+                        mmap_offset: fo.start(),
+                    },
+                    fo.arc().clone(),
+                )
+            })
+            .collect();
+        let refs: Vec<MemoryRegionRef<'_>> = regions
+            .iter()
+            .map(|(region, file)| MemoryRegionRef {
+                region: *region,
+                fd: file.as_fd(),
+            })
+            .collect();
+        fe.set_mem_table(&refs).unwrap();
+    }
+
     impl VhostMediaDriver {
         /// Connects to the back-end at `sock` and sets the device up: features, back-end
         /// channel, shared memory, memory table, both rings, event buffers.
@@ -604,30 +634,7 @@ pub mod vhost {
 
             // The memory table: both memfd-backed regions, at their file offsets.
             let mem = guest_memory();
-            let regions: Vec<(VhostUserMemoryRegion, Arc<File>)> = mem
-                .iter()
-                .map(|r| {
-                    let fo = r.file_offset().unwrap();
-                    let host = mem.get_host_address(r.start_addr()).unwrap() as u64;
-                    (
-                        VhostUserMemoryRegion {
-                            guest_phys_addr: r.start_addr().0,
-                            memory_size: r.len(),
-                            user_addr: host,
-                            mmap_offset: fo.start(),
-                        },
-                        fo.arc().clone(),
-                    )
-                })
-                .collect();
-            let refs: Vec<MemoryRegionRef<'_>> = regions
-                .iter()
-                .map(|(region, file)| MemoryRegionRef {
-                    region: *region,
-                    fd: file.as_fd(),
-                })
-                .collect();
-            fe.set_mem_table(&refs).unwrap();
+            send_memory_table(&mut fe, &mem, |_| true);
 
             let mut driver = VhostMediaDriver {
                 mem: mem.clone(),
@@ -669,6 +676,14 @@ pub mod vhost {
             driver.kicks[1].write(1).unwrap();
             driver.fe = Some(fe);
             driver
+        }
+
+        /// Replaces the back-end's memory table with the guest regions whose guest
+        /// address `keep` accepts, as a front-end does on memory hot-unplug (or a hostile
+        /// one at any time); the driver's own view of guest memory is unchanged.
+        pub fn set_memory_table(&mut self, keep: impl Fn(u64) -> bool) {
+            let fe = self.fe.as_mut().expect("connected");
+            send_memory_table(fe, &self.mem, keep);
         }
 
         /// Sends a command; returns the response.

@@ -504,3 +504,112 @@ fn opens_without_end_against_outboard_media() {
         log.lines().count()
     );
 }
+
+/// Defect 7 against the binary: a USERPTR capture buffer is queued in guest memory
+/// that the front-end then takes out of the memory table (`SET_MEM_TABLE` without that
+/// region, as on memory hot-unplug or from a hostile front-end). The frame written
+/// later must not land in the removed memory (whose file the front-end still has, and
+/// may have given to something else): the buffer comes back with the error flag and
+/// nothing written, and once the memory is back a buffer there is filled again.
+#[test]
+fn a_capture_into_memory_the_front_end_took_away() {
+    use outboard_devices::media::camera::decode_frame_number;
+    use outboard_devices::media::v4l2::*;
+    use outboard_protocol::media::{CmdHeader, MediaCmd, OpenResp, SgEntry, EVENT_DQBUF};
+    use outboard_protocol::v4l2::V4l2Ioctl;
+    use outboard_tests::media::vhost::VhostMediaDriver;
+    use outboard_tests::media::REGION_END;
+    use vm_memory::{Bytes, GuestAddress};
+    use zerocopy::{FromBytes, IntoBytes};
+
+    let d = Daemon::media("media-memtable", 16);
+    let mut driver = VhostMediaDriver::connect(&d.socket("m"));
+    let r = driver.command(CmdHeader::new(MediaCmd::Open).as_bytes(), 64);
+    let s = OpenResp::read_from_bytes(&r).unwrap().session_id;
+    let want = V4l2PixFormat {
+        width: 320,
+        height: 240,
+        pixelformat: PIX_FMT_RGB24,
+        ..Default::default()
+    };
+    let fmt: V4l2Format = driver.ioctl(
+        s,
+        V4l2Ioctl::VIDIOC_S_FMT,
+        &V4l2Format::from_pix(BUF_TYPE_VIDEO_CAPTURE, &want),
+    );
+    let len = fmt.pix().sizeimage;
+    let rb = V4l2Requestbuffers {
+        count: 1,
+        type_: BUF_TYPE_VIDEO_CAPTURE,
+        memory: MEMORY_USERPTR,
+        ..Default::default()
+    };
+    let rb: V4l2Requestbuffers = driver.ioctl(s, V4l2Ioctl::VIDIOC_REQBUFS, &rb);
+    assert_eq!(rb.count, 1);
+    // The buffer lives in the second region, above REGION_END.
+    let base = REGION_END + (1 << 20);
+    let pages = u64::from(len).div_ceil(4096);
+    let sgs: Vec<SgEntry> = (0..pages)
+        .map(|k| SgEntry {
+            start: base + k * 4096,
+            len: (u64::from(len) - k * 4096).min(4096) as u32,
+            reserved: 0,
+        })
+        .collect();
+    let qbuf = |driver: &mut VhostMediaDriver| {
+        let b = V4l2Buffer {
+            index: 0,
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            memory: MEMORY_USERPTR,
+            length: len,
+            ..Default::default()
+        };
+        let mut arg = b.as_bytes().to_vec();
+        for sg in &sgs {
+            arg.extend_from_slice(sg.as_bytes());
+        }
+        assert_eq!(driver.ioctl_raw(s, V4l2Ioctl::VIDIOC_QBUF, &arg).0, 0);
+    };
+    let dqbuf = |driver: &mut VhostMediaDriver| loop {
+        let ev = driver.next_event();
+        if u32::from_le_bytes(ev[0..4].try_into().unwrap()) == EVENT_DQBUF {
+            break V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
+        }
+    };
+    let frame = |driver: &VhostMediaDriver| {
+        let mut data = vec![0u8; len as usize];
+        driver
+            .mem
+            .read_slice(&mut data, GuestAddress(base))
+            .unwrap();
+        data
+    };
+    let zeros = vec![0u8; len as usize];
+
+    qbuf(&mut driver);
+    // The front-end takes the second region away, and the memory is cleared.
+    driver.set_memory_table(|gpa| gpa < REGION_END);
+    driver.mem.write_slice(&zeros, GuestAddress(base)).unwrap();
+    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
+    let b = dqbuf(&mut driver);
+    assert_eq!(
+        (b.flags & BUF_FLAG_ERROR, b.bytesused),
+        (BUF_FLAG_ERROR, 0),
+        "a frame into removed memory: {b:?}"
+    );
+    assert!(frame(&driver) == zeros, "the removed memory was written");
+    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMOFF, &BUF_TYPE_VIDEO_CAPTURE);
+
+    // The memory is back: the same buffer is filled.
+    driver.set_memory_table(|_| true);
+    qbuf(&mut driver);
+    let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
+    let b = dqbuf(&mut driver);
+    assert_eq!((b.flags & BUF_FLAG_ERROR, b.bytesused), (0, len), "{b:?}");
+    assert_eq!(
+        decode_frame_number(PIX_FMT_RGB24, 320, 240, &frame(&driver)),
+        Some(b.sequence)
+    );
+    driver.disconnect();
+    d.sigterm();
+}
