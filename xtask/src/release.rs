@@ -49,8 +49,14 @@ pub fn msrv() -> Result<bool> {
     )?;
     // A target directory of its own: another compiler's artifacts would only evict ours.
     let target = util::workspace_root().join("target").join("msrv");
+    // Every feature too (v4l2-proxy's bindgen needs the media deps' videodev2.h).
+    let headers = crate::setup::ensure_media_deps(&crate::setup::cache_dir().join("media-deps"))?;
     let mut ok = true;
-    for extra in [&[][..], &["--no-default-features"][..]] {
+    for extra in [
+        &[][..],
+        &["--no-default-features"][..],
+        &["--all-features"][..],
+    ] {
         // `rustup run`: a `cargo +<v>` inside `cargo xtask` could still find the stable
         // toolchain through the environment cargo sets for its children.
         let mut cmd = Command::new("rustup");
@@ -61,6 +67,7 @@ pub fn msrv() -> Result<bool> {
         cmd.args(["--lib", "--bins"])
             .args(extra)
             .env("CARGO_TARGET_DIR", &target)
+            .env("V4L2R_VIDEODEV2_H_PATH", &headers)
             // The stable toolchain's environment must not leak into the old one.
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("RUSTC")
