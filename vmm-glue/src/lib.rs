@@ -73,7 +73,7 @@
 //! - `vsock`: outboard-devices' virtio-vsock device; with `daemon`, its counters in
 //!   the metrics files; with `cli`, `vsock_cli` and `vsock_daemon`.
 //! - `media`: outboard-devices' virtio-media device; with `vhost-user`,
-//!   `vhost_user::media`.
+//!   `vhost_user::media`; with `daemon`, its counters in the metrics files.
 //! - `cli` (with `vhost-user`, `mmio`, `vsock`, `media` and `jail` the defaults): the
 //!   `outboard` binary; implies `vsock` and `media`, and pulls in clap, serde,
 //!   serde_json, serde_yaml_ng and env_logger.

@@ -1,14 +1,19 @@
-//! The metrics files of `outboard vsock`: `--metrics PATH`, one JSON document with every
-//! VM's device counters, and `--metrics-prometheus PATH`, the same counters in the
-//! Prometheus text exposition format (for node_exporter's textfile collector, or any
-//! scraper that reads a file), each rewritten atomically (write to a temporary file,
-//! rename).
+//! The metrics files of `outboard vsock` and `outboard media`: `--metrics PATH`, one
+//! JSON document with every served device's counters, and `--metrics-prometheus PATH`,
+//! the same counters in the Prometheus text exposition format (for node_exporter's
+//! textfile collector, or any scraper that reads a file), each rewritten atomically
+//! (write to a temporary file, rename).
+//!
+//! Each entry names its device ([`DeviceId`]): its kind ([`DeviceKind`]: `vsock`,
+//! `media`), the guest CID for vsock, and the vhost-user socket it is served on.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 #[cfg(feature = "cli")]
 use std::time::{SystemTime, UNIX_EPOCH};
 
+#[cfg(feature = "media")]
+use outboard_devices::media::MediaMetricsSnapshot;
 #[cfg(feature = "vsock")]
 use outboard_devices::vsock::VsockMetricsSnapshot;
 #[cfg(feature = "cli")]
@@ -34,17 +39,68 @@ impl CounterSet for VsockMetricsSnapshot {
     }
 }
 
-/// Help text of a counter: the vsock device's own description (feature `vsock`), or
+#[cfg(feature = "media")]
+impl CounterSet for MediaMetricsSnapshot {
+    fn counter_names() -> &'static [&'static str] {
+        MediaMetricsSnapshot::NAMES
+    }
+
+    fn counter_values(&self) -> impl Iterator<Item = u64> + '_ {
+        self.values().into_iter()
+    }
+}
+
+/// The kind of device an entry of the metrics files describes: the `device` field of
+/// the JSON document and the `outboard_<kind>_` prefix of the Prometheus metric names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A virtio-vsock device (`outboard vsock`).
+    Vsock,
+    /// A virtio-media device (`outboard media`).
+    Media,
+}
+
+impl DeviceKind {
+    /// The kind's name: `vsock`, `media`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Vsock => "vsock",
+            DeviceKind::Media => "media",
+        }
+    }
+
+    /// The prefix of the kind's Prometheus metric names: `outboard_vsock_`,
+    /// `outboard_media_`.
+    pub fn prometheus_prefix(self) -> &'static str {
+        match self {
+            DeviceKind::Vsock => "outboard_vsock_",
+            DeviceKind::Media => "outboard_media_",
+        }
+    }
+
+    /// The device's own descriptions of its counters (by name, in order), when this
+    /// build has the device.
+    fn counter_docs(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            #[cfg(feature = "vsock")]
+            DeviceKind::Vsock => (VsockMetricsSnapshot::NAMES, VsockMetricsSnapshot::HELP),
+            #[cfg(feature = "media")]
+            DeviceKind::Media => (MediaMetricsSnapshot::NAMES, MediaMetricsSnapshot::HELP),
+            #[allow(unreachable_patterns)]
+            _ => (&[], &[]),
+        }
+    }
+}
+
+/// Help text of a counter of a `kind` device: the device's own description of it, or
 /// what the daemon adds (`worker_restarts`).
-pub fn counter_help(name: &str) -> Option<&'static str> {
-    if name == "worker_restarts" {
-        return Some("Jailed workers of this VM that died and were replaced.");
+pub fn counter_help(kind: DeviceKind, name: &str) -> Option<&'static str> {
+    if name == crate::shared_metrics::WORKER_RESTARTS {
+        return Some("Jailed workers of this device that died and were replaced.");
     }
-    #[cfg(feature = "vsock")]
-    if let Some(i) = VsockMetricsSnapshot::NAMES.iter().position(|n| *n == name) {
-        return VsockMetricsSnapshot::HELP.get(i).map(|h| h.trim());
-    }
-    None
+    let (names, help) = kind.counter_docs();
+    let i = names.iter().position(|n| *n == name)?;
+    help.get(i).map(|h| h.trim())
 }
 
 /// `(name, value)` of every counter of `snapshot`.
@@ -56,13 +112,43 @@ pub fn counters_of<S: CounterSet>(snapshot: &S) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// One VM's entry in the metrics file.
+/// Which device an entry of the metrics files describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceId {
+    /// The kind of device.
+    pub kind: DeviceKind,
+    /// The guest CID (vsock devices).
+    pub guest_cid: Option<u64>,
+    /// The vhost-user socket the device is served on (its path, or `fd:N` for an
+    /// inherited socket with no path).
+    pub socket: PathBuf,
+}
+
+impl DeviceId {
+    /// The vsock device of guest `guest_cid`, served on `socket`.
+    pub fn vsock(guest_cid: u64, socket: PathBuf) -> DeviceId {
+        DeviceId {
+            kind: DeviceKind::Vsock,
+            guest_cid: Some(guest_cid),
+            socket,
+        }
+    }
+
+    /// The media device served on `socket`.
+    pub fn media(socket: PathBuf) -> DeviceId {
+        DeviceId {
+            kind: DeviceKind::Media,
+            guest_cid: None,
+            socket,
+        }
+    }
+}
+
+/// One VM's device in the metrics files.
 #[derive(Debug, Clone)]
 pub struct VmMetrics {
-    /// The guest CID.
-    pub guest_cid: u64,
-    /// The vhost-user socket.
-    pub socket: PathBuf,
+    /// The device.
+    pub device: DeviceId,
     /// Counter name and value pairs.
     pub counters: Vec<(String, u64)>,
 }
@@ -78,7 +164,9 @@ struct Doc<'a> {
 #[cfg(feature = "cli")]
 #[derive(Serialize)]
 struct VmDoc<'a> {
-    guest_cid: u64,
+    device: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest_cid: Option<u64>,
     socket: String,
     counters: Counters<'a>,
 }
@@ -94,8 +182,9 @@ impl Serialize for Counters<'_> {
     }
 }
 
-/// Renders the metrics document: `timestamp_ms`, then `vms`, each with `guest_cid`,
-/// `socket` and `counters` (in the device's order), in that order.
+/// Renders the metrics document: `timestamp_ms`, then `vms`, each with `device` (the
+/// kind: `vsock`, `media`), `guest_cid` (vsock only), `socket` and `counters` (in the
+/// device's order), in that order.
 #[cfg(feature = "cli")]
 pub fn render(vms: &[VmMetrics]) -> String {
     let now = SystemTime::now()
@@ -107,8 +196,9 @@ pub fn render(vms: &[VmMetrics]) -> String {
         vms: vms
             .iter()
             .map(|vm| VmDoc {
-                guest_cid: vm.guest_cid,
-                socket: vm.socket.display().to_string(),
+                device: vm.device.kind.name(),
+                guest_cid: vm.device.guest_cid,
+                socket: vm.device.socket.display().to_string(),
                 counters: Counters(&vm.counters),
             })
             .collect(),
@@ -119,13 +209,16 @@ pub fn render(vms: &[VmMetrics]) -> String {
     text
 }
 
-/// The prefix of every Prometheus metric name.
-pub const PROMETHEUS_PREFIX: &str = "outboard_vsock_";
-
-/// A help text as the exposition format wants it: backslash and newline escaped.
+/// A help text as the exposition format wants it: on one line, backslash escaped, and
+/// without the brackets of rustdoc links (the descriptions are the devices' doc
+/// comments: "[`MAX_MAPPINGS`]" becomes "`MAX_MAPPINGS`").
 fn prometheus_help(text: &str) -> String {
     let one_line: Vec<&str> = text.split_whitespace().collect();
-    one_line.join(" ").replace('\\', "\\\\")
+    one_line
+        .join(" ")
+        .replace("[`", "`")
+        .replace("`]", "`")
+        .replace('\\', "\\\\")
 }
 
 /// A label value as the exposition format wants it: backslash, quote and newline
@@ -136,31 +229,41 @@ fn prometheus_label(text: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The labels of a device's samples: `guest_cid` (vsock) and `socket`.
+fn prometheus_labels(device: &DeviceId) -> String {
+    let socket = prometheus_label(&device.socket.display().to_string());
+    match device.guest_cid {
+        Some(cid) => format!("guest_cid=\"{cid}\",socket=\"{socket}\""),
+        None => format!("socket=\"{socket}\""),
+    }
+}
+
 /// Renders the counters in the Prometheus text exposition format (version 0.0.4): one
-/// family per counter, `outboard_vsock_<name>`, with its `# HELP` and `# TYPE counter`
-/// and one sample per VM labelled `guest_cid` and `socket`.
+/// family per counter, `outboard_<kind>_<name>` (`outboard_vsock_rx_packets`,
+/// `outboard_media_sessions_opened`), with its `# HELP` (the device's own description
+/// of the counter) and `# TYPE counter`, and one sample per device labelled `guest_cid`
+/// (vsock) and `socket`.
 pub fn render_prometheus(vms: &[VmMetrics]) -> String {
-    let mut names: Vec<&str> = Vec::new();
+    let mut families: Vec<(DeviceKind, &str)> = Vec::new();
     for vm in vms {
         for (name, _) in &vm.counters {
-            if !names.contains(&name.as_str()) {
-                names.push(name);
+            if !families.contains(&(vm.device.kind, name.as_str())) {
+                families.push((vm.device.kind, name));
             }
         }
     }
     let mut out = String::new();
-    for name in names {
-        let metric = format!("{PROMETHEUS_PREFIX}{name}");
-        if let Some(help) = counter_help(name) {
+    for (kind, name) in families {
+        let metric = format!("{}{name}", kind.prometheus_prefix());
+        if let Some(help) = counter_help(kind, name) {
             out.push_str(&format!("# HELP {metric} {}\n", prometheus_help(help)));
         }
         out.push_str(&format!("# TYPE {metric} counter\n"));
-        for vm in vms {
+        for vm in vms.iter().filter(|vm| vm.device.kind == kind) {
             if let Some((_, value)) = vm.counters.iter().find(|(n, _)| n == name) {
                 out.push_str(&format!(
-                    "{metric}{{guest_cid=\"{}\",socket=\"{}\"}} {value}\n",
-                    vm.guest_cid,
-                    prometheus_label(&vm.socket.display().to_string())
+                    "{metric}{{{}}} {value}\n",
+                    prometheus_labels(&vm.device)
                 ));
             }
         }
@@ -214,14 +317,25 @@ mod tests {
 
     #[test]
     fn renders_valid_json_and_writes_atomically() {
-        let vms = vec![VmMetrics {
-            guest_cid: 3,
-            socket: PathBuf::from("/tmp/a \"b\".sock"),
-            counters: vec![("rx_packets".into(), 7)],
-        }];
+        let vms = vec![
+            VmMetrics {
+                device: DeviceId::vsock(3, PathBuf::from("/tmp/a \"b\".sock")),
+                counters: vec![("rx_packets".into(), 7)],
+            },
+            VmMetrics {
+                device: DeviceId::media(PathBuf::from("/run/media.sock")),
+                counters: vec![("sessions_opened".into(), 4)],
+            },
+        ];
         let doc = render(&vms);
         let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(v["vms"][0]["device"], "vsock");
         assert_eq!(v["vms"][0]["guest_cid"], 3);
+        // A media device has no guest CID: its socket names it.
+        assert_eq!(v["vms"][1]["device"], "media");
+        assert_eq!(v["vms"][1]["socket"], "/run/media.sock");
+        assert!(v["vms"][1].get("guest_cid").is_none(), "{doc}");
+        assert_eq!(v["vms"][1]["counters"]["sessions_opened"], 4);
         assert_eq!(v["vms"][0]["socket"], "/tmp/a \"b\".sock");
         assert_eq!(v["vms"][0]["counters"]["rx_packets"], 7);
         let dir = std::env::temp_dir().join(format!("outboard-metrics-{}", std::process::id()));
@@ -234,7 +348,8 @@ mod tests {
         // Field order is kept (line-based readers such as xtask's rely on it).
         let text = std::fs::read_to_string(&path).unwrap();
         let at = |k: &str| text.find(k).unwrap();
-        assert!(at("timestamp_ms") < at("guest_cid") && at("guest_cid") < at("counters"));
+        assert!(at("timestamp_ms") < at("device") && at("device") < at("guest_cid"));
+        assert!(at("guest_cid") < at("counters"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -242,13 +357,11 @@ mod tests {
     fn prometheus_exposition_has_help_type_and_labelled_samples() {
         let vms = vec![
             VmMetrics {
-                guest_cid: 3,
-                socket: PathBuf::from("/run/a \"b\".sock"),
+                device: DeviceId::vsock(3, PathBuf::from("/run/a \"b\".sock")),
                 counters: vec![("rx_packets".into(), 7), ("worker_restarts".into(), 1)],
             },
             VmMetrics {
-                guest_cid: 4,
-                socket: PathBuf::from("/run/c.sock"),
+                device: DeviceId::vsock(4, PathBuf::from("/run/c.sock")),
                 counters: vec![("rx_packets".into(), 9), ("worker_restarts".into(), 0)],
             },
         ];
@@ -269,13 +382,57 @@ mod tests {
         );
         assert!(lines[4].starts_with("# HELP outboard_vsock_worker_restarts Jailed"));
         assert_eq!(lines.len(), 8);
-        // Every vsock counter has a one-line help text.
-        for name in VsockMetricsSnapshot::NAMES {
-            let help = counter_help(name).unwrap();
+        // Every vsock and media counter has a one-line help text, without rustdoc's
+        // link brackets.
+        let all = VsockMetricsSnapshot::NAMES
+            .iter()
+            .map(|n| (DeviceKind::Vsock, n))
+            .chain(
+                MediaMetricsSnapshot::NAMES
+                    .iter()
+                    .map(|n| (DeviceKind::Media, n)),
+            );
+        for (kind, name) in all {
+            let help = prometheus_help(counter_help(kind, name).unwrap());
+            assert!(!help.is_empty() && !help.contains('\n'), "{name}");
             assert!(
-                !help.is_empty() && !prometheus_help(help).contains('\n'),
-                "{name}"
+                !help.contains("[`") && !help.contains("`]"),
+                "{name}: {help}"
             );
         }
+        assert_eq!(counter_help(DeviceKind::Media, "rx_packets"), None);
+    }
+
+    #[test]
+    fn media_families_are_labelled_by_socket_only() {
+        let vms = vec![VmMetrics {
+            device: DeviceId::media(PathBuf::from("/run/media.sock")),
+            counters: counters_of(&MediaMetricsSnapshot {
+                sessions_opened: 4,
+                err_session_limit: 10,
+                ..Default::default()
+            }),
+        }];
+        let text = render_prometheus(&vms);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "# HELP outboard_media_sessions_opened Sessions opened (OPEN answered with a session)."
+        );
+        assert_eq!(lines[1], "# TYPE outboard_media_sessions_opened counter");
+        assert_eq!(
+            lines[2],
+            "outboard_media_sessions_opened{socket=\"/run/media.sock\"} 4"
+        );
+        assert!(
+            lines.contains(&"outboard_media_err_session_limit{socket=\"/run/media.sock\"} 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP outboard_media_err_mapping_limit MMAPs refused because the device had `MAX_MAPPINGS` (1024) mappings (`ENOMEM`).\n"),
+            "{text}"
+        );
+        // HELP, TYPE and one sample per counter.
+        assert_eq!(lines.len(), 3 * MediaMetricsSnapshot::COUNT);
     }
 }

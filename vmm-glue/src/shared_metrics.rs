@@ -463,6 +463,13 @@ impl RestartCounters {
         })
     }
 
+    /// Creates the page for the counters of the [`CounterSet`] `S` (its names, in its
+    /// order), in a memfd named `name`.
+    pub fn of<S: CounterSet>(name: &str) -> Result<RestartCounters, SharedMetricsError> {
+        let names = S::counter_names().iter().map(|n| n.to_string()).collect();
+        RestartCounters::new(name, names)
+    }
+
     /// The page's memfd, to hand to each worker.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.page.fd()
@@ -673,11 +680,7 @@ mod tests {
             rx_packets: 5,
             ..Snap::default()
         }));
-        let names: Vec<String> = crate::metrics::counters_of(&Snap::default())
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        let mut daemon = RestartCounters::new("vm", names).unwrap();
+        let mut daemon = RestartCounters::of::<Snap>("vm").unwrap();
         let page = CounterPage::from_fd(dup(daemon.fd()), 3).unwrap();
         let s = snap.clone();
         let mut dev = PublishingDevice::new(Counting { snap: snap.clone() }, page, move || {

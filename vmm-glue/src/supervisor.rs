@@ -615,7 +615,7 @@ mod jailed {
 
     use super::{remove_files, remove_stale_socket, Health, Service};
     use crate::jail::{describe_exit, JailedWorker};
-    use crate::metrics::VmMetrics;
+    use crate::metrics::{DeviceId, VmMetrics};
     use crate::shared_metrics::RestartCounters;
 
     /// A worker that dies sooner than this after its start counts as failing: it is
@@ -659,7 +659,7 @@ mod jailed {
         worker: Option<JailedWorker>,
         started: Instant,
         restart_at: Option<Instant>,
-        counters: Option<(u64, PathBuf, RestartCounters)>,
+        counters: Option<(DeviceId, RestartCounters)>,
         /// Workers that died and were replaced.
         restarts: u64,
         /// Quick deaths in a row (see [`MIN_RUN`]).
@@ -729,10 +729,10 @@ mod jailed {
         }
 
         /// Reports the workers' counter page (whose fd the caller passes to
-        /// [`JailedService::inherit`]) in the metrics file, as guest `guest_cid` on
-        /// `socket`; a dead worker's last values are kept ([`RestartCounters`]).
-        pub fn counters(mut self, guest_cid: u64, socket: PathBuf, page: RestartCounters) -> Self {
-            self.counters = Some((guest_cid, socket, page));
+        /// [`JailedService::inherit`]) in the metrics files as `device`; a dead
+        /// worker's last values are kept ([`RestartCounters`]).
+        pub fn counters(mut self, device: DeviceId, page: RestartCounters) -> Self {
+            self.counters = Some((device, page));
             self
         }
     }
@@ -795,7 +795,7 @@ mod jailed {
                 }
                 self.worker = None;
                 self.restarts += 1;
-                if let Some((_, _, page)) = self.counters.as_mut() {
+                if let Some((_, page)) = self.counters.as_mut() {
                     page.worker_ended(true);
                 }
                 if self.started.elapsed() < MIN_RUN {
@@ -868,13 +868,10 @@ mod jailed {
         }
 
         fn metrics(&self) -> Option<VmMetrics> {
-            self.counters
-                .as_ref()
-                .map(|(guest_cid, socket, page)| VmMetrics {
-                    guest_cid: *guest_cid,
-                    socket: socket.clone(),
-                    counters: page.counters(),
-                })
+            self.counters.as_ref().map(|(device, page)| VmMetrics {
+                device: device.clone(),
+                counters: page.counters(),
+            })
         }
     }
 }
@@ -915,8 +912,7 @@ mod tests {
         }
         fn metrics(&self) -> Option<VmMetrics> {
             Some(VmMetrics {
-                guest_cid: 3,
-                socket: "/s".into(),
+                device: crate::metrics::DeviceId::vsock(3, "/s".into()),
                 counters: vec![("checks".into(), self.checks as u64)],
             })
         }

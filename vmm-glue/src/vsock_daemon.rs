@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use outboard_devices::vsock::{Vsock, VsockHandover, VsockMetrics};
 
-use crate::metrics::{self, VmMetrics};
+use crate::metrics::{self, DeviceId, VmMetrics};
 use crate::supervisor::{
     remove_stale_socket, stop_all, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
     STOP_GRACE,
@@ -75,8 +75,7 @@ pub fn muxer_sockets(vm: &VmConfig) -> Vec<PathBuf> {
 
 fn vm_metrics(vm: &VmConfig, m: &VsockMetrics) -> VmMetrics {
     VmMetrics {
-        guest_cid: vm.guest_cid,
-        socket: vm.socket.clone(),
+        device: DeviceId::vsock(vm.guest_cid, vm.socket.clone()),
         counters: metrics::counters_of(&m.snapshot()),
     }
 }
@@ -463,6 +462,7 @@ mod jailed {
         take_device, Listening,
     };
     use crate::jail::{worker_jail, SeccompMode, WorkerLimits};
+    use crate::metrics::DeviceId;
     use crate::shared_metrics::{CounterPage, PublishingDevice, RestartCounters};
     use crate::supervisor::{JailedService, ServeFn, Service};
     use crate::upgrade::{TakenVm, UpgradableVm};
@@ -659,12 +659,8 @@ mod jailed {
         // then its end of the upgrade link; the first worker of a taken-over VM also
         // the handover's fds.
         let counters = if with_metrics {
-            let names = VsockMetricsSnapshot::NAMES
-                .iter()
-                .map(|n| n.to_string())
-                .collect();
             Some(
-                RestartCounters::new(&format!("outboard {name} counters"), names)
+                RestartCounters::of::<VsockMetricsSnapshot>(&format!("outboard {name} counters"))
                     .map_err(|e| e.to_string())?,
             )
         } else {
@@ -701,7 +697,7 @@ mod jailed {
         let record = first.as_ref().map(|p| p.record.clone());
         let first_fds = first.map(|p| p.fds).unwrap_or_default();
         let worker_name = name.clone();
-        let (guest_cid, socket) = (vm.guest_cid, vm.socket.clone());
+        let device = DeviceId::vsock(vm.guest_cid, vm.socket.clone());
         let serve: ServeFn = Box::new(move |listener, inherited, stop| {
             let mut inherited = inherited.into_iter();
             let page = match slots {
@@ -757,7 +753,7 @@ mod jailed {
             .created(all)
             .first_start(first_fds);
         if let Some(c) = counters {
-            s = s.counters(guest_cid, socket, c);
+            s = s.counters(device, c);
         }
         Ok((s, handle))
     }

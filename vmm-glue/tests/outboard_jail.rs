@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bfd, GuestMem};
+use common::{bfd, children, jails_unavailable, worker_pid, GuestMem};
 use outboard_protocol::vhost_user::{
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddr,
 };
@@ -224,32 +224,6 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> std::process::Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// The pids of the children of `pid` (all its threads).
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let p = task.unwrap().path().join("children");
-        let s = std::fs::read_to_string(p).unwrap_or_default();
-        out.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
-    }
-    out
-}
-
-/// The jailed worker: the daemon's child is the pid-namespace relay, the worker is the
-/// relay's only child.
-fn worker_pid(daemon: i32) -> i32 {
-    let deadline = Instant::now() + T;
-    loop {
-        if let Some(&relay) = children(daemon).first() {
-            if let Some(&w) = children(relay).first() {
-                return w;
-            }
-        }
-        assert!(Instant::now() < deadline, "no jailed worker under {daemon}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn status_field(pid: i32, key: &str) -> String {
@@ -632,25 +606,6 @@ fn jailed_workers_of_one_group_reach_each_other_across_a_restart() {
     }
     assert!(text.contains("stopped cleanly"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Why jails cannot be made on this machine, if the kernel says so up front.
-fn jails_unavailable() -> Option<String> {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_owned()).ok();
-    // SAFETY: getuid cannot fail.
-    let root = unsafe { libc::getuid() } == 0;
-    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
-        return Some("user namespaces are disabled (user.max_user_namespaces = 0)".into());
-    }
-    if !root && read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
-        return Some("unprivileged user namespaces are disabled".into());
-    }
-    if !root
-        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1")
-    {
-        return Some("AppArmor restricts unprivileged user namespaces".into());
-    }
-    None
 }
 
 /// The `counters` object of the metrics file's only VM, once the file exists and

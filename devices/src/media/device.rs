@@ -80,6 +80,14 @@ impl<D: MediaDevice> VirtioMedia<D> {
         self.runner.metrics()
     }
 
+    /// Counts into `metrics` from now on: the runner, the device and the event buffer
+    /// ([`MediaRunner::set_metrics`], [`EventBuffer::set_metrics`]). For counters the
+    /// caller holds before the device exists or moves away, such as a daemon's.
+    pub fn set_metrics(&mut self, metrics: Arc<MediaMetrics>) {
+        self.events.set_metrics(metrics.clone());
+        self.runner.set_metrics(metrics);
+    }
+
     /// Events waiting for event buffers from the driver.
     pub fn pending_events(&self) -> usize {
         self.events.len()
@@ -399,6 +407,24 @@ mod tests {
         assert_eq!(used[1].len, 0);
         assert_eq!(b.irq.used_signals(COMMAND_QUEUE), 2);
         assert_eq!(b.dev.runner().session_count(), 1);
+    }
+
+    #[test]
+    fn set_metrics_moves_every_count_to_the_callers_counters() {
+        let mut b = bench();
+        let open = OPEN.as_bytes();
+        b.commands.chain().readable(open).writable(16).post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        let old = b.dev.metrics();
+        let held = Arc::new(MediaMetrics::default());
+        b.dev.set_metrics(held.clone());
+        b.commands.chain().readable(open).writable(16).post();
+        b.dev.handle_queue(COMMAND_QUEUE);
+        assert_eq!(old.snapshot().sessions_opened, 1);
+        assert_eq!(held.snapshot().sessions_opened, 1);
+        assert!(Arc::ptr_eq(&b.dev.metrics(), &held));
+        // The event buffer counts there too.
+        assert!(Arc::ptr_eq(&b.events.metrics(), &held));
     }
 
     #[test]

@@ -97,18 +97,18 @@ pub const MAX_SESSION_PENDING_V4L2_EVENTS: usize = 32;
 pub const MAX_PENDING_EVENTS: usize = 16384;
 
 macro_rules! metrics {
-    ($($(#[$m:meta])* $name:ident,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         /// Live counters of one virtio-media device (shared by its runner, its device
         /// and its [`EventBuffer`]; relaxed atomics).
         #[derive(Debug, Default)]
         pub struct MediaMetrics {
-            $($(#[$m])* pub $name: AtomicU64,)*
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
         }
 
         /// A point-in-time copy of [`MediaMetrics`].
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct MediaMetricsSnapshot {
-            $($(#[$m])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
         }
 
         impl MediaMetrics {
@@ -117,6 +117,22 @@ macro_rules! metrics {
                 MediaMetricsSnapshot {
                     $($name: self.$name.load(Ordering::Relaxed),)*
                 }
+            }
+        }
+
+        impl MediaMetricsSnapshot {
+            /// Every counter's name, in declaration order (the order of
+            /// [`MediaMetricsSnapshot::values`]).
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($name),)*];
+            /// How many counters there are.
+            pub const COUNT: usize = Self::NAMES.len();
+            /// Every counter's description (its doc comment, lines joined), in the order
+            /// of [`MediaMetricsSnapshot::NAMES`]: help text for metrics exporters.
+            pub const HELP: &'static [&'static str] = &[$(concat!($($doc),*),)*];
+
+            /// Every counter's value, in the order of [`MediaMetricsSnapshot::NAMES`].
+            pub fn values(&self) -> [u64; Self::COUNT] {
+                [$(self.$name,)*]
             }
         }
     };
@@ -132,10 +148,11 @@ metrics! {
     /// `REQBUFS`/`CREATE_BUFS` that got fewer buffers than asked for, or none
     /// (`ENOBUFS`, `ENOMEM`), because of a buffer cap.
     err_buffer_limit,
-    /// MMAPs refused because the device had [`MAX_MAPPINGS`] mappings (`ENOMEM`).
+    /// MMAPs refused because the device had [`MAX_MAPPINGS`] (1024) mappings
+    /// (`ENOMEM`).
     err_mapping_limit,
     /// Commands refused because their SG lists had more than
-    /// [`ioctl::MAX_SG_ENTRIES`] entries (`ENOMEM`).
+    /// [`ioctl::MAX_SG_ENTRIES`] (16384) entries (`ENOMEM`).
     err_sg_limit,
     /// USERPTR shadow buffers and control payload copies the V4L2 proxy refused
     /// because of its host memory budgets (`ENOMEM`).
@@ -647,6 +664,37 @@ mod tests {
         // SAFETY: `buf` outlives every use of the region in these tests and no reference
         // to it is used while the region is.
         unsafe { IoRegion::new(buf.as_mut_ptr(), buf.len()) }
+    }
+
+    #[test]
+    fn counters_are_named_in_order_with_their_help() {
+        let snap = MediaMetricsSnapshot {
+            sessions_opened: 4,
+            err_session_limit: 10,
+            events_dropped: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            MediaMetricsSnapshot::HELP.len(),
+            MediaMetricsSnapshot::COUNT
+        );
+        // The names are the struct's own fields, as its Debug output shows them, in
+        // the order of the values.
+        let debug = format!("{snap:?}");
+        for (name, value) in MediaMetricsSnapshot::NAMES.iter().zip(snap.values()) {
+            assert!(debug.contains(&format!("{name}: {value}")), "{name}");
+        }
+        let help = |name: &str| {
+            let i = MediaMetricsSnapshot::NAMES
+                .iter()
+                .position(|n| *n == name)
+                .unwrap();
+            MediaMetricsSnapshot::HELP[i]
+        };
+        assert!(help("sessions_opened").contains("Sessions opened"));
+        // The caps the help texts name are the caps.
+        assert!(help("err_mapping_limit").contains(&format!("({MAX_MAPPINGS})")));
+        assert!(help("err_sg_limit").contains(&format!("({})", ioctl::MAX_SG_ENTRIES)));
     }
 
     #[test]

@@ -204,6 +204,14 @@ impl<D: MediaDevice, P: SessionPoller> MediaRunner<D, P> {
         self.metrics.clone()
     }
 
+    /// Counts into `metrics` from now on, the runner and the device alike
+    /// ([`MediaDevice::attach_metrics`]): for counters someone else holds, such as a
+    /// daemon that reports them. Counts made so far stay in the old counters.
+    pub fn set_metrics(&mut self, metrics: Arc<MediaMetrics>) {
+        self.device.attach_metrics(metrics.clone());
+        self.metrics = metrics;
+    }
+
     /// The device.
     pub fn device(&self) -> &D {
         &self.device

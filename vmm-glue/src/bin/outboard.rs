@@ -18,24 +18,37 @@
 //! thread: the daemon keeps the vhost-user listening socket, forks one child per VM
 //! (see `outboard_vmm_glue::jail`), reports how a child ended and starts a new one on the
 //! same socket. `--jail-seccomp log` develops the seccomp allow-list.
+//!
+//! `--metrics`, `--metrics-prometheus` and `--metrics-interval` (both commands) have the
+//! supervisor write the devices' counters (`outboard_vmm_glue::metrics`); a jailed
+//! worker publishes them through a shared counter page
+//! (`outboard_vmm_glue::shared_metrics`).
 
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use outboard_devices::media::runner::{MaxSessions, DEFAULT_MAX_SESSIONS};
+use outboard_devices::media::MediaMetrics;
+#[cfg(feature = "jail")]
+use outboard_devices::media::MediaMetricsSnapshot;
 #[cfg(feature = "jail")]
 use outboard_vmm_glue::jail::{worker_jail, SeccompMode};
 use outboard_vmm_glue::logging::{self, LogFormat};
+use outboard_vmm_glue::metrics::{self, DeviceId, VmMetrics};
+#[cfg(feature = "jail")]
+use outboard_vmm_glue::shared_metrics::{CounterPage, RestartCounters};
 use outboard_vmm_glue::supervisor::{
     activated_listener, listen_once, MetricsFile, Service, StopSignals, Supervisor, ThreadService,
 };
 #[cfg(feature = "jail")]
 use outboard_vmm_glue::supervisor::{JailedService, ServeFn};
 use outboard_vmm_glue::systemd;
-use outboard_vmm_glue::vhost_user::media::MediaSource;
+use outboard_vmm_glue::vhost_user::media::{MediaCounters, MediaSource};
 use outboard_vmm_glue::vsock_cli::{resolve, ConfigError, FlatFlags, VmConfig};
 #[cfg(feature = "jail")]
 use outboard_vmm_glue::vsock_daemon::JailOptions;
@@ -141,7 +154,53 @@ struct MediaArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
     #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
     jail: JailArgs,
+}
+
+/// `--metrics`, `--metrics-prometheus`, `--metrics-interval`: the same for every
+/// command (`outboard_vmm_glue::metrics` writes the files).
+#[derive(Args, Debug)]
+struct MetricsArgs {
+    /// Write the devices' counters as JSON to this file, periodically and at exit:
+    /// `timestamp_ms`, then `vms`, one entry per device with `device` (`vsock`,
+    /// `media`), `guest_cid` (vsock only), `socket` (the vhost-user socket) and
+    /// `counters`.
+    ///
+    /// With --jail each worker publishes its device's counters into a shared memory
+    /// page after every event it handles, and the daemon reads the pages. A restarted
+    /// worker starts from zero; the daemon adds the dead workers' last values, so the
+    /// counters never go backwards, and counts the restarts in `worker_restarts`.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+    /// Write the devices' counters in the Prometheus text exposition format to this
+    /// file, at the same times as --metrics (e.g. into node_exporter's textfile
+    /// collector directory, as `outboard.prom`): `outboard_vsock_<counter>` with
+    /// `guest_cid` and `socket` labels, `outboard_media_<counter>` with a `socket`
+    /// label, each with the counter's help text. Works with --jail.
+    #[arg(long, value_name = "PATH")]
+    metrics_prometheus: Option<PathBuf>,
+    /// Seconds between metrics writes.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    metrics_interval: u64,
+}
+
+impl MetricsArgs {
+    /// The files to write (`None` without --metrics and --metrics-prometheus); an
+    /// interval of 0 is an error.
+    fn files(&self) -> Result<Option<MetricsFile>, &'static str> {
+        if self.metrics_interval == 0 {
+            return Err("--metrics-interval 0: the interval must be at least 1 second");
+        }
+        Ok(
+            (self.metrics.is_some() || self.metrics_prometheus.is_some()).then(|| MetricsFile {
+                path: self.metrics.clone(),
+                prometheus: self.metrics_prometheus.clone(),
+                interval: Duration::from_secs(self.metrics_interval),
+            }),
+        )
+    }
 }
 
 #[derive(Args, Debug)]
@@ -215,23 +274,8 @@ struct VsockArgs {
     /// Serve on this inherited listening socket instead of binding --socket.
     #[arg(long, value_name = "FD")]
     fd: Option<RawFd>,
-    /// Write the devices' counters as JSON to this file, periodically and at exit.
-    ///
-    /// With --jail each worker publishes its device's counters into a shared memory
-    /// page after every event it handles, and the daemon reads the pages. A restarted
-    /// worker starts from zero; the daemon adds the dead workers' last values, so the
-    /// counters never go backwards, and counts the restarts in `worker_restarts`.
-    #[arg(long, value_name = "PATH")]
-    metrics: Option<PathBuf>,
-    /// Write the devices' counters in the Prometheus text exposition format to this
-    /// file, at the same times as --metrics (e.g. into node_exporter's textfile
-    /// collector directory, as `outboard.prom`): `outboard_vsock_<counter>` with
-    /// `guest_cid` and `socket` labels and each counter's help text. Works with --jail.
-    #[arg(long, value_name = "PATH")]
-    metrics_prometheus: Option<PathBuf>,
-    /// Seconds between metrics writes.
-    #[arg(long, value_name = "SECS", default_value_t = 5)]
-    metrics_interval: u64,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Live upgrade: listen on this Unix socket for a newer `outboard vsock` that
     /// takes every VM over (its guest memory, rings and every open vsock connection)
     /// with no reset the guest or QEMU can see; this process then exits with status 0.
@@ -352,6 +396,10 @@ fn media(args: MediaArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let metrics = match args.metrics.files() {
+        Ok(m) => m,
+        Err(e) => return media_usage_error(e),
+    };
     #[cfg(feature = "jail")]
     let jail = match jail_options(&args.jail) {
         Ok(j) => j,
@@ -388,29 +436,86 @@ fn media(args: MediaArgs) -> ExitCode {
         let (listener, created, shown) = listen_once(args.socket_path.as_deref(), fd)?;
         let name = source.name();
         log::info!("{name} on vhost-user socket {shown}");
+        let device = DeviceId::media(media_socket(&listener, &created));
         let worker_name = name.clone();
         #[cfg(feature = "jail")]
         if let Some(jail) = jail {
-            let serve: ServeFn = Box::new(move |listener, _inherited, stop| {
+            // With metrics, the worker inherits the counter page and publishes into it.
+            let counters = match metrics {
+                Some(_) => Some(
+                    RestartCounters::of::<MediaMetricsSnapshot>(&format!(
+                        "outboard {name} counters"
+                    ))
+                    .map_err(|e| e.to_string())?,
+                ),
+                None => None,
+            };
+            let mut inherit = Vec::new();
+            if let Some(c) = &counters {
+                inherit.push(
+                    c.fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| format!("counter page fd: {e}"))?,
+                );
+            }
+            let slots = counters.as_ref().map(RestartCounters::slots);
+            let serve: ServeFn = Box::new(move |listener, inherited, stop| {
+                let counters = match slots {
+                    Some(slots) => {
+                        let fd = inherited
+                            .into_iter()
+                            .next()
+                            .ok_or("the counter page was not inherited")?;
+                        MediaCounters::Page(
+                            CounterPage::from_fd(fd, slots).map_err(|e| e.to_string())?,
+                        )
+                    }
+                    None => MediaCounters::Own,
+                };
                 source
-                    .serve(listener, shm_size, max_sessions, stop, &worker_name)
+                    .serve(
+                        listener,
+                        shm_size,
+                        max_sessions,
+                        counters,
+                        stop,
+                        &worker_name,
+                    )
                     .map_err(|e| e.to_string())
             });
-            return Ok(Box::new(
-                JailedService::new(name, jail, listener, serve).created(created),
-            ));
+            let mut service = JailedService::new(name, jail, listener, serve)
+                .inherit(inherit)
+                .created(created);
+            if let Some(c) = counters {
+                service = service.counters(device, c);
+            }
+            return Ok(Box::new(service));
         }
+        // The device counts into counters the daemon holds.
+        let shared = Arc::new(MediaMetrics::default());
+        let counters = MediaCounters::Shared(shared.clone());
         let service = ThreadService::new(name, "media", created, move |stop| {
             source
-                .serve(listener, shm_size, max_sessions, &stop, &worker_name)
+                .serve(
+                    listener,
+                    shm_size,
+                    max_sessions,
+                    counters,
+                    &stop,
+                    &worker_name,
+                )
                 .map_err(|e| e.to_string())
         })
-        .map_err(|e| format!("eventfd: {e}"))?;
+        .map_err(|e| format!("eventfd: {e}"))?
+        .with_metrics(move || VmMetrics {
+            device: device.clone(),
+            counters: metrics::counters_of(&shared.snapshot()),
+        });
         Ok(Box::new(service))
     };
     match setup() {
         Ok(service) => {
-            if Supervisor::new(None).run(&mut [service], &signals) {
+            if Supervisor::new(metrics).run(&mut [service], &signals) {
                 log::info!("stopped cleanly");
                 ExitCode::SUCCESS
             } else {
@@ -422,6 +527,16 @@ fn media(args: MediaArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How the metrics files name the media device's socket: the path it bound, else the
+/// path an inherited socket is bound to, else `fd:N`.
+fn media_socket(listener: &UnixListener, created: &[PathBuf]) -> PathBuf {
+    created
+        .first()
+        .cloned()
+        .or_else(|| systemd::bound_path(listener.as_fd()))
+        .unwrap_or_else(|| PathBuf::from(format!("fd:{}", listener.as_raw_fd())))
 }
 
 /// The jail options of `--jail` (`None` without it); a bad `--jail-seccomp` is a usage
@@ -538,9 +653,10 @@ fn vsock(args: VsockArgs) -> ExitCode {
             Err(e) => return usage_error(e),
         },
     };
-    if args.metrics_interval == 0 {
-        return usage_error("--metrics-interval 0: the interval must be at least 1 second");
-    }
+    let metrics = match args.metrics.files() {
+        Ok(m) => m,
+        Err(e) => return usage_error(e),
+    };
     if args.upgrade_socket.is_some() {
         if let Some(&(i, j)) = outboard_vmm_glue::vsock_cli::sibling_pairs(&vms).first() {
             return usage_error(format!(
@@ -559,12 +675,6 @@ fn vsock(args: VsockArgs) -> ExitCode {
     if args.jail.jail {
         return usage_error(NO_JAIL);
     }
-    let metrics =
-        (args.metrics.is_some() || args.metrics_prometheus.is_some()).then(|| MetricsFile {
-            path: args.metrics.clone(),
-            prometheus: args.metrics_prometheus.clone(),
-            interval: Duration::from_secs(args.metrics_interval),
-        });
     // Before any thread starts, so only the supervisor sees the stop signals.
     let signals = match StopSignals::block() {
         Ok(s) => s,

@@ -12,7 +12,9 @@
 //!
 //! [`serve_media`] runs the generic worker loop for any [`MediaDevice`]: one front-end
 //! at a time, the device reset when it leaves. [`serve_camera`] serves the software
-//! camera, `serve_v4l2_proxy` (feature `v4l2-proxy`) a host V4L2 node.
+//! camera, `serve_v4l2_proxy` (feature `v4l2-proxy`) a host V4L2 node. The device's
+//! counters ([`MediaMetrics`]) go where [`MediaCounters`] says: counters the daemon
+//! holds (a worker thread), or a shared counter page (a jailed worker).
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
@@ -23,15 +25,17 @@ use outboard_devices::media::camera::{SoftwareCamera, CARD_NAME};
 use outboard_devices::media::device::VirtioMedia;
 use outboard_devices::media::runner::MaxSessions;
 use outboard_devices::media::{
-    page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper, MediaDevice,
+    page_align, Errno, EventBuffer, GuestMemoryRegions, HostMemoryMapper, MediaDevice, MediaMetrics,
 };
-use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError, MemoryPin};
+use outboard_devices::virtio::{GuestMemoryAccess, IoRegion, MemoryError, MemoryPin, VirtioDevice};
 use outboard_protocol::media::{MediaConfig, SHMID_MMAP};
 use outboard_protocol::vhost_user::{VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures};
 use outboard_transport::BackendReqSender;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::rust_vmm::RustVmmMemory;
+#[cfg(feature = "daemon")]
+use crate::shared_metrics::{CounterPage, PublishingDevice};
 use crate::vhost_user::backend::{offered_protocol_features, ChannelSlot, DeviceBackend};
 use crate::vhost_user::daemon::{self, WorkerError};
 use crate::vhost_user::ring::Mem;
@@ -253,36 +257,98 @@ pub fn camera_device(
     })
 }
 
+/// Where a media worker's device counts ([`MediaMetrics`]: sessions, cap refusals).
+#[derive(Debug, Default)]
+pub enum MediaCounters {
+    /// In the device only: nobody else reads them.
+    #[default]
+    Own,
+    /// Into these counters, which the caller holds: a worker thread whose daemon
+    /// writes them to its metrics files ([`VirtioMedia::set_metrics`]).
+    Shared(Arc<MediaMetrics>),
+    /// In the device, which publishes them into this counter page after every call
+    /// that handles work ([`PublishingDevice`]): a jailed worker, whose daemon reads
+    /// the page ([`crate::shared_metrics`]).
+    #[cfg(feature = "daemon")]
+    Page(CounterPage),
+}
+
 /// Serves a media device built by [`media_device`] to one front-end at a time on
 /// `listener` until `stop` is signalled, with a shared memory region of `shm_size`
-/// bytes (rounded up to pages) and at most `max_sessions` sessions open at once.
+/// bytes (rounded up to pages), at most `max_sessions` sessions open at once, and its
+/// counters where `counters` says.
 pub fn serve_media<D: MediaDevice>(
     listener: UnixListener,
     shm_size: u64,
     max_sessions: MaxSessions,
+    counters: MediaCounters,
     stop: &EventFd,
     name: &str,
     make: impl FnOnce(EventBuffer, ShmemMapper, GuestMemoryRegions) -> (D, MediaConfig),
 ) -> Result<(), WorkerError> {
     let (mut device, channel, guest) = media_device(shm_size, make).map_err(WorkerError::Epoll)?;
     device.runner_mut().set_max_sessions(max_sessions);
-    let mut sizes = vec![0u64; usize::from(SHMID_MMAP) + 1];
-    sizes[usize::from(SHMID_MMAP)] = page_align(shm_size).unwrap_or(shm_size & !4095);
-    daemon::serve_with(
-        device,
-        listener,
-        256,
-        stop,
-        name,
-        |backend: DeviceBackend<_>| {
-            guest.set(backend.memory().clone());
-            backend
-                .with_protocol_features(media_protocol_features())
-                .with_shmem_regions(sizes)
-                .with_channel(channel)
-        },
-    )
-    .map(drop)
+    let region = MediaRegion {
+        channel,
+        guest,
+        shm_size,
+    };
+    match counters {
+        MediaCounters::Own => region.serve(device, listener, stop, name),
+        MediaCounters::Shared(metrics) => {
+            device.set_metrics(metrics);
+            region.serve(device, listener, stop, name)
+        }
+        #[cfg(feature = "daemon")]
+        MediaCounters::Page(page) => {
+            let metrics = device.metrics();
+            let device = PublishingDevice::new(device, page, move || metrics.snapshot());
+            region.serve(device, listener, stop, name)
+        }
+    }
+}
+
+/// What a media device's back-end needs besides the device: its back-end channel, its
+/// guest memory handle and the size of its shared memory region.
+struct MediaRegion {
+    channel: Channel,
+    guest: SharedGuestMemory,
+    shm_size: u64,
+}
+
+impl MediaRegion {
+    /// Serves `device` (a media device, or one wrapping it) with the media back-end's
+    /// protocol features, shared memory region and channel.
+    fn serve<V: VirtioDevice>(
+        self,
+        device: V,
+        listener: UnixListener,
+        stop: &EventFd,
+        name: &str,
+    ) -> Result<(), WorkerError> {
+        let MediaRegion {
+            channel,
+            guest,
+            shm_size,
+        } = self;
+        let mut sizes = vec![0u64; usize::from(SHMID_MMAP) + 1];
+        sizes[usize::from(SHMID_MMAP)] = page_align(shm_size).unwrap_or(shm_size & !4095);
+        daemon::serve_with(
+            device,
+            listener,
+            256,
+            stop,
+            name,
+            |backend: DeviceBackend<V>| {
+                guest.set(backend.memory().clone());
+                backend
+                    .with_protocol_features(media_protocol_features())
+                    .with_shmem_regions(sizes)
+                    .with_channel(channel)
+            },
+        )
+        .map(drop)
+    }
 }
 
 /// Serves the single-planar software camera to one front-end at a time on `listener`
@@ -318,6 +384,7 @@ pub fn serve_camera_with(
         listener,
         shm_size,
         max_sessions,
+        MediaCounters::Own,
         stop,
         name,
         |events, host, guest| camera(mplane, events, host, guest),
@@ -327,13 +394,14 @@ pub fn serve_camera_with(
 /// Serves the host V4L2 node `node` through the V4L2 proxy (feature `v4l2-proxy`): the
 /// guest sees the node's card name and device capabilities. Each session opens the
 /// node, so `max_sessions` also bounds the host fds the guest can make the back-end
-/// hold.
+/// hold. The device counts where `counters` says.
 #[cfg(feature = "v4l2-proxy")]
 pub fn serve_v4l2_proxy(
     listener: UnixListener,
     node: outboard_devices::media::proxy::HostNode,
     shm_size: u64,
     max_sessions: MaxSessions,
+    counters: MediaCounters,
     stop: &EventFd,
     name: &str,
 ) -> Result<(), WorkerError> {
@@ -342,6 +410,7 @@ pub fn serve_v4l2_proxy(
         listener,
         shm_size,
         max_sessions,
+        counters,
         stop,
         name,
         |events, host, guest| {
@@ -408,24 +477,37 @@ impl MediaSource {
         }
     }
 
-    /// Serves it on `listener` until `stop` is written ([`serve_camera_with`],
-    /// `serve_v4l2_proxy`).
+    /// Serves it on `listener` until `stop` is written ([`serve_media`] with the
+    /// camera, `serve_v4l2_proxy`), the device counting where `counters` says.
     pub fn serve(
         &self,
         listener: UnixListener,
         shm_size: u64,
         max_sessions: MaxSessions,
+        counters: MediaCounters,
         stop: &EventFd,
         name: &str,
     ) -> Result<(), WorkerError> {
         match self {
-            MediaSource::Camera { mplane } => {
-                serve_camera_with(listener, shm_size, *mplane, max_sessions, stop, name)
-            }
+            MediaSource::Camera { mplane } => serve_media(
+                listener,
+                shm_size,
+                max_sessions,
+                counters,
+                stop,
+                name,
+                |events, host, guest| camera(*mplane, events, host, guest),
+            ),
             #[cfg(feature = "v4l2-proxy")]
-            MediaSource::V4l2(node) => {
-                serve_v4l2_proxy(listener, node.clone(), shm_size, max_sessions, stop, name)
-            }
+            MediaSource::V4l2(node) => serve_v4l2_proxy(
+                listener,
+                node.clone(),
+                shm_size,
+                max_sessions,
+                counters,
+                stop,
+                name,
+            ),
         }
     }
 }

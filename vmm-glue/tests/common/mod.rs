@@ -91,3 +91,53 @@ pub fn bfd(e: &EventFd) -> BorrowedFd<'_> {
     // SAFETY: the fd stays open while `e` is borrowed.
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
+
+/// Why jails cannot be made on this machine, if the kernel says so up front (tests of
+/// `outboard ... --jail` skip with this message).
+pub fn jails_unavailable() -> Option<String> {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_owned()).ok();
+    // SAFETY: getuid cannot fail.
+    let root = unsafe { libc::getuid() } == 0;
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        return Some("user namespaces are disabled (user.max_user_namespaces = 0)".into());
+    }
+    if !root && read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        return Some("unprivileged user namespaces are disabled".into());
+    }
+    if !root
+        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1")
+    {
+        return Some("AppArmor restricts unprivileged user namespaces".into());
+    }
+    None
+}
+
+/// The pids of the children of `pid` (all its threads).
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let p = task.unwrap().path().join("children");
+        let s = std::fs::read_to_string(p).unwrap_or_default();
+        out.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
+    out
+}
+
+/// The jailed worker of an `outboard ... --jail` daemon with one worker: the daemon's
+/// child is the pid-namespace relay, the worker is the relay's only child (waits 5 s
+/// at most for it).
+pub fn worker_pid(daemon: i32) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(&relay) = children(daemon).first() {
+            if let Some(&w) = children(relay).first() {
+                return w;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no jailed worker under {daemon}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
