@@ -152,6 +152,12 @@ fn ci_steps() -> Vec<Step> {
         // Every crate and feature built for aarch64; the tests qemu-user can run.
         Step::xtask("aarch64 (cross build, tests under qemu-user)", &["aarch64"])
             .prune("aarch64-unknown-linux-gnu"),
+        // `outboard vsock` for aarch64, under qemu-aarch64, as the e2e guest's back-end.
+        Step::xtask(
+            "aarch64-e2e (aarch64 outboard under qemu-user, QEMU guest)",
+            &["aarch64-e2e"],
+        )
+        .prune("aarch64-unknown-linux-gnu"),
         // A real Linux guest under QEMU talking vsock through `outboard vsock`.
         Step::xtask("e2e (QEMU guest, outboard vsock)", &["e2e"]),
         // The same through the jailed worker (`--jail`): driven, not only started.
@@ -411,6 +417,8 @@ commands:
   packages               list the Debian packages the project installs, and their state
   aarch64                build every crate and feature for aarch64-unknown-linux-gnu and
                          run the tests that work under qemu-user (see cross.rs)
+  aarch64-e2e            the e2e guest with outboard vsock built for aarch64 as its
+                         back-end, under qemu-aarch64 user-mode emulation
   media-deps [CACHE]     install libclang and a Linux >= 6.5 videodev2.h for v4l2r;
                          prints the directory for V4L2R_VIDEODEV2_H_PATH";
 
@@ -482,6 +490,7 @@ fn main() -> ExitCode {
         Some("vsock-forward-guest") => finish(vsock_forward_guest::run()),
         Some("fuzz") => finish(fuzz::run(&args[1..])),
         Some("aarch64") => finish(cross::run()),
+        Some("aarch64-e2e") => finish(cross::e2e()),
         Some("examples") => finish(examples::run()),
         Some("rng-guest") => finish(rng_guest::run()),
         Some("device-cost") => finish(device_cost::run()),
