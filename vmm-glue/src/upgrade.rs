@@ -169,10 +169,28 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
 pub fn bind_upgrade_socket(path: &Path) -> Result<UnixListener, String> {
     use std::os::unix::fs::PermissionsExt;
     crate::supervisor::remove_stale_socket(path)?;
-    let l = UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("chmod 600 {}: {e}", path.display()))?;
+    // Bound under a temporary name, made 0600, then renamed into place (atomically): at
+    // its path the socket never has the umask's mode, not even for a moment.
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file path", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let l =
+        UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {}: {e}", tmp.display()))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod 600 {}: {e}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| format!("rename {} to {}: {e}", tmp.display(), path.display()))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(l)
 }
 

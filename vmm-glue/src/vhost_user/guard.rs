@@ -39,7 +39,7 @@ use std::sync::OnceLock;
 /// Most guest memory mappings guarded at once, over all VMs of a process: eight memory
 /// tables at their cap (`memory::MAX_MAPPINGS`), hundreds of typical ones. A mapping of a
 /// file sealed against shrinking cannot fault and is served unguarded when the table is
-/// full; any other mapping is then refused ([`required`]), never mapped unguarded: a
+/// full; any other mapping is then refused, never mapped unguarded: a
 /// front-end that filled the table must not be able to kill the daemon with the next one.
 pub const MAX_GUARDED: usize = 16384;
 
