@@ -134,6 +134,21 @@ impl Daemon {
         }
     }
 
+    /// Checks that the idle daemon burns at most `limit` of CPU over one second.
+    fn assert_idle(&self, limit: Duration) {
+        let burnt = self.cpu_over(Duration::from_secs(1));
+        assert!(burnt <= limit, "idle daemon CPU {burnt:?}/s");
+    }
+
+    /// [`Daemon::sigterm`], and the log (returned) has fewer than `max` lines: every
+    /// line a peer causes is rate-limited.
+    fn sigterm_with_log_under(self, max: usize) -> String {
+        let log = self.sigterm();
+        let n = log.lines().count();
+        assert!(n < max, "{n} log lines:\n{log}");
+        log
+    }
+
     /// CPU the daemon burns over `span` while nothing legitimate happens.
     fn cpu_over(&self, span: Duration) -> Duration {
         let before = self.cpu();
@@ -249,19 +264,13 @@ fn avail_index_beyond_the_ring() {
         wait_readable(bfd(&err), 5000),
         "the broken ring was not reported on its error eventfd"
     );
-    let burnt = d.cpu_over(Duration::from_secs(1));
-    assert!(burnt < Duration::from_millis(200), "daemon CPU {burnt:?}/s");
+    d.assert_idle(Duration::from_millis(200));
     // The same front-end is still served, and so is the other VM.
     assert_eq!(fe.get_vring_base(TX).unwrap(), 0);
     assert!(answers(&d.socket("b")));
     drop(fe);
-    let log = d.sigterm();
+    let log = d.sigterm_with_log_under(50);
     assert!(log.contains("ring 1 is broken"), "{log}");
-    assert!(
-        log.lines().count() < 50,
-        "{} log lines",
-        log.lines().count()
-    );
 }
 
 /// Defect 3: a front-end that sent 5 bytes of a header and waited blocked the worker in
@@ -432,17 +441,8 @@ fn repeated_attacks_leave_nothing_behind() {
     assert!(after <= fds, "fds: {fds} before the attacks, {after} after");
     let grown = d.rss_kib().saturating_sub(rss);
     assert!(grown < 8 << 10, "RSS grew by {grown} KiB (from {rss} KiB)");
-    let burnt = d.cpu_over(Duration::from_secs(1));
-    assert!(
-        burnt <= Duration::from_millis(20),
-        "idle daemon CPU {burnt:?}/s"
-    );
-    let log = d.sigterm();
-    assert!(
-        log.lines().count() < 200,
-        "{} log lines:\n{log}",
-        log.lines().count()
-    );
+    d.assert_idle(Duration::from_millis(20));
+    d.sigterm_with_log_under(200);
 }
 
 /// Defect 5 against the binary: a guest that opens the media device without end (the
@@ -491,18 +491,9 @@ fn opens_without_end_against_outboard_media() {
     assert!(driver.command(&close, 16).is_empty());
     assert_eq!(open(&mut driver), Ok(sessions[3]));
     assert_eq!(open(&mut driver), Err(libc::ENFILE as u32));
-    let burnt = d.cpu_over(Duration::from_secs(1));
-    assert!(
-        burnt <= Duration::from_millis(20),
-        "idle daemon CPU {burnt:?}/s"
-    );
+    d.assert_idle(Duration::from_millis(20));
     driver.disconnect();
-    let log = d.sigterm();
-    assert!(
-        log.lines().count() < 50,
-        "{} log lines:\n{log}",
-        log.lines().count()
-    );
+    d.sigterm_with_log_under(50);
 }
 
 /// Defect 7 against the binary: a USERPTR capture buffer is queued in guest memory

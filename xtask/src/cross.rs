@@ -178,14 +178,20 @@ pub const SKIPPED_TESTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// `cargo xtask aarch64`: see the module docs. `Ok(false)` when a build or test failed.
-pub fn run() -> Result<bool> {
+/// The cross toolchain's packages, the Rust target and the media deps; returns the
+/// directory for `V4L2R_VIDEODEV2_H_PATH`.
+fn prepare() -> Result<PathBuf> {
     packages::ensure(CROSS_PACKAGES)?;
     util::run(
         Command::new("rustup").args(["target", "add", TARGET]),
         Duration::from_secs(900),
     )?;
-    let headers = setup::ensure_media_deps(&setup::cache_dir().join("media-deps"))?;
+    setup::ensure_media_deps(&setup::cache_dir().join("media-deps"))
+}
+
+/// `cargo xtask aarch64`: see the module docs. `Ok(false)` when a build or test failed.
+pub fn run() -> Result<bool> {
+    let headers = prepare()?;
     let root = util::workspace_root();
     let plan = integration_tests(&root)?;
 
@@ -441,14 +447,10 @@ fn test_targets(dir: &Path) -> Vec<(String, PathBuf)> {
 /// live upgrades' new processes included) is emulated. Sizes as for `cargo xtask e2e`
 /// ([`crate::e2e::Sizes::from_env`]), but 32 MiB bulk streams and 256 MiB across the
 /// ten upgrades unless the environment says otherwise (the emulated back-end moves about
-/// 55 MiB/s; 32 MiB ended before the last upgrade). Not jailed: qemu-user cannot build a jail (see the module docs).
+/// 55 MiB/s; 32 MiB ended before the last upgrade). Not jailed: qemu-user cannot build a
+/// jail (see the module docs).
 pub fn e2e() -> Result<bool> {
-    packages::ensure(CROSS_PACKAGES)?;
-    util::run(
-        Command::new("rustup").args(["target", "add", TARGET]),
-        Duration::from_secs(900),
-    )?;
-    let headers = setup::ensure_media_deps(&setup::cache_dir().join("media-deps"))?;
+    let headers = prepare()?;
     let root = util::workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let env = cross_env(&headers);
