@@ -604,3 +604,68 @@ fn a_capture_into_memory_the_front_end_took_away() {
     driver.disconnect();
     d.sigterm();
 }
+
+/// Defect 2, the other direction: the device *writes* into memory the front-end cut
+/// off. The RX ring itself stays in the file, its buffers do not; a host client's
+/// `CONNECT` makes the device write a REQUEST header into the first RX buffer. Only
+/// that VM's front-end is dropped, with an error naming the region.
+#[test]
+fn rx_buffers_in_memory_the_front_end_cut_off() {
+    let d = Daemon::start("truncate-rx");
+    let mem = GuestMem::new(MEM);
+    let (kick, call, err) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let mut fe = Frontend::connect(d.socket("a")).unwrap();
+    start_tx(&mut fe, &mem, &kick, &call, &err);
+    // The RX ring (queue 0) at 0x4000..0x7000, eight 4 KiB buffers from 0x20000.
+    const RX: u32 = 0;
+    let (rx_kick, rx_call) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    for i in 0..8u16 {
+        let desc = 0x4000 + 16 * usize::from(i);
+        mem.write(desc, 0x20000u64 + 0x1000 * u64::from(i));
+        mem.write(desc + 8, 0x1000u32);
+        mem.write(desc + 12, 2u16); // VRING_DESC_F_WRITE
+        mem.write(0x5004 + 2 * usize::from(i), i);
+    }
+    mem.write(0x5002, 8u16);
+    fe.set_vring_num(RX, u32::from(RING)).unwrap();
+    fe.set_vring_addr(&VhostUserVringAddr {
+        index: RX,
+        flags: 0,
+        descriptor: UVA + 0x4000,
+        used: UVA + 0x6000,
+        available: UVA + 0x5000,
+        log: 0,
+    })
+    .unwrap();
+    fe.set_vring_base(RX, 0).unwrap();
+    fe.set_vring_call(RX as u8, Some(bfd(&rx_call))).unwrap();
+    fe.set_vring_kick(RX as u8, Some(bfd(&rx_kick))).unwrap();
+    fe.set_vring_enable(RX, true).unwrap();
+    // Everything from 0x10000 on is gone: the rings stay, the RX buffers do not.
+    std::fs::File::from(mem.fd.try_clone().unwrap())
+        .set_len(0x10000)
+        .unwrap();
+    let mut host = UnixStream::connect(d.dir.join("a.vsock")).unwrap();
+    host.write_all(b"CONNECT 1234\n").unwrap();
+    let start = Instant::now();
+    while fe.get_features().is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the front-end was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(answers(&d.socket("b")));
+    assert!(answers(&d.socket("a")));
+    drop(host);
+    let log = d.sigterm_with_log_under(50);
+    assert!(log.contains("cut short"), "{log}");
+    assert!(log.contains("guest address 0x0"), "{log}");
+}
