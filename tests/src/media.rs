@@ -738,6 +738,16 @@ pub mod vhost {
             O::read_from_prefix(&out).unwrap().0
         }
 
+        /// Waits for the next DQBUF event, skipping other events; returns its buffer.
+        pub fn next_dqbuf(&mut self) -> V4l2Buffer {
+            loop {
+                let ev = self.next_event();
+                if u32::from_le_bytes(ev[0..4].try_into().unwrap()) == EVENT_DQBUF {
+                    return V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
+                }
+            }
+        }
+
         /// Waits for the next event; returns its bytes.
         pub fn next_event(&mut self) -> Vec<u8> {
             let start = Instant::now();

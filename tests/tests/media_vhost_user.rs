@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use outboard_devices::media::camera::{decode_frame_number, DEVICE_CAPS};
 use outboard_devices::media::v4l2::*;
-use outboard_protocol::media::{CloseCmd, CmdHeader, MediaCmd, OpenResp, SgEntry, EVENT_DQBUF};
+use outboard_protocol::media::{CloseCmd, CmdHeader, MediaCmd, OpenResp, SgEntry};
 use outboard_protocol::v4l2::V4l2Ioctl;
 use outboard_tests::media::vhost::VhostMediaDriver;
 use outboard_tests::temp_dir;
@@ -100,12 +100,7 @@ fn camera_capture_over_vhost_user() {
     let (status, _) = driver.ioctl_raw(s, V4l2Ioctl::VIDIOC_QBUF, &arg);
     assert_eq!(status, 0);
     let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
-    let b = loop {
-        let ev = driver.next_event();
-        if u32::from_le_bytes(ev[0..4].try_into().unwrap()) == EVENT_DQBUF {
-            break V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
-        }
-    };
+    let b = driver.next_dqbuf();
     assert_eq!((b.memory, b.flags & BUF_FLAG_ERROR), (MEMORY_USERPTR, 0));
     let mut data = Vec::new();
     for sg in &sgs {

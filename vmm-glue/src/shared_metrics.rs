@@ -475,6 +475,19 @@ impl RestartCounters {
         self.page.fd()
     }
 
+    /// The fds a worker inherits for its counters: a duplicate of the page's memfd
+    /// when there is a page, none without one (a daemon without metrics).
+    pub fn inherited(counters: Option<&RestartCounters>) -> Result<Vec<OwnedFd>, String> {
+        counters
+            .map(|c| {
+                c.fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| format!("counter page fd: {e}"))
+            })
+            .into_iter()
+            .collect()
+    }
+
     /// Call once a worker has been reaped and before the next starts: adds its last
     /// values to the base, restores the page (header, zeroes) and counts a restart if
     /// `restarted`.

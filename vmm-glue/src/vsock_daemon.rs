@@ -667,14 +667,7 @@ mod jailed {
             None
         };
         let slots = counters.as_ref().map(RestartCounters::slots);
-        let mut inherit = Vec::new();
-        if let Some(c) = &counters {
-            inherit.push(
-                c.fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| format!("counter page fd: {e}"))?,
-            );
-        }
+        let mut inherit = RestartCounters::inherited(counters.as_ref())?;
         let link_cids: Vec<u64> = links.iter().map(|(cid, _)| *cid).collect();
         if !link_cids.is_empty() {
             log::info!(

@@ -234,6 +234,34 @@ fn start_tx(fe: &mut Frontend, mem: &GuestMem, kick: &EventFd, call: &EventFd, e
     fe.set_vring_enable(TX, true).unwrap();
 }
 
+/// Three fresh eventfds for a ring: kick, call, error.
+fn ring_eventfds() -> (EventFd, EventFd, EventFd) {
+    (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    )
+}
+
+/// The front-end cuts its (unsealed) memory file to `len` bytes under the daemon.
+fn truncate(mem: &GuestMem, len: u64) {
+    std::fs::File::from(mem.fd.try_clone().unwrap())
+        .set_len(len)
+        .unwrap();
+}
+
+/// Whether the daemon drops `fe` (its requests start failing) within `limit`.
+fn dropped_within(fe: &mut Frontend, limit: Duration) -> bool {
+    let start = Instant::now();
+    while fe.get_features().is_ok() {
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -251,11 +279,7 @@ fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, ms: i32) -> bool {
 fn avail_index_beyond_the_ring() {
     let d = Daemon::start("ring");
     let mem = GuestMem::new(MEM);
-    let (kick, call, err) = (
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    );
+    let (kick, call, err) = ring_eventfds();
     let mut fe = Frontend::connect(d.socket("a")).unwrap();
     start_tx(&mut fe, &mem, &kick, &call, &err);
     mem.write(0x2002, RING + 1);
@@ -339,27 +363,17 @@ fn a_front_end_that_never_reads_its_replies() {
 fn a_front_end_that_truncates_its_memory() {
     let d = Daemon::start("truncate");
     let mem = GuestMem::new(MEM);
-    let (kick, call, err) = (
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    );
+    let (kick, call, err) = ring_eventfds();
     let mut fe = Frontend::connect(d.socket("a")).unwrap();
     start_tx(&mut fe, &mem, &kick, &call, &err);
     // Keep the rings (at 0x1000..0x4000) out of the file, then kick.
-    std::fs::File::from(mem.fd.try_clone().unwrap())
-        .set_len(0x1000)
-        .unwrap();
+    truncate(&mem, 0x1000);
     kick.write(1).unwrap();
     // The daemon drops this front-end...
-    let start = Instant::now();
-    while fe.get_features().is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the front-end was not dropped"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        dropped_within(&mut fe, Duration::from_secs(5)),
+        "the front-end was not dropped"
+    );
     // ...and lives on: the other VM and a fresh front-end for this one are served.
     assert!(answers(&d.socket("b")));
     assert!(answers(&d.socket("a")));
@@ -377,17 +391,10 @@ fn repeated_attacks_leave_nothing_behind() {
     assert!(answers(&d.socket("a")) && answers(&d.socket("b")));
     let fds = d.fds_settle(0);
     let rss = d.rss_kib();
-    let new_fds = || {
-        (
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        )
-    };
     for round in 0..20 {
         // A broken ring, reported; the front-end goes away.
         let mem = GuestMem::new(MEM);
-        let (kick, call, err) = new_fds();
+        let (kick, call, err) = ring_eventfds();
         let mut fe = Frontend::connect(d.socket("a")).unwrap();
         start_tx(&mut fe, &mem, &kick, &call, &err);
         mem.write(0x2002, RING + 1);
@@ -399,21 +406,15 @@ fn repeated_attacks_leave_nothing_behind() {
         drop(fe);
         // Memory cut short under the device: the daemon drops the front-end.
         let mem = GuestMem::new(MEM);
-        let (kick, call, err) = new_fds();
+        let (kick, call, err) = ring_eventfds();
         let mut fe = Frontend::connect(d.socket("b")).unwrap();
         start_tx(&mut fe, &mem, &kick, &call, &err);
-        std::fs::File::from(mem.fd.try_clone().unwrap())
-            .set_len(0x1000)
-            .unwrap();
+        truncate(&mem, 0x1000);
         kick.write(1).unwrap();
-        let start = Instant::now();
-        while fe.get_features().is_ok() {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "round {round}: not dropped"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert!(
+            dropped_within(&mut fe, Duration::from_secs(5)),
+            "round {round}: not dropped"
+        );
         // Requests whose replies are never read, until the daemon drops it or for a
         // burst of 1,000.
         let mut noread = UnixStream::connect(d.socket("a")).unwrap();
@@ -506,7 +507,7 @@ fn opens_without_end_against_outboard_media() {
 fn a_capture_into_memory_the_front_end_took_away() {
     use outboard_devices::media::camera::decode_frame_number;
     use outboard_devices::media::v4l2::*;
-    use outboard_protocol::media::{CmdHeader, MediaCmd, OpenResp, SgEntry, EVENT_DQBUF};
+    use outboard_protocol::media::{CmdHeader, MediaCmd, OpenResp, SgEntry};
     use outboard_protocol::v4l2::V4l2Ioctl;
     use outboard_tests::media::vhost::VhostMediaDriver;
     use outboard_tests::media::REGION_END;
@@ -561,12 +562,6 @@ fn a_capture_into_memory_the_front_end_took_away() {
         }
         assert_eq!(driver.ioctl_raw(s, V4l2Ioctl::VIDIOC_QBUF, &arg).0, 0);
     };
-    let dqbuf = |driver: &mut VhostMediaDriver| loop {
-        let ev = driver.next_event();
-        if u32::from_le_bytes(ev[0..4].try_into().unwrap()) == EVENT_DQBUF {
-            break V4l2Buffer::read_from_prefix(&ev[8..]).unwrap().0;
-        }
-    };
     let frame = |driver: &VhostMediaDriver| {
         let mut data = vec![0u8; len as usize];
         driver
@@ -582,7 +577,7 @@ fn a_capture_into_memory_the_front_end_took_away() {
     driver.set_memory_table(|gpa| gpa < REGION_END);
     driver.mem.write_slice(&zeros, GuestAddress(base)).unwrap();
     let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
-    let b = dqbuf(&mut driver);
+    let b = driver.next_dqbuf();
     assert_eq!(
         (b.flags & BUF_FLAG_ERROR, b.bytesused),
         (BUF_FLAG_ERROR, 0),
@@ -595,7 +590,7 @@ fn a_capture_into_memory_the_front_end_took_away() {
     driver.set_memory_table(|_| true);
     qbuf(&mut driver);
     let _: () = driver.ioctl(s, V4l2Ioctl::VIDIOC_STREAMON, &BUF_TYPE_VIDEO_CAPTURE);
-    let b = dqbuf(&mut driver);
+    let b = driver.next_dqbuf();
     assert_eq!((b.flags & BUF_FLAG_ERROR, b.bytesused), (0, len), "{b:?}");
     assert_eq!(
         decode_frame_number(PIX_FMT_RGB24, 320, 240, &frame(&driver)),
@@ -613,11 +608,7 @@ fn a_capture_into_memory_the_front_end_took_away() {
 fn rx_buffers_in_memory_the_front_end_cut_off() {
     let d = Daemon::start("truncate-rx");
     let mem = GuestMem::new(MEM);
-    let (kick, call, err) = (
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    );
+    let (kick, call, err) = ring_eventfds();
     let mut fe = Frontend::connect(d.socket("a")).unwrap();
     start_tx(&mut fe, &mem, &kick, &call, &err);
     // The RX ring (queue 0) at 0x4000..0x7000, eight 4 KiB buffers from 0x20000.
@@ -649,19 +640,13 @@ fn rx_buffers_in_memory_the_front_end_cut_off() {
     fe.set_vring_kick(RX as u8, Some(bfd(&rx_kick))).unwrap();
     fe.set_vring_enable(RX, true).unwrap();
     // Everything from 0x10000 on is gone: the rings stay, the RX buffers do not.
-    std::fs::File::from(mem.fd.try_clone().unwrap())
-        .set_len(0x10000)
-        .unwrap();
+    truncate(&mem, 0x10000);
     let mut host = UnixStream::connect(d.dir.join("a.vsock")).unwrap();
     host.write_all(b"CONNECT 1234\n").unwrap();
-    let start = Instant::now();
-    while fe.get_features().is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the front-end was not dropped"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        dropped_within(&mut fe, Duration::from_secs(5)),
+        "the front-end was not dropped"
+    );
     assert!(answers(&d.socket("b")));
     assert!(answers(&d.socket("a")));
     drop(host);

@@ -910,17 +910,7 @@ fn jailed_camera_streams_and_a_killed_worker_closes_the_connection() {
     // Mid-stream: two frames of a second capture, then the worker is killed.
     let capture = driver.start_mmap_capture(PIX_FMT_YUYV, 640, 480);
     driver.check_frames(&capture, 2);
-    let worker = worker_pid(pid);
-    // SAFETY: kill(2) on the worker, a descendant of our child.
-    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + T;
-    while driver.answers() {
-        assert!(
-            Instant::now() < deadline,
-            "the front-end connection outlived its worker"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let worker = common::kill_worker_under(pid, &mut driver, T);
     wait_for_log(&log, "killed by signal 9 (SIGKILL); starting a new one");
     drop(driver);
     let mut driver = VhostMediaDriver::connect(&socket);

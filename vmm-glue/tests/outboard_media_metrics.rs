@@ -291,17 +291,7 @@ fn jailed_session_cap_refusals_reach_the_metrics_files_across_a_restart() {
 
     // The worker dies with its sessions open; the next one starts from zero, and the
     // daemon keeps the dead worker's counts.
-    let worker = worker_pid(daemon.pid());
-    // SAFETY: kill(2) on the worker, a descendant of our child.
-    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + T;
-    while driver.answers() {
-        assert!(
-            Instant::now() < deadline,
-            "the front-end connection outlived its worker"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let worker = common::kill_worker_under(daemon.pid(), &mut driver, T);
     drop(driver);
     daemon.wait_for(
         &mut seen,

@@ -450,14 +450,7 @@ fn media(args: MediaArgs) -> ExitCode {
                 ),
                 None => None,
             };
-            let mut inherit = Vec::new();
-            if let Some(c) = &counters {
-                inherit.push(
-                    c.fd()
-                        .try_clone_to_owned()
-                        .map_err(|e| format!("counter page fd: {e}"))?,
-                );
-            }
+            let inherit = RestartCounters::inherited(counters.as_ref())?;
             let slots = counters.as_ref().map(RestartCounters::slots);
             let serve: ServeFn = Box::new(move |listener, inherited, stop| {
                 let counters = match slots {

@@ -141,3 +141,25 @@ pub fn worker_pid(daemon: i32) -> i32 {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// SIGKILLs the jailed worker of the daemon `daemon` while `driver` is connected to it,
+/// checks that the front-end connection ends with the worker `within` that time, and
+/// returns the killed worker's pid.
+pub fn kill_worker_under(
+    daemon: i32,
+    driver: &mut outboard_tests::media::vhost::VhostMediaDriver,
+    within: std::time::Duration,
+) -> i32 {
+    let worker = worker_pid(daemon);
+    // SAFETY: kill(2) on the worker, a descendant of the test's child.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + within;
+    while driver.answers() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the front-end connection outlived its worker"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    worker
+}
