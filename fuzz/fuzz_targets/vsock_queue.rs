@@ -89,14 +89,27 @@ impl Ring {
 }
 
 /// Writable bytes of the chain at `head` (an over-approximation for broken chains:
-/// every writable descriptor visited within the bounds counts).
-fn chain_cap(mem: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> u64 {
+/// every writable descriptor visited within the bounds counts), read from `mem`, a copy
+/// of all of guest memory. (The harness once read each field through `GuestMemory`:
+/// that took 60% of every run, the device under test less than 10%.)
+fn chain_cap(mem: &[u8], table: u64, size: u16, head: u16) -> u64 {
+    let field = |at: u64, n: usize| -> u64 {
+        let mut b = [0u8; 8];
+        if let Some(src) = usize::try_from(at)
+            .ok()
+            .and_then(|at| mem.get(at..at.checked_add(n)?))
+        {
+            b[..n].copy_from_slice(src);
+        }
+        u64::from_le_bytes(b)
+    };
     let read = |at: u64| -> (u64, u32, u16, u16) {
-        let a: u64 = mem.read_obj(GuestAddress(at)).unwrap_or(0);
-        let l: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap_or(0);
-        let f: u16 = mem.read_obj(GuestAddress(at + 12)).unwrap_or(0);
-        let n: u16 = mem.read_obj(GuestAddress(at + 14)).unwrap_or(0);
-        (a, l, f, n)
+        (
+            field(at, 8),
+            field(at.wrapping_add(8), 4) as u32,
+            field(at.wrapping_add(12), 2) as u16,
+            field(at.wrapping_add(14), 2) as u16,
+        )
     };
     let mut total = 0u64;
     let mut d = head;
@@ -135,6 +148,8 @@ struct Harness {
     listeners: Vec<(UnixListener, PathBuf)>,
     features: u64,
     uds: PathBuf,
+    /// A copy of guest memory for `snapshot` (kept to reuse its allocation).
+    copy: Vec<u8>,
 }
 
 impl Harness {
@@ -187,9 +202,12 @@ impl Harness {
 
     /// Records what each head offers now (the device may pop it during this call).
     fn snapshot(&mut self) {
+        self.mem
+            .read_slice(&mut self.copy, GuestAddress(0))
+            .unwrap();
         for r in &mut self.rings {
             for h in 0..r.size {
-                let c = chain_cap(&self.mem, r.desc(), r.size, h);
+                let c = chain_cap(&self.copy, r.desc(), r.size, h);
                 let slot = &mut r.cap[usize::from(h)];
                 *slot = (*slot).max(c);
             }
@@ -279,6 +297,7 @@ fn run(data: &[u8]) {
         listeners: Vec::new(),
         features,
         uds: uds.clone(),
+        copy: vec![0; 2 * REGION as usize],
     };
     h.activate();
     while !input.is_empty() {
