@@ -658,7 +658,7 @@ pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
     }
     let include = cache.join("root").join("usr").join("include");
     if videodev2_ok(&include) {
-        return Ok(include);
+        return pin_v4l2r_rerun(include);
     }
     let codename = packages::os_codename();
     if codename != "bookworm" {
@@ -683,6 +683,21 @@ pub fn ensure_media_deps(cache: &Path) -> Result<PathBuf> {
             "media-deps: {}/linux/videodev2.h is older than Linux 6.5",
             include.display()
         ));
+    }
+    pin_v4l2r_rerun(include)
+}
+
+/// v4l2r's build script passes `-I$V4L2R_VIDEODEV2_H_PATH` to clang, whose wrapper
+/// includes `<linux/videodev2.h>` (so the variable must be the include root), but it
+/// tells cargo to rerun when `$V4L2R_VIDEODEV2_H_PATH/videodev2.h` changes: a file
+/// that does not exist there, which cargo takes as changed on every build, rebuilding
+/// v4l2r and every crate above it each time. A link by that name to the real header
+/// in our own include root makes the build cached again.
+fn pin_v4l2r_rerun(include: PathBuf) -> Result<PathBuf> {
+    let link = include.join("videodev2.h");
+    if fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("linux/videodev2.h", &link)
+            .map_err(|e| format!("media-deps: link {}: {e}", link.display()))?;
     }
     Ok(include)
 }
