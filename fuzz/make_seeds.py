@@ -106,6 +106,35 @@ userptr = reqbufs[:8] + struct.pack("<I", 2) + reqbufs[12:]
 write("media_commands", "userptr", bytes([0xA2]) + ioctl(2, 8, userptr) + bytes([0xD0]) + struct.pack("<IB", 0x1000, 16) + bytes(16)
       + ioctl(2, 15, struct.pack("<II", 0, 1).ljust(60, b"\0") + struct.pack("<IQI", 2, 0x80000, 4096) + bytes(12)))
 
+# --- media_proxy ------------------------------------------------------------------------
+# The same program as media_commands (its seeds), and multi-planar ones for vivid's
+# multi-planar node (buffer type 9, the planes after the buffer).
+for name in ["stream", "mmap", "raw", "userptr"]:
+    with open(os.path.join("corpus", "media_commands", "seed-" + name), "rb") as f:
+        write("media_proxy", name, f.read())
+def mp_buf(memory, planes):
+    b = struct.pack("<II", 0, 9).ljust(88, b"\0")
+    b = b[:60] + struct.pack("<I", memory) + b[64:72] + struct.pack("<I", len(planes)) + b[76:]
+    return b + b"".join(planes)
+plane = bytes(64)
+mp_req = struct.pack("<IIIII", 2, 9, 1, 0, 0)
+write("media_proxy", "mplane-stream", bytes([0xA0]) + ioctl(0, 4, struct.pack("<I", 9) + bytes(204), cap_type=False)
+      + ioctl(0, 5, struct.pack("<I", 9) + bytes(204), cap_type=False) + ioctl(0, 8, mp_req, cap_type=False)
+      + ioctl(0, 9, mp_buf(1, [plane]), cap_type=False) + ioctl(0, 15, mp_buf(1, [plane]), cap_type=False)
+      + ioctl(0, 18, struct.pack("<I", 9), cap_type=False) + bytes([0xF0, 0xF0, 0xF0])
+      + ioctl(0, 19, struct.pack("<I", 9), cap_type=False) + bytes([0xB0]))
+# USERPTR: an SG list covering each plane's length follows the buffer and its planes
+# (one entry: guest address 0x80000, 4096 bytes).
+sg = struct.pack("<QII", 0x80000, 4096, 0)
+up_plane = struct.pack("<IIQ", 0, 4096, 0).ljust(64, b"\0")
+write("media_proxy", "mplane-userptr", bytes([0xA1]) + ioctl(1, 8, struct.pack("<IIIII", 2, 9, 2, 0, 0), cap_type=False)
+      + ioctl(1, 15, mp_buf(2, [up_plane]) + sg, cap_type=False) + ioctl(1, 18, struct.pack("<I", 9), cap_type=False)
+      + bytes([0xF0, 0xF0]))
+sp_buf = struct.pack("<II", 0, 1).ljust(60, b"\0") + struct.pack("<IQI", 2, 0, 4096) + bytes(12)
+write("media_proxy", "userptr-sg", bytes([0xA2]) + ioctl(2, 8, struct.pack("<IIIII", 2, 1, 2, 0, 0), cap_type=False)
+      + ioctl(2, 15, sp_buf + sg, cap_type=False) + ioctl(2, 18, struct.pack("<I", 1), cap_type=False)
+      + bytes([0xF0, 0xF0]))
+
 # --- connect_line ---------------------------------------------------------------------
 for i, (mode, split, line) in enumerate([(0, 255, b"CONNECT 1234\n"), (1, 255, b"connect 5\n"), (0, 4, b"CONNECT 12\nhello"),
                                           (0, 255, b"CONNECT 1234"), (1, 255, b"CONNECT\t4294967295"), (0, 255, b"CONNECT 4294967296\n")]):

@@ -1,185 +1,23 @@
 //! `media_commands`: the virtio-media command queue and V4L2 ioctl dispatch
 //! (`VirtioMedia` over `MediaRunner` over the `SoftwareCamera`, with real guest memory
-//! for USERPTR buffers and SG lists), driven through a split ring by `outboard-tests`'
-//! `MediaGuest` (the request in two readable descriptors, a writable response buffer).
-//!
-//! Input: operations, one byte each:
-//! - `0x00..=0x3f` a raw command: response room u16 (`% 4096`), length u16 (`% 1024`),
-//!   bytes;
-//! - `0x40..=0x9f` an IOCTL on the session of slot `op % 4` (or a raw id): ioctl
-//!   number u8, response room u16, argument length u16 (`% 512`), argument bytes, with
-//!   the first word made a valid capture buffer type when bit 2 of `op` is set;
-//! - `0xa0..=0xaf` OPEN (the session goes to slot `op % 4`); `0xb0..=0xbf` CLOSE of a
-//!   slot; `0xc0..=0xcf` MMAP (offset u32) / MUNMAP (address u64) by bit 0;
-//! - `0xd0..=0xdf` a write into guest memory below 1 MiB (offset u32, length u8, bytes),
-//!   for SG lists and user pointers;
-//! - otherwise the device's event (frames, dequeue events).
-//!
-//! Asserts: every command is answered (the device returns the chain) with no more
-//! bytes than the response buffer holds; every answer with room for a response header
-//! except CLOSE's starts with one; nothing panics; and afterwards, once every session
-//! it opened is closed (OPEN beyond the session cap is refused with ENFILE, as
-//! documented), the device opens a new session and answers ENUM_FMT on it.
+//! for USERPTR buffers and SG lists). The input is the command program of
+//! `outboard_fuzz::media` (its module doc gives the format and the asserts), shared
+//! with `media_proxy`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use outboard_devices::media::camera::{SoftwareCamera, DEVICE_CAPS};
-use outboard_devices::media::v4l2::{V4l2Fmtdesc, BUF_TYPE_VIDEO_CAPTURE};
+use outboard_devices::media::v4l2::BUF_TYPE_VIDEO_CAPTURE;
 use outboard_devices::media::{EventBuffer, GuestMemoryRegions};
-use outboard_devices::virtio::VirtioDevice;
-use outboard_fuzz::Input;
-use outboard_protocol::media::{
-    CloseCmd, CmdHeader, IoctlCmd, MediaCmd, MediaConfig, MmapCmd, MunmapCmd, OpenResp,
-};
-use outboard_protocol::v4l2::V4l2Ioctl;
+use outboard_protocol::media::MediaConfig;
 use outboard_tests::media::{MediaGuest, TestShm};
-use vm_memory::{Bytes, GuestAddress};
-use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 type Camera = SoftwareCamera<EventBuffer, TestShm, GuestMemoryRegions>;
 
-fn command(g: &mut MediaGuest<Camera>, req: &[u8], room: u32, close: bool) -> Vec<u8> {
-    // `raw` asserts that the chain comes back and the length fits the room.
-    let r = g.raw(req, room);
-    if room >= 8 && !close {
-        assert!(
-            r.len() >= 8,
-            "an answer of {} bytes has no response header",
-            r.len()
-        );
-    }
-    r
-}
-
-fn run(data: &[u8]) {
-    let mut input = Input::new(data);
-    let mut g: MediaGuest<Camera> = MediaGuest::new(
+fuzz_target!(|data: &[u8]| {
+    let g: MediaGuest<Camera> = MediaGuest::new(
         MediaConfig::new(DEVICE_CAPS, 0, "camera"),
         SoftwareCamera::new,
     );
-    let mut sessions = [0u32; 4];
-    // Every session the device opened, to close them before the healthy check (the
-    // session cap answers OPEN with ENFILE, as documented, until then).
-    let mut opened = Vec::new();
-    let mut note_open = |req: &[u8], r: &[u8]| -> Option<u32> {
-        let open = CmdHeader::new(MediaCmd::Open).cmd.to_le_bytes();
-        let resp = OpenResp::read_from_prefix(r).ok()?.0;
-        (req.get(..4) == Some(&open[..]) && resp.hdr.status == 0).then(|| {
-            opened.push(resp.session_id);
-            resp.session_id
-        })
-    };
-    while !input.is_empty() {
-        let op = input.u8();
-        match op {
-            0x00..=0x3f => {
-                let room = u32::from(input.u16() % 4096);
-                let len = usize::from(input.u16() % 1024);
-                let req = input.bytes(len).to_vec();
-                let close =
-                    req.get(..4) == Some(&CmdHeader::new(MediaCmd::Close).cmd.to_le_bytes()[..]);
-                let r = command(&mut g, &req, room, close);
-                note_open(&req, &r);
-            }
-            0x40..=0x9f => {
-                let session = if op & 8 != 0 {
-                    input.u32()
-                } else {
-                    sessions[usize::from(op % 4)]
-                };
-                let code = u32::from(input.u8());
-                let room = u32::from(input.u16());
-                let len = usize::from(input.u16() % 512);
-                let mut arg = input.bytes(len).to_vec();
-                if op & 4 != 0 && arg.len() >= 4 {
-                    arg[..4].copy_from_slice(&BUF_TYPE_VIDEO_CAPTURE.to_le_bytes());
-                }
-                let mut req = CmdHeader::new(MediaCmd::Ioctl).as_bytes().to_vec();
-                req.extend_from_slice(
-                    IoctlCmd {
-                        session_id: session,
-                        code,
-                    }
-                    .as_bytes(),
-                );
-                req.extend_from_slice(&arg);
-                command(&mut g, &req, room, false);
-            }
-            0xa0..=0xaf => {
-                let req = CmdHeader::new(MediaCmd::Open);
-                let r = command(&mut g, req.as_bytes(), 64, false);
-                if let Some(id) = note_open(req.as_bytes(), &r) {
-                    sessions[usize::from(op % 4)] = id;
-                }
-            }
-            0xb0..=0xbf => {
-                let mut req = CmdHeader::new(MediaCmd::Close).as_bytes().to_vec();
-                req.extend_from_slice(
-                    CloseCmd {
-                        session_id: sessions[usize::from(op % 4)],
-                        reserved: 0,
-                    }
-                    .as_bytes(),
-                );
-                command(&mut g, &req, 16, true);
-            }
-            0xc0..=0xcf => {
-                let session = sessions[usize::from(op % 4)];
-                let req = if op & 1 == 0 {
-                    let mut req = CmdHeader::new(MediaCmd::Mmap).as_bytes().to_vec();
-                    req.extend_from_slice(
-                        MmapCmd {
-                            session_id: session,
-                            flags: u32::from(input.u8() & 1),
-                            offset: input.u32(),
-                        }
-                        .as_bytes(),
-                    );
-                    req
-                } else {
-                    let mut req = CmdHeader::new(MediaCmd::Munmap).as_bytes().to_vec();
-                    req.extend_from_slice(
-                        MunmapCmd {
-                            driver_addr: input.u64(),
-                        }
-                        .as_bytes(),
-                    );
-                    req
-                };
-                command(&mut g, &req, 64, false);
-            }
-            0xd0..=0xdf => {
-                let off = u64::from(input.u32() % (1 << 20));
-                let len = usize::from(input.u8());
-                let bytes = input.bytes(len).to_vec();
-                g.mem.write_slice(&bytes, GuestAddress(off)).unwrap();
-            }
-            _ => g.dev.handle_event(),
-        }
-    }
-    // Healthy: with every session closed, a new one opens and works.
-    for id in opened {
-        let mut req = CmdHeader::new(MediaCmd::Close).as_bytes().to_vec();
-        req.extend_from_slice(
-            CloseCmd {
-                session_id: id,
-                reserved: 0,
-            }
-            .as_bytes(),
-        );
-        command(&mut g, &req, 16, true);
-    }
-    let r = command(&mut g, CmdHeader::new(MediaCmd::Open).as_bytes(), 64, false);
-    let Ok(open) = OpenResp::read_from_bytes(&r) else {
-        panic!("OPEN after the hostile commands answered {r:?}");
-    };
-    assert_eq!(open.hdr.status, 0, "OPEN after the hostile commands failed");
-    let s = open.session_id;
-    let mut fmt = V4l2Fmtdesc::new_zeroed();
-    fmt.type_ = BUF_TYPE_VIDEO_CAPTURE;
-    let got: Result<V4l2Fmtdesc, u32> = g.ioctl(s, V4l2Ioctl::VIDIOC_ENUM_FMT, &fmt);
-    assert!(got.is_ok(), "ENUM_FMT after the hostile commands: {got:?}");
-    g.close(s);
-}
-
-fuzz_target!(|data: &[u8]| run(data));
+    outboard_fuzz::media::run(data, g, BUF_TYPE_VIDEO_CAPTURE);
+});

@@ -36,9 +36,9 @@ use libfuzzer_sys::fuzz_target;
 use outboard_devices::virtio::{Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use outboard_devices::vsock::{Vsock, VsockDeviceConfig};
 use outboard_fuzz::Input;
-use outboard_vmm_glue::rust_vmm::boxed_queues;
 use outboard_protocol::vsock::VIRTIO_VSOCK_F_SEQPACKET;
 use outboard_tests::{CountingInterrupt, DriverQueue};
+use outboard_vmm_glue::rust_vmm::boxed_queues;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const REGION: u64 = 0x10000;

@@ -8,7 +8,10 @@
 //! - [`send_raw`]: writes bytes with fds attached (SCM_RIGHTS), without any check of the
 //!   vhost-user framing, so that a target can lie in a header.
 //! - [`GuestFile`]: a memfd mapped shared, the guest memory a front-end hands over.
+//! - [`media`]: the virtio-media command program of `media_commands` and `media_proxy`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness: a panic is a finding
+
+pub mod media;
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

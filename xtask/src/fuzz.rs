@@ -8,6 +8,12 @@
 //! fuzzers build into `target/fuzz`. A summary gives executions and edges covered
 //! (libFuzzer's `cov:`) per target; logs are in `target/fuzz-logs/`.
 //!
+//! `media_proxy` (the V4L2 proxy, feature `v4l2-proxy` of the fuzz crate, with which
+//! every target is built: it needs v4l2r's build dependencies, which `cargo xtask
+//! media-deps` installs, and this does too) runs in a QEMU guest
+//! with vivid, half its time on a single-planar node and half on a multi-planar one
+//! (see `fuzz_guest.rs`).
+//!
 //! cargo-fuzz comes from `PATH` or from `target/fuzz-tools/bin`, where it is installed
 //! (`cargo install cargo-fuzz --locked`, about a minute) when neither has it.
 //!
@@ -21,6 +27,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::{self, Result};
+use crate::{fuzz_guest, setup};
 
 /// Every target in `fuzz/fuzz_targets/`, fast ones first.
 pub const TARGETS: &[&str] = &[
@@ -32,7 +39,11 @@ pub const TARGETS: &[&str] = &[
     "vsock_queue",
     "media_commands",
     "handover_record",
+    "media_proxy",
 ];
+
+/// The target that runs in a guest over vivid (see the module doc).
+const GUEST_TARGET: &str = "media_proxy";
 
 /// What `cargo xtask fuzz` was asked to do.
 struct Options {
@@ -120,7 +131,7 @@ fn cargo_fuzz(tools: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// The last `cov:` and the execution count in a libFuzzer log.
-fn figures(log: &str) -> (Option<u64>, Option<u64>) {
+pub(crate) fn figures(log: &str) -> (Option<u64>, Option<u64>) {
     let cov = log
         .lines()
         .rev()
@@ -180,10 +191,21 @@ pub fn run(args: &[String]) -> Result<bool> {
     };
     let target_dir = target.join("fuzz");
     let build_start = Instant::now();
+    // Every target is built with the V4L2 proxy (`media_proxy` needs it, and one feature
+    // set for all keeps cargo from rebuilding the shared crates on every other build).
+    let include = setup::ensure_media_deps(&setup::cache_dir().join("media-deps"))?;
     util::run(
         fuzz_cmd(&root, &tools)
-            .args(["fuzz", "build", "-O", "--target-dir"])
-            .arg(&target_dir),
+            .args([
+                "fuzz",
+                "build",
+                "-O",
+                "--features",
+                "v4l2-proxy",
+                "--target-dir",
+            ])
+            .arg(&target_dir)
+            .env("V4L2R_VIDEODEV2_H_PATH", &include),
         Duration::from_secs(1800),
     )?;
     println!(
@@ -201,20 +223,57 @@ pub fn run(args: &[String]) -> Result<bool> {
             fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
         let log_path = logs.join(format!("{t}.log"));
+        if *t == GUEST_TARGET {
+            let start = Instant::now();
+            let bin = target_dir
+                .join("x86_64-unknown-linux-gnu")
+                .join("release")
+                .join(t);
+            let outcome =
+                fuzz_guest::run(&bin, &corpus, &scratch, &artifacts, opts.seconds, &log_path);
+            match outcome {
+                Ok(runs) => {
+                    for r in &runs {
+                        println!(
+                            "==> fuzz {t} on {}: {} executions, cov {}",
+                            r.node,
+                            r.execs.map_or("?".into(), |n| n.to_string()),
+                            r.cov.map_or("?".into(), |n| n.to_string())
+                        );
+                    }
+                    let execs = runs.iter().map(|r| r.execs).sum::<Option<u64>>();
+                    let cov = runs.iter().filter_map(|r| r.cov).max();
+                    results.push((*t, true, execs, cov, start.elapsed()));
+                }
+                Err(e) => {
+                    eprintln!("xtask: fuzz {t} failed: {e}; log {}", log_path.display());
+                    results.push((*t, false, None, None, start.elapsed()));
+                }
+            }
+            continue;
+        }
         let log = fs::File::create(&log_path)
             .map_err(|e| format!("create {}: {e}", log_path.display()))?;
         let mut cmd = fuzz_cmd(&root, &tools);
-        cmd.args(["fuzz", "run", "-O", "--target-dir"])
-            .arg(&target_dir)
-            .arg(t)
-            .arg(&scratch)
-            .arg(&corpus)
-            .arg("--")
-            .arg(format!("-max_total_time={}", opts.seconds))
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
-            .args(["-timeout=10", "-print_final_stats=1", "-rss_limit_mb=3072"])
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log);
+        cmd.args([
+            "fuzz",
+            "run",
+            "-O",
+            "--features",
+            "v4l2-proxy",
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .arg(t)
+        .arg(&scratch)
+        .arg(&corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={}", opts.seconds))
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .args(["-timeout=10", "-print_final_stats=1", "-rss_limit_mb=3072"])
+        .env("V4L2R_VIDEODEV2_H_PATH", &include)
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
         let dict = root.join("fuzz").join(format!("{t}.dict"));
         if dict.exists() {
             cmd.arg(format!("-dict={}", dict.display()));

@@ -39,6 +39,7 @@ mod device_cost;
 mod e2e;
 mod examples;
 mod fuzz;
+mod fuzz_guest;
 mod guest_patch;
 mod host;
 mod live_upgrade;

@@ -147,7 +147,7 @@ fn build_shim(include: &Path) -> Result<PathBuf> {
 
 /// The files `ldd` lists for `bin`: the libraries and the dynamic loader, by the paths
 /// the loader finds them at (the guest gets them at the same paths).
-fn ldd_files(bin: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn ldd_files(bin: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd")
         .arg(bin)
         .stdin(Stdio::null())
