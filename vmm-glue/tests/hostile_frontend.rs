@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::vsock_guest::OpenSession;
 use common::{bfd, GuestMem};
 use outboard_protocol::vhost_user::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddr,
@@ -380,6 +381,41 @@ fn a_front_end_that_truncates_its_memory() {
     let log = d.sigterm();
     assert!(log.contains("cut short"), "{log}");
     assert!(log.contains("guest address 0x0"), "{log}");
+}
+
+/// Defect 2, what the neighbours keep: CID 3 has a host connection open, with data
+/// flowing, when CID 4's front-end truncates its memory under the daemon (its rings in
+/// the cut-off part) and kicks. The daemon is one process for both VMs, so without the
+/// guard this SIGBUS ended CID 3's connection too. Now CID 4's front-end is dropped and
+/// CID 3's connection, the same one and not a new one, carries data both ways before,
+/// during and after; SIGTERM still ends the daemon in time with it open.
+#[test]
+fn a_neighbours_truncation_leaves_open_connections_alone() {
+    let d = Daemon::start("truncate-neighbour");
+    let mut good = OpenSession::open(&d.socket("a"), &d.dir.join("a.vsock"));
+    good.exchange(0);
+    let mem = GuestMem::new(MEM);
+    let (kick, call, err) = ring_eventfds();
+    let mut fe = Frontend::connect(d.socket("b")).unwrap();
+    start_tx(&mut fe, &mem, &kick, &call, &err);
+    good.exchange(1);
+    truncate(&mem, 0x1000);
+    kick.write(1).unwrap();
+    good.exchange(2);
+    assert!(
+        dropped_within(&mut fe, Duration::from_secs(5)),
+        "the front-end was not dropped"
+    );
+    for round in 3..20 {
+        good.exchange(round);
+    }
+    // The attacker's VM is served again, and its old memory is not touched again.
+    assert!(answers(&d.socket("b")));
+    good.exchange(20);
+    let log = d.sigterm_with_log_under(50);
+    assert!(log.contains("cut short"), "{log}");
+    assert!(log.contains("vsock cid 4"), "{log}");
+    drop(good);
 }
 
 /// Every attack above, repeated: afterwards the daemon holds the fds and about the
