@@ -2,10 +2,15 @@
 //! capabilities are printed, and SIGTERM ends a serving daemon cleanly.
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::vsock_guest::connect_frontend as frontend;
 
 fn outboard() -> Command {
     Command::new(env!("CARGO_BIN_EXE_outboard"))
@@ -261,22 +266,6 @@ fn serves_inherited_fd(dir: &std::path::Path, command: impl Fn(i32) -> Command) 
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
-}
-
-/// A front-end connected to `path`, waiting up to 10 s for the daemon to listen.
-fn frontend(path: &std::path::Path) -> outboard_transport::Frontend {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(fe) = outboard_transport::Frontend::connect(path) {
-            return fe;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never accepted",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Waits for `path` to accept a vhost-user front-end and checks that it answers.

@@ -170,6 +170,7 @@ pub fn send(mem: &GuestMem, tx: &mut Ring, hdr: [u8; HDR], payload: &[u8]) {
     assert_eq!(tx.next_used(mem).0, id);
 }
 
+/// A front-end connected to `path`, waiting up to 10 s for the daemon to listen.
 pub fn connect_frontend(path: &Path) -> Frontend {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
