@@ -41,7 +41,7 @@ pub enum ColdError {
         /// The OS error.
         source: rustix::io::Errno,
     },
-    /// The payload is larger than [`MAX_PAYLOAD`].
+    /// The payload is larger than the receiver accepts ([`MAX_PAYLOAD`] at most).
     #[error("payload of {size} bytes exceeds {max}")]
     TooLarge {
         /// The announced size.
@@ -101,6 +101,19 @@ pub fn send<T: Serialize + ?Sized>(
 
 /// Receives a message sent with [`send`], and the fds that came with it.
 pub fn recv<T: DeserializeOwned>(tube: &Tube) -> Result<(T, Vec<OwnedFd>), ColdError> {
+    recv_within(tube, MAX_PAYLOAD)
+}
+
+/// [`recv`] of a message whose JSON may be at most `max` bytes (at most [`MAX_PAYLOAD`]):
+/// a larger memfd payload is refused as [`ColdError::TooLarge`] before anything is
+/// allocated or read. A receiver that expects only small answers passes
+/// [`INLINE_MAX`], so that a hostile sender cannot make it allocate and parse
+/// [`MAX_PAYLOAD`] bytes.
+pub fn recv_within<T: DeserializeOwned>(
+    tube: &Tube,
+    max: u64,
+) -> Result<(T, Vec<OwnedFd>), ColdError> {
+    let max = max.min(MAX_PAYLOAD);
     let (bytes, mut fds) = tube.recv_bytes()?;
     match bytes.split_first() {
         Some((&INLINE, json)) => Ok((serde_json::from_slice(json)?, fds)),
@@ -109,11 +122,8 @@ pub fn recv<T: DeserializeOwned>(tube: &Tube) -> Result<(T, Vec<OwnedFd>), ColdE
                 .try_into()
                 .map_err(|_| ColdError::Malformed(format!("length of {} bytes", len.len())))?;
             let size = u64::from_le_bytes(len);
-            if size > MAX_PAYLOAD {
-                return Err(ColdError::TooLarge {
-                    size,
-                    max: MAX_PAYLOAD,
-                });
+            if size > max {
+                return Err(ColdError::TooLarge { size, max });
             }
             let memfd = fds
                 .pop()
@@ -130,7 +140,7 @@ pub fn recv<T: DeserializeOwned>(tube: &Tube) -> Result<(T, Vec<OwnedFd>), ColdE
                     "payload memfd holds {actual} bytes, {size} announced"
                 )));
             }
-            // `size` is bounded by MAX_PAYLOAD above.
+            // `size` is bounded by `max` <= MAX_PAYLOAD above.
             let mut buf = vec![0u8; size as usize];
             let mut done = 0;
             while done < buf.len() {

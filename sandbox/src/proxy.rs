@@ -209,14 +209,14 @@ pub enum ProxyError {
     #[error("tube setup: {0}")]
     TubeSetup(outboard_transport::Error),
     /// The child answered with a result of the wrong kind.
-    #[error("{label}: {command}: unexpected answer {got}")]
+    #[error("{label}: {command}: unexpected answer of kind {got}")]
     UnexpectedResult {
         /// The device label.
         label: String,
         /// The command.
         command: &'static str,
-        /// What arrived.
-        got: String,
+        /// The kind of answer that arrived (not its content, which the child chose).
+        got: &'static str,
     },
 }
 
@@ -233,6 +233,15 @@ enum ColdCommand {
 }
 
 impl ColdCommand {
+    /// The most JSON the child's answer to this command may take: a snapshot may be
+    /// large (it travels in a memfd), every other answer fits a datagram.
+    fn max_answer(&self) -> u64 {
+        match self {
+            ColdCommand::Snapshot => cold::MAX_PAYLOAD,
+            _ => cold::INLINE_MAX as u64,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             ColdCommand::Activate => "activate",
@@ -255,6 +264,59 @@ enum ColdResult {
     Ranges(Vec<(BusRange, BusType)>),
     Snapshot(Result<serde_json::Value, SuspendError>),
     Done(Result<(), SuspendError>),
+}
+
+impl ColdResult {
+    /// The kind of answer, for errors: never the child's content, which may be large.
+    fn kind(&self) -> &'static str {
+        match self {
+            ColdResult::Ok => "ok",
+            ColdResult::Refused(_) => "refused",
+            ColdResult::InitPciConfigMapping(_) => "init_pci_config_mapping",
+            ColdResult::Ranges(_) => "ranges",
+            ColdResult::Snapshot(_) => "snapshot",
+            ColdResult::Done(_) => "done",
+        }
+    }
+}
+
+/// Most bytes of text from the child (a refusal's reason, the strings of a suspend
+/// error) that the proxy keeps in its errors: they end up in the VMM's log, and a
+/// compromised child must not write megabytes there.
+pub const MAX_CHILD_TEXT: usize = 1024;
+
+/// `text` from the child, cut to [`MAX_CHILD_TEXT`] bytes (at a character boundary)
+/// with the length it had.
+fn child_text(mut text: String) -> String {
+    if text.len() > MAX_CHILD_TEXT {
+        let total = text.len();
+        let mut cut = MAX_CHILD_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(&format!("... ({total} bytes from the child)"));
+    }
+    text
+}
+
+/// A suspend error from the child, its strings cut with [`child_text`].
+fn child_suspend_error(e: SuspendError) -> SuspendError {
+    match e {
+        SuspendError::Failed {
+            device,
+            operation,
+            reason,
+        } => SuspendError::Failed {
+            device: child_text(device),
+            operation: child_text(operation),
+            reason: child_text(reason),
+        },
+        SuspendError::Unsupported { device, operation } => SuspendError::Unsupported {
+            device: child_text(device),
+            operation: child_text(operation),
+        },
+    }
 }
 
 /// The interface to a device child process before it is activated.
@@ -539,7 +601,14 @@ impl TryFrom<ChildProcIntf> for ProxyDevice {
                 command: "activate",
                 source,
             })
-            .and_then(|()| proxy.recv_tube::<ColdResult>(&tube, "activate", proxy.cold_timeout));
+            .and_then(|()| {
+                proxy.recv_tube::<ColdResult>(
+                    &tube,
+                    "activate",
+                    proxy.cold_timeout,
+                    cold::INLINE_MAX as u64,
+                )
+            });
         drop(tube);
         match res {
             Ok(ColdResult::Ok) => Ok(proxy),
@@ -553,7 +622,7 @@ impl TryFrom<ChildProcIntf> for ProxyDevice {
             Ok(other) => Err(proxy.fail(ProxyError::UnexpectedResult {
                 label,
                 command: "activate",
-                got: format!("{other:?}"),
+                got: other.kind(),
             })),
             Err(e) => Err(proxy.fail(e)),
         }
@@ -659,12 +728,13 @@ impl ProxyDevice {
     }
 
     /// Receives a Tube message the child has sent (or is about to send), bounded by
-    /// `timeout` and the child's liveness.
+    /// `timeout` and the child's liveness, of at most `max` bytes of JSON.
     fn recv_tube<T: serde::de::DeserializeOwned>(
         &self,
         tube: &Tube,
         command: &'static str,
         timeout: Duration,
+        max: u64,
     ) -> Result<T, ProxyError> {
         let label = &self.debug_label;
         let start = Instant::now();
@@ -697,7 +767,7 @@ impl ProxyDevice {
                 }));
             }
         }
-        match cold::recv::<T>(tube) {
+        match cold::recv_within::<T>(tube, max) {
             Ok((msg, fds)) if fds.is_empty() => Ok(msg),
             Ok((_, fds)) => Err(self.fail(ProxyError::Cold {
                 label: label.clone(),
@@ -736,12 +806,14 @@ impl ProxyDevice {
         }
         self.wait(&sp, command, seq, timeout)?;
         drop(sp);
-        match self.recv_tube(tube, command, timeout)? {
+        match self.recv_tube(tube, command, timeout, cmd.max_answer())? {
             ColdResult::Refused(reason) => Err(ProxyError::Refused {
                 label: self.debug_label.clone(),
                 command,
-                reason,
+                reason: child_text(reason),
             }),
+            ColdResult::Snapshot(Err(e)) => Ok(ColdResult::Snapshot(Err(child_suspend_error(e)))),
+            ColdResult::Done(Err(e)) => Ok(ColdResult::Done(Err(child_suspend_error(e)))),
             other => Ok(other),
         }
     }
@@ -755,7 +827,7 @@ impl ProxyDevice {
         self.fail(ProxyError::UnexpectedResult {
             label: self.debug_label.clone(),
             command,
-            got: format!("{got:?}"),
+            got: got.kind(),
         })
     }
 
@@ -901,7 +973,9 @@ impl ProxyDevice {
         drop(sp);
         match st {
             status::OK => Ok(ConfigWriteResult::default()),
-            status::FOLLOWS => self.recv_tube(&tube, command, self.hot_timeout),
+            status::FOLLOWS => {
+                self.recv_tube(&tube, command, self.hot_timeout, cold::INLINE_MAX as u64)
+            }
             _ => Err(ProxyError::Refused {
                 label: self.debug_label.clone(),
                 command,
@@ -1003,7 +1077,7 @@ impl ProxyDevice {
             other => Err(ProxyError::UnexpectedResult {
                 label: self.debug_label.clone(),
                 command: "shutdown",
-                got: format!("{other:?}"),
+                got: other.kind(),
             }),
         }
     }

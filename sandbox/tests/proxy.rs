@@ -474,6 +474,117 @@ fn test_snapshot_restore_sleep_wake() -> Result<(), String> {
     Ok(())
 }
 
+/// A device whose answers are as large as a compromised child could make them: ten
+/// thousands of ranges (a megabyte of JSON, sent in a memfd), a suspend error with a
+/// megabyte reason (`sleep`, in a memfd) and one with two 30 kB strings (`wake`,
+/// inline).
+struct OversizedDevice;
+
+impl BusDevice for OversizedDevice {
+    fn device_id(&self) -> DeviceId {
+        DeviceId::Pci {
+            vendor: 0,
+            device: 0,
+        }
+    }
+
+    fn debug_label(&self) -> String {
+        "oversized".to_owned()
+    }
+
+    fn read(&mut self, _info: BusAccessInfo, data: &mut [u8]) {
+        data.fill(0x5a);
+    }
+
+    fn write(&mut self, _info: BusAccessInfo, _data: &[u8]) {}
+
+    fn get_ranges(&self) -> Vec<(BusRange, BusType)> {
+        (0..40_000u64)
+            .map(|i| {
+                (
+                    BusRange {
+                        base: 0x1000_0000 + i * 0x1000,
+                        len: 0x1000,
+                    },
+                    BusType::Mmio,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Suspendable for OversizedDevice {
+    fn sleep(&mut self) -> Result<(), SuspendError> {
+        Err(SuspendError::Failed {
+            device: "oversized".into(),
+            operation: "sleep".into(),
+            reason: "s".repeat(1 << 20),
+        })
+    }
+
+    fn wake(&mut self) -> Result<(), SuspendError> {
+        Err(SuspendError::Failed {
+            device: "w".repeat(30_000),
+            operation: "wake".into(),
+            reason: "é".repeat(15_000),
+        })
+    }
+}
+
+/// What a compromised child sends the VMM is bounded: an answer that may only be small
+/// (everything but a snapshot) is refused past a datagram's worth of JSON before the
+/// VMM allocates or parses it, and the child's text in errors (which the VMM logs) is
+/// cut to `MAX_CHILD_TEXT` bytes. Before, the VMM took up to 256 MiB of JSON for any
+/// answer and kept (and logged) the child's strings whole.
+fn test_oversized_answers_are_bounded() -> Result<(), String> {
+    use outboard_sandbox::proxy::MAX_CHILD_TEXT;
+    let mut p = ProxyDevice::new(OversizedDevice, &Jail::new(), &[]).map_err(e("new"))?;
+    // Inline, but long: cut, with the length it had, at a character boundary.
+    match p.wake() {
+        Err(SuspendError::Failed {
+            device,
+            operation,
+            reason,
+        }) => {
+            ensure!(operation == "wake", "{operation}");
+            for (what, text, total) in [("device", &device, 30_000), ("reason", &reason, 30_000)] {
+                ensure!(
+                    text.len() <= MAX_CHILD_TEXT + 64,
+                    "{what}: {} bytes kept",
+                    text.len()
+                );
+                ensure!(
+                    text.ends_with(&format!("... ({total} bytes from the child)")),
+                    "{what}: {}",
+                    &text[text.len() - 40..]
+                );
+            }
+        }
+        other => return Err(format!("wake: {other:?}")),
+    }
+    // Still usable: a bounded answer is not a protocol error.
+    ensure!(read_u64(&p, 0)? == 0x5a5a_5a5a_5a5a_5a5a, "read after wake");
+    // A megabyte refusal reason needs a memfd: refused as too large.
+    match p.sleep() {
+        Err(SuspendError::Failed { reason, .. }) => {
+            ensure!(reason.len() < 512, "{} bytes of reason", reason.len());
+            ensure!(reason.contains("exceeds 65536"), "{reason}");
+        }
+        other => return Err(format!("sleep: {other:?}")),
+    }
+    // The proxy stopped trusting the child: the next call fails at once.
+    let q = ProxyDevice::new(OversizedDevice, &Jail::new(), &[]).map_err(e("new"))?;
+    match q.try_get_ranges() {
+        Err(err @ ProxyError::Cold { .. }) => {
+            let text = err.to_string();
+            ensure!(text.contains("exceeds 65536"), "{text}");
+        }
+        other => return Err(format!("get_ranges: {other:?}")),
+    }
+    ensure!(q.is_broken(), "the proxy still trusts the child");
+    Ok(())
+}
+
 fn test_child_killed_mid_call() -> Result<(), String> {
     let p = ProxyDevice::new(FullDevice::new(None), &Jail::new(), &[]).map_err(e("new"))?;
     let pid = p.pid();
@@ -1045,6 +1156,10 @@ fn main() {
         (
             "snapshot_restore_sleep_wake",
             test_snapshot_restore_sleep_wake,
+        ),
+        (
+            "oversized_answers_are_bounded",
+            test_oversized_answers_are_bounded,
         ),
         ("child_killed_mid_call", test_child_killed_mid_call),
         ("hung_child_times_out", test_hung_child_times_out),
