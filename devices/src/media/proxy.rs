@@ -25,6 +25,11 @@
 //!
 //! # MMAP buffers
 //!
+//! The host driver allocates MMAP buffers in host kernel memory, as large as the
+//! format (and, with `CREATE_BUFS`, as large as the guest asks). The proxy counts them
+//! against [`MAX_DEVICE_DRIVER_BUFFERS`] and grants fewer buffers than asked, or none
+//! (`ENOMEM`), before the driver could exhaust the host's memory.
+//!
 //! `QUERYBUF` answers record each plane's `mem_offset`; a virtio-media `MMAP` of that
 //! offset exports the plane with `VIDIOC_EXPBUF` (a dma-buf) and maps it into the shared
 //! memory region with the [`HostMemoryMapper`].
@@ -133,6 +138,78 @@ pub const MAX_SESSION_SHADOWS: usize = 256;
 /// per-session budget alone would let a guest hold it once per session. Past it a QBUF
 /// or PREPARE_BUF that needs more gets `ENOMEM`.
 pub const MAX_DEVICE_SHADOW: usize = 1 << 30;
+/// Most memory the host driver may hold for the MMAP buffers of all sessions of one
+/// proxy together (1 GiB). vb2 lets `CREATE_BUFS` ask for buffers of any size at least
+/// the format's (uvcvideo and vivid take any larger `sizeimage`), and the host kernel
+/// allocates them when asked, if it must by invoking the OOM killer on the largest
+/// host process (the fuzzer found it: 32 buffers of 4 GiB against vivid). So the proxy
+/// counts what `REQBUFS` and `CREATE_BUFS` make the driver allocate and grants fewer
+/// buffers than asked (as V4L2 lets a driver do) when the budget would be passed, or
+/// answers `ENOMEM` when not one fits.
+pub const MAX_DEVICE_DRIVER_BUFFERS: usize = 1 << 30;
+
+/// `V4L2_BUF_TYPE_SDR_CAPTURE` and `V4L2_BUF_TYPE_META_CAPTURE` (the output types
+/// are one more).
+const BUF_TYPE_SDR_CAPTURE: u32 = 11;
+const BUF_TYPE_META_CAPTURE: u32 = 13;
+
+/// Bytes of one buffer of format `f` as vb2 allocates it (each plane a whole number of
+/// pages); 0 for a type whose format names no size (VBI: small, sized by the driver).
+fn format_bytes(f: &V4l2Format) -> usize {
+    let page = |n: u32| page_align(u64::from(n)).map_or(usize::MAX, |n| n as usize);
+    match f.type_ {
+        BUF_TYPE_VIDEO_CAPTURE | BUF_TYPE_VIDEO_OUTPUT => page(f.pix().sizeimage),
+        BUF_TYPE_VIDEO_CAPTURE_MPLANE | BUF_TYPE_VIDEO_OUTPUT_MPLANE => {
+            let mp = f.pix_mp();
+            mp.plane_fmt
+                .iter()
+                .take(usize::from(mp.num_planes).min(VIDEO_MAX_PLANES))
+                .fold(0usize, |a, p| a.saturating_add(page(p.sizeimage)))
+        }
+        // `v4l2_sdr_format` and `v4l2_meta_format`: a u32 then `buffersize`.
+        BUF_TYPE_SDR_CAPTURE
+        | BUF_TYPE_SDR_OUTPUT
+        | BUF_TYPE_META_CAPTURE
+        | BUF_TYPE_META_OUTPUT => f
+            .fmt
+            .get(4..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, |b| page(u32::from_le_bytes(b))),
+        _ => 0,
+    }
+}
+
+/// How many of `count` buffers of `per` bytes fit in [`MAX_DEVICE_DRIVER_BUFFERS`]
+/// beside `others` bytes the driver holds already (a buffer counts as a page at least).
+fn buffers_that_fit(count: u32, per: usize, others: usize) -> u32 {
+    let room = MAX_DEVICE_DRIVER_BUFFERS.saturating_sub(others);
+    let fit = room / per.max(4096);
+    count.min(u32::try_from(fit).unwrap_or(u32::MAX))
+}
+
+/// A session's share of [`MAX_DEVICE_DRIVER_BUFFERS`], given back when dropped.
+#[derive(Debug)]
+struct DriverCharge {
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl DriverCharge {
+    fn set(&mut self, bytes: usize) {
+        if bytes >= self.bytes {
+            self.total.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for DriverCharge {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// Errors opening the host node.
 #[cfg_attr(test, remain::sorted)]
@@ -397,6 +474,9 @@ struct QueueState {
     memory: u32,
     /// Buffers the host allocated (REQBUFS, CREATE_BUFS): valid indices are below.
     buffers: u32,
+    /// MMAP buffers the host driver allocated, by index: their bytes (what
+    /// [`MAX_DEVICE_DRIVER_BUFFERS`] counts).
+    driver_bytes: BTreeMap<u32, usize>,
     streaming: bool,
     queued: BTreeMap<u32, Queued>,
     /// USERPTR shadow buffers by (index, plane).
@@ -426,6 +506,8 @@ pub struct ProxySession {
     // Declared before the queues: the host fd is closed (releasing the host's pins on
     // the USERPTR shadows) before the shadows are freed.
     device: File,
+    /// The bytes of the host driver's MMAP buffers for this session.
+    driver: DriverCharge,
     poller: OwnedFd,
     polling_buffers: bool,
     queues: BTreeMap<u32, QueueState>,
@@ -451,6 +533,23 @@ impl MediaSession for ProxySession {
 impl ProxySession {
     fn fd(&self) -> BorrowedFd<'_> {
         self.device.as_fd()
+    }
+
+    /// Bytes of the host driver's MMAP buffers on queue `buf_type`.
+    fn driver_bytes(&self, buf_type: u32) -> usize {
+        self.queues
+            .get(&buf_type)
+            .map_or(0, |q| q.driver_bytes.values().sum())
+    }
+
+    /// Charges the session's driver buffers again after a queue's changed.
+    fn recharge(&mut self) {
+        let bytes = self
+            .queues
+            .values()
+            .flat_map(|q| q.driver_bytes.values())
+            .fold(0usize, |a, b| a.saturating_add(*b));
+        self.driver.set(bytes);
     }
 
     /// USERPTR shadow buffers the session holds.
@@ -573,6 +672,9 @@ pub struct V4l2Proxy<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> {
     mappings: ShmMappings<()>,
     /// Bytes of USERPTR shadow memory all sessions hold ([`MAX_DEVICE_SHADOW`]).
     shadow_total: Arc<AtomicUsize>,
+    /// Bytes of MMAP buffers the host driver holds for all sessions
+    /// ([`MAX_DEVICE_DRIVER_BUFFERS`]).
+    driver_total: Arc<AtomicUsize>,
     /// Where cap refusals are counted (the runner's, once attached).
     metrics: Arc<MediaMetrics>,
 }
@@ -599,6 +701,7 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             guest,
             mappings: ShmMappings::new("v4l2 proxy"),
             shadow_total: Arc::default(),
+            driver_total: Arc::default(),
             metrics: Arc::default(),
         }
     }
@@ -617,6 +720,53 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> V4l2Proxy<Q, H, G
             "v4l2 proxy: session {session}: {what}: refused (host memory budget)"
         );
         errno
+    }
+
+    /// Bytes of MMAP buffers the host driver holds for all sessions (as the proxy
+    /// counts them, see [`MAX_DEVICE_DRIVER_BUFFERS`]).
+    pub fn driver_bytes(&self) -> usize {
+        self.driver_total.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of one buffer of the driver's current format for `buf_type` (0 when
+    /// the driver does not say).
+    fn driver_format_bytes(s: &ProxySession, buf_type: u32) -> usize {
+        let f = V4l2Format {
+            type_: buf_type,
+            ..Default::default()
+        };
+        fwd(s, V4l2Ioctl::VIDIOC_G_FMT, f).map_or(0, |f| format_bytes(&f))
+    }
+
+    /// How many of `count` MMAP buffers of `per` bytes session `s` may have the driver
+    /// allocate on queue `buf_type` (whose buffers REQBUFS frees first: `replacing`);
+    /// counts and logs a cut.
+    fn grant_buffers(
+        &self,
+        s: &ProxySession,
+        what: &str,
+        buf_type: u32,
+        count: u32,
+        per: usize,
+        replacing: bool,
+    ) -> u32 {
+        let held = self.driver_total.load(Ordering::Relaxed);
+        let freed = if replacing {
+            s.driver_bytes(buf_type)
+        } else {
+            0
+        };
+        let granted = buffers_that_fit(count, per, held.saturating_sub(freed));
+        if granted < count {
+            MediaMetrics::inc(&self.metrics.err_buffer_limit);
+            outboard_protocol::log_limited!(
+                log::Level::Warn,
+                "v4l2 proxy: session {}: {what} of {count} MMAP buffers of {per} bytes: \
+                 {granted} granted (host driver memory budget, {held} bytes held)",
+                s.id
+            );
+        }
+        granted
     }
 
     /// The host node.
@@ -1030,15 +1180,31 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         if req.memory == MEMORY_DMABUF {
             return Err(libc::EINVAL);
         }
+        let mut req = req;
+        let mut per = 0;
+        if req.memory == MEMORY_MMAP && req.count > 0 {
+            per = Self::driver_format_bytes(s, req.type_);
+            req.count = self.grant_buffers(s, "REQBUFS", req.type_, req.count, per, true);
+            if req.count == 0 {
+                return Err(libc::ENOMEM);
+            }
+        }
         let mut out = fwd(s, V4l2Ioctl::VIDIOC_REQBUFS, req)?;
         out.capabilities = carried_buf_caps(out.capabilities);
         s.forget_buffers(req.type_, true);
         let q = s.queue(req.type_);
         q.memory = req.memory;
         q.buffers = out.count;
+        // What the driver allocated (it may grant more than asked: vb2's minimum).
+        q.driver_bytes = if req.memory == MEMORY_MMAP {
+            (0..out.count).map(|i| (i, per)).collect()
+        } else {
+            BTreeMap::new()
+        };
         if req.count == 0 {
             q.streaming = false;
         }
+        s.recharge();
         s.update_polling();
         Ok(out)
     }
@@ -1110,12 +1276,29 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         }
         // The format's window would hold pointers (vb2 has no overlay queue anyway).
         no_overlay(c.format.type_)?;
+        let mut c = c;
+        let mut per = 0;
+        if c.memory == MEMORY_MMAP && c.count > 0 {
+            // vb2 allocates the larger of what the guest asks and what the format needs.
+            per = format_bytes(&c.format).max(Self::driver_format_bytes(s, c.format.type_));
+            let granted = self.grant_buffers(s, "CREATE_BUFS", c.format.type_, c.count, per, false);
+            if granted == 0 {
+                return Err(libc::ENOMEM);
+            }
+            c.count = granted;
+        }
         let mut out = fwd(s, V4l2Ioctl::VIDIOC_CREATE_BUFS, c)?;
         out.capabilities = carried_buf_caps(out.capabilities);
         if c.count > 0 {
             let q = s.queue(c.format.type_);
             q.memory = c.memory;
             q.buffers = q.buffers.max(out.index.saturating_add(out.count));
+            if c.memory == MEMORY_MMAP {
+                for i in 0..out.count {
+                    q.driver_bytes.insert(out.index.saturating_add(i), per);
+                }
+            }
+            s.recharge();
         }
         Ok(out)
     }
@@ -1131,6 +1314,8 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> IoctlHandler for 
         q.shadows.retain(|(i, _), _| *i < r.index || *i >= end);
         q.guest_ptrs.retain(|i, _| *i < r.index || *i >= end);
         q.prepared.retain(|i, _| *i < r.index || *i >= end);
+        q.driver_bytes.retain(|i, _| *i < r.index || *i >= end);
+        s.recharge();
         s.mmap_planes
             .retain(|_, p| p.buf_type != r.type_ || p.index < r.index || p.index >= end);
         Ok(out)
@@ -1449,6 +1634,10 @@ impl<Q: EventQueue, H: HostMemoryMapper, G: GuestMemoryMapper> MediaDevice for V
         Ok(ProxySession {
             id: session_id,
             device,
+            driver: DriverCharge {
+                bytes: 0,
+                total: self.driver_total.clone(),
+            },
             poller,
             polling_buffers: false,
             queues: BTreeMap::new(),
@@ -1638,6 +1827,10 @@ mod tests {
         ProxySession {
             id,
             device: open_node(Path::new("/dev/null")).unwrap(),
+            driver: DriverCharge {
+                bytes: 0,
+                total: Arc::default(),
+            },
             poller: epoll::create(epoll::CreateFlags::CLOEXEC).unwrap(),
             polling_buffers: false,
             queues,
@@ -1691,6 +1884,126 @@ mod tests {
         assert_eq!(p.shadow_bytes(), 0);
         assert_eq!(qbuf(&mut p, &mut b, 0, 4096), libc::ENOTTY);
         assert_eq!(p.shadow_bytes(), 4096);
+    }
+
+    #[test]
+    fn buffer_sizes_are_read_from_the_format_as_vb2_allocates_them() {
+        let mut f = V4l2Format {
+            type_: BUF_TYPE_VIDEO_CAPTURE,
+            ..Default::default()
+        };
+        f.set_pix(&V4l2PixFormat {
+            sizeimage: 4097,
+            ..Default::default()
+        });
+        assert_eq!(format_bytes(&f), 8192);
+        let mut mp = V4l2PixFormatMplane {
+            num_planes: 2,
+            ..Default::default()
+        };
+        mp.plane_fmt[0].sizeimage = 100;
+        mp.plane_fmt[1].sizeimage = u32::MAX;
+        // A plane past num_planes does not count.
+        mp.plane_fmt[2].sizeimage = 1 << 30;
+        let mut f = V4l2Format {
+            type_: BUF_TYPE_VIDEO_CAPTURE_MPLANE,
+            ..Default::default()
+        };
+        f.fmt[..size_of::<V4l2PixFormatMplane>()].copy_from_slice(mp.as_bytes());
+        assert_eq!(format_bytes(&f), 4096 + (1 << 32));
+        let mut meta = V4l2Format {
+            type_: BUF_TYPE_META_CAPTURE,
+            ..Default::default()
+        };
+        meta.fmt[4..8].copy_from_slice(&10_000u32.to_le_bytes());
+        assert_eq!(format_bytes(&meta), 12288);
+        meta.type_ = 4; // VBI capture: sized by the driver.
+        assert_eq!(format_bytes(&meta), 0);
+    }
+
+    #[test]
+    fn driver_buffers_are_granted_within_the_budget() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(buffers_that_fit(32, 4 * MIB, 0), 32);
+        assert_eq!(buffers_that_fit(32, 64 * MIB, 0), 16);
+        assert_eq!(buffers_that_fit(32, 4 << 30, 0), 0);
+        assert_eq!(
+            buffers_that_fit(4, 4 * MIB, MAX_DEVICE_DRIVER_BUFFERS - 10 * MIB),
+            2
+        );
+        assert_eq!(buffers_that_fit(4, 0, MAX_DEVICE_DRIVER_BUFFERS - 8192), 2);
+        assert_eq!(buffers_that_fit(1, 1, MAX_DEVICE_DRIVER_BUFFERS + 1), 0);
+    }
+
+    /// CREATE_BUFS of MMAP buffers: cut down to what the budget holds, refused when not
+    /// one fits, before the host is asked (/dev/null answers ENOTTY past the checks).
+    #[test]
+    fn create_bufs_is_held_to_the_driver_budget() {
+        let mut p = proxy();
+        let metrics = Arc::new(MediaMetrics::default());
+        p.attach_metrics(metrics.clone());
+        let mut s = session(0, 0);
+        let create = |count: u32, sizeimage: u32| {
+            let mut c = V4l2CreateBuffers {
+                count,
+                memory: MEMORY_MMAP,
+                ..Default::default()
+            };
+            c.format.type_ = BUF_TYPE_VIDEO_CAPTURE;
+            c.format.set_pix(&V4l2PixFormat {
+                sizeimage,
+                ..Default::default()
+            });
+            c
+        };
+        // What the fuzzer sent vivid: 32 buffers of almost 4 GiB.
+        assert_eq!(
+            p.create_bufs(&mut s, create(32, u32::MAX - 4096))
+                .unwrap_err(),
+            libc::ENOMEM
+        );
+        assert_eq!(metrics.snapshot().err_buffer_limit, 1);
+        // Buffers that fit reach the host.
+        assert_eq!(
+            p.create_bufs(&mut s, create(8, 1 << 20)).unwrap_err(),
+            libc::ENOTTY
+        );
+        assert_eq!(metrics.snapshot().err_buffer_limit, 1);
+        // With the budget nearly spent (by other sessions), fewer are granted, then none.
+        p.driver_total
+            .store(MAX_DEVICE_DRIVER_BUFFERS - (3 << 20), Ordering::Relaxed);
+        assert_eq!(
+            p.create_bufs(&mut s, create(8, 1 << 20)).unwrap_err(),
+            libc::ENOTTY
+        );
+        assert_eq!(metrics.snapshot().err_buffer_limit, 2);
+        assert_eq!(
+            p.create_bufs(&mut s, create(1, 4 << 20)).unwrap_err(),
+            libc::ENOMEM
+        );
+        // A query (count 0) and USERPTR buffers are not the driver's memory.
+        let mut query = create(0, u32::MAX);
+        assert_eq!(p.create_bufs(&mut s, query).unwrap_err(), libc::ENOTTY);
+        query.count = 32;
+        query.memory = MEMORY_USERPTR;
+        assert_eq!(p.create_bufs(&mut s, query).unwrap_err(), libc::ENOTTY);
+        assert_eq!(metrics.snapshot().err_buffer_limit, 3);
+    }
+
+    #[test]
+    fn a_sessions_driver_charge_is_given_back() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut c = DriverCharge {
+            bytes: 0,
+            total: total.clone(),
+        };
+        c.set(5000);
+        c.set(3000);
+        assert_eq!(total.load(Ordering::Relaxed), 3000);
+        c.set(9000);
+        assert_eq!(total.load(Ordering::Relaxed), 9000);
+        drop(c);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -233,6 +233,7 @@ fn check_node(path: &Path, report: &mut Report) {
     stream(&mut g, s, buf_type, &l, MEMORY_MMAP, &tag, report);
     stream(&mut g, s, buf_type, &l, MEMORY_USERPTR, &tag, report);
     malformed(&mut g, s, buf_type, &tag, report);
+    driver_budget(&mut g, s, buf_type, &tag, report);
     not_carried(&mut g, s, buf_type, &node, &tag, report);
     g.close(s);
     report.check(
@@ -875,6 +876,77 @@ fn stream(
             "unmapped {unmapped} free {free:?} mappings {}",
             g.shm.count()
         ),
+    );
+}
+
+/// The host driver's MMAP buffer memory is counted and bounded: REQBUFS and
+/// CREATE_BUFS are charged what the driver allocates and given it back, and a
+/// CREATE_BUFS whose buffers could never fit the budget (`MAX_DEVICE_DRIVER_BUFFERS`)
+/// never reaches the driver. Before, the proxy forwarded 32 buffers of 4 GiB and the
+/// guest's kernel vmalloc'd until its OOM killer ended the process (the `media_proxy`
+/// fuzzer, on this very node).
+fn driver_budget(g: &mut Guest, s: u32, buf_type: u32, tag: &str, report: &mut Report) {
+    use V4l2Ioctl::*;
+    let held = |g: &Guest| g.dev.runner().device().driver_bytes();
+    let Ok(fmt) = g.ioctl::<_, V4l2Format>(s, VIDIOC_G_FMT, &fmt_req(buf_type, 0, 0, 0)) else {
+        report.check(&format!("{tag}: driver budget: G_FMT"), false, "failed");
+        return;
+    };
+    let per: usize = layout(&fmt)
+        .sizes
+        .iter()
+        .map(|n| (*n as usize).div_ceil(4096) * 4096)
+        .sum();
+    let reqbufs = |g: &mut Guest, count: u32| {
+        let req = V4l2Requestbuffers {
+            count,
+            type_: buf_type,
+            memory: MEMORY_MMAP,
+            ..Default::default()
+        };
+        g.ioctl::<_, V4l2Requestbuffers>(s, VIDIOC_REQBUFS, &req)
+    };
+    let got = reqbufs(g, 4);
+    let n = got.as_ref().map_or(0, |r| r.count as usize);
+    report.check(
+        &format!("{tag}: driver budget: REQBUFS charges what vivid allocates"),
+        n >= 1 && held(g) == n * per,
+        format!("{got:?}, {} bytes held for buffers of {per}", held(g)),
+    );
+    let freed = reqbufs(g, 0);
+    report.check(
+        &format!("{tag}: driver budget: REQBUFS 0 gives it back"),
+        freed.is_ok() && held(g) == 0,
+        format!("{freed:?}, {} bytes held", held(g)),
+    );
+    // `sizeimage` of `v4l2_pix_format`, and of the first plane of
+    // `v4l2_pix_format_mplane`: both at byte 20.
+    let mut huge = fmt;
+    put_u32(&mut huge.fmt, 20, 0xf000_0000);
+    let create = |format: V4l2Format, count: u32| V4l2CreateBuffers {
+        count,
+        memory: MEMORY_MMAP,
+        format,
+        ..Default::default()
+    };
+    let refused = g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &create(huge, 32));
+    report.check(
+        &format!("{tag}: driver budget: CREATE_BUFS of 32 buffers of 3.75 GiB is refused"),
+        refused.as_ref().err() == Some(&(libc::ENOMEM as u32)) && held(g) == 0,
+        format!("{refused:?}, {} bytes held", held(g)),
+    );
+    let made = g.ioctl::<_, V4l2CreateBuffers>(s, VIDIOC_CREATE_BUFS, &create(fmt, 2));
+    let n = made.as_ref().map_or(0, |c| c.count as usize);
+    report.check(
+        &format!("{tag}: driver budget: CREATE_BUFS charges what vivid allocates"),
+        n == 2 && held(g) == 2 * per,
+        format!("{made:?}, {} bytes held for buffers of {per}", held(g)),
+    );
+    let freed = reqbufs(g, 0);
+    report.check(
+        &format!("{tag}: driver budget: all of it given back"),
+        freed.is_ok() && held(g) == 0,
+        format!("{freed:?}, {} bytes held", held(g)),
     );
 }
 
