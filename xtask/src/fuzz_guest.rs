@@ -36,10 +36,12 @@ mkdir -p /tmp/new /tmp/crash
 for n in {nodes}; do
     echo "{TAG} node $n"
     OUTBOARD_FUZZ_V4L2_NODE=/dev/$n /bin/media_proxy -max_total_time={half} -timeout=60 \
-        -rss_limit_mb=0 -print_final_stats=1 -artifact_prefix=/tmp/crash/ /tmp/new /corpus \
+        -rss_limit_mb=3072 -print_final_stats=1 -artifact_prefix=/tmp/crash/ /tmp/new /corpus \
         > /tmp/log 2>&1
     rc=$?
     sed 's/^/{LOG}/' /tmp/log
+    # A fuzzer killed from outside (the OOM killer) leaves its reason in the kernel log.
+    [ $rc -ne 0 ] && dmesg | tail -n 40 | sed 's/^/{TAG} dmesg| /'
     echo "{TAG} exit $n $rc"
 done
 "#,
@@ -198,12 +200,14 @@ pub fn run(
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let console = dir.join("console.log");
-    // ASan's shadow and quarantine want room; the fuzzer is one thread, vivid's frame
-    // generator another.
+    // Room for what a hostile program may make the two sides hold at once: the proxy's
+    // USERPTR shadows (`MAX_DEVICE_SHADOW`, 1 GiB) and vivid's MMAP buffers (up to 32 of
+    // its largest frame, about 1.1 GiB), with ASan's shadow and quarantine on top. The
+    // fuzzer is one thread, vivid's frame generator another.
     let qemu = setup::qemu_guest(
         &accel,
         2,
-        "2G",
+        "4G",
         &console,
         &kernel,
         &initramfs,
