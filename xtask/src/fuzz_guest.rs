@@ -242,12 +242,33 @@ pub fn run(
         Some(b) => unpack(&b, scratch)?,
         None => return Err(format!("no corpus block in {}", log.display())),
     };
-    let crashes = match block(&text, "crash") {
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = names(artifacts);
+    match block(&text, "crash") {
         Some(b) => unpack(&b, artifacts)?,
         None => return Err(format!("no crash block in {}", log.display())),
     };
+    // libFuzzer also writes inputs slower than 10 s there (`slow-unit-*`): under TCG
+    // those are the node's own time (hundreds of opens of a vivid node), reported but
+    // not failures; a hang is libFuzzer's timeout, a crash input.
+    let (mut crashes, mut slow) = (0, 0);
+    for name in names(artifacts).iter().filter(|n| !before.contains(n)) {
+        if name.starts_with("slow-unit-") {
+            slow += 1;
+        } else {
+            crashes += 1;
+        }
+    }
     println!(
-        "==> fuzz media_proxy: {new} new inputs in {}",
+        "==> fuzz media_proxy: {new} new inputs in {}, {slow} inputs slower than 10 s",
         scratch.display()
     );
     let runs = node_runs(&text);
