@@ -21,7 +21,7 @@
  *                                   connection and echo it until EOF, answer "DONE"
  *   PING <port> <count> <size>      connect to the host, send <size> bytes and wait for
  *                                   them to come back, <count> times, answer
- *                                   "DONE <count> <average nsec> <median nsec>"
+ *                                   "DONE <count> <average nsec> <median nsec> <p99 nsec>"
  *   SHELL <port>                    listen on <port>, answer "READY", accept one
  *                                   connection and run /bin/sh on it
  *
@@ -518,8 +518,9 @@ static void cmd_ping(int ctl, unsigned port, unsigned count, unsigned size) {
     uint64_t took = now_us() - start;
     close(fd);
     qsort(rtt, count, sizeof(*rtt), cmp_u64);
-    say(ctl, "DONE %u %llu %llu", count, (unsigned long long)(took * 1000 / count),
-        (unsigned long long)(rtt[count / 2] * 1000));
+    say(ctl, "DONE %u %llu %llu %llu", count, (unsigned long long)(took * 1000 / count),
+        (unsigned long long)(rtt[count / 2] * 1000),
+        (unsigned long long)(rtt[count * 99 / 100] * 1000));
     free(rtt);
 }
 

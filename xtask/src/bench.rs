@@ -16,7 +16,18 @@
 //!   `perf stat -p` attached for the phase (Debian's `linux-perf`).
 //!
 //! The table shows each figure's median over `OUTBOARD_BENCH_ROUNDS` rounds (default
-//! 3) and Outboard's ratio to the peer per phase.
+//! 3) and Outboard's ratio to the peer per phase, and the 64-byte round trips' median
+//! and 99th percentile.
+//!
+//! Each round also measures the copy floor of each direction on this machine
+//! ([`copy_floor`]): the same bytes through an AF_UNIX socket with the back-end's own
+//! system calls and nothing else. A back-end that copies once through a host socket
+//! cannot spend less per GiB; the table gives each figure's ratio to it.
+//!
+//! `OUTBOARD_BENCH_BACKENDS` (default `outboard,vhost-device-vsock`) picks the
+//! back-ends. `OUTBOARD_BENCH_PROFILE=DIR` also records each phase with `perf record -g`
+//! into `DIR/<back-end>-r<round>-<phase>.data` (for `perf report`); the figures of such
+//! a run include perf's own overhead.
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -86,8 +97,9 @@ struct Cost {
 #[derive(Debug, Default, Clone)]
 struct Figures {
     phases: Vec<Cost>,
-    g2h_rtt_us: f64,
-    h2g_rtt_us: f64,
+    /// 64-byte round trips, median and 99th percentile, microseconds.
+    g2h_rtt_us: (f64, f64),
+    h2g_rtt_us: (f64, f64),
 }
 
 /// Voluntary context switches of every thread of `pid` so far.
@@ -147,11 +159,32 @@ fn stop_syscall_count(child: Option<Child>, out: &std::path::Path) -> (Option<u6
     (syscalls, cpu)
 }
 
-fn phase(vm: &mut Vm, ctl: &mut Control, p: Phase, port: u32, bytes: u64) -> Result<Cost> {
+/// `perf record -g` of `pid` into `out` until [`stop_syscall_count`] (`None` when perf
+/// cannot start).
+fn start_profile(pid: u32, out: &std::path::Path) -> Option<Child> {
+    Command::new("perf")
+        .args(["record", "-g", "-F", "4000", "-o"])
+        .arg(out)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+fn phase(
+    vm: &mut Vm,
+    ctl: &mut Control,
+    p: Phase,
+    port: u32,
+    bytes: u64,
+    profile: Option<&std::path::Path>,
+) -> Result<Cost> {
     let pid = vm.backend.as_ref().ok_or("no back-end")?.pid();
     let per_stream = bytes / u64::from(p.streams);
     let perf_out = vm.dir.join(format!("perf-{port}.csv"));
     let perf = start_syscall_count(pid, &perf_out);
+    let record = profile.and_then(|out| start_profile(pid, out));
     // perf needs a moment to attach to every thread.
     thread::sleep(Duration::from_millis(300));
     let (cpu0, wake0) = (cpu_seconds(pid)?, wakeups(pid));
@@ -162,6 +195,11 @@ fn phase(vm: &mut Vm, ctl: &mut Control, p: Phase, port: u32, bytes: u64) -> Res
     };
     let (cpu1, wake1) = (cpu_seconds(pid)?, wakeups(pid));
     let (syscalls, perf_cpu) = stop_syscall_count(perf, &perf_out);
+    if let Some(mut r) = record {
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(r.id() as i32, libc::SIGINT) };
+        let _ = r.wait();
+    }
     let moved = (per_stream * u64::from(p.streams)) as f64;
     let gib = moved / GIB;
     Ok(Cost {
@@ -172,12 +210,29 @@ fn phase(vm: &mut Vm, ctl: &mut Control, p: Phase, port: u32, bytes: u64) -> Res
     })
 }
 
-fn measure(vm: &mut Vm, bytes: u64) -> Result<Figures> {
+/// Runs the phases and round trips; `profile` is where `OUTBOARD_BENCH_PROFILE`'s
+/// recordings go and their name's start (`DIR/<back-end>-r<round>`).
+fn measure(
+    vm: &mut Vm,
+    bytes: u64,
+    profile: Option<(&std::path::Path, String)>,
+) -> Result<Figures> {
     let mut ctl = vm.control(Duration::from_secs(180))?;
     let uds = vm.uds.clone();
     let mut phases = Vec::new();
     for (i, p) in PHASES.iter().enumerate() {
-        let cost = phase(vm, &mut ctl, *p, 5101 + 10 * i as u32, bytes)?;
+        let out = profile.as_ref().map(|(dir, prefix)| {
+            let dir_ = if p.to_host { "g2h" } else { "h2g" };
+            dir.join(format!("{prefix}-{dir_}-{}.data", p.streams))
+        });
+        let cost = phase(
+            vm,
+            &mut ctl,
+            *p,
+            5101 + 10 * i as u32,
+            bytes,
+            out.as_deref(),
+        )?;
         println!("bench-e2e:   {}: {cost:?}", p.name());
         phases.push(cost);
     }
@@ -196,7 +251,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn ping_from_guest(ctl: &mut Control, uds: &std::path::Path) -> Result<f64> {
+/// The median and 99th percentile of `sorted` (ascending), in microseconds.
+fn percentiles(sorted: &[Duration]) -> (f64, f64) {
+    let at = |q: usize| {
+        let i = (sorted.len() * q / 100).min(sorted.len().saturating_sub(1));
+        sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    (at(50), at(99))
+}
+
+fn ping_from_guest(ctl: &mut Control, uds: &std::path::Path) -> Result<(f64, f64)> {
     let l = host::listen(uds, 5103)?;
     let echo = thread::spawn(move || -> Result<()> {
         let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
@@ -213,14 +277,15 @@ fn ping_from_guest(ctl: &mut Control, uds: &std::path::Path) -> Result<f64> {
     echo.join().map_err(|_| "echo panicked".to_string())??;
     let f: Vec<&str> = answer.split_whitespace().collect();
     // The median: one descheduled round trip on a shared machine skews an average.
-    let ns: f64 = f
-        .get(3)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("malformed PING result {answer:?}"))?;
-    Ok(ns / 1000.0)
+    let ns = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("malformed PING result {answer:?}"))
+    };
+    Ok((ns(3)? / 1000.0, ns(4)? / 1000.0))
 }
 
-fn ping_from_host(ctl: &mut Control, uds: &std::path::Path) -> Result<f64> {
+fn ping_from_host(ctl: &mut Control, uds: &std::path::Path) -> Result<(f64, f64)> {
     ctl.command_ready("ECHO 5104", Duration::from_secs(30))?;
     let (mut s, _) = host::connect_guest(uds, 5104, Duration::from_secs(30))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -238,8 +303,95 @@ fn ping_from_host(ctl: &mut Control, uds: &std::path::Path) -> Result<f64> {
     drop(s);
     ctl.answer(Duration::from_secs(30))?;
     rtt.sort();
-    let median = rtt.get(rtt.len() / 2).copied().unwrap_or_default();
-    Ok(median.as_secs_f64() * 1e6)
+    Ok(percentiles(&rtt))
+}
+
+/// Bytes each [`copy_floor`] direction moves.
+const FLOOR_BYTES: u64 = 1 << 30;
+/// Guest packet size: what one guest->host packet carries (Linux's
+/// `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`), one `sendmsg` of the back-end's.
+const FLOOR_SEND: usize = 64 * 1024;
+/// A Linux guest's RX buffer (`VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE`) and how many of them
+/// one host read fills at most (the device's `MAX_RX_CHAINS`).
+const FLOOR_RX_BUF: usize = 4096;
+const FLOOR_RX_BUFS: usize = 64;
+
+/// CPU seconds the calling thread ran so far.
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the
+    // kernel knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The copy floor of each direction, in CPU seconds per GiB: what moving
+/// [`FLOOR_BYTES`] through an AF_UNIX stream socket costs the thread on the back-end's
+/// side with the back-end's own pattern and nothing else (no rings, no eventfds, no
+/// epoll): guest->host, `write`s of one guest packet ([`FLOOR_SEND`]) from a 256 MiB
+/// buffer (guest memory); host->guest, `readv` into [`FLOOR_RX_BUFS`] buffers of
+/// [`FLOOR_RX_BUF`] spread over it. A thread on the other end reads or writes 1 MiB at a
+/// time, as the bench's host side does.
+fn copy_floor() -> Result<(f64, f64)> {
+    use std::io::IoSliceMut;
+    use std::os::unix::net::UnixStream;
+    const MEM: usize = 256 << 20;
+    let mut mem = vec![0x5au8; MEM];
+    let io = |e: std::io::Error| format!("copy floor: {e}");
+    // guest->host
+    let (mut ours, mut peer) = UnixStream::pair().map_err(io)?;
+    let reader = thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while matches!(peer.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let t0 = thread_cpu();
+    let (mut moved, mut at) = (0u64, 0usize);
+    while moved < FLOOR_BYTES {
+        ours.write_all(&mem[at..at + FLOOR_SEND]).map_err(io)?;
+        moved += FLOOR_SEND as u64;
+        at = (at + FLOOR_SEND) % MEM;
+    }
+    let g2h = (thread_cpu() - t0) * GIB / moved as f64;
+    drop(ours);
+    let _ = reader.join();
+    // host->guest
+    let (mut ours, mut peer) = UnixStream::pair().map_err(io)?;
+    let writer = thread::spawn(move || {
+        let buf = vec![0xa5u8; 1 << 20];
+        let mut left = FLOOR_BYTES;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            if peer.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+    });
+    let t0 = thread_cpu();
+    let (mut moved, mut at) = (0u64, 0usize);
+    // Guest RX buffers sit apart, each after its 44-byte packet header.
+    let stride = FLOOR_RX_BUF + 44;
+    while moved < FLOOR_BYTES {
+        if at + FLOOR_RX_BUFS * stride > MEM {
+            at = 0;
+        }
+        let mut bufs: Vec<IoSliceMut<'_>> = mem[at..at + FLOOR_RX_BUFS * stride]
+            .chunks_mut(stride)
+            .map(|c| IoSliceMut::new(&mut c[..FLOOR_RX_BUF]))
+            .collect();
+        let n = ours.read_vectored(&mut bufs).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        moved += n as u64;
+        at += FLOOR_RX_BUFS * stride;
+    }
+    let h2g = (thread_cpu() - t0) * GIB / moved.max(1) as f64;
+    let _ = writer.join();
+    Ok((g2h, h2g))
 }
 
 /// Runs `rounds` interleaved rounds against each back-end and prints the table.
@@ -247,7 +399,24 @@ pub fn run(backends: Vec<Backend>, bytes: u64, rounds: usize) -> Result<()> {
     let assets = crate::setup::prepare(&crate::setup::cache_dir())?;
     let names: Vec<&'static str> = backends.iter().map(|b| b.name()).collect();
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); backends.len()];
+    let profile = std::env::var_os("OUTBOARD_BENCH_PROFILE").map(std::path::PathBuf::from);
+    if let Some(dir) = &profile {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        println!(
+            "bench-e2e: recording profiles into {} (the figures include perf's overhead)",
+            dir.display()
+        );
+    }
+    let mut floors = Vec::new();
     for round in 0..rounds.max(1) {
+        let floor = copy_floor()?;
+        println!(
+            "bench-e2e: round {}, copy floor: guest->host {:.3}, host->guest {:.3} CPU s/GiB",
+            round + 1,
+            floor.0,
+            floor.1
+        );
+        floors.push(floor);
         let mut order: Vec<usize> = (0..backends.len()).collect();
         if round % 2 == 1 {
             order.reverse();
@@ -256,7 +425,8 @@ pub fn run(backends: Vec<Backend>, bytes: u64, rounds: usize) -> Result<()> {
             let name = names[i];
             println!("bench-e2e: round {}, {name}: booting", round + 1);
             let mut vm = Vm::boot(&assets, backends[i].clone(), &run_dir("bench"))?;
-            match measure(&mut vm, bytes) {
+            let prefix = format!("{name}-r{}", round + 1);
+            match measure(&mut vm, bytes, profile.as_deref().map(|d| (d, prefix))) {
                 Ok(f) => {
                     results[i].push(f);
                     let dir = vm.dir.clone();
@@ -270,11 +440,17 @@ pub fn run(backends: Vec<Backend>, bytes: u64, rounds: usize) -> Result<()> {
             }
         }
     }
-    print_table(&names, &results, bytes, rounds);
+    print_table(&names, &results, &floors, bytes, rounds);
     Ok(())
 }
 
-fn print_table(names: &[&str], results: &[Vec<Figures>], bytes: u64, rounds: usize) {
+fn print_table(
+    names: &[&str],
+    results: &[Vec<Figures>],
+    floors: &[(f64, f64)],
+    bytes: u64,
+    rounds: usize,
+) {
     println!(
         "\nbench-e2e: {} MiB per phase, median of {rounds} round(s); per GiB moved, \
          the back-end process's CPU seconds, wake-ups and system calls",
@@ -297,7 +473,13 @@ fn print_table(names: &[&str], results: &[Vec<Figures>], bytes: u64, rounds: usi
     if names.len() == 2 {
         print!(" | {:>9} {:>9} {:>9}", "CPU x", "wake x", "sysc x");
     }
+    print!(" | {:>7}", "floor s");
+    for n in names {
+        print!(" {:>20}", format!("{n} x floor"));
+    }
     println!();
+    let floor_g2h = (!floors.is_empty()).then(|| median(floors.iter().map(|f| f.0).collect()));
+    let floor_h2g = (!floors.is_empty()).then(|| median(floors.iter().map(|f| f.1).collect()));
     for (i, p) in PHASES.iter().enumerate() {
         print!("{:<24}", p.name());
         let mut cols = Vec::new();
@@ -316,6 +498,7 @@ fn print_table(names: &[&str], results: &[Vec<Figures>], bytes: u64, rounds: usi
             );
             cols.push((cpu, wake, sys));
         }
+        let floor = if p.to_host { floor_g2h } else { floor_h2g };
         if let [(Some(c0), Some(w0), s0), (Some(c1), Some(w1), s1)] = cols.as_slice() {
             let ratio = |a: f64, b: f64| {
                 if b > 0.0 {
@@ -335,14 +518,24 @@ fn print_table(names: &[&str], results: &[Vec<Figures>], bytes: u64, rounds: usi
                 sys
             );
         }
+        print!(" | {:>7}", fmt(floor, 3));
+        for (cpu, _, _) in &cols {
+            let x = match (cpu, floor) {
+                (Some(c), Some(f)) if f > 0.0 => Some(c / f),
+                _ => None,
+            };
+            print!(" {:>20}", fmt(x, 2));
+        }
         println!();
     }
     for (label, f) in [
         (
-            "64 B RTT guest->host us",
-            &(|x: &Figures| Some(x.g2h_rtt_us)) as &dyn Fn(&Figures) -> Option<f64>,
+            "64 B RTT g->h p50 us",
+            &(|x: &Figures| Some(x.g2h_rtt_us.0)) as &dyn Fn(&Figures) -> Option<f64>,
         ),
-        ("64 B RTT host->guest us", &|x: &Figures| Some(x.h2g_rtt_us)),
+        ("64 B RTT g->h p99 us", &|x: &Figures| Some(x.g2h_rtt_us.1)),
+        ("64 B RTT h->g p50 us", &|x: &Figures| Some(x.h2g_rtt_us.0)),
+        ("64 B RTT h->g p99 us", &|x: &Figures| Some(x.h2g_rtt_us.1)),
     ] {
         print!("{label:<24}");
         for b in 0..names.len() {
