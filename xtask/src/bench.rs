@@ -19,10 +19,12 @@
 //! 3) and Outboard's ratio to the peer per phase, and the 64-byte round trips' median
 //! and 99th percentile.
 //!
-//! Each round also measures the copy floor of each direction on this machine
-//! ([`copy_floor`]): the same bytes through an AF_UNIX socket with the back-end's own
-//! system calls and nothing else. A back-end that copies once through a host socket
-//! cannot spend less per GiB; the table gives each figure's ratio to it.
+//! Before each back-end's run the bench measures the copy floor of each direction on
+//! this machine ([`copy_floor`]): the same bytes through an AF_UNIX socket with the
+//! back-end's own system calls and nothing else. A back-end that copies once through a
+//! host socket cannot spend less per GiB; the table gives the median over rounds of
+//! each CPU figure's ratio to the floor measured just before it (the machine's speed
+//! drifts from minute to minute; the ratio of the same minute drifts less).
 //!
 //! `OUTBOARD_BENCH_BACKENDS` (default `outboard,vhost-device-vsock`) picks the
 //! back-ends. `OUTBOARD_BENCH_PROFILE=DIR` also records each phase with `perf record -g`
@@ -96,6 +98,8 @@ struct Cost {
 /// One back-end's figures of one round.
 #[derive(Debug, Default, Clone)]
 struct Figures {
+    /// [`copy_floor`] just before the run: guest->host, host->guest.
+    floor: (f64, f64),
     phases: Vec<Cost>,
     /// 64-byte round trips, median and 99th percentile, microseconds.
     g2h_rtt_us: (f64, f64),
@@ -210,11 +214,13 @@ fn phase(
     })
 }
 
-/// Runs the phases and round trips; `profile` is where `OUTBOARD_BENCH_PROFILE`'s
-/// recordings go and their name's start (`DIR/<back-end>-r<round>`).
+/// Runs the phases and round trips; `floor` is the [`copy_floor`] measured just before,
+/// `profile` where `OUTBOARD_BENCH_PROFILE`'s recordings go and their name's start
+/// (`DIR/<back-end>-r<round>`).
 fn measure(
     vm: &mut Vm,
     bytes: u64,
+    floor: (f64, f64),
     profile: Option<(&std::path::Path, String)>,
 ) -> Result<Figures> {
     let mut ctl = vm.control(Duration::from_secs(180))?;
@@ -239,6 +245,7 @@ fn measure(
     let g2h_rtt_us = ping_from_guest(&mut ctl, &uds)?;
     let h2g_rtt_us = ping_from_host(&mut ctl, &uds)?;
     Ok(Figures {
+        floor,
         phases,
         g2h_rtt_us,
         h2g_rtt_us,
@@ -407,26 +414,29 @@ pub fn run(backends: Vec<Backend>, bytes: u64, rounds: usize) -> Result<()> {
             dir.display()
         );
     }
-    let mut floors = Vec::new();
     for round in 0..rounds.max(1) {
-        let floor = copy_floor()?;
-        println!(
-            "bench-e2e: round {}, copy floor: guest->host {:.3}, host->guest {:.3} CPU s/GiB",
-            round + 1,
-            floor.0,
-            floor.1
-        );
-        floors.push(floor);
         let mut order: Vec<usize> = (0..backends.len()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
         for i in order {
             let name = names[i];
-            println!("bench-e2e: round {}, {name}: booting", round + 1);
+            let floor = copy_floor()?;
+            println!(
+                "bench-e2e: round {}, {name}: copy floor guest->host {:.3}, host->guest {:.3} \
+                 CPU s/GiB; booting",
+                round + 1,
+                floor.0,
+                floor.1
+            );
             let mut vm = Vm::boot(&assets, backends[i].clone(), &run_dir("bench"))?;
             let prefix = format!("{name}-r{}", round + 1);
-            match measure(&mut vm, bytes, profile.as_deref().map(|d| (d, prefix))) {
+            match measure(
+                &mut vm,
+                bytes,
+                floor,
+                profile.as_deref().map(|d| (d, prefix)),
+            ) {
                 Ok(f) => {
                     results[i].push(f);
                     let dir = vm.dir.clone();
@@ -440,17 +450,11 @@ pub fn run(backends: Vec<Backend>, bytes: u64, rounds: usize) -> Result<()> {
             }
         }
     }
-    print_table(&names, &results, &floors, bytes, rounds);
+    print_table(&names, &results, bytes, rounds);
     Ok(())
 }
 
-fn print_table(
-    names: &[&str],
-    results: &[Vec<Figures>],
-    floors: &[(f64, f64)],
-    bytes: u64,
-    rounds: usize,
-) {
+fn print_table(names: &[&str], results: &[Vec<Figures>], bytes: u64, rounds: usize) {
     println!(
         "\nbench-e2e: {} MiB per phase, median of {rounds} round(s); per GiB moved, \
          the back-end process's CPU seconds, wake-ups and system calls",
@@ -478,6 +482,7 @@ fn print_table(
         print!(" {:>20}", format!("{n} x floor"));
     }
     println!();
+    let floors: Vec<(f64, f64)> = results.iter().flatten().map(|f| f.floor).collect();
     let floor_g2h = (!floors.is_empty()).then(|| median(floors.iter().map(|f| f.0).collect()));
     let floor_h2g = (!floors.is_empty()).then(|| median(floors.iter().map(|f| f.1).collect()));
     for (i, p) in PHASES.iter().enumerate() {
@@ -519,11 +524,12 @@ fn print_table(
             );
         }
         print!(" | {:>7}", fmt(floor, 3));
-        for (cpu, _, _) in &cols {
-            let x = match (cpu, floor) {
-                (Some(c), Some(f)) if f > 0.0 => Some(c / f),
-                _ => None,
-            };
+        for b in 0..names.len() {
+            let x = med(b, &|f| {
+                let floor = if p.to_host { f.floor.0 } else { f.floor.1 };
+                let cpu = f.phases.get(i)?.cpu_s;
+                (floor > 0.0).then(|| cpu / floor)
+            });
             print!(" {:>20}", fmt(x, 2));
         }
         println!();
