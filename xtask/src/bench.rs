@@ -124,14 +124,18 @@ fn wakeups(pid: u32) -> u64 {
 /// `perf stat` counting the system calls and CPU time of `pid` until
 /// [`stop_syscall_count`].
 fn start_syscall_count(pid: u32, out: &std::path::Path) -> Option<Child> {
+    perf_attach(
+        &["stat", "-x,", "-e", "raw_syscalls:sys_enter,task-clock"],
+        pid,
+        out,
+    )
+}
+
+/// `perf <args> -o <out> -p <pid>`, quiet (`None` when perf cannot start).
+fn perf_attach(args: &[&str], pid: u32, out: &std::path::Path) -> Option<Child> {
     Command::new("perf")
-        .args([
-            "stat",
-            "-x,",
-            "-e",
-            "raw_syscalls:sys_enter,task-clock",
-            "-o",
-        ])
+        .args(args)
+        .arg("-o")
         .arg(out)
         .args(["-p", &pid.to_string()])
         .stdout(Stdio::null())
@@ -140,15 +144,20 @@ fn start_syscall_count(pid: u32, out: &std::path::Path) -> Option<Child> {
         .ok()
 }
 
-/// Stops a [`start_syscall_count`]; returns the system calls and the CPU seconds it
-/// counted (each `None` when perf did not count it).
-fn stop_syscall_count(child: Option<Child>, out: &std::path::Path) -> (Option<u64>, Option<f64>) {
-    let Some(mut child) = child else {
-        return (None, None);
-    };
+/// Ends a [`perf_attach`] the way perf finishes its output: SIGINT, then waits.
+fn perf_stop(mut child: Child) {
     // SAFETY: kill(2) on our own child, not reaped yet.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let _ = child.wait();
+}
+
+/// Stops a [`start_syscall_count`]; returns the system calls and the CPU seconds it
+/// counted (each `None` when perf did not count it).
+fn stop_syscall_count(child: Option<Child>, out: &std::path::Path) -> (Option<u64>, Option<f64>) {
+    let Some(child) = child else {
+        return (None, None);
+    };
+    perf_stop(child);
     let text = std::fs::read_to_string(out).unwrap_or_default();
     // CSV lines: value,unit,event,...
     let value = |event: &str| -> Option<f64> {
@@ -163,17 +172,10 @@ fn stop_syscall_count(child: Option<Child>, out: &std::path::Path) -> (Option<u6
     (syscalls, cpu)
 }
 
-/// `perf record -g` of `pid` into `out` until [`stop_syscall_count`] (`None` when perf
-/// cannot start).
+/// `perf record -g` of `pid` into `out` until [`perf_stop`] (`None` when perf cannot
+/// start).
 fn start_profile(pid: u32, out: &std::path::Path) -> Option<Child> {
-    Command::new("perf")
-        .args(["record", "-g", "-F", "4000", "-o"])
-        .arg(out)
-        .args(["-p", &pid.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
+    perf_attach(&["record", "-g", "-F", "4000"], pid, out)
 }
 
 fn phase(
@@ -199,10 +201,8 @@ fn phase(
     };
     let (cpu1, wake1) = (cpu_seconds(pid)?, wakeups(pid));
     let (syscalls, perf_cpu) = stop_syscall_count(perf, &perf_out);
-    if let Some(mut r) = record {
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe { libc::kill(r.id() as i32, libc::SIGINT) };
-        let _ = r.wait();
+    if let Some(r) = record {
+        perf_stop(r);
     }
     let moved = (per_stream * u64::from(p.streams)) as f64;
     let gib = moved / GIB;
