@@ -2,8 +2,12 @@
 //! pending host clients (their `CONNECT` line), on one timerfd.
 //!
 //! Deadlines are queued in the order they were set; all are `CONN_TIMEOUT` after
-//! being set, so the queue stays sorted. A deadline that was met or replaced stays
-//! queued and is skipped when it comes up (the connection or client no longer has it).
+//! being set, so the queue stays sorted. A deadline that was met or replaced (the
+//! connection or client no longer has it) stays queued until it reaches the front,
+//! where [`Muxer::rearm_timer`] drops it before arming: the timer never fires for it.
+//! Every connection set-up leaves one or two such deadlines behind (the host client's
+//! `CONNECT` line, the guest's RESPONSE); firing for each would wake an idle daemon
+//! once or twice per connection, `CONN_TIMEOUT` after it opened.
 
 use std::os::fd::RawFd;
 use std::time::Instant;
@@ -27,18 +31,31 @@ impl Muxer {
     pub(super) fn push_deadline(&mut self, at: Instant, key: TimerKey) {
         let live = self.max_connections + MAX_PENDING_HOST_CONNECTIONS;
         if self.deadlines.len() >= 4 * live {
-            let conns = &self.conns;
-            let pending = &self.pending;
-            self.deadlines.retain(|(d, k)| match k {
-                TimerKey::Conn(k) => conns.get(k).is_some_and(|c| c.deadline() == Some(*d)),
-                TimerKey::Pending(fd) => pending.get(fd).is_some_and(|p| p.deadline == *d),
-            });
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|&(d, k)| self.deadline_live(d, k));
+            self.deadlines = deadlines;
         }
         self.deadlines.push_back((at, key));
     }
 
-    /// Arms the timerfd for the earliest deadline.
+    /// Whether deadline `at` of `key` still stands: its connection or pending client
+    /// is there and has that deadline.
+    fn deadline_live(&self, at: Instant, key: TimerKey) -> bool {
+        match key {
+            TimerKey::Conn(k) => self.conns.get(&k).is_some_and(|c| c.deadline() == Some(at)),
+            TimerKey::Pending(fd) => self.pending.get(&fd).is_some_and(|p| p.deadline == at),
+        }
+    }
+
+    /// Arms the timerfd for the earliest deadline that still stands (the ones met or
+    /// replaced before it are dropped), or disarms it when none does.
     pub fn rearm_timer(&mut self) {
+        while let Some(&(at, key)) = self.deadlines.front() {
+            if self.deadline_live(at, key) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
         let front = self.deadlines.front().map(|(d, _)| *d);
         if front == self.timer_armed {
             return;
