@@ -659,9 +659,7 @@ fn an_idle_daemon_never_wakes_up() {
 /// switch of the daemon, then carry data again.
 #[test]
 fn open_idle_connections_make_no_wake_ups() {
-    use common::vsock_guest::{header, SimGuest, OP_REQUEST, OP_RESPONSE, OP_RW};
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::os::unix::net::UnixListener;
+    use common::vsock_guest::{OpenConnections, SimGuest};
 
     let dir = scratch("idle-conns");
     let socket = dir.join("vhost.sock");
@@ -676,56 +674,14 @@ fn open_idle_connections_make_no_wake_ups() {
         .unwrap();
     let mut guest = SimGuest::up(&socket);
     wait_for_path(&uds);
-    // (guest port, host port, host end)
-    let mut conns: Vec<(u32, u32, BufReader<UnixStream>)> = Vec::new();
-    for i in 0..96u32 {
-        let port = 5000 + i;
-        let mut host = UnixStream::connect(&uds).unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        host.write_all(format!("CONNECT {port}\n").as_bytes())
-            .unwrap();
-        let req = guest.recv_op(OP_REQUEST);
-        assert_eq!(req.dst_port, port);
-        guest.send(header(port, req.src_port, 0, OP_RESPONSE), &[]);
-        let mut reader = BufReader::new(host);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        assert_eq!(line, format!("OK {}\n", req.src_port));
-        conns.push((port, req.src_port, reader));
-    }
-    let listener = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
-    for i in 0..32u32 {
-        let port = 40_000 + i;
-        guest.send(header(port, 6000, 0, OP_REQUEST), &[]);
-        let (host, _) = listener.accept().unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let resp = guest.recv_op(OP_RESPONSE);
-        assert_eq!((resp.src_port, resp.dst_port), (6000, port));
-        conns.push((port, 6000, BufReader::new(host)));
-    }
-    let traffic = |guest: &mut SimGuest, conns: &mut [(u32, u32, BufReader<UnixStream>)]| {
-        for (n, (port, host_port, host)) in conns.iter_mut().enumerate() {
-            let byte = n as u8;
-            guest.send(header(*port, *host_port, 1, OP_RW), &[byte]);
-            let mut got = [0u8; 1];
-            host.read_exact(&mut got).unwrap();
-            assert_eq!(got[0], byte, "guest -> host on guest port {port}");
-            host.get_ref().write_all(&[!byte]).unwrap();
-            let p = guest.recv_op(OP_RW);
-            assert_eq!(
-                (p.src_port, p.dst_port, p.payload.as_slice()),
-                (*host_port, *port, &[!byte][..]),
-                "host -> guest on guest port {port}"
-            );
-        }
-    };
-    traffic(&mut guest, &mut conns);
+    let mut conns = OpenConnections::open(&mut guest, &uds, 96, 32);
+    conns.traffic(&mut guest);
     std::thread::sleep(Duration::from_millis(300));
     let before = context_switches(child.id());
     std::thread::sleep(Duration::from_secs(2));
     let woke = context_switches(child.id()) - before;
     // Still open and serving after the quiet spell.
-    traffic(&mut guest, &mut conns);
+    conns.traffic(&mut guest);
     drop(conns);
     drop(guest);
     stop(child);

@@ -768,7 +768,8 @@ fn tree_context_switches(pid: i32) -> u64 {
 }
 
 /// With `--jail` too, an idle daemon makes no wake-ups: not the supervisor, not the
-/// pid-namespace relay, not the worker.
+/// pid-namespace relay, not the worker; nor once a guest runs with 64 open connections
+/// that went quiet.
 #[test]
 fn an_idle_jailed_daemon_never_wakes_up() {
     if let Some(why) = jails_unavailable() {
@@ -791,12 +792,26 @@ fn an_idle_jailed_daemon_never_wakes_up() {
         wait_for_path(&dir.join("vsock.sock")),
         "the worker never listened"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let before = tree_context_switches(pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let woke = tree_context_switches(pid) - before;
+    let quiet = || {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = tree_context_switches(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        tree_context_switches(pid) - before
+    };
+    let woke = quiet();
+    let mut guest = SimGuest::up(&dir.join("vhost.sock"));
+    let mut conns = OpenConnections::open(&mut guest, &dir.join("vsock.sock"), 48, 16);
+    conns.traffic(&mut guest);
+    let woke_with_conns = quiet();
+    conns.traffic(&mut guest);
+    drop(conns);
+    drop(guest);
     terminate(&mut daemon, &log);
     assert_eq!(woke, 0, "{woke} wake-ups in 2 s while idle");
+    assert_eq!(
+        woke_with_conns, 0,
+        "{woke_with_conns} wake-ups in 2 s with 64 idle connections"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -344,5 +344,84 @@ impl SimGuest {
             }
         }
         panic!("no packet with op {op}");
+    }
+}
+
+/// Open stream connections between a [`SimGuest`] and host sockets: `host_opened`
+/// opened by host clients (`CONNECT <port>` on `uds`), `guest_opened` by the guest (to
+/// a host listener on `<uds>_6000`). [`OpenConnections::traffic`] moves a byte each way
+/// on each.
+pub struct OpenConnections {
+    /// (guest port, host port, host end)
+    conns: Vec<(u32, u32, BufReader<UnixStream>)>,
+    _listener: UnixListener,
+}
+
+impl OpenConnections {
+    pub fn open(guest: &mut SimGuest, uds: &Path, host_opened: u32, guest_opened: u32) -> Self {
+        let mut conns = Vec::new();
+        for i in 0..host_opened {
+            let port = 5000 + i;
+            let mut host = UnixStream::connect(uds).unwrap();
+            host.set_read_timeout(Some(T)).unwrap();
+            host.write_all(format!("CONNECT {port}\n").as_bytes())
+                .unwrap();
+            let req = guest.recv_op(OP_REQUEST);
+            assert_eq!(req.dst_port, port);
+            guest.send(header(port, req.src_port, 0, OP_RESPONSE), &[]);
+            let mut reader = BufReader::new(host);
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(line, format!("OK {}\n", req.src_port));
+            conns.push((port, req.src_port, reader));
+        }
+        let path = format!("{}_6000", uds.display());
+        let listener = UnixListener::bind(&path).unwrap();
+        // A jailed worker connects as another user.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        for i in 0..guest_opened {
+            let port = 40_000 + i;
+            guest.send(header(port, 6000, 0, OP_REQUEST), &[]);
+            let deadline = Instant::now() + T;
+            let host = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(Instant::now() < deadline, "guest port {port}: no connect");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            };
+            host.set_nonblocking(false).unwrap();
+            host.set_read_timeout(Some(T)).unwrap();
+            let resp = guest.recv_op(OP_RESPONSE);
+            assert_eq!((resp.src_port, resp.dst_port), (6000, port));
+            conns.push((port, 6000, BufReader::new(host)));
+        }
+        OpenConnections {
+            conns,
+            _listener: listener,
+        }
+    }
+
+    /// One byte guest -> host and one back on every connection, checked.
+    pub fn traffic(&mut self, guest: &mut SimGuest) {
+        for (n, (port, host_port, host)) in self.conns.iter_mut().enumerate() {
+            let byte = n as u8;
+            guest.send(header(*port, *host_port, 1, OP_RW), &[byte]);
+            let mut got = [0u8; 1];
+            host.read_exact(&mut got).unwrap();
+            assert_eq!(got[0], byte, "guest -> host on guest port {port}");
+            host.get_ref().write_all(&[!byte]).unwrap();
+            let p = guest.recv_op(OP_RW);
+            assert_eq!(
+                (p.src_port, p.dst_port, p.payload.as_slice()),
+                (*host_port, *port, &[!byte][..]),
+                "host -> guest on guest port {port}"
+            );
+        }
     }
 }
