@@ -406,6 +406,11 @@ fn stream_without_event_idx() {
         }
     });
     let mut hr = host;
+    // What the host read so far: the device must be driven until then, not only until
+    // the guest queued its last packet (the end of it may still wait in the device for
+    // the host socket to drain).
+    let host_got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let got = host_got.clone();
     let r = std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         let mut pos = 0u64;
@@ -414,14 +419,17 @@ fn stream_without_event_idx() {
             assert!(n > 0);
             assert!(Pattern::get().check(10, pos, &buf[..n]));
             pos += n as u64;
+            got.store(pos, std::sync::atomic::Ordering::Relaxed);
         }
     });
     let mut sent = 0;
     let start = std::time::Instant::now();
-    while sent < TOTAL || g.conns[&key].received < TOTAL {
+    let host_read = || host_got.load(std::sync::atomic::Ordering::Relaxed);
+    while sent < TOTAL || g.conns[&key].received < TOTAL || host_read() < TOTAL {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "sent {sent} received {} {:?} {:?} kicks {:?}",
+            "sent {sent} host read {} received {} {:?} {:?} kicks {:?}",
+            host_read(),
             g.conns[&key].received,
             g.conns[&key],
             g.dev.metrics().snapshot(),
