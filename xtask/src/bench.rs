@@ -283,7 +283,8 @@ fn ping_from_guest(ctl: &mut Control, uds: &std::path::Path) -> Result<(f64, f64
     let answer = ctl.command(&format!("PING 5103 {PINGS} 64"), Duration::from_secs(600))?;
     echo.join().map_err(|_| "echo panicked".to_string())??;
     let f: Vec<&str> = answer.split_whitespace().collect();
-    // The median: one descheduled round trip on a shared machine skews an average.
+    // The median and p99, not the average, which one descheduled round trip on a
+    // shared machine skews.
     let ns = |i: usize| -> Result<f64> {
         f.get(i)
             .and_then(|v| v.parse::<f64>().ok())

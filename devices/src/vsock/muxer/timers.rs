@@ -83,7 +83,7 @@ impl Muxer {
                     self.on_conn(k, |conn, _| conn.timed_out(at));
                 }
                 TimerKey::Pending(fd) => {
-                    if self.pending.get(&fd).is_some_and(|p| p.deadline == at) {
+                    if self.deadline_live(at, key) {
                         VsockMetrics::inc(&self.metrics.err_bad_connect_line);
                         self.drop_pending(fd);
                     }
